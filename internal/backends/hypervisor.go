@@ -1,0 +1,259 @@
+// Package backends defines the Hypervisor interface every backend implements
+// and the Router that picks one by BackendTag.
+package backends
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// Hypervisor runs lifecycle calls on one host. Every call is idempotent:
+// repeating a call whose effect already happened returns the current handle,
+// never a second VM.
+type Hypervisor interface {
+	Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, error)
+	Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
+	Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration) (vm.VmHandle, error)
+	Suspend(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
+	Resume(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
+	Destroy(ctx context.Context, h vm.VmHandle) error
+	State(ctx context.Context, h vm.VmHandle) (vm.VmState, error)
+	GuestIP(ctx context.Context, h vm.VmHandle) (string, error)
+	ConsoleEndpoint(h vm.VmHandle) (vm.ConsoleEndpoint, error)
+}
+
+// Error categories. Backends wrap them with %w and a message that says what
+// happened, to what, and what to do next.
+var (
+	// ErrUnsupported: the backend cannot do this at all (Propolis suspend).
+	ErrUnsupported = errors.New("not supported by this backend")
+	// ErrNotFound: the backend knows no VM for this handle.
+	ErrNotFound = errors.New("vm not found")
+	// ErrNotRunning: the call needs a running VM.
+	ErrNotRunning = errors.New("vm not running")
+	// ErrNoAddress: the VM has no guest address (yet, or no network).
+	ErrNoAddress = errors.New("no guest address")
+	// ErrInjected: a failure injected for tests and benchmarks.
+	ErrInjected = errors.New("injected failure")
+)
+
+// Capabilities says which lifecycle actions a backend supports. Workers
+// publish them in their heartbeat; the engine rejects what a backend cannot do.
+type Capabilities struct {
+	Suspend bool `json:"suspend"`
+	Resume  bool `json:"resume"`
+}
+
+// Capable is implemented by backends that cannot do every action.
+type Capable interface {
+	Capabilities() Capabilities
+}
+
+// CapabilitiesOf returns a backend's capabilities (everything, by default).
+func CapabilitiesOf(h Hypervisor) Capabilities {
+	if c, ok := h.(Capable); ok {
+		return c.Capabilities()
+	}
+	return Capabilities{Suspend: true, Resume: true}
+}
+
+// Exit is an observation that a VM's hypervisor process ended without a
+// command: a crash, a kill, a guest poweroff.
+type Exit struct {
+	Handle vm.VmHandle // the incarnation that ended (ID and PID as observed)
+	Reason string
+}
+
+// Watcher is implemented by backends that notice their VMs ending. The
+// channel is closed when ctx ends.
+type Watcher interface {
+	Watch(ctx context.Context) <-chan Exit
+}
+
+// Adopter is implemented by backends that can find VMs left running by a
+// previous worker process and take them back.
+type Adopter interface {
+	// Adopt checks what became of h, which the records say is in state
+	// recorded, and takes ownership of it again, returning the refreshed
+	// handle and the state it really is in.
+	Adopt(ctx context.Context, h vm.VmHandle, recorded vm.VmState) (vm.VmHandle, vm.VmState, error)
+}
+
+// Router dispatches each call to the backend named by the handle's tag.
+// Prepare uses spec.Backend, else the host's default.
+type Router struct {
+	backends map[vm.BackendTag]Hypervisor
+	def      vm.BackendTag
+}
+
+var _ Hypervisor = (*Router)(nil)
+
+// NewRouter builds a router over the given backends. def must be one of them.
+func NewRouter(def vm.BackendTag, bs map[vm.BackendTag]Hypervisor) (*Router, error) {
+	if _, ok := bs[def]; !ok {
+		return nil, fmt.Errorf("default backend %q is not enabled on this host (enabled: %v)", def, tags(bs))
+	}
+	return &Router{backends: bs, def: def}, nil
+}
+
+func tags(bs map[vm.BackendTag]Hypervisor) []vm.BackendTag {
+	var out []vm.BackendTag
+	for _, t := range vm.Backends {
+		if _, ok := bs[t]; ok {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// Default is the backend used when a spec names none.
+func (r *Router) Default() vm.BackendTag { return r.def }
+
+// Tags lists the enabled backends.
+func (r *Router) Tags() []vm.BackendTag { return tags(r.backends) }
+
+// Backend returns the backend for a tag.
+func (r *Router) Backend(t vm.BackendTag) (Hypervisor, error) {
+	if t == "" {
+		t = r.def
+	}
+	b, ok := r.backends[t]
+	if !ok {
+		return nil, fmt.Errorf("backend %q is not enabled on this host (enabled: %v); start the worker with --backends including it", t, r.Tags())
+	}
+	return b, nil
+}
+
+func (r *Router) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, error) {
+	if spec.Backend == "" {
+		spec.Backend = r.def
+	}
+	b, err := r.Backend(spec.Backend)
+	if err != nil {
+		return vm.VmHandle{}, err
+	}
+	return b.Prepare(ctx, spec)
+}
+
+func (r *Router) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+	b, err := r.Backend(h.Backend)
+	if err != nil {
+		return h, err
+	}
+	return b.Start(ctx, h)
+}
+
+func (r *Router) Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration) (vm.VmHandle, error) {
+	b, err := r.Backend(h.Backend)
+	if err != nil {
+		return h, err
+	}
+	return b.Stop(ctx, h, timeout)
+}
+
+func (r *Router) Suspend(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+	b, err := r.Backend(h.Backend)
+	if err != nil {
+		return h, err
+	}
+	return b.Suspend(ctx, h)
+}
+
+func (r *Router) Resume(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+	b, err := r.Backend(h.Backend)
+	if err != nil {
+		return h, err
+	}
+	return b.Resume(ctx, h)
+}
+
+func (r *Router) Destroy(ctx context.Context, h vm.VmHandle) error {
+	b, err := r.Backend(h.Backend)
+	if err != nil {
+		return err
+	}
+	return b.Destroy(ctx, h)
+}
+
+func (r *Router) State(ctx context.Context, h vm.VmHandle) (vm.VmState, error) {
+	b, err := r.Backend(h.Backend)
+	if err != nil {
+		return "", err
+	}
+	return b.State(ctx, h)
+}
+
+func (r *Router) GuestIP(ctx context.Context, h vm.VmHandle) (string, error) {
+	b, err := r.Backend(h.Backend)
+	if err != nil {
+		return "", err
+	}
+	return b.GuestIP(ctx, h)
+}
+
+func (r *Router) ConsoleEndpoint(h vm.VmHandle) (vm.ConsoleEndpoint, error) {
+	b, err := r.Backend(h.Backend)
+	if err != nil {
+		return vm.ConsoleEndpoint{}, err
+	}
+	return b.ConsoleEndpoint(h)
+}
+
+// Watch merges the exit observations of every backend that has them.
+func (r *Router) Watch(ctx context.Context) <-chan Exit {
+	out := make(chan Exit)
+	n := 0
+	done := make(chan struct{})
+	for _, b := range r.backends {
+		w, ok := b.(Watcher)
+		if !ok {
+			continue
+		}
+		n++
+		ch := w.Watch(ctx)
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for e := range ch {
+				select {
+				case out <- e:
+				case <-ctx.Done():
+					return
+				}
+			}
+		}()
+	}
+	go func() {
+		for i := 0; i < n; i++ {
+			<-done
+		}
+		close(out)
+	}()
+	return out
+}
+
+// Adopt re-attaches a handle left by a previous worker process. Backends
+// without Adopt report the handle's state as they see it.
+func (r *Router) Adopt(ctx context.Context, h vm.VmHandle, recorded vm.VmState) (vm.VmHandle, vm.VmState, error) {
+	b, err := r.Backend(h.Backend)
+	if err != nil {
+		return h, "", err
+	}
+	if a, ok := b.(Adopter); ok {
+		return a.Adopt(ctx, h, recorded)
+	}
+	st, err := b.State(ctx, h)
+	return h, st, err
+}
+
+// Capabilities of one enabled backend.
+func (r *Router) Capabilities(t vm.BackendTag) Capabilities {
+	b, err := r.Backend(t)
+	if err != nil {
+		return Capabilities{}
+	}
+	return CapabilitiesOf(b)
+}

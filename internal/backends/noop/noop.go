@@ -1,0 +1,318 @@
+// Package noop is a backend that runs no VMs but keeps honest state: State
+// reports what the last call did. Latency and failures can be injected per
+// call so tests and benchmarks can exercise slow and failing backends.
+package noop
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	mrand "math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// Calls that can be slowed down or failed.
+const (
+	CallPrepare = "prepare"
+	CallStart   = "start"
+	CallStop    = "stop"
+	CallSuspend = "suspend"
+	CallResume  = "resume"
+	CallDestroy = "destroy"
+)
+
+// Options configure fault injection.
+type Options struct {
+	// Latency is added to every mutating call; CallLatency overrides it per call.
+	Latency     time.Duration
+	CallLatency map[string]time.Duration
+	// FailRate is the probability (0..1) that a mutating call fails with
+	// ErrInjected before it has any effect.
+	FailRate float64
+}
+
+type entry struct {
+	h     vm.VmHandle
+	state vm.VmState
+}
+
+// Backend is the Noop hypervisor.
+type Backend struct {
+	opts Options
+
+	mu      sync.Mutex
+	vms     map[string]*entry
+	nextPID int
+	effects map[string]int // call -> number of calls that changed state
+	failN   map[string]int // call -> number of upcoming calls to fail
+	exits   chan backends.Exit
+}
+
+var (
+	_ backends.Hypervisor = (*Backend)(nil)
+	_ backends.Watcher    = (*Backend)(nil)
+	_ backends.Adopter    = (*Backend)(nil)
+)
+
+// New returns a Noop backend.
+func New(opts Options) *Backend {
+	return &Backend{
+		opts:    opts,
+		vms:     map[string]*entry{},
+		nextPID: 1000,
+		effects: map[string]int{},
+		failN:   map[string]int{},
+		exits:   make(chan backends.Exit, 64),
+	}
+}
+
+// Capabilities: the Noop backend can do everything.
+func (b *Backend) Capabilities() backends.Capabilities {
+	return backends.Capabilities{Suspend: true, Resume: true}
+}
+
+// SetLatency changes the latency of one call (all calls if call is "").
+func (b *Backend) SetLatency(call string, d time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if call == "" {
+		b.opts.Latency = d
+		return
+	}
+	m := make(map[string]time.Duration, len(b.opts.CallLatency)+1)
+	for k, v := range b.opts.CallLatency {
+		m[k] = v
+	}
+	m[call] = d
+	b.opts.CallLatency = m
+}
+
+// FailNext makes the next n calls of the given kind fail with ErrInjected.
+func (b *Backend) FailNext(call string, n int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.failN[call] += n
+}
+
+// Effects reports how many calls of a kind changed state.
+func (b *Backend) Effects(call string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.effects[call]
+}
+
+// Crash makes a running or suspended VM end as if its process died, and
+// reports it to Watch. It returns false if the VM was not running.
+func (b *Backend) Crash(name, reason string) bool {
+	b.mu.Lock()
+	e, ok := b.vms[name]
+	if !ok || (e.state != vm.StateRunning && e.state != vm.StateSuspended) {
+		b.mu.Unlock()
+		return false
+	}
+	dead := e.h.Clone()
+	e.state = vm.StateStopped
+	e.h.PID = 0
+	b.mu.Unlock()
+	b.exits <- backends.Exit{Handle: dead, Reason: reason}
+	return true
+}
+
+// Watch reports VMs that Crash ended.
+func (b *Backend) Watch(ctx context.Context) <-chan backends.Exit {
+	out := make(chan backends.Exit)
+	go func() {
+		defer close(out)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case e := <-b.exits:
+				select {
+				case out <- e:
+				case <-ctx.Done():
+					return
+				}
+			}
+		}
+	}()
+	return out
+}
+
+// delay waits the injected latency for call, or fails it, before any effect.
+func (b *Backend) delay(ctx context.Context, call string) error {
+	b.mu.Lock()
+	d := b.opts.Latency
+	if cd, ok := b.opts.CallLatency[call]; ok {
+		d = cd
+	}
+	fail := false
+	if b.failN[call] > 0 {
+		b.failN[call]--
+		fail = true
+	} else if b.opts.FailRate > 0 && mrand.Float64() < b.opts.FailRate {
+		fail = true
+	}
+	b.mu.Unlock()
+	if d > 0 {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return fmt.Errorf("noop %s: %w", call, ctx.Err())
+		}
+	}
+	if fail {
+		return fmt.Errorf("noop %s: %w", call, backends.ErrInjected)
+	}
+	return nil
+}
+
+func newID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (b *Backend) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, error) {
+	if err := vm.ValidateName(spec.Name); err != nil {
+		return vm.VmHandle{}, fmt.Errorf("preparing vm: %w", err)
+	}
+	if err := b.delay(ctx, CallPrepare); err != nil {
+		return vm.VmHandle{}, err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if e, ok := b.vms[spec.Name]; ok {
+		return e.h.Clone(), nil
+	}
+	spec.Backend = vm.BackendNoop
+	s := spec
+	h := vm.VmHandle{ID: newID(), Name: spec.Name, Backend: vm.BackendNoop, Spec: &s}
+	b.vms[spec.Name] = &entry{h: h, state: vm.StatePrepared}
+	b.effects[CallPrepare]++
+	return h.Clone(), nil
+}
+
+func (b *Backend) lookup(h vm.VmHandle) (*entry, error) {
+	e, ok := b.vms[h.Name]
+	if !ok || (h.ID != "" && e.h.ID != h.ID) {
+		return nil, fmt.Errorf("noop vm %s (handle %s): %w; prepare it first", h.Name, h.ID, backends.ErrNotFound)
+	}
+	return e, nil
+}
+
+// transition applies call to the VM if it is in one of from, returns the
+// current handle if it already is in to, and fails otherwise.
+func (b *Backend) transition(ctx context.Context, call string, h vm.VmHandle, to vm.VmState, from ...vm.VmState) (vm.VmHandle, error) {
+	if err := b.delay(ctx, call); err != nil {
+		return h, err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	e, err := b.lookup(h)
+	if err != nil {
+		return h, err
+	}
+	if e.state == to {
+		return e.h.Clone(), nil
+	}
+	for _, f := range from {
+		if e.state == f {
+			e.state = to
+			switch to {
+			case vm.StateRunning:
+				if call == CallStart {
+					b.nextPID++
+					e.h.PID = b.nextPID
+					e.h.StartedAt = time.Now().UTC()
+				}
+			case vm.StateStopped:
+				e.h.PID = 0
+			}
+			b.effects[call]++
+			return e.h.Clone(), nil
+		}
+	}
+	return e.h.Clone(), fmt.Errorf("noop vm %s: cannot %s while %s: %w", h.Name, call, e.state, backends.ErrNotRunning)
+}
+
+func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+	return b.transition(ctx, CallStart, h, vm.StateRunning, vm.StatePrepared, vm.StateStopped, vm.StateFailed)
+}
+
+func (b *Backend) Stop(ctx context.Context, h vm.VmHandle, _ time.Duration) (vm.VmHandle, error) {
+	return b.transition(ctx, CallStop, h, vm.StateStopped, vm.StateRunning, vm.StateSuspended)
+}
+
+func (b *Backend) Suspend(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+	return b.transition(ctx, CallSuspend, h, vm.StateSuspended, vm.StateRunning)
+}
+
+func (b *Backend) Resume(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+	return b.transition(ctx, CallResume, h, vm.StateRunning, vm.StateSuspended)
+}
+
+func (b *Backend) Destroy(ctx context.Context, h vm.VmHandle) error {
+	if err := b.delay(ctx, CallDestroy); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	e, ok := b.vms[h.Name]
+	if !ok || (h.ID != "" && e.h.ID != h.ID) {
+		return nil // already gone: idempotent
+	}
+	delete(b.vms, h.Name)
+	b.effects[CallDestroy]++
+	return nil
+}
+
+func (b *Backend) State(_ context.Context, h vm.VmHandle) (vm.VmState, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	e, ok := b.vms[h.Name]
+	if !ok || (h.ID != "" && e.h.ID != h.ID) {
+		return "", fmt.Errorf("noop vm %s: %w", h.Name, backends.ErrNotFound)
+	}
+	return e.state, nil
+}
+
+// Adopt returns the backend's view of h. A Noop backend lives in memory, so
+// after a worker restart it knows nothing of h; it then models a hypervisor
+// whose VMs outlived the worker (as daemonized QEMU processes do) and takes
+// the recorded state as the truth.
+func (b *Backend) Adopt(_ context.Context, h vm.VmHandle, recorded vm.VmState) (vm.VmHandle, vm.VmState, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if e, ok := b.vms[h.Name]; ok && (h.ID == "" || e.h.ID == h.ID) {
+		return e.h.Clone(), e.state, nil
+	}
+	switch recorded {
+	case vm.StatePrepared, vm.StateRunning, vm.StateStopped, vm.StateSuspended, vm.StateFailed:
+	default:
+		return h, "", fmt.Errorf("noop vm %s: nothing to adopt in state %s: %w", h.Name, recorded, backends.ErrNotFound)
+	}
+	h = h.Clone()
+	b.vms[h.Name] = &entry{h: h, state: recorded}
+	return h.Clone(), recorded, nil
+}
+
+func (b *Backend) GuestIP(_ context.Context, h vm.VmHandle) (string, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, err := b.lookup(h); err != nil {
+		return "", err
+	}
+	return "", fmt.Errorf("noop vm %s has no network: %w", h.Name, backends.ErrNoAddress)
+}
+
+func (b *Backend) ConsoleEndpoint(h vm.VmHandle) (vm.ConsoleEndpoint, error) {
+	return vm.ConsoleEndpoint{Kind: vm.ConsoleNone}, nil
+}

@@ -1,0 +1,81 @@
+package noop_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/backends/conformance"
+	"github.com/vmherd/vmherd/internal/backends/noop"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+func TestConformance(t *testing.T) {
+	conformance.Run(t, conformance.Config{
+		New:  func(t *testing.T) backends.Hypervisor { return noop.New(noop.Options{}) },
+		Spec: func(t *testing.T, name string) vm.VmSpec { return vm.VmSpec{Name: name, Backend: vm.BackendNoop}.WithDefaults() },
+	})
+}
+
+func TestInjectedFailureHasNoEffect(t *testing.T) {
+	b := noop.New(noop.Options{})
+	ctx := context.Background()
+	h, err := b.Prepare(ctx, vm.VmSpec{Name: "f1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.FailNext(noop.CallStart, 1)
+	if _, err := b.Start(ctx, h); !errors.Is(err, backends.ErrInjected) {
+		t.Fatalf("Start = %v, want ErrInjected", err)
+	}
+	if st, _ := b.State(ctx, h); st != vm.StatePrepared {
+		t.Fatalf("state after failed start = %s, want prepared", st)
+	}
+	if _, err := b.Start(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	if got := b.Effects(noop.CallStart); got != 1 {
+		t.Fatalf("start effects = %d, want 1", got)
+	}
+}
+
+func TestLatencyRespectsContext(t *testing.T) {
+	b := noop.New(noop.Options{CallLatency: map[string]time.Duration{noop.CallStart: time.Hour}})
+	h, err := b.Prepare(context.Background(), vm.VmSpec{Name: "slow"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if _, err := b.Start(ctx, h); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Start = %v, want deadline exceeded", err)
+	}
+	if st, _ := b.State(context.Background(), h); st != vm.StatePrepared {
+		t.Fatalf("state = %s, want prepared", st)
+	}
+}
+
+func TestCrashIsWatched(t *testing.T) {
+	b := noop.New(noop.Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	w := b.Watch(ctx)
+	h, _ := b.Prepare(ctx, vm.VmSpec{Name: "c1"})
+	h, _ = b.Start(ctx, h)
+	if !b.Crash("c1", "test crash") {
+		t.Fatal("Crash returned false for a running VM")
+	}
+	select {
+	case e := <-w:
+		if e.Handle.ID != h.ID || e.Handle.PID != h.PID || e.Reason != "test crash" {
+			t.Fatalf("exit = %+v, want handle %s pid %d", e, h.ID, h.PID)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no exit observed")
+	}
+	if st, _ := b.State(ctx, h); st != vm.StateStopped {
+		t.Fatalf("state after crash = %s", st)
+	}
+}

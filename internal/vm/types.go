@@ -1,0 +1,210 @@
+// Package vm holds vmherd's domain types: what a user asks for (VmSpec),
+// what a backend hands back (VmHandle) and what a VM is doing (VmState).
+// Their JSON forms are the wire contract described in schemas/ and DESIGN.md:
+// snake_case fields, lowercase enum strings, optional fields omitted.
+// Decoding ignores fields it does not know so old and new records mix.
+package vm
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+)
+
+// BackendTag names a hypervisor backend.
+type BackendTag string
+
+const (
+	BackendNoop     BackendTag = "noop"
+	BackendQEMU     BackendTag = "qemu"
+	BackendPropolis BackendTag = "propolis"
+)
+
+// Backends lists every backend vmherd knows, in a stable order.
+var Backends = []BackendTag{BackendNoop, BackendQEMU, BackendPropolis}
+
+// ParseBackend turns a user string into a BackendTag.
+func ParseBackend(s string) (BackendTag, error) {
+	for _, b := range Backends {
+		if string(b) == s {
+			return b, nil
+		}
+	}
+	return "", fmt.Errorf("%w: unknown backend %q (known: noop, qemu, propolis)", ErrInvalid, s)
+}
+
+// VmState is what a VM is doing, as the FSM and the projection see it.
+type VmState string
+
+const (
+	StatePreparing  VmState = "preparing"
+	StatePrepared   VmState = "prepared"
+	StateStarting   VmState = "starting"
+	StateRunning    VmState = "running"
+	StateStopping   VmState = "stopping"
+	StateStopped    VmState = "stopped"
+	StateSuspending VmState = "suspending"
+	StateSuspended  VmState = "suspended"
+	StateResuming   VmState = "resuming"
+	StateDestroying VmState = "destroying"
+	StateDestroyed  VmState = "destroyed"
+	StateFailed     VmState = "failed"
+)
+
+// NetworkType is the tag of a NetworkConfig.
+type NetworkType string
+
+const (
+	NetworkUser NetworkType = "user" // QEMU slirp with an SSH port forward
+	NetworkTap  NetworkType = "tap"  // a TAP device enslaved to Bridge
+	NetworkVnic NetworkType = "vnic" // an illumos VNIC (Propolis)
+	NetworkNone NetworkType = "none" // no NIC
+)
+
+// NetworkConfig is tagged by "type": {"type":"user"}, {"type":"tap","bridge":"br0"},
+// {"type":"vnic","name":"vnic0"}, {"type":"none"}.
+type NetworkConfig struct {
+	Type   NetworkType `json:"type"`
+	Bridge string      `json:"bridge,omitempty"` // tap only
+	Name   string      `json:"name,omitempty"`   // vnic only (an existing VNIC, or the one to create)
+	Link   string      `json:"link,omitempty"`   // vnic only: the physical link to create the VNIC over
+}
+
+// CloudInitConfig is the NoCloud seed given to the guest.
+type CloudInitConfig struct {
+	UserData      string `json:"user_data,omitempty"`
+	NetworkConfig string `json:"network_config,omitempty"`
+	InstanceID    string `json:"instance_id,omitempty"` // default: the VM name
+	Hostname      string `json:"hostname,omitempty"`    // default: the VM name
+}
+
+// SshConfig is the user created in the guest when no user-data is given.
+type SshConfig struct {
+	User      string `json:"user,omitempty"`
+	PublicKey string `json:"public_key,omitempty"`
+}
+
+// VmSpec is what a prepare command asks for.
+type VmSpec struct {
+	Name      string           `json:"name,omitempty"`
+	Backend   BackendTag       `json:"backend,omitempty"`
+	ImagePath string           `json:"image_path,omitempty"`
+	Vcpus     int              `json:"vcpus,omitempty"`
+	MemoryMB  int              `json:"memory_mb,omitempty"`
+	DiskGB    int              `json:"disk_gb,omitempty"`
+	UEFI      bool             `json:"uefi,omitempty"`
+	Network   *NetworkConfig   `json:"network,omitempty"`
+	CloudInit *CloudInitConfig `json:"cloud_init,omitempty"`
+	SSH       *SshConfig       `json:"ssh,omitempty"`
+	// Accel picks the QEMU accelerator: auto (default), kvm or tcg.
+	Accel string `json:"accel,omitempty"`
+}
+
+// Defaults applied when a spec leaves a field out.
+const (
+	DefaultVcpus    = 1
+	DefaultMemoryMB = 512
+)
+
+// WithDefaults returns the spec with unset sizes and network filled in.
+func (s VmSpec) WithDefaults() VmSpec {
+	if s.Vcpus == 0 {
+		s.Vcpus = DefaultVcpus
+	}
+	if s.MemoryMB == 0 {
+		s.MemoryMB = DefaultMemoryMB
+	}
+	if s.Network == nil {
+		s.Network = &NetworkConfig{Type: NetworkUser}
+	}
+	return s
+}
+
+// ConsoleKind says how to reach a VM's serial console.
+type ConsoleKind string
+
+const (
+	ConsoleUnixSocket ConsoleKind = "unix-socket"
+	ConsoleWebSocket  ConsoleKind = "websocket"
+	ConsoleNone       ConsoleKind = "none"
+)
+
+// ConsoleEndpoint is a unix socket path (QEMU serial), a WebSocket URL
+// (Propolis) or none (Noop).
+type ConsoleEndpoint struct {
+	Kind ConsoleKind `json:"kind"`
+	Path string      `json:"path,omitempty"` // unix-socket
+	URL  string      `json:"url,omitempty"`  // websocket
+	// Headers the client must send (Propolis wants api-version).
+	Headers map[string]string `json:"headers,omitempty"`
+	// LogPath is the file the console is copied to, when there is one.
+	LogPath string `json:"log_path,omitempty"`
+}
+
+// VmHandle is what a backend knows about one incarnation of a VM. ID changes
+// each time the VM is prepared, so an observation about an older incarnation
+// can be told apart from one about the current one.
+type VmHandle struct {
+	ID      string     `json:"id"`
+	Name    string     `json:"name"`
+	Backend BackendTag `json:"backend"`
+	Host    string     `json:"host,omitempty"`
+	PID     int        `json:"pid,omitempty"`
+	WorkDir string     `json:"work_dir,omitempty"`
+	// Accel is the accelerator QEMU runs with (kvm or tcg).
+	Accel      string `json:"accel,omitempty"`
+	QMPSocket  string `json:"qmp_socket,omitempty"`
+	SerialSock string `json:"serial_socket,omitempty"`
+	SerialLog  string `json:"serial_log,omitempty"`
+	VNC        string `json:"vnc,omitempty"`
+	MAC        string `json:"mac,omitempty"`
+	SSHPort    int    `json:"ssh_port,omitempty"`
+	TapDevice  string `json:"tap_device,omitempty"`
+	// Endpoint is the Propolis server address (ip:port).
+	Endpoint string `json:"endpoint,omitempty"`
+	// InstanceID is the Propolis instance UUID.
+	InstanceID string `json:"instance_id,omitempty"`
+	// Spec is the spec this incarnation was prepared from.
+	Spec      *VmSpec   `json:"spec,omitempty"`
+	StartedAt time.Time `json:"started_at,omitzero"`
+	// Extra keeps backend data that has no field of its own.
+	Extra map[string]string `json:"extra,omitempty"`
+}
+
+// Clone returns a deep enough copy to hand to another goroutine.
+func (h VmHandle) Clone() VmHandle {
+	if h.Spec != nil {
+		s := *h.Spec
+		h.Spec = &s
+	}
+	if h.Extra != nil {
+		m := make(map[string]string, len(h.Extra))
+		for k, v := range h.Extra {
+			m[k] = v
+		}
+		h.Extra = m
+	}
+	return h
+}
+
+// GuestAddress is where a guest can be reached.
+type GuestAddress struct {
+	IP   string `json:"ip"`
+	Port int    `json:"port,omitempty"` // forwarded SSH port on IP (user networking)
+}
+
+func (a GuestAddress) String() string {
+	if a.Port != 0 {
+		return fmt.Sprintf("%s:%d", a.IP, a.Port)
+	}
+	return a.IP
+}
+
+// MarshalJSONIndent is a small helper for golden files and CLI output.
+func MarshalJSONIndent(v any) []byte {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		panic(err)
+	}
+	return b
+}

@@ -1,0 +1,148 @@
+package vm
+
+import (
+	"errors"
+	"fmt"
+	"regexp"
+	"strings"
+)
+
+// ErrInvalid is the category of every validation error: the message names
+// the field and the rule it broke.
+var ErrInvalid = errors.New("invalid")
+
+// Limits a spec is checked against.
+const (
+	MaxNameLen      = 63
+	MinMemoryMB     = 64
+	MaxVcpus        = 255
+	MaxMemoryMB     = 4 << 20 // 4 TiB
+	MaxDiskGB       = 64 << 10
+	MaxUserDataSize = 64 << 10 // 64 KiB: NoCloud and Propolis' 1 MiB body both fit
+)
+
+// NamePattern is the VM name rule from DESIGN.md: a subject token and a safe
+// directory name.
+const NamePattern = `^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$`
+
+var nameRE = regexp.MustCompile(NamePattern)
+
+// FieldError names a field and the rule its value broke.
+type FieldError struct {
+	Field string
+	Rule  string
+}
+
+func (e *FieldError) Error() string { return fmt.Sprintf("%s: %s", e.Field, e.Rule) }
+func (e *FieldError) Unwrap() error { return ErrInvalid }
+
+func fieldErr(field, format string, args ...any) error {
+	return &FieldError{Field: field, Rule: fmt.Sprintf(format, args...)}
+}
+
+// ValidateName checks a VM name against NamePattern.
+func ValidateName(name string) error {
+	return validateToken("name", name)
+}
+
+// ValidateHost checks a host id: the same rule as VM names, since it is a
+// subject token too.
+func ValidateHost(host string) error {
+	return validateToken("host", host)
+}
+
+func validateToken(field, s string) error {
+	switch {
+	case s == "":
+		return fieldErr(field, "must not be empty")
+	case len(s) > MaxNameLen:
+		return fieldErr(field, "%d characters is too long (at most %d)", len(s), MaxNameLen)
+	case !nameRE.MatchString(s):
+		return fieldErr(field, "%q must match %s (lowercase letters, digits, '-' and '_'; start and end with a letter or digit)", s, NamePattern)
+	}
+	return nil
+}
+
+// Validate checks a spec after defaults are applied. The first broken rule
+// is returned; the message names the field.
+func (s VmSpec) Validate() error {
+	if err := ValidateName(s.Name); err != nil {
+		return err
+	}
+	if s.Backend != "" {
+		if _, err := ParseBackend(string(s.Backend)); err != nil {
+			return fieldErr("spec.backend", "%q is not one of noop, qemu, propolis", s.Backend)
+		}
+	}
+	if s.Vcpus < 1 || s.Vcpus > MaxVcpus {
+		return fieldErr("spec.vcpus", "%d is out of range (1..%d)", s.Vcpus, MaxVcpus)
+	}
+	if s.MemoryMB < MinMemoryMB || s.MemoryMB > MaxMemoryMB {
+		return fieldErr("spec.memory_mb", "%d is out of range (%d..%d MiB)", s.MemoryMB, MinMemoryMB, MaxMemoryMB)
+	}
+	if s.DiskGB < 0 || s.DiskGB > MaxDiskGB {
+		return fieldErr("spec.disk_gb", "%d is out of range (0..%d)", s.DiskGB, MaxDiskGB)
+	}
+	if (s.Backend == BackendQEMU || s.Backend == BackendPropolis) && strings.TrimSpace(s.ImagePath) == "" {
+		return fieldErr("spec.image_path", "is required for the %s backend", s.Backend)
+	}
+	if strings.ContainsRune(s.ImagePath, 0) {
+		return fieldErr("spec.image_path", "must not contain NUL")
+	}
+	switch s.Accel {
+	case "", "auto", "kvm", "tcg":
+	default:
+		return fieldErr("spec.accel", "%q is not one of auto, kvm, tcg", s.Accel)
+	}
+	if n := s.Network; n != nil {
+		switch n.Type {
+		case NetworkUser, NetworkNone:
+		case NetworkTap:
+			if n.Bridge != "" {
+				if err := validateIfName("spec.network.bridge", n.Bridge); err != nil {
+					return err
+				}
+			}
+		case NetworkVnic:
+			if n.Name != "" {
+				if err := validateIfName("spec.network.name", n.Name); err != nil {
+					return err
+				}
+			}
+		default:
+			return fieldErr("spec.network.type", "%q is not one of user, tap, vnic, none", n.Type)
+		}
+	}
+	if c := s.CloudInit; c != nil {
+		if len(c.UserData) > MaxUserDataSize {
+			return fieldErr("spec.cloud_init.user_data", "%d bytes is too large (at most %d)", len(c.UserData), MaxUserDataSize)
+		}
+		if len(c.NetworkConfig) > MaxUserDataSize {
+			return fieldErr("spec.cloud_init.network_config", "%d bytes is too large (at most %d)", len(c.NetworkConfig), MaxUserDataSize)
+		}
+		if len(c.InstanceID) > 255 || strings.ContainsAny(c.InstanceID, "\n\r") {
+			return fieldErr("spec.cloud_init.instance_id", "must be one line of at most 255 bytes")
+		}
+		if len(c.Hostname) > 63 || strings.ContainsAny(c.Hostname, "\n\r ") {
+			return fieldErr("spec.cloud_init.hostname", "must be one word of at most 63 bytes")
+		}
+	}
+	if k := s.SSH; k != nil {
+		if strings.ContainsAny(k.User, "\n\r :") || len(k.User) > 32 {
+			return fieldErr("spec.ssh.user", "%q is not a valid user name", k.User)
+		}
+		if strings.ContainsAny(k.PublicKey, "\n\r") || len(k.PublicKey) > 16<<10 {
+			return fieldErr("spec.ssh.public_key", "must be one line of at most 16 KiB")
+		}
+	}
+	return nil
+}
+
+var ifNameRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}$`)
+
+func validateIfName(field, s string) error {
+	if !ifNameRE.MatchString(s) || s == "." || s == ".." {
+		return fieldErr(field, "%q is not a valid interface name (1-15 of A-Z a-z 0-9 _ . -)", s)
+	}
+	return nil
+}
