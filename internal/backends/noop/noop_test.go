@@ -14,8 +14,10 @@ import (
 
 func TestConformance(t *testing.T) {
 	conformance.Run(t, conformance.Config{
-		New:  func(t *testing.T) backends.Hypervisor { return noop.New(noop.Options{}) },
-		Spec: func(t *testing.T, name string) vm.VmSpec { return vm.VmSpec{Name: name, Backend: vm.BackendNoop}.WithDefaults() },
+		New: func(t *testing.T) backends.Hypervisor { return noop.New(noop.Options{}) },
+		Spec: func(t *testing.T, name string) vm.VmSpec {
+			return vm.VmSpec{Name: name, Backend: vm.BackendNoop}.WithDefaults()
+		},
 	})
 }
 

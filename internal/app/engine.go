@@ -1,0 +1,185 @@
+package app
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/pflag"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/vmherd/vmherd/internal/engine"
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/natsserver"
+	"github.com/vmherd/vmherd/internal/worker"
+)
+
+// EngineOptions are the engine's flags.
+type EngineOptions struct {
+	DataDir     string
+	Listen      string
+	Sync        string
+	ID          string
+	HostTimeout time.Duration
+	WithWorker  bool
+	Concurrency int
+	AckWait     time.Duration
+	LogLevel    string
+	Conn        ConnOptions
+	Streams     StreamOptions
+	Worker      WorkerOptions
+
+	// Ready, if set, is called once the engine serves (tests).
+	Ready func(url string, e *engine.Engine, w *worker.Worker)
+}
+
+// AddFlags registers every engine flag, and the local worker's.
+func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.DataDir, "data-dir", DefaultDataDir(), "data directory: embedded JetStream store and VM work directories")
+	fs.StringVar(&o.Listen, "listen", "127.0.0.1:4222", "address of the embedded NATS server")
+	fs.StringVar(&o.Sync, "sync", natsserver.DefaultSync, `embedded JetStream sync_interval: "always" (fsync every write), "default" (nats-server's 2m) or a duration`)
+	fs.StringVar(&o.ID, "engine-id", "", "this engine's id, naming its projection consumer (default: generated once and kept in the data dir)")
+	fs.DurationVar(&o.HostTimeout, "host-timeout", 10*time.Second, "a host whose worker has not heartbeated for this long is lost")
+	fs.BoolVar(&o.WithWorker, "with-worker", false, "also run a local worker in this process (the single-host default)")
+	fs.IntVar(&o.Concurrency, "engine-concurrency", 256, "commands decided at once (across VMs)")
+	fs.DurationVar(&o.AckWait, "command-ack-wait", 30*time.Second, "ack wait of the command consumer")
+	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
+	o.Conn.AddFlags(fs, "")
+	o.Streams.AddFlags(fs)
+	o.Worker.AddFlags(fs, false)
+}
+
+// RunEngine runs the engine (and the embedded server and local worker when
+// asked) until ctx ends, then drains and stops in order.
+func RunEngine(ctx context.Context, o EngineOptions) error {
+	log, err := NewLogger(o.LogLevel)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(o.DataDir, 0o755); err != nil {
+		return fmt.Errorf("data dir %s: %w (choose another with --data-dir)", o.DataDir, err)
+	}
+	if o.ID == "" {
+		if o.ID, err = engineID(o.DataDir); err != nil {
+			return err
+		}
+	}
+	url := o.Conn.URL
+	var ns *natsserver.Server
+	if url == "" {
+		ns, err = natsserver.Start(natsserver.Options{
+			Listen: o.Listen, StoreDir: filepath.Join(o.DataDir, "jetstream"), Sync: o.Sync,
+			ServerName: "vmherd-" + o.ID, Logger: log,
+		})
+		if err != nil {
+			return err
+		}
+		defer ns.Stop()
+		url = ns.ClientURL()
+		log.Info("embedded NATS serving", "url", url, "store", filepath.Join(o.DataDir, "jetstream"), "sync", o.Sync)
+	}
+	conn := o.Conn
+	conn.URL = url
+	conn.Name = "vmherd-engine-" + o.ID
+	nc, err := conn.Connect(true)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	if err := ensureWithRetry(ctx, js, o.Streams, log); err != nil {
+		return err
+	}
+	eng, err := engine.New(ctx, engine.Config{
+		JS: js, Names: o.Streams.Names(), Settings: o.Streams.Settings(), Log: log, ID: o.ID,
+		HostLostAfter: o.HostTimeout, Concurrency: o.Concurrency, AckWait: o.AckWait,
+	})
+	if err != nil {
+		return err
+	}
+	var w *worker.Worker
+	var wnc *Connected
+	if o.WithWorker {
+		wo := o.Worker
+		wo.DataDir = o.DataDir
+		// The local worker has its own connection, as a remote one would.
+		wconn := conn
+		wconn.Name = "vmherd-worker-" + wo.Host
+		c, err := wconn.Connect(true)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		wjs, err := jetstream.New(c)
+		if err != nil {
+			return err
+		}
+		wnc = &Connected{NC: c, JS: wjs}
+		if w, err = wo.NewWorker(ctx, *wnc, o.Streams, log); err != nil {
+			return err
+		}
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return eng.Run(gctx) })
+	if w != nil {
+		g.Go(func() error { return w.Run(gctx) })
+	}
+	log.Info("engine serving", "id", o.ID, "nats", url, "local_worker", o.WithWorker)
+	if o.Ready != nil {
+		o.Ready(url, eng, w)
+	}
+	err = g.Wait()
+	log.Info("engine stopped")
+	return err
+}
+
+func ensureWithRetry(ctx context.Context, js jetstream.JetStream, so StreamOptions, log *slog.Logger) error {
+	for attempt := 0; ; attempt++ {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := events.Ensure(cctx, js, so.Names(), so.Settings())
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil || attempt >= 30 {
+			return err
+		}
+		log.Warn("creating streams failed; retrying", "err", err)
+		time.Sleep(time.Second)
+	}
+}
+
+// engineID reads the engine id kept in the data dir, or makes one.
+func engineID(dir string) (string, error) {
+	p := filepath.Join(dir, "engine-id")
+	if b, err := os.ReadFile(p); err == nil {
+		if id := strings.TrimSpace(string(b)); id != "" {
+			return id, nil
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
+	var r [4]byte
+	_, _ = rand.Read(r[:])
+	hn, _ := os.Hostname()
+	id := sanitizeHost(hn)
+	if len(id) > 40 {
+		id = id[:40]
+	}
+	id = id + "-" + hex.EncodeToString(r[:])
+	if err := os.WriteFile(p, []byte(id+"\n"), 0o644); err != nil {
+		return "", fmt.Errorf("writing %s: %w", p, err)
+	}
+	return id, nil
+}

@@ -1,0 +1,135 @@
+package app
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
+
+	"github.com/vmherd/vmherd/internal/projection"
+)
+
+// EngineMain is cmd/engine.
+func EngineMain(args []string) int {
+	var o EngineOptions
+	root := &cobra.Command{
+		Use:   "engine",
+		Short: "vmherd engine: decide lifecycle commands, dispatch tasks, keep the projection",
+		Long: `The engine consumes VM_COMMANDS, runs each VM's state machine, appends
+accepted/rejected events to VM_EVENTS, publishes tasks to the chosen host and
+keeps the VM_RECORDS projection. Without --nats-url it embeds a NATS server
+with JetStream on disk under --data-dir, listening on --listen.
+Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_DATA_DIR).`,
+		SilenceUsage: true,
+		Args:         cobra.NoArgs,
+		PreRunE:      func(cmd *cobra.Command, _ []string) error { return BindEnv(cmd.Flags()) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return RunEngine(ctx, o)
+		},
+	}
+	o.AddFlags(root.Flags())
+
+	var conn ConnOptions
+	var so StreamOptions
+	rebuild := &cobra.Command{
+		Use:   "rebuild",
+		Short: "drop VM_RECORDS and rebuild it from VM_EVENTS",
+		Long: `rebuild folds the whole event stream into records and replaces the
+VM_RECORDS bucket with them. It connects to a running server (the engine's
+embedded one by default); running engines carry on safely.`,
+		SilenceUsage: true,
+		Args:         cobra.NoArgs,
+		PreRunE:      func(cmd *cobra.Command, _ []string) error { return BindEnv(cmd.Flags()) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			conn.Name = "vmherd-rebuild"
+			nc, err := conn.Connect(false)
+			if err != nil {
+				return err
+			}
+			defer nc.Close()
+			js, err := jetstream.New(nc)
+			if err != nil {
+				return err
+			}
+			n, count, err := projection.Rebuild(cmd.Context(), js, so.Names(), so.Settings())
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "rebuilt %d records from %d events\n", n, count)
+			return nil
+		},
+	}
+	conn.AddFlags(rebuild.Flags(), "nats://127.0.0.1:4222")
+	so.AddFlags(rebuild.Flags())
+	root.AddCommand(rebuild)
+	root.SetArgs(args)
+	if err := root.Execute(); err != nil {
+		return 1
+	}
+	return 0
+}
+
+// WorkerMain is cmd/worker.
+func WorkerMain(args []string) int {
+	var (
+		wo       WorkerOptions
+		conn     ConnOptions
+		so       StreamOptions
+		logLevel string
+	)
+	root := &cobra.Command{
+		Use:   "worker",
+		Short: "vmherd worker: run one host's lifecycle tasks on its hypervisors",
+		Long: `The worker heartbeats into VM_HOSTS, consumes vm.task.<host>.>, runs each
+backend call, records exactly one result event per command, answers live
+queries (state, guest_ip, console_endpoint) as the NATS micro service
+vmherd-worker, and watches its VMs for drift.
+Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
+		SilenceUsage: true,
+		Args:         cobra.NoArgs,
+		PreRunE:      func(cmd *cobra.Command, _ []string) error { return BindEnv(cmd.Flags()) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := NewLogger(logLevel)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			conn.Name = "vmherd-worker-" + wo.Host
+			nc, err := conn.Connect(true)
+			if err != nil {
+				return err
+			}
+			defer nc.Close()
+			js, err := jetstream.New(nc)
+			if err != nil {
+				return err
+			}
+			if err := ensureWithRetry(ctx, js, so, log); err != nil {
+				return err
+			}
+			w, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, so, log)
+			if err != nil {
+				return err
+			}
+			log.Info("worker serving", "host", wo.Host, "nats", conn.URL)
+			return w.Run(ctx)
+		},
+	}
+	fs := root.Flags()
+	wo.AddFlags(fs, true)
+	conn.AddFlags(fs, "nats://127.0.0.1:4222")
+	so.AddFlags(fs)
+	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	root.SetArgs(args)
+	if err := root.Execute(); err != nil {
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,146 @@
+package app
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/pflag"
+
+	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/backends/noop"
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/internal/worker"
+)
+
+// WorkerOptions are the worker's flags (also accepted by the engine for
+// its --with-worker local worker).
+type WorkerOptions struct {
+	Host           string
+	DataDir        string
+	Backends       string
+	DefaultBackend string
+	NoopLatency    time.Duration
+	NoopFailRate   float64
+	AckWait        time.Duration
+	Concurrency    int
+	Heartbeat      time.Duration
+	Reconcile      time.Duration
+	Accel          string
+	CapacityMemMB  int
+	CapacityVcpus  int
+
+	// Noop, when set, is used instead of a new Noop backend (tests share
+	// one between worker incarnations, as VMs outlive a worker crash).
+	Noop *noop.Backend
+}
+
+// AddFlags registers the worker flags. withDataDir is false for the
+// engine, which has its own --data-dir.
+func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
+	hn, _ := os.Hostname()
+	fs.StringVar(&o.Host, "host", sanitizeHost(hn), "this host's id in placement and task subjects")
+	if withDataDir {
+		fs.StringVar(&o.DataDir, "data-dir", DefaultDataDir(), "where VM work directories live")
+	}
+	fs.StringVar(&o.Backends, "backends", "noop,qemu", "backends to enable on this host (noop, qemu, propolis)")
+	fs.StringVar(&o.DefaultBackend, "default-backend", "", "backend for specs that name none (default: qemu if enabled and available, else the first enabled)")
+	fs.DurationVar(&o.NoopLatency, "noop-latency", 0, "latency injected into every Noop backend call")
+	fs.Float64Var(&o.NoopFailRate, "noop-fail-rate", 0, "fraction (0..1) of Noop backend calls that fail")
+	fs.DurationVar(&o.AckWait, "task-ack-wait", 30*time.Second, "ack wait of the task consumer (long calls signal progress)")
+	fs.IntVar(&o.Concurrency, "concurrency", 64, "backend calls run at once")
+	fs.DurationVar(&o.Heartbeat, "heartbeat", 2*time.Second, "heartbeat interval")
+	fs.DurationVar(&o.Reconcile, "reconcile", 10*time.Second, "how often running VMs are checked against the hypervisor")
+	fs.StringVar(&o.Accel, "accel", "auto", "QEMU accelerator: auto (KVM only on real VMX/SVM), kvm or tcg")
+	fs.IntVar(&o.CapacityMemMB, "capacity-memory-mb", 0, "memory offered to VMs (default: the machine's)")
+	fs.IntVar(&o.CapacityVcpus, "capacity-vcpus", 0, "vCPUs offered to VMs (default: the machine's)")
+}
+
+func sanitizeHost(h string) string {
+	h = strings.ToLower(h)
+	var b strings.Builder
+	for _, r := range h {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9', r == '-', r == '_':
+			b.WriteRune(r)
+		default:
+			b.WriteByte('-')
+		}
+	}
+	s := strings.Trim(b.String(), "-_")
+	if s == "" {
+		return "localhost"
+	}
+	if len(s) > 63 {
+		s = s[:63]
+	}
+	return s
+}
+
+// BuildRouter makes the backends the options enable.
+func (o *WorkerOptions) BuildRouter(log *slog.Logger) (*backends.Router, error) {
+	bs := map[vm.BackendTag]backends.Hypervisor{}
+	var order []vm.BackendTag
+	for _, name := range strings.Split(o.Backends, ",") {
+		name = strings.TrimSpace(name)
+		if name == "" {
+			continue
+		}
+		tag, err := vm.ParseBackend(name)
+		if err != nil {
+			return nil, fmt.Errorf("--backends: %w", err)
+		}
+		b, err := o.buildBackend(tag, log)
+		if err != nil {
+			if o.DefaultBackend == "" && tag != vm.BackendNoop {
+				// An optional backend this machine cannot run: say so and go on.
+				log.Warn("backend not available on this host", "backend", tag, "err", err)
+				continue
+			}
+			return nil, fmt.Errorf("backend %s: %w", tag, err)
+		}
+		bs[tag] = b
+		order = append(order, tag)
+	}
+	if len(bs) == 0 {
+		return nil, fmt.Errorf("--backends %q enables no usable backend", o.Backends)
+	}
+	def := vm.BackendTag(o.DefaultBackend)
+	if def == "" {
+		def = order[0]
+		if _, ok := bs[vm.BackendQEMU]; ok {
+			def = vm.BackendQEMU
+		}
+	}
+	return backends.NewRouter(def, bs)
+}
+
+// Connected bundles a NATS connection and its JetStream context.
+type Connected struct {
+	NC *nats.Conn
+	JS jetstream.JetStream
+}
+
+// NewWorker builds a worker on an existing connection.
+func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, so StreamOptions, log *slog.Logger) (*worker.Worker, error) {
+	r, err := o.BuildRouter(log)
+	if err != nil {
+		return nil, err
+	}
+	if err := events.Ensure(ctx, c.JS, so.Names(), so.Settings()); err != nil {
+		return nil, err
+	}
+	return worker.New(ctx, worker.Config{
+		NC: c.NC, JS: c.JS, Names: so.Names(), Host: o.Host, Router: r, Log: log,
+		Capacity:       hosts.Resources{Vcpus: o.CapacityVcpus, MemoryMB: o.CapacityMemMB},
+		HeartbeatEvery: o.Heartbeat, AckWait: o.AckWait, Concurrency: o.Concurrency,
+		ReconcileEvery: o.Reconcile,
+	})
+}

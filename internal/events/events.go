@@ -1,0 +1,148 @@
+// Package events holds vmherd's wire contract: command and event envelopes,
+// subjects, the streams and buckets with their settings, and the append
+// with per-VM optimistic concurrency.
+package events
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// Type is an event type, the last token of its subject.
+type Type string
+
+const (
+	TypeAccepted  Type = "accepted"
+	TypeRejected  Type = "rejected"
+	TypePrepared  Type = "prepared"
+	TypeStarted   Type = "started"
+	TypeStopped   Type = "stopped"
+	TypeSuspended Type = "suspended"
+	TypeResumed   Type = "resumed"
+	TypeDestroyed Type = "destroyed"
+	TypeFailed    Type = "failed"
+	TypeExited    Type = "exited"
+)
+
+// Types lists every event type.
+var Types = []Type{TypeAccepted, TypeRejected, TypePrepared, TypeStarted, TypeStopped,
+	TypeSuspended, TypeResumed, TypeDestroyed, TypeFailed, TypeExited}
+
+// IsResult reports whether t ends a command (every accepted command ends in
+// exactly one of these).
+func (t Type) IsResult() bool {
+	switch t {
+	case TypePrepared, TypeStarted, TypeStopped, TypeSuspended, TypeResumed, TypeDestroyed, TypeFailed:
+		return true
+	}
+	return false
+}
+
+// ResultOf is the success result of an action.
+func ResultOf(action string) Type {
+	switch action {
+	case "prepare":
+		return TypePrepared
+	case "start":
+		return TypeStarted
+	case "stop":
+		return TypeStopped
+	case "suspend":
+		return TypeSuspended
+	case "resume":
+		return TypeResumed
+	case "destroy":
+		return TypeDestroyed
+	}
+	return ""
+}
+
+// Command is the body of a message on vm.cmd.<vm>.<action>.
+type Command struct {
+	CommandID string     `json:"command_id,omitempty"`
+	Spec      *vm.VmSpec `json:"spec,omitempty"`
+	TimeoutS  int        `json:"timeout_s,omitempty"`
+	Host      string     `json:"host,omitempty"`
+}
+
+// Event is the envelope of a message on vm.evt.<vm>.<type>.
+type Event struct {
+	Type      Type         `json:"type"`
+	VM        string       `json:"vm"`
+	CommandID string       `json:"command_id,omitempty"`
+	Action    string       `json:"action,omitempty"`
+	Time      time.Time    `json:"time"`
+	Host      string       `json:"host,omitempty"`
+	State     vm.VmState   `json:"state,omitempty"`
+	Handle    *vm.VmHandle `json:"handle,omitempty"`
+	Reason    string       `json:"reason,omitempty"`
+	Error     string       `json:"error,omitempty"`
+
+	// Accepted events carry what the worker needs to run the command, so a
+	// task can always be derived again from the event alone.
+	Backend  vm.BackendTag `json:"backend,omitempty"`
+	Spec     *vm.VmSpec    `json:"spec,omitempty"`
+	TimeoutS int           `json:"timeout_s,omitempty"`
+
+	// AcceptedSeq is, on a result, the stream sequence of the accepted
+	// event it answers.
+	AcceptedSeq uint64 `json:"accepted_seq,omitempty"`
+}
+
+// Task is the body of a message on vm.task.<host>.<vm>: one backend call.
+type Task struct {
+	CommandID   string        `json:"command_id"`
+	VM          string        `json:"vm"`
+	Action      string        `json:"action"`
+	Host        string        `json:"host"`
+	Backend     vm.BackendTag `json:"backend,omitempty"`
+	Spec        *vm.VmSpec    `json:"spec,omitempty"`
+	Handle      *vm.VmHandle  `json:"handle,omitempty"`
+	TimeoutS    int           `json:"timeout_s,omitempty"`
+	AcceptedSeq uint64        `json:"accepted_seq"`
+}
+
+// TaskFromAccepted derives a task from an accepted event and its sequence.
+func TaskFromAccepted(ev *Event, seq uint64) Task {
+	return Task{
+		CommandID: ev.CommandID, VM: ev.VM, Action: ev.Action, Host: ev.Host,
+		Backend: ev.Backend, Spec: ev.Spec, Handle: ev.Handle, TimeoutS: ev.TimeoutS,
+		AcceptedSeq: seq,
+	}
+}
+
+// Decode parses an event body.
+func Decode(data []byte) (*Event, error) {
+	var ev Event
+	if err := json.Unmarshal(data, &ev); err != nil {
+		return nil, fmt.Errorf("decoding event: %w", err)
+	}
+	if ev.Type == "" || ev.VM == "" {
+		return nil, errors.New("decoding event: missing type or vm")
+	}
+	return &ev, nil
+}
+
+// Encode renders an event body.
+func (ev *Event) Encode() []byte {
+	b, err := json.Marshal(ev)
+	if err != nil {
+		panic(fmt.Sprintf("encoding event: %v", err)) // only plain data: cannot fail
+	}
+	return b
+}
+
+// Message ids. They include the VM name because command ids are chosen by
+// users and need only be unique per VM.
+func DecisionMsgID(vmName, commandID string) string { return vmName + "/" + commandID + "/decision" }
+func TaskMsgID(vmName, commandID string) string     { return vmName + "/" + commandID + "/task" }
+func ResultMsgID(vmName, commandID string) string   { return vmName + "/" + commandID + "/result" }
+
+// ExitMsgID names an exited observation by the incarnation it saw.
+func ExitMsgID(vmName, handleID string, pid int) string {
+	return fmt.Sprintf("%s/%s/%d/exited", vmName, handleID, pid)
+}

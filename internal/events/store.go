@@ -1,0 +1,136 @@
+package events
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// ErrConflict means another writer appended to the VM's events since the
+// sequence the caller expected: re-read and decide again.
+var ErrConflict = errors.New("vm events changed concurrently")
+
+// Store appends to and reads from the event stream.
+type Store struct {
+	JS     jetstream.JetStream
+	Names  Names
+	stream jetstream.Stream
+}
+
+// Ensure creates or updates every stream and bucket; safe to call from every
+// process at start-up.
+func Ensure(ctx context.Context, js jetstream.JetStream, n Names, s Settings) error {
+	for _, cfg := range n.StreamConfigs(s) {
+		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
+			return fmt.Errorf("creating stream %s: %w", cfg.Name, err)
+		}
+	}
+	for _, cfg := range n.BucketConfigs(s) {
+		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
+			return fmt.Errorf("creating bucket %s: %w", cfg.Bucket, err)
+		}
+	}
+	return nil
+}
+
+// NewStore binds to the event stream, which must exist.
+func NewStore(ctx context.Context, js jetstream.JetStream, n Names) (*Store, error) {
+	st, err := js.Stream(ctx, n.EventsStream())
+	if err != nil {
+		return nil, fmt.Errorf("opening stream %s: %w", n.EventsStream(), err)
+	}
+	return &Store{JS: js, Names: n, stream: st}, nil
+}
+
+// Stream is the event stream handle.
+func (s *Store) Stream() jetstream.Stream { return s.stream }
+
+// NoExpect appends without a concurrency check (results are facts).
+const NoExpect = ^uint64(0)
+
+// Append stores ev on vm.evt.<vm>.<type> with msgID for deduplication. If
+// expect is not NoExpect, the append succeeds only if the VM's last event is
+// at stream sequence expect (0: the VM has no events); otherwise it returns
+// ErrConflict. dup reports that msgID was already stored.
+func (s *Store) Append(ctx context.Context, ev *Event, expect uint64, msgID string) (seq uint64, dup bool, err error) {
+	opts := []jetstream.PublishOpt{}
+	if msgID != "" {
+		opts = append(opts, jetstream.WithMsgID(msgID))
+	}
+	if expect != NoExpect {
+		opts = append(opts, jetstream.WithExpectLastSequenceForSubject(expect, s.Names.VMEvents(ev.VM)))
+	}
+	ack, err := s.JS.Publish(ctx, s.Names.Event(ev.VM, ev.Type), ev.Encode(), opts...)
+	if err != nil {
+		if IsConflict(err) {
+			return 0, false, fmt.Errorf("appending %s for vm %s: %w", ev.Type, ev.VM, ErrConflict)
+		}
+		return 0, false, fmt.Errorf("appending %s for vm %s: %w", ev.Type, ev.VM, err)
+	}
+	return ack.Sequence, ack.Duplicate, nil
+}
+
+// IsConflict reports a wrong-last-sequence error from the server.
+func IsConflict(err error) bool {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		return apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+			apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant
+	}
+	return errors.Is(err, ErrConflict)
+}
+
+// Stored is an event with its stream sequence.
+type Stored struct {
+	Seq   uint64
+	Event *Event
+}
+
+// ReadVM returns the VM's events with stream sequence >= from, in order, by
+// direct gets (cheap for the few events that follow a cached position).
+// Undecodable events are returned with a nil Event so callers can skip them
+// knowingly.
+func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Stored, error) {
+	if from == 0 {
+		from = 1
+	}
+	subj := s.Names.VMEvents(vmName)
+	var out []Stored
+	for {
+		m, err := s.stream.GetMsg(ctx, from, jetstream.WithGetMsgSubject(subj))
+		if err != nil {
+			if errors.Is(err, jetstream.ErrMsgNotFound) {
+				return out, nil
+			}
+			return out, fmt.Errorf("reading events of vm %s from %d: %w", vmName, from, err)
+		}
+		ev, derr := Decode(m.Data)
+		if derr != nil {
+			ev = nil
+		}
+		out = append(out, Stored{Seq: m.Sequence, Event: ev})
+		from = m.Sequence + 1
+	}
+}
+
+// LastSeq returns the stream sequence of the VM's last event (0 if none).
+func (s *Store) LastSeq(ctx context.Context, vmName string) (uint64, error) {
+	m, err := s.stream.GetLastMsgForSubject(ctx, s.Names.VMEvents(vmName))
+	if err != nil {
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return 0, nil
+		}
+		return 0, err
+	}
+	return m.Sequence, nil
+}
+
+// Connect is a helper shared by the binaries: a NATS connection that retries
+// forever on reconnect.
+func Connect(url string, opts ...nats.Option) (*nats.Conn, error) {
+	opts = append([]nats.Option{nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true)}, opts...)
+	return nats.Connect(url, opts...)
+}

@@ -1,0 +1,168 @@
+package events
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// DefaultPrefix is the first token of every subject.
+const DefaultPrefix = "vm"
+
+// Names derives every subject, stream and bucket name from a prefix, so two
+// vmherd installations can share one NATS account.
+type Names struct {
+	Prefix string
+}
+
+// DefaultNames uses the prefix "vm": VM_COMMANDS, vm.cmd.<vm>.<action>, ...
+var DefaultNames = Names{Prefix: DefaultPrefix}
+
+func (n Names) upper() string { return strings.ToUpper(strings.ReplaceAll(n.Prefix, "-", "_")) }
+
+func (n Names) CommandsStream() string { return n.upper() + "_COMMANDS" }
+func (n Names) EventsStream() string   { return n.upper() + "_EVENTS" }
+func (n Names) TasksStream() string    { return n.upper() + "_TASKS" }
+func (n Names) RecordsBucket() string  { return n.upper() + "_RECORDS" }
+func (n Names) HostsBucket() string    { return n.upper() + "_HOSTS" }
+
+// Command is vm.cmd.<vm>.<action>.
+func (n Names) Command(vmName, action string) string {
+	return fmt.Sprintf("%s.cmd.%s.%s", n.Prefix, vmName, action)
+}
+func (n Names) Commands() string { return n.Prefix + ".cmd.>" }
+
+// Event is vm.evt.<vm>.<type>.
+func (n Names) Event(vmName string, t Type) string {
+	return fmt.Sprintf("%s.evt.%s.%s", n.Prefix, vmName, t)
+}
+func (n Names) VMEvents(vmName string) string { return n.Prefix + ".evt." + vmName + ".>" }
+func (n Names) Events() string                { return n.Prefix + ".evt.>" }
+func (n Names) EventsOfType(t Type) string    { return n.Prefix + ".evt.*." + string(t) }
+
+// Task is vm.task.<host>.<vm>.
+func (n Names) Task(host, vmName string) string { return n.Prefix + ".task." + host + "." + vmName }
+func (n Names) HostTasks(host string) string    { return n.Prefix + ".task." + host + ".>" }
+func (n Names) Tasks() string                   { return n.Prefix + ".task.>" }
+
+// Query is the micro-service group a worker answers on: vm.query.<host>.
+func (n Names) Query(host string) string { return n.Prefix + ".query." + host }
+
+// ParseCommandSubject splits vm.cmd.<vm>.<action>. ok is false when the
+// subject has the wrong shape (the caller still rejects it).
+func (n Names) ParseCommandSubject(subj string) (vmName, action string, ok bool) {
+	rest, found := strings.CutPrefix(subj, n.Prefix+".cmd.")
+	if !found {
+		return "", "", false
+	}
+	i := strings.LastIndexByte(rest, '.')
+	if i < 0 {
+		return rest, "", false
+	}
+	return rest[:i], rest[i+1:], !strings.Contains(rest[:i], ".")
+}
+
+// ParseEventSubject splits vm.evt.<vm>.<type>.
+func (n Names) ParseEventSubject(subj string) (vmName string, t Type, ok bool) {
+	rest, found := strings.CutPrefix(subj, n.Prefix+".evt.")
+	if !found {
+		return "", "", false
+	}
+	i := strings.LastIndexByte(rest, '.')
+	if i < 0 {
+		return "", "", false
+	}
+	return rest[:i], Type(rest[i+1:]), true
+}
+
+// Settings are the stream and bucket settings chosen at start-up.
+type Settings struct {
+	Replicas int
+	// CommandsMaxAge is how long commands are kept for audit (0: forever).
+	CommandsMaxAge time.Duration
+	// DuplicateWindow of the event and task streams: longer than the
+	// longest retry path (a worker or engine restart plus a redelivery).
+	DuplicateWindow time.Duration
+	// HostTTL: a worker that has not heartbeated for this long is gone
+	// from VM_HOSTS.
+	HostTTL time.Duration
+}
+
+// DefaultSettings are used when the operator sets nothing.
+var DefaultSettings = Settings{
+	Replicas:        1,
+	CommandsMaxAge:  30 * 24 * time.Hour,
+	DuplicateWindow: 15 * time.Minute,
+	HostTTL:         15 * time.Second,
+}
+
+// StreamConfigs returns the three streams.
+func (n Names) StreamConfigs(s Settings) []jetstream.StreamConfig {
+	if s.Replicas == 0 {
+		s.Replicas = 1
+	}
+	return []jetstream.StreamConfig{
+		{
+			Name:        n.CommandsStream(),
+			Description: "vmherd lifecycle commands, as published by users (audit log)",
+			Subjects:    []string{n.Commands()},
+			Storage:     jetstream.FileStorage,
+			Retention:   jetstream.LimitsPolicy,
+			MaxAge:      s.CommandsMaxAge,
+			Duplicates:  2 * time.Minute,
+			Replicas:    s.Replicas,
+			AllowDirect: true,
+		},
+		{
+			Name:        n.EventsStream(),
+			Description: "vmherd event store: every VM's events, the source of truth",
+			Subjects:    []string{n.Events()},
+			Storage:     jetstream.FileStorage,
+			Retention:   jetstream.LimitsPolicy,
+			Discard:     jetstream.DiscardNew, // never drop old events to make room
+			MaxMsgs:     -1,
+			MaxBytes:    -1,
+			Duplicates:  s.DuplicateWindow,
+			Replicas:    s.Replicas,
+			AllowDirect: true,
+		},
+		{
+			Name:        n.TasksStream(),
+			Description: "vmherd tasks: backend calls for each host's worker",
+			Subjects:    []string{n.Tasks()},
+			Storage:     jetstream.FileStorage,
+			Retention:   jetstream.WorkQueuePolicy,
+			Duplicates:  s.DuplicateWindow,
+			Replicas:    s.Replicas,
+		},
+	}
+}
+
+// BucketConfigs returns the two KV buckets.
+func (n Names) BucketConfigs(s Settings) []jetstream.KeyValueConfig {
+	if s.Replicas == 0 {
+		s.Replicas = 1
+	}
+	if s.HostTTL == 0 {
+		s.HostTTL = DefaultSettings.HostTTL
+	}
+	return []jetstream.KeyValueConfig{
+		{
+			Bucket:      n.RecordsBucket(),
+			Description: "vmherd projection: one VmRecord per VM, rebuilt from the event stream",
+			History:     1,
+			Storage:     jetstream.FileStorage,
+			Replicas:    s.Replicas,
+		},
+		{
+			Bucket:      n.HostsBucket(),
+			Description: "vmherd worker heartbeats: backends, capacity, usage",
+			History:     1,
+			TTL:         s.HostTTL,
+			Storage:     jetstream.FileStorage,
+			Replicas:    s.Replicas,
+		},
+	}
+}

@@ -1,0 +1,182 @@
+// Package projection folds the event stream into one VmRecord per VM. The
+// fold is pure: the same events give the same records, so dropping the
+// VM_RECORDS bucket and rebuilding it from VM_EVENTS gives what was there.
+package projection
+
+import (
+	"encoding/json"
+	"slices"
+	"time"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// InFlight is a command accepted and not yet answered by a result.
+type InFlight struct {
+	CommandID string `json:"command_id"`
+	Action    string `json:"action"`
+	Seq       uint64 `json:"seq"` // stream sequence of its accepted event
+}
+
+// VmRecord is the projection of one VM's events.
+type VmRecord struct {
+	Name  string     `json:"name"`
+	State vm.VmState `json:"state"`
+	// InFlight lists accepted commands without a result, oldest first; the
+	// last one is the one the (transitional) state waits for.
+	InFlight []InFlight    `json:"in_flight,omitempty"`
+	Host     string        `json:"host,omitempty"`
+	Backend  vm.BackendTag `json:"backend,omitempty"`
+	Handle   *vm.VmHandle  `json:"handle,omitempty"`
+	// Generation counts incarnations: it grows with every accepted prepare.
+	Generation    int         `json:"generation"`
+	LastSeq       uint64      `json:"last_seq"`
+	LastEvent     events.Type `json:"last_event"`
+	LastCommandID string      `json:"last_command_id,omitempty"`
+	LastError     string      `json:"last_error,omitempty"`
+	CreatedAt     time.Time   `json:"created_at,omitzero"`
+	UpdatedAt     time.Time   `json:"updated_at,omitzero"`
+}
+
+// Exists reports whether the VM was ever prepared (a name that only ever
+// had rejected commands has no record).
+func (r *VmRecord) Exists() bool { return r != nil && r.State != fsm.StateAbsent && r.State != "" }
+
+// CurrentState is the state the FSM decides on.
+func (r *VmRecord) CurrentState() vm.VmState {
+	if !r.Exists() {
+		return fsm.StateAbsent
+	}
+	return r.State
+}
+
+// Clone copies r deeply enough to hand to another goroutine.
+func (r *VmRecord) Clone() *VmRecord {
+	if r == nil {
+		return nil
+	}
+	c := *r
+	c.InFlight = slices.Clone(r.InFlight)
+	if r.Handle != nil {
+		h := r.Handle.Clone()
+		c.Handle = &h
+	}
+	return &c
+}
+
+// Fold applies the event at stream sequence seq to rec (nil: no record yet)
+// and returns the new record. rec is not modified. Events at or below
+// rec.LastSeq were already applied and return rec unchanged, so folding is
+// idempotent under redelivery.
+func Fold(rec *VmRecord, ev *events.Event, seq uint64) *VmRecord {
+	if rec != nil && seq <= rec.LastSeq {
+		return rec
+	}
+	if rec == nil && ev == nil {
+		return nil
+	}
+	var r *VmRecord
+	if rec == nil {
+		r = &VmRecord{Name: ev.VM, State: fsm.StateAbsent}
+	} else {
+		r = rec.Clone()
+	}
+	if ev != nil {
+		apply(r, ev, seq)
+		r.LastEvent = ev.Type
+		r.UpdatedAt = ev.Time
+	}
+	r.LastSeq = seq
+	return r
+}
+
+func apply(r *VmRecord, ev *events.Event, seq uint64) {
+	switch ev.Type {
+	case events.TypeAccepted:
+		a, err := fsm.ParseAction(ev.Action)
+		if err != nil {
+			return
+		}
+		next, err := fsm.Decide(r.CurrentState(), a)
+		if err != nil {
+			// An accepted event the table forbids cannot come from a
+			// correct engine; the fold keeps the state it had.
+			return
+		}
+		if a == fsm.ActPrepare {
+			r.Handle = nil
+			r.InFlight = nil
+			r.Generation++
+			r.CreatedAt = ev.Time
+			r.LastError = ""
+			r.Backend = ev.Backend
+		}
+		if ev.Host != "" {
+			r.Host = ev.Host
+		}
+		r.State = next
+		r.InFlight = append(r.InFlight, InFlight{CommandID: ev.CommandID, Action: ev.Action, Seq: seq})
+		r.LastCommandID = ev.CommandID
+	case events.TypeRejected:
+		// State unchanged.
+	case events.TypeExited:
+		if r.Handle == nil || ev.Handle == nil || ev.Handle.ID != r.Handle.ID || ev.Handle.PID != r.Handle.PID {
+			return // a stale observation of another incarnation
+		}
+		if next, ok := fsm.Apply(r.CurrentState(), fsm.ResExited); ok {
+			r.State = next
+			h := r.Handle.Clone()
+			h.PID = 0
+			r.Handle = &h
+			r.LastError = "exited: " + ev.Reason
+		}
+	default:
+		if !ev.Type.IsResult() {
+			return
+		}
+		i := slices.IndexFunc(r.InFlight, func(f InFlight) bool { return f.CommandID == ev.CommandID })
+		if i < 0 {
+			return // answers nothing in flight (an older incarnation's command)
+		}
+		current := i == len(r.InFlight)-1
+		r.InFlight = slices.Delete(r.InFlight, i, i+1)
+		if len(r.InFlight) == 0 {
+			r.InFlight = nil
+		}
+		if ev.Handle != nil {
+			h := ev.Handle.Clone()
+			r.Handle = &h
+		}
+		if ev.Type == events.TypeFailed {
+			r.LastError = ev.Error
+		}
+		if current {
+			if next, ok := fsm.Apply(r.CurrentState(), fsm.Result(ev.Type)); ok {
+				r.State = next
+				if ev.Type != events.TypeFailed {
+					r.LastError = ""
+				}
+			}
+		}
+	}
+}
+
+// Marshal renders a record for the KV bucket.
+func (r *VmRecord) Marshal() []byte {
+	b, err := json.Marshal(r)
+	if err != nil {
+		panic(err) // plain data
+	}
+	return b
+}
+
+// Unmarshal parses a record from the KV bucket.
+func Unmarshal(b []byte) (*VmRecord, error) {
+	var r VmRecord
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}

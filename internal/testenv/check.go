@@ -1,0 +1,155 @@
+package testenv
+
+import (
+	"context"
+	"fmt"
+	"reflect"
+	"time"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
+	"github.com/vmherd/vmherd/internal/projection"
+)
+
+// Counts summarise what the streams hold.
+type Counts struct {
+	Events     int
+	Accepted   int
+	Rejected   int
+	Results    int
+	Exited     int
+	Duplicates int // a second decision or result for one command
+	Lost       int // accepted commands without a result
+}
+
+func (c Counts) String() string {
+	return fmt.Sprintf("events=%d accepted=%d rejected=%d results=%d exited=%d duplicates=%d lost=%d",
+		c.Events, c.Accepted, c.Rejected, c.Results, c.Exited, c.Duplicates, c.Lost)
+}
+
+// CheckStreams checks DESIGN.md's invariants from the streams alone:
+// every accepted command has exactly one result, no command is decided
+// twice, every accepted event is a transition the FSM table allows from the
+// state the VM's earlier events fold to, and every event matches its schema.
+func (e *Env) CheckStreams() Counts {
+	e.T.Helper()
+	var c Counts
+	all := e.AllEvents()
+	c.Events = len(all)
+	type cmdState struct{ decisions, results int }
+	perVM := map[string]map[string]*cmdState{}
+	recs := map[string]*projection.VmRecord{}
+	for _, s := range all {
+		ev := s.Event
+		if ev == nil {
+			e.T.Errorf("undecodable event at seq %d", s.Seq)
+			continue
+		}
+		cmds := perVM[ev.VM]
+		if cmds == nil {
+			cmds = map[string]*cmdState{}
+			perVM[ev.VM] = cmds
+		}
+		cs := cmds[ev.CommandID]
+		if cs == nil && ev.CommandID != "" {
+			cs = &cmdState{}
+			cmds[ev.CommandID] = cs
+		}
+		rec := recs[ev.VM]
+		switch {
+		case ev.Type == events.TypeAccepted:
+			c.Accepted++
+			cs.decisions++
+			a, err := fsm.ParseAction(ev.Action)
+			if err != nil {
+				e.T.Errorf("seq %d: accepted unknown action %q", s.Seq, ev.Action)
+				break
+			}
+			want, err := fsm.Decide(rec.CurrentState(), a)
+			if err != nil {
+				e.T.Errorf("seq %d: vm %s: accepted %s from %s, which the FSM forbids: %v", s.Seq, ev.VM, ev.Action, rec.CurrentState(), err)
+			} else if ev.State != want {
+				e.T.Errorf("seq %d: vm %s: accepted %s says state %s, FSM says %s", s.Seq, ev.VM, ev.Action, ev.State, want)
+			}
+		case ev.Type == events.TypeRejected:
+			c.Rejected++
+			if cs != nil {
+				cs.decisions++
+			}
+		case ev.Type == events.TypeExited:
+			c.Exited++
+		case ev.Type.IsResult():
+			c.Results++
+			cs.results++
+		}
+		if cs != nil && (cs.decisions > 1 || cs.results > 1) {
+			c.Duplicates++
+			e.T.Errorf("seq %d: vm %s command %s decided %d times, %d results", s.Seq, ev.VM, ev.CommandID, cs.decisions, cs.results)
+		}
+		if ev.VM != "_invalid" {
+			recs[ev.VM] = projection.Fold(rec, ev, s.Seq)
+		}
+	}
+	for vmName, cmds := range perVM {
+		for id, cs := range cmds {
+			if cs.results > 0 && cs.decisions == 0 {
+				e.T.Errorf("vm %s command %s has a result but no decision", vmName, id)
+			}
+		}
+	}
+	for vmName, r := range recs {
+		// Accepted commands still in flight are lost if nothing is running them.
+		c.Lost += len(r.InFlight)
+		_ = vmName
+	}
+	return c
+}
+
+// CheckProjection waits until the live records equal a rebuild from the
+// event stream (the projection catches up asynchronously).
+func (e *Env) CheckProjection(timeout time.Duration) {
+	e.T.Helper()
+	ctx := context.Background()
+	var diff string
+	e.WaitFor("VM_RECORDS to equal a rebuild from VM_EVENTS", timeout, func() bool {
+		want, _, err := projection.Replay(ctx, e.JS, e.Names)
+		if err != nil {
+			diff = err.Error()
+			return false
+		}
+		got, err := projection.Load(ctx, e.JS, e.Names)
+		if err != nil {
+			diff = err.Error()
+			return false
+		}
+		diff = recordsDiff(want, got)
+		return diff == ""
+	})
+	if diff != "" {
+		e.T.Fatal(diff)
+	}
+}
+
+func recordsDiff(want, got map[string]*projection.VmRecord) string {
+	for k, w := range want {
+		g, ok := got[k]
+		if !ok {
+			return fmt.Sprintf("record %s missing from VM_RECORDS", k)
+		}
+		if !reflect.DeepEqual(normalize(w), normalize(g)) {
+			return fmt.Sprintf("record %s differs:\nrebuilt %s\nlive    %s", k, w.Marshal(), g.Marshal())
+		}
+	}
+	for k := range got {
+		if _, ok := want[k]; !ok {
+			return fmt.Sprintf("record %s in VM_RECORDS but not in a rebuild", k)
+		}
+	}
+	return ""
+}
+
+// normalize round-trips through JSON so time zones and nil/empty compare equal.
+func normalize(r *projection.VmRecord) *projection.VmRecord {
+	out, _ := projection.Unmarshal(r.Marshal())
+	return out
+}

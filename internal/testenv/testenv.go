@@ -1,0 +1,355 @@
+// Package testenv starts real vmherd parts for tests: an embedded
+// nats-server with JetStream on a temp dir, engines and workers in-process,
+// and helpers to publish commands and read events back from the streams.
+package testenv
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/backends/noop"
+	"github.com/vmherd/vmherd/internal/engine"
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/natsserver"
+	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/internal/worker"
+	"github.com/vmherd/vmherd/schemas"
+)
+
+// Env is one NATS server and the parts running against it.
+type Env struct {
+	T      testing.TB
+	URL    string
+	Server *natsserver.Server
+	NC     *nats.Conn
+	JS     jetstream.JetStream
+	Names  events.Names
+	Store  *events.Store
+	Log    *slog.Logger
+	Dir    string
+
+	mu    sync.Mutex
+	parts []*Part
+}
+
+// Part is a running engine or worker.
+type Part struct {
+	Name   string
+	Engine *engine.Engine
+	Worker *worker.Worker
+	nc     *nats.Conn
+	cancel context.CancelFunc
+	done   chan error
+	once   sync.Once
+}
+
+// Stop stops the part gracefully (drain) and waits for it.
+func (p *Part) Stop() error {
+	var err error
+	p.once.Do(func() {
+		p.cancel()
+		select {
+		case err = <-p.done:
+		case <-time.After(60 * time.Second):
+			err = fmt.Errorf("%s did not stop within 60s", p.Name)
+		}
+		p.nc.Close()
+	})
+	return err
+}
+
+// Kill stops a worker as if its process died: backend calls in progress
+// are abandoned, nothing more is acked or written.
+func (p *Part) Kill() {
+	if p.Worker != nil {
+		p.Worker.Kill()
+	}
+	p.nc.Close() // no more acks or writes
+	_ = p.Stop()
+}
+
+// Logger for tests: quiet unless VMHERD_TEST_LOG=debug.
+func Logger() *slog.Logger {
+	if lvl := os.Getenv("VMHERD_TEST_LOG"); lvl != "" {
+		var l slog.Level
+		_ = l.UnmarshalText([]byte(lvl))
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// New starts an embedded server with JetStream in a temp dir and creates
+// the streams. Sync "default" keeps tests fast; durability tests set it.
+func New(t testing.TB) *Env {
+	t.Helper()
+	dir := t.TempDir()
+	ns, err := natsserver.Start(natsserver.Options{Listen: "127.0.0.1:-1", StoreDir: dir + "/js", Sync: "default"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Stop)
+	e := &Env{T: t, URL: ns.ClientURL(), Server: ns, Names: events.DefaultNames, Log: Logger(), Dir: dir}
+	e.NC, e.JS = e.Connect()
+	ctx := context.Background()
+	if err := events.Ensure(ctx, e.JS, e.Names, events.DefaultSettings); err != nil {
+		t.Fatal(err)
+	}
+	if e.Store, err = events.NewStore(ctx, e.JS, e.Names); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.stopAll)
+	return e
+}
+
+// Connect opens a new connection to the env's server.
+func (e *Env) Connect() (*nats.Conn, jetstream.JetStream) {
+	e.T.Helper()
+	nc, err := nats.Connect(e.URL, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	e.T.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	return nc, js
+}
+
+func (e *Env) stopAll() {
+	e.mu.Lock()
+	parts := append([]*Part(nil), e.parts...)
+	e.mu.Unlock()
+	for _, p := range parts {
+		_ = p.Stop()
+	}
+}
+
+func (e *Env) start(name string, run func(ctx context.Context) error, nc *nats.Conn) *Part {
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &Part{Name: name, nc: nc, cancel: cancel, done: make(chan error, 1)}
+	go func() { p.done <- run(ctx) }()
+	e.mu.Lock()
+	e.parts = append(e.parts, p)
+	e.mu.Unlock()
+	return p
+}
+
+// EngineConfig tweaks StartEngine.
+type EngineConfig struct {
+	ID            string
+	HostLostAfter time.Duration
+	AckWait       time.Duration
+}
+
+// StartEngine runs an engine on its own connection.
+func (e *Env) StartEngine(c EngineConfig) *Part {
+	e.T.Helper()
+	if c.ID == "" {
+		c.ID = "e1"
+	}
+	nc, js := e.Connect()
+	eng, err := engine.New(context.Background(), engine.Config{
+		JS: js, Names: e.Names, Settings: events.DefaultSettings, Log: e.Log, ID: c.ID,
+		HostLostAfter: c.HostLostAfter, AckWait: c.AckWait,
+	})
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	p := e.start("engine "+c.ID, eng.Run, nc)
+	p.Engine = eng
+	return p
+}
+
+// WorkerConfig tweaks StartWorker.
+type WorkerConfig struct {
+	Host    string
+	Noop    *noop.Backend // shared across worker incarnations
+	Extra   map[vm.BackendTag]backends.Hypervisor
+	Default vm.BackendTag
+	AckWait time.Duration
+	// Capacity in MiB offered to placement.
+	MemoryMB  int
+	Reconcile time.Duration
+}
+
+// StartWorker runs a worker on its own connection and waits for its first
+// heartbeat.
+func (e *Env) StartWorker(c WorkerConfig) *Part {
+	e.T.Helper()
+	if c.Host == "" {
+		c.Host = "h1"
+	}
+	bs := map[vm.BackendTag]backends.Hypervisor{}
+	if c.Noop == nil {
+		c.Noop = noop.New(noop.Options{})
+	}
+	bs[vm.BackendNoop] = c.Noop
+	for k, v := range c.Extra {
+		bs[k] = v
+	}
+	if c.Default == "" {
+		c.Default = vm.BackendNoop
+	}
+	r, err := backends.NewRouter(c.Default, bs)
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	if c.MemoryMB == 0 {
+		c.MemoryMB = 64 << 10
+	}
+	nc, js := e.Connect()
+	w, err := worker.New(context.Background(), worker.Config{
+		NC: nc, JS: js, Names: e.Names, Host: c.Host, Router: r, Log: e.Log,
+		AckWait: c.AckWait, HeartbeatEvery: 200 * time.Millisecond, ReconcileEvery: c.Reconcile,
+		Capacity: hosts.Resources{MemoryMB: c.MemoryMB},
+	})
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	p := e.start("worker "+c.Host, w.Run, nc)
+	p.Worker = w
+	return p
+}
+
+// Send publishes a command body (raw JSON; "" for none) with a message id
+// and returns the message id, which is also the default command id.
+func (e *Env) Send(vmName, action, body, msgID string) {
+	e.T.Helper()
+	m := nats.NewMsg(e.Names.Command(vmName, action))
+	m.Data = []byte(body)
+	if msgID != "" {
+		m.Header.Set("Nats-Msg-Id", msgID)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := e.JS.PublishMsg(ctx, m); err != nil {
+		e.T.Fatalf("publishing %s %s: %v", action, vmName, err)
+	}
+}
+
+// SendCmd publishes a command with the given id.
+func (e *Env) SendCmd(vmName, action, cmdID string, cmd events.Command) {
+	e.T.Helper()
+	cmd.CommandID = cmdID
+	b, _ := json.Marshal(cmd)
+	e.Send(vmName, action, string(b), cmdID)
+}
+
+// Events returns every stored event of one VM, checking each against its schema.
+func (e *Env) Events(vmName string) []events.Stored {
+	e.T.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	evs, err := e.Store.ReadVM(ctx, vmName, 1)
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	return evs
+}
+
+// WaitFor polls (never sleeps blindly) until cond holds or the deadline passes.
+func (e *Env) WaitFor(what string, timeout time.Duration, cond func() bool) {
+	e.T.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			e.T.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Result waits for the result event of a command and returns it.
+func (e *Env) Result(vmName, cmdID string, timeout time.Duration) *events.Event {
+	e.T.Helper()
+	var found *events.Event
+	e.WaitFor(fmt.Sprintf("result of %s on %s", cmdID, vmName), timeout, func() bool {
+		for _, s := range e.Events(vmName) {
+			if s.Event != nil && s.Event.CommandID == cmdID && (s.Event.Type.IsResult() || s.Event.Type == events.TypeRejected) {
+				found = s.Event
+				return true
+			}
+		}
+		return false
+	})
+	return found
+}
+
+// Decision waits for the accepted/rejected event of a command.
+func (e *Env) Decision(vmName, cmdID string, timeout time.Duration) *events.Event {
+	e.T.Helper()
+	var found *events.Event
+	e.WaitFor(fmt.Sprintf("decision on %s for %s", cmdID, vmName), timeout, func() bool {
+		for _, s := range e.Events(vmName) {
+			if s.Event != nil && s.Event.CommandID == cmdID && (s.Event.Type == events.TypeAccepted || s.Event.Type == events.TypeRejected) {
+				found = s.Event
+				return true
+			}
+		}
+		return false
+	})
+	return found
+}
+
+// AllEvents returns every event in the stream, each validated against its
+// JSON Schema (a test fails on any event that does not match).
+func (e *Env) AllEvents() []events.Stored {
+	e.T.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	st := e.Store.Stream()
+	info, err := st.Info(ctx)
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	var out []events.Stored
+	if info.State.Msgs == 0 {
+		return out
+	}
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	for len(out) < int(info.State.Msgs) {
+		batch, err := cons.Fetch(min(1000, int(info.State.Msgs)-len(out)), jetstream.FetchMaxWait(5*time.Second))
+		if err != nil {
+			e.T.Fatal(err)
+		}
+		n := 0
+		for m := range batch.Messages() {
+			n++
+			md, _ := m.Metadata()
+			if err := schemas.ValidateEvent(m.Data()); err != nil {
+				e.T.Errorf("event at seq %d on %s does not match its schema: %v\n%s", md.Sequence.Stream, m.Subject(), err, m.Data())
+			}
+			ev, _ := events.Decode(m.Data())
+			out = append(out, events.Stored{Seq: md.Sequence.Stream, Event: ev})
+		}
+		if n == 0 {
+			break
+		}
+	}
+	return out
+}
+
+// WaitHost waits until the engine sees host alive.
+func (e *Env) WaitHost(eng *Part, host string) {
+	e.T.Helper()
+	e.WaitFor("host "+host+" alive", 20*time.Second, func() bool {
+		_, alive := eng.Engine.Hosts().Get(host)
+		return alive
+	})
+}

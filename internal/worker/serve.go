@@ -1,0 +1,194 @@
+package worker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// Heartbeat returns what the worker publishes in VM_HOSTS.
+func (w *Worker) Heartbeat() hosts.Heartbeat {
+	r := w.cfg.Router
+	hb := hosts.Heartbeat{
+		Host:           w.cfg.Host,
+		Version:        Version,
+		Time:           time.Now().UTC(),
+		Backends:       r.Tags(),
+		DefaultBackend: r.Default(),
+		Capabilities:   map[vm.BackendTag]backends.Capabilities{},
+		Capacity:       w.cfg.Capacity,
+	}
+	for _, t := range r.Tags() {
+		hb.Capabilities[t] = r.Capabilities(t)
+	}
+	w.mu.Lock()
+	for _, l := range w.vms {
+		hb.Usage.VMs++
+		if l.spec != nil {
+			hb.Usage.Vcpus += l.spec.Vcpus
+			hb.Usage.MemoryMB += l.spec.MemoryMB
+		}
+	}
+	w.mu.Unlock()
+	return hb
+}
+
+func (w *Worker) heartbeat(ctx context.Context) error {
+	kv, err := w.cfg.JS.KeyValue(ctx, w.cfg.Names.HostsBucket())
+	if err != nil {
+		return fmt.Errorf("worker: opening %s: %w", w.cfg.Names.HostsBucket(), err)
+	}
+	t := time.NewTicker(w.cfg.HeartbeatEvery)
+	defer t.Stop()
+	for {
+		hb := w.Heartbeat()
+		b, _ := json.Marshal(hb)
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if _, err := kv.Put(pctx, w.cfg.Host, b); err != nil && ctx.Err() == nil {
+			w.log.Warn("heartbeat failed", "err", err)
+		}
+		cancel()
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-w.killCtx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// QueryRequest is the body of a query: which VM.
+type QueryRequest struct {
+	VM string `json:"vm"`
+}
+
+// StateReply answers the state query.
+type StateReply struct {
+	VM     string      `json:"vm"`
+	Host   string      `json:"host"`
+	State  vm.VmState  `json:"state"`
+	Handle vm.VmHandle `json:"handle"`
+}
+
+// GuestIPReply answers the guest_ip query. Port is set for user networking,
+// where the guest's SSH port is forwarded to IP:Port on the host.
+type GuestIPReply struct {
+	VM   string `json:"vm"`
+	IP   string `json:"ip"`
+	Port int    `json:"port,omitempty"`
+}
+
+// ServiceName is the micro service every worker registers (`nats micro ls`).
+const ServiceName = "vmherd-worker"
+
+func (w *Worker) startQueries() (micro.Service, error) {
+	svc, err := micro.AddService(w.cfg.NC, micro.Config{
+		Name:        ServiceName,
+		Version:     Version,
+		Description: "vmherd worker: live VM queries for one host",
+		Metadata:    map[string]string{"host": w.cfg.Host},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("worker: starting query service: %w", err)
+	}
+	g := svc.AddGroup(w.cfg.Names.Query(w.cfg.Host))
+	add := func(name string, fn func(ctx context.Context, h vm.VmHandle) (any, error)) error {
+		return g.AddEndpoint(name, micro.HandlerFunc(func(req micro.Request) {
+			var q QueryRequest
+			if err := json.Unmarshal(req.Data(), &q); err != nil || vm.ValidateName(q.VM) != nil {
+				_ = req.Error("400", `request must be {"vm":"<valid vm name>"}`, nil)
+				return
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			h, err := w.lookup(ctx, q.VM)
+			if err != nil {
+				_ = req.Error("404", err.Error(), nil)
+				return
+			}
+			out, err := fn(ctx, h)
+			if err != nil {
+				code := "500"
+				if errors.Is(err, backends.ErrNotFound) {
+					code = "404"
+				} else if errors.Is(err, backends.ErrNoAddress) || errors.Is(err, backends.ErrUnsupported) {
+					code = "409"
+				}
+				_ = req.Error(code, err.Error(), nil)
+				return
+			}
+			_ = req.RespondJSON(out)
+		}), micro.WithEndpointMetadata(map[string]string{"request": `{"vm":"<name>"}`}))
+	}
+	errs := errors.Join(
+		add("state", func(ctx context.Context, h vm.VmHandle) (any, error) {
+			st, err := w.cfg.Router.State(ctx, h)
+			if err != nil {
+				return nil, err
+			}
+			return StateReply{VM: h.Name, Host: w.cfg.Host, State: st, Handle: h}, nil
+		}),
+		add("guest_ip", func(ctx context.Context, h vm.VmHandle) (any, error) {
+			ip, err := w.cfg.Router.GuestIP(ctx, h)
+			if err != nil {
+				return nil, err
+			}
+			r := GuestIPReply{VM: h.Name, IP: ip}
+			if h.Spec == nil || h.Spec.Network == nil || h.Spec.Network.Type == vm.NetworkUser {
+				r.Port = h.SSHPort
+			}
+			return r, nil
+		}),
+		add("console_endpoint", func(ctx context.Context, h vm.VmHandle) (any, error) {
+			return w.cfg.Router.ConsoleEndpoint(h)
+		}),
+	)
+	if errs != nil {
+		_ = svc.Stop()
+		return nil, fmt.Errorf("worker: adding query endpoints: %w", errs)
+	}
+	return svc, nil
+}
+
+// lookup finds the handle of one of this host's VMs.
+func (w *Worker) lookup(ctx context.Context, name string) (vm.VmHandle, error) {
+	w.mu.Lock()
+	l, ok := w.vms[name]
+	w.mu.Unlock()
+	if ok {
+		return l.handle.Clone(), nil
+	}
+	kv, err := w.cfg.JS.KeyValue(ctx, w.cfg.Names.RecordsBucket())
+	if err != nil {
+		return vm.VmHandle{}, err
+	}
+	e, err := kv.Get(ctx, name)
+	if err != nil {
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			return vm.VmHandle{}, fmt.Errorf("vm %s: no such vm", name)
+		}
+		return vm.VmHandle{}, err
+	}
+	r, err := projection.Unmarshal(e.Value())
+	if err != nil {
+		return vm.VmHandle{}, err
+	}
+	if r.Host != w.cfg.Host {
+		return vm.VmHandle{}, fmt.Errorf("vm %s is on host %s, not %s", name, r.Host, w.cfg.Host)
+	}
+	if r.Handle == nil {
+		return vm.VmHandle{}, fmt.Errorf("vm %s has no handle yet (state %s)", name, r.State)
+	}
+	return *r.Handle, nil
+}

@@ -1,0 +1,499 @@
+// Package worker runs backend calls for the VMs placed on one host. It
+// consumes only its host's tasks, emits exactly one result event per
+// command, heartbeats its capacity, answers live queries, and watches its
+// VMs for drift.
+package worker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/keyed"
+	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// Version is reported in heartbeats and the micro service.
+var Version = "0.1.0"
+
+// Config of a worker.
+type Config struct {
+	NC     *nats.Conn
+	JS     jetstream.JetStream
+	Names  events.Names
+	Host   string
+	Router *backends.Router
+	Log    *slog.Logger
+	// Capacity offered to placement (default: this machine's CPUs and memory).
+	Capacity hosts.Resources
+	// HeartbeatEvery: how often the worker writes VM_HOSTS (default 2s).
+	HeartbeatEvery time.Duration
+	// AckWait of the task consumer; long calls signal progress every third of it.
+	AckWait time.Duration
+	// Concurrency bounds the backend calls run at once (across VMs).
+	Concurrency int
+	// ReconcileEvery: how often running VMs are checked against the backend.
+	ReconcileEvery time.Duration
+	// DefaultStopTimeout is used when a stop command has no timeout_s.
+	DefaultStopTimeout time.Duration
+	// CallTimeout bounds other backend calls.
+	CallTimeout time.Duration
+}
+
+// local is what the worker knows of one of its VMs.
+type local struct {
+	handle vm.VmHandle
+	state  vm.VmState
+	spec   *vm.VmSpec
+}
+
+// Worker runs one host's tasks.
+type Worker struct {
+	cfg   Config
+	log   *slog.Logger
+	store *events.Store
+	exec  *keyed.Serial
+
+	mu  sync.Mutex
+	vms map[string]*local
+
+	// kill aborts backend calls without writing results (a simulated crash).
+	killCtx context.Context
+	kill    context.CancelFunc
+}
+
+// New builds a worker. Streams and buckets must exist (events.Ensure).
+func New(ctx context.Context, cfg Config) (*Worker, error) {
+	if err := vm.ValidateHost(cfg.Host); err != nil {
+		return nil, fmt.Errorf("worker: --host: %w", err)
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.HeartbeatEvery == 0 {
+		cfg.HeartbeatEvery = 2 * time.Second
+	}
+	if cfg.AckWait == 0 {
+		cfg.AckWait = 30 * time.Second
+	}
+	if cfg.Concurrency == 0 {
+		cfg.Concurrency = 64
+	}
+	if cfg.ReconcileEvery == 0 {
+		cfg.ReconcileEvery = 10 * time.Second
+	}
+	if cfg.DefaultStopTimeout == 0 {
+		cfg.DefaultStopTimeout = 30 * time.Second
+	}
+	if cfg.CallTimeout == 0 {
+		cfg.CallTimeout = 10 * time.Minute
+	}
+	if cfg.Capacity.Vcpus == 0 {
+		cfg.Capacity.Vcpus = runtime.NumCPU()
+	}
+	if cfg.Capacity.MemoryMB == 0 {
+		cfg.Capacity.MemoryMB = hostMemoryMB()
+	}
+	st, err := events.NewStore(ctx, cfg.JS, cfg.Names)
+	if err != nil {
+		return nil, err
+	}
+	w := &Worker{
+		cfg:   cfg,
+		log:   cfg.Log.With("part", "worker", "host", cfg.Host),
+		store: st,
+		exec:  keyed.New(cfg.Concurrency),
+		vms:   map[string]*local{},
+	}
+	w.killCtx, w.kill = context.WithCancel(context.Background())
+	return w, nil
+}
+
+// Kill aborts every backend call in progress without recording results, as
+// if the process had died. Tests use it to prove redelivery.
+func (w *Worker) Kill() { w.kill() }
+
+// Run serves until ctx ends, then stops taking tasks and lets the calls in
+// progress finish and record their results (drain).
+func (w *Worker) Run(ctx context.Context) error {
+	if err := w.adopt(ctx); err != nil {
+		return err
+	}
+	svc, err := w.startQueries()
+	if err != nil {
+		return err
+	}
+	defer func() { _ = svc.Stop() }()
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return w.heartbeat(gctx) })
+	g.Go(func() error { return w.watchExits(gctx) })
+	g.Go(func() error { return w.reconcileLoop(gctx) })
+	g.Go(func() error { return w.consumeTasks(gctx) })
+	err = g.Wait()
+	w.exec.Wait()
+	return err
+}
+
+func (w *Worker) consumeTasks(ctx context.Context) error {
+	cons, err := w.cfg.JS.CreateOrUpdateConsumer(ctx, w.cfg.Names.TasksStream(), jetstream.ConsumerConfig{
+		Durable:       "worker-" + w.cfg.Host,
+		Description:   "vmherd worker tasks for host " + w.cfg.Host,
+		FilterSubject: w.cfg.Names.HostTasks(w.cfg.Host),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       w.cfg.AckWait,
+		MaxAckPending: 4 * w.cfg.Concurrency,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+	})
+	if err != nil {
+		return fmt.Errorf("worker: creating task consumer: %w", err)
+	}
+	cc, err := cons.Consume(func(msg jetstream.Msg) {
+		var t events.Task
+		if err := json.Unmarshal(msg.Data(), &t); err != nil || t.VM == "" {
+			w.log.Error("dropping undecodable task", "subject", msg.Subject(), "err", err)
+			_ = msg.Term()
+			return
+		}
+		w.exec.Do(t.VM, func() { w.runTask(msg, &t) })
+	}, jetstream.PullMaxMessages(2*w.cfg.Concurrency))
+	if err != nil {
+		return fmt.Errorf("worker: consuming tasks: %w", err)
+	}
+	select {
+	case <-ctx.Done():
+	case <-w.killCtx.Done():
+	}
+	cc.Drain()
+	<-cc.Closed()
+	return nil
+}
+
+// runTask runs one backend call and records its result; it acks only after
+// the result event is stored.
+func (w *Worker) runTask(msg jetstream.Msg, t *events.Task) {
+	if w.killCtx.Err() != nil {
+		return // crashed: leave it for redelivery
+	}
+	log := w.log.With("vm", t.VM, "action", t.Action, "command_id", t.CommandID)
+	if t.Host != w.cfg.Host {
+		log.Error("task for another host on this host's subject; refusing it", "task_host", t.Host)
+		_ = msg.Term()
+		return
+	}
+	ctx := w.killCtx
+	// A redelivered (or re-published) task whose result is already stored
+	// must not run again.
+	if prev, err := w.findResult(ctx, t); err != nil {
+		log.Warn("checking for an earlier result failed; retrying later", "err", err)
+		_ = msg.NakWithDelay(time.Second)
+		return
+	} else if prev != nil {
+		w.note(prev)
+		_ = msg.Ack()
+		return
+	}
+
+	// Keep JetStream from redelivering a long call (a stop waits up to its timeout).
+	stopProgress := w.progress(msg)
+	ev := w.call(ctx, t)
+	stopProgress()
+	if w.killCtx.Err() != nil {
+		return
+	}
+	for attempt := 0; ; attempt++ {
+		actx, cancel := context.WithTimeout(w.killCtx, 10*time.Second)
+		_, _, err := w.store.Append(actx, ev, events.NoExpect, events.ResultMsgID(t.VM, t.CommandID))
+		cancel()
+		if err == nil {
+			break
+		}
+		if w.killCtx.Err() != nil {
+			return
+		}
+		log.Warn("storing result failed; retrying", "err", err, "attempt", attempt)
+		time.Sleep(min(time.Duration(attempt+1)*200*time.Millisecond, 2*time.Second))
+	}
+	w.note(ev)
+	_ = msg.Ack()
+	log.Debug("task done", "result", ev.Type, "error", ev.Error)
+}
+
+// progress signals InProgress every third of the ack wait until stopped.
+func (w *Worker) progress(msg jetstream.Msg) func() {
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(w.cfg.AckWait / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				_ = msg.InProgress()
+			}
+		}
+	}()
+	return sync.OnceFunc(func() { close(done) })
+}
+
+// call runs the backend call of a task and returns its result event.
+func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
+	ev := &events.Event{
+		VM: t.VM, CommandID: t.CommandID, Action: t.Action, Host: w.cfg.Host,
+		AcceptedSeq: t.AcceptedSeq,
+	}
+	h := w.handleFor(t)
+	timeout := w.cfg.CallTimeout
+	stopTimeout := w.cfg.DefaultStopTimeout
+	if t.TimeoutS > 0 {
+		stopTimeout = time.Duration(t.TimeoutS) * time.Second
+		if t.Action != "stop" {
+			timeout = stopTimeout
+		}
+	}
+	if t.Action == "stop" || t.Action == "destroy" {
+		timeout = stopTimeout + 2*time.Minute
+	}
+	cctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var err error
+	r := w.cfg.Router
+	switch t.Action {
+	case "prepare":
+		if t.Spec == nil {
+			err = errors.New("prepare task without a spec")
+			break
+		}
+		spec := *t.Spec
+		if spec.Backend == "" {
+			spec.Backend = t.Backend
+		}
+		h, err = r.Prepare(cctx, spec)
+		ev.State = vm.StatePrepared
+	case "start":
+		h, err = r.Start(cctx, h)
+		ev.State = vm.StateRunning
+	case "stop":
+		h, err = r.Stop(cctx, h, stopTimeout)
+		ev.State = vm.StateStopped
+	case "suspend":
+		h, err = r.Suspend(cctx, h)
+		ev.State = vm.StateSuspended
+	case "resume":
+		h, err = r.Resume(cctx, h)
+		ev.State = vm.StateRunning
+	case "destroy":
+		err = r.Destroy(cctx, h)
+		ev.State = vm.StateDestroyed
+	default:
+		err = fmt.Errorf("unknown action %q", t.Action)
+	}
+	ev.Time = time.Now().UTC()
+	if h.Name != "" {
+		h.Host = w.cfg.Host
+		hc := h.Clone()
+		ev.Handle = &hc
+	}
+	if err != nil {
+		ev.Type = events.TypeFailed
+		ev.State = vm.StateFailed
+		ev.Error = fmt.Sprintf("%s vm %s on host %s: %v", t.Action, t.VM, w.cfg.Host, err)
+		if ev.Handle == nil && t.Handle != nil {
+			ev.Handle = t.Handle
+		}
+		return ev
+	}
+	ev.Type = events.ResultOf(t.Action)
+	return ev
+}
+
+// handleFor returns the handle to act on: the worker's own latest (it saw
+// every earlier result for this VM in order), else the one in the task.
+func (w *Worker) handleFor(t *events.Task) vm.VmHandle {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if l, ok := w.vms[t.VM]; ok && l.handle.Name != "" {
+		if t.Handle == nil || t.Handle.ID == "" || t.Handle.ID == l.handle.ID {
+			return l.handle.Clone()
+		}
+	}
+	if t.Handle != nil {
+		return t.Handle.Clone()
+	}
+	return vm.VmHandle{Name: t.VM, Backend: t.Backend, Host: w.cfg.Host}
+}
+
+// note updates the worker's view of a VM from a result it stored or found.
+func (w *Worker) note(ev *events.Event) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	switch {
+	case ev.Type == events.TypeDestroyed:
+		delete(w.vms, ev.VM)
+	case ev.Handle != nil:
+		l := w.vms[ev.VM]
+		if l == nil {
+			l = &local{}
+			w.vms[ev.VM] = l
+		}
+		l.handle = ev.Handle.Clone()
+		if l.handle.Spec != nil {
+			l.spec = l.handle.Spec
+		}
+		if ev.Type != events.TypeFailed {
+			l.state = ev.State
+		}
+	}
+}
+
+// findResult returns the result already stored for the task's command, if any.
+func (w *Worker) findResult(ctx context.Context, t *events.Task) (*events.Event, error) {
+	evs, err := w.store.ReadVM(ctx, t.VM, t.AcceptedSeq+1)
+	if err != nil {
+		return nil, err
+	}
+	for _, s := range evs {
+		if s.Event != nil && s.Event.CommandID == t.CommandID && s.Event.Type.IsResult() {
+			return s.Event, nil
+		}
+	}
+	return nil, nil
+}
+
+// adopt takes back the VMs the records place on this host, after a restart.
+func (w *Worker) adopt(ctx context.Context) error {
+	recs, err := projection.Load(ctx, w.cfg.JS, w.cfg.Names)
+	if err != nil {
+		return fmt.Errorf("worker: loading records: %w", err)
+	}
+	for name, r := range recs {
+		if r.Host != w.cfg.Host || r.Handle == nil || r.State == vm.StateDestroyed {
+			continue
+		}
+		recorded := r.State
+		h, st, err := w.cfg.Router.Adopt(ctx, *r.Handle, recorded)
+		if err != nil {
+			w.log.Warn("cannot adopt vm", "vm", name, "state", recorded, "err", err)
+			continue
+		}
+		w.mu.Lock()
+		w.vms[name] = &local{handle: h, state: st, spec: h.Spec}
+		w.mu.Unlock()
+		w.log.Info("adopted vm", "vm", name, "recorded", recorded, "actual", st)
+		if (recorded == vm.StateRunning || recorded == vm.StateSuspended) && st == vm.StateStopped {
+			w.emitExit(ctx, backends.Exit{Handle: *r.Handle, Reason: "not running when the worker restarted"})
+		}
+	}
+	return nil
+}
+
+func (w *Worker) watchExits(ctx context.Context) error {
+	for ex := range w.cfg.Router.Watch(ctx) {
+		w.exec.Do(ex.Handle.Name, func() { w.emitExit(ctx, ex) })
+	}
+	return nil
+}
+
+// emitExit records that a VM's process ended without a command, naming the
+// incarnation (handle id and pid) it observed.
+func (w *Worker) emitExit(ctx context.Context, ex backends.Exit) {
+	h := ex.Handle.Clone()
+	h.Host = w.cfg.Host
+	ev := &events.Event{
+		Type: events.TypeExited, VM: h.Name, Time: time.Now().UTC(), Host: w.cfg.Host,
+		State: vm.StateStopped, Handle: &h, Reason: ex.Reason,
+	}
+	for attempt := 0; attempt < 50 && ctx.Err() == nil; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, _, err := w.store.Append(actx, ev, events.NoExpect, events.ExitMsgID(h.Name, h.ID, h.PID))
+		cancel()
+		if err == nil {
+			break
+		}
+		w.log.Warn("recording exit failed; retrying", "vm", h.Name, "err", err)
+		time.Sleep(time.Second)
+	}
+	w.mu.Lock()
+	if l, ok := w.vms[h.Name]; ok && l.handle.ID == h.ID && l.handle.PID == h.PID {
+		l.state = vm.StateStopped
+		l.handle.PID = 0
+	}
+	w.mu.Unlock()
+	w.log.Info("vm exited without a command", "vm", h.Name, "pid", h.PID, "reason", ex.Reason)
+}
+
+// reconcileLoop checks, on a timer, that VMs believed running still are.
+func (w *Worker) reconcileLoop(ctx context.Context) error {
+	t := time.NewTicker(w.cfg.ReconcileEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			w.Reconcile(ctx)
+		}
+	}
+}
+
+// Reconcile compares every VM believed running or suspended with what the
+// backend says, and records an exit for those that are gone. Checks run
+// in each VM's queue, so they never race with the VM's own commands.
+func (w *Worker) Reconcile(ctx context.Context) {
+	w.mu.Lock()
+	var names []string
+	for n, l := range w.vms {
+		if l.state == vm.StateRunning || l.state == vm.StateSuspended {
+			names = append(names, n)
+		}
+	}
+	w.mu.Unlock()
+	for _, n := range names {
+		w.exec.Do(n, func() {
+			w.mu.Lock()
+			l, ok := w.vms[n]
+			if !ok || (l.state != vm.StateRunning && l.state != vm.StateSuspended) {
+				w.mu.Unlock()
+				return
+			}
+			h := l.handle.Clone()
+			w.mu.Unlock()
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			st, err := w.cfg.Router.State(cctx, h)
+			cancel()
+			if err == nil && st != vm.StateStopped {
+				return
+			}
+			if err != nil && !errors.Is(err, backends.ErrNotFound) {
+				return
+			}
+			w.emitExit(ctx, backends.Exit{Handle: h, Reason: "found not running by reconciliation"})
+		})
+	}
+}
+
+func hostMemoryMB() int {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 4096
+	}
+	var kb int
+	if _, err := fmt.Sscanf(string(b), "MemTotal: %d kB", &kb); err != nil {
+		return 4096
+	}
+	return kb / 1024
+}
