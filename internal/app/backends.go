@@ -3,6 +3,7 @@ package app
 import (
 	"fmt"
 	"log/slog"
+	"path/filepath"
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/noop"
@@ -18,7 +19,11 @@ func (o *WorkerOptions) buildBackend(tag vm.BackendTag, log *slog.Logger) (backe
 		if o.NoopFailRate < 0 || o.NoopFailRate > 1 {
 			return nil, fmt.Errorf("--noop-fail-rate %v is not a fraction between 0 and 1", o.NoopFailRate)
 		}
-		return noop.New(noop.Options{Latency: o.NoopLatency, FailRate: o.NoopFailRate}), nil
+		dir := o.NoopStateDir
+		if dir == "" && o.DataDir != "" {
+			dir = filepath.Join(o.DataDir, "noop")
+		}
+		return noop.New(noop.Options{Latency: o.NoopLatency, FailRate: o.NoopFailRate, StateDir: dir}), nil
 	case vm.BackendQEMU:
 		return nil, fmt.Errorf("the qemu backend is not built yet")
 	case vm.BackendPropolis:

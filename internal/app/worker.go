@@ -29,6 +29,7 @@ type WorkerOptions struct {
 	DefaultBackend string
 	NoopLatency    time.Duration
 	NoopFailRate   float64
+	NoopStateDir   string
 	AckWait        time.Duration
 	Concurrency    int
 	Heartbeat      time.Duration
@@ -54,6 +55,7 @@ func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
 	fs.StringVar(&o.DefaultBackend, "default-backend", "", "backend for specs that name none (default: qemu if enabled and available, else the first enabled)")
 	fs.DurationVar(&o.NoopLatency, "noop-latency", 0, "latency injected into every Noop backend call")
 	fs.Float64Var(&o.NoopFailRate, "noop-fail-rate", 0, "fraction (0..1) of Noop backend calls that fail")
+	fs.StringVar(&o.NoopStateDir, "noop-state-dir", "", "keep Noop VM state in files here, so it outlives the worker process (default: <data-dir>/noop)")
 	fs.DurationVar(&o.AckWait, "task-ack-wait", 30*time.Second, "ack wait of the task consumer (long calls signal progress)")
 	fs.IntVar(&o.Concurrency, "concurrency", 64, "backend calls run at once")
 	fs.DurationVar(&o.Heartbeat, "heartbeat", 2*time.Second, "heartbeat interval")

@@ -196,7 +196,7 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 			return err
 		}
 	}
-	cmd, act, perr := e.parse(action, msg.Data())
+	cmd, act, perr := parse(action, msg.Data())
 	if cmd != nil && cmd.CommandID != "" {
 		base.CommandID = cmd.CommandID
 	}
@@ -280,13 +280,16 @@ func validCommandID(id string) bool {
 }
 
 // parse validates the body against the action's schema and decodes it.
-func (e *Engine) parse(action string, data []byte) (*events.Command, fsm.Action, error) {
+func parse(action string, data []byte) (*events.Command, fsm.Action, error) {
 	act, err := fsm.ParseAction(action)
 	if err != nil {
 		return nil, "", reject("%v", err)
 	}
+	if len(data) > schemas.MaxBodySize {
+		return nil, act, reject("body: %d bytes is too large (at most %d)", len(data), schemas.MaxBodySize)
+	}
 	if len(bytes.TrimSpace(data)) == 0 {
-		data = []byte("{}")
+		data = []byte("{}") // `nats pub vm.cmd.web1.start ""` means no options
 	}
 	if err := schemas.ValidateCommand(action, data); err != nil {
 		return nil, act, reject("%v", err)
@@ -504,3 +507,5 @@ func (e *Engine) invalidate(name string) {
 	}
 	e.mu.Unlock()
 }
+
+func errorAs(err error, target any) bool { return errors.As(err, target) }

@@ -19,14 +19,14 @@ import (
 
 // Heartbeat is a worker's entry in VM_HOSTS.
 type Heartbeat struct {
-	Host           string                                 `json:"host"`
-	Version        string                                 `json:"version"`
-	Time           time.Time                              `json:"time"`
-	Backends       []vm.BackendTag                        `json:"backends"`
-	DefaultBackend vm.BackendTag                          `json:"default_backend"`
+	Host           string                                  `json:"host"`
+	Version        string                                  `json:"version"`
+	Time           time.Time                               `json:"time"`
+	Backends       []vm.BackendTag                         `json:"backends"`
+	DefaultBackend vm.BackendTag                           `json:"default_backend"`
 	Capabilities   map[vm.BackendTag]backends.Capabilities `json:"capabilities"`
-	Capacity       Resources                              `json:"capacity"`
-	Usage          Usage                                  `json:"usage"`
+	Capacity       Resources                               `json:"capacity"`
+	Usage          Usage                                   `json:"usage"`
 }
 
 // Resources a host offers.

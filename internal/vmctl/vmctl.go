@@ -146,13 +146,24 @@ func (g *globals) send(ctx context.Context, name, action string, cmd events.Comm
 	if err != nil {
 		return nil, err
 	}
-	// Subscribe before publishing so no event can slip by.
-	sub, err := g.nc.SubscribeSync(g.names.VMEvents(name))
+	// Read the VM's events from the stream, starting after its current end,
+	// so that only stored events count: a core subscription can see an event
+	// a moment before JetStream has stored it, and a next command sent on
+	// that sight could be decided on the older state.
+	st, err := g.js.Stream(ctx, g.names.EventsStream())
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w (is the engine running?)", g.names.EventsStream(), err)
+	}
+	info, err := st.Info(ctx)
 	if err != nil {
 		return nil, err
 	}
-	defer func() { _ = sub.Unsubscribe() }()
-	if err := g.nc.Flush(); err != nil {
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{g.names.VMEvents(name)},
+		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:    info.State.LastSeq + 1,
+	})
+	if err != nil {
 		return nil, err
 	}
 	ack, err := g.js.Publish(ctx, g.names.Command(name, action), body, jetstream.WithMsgID(cmd.CommandID))
@@ -168,12 +179,22 @@ func (g *globals) send(ctx context.Context, name, action string, cmd events.Comm
 	}
 	wctx, cancel := context.WithTimeout(ctx, g.timeout)
 	defer cancel()
+	it, err := cons.Messages()
+	if err != nil {
+		return nil, err
+	}
+	defer it.Stop()
+	stop := context.AfterFunc(wctx, it.Stop)
+	defer stop()
 	for {
-		m, err := sub.NextMsgWithContext(wctx)
+		m, err := it.Next()
 		if err != nil {
+			if wctx.Err() != nil {
+				err = wctx.Err()
+			}
 			return nil, &exitError{code: 3, msg: fmt.Sprintf("no result for %s %s (command %s) within %s: %v; `vmctl history %s` shows what happened", action, name, cmd.CommandID, g.timeout, err, name)}
 		}
-		ev, err := events.Decode(m.Data)
+		ev, err := events.Decode(m.Data())
 		if err != nil || ev.CommandID != cmd.CommandID {
 			continue
 		}

@@ -321,17 +321,22 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 	return ev
 }
 
-// handleFor returns the handle to act on: the worker's own latest (it saw
-// every earlier result for this VM in order), else the one in the task.
+// handleFor returns the handle to act on. The task carries the record's
+// handle as of the decision, which already holds the result of every
+// earlier command, except when destroy overtook a command still in flight:
+// then the worker's own handle (from that command's result) is newer.
 func (w *Worker) handleFor(t *events.Task) vm.VmHandle {
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	if l, ok := w.vms[t.VM]; ok && l.handle.Name != "" {
-		if t.Handle == nil || t.Handle.ID == "" || t.Handle.ID == l.handle.ID {
-			return l.handle.Clone()
-		}
+	var mine vm.VmHandle
+	if l, ok := w.vms[t.VM]; ok {
+		mine = l.handle.Clone()
 	}
-	if t.Handle != nil {
+	w.mu.Unlock()
+	haveTask := t.Handle != nil && t.Handle.ID != ""
+	if mine.Name != "" && (!haveTask || (t.Action == "destroy" && t.Handle.ID == mine.ID)) {
+		return mine
+	}
+	if t.Handle != nil && t.Handle.Name != "" {
 		return t.Handle.Clone()
 	}
 	return vm.VmHandle{Name: t.VM, Backend: t.Backend, Host: w.cfg.Host}

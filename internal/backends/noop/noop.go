@@ -7,8 +7,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	mrand "math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
@@ -34,11 +38,15 @@ type Options struct {
 	// FailRate is the probability (0..1) that a mutating call fails with
 	// ErrInjected before it has any effect.
 	FailRate float64
+	// StateDir, if set, keeps each VM's state in a file there, so that VMs
+	// outlive a worker process (as QEMU processes do) and several worker
+	// processes on one host see the same hypervisor.
+	StateDir string
 }
 
 type entry struct {
-	h     vm.VmHandle
-	state vm.VmState
+	H     vm.VmHandle `json:"handle"`
+	State vm.VmState  `json:"state"`
 }
 
 // Backend is the Noop hypervisor.
@@ -61,6 +69,9 @@ var (
 
 // New returns a Noop backend.
 func New(opts Options) *Backend {
+	if opts.StateDir != "" {
+		_ = os.MkdirAll(opts.StateDir, 0o755)
+	}
 	return &Backend{
 		opts:    opts,
 		vms:     map[string]*entry{},
@@ -110,14 +121,15 @@ func (b *Backend) Effects(call string) int {
 // reports it to Watch. It returns false if the VM was not running.
 func (b *Backend) Crash(name, reason string) bool {
 	b.mu.Lock()
-	e, ok := b.vms[name]
-	if !ok || (e.state != vm.StateRunning && e.state != vm.StateSuspended) {
+	e, ok := b.get(name)
+	if !ok || (e.State != vm.StateRunning && e.State != vm.StateSuspended) {
 		b.mu.Unlock()
 		return false
 	}
-	dead := e.h.Clone()
-	e.state = vm.StateStopped
-	e.h.PID = 0
+	dead := e.H.Clone()
+	e.State = vm.StateStopped
+	e.H.PID = 0
+	b.put(name, e)
 	b.mu.Unlock()
 	b.exits <- backends.Exit{Handle: dead, Reason: reason}
 	return true
@@ -189,20 +201,20 @@ func (b *Backend) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if e, ok := b.vms[spec.Name]; ok {
-		return e.h.Clone(), nil
+	if e, ok := b.get(spec.Name); ok {
+		return e.H.Clone(), nil
 	}
 	spec.Backend = vm.BackendNoop
 	s := spec
 	h := vm.VmHandle{ID: newID(), Name: spec.Name, Backend: vm.BackendNoop, Spec: &s}
-	b.vms[spec.Name] = &entry{h: h, state: vm.StatePrepared}
+	b.put(spec.Name, &entry{H: h, State: vm.StatePrepared})
 	b.effects[CallPrepare]++
 	return h.Clone(), nil
 }
 
 func (b *Backend) lookup(h vm.VmHandle) (*entry, error) {
-	e, ok := b.vms[h.Name]
-	if !ok || (h.ID != "" && e.h.ID != h.ID) {
+	e, ok := b.get(h.Name)
+	if !ok || (h.ID != "" && e.H.ID != h.ID) {
 		return nil, fmt.Errorf("noop vm %s (handle %s): %w; prepare it first", h.Name, h.ID, backends.ErrNotFound)
 	}
 	return e, nil
@@ -220,27 +232,32 @@ func (b *Backend) transition(ctx context.Context, call string, h vm.VmHandle, to
 	if err != nil {
 		return h, err
 	}
-	if e.state == to {
-		return e.h.Clone(), nil
+	if e.State == to {
+		return e.H.Clone(), nil
 	}
 	for _, f := range from {
-		if e.state == f {
-			e.state = to
+		if e.State == f {
+			e.State = to
 			switch to {
 			case vm.StateRunning:
 				if call == CallStart {
 					b.nextPID++
-					e.h.PID = b.nextPID
-					e.h.StartedAt = time.Now().UTC()
+					e.H.PID = b.nextPID
+					if b.opts.StateDir != "" {
+						// Several processes share the state: make PIDs unlikely to repeat.
+						e.H.PID = 1000 + mrand.IntN(1<<22)
+					}
+					e.H.StartedAt = time.Now().UTC()
 				}
 			case vm.StateStopped:
-				e.h.PID = 0
+				e.H.PID = 0
 			}
 			b.effects[call]++
-			return e.h.Clone(), nil
+			b.put(h.Name, e)
+			return e.H.Clone(), nil
 		}
 	}
-	return e.h.Clone(), fmt.Errorf("noop vm %s: cannot %s while %s: %w", h.Name, call, e.state, backends.ErrNotRunning)
+	return e.H.Clone(), fmt.Errorf("noop vm %s: cannot %s while %s: %w", h.Name, call, e.State, backends.ErrNotRunning)
 }
 
 func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
@@ -265,11 +282,11 @@ func (b *Backend) Destroy(ctx context.Context, h vm.VmHandle) error {
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	e, ok := b.vms[h.Name]
-	if !ok || (h.ID != "" && e.h.ID != h.ID) {
+	e, ok := b.get(h.Name)
+	if !ok || (h.ID != "" && e.H.ID != h.ID) {
 		return nil // already gone: idempotent
 	}
-	delete(b.vms, h.Name)
+	b.del(h.Name)
 	b.effects[CallDestroy]++
 	return nil
 }
@@ -277,11 +294,11 @@ func (b *Backend) Destroy(ctx context.Context, h vm.VmHandle) error {
 func (b *Backend) State(_ context.Context, h vm.VmHandle) (vm.VmState, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	e, ok := b.vms[h.Name]
-	if !ok || (h.ID != "" && e.h.ID != h.ID) {
+	e, ok := b.get(h.Name)
+	if !ok || (h.ID != "" && e.H.ID != h.ID) {
 		return "", fmt.Errorf("noop vm %s: %w", h.Name, backends.ErrNotFound)
 	}
-	return e.state, nil
+	return e.State, nil
 }
 
 // Adopt returns the backend's view of h. A Noop backend lives in memory, so
@@ -291,8 +308,8 @@ func (b *Backend) State(_ context.Context, h vm.VmHandle) (vm.VmState, error) {
 func (b *Backend) Adopt(_ context.Context, h vm.VmHandle, recorded vm.VmState) (vm.VmHandle, vm.VmState, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if e, ok := b.vms[h.Name]; ok && (h.ID == "" || e.h.ID == h.ID) {
-		return e.h.Clone(), e.state, nil
+	if e, ok := b.get(h.Name); ok && (h.ID == "" || e.H.ID == h.ID) {
+		return e.H.Clone(), e.State, nil
 	}
 	switch recorded {
 	case vm.StatePrepared, vm.StateRunning, vm.StateStopped, vm.StateSuspended, vm.StateFailed:
@@ -300,7 +317,7 @@ func (b *Backend) Adopt(_ context.Context, h vm.VmHandle, recorded vm.VmState) (
 		return h, "", fmt.Errorf("noop vm %s: nothing to adopt in state %s: %w", h.Name, recorded, backends.ErrNotFound)
 	}
 	h = h.Clone()
-	b.vms[h.Name] = &entry{h: h, state: recorded}
+	b.put(h.Name, &entry{H: h, State: recorded})
 	return h.Clone(), recorded, nil
 }
 
@@ -315,4 +332,42 @@ func (b *Backend) GuestIP(_ context.Context, h vm.VmHandle) (string, error) {
 
 func (b *Backend) ConsoleEndpoint(h vm.VmHandle) (vm.ConsoleEndpoint, error) {
 	return vm.ConsoleEndpoint{Kind: vm.ConsoleNone}, nil
+}
+
+// get, put and del keep entries in memory, or in StateDir. Callers hold b.mu.
+func (b *Backend) get(name string) (*entry, bool) {
+	if b.opts.StateDir == "" {
+		e, ok := b.vms[name]
+		return e, ok
+	}
+	data, err := os.ReadFile(filepath.Join(b.opts.StateDir, name+".json"))
+	if err != nil {
+		return nil, false
+	}
+	var e entry
+	if json.Unmarshal(data, &e) != nil {
+		return nil, false
+	}
+	return &e, true
+}
+
+func (b *Backend) put(name string, e *entry) {
+	if b.opts.StateDir == "" {
+		b.vms[name] = e
+		return
+	}
+	data, _ := json.Marshal(e)
+	p := filepath.Join(b.opts.StateDir, name+".json")
+	tmp := p + ".tmp" + strconv.Itoa(os.Getpid())
+	if err := os.WriteFile(tmp, data, 0o644); err == nil {
+		_ = os.Rename(tmp, p)
+	}
+}
+
+func (b *Backend) del(name string) {
+	if b.opts.StateDir == "" {
+		delete(b.vms, name)
+		return
+	}
+	_ = os.Remove(filepath.Join(b.opts.StateDir, name+".json"))
 }

@@ -81,3 +81,35 @@ func TestCrashIsWatched(t *testing.T) {
 		t.Fatalf("state after crash = %s", st)
 	}
 }
+
+func TestConformanceStateDir(t *testing.T) {
+	dir := t.TempDir()
+	conformance.Run(t, conformance.Config{
+		New: func(t *testing.T) backends.Hypervisor { return noop.New(noop.Options{StateDir: dir}) },
+		Spec: func(t *testing.T, name string) vm.VmSpec {
+			return vm.VmSpec{Name: name, Backend: vm.BackendNoop}.WithDefaults()
+		},
+	})
+}
+
+// Two backends on one state dir (two worker processes on one host) see
+// the same VMs, and a new one after a crash still knows them.
+func TestStateDirShared(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	a, b := noop.New(noop.Options{StateDir: dir}), noop.New(noop.Options{StateDir: dir})
+	h, err := a.Prepare(ctx, vm.VmSpec{Name: "shared"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h, err = b.Start(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := a.State(ctx, h); st != vm.StateRunning {
+		t.Fatalf("state seen by the other backend = %s", st)
+	}
+	c := noop.New(noop.Options{StateDir: dir})
+	if st, _ := c.State(ctx, h); st != vm.StateRunning {
+		t.Fatalf("state after restart = %s", st)
+	}
+}
