@@ -104,6 +104,7 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	eng, err := engine.New(ctx, engine.Config{
 		JS: js, Names: o.Streams.Names(), Settings: o.Streams.Settings(), Log: log, ID: o.ID,
 		HostLostAfter: o.HostTimeout, Concurrency: o.Concurrency, AckWait: o.AckWait,
+		StateDir: o.DataDir,
 	})
 	if err != nil {
 		return err

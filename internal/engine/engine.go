@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -47,6 +48,9 @@ type Config struct {
 	Concurrency int
 	// AckWait of the command consumer.
 	AckWait time.Duration
+	// StateDir keeps the engine's own files (the projection checkpoint);
+	// "" keeps none (the projection then replays from the start on restart).
+	StateDir string
 }
 
 // Engine decides commands.
@@ -95,7 +99,10 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		cache:      map[string]*decisionState{},
 		dispatched: map[string]int{},
 	}
-	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Consumer: "projection-" + cfg.ID, Log: e.log}
+	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log}
+	if cfg.StateDir != "" {
+		e.proj.Checkpoint = filepath.Join(cfg.StateDir, "projection-"+cfg.ID+".seq")
+	}
 	return e, nil
 }
 

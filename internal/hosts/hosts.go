@@ -77,6 +77,7 @@ type Registry struct {
 	mu        sync.RWMutex
 	hosts     map[string]*Heartbeat
 	ready     chan struct{}
+	kv        jetstream.KeyValue
 }
 
 // NewRegistry returns a registry; call Run to fill it.
@@ -84,40 +85,72 @@ func NewRegistry(lostAfter time.Duration) *Registry {
 	return &Registry{LostAfter: lostAfter, hosts: map[string]*Heartbeat{}, ready: make(chan struct{})}
 }
 
-// Run watches the bucket until ctx ends.
+// Run watches the bucket until ctx ends, watching again whenever a watch
+// ends (a server restart can end one).
 func (r *Registry) Run(ctx context.Context, kv jetstream.KeyValue) error {
+	r.mu.Lock()
+	r.kv = kv
+	r.mu.Unlock()
+	once := sync.OnceFunc(func() { close(r.ready) })
+	for ctx.Err() == nil {
+		if err := r.watch(ctx, kv, once); err != nil && ctx.Err() == nil {
+			time.Sleep(250 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+func (r *Registry) watch(ctx context.Context, kv jetstream.KeyValue, ready func()) error {
 	w, err := kv.WatchAll(ctx)
 	if err != nil {
 		return fmt.Errorf("watching hosts: %w", err)
 	}
-	defer w.Stop()
-	once := sync.OnceFunc(func() { close(r.ready) })
+	defer func() { _ = w.Stop() }()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case e, ok := <-w.Updates():
 			if !ok {
-				return nil
+				return errors.New("host watch ended")
 			}
 			if e == nil {
-				once()
+				ready()
 				continue
 			}
-			r.mu.Lock()
-			if e.Operation() != jetstream.KeyValuePut {
-				delete(r.hosts, e.Key())
-			} else {
-				var hb Heartbeat
-				if json.Unmarshal(e.Value(), &hb) == nil {
-					// Judge liveness by when the server stored the beat,
-					// not by the worker's clock.
-					hb.Time = e.Created()
-					r.hosts[e.Key()] = &hb
-				}
-			}
-			r.mu.Unlock()
+			r.apply(e)
 		}
+	}
+}
+
+func (r *Registry) apply(e jetstream.KeyValueEntry) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e.Operation() != jetstream.KeyValuePut {
+		delete(r.hosts, e.Key())
+		return
+	}
+	var hb Heartbeat
+	if json.Unmarshal(e.Value(), &hb) == nil {
+		// Judge liveness by when the server stored the beat, not by the
+		// worker's clock.
+		hb.Time = e.Created()
+		r.hosts[e.Key()] = &hb
+	}
+}
+
+// refresh reads one host's entry directly, for when the watch may lag.
+func (r *Registry) refresh(host string) {
+	r.mu.RLock()
+	kv := r.kv
+	r.mu.RUnlock()
+	if kv == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if e, err := kv.Get(ctx, host); err == nil {
+		r.apply(e)
 	}
 }
 
@@ -127,8 +160,18 @@ func (r *Registry) Ready() <-chan struct{} { return r.ready }
 // ErrHostLost: the host's worker stopped heartbeating.
 var ErrHostLost = errors.New("host is not alive")
 
-// Get returns a host's last heartbeat and whether it is alive.
+// Get returns a host's last heartbeat and whether it is alive. A host
+// that looks lost is read again directly before it is called lost.
 func (r *Registry) Get(host string) (*Heartbeat, bool) {
+	hb, alive := r.get(host)
+	if !alive {
+		r.refresh(host)
+		hb, alive = r.get(host)
+	}
+	return hb, alive
+}
+
+func (r *Registry) get(host string) (*Heartbeat, bool) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
 	hb, ok := r.hosts[host]
@@ -155,6 +198,29 @@ func (r *Registry) Alive() []*Heartbeat {
 // Place picks the alive host with the most free memory that has backend b
 // (any backend when b is empty; the host's default then applies).
 func (r *Registry) Place(b vm.BackendTag) (*Heartbeat, error) {
+	best := r.place(b)
+	if best == nil {
+		r.mu.RLock()
+		known := make([]string, 0, len(r.hosts))
+		for h := range r.hosts {
+			known = append(known, h)
+		}
+		r.mu.RUnlock()
+		for _, h := range known {
+			r.refresh(h)
+		}
+		best = r.place(b)
+	}
+	if best == nil {
+		if b == "" {
+			return nil, fmt.Errorf("no alive host: start a worker (or the engine with --with-worker)")
+		}
+		return nil, fmt.Errorf("no alive host has the %s backend: start a worker with --backends including %s", b, b)
+	}
+	return best, nil
+}
+
+func (r *Registry) place(b vm.BackendTag) *Heartbeat {
 	var best *Heartbeat
 	for _, hb := range r.Alive() {
 		if b != "" && !hb.Has(b) {
@@ -164,11 +230,5 @@ func (r *Registry) Place(b vm.BackendTag) (*Heartbeat, error) {
 			best = hb
 		}
 	}
-	if best == nil {
-		if b == "" {
-			return nil, fmt.Errorf("no alive host: start a worker (or the engine with --with-worker)")
-		}
-		return nil, fmt.Errorf("no alive host has the %s backend: start a worker with --backends including %s", b, b)
-	}
-	return best, nil
+	return best
 }

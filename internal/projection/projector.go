@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -15,21 +18,27 @@ import (
 )
 
 // Projector keeps the VM_RECORDS bucket up to date with the event stream.
-// Each engine runs its own, on its own durable consumer, processing events
-// strictly in stream order. Several projectors write the same bucket
-// safely: a record only ever moves forward (compare-and-set on the KV
-// revision, and records carry the last sequence they folded).
+// Each engine runs its own, on an ordered consumer, so events are folded
+// strictly in stream order (a durable consumer redelivers unacked messages
+// after newer ones, which would fold a VM's events out of order). Where it
+// got to is kept in a checkpoint file; after a restart it resumes there.
+// Several projectors write the same bucket safely: a record only ever
+// moves forward (compare-and-set on the KV revision, and records carry the
+// last sequence they folded).
 type Projector struct {
-	JS       jetstream.JetStream
-	Names    events.Names
-	Consumer string // durable consumer name, unique per engine
-	Log      *slog.Logger
+	JS    jetstream.JetStream
+	Names events.Names
+	// Checkpoint is the file holding the last folded stream sequence ("":
+	// start from the beginning each time, which is correct, only slower).
+	Checkpoint string
+	Log        *slog.Logger
 
 	kv    jetstream.KeyValue
 	mu    sync.Mutex
 	cache map[string]*cached
 	// applied is the stream sequence of the last event written.
 	applied uint64
+	saved   uint64
 }
 
 type cached struct {
@@ -45,51 +54,84 @@ func (p *Projector) Run(ctx context.Context) error {
 		return fmt.Errorf("projection: opening bucket: %w", err)
 	}
 	p.kv = kv
-	cons, err := p.JS.CreateOrUpdateConsumer(ctx, p.Names.EventsStream(), jetstream.ConsumerConfig{
-		Durable:           p.Consumer,
-		Description:       "vmherd projection of one engine into " + p.Names.RecordsBucket(),
-		DeliverPolicy:     jetstream.DeliverAllPolicy,
-		AckPolicy:         jetstream.AckAllPolicy,
-		AckWait:           time.Minute,
-		MaxAckPending:     20000,
-		InactiveThreshold: 72 * time.Hour,
+	p.applied = p.loadCheckpoint()
+	p.saved = p.applied
+	defer p.saveCheckpoint()
+	for ctx.Err() == nil {
+		if err := p.consume(ctx, p.Applied()+1); err != nil && ctx.Err() == nil {
+			p.Log.Warn("projection: consumer ended; resuming", "from", p.Applied()+1, "err", err)
+			select {
+			case <-ctx.Done():
+			case <-time.After(250 * time.Millisecond):
+			}
+		}
+	}
+	return nil
+}
+
+func (p *Projector) consume(ctx context.Context, from uint64) error {
+	st, err := p.JS.Stream(ctx, p.Names.EventsStream())
+	if err != nil {
+		return err
+	}
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:   from,
 	})
 	if err != nil {
-		return fmt.Errorf("projection: creating consumer: %w", err)
+		return err
 	}
-	// One goroutine, in stream order: the fold needs every VM's events in order.
 	it, err := cons.Messages(jetstream.PullMaxMessages(1000))
 	if err != nil {
-		return fmt.Errorf("projection: consuming: %w", err)
+		return err
 	}
-	go func() { <-ctx.Done(); it.Stop() }()
-	var lastAck jetstream.Msg
-	pending := 0
+	defer it.Stop()
+	stop := context.AfterFunc(ctx, it.Stop)
+	defer stop()
+	lastSave := time.Now()
 	for {
 		msg, err := it.Next()
 		if err != nil {
-			if lastAck != nil {
-				_ = lastAck.Ack()
-			}
-			if ctx.Err() != nil || errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-				return nil
-			}
-			return fmt.Errorf("projection: %w", err)
+			return err
 		}
 		md, err := msg.Metadata()
 		if err != nil {
-			_ = msg.Term()
 			continue
 		}
 		if err := p.applyWithRetry(ctx, msg.Subject(), msg.Data(), md.Sequence.Stream); err != nil {
-			return nil // ctx ended
+			return err
 		}
-		lastAck = msg
-		pending++
-		if pending >= 100 || md.NumPending == 0 {
-			_ = msg.Ack() // AckAll: acknowledges everything up to here
-			pending = 0
-			lastAck = nil
+		if md.NumPending == 0 || time.Since(lastSave) > time.Second {
+			p.saveCheckpoint()
+			lastSave = time.Now()
+		}
+	}
+}
+
+func (p *Projector) loadCheckpoint() uint64 {
+	if p.Checkpoint == "" {
+		return 0
+	}
+	b, err := os.ReadFile(p.Checkpoint)
+	if err != nil {
+		return 0
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0
+	}
+	return n
+}
+
+func (p *Projector) saveCheckpoint() {
+	seq := p.Applied()
+	if p.Checkpoint == "" || seq == p.saved {
+		return
+	}
+	tmp := p.Checkpoint + ".tmp"
+	if err := os.WriteFile(tmp, []byte(strconv.FormatUint(seq, 10)+"\n"), 0o644); err == nil {
+		if os.Rename(tmp, p.Checkpoint) == nil {
+			p.saved = seq
 		}
 	}
 }

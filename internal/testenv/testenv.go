@@ -353,3 +353,20 @@ func (e *Env) WaitHost(eng *Part, host string) {
 		return alive
 	})
 }
+
+// Attach connects to a server someone else runs (a nats-server process).
+func Attach(t testing.TB, url string) *Env {
+	t.Helper()
+	e := &Env{T: t, URL: url, Names: events.DefaultNames, Log: Logger(), Dir: t.TempDir()}
+	e.NC, e.JS = e.Connect()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := events.Ensure(ctx, e.JS, e.Names, events.DefaultSettings); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	if e.Store, err = events.NewStore(ctx, e.JS, e.Names); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}

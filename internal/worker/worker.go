@@ -416,6 +416,13 @@ func (w *Worker) watchExits(ctx context.Context) error {
 // emitExit records that a VM's process ended without a command, naming the
 // incarnation (handle id and pid) it observed.
 func (w *Worker) emitExit(ctx context.Context, ex backends.Exit) {
+	if !w.stillCurrent(ctx, ex.Handle) {
+		w.log.Debug("not recording exit of a superseded view", "vm", ex.Handle.Name, "pid", ex.Handle.PID)
+		w.mu.Lock()
+		delete(w.vms, ex.Handle.Name) // learn the current view again on the next task
+		w.mu.Unlock()
+		return
+	}
 	h := ex.Handle.Clone()
 	h.Host = w.cfg.Host
 	ev := &events.Event{
@@ -439,6 +446,53 @@ func (w *Worker) emitExit(ctx context.Context, ex backends.Exit) {
 	}
 	w.mu.Unlock()
 	w.log.Info("vm exited without a command", "vm", h.Name, "pid", h.PID, "reason", ex.Reason)
+}
+
+// stillCurrent reports whether the VM's latest events say h is its current
+// incarnation and running or suspended with no command in flight, so an
+// exit observed on h is news. A worker's own view can be older than the
+// stream (another worker of this host ran the last command, or the records
+// it adopted from lagged).
+func (w *Worker) stillCurrent(ctx context.Context, h vm.VmHandle) bool {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	m, err := w.store.Stream().GetLastMsgForSubject(cctx, w.cfg.Names.VMEvents(h.Name))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return false // no events: not a VM
+	}
+	if err != nil {
+		return ctx.Err() == nil // cannot tell: report rather than lose a real exit
+	}
+	ev, err := events.Decode(m.Data)
+	if err != nil {
+		return true
+	}
+	running := func(st vm.VmState) bool { return st == vm.StateRunning || st == vm.StateSuspended }
+	same := func(o *vm.VmHandle) bool { return o != nil && o.ID == h.ID && o.PID == h.PID }
+	switch {
+	case ev.Type == events.TypeAccepted:
+		return false // a command is in flight; its result will say what happened
+	case ev.Type == events.TypeRejected || ev.Handle == nil:
+		rec, err := w.record(cctx, h.Name)
+		if err != nil || rec == nil {
+			return false
+		}
+		return same(rec.Handle) && running(rec.State) && len(rec.InFlight) == 0
+	default:
+		return same(ev.Handle) && running(ev.State)
+	}
+}
+
+func (w *Worker) record(ctx context.Context, name string) (*projection.VmRecord, error) {
+	kv, err := w.cfg.JS.KeyValue(ctx, w.cfg.Names.RecordsBucket())
+	if err != nil {
+		return nil, err
+	}
+	e, err := kv.Get(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	return projection.Unmarshal(e.Value())
 }
 
 // reconcileLoop checks, on a timer, that VMs believed running still are.

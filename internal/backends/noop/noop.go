@@ -208,7 +208,7 @@ func (b *Backend) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 	s := spec
 	h := vm.VmHandle{ID: newID(), Name: spec.Name, Backend: vm.BackendNoop, Spec: &s}
 	b.put(spec.Name, &entry{H: h, State: vm.StatePrepared})
-	b.effects[CallPrepare]++
+	b.effect(spec.Name, CallPrepare)
 	return h.Clone(), nil
 }
 
@@ -252,7 +252,7 @@ func (b *Backend) transition(ctx context.Context, call string, h vm.VmHandle, to
 			case vm.StateStopped:
 				e.H.PID = 0
 			}
-			b.effects[call]++
+			b.effect(h.Name, call)
 			b.put(h.Name, e)
 			return e.H.Clone(), nil
 		}
@@ -287,7 +287,7 @@ func (b *Backend) Destroy(ctx context.Context, h vm.VmHandle) error {
 		return nil // already gone: idempotent
 	}
 	b.del(h.Name)
-	b.effects[CallDestroy]++
+	b.effect(h.Name, CallDestroy)
 	return nil
 }
 
@@ -370,4 +370,22 @@ func (b *Backend) del(name string) {
 		return
 	}
 	_ = os.Remove(filepath.Join(b.opts.StateDir, name+".json"))
+}
+
+// EffectsLog is the file, in StateDir, where every call that changed state
+// is appended as "<vm> <call>\n", so tests can count backend effects
+// across worker processes.
+const EffectsLog = "effects.log"
+
+func (b *Backend) effect(name, call string) {
+	b.effects[call]++
+	if b.opts.StateDir == "" {
+		return
+	}
+	f, err := os.OpenFile(filepath.Join(b.opts.StateDir, EffectsLog), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return
+	}
+	_, _ = f.WriteString(name + " " + call + "\n")
+	_ = f.Close()
 }

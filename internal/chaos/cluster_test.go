@@ -1,0 +1,376 @@
+package chaos_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vmherd/vmherd/internal/backends/noop"
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/testenv"
+)
+
+// cluster is a nats-server, engines and workers, each a real process.
+type cluster struct {
+	t       *testing.T
+	bin     string
+	natsBin string
+	dir     string
+	port    int
+	url     string
+	server  *testenv.Proc
+	mu      sync.Mutex
+	engines map[string]*testenv.Proc
+	workers map[string]*testenv.Proc
+	// noopLatency and stopLatency shape the Noop backend of every worker.
+	noopLatency string
+	workerArgs  []string
+}
+
+func newCluster(t *testing.T) *cluster {
+	if testing.Short() {
+		t.Skip("fault tests run real processes; skipped with -short")
+	}
+	c := &cluster{
+		t: t, bin: testenv.Binaries(t), natsBin: testenv.Tool(t, "nats-server"),
+		dir: t.TempDir(), port: testenv.FreePort(t),
+		engines: map[string]*testenv.Proc{}, workers: map[string]*testenv.Proc{},
+		noopLatency: "20ms",
+	}
+	c.url = fmt.Sprintf("nats://127.0.0.1:%d", c.port)
+	c.startServer()
+	return c
+}
+
+func (c *cluster) startServer() {
+	conf := filepath.Join(c.dir, "nats.conf")
+	store := filepath.Join(c.dir, "jetstream")
+	err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: 127.0.0.1:%d\njetstream { store_dir: %q, sync_interval: always }\n", c.port, store)), 0o644)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.server = testenv.StartProc(c.t, "nats-server", c.natsBin, nil, "-c", conf)
+	c.server.WaitLog("Server is ready", 30*time.Second)
+}
+
+// restartServer stops the server (SIGTERM, file storage) and starts it again.
+func (c *cluster) restartServer() {
+	if err := c.server.Term(30 * time.Second); err != nil {
+		c.t.Logf("nats-server stop: %v", err)
+	}
+	c.startServer()
+}
+
+func (c *cluster) startEngine(id string) {
+	p := testenv.StartProc(c.t, "engine-"+id, filepath.Join(c.bin, "engine"), nil,
+		"--nats-url", c.url, "--data-dir", filepath.Join(c.dir, "engine-"+id), "--engine-id", id,
+		"--command-ack-wait", "2s", "--host-timeout", "5s", "--log-level", "info")
+	p.WaitLog("engine serving", 60*time.Second)
+	c.mu.Lock()
+	c.engines[id] = p
+	c.mu.Unlock()
+}
+
+// startWorker runs a worker for host; several workers may serve one host
+// (instance tells them apart); they share the host's Noop state dir.
+func (c *cluster) startWorker(host string, instance int) {
+	args := append([]string{
+		"--nats-url", c.url, "--host", host, "--data-dir", filepath.Join(c.dir, "host-"+host),
+		"--noop-state-dir", filepath.Join(c.dir, "host-"+host, "noop"),
+		"--backends", "noop", "--default-backend", "noop", "--noop-latency", c.noopLatency,
+		"--task-ack-wait", "2s", "--heartbeat", "500ms", "--reconcile", "2s", "--log-level", "info",
+	}, c.workerArgs...)
+	name := fmt.Sprintf("%s#%d", host, instance)
+	p := testenv.StartProc(c.t, "worker-"+name, filepath.Join(c.bin, "worker"), nil, args...)
+	p.WaitLog("worker serving", 60*time.Second)
+	c.mu.Lock()
+	c.workers[name] = p
+	c.mu.Unlock()
+}
+
+func (c *cluster) killEngine(id string) {
+	c.mu.Lock()
+	p := c.engines[id]
+	c.mu.Unlock()
+	p.Kill()
+	c.startEngine(id)
+}
+
+func (c *cluster) killWorker(host string, instance int) {
+	c.mu.Lock()
+	p := c.workers[fmt.Sprintf("%s#%d", host, instance)]
+	c.mu.Unlock()
+	p.Kill()
+	c.startWorker(host, instance)
+}
+
+// effects counts backend effects per "<vm> <call>" across the hosts' logs.
+func (c *cluster) effects() map[string]int {
+	out := map[string]int{}
+	paths, _ := filepath.Glob(filepath.Join(c.dir, "host-*", "noop", noop.EffectsLog))
+	for _, p := range paths {
+		f, err := os.Open(p)
+		if err != nil {
+			c.t.Fatal(err)
+		}
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			out[sc.Text()]++
+		}
+		f.Close()
+	}
+	return out
+}
+
+// tracker follows VM_EVENTS and remembers each command's decision and result.
+type tracker struct {
+	mu       sync.Mutex
+	decision map[string]events.Type
+	result   map[string]events.Type
+	changed  chan struct{}
+}
+
+func (tr *tracker) run(ctx context.Context, js jetstream.JetStream) {
+	var next uint64 = 1
+	for ctx.Err() == nil {
+		st, err := js.Stream(ctx, events.DefaultNames.EventsStream())
+		if err != nil {
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+			DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: next,
+		})
+		if err != nil {
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		it, err := cons.Messages()
+		if err != nil {
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		stop := context.AfterFunc(ctx, it.Stop)
+		for {
+			m, err := it.Next()
+			if err != nil {
+				break
+			}
+			md, _ := m.Metadata()
+			next = md.Sequence.Stream + 1
+			ev, err := events.Decode(m.Data())
+			if err != nil || ev.CommandID == "" {
+				continue
+			}
+			key := ev.VM + "/" + ev.CommandID
+			tr.mu.Lock()
+			switch {
+			case ev.Type == events.TypeAccepted || ev.Type == events.TypeRejected:
+				tr.decision[key] = ev.Type
+			case ev.Type.IsResult():
+				tr.result[key] = ev.Type
+			}
+			tr.mu.Unlock()
+			select {
+			case tr.changed <- struct{}{}:
+			default:
+			}
+		}
+		stop()
+		it.Stop()
+	}
+}
+
+// done reports whether the command is finished: rejected, or accepted with a result.
+func (tr *tracker) done(key string) (events.Type, bool) {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	d, ok := tr.decision[key]
+	if !ok {
+		return "", false
+	}
+	if d == events.TypeRejected {
+		return d, true
+	}
+	r, ok := tr.result[key]
+	return r, ok
+}
+
+type loadStats struct {
+	sent, accepted, rejected, results atomic.Int64
+}
+
+func (s *loadStats) String() string {
+	return fmt.Sprintf("commands sent=%d accepted=%d rejected=%d results=%d", s.sent.Load(), s.accepted.Load(), s.rejected.Load(), s.results.Load())
+}
+
+var cycle = []string{"prepare", "start", "suspend", "resume", "stop", "start", "stop", "destroy"}
+
+// runLoad drives nVMs VMs through perVM commands each, closed loop: each
+// VM's next command is published once the previous one is finished. Every
+// publish is retried with the same message id until the server stores it.
+func (c *cluster) runLoad(env *testenv.Env, nVMs, perVM int, faults func(ctx context.Context)) *loadStats {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	tr := &tracker{decision: map[string]events.Type{}, result: map[string]events.Type{}, changed: make(chan struct{}, 1)}
+	tctx, tcancel := context.WithCancel(ctx)
+	defer tcancel()
+	go tr.run(tctx, env.JS)
+	stats := &loadStats{}
+	faultCtx, stopFaults := context.WithCancel(ctx)
+	faultsDone := make(chan struct{})
+	go func() {
+		defer close(faultsDone)
+		if faults != nil {
+			faults(faultCtx)
+		}
+	}()
+	var wg sync.WaitGroup
+	errs := make(chan error, nVMs)
+	for i := 0; i < nVMs; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			name := fmt.Sprintf("vm%03d", i)
+			for j := 0; j < perVM; j++ {
+				action := cycle[j%len(cycle)]
+				id := fmt.Sprintf("%s-%03d", name, j)
+				body := fmt.Sprintf(`{"command_id":%q}`, id)
+				if action == "prepare" {
+					body = fmt.Sprintf(`{"command_id":%q,"spec":{"backend":"noop","memory_mb":64}}`, id)
+				}
+				if err := publish(ctx, env.JS, env.Names.Command(name, action), body, id); err != nil {
+					errs <- err
+					return
+				}
+				stats.sent.Add(1)
+				key := name + "/" + id
+				for {
+					if t, ok := tr.done(key); ok {
+						if t == events.TypeRejected {
+							stats.rejected.Add(1)
+						} else {
+							stats.accepted.Add(1)
+							stats.results.Add(1)
+						}
+						break
+					}
+					select {
+					case <-ctx.Done():
+						errs <- fmt.Errorf("command %s (%s) not finished: %w", id, action, ctx.Err())
+						return
+					case <-time.After(20 * time.Millisecond):
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	stopFaults()
+	<-faultsDone
+	close(errs)
+	for err := range errs {
+		c.t.Error(err)
+	}
+	return stats
+}
+
+func publish(ctx context.Context, js jetstream.JetStream, subj, body, id string) error {
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		m := nats.NewMsg(subj)
+		m.Data = []byte(body)
+		m.Header.Set(nats.MsgIdHdr, id)
+		_, err := js.PublishMsg(pctx, m)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("publishing %s: %w", id, errors.Join(err, ctx.Err()))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// verify checks the invariants from the streams and the backend effects.
+func (c *cluster) verify(env *testenv.Env, stats *loadStats) testenv.Counts {
+	c.t.Helper()
+	counts := env.CheckStreams()
+	if counts.Duplicates != 0 || counts.Lost != 0 {
+		c.t.Errorf("invariants broken: %s", counts)
+	}
+	if int64(counts.Accepted) != stats.accepted.Load() || int64(counts.Rejected) < stats.rejected.Load() {
+		c.t.Errorf("stream counts %s disagree with the load: %s", counts, stats)
+	}
+	// No second backend effect: every successful result has exactly one
+	// effect on the hypervisor, and no effect is without a result.
+	want := map[string]int{}
+	reasons := map[string]int{}
+	for _, s := range env.AllEvents() {
+		ev := s.Event
+		if ev != nil && ev.Type == events.TypeRejected {
+			reasons[ev.Reason]++
+		}
+		if ev != nil && ev.Type.IsResult() && ev.Type != events.TypeFailed {
+			want[ev.VM+" "+ev.Action]++
+		}
+	}
+	got := c.effects()
+	for k, n := range want {
+		if got[k] != n {
+			c.t.Errorf("backend effects for %q: %d, results say %d", k, got[k], n)
+		}
+	}
+	for k, n := range got {
+		if want[k] == 0 {
+			c.t.Errorf("backend effects for %q: %d without a result", k, n)
+		}
+	}
+	for r, n := range reasons {
+		c.t.Logf("rejected %d× with reason %q", n, r)
+	}
+	env.CheckProjection(60 * time.Second)
+	c.t.Logf("%s; %s", stats, counts)
+	fmt.Printf("FAULT-TEST %s: %s; %s\n", c.t.Name(), stats, counts)
+	return counts
+}
+
+// every runs fn at random moments in [min,max) until ctx ends. The pauses
+// choose when faults strike; no result depends on them.
+func every(ctx context.Context, lo, hi time.Duration, fn func()) int {
+	n := 0
+	for {
+		d := lo + time.Duration(rand.Int64N(int64(hi-lo)))
+		select {
+		case <-ctx.Done():
+			return n
+		case <-time.After(d):
+		}
+		fn()
+		n++
+	}
+}
+
+func names(prefix string, n int) []string {
+	var out []string
+	for i := 0; i < n; i++ {
+		out = append(out, fmt.Sprintf("%s%d", prefix, i))
+	}
+	return out
+}
+
+var _ = strings.Contains
