@@ -233,8 +233,7 @@ func TestWorkerKilledMidCall(t *testing.T) {
 	nb.SetLatency(noop.CallStart, 3*time.Second)
 	env.SendCmd("k1", "start", "slow", events.Command{})
 	env.Decision("k1", "slow", wait)
-	// Wait until the call is running, then kill the worker.
-	time.Sleep(300 * time.Millisecond) // lets the task reach the backend; correctness does not depend on it
+	env.WaitFor("the slow start to reach the backend", wait, func() bool { return nb.Calls(noop.CallStart) == 1 })
 	w1.Kill()
 	nb.SetLatency(noop.CallStart, 100*time.Millisecond)
 	env.StartWorker(testenv.WorkerConfig{Host: "h1", Noop: nb, AckWait: time.Second})
@@ -395,4 +394,32 @@ func TestRebuildEqualsLive(t *testing.T) {
 	env.SendCmd("rb1", "stop", "after", events.Command{})
 	env.Result("rb1", "after", wait)
 	env.CheckProjection(wait)
+}
+
+// A graceful worker stop (SIGTERM in the binary) lets the call in progress
+// finish and record its result before the worker exits.
+func TestWorkerDrainsOnStop(t *testing.T) {
+	env := testenv.New(t)
+	eng := env.StartEngine(testenv.EngineConfig{})
+	nb := noop.New(noop.Options{})
+	w := env.StartWorker(testenv.WorkerConfig{Host: "h1", Noop: nb})
+	env.WaitHost(eng, "h1")
+	env.SendCmd("dr", "prepare", "p", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.Result("dr", "p", wait)
+	nb.SetLatency(noop.CallStart, time.Second)
+	env.SendCmd("dr", "start", "slow", events.Command{})
+	env.WaitFor("the start call to reach the backend", wait, func() bool { return nb.Calls(noop.CallStart) == 1 })
+	if err := w.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	// The result was stored before Stop returned: no worker runs now.
+	found := false
+	for _, s := range env.Events("dr") {
+		if s.Event.CommandID == "slow" && s.Event.Type == events.TypeStarted {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatal("the worker stopped without recording the result of the call in progress")
+	}
 }

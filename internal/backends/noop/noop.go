@@ -58,6 +58,7 @@ type Backend struct {
 	nextPID int
 	effects map[string]int // call -> number of calls that changed state
 	failN   map[string]int // call -> number of upcoming calls to fail
+	calls   map[string]int // call -> number of calls begun
 	exits   chan backends.Exit
 }
 
@@ -78,6 +79,7 @@ func New(opts Options) *Backend {
 		nextPID: 1000,
 		effects: map[string]int{},
 		failN:   map[string]int{},
+		calls:   map[string]int{},
 		exits:   make(chan backends.Exit, 64),
 	}
 }
@@ -115,6 +117,13 @@ func (b *Backend) Effects(call string) int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.effects[call]
+}
+
+// Calls reports how many calls of a kind have begun (effect or not).
+func (b *Backend) Calls(call string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.calls[call]
 }
 
 // Crash makes a running or suspended VM end as if its process died, and
@@ -159,6 +168,7 @@ func (b *Backend) Watch(ctx context.Context) <-chan backends.Exit {
 // delay waits the injected latency for call, or fails it, before any effect.
 func (b *Backend) delay(ctx context.Context, call string) error {
 	b.mu.Lock()
+	b.calls[call]++
 	d := b.opts.Latency
 	if cd, ok := b.opts.CallLatency[call]; ok {
 		d = cd
