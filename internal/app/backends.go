@@ -3,10 +3,12 @@ package app
 import (
 	"fmt"
 	"log/slog"
+	"os/exec"
 	"path/filepath"
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/noop"
+	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -25,7 +27,10 @@ func (o *WorkerOptions) buildBackend(tag vm.BackendTag, log *slog.Logger) (backe
 		}
 		return noop.New(noop.Options{Latency: o.NoopLatency, FailRate: o.NoopFailRate, StateDir: dir}), nil
 	case vm.BackendQEMU:
-		return nil, fmt.Errorf("the qemu backend is not built yet")
+		if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+			return nil, fmt.Errorf("qemu-system-x86_64 not found on PATH (apt-get install qemu-system-x86 qemu-utils, or run scripts/setup)")
+		}
+		return qemu.New(qemu.Options{DataDir: o.DataDir, Accel: o.Accel, Host: o.Host, Logger: log.With("backend", "qemu")})
 	case vm.BackendPropolis:
 		return nil, fmt.Errorf("the propolis backend is not built yet")
 	}

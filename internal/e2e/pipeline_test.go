@@ -2,6 +2,7 @@ package e2e_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"strings"
@@ -423,3 +424,5 @@ func TestWorkerDrainsOnStop(t *testing.T) {
 		t.Fatal("the worker stopped without recording the result of the call in progress")
 	}
 }
+
+func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

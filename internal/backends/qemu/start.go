@@ -1,0 +1,272 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// errForwardBusy: QEMU could not bind the SSH forward port.
+var errForwardBusy = errors.New("the SSH forward port is in use")
+
+// Start launches the VM's QEMU, or returns the current handle if it runs.
+func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+	out, err := b.start(ctx, h)
+	if err != nil {
+		return h, fmt.Errorf("starting vm %s: %w", h.Name, err)
+	}
+	return out, nil
+}
+
+func (b *Backend) start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+	if _, err := b.workDir(h.Name); err != nil {
+		return h, err
+	}
+	unlock, err := b.lockCtx(ctx, h.Name)
+	if err != nil {
+		return h, err
+	}
+	defer unlock()
+	r, err := b.load(h)
+	if err != nil {
+		return h, err
+	}
+	if pid := b.livePID(r); pid != 0 {
+		// Already running: idempotent. Never touch a live VM's sockets.
+		if r.Handle.PID != pid {
+			r.Handle.PID = pid
+			_ = r.save()
+		}
+		b.setOwned(r.Handle)
+		return r.Handle.Clone(), nil
+	}
+	removeRuntime(r)
+
+	spec := r.Handle.Spec
+	accel, why := b.accelFor(spec), "requested"
+	if accel == AccelAuto {
+		accel, why = detectAccel(b.opts.procRoot, b.opts.sysRoot, b.opts.devKVM)
+	}
+	b.log.Info("starting vm", "vm", r.Handle.Name, "id", r.Handle.ID, "accel", accel, "accel_reason", why)
+
+	createdTap := false
+	if spec.Network.Type == vm.NetworkTap {
+		if createdTap, err = b.ensureTap(ctx, r.Handle.TapDevice, spec.Network.Bridge); err != nil {
+			return h, err
+		}
+	}
+	fail := func(err error) (vm.VmHandle, error) {
+		if pid := readPidfile(r.path(pidFile)); pid != 0 && b.ifOurs(r, pid) != 0 {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			b.waitGone(wctx, r, pid)
+			cancel()
+		}
+		removeRuntime(r)
+		if createdTap {
+			_ = b.deleteTap(context.WithoutCancel(ctx), r.Handle.TapDevice)
+		}
+		return h, err
+	}
+
+	for attempt := 0; ; attempt++ {
+		if spec.Network.Type == vm.NetworkUser && (r.Handle.SSHPort == 0 || !b.portFree(r.Handle.SSHPort)) {
+			if err := b.newPort(r); err != nil {
+				return fail(err)
+			}
+		}
+		err = b.launch(ctx, r, accel)
+		if errors.Is(err, errForwardBusy) && attempt < 4 {
+			b.log.Warn("SSH forward port busy, retrying with another", "vm", r.Handle.Name, "port", r.Handle.SSHPort)
+			removeRuntime(r)
+			if err := b.newPort(r); err != nil {
+				return fail(err)
+			}
+			continue
+		}
+		break
+	}
+	if err != nil {
+		return fail(err)
+	}
+	pid := readPidfile(r.path(pidFile))
+	if pid == 0 {
+		return fail(fmt.Errorf("QEMU did not write its pidfile %s%s", r.path(pidFile), b.diagnostics(r)))
+	}
+
+	var vnc string
+	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	err = withQMP(qctx, r.Handle.QMPSocket, func(m *monitor) error {
+		st, err := m.status(qctx)
+		if err != nil {
+			return err
+		}
+		// A KVM that cannot run the guest shows internal-error once the
+		// vCPUs have run for a moment.
+		for i := 0; accel == AccelKVM && i < 5 && st.Status == "running"; i++ {
+			time.Sleep(200 * time.Millisecond)
+			if st, err = m.status(qctx); err != nil {
+				return err
+			}
+		}
+		if st.Status != "running" {
+			hint := ""
+			if accel == AccelKVM {
+				hint = "; KVM cannot run this guest on this host: set accel tcg"
+			}
+			return fmt.Errorf("QEMU reports status %q instead of running (accel %s)%s", st.Status, accel, hint)
+		}
+		vnc, err = m.vnc(qctx)
+		return err
+	})
+	if err != nil {
+		if b.ifOurs(r, pid) == 0 {
+			return fail(fmt.Errorf("QEMU (pid %d) exited right after starting: %w%s", pid, err, b.diagnostics(r)))
+		}
+		return fail(fmt.Errorf("%w%s", err, b.diagnostics(r)))
+	}
+
+	r.Handle.PID = pid
+	r.Handle.Accel = accel
+	r.Handle.VNC = vnc
+	r.Handle.StartedAt = time.Now().UTC()
+	if r.Handle.Extra == nil {
+		r.Handle.Extra = map[string]string{}
+	}
+	r.Handle.Extra[ExtraAccelWhy] = why
+	delete(r.Handle.Extra, ExtraStopPath)
+	if err := r.save(); err != nil {
+		return fail(fmt.Errorf("saving %s: %w", r.path(recordFile), err))
+	}
+	b.setOwned(r.Handle)
+	b.log.Info("started vm", "vm", r.Handle.Name, "id", r.Handle.ID, "pid", pid, "accel", accel, "vnc", vnc, "ssh_port", r.Handle.SSHPort)
+	return r.Handle.Clone(), nil
+}
+
+// newPort picks another forwarded SSH port and records it.
+func (b *Backend) newPort(r *record) error {
+	b.allocMu.Lock()
+	defer b.allocMu.Unlock()
+	avoid := map[int]bool{r.Handle.SSHPort: true}
+	for _, o := range b.allRecords(r.Handle.Name) {
+		avoid[o.Handle.SSHPort] = true
+	}
+	p, err := freePort(avoid)
+	if err != nil {
+		return fmt.Errorf("picking the SSH forward port: %w", err)
+	}
+	r.Handle.SSHPort = p
+	return r.save()
+}
+
+// launch runs QEMU with -daemonize and waits for the parent to exit, which
+// it does once the daemon has initialised (or failed to).
+func (b *Backend) launch(ctx context.Context, r *record, accel string) error {
+	args := qemuArgs(r, accel)
+	argv := append(append([]string{}, b.opts.Wrapper...), b.opts.QEMUBinary)
+	argv = append(argv, args...)
+	stderr, err := os.OpenFile(r.path(stderrFile), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	defer stderr.Close()
+	fmt.Fprintf(stderr, "# %s %s\n", time.Now().UTC().Format(time.RFC3339), strings.Join(argv, " "))
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	// QEMU's daemon keeps these until it has initialised, so errors during
+	// start land in the file; afterwards it points them at /dev/null.
+	cmd.Stdout, cmd.Stderr = stderr, stderr
+	cmd.WaitDelay = 5 * time.Second
+	b.log.Debug("running qemu", "vm", r.Handle.Name, "argv", argv)
+	if err := cmd.Run(); err != nil {
+		msg := tail(r.path(stderrFile), 2048)
+		if strings.Contains(msg, "Could not set up host forwarding rule") {
+			return fmt.Errorf("%w: %s", errForwardBusy, lastLines(msg, 3))
+		}
+		return fmt.Errorf("QEMU failed to start (%w)%s", err, b.diagnostics(r))
+	}
+	return nil
+}
+
+// diagnostics is the tail of QEMU's stderr and of the console log, to
+// append to a start error.
+func (b *Backend) diagnostics(r *record) string {
+	var s strings.Builder
+	if t := lastLines(tail(r.path(stderrFile), 4096), 10); t != "" {
+		s.WriteString("\nqemu stderr (" + r.path(stderrFile) + "):\n" + t)
+	}
+	if t := lastLines(tail(r.path(consoleLog), 4096), 10); t != "" {
+		s.WriteString("\nconsole log (" + r.path(consoleLog) + "):\n" + t)
+	}
+	return s.String()
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	var keep []string
+	for _, l := range lines {
+		if strings.HasPrefix(l, "# ") { // our own argv line
+			continue
+		}
+		keep = append(keep, l)
+	}
+	if len(keep) > n {
+		keep = keep[len(keep)-n:]
+	}
+	return strings.TrimSpace(strings.Join(keep, "\n"))
+}
+
+// qemuArgs is QEMU's command line for r (without the binary).
+func qemuArgs(r *record, accel string) []string {
+	h := r.Handle
+	spec := h.Spec
+	cpu := "max"
+	if accel == AccelKVM {
+		cpu = "host"
+	}
+	a := []string{
+		"-name", "guest=" + qopt(h.Name),
+		"-machine", "q35",
+		"-accel", accel,
+		"-cpu", cpu,
+		"-m", strconv.Itoa(spec.MemoryMB),
+		"-smp", strconv.Itoa(spec.Vcpus),
+		"-nodefaults", "-no-user-config",
+		"-daemonize", "-pidfile", r.path(pidFile),
+		"-qmp", "unix:" + qopt(h.QMPSocket) + ",server=on,wait=off",
+		"-chardev", "socket,id=serial0,path=" + qopt(h.SerialSock) + ",server=on,wait=off,logfile=" + qopt(h.SerialLog) + ",logappend=on",
+		"-serial", "chardev:serial0",
+		"-display", "none", "-vga", "std", "-vnc", "127.0.0.1:0,to=99",
+		"-drive", "file=" + qopt(r.path(diskFile)) + ",if=virtio,format=qcow2,discard=unmap",
+		"-drive", "file=" + qopt(r.path(seedFile)) + ",media=cdrom,if=ide,format=raw,readonly=on",
+	}
+	if spec.UEFI {
+		a = append(a,
+			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+qopt(h.Extra[ExtraOVMFCode]),
+			"-drive", "if=pflash,format=raw,unit=1,file="+qopt(h.Extra[ExtraOVMFVars]))
+	}
+	switch spec.Network.Type {
+	case vm.NetworkUser:
+		a = append(a,
+			"-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:"+strconv.Itoa(h.SSHPort)+"-:22",
+			"-device", "virtio-net-pci,netdev=n0,mac="+h.MAC)
+	case vm.NetworkTap:
+		a = append(a,
+			"-netdev", "tap,id=n0,ifname="+h.TapDevice+",script=no,downscript=no",
+			"-device", "virtio-net-pci,netdev=n0,mac="+h.MAC)
+	default:
+		a = append(a, "-nic", "none")
+	}
+	return a
+}
+
+// qopt escapes a value for a QEMU option list (commas are doubled).
+func qopt(s string) string { return strings.ReplaceAll(s, ",", ",,") }

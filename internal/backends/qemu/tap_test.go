@@ -1,0 +1,180 @@
+package qemu_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vmherd/vmherd/internal/backends/qemu"
+	"github.com/vmherd/vmherd/internal/guestimage"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// needTools skips unless running as root with the named tools (CI runs as
+// root with them installed, and fails instead of skipping).
+func needRootTools(t *testing.T, tools ...string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates a network namespace, a bridge and tap devices")
+	}
+	for _, tool := range tools {
+		if _, err := lookSbin(tool); err != nil {
+			if os.Getenv("CI") != "" {
+				t.Fatalf("%s not installed: %v", tool, err)
+			}
+			t.Skipf("%s not installed (apt-get install iproute2 dnsmasq-base)", tool)
+		}
+	}
+}
+
+// lookSbin finds a tool in PATH or the sbin directories.
+func lookSbin(name string) (string, error) {
+	p, err := exec.LookPath(name)
+	if err == nil {
+		return p, nil
+	}
+	for _, d := range []string{"/usr/sbin", "/sbin"} {
+		if _, serr := os.Stat(filepath.Join(d, name)); serr == nil {
+			return filepath.Join(d, name), nil
+		}
+	}
+	return "", err
+}
+
+func run(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+var boundRE = regexp.MustCompile(`eth0 bound ([0-9.]+)/`)
+
+// TestTapNetworking puts two VMs on a bridge in a fresh network namespace
+// with dnsmasq serving DHCP there: each gets a lease, and GuestIP returns
+// each its own address, matched by MAC.
+func TestTapNetworking(t *testing.T) {
+	t.Parallel()
+	needRootTools(t, "ip", "dnsmasq")
+	img := guestImage(t)
+	ipBin, _ := lookSbin("ip")
+	var rb [3]byte
+	_, _ = rand.Read(rb[:])
+	ns := "vmhtest-" + hex.EncodeToString(rb[:])
+	run(t, ipBin, "netns", "add", ns)
+	t.Cleanup(func() { _ = exec.Command(ipBin, "netns", "del", ns).Run() })
+	run(t, ipBin, "-n", ns, "link", "set", "lo", "up")
+	run(t, ipBin, "-n", ns, "link", "add", "br0", "type", "bridge")
+	run(t, ipBin, "-n", ns, "addr", "add", "10.213.0.1/24", "dev", "br0")
+	run(t, ipBin, "-n", ns, "link", "set", "br0", "up")
+
+	dir := shortTempDir(t)
+	leases := filepath.Join(dir, "dnsmasq.leases")
+	dnsmasqBin, _ := lookSbin("dnsmasq")
+	dnsmasq := exec.Command(ipBin, "netns", "exec", ns, dnsmasqBin,
+		"--keep-in-foreground", "--conf-file=/dev/null", "--log-facility=-", "--log-dhcp",
+		"--user=root", "--port=0", "--no-resolv", "--no-hosts",
+		"--interface=br0", "--bind-interfaces",
+		"--dhcp-range=10.213.0.100,10.213.0.150,255.255.255.0,1h",
+		"--dhcp-leasefile="+leases, "--pid-file="+filepath.Join(dir, "dnsmasq.pid"))
+	var dlog lockedBuffer
+	dnsmasq.Stdout, dnsmasq.Stderr = &dlog, &dlog
+	if err := dnsmasq.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = dnsmasq.Process.Kill()
+		_ = dnsmasq.Wait()
+		if t.Failed() {
+			t.Logf("dnsmasq log:\n%s", dlog.String())
+		}
+	})
+
+	b := newBackend(t, qemu.Options{
+		Wrapper:    []string{ipBin, "netns", "exec", ns},
+		LeaseFiles: []string{leases},
+	})
+	ctx := ctxT(t, bootTimeout+time.Minute)
+	var hs []vm.VmHandle
+	for _, name := range []string{"tap-a", "tap-b"} {
+		spec := testSpec(img, name)
+		spec.Network = &vm.NetworkConfig{Type: vm.NetworkTap, Bridge: "br0"}
+		h, err := b.Prepare(ctx, spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = b.Destroy(context.Background(), h) })
+		if len(h.TapDevice) == 0 || len(h.TapDevice) > 15 {
+			t.Fatalf("tap device name %q", h.TapDevice)
+		}
+		if h, err = b.Start(ctx, h); err != nil {
+			t.Fatal(err)
+		}
+		hs = append(hs, h)
+	}
+	if hs[0].MAC == hs[1].MAC || hs[0].TapDevice == hs[1].TapDevice {
+		t.Fatalf("two VMs share a MAC or tap: %s/%s %s/%s", hs[0].MAC, hs[0].TapDevice, hs[1].MAC, hs[1].TapDevice)
+	}
+	ips := map[string]string{}
+	for _, h := range hs {
+		waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
+		log := waitConsole(t, h.SerialLog, 0, "eth0 bound", time.Minute)
+		m := boundRE.FindStringSubmatch(log)
+		if m == nil {
+			t.Fatalf("%s got no DHCP lease:\n%s", h.Name, log)
+		}
+		var ip string
+		var err error
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(300 * time.Millisecond) {
+			if ip, err = b.GuestIP(ctx, h); err == nil {
+				break
+			}
+		}
+		if err != nil || ip != m[1] {
+			t.Fatalf("GuestIP(%s) = %q, %v; the guest says it got %s", h.Name, ip, err, m[1])
+		}
+		ips[h.Name] = ip
+	}
+	if ips["tap-a"] == ips["tap-b"] {
+		t.Fatalf("both VMs report %s", ips["tap-a"])
+	}
+	t.Logf("guest addresses: %v", ips)
+
+	// Stop removes the tap device; Destroy of the other removes its too.
+	if _, err := b.Stop(ctx, hs[0], 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Destroy(ctx, hs[1]); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hs {
+		if out, err := exec.Command(ipBin, "-n", ns, "link", "show", "dev", h.TapDevice).CombinedOutput(); err == nil {
+			t.Errorf("tap %s still exists after stop/destroy: %s", h.TapDevice, out)
+		}
+	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}

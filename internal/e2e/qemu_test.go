@@ -1,0 +1,223 @@
+package e2e_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/backends/qemu"
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/guestimage"
+	"github.com/vmherd/vmherd/internal/testenv"
+	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/internal/worker"
+)
+
+const bootWait = 3 * time.Minute
+
+func newQEMU(t *testing.T, dataDir string) *qemu.Backend {
+	t.Helper()
+	_, err := os.Stat("/usr/bin/qemu-system-x86_64")
+	testenv.Require(t, err == nil, "qemu-system-x86_64 is not installed")
+	b, err := qemu.New(qemu.Options{DataDir: dataDir, Host: "h1", Logger: testenv.Logger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func query(t *testing.T, env *testenv.Env, name, endpoint string, out any) error {
+	t.Helper()
+	var m *nats.Msg
+	var err error
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		// A worker that just started may not serve queries yet.
+		m, err = env.NC.Request(env.Names.Query("h1")+"."+endpoint, []byte(`{"vm":"`+name+`"}`), 10*time.Second)
+		if !errors.Is(err, nats.ErrNoResponders) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
+		return err
+	}
+	if code := m.Header.Get("Nats-Service-Error-Code"); code != "" {
+		return &queryError{m.Header.Get("Nats-Service-Error")}
+	}
+	return jsonUnmarshal(m.Data, out)
+}
+
+type queryError struct{ msg string }
+
+func (e *queryError) Error() string { return e.msg }
+
+func consoleLog(t *testing.T, env *testenv.Env, name string) string {
+	var ep vm.ConsoleEndpoint
+	if err := query(t, env, name, "console_endpoint", &ep); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(ep.LogPath)
+	return string(b)
+}
+
+func liveState(t *testing.T, env *testenv.Env, name string) vm.VmState {
+	var st worker.StateReply
+	if err := query(t, env, name, "state", &st); err != nil {
+		t.Fatalf("state query for %s: %v", name, err)
+	}
+	return st.State
+}
+
+func do(t *testing.T, env *testenv.Env, name, action, id string, cmd events.Command, want events.Type) *events.Event {
+	t.Helper()
+	env.SendCmd(name, action, id, cmd)
+	ev := env.Result(name, id, bootWait)
+	if ev.Type != want {
+		t.Fatalf("%s %s: %s (%s%s), want %s", action, name, ev.Type, ev.Reason, ev.Error, want)
+	}
+	return ev
+}
+
+// The QEMU backend through engine, worker and NATS with the repo's test
+// guest: cloud-init seen by the guest, guest IP and SSH port forward,
+// suspend/resume confirmed by QMP, ACPI stop, forced stop of a guest that
+// ignores ACPI, destroy leaving nothing behind; then drift: kill -9 of
+// QEMU gives one exited event, and a restarted worker re-adopts running VMs.
+func TestQEMUEndToEnd(t *testing.T) {
+	image := guestimage.EnsureForTest(t)
+	dataDir := t.TempDir()
+	env := testenv.New(t)
+	eng := env.StartEngine(testenv.EngineConfig{})
+	q := newQEMU(t, dataDir)
+	w := env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU, Reconcile: time.Second})
+	env.WaitHost(eng, "h1")
+	t.Cleanup(func() {
+		for _, n := range []string{"q1", "q2"} {
+			_ = q.Destroy(context.Background(), vm.VmHandle{Name: n, Backend: vm.BackendQEMU})
+		}
+	})
+
+	spec := func(name string, userData string) *vm.VmSpec {
+		return &vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: image, MemoryMB: 192, Accel: "auto",
+			CloudInit: &vm.CloudInitConfig{InstanceID: "iid-" + name, Hostname: "host-" + name, UserData: userData}}
+	}
+	do(t, env, "q1", "prepare", "q1-p", events.Command{Spec: spec("q1", "#cloud-config\n")}, events.TypePrepared)
+	do(t, env, "q2", "prepare", "q2-p", events.Command{Spec: spec("q2", "#cloud-config\nvmherd-ignore-acpi: true\n")}, events.TypePrepared)
+	started := do(t, env, "q1", "start", "q1-s", events.Command{}, events.TypeStarted)
+	if started.Handle.PID == 0 || started.Handle.Accel == "" {
+		t.Fatalf("started handle %+v", started.Handle)
+	}
+	do(t, env, "q2", "start", "q2-s", events.Command{}, events.TypeStarted)
+
+	env.WaitFor("q1 to boot and read its seed", bootWait, func() bool {
+		l := consoleLog(t, env, "q1")
+		return strings.Contains(l, "VMHERD-GUEST-READY") && strings.Contains(l, "instance-id: iid-q1") && strings.Contains(l, "local-hostname: host-q1")
+	})
+	var ip worker.GuestIPReply
+	if err := query(t, env, "q1", "guest_ip", &ip); err != nil || ip.IP != "127.0.0.1" || ip.Port == 0 {
+		t.Fatalf("guest_ip = %+v, %v", ip, err)
+	}
+	if banner := readBanner(t, net.JoinHostPort(ip.IP, strconv.Itoa(ip.Port))); !strings.HasPrefix(banner, "SSH-") {
+		t.Fatalf("forwarded port answered %q, want an SSH banner", banner)
+	}
+
+	do(t, env, "q1", "suspend", "q1-u", events.Command{}, events.TypeSuspended)
+	if st := liveState(t, env, "q1"); st != vm.StateSuspended {
+		t.Fatalf("live state after suspend = %s (QMP should say paused)", st)
+	}
+	do(t, env, "q1", "resume", "q1-r", events.Command{}, events.TypeResumed)
+	if st := liveState(t, env, "q1"); st != vm.StateRunning {
+		t.Fatalf("live state after resume = %s", st)
+	}
+	stopped := do(t, env, "q1", "stop", "q1-t", events.Command{TimeoutS: 60}, events.TypeStopped)
+	if path := stopped.Handle.Extra[qemu.ExtraStopPath]; path != qemu.StopPathACPI {
+		t.Fatalf("q1 stopped by %q, want ACPI power-off", path)
+	}
+	do(t, env, "q1", "start", "q1-s2", events.Command{}, events.TypeStarted)
+
+	// q2 ignores the power button: killed after the timeout, reported stopped.
+	env.WaitFor("q2 to boot", bootWait, func() bool { return strings.Contains(consoleLog(t, env, "q2"), "VMHERD-GUEST-READY") })
+	forced := do(t, env, "q2", "stop", "q2-t", events.Command{TimeoutS: 4}, events.TypeStopped)
+	if path := forced.Handle.Extra[qemu.ExtraStopPath]; path != qemu.StopPathTerm && path != qemu.StopPathKill {
+		t.Fatalf("q2 stopped by %q, want a signal after the timeout", path)
+	}
+
+	// Drift: kill -9 q1's QEMU.
+	running := record(t, env, "q1")
+	if err := syscall.Kill(running.Handle.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	env.WaitFor("q1 exited and stopped", bootWait, func() bool {
+		r := record(t, env, "q1")
+		return r != nil && r.State == vm.StateStopped
+	})
+	if n := countType(env, "q1", events.TypeExited); n != 1 {
+		t.Fatalf("%d exited events for q1, want 1", n)
+	}
+
+	// Re-adoption: restart the worker (a new backend on the same data dir)
+	// while q1 runs.
+	do(t, env, "q1", "start", "q1-s3", events.Command{}, events.TypeStarted)
+	pid := record(t, env, "q1").Handle.PID
+	if err := w.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	q2b := newQEMU(t, dataDir)
+	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q2b}, Default: vm.BackendQEMU, Reconcile: time.Second})
+	if st := liveState(t, env, "q1"); st != vm.StateRunning {
+		t.Fatalf("after the worker restart q1 reads %s, want running", st)
+	}
+	if r := record(t, env, "q1"); r.State != vm.StateRunning || r.Handle.PID != pid {
+		t.Fatalf("record after re-adoption: %+v", r)
+	}
+	do(t, env, "q1", "stop", "q1-t2", events.Command{TimeoutS: 60}, events.TypeStopped)
+
+	// Destroy leaves no work dir and no QEMU process.
+	do(t, env, "q1", "destroy", "q1-d", events.Command{}, events.TypeDestroyed)
+	do(t, env, "q2", "destroy", "q2-d", events.Command{}, events.TypeDestroyed)
+	for _, n := range []string{"q1", "q2"} {
+		if _, err := os.Stat(dataDir + "/vms/" + n); !os.IsNotExist(err) {
+			t.Errorf("work dir of %s still there after destroy: %v", n, err)
+		}
+	}
+	if err := syscall.Kill(pid, 0); err == nil {
+		if b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat"); !strings.Contains(string(b), ") Z ") {
+			t.Errorf("QEMU pid %d still alive after destroy", pid)
+		}
+	}
+	if n := countType(env, "q1", events.TypeExited); n != 1 {
+		t.Fatalf("%d exited events for q1 at the end, want 1", n)
+	}
+	c := env.CheckStreams()
+	t.Logf("streams: %s", c)
+	env.CheckProjection(wait)
+}
+
+func readBanner(t *testing.T, addr string) string {
+	t.Helper()
+	deadline := time.Now().Add(bootWait)
+	for time.Now().Before(deadline) {
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err == nil {
+			_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			line, _ := bufio.NewReader(c).ReadString('\n')
+			c.Close()
+			if line != "" {
+				return strings.TrimSpace(line)
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return ""
+}
