@@ -8,6 +8,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/noop"
+	"github.com/vmherd/vmherd/internal/backends/propolis"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/vm"
 )
@@ -32,7 +33,19 @@ func (o *WorkerOptions) buildBackend(tag vm.BackendTag, log *slog.Logger) (backe
 		}
 		return qemu.New(qemu.Options{DataDir: o.DataDir, Accel: o.Accel, Host: o.Host, Logger: log.With("backend", "qemu")})
 	case vm.BackendPropolis:
-		return nil, fmt.Errorf("the propolis backend is not built yet")
+		plog := log.With("backend", "propolis")
+		if len(o.PropolisServers) > 0 {
+			return propolis.New(propolis.Options{Servers: o.PropolisServers, Host: o.Host, Log: plog})
+		}
+		prov, err := propolis.NewHostProvisioner(propolis.HostOptions{
+			ServerBin: o.PropolisBin, Bootrom: o.PropolisBootrom, ZvolParent: o.PropolisZvolParent,
+			Link: o.PropolisLink, ListenIP: o.PropolisListenIP, PortBase: o.PropolisPortBase,
+			StateDir: filepath.Join(o.DataDir, "propolis"),
+		})
+		if err != nil {
+			return nil, err
+		}
+		return propolis.New(propolis.Options{Provisioner: prov, Host: o.Host, Log: plog})
 	}
 	return nil, fmt.Errorf("unknown backend %q", tag)
 }

@@ -38,6 +38,14 @@ type WorkerOptions struct {
 	CapacityMemMB  int
 	CapacityVcpus  int
 
+	PropolisServers    []string
+	PropolisBin        string
+	PropolisBootrom    string
+	PropolisZvolParent string
+	PropolisLink       string
+	PropolisListenIP   string
+	PropolisPortBase   int
+
 	// Noop, when set, is used instead of a new Noop backend (tests share
 	// one between worker incarnations, as VMs outlive a worker crash).
 	Noop *noop.Backend
@@ -63,6 +71,13 @@ func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
 	fs.StringVar(&o.Accel, "accel", "auto", "QEMU accelerator: auto (KVM only on real VMX/SVM), kvm or tcg")
 	fs.IntVar(&o.CapacityMemMB, "capacity-memory-mb", 0, "memory offered to VMs (default: the machine's)")
 	fs.IntVar(&o.CapacityVcpus, "capacity-vcpus", 0, "vCPUs offered to VMs (default: the machine's)")
+	fs.StringSliceVar(&o.PropolisServers, "propolis-server", nil, "already-running propolis-server(s) ADDR[,ADDR...], one VM each (how Propolis is used off illumos)")
+	fs.StringVar(&o.PropolisBin, "propolis-bin", "propolis-server", "propolis-server binary (illumos host mode)")
+	fs.StringVar(&o.PropolisBootrom, "propolis-bootrom", "", "UEFI bootrom (OVMF) for propolis-server (illumos host mode)")
+	fs.StringVar(&o.PropolisZvolParent, "propolis-zvol-parent", "", "ZFS dataset for boot-disk zvols, e.g. rpool/vmherd (illumos host mode)")
+	fs.StringVar(&o.PropolisLink, "propolis-link", "", "physical link to create VNICs over (illumos host mode)")
+	fs.StringVar(&o.PropolisListenIP, "propolis-listen-ip", "127.0.0.1", "address the per-VM propolis-servers listen on, reachable from this worker")
+	fs.IntVar(&o.PropolisPortBase, "propolis-port-base", 12400, "first port of the per-VM propolis-servers (a range of 200)")
 }
 
 func sanitizeHost(h string) string {

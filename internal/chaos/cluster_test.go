@@ -1,7 +1,6 @@
 package chaos_test
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -116,20 +115,21 @@ func (c *cluster) killWorker(host string, instance int) {
 	c.startWorker(host, instance)
 }
 
-// effects counts backend effects per "<vm> <call>" across the hosts' logs.
+// effects counts backend effects per "<vm> <call>" across the hosts' Noop
+// state dirs (each count is written atomically with the change it counts).
 func (c *cluster) effects() map[string]int {
 	out := map[string]int{}
-	paths, _ := filepath.Glob(filepath.Join(c.dir, "host-*", "noop", noop.EffectsLog))
-	for _, p := range paths {
-		f, err := os.Open(p)
+	dirs, _ := filepath.Glob(filepath.Join(c.dir, "host-*", "noop"))
+	for _, d := range dirs {
+		perVM, err := noop.FileEffects(d)
 		if err != nil {
 			c.t.Fatal(err)
 		}
-		sc := bufio.NewScanner(f)
-		for sc.Scan() {
-			out[sc.Text()]++
+		for name, calls := range perVM {
+			for call, n := range calls {
+				out[name+" "+call] += n
+			}
 		}
-		f.Close()
 	}
 	return out
 }

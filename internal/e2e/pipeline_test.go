@@ -426,3 +426,19 @@ func TestWorkerDrainsOnStop(t *testing.T) {
 }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
+
+// Destroying a VM whose prepare failed is allowed and its destroyed event,
+// which names no incarnation, still matches the schema.
+func TestDestroyAfterFailedPrepare(t *testing.T) {
+	env, _, nb := setup(t)
+	nb.FailNext(noop.CallPrepare, 1)
+	env.SendCmd("fp", "prepare", "p", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	if ev := env.Result("fp", "p", wait); ev.Type != events.TypeFailed || !strings.Contains(ev.Error, "injected") {
+		t.Fatalf("prepare: %+v", ev)
+	}
+	env.SendCmd("fp", "destroy", "d", events.Command{})
+	if ev := env.Result("fp", "d", wait); ev.Type != events.TypeDestroyed {
+		t.Fatalf("destroy: %+v", ev)
+	}
+	env.AllEvents() // fails the test on any event outside its schema
+}

@@ -72,7 +72,7 @@ func EnsureForTest(t testing.TB) string {
 		testPath, testErr = Build(ctx, dir)
 	})
 	var m *missingError
-	if errors.As(testErr, &m) && os.Getenv("VMHERD_REQUIRE_GUEST") == "" && os.Getenv("CI") == "" {
+	if errors.As(testErr, &m) && os.Getenv("VMHERD_REQUIRE_GUEST") == "" && os.Getenv("VMHERD_REQUIRE_ALL") == "" && os.Getenv("CI") == "" {
 		t.Skipf("guest image inputs missing: %v (apt-get install %s)", m.err, strings.Join(Packages, " "))
 	}
 	if testErr != nil {

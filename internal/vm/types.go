@@ -106,7 +106,9 @@ const (
 	DefaultMemoryMB = 512
 )
 
-// WithDefaults returns the spec with unset sizes and network filled in.
+// WithDefaults returns the spec with unset sizes filled in, and, once the
+// backend is known, the network: user networking for QEMU and Noop, a VNIC
+// of its own for Propolis (which has no user-mode networking).
 func (s VmSpec) WithDefaults() VmSpec {
 	if s.Vcpus == 0 {
 		s.Vcpus = DefaultVcpus
@@ -114,8 +116,12 @@ func (s VmSpec) WithDefaults() VmSpec {
 	if s.MemoryMB == 0 {
 		s.MemoryMB = DefaultMemoryMB
 	}
-	if s.Network == nil {
-		s.Network = &NetworkConfig{Type: NetworkUser}
+	if s.Network == nil && s.Backend != "" {
+		if s.Backend == BackendPropolis {
+			s.Network = &NetworkConfig{Type: NetworkVnic}
+		} else {
+			s.Network = &NetworkConfig{Type: NetworkUser}
+		}
 	}
 	return s
 }

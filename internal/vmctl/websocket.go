@@ -3,16 +3,174 @@ package vmctl
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
 
+	"github.com/coder/websocket"
+
+	"github.com/vmherd/vmherd/internal/backends/propolis/api"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
-// The Propolis serial console (a WebSocket) is wired in with the Propolis backend.
-func dialWebSocketConsole(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWriteCloser, error) {
-	return nil, errors.New("websocket consoles are not supported yet")
+// consoleReplay is how much recent output a new console session shows.
+const consoleReplay = 4096
+
+// DialConsole attaches to a VM's console endpoint the way `vmctl console`
+// does, for programs and tests that drive a console themselves.
+func DialConsole(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWriteCloser, error) {
+	return dialConsole(ctx, ep)
 }
 
+// dialWebSocketConsole attaches to a serial console served over a
+// WebSocket (Propolis): binary frames carry the UART's bytes both ways,
+// text frames carry JSON control messages, which are not console output.
+func dialWebSocketConsole(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWriteCloser, error) {
+	u, err := url.Parse(ep.URL)
+	if err != nil {
+		return nil, fmt.Errorf("console endpoint %q: %w", ep.URL, err)
+	}
+	if u.RawQuery == "" {
+		// Show what the guest printed just before we attached.
+		u.RawQuery = url.Values{"most_recent": {fmt.Sprint(consoleReplay)}}.Encode()
+	}
+	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	conn, resp, err := websocket.Dial(dctx, u.String(), &websocket.DialOptions{HTTPHeader: consoleHeaders(ep)})
+	if err != nil {
+		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
+			aerr := api.DecodeError(u.Host, http.MethodGet, u.Path, resp)
+			if resp.StatusCode == http.StatusFailedDependency {
+				return nil, fmt.Errorf("attaching to the serial console: the VM's propolis instance is not running (start the VM first): %w", aerr)
+			}
+			return nil, fmt.Errorf("attaching to the serial console: %w", aerr)
+		}
+		return nil, fmt.Errorf("connecting to the serial console at %s: %w (vmctl console must reach the VM's propolis-server)", u.Redacted(), err)
+	}
+	conn.SetReadLimit(4 << 20)
+	return newWSConsole(conn), nil
+}
+
+// consoleHeaders are the endpoint's headers, with the API version the
+// server requires on the upgrade request.
+func consoleHeaders(ep vm.ConsoleEndpoint) http.Header {
+	h := http.Header{}
+	for k, v := range ep.Headers {
+		h.Set(k, v)
+	}
+	if h.Get(api.VersionHeader) == "" {
+		h.Set(api.VersionHeader, api.Version)
+	}
+	return h
+}
+
+// wsConsole is a serial console WebSocket as a byte stream.
+type wsConsole struct {
+	conn *websocket.Conn
+
+	rmu  sync.Mutex
+	rbuf []byte // the unread rest of the last binary frame
+
+	closeOnce sync.Once
+	closed    chan struct{}
+	closeErr  error
+}
+
+func newWSConsole(conn *websocket.Conn) *wsConsole {
+	return &wsConsole{conn: conn, closed: make(chan struct{})}
+}
+
+func (c *wsConsole) isClosed() bool {
+	select {
+	case <-c.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+// Read returns console output. Text frames are control messages (such as
+// a migration notice), not output, and are skipped.
+func (c *wsConsole) Read(p []byte) (int, error) {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	for len(c.rbuf) == 0 {
+		typ, data, err := c.conn.Read(context.Background())
+		if err != nil {
+			switch {
+			case websocket.CloseStatus(err) == websocket.StatusNormalClosure,
+				websocket.CloseStatus(err) == websocket.StatusGoingAway,
+				c.isClosed():
+				return 0, io.EOF
+			}
+			return 0, fmt.Errorf("reading the serial console: %w", err)
+		}
+		if typ == websocket.MessageBinary {
+			c.rbuf = data
+		}
+	}
+	n := copy(p, c.rbuf)
+	c.rbuf = c.rbuf[n:]
+	return n, nil
+}
+
+// Write sends keystrokes to the guest in one binary frame.
+func (c *wsConsole) Write(p []byte) (int, error) {
+	if c.isClosed() {
+		return 0, io.ErrClosedPipe
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.conn.Write(ctx, websocket.MessageBinary, p); err != nil {
+		return 0, fmt.Errorf("writing to the serial console: %w", err)
+	}
+	return len(p), nil
+}
+
+// Close ends the session with a close handshake.
+func (c *wsConsole) Close() error {
+	c.closeOnce.Do(func() {
+		close(c.closed)
+		err := c.conn.Close(websocket.StatusNormalClosure, "detached")
+		if err != nil && websocket.CloseStatus(err) != websocket.StatusNormalClosure && !errors.Is(err, net.ErrClosed) {
+			c.closeErr = err
+		}
+	})
+	return c.closeErr
+}
+
+// printWebSocketHistory prints the console output propolis-server keeps
+// for the VM's instance (GET /instance/serial/history), oldest first.
 func printWebSocketHistory(ctx context.Context, ep vm.ConsoleEndpoint, out io.Writer) error {
-	return errors.New("websocket console history is not supported yet")
+	u, err := url.Parse(ep.URL)
+	if err != nil {
+		return fmt.Errorf("console endpoint %q: %w", ep.URL, err)
+	}
+	c := api.New(u.Host)
+	all := uint64(1 << 30)
+	q := api.HistoryQuery{MostRecent: &all}
+	for {
+		h, err := c.SerialHistory(ctx, q)
+		if err != nil {
+			if api.StatusOf(err) == http.StatusFailedDependency {
+				return fmt.Errorf("no console log: the VM's propolis instance is not running, and propolis-server keeps the log only while it runs: %w", err)
+			}
+			return fmt.Errorf("reading the console log: %w", err)
+		}
+		if _, err := out.Write(h.Data); err != nil {
+			return err
+		}
+		if len(h.Data) == 0 {
+			return nil
+		}
+		next := h.LastByteOffset
+		if q.FromStart != nil && next <= *q.FromStart {
+			return nil
+		}
+		q = api.HistoryQuery{FromStart: &next}
+	}
 }

@@ -303,7 +303,9 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 		err = fmt.Errorf("unknown action %q", t.Action)
 	}
 	ev.Time = time.Now().UTC()
-	if h.Name != "" {
+	if h.ID != "" {
+		// A handle without an id (destroying a VM whose prepare failed)
+		// names no incarnation: the event carries none.
 		h.Host = w.cfg.Host
 		hc := h.Clone()
 		ev.Handle = &hc
@@ -312,7 +314,7 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 		ev.Type = events.TypeFailed
 		ev.State = vm.StateFailed
 		ev.Error = fmt.Sprintf("%s vm %s on host %s: %v", t.Action, t.VM, w.cfg.Host, err)
-		if ev.Handle == nil && t.Handle != nil {
+		if ev.Handle == nil && t.Handle != nil && t.Handle.ID != "" {
 			ev.Handle = t.Handle
 		}
 		return ev

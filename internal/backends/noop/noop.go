@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -47,6 +48,10 @@ type Options struct {
 type entry struct {
 	H     vm.VmHandle `json:"handle"`
 	State vm.VmState  `json:"state"`
+	// Effects counts the calls that changed this VM's state, across its
+	// incarnations; in StateDir mode it is written in the same atomic file
+	// write as the change itself, so a crash cannot split the two.
+	Effects map[string]int `json:"effects,omitempty"`
 }
 
 // Backend is the Noop hypervisor.
@@ -217,8 +222,9 @@ func (b *Backend) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 	spec.Backend = vm.BackendNoop
 	s := spec
 	h := vm.VmHandle{ID: newID(), Name: spec.Name, Backend: vm.BackendNoop, Spec: &s}
-	b.put(spec.Name, &entry{H: h, State: vm.StatePrepared})
-	b.effect(spec.Name, CallPrepare)
+	e := &entry{H: h, State: vm.StatePrepared, Effects: b.tombstoneEffects(spec.Name)}
+	b.effect(e, CallPrepare)
+	b.put(spec.Name, e)
 	return h.Clone(), nil
 }
 
@@ -262,7 +268,7 @@ func (b *Backend) transition(ctx context.Context, call string, h vm.VmHandle, to
 			case vm.StateStopped:
 				e.H.PID = 0
 			}
-			b.effect(h.Name, call)
+			b.effect(e, call)
 			b.put(h.Name, e)
 			return e.H.Clone(), nil
 		}
@@ -296,8 +302,8 @@ func (b *Backend) Destroy(ctx context.Context, h vm.VmHandle) error {
 	if !ok || (h.ID != "" && e.H.ID != h.ID) {
 		return nil // already gone: idempotent
 	}
-	b.del(h.Name)
-	b.effect(h.Name, CallDestroy)
+	b.effect(e, CallDestroy)
+	b.del(h.Name, e)
 	return nil
 }
 
@@ -327,7 +333,7 @@ func (b *Backend) Adopt(_ context.Context, h vm.VmHandle, recorded vm.VmState) (
 		return h, "", fmt.Errorf("noop vm %s: nothing to adopt in state %s: %w", h.Name, recorded, backends.ErrNotFound)
 	}
 	h = h.Clone()
-	b.put(h.Name, &entry{H: h, State: recorded})
+	b.put(h.Name, &entry{H: h, State: recorded, Effects: b.tombstoneEffects(h.Name)})
 	return h.Clone(), recorded, nil
 }
 
@@ -355,10 +361,27 @@ func (b *Backend) get(name string) (*entry, bool) {
 		return nil, false
 	}
 	var e entry
-	if json.Unmarshal(data, &e) != nil {
-		return nil, false
+	if json.Unmarshal(data, &e) != nil || e.State == vm.StateDestroyed {
+		return nil, false // missing, or the tombstone of a destroyed VM
 	}
 	return &e, true
+}
+
+// tombstoneEffects returns the effect counts a destroyed VM of this name
+// left behind, so they carry over to its next incarnation.
+func (b *Backend) tombstoneEffects(name string) map[string]int {
+	if b.opts.StateDir == "" {
+		return nil
+	}
+	data, err := os.ReadFile(filepath.Join(b.opts.StateDir, name+".json"))
+	if err != nil {
+		return nil
+	}
+	var e entry
+	if json.Unmarshal(data, &e) != nil {
+		return nil
+	}
+	return e.Effects
 }
 
 func (b *Backend) put(name string, e *entry) {
@@ -374,28 +397,44 @@ func (b *Backend) put(name string, e *entry) {
 	}
 }
 
-func (b *Backend) del(name string) {
+// del forgets a destroyed VM; in StateDir mode it leaves a tombstone with
+// the effect counts.
+func (b *Backend) del(name string, e *entry) {
 	if b.opts.StateDir == "" {
 		delete(b.vms, name)
 		return
 	}
-	_ = os.Remove(filepath.Join(b.opts.StateDir, name+".json"))
+	t := &entry{H: vm.VmHandle{ID: e.H.ID, Name: name, Backend: vm.BackendNoop}, State: vm.StateDestroyed, Effects: e.Effects}
+	b.put(name, t)
 }
 
-// EffectsLog is the file, in StateDir, where every call that changed state
-// is appended as "<vm> <call>\n", so tests can count backend effects
-// across worker processes.
-const EffectsLog = "effects.log"
-
-func (b *Backend) effect(name, call string) {
+// effect counts a call that changed e's state; the caller then stores e.
+func (b *Backend) effect(e *entry, call string) {
 	b.effects[call]++
-	if b.opts.StateDir == "" {
-		return
+	if e.Effects == nil {
+		e.Effects = map[string]int{}
 	}
-	f, err := os.OpenFile(filepath.Join(b.opts.StateDir, EffectsLog), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	e.Effects[call]++
+}
+
+// FileEffects reads the effect counts of every VM, destroyed ones included,
+// kept in a StateDir: vm name -> call -> count.
+func FileEffects(dir string) (map[string]map[string]int, error) {
+	paths, err := filepath.Glob(filepath.Join(dir, "*.json"))
 	if err != nil {
-		return
+		return nil, err
 	}
-	_, _ = f.WriteString(name + " " + call + "\n")
-	_ = f.Close()
+	out := map[string]map[string]int{}
+	for _, p := range paths {
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return nil, err
+		}
+		var e entry
+		if err := json.Unmarshal(data, &e); err != nil {
+			return nil, fmt.Errorf("%s: %w", p, err)
+		}
+		out[strings.TrimSuffix(filepath.Base(p), ".json")] = e.Effects
+	}
+	return out, nil
 }

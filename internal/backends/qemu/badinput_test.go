@@ -235,7 +235,7 @@ func TestDiskResizeAndUEFI(t *testing.T) {
 	h, err := b.Prepare(ctx, spec)
 	if err != nil {
 		if strings.Contains(err.Error(), "no OVMF") && os.Getenv("CI") == "" {
-			t.Skipf("OVMF not installed (apt-get install ovmf): %v", err)
+			missing(t, "OVMF not installed (apt-get install ovmf): %v", err)
 		}
 		t.Fatal(err)
 	}

@@ -31,7 +31,7 @@ func needQEMU(t *testing.T) {
 		if os.Getenv("CI") != "" {
 			t.Fatalf("qemu-system-x86_64 not in PATH: %v", err)
 		}
-		t.Skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86 qemu-utils)")
+		missing(t, "qemu-system-x86_64 not installed (apt-get install qemu-system-x86 qemu-utils)")
 	}
 }
 
@@ -207,3 +207,14 @@ func (w *readyWaiter) Stop(ctx context.Context, h vm.VmHandle, timeout time.Dura
 }
 
 var _ backends.Hypervisor = (*readyWaiter)(nil)
+
+// missing reports a missing prerequisite: a skip with the reason, or a
+// failure under scripts/test (VMHERD_REQUIRE_ALL=1), which installs
+// everything these tests need.
+func missing(t testing.TB, format string, args ...any) {
+	t.Helper()
+	if os.Getenv("VMHERD_REQUIRE_ALL") != "" {
+		t.Fatalf(format+" (scripts/setup installs it)", args...)
+	}
+	t.Skipf(format, args...)
+}

@@ -23,14 +23,14 @@ import (
 func needRootTools(t *testing.T, tools ...string) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates a network namespace, a bridge and tap devices")
+		missing(t, "needs root: creates a network namespace, a bridge and tap devices")
 	}
 	for _, tool := range tools {
 		if _, err := lookSbin(tool); err != nil {
 			if os.Getenv("CI") != "" {
 				t.Fatalf("%s not installed: %v", tool, err)
 			}
-			t.Skipf("%s not installed (apt-get install iproute2 dnsmasq-base)", tool)
+			missing(t, "%s not installed (apt-get install iproute2 dnsmasq-base)", tool)
 		}
 	}
 }
