@@ -120,7 +120,7 @@ func TestEnsureBody(t *testing.T) {
 		t.Fatal(err)
 	}
 	files := readISO(t, iso)
-	if files["user-data"] != "#cloud-config\npackages: [htop]\n" || files["meta-data"] != "instance-id: \"web1\"\nlocal-hostname: \"web-one\"\n" {
+	if files["user-data"] != "#cloud-config\npackages: [htop]\n" || files["meta-data"] != "instance-id: web1\nlocal-hostname: web-one\n" {
 		t.Fatalf("seed files %q", files)
 	}
 	// The body matches the server's OpenAPI document.
@@ -179,7 +179,7 @@ func TestEnsureWithoutNIC(t *testing.T) {
 	}
 	blob := component[api.BlobStorageBackend](t, si.Spec, "cloud-init-backend", "blob_storage_backend")
 	iso, _ := base64.StdEncoding.DecodeString(blob.Base64)
-	if ud := readISO(t, iso)["user-data"]; !strings.Contains(ud, `- name: "ops"`) || !strings.Contains(ud, "ssh-ed25519 AAAA ops@x") {
+	if ud := readISO(t, iso)["user-data"]; !strings.Contains(ud, `- name: ops`) || !strings.Contains(ud, "ssh-ed25519 AAAA ops@x") {
 		t.Fatalf("user-data %q", ud)
 	}
 }

@@ -1,0 +1,78 @@
+package cloudinit
+
+import (
+	"bytes"
+	"io"
+	"testing"
+
+	"github.com/kdomanski/iso9660"
+
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+func TestFiles(t *testing.T) {
+	cases := []struct {
+		spec vm.VmSpec
+		want map[string]string
+	}{
+		{vm.VmSpec{Name: "web1"}, map[string]string{
+			"meta-data": "instance-id: web1\nlocal-hostname: web1\n",
+			"user-data": "#cloud-config\n{}\n",
+		}},
+		{vm.VmSpec{Name: "web1", CloudInit: &vm.CloudInitConfig{InstanceID: "iid: 1", Hostname: "yes", UserData: "#!/bin/sh\n", NetworkConfig: "version: 2\n"}}, map[string]string{
+			"meta-data":      "instance-id: \"iid: 1\"\nlocal-hostname: \"yes\"\n",
+			"user-data":      "#!/bin/sh\n",
+			"network-config": "version: 2\n",
+		}},
+		{vm.VmSpec{Name: "w", SSH: &vm.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAA k@h"}}, map[string]string{
+			"meta-data": "instance-id: w\nlocal-hostname: w\n",
+			"user-data": "#cloud-config\nusers:\n  - name: vm\n    ssh_authorized_keys:\n      - \"ssh-ed25519 AAAA k@h\"\n    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    shell: /bin/bash\n",
+		}},
+	}
+	for _, c := range cases {
+		got := map[string]string{}
+		for _, f := range Files(c.spec) {
+			got[f.Name] = f.Data
+		}
+		if len(got) != len(c.want) {
+			t.Errorf("%+v: files %q", c.spec, got)
+		}
+		for k, v := range c.want {
+			if got[k] != v {
+				t.Errorf("%s = %q, want %q", k, got[k], v)
+			}
+		}
+	}
+}
+
+// The ISO is labelled cidata and holds the files.
+func TestISO(t *testing.T) {
+	b, err := ISO(vm.VmSpec{Name: "web1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := iso9660.OpenImage(bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	label, err := img.Label()
+	if err != nil || label != VolumeLabel {
+		t.Fatalf("label %q, %v", label, err)
+	}
+	root, err := img.RootDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kids, err := root.GetChildren()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := map[string]string{}
+	for _, k := range kids {
+		data, _ := io.ReadAll(k.Reader())
+		found[k.Name()] = string(data)
+	}
+	if found["meta-data"] != "instance-id: web1\nlocal-hostname: web1\n" || found["user-data"] == "" {
+		t.Fatalf("ISO files %q", found)
+	}
+}
