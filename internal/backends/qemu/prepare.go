@@ -40,10 +40,10 @@ func (b *Backend) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 }
 
 func (b *Backend) prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, error) {
-	spec = spec.WithDefaults()
 	if spec.Backend == "" {
 		spec.Backend = vm.BackendQEMU
 	}
+	spec = spec.WithDefaults()
 	if spec.Backend != vm.BackendQEMU {
 		return vm.VmHandle{}, fmt.Errorf("%w: spec.backend is %q, this is the qemu backend", vm.ErrInvalid, spec.Backend)
 	}
