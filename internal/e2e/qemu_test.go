@@ -221,3 +221,49 @@ func readBanner(t *testing.T, addr string) string {
 	}
 	return ""
 }
+
+// Bad input to the QEMU backend through the pipeline: each is a failed
+// event whose message says what to fix, and destroy leaves nothing behind.
+func TestQEMUBadInputEvents(t *testing.T) {
+	_, err := os.Stat("/usr/bin/qemu-system-x86_64")
+	testenv.Require(t, err == nil, "qemu-system-x86_64 is not installed")
+	dataDir := t.TempDir()
+	q, err := qemu.New(qemu.Options{DataDir: dataDir, Host: "h1", Logger: testenv.Logger(),
+		Firmware: []qemu.FirmwarePair{{Code: "/nonexistent/OVMF_CODE.fd", Vars: "/nonexistent/OVMF_VARS.fd"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := testenv.New(t)
+	eng := env.StartEngine(testenv.EngineConfig{})
+	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU})
+	env.WaitHost(eng, "h1")
+	notImage := dataDir + "/notes.txt"
+	if err := os.WriteFile(notImage, []byte("not a disk image\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	image := guestimage.EnsureForTest(t)
+	cases := []struct {
+		name string
+		spec vm.VmSpec
+		want []string
+	}{
+		{"missing", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/nonexistent/base.qcow2"}, []string{"/nonexistent/base.qcow2"}},
+		{"notimage", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: notImage}, []string{notImage}},
+		{"nouefi", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: image, UEFI: true}, []string{"OVMF", "ovmf"}},
+	}
+	for _, c := range cases {
+		ev := do(t, env, c.name, "prepare", c.name+"-p", events.Command{Spec: &c.spec}, events.TypeFailed)
+		hit := false
+		for _, w := range c.want {
+			hit = hit || strings.Contains(ev.Error, w)
+		}
+		if !hit {
+			t.Errorf("%s: error %q mentions none of %q", c.name, ev.Error, c.want)
+		}
+		do(t, env, c.name, "destroy", c.name+"-d", events.Command{}, events.TypeDestroyed)
+		if _, err := os.Stat(dataDir + "/vms/" + c.name); !os.IsNotExist(err) {
+			t.Errorf("%s: work dir left behind: %v", c.name, err)
+		}
+	}
+	env.AllEvents() // every event valid against its schema
+}
