@@ -24,27 +24,57 @@ func (e *Engine) publishTask(ctx context.Context, ev *events.Event, seq uint64) 
 		jetstream.WithMsgID(events.TaskMsgID(ev.VM, ev.CommandID))); err != nil {
 		return fmt.Errorf("publishing task for vm %s to host %s: %w", ev.VM, ev.Host, err)
 	}
-	e.setDispatch(dispatchKey(ev.VM, ev.CommandID), dispatchDone)
 	return nil
 }
 
-// Dispatch states of accepted events this engine decided.
-const (
-	dispatchPending = 1 // accepted event being appended, task not yet published
-	dispatchDone    = 2 // task published
-)
+// dispatchState is what this engine knows of the task of an accepted
+// event it decided.
+type dispatchState struct {
+	// published: the task is stored; the dispatcher only has to ack.
+	published bool
+	// held is the dispatcher's delivery of the accepted event, kept while
+	// this engine is still publishing the task; the publish acks it (or,
+	// if it fails, hands it back to the dispatcher).
+	held jetstream.Msg
+}
 
-func (e *Engine) setDispatch(key string, st int) {
+func dispatchKey(vmName, cmdID string) string { return vmName + "/" + cmdID }
+
+// dispatchBegin notes that this engine is about to append an accepted
+// event and publish its task.
+func (e *Engine) dispatchBegin(key string) {
 	e.mu.Lock()
-	if st == 0 {
-		delete(e.dispatched, key)
-	} else {
-		e.dispatched[key] = st
+	if e.dispatched[key] == nil {
+		e.dispatched[key] = &dispatchState{}
 	}
 	e.mu.Unlock()
 }
 
-func dispatchKey(vmName, cmdID string) string { return vmName + "/" + cmdID }
+// dispatchEnd notes that this engine published the task of key, or that it
+// will not (the append failed, or publishing did): then the dispatcher
+// publishes it from the accepted event, if there is one.
+func (e *Engine) dispatchEnd(key string, published bool) {
+	e.mu.Lock()
+	st := e.dispatched[key]
+	if st == nil {
+		e.mu.Unlock()
+		return
+	}
+	held := st.held
+	if held != nil || !published {
+		delete(e.dispatched, key)
+	} else {
+		st.published = true
+	}
+	e.mu.Unlock()
+	switch {
+	case held == nil:
+	case published:
+		_ = held.Ack()
+	default:
+		go e.dispatch(held)
+	}
+}
 
 // runDispatcher derives tasks from accepted events: the recovery path for
 // an engine that died between appending an accepted event and publishing
@@ -62,44 +92,40 @@ func (e *Engine) runDispatcher(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("engine: creating dispatch consumer: %w", err)
 	}
+	e.mu.Lock()
+	e.runCtx = ctx
+	e.mu.Unlock()
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
-		ev, err := events.Decode(msg.Data())
-		if err != nil {
+		// Most accepted events are this engine's, their tasks published:
+		// peek at what names the command instead of decoding it all.
+		var id struct {
+			VM        string `json:"vm"`
+			CommandID string `json:"command_id"`
+		}
+		if json.Unmarshal(msg.Data(), &id) != nil || id.VM == "" {
 			_ = msg.Term()
 			return
 		}
-		key := dispatchKey(ev.VM, ev.CommandID)
+		key := dispatchKey(id.VM, id.CommandID)
 		e.mu.Lock()
 		st := e.dispatched[key]
-		if st == dispatchDone {
+		switch {
+		case st == nil:
+		case st.published:
 			delete(e.dispatched, key)
+		default:
+			// This engine is publishing it right now; its publish acks it.
+			st.held = msg
 		}
 		e.mu.Unlock()
-		switch st {
-		case dispatchDone:
+		switch {
+		case st == nil:
+			// Decided by another engine, or by one that died: publish it
+			// (idempotently, by message id).
+			e.dispatch(msg)
+		case st.published:
 			_ = msg.Ack()
-			return
-		case dispatchPending:
-			// This engine is publishing it right now; look again shortly.
-			_ = msg.NakWithDelay(200 * time.Millisecond)
-			return
 		}
-		// Decided by another engine, or by one that died: publish it
-		// (idempotently, by message id).
-		md, err := msg.Metadata()
-		if err != nil {
-			_ = msg.Nak()
-			return
-		}
-		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
-		if err := e.publishTask(pctx, ev, md.Sequence.Stream); err != nil {
-			e.log.Warn("dispatch failed; will retry", "vm", ev.VM, "err", err)
-			_ = msg.NakWithDelay(time.Second)
-			return
-		}
-		e.setDispatch(key, 0)
-		_ = msg.Ack()
 	}, jetstream.PullMaxMessages(1000))
 	if err != nil {
 		return fmt.Errorf("engine: consuming accepted events: %w", err)
@@ -108,4 +134,29 @@ func (e *Engine) runDispatcher(ctx context.Context) error {
 	cc.Drain()
 	<-cc.Closed()
 	return nil
+}
+
+// dispatch publishes the task of the accepted event in msg and acks it.
+func (e *Engine) dispatch(msg jetstream.Msg) {
+	e.mu.Lock()
+	ctx := e.runCtx
+	e.mu.Unlock()
+	ev, err := events.Decode(msg.Data())
+	if err != nil {
+		_ = msg.Term()
+		return
+	}
+	md, err := msg.Metadata()
+	if err != nil {
+		_ = msg.Nak()
+		return
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := e.publishTask(pctx, ev, md.Sequence.Stream); err != nil {
+		e.log.Warn("dispatch failed; will retry", "vm", ev.VM, "err", err)
+		_ = msg.NakWithDelay(time.Second)
+		return
+	}
+	_ = msg.Ack()
 }

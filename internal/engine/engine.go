@@ -62,11 +62,16 @@ type Engine struct {
 	proj  *projection.Projector
 	exec  *keyed.Serial
 
-	mu    sync.Mutex
-	cache map[string]*decisionState // decision state per VM, a fold of its events
-	// dispatched holds accepted events whose task this engine already
-	// published, so the dispatcher need not publish them again.
-	dispatched map[string]int
+	mu sync.Mutex
+	// cache holds the decision state of the VMs for which this engine knows
+	// more than its projection: its own decisions the projection has not
+	// folded yet, and VMs found stale by a failed append. Every other VM is
+	// decided on the projection's record (see state).
+	cache map[string]*decisionState
+	// dispatched holds the accepted events this engine is appending or has
+	// published the task of, so the dispatcher need not publish them again.
+	dispatched map[string]*dispatchState
+	runCtx     context.Context // the dispatcher's, for tasks it takes over
 }
 
 // New builds an engine. Streams and buckets must exist (events.Ensure).
@@ -97,9 +102,9 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		hosts:      hosts.NewRegistry(cfg.HostLostAfter),
 		exec:       keyed.New(cfg.Concurrency),
 		cache:      map[string]*decisionState{},
-		dispatched: map[string]int{},
+		dispatched: map[string]*dispatchState{},
 	}
-	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log}
+	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log, Observe: e.observe}
 	if cfg.StateDir != "" {
 		e.proj.Checkpoint = filepath.Join(cfg.StateDir, "projection-"+cfg.ID+".seq")
 	}
@@ -229,14 +234,14 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		}
 		dkey := dispatchKey(name, ev.CommandID)
 		if ev.Type == events.TypeAccepted {
-			e.setDispatch(dkey, dispatchPending)
+			e.dispatchBegin(dkey)
 		}
 		seq, dup, err := e.store.Append(ctx, &ev, rec.LastSeq, events.DecisionMsgID(name, ev.CommandID))
-		if err != nil || dup {
-			e.setDispatch(dkey, 0)
+		if ev.Type == events.TypeAccepted && (err != nil || dup) {
+			e.dispatchEnd(dkey, false)
 		}
 		if errors.Is(err, events.ErrConflict) && attempt < 20 {
-			e.invalidate(name)
+			e.invalidate(name, rec)
 			continue
 		}
 		if err != nil {
@@ -247,8 +252,9 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		}
 		e.remember(name, projection.Fold(rec, &ev, seq))
 		if ev.Type == events.TypeAccepted {
-			if err := e.publishTask(ctx, &ev, seq); err != nil {
-				e.setDispatch(dkey, 0)
+			err := e.publishTask(ctx, &ev, seq)
+			e.dispatchEnd(dkey, err == nil)
+			if err != nil {
 				// The dispatcher will publish it from the accepted event.
 				e.log.Warn("publishing task failed; the dispatcher will retry", "vm", name, "err", err)
 			}
@@ -332,6 +338,7 @@ func (e *Engine) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.Com
 		if spec.Backend == "" {
 			spec.Backend = hb.DefaultBackend
 		}
+		spec = spec.WithDefaults() // the network default depends on the backend
 		if err := spec.Validate(); err != nil {
 			return err
 		}
@@ -446,51 +453,80 @@ func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, publish
 
 func ptr[T any](v T) *T { return &v }
 
-// state returns the VM's decision state: the cached fold if no one else
-// has appended since, else the best known prefix (cache, projection, KV)
-// caught up with the events after it.
+// state returns the VM's decision state, a fold of a prefix of its events:
+// this engine's own fold if it is ahead of the projection, else the
+// projection's (which folds every event, whoever wrote it, in order). Both
+// are optimistic: the append that follows a decision expects the VM's
+// last event to be the state's, and fails if anything was appended since,
+// so a stale state costs a retry, never a wrong decision. After such a
+// failure (invalidate) the state is caught up from the stream.
 func (e *Engine) state(ctx context.Context, name string) (*projection.VmRecord, error) {
 	e.mu.Lock()
 	c := e.cache[name]
 	e.mu.Unlock()
-	if c != nil && c.fresh {
-		return c.rec, nil
-	}
+	p := e.proj.Current(name)
 	var rec *projection.VmRecord
 	if c != nil {
 		rec = c.rec
 	}
-	if p := e.proj.Record(name); p != nil && (rec == nil || p.LastSeq > rec.LastSeq) {
+	if p != nil && (rec == nil || p.LastSeq > rec.LastSeq) {
 		rec = p
 	}
-	if rec == nil {
+	if c == nil || c.fresh {
+		if rec == nil {
+			// Unknown to this engine: most likely a new VM. If it is not,
+			// the append fails and the next attempt reads the stream.
+			rec = &projection.VmRecord{Name: name, State: fsm.StateAbsent}
+		}
+		return rec, nil
+	}
+	if rec.LastSeq == 0 {
 		kv, err := e.cfg.JS.KeyValue(ctx, e.cfg.Names.RecordsBucket())
 		if err != nil {
 			return nil, err
 		}
 		if ent, err := kv.Get(ctx, name); err == nil {
-			rec, _ = projection.Unmarshal(ent.Value())
+			if r, err := projection.Unmarshal(ent.Value()); err == nil {
+				rec = r
+			}
 		} else if !errors.Is(err, jetstream.ErrKeyNotFound) {
 			return nil, err
 		}
 	}
-	var from uint64 = 1
-	if rec != nil {
-		from = rec.LastSeq + 1
+	// The projection folds every event: if it has reached the VM's last
+	// one (or does so shortly; it is usually a few events behind), its
+	// record is complete, and the stream need not be read.
+	last, err := e.store.LastSeq(ctx, name)
+	if err != nil {
+		return nil, err
 	}
-	evs, err := e.store.ReadVM(ctx, name, from)
+	if rec.LastSeq < last {
+		wctx, cancel := context.WithTimeout(ctx, projectionWait)
+		if e.proj.WaitFolded(wctx, last) {
+			if p := e.proj.Current(name); p != nil && p.LastSeq > rec.LastSeq {
+				rec = p
+			}
+		}
+		cancel()
+	}
+	if rec.LastSeq >= last {
+		e.remember(name, rec)
+		return rec, nil
+	}
+	evs, err := e.store.ReadVM(ctx, name, rec.LastSeq+1)
 	if err != nil {
 		return nil, err
 	}
 	for _, s := range evs {
 		rec = projection.Fold(rec, s.Event, s.Seq)
 	}
-	if rec == nil {
-		rec = &projection.VmRecord{Name: name, State: fsm.StateAbsent}
-	}
 	e.remember(name, rec)
 	return rec, nil
 }
+
+// projectionWait bounds how long a decision waits for the projection to
+// fold a VM's latest events before reading them from the stream itself.
+const projectionWait = 100 * time.Millisecond
 
 // decisionState is the engine's fold of one VM; fresh is false once an
 // append found that someone else wrote to the VM since.
@@ -499,18 +535,37 @@ type decisionState struct {
 	fresh bool
 }
 
+// remember keeps a fold that is ahead of the projection's.
 func (e *Engine) remember(name string, rec *projection.VmRecord) {
+	if p := e.proj.Current(name); p != nil && p.LastSeq >= rec.LastSeq {
+		e.mu.Lock()
+		delete(e.cache, name)
+		e.mu.Unlock()
+		return
+	}
 	e.mu.Lock()
 	e.cache[name] = &decisionState{rec: rec, fresh: true}
 	e.mu.Unlock()
 }
 
 // invalidate makes the next decision catch up from the stream, starting
-// from what was folded so far (a prefix of the VM's events).
-func (e *Engine) invalidate(name string) {
+// from rec, the prefix of the VM's events the failed decision was on.
+func (e *Engine) invalidate(name string, rec *projection.VmRecord) {
 	e.mu.Lock()
-	if c := e.cache[name]; c != nil {
+	if c := e.cache[name]; c != nil && c.rec.LastSeq >= rec.LastSeq {
 		c.fresh = false
+	} else {
+		e.cache[name] = &decisionState{rec: rec, fresh: false}
+	}
+	e.mu.Unlock()
+}
+
+// observe is the projection's report of its new fold of a VM: once it has
+// caught up with this engine's own, the engine's copy goes.
+func (e *Engine) observe(name string, rec *projection.VmRecord) {
+	e.mu.Lock()
+	if c := e.cache[name]; c != nil && (rec.LastSeq > c.rec.LastSeq || c.fresh && rec.LastSeq == c.rec.LastSeq) {
+		delete(e.cache, name)
 	}
 	e.mu.Unlock()
 }

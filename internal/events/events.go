@@ -117,14 +117,17 @@ func TaskFromAccepted(ev *Event, seq uint64) Task {
 
 // Decode parses an event body.
 func Decode(data []byte) (*Event, error) {
-	var ev Event
-	if err := json.Unmarshal(data, &ev); err != nil {
-		return nil, fmt.Errorf("decoding event: %w", err)
+	ev, ok := decodeFast(data)
+	if !ok {
+		ev = &Event{}
+		if err := json.Unmarshal(data, ev); err != nil {
+			return nil, fmt.Errorf("decoding event: %w", err)
+		}
 	}
 	if ev.Type == "" || ev.VM == "" {
 		return nil, errors.New("decoding event: missing type or vm")
 	}
-	return &ev, nil
+	return ev, nil
 }
 
 // Encode renders an event body.

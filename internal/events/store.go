@@ -90,30 +90,54 @@ type Stored struct {
 }
 
 // ReadVM returns the VM's events with stream sequence >= from, in order, by
-// direct gets (cheap for the few events that follow a cached position).
-// Undecodable events are returned with a nil Event so callers can skip them
-// knowingly.
+// direct gets (cheap for the few events that follow a cached position), as
+// of the VM's last event when the read starts. Undecodable events are
+// returned with a nil Event so callers can skip them knowingly.
+//
+// It asks for the VM's last event first: the server finds it in its
+// per-subject index, while "the next event of vm.evt.<vm>.> from seq" can
+// make it scan every message after seq. The common answers (nothing new,
+// or one new event) then take that one request, and a longer read stops
+// at the last event instead of scanning to the end of the stream to learn
+// that nothing follows.
 func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Stored, error) {
 	if from == 0 {
 		from = 1
 	}
 	subj := s.Names.VMEvents(vmName)
+	stored := func(m *jetstream.RawStreamMsg) Stored {
+		ev, err := Decode(m.Data)
+		if err != nil {
+			ev = nil
+		}
+		return Stored{Seq: m.Sequence, Event: ev}
+	}
+	last, err := s.stream.GetLastMsgForSubject(ctx, subj)
+	if err != nil {
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("reading the last event of vm %s: %w", vmName, err)
+	}
+	if last.Sequence < from {
+		return nil, nil
+	}
 	var out []Stored
-	for {
+	for from < last.Sequence {
 		m, err := s.stream.GetMsg(ctx, from, jetstream.WithGetMsgSubject(subj))
 		if err != nil {
 			if errors.Is(err, jetstream.ErrMsgNotFound) {
-				return out, nil
+				break // cannot happen while last exists; read what is there
 			}
 			return out, fmt.Errorf("reading events of vm %s from %d: %w", vmName, from, err)
 		}
-		ev, derr := Decode(m.Data)
-		if derr != nil {
-			ev = nil
+		if m.Sequence >= last.Sequence {
+			break
 		}
-		out = append(out, Stored{Seq: m.Sequence, Event: ev})
+		out = append(out, stored(m))
 		from = m.Sequence + 1
 	}
+	return append(out, stored(last)), nil
 }
 
 // LastSeq returns the stream sequence of the VM's last event (0 if none).

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/events"
@@ -25,6 +26,15 @@ import (
 // Several projectors write the same bucket safely: a record only ever
 // moves forward (compare-and-set on the KV revision, and records carry the
 // last sequence they folded).
+//
+// Folding is sequential; writing is pipelined. Each fold's record is sent
+// to the bucket with an asynchronous publish carrying the key's expected
+// revision, so the fold loop does not wait a round trip per event. A key
+// has at most one write in flight: a fold of a key whose write is still
+// unacknowledged only marks it dirty, and the newest record is written when
+// the ack comes (a record holds everything folded before it, so the
+// in-between ones need not be written). The checkpoint only ever names a
+// sequence whose records, and every earlier one's, are acknowledged.
 type Projector struct {
 	JS    jetstream.JetStream
 	Names events.Names
@@ -32,34 +42,74 @@ type Projector struct {
 	// start from the beginning each time, which is correct, only slower).
 	Checkpoint string
 	Log        *slog.Logger
+	// Observe, if set, is called after each fold with the VM's new record,
+	// in stream order, from the fold loop (it must be quick and must not
+	// modify the record). The engine uses it to learn other writers'
+	// events without reading the stream.
+	Observe func(name string, rec *VmRecord)
+	// MaxInFlight bounds the record writes awaiting their acks (default 1024).
+	MaxInFlight int
 
 	kv    jetstream.KeyValue
+	slots chan struct{} // one per write in flight
+	wg    sync.WaitGroup
+
 	mu    sync.Mutex
 	cache map[string]*cached
-	// applied is the stream sequence of the last event written.
+	// order holds the folded sequences whose records are not yet all
+	// acknowledged, oldest first; acked marks those that are.
+	order []uint64
+	acked map[uint64]bool
+	// folded is the sequence of the last event folded; applied the last
+	// one such that it and every earlier one are stored in the bucket.
+	folded  uint64
 	applied uint64
 	saved   uint64
+	// waiters wait for folded to reach their sequence (WaitFolded).
+	waiters []waiter
+}
+
+type waiter struct {
+	seq uint64
+	ch  chan struct{}
 }
 
 type cached struct {
-	rec *VmRecord
-	rev uint64 // KV revision of rec, 0 if not stored
+	rec *VmRecord // the newest fold; never modified once here
+	rev uint64    // KV revision of the last record written, 0 if none
+	// writing: a write is in flight; dirty: rec is newer than it.
+	writing, dirty bool
+	// pending are the folded sequences of this key not yet acknowledged.
+	pending []uint64
 }
 
 // Run folds events until ctx ends.
 func (p *Projector) Run(ctx context.Context) error {
+	p.mu.Lock()
 	p.cache = map[string]*cached{}
+	p.acked = map[uint64]bool{}
+	p.order = nil
+	p.mu.Unlock()
+	if p.MaxInFlight <= 0 {
+		p.MaxInFlight = 1024
+	}
+	p.slots = make(chan struct{}, p.MaxInFlight)
 	kv, err := p.JS.KeyValue(ctx, p.Names.RecordsBucket())
 	if err != nil {
 		return fmt.Errorf("projection: opening bucket: %w", err)
 	}
 	p.kv = kv
-	p.applied = p.loadCheckpoint()
-	p.saved = p.applied
-	defer p.saveCheckpoint()
+	start := p.loadCheckpoint()
+	p.mu.Lock()
+	p.folded, p.applied, p.saved = start, start, start
+	p.mu.Unlock()
+	defer func() {
+		p.drain(5 * time.Second)
+		p.saveCheckpoint()
+	}()
 	for ctx.Err() == nil {
-		if err := p.consume(ctx, p.Applied()+1); err != nil && ctx.Err() == nil {
-			p.Log.Warn("projection: consumer ended; resuming", "from", p.Applied()+1, "err", err)
+		if err := p.consume(ctx, p.Folded()+1); err != nil && ctx.Err() == nil {
+			p.Log.Warn("projection: consumer ended; resuming", "from", p.Folded()+1, "err", err)
 			select {
 			case <-ctx.Done():
 			case <-time.After(250 * time.Millisecond):
@@ -67,6 +117,16 @@ func (p *Projector) Run(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// drain waits up to d for the writes in flight.
+func (p *Projector) drain(d time.Duration) {
+	done := make(chan struct{})
+	go func() { p.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+	}
 }
 
 func (p *Projector) consume(ctx context.Context, from uint64) error {
@@ -143,7 +203,7 @@ func (p *Projector) applyWithRetry(ctx context.Context, subj string, data []byte
 		if err == nil {
 			return nil
 		}
-		p.Log.Warn("projection: writing record failed, retrying", "seq", seq, "err", err)
+		p.Log.Warn("projection: reading record failed, retrying", "seq", seq, "err", err)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -153,10 +213,17 @@ func (p *Projector) applyWithRetry(ctx context.Context, subj string, data []byte
 	}
 }
 
+// apply folds the event at seq and schedules the write of its record.
 func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uint64) error {
+	if seq <= p.Folded() {
+		return nil // a consumer restart delivers again what was folded
+	}
 	name, _, ok := p.Names.ParseEventSubject(subj)
-	if !ok || vm.ValidateName(name) != nil {
-		p.markApplied(seq)
+	p.mu.Lock()
+	known := ok && p.cache[name] != nil // only valid names are cached
+	p.mu.Unlock()
+	if !ok || !known && vm.ValidateName(name) != nil {
+		p.done(nil, seq)
 		return nil
 	}
 	ev, err := events.Decode(data)
@@ -165,22 +232,24 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 		ev = nil
 	}
 	p.mu.Lock()
-	var c *cached
-	if old := p.cache[name]; old != nil {
-		cp := *old // written back whole under the lock by store
-		c = &cp
-	}
+	c := p.cache[name]
 	p.mu.Unlock()
 	if c == nil {
-		c = &cached{}
+		// Not seen since this projector started: the bucket has it.
+		nc := &cached{}
 		if e, err := p.kv.Get(ctx, name); err == nil {
 			if r, err := Unmarshal(e.Value()); err == nil {
-				c.rec, c.rev = r, e.Revision()
+				nc.rec, nc.rev = r, e.Revision()
 			}
 		} else if !errors.Is(err, jetstream.ErrKeyNotFound) {
 			return err
 		}
+		c = nc
+		p.mu.Lock()
+		p.cache[name] = c
+		p.mu.Unlock()
 	}
+	p.mu.Lock()
 	var next *VmRecord
 	if ev == nil {
 		next = c.rec
@@ -191,45 +260,195 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 	} else {
 		next = Fold(c.rec, ev, seq)
 	}
-	if next == c.rec || next == nil || !next.Exists() && c.rev == 0 {
+	if next == c.rec || next == nil || !next.Exists() && c.rev == 0 && !c.writing {
 		// Nothing to write: already applied, or a name that never existed.
 		c.rec = next
-		p.store(name, c)
-		p.markApplied(seq)
+		p.mu.Unlock()
+		p.observe(name, next)
+		p.done(nil, seq)
 		return nil
 	}
-	rev, err := p.write(ctx, name, next, c.rev)
-	if err != nil {
-		if !isCASConflict(err) {
-			return err
-		}
-		// Another projector (or a rebuild) wrote this key: take its record
-		// if it is ahead, else write ours over it.
-		e, gerr := p.kv.Get(ctx, name)
-		switch {
-		case errors.Is(gerr, jetstream.ErrKeyNotFound):
-			rev, err = p.write(ctx, name, next, 0)
-		case gerr != nil:
-			return gerr
-		default:
-			theirs, uerr := Unmarshal(e.Value())
-			if uerr == nil && theirs.LastSeq >= seq {
-				c.rec, c.rev = theirs, e.Revision()
-				p.store(name, c)
-				p.markApplied(seq)
-				return nil
-			}
-			rev, err = p.write(ctx, name, next, e.Revision())
-		}
-		if err != nil {
-			p.forget(name)
-			return err
-		}
+	c.rec = next
+	p.mu.Unlock()
+	p.observe(name, next)
+	p.done(c, seq)
+	return p.schedule(ctx, name, c)
+}
+
+func (p *Projector) observe(name string, rec *VmRecord) {
+	if p.Observe != nil && rec != nil {
+		p.Observe(name, rec)
 	}
-	c.rec, c.rev = next, rev
-	p.store(name, c)
-	p.markApplied(seq)
+}
+
+// done records that the event at seq is folded. With c nil, nothing needs
+// writing for it; else it is stored once c's next write is acknowledged.
+func (p *Projector) done(c *cached, seq uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.folded = seq
+	if len(p.waiters) > 0 {
+		p.wake()
+	}
+	if c == nil {
+		if len(p.order) == 0 {
+			p.applied = seq
+			return
+		}
+		p.acked[seq] = true
+	} else {
+		c.pending = append(c.pending, seq)
+	}
+	p.order = append(p.order, seq)
+}
+
+// schedule starts a write of c's record unless one is in flight (which
+// will write the newest record when its ack comes).
+func (p *Projector) schedule(ctx context.Context, name string, c *cached) error {
+	p.mu.Lock()
+	if c.writing {
+		c.dirty = true
+		p.mu.Unlock()
+		return nil
+	}
+	c.writing, c.dirty = true, false
+	rec, rev := c.rec, c.rev
+	covered := len(c.pending)
+	p.mu.Unlock()
+	select {
+	case p.slots <- struct{}{}:
+	case <-ctx.Done():
+		p.mu.Lock()
+		c.writing = false
+		p.mu.Unlock()
+		return ctx.Err()
+	}
+	p.wg.Add(1)
+	f, err := p.publish(name, rec, rev)
+	if err != nil {
+		go p.finish(ctx, name, c, covered, 0, err)
+		return nil
+	}
+	go func() {
+		t := time.NewTimer(ackTimeout)
+		defer t.Stop()
+		select {
+		case ack := <-f.Ok():
+			p.finish(ctx, name, c, covered, ack.Sequence, nil)
+		case err := <-f.Err():
+			p.finish(ctx, name, c, covered, 0, err)
+		case <-t.C:
+			// The ack is lost (a server restart drops them): write again,
+			// which finds out whether the first write landed.
+			p.finish(ctx, name, c, covered, 0, errAckTimeout)
+		}
+	}()
 	return nil
+}
+
+// ackTimeout bounds the wait for a record write's ack.
+const ackTimeout = 5 * time.Second
+
+var errAckTimeout = errors.New("no ack for the record write")
+
+// publish sends r as key name's next revision, expecting rev as its last.
+func (p *Projector) publish(name string, r *VmRecord, rev uint64) (jetstream.PubAckFuture, error) {
+	m := nats.NewMsg("$KV." + p.Names.RecordsBucket() + "." + name)
+	m.Data = r.Marshal()
+	return p.JS.PublishMsgAsync(m, jetstream.WithExpectLastSequencePerSubject(rev))
+}
+
+// finish handles the end of a write of c's record that covered the first
+// covered pending sequences of c: it retries a failed write (resolving a
+// compare-and-set conflict with whoever else wrote the key), marks the
+// covered sequences stored, and writes c's newer record if there is one.
+func (p *Projector) finish(ctx context.Context, name string, c *cached, covered int, rev uint64, err error) {
+	defer p.wg.Done()
+	backoff := 50 * time.Millisecond
+	for err != nil {
+		if ctx.Err() != nil {
+			p.mu.Lock()
+			c.writing = false
+			p.mu.Unlock()
+			<-p.slots
+			return
+		}
+		if isCASConflict(err) {
+			rev, covered, err = p.resolve(ctx, name, c)
+			continue
+		}
+		p.Log.Warn("projection: writing record failed, retrying", "vm", name, "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 2*time.Second)
+		p.mu.Lock()
+		rec, expect := c.rec, c.rev
+		covered, c.dirty = len(c.pending), false
+		p.mu.Unlock()
+		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		rev, err = p.write(wctx, name, rec, expect)
+		cancel()
+	}
+	p.mu.Lock()
+	c.rev = rev
+	for _, s := range c.pending[:covered] {
+		p.acked[s] = true
+	}
+	if c.pending = append(c.pending[:0], c.pending[covered:]...); len(c.pending) == 0 {
+		c.pending = nil // most VMs are idle: keep nothing for them
+	}
+	for len(p.order) > 0 && p.acked[p.order[0]] {
+		delete(p.acked, p.order[0])
+		p.applied = p.order[0]
+		p.order = p.order[1:]
+	}
+	if len(p.order) == 0 {
+		p.order = nil // let the backing array go
+	}
+	c.writing = false
+	again := c.dirty
+	p.mu.Unlock()
+	<-p.slots // before scheduling again: a full pipeline must not deadlock
+	if again {
+		_ = p.schedule(ctx, name, c)
+	}
+}
+
+// resolve handles a compare-and-set conflict on name: another projector (or
+// a rebuild) wrote it. If their record is at least as far as this one's
+// newest fold, it is adopted (folding goes on from it); else this one's
+// newest record is written over theirs. It returns the key's revision and
+// how many of c's pending sequences that revision covers.
+func (p *Projector) resolve(ctx context.Context, name string, c *cached) (uint64, int, error) {
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	p.mu.Lock()
+	mine, covered := c.rec, len(c.pending)
+	c.dirty = false
+	p.mu.Unlock()
+	e, err := p.kv.Get(wctx, name)
+	switch {
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+		rev, err := p.write(wctx, name, mine, 0)
+		return rev, covered, err
+	case err != nil:
+		return 0, 0, err
+	}
+	theirs, uerr := Unmarshal(e.Value())
+	if uerr == nil && theirs.LastSeq >= mine.LastSeq {
+		p.mu.Lock()
+		if theirs.LastSeq >= c.rec.LastSeq {
+			c.rec, covered, c.dirty = theirs, len(c.pending), false
+		} else {
+			c.dirty = true // folded past theirs meanwhile: write that over theirs
+		}
+		p.mu.Unlock()
+		return e.Revision(), covered, nil
+	}
+	rev, err := p.write(wctx, name, mine, e.Revision())
+	return rev, covered, err
 }
 
 func (p *Projector) write(ctx context.Context, name string, r *VmRecord, rev uint64) (uint64, error) {
@@ -243,39 +462,76 @@ func isCASConflict(err error) bool {
 	return errors.Is(err, jetstream.ErrKeyExists) || events.IsConflict(err)
 }
 
-func (p *Projector) store(name string, c *cached) {
+// WaitFolded waits until this projector has folded the event at stream
+// sequence seq, and so every earlier one, or until ctx ends; it reports
+// whether it has.
+func (p *Projector) WaitFolded(ctx context.Context, seq uint64) bool {
 	p.mu.Lock()
-	p.cache[name] = c
-	p.mu.Unlock()
-}
-
-func (p *Projector) forget(name string) {
-	p.mu.Lock()
-	delete(p.cache, name)
-	p.mu.Unlock()
-}
-
-func (p *Projector) markApplied(seq uint64) {
-	p.mu.Lock()
-	if seq > p.applied {
-		p.applied = seq
+	if p.folded >= seq {
+		p.mu.Unlock()
+		return true
 	}
+	w := waiter{seq: seq, ch: make(chan struct{})}
+	p.waiters = append(p.waiters, w)
 	p.mu.Unlock()
+	select {
+	case <-w.ch:
+		return true
+	case <-ctx.Done():
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for i, o := range p.waiters {
+			if o.ch == w.ch {
+				p.waiters = append(p.waiters[:i], p.waiters[i+1:]...)
+				return false
+			}
+		}
+		return true // woken meanwhile
+	}
 }
 
-// Applied returns the stream sequence of the last event this projector folded.
+// wake releases the waiters whose sequence is folded. Callers hold p.mu.
+func (p *Projector) wake() {
+	keep := p.waiters[:0]
+	for _, w := range p.waiters {
+		if w.seq <= p.folded {
+			close(w.ch)
+		} else {
+			keep = append(keep, w)
+		}
+	}
+	clear(p.waiters[len(keep):])
+	p.waiters = keep
+}
+
+// Folded returns the stream sequence of the last event this projector folded.
+func (p *Projector) Folded() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.folded
+}
+
+// Applied returns the stream sequence of the last event whose record, and
+// every earlier event's, is stored in the bucket.
 func (p *Projector) Applied() uint64 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.applied
 }
 
-// Record returns the projector's view of a VM, if it has one cached.
+// Record returns a copy of the projector's view of a VM, if it has one cached.
 func (p *Projector) Record(name string) *VmRecord {
+	return p.Current(name).Clone()
+}
+
+// Current returns the projector's newest fold of a VM (possibly not yet
+// written to the bucket), nil if it has none cached. The record is shared:
+// callers must not modify it (Fold never does; it returns a new record).
+func (p *Projector) Current(name string) *VmRecord {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if c := p.cache[name]; c != nil {
-		return c.rec.Clone()
+		return c.rec
 	}
 	return nil
 }

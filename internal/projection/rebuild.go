@@ -4,16 +4,24 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
+	"sync"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Replay folds the whole event stream, as it is when Replay starts, into
 // records, with an ordered consumer. It returns the records of VMs that
 // exist and the number of events folded.
+//
+// Decoding the events is most of the work, and it does not depend on
+// order: batches of events are decoded on as many goroutines as there are
+// CPUs, then folded one by one, in stream order, into records that Replay
+// owns (so it folds in place instead of copying each record per event).
 func Replay(ctx context.Context, js jetstream.JetStream, n events.Names) (map[string]*VmRecord, int, error) {
 	st, err := js.Stream(ctx, n.EventsStream())
 	if err != nil {
@@ -37,35 +45,50 @@ func Replay(ctx context.Context, js jetstream.JetStream, n events.Names) (map[st
 		return nil, 0, fmt.Errorf("replay: %w", err)
 	}
 	defer it.Stop()
-	stop := context.AfterFunc(ctx, it.Stop)
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(rctx, it.Stop)
 	defer stop()
-	count := 0
-	for {
-		msg, err := it.Next()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, count, ctx.Err()
+
+	workers := max(1, runtime.GOMAXPROCS(0))
+	todo := make(chan *replayBatch, 2*workers)
+	done := make(chan *replayBatch, 2*workers)
+	var readErr error
+	go func() {
+		defer close(todo)
+		readErr = readBatches(rctx, it, last, todo)
+	}()
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for b := range todo {
+				b.decode(n)
+				select {
+				case done <- b:
+				case <-rctx.Done():
+					return
+				}
 			}
-			return nil, count, fmt.Errorf("replay: %w", err)
+		})
+	}
+	go func() { wg.Wait(); close(done) }()
+
+	count, next := 0, 0
+	waiting := map[int]*replayBatch{}
+	for b := range done {
+		waiting[b.index] = b
+		for b := waiting[next]; b != nil; b = waiting[next] {
+			delete(waiting, next)
+			next++
+			count += b.fold(recs)
 		}
-		md, err := msg.Metadata()
-		if err != nil {
-			return nil, count, fmt.Errorf("replay: %w", err)
+	}
+	// done is closed: the reader has returned.
+	if readErr != nil {
+		if ctx.Err() != nil {
+			return nil, count, ctx.Err()
 		}
-		seq := md.Sequence.Stream
-		if name, _, ok := n.ParseEventSubject(msg.Subject()); ok && vm.ValidateName(name) == nil {
-			ev, derr := events.Decode(msg.Data())
-			if derr != nil || ev.VM != name {
-				ev = nil
-			}
-			if r := Fold(recs[name], ev, seq); r != nil {
-				recs[name] = r
-			}
-			count++
-		}
-		if seq >= last {
-			break
-		}
+		return nil, count, fmt.Errorf("replay: %w", readErr)
 	}
 	for k, r := range recs {
 		if !r.Exists() {
@@ -73,6 +96,95 @@ func Replay(ctx context.Context, js jetstream.JetStream, n events.Names) (map[st
 		}
 	}
 	return recs, count, nil
+}
+
+// replayBatch is a run of consecutive events of the stream.
+type replayBatch struct {
+	index int
+	msgs  []replayMsg
+}
+
+type replayMsg struct {
+	seq  uint64
+	subj string
+	data []byte
+	// Filled by decode: the VM (empty if the subject names none) and the
+	// event (nil if it is not one vmherd wrote).
+	vm string
+	ev *events.Event
+}
+
+const replayBatchSize = 512
+
+// readBatches reads the stream up to last into batches.
+func readBatches(ctx context.Context, it jetstream.MessagesContext, last uint64, out chan<- *replayBatch) error {
+	b := &replayBatch{}
+	for {
+		msg, err := it.Next()
+		if err != nil {
+			return err
+		}
+		md, err := msg.Metadata()
+		if err != nil {
+			return err
+		}
+		seq := md.Sequence.Stream
+		b.msgs = append(b.msgs, replayMsg{seq: seq, subj: msg.Subject(), data: msg.Data()})
+		if len(b.msgs) == replayBatchSize || seq >= last {
+			select {
+			case out <- b:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			if seq >= last {
+				return nil
+			}
+			b = &replayBatch{index: b.index + 1, msgs: make([]replayMsg, 0, replayBatchSize)}
+		}
+	}
+}
+
+// decode decodes the batch's events (on any goroutine).
+func (b *replayBatch) decode(n events.Names) {
+	for i := range b.msgs {
+		m := &b.msgs[i]
+		name, _, ok := n.ParseEventSubject(m.subj)
+		if !ok {
+			continue
+		}
+		m.vm = name // validated by fold, once per VM
+		if ev, err := events.Decode(m.data); err == nil && ev.VM == name {
+			m.ev = ev
+		}
+		m.data = nil
+	}
+}
+
+// fold folds the batch, in order, into recs and returns how many events
+// it folded.
+func (b *replayBatch) fold(recs map[string]*VmRecord) int {
+	n := 0
+	for _, m := range b.msgs {
+		if m.vm == "" {
+			continue
+		}
+		r := recs[m.vm]
+		if r == nil && vm.ValidateName(m.vm) != nil {
+			continue
+		}
+		n++
+		if r == nil {
+			if m.ev == nil {
+				continue
+			}
+			r = &VmRecord{Name: m.ev.VM, State: fsm.StateAbsent}
+			recs[m.vm] = r
+		}
+		if m.seq > r.LastSeq {
+			foldInto(r, m.ev, m.seq, true)
+		}
+	}
+	return n
 }
 
 // Load reads every record in the bucket.
@@ -119,14 +231,84 @@ func Rebuild(ctx context.Context, js jetstream.JetStream, n events.Names, s even
 			cfg = c
 		}
 	}
-	kv, err := js.CreateOrUpdateKeyValue(ctx, cfg)
-	if err != nil {
+	if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
 		return 0, 0, fmt.Errorf("rebuild: creating %s: %w", n.RecordsBucket(), err)
 	}
-	for name, r := range recs {
-		if _, err := kv.Put(ctx, name, r.Marshal()); err != nil {
-			return 0, 0, fmt.Errorf("rebuild: writing %s: %w", name, err)
-		}
+	if err := putAll(ctx, js, n.RecordsBucket(), recs); err != nil {
+		return 0, 0, err
 	}
 	return len(recs), count, nil
+}
+
+// putAll writes every record into the (new, empty) bucket with pipelined
+// asynchronous publishes, keeping up to a window of them unacknowledged,
+// where kv.Put would wait a round trip for each. Records are encoded on
+// other goroutines meanwhile.
+func putAll(ctx context.Context, js jetstream.JetStream, bucket string, recs map[string]*VmRecord) error {
+	type put struct {
+		name string
+		data []byte
+		f    jetstream.PubAckFuture
+	}
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	names := make(chan string, 1024)
+	encoded := make(chan put, 1024)
+	go func() {
+		defer close(names)
+		for name := range recs {
+			select {
+			case names <- name:
+			case <-pctx.Done():
+				return
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	for range max(1, runtime.GOMAXPROCS(0)-1) {
+		wg.Go(func() {
+			for name := range names {
+				select {
+				case encoded <- put{name: name, data: recs[name].Marshal()}:
+				case <-pctx.Done():
+					return
+				}
+			}
+		})
+	}
+	go func() { wg.Wait(); close(encoded) }()
+
+	const window = 2048
+	var inflight []put
+	wait := func(p put) error {
+		select {
+		case <-p.f.Ok():
+			return nil
+		case err := <-p.f.Err():
+			return fmt.Errorf("rebuild: writing %s: %w", p.name, err)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	for p := range encoded {
+		if len(inflight) == window {
+			if err := wait(inflight[0]); err != nil {
+				return err
+			}
+			inflight = inflight[1:]
+		}
+		// The key's subject, as kv.Put names it for a bucket of this account.
+		f, err := js.PublishAsync("$KV."+bucket+"."+p.name, p.data)
+		if err != nil {
+			return fmt.Errorf("rebuild: writing %s: %w", p.name, err)
+		}
+		p.f, p.data = f, nil
+		inflight = append(inflight, p)
+	}
+	for _, p := range inflight {
+		if err := wait(p); err != nil {
+			return err
+		}
+	}
+	return ctx.Err()
 }

@@ -83,16 +83,23 @@ func Fold(rec *VmRecord, ev *events.Event, seq uint64) *VmRecord {
 	} else {
 		r = rec.Clone()
 	}
+	foldInto(r, ev, seq, false)
+	return r
+}
+
+// foldInto applies the event at seq (nil: one vmherd did not write) to r in
+// place; Fold is foldInto on a copy. With owned, the caller gives ev up,
+// and r may keep parts of it (its handle) instead of copies.
+func foldInto(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 	if ev != nil {
-		apply(r, ev, seq)
+		apply(r, ev, seq, owned)
 		r.LastEvent = ev.Type
 		r.UpdatedAt = ev.Time
 	}
 	r.LastSeq = seq
-	return r
 }
 
-func apply(r *VmRecord, ev *events.Event, seq uint64) {
+func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 	switch ev.Type {
 	case events.TypeAccepted:
 		a, err := fsm.ParseAction(ev.Action)
@@ -145,7 +152,11 @@ func apply(r *VmRecord, ev *events.Event, seq uint64) {
 		if len(r.InFlight) == 0 {
 			r.InFlight = nil
 		}
-		if ev.Handle != nil {
+		switch {
+		case ev.Handle == nil:
+		case owned:
+			r.Handle = ev.Handle
+		default:
 			h := ev.Handle.Clone()
 			r.Handle = &h
 		}

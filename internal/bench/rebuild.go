@@ -1,0 +1,245 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
+	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// Rebuild is figure 3.
+type Rebuild struct {
+	Events       int     `json:"events"`
+	VMs          int     `json:"vms"`
+	StreamBytes  uint64  `json:"stream_bytes"`
+	WriteSeconds float64 `json:"write_seconds"`
+	WritePerS    float64 `json:"write_events_per_s"`
+	RawSeconds   float64 `json:"raw_replay_seconds"`
+	RawPerS      float64 `json:"raw_replay_events_per_s"`
+	// Replay folds the stream into records in memory (projection.Replay).
+	ReplaySeconds float64 `json:"replay_seconds"`
+	ReplayPerS    float64 `json:"replay_events_per_s"`
+	// Rebuild is Replay plus dropping and writing VM_RECORDS (engine rebuild).
+	RebuildSeconds float64 `json:"rebuild_seconds"`
+	RebuildPerS    float64 `json:"rebuild_events_per_s"`
+	Records        int     `json:"records"`
+	Ratio          float64 `json:"ratio_rebuild_to_raw"`
+	RatioReplay    float64 `json:"ratio_replay_to_raw"`
+	Checked        bool    `json:"records_checked"`
+}
+
+// stepsPerVM are the events each VM gets: five commands, each accepted
+// and answered (prepare, start, suspend, resume, stop).
+var rebuildSteps = []struct {
+	action string
+	result events.Type
+	state  vm.VmState
+}{
+	{"prepare", events.TypePrepared, vm.StatePrepared},
+	{"start", events.TypeStarted, vm.StateRunning},
+	{"suspend", events.TypeSuspended, vm.StateSuspended},
+	{"resume", events.TypeResumed, vm.StateRunning},
+	{"stop", events.TypeStopped, vm.StateStopped},
+}
+
+// writeEvents fills VM_EVENTS with what the pipeline would have written
+// for vms VMs going through rebuildSteps, with async publishes, VMs
+// interleaved in groups of 1000 as concurrent users would interleave them.
+func writeEvents(ctx context.Context, js jetstream.JetStream, vms int) (int, error) {
+	names := events.DefaultNames
+	now := time.Now().UTC()
+	n := 0
+	const group = 1000
+	publish := func(ev *events.Event) error {
+		if _, err := js.PublishAsync(names.Event(ev.VM, ev.Type), ev.Encode()); err != nil {
+			return err
+		}
+		n++
+		if n%4000 == 0 {
+			select {
+			case <-js.PublishAsyncComplete():
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(60 * time.Second):
+				return fmt.Errorf("acks did not arrive within 60s")
+			}
+		}
+		return nil
+	}
+	handles := make([]*vm.VmHandle, group)
+	for g := 0; g < vms; g += group {
+		for si, s := range rebuildSteps {
+			for i := g; i < min(g+group, vms); i++ {
+				name := fmt.Sprintf("rb-%06d", i)
+				cmdID := name + "-" + strconv.Itoa(si)
+				next, _ := fsm.Decide(fsm.StateAbsent, fsm.ActPrepare)
+				if si > 0 {
+					cur := rebuildSteps[si-1].state
+					next, _ = fsm.Decide(cur, fsm.Action(s.action))
+				}
+				acc := &events.Event{Type: events.TypeAccepted, VM: name, CommandID: cmdID, Action: s.action,
+					Time: now, Host: benchHost, State: next, Backend: vm.BackendNoop, Handle: handles[i-g]}
+				if s.action == "prepare" {
+					spec := vm.VmSpec{Name: name, Backend: vm.BackendNoop, Vcpus: 1, MemoryMB: 128}.WithDefaults()
+					acc.Spec = &spec
+					acc.Handle = nil
+				}
+				if err := publish(acc); err != nil {
+					return n, err
+				}
+				h := handles[i-g]
+				if s.action == "prepare" {
+					h = &vm.VmHandle{ID: fmt.Sprintf("%016x", i), Name: name, Backend: vm.BackendNoop, Host: benchHost, Spec: acc.Spec}
+				} else {
+					c := h.Clone()
+					h = &c
+				}
+				switch s.action {
+				case "start":
+					h.PID, h.StartedAt = 1000+i, now
+				case "stop":
+					h.PID = 0
+				}
+				handles[i-g] = h
+				res := &events.Event{Type: s.result, VM: name, CommandID: cmdID, Action: s.action,
+					Time: now, Host: benchHost, State: s.state, Handle: h, AcceptedSeq: uint64(n)}
+				if err := publish(res); err != nil {
+					return n, err
+				}
+			}
+		}
+	}
+	select {
+	case <-js.PublishAsyncComplete():
+	case <-time.After(60 * time.Second):
+		return n, fmt.Errorf("acks did not arrive within 60s")
+	}
+	return n, nil
+}
+
+// rawReplay reads the whole stream with an ordered consumer, as Replay
+// does, without decoding or folding anything.
+func rawReplay(ctx context.Context, js jetstream.JetStream) (int, error) {
+	st, err := js.Stream(ctx, events.DefaultNames.EventsStream())
+	if err != nil {
+		return 0, err
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		return 0, err
+	}
+	last := info.State.LastSeq
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		return 0, err
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(4096))
+	if err != nil {
+		return 0, err
+	}
+	defer it.Stop()
+	n := 0
+	for {
+		m, err := it.Next()
+		if err != nil {
+			return n, err
+		}
+		md, err := m.Metadata()
+		if err != nil {
+			return n, err
+		}
+		n++
+		if md.Sequence.Stream >= last {
+			return n, nil
+		}
+	}
+}
+
+// rebuild measures figure 3 on its own server.
+func rebuild(ctx context.Context, srv *server, vms int) (Rebuild, error) {
+	nc, js, err := connect(srv.url, "bench-rebuild")
+	if err != nil {
+		return Rebuild{}, err
+	}
+	defer nc.Close()
+	if err := events.Ensure(ctx, js, events.DefaultNames, events.DefaultSettings); err != nil {
+		return Rebuild{}, err
+	}
+	r := Rebuild{VMs: vms}
+	t0 := time.Now()
+	if r.Events, err = writeEvents(ctx, js, vms); err != nil {
+		return r, fmt.Errorf("writing events: %w", err)
+	}
+	r.WriteSeconds = time.Since(t0).Seconds()
+	r.WritePerS = float64(r.Events) / r.WriteSeconds
+	st, err := js.Stream(ctx, events.DefaultNames.EventsStream())
+	if err != nil {
+		return r, err
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		return r, err
+	}
+	r.StreamBytes = info.State.Bytes
+	if int(info.State.Msgs) != r.Events {
+		return r, fmt.Errorf("stream holds %d events, %d were written", info.State.Msgs, r.Events)
+	}
+
+	t0 = time.Now()
+	n, err := rawReplay(ctx, js)
+	if err != nil {
+		return r, fmt.Errorf("raw replay: %w", err)
+	}
+	r.RawSeconds = time.Since(t0).Seconds()
+	r.RawPerS = float64(n) / r.RawSeconds
+
+	t0 = time.Now()
+	recs, n, err := projection.Replay(ctx, js, events.DefaultNames)
+	if err != nil {
+		return r, err
+	}
+	r.ReplaySeconds = time.Since(t0).Seconds()
+	r.ReplayPerS = float64(n) / r.ReplaySeconds
+
+	t0 = time.Now()
+	recN, n, err := projection.Rebuild(ctx, js, events.DefaultNames, events.DefaultSettings)
+	if err != nil {
+		return r, err
+	}
+	r.RebuildSeconds = time.Since(t0).Seconds()
+	r.RebuildPerS = float64(n) / r.RebuildSeconds
+	r.Records = recN
+	r.Ratio = ratio(r.RebuildPerS, r.RawPerS)
+	r.RatioReplay = ratio(r.ReplayPerS, r.RawPerS)
+
+	// The rebuilt records must be what the events say.
+	if len(recs) != vms || recN != vms {
+		return r, fmt.Errorf("rebuilt %d records (replay %d), want %d", recN, len(recs), vms)
+	}
+	for _, rec := range recs {
+		if rec.State != vm.StateStopped || len(rec.InFlight) != 0 || rec.Generation != 1 {
+			return r, fmt.Errorf("record %s after rebuild: state %s, %d in flight, generation %d; want stopped, 0, 1",
+				rec.Name, rec.State, len(rec.InFlight), rec.Generation)
+		}
+	}
+	kv, err := js.KeyValue(ctx, events.DefaultNames.RecordsBucket())
+	if err != nil {
+		return r, err
+	}
+	kst, err := kv.Status(ctx)
+	if err != nil {
+		return r, err
+	}
+	if int(kst.Values()) != vms {
+		return r, fmt.Errorf("VM_RECORDS holds %d records after rebuild, want %d", kst.Values(), vms)
+	}
+	r.Checked = true
+	return r, nil
+}

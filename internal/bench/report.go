@@ -1,0 +1,197 @@
+package bench
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+)
+
+// methods describes how each figure is taken (printed and kept in the JSON).
+func methods(o Options) map[string]string {
+	return map[string]string{
+		"1_throughput": fmt.Sprintf("Embedded nats-server (JetStream, file storage) with an engine and a Noop worker in this process, "+
+			"each on its own connection. N VMs (%v) each cycle prepare, start, suspend, resume, stop, destroy: "+
+			"a JetStream publish of the command, then wait for its result event, delivered from VM_EVENTS by an ordered "+
+			"consumer. Transitions/s counts results arriving in a %s window after %s of warm-up. Baseline: one publisher "+
+			"sending batches of 100 PublishAsync and waiting for the batch's acks (nats bench js pub async), "+
+			"event-sized messages, to a file stream on the same server, %s before and after the series; the ratio uses their mean.",
+			o.VMs, o.Measure, o.Warm, o.BaselineFor),
+		"2_latency": fmt.Sprintf("Same set-up. Command latency = publish to result event delivery. One idle VM: %d commands one at a "+
+			"time, %s apart, after a warm-up cycle. Offered loads %v commands/s: commands due at fixed intervals for %s, "+
+			"round robin over a pool of cycling VMs; latency counts from when a command was due (no coordinated omission). "+
+			"Baseline: synchronous JetStream publish round trip (publish, wait for ack), %d times, %s apart, same message size.",
+			o.IdleCommands, o.Gap, o.Loads, o.LoadFor, o.IdleCommands, o.Gap),
+		"3_rebuild": fmt.Sprintf("A fresh server (sync default) whose VM_EVENTS gets %d VMs x 10 events (prepare, start, suspend, "+
+			"resume, stop, each accepted and answered) by async publishes. Raw replay: one ordered consumer reads the "+
+			"whole stream (message metadata only). Replay: projection.Replay (decode and fold). Rebuild: projection.Rebuild "+
+			"(replay, drop VM_RECORDS, write every record), what `engine rebuild` runs; records are checked afterwards.",
+			o.RebuildVMs),
+		"4_scale": fmt.Sprintf("The real engine and worker binaries (go build ./cmd/engine ./cmd/worker) as separate processes "+
+			"with --nats-url against an embedded server (sync default); worker --backends noop. RSS (VmRSS) and CPU "+
+			"(utime+stime from /proc/<pid>/stat) over a %s idle window with 0 VMs, then %d VMs prepared (256 at a time) "+
+			"and another idle window. Per-VM memory = RSS difference / VMs. Heap live after the last GC is read from "+
+			"GODEBUG=gctrace=1.", o.ScaleWindow, o.ScaleVMs),
+		"5_qemu": fmt.Sprintf("The repo's test guest (internal/guestimage), %d rounds. Through vmherd: engine and worker in process "+
+			"with the QEMU backend, each command timed from publish to result event. Directly: qemu-img overlay, QEMU "+
+			"launched daemonized with the backend's command line shape and accelerator, QMP query-status until running "+
+			"(start), QMP stop / cont with query-status until paused / running (suspend, resume), system_powerdown and "+
+			"wait for the process to end, polled every 1ms (stop, ACPI), removing the files (destroy). Each round runs "+
+			"vmherd first, so warm caches favour the direct side. Medians; added = vmherd - direct.", o.QEMURounds),
+		"6_durability": "Figures 1 and 2 run once per JetStream sync setting: \"always\" (fsync every write, vmherd's default) " +
+			"and \"default\" (nats-server's sync_interval of 2 minutes). The baselines run on the same server, so they share the setting.",
+	}
+}
+
+// targets checks the issue's goals.
+func targets(rep *Report) []Target {
+	var ts []Target
+	for _, p := range rep.Pipeline {
+		if n := len(p.Throughput); n > 0 {
+			t := p.Throughput[n-1]
+			ts = append(ts, Target{
+				Name: fmt.Sprintf("throughput at N=%d, sync %s", t.VMs, p.Sync), Goal: ">= 1/5 of JetStream async publish rate",
+				Value: t.Ratio, Shown: fmt.Sprintf("%.0f/s = %.3f x %.0f/s", t.PerS, t.Ratio, p.AsyncPubMean), Met: t.Ratio >= 0.2,
+			})
+		}
+		for _, l := range p.Latency {
+			if l.VMs == 1 {
+				ts = append(ts, Target{
+					Name: "p99 latency, 1 idle VM, sync " + p.Sync, Goal: "< 5 ms",
+					Value: l.Latency.P99, Shown: fmt.Sprintf("%.2f ms", l.Latency.P99), Met: l.Latency.P99 < 5,
+				})
+			}
+		}
+	}
+	if r := rep.Rebuild; r != nil && r.Events > 0 {
+		ts = append(ts, Target{
+			Name: "rebuild rate", Goal: ">= 1/2 of raw ordered-consumer replay",
+			Value: r.Ratio, Shown: fmt.Sprintf("%.0f/s = %.2f x %.0f/s", r.RebuildPerS, r.Ratio, r.RawPerS), Met: r.Ratio >= 0.5,
+		})
+	}
+	if s := rep.Scale; s != nil && s.VMs > 0 && s.PrepareSeconds > 0 {
+		ts = append(ts, Target{
+			Name: "engine memory per idle VM", Goal: "< 4 KiB",
+			Value: s.Engine.PerVMBytes, Shown: fmt.Sprintf("%.0f B (RSS)", s.Engine.PerVMBytes), Met: s.Engine.PerVMBytes < 4096,
+		})
+	}
+	if q := rep.QEMU; q != nil && q.Skipped == "" && len(q.Ops) > 0 {
+		worst := q.Ops[0]
+		for _, o := range q.Ops {
+			if o.AddedMs > worst.AddedMs {
+				worst = o
+			}
+		}
+		ts = append(ts, Target{
+			Name: "added time on QEMU ops (worst median)", Goal: "< 10 ms per op",
+			Value: worst.AddedMs, Shown: fmt.Sprintf("%.1f ms (%s)", worst.AddedMs, worst.Op), Met: worst.AddedMs < 10,
+		})
+	}
+	return ts
+}
+
+func printReport(w io.Writer, rep *Report) {
+	e := rep.Environment
+	fmt.Fprintf(w, "\nvmherd benchmark (%s mode), %s, %.0fs\n", rep.Mode, rep.Started.Format("2006-01-02 15:04 MST"), rep.Seconds)
+	fmt.Fprintf(w, "environment: %s, %d cores (GOMAXPROCS %d), %d MiB; Linux %s; %s; %s\n", e.CPU, e.Cores, e.GOMAXPROCS, e.MemoryMiB, e.Kernel, e.GoVersion, e.NATSServer)
+	fmt.Fprintf(w, "storage: %s (%s); load average %s at start, %s at end\n", e.WorkDirFSType, e.Storage, e.LoadAvgAtBeg, e.LoadAvgAtEnd)
+	if e.QEMU != "" {
+		fmt.Fprintf(w, "qemu: %s\n", e.QEMU)
+	}
+	fmt.Fprintf(w, "sync settings: %s\n", e.SyncSettings)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	defer tw.Flush()
+	line := func(cells ...string) { fmt.Fprintln(tw, strings.Join(cells, "\t")+"\t") }
+
+	for _, p := range rep.Pipeline {
+		if len(p.Throughput) > 0 {
+			tw.Flush()
+			fmt.Fprintf(w, "\n1. pipeline throughput, Noop backend, sync %s (baseline: async publish %.0f msgs/s before, %.0f after)\n",
+				p.Sync, p.AsyncPubBefore.MsgsPerS, p.AsyncPubAfter.MsgsPerS)
+			line("VMs", "transitions/s", "async pub msgs/s", "ratio", "p50 ms", "p99 ms", "server msgs in/out per transition", "errors")
+			for _, t := range p.Throughput {
+				line(fmt.Sprint(t.VMs), f0(t.PerS), f0(t.BaselineMsgsS), f3(t.Ratio), f2(t.Latency.P50), f2(t.Latency.P99),
+					f1(t.MsgsInPer)+" / "+f1(t.MsgsOutPer), fmt.Sprint(t.Errors))
+			}
+			tw.Flush()
+			fmt.Fprintf(w, "   (the async publish baseline costs the server %.1f in / %.1f out per message)\n", p.AsyncPubBefore.MsgsInPer, p.AsyncPubBefore.MsgsOutPer)
+		}
+		if len(p.Latency) > 0 {
+			tw.Flush()
+			fmt.Fprintf(w, "\n2. command latency publish -> result, sync %s (baseline: sync publish round trip p50 %.3f p90 %.3f p99 %.3f max %.3f ms)\n",
+				p.Sync, p.SyncPub.P50, p.SyncPub.P90, p.SyncPub.P99, p.SyncPub.Max)
+			line("load", "achieved/s", "n", "p50 ms", "p90 ms", "p99 ms", "max ms", "p50 ratio", "p99 ratio", "errors")
+			for _, l := range p.Latency {
+				ach := "-"
+				if l.AchievedPer > 0 {
+					ach = f0(l.AchievedPer)
+				}
+				line(l.Load, ach, fmt.Sprint(l.Latency.N), f2(l.Latency.P50), f2(l.Latency.P90), f2(l.Latency.P99), f2(l.Latency.Max),
+					f1(l.RatioP50), f1(l.RatioP99), fmt.Sprint(l.Errors))
+			}
+			for _, l := range p.Latency {
+				if len(l.Stages) == 0 {
+					continue
+				}
+				tw.Flush()
+				var parts []string
+				for _, st := range l.Stages {
+					parts = append(parts, fmt.Sprintf("%s %.2f", st.Name, st.MedianMs))
+				}
+				fmt.Fprintf(w, "   idle VM, where the time goes (medians, ms, from stream timestamps): %s\n", strings.Join(parts, "; "))
+			}
+		}
+	}
+	if r := rep.Rebuild; r != nil && r.Events > 0 {
+		tw.Flush()
+		fmt.Fprintf(w, "\n3. projection rebuild, %d events over %d VMs (%.0f MB; written at %.0f events/s)\n", r.Events, r.VMs, float64(r.StreamBytes)/1e6, r.WritePerS)
+		line("pass", "seconds", "events/s", "ratio to raw")
+		line("raw ordered-consumer replay (baseline)", f2(r.RawSeconds), f0(r.RawPerS), "1.00")
+		line("projection.Replay (decode+fold)", f2(r.ReplaySeconds), f0(r.ReplayPerS), f2(r.RatioReplay))
+		line("projection.Rebuild (+ write VM_RECORDS)", f2(r.RebuildSeconds), f0(r.RebuildPerS), f2(r.Ratio))
+	}
+	if s := rep.Scale; s != nil && s.VMs > 0 {
+		tw.Flush()
+		fmt.Fprintf(w, "\n4. scale: %d VMs prepared (%.0f/s, %d errors) and idle, engine and worker as processes\n", s.VMs, s.PreparePerS, s.Errors)
+		line("process", "RSS 0 VMs MiB", "RSS n VMs MiB", "bytes/VM (RSS)", "heap bytes/VM", "idle CPU % (0)", "idle CPU % (n)", "prepare CPU us/VM")
+		for _, x := range []struct {
+			n string
+			p ScaleProc
+		}{{"engine", s.Engine}, {"worker", s.Worker}} {
+			line(x.n, f1(float64(x.p.Idle0.RSSKiB)/1024), f1(float64(x.p.IdleN.RSSKiB)/1024), f0(x.p.PerVMBytes), f0(x.p.HeapPerVMBytes),
+				f1(x.p.Idle0.CPUPct), f1(x.p.IdleN.CPUPct), f0(x.p.PrepareCPUus))
+		}
+	}
+	if q := rep.QEMU; q != nil {
+		tw.Flush()
+		if q.Skipped != "" {
+			fmt.Fprintf(w, "\n5. QEMU: skipped: %s\n", q.Skipped)
+		} else {
+			fmt.Fprintf(w, "\n5. QEMU operations, test guest, accel %s, %d rounds (vmherd prepare %.0f ms, guest boot %.0f ms, medians)\n", q.Accel, q.Iterations, q.PrepareMs, q.BootMs)
+			line("op", "vmherd ms", "direct ms", "added ms", "ratio", "of which backend call ms", "pipeline ms")
+			for _, o := range q.Ops {
+				line(o.Op, f1(o.VmherdMs), f1(o.DirectMs), f1(o.AddedMs), f2(o.Ratio), f1(o.BackendMs), f1(o.PipelineMs))
+			}
+		}
+		tw.Flush()
+		fmt.Fprintf(w, "   libvirt: %s\n", q.Libvirt)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "\ntargets\n")
+	for _, t := range rep.Targets {
+		mark := "MISSED"
+		if t.Met {
+			mark = "met"
+		}
+		line(t.Name, t.Goal, t.Shown, mark)
+	}
+	for _, f := range rep.Failures {
+		tw.Flush()
+		fmt.Fprintf(w, "FAILED: %s\n", f)
+	}
+}
+
+func f0(x float64) string { return fmt.Sprintf("%.0f", x) }
+func f1(x float64) string { return fmt.Sprintf("%.1f", x) }
+func f2(x float64) string { return fmt.Sprintf("%.2f", x) }
+func f3(x float64) string { return fmt.Sprintf("%.3f", x) }

@@ -1,0 +1,173 @@
+package events
+
+import (
+	"encoding/json"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// fill sets every field of the struct v points to (recursively) to a
+// non-zero value, so an encoded event carries every key there is.
+func fill(t *testing.T, v reflect.Value, depth int) {
+	t.Helper()
+	for i := range v.NumField() {
+		f := v.Field(i)
+		switch f.Kind() {
+		case reflect.String:
+			f.SetString("x-" + v.Type().Field(i).Name + "\n\"é\"")
+		case reflect.Int:
+			f.SetInt(int64(7 + i))
+		case reflect.Uint64:
+			f.SetUint(uint64(1<<40 + i))
+		case reflect.Bool:
+			f.SetBool(true)
+		case reflect.Map:
+			f.Set(reflect.ValueOf(map[string]string{"k": "v", "stop_path": "acpi"}))
+		case reflect.Pointer:
+			if depth > 3 {
+				continue
+			}
+			p := reflect.New(f.Type().Elem())
+			fill(t, p.Elem(), depth+1)
+			f.Set(p)
+		case reflect.Struct:
+			if f.Type() == reflect.TypeOf(time.Time{}) {
+				f.Set(reflect.ValueOf(time.Date(2026, 11, 28, 14, 43, 11, 123456789, time.UTC)))
+				continue
+			}
+			fill(t, f, depth+1)
+		default:
+			t.Fatalf("fill: field %s has kind %s: teach fill and decodeFast about it", v.Type().Field(i).Name, f.Kind())
+		}
+	}
+}
+
+func viaJSON(t testing.TB, data []byte) (*Event, error) {
+	t.Helper()
+	var ev Event
+	err := json.Unmarshal(data, &ev)
+	return &ev, err
+}
+
+// The fast decoder takes every field vmherd writes: an event with all of
+// them set decodes on the fast path, to what encoding/json decodes. A new
+// field on Event, VmHandle or VmSpec fails this test until decodeFast
+// knows it (until then such events fall back to encoding/json).
+func TestDecodeFastKnowsEveryField(t *testing.T) {
+	var ev Event
+	fill(t, reflect.ValueOf(&ev).Elem(), 0)
+	data := ev.Encode()
+	fast, ok := decodeFast(data)
+	if !ok {
+		t.Fatalf("decodeFast refused an event vmherd writes:\n%s", data)
+	}
+	want, err := viaJSON(t, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(fast, want) {
+		t.Fatalf("decodeFast differs from encoding/json:\nfast %+v\njson %+v", fast, want)
+	}
+}
+
+func seeds() [][]byte {
+	spec := vm.VmSpec{Name: "web1", Backend: vm.BackendQEMU, ImagePath: "/img/base.qcow2", Vcpus: 2, MemoryMB: 2048,
+		CloudInit: &vm.CloudInitConfig{UserData: "#cloud-config\nhostname: web1\n"}}.WithDefaults()
+	h := &vm.VmHandle{ID: "0123456789abcdef", Name: "web1", Backend: vm.BackendQEMU, Host: "h1", PID: 4242,
+		Spec: &spec, StartedAt: time.Now().UTC(), Extra: map[string]string{"stop_path": "acpi"}}
+	now := time.Now().UTC()
+	evs := []Event{
+		{Type: TypeAccepted, VM: "web1", CommandID: "c1", Action: "prepare", Time: now, Host: "h1", State: vm.StatePreparing, Backend: vm.BackendQEMU, Spec: &spec, TimeoutS: 30},
+		{Type: TypePrepared, VM: "web1", CommandID: "c1", Action: "prepare", Time: now, Host: "h1", State: vm.StatePrepared, Handle: h, AcceptedSeq: 17},
+		{Type: TypeRejected, VM: "web1", CommandID: "c2", Action: "suspend", Time: now, State: vm.StatePrepared, Reason: "cannot suspend: vm is \"prepared\""},
+		{Type: TypeFailed, VM: "web1", CommandID: "c3", Action: "start", Time: now, Host: "h1", State: vm.StateFailed, Handle: h, Error: "start vm web1 on host h1: boom"},
+		{Type: TypeExited, VM: "web1", Time: now, Host: "h1", State: vm.StateStopped, Handle: h, Reason: "found not running by reconciliation"},
+	}
+	var out [][]byte
+	for _, ev := range evs {
+		out = append(out, ev.Encode())
+	}
+	return append(out,
+		[]byte(`{"type":"started","vm":"a","time":"2026-11-28T14:43:11Z"}`),
+		[]byte(` { "type" : "started" , "vm" : "a" , "accepted_seq" : 0 } `),
+		[]byte(`{"type":"started","vm":"a","Vm":"b"}`),
+		[]byte(`{"type":"started","vm":"a","vm":"b"}`),
+		[]byte(`{"type":"started","vm":"a","handle":{"id":"x"},"handle":{"pid":3}}`),
+		[]byte(`{"type":"started","vm":"a","handle":null}`),
+		[]byte(`{"type":"started","vm":"a\u00e9"}`),
+		[]byte(`{"type":"started","vm":"a\ud800"}`),
+		[]byte("{\"type\":\"started\",\"vm\":\"\xff\"}"),
+		[]byte(`{"type":"started","vm":"a","timeout_s":1.5}`),
+		[]byte(`{"type":"started","vm":"a","timeout_s":-0}`),
+		[]byte(`{"type":"started","vm":"a","timeout_s":012}`),
+		[]byte(`{"type":"started","vm":"a","accepted_seq":-1}`),
+		[]byte(`{"type":"started","vm":"a","accepted_seq":99999999999999999999}`),
+		[]byte(`{"type":"started","vm":"a","time":"not a time"}`),
+		[]byte(`{"type":"started","vm":"a","spec":{"uefi":true,"network":{"type":"tap","bridge":"br0"}}}`),
+		[]byte(`{"type":"started","vm":"a"} x`),
+		[]byte(`{"type":"started","vm":"a",}`),
+		[]byte(`{"type":"started","vm":"a","unknown":1}`),
+		[]byte("{\"type\":\"started\",\"vm\":\"a\",\"handle\":{\"extra\":{\"\xff\":\"v\",\"k\":\"1\",\"k\":\"2\"}}}"),
+		[]byte(`{}`),
+		[]byte(`null`),
+	)
+}
+
+func TestDecodeFastSeeds(t *testing.T) {
+	for _, data := range seeds()[:5] {
+		if _, ok := decodeFast(data); !ok {
+			t.Errorf("decodeFast refused an event vmherd writes:\n%s", data)
+		}
+	}
+	for _, data := range seeds() {
+		checkDecodeFast(t, data)
+	}
+}
+
+// checkDecodeFast: whatever decodeFast accepts, encoding/json decodes to
+// the same event.
+func checkDecodeFast(t *testing.T, data []byte) {
+	t.Helper()
+	fast, ok := decodeFast(data)
+	if !ok {
+		return
+	}
+	want, err := viaJSON(t, data)
+	if err != nil {
+		t.Fatalf("decodeFast accepted what encoding/json rejects (%v):\n%q", err, data)
+	}
+	if !reflect.DeepEqual(fast, want) {
+		t.Fatalf("decodeFast differs from encoding/json on %q:\nfast %+v\njson %+v", data, fast, want)
+	}
+}
+
+func FuzzDecodeFast(f *testing.F) {
+	for _, s := range seeds() {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		checkDecodeFast(t, data)
+	})
+}
+
+func BenchmarkDecode(b *testing.B) {
+	data := seeds()[1]
+	b.SetBytes(int64(len(data)))
+	b.Run("fast", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := Decode(data); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("encoding-json", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := viaJSON(b, data); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}

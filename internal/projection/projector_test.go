@@ -1,0 +1,156 @@
+package projection_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/testenv"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// appendLifecycles appends, for each of vms VMs, the events of a prepare,
+// start and stop, interleaved across VMs, as fast as the server takes them.
+func appendLifecycles(t *testing.T, env *testenv.Env, vms int, gen string) {
+	t.Helper()
+	ctx := context.Background()
+	steps := []struct {
+		action string
+		result events.Type
+		state  vm.VmState
+	}{
+		{"prepare", events.TypePrepared, vm.StatePrepared},
+		{"start", events.TypeStarted, vm.StateRunning},
+		{"stop", events.TypeStopped, vm.StateStopped},
+	}
+	for si, s := range steps {
+		for _, typ := range []events.Type{events.TypeAccepted, s.result} {
+			for i := range vms {
+				name := fmt.Sprintf("v%03d", i)
+				ev := &events.Event{Type: typ, VM: name, CommandID: gen + "-" + strconv.Itoa(si), Action: s.action,
+					Time: time.Now().UTC(), Host: "h1", Backend: vm.BackendNoop}
+				if typ != events.TypeAccepted {
+					ev.State = s.state
+					ev.Handle = &vm.VmHandle{ID: gen, Name: name, Backend: vm.BackendNoop, Host: "h1", PID: 100 + si}
+				}
+				if _, err := env.JS.PublishAsync(env.Names.Event(name, typ), ev.Encode()); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	select {
+	case <-env.JS.PublishAsyncComplete():
+	case <-ctx.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("publishes not acknowledged")
+	}
+}
+
+func lastSeq(t *testing.T, env *testenv.Env) uint64 {
+	t.Helper()
+	info, err := env.Store.Stream().Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.State.LastSeq
+}
+
+// Records written by projectors with pipelined writes equal a replay of the
+// stream, also with two projectors writing the same bucket, and the
+// checkpoint names only what is stored.
+func TestProjectorsConvergeOnReplay(t *testing.T) {
+	env := testenv.New(t)
+	dir := t.TempDir()
+	var ps []*projection.Projector
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{}, 2)
+	for i := range 2 {
+		p := &projection.Projector{JS: env.JS, Names: env.Names, Log: env.Log,
+			Checkpoint: filepath.Join(dir, fmt.Sprintf("p%d.seq", i)), MaxInFlight: 8}
+		ps = append(ps, p)
+		go func() { _ = p.Run(ctx); done <- struct{}{} }()
+	}
+	appendLifecycles(t, env, 40, "g1")
+	last := lastSeq(t, env)
+	for _, p := range ps {
+		env.WaitFor("projector to store everything", 30*time.Second, func() bool { return p.Applied() == last })
+	}
+	want, n, err := projection.Replay(context.Background(), env.JS, env.Names)
+	if err != nil || n != int(last) {
+		t.Fatalf("replay: %d events, %v", n, err)
+	}
+	got, err := projection.Load(context.Background(), env.JS, env.Names)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("bucket has %d records, replay %d", len(got), len(want))
+	}
+	for name, w := range want {
+		g := got[name]
+		if g == nil || !reflect.DeepEqual(norm(w), norm(g)) {
+			t.Fatalf("record %s:\nreplay %s\nbucket %v", name, w.Marshal(), g)
+		}
+		for _, p := range ps {
+			if c := p.Current(name); c == nil || c.LastSeq != w.LastSeq || c.State != vm.StateStopped {
+				t.Fatalf("projector's record of %s: %+v", name, c)
+			}
+		}
+	}
+	cancel()
+	for range ps {
+		<-done
+	}
+	for i := range ps {
+		b, err := os.ReadFile(filepath.Join(dir, fmt.Sprintf("p%d.seq", i)))
+		if err != nil || strings.TrimSpace(string(b)) != strconv.FormatUint(last, 10) {
+			t.Fatalf("checkpoint %d = %q, %v; want %d", i, b, err, last)
+		}
+	}
+}
+
+// A projector that restarts from its checkpoint goes on from there.
+func TestProjectorResumes(t *testing.T) {
+	env := testenv.New(t)
+	cp := filepath.Join(t.TempDir(), "p.seq")
+	run := func(until uint64) {
+		ctx, cancel := context.WithCancel(context.Background())
+		p := &projection.Projector{JS: env.JS, Names: env.Names, Log: env.Log, Checkpoint: cp}
+		done := make(chan struct{})
+		go func() { _ = p.Run(ctx); close(done) }()
+		env.WaitFor("projector to store everything", 30*time.Second, func() bool { return p.Applied() == until })
+		cancel()
+		<-done
+	}
+	appendLifecycles(t, env, 10, "g1")
+	run(lastSeq(t, env))
+	appendLifecycles(t, env, 10, "g2") // a second generation of the same VMs' commands
+	run(lastSeq(t, env))
+	want, _, err := projection.Replay(context.Background(), env.JS, env.Names)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := projection.Load(context.Background(), env.JS, env.Names)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, w := range want {
+		if g := got[name]; g == nil || !reflect.DeepEqual(norm(w), norm(g)) {
+			t.Fatalf("record %s:\nreplay %s\nbucket %v", name, w.Marshal(), g)
+		}
+	}
+}
+
+func norm(r *projection.VmRecord) *projection.VmRecord {
+	out, _ := projection.Unmarshal(r.Marshal())
+	return out
+}
