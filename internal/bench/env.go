@@ -2,11 +2,11 @@ package bench
 
 import (
 	"bufio"
+	"fmt"
 	"os"
 	"os/exec"
 	"runtime"
 	"strings"
-	"syscall"
 
 	natsd "github.com/nats-io/nats-server/v2/server"
 )
@@ -77,12 +77,13 @@ func cpuModel() string {
 	return runtime.GOARCH
 }
 
+// memTotalMiB reads /proc/meminfo (0 where there is none, e.g. illumos).
 func memTotalMiB() int64 {
-	var si syscall.Sysinfo_t
-	if syscall.Sysinfo(&si) != nil {
+	var kb int64
+	if _, err := fmt.Sscanf(readFile("/proc/meminfo"), "MemTotal: %d kB", &kb); err != nil {
 		return 0
 	}
-	return int64(si.Totalram) * int64(si.Unit) >> 20
+	return kb >> 10
 }
 
 // fsOf returns the file system type and device of the mount holding dir.
