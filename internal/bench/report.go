@@ -3,6 +3,7 @@ package bench
 import (
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 )
@@ -15,7 +16,8 @@ func methods(o Options) map[string]string {
 			"a JetStream publish of the command, then wait for its result event, delivered from VM_EVENTS by an ordered "+
 			"consumer. Transitions/s counts results arriving in a %s window after %s of warm-up. Baseline: one publisher "+
 			"sending batches of 100 PublishAsync and waiting for the batch's acks (nats bench js pub async), "+
-			"event-sized messages, to a file stream on the same server, %s before and after the series; the ratio uses their mean.",
+			"event-sized messages, to a file stream on the same server, %s before and after the series; the ratio uses their mean. "+
+			"Server messages in/out per transition come from the server's monitoring counters over each run.",
 			o.VMs, o.Measure, o.Warm, o.BaselineFor),
 		"2_latency": fmt.Sprintf("Same set-up. Command latency = publish to result event delivery. One idle VM: %d commands one at a "+
 			"time, %s apart, after a warm-up cycle. Offered loads %v commands/s: commands due at fixed intervals for %s, "+
@@ -23,8 +25,8 @@ func methods(o Options) map[string]string {
 			"Baseline: synchronous JetStream publish round trip (publish, wait for ack), %d times, %s apart, same message size.",
 			o.IdleCommands, o.Gap, o.Loads, o.LoadFor, o.IdleCommands, o.Gap),
 		"3_rebuild": fmt.Sprintf("A fresh server (sync default) whose VM_EVENTS gets %d VMs x 10 events (prepare, start, suspend, "+
-			"resume, stop, each accepted and answered) by async publishes. Raw replay: one ordered consumer reads the "+
-			"whole stream (message metadata only). Replay: projection.Replay (decode and fold). Rebuild: projection.Rebuild "+
+			"resume, stop, each accepted and answered) by async publishes. Raw replay (before and after the others; "+
+			"the ratios use the mean): one ordered consumer reads the whole stream (message metadata only). Replay: projection.Replay (decode and fold). Rebuild: projection.Rebuild "+
 			"(replay, drop VM_RECORDS, write every record), what `engine rebuild` runs; records are checked afterwards.",
 			o.RebuildVMs),
 		"4_scale": fmt.Sprintf("The real engine and worker binaries (go build ./cmd/engine ./cmd/worker) as separate processes "+
@@ -37,7 +39,9 @@ func methods(o Options) map[string]string {
 			"launched daemonized with the backend's command line shape and accelerator, QMP query-status until running "+
 			"(start), QMP stop / cont with query-status until paused / running (suspend, resume), system_powerdown and "+
 			"wait for the process to end, polled every 1ms (stop, ACPI), removing the files (destroy). Each round runs "+
-			"vmherd first, so warm caches favour the direct side. Medians; added = vmherd - direct.", o.QEMURounds),
+			"vmherd first, so warm caches favour the direct side. Medians; added = vmherd - direct. The worker's QEMU backend "+
+			"is wrapped to time its own call of each operation, which splits vmherd's time into the backend call and the "+
+			"pipeline (NATS, engine, worker; sync \"always\").", o.QEMURounds),
 		"6_durability": "Figures 1 and 2 run once per JetStream sync setting: \"always\" (fsync every write, vmherd's default) " +
 			"and \"default\" (nats-server's sync_interval of 2 minutes). The baselines run on the same server, so they share the setting.",
 	}
@@ -99,6 +103,15 @@ func printReport(w io.Writer, rep *Report) {
 		fmt.Fprintf(w, "qemu: %s\n", e.QEMU)
 	}
 	fmt.Fprintf(w, "sync settings: %s\n", e.SyncSettings)
+	fmt.Fprintf(w, "\nmethod\n")
+	keys := make([]string, 0, len(rep.Method))
+	for k := range rep.Method {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		fmt.Fprintf(w, "%s\n", wrap(k+": "+rep.Method[k], 100, "   "))
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	defer tw.Flush()
 	line := func(cells ...string) { fmt.Fprintln(tw, strings.Join(cells, "\t")+"\t") }
@@ -146,7 +159,7 @@ func printReport(w io.Writer, rep *Report) {
 		tw.Flush()
 		fmt.Fprintf(w, "\n3. projection rebuild, %d events over %d VMs (%.0f MB; written at %.0f events/s)\n", r.Events, r.VMs, float64(r.StreamBytes)/1e6, r.WritePerS)
 		line("pass", "seconds", "events/s", "ratio to raw")
-		line("raw ordered-consumer replay (baseline)", f2(r.RawSeconds), f0(r.RawPerS), "1.00")
+		line(fmt.Sprintf("raw ordered-consumer replay (baseline; %.0f before, %.0f after)", r.RawBeforeS, r.RawAfterS), f2(r.RawSeconds), f0(r.RawPerS), "1.00")
 		line("projection.Replay (decode+fold)", f2(r.ReplaySeconds), f0(r.ReplayPerS), f2(r.RatioReplay))
 		line("projection.Rebuild (+ write VM_RECORDS)", f2(r.RebuildSeconds), f0(r.RebuildPerS), f2(r.Ratio))
 	}
@@ -195,3 +208,21 @@ func f0(x float64) string { return fmt.Sprintf("%.0f", x) }
 func f1(x float64) string { return fmt.Sprintf("%.1f", x) }
 func f2(x float64) string { return fmt.Sprintf("%.2f", x) }
 func f3(x float64) string { return fmt.Sprintf("%.3f", x) }
+
+// wrap breaks s into lines of at most width, indenting the ones after the first.
+func wrap(s string, width int, indent string) string {
+	var b strings.Builder
+	n := 0
+	for i, word := range strings.Fields(s) {
+		if i > 0 && n+1+len(word) > width {
+			b.WriteString("\n" + indent)
+			n = len(indent)
+		} else if i > 0 {
+			b.WriteByte(' ')
+			n++
+		}
+		b.WriteString(word)
+		n += len(word)
+	}
+	return b.String()
+}

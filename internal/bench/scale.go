@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -223,16 +224,25 @@ func buildBinaries(ctx context.Context, dir string) error {
 	return nil
 }
 
+// moduleRoot finds the vmherd checkout: the module of the working
+// directory, else the one this binary was built from (if its source is
+// still there).
 func moduleRoot() (string, error) {
-	out, err := exec.Command("go", "env", "GOMOD").Output()
-	if err != nil {
-		return "", fmt.Errorf("go env GOMOD: %w (run the benchmark from the vmherd checkout, or pass --bin-dir)", err)
+	isVmherd := func(dir string) bool {
+		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+		return err == nil && strings.Contains(string(b), "module github.com/vmherd/vmherd\n")
 	}
-	p := strings.TrimSpace(string(out))
-	if p == "" || p == os.DevNull {
-		return "", errors.New("not inside the vmherd module: run the benchmark from the checkout, or pass --bin-dir")
+	if out, err := exec.Command("go", "env", "GOMOD").Output(); err == nil {
+		if p := strings.TrimSpace(string(out)); p != "" && p != os.DevNull && isVmherd(filepath.Dir(p)) {
+			return filepath.Dir(p), nil
+		}
 	}
-	return filepath.Dir(p), nil
+	if _, file, _, ok := runtime.Caller(0); ok {
+		if dir := filepath.Join(filepath.Dir(file), "..", ".."); isVmherd(dir) {
+			return filepath.Clean(dir), nil
+		}
+	}
+	return "", errors.New("cannot find the vmherd checkout: run the benchmark from it, or pass --bin-dir")
 }
 
 // scale runs the engine and a worker as their own processes against srv,
