@@ -88,9 +88,11 @@ func (b *Backend) ifOurs(r *record, pid int) int {
 	return pid
 }
 
-// waitGone polls until pid is no longer r's live QEMU or ctx ends.
+// waitGone polls until pid is no longer r's live QEMU or ctx ends. It polls
+// every 5 ms (two small /proc reads): a stop is reported as soon as the
+// guest is gone, not up to a poll interval later.
 func (b *Backend) waitGone(ctx context.Context, r *record, pid int) bool {
-	t := time.NewTicker(50 * time.Millisecond)
+	t := time.NewTicker(5 * time.Millisecond)
 	defer t.Stop()
 	for {
 		if b.ifOurs(r, pid) == 0 {
