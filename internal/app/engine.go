@@ -89,15 +89,11 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	conn := o.Conn
 	conn.URL = url
 	conn.Name = "vmherd-engine-" + o.ID
-	nc, err := conn.Connect(true)
+	nc, js, err := conn.ConnectJS(true)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
 	if err := ensureWithRetry(ctx, js, o.Streams, log); err != nil {
 		return err
 	}
@@ -110,24 +106,18 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 		return err
 	}
 	var w *worker.Worker
-	var wnc *Connected
 	if o.WithWorker {
 		wo := o.Worker
 		wo.DataDir = o.DataDir
 		// The local worker has its own connection, as a remote one would.
 		wconn := conn
 		wconn.Name = "vmherd-worker-" + wo.Host
-		c, err := wconn.Connect(true)
+		c, wjs, err := wconn.ConnectJS(true)
 		if err != nil {
 			return err
 		}
 		defer c.Close()
-		wjs, err := jetstream.New(c)
-		if err != nil {
-			return err
-		}
-		wnc = &Connected{NC: c, JS: wjs}
-		if w, err = wo.NewWorker(ctx, *wnc, o.Streams, log); err != nil {
+		if w, err = wo.NewWorker(ctx, Connected{NC: c, JS: wjs}, o.Streams, log); err != nil {
 			return err
 		}
 	}

@@ -7,7 +7,6 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
 	"github.com/vmherd/vmherd/internal/projection"
@@ -48,15 +47,11 @@ embedded one by default); running engines carry on safely.`,
 		PreRunE:      func(cmd *cobra.Command, _ []string) error { return BindEnv(cmd.Flags()) },
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			conn.Name = "vmherd-rebuild"
-			nc, err := conn.Connect(false)
+			nc, js, err := conn.ConnectJS(false)
 			if err != nil {
 				return err
 			}
 			defer nc.Close()
-			js, err := jetstream.New(nc)
-			if err != nil {
-				return err
-			}
 			n, count, err := projection.Rebuild(cmd.Context(), js, so.Names(), so.Settings())
 			if err != nil {
 				return err
@@ -102,15 +97,11 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			conn.Name = "vmherd-worker-" + wo.Host
-			nc, err := conn.Connect(true)
+			nc, js, err := conn.ConnectJS(true)
 			if err != nil {
 				return err
 			}
 			defer nc.Close()
-			js, err := jetstream.New(nc)
-			if err != nil {
-				return err
-			}
 			if err := ensureWithRetry(ctx, js, so, log); err != nil {
 				return err
 			}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/pflag"
 
 	"github.com/vmherd/vmherd/internal/events"
@@ -55,6 +56,20 @@ func (o *ConnOptions) Connect(daemon bool) (*nats.Conn, error) {
 		return nil, fmt.Errorf("connecting to NATS at %s: %w (is the engine running? set --nats-url or NATS_URL)", o.URL, err)
 	}
 	return nc, nil
+}
+
+// ConnectJS dials NATS and opens its JetStream context.
+func (o *ConnOptions) ConnectJS(daemon bool) (*nats.Conn, jetstream.JetStream, error) {
+	nc, err := o.Connect(daemon)
+	if err != nil {
+		return nil, nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, nil, err
+	}
+	return nc, js, nil
 }
 
 // BindEnv sets every flag the command line left alone from VMHERD_<FLAG>
