@@ -36,6 +36,25 @@ type dispatchState struct {
 	// this engine is still publishing the task; the publish acks it (or,
 	// if it fails, hands it back to the dispatcher).
 	held jetstream.Msg
+	// since is when the engine began deciding it.
+	since time.Time
+}
+
+// dispatchForget is how long a published task's note waits for this
+// engine's dispatcher. Another engine's dispatcher may take the accepted
+// event instead (they share the consumer), and then the note would stay
+// forever; forgetting it costs at most an idempotent republish.
+const dispatchForget = 10 * time.Minute
+
+// sweepDispatched drops notes of published tasks older than dispatchForget.
+func (e *Engine) sweepDispatched(now time.Time) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for k, st := range e.dispatched {
+		if st.published && now.Sub(st.since) > dispatchForget {
+			delete(e.dispatched, k)
+		}
+	}
 }
 
 func dispatchKey(vmName, cmdID string) string { return vmName + "/" + cmdID }
@@ -45,7 +64,7 @@ func dispatchKey(vmName, cmdID string) string { return vmName + "/" + cmdID }
 func (e *Engine) dispatchBegin(key string) {
 	e.mu.Lock()
 	if e.dispatched[key] == nil {
-		e.dispatched[key] = &dispatchState{}
+		e.dispatched[key] = &dispatchState{since: time.Now()}
 	}
 	e.mu.Unlock()
 }
@@ -130,7 +149,16 @@ func (e *Engine) runDispatcher(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("engine: consuming accepted events: %w", err)
 	}
-	<-ctx.Done()
+	sweep := time.NewTicker(time.Minute)
+	defer sweep.Stop()
+	for done := false; !done; {
+		select {
+		case <-ctx.Done():
+			done = true
+		case now := <-sweep.C:
+			e.sweepDispatched(now)
+		}
+	}
 	cc.Drain()
 	<-cc.Closed()
 	return nil
