@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -49,6 +50,25 @@ func (b *Backend) workDir(name string) (string, error) {
 
 // load reads the record of h's VM. A missing record, or one of another
 // incarnation than h.ID (when set), is backends.ErrNotFound.
+// lockLoad checks the name, takes the VM's lock (bounded by ctx) and loads
+// its record: the start of every call that acts on a prepared VM. The
+// caller runs unlock when done; on an error nothing is held.
+func (b *Backend) lockLoad(ctx context.Context, h vm.VmHandle) (*record, func(), error) {
+	if _, err := b.workDir(h.Name); err != nil {
+		return nil, nil, err
+	}
+	unlock, err := b.lockCtx(ctx, h.Name)
+	if err != nil {
+		return nil, nil, err
+	}
+	r, err := b.load(h)
+	if err != nil {
+		unlock()
+		return nil, nil, err
+	}
+	return r, unlock, nil
+}
+
 func (b *Backend) load(h vm.VmHandle) (*record, error) {
 	wd, err := b.workDir(h.Name)
 	if err != nil {

@@ -27,18 +27,11 @@ func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 }
 
 func (b *Backend) start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
-	if _, err := b.workDir(h.Name); err != nil {
-		return h, err
-	}
-	unlock, err := b.lockCtx(ctx, h.Name)
+	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
 		return h, err
 	}
 	defer unlock()
-	r, err := b.load(h)
-	if err != nil {
-		return h, err
-	}
 	if pid := b.livePID(r); pid != 0 {
 		// Already running: idempotent. Never touch a live VM's sockets.
 		if r.Handle.PID != pid {

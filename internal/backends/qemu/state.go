@@ -88,18 +88,11 @@ func (b *Backend) Resume(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error
 }
 
 func (b *Backend) pauseResume(ctx context.Context, h vm.VmHandle, cmd, want string) (vm.VmHandle, error) {
-	if _, err := b.workDir(h.Name); err != nil {
-		return h, err
-	}
-	unlock, err := b.lockCtx(ctx, h.Name)
+	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
 		return h, err
 	}
 	defer unlock()
-	r, err := b.load(h)
-	if err != nil {
-		return h, err
-	}
 	pid := b.livePID(r)
 	if pid == 0 {
 		return h, fmt.Errorf("its QEMU is not running; start it first: %w", backends.ErrNotRunning)

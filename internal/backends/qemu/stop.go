@@ -18,18 +18,11 @@ import (
 // how it ended (acpi, sigterm, sigkill, none). Stopping a stopped VM is a
 // no-op.
 func (b *Backend) Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration) (vm.VmHandle, error) {
-	if _, err := b.workDir(h.Name); err != nil {
-		return h, fmt.Errorf("stopping vm %s: %w", h.Name, err)
-	}
-	unlock, err := b.lockCtx(ctx, h.Name)
+	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
 		return h, fmt.Errorf("stopping vm %s: %w", h.Name, err)
 	}
 	defer unlock()
-	r, err := b.load(h)
-	if err != nil {
-		return h, fmt.Errorf("stopping vm %s: %w", h.Name, err)
-	}
 	path, err := b.stop(ctx, r, timeout)
 	if err != nil {
 		return r.Handle.Clone(), fmt.Errorf("stopping vm %s: %w", h.Name, err)
