@@ -89,11 +89,17 @@ func Build(ctx context.Context, cacheDir string) (string, error) {
 	return BuildWith(ctx, cacheDir, Options{})
 }
 
-// BuildWith is Build with explicit inputs.
+// BuildWith is Build with explicit inputs. A relative cacheDir is taken
+// from the current directory; the returned path is always absolute, since
+// the build runs its tools inside a directory of its own and the image is
+// handed to processes started elsewhere.
 func BuildWith(ctx context.Context, cacheDir string, o Options) (string, error) {
 	in, err := o.inputs()
 	if err != nil {
 		return "", fmt.Errorf("building guest image: %w", err)
+	}
+	if cacheDir, err = filepath.Abs(cacheDir); err != nil {
+		return "", fmt.Errorf("building guest image: cache dir: %w", err)
 	}
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		return "", fmt.Errorf("building guest image: cache dir: %w", err)

@@ -21,7 +21,7 @@ func needInputs(t *testing.T) *inputs {
 	t.Helper()
 	in, err := (Options{}).inputs()
 	if err != nil {
-		if os.Getenv("CI") != "" || os.Getenv("VMHERD_REQUIRE_GUEST") != "" {
+		if os.Getenv("CI") != "" || os.Getenv("VMHERD_REQUIRE_GUEST") != "" || os.Getenv("VMHERD_REQUIRE_ALL") != "" {
 			t.Fatalf("guest image inputs: %v", err)
 		}
 		t.Skipf("guest image inputs missing: %v (apt-get install %s)", err, strings.Join(Packages, " "))
@@ -90,6 +90,38 @@ func TestBuildDeterministicAndCached(t *testing.T) {
 		t.Fatalf("cached Build = %s, %v", p, err)
 	}
 	t.Logf("cached build took %v", time.Since(start))
+}
+
+// TestREADMECommandRelativeCache runs the README's command as a user does,
+// with a relative cache dir in a fresh directory: the builder runs its
+// tools in a build directory of its own, so a relative path must not leak
+// into them, and the printed path must work from anywhere.
+func TestREADMECommandRelativeCache(t *testing.T) {
+	t.Parallel()
+	needInputs(t)
+	bin := filepath.Join(t.TempDir(), "vmherd-guest")
+	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/vmherd-guest").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	work := t.TempDir()
+	cmd := exec.Command(bin, "-cache", ".cache/guest")
+	cmd.Dir = work
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("vmherd-guest -cache .cache/guest: %v\n%s", err, stderr.Bytes())
+	}
+	p := strings.TrimSpace(string(out))
+	if !filepath.IsAbs(p) {
+		t.Fatalf("printed path %q is not absolute", p)
+	}
+	if want := filepath.Join(work, ".cache", "guest") + string(filepath.Separator); !strings.HasPrefix(p, want) {
+		t.Fatalf("image %s is not under %s", p, want)
+	}
+	if fi, err := os.Stat(p); err != nil || fi.Size() == 0 {
+		t.Fatalf("image %s: %v", p, err)
+	}
 }
 
 type cpioEntry struct {
