@@ -124,6 +124,7 @@ func fullRecord() *projection.VmRecord {
 		LastEvent:     events.TypeAccepted,
 		LastCommandID: "cmd-3",
 		LastError:     "exited: guest powered off",
+		Exit:          &projection.Exit{Time: t0, Reason: "guest powered off"},
 		CreatedAt:     t0,
 		UpdatedAt:     t0.Add(time.Minute),
 	}

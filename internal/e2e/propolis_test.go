@@ -20,7 +20,6 @@ import (
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/vmctl"
-	"github.com/vmherd/vmherd/internal/worker"
 )
 
 // propolisWorker starts a worker whose default backend is propolis, with
@@ -293,7 +292,7 @@ func TestPropolisFailures(t *testing.T) {
 // consoleEndpoint asks the VM's worker over NATS, as vmctl does.
 func consoleEndpoint(t *testing.T, env *testenv.Env, host, name string) vm.ConsoleEndpoint {
 	t.Helper()
-	req, _ := json.Marshal(worker.QueryRequest{VM: name})
+	req, _ := json.Marshal(events.QueryRequest{VM: name})
 	m, err := env.NC.Request(env.Names.Query(host)+".console_endpoint", req, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)

@@ -20,7 +20,6 @@ import (
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/vm"
-	"github.com/vmherd/vmherd/internal/worker"
 )
 
 const bootWait = 3 * time.Minute
@@ -72,7 +71,7 @@ func consoleLog(t *testing.T, env *testenv.Env, name string) string {
 }
 
 func liveState(t *testing.T, env *testenv.Env, name string) vm.VmState {
-	var st worker.StateReply
+	var st events.StateReply
 	if err := query(t, env, name, "state", &st); err != nil {
 		t.Fatalf("state query for %s: %v", name, err)
 	}
@@ -124,7 +123,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 		l := consoleLog(t, env, "q1")
 		return strings.Contains(l, "VMHERD-GUEST-READY") && strings.Contains(l, "instance-id: iid-q1") && strings.Contains(l, "local-hostname: host-q1")
 	})
-	var ip worker.GuestIPReply
+	var ip events.GuestIPReply
 	if err := query(t, env, "q1", "guest_ip", &ip); err != nil || ip.IP != "127.0.0.1" || ip.Port == 0 {
 		t.Fatalf("guest_ip = %+v, %v", ip, err)
 	}

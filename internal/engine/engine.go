@@ -139,7 +139,7 @@ func (e *Engine) Run(ctx context.Context) error {
 
 func (e *Engine) runCommands(ctx context.Context) error {
 	cons, err := e.cfg.JS.CreateOrUpdateConsumer(ctx, e.cfg.Names.CommandsStream(), jetstream.ConsumerConfig{
-		Durable:       "engine",
+		Durable:       e.cfg.Names.CommandConsumer(),
 		Description:   "vmherd engines: decide each command once",
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		AckWait:       e.cfg.AckWait,

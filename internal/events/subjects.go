@@ -28,6 +28,11 @@ func (n Names) TasksStream() string    { return n.upper() + "_TASKS" }
 func (n Names) RecordsBucket() string  { return n.upper() + "_RECORDS" }
 func (n Names) HostsBucket() string    { return n.upper() + "_HOSTS" }
 
+// CommandConsumer is the durable consumer on the commands stream that all
+// engines share; a running engine always has pull requests open on it,
+// which is how clients tell that commands are being decided.
+func (n Names) CommandConsumer() string { return "engine" }
+
 // Command is vm.cmd.<vm>.<action>.
 func (n Names) Command(vmName, action string) string {
 	return fmt.Sprintf("%s.cmd.%s.%s", n.Prefix, vmName, action)

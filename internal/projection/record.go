@@ -36,9 +36,23 @@ type VmRecord struct {
 	LastEvent     events.Type `json:"last_event"`
 	LastCommandID string      `json:"last_command_id,omitempty"`
 	LastError     string      `json:"last_error,omitempty"`
-	CreatedAt     time.Time   `json:"created_at,omitzero"`
-	UpdatedAt     time.Time   `json:"updated_at,omitzero"`
+	// Exit is set when the VM's process ended without a command (an
+	// `exited` event moved it to stopped) and cleared by its next start or
+	// prepare: it tells a crash or an outside kill from a clean stop.
+	Exit      *Exit     `json:"exit,omitempty"`
+	CreatedAt time.Time `json:"created_at,omitzero"`
+	UpdatedAt time.Time `json:"updated_at,omitzero"`
 }
+
+// Exit is what an `exited` event said about an incarnation's end.
+type Exit struct {
+	Time   time.Time `json:"time"`
+	Reason string    `json:"reason,omitempty"`
+}
+
+// Crashed reports whether the VM is stopped because its process ended
+// without a command.
+func (r *VmRecord) Crashed() bool { return r != nil && r.Exit != nil && r.State == vm.StateStopped }
 
 // Exists reports whether the VM was ever prepared (a name that only ever
 // had rejected commands has no record).
@@ -59,6 +73,10 @@ func (r *VmRecord) Clone() *VmRecord {
 	}
 	c := *r
 	c.InFlight = slices.Clone(r.InFlight)
+	if r.Exit != nil {
+		x := *r.Exit
+		c.Exit = &x
+	}
 	if r.Handle != nil {
 		h := r.Handle.Clone()
 		c.Handle = &h
@@ -120,6 +138,9 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			r.LastError = ""
 			r.Backend = ev.Backend
 		}
+		if a == fsm.ActPrepare || a == fsm.ActStart || a == fsm.ActDestroy {
+			r.Exit = nil
+		}
 		if ev.Host != "" {
 			r.Host = ev.Host
 		}
@@ -138,6 +159,7 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			h.PID = 0
 			r.Handle = &h
 			r.LastError = "exited: " + ev.Reason
+			r.Exit = &Exit{Time: ev.Time, Reason: ev.Reason}
 		}
 	default:
 		if !ev.Type.IsResult() {

@@ -5,9 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -17,7 +20,6 @@ import (
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/vm"
-	"github.com/vmherd/vmherd/internal/worker"
 )
 
 func (g *globals) createCmd() *cobra.Command {
@@ -30,10 +32,14 @@ func (g *globals) createCmd() *cobra.Command {
 		sshUser                   string
 	)
 	c := &cobra.Command{
-		Use:   "create NAME",
-		Short: "prepare a VM (disk overlay, cloud-init seed, network), optionally --start it",
-		Args:  cobra.ExactArgs(1),
+		Use:               "create NAME",
+		Short:             "prepare a VM (disk overlay, cloud-init seed, network), optionally --start it",
+		Args:              nameArg,
+		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if start && g.noWait {
+				return usageError("--start with --no-wait: start is sent only once prepare has succeeded, so vmctl must wait for it.\nhelp: drop --no-wait, or run `vmctl create %s --no-wait` and later `vmctl start %s`", args[0], args[0])
+			}
 			spec.Name = args[0]
 			spec.Backend = vm.BackendTag(backend)
 			n := &vm.NetworkConfig{Type: vm.NetworkType(network)}
@@ -55,28 +61,31 @@ func (g *globals) createCmd() *cobra.Command {
 				if cloudInit != "" {
 					b, err := os.ReadFile(cloudInit)
 					if err != nil {
-						return &exitError{code: 2, msg: fmt.Sprintf("--cloud-init: %v", err)}
+						return usageError("--cloud-init: %v", err)
 					}
 					spec.CloudInit.UserData = string(b)
 				}
 				if netCfg != "" {
 					b, err := os.ReadFile(netCfg)
 					if err != nil {
-						return &exitError{code: 2, msg: fmt.Sprintf("--network-config: %v", err)}
+						return usageError("--network-config: %v", err)
 					}
 					spec.CloudInit.NetworkConfig = string(b)
 				}
 			}
 			if sshKey != "" {
-				key := sshKey
-				if b, err := os.ReadFile(sshKey); err == nil {
-					key = strings.TrimSpace(string(b))
+				key, err := readPublicKey(sshKey)
+				if err != nil {
+					return err
 				}
 				spec.SSH = &vm.SshConfig{User: sshUser, PublicKey: key}
 			}
+			if err := spec.Validate(); err != nil {
+				return usageError("%s", flagWords(err.Error()))
+			}
 			ctx := cmd.Context()
 			ev, err := g.send(ctx, spec.Name, "prepare", events.Command{Spec: &spec, Host: host})
-			if err != nil || !start || g.noWait || ev == nil {
+			if err != nil || !start || ev == nil {
 				return err
 			}
 			_, err = g.send(ctx, spec.Name, "start", events.Command{})
@@ -92,53 +101,143 @@ func (g *globals) createCmd() *cobra.Command {
 	f.StringVar(&bridge, "bridge", "", "bridge for tap networking")
 	f.StringVar(&cloudInit, "cloud-init", "", "file with cloud-init user-data")
 	f.StringVar(&netCfg, "network-config", "", "file with cloud-init network-config")
-	f.StringVar(&sshKey, "ssh-key", "", "SSH public key (a file or the key itself) for the generated user-data")
+	f.StringVar(&sshKey, "ssh-key", "", "file with an SSH public key for the generated user-data")
 	f.StringVar(&sshUser, "ssh-user", "vm", "user created with --ssh-key")
 	f.BoolVar(&spec.UEFI, "uefi", false, "boot with UEFI (OVMF)")
 	f.StringVar(&spec.Accel, "accel", "", "QEMU accelerator: auto, kvm or tcg")
 	f.StringVar(&backend, "backend", "", "noop, qemu or propolis (default: the host's default)")
 	f.StringVar(&host, "host", "", "pin the VM to this host (default: the alive host with the most free memory)")
-	f.BoolVar(&start, "start", false, "start the VM once prepared")
+	f.BoolVar(&start, "start", false, "start the VM once prepared (waits for prepare; not with --no-wait)")
 	return c
+}
+
+// readPublicKey reads --ssh-key: a file holding one SSH public key.
+func readPublicKey(path string) (string, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return "", usageError("--ssh-key %s: %v (give the path of a public key file, e.g. ~/.ssh/id_ed25519.pub)", path, err)
+	}
+	if !fi.Mode().IsRegular() {
+		return "", usageError("--ssh-key %s is not a regular file (give the path of a public key file, e.g. ~/.ssh/id_ed25519.pub)", path)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", usageError("--ssh-key: %v", err)
+	}
+	key := strings.TrimSpace(string(b))
+	switch {
+	case strings.Contains(key, "PRIVATE KEY"):
+		return "", usageError("--ssh-key %s is a private key; give its public half (%s.pub)", path, path)
+	case key == "" || strings.ContainsAny(key, "\n\r"):
+		return "", usageError("--ssh-key %s must hold exactly one public key line", path)
+	}
+	return key, nil
 }
 
 func (g *globals) lifecycleCmd(action, short string) *cobra.Command {
-	var timeoutS int
-	c := &cobra.Command{
-		Use:   action + " NAME",
-		Short: short,
-		Args:  cobra.ExactArgs(1),
+	return &cobra.Command{
+		Use:               action + " NAME",
+		Short:             short,
+		Args:              nameArg,
+		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			_, err := g.send(cmd.Context(), args[0], action, events.Command{TimeoutS: timeoutS})
+			_, err := g.send(cmd.Context(), args[0], action, events.Command{})
 			return err
 		},
 	}
-	if action == "destroy" {
-		c.Flags().IntVar(&timeoutS, "stop-timeout", 0, "seconds to wait for a clean stop before killing (default: the worker's)")
+}
+
+// stopTimeoutFlag adds --stop-timeout (a duration) and returns a function
+// giving the command's timeout_s.
+func stopTimeoutFlag(c *cobra.Command, what string) func() (int, error) {
+	var d time.Duration
+	c.Flags().DurationVar(&d, "stop-timeout", 0, what+" (a duration such as 30s or 2m; default: the worker's, 30s)")
+	return func() (int, error) {
+		switch {
+		case d < 0:
+			return 0, usageError("--stop-timeout %s must not be negative", d)
+		case d == 0:
+			return 0, nil
+		case d < time.Second:
+			return 0, usageError("--stop-timeout %s is under the 1s resolution of the command", d)
+		}
+		return int(d.Round(time.Second) / time.Second), nil
 	}
-	return c
 }
 
 func (g *globals) stopCmd() *cobra.Command {
-	var timeout time.Duration
 	c := &cobra.Command{
-		Use:   "stop NAME",
-		Short: "stop a VM: ACPI power-off, then forced after --stop-timeout",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cmdBody := events.Command{}
-			if timeout > 0 {
-				cmdBody.TimeoutS = max(1, int(timeout.Seconds()))
-			}
-			_, err := g.send(cmd.Context(), args[0], "stop", cmdBody)
-			return err
-		},
+		Use:               "stop NAME",
+		Short:             "stop a VM: ACPI power-off, then forced after --stop-timeout",
+		Args:              nameArg,
+		ValidArgsFunction: g.completeNames,
 	}
-	c.Flags().DurationVar(&timeout, "stop-timeout", 0, "how long the guest has to power off before it is killed (default 30s)")
+	timeout := stopTimeoutFlag(c, "how long the guest has to power off before it is killed")
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		t, err := timeout()
+		if err != nil {
+			return err
+		}
+		_, err = g.send(cmd.Context(), args[0], "stop", events.Command{TimeoutS: t})
+		return err
+	}
 	return c
 }
 
+func (g *globals) destroyCmd() *cobra.Command {
+	c := &cobra.Command{
+		Use:               "destroy NAME",
+		Short:             "stop a VM and remove everything it has on its host",
+		Args:              nameArg,
+		ValidArgsFunction: g.completeNames,
+	}
+	timeout := stopTimeoutFlag(c, "how long a running guest has to power off before it is killed")
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		t, err := timeout()
+		if err != nil {
+			return err
+		}
+		_, err = g.send(cmd.Context(), args[0], "destroy", events.Command{TimeoutS: t})
+		return err
+	}
+	return c
+}
+
+// completeNames completes VM names from the records bucket.
+func (g *globals) completeNames(cmd *cobra.Command, args []string, prefix string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	if len(args) > 0 {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	if err := g.conn(); err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Second)
+	defer cancel()
+	kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
+	}
+	lister, err := kv.ListKeys(ctx)
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
+	}
+	var names []cobra.Completion
+	for k := range lister.Keys() {
+		if strings.HasPrefix(k, prefix) {
+			names = append(names, k)
+		}
+	}
+	sort.Strings(names)
+	return names, cobra.ShellCompDirectiveNoFileComp
+}
+
 func (g *globals) record(ctx context.Context, name string) (*projection.VmRecord, error) {
+	if err := vm.ValidateName(name); err != nil {
+		return nil, usageError("NAME %q: %s", name, ruleOf(err))
+	}
+	if err := g.conn(); err != nil {
+		return nil, err
+	}
 	kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
 	if err != nil {
 		return nil, fmt.Errorf("opening %s: %w (has the engine ever run on this server?)", g.names.RecordsBucket(), err)
@@ -146,20 +245,51 @@ func (g *globals) record(ctx context.Context, name string) (*projection.VmRecord
 	e, err := kv.Get(ctx, name)
 	if err != nil {
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			return nil, &exitError{code: 1, msg: fmt.Sprintf("no vm named %s (vmctl list shows the VMs)", name)}
+			return nil, &exitError{code: ExitFailed, msg: fmt.Sprintf("no VM named %s (`vmctl list` shows the VMs)", name)}
 		}
 		return nil, err
 	}
 	return projection.Unmarshal(e.Value())
 }
 
+// stateText is the state as people read it: a VM whose process ended
+// without a command is "stopped (exited)", not a clean stop.
+func stateText(r *projection.VmRecord) string {
+	if r.Crashed() {
+		return string(r.State) + " (exited)"
+	}
+	return string(r.State)
+}
+
+// running reports whether the record says the VM's process runs.
+func running(r *projection.VmRecord) bool {
+	return r.State == vm.StateRunning || r.State == vm.StateSuspended
+}
+
+// notRunning is the error for a query that needs a running VM.
+func notRunning(r *projection.VmRecord) error {
+	msg := fmt.Sprintf("vm %s is not running (state %s)", r.Name, r.State)
+	if r.Crashed() {
+		msg = fmt.Sprintf("vm %s is not running: its process exited at %s without a command (%s)", r.Name,
+			r.Exit.Time.Local().Format(time.DateTime), r.Exit.Reason)
+	}
+	switch r.State {
+	case vm.StatePrepared, vm.StateStopped, vm.StateFailed:
+		msg += fmt.Sprintf("; start it with `vmctl start %s`", r.Name)
+	}
+	return &exitError{code: ExitFailed, msg: msg}
+}
+
 func (g *globals) listCmd() *cobra.Command {
 	var all bool
 	c := &cobra.Command{
 		Use:   "list",
-		Short: "list VMs from the VM_RECORDS projection",
-		Args:  cobra.NoArgs,
+		Short: "list VMs from the VM_RECORDS projection, with their guest address",
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := g.conn(); err != nil {
+				return err
+			}
 			recs, err := projection.Load(cmd.Context(), g.js, g.names)
 			if err != nil {
 				return err
@@ -174,15 +304,21 @@ func (g *globals) listCmd() *cobra.Command {
 			if g.json {
 				return g.printJSON(list)
 			}
+			ips := g.guestAddrs(cmd.Context(), list)
 			tw := tabwriter.NewWriter(g.out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tSTATE\tHOST\tBACKEND\tIN FLIGHT\tUPDATED")
-			for _, r := range list {
+			fmt.Fprintln(tw, "NAME\tSTATE\tHOST\tBACKEND\tVCPUS\tMEMORY\tIP\tIN FLIGHT\tUPDATED")
+			for i, r := range list {
 				var inflight []string
 				for _, f := range r.InFlight {
 					inflight = append(inflight, f.Action)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.State, r.Host, r.Backend,
-					strings.Join(inflight, ","), r.UpdatedAt.Local().Format(time.DateTime))
+				vcpus, mem := "-", "-"
+				if r.Handle != nil && r.Handle.Spec != nil {
+					vcpus = strconv.Itoa(r.Handle.Spec.Vcpus)
+					mem = strconv.Itoa(r.Handle.Spec.MemoryMB) + "M"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, stateText(r), r.Host, r.Backend,
+					vcpus, mem, ips[i], orDash(strings.Join(inflight, ",")), r.UpdatedAt.Local().Format(time.DateTime))
 			}
 			return tw.Flush()
 		},
@@ -191,9 +327,46 @@ func (g *globals) listCmd() *cobra.Command {
 	return c
 }
 
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// guestAddrs asks the workers for the address of each running VM, at once
+// and briefly: a list must not hang on one slow host.
+func (g *globals) guestAddrs(ctx context.Context, list []*projection.VmRecord) []string {
+	out := make([]string, len(list))
+	var wg sync.WaitGroup
+	for i, r := range list {
+		out[i] = "-"
+		if !running(r) || r.Host == "" {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			qctx, cancel := context.WithTimeout(ctx, time.Second)
+			defer cancel()
+			var ip events.GuestIPReply
+			if err := g.query(qctx, r, "guest_ip", &ip); err != nil || ip.IP == "" {
+				out[i] = "?"
+				return
+			}
+			out[i] = ip.IP
+			if ip.Port != 0 {
+				out[i] = net.JoinHostPort(ip.IP, strconv.Itoa(ip.Port))
+			}
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
 // query asks the worker on the VM's host.
 func (g *globals) query(ctx context.Context, r *projection.VmRecord, endpoint string, out any) error {
-	req, _ := json.Marshal(worker.QueryRequest{VM: r.Name})
+	req, _ := json.Marshal(events.QueryRequest{VM: r.Name})
 	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	m, err := g.nc.RequestWithContext(qctx, g.names.Query(r.Host)+"."+endpoint, req)
@@ -208,15 +381,16 @@ func (g *globals) query(ctx context.Context, r *projection.VmRecord, endpoint st
 
 func (g *globals) statusCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "status NAME",
-		Short: "show a VM's record and its live state from the worker",
-		Args:  cobra.ExactArgs(1),
+		Use:               "status NAME",
+		Short:             "show a VM's record and its live state from the worker",
+		Args:              nameArg,
+		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			r, err := g.record(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
-			var live worker.StateReply
+			var live events.StateReply
 			liveErr := error(nil)
 			if r.State != vm.StateDestroyed {
 				liveErr = g.query(cmd.Context(), r, "state", &live)
@@ -232,7 +406,10 @@ func (g *globals) statusCmd() *cobra.Command {
 			}
 			tw := tabwriter.NewWriter(g.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintf(tw, "name:\t%s\n", r.Name)
-			fmt.Fprintf(tw, "state:\t%s\n", r.State)
+			fmt.Fprintf(tw, "state:\t%s\n", stateText(r))
+			if r.Crashed() {
+				fmt.Fprintf(tw, "exited:\tat %s without a command: %s\n", r.Exit.Time.Local().Format(time.RFC3339), r.Exit.Reason)
+			}
 			switch {
 			case liveErr != nil:
 				fmt.Fprintf(tw, "live state:\tunknown (%v)\n", liveErr)
@@ -246,17 +423,27 @@ func (g *globals) statusCmd() *cobra.Command {
 			}
 			if h := r.Handle; h != nil {
 				fmt.Fprintf(tw, "handle:\t%s\n", h.ID)
-				if h.PID != 0 {
-					fmt.Fprintf(tw, "pid:\t%d\n", h.PID)
+				if s := h.Spec; s != nil {
+					fmt.Fprintf(tw, "vcpus:\t%d\n", s.Vcpus)
+					fmt.Fprintf(tw, "memory:\t%d MiB\n", s.MemoryMB)
 				}
-				if h.Accel != "" {
-					fmt.Fprintf(tw, "accel:\t%s\n", h.Accel)
-				}
-				if h.VNC != "" {
-					fmt.Fprintf(tw, "vnc:\t%s\n", h.VNC)
-				}
-				if h.SSHPort != 0 {
-					fmt.Fprintf(tw, "ssh:\t127.0.0.1:%d\n", h.SSHPort)
+				// Process details only while it runs: after a stop they
+				// are stale (the forwarded port may belong to another VM).
+				if running(r) {
+					if h.PID != 0 {
+						fmt.Fprintf(tw, "pid:\t%d\n", h.PID)
+					}
+					if h.Accel != "" {
+						fmt.Fprintf(tw, "accel:\t%s\n", h.Accel)
+					}
+					if h.VNC != "" {
+						fmt.Fprintf(tw, "vnc:\t%s\n", h.VNC)
+					}
+					if h.SSHPort != 0 {
+						fmt.Fprintf(tw, "ssh:\t127.0.0.1:%d (on host %s)\n", h.SSHPort, r.Host)
+					}
+				} else {
+					fmt.Fprintf(tw, "process:\tnot running\n")
 				}
 			}
 			if r.LastError != "" {
@@ -271,15 +458,19 @@ func (g *globals) statusCmd() *cobra.Command {
 
 func (g *globals) ipCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "ip NAME",
-		Short: "print the guest's address (user networking: 127.0.0.1 and the forwarded SSH port)",
-		Args:  cobra.ExactArgs(1),
+		Use:               "ip NAME",
+		Short:             "print the guest's address (user networking: 127.0.0.1 and the forwarded SSH port on the VM's host)",
+		Args:              nameArg,
+		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			r, err := g.record(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
-			var ip worker.GuestIPReply
+			if !running(r) {
+				return notRunning(r)
+			}
+			var ip events.GuestIPReply
 			if err := g.query(cmd.Context(), r, "guest_ip", &ip); err != nil {
 				return err
 			}
@@ -300,15 +491,18 @@ func (g *globals) eventsCmd() *cobra.Command {
 	var follow bool
 	var last int
 	c := &cobra.Command{
-		Use:   "events [NAME]",
-		Short: "print events (of one VM, or all), and with --follow keep printing new ones",
-		Args:  cobra.MaximumNArgs(1),
+		Use:               "events [NAME]",
+		Short:             "print events (of one VM, or all), and with --follow keep printing new ones",
+		ValidArgsFunction: g.completeNames,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return nil
+			}
+			return nameArg(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			subj := g.names.Events()
 			if len(args) == 1 {
-				if err := vm.ValidateName(args[0]); err != nil {
-					return &exitError{code: 2, msg: err.Error()}
-				}
 				subj = g.names.VMEvents(args[0])
 			}
 			return g.streamEvents(cmd.Context(), subj, follow, last, false)
@@ -321,19 +515,20 @@ func (g *globals) eventsCmd() *cobra.Command {
 
 func (g *globals) historyCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "history NAME",
-		Short: "print every event of one VM, oldest first",
-		Args:  cobra.ExactArgs(1),
+		Use:               "history NAME",
+		Short:             "print every event of one VM, oldest first",
+		Args:              nameArg,
+		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := vm.ValidateName(args[0]); err != nil {
-				return &exitError{code: 2, msg: err.Error()}
-			}
 			return g.streamEvents(cmd.Context(), g.names.VMEvents(args[0]), false, 0, true)
 		},
 	}
 }
 
 func (g *globals) streamEvents(ctx context.Context, subj string, follow bool, last int, withSeq bool) error {
+	if err := g.conn(); err != nil {
+		return err
+	}
 	st, err := g.js.Stream(ctx, g.names.EventsStream())
 	if err != nil {
 		return fmt.Errorf("opening %s: %w", g.names.EventsStream(), err)

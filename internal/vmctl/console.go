@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -31,9 +32,10 @@ func (g *globals) consoleEndpoint(ctx context.Context, name string) (vm.ConsoleE
 
 func (g *globals) consoleCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "console NAME",
-		Short: "attach this terminal to the VM's serial console (detach with Ctrl-])",
-		Args:  cobra.ExactArgs(1),
+		Use:               "console NAME",
+		Short:             "attach this terminal to the VM's serial console (detach with Ctrl-])",
+		Args:              nameArg,
+		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ep, err := g.consoleEndpoint(cmd.Context(), args[0])
 			if err != nil {
@@ -108,32 +110,130 @@ func dialConsole(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWriteCloser
 }
 
 func (g *globals) logCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "log NAME",
-		Short: "print the VM's console log",
-		Args:  cobra.ExactArgs(1),
+	var follow bool
+	var tail int
+	c := &cobra.Command{
+		Use:               "log NAME",
+		Short:             "print the VM's console log (-f: keep printing what the guest writes)",
+		Args:              nameArg,
+		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if tail < -1 {
+				return usageError("--tail %d: give a number of lines, or -1 for all", tail)
+			}
 			ep, err := g.consoleEndpoint(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
-			return printConsoleLog(cmd.Context(), ep, g.out)
+			return printConsoleLog(cmd.Context(), ep, g.out, tail, follow)
 		},
+	}
+	c.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output until interrupted")
+	c.Flags().IntVarP(&tail, "tail", "n", -1, "print only the last N lines first (-1: all)")
+	return c
+}
+
+// followEvery is how often a followed log is polled for new output.
+const followEvery = 200 * time.Millisecond
+
+func printConsoleLog(ctx context.Context, ep vm.ConsoleEndpoint, out io.Writer, tail int, follow bool) error {
+	switch {
+	case ep.LogPath != "":
+		return printLogFile(ctx, ep.LogPath, out, tail, follow)
+	case ep.Kind == vm.ConsoleWebSocket:
+		var buf bytes.Buffer
+		next, err := printWebSocketHistory(ctx, ep, &buf, 0)
+		if err != nil {
+			return err
+		}
+		if _, err := out.Write(lastLines(buf.Bytes(), tail)); err != nil || !follow {
+			return err
+		}
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(followEvery):
+			}
+			if next, err = printWebSocketHistory(ctx, ep, out, next); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
+			}
+		}
+	}
+	return fmt.Errorf("this VM keeps no console log (console kind %q)", ep.Kind)
+}
+
+// printLogFile prints a log file (its last tail lines when tail >= 0) and,
+// with follow, what is appended to it until ctx ends. A file that shrinks
+// (rotated or truncated) is read again from its start.
+func printLogFile(ctx context.Context, path string, out io.Writer, tail int, follow bool) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("reading the console log: %w (vmctl log must run on the VM's host)", err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return fmt.Errorf("reading the console log: %w", err)
+	}
+	if _, err := out.Write(lastLines(b, tail)); err != nil || !follow {
+		return err
+	}
+	off := int64(len(b))
+	buf := make([]byte, 64<<10)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(followEvery):
+		}
+		fi, err := f.Stat()
+		if err != nil {
+			return fmt.Errorf("following the console log: %w", err)
+		}
+		if fi.Size() < off {
+			off = 0
+		}
+		for off < fi.Size() {
+			n, err := f.ReadAt(buf, off)
+			if n > 0 {
+				if _, werr := out.Write(buf[:n]); werr != nil {
+					return werr
+				}
+				off += int64(n)
+			}
+			if err != nil {
+				break
+			}
+		}
 	}
 }
 
-func printConsoleLog(ctx context.Context, ep vm.ConsoleEndpoint, out io.Writer) error {
-	switch {
-	case ep.LogPath != "":
-		f, err := os.Open(ep.LogPath)
-		if err != nil {
-			return fmt.Errorf("reading the console log: %w (vmctl log must run on the VM's host)", err)
-		}
-		defer f.Close()
-		_, err = io.Copy(out, f)
-		return err
-	case ep.Kind == vm.ConsoleWebSocket:
-		return printWebSocketHistory(ctx, ep, out)
+// lastLines returns the last n lines of b (all of b when n < 0).
+func lastLines(b []byte, n int) []byte {
+	if n < 0 {
+		return b
 	}
-	return fmt.Errorf("this VM keeps no console log (console kind %q)", ep.Kind)
+	end := len(b)
+	if end > 0 && b[end-1] == '\n' {
+		end--
+	}
+	i := end
+	for ; n > 0 && i > 0; n-- {
+		j := bytes.LastIndexByte(b[:i], '\n')
+		if j < 0 {
+			return b
+		}
+		i = j
+		if n == 1 {
+			return b[i+1:]
+		}
+	}
+	if n > 0 {
+		return b
+	}
+	return b[len(b):]
 }

@@ -11,29 +11,51 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
+// Exit codes, as the README lists them.
+const (
+	ExitOK          = 0
+	ExitFailed      = 1 // rejected, failed, or an error talking to NATS
+	ExitUsage       = 2 // bad arguments
+	ExitNoResult    = 3 // no engine is deciding commands, or no result within --timeout
+	ExitInterrupted = 130
+)
+
+// Version is set at link time (-ldflags "-X ...vmctl.Version=v1.2.3");
+// otherwise the module version and VCS revision from the build info are used.
+var Version = ""
+
 // globals are the connection and output flags every subcommand shares.
 type globals struct {
-	server  string
-	creds   string
-	prefix  string
-	json    bool
-	noWait  bool
-	timeout time.Duration
+	server   string
+	creds    string
+	prefix   string
+	json     bool
+	noWait   bool
+	timeout  time.Duration
+	progress string
 
 	out, errOut io.Writer
 	nc          *nats.Conn
 	js          jetstream.JetStream
 	names       events.Names
+	// ran is set once flags and arguments parsed and a command began: an
+	// error before that is a usage error.
+	ran bool
 }
 
 // exitError carries an exit code without printing usage.
@@ -44,19 +66,37 @@ type exitError struct {
 
 func (e *exitError) Error() string { return e.msg }
 
-// Main runs vmctl with args and returns the exit code.
+func usageError(format string, args ...any) error {
+	return &exitError{code: ExitUsage, msg: fmt.Sprintf(format, args...)}
+}
+
+// Main runs vmctl with args and returns the exit code. SIGINT and SIGTERM
+// cancel the command in progress.
 func Main(args []string, out, errOut io.Writer) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return Run(ctx, args, out, errOut)
+}
+
+// Run is Main under ctx: cancelling ctx is the user's Ctrl-C.
+func Run(ctx context.Context, args []string, out, errOut io.Writer) int {
 	g := &globals{out: out, errOut: errOut}
 	root := &cobra.Command{
 		Use:   "vmctl",
 		Short: "vmherd's command-line client",
 		Long: `vmctl publishes lifecycle commands to vmherd over NATS and waits for their
 result events. It connects like the nats CLI: --server, else NATS_URL, else
-nats://127.0.0.1:4222.`,
+nats://127.0.0.1:4222.
+
+Exit codes: 0 done, 1 rejected or failed, 2 bad arguments, 3 no engine is
+deciding commands or no result within --timeout, 130 interrupted.`,
+		Version:       version(),
 		SilenceUsage:  true,
 		SilenceErrors: true,
-		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
-			return g.connect()
+		PersistentPreRunE: func(*cobra.Command, []string) error {
+			g.ran = true
+			g.names = events.Names{Prefix: g.prefix}
+			return nil
 		},
 		PersistentPostRun: func(*cobra.Command, []string) {
 			if g.nc != nil {
@@ -64,6 +104,10 @@ nats://127.0.0.1:4222.`,
 			}
 		},
 	}
+	root.SetVersionTemplate("vmctl {{.Version}}\n")
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return usageError("%v\nRun '%s --help' for usage.", err, c.CommandPath())
+	})
 	def := os.Getenv("NATS_URL")
 	if def == "" {
 		def = "nats://127.0.0.1:4222"
@@ -75,6 +119,7 @@ nats://127.0.0.1:4222.`,
 	pf.BoolVar(&g.json, "json", false, "print JSON for scripts")
 	pf.BoolVar(&g.noWait, "no-wait", false, "return once the command is stored, without waiting for its result")
 	pf.DurationVar(&g.timeout, "timeout", 5*time.Minute, "how long to wait for a result")
+	pf.StringVar(&g.progress, "progress", "auto", "show what vmctl waits for: auto (on a terminal), always or never")
 
 	root.AddCommand(
 		g.createCmd(),
@@ -82,7 +127,7 @@ nats://127.0.0.1:4222.`,
 		g.stopCmd(),
 		g.lifecycleCmd("suspend", "pause a running VM"),
 		g.lifecycleCmd("resume", "continue a suspended VM"),
-		g.lifecycleCmd("destroy", "stop a VM and remove everything it has on its host"),
+		g.destroyCmd(),
 		g.listCmd(),
 		g.statusCmd(),
 		g.ipCmd(),
@@ -94,23 +139,93 @@ nats://127.0.0.1:4222.`,
 	root.SetArgs(args)
 	root.SetOut(out)
 	root.SetErr(errOut)
-	if err := root.Execute(); err != nil {
-		var ee *exitError
-		if errors.As(err, &ee) {
-			if ee.msg != "" {
-				fmt.Fprintln(errOut, "vmctl:", ee.msg)
-			}
-			return ee.code
-		}
-		fmt.Fprintln(errOut, "vmctl:", err)
-		return 1
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return ExitOK
 	}
-	return 0
+	var ee *exitError
+	switch {
+	case errors.As(err, &ee):
+	case !g.ran:
+		// Cobra's own parse errors: unknown command, wrong arguments.
+		ee = &exitError{code: ExitUsage, msg: err.Error() + "\nRun 'vmctl --help' for usage."}
+	default:
+		ee = &exitError{code: ExitFailed, msg: err.Error()}
+	}
+	if ee.msg != "" {
+		fmt.Fprintln(errOut, "vmctl:", ee.msg)
+	}
+	return ee.code
+}
+
+func version() string {
+	if Version != "" {
+		return Version
+	}
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "unknown"
+	}
+	v := bi.Main.Version
+	var rev, dirty string
+	for _, s := range bi.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			if s.Value == "true" {
+				dirty = ", modified"
+			}
+		}
+	}
+	if len(rev) > 12 {
+		rev = rev[:12]
+	}
+	if rev != "" {
+		v += " (" + rev + dirty + ")"
+	}
+	return v + " " + bi.GoVersion
+}
+
+// nameArg accepts exactly one VM name; a missing or extra argument is a
+// usage error, and a name that breaks the rule is one too.
+func nameArg(cmd *cobra.Command, args []string) error {
+	if len(args) != 1 {
+		return usageError("%s needs exactly one VM name (got %d arguments)\nUsage: %s", cmd.Name(), len(args), cmd.UseLine())
+	}
+	if err := vm.ValidateName(args[0]); err != nil {
+		return usageError("NAME %q: %s", args[0], ruleOf(err))
+	}
+	return nil
+}
+
+func ruleOf(err error) string {
+	var fe *vm.FieldError
+	if errors.As(err, &fe) {
+		return fe.Rule
+	}
+	return err.Error()
+}
+
+func noArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usageError("%s takes no arguments (got %q)\nUsage: %s", cmd.Name(), args, cmd.UseLine())
+	}
+	return nil
+}
+
+// conn connects on first use, so that usage errors come first and help,
+// version and completion scripts work without a server.
+func (g *globals) conn() error {
+	if g.js != nil {
+		return nil
+	}
+	return g.connect()
 }
 
 func (g *globals) connect() error {
 	g.names = events.Names{Prefix: g.prefix}
-	opts := []nats.Option{nats.Name("vmctl"), nats.Timeout(5 * time.Second)}
+	opts := []nats.Option{nats.Name("vmctl"), nats.Timeout(2 * time.Second)}
 	if g.creds != "" {
 		opts = append(opts, nats.UserCredentials(g.creds))
 	}
@@ -133,11 +248,51 @@ func newCommandID() string {
 	return "vmctl-" + hex.EncodeToString(b[:])
 }
 
+// engineServing tells whether an engine is deciding commands: every
+// running engine keeps pull requests open on the shared command consumer,
+// and they vanish with its connection. It samples for up to within (a
+// busy engine renews its pulls), and on false says why.
+func (g *globals) engineServing(ctx context.Context, within time.Duration) (bool, string, error) {
+	deadline := time.Now().Add(within)
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		c, err := g.js.Consumer(cctx, g.names.CommandsStream(), g.names.CommandConsumer())
+		var info *jetstream.ConsumerInfo
+		if err == nil {
+			info = c.CachedInfo()
+		}
+		cancel()
+		switch {
+		case errors.Is(err, jetstream.ErrStreamNotFound):
+			return false, fmt.Sprintf("stream %s does not exist: no vmherd engine has run on %s", g.names.CommandsStream(), g.server), nil
+		case errors.Is(err, jetstream.ErrConsumerNotFound):
+			return false, fmt.Sprintf("no engine has ever consumed %s on %s", g.names.CommandsStream(), g.server), nil
+		case err != nil:
+			return false, "", fmt.Errorf("asking for the engines' command consumer: %w", err)
+		case info.NumWaiting > 0:
+			return true, "", nil
+		}
+		if time.Now().After(deadline) {
+			return false, fmt.Sprintf("no engine is consuming commands on %s (the command consumer %q has no active pull request)", g.server, g.names.CommandConsumer()), nil
+		}
+		select {
+		case <-ctx.Done():
+			return false, "", ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// watchHint is how to follow a stored command.
+func watchHint(name string) string {
+	return fmt.Sprintf("watch it with `vmctl events %s --follow` or `vmctl history %s`", name, name)
+}
+
 // send publishes a command and, unless --no-wait, waits for its result.
-// It returns the final event (the accepted one with --no-wait).
+// It returns the final event (nil with --no-wait).
 func (g *globals) send(ctx context.Context, name, action string, cmd events.Command) (*events.Event, error) {
 	if err := vm.ValidateName(name); err != nil {
-		return nil, &exitError{code: 2, msg: err.Error()}
+		return nil, usageError("NAME %q: %s", name, ruleOf(err))
 	}
 	if cmd.CommandID == "" {
 		cmd.CommandID = newCommandID()
@@ -145,6 +300,16 @@ func (g *globals) send(ctx context.Context, name, action string, cmd events.Comm
 	body, err := json.Marshal(cmd)
 	if err != nil {
 		return nil, err
+	}
+	if err := g.conn(); err != nil {
+		return nil, err
+	}
+	serving, why, err := g.engineServing(ctx, time.Second)
+	if err != nil {
+		return nil, err
+	}
+	if !serving && !g.noWait {
+		return nil, &exitError{code: ExitNoResult, msg: fmt.Sprintf("%s; nothing was sent.\nhelp: start the engine (`engine --with-worker`), or send with --no-wait to store the command for when an engine starts", why)}
 	}
 	// Read the VM's events from the stream, starting after its current end,
 	// so that only stored events count: a core subscription can see an event
@@ -168,15 +333,25 @@ func (g *globals) send(ctx context.Context, name, action string, cmd events.Comm
 	}
 	ack, err := g.js.Publish(ctx, g.names.Command(name, action), body, jetstream.WithMsgID(cmd.CommandID))
 	if err != nil {
-		return nil, fmt.Errorf("publishing %s for %s: %w", action, name, err)
+		return nil, fmt.Errorf("publishing %s for %s: %w (nothing was stored)", action, name, err)
 	}
 	if g.noWait {
+		if !serving {
+			fmt.Fprintf(g.errOut, "vmctl: warning: %s; the command is stored and will be applied when an engine starts\n", why)
+		}
 		g.printf("%s %s: stored as command %s (seq %d)\n", action, name, cmd.CommandID, ack.Sequence)
 		if g.json {
 			return nil, g.printJSON(map[string]any{"vm": name, "action": action, "command_id": cmd.CommandID, "seq": ack.Sequence})
 		}
 		return nil, nil
 	}
+	return g.wait(ctx, cons, name, action, cmd.CommandID)
+}
+
+// wait follows the VM's events until the command's result (or rejection),
+// showing progress on a terminal, and says what became of the stored
+// command when it stops waiting early.
+func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name, action, id string) (*events.Event, error) {
 	wctx, cancel := context.WithTimeout(ctx, g.timeout)
 	defer cancel()
 	it, err := cons.Messages()
@@ -186,33 +361,175 @@ func (g *globals) send(ctx context.Context, name, action string, cmd events.Comm
 	defer it.Stop()
 	stop := context.AfterFunc(wctx, it.Stop)
 	defer stop()
-	for {
-		m, err := it.Next()
-		if err != nil {
-			if wctx.Err() != nil {
-				err = wctx.Err()
+	evc := make(chan *events.Event)
+	errc := make(chan error, 1)
+	go func() {
+		for {
+			m, err := it.Next()
+			if err != nil {
+				errc <- err
+				return
 			}
-			return nil, &exitError{code: 3, msg: fmt.Sprintf("no result for %s %s (command %s) within %s: %v; `vmctl history %s` shows what happened", action, name, cmd.CommandID, g.timeout, err, name)}
+			ev, err := events.Decode(m.Data())
+			if err != nil || ev.CommandID != id {
+				continue
+			}
+			select {
+			case evc <- ev:
+			case <-wctx.Done():
+				return
+			}
 		}
-		ev, err := events.Decode(m.Data())
-		if err != nil || ev.CommandID != cmd.CommandID {
+	}()
+
+	p := g.newProgress(fmt.Sprintf("%s %s", action, name))
+	defer p.clear()
+	p.waitingFor("the engine's decision")
+	var accepted *events.Event
+	idle := 0 // consecutive seconds without an engine pulling commands
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	stored := func() string {
+		if accepted != nil {
+			return fmt.Sprintf("%s %s was accepted (command %s) and will still be carried out; %s", action, name, id, watchHint(name))
+		}
+		return fmt.Sprintf("%s %s is stored as command %s and will still be decided; %s", action, name, id, watchHint(name))
+	}
+	for {
+		select {
+		case ev := <-evc:
+			switch {
+			case ev.Type == events.TypeRejected:
+				p.clear()
+				g.printEvent(ev)
+				return ev, g.rejected(ctx, name, action, ev)
+			case ev.Type == events.TypeAccepted:
+				accepted = ev
+				p.clear()
+				if !g.json {
+					g.printf("%s %s: accepted on host %s (%s)\n", action, name, ev.Host, ev.State)
+				}
+				p.waitingFor(fmt.Sprintf("the result from the worker on host %s", ev.Host))
+			case ev.Type == events.TypeFailed:
+				p.clear()
+				g.printEvent(ev)
+				return ev, &exitError{code: ExitFailed, msg: fmt.Sprintf("%s %s failed: %s", action, name, flagWords(ev.Error))}
+			case ev.Type.IsResult():
+				p.clear()
+				g.printEvent(ev)
+				return ev, nil
+			}
+		case err := <-errc:
+			if wctx.Err() == nil {
+				return nil, fmt.Errorf("reading %s's events: %w; %s", name, err, stored())
+			}
+			// The iterator stopped because wctx ended: handled below.
+			<-wctx.Done()
+		case <-wctx.Done():
+		case <-tick.C:
+			if accepted == nil {
+				// Before the decision, an engine that went away is worth
+				// saying at once rather than after --timeout.
+				if ok, why, err := g.engineServing(wctx, 0); err == nil && !ok {
+					if idle++; idle >= 3 {
+						p.clear()
+						return nil, &exitError{code: ExitNoResult, msg: fmt.Sprintf("%s; %s once an engine runs", why, stored())}
+					}
+				} else {
+					idle = 0
+				}
+			}
+			p.show()
 			continue
 		}
-		switch {
-		case ev.Type == events.TypeRejected:
-			g.printEvent(ev)
-			return ev, &exitError{code: 1, msg: fmt.Sprintf("%s %s rejected: %s", action, name, ev.Reason)}
-		case ev.Type == events.TypeAccepted:
-			if !g.json {
-				g.printf("%s %s: accepted on host %s (%s)\n", action, name, ev.Host, ev.State)
-			}
-		case ev.Type == events.TypeFailed:
-			g.printEvent(ev)
-			return ev, &exitError{code: 1, msg: fmt.Sprintf("%s %s failed: %s", action, name, ev.Error)}
-		case ev.Type.IsResult():
-			g.printEvent(ev)
-			return ev, nil
+		if wctx.Err() == nil {
+			continue
 		}
+		p.clear()
+		if ctx.Err() != nil {
+			return nil, &exitError{code: ExitInterrupted, msg: "interrupted: " + stored()}
+		}
+		return nil, &exitError{code: ExitNoResult, msg: fmt.Sprintf("no result within --timeout %s: %s", g.timeout, stored())}
+	}
+}
+
+// rejected explains a rejection, leading with "no VM named X" when the VM
+// has never existed.
+func (g *globals) rejected(ctx context.Context, name, action string, ev *events.Event) error {
+	reason := flagWords(ev.Reason)
+	if action != "prepare" {
+		if r, err := g.record(ctx, name); err != nil || !r.Exists() {
+			var ee *exitError
+			if err == nil || errors.As(err, &ee) {
+				return &exitError{code: ExitFailed, msg: fmt.Sprintf("no VM named %s (`vmctl list` shows the VMs; create one with `vmctl create %s`); the engine rejected %s: %s", name, name, action, reason)}
+			}
+		}
+	}
+	return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s %s rejected: %s", action, name, reason)}
+}
+
+// wireToFlag names the user's flags instead of wire fields in messages.
+var wireToFlag = strings.NewReplacer(
+	"spec.cloud_init.network_config", "--network-config",
+	"spec.cloud_init.user_data", "--cloud-init",
+	"spec.network.bridge", "--bridge",
+	"spec.network.name", "--network vnic:NAME",
+	"spec.network.type", "--network",
+	"spec.network", "--network",
+	"spec.image_path", "--image",
+	"spec.memory_mb", "--memory",
+	"spec.disk_gb", "--disk",
+	"spec.vcpus", "--vcpus",
+	"spec.backend", "--backend",
+	"spec.accel", "--accel",
+	"spec.uefi", "--uefi",
+	"spec.ssh.public_key", "--ssh-key",
+	"spec.ssh.user", "--ssh-user",
+	"timeout_s", "--stop-timeout",
+)
+
+func flagWords(s string) string { return wireToFlag.Replace(s) }
+
+// progress shows, on a terminal, what vmctl is waiting for and since when.
+type progress struct {
+	w     io.Writer
+	on    bool
+	label string
+	what  string
+	since time.Time
+	shown bool
+}
+
+func (g *globals) newProgress(label string) *progress {
+	on := false
+	switch g.progress {
+	case "always":
+		on = true
+	case "never":
+	default:
+		f, ok := g.errOut.(*os.File)
+		on = ok && term.IsTerminal(int(f.Fd()))
+	}
+	return &progress{w: g.errOut, on: on && !g.json, label: label}
+}
+
+func (p *progress) waitingFor(what string) {
+	p.what, p.since = what, time.Now()
+}
+
+func (p *progress) show() {
+	if !p.on {
+		return
+	}
+	fmt.Fprintf(p.w, "\r\033[K%s: waiting for %s since %s (%s)", p.label, p.what,
+		p.since.Format("15:04:05"), time.Since(p.since).Round(time.Second))
+	p.shown = true
+}
+
+func (p *progress) clear() {
+	if p.shown {
+		fmt.Fprint(p.w, "\r\033[K")
+		p.shown = false
 	}
 }
 

@@ -145,32 +145,38 @@ func (c *wsConsole) Close() error {
 
 // printWebSocketHistory prints the console output propolis-server keeps
 // for the VM's instance (GET /instance/serial/history), oldest first.
-func printWebSocketHistory(ctx context.Context, ep vm.ConsoleEndpoint, out io.Writer) error {
+// printWebSocketHistory writes the Propolis serial history from byte
+// offset from on, and returns the offset to continue from.
+func printWebSocketHistory(ctx context.Context, ep vm.ConsoleEndpoint, out io.Writer, from uint64) (uint64, error) {
 	u, err := url.Parse(ep.URL)
 	if err != nil {
-		return fmt.Errorf("console endpoint %q: %w", ep.URL, err)
+		return from, fmt.Errorf("console endpoint %q: %w", ep.URL, err)
 	}
 	c := api.New(u.Host)
 	all := uint64(1 << 30)
 	q := api.HistoryQuery{MostRecent: &all}
+	if from > 0 {
+		q = api.HistoryQuery{FromStart: &from}
+	}
 	for {
 		h, err := c.SerialHistory(ctx, q)
 		if err != nil {
 			if api.StatusOf(err) == http.StatusFailedDependency {
-				return fmt.Errorf("no console log: the VM's propolis instance is not running, and propolis-server keeps the log only while it runs: %w", err)
+				return from, fmt.Errorf("no console log: the VM's propolis instance is not running, and propolis-server keeps the log only while it runs: %w", err)
 			}
-			return fmt.Errorf("reading the console log: %w", err)
+			return from, fmt.Errorf("reading the console log: %w", err)
 		}
 		if _, err := out.Write(h.Data); err != nil {
-			return err
+			return from, err
 		}
 		if len(h.Data) == 0 {
-			return nil
+			return from, nil
 		}
 		next := h.LastByteOffset
 		if q.FromStart != nil && next <= *q.FromStart {
-			return nil
+			return from, nil
 		}
+		from = next
 		q = api.HistoryQuery{FromStart: &next}
 	}
 }

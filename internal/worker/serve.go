@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/vm"
@@ -68,27 +69,6 @@ func (w *Worker) heartbeat(ctx context.Context) error {
 	}
 }
 
-// QueryRequest is the body of a query: which VM.
-type QueryRequest struct {
-	VM string `json:"vm"`
-}
-
-// StateReply answers the state query.
-type StateReply struct {
-	VM     string      `json:"vm"`
-	Host   string      `json:"host"`
-	State  vm.VmState  `json:"state"`
-	Handle vm.VmHandle `json:"handle"`
-}
-
-// GuestIPReply answers the guest_ip query. Port is set for user networking,
-// where the guest's SSH port is forwarded to IP:Port on the host.
-type GuestIPReply struct {
-	VM   string `json:"vm"`
-	IP   string `json:"ip"`
-	Port int    `json:"port,omitempty"`
-}
-
 // ServiceName is the micro service every worker registers (`nats micro ls`).
 const ServiceName = "vmherd-worker"
 
@@ -105,7 +85,7 @@ func (w *Worker) startQueries() (micro.Service, error) {
 	g := svc.AddGroup(w.cfg.Names.Query(w.cfg.Host))
 	add := func(name string, fn func(ctx context.Context, h vm.VmHandle) (any, error)) error {
 		return g.AddEndpoint(name, micro.HandlerFunc(func(req micro.Request) {
-			var q QueryRequest
+			var q events.QueryRequest
 			if err := json.Unmarshal(req.Data(), &q); err != nil || vm.ValidateName(q.VM) != nil {
 				_ = req.Error("400", `request must be {"vm":"<valid vm name>"}`, nil)
 				return
@@ -137,14 +117,14 @@ func (w *Worker) startQueries() (micro.Service, error) {
 			if err != nil {
 				return nil, err
 			}
-			return StateReply{VM: h.Name, Host: w.cfg.Host, State: st, Handle: h}, nil
+			return events.StateReply{VM: h.Name, Host: w.cfg.Host, State: st, Handle: h}, nil
 		}),
 		add("guest_ip", func(ctx context.Context, h vm.VmHandle) (any, error) {
 			ip, err := w.cfg.Router.GuestIP(ctx, h)
 			if err != nil {
 				return nil, err
 			}
-			r := GuestIPReply{VM: h.Name, IP: ip}
+			r := events.GuestIPReply{VM: h.Name, IP: ip}
 			if h.Spec == nil || h.Spec.Network == nil || h.Spec.Network.Type == vm.NetworkUser {
 				r.Port = h.SSHPort
 			}
