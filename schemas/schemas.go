@@ -128,10 +128,10 @@ func Names() []string {
 	return slices.Clone(names)
 }
 
-// actions are the command actions, in DESIGN.md order.
+// actions are the command actions, in docs/contract.md order.
 var actions = []string{"prepare", "start", "stop", "suspend", "resume", "destroy"}
 
-// eventTypes are the event types, in DESIGN.md order.
+// eventTypes are the event types, in docs/contract.md order.
 var eventTypes = []string{"accepted", "rejected", "prepared", "started", "stopped",
 	"suspended", "resumed", "destroyed", "failed", "exited"}
 

@@ -67,6 +67,14 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	if err := os.MkdirAll(o.DataDir, 0o755); err != nil {
 		return fmt.Errorf("data dir %s: %w (choose another with --data-dir)", o.DataDir, err)
 	}
+	// One engine per data dir, whether it embeds the server (JetStream store)
+	// or not (engine id, projection checkpoint, local worker's VM dirs):
+	// taken before anything in the dir is touched, held until we return.
+	lock, err := LockDataDir(o.DataDir)
+	if err != nil {
+		return fmt.Errorf("engine: %w", err)
+	}
+	defer lock.Release()
 	if o.ID == "" {
 		if o.ID, err = engineID(o.DataDir); err != nil {
 			return err
@@ -80,7 +88,7 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 			ServerName: "vmherd-" + o.ID, Logger: log,
 		})
 		if err != nil {
-			return err
+			return fmt.Errorf("engine: %w", err)
 		}
 		defer ns.Stop()
 		url = ns.ClientURL()

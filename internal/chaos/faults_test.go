@@ -1,4 +1,4 @@
-// Package chaos_test proves DESIGN.md's invariants under faults: real
+// Package chaos_test proves the invariants of docs/architecture.md under faults: real
 // engine, worker and nats-server processes, killed and restarted at random
 // moments under a load of 500+ lifecycle commands over 50+ VMs, then
 // checked from the streams themselves (and the Noop backend's effect log).

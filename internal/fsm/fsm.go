@@ -1,4 +1,4 @@
-// Package fsm is the per-VM state machine of DESIGN.md: which command may be
+// Package fsm is the per-VM state machine of docs/contract.md: which command may be
 // accepted in which state, and how a command's result (or an observation
 // such as `exited`) moves the state on. It is pure: no I/O, no clock, no
 // goroutines.
@@ -84,7 +84,7 @@ func ParseResult(s string) (Result, error) {
 const StateAbsent vm.VmState = "absent"
 
 // states lists every state Decide and Apply know, StateAbsent first, in the
-// order DESIGN.md lists them. Allowed and rejection messages use this order.
+// order docs/contract.md lists them. Allowed and rejection messages use this order.
 var states = [...]vm.VmState{
 	StateAbsent,
 	vm.StatePreparing,
@@ -101,7 +101,7 @@ var states = [...]vm.VmState{
 	vm.StateFailed,
 }
 
-// define writes the rules of DESIGN.md "The per-VM state machine" into sm.
+// define writes the rules of docs/contract.md "The per-VM state machine" into sm.
 // It is the single source of truth: the lookup table and the graph are both
 // derived from it.
 func define(sm *stateless.StateMachine) {

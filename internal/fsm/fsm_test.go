@@ -28,7 +28,7 @@ var allStates = []vm.VmState{
 	vm.StateFailed,
 }
 
-// accepts is the DESIGN.md table: for each state, the actions it accepts and
+// accepts is the docs/contract.md table: for each state, the actions it accepts and
 // the in-flight state each leads to. Anything missing is rejected.
 var accepts = map[vm.VmState]map[Action]vm.VmState{
 	StateAbsent:        {ActPrepare: vm.StatePreparing},
@@ -202,7 +202,7 @@ func TestApplyUnknown(t *testing.T) {
 	}
 }
 
-// TestDestroyWinsInFlight is DESIGN.md's "destroy is queued behind the
+// TestDestroyWinsInFlight is docs/contract.md's "destroy is queued behind the
 // in-flight task and wins": every in-flight state but destroying accepts it.
 func TestDestroyWinsInFlight(t *testing.T) {
 	for s := range transitional {

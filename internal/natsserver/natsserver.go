@@ -3,12 +3,15 @@
 package natsserver
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"path/filepath"
 	"strconv"
+	"sync"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -78,19 +81,73 @@ func Start(o Options) (*Server, error) {
 		}
 		opts.SyncInterval = d
 	}
+	// Fail at once, with a clear message, when the address is taken: the
+	// server itself would only log the bind error and never become ready.
+	if err := precheckListen(o.Listen, port); err != nil {
+		return nil, err
+	}
 	ns, err := server.NewServer(opts)
 	if err != nil {
 		return nil, fmt.Errorf("embedded nats: %w", err)
 	}
-	if o.Logger != nil {
-		ns.SetLoggerV2(&slogAdapter{l: o.Logger}, false, false, false)
-	}
+	// The adapter is always installed: it catches the server's fatal start-up
+	// errors (bind failure, JetStream store) so Start can return them.
+	logs := &slogAdapter{l: o.Logger, fatal: make(chan fatal, 1)}
+	ns.SetLoggerV2(logs, false, false, false)
 	go ns.Start()
-	if !ns.ReadyForConnections(30 * time.Second) {
-		ns.Shutdown()
-		return nil, fmt.Errorf("embedded nats: not ready after 30s on %s (is the port in use? pick another with --listen)", o.Listen)
+	// The pre-check's listener is closed before the server binds, so the
+	// port may be taken in between: watch the server's own start as well.
+	deadline := time.Now().Add(readyTimeout)
+	for !ns.ReadyForConnections(50 * time.Millisecond) {
+		select {
+		case f := <-logs.fatal:
+			ns.Shutdown()
+			return nil, f.err(o.Listen)
+		default:
+		}
+		if time.Now().After(deadline) {
+			ns.Shutdown()
+			return nil, fmt.Errorf("embedded nats: not ready after %s on %s (is the port in use? pick another with --listen)", readyTimeout, o.Listen)
+		}
 	}
 	return &Server{Server: ns}, nil
+}
+
+// readyTimeout bounds the server's start (JetStream recovers its store first).
+const readyTimeout = 30 * time.Second
+
+// ListenError is returned by Start when the client address cannot be bound.
+type ListenError struct {
+	Addr string // host:port as given
+	Err  error  // the cause, e.g. one wrapping syscall.EADDRINUSE
+}
+
+func (e *ListenError) Error() string {
+	if errors.Is(e.Err, syscall.EADDRINUSE) {
+		return fmt.Sprintf("listening on %s: address already in use (another engine or nats-server is running there; stop it or choose --listen)", e.Addr)
+	}
+	err := e.Err
+	var op *net.OpError
+	if errors.As(err, &op) && op.Err != nil {
+		err = op.Err // drop "listen tcp <addr>:", the address is said already
+	}
+	return fmt.Sprintf("listening on %s: %v (choose another address with --listen)", e.Addr, err)
+}
+
+func (e *ListenError) Unwrap() error { return e.Err }
+
+// precheckListen binds addr and lets it go again, so a taken port is
+// reported before the server starts. Port -1 (any) and 0 need no check.
+// A variable so tests can exercise the check after start.
+var precheckListen = func(addr string, port int) error {
+	if port <= 0 {
+		return nil
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return &ListenError{Addr: addr, Err: err}
+	}
+	return l.Close()
 }
 
 // Stop shuts the server down and waits for it.
@@ -99,11 +156,52 @@ func (s *Server) Stop() {
 	s.WaitForShutdown()
 }
 
-type slogAdapter struct{ l *slog.Logger }
+// fatal is a fatal error the server logged, which ends its start.
+type fatal struct {
+	msg  string
+	errs []error // error arguments of the message
+}
 
-func (a *slogAdapter) Noticef(f string, v ...any) { a.l.Debug(fmt.Sprintf(f, v...), "part", "nats") }
-func (a *slogAdapter) Warnf(f string, v ...any)   { a.l.Warn(fmt.Sprintf(f, v...), "part", "nats") }
-func (a *slogAdapter) Fatalf(f string, v ...any)  { a.l.Error(fmt.Sprintf(f, v...), "part", "nats") }
-func (a *slogAdapter) Errorf(f string, v ...any)  { a.l.Error(fmt.Sprintf(f, v...), "part", "nats") }
-func (a *slogAdapter) Debugf(f string, v ...any)  { a.l.Debug(fmt.Sprintf(f, v...), "part", "nats") }
+// err turns a fatal start-up message into Start's error.
+func (f fatal) err(listen string) error {
+	for _, e := range f.errs {
+		var op *net.OpError
+		if errors.As(e, &op) && op.Op == "listen" {
+			return &ListenError{Addr: listen, Err: e}
+		}
+	}
+	return fmt.Errorf("embedded nats: %s", f.msg)
+}
+
+// slogAdapter passes the server's notices to l (nil: quiet) and hands the
+// first fatal one to fatal.
+type slogAdapter struct {
+	l     *slog.Logger
+	fatal chan fatal
+	once  sync.Once
+}
+
+func (a *slogAdapter) log(level slog.Level, f string, v ...any) {
+	if a.l != nil {
+		a.l.Log(context.Background(), level, fmt.Sprintf(f, v...), "part", "nats")
+	}
+}
+
+func (a *slogAdapter) Noticef(f string, v ...any) { a.log(slog.LevelDebug, f, v...) }
+func (a *slogAdapter) Warnf(f string, v ...any)   { a.log(slog.LevelWarn, f, v...) }
+func (a *slogAdapter) Errorf(f string, v ...any)  { a.log(slog.LevelError, f, v...) }
+func (a *slogAdapter) Debugf(f string, v ...any)  { a.log(slog.LevelDebug, f, v...) }
 func (a *slogAdapter) Tracef(f string, v ...any)  {}
+
+func (a *slogAdapter) Fatalf(f string, v ...any) {
+	a.log(slog.LevelError, f, v...)
+	a.once.Do(func() {
+		ft := fatal{msg: fmt.Sprintf(f, v...)}
+		for _, x := range v {
+			if e, ok := x.(error); ok {
+				ft.errs = append(ft.errs, e)
+			}
+		}
+		a.fatal <- ft // buffered; only the first is sent
+	})
+}

@@ -27,7 +27,7 @@ func (c Counts) String() string {
 		c.Events, c.Accepted, c.Rejected, c.Results, c.Exited, c.Duplicates, c.Lost)
 }
 
-// CheckStreams checks DESIGN.md's invariants from the streams alone:
+// CheckStreams checks the invariants of docs/architecture.md from the streams alone:
 // every accepted command has exactly one result, no command is decided
 // twice, every accepted event is a transition the FSM table allows from the
 // state the VM's earlier events fold to, and every event matches its schema.

@@ -1,6 +1,6 @@
 // Package vm holds vmherd's domain types: what a user asks for (VmSpec),
 // what a backend hands back (VmHandle) and what a VM is doing (VmState).
-// Their JSON forms are the wire contract described in schemas/ and DESIGN.md:
+// Their JSON forms are the wire contract described in schemas/ and docs/contract.md:
 // snake_case fields, lowercase enum strings, optional fields omitted.
 // Decoding ignores fields it does not know so old and new records mix.
 package vm

@@ -21,7 +21,7 @@ const (
 	MaxUserDataSize = 64 << 10 // 64 KiB: NoCloud and Propolis' 1 MiB body both fit
 )
 
-// NamePattern is the VM name rule from DESIGN.md: a subject token and a safe
+// NamePattern is the VM name rule of docs/contract.md: a subject token and a safe
 // directory name.
 const NamePattern = `^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$`
 

@@ -131,6 +131,9 @@ func (w *Worker) Kill() { w.kill() }
 // progress finish and record their results (drain).
 func (w *Worker) Run(ctx context.Context) error {
 	if err := w.adopt(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil // asked to stop while starting: not a failure
+		}
 		return err
 	}
 	svc, err := w.startQueries()
