@@ -102,13 +102,17 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 		return err
 	}
 	defer nc.Close()
-	if err := ensureWithRetry(ctx, js, o.Streams, log); err != nil {
+	if err := ensureStreams(ctx, js, o.Streams, log); err != nil {
 		return err
 	}
-	eng, err := engine.New(ctx, engine.Config{
-		JS: js, Names: o.Streams.Names(), Settings: o.Streams.Settings(), Log: log, ID: o.ID,
-		HostLostAfter: o.HostTimeout, Concurrency: o.Concurrency, AckWait: o.AckWait,
-		StateDir: o.DataDir,
+	var eng *engine.Engine
+	err = events.RetryStartup(ctx, log, "the engine's consumers and buckets", func(sctx context.Context) (err error) {
+		eng, err = engine.New(sctx, engine.Config{
+			JS: js, Names: o.Streams.Names(), Settings: o.Streams.Settings(), Log: log, ID: o.ID,
+			HostLostAfter: o.HostTimeout, Concurrency: o.Concurrency, AckWait: o.AckWait,
+			StateDir: o.DataDir,
+		})
+		return err
 	})
 	if err != nil {
 		return err
@@ -125,7 +129,7 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 			return err
 		}
 		defer c.Close()
-		if w, err = wo.NewWorker(ctx, Connected{NC: c, JS: wjs}, o.Streams, log); err != nil {
+		if w, err = wo.NewWorker(ctx, Connected{NC: c, JS: wjs}, o.Streams.Names(), log); err != nil {
 			return err
 		}
 	}
@@ -143,20 +147,12 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	return err
 }
 
-func ensureWithRetry(ctx context.Context, js jetstream.JetStream, so StreamOptions, log *slog.Logger) error {
-	for attempt := 0; ; attempt++ {
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err := events.Ensure(cctx, js, so.Names(), so.Settings())
-		cancel()
-		if err == nil {
-			return nil
-		}
-		if ctx.Err() != nil || attempt >= 30 {
-			return err
-		}
-		log.Warn("creating streams failed; retrying", "err", err)
-		time.Sleep(time.Second)
-	}
+// ensureStreams creates or updates the streams and buckets: the engine is
+// their only owner.
+func ensureStreams(ctx context.Context, js jetstream.JetStream, so StreamOptions, log *slog.Logger) error {
+	return events.RetryStartup(ctx, log, "creating streams and buckets", func(ctx context.Context) error {
+		return events.Ensure(ctx, js, so.Names(), so.Settings())
+	})
 }
 
 // engineID reads the engine id kept in the data dir, or makes one.

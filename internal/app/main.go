@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/projection"
 )
 
@@ -75,7 +76,7 @@ func WorkerMain(args []string) int {
 	var (
 		wo       WorkerOptions
 		conn     ConnOptions
-		so       StreamOptions
+		prefix   string
 		logLevel string
 	)
 	root := &cobra.Command{
@@ -102,10 +103,7 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 				return err
 			}
 			defer nc.Close()
-			if err := ensureWithRetry(ctx, js, so, log); err != nil {
-				return err
-			}
-			w, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, so, log)
+			w, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, events.Names{Prefix: prefix}, log)
 			if err != nil {
 				return err
 			}
@@ -116,7 +114,8 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 	fs := root.Flags()
 	wo.AddFlags(fs, true)
 	conn.AddFlags(fs, "nats://127.0.0.1:4222")
-	so.AddFlags(fs)
+	// Streams and buckets belong to the engine: a worker only names them.
+	fs.StringVar(&prefix, "prefix", events.DefaultPrefix, "subject prefix of the vmherd installation (the engine's --prefix)")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	root.SetArgs(args)
 	if err := root.Execute(); err != nil {

@@ -146,18 +146,25 @@ type Connected struct {
 }
 
 // NewWorker builds a worker on an existing connection.
-func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, so StreamOptions, log *slog.Logger) (*worker.Worker, error) {
+// It waits (logging what for) until the engine's streams and buckets exist,
+// and never creates or changes them: their settings have one owner.
+func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events.Names, log *slog.Logger) (*worker.Worker, error) {
 	r, err := o.BuildRouter(log)
 	if err != nil {
 		return nil, err
 	}
-	if err := events.Ensure(ctx, c.JS, so.Names(), so.Settings()); err != nil {
+	if err := waitStreams(ctx, c.JS, names, log); err != nil {
 		return nil, err
 	}
-	return worker.New(ctx, worker.Config{
-		NC: c.NC, JS: c.JS, Names: so.Names(), Host: o.Host, Router: r, Log: log,
-		Capacity:       hosts.Resources{Vcpus: o.CapacityVcpus, MemoryMB: o.CapacityMemMB},
-		HeartbeatEvery: o.Heartbeat, AckWait: o.AckWait, Concurrency: o.Concurrency,
-		ReconcileEvery: o.Reconcile,
+	var w *worker.Worker
+	err = events.RetryStartup(ctx, log, "the worker's task consumer", func(sctx context.Context) (err error) {
+		w, err = worker.New(sctx, worker.Config{
+			NC: c.NC, JS: c.JS, Names: names, Host: o.Host, Router: r, Log: log,
+			Capacity:       hosts.Resources{Vcpus: o.CapacityVcpus, MemoryMB: o.CapacityMemMB},
+			HeartbeatEvery: o.Heartbeat, AckWait: o.AckWait, Concurrency: o.Concurrency,
+			ReconcileEvery: o.Reconcile,
+		})
+		return err
 	})
+	return w, err
 }

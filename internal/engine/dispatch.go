@@ -99,7 +99,7 @@ func (e *Engine) dispatchEnd(key string, published bool) {
 // an engine that died between appending an accepted event and publishing
 // its task. It acks an accepted event only once its task is stored.
 func (e *Engine) runDispatcher(ctx context.Context) error {
-	cons, err := e.cfg.JS.CreateOrUpdateConsumer(ctx, e.cfg.Names.EventsStream(), jetstream.ConsumerConfig{
+	cons, err := events.CreateConsumer(ctx, e.cfg.JS, e.log, e.cfg.Names.EventsStream(), jetstream.ConsumerConfig{
 		Durable:       "dispatch",
 		Description:   "vmherd engines: a task for every accepted command",
 		FilterSubject: e.cfg.Names.EventsOfType(events.TypeAccepted),

@@ -138,7 +138,7 @@ func (e *Engine) Run(ctx context.Context) error {
 }
 
 func (e *Engine) runCommands(ctx context.Context) error {
-	cons, err := e.cfg.JS.CreateOrUpdateConsumer(ctx, e.cfg.Names.CommandsStream(), jetstream.ConsumerConfig{
+	cons, err := events.CreateConsumer(ctx, e.cfg.JS, e.log, e.cfg.Names.CommandsStream(), jetstream.ConsumerConfig{
 		Durable:       e.cfg.Names.CommandConsumer(),
 		Description:   "vmherd engines: decide each command once",
 		AckPolicy:     jetstream.AckExplicitPolicy,
@@ -569,5 +569,3 @@ func (e *Engine) observe(name string, rec *projection.VmRecord) {
 	}
 	e.mu.Unlock()
 }
-
-func errorAs(err error, target any) bool { return errors.As(err, target) }

@@ -4,8 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -20,7 +20,12 @@ type Store struct {
 	stream jetstream.Stream
 }
 
-// Ensure creates or updates every stream and bucket; safe to call from every
+// Ensure creates or updates every stream and bucket. Only the engine (and
+// `engine rebuild`) call it: stream and bucket settings have one owner, so a
+// worker or client started with other defaults can never scale an R3
+// stream down or change its limits. Everyone else calls Check.
+//
+// It is safe to call from every
 // process at start-up.
 func Ensure(ctx context.Context, js jetstream.JetStream, n Names, s Settings) error {
 	for _, cfg := range n.StreamConfigs(s) {
@@ -152,9 +157,53 @@ func (s *Store) LastSeq(ctx context.Context, vmName string) (uint64, error) {
 	return m.Sequence, nil
 }
 
-// Connect is a helper shared by the binaries: a NATS connection that retries
-// forever on reconnect.
-func Connect(url string, opts ...nats.Option) (*nats.Conn, error) {
-	opts = append([]nats.Option{nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true)}, opts...)
-	return nats.Connect(url, opts...)
+// NotReadyError says what is missing or set differently from what a
+// non-owner (worker, client) relies on.
+type NotReadyError struct {
+	Problems []string
+}
+
+func (e *NotReadyError) Error() string {
+	return strings.Join(e.Problems, "; ")
+}
+
+// Check verifies, without changing anything, that every stream and bucket
+// exists and has the settings the worker and clients rely on: the tasks
+// stream is a work queue (one delivery per task), and the events stream
+// keeps a duplicate window (result writes are deduplicated by message id).
+// Replicas and limits are the engine's business and are only reported by
+// the engine. A *NotReadyError lists each problem; other errors are the
+// server's (unreachable, no JetStream, no leader yet).
+func Check(ctx context.Context, js jetstream.JetStream, n Names) error {
+	var problems []string
+	for _, want := range n.StreamConfigs(DefaultSettings) {
+		st, err := js.Stream(ctx, want.Name)
+		if errors.Is(err, jetstream.ErrStreamNotFound) {
+			problems = append(problems, fmt.Sprintf("stream %s does not exist (the engine creates it: start an engine with --prefix %s)", want.Name, n.Prefix))
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("looking up stream %s: %w", want.Name, err)
+		}
+		got := st.CachedInfo().Config
+		if got.Retention != want.Retention {
+			problems = append(problems, fmt.Sprintf("stream %s has retention %s, vmherd needs %s", want.Name, got.Retention, want.Retention))
+		}
+		if want.Name != n.CommandsStream() && got.Duplicates <= 0 {
+			problems = append(problems, fmt.Sprintf("stream %s has no duplicate window, vmherd needs one", want.Name))
+		}
+	}
+	for _, want := range n.BucketConfigs(DefaultSettings) {
+		if _, err := js.KeyValue(ctx, want.Bucket); err != nil {
+			if errors.Is(err, jetstream.ErrBucketNotFound) {
+				problems = append(problems, fmt.Sprintf("bucket %s does not exist (the engine creates it)", want.Bucket))
+				continue
+			}
+			return fmt.Errorf("looking up bucket %s: %w", want.Bucket, err)
+		}
+	}
+	if len(problems) > 0 {
+		return &NotReadyError{Problems: problems}
+	}
+	return nil
 }

@@ -152,7 +152,7 @@ func (w *Worker) Run(ctx context.Context) error {
 }
 
 func (w *Worker) consumeTasks(ctx context.Context) error {
-	cons, err := w.cfg.JS.CreateOrUpdateConsumer(ctx, w.cfg.Names.TasksStream(), jetstream.ConsumerConfig{
+	cons, err := events.CreateConsumer(ctx, w.cfg.JS, w.log, w.cfg.Names.TasksStream(), jetstream.ConsumerConfig{
 		Durable:       "worker-" + w.cfg.Host,
 		Description:   "vmherd worker tasks for host " + w.cfg.Host,
 		FilterSubject: w.cfg.Names.HostTasks(w.cfg.Host),

@@ -1,0 +1,82 @@
+package events
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Transient reports a start-up error that goes away by itself: a cluster
+// still electing its meta or stream leaders answers 503 / insufficient
+// resources (10023) or not at all, and a worker may start before the
+// engine has created the streams.
+func Transient(err error) bool {
+	var nr *NotReadyError
+	var apiErr *jetstream.APIError
+	switch {
+	case errors.As(err, &nr):
+		return true
+	case errors.As(err, &apiErr):
+		return apiErr.Code == 503 || apiErr.Code == 408 || apiErr.ErrorCode == 10023 ||
+			apiErr.ErrorCode == jetstream.JSErrCodeJetStreamNotEnabled
+	}
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse) ||
+		errors.Is(err, nats.ErrConnectionClosed) || errors.Is(err, nats.ErrDisconnected) ||
+		errors.Is(err, jetstream.ErrJetStreamNotEnabled)
+}
+
+// startupBackoff bounds the wait between start-up attempts.
+var startupBackoff = struct{ first, max, attempt time.Duration }{250 * time.Millisecond, 5 * time.Second, 10 * time.Second}
+
+// RetryStartup runs step until it succeeds, ctx ends, or it fails for a
+// reason that will not go away. Each transient failure is logged with what
+// is being waited for, and retried with a doubling backoff.
+func RetryStartup(ctx context.Context, log *slog.Logger, what string, step func(ctx context.Context) error) error {
+	wait := startupBackoff.first
+	start := time.Now()
+	for attempt := 1; ; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, startupBackoff.attempt)
+		err := step(actx)
+		cancel()
+		if err == nil {
+			if attempt > 1 {
+				log.Info("ready after waiting", "for", what, "waited", time.Since(start).Round(time.Millisecond), "attempts", attempt)
+			}
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if !Transient(err) {
+			return err
+		}
+		log.Warn("waiting for NATS JetStream", "for", what, "attempt", attempt, "since", time.Since(start).Round(time.Second), "retry_in", wait, "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, startupBackoff.max)
+	}
+}
+
+// ConsumerCreator is what CreateConsumer needs of JetStream.
+type ConsumerCreator interface {
+	CreateOrUpdateConsumer(ctx context.Context, stream string, cfg jetstream.ConsumerConfig) (jetstream.Consumer, error)
+}
+
+// CreateConsumer creates or updates a durable consumer, waiting out a
+// cluster that cannot place it yet (no leader, insufficient resources).
+func CreateConsumer(ctx context.Context, js ConsumerCreator, log *slog.Logger, stream string, cfg jetstream.ConsumerConfig) (jetstream.Consumer, error) {
+	var cons jetstream.Consumer
+	err := RetryStartup(ctx, log, "consumer "+cfg.Durable+" on "+stream, func(ctx context.Context) (err error) {
+		cons, err = js.CreateOrUpdateConsumer(ctx, stream, cfg)
+		return err
+	})
+	return cons, err
+}
