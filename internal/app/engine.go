@@ -33,9 +33,11 @@ type EngineOptions struct {
 	Concurrency int
 	AckWait     time.Duration
 	LogLevel    string
-	Conn        ConnOptions
-	Streams     StreamOptions
-	Worker      WorkerOptions
+	// DrainTimeout bounds a graceful stop (cmd/engine only).
+	DrainTimeout time.Duration
+	Conn         ConnOptions
+	Streams      StreamOptions
+	Worker       WorkerOptions
 
 	// Ready, if set, is called once the engine serves (tests).
 	Ready func(url string, e *engine.Engine, w *worker.Worker)
@@ -52,6 +54,7 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.Concurrency, "engine-concurrency", 256, "commands decided at once (across VMs)")
 	fs.DurationVar(&o.AckWait, "command-ack-wait", 30*time.Second, "ack wait of the command consumer")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
+	addDrainFlag(fs, &o.DrainTimeout)
 	o.Conn.AddFlags(fs, "")
 	o.Streams.AddFlags(fs)
 	o.Worker.AddFlags(fs, false)

@@ -3,9 +3,7 @@ package app
 import (
 	"context"
 	"fmt"
-	"os"
-	"os/signal"
-	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -28,9 +26,11 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_DATA_DIR).`,
 		Args:         cobra.NoArgs,
 		PreRunE:      func(cmd *cobra.Command, _ []string) error { return BindEnv(cmd.Flags()) },
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			return RunEngine(ctx, o)
+			log, err := NewLogger(o.LogLevel)
+			if err != nil {
+				return err
+			}
+			return runUntilSignalled(log, o.DrainTimeout, func(ctx context.Context) error { return RunEngine(ctx, o) })
 		},
 	}
 	o.AddFlags(root.Flags())
@@ -78,6 +78,7 @@ func WorkerMain(args []string) int {
 		conn     ConnOptions
 		prefix   string
 		logLevel string
+		drain    time.Duration
 	)
 	root := &cobra.Command{
 		Use:   "worker",
@@ -95,20 +96,23 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
 			conn.Name = "vmherd-worker-" + wo.Host
 			nc, js, err := conn.ConnectJS(true)
 			if err != nil {
 				return err
 			}
 			defer nc.Close()
-			w, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, events.Names{Prefix: prefix}, log)
-			if err != nil {
-				return err
-			}
-			log.Info("worker serving", "host", wo.Host, "nats", conn.URL)
-			return w.Run(ctx)
+			return runUntilSignalled(log, drain, func(ctx context.Context) error {
+				w, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, events.Names{Prefix: prefix}, log)
+				if err != nil {
+					if ctx.Err() != nil {
+						return nil
+					}
+					return err
+				}
+				log.Info("worker serving", "host", wo.Host, "nats", conn.URL)
+				return w.Run(ctx)
+			})
 		},
 	}
 	fs := root.Flags()
@@ -117,6 +121,7 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 	// Streams and buckets belong to the engine: a worker only names them.
 	fs.StringVar(&prefix, "prefix", events.DefaultPrefix, "subject prefix of the vmherd installation (the engine's --prefix)")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	addDrainFlag(fs, &drain)
 	root.SetArgs(args)
 	if err := root.Execute(); err != nil {
 		return 1
