@@ -353,7 +353,7 @@ var errAckTimeout = errors.New("no ack for the record write")
 
 // publish sends r as key name's next revision, expecting rev as its last.
 func (p *Projector) publish(name string, r *VmRecord, rev uint64) (jetstream.PubAckFuture, error) {
-	m := nats.NewMsg("$KV." + p.Names.RecordsBucket() + "." + name)
+	m := nats.NewMsg(events.KVPutSubject(p.JS, p.Names.RecordsBucket(), name))
 	m.Data = r.Marshal()
 	return p.JS.PublishMsgAsync(m, jetstream.WithExpectLastSequencePerSubject(rev))
 }

@@ -297,8 +297,7 @@ func putAll(ctx context.Context, js jetstream.JetStream, bucket string, recs map
 			}
 			inflight = inflight[1:]
 		}
-		// The key's subject, as kv.Put names it for a bucket of this account.
-		f, err := js.PublishAsync("$KV."+bucket+"."+p.name, p.data)
+		f, err := js.PublishAsync(events.KVPutSubject(js, bucket, p.name), p.data)
 		if err != nil {
 			return fmt.Errorf("rebuild: writing %s: %w", p.name, err)
 		}
