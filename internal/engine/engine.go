@@ -13,7 +13,6 @@ import (
 	"log/slog"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -62,16 +61,6 @@ type Engine struct {
 	proj  *projection.Projector
 	exec  *keyed.Serial
 
-	mu sync.Mutex
-	// cache holds the decision state of the VMs for which this engine knows
-	// more than its projection: its own decisions the projection has not
-	// folded yet, and VMs found stale by a failed append. Every other VM is
-	// decided on the projection's record (see state).
-	cache map[string]*decisionState
-	// dispatched holds the accepted events this engine is appending or has
-	// published the task of, so the dispatcher need not publish them again.
-	dispatched map[string]*dispatchState
-	runCtx     context.Context // the dispatcher's, for tasks it takes over
 }
 
 // New builds an engine. Streams and buckets must exist (events.Ensure).
@@ -100,11 +89,9 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		log:        cfg.Log.With("part", "engine", "engine", cfg.ID),
 		store:      st,
 		hosts:      hosts.NewRegistry(cfg.HostLostAfter),
-		exec:       keyed.New(cfg.Concurrency),
-		cache:      map[string]*decisionState{},
-		dispatched: map[string]*dispatchState{},
+		exec:  keyed.New(cfg.Concurrency),
 	}
-	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log, Observe: e.observe}
+	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log}
 	if cfg.StateDir != "" {
 		e.proj.Checkpoint = filepath.Join(cfg.StateDir, "projection-"+cfg.ID+".seq")
 	}
@@ -212,8 +199,9 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 	if cmd != nil && cmd.CommandID != "" {
 		base.CommandID = cmd.CommandID
 	}
+	var atLeast uint64 // the VM's last event, after a failed append
 	for attempt := 0; ; attempt++ {
-		rec, err := e.state(ctx, name)
+		rec, err := e.state(ctx, name, atLeast)
 		if err != nil {
 			return err
 		}
@@ -232,16 +220,13 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 			ev.Reason = derr.Error()
 			ev.Spec, ev.Backend, ev.TimeoutS = nil, "", 0
 		}
-		dkey := dispatchKey(name, ev.CommandID)
-		if ev.Type == events.TypeAccepted {
-			e.dispatchBegin(dkey)
-		}
 		seq, dup, err := e.store.Append(ctx, &ev, rec.LastSeq, events.DecisionMsgID(name, ev.CommandID))
-		if ev.Type == events.TypeAccepted && (err != nil || dup) {
-			e.dispatchEnd(dkey, false)
-		}
 		if errors.Is(err, events.ErrConflict) && attempt < 20 {
-			e.invalidate(name, rec)
+			// Someone else appended since the record's last event: wait
+			// for the projection to fold the VM's newest event, decide again.
+			if atLeast, err = e.store.LastSeq(ctx, name); err != nil {
+				return err
+			}
 			continue
 		}
 		if err != nil {
@@ -250,15 +235,11 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		if dup {
 			return nil // decided before (a duplicate publish of the same command)
 		}
-		e.remember(name, projection.Fold(rec, &ev, seq))
-		if ev.Type == events.TypeAccepted {
-			err := e.publishTask(ctx, &ev, seq)
-			e.dispatchEnd(dkey, err == nil)
-			if err != nil {
-				// The dispatcher will publish it from the accepted event.
-				e.log.Warn("publishing task failed; the dispatcher will retry", "vm", name, "err", err)
-			}
-		}
+		// The task of an accepted command is derived from its stored event
+		// by the dispatcher (runDispatcher), the one path a task takes.
+		// The next decision on this VM (they are serial per VM) waits for
+		// the projection to fold this one rather than fail its append.
+		e.waitFolded(ctx, seq)
 		e.log.Debug("decided", "vm", name, "action", action, "type", ev.Type, "reason", ev.Reason, "seq", seq)
 		return nil
 	}
@@ -453,119 +434,45 @@ func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, publish
 
 func ptr[T any](v T) *T { return &v }
 
-// state returns the VM's decision state, a fold of a prefix of its events:
-// this engine's own fold if it is ahead of the projection, else the
-// projection's (which folds every event, whoever wrote it, in order). Both
-// are optimistic: the append that follows a decision expects the VM's
-// last event to be the state's, and fails if anything was appended since,
-// so a stale state costs a retry, never a wrong decision. After such a
-// failure (invalidate) the state is caught up from the stream.
-func (e *Engine) state(ctx context.Context, name string) (*projection.VmRecord, error) {
-	e.mu.Lock()
-	c := e.cache[name]
-	e.mu.Unlock()
-	p := e.proj.Current(name)
-	var rec *projection.VmRecord
-	if c != nil {
-		rec = c.rec
-	}
-	if p != nil && (rec == nil || p.LastSeq > rec.LastSeq) {
-		rec = p
-	}
-	if c == nil || c.fresh {
-		if rec == nil {
-			// Unknown to this engine: most likely a new VM. If it is not,
-			// the append fails and the next attempt reads the stream.
-			rec = &projection.VmRecord{Name: name, State: fsm.StateAbsent}
-		}
-		return rec, nil
-	}
-	if rec.LastSeq == 0 {
-		kv, err := e.cfg.JS.KeyValue(ctx, e.cfg.Names.RecordsBucket())
-		if err != nil {
-			return nil, err
-		}
-		if ent, err := kv.Get(ctx, name); err == nil {
-			if r, err := projection.Unmarshal(ent.Value()); err == nil {
-				rec = r
-			}
-		} else if !errors.Is(err, jetstream.ErrKeyNotFound) {
-			return nil, err
-		}
-	}
-	// The projection folds every event: if it has reached the VM's last
-	// one (or does so shortly; it is usually a few events behind), its
-	// record is complete, and the stream need not be read.
-	last, err := e.store.LastSeq(ctx, name)
-	if err != nil {
-		return nil, err
-	}
-	if rec.LastSeq < last {
-		wctx, cancel := context.WithTimeout(ctx, projectionWait)
-		if e.proj.WaitFolded(wctx, last) {
-			if p := e.proj.Current(name); p != nil && p.LastSeq > rec.LastSeq {
-				rec = p
-			}
-		}
+// state returns the VM's decision state: the projection's record of it
+// (the projector's fold, or the bucket's record of a VM it has not seen
+// since it started). It is optimistic: the append that follows a decision
+// expects the VM's last event to be the record's, and fails if anything
+// was appended since, so a stale record costs a retry, never a wrong
+// decision. After such a failure atLeast is the VM's last event, and the
+// projection is waited for until it has folded it.
+func (e *Engine) state(ctx context.Context, name string, atLeast uint64) (*projection.VmRecord, error) {
+	if atLeast > 0 {
+		wctx, cancel := context.WithTimeout(ctx, catchUpWait)
+		ok := e.proj.WaitFolded(wctx, atLeast)
 		cancel()
+		if !ok {
+			return nil, fmt.Errorf("engine: the projection has not folded vm %s's event %d within %s", name, atLeast, catchUpWait)
+		}
 	}
-	if rec.LastSeq >= last {
-		e.remember(name, rec)
-		return rec, nil
-	}
-	evs, err := e.store.ReadVM(ctx, name, rec.LastSeq+1)
+	rec, err := e.proj.Get(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	for _, s := range evs {
-		rec = projection.Fold(rec, s.Event, s.Seq)
+	if rec == nil {
+		rec = &projection.VmRecord{Name: name, State: fsm.StateAbsent}
 	}
-	e.remember(name, rec)
 	return rec, nil
 }
 
+// waitFolded waits briefly for the projection to fold seq, so the VM's
+// next decision starts from it; if it does not, that decision's append
+// fails and it catches up then.
+func (e *Engine) waitFolded(ctx context.Context, seq uint64) {
+	wctx, cancel := context.WithTimeout(ctx, projectionWait)
+	defer cancel()
+	e.proj.WaitFolded(wctx, seq)
+}
+
 // projectionWait bounds how long a decision waits for the projection to
-// fold a VM's latest events before reading them from the stream itself.
-const projectionWait = 100 * time.Millisecond
-
-// decisionState is the engine's fold of one VM; fresh is false once an
-// append found that someone else wrote to the VM since.
-type decisionState struct {
-	rec   *projection.VmRecord
-	fresh bool
-}
-
-// remember keeps a fold that is ahead of the projection's.
-func (e *Engine) remember(name string, rec *projection.VmRecord) {
-	if p := e.proj.Current(name); p != nil && p.LastSeq >= rec.LastSeq {
-		e.mu.Lock()
-		delete(e.cache, name)
-		e.mu.Unlock()
-		return
-	}
-	e.mu.Lock()
-	e.cache[name] = &decisionState{rec: rec, fresh: true}
-	e.mu.Unlock()
-}
-
-// invalidate makes the next decision catch up from the stream, starting
-// from rec, the prefix of the VM's events the failed decision was on.
-func (e *Engine) invalidate(name string, rec *projection.VmRecord) {
-	e.mu.Lock()
-	if c := e.cache[name]; c != nil && c.rec.LastSeq >= rec.LastSeq {
-		c.fresh = false
-	} else {
-		e.cache[name] = &decisionState{rec: rec, fresh: false}
-	}
-	e.mu.Unlock()
-}
-
-// observe is the projection's report of its new fold of a VM: once it has
-// caught up with this engine's own, the engine's copy goes.
-func (e *Engine) observe(name string, rec *projection.VmRecord) {
-	e.mu.Lock()
-	if c := e.cache[name]; c != nil && (rec.LastSeq > c.rec.LastSeq || c.fresh && rec.LastSeq == c.rec.LastSeq) {
-		delete(e.cache, name)
-	}
-	e.mu.Unlock()
-}
+// fold its own event; catchUpWait how long one that lost a race waits for
+// the projection to fold the VM's newest event.
+const (
+	projectionWait = 100 * time.Millisecond
+	catchUpWait    = 10 * time.Second
+)

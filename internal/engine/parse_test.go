@@ -1,9 +1,9 @@
 package engine
 
 import (
+	"errors"
 	"strings"
 	"testing"
-	"time"
 )
 
 func TestParse(t *testing.T) {
@@ -50,7 +50,7 @@ func FuzzParse(f *testing.F) {
 		cmd, _, err := parse(action, body)
 		if err != nil {
 			var r *rejection
-			if !errorAs(err, &r) || r.reason == "" {
+			if !errors.As(err, &r) || r.reason == "" {
 				t.Fatalf("error %v is not a rejection with a reason", err)
 			}
 			return
@@ -72,24 +72,4 @@ func FuzzParse(f *testing.F) {
 			_ = s.Validate() // must not panic
 		}
 	})
-}
-
-// Notes of published tasks that another engine's dispatcher took are
-// forgotten after dispatchForget; pending ones are kept.
-func TestSweepDispatched(t *testing.T) {
-	e := &Engine{dispatched: map[string]*dispatchState{}}
-	old := time.Now().Add(-2 * dispatchForget)
-	e.dispatched["a/1"] = &dispatchState{published: true, since: old}
-	e.dispatched["a/2"] = &dispatchState{published: false, since: old}
-	e.dispatched["a/3"] = &dispatchState{published: true, since: time.Now()}
-	e.sweepDispatched(time.Now())
-	if _, ok := e.dispatched["a/1"]; ok {
-		t.Error("an old published note was kept")
-	}
-	if _, ok := e.dispatched["a/2"]; !ok {
-		t.Error("a pending note was dropped")
-	}
-	if _, ok := e.dispatched["a/3"]; !ok {
-		t.Error("a recent note was dropped")
-	}
 }

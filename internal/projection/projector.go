@@ -42,11 +42,6 @@ type Projector struct {
 	// start from the beginning each time, which is correct, only slower).
 	Checkpoint string
 	Log        *slog.Logger
-	// Observe, if set, is called after each fold with the VM's new record,
-	// in stream order, from the fold loop (it must be quick and must not
-	// modify the record). The engine uses it to learn other writers'
-	// events without reading the stream.
-	Observe func(name string, rec *VmRecord)
 	// MaxInFlight bounds the record writes awaiting their acks (default 1024).
 	MaxInFlight int
 
@@ -98,7 +93,9 @@ func (p *Projector) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("projection: opening bucket: %w", err)
 	}
+	p.mu.Lock()
 	p.kv = kv
+	p.mu.Unlock()
 	start := p.loadCheckpoint()
 	p.mu.Lock()
 	p.folded, p.applied, p.saved = start, start, start
@@ -264,21 +261,13 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 		// Nothing to write: already applied, or a name that never existed.
 		c.rec = next
 		p.mu.Unlock()
-		p.observe(name, next)
 		p.done(nil, seq)
 		return nil
 	}
 	c.rec = next
 	p.mu.Unlock()
-	p.observe(name, next)
 	p.done(c, seq)
 	return p.schedule(ctx, name, c)
-}
-
-func (p *Projector) observe(name string, rec *VmRecord) {
-	if p.Observe != nil && rec != nil {
-		p.Observe(name, rec)
-	}
 }
 
 // done records that the event at seq is folded. With c nil, nothing needs
@@ -519,9 +508,36 @@ func (p *Projector) Applied() uint64 {
 	return p.applied
 }
 
-// Record returns a copy of the projector's view of a VM, if it has one cached.
-func (p *Projector) Record(name string) *VmRecord {
-	return p.Current(name).Clone()
+// Get returns the projection's record of a VM: the projector's newest fold
+// if it has one, else the record in the bucket (written by this or another
+// projector), else nil. It is the engine's decision state: a fold of a
+// prefix of the VM's events, checked by the append that follows a decision
+// (which expects the VM's last event to be the record's LastSeq).
+func (p *Projector) Get(ctx context.Context, name string) (*VmRecord, error) {
+	p.mu.Lock()
+	var rec *VmRecord
+	if c := p.cache[name]; c != nil {
+		rec = c.rec
+	}
+	kv := p.kv
+	p.mu.Unlock()
+	if rec != nil {
+		return rec, nil
+	}
+	if kv == nil {
+		var err error
+		if kv, err = p.JS.KeyValue(ctx, p.Names.RecordsBucket()); err != nil {
+			return nil, fmt.Errorf("projection: opening bucket: %w", err)
+		}
+	}
+	e, err := kv.Get(ctx, name)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("projection: reading the record of vm %s: %w", name, err)
+	}
+	return Unmarshal(e.Value())
 }
 
 // Current returns the projector's newest fold of a VM (possibly not yet
