@@ -60,7 +60,6 @@ type Engine struct {
 	hosts *hosts.Registry
 	proj  *projection.Projector
 	exec  *keyed.Serial
-
 }
 
 // New builds an engine. Streams and buckets must exist (events.Ensure).
@@ -85,10 +84,10 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		return nil, err
 	}
 	e := &Engine{
-		cfg:        cfg,
-		log:        cfg.Log.With("part", "engine", "engine", cfg.ID),
-		store:      st,
-		hosts:      hosts.NewRegistry(cfg.HostLostAfter),
+		cfg:   cfg,
+		log:   cfg.Log.With("part", "engine", "engine", cfg.ID),
+		store: st,
+		hosts: hosts.NewRegistry(cfg.HostLostAfter),
 		exec:  keyed.New(cfg.Concurrency),
 	}
 	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log}
