@@ -77,12 +77,11 @@ func qemuBench(ctx context.Context, url, dir string, iters int, logf func(string
 	if out, err := exec.Command("qemu-system-x86_64", "--version").Output(); err == nil {
 		res.QEMUVersion = strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
 	}
-	root, err := moduleRoot()
+	cache, err := guestimage.DefaultCacheDir() // where guestimage.EnsureForTest keeps it
 	if err != nil {
 		res.Skipped = "no guest image cache dir: " + err.Error()
 		return res, nil
 	}
-	cache := filepath.Join(root, ".cache", "guest") // where guestimage.EnsureForTest keeps it
 	bctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	img, err := guestimage.Build(bctx, cache)
 	cancel()

@@ -1,42 +1,31 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"time"
+
+	"github.com/digitalocean/go-qemu/qmp"
 )
 
-// qmpConn is the least QMP client that does the direct baseline's work: a
-// greeting, capabilities negotiation, then one command at a time.
+// qmpConn is the direct baseline's QMP connection: go-qemu's socket
+// monitor, the QMP client the QEMU backend uses, driven one command at a
+// time with no more wrapping than closing it when its context ends.
 type qmpConn struct {
-	c net.Conn
-	r *bufio.Reader
+	mon  *qmp.SocketMonitor
+	stop func() bool // stops closing the monitor when the context ends
 }
 
 // dialQMP connects to a QMP socket, retrying until QEMU listens on it or
-// ctx ends, and negotiates capabilities.
+// ctx ends, and negotiates capabilities. The connection is closed when ctx
+// ends, which fails a command still waiting for its reply.
 func dialQMP(ctx context.Context, path string) (*qmpConn, error) {
-	var d net.Dialer
 	for {
-		c, err := d.DialContext(ctx, "unix", path)
+		mon, err := qmp.NewSocketMonitor("unix", path, time.Second)
 		if err == nil {
-			q := &qmpConn{c: c, r: bufio.NewReader(c)}
-			if dl, ok := ctx.Deadline(); ok {
-				_ = c.SetDeadline(dl)
-			}
-			if _, err := q.r.ReadBytes('\n'); err != nil { // greeting
-				c.Close()
-				return nil, fmt.Errorf("QMP %s: reading greeting: %w", path, err)
-			}
-			if _, err := q.exec("qmp_capabilities"); err != nil {
-				c.Close()
-				return nil, err
-			}
-			return q, nil
+			return connectQMP(ctx, path, mon)
 		}
 		select {
 		case <-ctx.Done():
@@ -46,38 +35,53 @@ func dialQMP(ctx context.Context, path string) (*qmpConn, error) {
 	}
 }
 
-func (q *qmpConn) close() { _ = q.c.Close() }
+// connectQMP reads the greeting and negotiates capabilities, giving up
+// when ctx ends (go-qemu's Connect has no deadline of its own; closing the
+// monitor while it runs would race with it, so it is closed once done).
+func connectQMP(ctx context.Context, path string, mon *qmp.SocketMonitor) (*qmpConn, error) {
+	done := make(chan error, 1)
+	go func() { done <- mon.Connect() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			_ = mon.Disconnect()
+			return nil, fmt.Errorf("QMP %s: capabilities: %w", path, err)
+		}
+	case <-ctx.Done():
+		go func() {
+			<-done
+			_ = mon.Disconnect()
+		}()
+		return nil, fmt.Errorf("QMP %s: capabilities: %w", path, ctx.Err())
+	}
+	q := &qmpConn{mon: mon}
+	q.stop = context.AfterFunc(ctx, func() { _ = mon.Disconnect() })
+	return q, nil
+}
 
-// exec runs one command and returns its "return" value, skipping events.
+func (q *qmpConn) close() {
+	q.stop()
+	_ = q.mon.Disconnect()
+}
+
+// exec runs one command and returns its "return" value (go-qemu hands
+// events to its own channel, never as a reply).
 func (q *qmpConn) exec(cmd string) (json.RawMessage, error) {
-	if _, err := fmt.Fprintf(q.c, "{\"execute\":%q}\n", cmd); err != nil {
+	req, err := json.Marshal(qmp.Command{Execute: cmd})
+	if err != nil {
+		return nil, err
+	}
+	b, err := q.mon.Run(req)
+	if err != nil {
 		return nil, fmt.Errorf("QMP %s: %w", cmd, err)
 	}
-	for {
-		line, err := q.r.ReadBytes('\n')
-		if err != nil {
-			return nil, fmt.Errorf("QMP %s: %w", cmd, err)
-		}
-		var resp struct {
-			Return json.RawMessage `json:"return"`
-			Error  *struct {
-				Class string `json:"class"`
-				Desc  string `json:"desc"`
-			} `json:"error"`
-			Event string `json:"event"`
-		}
-		if err := json.Unmarshal(line, &resp); err != nil {
-			return nil, fmt.Errorf("QMP %s: decoding %q: %w", cmd, line, err)
-		}
-		switch {
-		case resp.Event != "":
-			continue
-		case resp.Error != nil:
-			return nil, fmt.Errorf("QMP %s: %s: %s", cmd, resp.Error.Class, resp.Error.Desc)
-		case resp.Return != nil:
-			return resp.Return, nil
-		}
+	var resp struct {
+		Return json.RawMessage `json:"return"`
 	}
+	if err := json.Unmarshal(b, &resp); err != nil {
+		return nil, fmt.Errorf("QMP %s: decoding %q: %w", cmd, b, err)
+	}
+	return resp.Return, nil
 }
 
 // status is query-status's "status".

@@ -9,12 +9,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/vmherd/vmherd/internal/testenv/require"
 )
 
 // clockTicks is USER_HZ, the unit of /proc/<pid>/stat times (100 on every
@@ -212,9 +213,9 @@ func usageOver(ps []*proc, window time.Duration) ([]ProcUsage, error) {
 
 // buildBinaries builds cmd/engine and cmd/worker into dir.
 func buildBinaries(ctx context.Context, dir string) error {
-	root, err := moduleRoot()
+	root, err := require.RepoRoot()
 	if err != nil {
-		return err
+		return fmt.Errorf("%w, or pass --bin-dir", err)
 	}
 	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "./cmd/engine", "./cmd/worker")
 	cmd.Dir = root
@@ -222,27 +223,6 @@ func buildBinaries(ctx context.Context, dir string) error {
 		return fmt.Errorf("building cmd/engine and cmd/worker: %v\n%s", err, out)
 	}
 	return nil
-}
-
-// moduleRoot finds the vmherd checkout: the module of the working
-// directory, else the one this binary was built from (if its source is
-// still there).
-func moduleRoot() (string, error) {
-	isVmherd := func(dir string) bool {
-		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
-		return err == nil && strings.Contains(string(b), "module github.com/vmherd/vmherd\n")
-	}
-	if out, err := exec.Command("go", "env", "GOMOD").Output(); err == nil {
-		if p := strings.TrimSpace(string(out)); p != "" && p != os.DevNull && isVmherd(filepath.Dir(p)) {
-			return filepath.Dir(p), nil
-		}
-	}
-	if _, file, _, ok := runtime.Caller(0); ok {
-		if dir := filepath.Join(filepath.Dir(file), "..", ".."); isVmherd(dir) {
-			return filepath.Clean(dir), nil
-		}
-	}
-	return "", errors.New("cannot find the vmherd checkout: run the benchmark from it, or pass --bin-dir")
 }
 
 // scale runs the engine and a worker as their own processes against srv,

@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -364,13 +363,3 @@ func every(ctx context.Context, lo, hi time.Duration, fn func()) int {
 		n++
 	}
 }
-
-func names(prefix string, n int) []string {
-	var out []string
-	for i := 0; i < n; i++ {
-		out = append(out, fmt.Sprintf("%s%d", prefix, i))
-	}
-	return out
-}
-
-var _ = strings.Contains

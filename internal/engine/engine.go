@@ -100,9 +100,6 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 // Hosts is the engine's view of the workers.
 func (e *Engine) Hosts() *hosts.Registry { return e.hosts }
 
-// Projector is the engine's projection.
-func (e *Engine) Projector() *projection.Projector { return e.proj }
-
 // Run serves until ctx ends, then stops taking commands and waits for the
 // ones in progress to be decided (drain) before returning.
 func (e *Engine) Run(ctx context.Context) error {

@@ -14,17 +14,17 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vmherd/vmherd/internal/testenv/require"
 )
 
-// needInputs skips when the build inputs are not installed (CI fails instead).
+// needInputs skips when the build inputs are not installed (scripts/test
+// fails instead).
 func needInputs(t *testing.T) *inputs {
 	t.Helper()
 	in, err := (Options{}).inputs()
 	if err != nil {
-		if os.Getenv("CI") != "" || os.Getenv("VMHERD_REQUIRE_GUEST") != "" || os.Getenv("VMHERD_REQUIRE_ALL") != "" {
-			t.Fatalf("guest image inputs: %v", err)
-		}
-		t.Skipf("guest image inputs missing: %v (apt-get install %s)", err, strings.Join(Packages, " "))
+		require.Require(t, false, missingInputs(err))
 	}
 	return in
 }
@@ -264,12 +264,8 @@ func TestMissingInputs(t *testing.T) {
 // for the ready marker on the serial console.
 func TestBoots(t *testing.T) {
 	t.Parallel()
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal(err)
-		}
-		t.Skip("qemu-system-x86_64 not installed")
-	}
+	_, err := exec.LookPath("qemu-system-x86_64")
+	require.Require(t, err == nil, "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
 	img := EnsureForTest(t)
 	dir := t.TempDir()
 	logPath := filepath.Join(dir, "console.log")

@@ -3,46 +3,25 @@ package guestimage
 import (
 	"context"
 	"errors"
-	"os"
-	"os/exec"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vmherd/vmherd/internal/testenv/require"
 )
 
-// DefaultCacheDir is <repo>/.cache/guest, the repo being the module root
-// that holds go.mod (found with "go env GOMOD", else by walking up from the
-// working directory).
+// DefaultCacheDir is <repo>/.cache/guest, the repo being the vmherd
+// checkout (require.RepoRoot: the go.mod at or above the working
+// directory, else the source this was built from).
 func DefaultCacheDir() (string, error) {
-	root, err := repoRoot()
+	root, err := require.RepoRoot()
 	if err != nil {
 		return "", err
 	}
 	return filepath.Join(root, ".cache", "guest"), nil
-}
-
-func repoRoot() (string, error) {
-	if out, err := exec.Command("go", "env", "GOMOD").Output(); err == nil {
-		if p := strings.TrimSpace(string(out)); p != "" && p != os.DevNull {
-			return filepath.Dir(p), nil
-		}
-	}
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("no go.mod found above the working directory")
-		}
-		dir = parent
-	}
 }
 
 var (
@@ -52,9 +31,9 @@ var (
 )
 
 // EnsureForTest builds (or finds cached) the guest image under
-// <repo>/.cache/guest and returns its path. It skips the test, naming the
-// Debian packages to install, when the build's inputs are missing; set
-// VMHERD_REQUIRE_GUEST=1 (CI does) to fail instead.
+// <repo>/.cache/guest and returns its path. When the build's inputs are
+// missing it skips the test, naming the Debian packages to install, or
+// fails under VMHERD_REQUIRE_ALL (require.Require).
 func EnsureForTest(t testing.TB) string {
 	t.Helper()
 	testOnce.Do(func() {
@@ -72,13 +51,19 @@ func EnsureForTest(t testing.TB) string {
 		testPath, testErr = Build(ctx, dir)
 	})
 	var m *missingError
-	if errors.As(testErr, &m) && os.Getenv("VMHERD_REQUIRE_GUEST") == "" && os.Getenv("VMHERD_REQUIRE_ALL") == "" && os.Getenv("CI") == "" {
-		t.Skipf("guest image inputs missing: %v (apt-get install %s)", m.err, strings.Join(Packages, " "))
+	if errors.As(testErr, &m) {
+		require.Require(t, false, missingInputs(m.err))
 	}
 	if testErr != nil {
 		t.Fatalf("guest image: %v", testErr)
 	}
 	return testPath
+}
+
+// missingInputs is the reason a test gives when the build's inputs are
+// missing (err says which).
+func missingInputs(err error) string {
+	return fmt.Sprintf("guest image inputs missing: %v (apt-get install %s)", err, strings.Join(Packages, " "))
 }
 
 type missingError struct{ err error }

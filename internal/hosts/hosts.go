@@ -157,9 +157,6 @@ func (r *Registry) refresh(host string) {
 // Ready is closed once the initial values are loaded.
 func (r *Registry) Ready() <-chan struct{} { return r.ready }
 
-// ErrHostLost: the host's worker stopped heartbeating.
-var ErrHostLost = errors.New("host is not alive")
-
 // Get returns a host's last heartbeat and whether it is alive. A host
 // that looks lost is read again directly before it is called lost.
 func (r *Registry) Get(host string) (*Heartbeat, bool) {

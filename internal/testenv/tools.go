@@ -5,23 +5,19 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"sync"
 	"testing"
+
+	"github.com/vmherd/vmherd/internal/testenv/require"
 )
 
 // Require reports a missing prerequisite: a failure when VMHERD_REQUIRE_ALL
-// is set (scripts/test and CI install everything), else a skip with the reason.
+// is set (scripts/test and CI install everything), else a skip with the
+// reason. It is require.Require, for the tests that import testenv anyway.
 func Require(t testing.TB, ok bool, why string) {
 	t.Helper()
-	if ok {
-		return
-	}
-	if os.Getenv("VMHERD_REQUIRE_ALL") != "" {
-		t.Fatalf("%s (run scripts/setup to install it)", why)
-	}
-	t.Skipf("%s; run scripts/setup (or scripts/test) to run this test", why)
+	require.Require(t, ok, why)
 }
 
 // Tool finds a program on PATH or in $GOPATH/bin.
@@ -41,11 +37,14 @@ func Tool(t testing.TB, name string) string {
 	return p
 }
 
-// RepoRoot is the directory holding go.mod.
+// RepoRoot is the directory holding go.mod (require.RepoRoot).
 func RepoRoot(t testing.TB) string {
 	t.Helper()
-	_, file, _, _ := runtime.Caller(0)
-	return filepath.Join(filepath.Dir(file), "..", "..")
+	root, err := require.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return root
 }
 
 var (

@@ -6,7 +6,6 @@
 package vm
 
 import (
-	"encoding/json"
 	"fmt"
 	"time"
 )
@@ -191,26 +190,4 @@ func (h VmHandle) Clone() VmHandle {
 		h.Extra = m
 	}
 	return h
-}
-
-// GuestAddress is where a guest can be reached.
-type GuestAddress struct {
-	IP   string `json:"ip"`
-	Port int    `json:"port,omitempty"` // forwarded SSH port on IP (user networking)
-}
-
-func (a GuestAddress) String() string {
-	if a.Port != 0 {
-		return fmt.Sprintf("%s:%d", a.IP, a.Port)
-	}
-	return a.IP
-}
-
-// MarshalJSONIndent is a small helper for golden files and CLI output.
-func MarshalJSONIndent(v any) []byte {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		panic(err)
-	}
-	return b
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/guestimage"
+	"github.com/vmherd/vmherd/internal/testenv/require"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -24,15 +25,11 @@ import (
 // that when the package's VMs boot side by side on two cores.
 const bootTimeout = 3 * time.Minute
 
-// needQEMU skips when QEMU is not installed (CI installs it).
+// needQEMU skips when QEMU is not installed (scripts/test fails instead).
 func needQEMU(t *testing.T) {
 	t.Helper()
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("qemu-system-x86_64 not in PATH: %v", err)
-		}
-		missing(t, "qemu-system-x86_64 not installed (apt-get install qemu-system-x86 qemu-utils)")
-	}
+	_, err := exec.LookPath("qemu-system-x86_64")
+	require.Require(t, err == nil, "qemu-system-x86_64 not installed (apt-get install qemu-system-x86 qemu-utils)")
 }
 
 // guestImage returns the test guest, built once per test binary.
@@ -207,14 +204,3 @@ func (w *readyWaiter) Stop(ctx context.Context, h vm.VmHandle, timeout time.Dura
 }
 
 var _ backends.Hypervisor = (*readyWaiter)(nil)
-
-// missing reports a missing prerequisite: a skip with the reason, or a
-// failure under scripts/test (VMHERD_REQUIRE_ALL=1), which installs
-// everything these tests need.
-func missing(t testing.TB, format string, args ...any) {
-	t.Helper()
-	if os.Getenv("VMHERD_REQUIRE_ALL") != "" {
-		t.Fatalf(format+" (scripts/setup installs it)", args...)
-	}
-	t.Skipf(format, args...)
-}

@@ -15,23 +15,18 @@ import (
 
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/guestimage"
+	"github.com/vmherd/vmherd/internal/testenv/require"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
-// needTools skips unless running as root with the named tools (CI runs as
-// root with them installed, and fails instead of skipping).
+// needRootTools skips unless running as root with the named tools
+// (scripts/test, which runs as root with them installed, fails instead).
 func needRootTools(t *testing.T, tools ...string) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		missing(t, "needs root: creates a network namespace, a bridge and tap devices")
-	}
+	require.Require(t, os.Geteuid() == 0, "needs root: creates a network namespace, a bridge and tap devices")
 	for _, tool := range tools {
-		if _, err := lookSbin(tool); err != nil {
-			if os.Getenv("CI") != "" {
-				t.Fatalf("%s not installed: %v", tool, err)
-			}
-			missing(t, "%s not installed (apt-get install iproute2 dnsmasq-base)", tool)
-		}
+		_, err := lookSbin(tool)
+		require.Require(t, err == nil, tool+" not installed (apt-get install iproute2 dnsmasq-base)")
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 
 	"github.com/kdomanski/iso9660"
 
+	"github.com/vmherd/vmherd/internal/testenv/require"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -338,12 +339,8 @@ func must(t *testing.T, err error) {
 // taken, Start retries with another port.
 func TestStartRetriesBusyForward(t *testing.T) {
 	t.Parallel()
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		if os.Getenv("VMHERD_REQUIRE_ALL") != "" {
-			t.Fatal("qemu-system-x86_64 not installed (scripts/setup installs it)")
-		}
-		t.Skip("qemu-system-x86_64 not installed")
-	}
+	_, err := exec.LookPath("qemu-system-x86_64")
+	require.Require(t, err == nil, "qemu-system-x86_64 not installed (apt-get install qemu-system-x86 qemu-utils)")
 	dir, err := os.MkdirTemp("", "vmhu")
 	must(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })

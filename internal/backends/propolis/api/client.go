@@ -97,10 +97,6 @@ func WithHTTPClient(hc *http.Client) Option { return func(c *Client) { c.hc = hc
 // WithTimeout bounds each request whose context has no deadline (default 30s).
 func WithTimeout(d time.Duration) Option { return func(c *Client) { c.timeout = d } }
 
-// WithPollInterval bounds one state-monitor long poll (default 20s); waits
-// longer than that issue a new poll.
-func WithPollInterval(d time.Duration) Option { return func(c *Client) { c.poll = d } }
-
 // New returns a client for the server at addr (host:port).
 func New(addr string, opts ...Option) *Client {
 	c := &Client{addr: addr, hc: &http.Client{}, timeout: 30 * time.Second, poll: 20 * time.Second}

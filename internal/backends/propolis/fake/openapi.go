@@ -16,6 +16,8 @@ import (
 	"github.com/getkin/kin-openapi/openapi3filter"
 	"github.com/getkin/kin-openapi/routers"
 	"github.com/google/uuid"
+
+	"github.com/vmherd/vmherd/internal/testenv/require"
 )
 
 // SpecEnv names an environment variable that points at the propolis-server
@@ -27,26 +29,16 @@ var specRel = filepath.Join("..", "shared", "propolis", "propolis-server.openapi
 
 // SpecPath returns where the propolis-server OpenAPI document is looked
 // for: $VMHERD_PROPOLIS_OPENAPI, else ../shared/propolis/… next to the
-// module root (the nearest directory above the working directory that has
-// a go.mod).
+// vmherd checkout (require.RepoRoot).
 func SpecPath() string {
 	if p := os.Getenv(SpecEnv); p != "" {
 		return p
 	}
-	dir, err := os.Getwd()
+	root, err := require.RepoRoot()
 	if err != nil {
 		return ""
 	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return filepath.Join(dir, specRel)
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return ""
-		}
-		dir = parent
-	}
+	return filepath.Join(root, specRel)
 }
 
 // Spec validates requests and answers against the propolis-server OpenAPI
