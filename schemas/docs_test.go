@@ -730,7 +730,7 @@ func checkFSMRow(add func(string, ...any), t *mdTable, r mdRow, action string) {
 		}
 	}
 	if c := t.col("result"); c >= 0 {
-		ok := events.ResultOf(action)
+		ok := events.ResultOf(fsm.Action(action))
 		okState, _ := fsm.Apply(inflight, fsm.Result(ok))
 		failState, _ := fsm.Apply(inflight, fsm.ResFailed)
 		want := []string{string(ok), string(okState), string(events.TypeFailed), string(failState)}

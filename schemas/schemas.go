@@ -38,6 +38,8 @@ import (
 	"golang.org/x/text/language"
 	"golang.org/x/text/message"
 
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -128,12 +130,21 @@ func Names() []string {
 	return slices.Clone(names)
 }
 
-// actions are the command actions, in docs/contract.md order.
-var actions = []string{"prepare", "start", "stop", "suspend", "resume", "destroy"}
+// actions are the command actions and eventTypes the event types, as the
+// state machine (fsm) and events define them; the schema files' enums are
+// checked against them by a test.
+var (
+	actions    = strs(fsm.Actions)
+	eventTypes = strs(events.Types)
+)
 
-// eventTypes are the event types, in docs/contract.md order.
-var eventTypes = []string{"accepted", "rejected", "prepared", "started", "stopped",
-	"suspended", "resumed", "destroyed", "failed", "exited"}
+func strs[T ~string](vs []T) []string {
+	out := make([]string, len(vs))
+	for i, v := range vs {
+		out[i] = string(v)
+	}
+	return out
+}
 
 // ValidateCommand checks the body of a command on vm.cmd.<vm>.<action>.
 func ValidateCommand(action string, body []byte) error {

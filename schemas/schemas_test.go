@@ -71,7 +71,7 @@ func fullHandle() *vm.VmHandle {
 
 // eventOf builds a plausible event of type t for action a.
 func eventOf(t events.Type, a string) events.Event {
-	ev := events.Event{Type: t, VM: "web1", CommandID: "cmd-1", Action: a, Time: t0, Host: "h1"}
+	ev := events.Event{Type: t, VM: "web1", CommandID: "cmd-1", Action: fsm.Action(a), Time: t0, Host: "h1"}
 	switch t {
 	case events.TypeAccepted:
 		next, err := fsm.Decide(fromState(fsm.Action(a)), fsm.Action(a))
@@ -275,7 +275,7 @@ func TestValidCommands(t *testing.T) {
 func TestValidEvents(t *testing.T) {
 	var evs []events.Event
 	for _, a := range fsm.Actions {
-		evs = append(evs, eventOf(events.TypeAccepted, string(a)), eventOf(events.ResultOf(string(a)), string(a)),
+		evs = append(evs, eventOf(events.TypeAccepted, string(a)), eventOf(events.ResultOf(a), string(a)),
 			eventOf(events.TypeFailed, string(a)))
 	}
 	evs = append(evs, eventOf(events.TypeRejected, "start"), eventOf(events.TypeExited, ""))

@@ -42,7 +42,7 @@ type Rebuild struct {
 // stepsPerVM are the events each VM gets: five commands, each accepted
 // and answered (prepare, start, suspend, resume, stop).
 var rebuildSteps = []struct {
-	action string
+	action fsm.Action
 	result events.Type
 	state  vm.VmState
 }{
@@ -86,7 +86,7 @@ func writeEvents(ctx context.Context, js jetstream.JetStream, vms int) (int, err
 				next, _ := fsm.Decide(fsm.StateAbsent, fsm.ActPrepare)
 				if si > 0 {
 					cur := rebuildSteps[si-1].state
-					next, _ = fsm.Decide(cur, fsm.Action(s.action))
+					next, _ = fsm.Decide(cur, s.action)
 				}
 				acc := &events.Event{Type: events.TypeAccepted, VM: name, CommandID: cmdID, Action: s.action,
 					Time: now, Host: benchHost, State: next, Backend: vm.BackendNoop, Handle: handles[i-g]}

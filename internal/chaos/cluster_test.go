@@ -325,7 +325,7 @@ func (c *cluster) verify(env *testenv.Env, stats *loadStats) testenv.Counts {
 			reasons[ev.Reason]++
 		}
 		if ev != nil && ev.Type.IsResult() && ev.Type != events.TypeFailed {
-			want[ev.VM+" "+ev.Action]++
+			want[ev.VM+" "+string(ev.Action)]++
 		}
 	}
 	got := c.effects()

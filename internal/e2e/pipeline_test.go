@@ -79,7 +79,7 @@ func TestLifecycle(t *testing.T) {
 		for i, s := range steps {
 			acc, res := evs[2*i].Event, evs[2*i+1].Event
 			id := fmt.Sprintf("r%d-c%d-%s", round, i, s.action)
-			if acc.Type != events.TypeAccepted || acc.CommandID != id || acc.Action != s.action || acc.State != s.transitional || acc.Host != "h1" {
+			if acc.Type != events.TypeAccepted || acc.CommandID != id || string(acc.Action) != s.action || acc.State != s.transitional || acc.Host != "h1" {
 				t.Errorf("round %d step %d: got %+v, want accepted %s (%s) for %s", round, i, acc, s.action, s.transitional, id)
 			}
 			if string(res.Type) != s.result || res.CommandID != id || res.State != s.state || res.Host != "h1" {

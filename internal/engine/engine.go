@@ -175,7 +175,7 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 	}
 	name, action, shapeOK := e.cfg.Names.ParseCommandSubject(msg.Subject())
 	cmdID := commandID(msg, md.Sequence.Stream)
-	base := events.Event{VM: name, CommandID: cmdID, Action: action}
+	base := events.Event{VM: name, CommandID: cmdID, Action: fsm.Action(action)}
 
 	// The subject must name a valid VM; else the rejection goes to a
 	// subject that cannot collide with a real VM.
@@ -329,7 +329,7 @@ func (e *Engine) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.Com
 		if !alive {
 			return reject("host %s of vm %s is lost (no heartbeat for over %s); %s is rejected until its worker is back", host, ev.VM, e.cfg.HostLostAfter, act)
 		}
-		if !hb.Can(backend, string(act)) {
+		if !hb.Can(backend, act) {
 			return reject("backend %s cannot %s (not supported by the backend on host %s)", backend, act, host)
 		}
 	}
@@ -391,7 +391,7 @@ func (e *Engine) appendInvalid(ctx context.Context, ev events.Event, reason stri
 	body := ev
 	body.VM = raw
 	_, err := e.cfg.JS.Publish(ctx, e.cfg.Names.Event(InvalidVM, events.TypeRejected), body.Encode(),
-		jetstream.WithMsgID(events.DecisionMsgID(InvalidVM, raw+"/"+ev.Action+"/"+ev.CommandID)))
+		jetstream.WithMsgID(events.DecisionMsgID(InvalidVM, raw+"/"+string(ev.Action)+"/"+ev.CommandID)))
 	return err
 }
 

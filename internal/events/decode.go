@@ -5,6 +5,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -44,7 +45,7 @@ func (s *scanner) event(ev *Event) bool {
 		case "command_id":
 			bit, ok = 1<<2, s.strInto(&ev.CommandID)
 		case "action":
-			bit, ok = 1<<3, s.enumInto(&ev.Action)
+			bit, ok = 1<<3, s.enumInto((*string)(&ev.Action))
 		case "time":
 			bit, ok = 1<<4, s.time(&ev.Time)
 		case "host":
@@ -386,10 +387,16 @@ var common = func() map[string]string {
 	for _, t := range Types {
 		m[string(t)] = string(t)
 	}
-	for _, v := range []string{"prepare", "start", "stop", "suspend", "resume", "destroy",
-		"preparing", "prepared", "starting", "running", "stopping", "stopped", "suspending", "suspended",
-		"resuming", "destroying", "destroyed", "failed", "absent",
-		"noop", "qemu", "propolis", "user", "tap", "vnic", "none", "kvm", "tcg"} {
+	for _, a := range fsm.Actions {
+		m[string(a)] = string(a)
+	}
+	for _, st := range fsm.States() {
+		m[string(st)] = string(st)
+	}
+	for _, b := range vm.Backends {
+		m[string(b)] = string(b)
+	}
+	for _, v := range []string{string(fsm.StateAbsent), "user", "tap", "vnic", "none", "kvm", "tcg"} {
 		m[v] = v
 	}
 	return m

@@ -9,57 +9,43 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Type is an event type, the last token of its subject.
 type Type string
 
+// The decisions are the engine's; every other type is a result of the
+// state machine (fsm.Results), which defines them.
 const (
 	TypeAccepted  Type = "accepted"
 	TypeRejected  Type = "rejected"
-	TypePrepared  Type = "prepared"
-	TypeStarted   Type = "started"
-	TypeStopped   Type = "stopped"
-	TypeSuspended Type = "suspended"
-	TypeResumed   Type = "resumed"
-	TypeDestroyed Type = "destroyed"
-	TypeFailed    Type = "failed"
-	TypeExited    Type = "exited"
+	TypePrepared       = Type(fsm.ResPrepared)
+	TypeStarted        = Type(fsm.ResStarted)
+	TypeStopped        = Type(fsm.ResStopped)
+	TypeSuspended      = Type(fsm.ResSuspended)
+	TypeResumed        = Type(fsm.ResResumed)
+	TypeDestroyed      = Type(fsm.ResDestroyed)
+	TypeFailed         = Type(fsm.ResFailed)
+	TypeExited         = Type(fsm.ResExited)
 )
 
-// Types lists every event type.
-var Types = []Type{TypeAccepted, TypeRejected, TypePrepared, TypeStarted, TypeStopped,
-	TypeSuspended, TypeResumed, TypeDestroyed, TypeFailed, TypeExited}
+// Types lists every event type: the two decisions, then the results.
+var Types = func() []Type {
+	ts := []Type{TypeAccepted, TypeRejected}
+	for _, r := range fsm.Results {
+		ts = append(ts, Type(r))
+	}
+	return ts
+}()
 
 // IsResult reports whether t ends a command (every accepted command ends in
 // exactly one of these).
-func (t Type) IsResult() bool {
-	switch t {
-	case TypePrepared, TypeStarted, TypeStopped, TypeSuspended, TypeResumed, TypeDestroyed, TypeFailed:
-		return true
-	}
-	return false
-}
+func (t Type) IsResult() bool { return fsm.Result(t).IsOutcome() }
 
 // ResultOf is the success result of an action.
-func ResultOf(action string) Type {
-	switch action {
-	case "prepare":
-		return TypePrepared
-	case "start":
-		return TypeStarted
-	case "stop":
-		return TypeStopped
-	case "suspend":
-		return TypeSuspended
-	case "resume":
-		return TypeResumed
-	case "destroy":
-		return TypeDestroyed
-	}
-	return ""
-}
+func ResultOf(a fsm.Action) Type { return Type(a.Success()) }
 
 // Command is the body of a message on vm.cmd.<vm>.<action>.
 type Command struct {
@@ -74,7 +60,7 @@ type Event struct {
 	Type      Type         `json:"type"`
 	VM        string       `json:"vm"`
 	CommandID string       `json:"command_id,omitempty"`
-	Action    string       `json:"action,omitempty"`
+	Action    fsm.Action   `json:"action,omitempty"`
 	Time      time.Time    `json:"time"`
 	Host      string       `json:"host,omitempty"`
 	State     vm.VmState   `json:"state,omitempty"`
@@ -97,7 +83,7 @@ type Event struct {
 type Task struct {
 	CommandID   string        `json:"command_id"`
 	VM          string        `json:"vm"`
-	Action      string        `json:"action"`
+	Action      fsm.Action    `json:"action"`
 	Host        string        `json:"host"`
 	Backend     vm.BackendTag `json:"backend,omitempty"`
 	Spec        *vm.VmSpec    `json:"spec,omitempty"`

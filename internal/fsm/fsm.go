@@ -341,6 +341,34 @@ func (r *Rejection) Error() string {
 	return b.String()
 }
 
+// Success is the result event that ends action a when its backend call
+// succeeds (every accepted command ends in it or in ResFailed).
+func (a Action) Success() Result {
+	switch a {
+	case ActPrepare:
+		return ResPrepared
+	case ActStart:
+		return ResStarted
+	case ActStop:
+		return ResStopped
+	case ActSuspend:
+		return ResSuspended
+	case ActResume:
+		return ResResumed
+	case ActDestroy:
+		return ResDestroyed
+	}
+	return ""
+}
+
+// IsOutcome reports whether r ends a command (all results but the
+// observation ResExited).
+func (r Result) IsOutcome() bool { return resultIndex(r) >= 0 && r != ResExited }
+
+// States lists every state a VM can be in (not StateAbsent), in the order
+// docs/contract.md lists them.
+func States() []vm.VmState { return append([]vm.VmState(nil), states[1:]...) }
+
 // outcome is the state action a leads to when it succeeds, used to word a
 // rejection as "already".
 func outcome(a Action) vm.VmState {

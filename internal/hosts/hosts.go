@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -56,15 +57,15 @@ func (h *Heartbeat) Has(b vm.BackendTag) bool {
 }
 
 // Can reports whether backend b on this host supports action.
-func (h *Heartbeat) Can(b vm.BackendTag, action string) bool {
+func (h *Heartbeat) Can(b vm.BackendTag, action fsm.Action) bool {
 	c, ok := h.Capabilities[b]
 	if !ok {
 		return true
 	}
 	switch action {
-	case "suspend":
+	case fsm.ActSuspend:
 		return c.Suspend
-	case "resume":
+	case fsm.ActResume:
 		return c.Resume
 	}
 	return true

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/vm"
@@ -35,7 +36,7 @@ func appendLifecycles(t *testing.T, env *testenv.Env, vms int, gen string) {
 		for _, typ := range []events.Type{events.TypeAccepted, s.result} {
 			for i := range vms {
 				name := fmt.Sprintf("v%03d", i)
-				ev := &events.Event{Type: typ, VM: name, CommandID: gen + "-" + strconv.Itoa(si), Action: s.action,
+				ev := &events.Event{Type: typ, VM: name, CommandID: gen + "-" + strconv.Itoa(si), Action: fsm.Action(s.action),
 					Time: time.Now().UTC(), Host: "h1", Backend: vm.BackendNoop}
 				if typ != events.TypeAccepted {
 					ev.State = s.state

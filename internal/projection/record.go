@@ -15,9 +15,9 @@ import (
 
 // InFlight is a command accepted and not yet answered by a result.
 type InFlight struct {
-	CommandID string `json:"command_id"`
-	Action    string `json:"action"`
-	Seq       uint64 `json:"seq"` // stream sequence of its accepted event
+	CommandID string     `json:"command_id"`
+	Action    fsm.Action `json:"action"`
+	Seq       uint64     `json:"seq"` // stream sequence of its accepted event
 }
 
 // VmRecord is the projection of one VM's events.
@@ -120,7 +120,7 @@ func foldInto(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 	switch ev.Type {
 	case events.TypeAccepted:
-		a, err := fsm.ParseAction(ev.Action)
+		a, err := fsm.ParseAction(string(ev.Action))
 		if err != nil {
 			return
 		}

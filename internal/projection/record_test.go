@@ -21,7 +21,7 @@ func fold(t *testing.T, steps []step) *VmRecord {
 	t.Helper()
 	var r *VmRecord
 	for i, s := range steps {
-		ev := &events.Event{Type: s.typ, VM: "v", Action: s.action, CommandID: s.cmd, Handle: s.handle,
+		ev := &events.Event{Type: s.typ, VM: "v", Action: fsm.Action(s.action), CommandID: s.cmd, Handle: s.handle,
 			Time: time.Unix(int64(i), 0).UTC(), Host: "h1", Backend: vm.BackendNoop}
 		if s.typ == events.TypeExited {
 			ev.Reason = "killed"
@@ -121,14 +121,14 @@ func FuzzFold(f *testing.F) {
 			ev := &events.Event{
 				Type:      types[int(op)%len(types)],
 				VM:        "v",
-				Action:    actions[int(op/16)%len(actions)],
+				Action:    fsm.Action(actions[int(op/16)%len(actions)]),
 				CommandID: string(rune('a' + op%5)),
 			}
 			if op%3 == 0 {
 				ev.Handle = &vm.VmHandle{ID: string(rune('x' + op%2)), Name: "v", PID: int(op % 4)}
 			}
 			if i == 0 && action != "" {
-				ev.Action = action
+				ev.Action = fsm.Action(action)
 			}
 			r = Fold(r, ev, uint64(i+1))
 			if r == nil {

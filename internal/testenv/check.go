@@ -60,7 +60,7 @@ func (e *Env) CheckStreams() Counts {
 		case ev.Type == events.TypeAccepted:
 			c.Accepted++
 			cs.decisions++
-			a, err := fsm.ParseAction(ev.Action)
+			a, err := fsm.ParseAction(string(ev.Action))
 			if err != nil {
 				e.T.Errorf("seq %d: accepted unknown action %q", s.Seq, ev.Action)
 				break

@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/vm"
 )
@@ -84,11 +85,11 @@ func (g *globals) createCmd() *cobra.Command {
 				return usageError("%s", flagWords(err.Error()))
 			}
 			ctx := cmd.Context()
-			ev, err := g.send(ctx, spec.Name, "prepare", events.Command{Spec: &spec, Host: host})
+			ev, err := g.send(ctx, spec.Name, fsm.ActPrepare, events.Command{Spec: &spec, Host: host})
 			if err != nil || !start || ev == nil {
 				return err
 			}
-			_, err = g.send(ctx, spec.Name, "start", events.Command{})
+			_, err = g.send(ctx, spec.Name, fsm.ActStart, events.Command{})
 			return err
 		},
 	}
@@ -134,9 +135,9 @@ func readPublicKey(path string) (string, error) {
 	return key, nil
 }
 
-func (g *globals) lifecycleCmd(action, short string) *cobra.Command {
+func (g *globals) lifecycleCmd(action fsm.Action, short string) *cobra.Command {
 	return &cobra.Command{
-		Use:               action + " NAME",
+		Use:               string(action) + " NAME",
 		Short:             short,
 		Args:              nameArg,
 		ValidArgsFunction: g.completeNames,
@@ -178,7 +179,7 @@ func (g *globals) stopCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		_, err = g.send(cmd.Context(), args[0], "stop", events.Command{TimeoutS: t})
+		_, err = g.send(cmd.Context(), args[0], fsm.ActStop, events.Command{TimeoutS: t})
 		return err
 	}
 	return c
@@ -197,7 +198,7 @@ func (g *globals) destroyCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		_, err = g.send(cmd.Context(), args[0], "destroy", events.Command{TimeoutS: t})
+		_, err = g.send(cmd.Context(), args[0], fsm.ActDestroy, events.Command{TimeoutS: t})
 		return err
 	}
 	return c
@@ -310,7 +311,7 @@ func (g *globals) listCmd() *cobra.Command {
 			for i, r := range list {
 				var inflight []string
 				for _, f := range r.InFlight {
-					inflight = append(inflight, f.Action)
+					inflight = append(inflight, string(f.Action))
 				}
 				vcpus, mem := "-", "-"
 				if r.Handle != nil && r.Handle.Spec != nil {

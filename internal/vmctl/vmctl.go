@@ -23,6 +23,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -123,10 +124,10 @@ deciding commands or no result within --timeout, 130 interrupted.`,
 
 	root.AddCommand(
 		g.createCmd(),
-		g.lifecycleCmd("start", "start a prepared or stopped VM"),
+		g.lifecycleCmd(fsm.ActStart, "start a prepared or stopped VM"),
 		g.stopCmd(),
-		g.lifecycleCmd("suspend", "pause a running VM"),
-		g.lifecycleCmd("resume", "continue a suspended VM"),
+		g.lifecycleCmd(fsm.ActSuspend, "pause a running VM"),
+		g.lifecycleCmd(fsm.ActResume, "continue a suspended VM"),
 		g.destroyCmd(),
 		g.listCmd(),
 		g.statusCmd(),
@@ -290,7 +291,7 @@ func watchHint(name string) string {
 
 // send publishes a command and, unless --no-wait, waits for its result.
 // It returns the final event (nil with --no-wait).
-func (g *globals) send(ctx context.Context, name, action string, cmd events.Command) (*events.Event, error) {
+func (g *globals) send(ctx context.Context, name string, action fsm.Action, cmd events.Command) (*events.Event, error) {
 	if err := vm.ValidateName(name); err != nil {
 		return nil, usageError("NAME %q: %s", name, ruleOf(err))
 	}
@@ -331,7 +332,7 @@ func (g *globals) send(ctx context.Context, name, action string, cmd events.Comm
 	if err != nil {
 		return nil, err
 	}
-	ack, err := g.js.Publish(ctx, g.names.Command(name, action), body, jetstream.WithMsgID(cmd.CommandID))
+	ack, err := g.js.Publish(ctx, g.names.Command(name, string(action)), body, jetstream.WithMsgID(cmd.CommandID))
 	if err != nil {
 		return nil, fmt.Errorf("publishing %s for %s: %w (nothing was stored)", action, name, err)
 	}
@@ -351,7 +352,7 @@ func (g *globals) send(ctx context.Context, name, action string, cmd events.Comm
 // wait follows the VM's events until the command's result (or rejection),
 // showing progress on a terminal, and says what became of the stored
 // command when it stops waiting early.
-func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name, action, id string) (*events.Event, error) {
+func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name string, action fsm.Action, id string) (*events.Event, error) {
 	wctx, cancel := context.WithTimeout(ctx, g.timeout)
 	defer cancel()
 	it, err := cons.Messages()
@@ -455,9 +456,9 @@ func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name, actio
 
 // rejected explains a rejection, leading with "no VM named X" when the VM
 // has never existed.
-func (g *globals) rejected(ctx context.Context, name, action string, ev *events.Event) error {
+func (g *globals) rejected(ctx context.Context, name string, action fsm.Action, ev *events.Event) error {
 	reason := flagWords(ev.Reason)
-	if action != "prepare" {
+	if action != fsm.ActPrepare {
 		if r, err := g.record(ctx, name); err != nil || !r.Exists() {
 			var ee *exitError
 			if err == nil || errors.As(err, &ee) {

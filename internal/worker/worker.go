@@ -21,6 +21,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/keyed"
 	"github.com/vmherd/vmherd/internal/projection"
@@ -264,11 +265,11 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 	stopTimeout := w.cfg.DefaultStopTimeout
 	if t.TimeoutS > 0 {
 		stopTimeout = time.Duration(t.TimeoutS) * time.Second
-		if t.Action != "stop" {
+		if t.Action != fsm.ActStop {
 			timeout = stopTimeout
 		}
 	}
-	if t.Action == "stop" || t.Action == "destroy" {
+	if t.Action == fsm.ActStop || t.Action == fsm.ActDestroy {
 		timeout = stopTimeout + 2*time.Minute
 	}
 	cctx, cancel := context.WithTimeout(ctx, timeout)
@@ -276,7 +277,7 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 	var err error
 	r := w.cfg.Router
 	switch t.Action {
-	case "prepare":
+	case fsm.ActPrepare:
 		if t.Spec == nil {
 			err = errors.New("prepare task without a spec")
 			break
@@ -287,19 +288,19 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 		}
 		h, err = r.Prepare(cctx, spec)
 		ev.State = vm.StatePrepared
-	case "start":
+	case fsm.ActStart:
 		h, err = r.Start(cctx, h)
 		ev.State = vm.StateRunning
-	case "stop":
+	case fsm.ActStop:
 		h, err = r.Stop(cctx, h, stopTimeout)
 		ev.State = vm.StateStopped
-	case "suspend":
+	case fsm.ActSuspend:
 		h, err = r.Suspend(cctx, h)
 		ev.State = vm.StateSuspended
-	case "resume":
+	case fsm.ActResume:
 		h, err = r.Resume(cctx, h)
 		ev.State = vm.StateRunning
-	case "destroy":
+	case fsm.ActDestroy:
 		err = r.Destroy(cctx, h)
 		ev.State = vm.StateDestroyed
 	default:
@@ -338,7 +339,7 @@ func (w *Worker) handleFor(t *events.Task) vm.VmHandle {
 	}
 	w.mu.Unlock()
 	haveTask := t.Handle != nil && t.Handle.ID != ""
-	if mine.Name != "" && (!haveTask || (t.Action == "destroy" && t.Handle.ID == mine.ID)) {
+	if mine.Name != "" && (!haveTask || (t.Action == fsm.ActDestroy && t.Handle.ID == mine.ID)) {
 		return mine
 	}
 	if t.Handle != nil && t.Handle.Name != "" {
