@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
-	"strings"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -60,6 +59,7 @@ type Engine struct {
 	hosts *hosts.Registry
 	proj  *projection.Projector
 	exec  *keyed.Serial
+	adm   admission
 }
 
 // New builds an engine. Streams and buckets must exist (events.Ensure).
@@ -90,6 +90,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		hosts: hosts.NewRegistry(cfg.HostLostAfter),
 		exec:  keyed.New(cfg.Concurrency),
 	}
+	e.adm = admission{hosts: e.hosts, lostAfter: cfg.HostLostAfter}
 	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log}
 	if cfg.StateDir != "" {
 		e.proj.Checkpoint = filepath.Join(cfg.StateDir, "projection-"+cfg.ID+".seq")
@@ -205,7 +206,7 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		ev.Time = time.Now().UTC()
 		derr := perr
 		if derr == nil {
-			derr = e.admit(rec, act, cmd, &ev)
+			derr = e.adm.admit(rec, act, cmd, &ev)
 		}
 		if derr != nil {
 			ev.Type = events.TypeRejected
@@ -291,93 +292,6 @@ func parse(action string, data []byte) (*events.Command, fsm.Action, error) {
 		return nil, act, reject("body: %v", err)
 	}
 	return &cmd, act, nil
-}
-
-// admit runs the state machine and placement. On accept it fills ev.
-func (e *Engine) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.Command, ev *events.Event) error {
-	cur := rec.CurrentState()
-	host, backend := rec.Host, rec.Backend
-	if act == fsm.ActPrepare {
-		spec := cmd.Spec.WithDefaults()
-		if spec.Name == "" {
-			spec.Name = ev.VM
-		}
-		if spec.Name != ev.VM {
-			return reject("spec.name: %q must match the vm in the subject (%q)", spec.Name, ev.VM)
-		}
-		if _, err := fsm.Decide(cur, act); err != nil {
-			return err
-		}
-		hb, err := e.place(cmd.Host, spec.Backend)
-		if err != nil {
-			return err
-		}
-		if spec.Backend == "" {
-			spec.Backend = hb.DefaultBackend
-		}
-		spec = spec.WithDefaults() // the network default depends on the backend
-		if err := spec.Validate(); err != nil {
-			return err
-		}
-		host, backend = hb.Host, spec.Backend
-		ev.Spec = &spec
-	} else if rec.Exists() && cur != vm.StateDestroyed {
-		if _, err := fsm.Decide(cur, act); err != nil {
-			return err
-		}
-		hb, alive := e.hosts.Get(host)
-		if !alive {
-			return reject("host %s of vm %s is lost (no heartbeat for over %s); %s is rejected until its worker is back", host, ev.VM, e.cfg.HostLostAfter, act)
-		}
-		if !hb.Can(backend, act) {
-			return reject("backend %s cannot %s (not supported by the backend on host %s)", backend, act, host)
-		}
-	}
-	next, err := fsm.Decide(cur, act)
-	if err != nil {
-		return err
-	}
-	ev.Type = events.TypeAccepted
-	ev.State = next
-	ev.Host = host
-	ev.Backend = backend
-	ev.Handle = rec.Handle
-	if cmd.TimeoutS > 0 {
-		ev.TimeoutS = cmd.TimeoutS
-	}
-	return nil
-}
-
-func (e *Engine) place(pin string, b vm.BackendTag) (*hosts.Heartbeat, error) {
-	if pin != "" {
-		hb, alive := e.hosts.Get(pin)
-		if hb == nil {
-			return nil, reject("host: %q is not a known host (alive hosts: %s)", pin, e.aliveList())
-		}
-		if !alive {
-			return nil, reject("host: %q is not alive (no heartbeat for over %s)", pin, e.cfg.HostLostAfter)
-		}
-		if b != "" && !hb.Has(b) {
-			return nil, reject("host: %q has no %s backend (it has %v)", pin, b, hb.Backends)
-		}
-		return hb, nil
-	}
-	hb, err := e.hosts.Place(b)
-	if err != nil {
-		return nil, reject("placement: %v", err)
-	}
-	return hb, nil
-}
-
-func (e *Engine) aliveList() string {
-	var names []string
-	for _, hb := range e.hosts.Alive() {
-		names = append(names, hb.Host)
-	}
-	if len(names) == 0 {
-		return "none"
-	}
-	return strings.Join(names, ", ")
 }
 
 // appendInvalid records the rejection of a command whose subject names no
