@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"math/rand/v2"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -30,17 +31,24 @@ func Transient(err error) bool {
 		errors.Is(err, jetstream.ErrJetStreamNotEnabled)
 }
 
-// startupBackoff bounds the wait between start-up attempts.
-var startupBackoff = struct{ first, max, attempt time.Duration }{250 * time.Millisecond, 5 * time.Second, 10 * time.Second}
+// startupBackoff bounds the wait between start-up attempts, and each
+// attempt's own time: it starts short and doubles, because a request sent
+// to a cluster still forming can go unanswered (seen on a fresh 3-node
+// cluster: the first stream creation of two engines starting together got
+// no reply at all), and grows so that a slow server still gets the time it
+// needs.
+var startupBackoff = struct{ first, max, firstAttempt, maxAttempt time.Duration }{
+	250 * time.Millisecond, 5 * time.Second, 2 * time.Second, 20 * time.Second}
 
 // RetryStartup runs step until it succeeds, ctx ends, or it fails for a
 // reason that will not go away. Each transient failure is logged with what
 // is being waited for, and retried with a doubling backoff.
 func RetryStartup(ctx context.Context, log *slog.Logger, what string, step func(ctx context.Context) error) error {
-	wait := startupBackoff.first
+	wait, attemptTime := startupBackoff.first, startupBackoff.firstAttempt
 	start := time.Now()
 	for attempt := 1; ; attempt++ {
-		actx, cancel := context.WithTimeout(ctx, startupBackoff.attempt)
+		actx, cancel := context.WithTimeout(ctx, attemptTime)
+		attemptTime = min(2*attemptTime, startupBackoff.maxAttempt)
 		err := step(actx)
 		cancel()
 		if err == nil {
@@ -59,7 +67,7 @@ func RetryStartup(ctx context.Context, log *slog.Logger, what string, step func(
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(wait):
+		case <-time.After(wait + rand.N(wait/2)):
 		}
 		wait = min(2*wait, startupBackoff.max)
 	}
