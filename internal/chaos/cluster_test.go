@@ -35,6 +35,9 @@ type cluster struct {
 	// noopLatency and stopLatency shape the Noop backend of every worker.
 	noopLatency string
 	workerArgs  []string
+	// untilFaults keeps every VM cycling past its quota of commands until
+	// the fault function has returned.
+	untilFaults bool
 }
 
 func newCluster(t *testing.T) *cluster {
@@ -139,6 +142,28 @@ type tracker struct {
 	decision map[string]events.Type
 	result   map[string]events.Type
 	changed  chan struct{}
+	// resultTimes are when the tracker saw each result, in order.
+	resultTimes []time.Time
+}
+
+// stall is the longest time without a result around moment at: from the
+// last result before it to the first after it.
+func (tr *tracker) stall(at time.Time) time.Duration {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	var before, after time.Time
+	for _, t := range tr.resultTimes {
+		if !t.After(at) {
+			before = t
+		} else {
+			after = t
+			break
+		}
+	}
+	if before.IsZero() || after.IsZero() {
+		return -1
+	}
+	return after.Sub(before)
 }
 
 func (tr *tracker) run(ctx context.Context, js jetstream.JetStream) {
@@ -180,6 +205,7 @@ func (tr *tracker) run(ctx context.Context, js jetstream.JetStream) {
 				tr.decision[key] = ev.Type
 			case ev.Type.IsResult():
 				tr.result[key] = ev.Type
+				tr.resultTimes = append(tr.resultTimes, time.Now())
 			}
 			tr.mu.Unlock()
 			select {
@@ -209,6 +235,7 @@ func (tr *tracker) done(key string) (events.Type, bool) {
 
 type loadStats struct {
 	sent, accepted, rejected, results atomic.Int64
+	tr                                *tracker
 }
 
 func (s *loadStats) String() string {
@@ -228,14 +255,16 @@ func (c *cluster) runLoad(env *testenv.Env, nVMs, perVM int, faults func(ctx con
 	tctx, tcancel := context.WithCancel(ctx)
 	defer tcancel()
 	go tr.run(tctx, env.JS)
-	stats := &loadStats{}
+	stats := &loadStats{tr: tr}
 	faultCtx, stopFaults := context.WithCancel(ctx)
 	faultsDone := make(chan struct{})
+	var faultsOver atomic.Bool
 	go func() {
 		defer close(faultsDone)
 		if faults != nil {
 			faults(faultCtx)
 		}
+		faultsOver.Store(true)
 	}()
 	var wg sync.WaitGroup
 	errs := make(chan error, nVMs)
@@ -244,7 +273,7 @@ func (c *cluster) runLoad(env *testenv.Env, nVMs, perVM int, faults func(ctx con
 		go func() {
 			defer wg.Done()
 			name := fmt.Sprintf("vm%03d", i)
-			for j := 0; j < perVM; j++ {
+			for j := 0; j < perVM || c.untilFaults && !faultsOver.Load(); j++ {
 				action := cycle[j%len(cycle)]
 				id := fmt.Sprintf("%s-%03d", name, j)
 				body := fmt.Sprintf(`{"command_id":%q}`, id)

@@ -354,14 +354,18 @@ func (e *Env) WaitHost(eng *Part, host string) {
 	})
 }
 
-// Attach connects to a server someone else runs (a nats-server process).
+// Attach connects to a server (or cluster: comma-separated URLs) someone
+// else runs, where an engine has made the streams and buckets; like a
+// worker, it only checks them (the engine owns their settings).
 func Attach(t testing.TB, url string) *Env {
 	t.Helper()
 	e := &Env{T: t, URL: url, Names: events.DefaultNames, Log: Logger(), Dir: t.TempDir()}
 	e.NC, e.JS = e.Connect()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	if err := events.Ensure(ctx, e.JS, e.Names, events.DefaultSettings); err != nil {
+	if err := events.RetryStartup(ctx, e.Log, "the engine's streams", func(ctx context.Context) error {
+		return events.Check(ctx, e.JS, e.Names)
+	}); err != nil {
 		t.Fatal(err)
 	}
 	var err error
