@@ -351,8 +351,11 @@ func (g *globals) guestAddrs(ctx context.Context, list []*projection.VmRecord) [
 			qctx, cancel := context.WithTimeout(ctx, time.Second)
 			defer cancel()
 			var ip events.GuestIPReply
-			if err := g.query(qctx, r, "guest_ip", &ip); err != nil || ip.IP == "" {
-				out[i] = "?"
+			var qe *queryError
+			if err := g.query(qctx, r, "guest_ip", &ip); errors.As(err, &qe) && qe.code == "409" {
+				return // the VM has no address (no network, or not known yet)
+			} else if err != nil || ip.IP == "" {
+				out[i] = "?" // the worker did not answer
 				return
 			}
 			out[i] = ip.IP
@@ -365,6 +368,12 @@ func (g *globals) guestAddrs(ctx context.Context, list []*projection.VmRecord) [
 	return out
 }
 
+// queryError is a worker's answer that it cannot answer: code 404 (no such
+// VM), 409 (no address, unsupported) or 500, as the micro service sends it.
+type queryError struct{ code, msg string }
+
+func (e *queryError) Error() string { return e.msg }
+
 // query asks the worker on the VM's host.
 func (g *globals) query(ctx context.Context, r *projection.VmRecord, endpoint string, out any) error {
 	req, _ := json.Marshal(events.QueryRequest{VM: r.Name})
@@ -375,7 +384,7 @@ func (g *globals) query(ctx context.Context, r *projection.VmRecord, endpoint st
 		return fmt.Errorf("asking the worker on host %s: %w (is it running?)", r.Host, err)
 	}
 	if code := m.Header.Get("Nats-Service-Error-Code"); code != "" {
-		return fmt.Errorf("worker on host %s: %s", r.Host, m.Header.Get("Nats-Service-Error"))
+		return &queryError{code: code, msg: fmt.Sprintf("worker on host %s: %s", r.Host, m.Header.Get("Nats-Service-Error"))}
 	}
 	return json.Unmarshal(m.Data, out)
 }
