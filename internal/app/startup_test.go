@@ -155,6 +155,7 @@ func TestTransient(t *testing.T) {
 	}{
 		{&jetstream.APIError{Code: 503, ErrorCode: 10023, Description: "insufficient resources"}, true},
 		{&jetstream.APIError{Code: 503, Description: "JetStream system temporarily unavailable"}, true},
+		{&jetstream.APIError{Code: 400, ErrorCode: 10005, Description: "no suitable peers for placement"}, true},
 		{fmt.Errorf("creating: %w", context.DeadlineExceeded), true},
 		{nats.ErrNoResponders, true},
 		{&events.NotReadyError{Problems: []string{"x"}}, true},

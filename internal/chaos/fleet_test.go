@@ -121,3 +121,178 @@ func TestFleetNatsNodeKills(t *testing.T) {
 	fmt.Printf("FAULT-TEST %s: node kills: %s; longest stall %s; %s; %s\n", t.Name(),
 		strings.Join(report, ", "), longest.Round(time.Millisecond), stats, counts)
 }
+
+// TestFleetHostNetworkCut takes host h1 off the network (its veth down)
+// for 30 s while commands for its VMs and for h2's arrive, then puts it
+// back. h2's VMs are served throughout; each of h1's commands is either
+// rejected naming the lost host, or accepted and carried out once h1 is
+// back; nothing is lost or applied twice, and h1's VMs take commands
+// again afterwards.
+func TestFleetHostNetworkCut(t *testing.T) {
+	if testing.Short() {
+		t.Skip("fault tests run real processes; skipped with -short")
+	}
+	testenv.Require(t, os.Geteuid() == 0, "the fleet's network namespaces need root")
+	dir := t.TempDir()
+	workerArgs := []string{"--noop-latency", "20ms", "--task-ack-wait", "5s", "--reconcile", "2s"}
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	f, err := fleet.Up(ctx, fleet.Config{
+		Dir: dir, Bin: testenv.Binaries(t), NatsServer: testenv.Tool(t, "nats-server"), Log: t.Logf,
+		Hosts: []fleet.HostConfig{
+			{Name: "h1", Backends: "noop", WorkerArgs: workerArgs},
+			{Name: "h2", Backends: "noop", WorkerArgs: workerArgs},
+		},
+		EngineArgs: []string{"--command-ack-wait", "5s", "--host-timeout", "10s"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("fleet logs:\n%s", f.Logs())
+		}
+		f.Down()
+	})
+	c := &cluster{t: t, dir: dir}
+	env := testenv.Attach(t, f.URLs)
+	tr := &tracker{decision: map[string]events.Type{}, result: map[string]events.Type{}, changed: make(chan struct{}, 1)}
+	tctx, tcancel := context.WithCancel(ctx)
+	defer tcancel()
+	go tr.run(tctx, env.JS)
+	stats := &loadStats{tr: tr}
+
+	// send publishes one command (extra: more body fields) and waits until
+	// it is finished (rejected, or accepted with its result), up to within.
+	seq := 0
+	send := func(name, action, extra string, within time.Duration) (events.Type, error) {
+		seq++
+		id := fmt.Sprintf("%s-%s-%d", name, action, seq)
+		body := fmt.Sprintf(`{"command_id":%q%s}`, id, extra)
+		if err := publish(ctx, env.JS, env.Names.Command(name, action), body, id); err != nil {
+			return "", err
+		}
+		stats.sent.Add(1)
+		deadline := time.Now().Add(within)
+		for {
+			if ty, ok := tr.done(name + "/" + id); ok {
+				if ty == events.TypeRejected {
+					stats.rejected.Add(1)
+				} else {
+					stats.accepted.Add(1)
+					stats.results.Add(1)
+				}
+				return ty, nil
+			}
+			if time.Now().After(deadline) {
+				return "", fmt.Errorf("%s %s (%s) not finished within %s", action, name, id, within)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	vms := map[string][]string{}
+	// h1 gets a VM per command it will be sent during the cut, so each
+	// is decided on a settled VM: accepted while h1 still counts as alive,
+	// rejected once it is lost.
+	for h, n := range map[string]int{"h1": 12, "h2": 5} {
+		for i := range n {
+			name := fmt.Sprintf("%s-vm%d", h, i)
+			vms[h] = append(vms[h], name)
+			prep := fmt.Sprintf(`,"host":%q,"spec":{"backend":"noop","memory_mb":64}`, h)
+			if ty, err := send(name, "prepare", prep, time.Minute); err != nil || ty != events.TypePrepared {
+				t.Fatalf("prepare %s: %s %v", name, ty, err)
+			}
+			if ty, err := send(name, "start", "", time.Minute); err != nil || ty != events.TypeStarted {
+				t.Fatalf("start %s: %s %v", name, ty, err)
+			}
+		}
+	}
+
+	if err := f.CutHost("h1", true); err != nil {
+		t.Fatal(err)
+	}
+	cutAt := time.Now()
+	t.Logf("host h1 cut off")
+	// During the cut: h2's VMs keep working (a stop/start each, every few
+	// seconds); h1's get commands too, which are published without waiting.
+	pending := map[string]string{} // h1 command id -> vm
+	for round := 0; time.Since(cutAt) < 30*time.Second; round++ {
+		for _, name := range vms["h2"] {
+			action := []string{"stop", "start"}[round%2]
+			if ty, err := send(name, action, "", 20*time.Second); err != nil || ty == events.TypeRejected || ty == events.TypeFailed {
+				t.Errorf("h2's %s %s during h1's cut: %s %v", action, name, ty, err)
+			}
+		}
+		if round < len(vms["h1"]) {
+			name := vms["h1"][round]
+			seq++
+			id := fmt.Sprintf("%s-cut-%d", name, seq)
+			if err := publish(ctx, env.JS, env.Names.Command(name, "suspend"), fmt.Sprintf(`{"command_id":%q}`, id), id); err != nil {
+				t.Fatal(err)
+			}
+			stats.sent.Add(1)
+			pending[id] = name
+		}
+		time.Sleep(2 * time.Second)
+	}
+	if err := f.CutHost("h1", false); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("host h1 back after %s", time.Since(cutAt).Round(time.Second))
+
+	// Every command sent to h1 during the cut ends: rejected naming the
+	// host, or accepted and answered now that h1 is back.
+	rejectedLost, answered := 0, 0
+	for deadline := time.Now().Add(2 * time.Minute); len(pending) > 0; {
+		for id, name := range pending {
+			ty, ok := tr.done(name + "/" + id)
+			if !ok {
+				continue
+			}
+			delete(pending, id)
+			if ty == events.TypeRejected {
+				rejectedLost++
+				stats.rejected.Add(1)
+			} else {
+				answered++
+				stats.accepted.Add(1)
+				stats.results.Add(1)
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d commands for h1's VMs never finished after h1 came back: %v", len(pending), pending)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// A rejection during the cut names the lost host.
+	lostReasons := 0
+	for _, s := range env.AllEvents() {
+		ev := s.Event
+		if ev == nil || ev.Type != events.TypeRejected || !strings.Contains(ev.CommandID, "-cut-") {
+			continue
+		}
+		switch {
+		case strings.Contains(ev.Reason, "host h1 of vm") && strings.Contains(ev.Reason, "is lost"):
+			lostReasons++
+		default:
+			t.Errorf("%s rejected during h1's cut for another reason: %s", ev.CommandID, ev.Reason)
+		}
+	}
+	if lostReasons == 0 || answered == 0 {
+		t.Errorf("of h1's commands during a 30 s cut, %d were rejected as its host lost and %d carried out: want some of each (host timeout 10 s)", lostReasons, answered)
+	}
+	// h1 is back in placement and its VMs take commands again.
+	for deadline := time.Now().Add(time.Minute); ; {
+		ty, err := send(vms["h1"][0], "stop", "", 30*time.Second)
+		if err == nil && ty == events.TypeStopped {
+			break
+		}
+		if ty != events.TypeRejected || time.Now().After(deadline) {
+			t.Fatalf("stop of %s after h1 came back: %s %v", vms["h1"][0], ty, err)
+		}
+		time.Sleep(time.Second)
+	}
+	counts := c.verify(env, stats)
+	fmt.Printf("FAULT-TEST %s: h1 cut for 30s: %d of its commands rejected (%d as its host lost), %d carried out after it came back; %s; %s\n",
+		t.Name(), rejectedLost, lostReasons, answered, stats, counts)
+}

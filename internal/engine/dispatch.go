@@ -38,7 +38,7 @@ func (e *Engine) runDispatcher(ctx context.Context) error {
 		return fmt.Errorf("engine: creating dispatch consumer: %w", err)
 	}
 	var inflight sync.WaitGroup
-	cc, err := cons.Consume(func(msg jetstream.Msg) { e.dispatch(msg, &inflight) }, jetstream.PullMaxMessages(1000))
+	cc, err := cons.Consume(func(msg jetstream.Msg) { e.dispatch(msg, &inflight) }, events.PullOpts(1000)...)
 	if err != nil {
 		return fmt.Errorf("engine: consuming accepted events: %w", err)
 	}

@@ -136,7 +136,7 @@ func (e *Engine) runCommands(ctx context.Context) error {
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
 		name, _, _ := e.cfg.Names.ParseCommandSubject(msg.Subject())
 		e.exec.Do(name, func() { e.handle(ctx, msg) })
-	}, jetstream.PullMaxMessages(2*e.cfg.Concurrency))
+	}, events.PullOpts(2*e.cfg.Concurrency)...)
 	if err != nil {
 		return fmt.Errorf("engine: consuming commands: %w", err)
 	}

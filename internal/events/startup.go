@@ -12,8 +12,8 @@ import (
 )
 
 // Transient reports a start-up error that goes away by itself: a cluster
-// still electing its meta or stream leaders answers 503 / insufficient
-// resources (10023) or not at all, and a worker may start before the
+// still electing its meta or stream leaders answers 503, insufficient
+// resources (10023), no suitable peers (10005) or not at all, and a worker may start before the
 // engine has created the streams.
 func Transient(err error) bool {
 	var nr *NotReadyError
@@ -22,7 +22,10 @@ func Transient(err error) bool {
 	case errors.As(err, &nr):
 		return true
 	case errors.As(err, &apiErr):
-		return apiErr.Code == 503 || apiErr.Code == 408 || apiErr.ErrorCode == 10023 ||
+		// 10023 insufficient resources and 10005 no suitable peers for
+		// placement: the cluster does not know all its peers yet (or has
+		// fewer than --replicas: then the log says so until it does).
+		return apiErr.Code == 503 || apiErr.Code == 408 || apiErr.ErrorCode == 10023 || apiErr.ErrorCode == 10005 ||
 			apiErr.ErrorCode == jetstream.JSErrCodeJetStreamNotEnabled
 	}
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
@@ -87,4 +90,24 @@ func CreateConsumer(ctx context.Context, js ConsumerCreator, log *slog.Logger, s
 		return err
 	})
 	return cons, err
+}
+
+// Pull requests of the engines' and workers' durable consumers expire
+// after PullExpiry and carry a heartbeat every PullHeartbeat: when the
+// node leading a consumer dies, its pull requests die with it, and the
+// client learns it only by missing two heartbeats (nats.go's default: 5 s
+// heartbeats on 30 s requests, so 10 s on top of the election).
+const (
+	PullExpiry    = 5 * time.Second
+	PullHeartbeat = time.Second
+)
+
+// PullOpts are the Consume options of every durable consumer: the batch
+// size plus the expiry and heartbeat above.
+func PullOpts(maxMessages int) []jetstream.PullConsumeOpt {
+	return []jetstream.PullConsumeOpt{
+		jetstream.PullMaxMessages(maxMessages),
+		jetstream.PullExpiry(PullExpiry),
+		jetstream.PullHeartbeat(PullHeartbeat),
+	}
 }

@@ -138,7 +138,7 @@ func (p *Projector) consume(ctx context.Context, from uint64) error {
 	if err != nil {
 		return err
 	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(1000))
+	it, err := cons.Messages(jetstream.PullMaxMessages(1000), jetstream.PullExpiry(events.PullExpiry), jetstream.PullHeartbeat(events.PullHeartbeat))
 	if err != nil {
 		return err
 	}

@@ -173,7 +173,7 @@ func (w *Worker) consumeTasks(ctx context.Context) error {
 			return
 		}
 		w.exec.Do(t.VM, func() { w.runTask(msg, &t) })
-	}, jetstream.PullMaxMessages(2*w.cfg.Concurrency))
+	}, events.PullOpts(2*w.cfg.Concurrency)...)
 	if err != nil {
 		return fmt.Errorf("worker: consuming tasks: %w", err)
 	}
