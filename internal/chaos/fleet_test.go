@@ -13,6 +13,45 @@ import (
 	"github.com/vmherd/vmherd/internal/testenv"
 )
 
+// noopFleet brings up the fleet topology with two Noop hosts, h1 and h2,
+// and engines that call a host lost after hostTimeout; it is taken down
+// when the test ends (its logs printed if it failed).
+func noopFleet(t *testing.T, ctx context.Context, hostTimeout string) (*fleet.Fleet, *cluster, *testenv.Env) {
+	t.Helper()
+	workerArgs := []string{"--noop-latency", "20ms", "--task-ack-wait", "5s", "--reconcile", "2s"}
+	f := upFleet(t, ctx, fleet.Config{
+		Hosts: []fleet.HostConfig{
+			{Name: "h1", Backends: "noop", WorkerArgs: workerArgs},
+			{Name: "h2", Backends: "noop", WorkerArgs: workerArgs},
+		},
+		EngineArgs: []string{"--command-ack-wait", "5s", "--host-timeout", hostTimeout},
+	})
+	return f, &cluster{t: t, dir: f.Dir()}, testenv.Attach(t, f.URLs)
+}
+
+// upFleet brings up the fleet topology of cfg (its directory, binaries and
+// nats-server filled in) and takes it down when the test ends, printing
+// its logs if the test failed.
+func upFleet(t *testing.T, ctx context.Context, cfg fleet.Config) *fleet.Fleet {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("fault tests run real processes; skipped with -short")
+	}
+	testenv.Require(t, os.Geteuid() == 0, "the fleet's network namespaces need root")
+	cfg.Dir, cfg.Bin, cfg.NatsServer, cfg.Log = t.TempDir(), testenv.Binaries(t), testenv.Tool(t, "nats-server"), t.Logf
+	f, err := fleet.Up(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("fleet logs:\n%s", f.Logs())
+		}
+		f.Down()
+	})
+	return f
+}
+
 // maxNodeStall is the longest the fleet may go without a result when a
 // NATS node dies: nats-server elects a new stream leader in 4 to 9 s.
 const maxNodeStall = 15 * time.Second
@@ -26,34 +65,10 @@ const maxNodeStall = 15 * time.Second
 // test, and the longest stall (last result before a kill to the first
 // after it) must stay under maxNodeStall.
 func TestFleetNatsNodeKills(t *testing.T) {
-	if testing.Short() {
-		t.Skip("fault tests run real processes; skipped with -short")
-	}
-	testenv.Require(t, os.Geteuid() == 0, "the fleet's network namespaces need root")
-	testenv.Tool(t, "nats")
-	dir := t.TempDir()
-	workerArgs := []string{"--noop-latency", "20ms", "--task-ack-wait", "5s", "--reconcile", "2s"}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	f, err := fleet.Up(ctx, fleet.Config{
-		Dir: dir, Bin: testenv.Binaries(t), NatsServer: testenv.Tool(t, "nats-server"), Log: t.Logf,
-		Hosts: []fleet.HostConfig{
-			{Name: "h1", Backends: "noop", WorkerArgs: workerArgs},
-			{Name: "h2", Backends: "noop", WorkerArgs: workerArgs},
-		},
-		EngineArgs: []string{"--command-ack-wait", "5s", "--host-timeout", "20s"},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("fleet logs:\n%s", f.Logs())
-		}
-		f.Down()
-	})
-	c := &cluster{t: t, dir: dir, untilFaults: true}
-	env := testenv.Attach(t, f.URLs)
+	f, c, env := noopFleet(t, ctx, "20s")
+	c.untilFaults = true
 
 	leader := func(stream string) int {
 		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
@@ -129,33 +144,9 @@ func TestFleetNatsNodeKills(t *testing.T) {
 // back; nothing is lost or applied twice, and h1's VMs take commands
 // again afterwards.
 func TestFleetHostNetworkCut(t *testing.T) {
-	if testing.Short() {
-		t.Skip("fault tests run real processes; skipped with -short")
-	}
-	testenv.Require(t, os.Geteuid() == 0, "the fleet's network namespaces need root")
-	dir := t.TempDir()
-	workerArgs := []string{"--noop-latency", "20ms", "--task-ack-wait", "5s", "--reconcile", "2s"}
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	f, err := fleet.Up(ctx, fleet.Config{
-		Dir: dir, Bin: testenv.Binaries(t), NatsServer: testenv.Tool(t, "nats-server"), Log: t.Logf,
-		Hosts: []fleet.HostConfig{
-			{Name: "h1", Backends: "noop", WorkerArgs: workerArgs},
-			{Name: "h2", Backends: "noop", WorkerArgs: workerArgs},
-		},
-		EngineArgs: []string{"--command-ack-wait", "5s", "--host-timeout", "10s"},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("fleet logs:\n%s", f.Logs())
-		}
-		f.Down()
-	})
-	c := &cluster{t: t, dir: dir}
-	env := testenv.Attach(t, f.URLs)
+	f, c, env := noopFleet(t, ctx, "10s")
 	tr := &tracker{decision: map[string]events.Type{}, result: map[string]events.Type{}, changed: make(chan struct{}, 1)}
 	tctx, tcancel := context.WithCancel(ctx)
 	defer tcancel()

@@ -220,6 +220,9 @@ func (f *Fleet) network() error {
 	return nil
 }
 
+// Dir is the fleet's directory.
+func (f *Fleet) Dir() string { return f.cfg.Dir }
+
 // CutHost takes a host off the network (its veth down) or puts it back.
 func (f *Fleet) CutHost(name string, cut bool) error {
 	h := f.Hosts[name]
@@ -493,20 +496,29 @@ func (f *Fleet) Down() {
 func KillLeftovers(dir string) {
 	pidfiles, _ := filepath.Glob(filepath.Join(dir, "*.pid"))
 	for _, pf := range pidfiles {
-		b, err := os.ReadFile(pf)
-		if err != nil {
-			continue
-		}
-		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil || pid <= 1 {
-			continue
-		}
-		cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if err == nil && strings.Contains(string(cmdline), dir) {
-			_ = syscall.Kill(-pid, syscall.SIGKILL)
+		if pid := pidNaming(pf, dir); pid > 0 {
+			_ = syscall.Kill(-pid, syscall.SIGKILL) // its process group
 		}
 	}
 	killVMs(dir)
+}
+
+// pidNaming reads the PID in pidfile, and returns it if that process's
+// command line contains s (so a reused PID is left alone), else 0.
+func pidNaming(pidfile, s string) int {
+	b, err := os.ReadFile(pidfile)
+	if err != nil {
+		return 0
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 1 {
+		return 0
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(cmdline), s) {
+		return 0
+	}
+	return pid
 }
 
 // killVMs kills the hypervisor processes (which outlive their workers by
@@ -518,16 +530,7 @@ func killVMs(dir string) {
 	}
 	pidfiles, _ := filepath.Glob(filepath.Join(dir, "host-*", "vms", "*", "*.pid"))
 	for _, pf := range pidfiles {
-		b, err := os.ReadFile(pf)
-		if err != nil {
-			continue
-		}
-		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil || pid <= 1 {
-			continue
-		}
-		cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if err == nil && strings.Contains(string(cmdline), pf) {
+		if pid := pidNaming(pf, pf); pid > 0 {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}

@@ -1,4 +1,4 @@
-package fleet_test
+package chaos_test
 
 import (
 	"context"
@@ -15,26 +15,6 @@ import (
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/testenv"
 )
-
-func upFleet(t *testing.T, ctx context.Context, hosts []fleet.HostConfig) *fleet.Fleet {
-	t.Helper()
-	testenv.Require(t, os.Geteuid() == 0, "the fleet's network namespaces need root")
-	natsServer := testenv.Tool(t, "nats-server")
-	testenv.Tool(t, "nats")
-	bin := testenv.Binaries(t)
-	dir := t.TempDir()
-	f, err := fleet.Up(ctx, fleet.Config{Dir: dir, Bin: bin, NatsServer: natsServer, Hosts: hosts, Log: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("fleet logs:\n%s", f.Logs())
-		}
-		f.Down()
-	})
-	return f
-}
 
 // replicas reads num_replicas of each stream and bucket with the nats CLI.
 func replicas(t *testing.T, ctx context.Context, f *fleet.Fleet, natsCLI string) map[string]int {
@@ -71,7 +51,8 @@ func TestFleetFromScratchWithQEMU(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	start := time.Now()
-	f := upFleet(t, ctx, []fleet.HostConfig{{Name: "h1", Backends: "noop"}, {Name: "h2", Backends: "noop,qemu"}})
+	testenv.Tool(t, "nats")
+	f := upFleet(t, ctx, fleet.Config{Hosts: []fleet.HostConfig{{Name: "h1", Backends: "noop"}, {Name: "h2", Backends: "noop,qemu"}}})
 	t.Logf("fleet up in %s", time.Since(start).Round(time.Millisecond))
 	natsCLI := filepath.Join(filepath.Dir(testenv.Tool(t, "nats-server")), "nats")
 
