@@ -41,12 +41,7 @@ func (t hostTable) Alive() []*hosts.Heartbeat {
 }
 
 func (t hostTable) Place(b vm.BackendTag) (*hosts.Heartbeat, error) {
-	var best *hosts.Heartbeat
-	for _, hb := range t.Alive() {
-		if (b == "" || hb.Has(b)) && (best == nil || hb.FreeMemoryMB() > best.FreeMemoryMB()) {
-			best = hb
-		}
-	}
+	best := hosts.Best(t.Alive(), b)
 	if best == nil {
 		return nil, errors.New("no alive host has it")
 	}
@@ -64,7 +59,7 @@ func TestAdmit(t *testing.T) {
 		return h
 	}
 	table := hostTable{
-		"h1":   {hb("h1", 1000, vm.BackendNoop, vm.BackendQEMU), true},
+		"h1":   {hb("h1", 1000, vm.BackendQEMU, vm.BackendNoop), true},
 		"h2":   {hb("h2", 4000, vm.BackendNoop), true},
 		"pp":   {hb("pp", 100, vm.BackendPropolis), true},
 		"gone": {hb("gone", 9000, vm.BackendNoop, vm.BackendQEMU), false},
@@ -83,9 +78,10 @@ func TestAdmit(t *testing.T) {
 		wantHost string // accepted on this host, or
 		reject   string // rejected with a reason containing this
 	}{
-		{"prepare goes to the most free memory", absent, fsm.ActPrepare, prep(vm.VmSpec{}, ""), "h2", ""},
+		{"no backend named: a real hypervisor's host before more free memory on a Noop-only one", absent, fsm.ActPrepare, prep(vm.VmSpec{ImagePath: "/i.qcow2"}, ""), "h1", ""},
+		{"noop asked for: the most free memory", absent, fsm.ActPrepare, prep(vm.VmSpec{Backend: vm.BackendNoop}, ""), "h2", ""},
 		{"prepare needing qemu skips hosts without it", absent, fsm.ActPrepare, prep(vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/i.qcow2"}, ""), "h1", ""},
-		{"a pin wins over free memory", absent, fsm.ActPrepare, prep(vm.VmSpec{}, "h1"), "h1", ""},
+		{"a pin wins over free memory", absent, fsm.ActPrepare, prep(vm.VmSpec{}, "h2"), "h2", ""},
 		{"a pin to an unknown host", absent, fsm.ActPrepare, prep(vm.VmSpec{}, "nope"), "", `host: "nope" is not a known host (alive hosts: h1, h2, pp)`},
 		{"a pin to a lost host", absent, fsm.ActPrepare, prep(vm.VmSpec{}, "gone"), "", `host: "gone" is not alive`},
 		{"a pin to a host without the backend", absent, fsm.ActPrepare, prep(vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/i"}, "h2"), "", `"h2" has no qemu backend`},

@@ -194,7 +194,8 @@ func (r *Registry) Alive() []*Heartbeat {
 }
 
 // Place picks the alive host with the most free memory that has backend b
-// (any backend when b is empty; the host's default then applies).
+// (any backend when b is empty: the host's default then applies, and
+// hosts whose default is not Noop come first; see Best).
 func (r *Registry) Place(b vm.BackendTag) (*Heartbeat, error) {
 	best := r.place(b)
 	if best == nil {
@@ -219,12 +220,33 @@ func (r *Registry) Place(b vm.BackendTag) (*Heartbeat, error) {
 }
 
 func (r *Registry) place(b vm.BackendTag) *Heartbeat {
+	return Best(r.Alive(), b)
+}
+
+// Best picks, among alive hosts, the one with the most free memory that
+// has backend b. A spec that names no backend gets its host's default
+// backend, so it goes to a host whose default is a real hypervisor when
+// there is one: Noop is for tests, and a Noop-only host must not take a VM
+// that a QEMU or Propolis host could run.
+func Best(alive []*Heartbeat, b vm.BackendTag) *Heartbeat {
 	var best *Heartbeat
-	for _, hb := range r.Alive() {
+	better := func(hb *Heartbeat) bool {
+		if best == nil {
+			return true
+		}
+		if b == "" {
+			real, bestReal := hb.DefaultBackend != vm.BackendNoop, best.DefaultBackend != vm.BackendNoop
+			if real != bestReal {
+				return real
+			}
+		}
+		return hb.FreeMemoryMB() > best.FreeMemoryMB()
+	}
+	for _, hb := range alive {
 		if b != "" && !hb.Has(b) {
 			continue
 		}
-		if best == nil || hb.FreeMemoryMB() > best.FreeMemoryMB() {
+		if better(hb) {
 			best = hb
 		}
 	}

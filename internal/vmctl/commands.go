@@ -107,7 +107,7 @@ func (g *globals) createCmd() *cobra.Command {
 	f.BoolVar(&spec.UEFI, "uefi", false, "boot with UEFI (OVMF)")
 	f.StringVar(&spec.Accel, "accel", "", "QEMU accelerator: auto, kvm or tcg")
 	f.StringVar(&backend, "backend", "", "noop, qemu or propolis (default: the host's default)")
-	f.StringVar(&host, "host", "", "pin the VM to this host (default: the alive host with the most free memory)")
+	f.StringVar(&host, "host", "", "pin the VM to this host (default: an alive host with the backend, real hypervisors before Noop, most free memory first)")
 	f.BoolVar(&start, "start", false, "start the VM once prepared (waits for prepare; not with --no-wait)")
 	return c
 }
