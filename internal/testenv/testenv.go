@@ -185,8 +185,8 @@ type WorkerConfig struct {
 	Reconcile time.Duration
 }
 
-// StartWorker runs a worker on its own connection and waits for its first
-// heartbeat.
+// StartWorker runs a worker on its own connection (use WaitHost to wait for its first
+// heartbeat).
 func (e *Env) StartWorker(c WorkerConfig) *Part {
 	e.T.Helper()
 	if c.Host == "" {

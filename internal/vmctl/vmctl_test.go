@@ -153,7 +153,17 @@ func TestNoEngineAnsweredAtOnce(t *testing.T) {
 		t.Fatalf("no command id in %q", r.out)
 	}
 	// The stored command is decided once an engine runs again.
+	// The worker's first heartbeat is stored before the engine starts, so
+	// the stored prepare finds a host when it is decided.
 	env.StartWorker(testenv.WorkerConfig{Host: "h1"})
+	hostsKV, err := env.JS.KeyValue(ctx, env.Names.HostsBucket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	env.WaitFor("h1's first heartbeat", 20*time.Second, func() bool {
+		_, err := hostsKV.Get(ctx, "h1")
+		return err == nil
+	})
 	env.StartEngine(testenv.EngineConfig{ID: "e2"})
 	if ev := env.Decision("web1", id[1], 30*time.Second); ev.Type != events.TypeAccepted {
 		t.Fatalf("stored command after the engine came back: %+v", ev)
