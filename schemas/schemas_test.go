@@ -92,6 +92,8 @@ func eventOf(t events.Type, a string) events.Event {
 	case events.TypeExited:
 		ev.CommandID, ev.Action = "", ""
 		ev.State, ev.Handle, ev.Reason = vm.StateStopped, fullHandle(), "guest powered off"
+	case events.TypeFenced:
+		ev.Handle, ev.AcceptedSeq, ev.Reason = fullHandle(), 7, "the vm was forgotten while this host was lost"
 	default: // results
 		ev.Handle, ev.AcceptedSeq = fullHandle(), 7
 		ev.State, _ = fsm.Apply(transitional(fsm.Action(a)), fsm.Result(t))
@@ -119,6 +121,8 @@ func fullRecord() *projection.VmRecord {
 		Host:          "h1",
 		Backend:       vm.BackendQEMU,
 		Handle:        fullHandle(),
+		Vcpus:         2,
+		MemoryMB:      2048,
 		Generation:    3,
 		LastSeq:       10,
 		LastEvent:     events.TypeAccepted,
@@ -199,7 +203,7 @@ func TestEverySchemaCompiles(t *testing.T) {
 	for _, ty := range events.Types {
 		want = append(want, "event."+string(ty))
 	}
-	want = append(want, "host", "record", "task")
+	want = append(want, "cordon", "host", "host_event", "record", "task")
 	sort.Strings(want)
 	if got := Names(); !slices.Equal(got, want) {
 		t.Fatalf("Names() = %v\nwant      %v", got, want)
@@ -221,6 +225,9 @@ func TestListsMatchGo(t *testing.T) {
 	}
 	if !slices.Equal(eventTypes, types) {
 		t.Errorf("eventTypes %v, events.Types %v", eventTypes, types)
+	}
+	if got, want := enumOf(t, "host-event-type"), strs(events.HostEventTypes); !slices.Equal(got, want) {
+		t.Errorf("defs.json host-event-type %v, events.HostEventTypes %v", got, want)
 	}
 }
 
@@ -278,7 +285,8 @@ func TestValidEvents(t *testing.T) {
 		evs = append(evs, eventOf(events.TypeAccepted, string(a)), eventOf(events.ResultOf(a), string(a)),
 			eventOf(events.TypeFailed, string(a)))
 	}
-	evs = append(evs, eventOf(events.TypeRejected, "start"), eventOf(events.TypeExited, ""))
+	evs = append(evs, eventOf(events.TypeRejected, "start"), eventOf(events.TypeExited, ""),
+		eventOf(events.TypeFenced, "destroy"))
 
 	// Variants: a rejection of an invalid name and an unknown action; a
 	// destroyed without a handle; a failed without one; zero time.
@@ -292,7 +300,13 @@ func TestValidEvents(t *testing.T) {
 	fail.Handle, fail.State = nil, ""
 	zero := eventOf(events.TypeRejected, "start")
 	zero.Time = time.Time{}
-	evs = append(evs, rej, rej2, gone, fail, zero)
+	// A forget: accepted from destroying, with the abandoned destroy; its
+	// destroyed result from the engines says why.
+	forget := eventOf(events.TypeAccepted, "destroy")
+	forget.Forget, forget.Abandoned = true, []events.Abandoned{{CommandID: "cmd-0", Action: "destroy", Seq: 6}}
+	forgotten := eventOf(events.TypeDestroyed, "destroy")
+	forgotten.Handle, forgotten.Reason = nil, "forgotten: host h1 is lost"
+	evs = append(evs, rej, rej2, gone, fail, zero, forget, forgotten)
 
 	seen := map[events.Type]bool{}
 	for i, ev := range evs {

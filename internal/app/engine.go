@@ -18,6 +18,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/engine"
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/natsserver"
 	"github.com/vmherd/vmherd/internal/worker"
 )
@@ -49,7 +50,7 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Listen, "listen", "127.0.0.1:4222", "address of the embedded NATS server")
 	fs.StringVar(&o.Sync, "sync", natsserver.DefaultSync, `embedded JetStream sync_interval: "always" (fsync every write), "default" (nats-server's 2m) or a duration`)
 	fs.StringVar(&o.ID, "engine-id", "", "this engine's id, naming its projection consumer (default: generated once and kept in the data dir)")
-	fs.DurationVar(&o.HostTimeout, "host-timeout", 10*time.Second, "a host whose worker has not heartbeated for this long is lost")
+	fs.DurationVar(&o.HostTimeout, "host-timeout", hosts.DefaultLostAfter, "a host whose worker has not heartbeated for this long is lost")
 	fs.BoolVar(&o.WithWorker, "with-worker", false, "also run a local worker in this process (the single-host default)")
 	fs.IntVar(&o.Concurrency, "engine-concurrency", 256, "commands decided at once (across VMs)")
 	fs.DurationVar(&o.AckWait, "command-ack-wait", 30*time.Second, "ack wait of the command consumer")

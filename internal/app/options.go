@@ -119,7 +119,6 @@ type StreamOptions struct {
 	Replicas        int
 	CommandsMaxAge  time.Duration
 	DuplicateWindow time.Duration
-	HostTTL         time.Duration
 }
 
 // AddFlags registers the stream settings.
@@ -129,11 +128,10 @@ func (o *StreamOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.Replicas, "replicas", d.Replicas, "stream and bucket replicas (clustered NATS)")
 	fs.DurationVar(&o.CommandsMaxAge, "commands-max-age", d.CommandsMaxAge, "how long VM_COMMANDS keeps commands for audit (0: forever)")
 	fs.DurationVar(&o.DuplicateWindow, "duplicate-window", d.DuplicateWindow, "duplicate window of VM_EVENTS and VM_TASKS")
-	fs.DurationVar(&o.HostTTL, "host-ttl", d.HostTTL, "how long a heartbeat stays in VM_HOSTS")
 }
 
 // Names and Settings derived from the options.
 func (o *StreamOptions) Names() events.Names { return events.Names{Prefix: o.Prefix} }
 func (o *StreamOptions) Settings() events.Settings {
-	return events.Settings{Replicas: o.Replicas, CommandsMaxAge: o.CommandsMaxAge, DuplicateWindow: o.DuplicateWindow, HostTTL: o.HostTTL}
+	return events.Settings{Replicas: o.Replicas, CommandsMaxAge: o.CommandsMaxAge, DuplicateWindow: o.DuplicateWindow}
 }

@@ -83,7 +83,7 @@ func TestWorkerWaitsForAndNeverChangesStreams(t *testing.T) {
 		}
 	}
 	// The engine creates them with settings of its own.
-	engineSettings := events.Settings{Replicas: 1, CommandsMaxAge: time.Hour, DuplicateWindow: 7 * time.Minute, HostTTL: 9 * time.Second}
+	engineSettings := events.Settings{Replicas: 1, CommandsMaxAge: time.Hour, DuplicateWindow: 7 * time.Minute}
 	if err := events.Ensure(ctx, js, events.DefaultNames, engineSettings); err != nil {
 		t.Fatal(err)
 	}

@@ -70,7 +70,7 @@ func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
 	fs.DurationVar(&o.Reconcile, "reconcile", 10*time.Second, "how often running VMs are checked against the hypervisor")
 	fs.StringVar(&o.Accel, "accel", "auto", "QEMU accelerator: auto (KVM only on real VMX/SVM), kvm or tcg")
 	fs.IntVar(&o.CapacityMemMB, "capacity-memory-mb", 0, "memory offered to VMs (default: the machine's)")
-	fs.IntVar(&o.CapacityVcpus, "capacity-vcpus", 0, "vCPUs offered to VMs (default: the machine's)")
+	fs.IntVar(&o.CapacityVcpus, "capacity-vcpus", 0, "vCPUs offered to VMs (default: 4 × the machine's CPUs, a 4:1 overcommit)")
 	fs.StringSliceVar(&o.PropolisServers, "propolis-server", nil, "already-running propolis-server(s) ADDR[,ADDR...], one VM each (how Propolis is used off illumos)")
 	fs.StringVar(&o.PropolisBin, "propolis-bin", "propolis-server", "propolis-server binary (illumos host mode)")
 	fs.StringVar(&o.PropolisBootrom, "propolis-bootrom", "", "UEFI bootrom (OVMF) for propolis-server (illumos host mode)")

@@ -160,7 +160,7 @@ func startPipeline(ctx context.Context, c pipelineConfig) (*pipeline, error) {
 
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if _, alive := eng.Hosts().Get(benchHost); alive {
+		if eng.Hosts().Alive(benchHost) {
 			return p, nil
 		}
 		if time.Now().After(deadline) {

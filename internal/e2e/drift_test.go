@@ -100,7 +100,7 @@ func TestHostLostAndBack(t *testing.T) {
 	if err := w.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	env.WaitFor("h1 lost", wait, func() bool { _, alive := eng.Engine.Hosts().Get("h1"); return !alive })
+	env.WaitFor("h1 lost", wait, func() bool { return !eng.Engine.Hosts().Alive("h1") })
 	env.SendCmd("v1", "stop", "while-lost", events.Command{})
 	ev := env.Decision("v1", "while-lost", wait)
 	if ev.Type != events.TypeRejected || !strings.Contains(ev.Reason, "h1") || !strings.Contains(ev.Reason, "lost") {
@@ -108,7 +108,7 @@ func TestHostLostAndBack(t *testing.T) {
 	}
 	// Placement skips the lost host.
 	env.SendCmd("v3", "prepare", "v3p", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
-	if ev := env.Decision("v3", "v3p", wait); ev.Type != events.TypeRejected || !strings.Contains(ev.Reason, "no alive host") {
+	if ev := env.Decision("v3", "v3p", wait); ev.Type != events.TypeRejected || !strings.Contains(ev.Reason, "h1: lost") {
 		t.Fatalf("prepare with no alive host: %+v", ev)
 	}
 	// v2 dies while its worker is away.

@@ -14,9 +14,8 @@ import (
 // hostView is what admission needs to know of the hosts: the engine's
 // hosts.Registry (fed by the VM_HOSTS bucket), or a table in tests.
 type hostView interface {
-	Get(host string) (*hosts.Heartbeat, bool)
-	Place(b vm.BackendTag) (*hosts.Heartbeat, error)
-	Alive() []*hosts.Heartbeat
+	Get(host string) *hosts.Host
+	List() []*hosts.Host
 }
 
 // admission is the decision proper, apart from NATS: given a VM's record
@@ -25,6 +24,9 @@ type hostView interface {
 type admission struct {
 	hosts     hostView
 	lostAfter time.Duration
+	// placed is what the VMs placed on a host take (the engine's count
+	// from the records); nil counts nothing.
+	placed func(host string) hosts.Resources
 }
 
 // admit decides a parsed command on the VM's record: the state machine,
@@ -33,7 +35,24 @@ type admission struct {
 func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.Command, ev *events.Event) error {
 	cur := rec.CurrentState()
 	host, backend := rec.Host, rec.Backend
-	if act == fsm.ActPrepare {
+	decide := func(cur vm.VmState) (vm.VmState, error) { return fsm.Decide(cur, act) }
+	switch {
+	case cmd.Forget:
+		if !rec.Exists() {
+			return reject("forget: there is no vm %s to forget", ev.VM)
+		}
+		if cur == vm.StateDestroyed {
+			return reject("forget: vm %s is already destroyed", ev.VM)
+		}
+		if h := a.hosts.Get(host); h != nil && h.Alive {
+			return reject("forget: host %s of vm %s is alive; destroy it without forget (forget is for a host that will not come back)", host, ev.VM)
+		}
+		decide = fsm.Forget
+		ev.Forget = true
+		for _, f := range rec.InFlight {
+			ev.Abandoned = append(ev.Abandoned, events.Abandoned{CommandID: f.CommandID, Action: f.Action, Seq: f.Seq})
+		}
+	case act == fsm.ActPrepare:
 		spec := cmd.Spec.WithDefaults()
 		if spec.Name == "" {
 			spec.Name = ev.VM
@@ -44,32 +63,36 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 		if _, err := fsm.Decide(cur, act); err != nil {
 			return err
 		}
-		hb, err := a.place(cmd.Host, spec.Backend)
+		h, err := a.place(cmd.Host, spec)
 		if err != nil {
 			return err
 		}
 		if spec.Backend == "" {
-			spec.Backend = hb.DefaultBackend
+			spec.Backend = h.DefaultBackend
 		}
 		spec = spec.WithDefaults() // the network default depends on the backend
 		if err := spec.Validate(); err != nil {
 			return err
 		}
-		host, backend = hb.Host, spec.Backend
+		host, backend = h.Host, spec.Backend
 		ev.Spec = &spec
-	} else if rec.Exists() && cur != vm.StateDestroyed {
+	case rec.Exists() && cur != vm.StateDestroyed:
 		if _, err := fsm.Decide(cur, act); err != nil {
 			return err
 		}
-		hb, alive := a.hosts.Get(host)
-		if !alive {
-			return reject("host %s of vm %s is lost (no heartbeat for over %s); %s is rejected until its worker is back", host, ev.VM, a.lostAfter, act)
+		h := a.hosts.Get(host)
+		if h == nil || !h.Alive {
+			hint := ""
+			if act == fsm.ActDestroy {
+				hint = " (if it will not come back: vmctl destroy --forget " + ev.VM + ")"
+			}
+			return reject("host %s of vm %s is lost (no heartbeat for over %s); %s is rejected until its worker is back%s", host, ev.VM, a.lostAfter, act, hint)
 		}
-		if !hb.Can(backend, act) {
+		if !h.Can(backend, act) {
 			return reject("backend %s cannot %s (not supported by the backend on host %s)", backend, act, host)
 		}
 	}
-	next, err := fsm.Decide(cur, act)
+	next, err := decide(cur)
 	if err != nil {
 		return err
 	}
@@ -84,31 +107,40 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 	return nil
 }
 
-func (a admission) place(pin string, b vm.BackendTag) (*hosts.Heartbeat, error) {
+// place picks the host of a new VM: the pinned one if it can take it, else
+// the best that can (hosts.Best).
+func (a admission) place(pin string, spec vm.VmSpec) (*hosts.Host, error) {
+	p := hosts.Placement{
+		Backend: spec.Backend,
+		Need:    hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
+		Placed:  a.placed,
+	}
 	if pin != "" {
-		hb, alive := a.hosts.Get(pin)
-		if hb == nil {
+		h := a.hosts.Get(pin)
+		if h == nil {
 			return nil, reject("host: %q is not a known host (alive hosts: %s)", pin, a.aliveList())
 		}
-		if !alive {
-			return nil, reject("host: %q is not alive (no heartbeat for over %s)", pin, a.lostAfter)
+		if why := p.Fits(h); why != "" {
+			if why == "lost" {
+				why = "not alive (no heartbeat for over " + a.lostAfter.String() + ")"
+			}
+			return nil, reject("host: %q cannot take it: %s", pin, why)
 		}
-		if b != "" && !hb.Has(b) {
-			return nil, reject("host: %q has no %s backend (it has %v)", pin, b, hb.Backends)
-		}
-		return hb, nil
+		return h, nil
 	}
-	hb, err := a.hosts.Place(b)
+	h, err := hosts.Best(a.hosts.List(), p)
 	if err != nil {
 		return nil, reject("placement: %v", err)
 	}
-	return hb, nil
+	return h, nil
 }
 
 func (a admission) aliveList() string {
 	var names []string
-	for _, hb := range a.hosts.Alive() {
-		names = append(names, hb.Host)
+	for _, h := range a.hosts.List() {
+		if h.Alive {
+			names = append(names, h.Host)
+		}
 	}
 	if len(names) == 0 {
 		return "none"

@@ -1,7 +1,7 @@
 package engine
 
 import (
-	"errors"
+	"reflect"
 	"sort"
 	"strings"
 	"testing"
@@ -16,41 +16,22 @@ import (
 )
 
 // hostTable is a hostView from a table: no NATS.
-type hostTable map[string]struct {
-	hb    *hosts.Heartbeat
-	alive bool
-}
+type hostTable map[string]*hosts.Host
 
-func (t hostTable) Get(h string) (*hosts.Heartbeat, bool) {
-	e, ok := t[h]
-	if !ok {
-		return nil, false
-	}
-	return e.hb, e.alive
-}
+func (t hostTable) Get(h string) *hosts.Host { return t[h] }
 
-func (t hostTable) Alive() []*hosts.Heartbeat {
-	var out []*hosts.Heartbeat
-	for _, e := range t {
-		if e.alive {
-			out = append(out, e.hb)
-		}
+func (t hostTable) List() []*hosts.Host {
+	var out []*hosts.Host
+	for _, h := range t {
+		out = append(out, h)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Host < out[j].Host })
 	return out
 }
 
-func (t hostTable) Place(b vm.BackendTag) (*hosts.Heartbeat, error) {
-	best := hosts.Best(t.Alive(), b)
-	if best == nil {
-		return nil, errors.New("no alive host has it")
-	}
-	return best, nil
-}
-
 func TestAdmit(t *testing.T) {
-	hb := func(name string, free int, bs ...vm.BackendTag) *hosts.Heartbeat {
-		h := &hosts.Heartbeat{Host: name, Backends: bs, DefaultBackend: bs[0], Capacity: hosts.Resources{MemoryMB: free}}
+	hb := func(name string, alive bool, free int, bs ...vm.BackendTag) *hosts.Host {
+		h := &hosts.Host{Alive: alive, Heartbeat: hosts.Heartbeat{Host: name, Backends: bs, DefaultBackend: bs[0], Capacity: hosts.Resources{Vcpus: 8, MemoryMB: free}}}
 		for _, b := range bs {
 			if b == vm.BackendPropolis {
 				h.Capabilities = map[vm.BackendTag]backends.Capabilities{b: {}}
@@ -59,15 +40,29 @@ func TestAdmit(t *testing.T) {
 		return h
 	}
 	table := hostTable{
-		"h1":   {hb("h1", 1000, vm.BackendQEMU, vm.BackendNoop), true},
-		"h2":   {hb("h2", 4000, vm.BackendNoop), true},
-		"pp":   {hb("pp", 100, vm.BackendPropolis), true},
-		"gone": {hb("gone", 9000, vm.BackendNoop, vm.BackendQEMU), false},
+		"h1":   hb("h1", true, 2000, vm.BackendQEMU, vm.BackendNoop),
+		"h2":   hb("h2", true, 4000, vm.BackendNoop),
+		"pp":   hb("pp", true, 100, vm.BackendPropolis),
+		"gone": hb("gone", false, 9000, vm.BackendNoop, vm.BackendQEMU),
+		"big":  hb("big", true, 64000, vm.BackendQEMU),
 	}
-	adm := admission{hosts: table, lostAfter: 10 * time.Second}
+	table["big"].Cordon = &hosts.Cordon{Reason: "maintenance"}
+	// h1 has 2000 MiB; VMs placed there take 600 of them and 6 of its 8 vCPUs.
+	placed := func(h string) hosts.Resources {
+		if h == "h1" {
+			return hosts.Resources{Vcpus: 6, MemoryMB: 600}
+		}
+		return hosts.Resources{}
+	}
+	adm := admission{hosts: table, lostAfter: 10 * time.Second, placed: placed}
 	absent := &projection.VmRecord{Name: "web1", State: fsm.StateAbsent}
 	on := func(state vm.VmState, host string, b vm.BackendTag) *projection.VmRecord {
 		return &projection.VmRecord{Name: "web1", State: state, Host: host, Backend: b, Generation: 1, LastSeq: 7}
+	}
+	inflight := func(state vm.VmState, host string) *projection.VmRecord {
+		r := on(state, host, vm.BackendNoop)
+		r.InFlight = []projection.InFlight{{CommandID: "d1", Action: fsm.ActDestroy, Seq: 7}}
+		return r
 	}
 	prep := func(spec vm.VmSpec, host string) *events.Command { return &events.Command{Spec: &spec, Host: host} }
 	for _, c := range []struct {
@@ -82,9 +77,15 @@ func TestAdmit(t *testing.T) {
 		{"noop asked for: the most free memory", absent, fsm.ActPrepare, prep(vm.VmSpec{Backend: vm.BackendNoop}, ""), "h2", ""},
 		{"prepare needing qemu skips hosts without it", absent, fsm.ActPrepare, prep(vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/i.qcow2"}, ""), "h1", ""},
 		{"a pin wins over free memory", absent, fsm.ActPrepare, prep(vm.VmSpec{}, "h2"), "h2", ""},
-		{"a pin to an unknown host", absent, fsm.ActPrepare, prep(vm.VmSpec{}, "nope"), "", `host: "nope" is not a known host (alive hosts: h1, h2, pp)`},
-		{"a pin to a lost host", absent, fsm.ActPrepare, prep(vm.VmSpec{}, "gone"), "", `host: "gone" is not alive`},
-		{"a pin to a host without the backend", absent, fsm.ActPrepare, prep(vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/i"}, "h2"), "", `"h2" has no qemu backend`},
+		{"a pin to an unknown host", absent, fsm.ActPrepare, prep(vm.VmSpec{}, "nope"), "", `host: "nope" is not a known host (alive hosts: big, h1, h2, pp)`},
+		{"a pin to a lost host", absent, fsm.ActPrepare, prep(vm.VmSpec{}, "gone"), "", `host: "gone" cannot take it: not alive`},
+		{"a pin to a host without the backend", absent, fsm.ActPrepare, prep(vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/i"}, "h2"), "", `"h2" cannot take it: no qemu backend`},
+		{"a pin to a cordoned host", absent, fsm.ActPrepare, prep(vm.VmSpec{ImagePath: "/i"}, "big"), "", `host: "big" cannot take it: cordoned`},
+		{"a cordoned host takes no placement, however much room it has", absent, fsm.ActPrepare, prep(vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/i", MemoryMB: 300}, ""), "h1", ""},
+		{"what is placed counts: 1400 MiB left on h1", absent, fsm.ActPrepare, prep(vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/i", MemoryMB: 1500}, ""), "",
+			"placement: no host can take it (big: cordoned; gone: lost; h1: needs 1500 MiB memory, 1400 of 2000 free; h2: no qemu backend"},
+		{"vCPUs count too", absent, fsm.ActPrepare, prep(vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/i", Vcpus: 3}, "h1"), "", `host: "h1" cannot take it: needs 3 vCPUs, 2 of 8 free`},
+		{"a Noop VM takes no room", absent, fsm.ActPrepare, prep(vm.VmSpec{Backend: vm.BackendNoop, MemoryMB: 50000}, "h1"), "h1", ""},
 		{"spec name must match the subject", absent, fsm.ActPrepare, prep(vm.VmSpec{Name: "other"}, ""), "", `spec.name: "other" must match`},
 		{"an invalid spec", absent, fsm.ActPrepare, prep(vm.VmSpec{Vcpus: 999}, ""), "", "spec.vcpus: 999 is out of range"},
 		{"prepare of an existing VM", on(vm.StateRunning, "h1", vm.BackendNoop), fsm.ActPrepare, prep(vm.VmSpec{}, ""), "", "cannot prepare: vm is running"},
@@ -92,7 +93,12 @@ func TestAdmit(t *testing.T) {
 		{"start of a prepared VM stays on its host", on(vm.StatePrepared, "h1", vm.BackendNoop), fsm.ActStart, &events.Command{}, "h1", ""},
 		{"suspend of a suspended VM", on(vm.StateSuspended, "h1", vm.BackendNoop), fsm.ActSuspend, &events.Command{}, "", "already suspended"},
 		{"any command on a lost host", on(vm.StateRunning, "gone", vm.BackendNoop), fsm.ActStop, &events.Command{}, "", "host gone of vm web1 is lost"},
-		{"destroy on a lost host", on(vm.StateRunning, "gone", vm.BackendNoop), fsm.ActDestroy, &events.Command{}, "", "host gone of vm web1 is lost"},
+		{"destroy on a lost host", on(vm.StateRunning, "gone", vm.BackendNoop), fsm.ActDestroy, &events.Command{}, "", "if it will not come back: vmctl destroy --forget web1"},
+		{"forget on a lost host", on(vm.StateRunning, "gone", vm.BackendNoop), fsm.ActDestroy, &events.Command{Forget: true}, "gone", ""},
+		{"forget while a destroy is in flight to the lost host", inflight(vm.StateDestroying, "gone"), fsm.ActDestroy, &events.Command{Forget: true}, "gone", ""},
+		{"forget on an alive host", on(vm.StateRunning, "h1", vm.BackendNoop), fsm.ActDestroy, &events.Command{Forget: true}, "", "forget: host h1 of vm web1 is alive"},
+		{"forget of a destroyed VM", on(vm.StateDestroyed, "gone", vm.BackendNoop), fsm.ActDestroy, &events.Command{Forget: true}, "", "already destroyed"},
+		{"forget of no VM", absent, fsm.ActDestroy, &events.Command{Forget: true}, "", "there is no vm web1 to forget"},
 		{"a backend that cannot suspend", on(vm.StateRunning, "pp", vm.BackendPropolis), fsm.ActSuspend, &events.Command{}, "", "backend propolis cannot suspend"},
 		{"the same backend can stop", on(vm.StateRunning, "pp", vm.BackendPropolis), fsm.ActStop, &events.Command{TimeoutS: 9}, "pp", ""},
 		{"destroy wins while in flight", on(vm.StateStarting, "h1", vm.BackendNoop), fsm.ActDestroy, &events.Command{}, "h1", ""},
@@ -114,6 +120,16 @@ func TestAdmit(t *testing.T) {
 				t.Fatalf("admit: %v", err)
 			}
 			next, _ := fsm.Decide(c.rec.CurrentState(), c.act)
+			if c.cmd.Forget {
+				next, _ = fsm.Forget(c.rec.CurrentState())
+				var want []events.Abandoned
+				for _, f := range c.rec.InFlight {
+					want = append(want, events.Abandoned{CommandID: f.CommandID, Action: f.Action, Seq: f.Seq})
+				}
+				if !ev.Forget || !reflect.DeepEqual(ev.Abandoned, want) {
+					t.Fatalf("forget: %+v, want forget with abandoned %v", ev, want)
+				}
+			}
 			if ev.Type != events.TypeAccepted || ev.Host != c.wantHost || ev.State != next {
 				t.Fatalf("accepted %+v, want host %s state %s", ev, c.wantHost, next)
 			}
@@ -129,11 +145,11 @@ func TestAdmit(t *testing.T) {
 
 // Without a host that has the backend, prepare is rejected by placement.
 func TestAdmitNoHostWithBackend(t *testing.T) {
-	adm := admission{hosts: hostTable{"h2": {&hosts.Heartbeat{Host: "h2", Backends: []vm.BackendTag{vm.BackendNoop}, DefaultBackend: vm.BackendNoop}, true}}, lostAfter: time.Second}
+	adm := admission{hosts: hostTable{"h2": {Alive: true, Heartbeat: hosts.Heartbeat{Host: "h2", Backends: []vm.BackendTag{vm.BackendNoop}, DefaultBackend: vm.BackendNoop}}}, lostAfter: time.Second}
 	ev := events.Event{VM: "web1", Action: fsm.ActPrepare}
 	cmd := &events.Command{Spec: &vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/i"}}
 	err := adm.admit(&projection.VmRecord{Name: "web1", State: fsm.StateAbsent}, fsm.ActPrepare, cmd, &ev)
-	if err == nil || !strings.Contains(err.Error(), "placement: no alive host has it") {
+	if err == nil || !strings.Contains(err.Error(), "placement: no host can take it (h2: no qemu backend") {
 		t.Fatalf("admit = %v", err)
 	}
 }

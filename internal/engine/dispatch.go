@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // runDispatcher derives every task from its stored accepted event: the one
@@ -67,6 +68,19 @@ func (e *Engine) dispatch(msg jetstream.Msg, inflight *sync.WaitGroup) {
 		_ = msg.Nak()
 		return
 	}
+	if ev.Forget {
+		inflight.Add(1)
+		go func() {
+			defer inflight.Done()
+			if err := e.forget(ev, md.Sequence.Stream); err != nil {
+				e.log.Warn("dispatch: forgetting vm failed; will retry", "vm", ev.VM, "host", ev.Host, "err", err)
+				_ = msg.NakWithDelay(time.Second)
+				return
+			}
+			_ = msg.Ack()
+		}()
+		return
+	}
 	body, err := json.Marshal(events.TaskFromAccepted(ev, md.Sequence.Stream))
 	if err != nil {
 		_ = msg.Term()
@@ -96,4 +110,43 @@ func (e *Engine) dispatch(msg jetstream.Msg, inflight *sync.WaitGroup) {
 			_ = msg.NakWithDelay(time.Second)
 		}
 	}()
+}
+
+// forget carries out an accepted destroy with forget (the VM's host is
+// lost for good): it queues a fencing task for the host, in case it comes
+// back, and stores, in place of the host's worker, a failed result for each
+// command that was in flight there and the destroyed result of the forget.
+// Each write has the message id the worker would have used, so a repeat
+// (after a crash before the ack) stores nothing twice.
+func (e *Engine) forget(ev *events.Event, seq uint64) error {
+	ctx, cancel := context.WithTimeout(context.Background(), taskAckWait)
+	defer cancel()
+	body, err := json.Marshal(events.TaskFromAccepted(ev, seq))
+	if err != nil {
+		return err
+	}
+	if _, err := e.cfg.JS.Publish(ctx, e.cfg.Names.Task(ev.Host, ev.VM), body,
+		jetstream.WithMsgID(events.TaskMsgID(ev.VM, ev.CommandID))); err != nil {
+		return fmt.Errorf("queueing the fencing task: %w", err)
+	}
+	now := time.Now().UTC()
+	for _, a := range ev.Abandoned {
+		res := events.Event{
+			Type: events.TypeFailed, VM: ev.VM, CommandID: a.CommandID, Action: a.Action, Time: now,
+			Host: ev.Host, State: vm.StateFailed, AcceptedSeq: a.Seq,
+			Error: fmt.Sprintf("%s vm %s on host %s: abandoned: the host is lost and the vm was forgotten (command %s)", a.Action, ev.VM, ev.Host, ev.CommandID),
+		}
+		if _, _, err := e.store.Append(ctx, &res, events.NoExpect, events.ResultMsgID(ev.VM, a.CommandID)); err != nil {
+			return fmt.Errorf("storing the failure of abandoned command %s: %w", a.CommandID, err)
+		}
+	}
+	res := events.Event{
+		Type: events.TypeDestroyed, VM: ev.VM, CommandID: ev.CommandID, Action: ev.Action, Time: now,
+		Host: ev.Host, State: vm.StateDestroyed, AcceptedSeq: seq,
+		Reason: fmt.Sprintf("forgotten: host %s is lost; if it comes back, its worker removes the vm (fencing)", ev.Host),
+	}
+	if _, _, err := e.store.Append(ctx, &res, events.NoExpect, events.ResultMsgID(ev.VM, ev.CommandID)); err != nil {
+		return fmt.Errorf("storing the destroyed result: %w", err)
+	}
+	return nil
 }

@@ -60,6 +60,8 @@ type Engine struct {
 	proj  *projection.Projector
 	exec  *keyed.Serial
 	adm   admission
+	// placed counts what the VMs on each host take, for placement.
+	placed *placedCount
 }
 
 // New builds an engine. Streams and buckets must exist (events.Ensure).
@@ -68,7 +70,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		cfg.Log = slog.Default()
 	}
 	if cfg.HostLostAfter == 0 {
-		cfg.HostLostAfter = events.DefaultSettings.HostTTL
+		cfg.HostLostAfter = hosts.DefaultLostAfter
 	}
 	if cfg.Concurrency == 0 {
 		cfg.Concurrency = 256
@@ -84,14 +86,15 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		return nil, err
 	}
 	e := &Engine{
-		cfg:   cfg,
-		log:   cfg.Log.With("part", "engine", "engine", cfg.ID),
-		store: st,
-		hosts: hosts.NewRegistry(cfg.HostLostAfter),
-		exec:  keyed.New(cfg.Concurrency),
+		cfg:    cfg,
+		log:    cfg.Log.With("part", "engine", "engine", cfg.ID),
+		store:  st,
+		hosts:  hosts.NewRegistry(cfg.HostLostAfter),
+		exec:   keyed.New(cfg.Concurrency),
+		placed: newPlacedCount(),
 	}
-	e.adm = admission{hosts: e.hosts, lostAfter: cfg.HostLostAfter}
-	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log}
+	e.adm = admission{hosts: e.hosts, lostAfter: cfg.HostLostAfter, placed: e.placed.on}
+	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log, Observe: e.placed.observe}
 	if cfg.StateDir != "" {
 		e.proj.Checkpoint = filepath.Join(cfg.StateDir, "projection-"+cfg.ID+".seq")
 	}
@@ -108,6 +111,15 @@ func (e *Engine) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("engine: opening %s: %w", e.cfg.Names.HostsBucket(), err)
 	}
+	// What the VMs already placed take, before the first placement; the
+	// projector's folds keep the count from here on.
+	recs, err := projection.Load(ctx, e.cfg.JS, e.cfg.Names)
+	if err != nil {
+		return fmt.Errorf("engine: loading records: %w", err)
+	}
+	for _, r := range recs {
+		e.placed.observe(r)
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return e.hosts.Run(gctx, hostsKV) })
 	g.Go(func() error { return e.proj.Run(gctx) })
@@ -116,6 +128,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	case <-gctx.Done():
 		return g.Wait()
 	}
+	g.Go(func() error { return e.runHostEvents(gctx) })
 	g.Go(func() error { return e.runDispatcher(gctx) })
 	g.Go(func() error { return e.runCommands(gctx) })
 	return g.Wait()

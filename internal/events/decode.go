@@ -68,6 +68,9 @@ func (s *scanner) event(ev *Event) bool {
 			bit, ok = 1<<12, s.intInto(&ev.TimeoutS)
 		case "accepted_seq":
 			bit, ok = 1<<13, s.uintInto(&ev.AcceptedSeq)
+		case "forget":
+			bit, ok = 1<<14, s.boolInto(&ev.Forget)
+			// "abandoned" (a forget's list, rare) is left to encoding/json.
 		}
 		if !ok || !once(&seen, bit) {
 			return false

@@ -29,15 +29,19 @@ const (
 	TypeDestroyed      = Type(fsm.ResDestroyed)
 	TypeFailed         = Type(fsm.ResFailed)
 	TypeExited         = Type(fsm.ResExited)
+	// TypeFenced is a worker's observation: it removed from its host a VM
+	// that was forgotten while the host was lost (destroy with forget).
+	TypeFenced Type = "fenced"
 )
 
-// Types lists every event type: the two decisions, then the results.
+// Types lists every event type: the two decisions, the results, then the
+// worker's fencing report.
 var Types = func() []Type {
 	ts := []Type{TypeAccepted, TypeRejected}
 	for _, r := range fsm.Results {
 		ts = append(ts, Type(r))
 	}
-	return ts
+	return append(ts, TypeFenced)
 }()
 
 // IsResult reports whether t ends a command (every accepted command ends in
@@ -53,6 +57,9 @@ type Command struct {
 	Spec      *vm.VmSpec `json:"spec,omitempty"`
 	TimeoutS  int        `json:"timeout_s,omitempty"`
 	Host      string     `json:"host,omitempty"`
+	// Forget (destroy only): the VM's host is lost for good; end the VM's
+	// record without its worker, and fence the VM if the host comes back.
+	Forget bool `json:"forget,omitempty"`
 }
 
 // Event is the envelope of a message on vm.evt.<vm>.<type>.
@@ -77,6 +84,22 @@ type Event struct {
 	// AcceptedSeq is, on a result, the stream sequence of the accepted
 	// event it answers.
 	AcceptedSeq uint64 `json:"accepted_seq,omitempty"`
+
+	// Forget marks an accepted destroy that forgets a VM on a lost host:
+	// the engines store its result, and a fencing task waits for the host.
+	// Abandoned lists the commands that were in flight on the lost host;
+	// each gets a failed result.
+	Forget    bool        `json:"forget,omitempty"`
+	Abandoned []Abandoned `json:"abandoned,omitempty"`
+}
+
+// Abandoned is a command in flight on a lost host when its VM was
+// forgotten: it gets a failed result from the engines instead of its
+// worker.
+type Abandoned struct {
+	CommandID string     `json:"command_id"`
+	Action    fsm.Action `json:"action"`
+	Seq       uint64     `json:"seq"` // stream sequence of its accepted event
 }
 
 // Task is the body of a message on vm.task.<host>.<vm>: one backend call.
@@ -90,6 +113,9 @@ type Task struct {
 	Handle      *vm.VmHandle  `json:"handle,omitempty"`
 	TimeoutS    int           `json:"timeout_s,omitempty"`
 	AcceptedSeq uint64        `json:"accepted_seq"`
+	// Fence: remove this (forgotten) VM from the host and report `fenced`;
+	// the command's result is already stored.
+	Fence bool `json:"fence,omitempty"`
 }
 
 // TaskFromAccepted derives a task from an accepted event and its sequence.
@@ -97,7 +123,7 @@ func TaskFromAccepted(ev *Event, seq uint64) Task {
 	return Task{
 		CommandID: ev.CommandID, VM: ev.VM, Action: ev.Action, Host: ev.Host,
 		Backend: ev.Backend, Spec: ev.Spec, Handle: ev.Handle, TimeoutS: ev.TimeoutS,
-		AcceptedSeq: seq,
+		AcceptedSeq: seq, Fence: ev.Forget,
 	}
 }
 
@@ -130,6 +156,9 @@ func (ev *Event) Encode() []byte {
 func DecisionMsgID(vmName, commandID string) string { return vmName + "/" + commandID + "/decision" }
 func TaskMsgID(vmName, commandID string) string     { return vmName + "/" + commandID + "/task" }
 func ResultMsgID(vmName, commandID string) string   { return vmName + "/" + commandID + "/result" }
+
+// FencedMsgID names the fencing report of a forget command.
+func FencedMsgID(vmName, commandID string) string { return vmName + "/" + commandID + "/fenced" }
 
 // ExitMsgID names an exited observation by the incarnation it saw.
 func ExitMsgID(vmName, handleID string, pid int) string {

@@ -47,6 +47,23 @@ func (n Names) VMEvents(vmName string) string { return n.Prefix + ".evt." + vmNa
 func (n Names) Events() string                { return n.Prefix + ".evt.>" }
 func (n Names) EventsOfType(t Type) string    { return n.Prefix + ".evt.*." + string(t) }
 
+// HostEvent is vm.host.<host>.<type>: a change of a host's state
+// (HostEventType), stored in the events stream beside the VMs' events.
+func (n Names) HostEvent(host string, t HostEventType) string {
+	return n.Prefix + ".host." + host + "." + string(t)
+}
+func (n Names) HostEvents() string { return n.Prefix + ".host.>" }
+
+// ParseHostEventSubject splits vm.host.<host>.<type>.
+func (n Names) ParseHostEventSubject(subj string) (host string, t HostEventType, ok bool) {
+	rest, found := strings.CutPrefix(subj, n.Prefix+".host.")
+	if !found {
+		return "", "", false
+	}
+	host, typ, found := strings.Cut(rest, ".")
+	return host, HostEventType(typ), found && !strings.Contains(typ, ".")
+}
+
 // Task is vm.task.<host>.<vm>.
 func (n Names) Task(host, vmName string) string { return n.Prefix + ".task." + host + "." + vmName }
 func (n Names) HostTasks(host string) string    { return n.Prefix + ".task." + host + ".>" }
@@ -90,9 +107,6 @@ type Settings struct {
 	// DuplicateWindow of the event and task streams: longer than the
 	// longest retry path (a worker or engine restart plus a redelivery).
 	DuplicateWindow time.Duration
-	// HostTTL: a worker that has not heartbeated for this long is gone
-	// from VM_HOSTS.
-	HostTTL time.Duration
 }
 
 // DefaultSettings are used when the operator sets nothing.
@@ -100,7 +114,6 @@ var DefaultSettings = Settings{
 	Replicas:        1,
 	CommandsMaxAge:  30 * 24 * time.Hour,
 	DuplicateWindow: 15 * time.Minute,
-	HostTTL:         15 * time.Second,
 }
 
 // StreamConfigs returns the three streams.
@@ -123,7 +136,7 @@ func (n Names) StreamConfigs(s Settings) []jetstream.StreamConfig {
 		{
 			Name:        n.EventsStream(),
 			Description: "vmherd event store: every VM's events, the source of truth",
-			Subjects:    []string{n.Events()},
+			Subjects:    []string{n.Events(), n.HostEvents()},
 			Storage:     jetstream.FileStorage,
 			Retention:   jetstream.LimitsPolicy,
 			Discard:     jetstream.DiscardNew, // never drop old events to make room
@@ -150,9 +163,6 @@ func (n Names) BucketConfigs(s Settings) []jetstream.KeyValueConfig {
 	if s.Replicas == 0 {
 		s.Replicas = 1
 	}
-	if s.HostTTL == 0 {
-		s.HostTTL = DefaultSettings.HostTTL
-	}
 	return []jetstream.KeyValueConfig{
 		{
 			Bucket:      n.RecordsBucket(),
@@ -163,9 +173,8 @@ func (n Names) BucketConfigs(s Settings) []jetstream.KeyValueConfig {
 		},
 		{
 			Bucket:      n.HostsBucket(),
-			Description: "vmherd worker heartbeats: backends, capacity, usage",
+			Description: "vmherd hosts: worker heartbeats (backends, capacity, usage) and cordons; a host stays until forgotten",
 			History:     1,
-			TTL:         s.HostTTL,
 			Storage:     jetstream.FileStorage,
 			Replicas:    s.Replicas,
 		},

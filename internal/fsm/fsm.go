@@ -252,6 +252,18 @@ func Decide(cur vm.VmState, a Action) (vm.VmState, error) {
 	return "", &Rejection{State: cur, Action: a, Allowed: Allowed(a), InFlight: isTransitional(cur)}
 }
 
+// Forget decides a destroy that forgets a VM whose host is lost for good:
+// it is accepted from every state of an existing VM but destroyed (a
+// destroy already in flight included, since its host will never answer),
+// and moves the VM to destroying like any destroy.
+func Forget(cur vm.VmState) (vm.VmState, error) {
+	switch cur {
+	case StateAbsent, vm.StateDestroyed, "":
+		return Decide(cur, ActDestroy)
+	}
+	return vm.StateDestroying, nil
+}
+
 // Apply folds result r into state cur and reports whether the state changed.
 // The caller feeds it only results that answer the command the current
 // in-flight state waits for, and `exited` observations about the current

@@ -1,5 +1,6 @@
-// Package hosts is the VM_HOSTS bucket: worker heartbeats and the engine's
-// view of which hosts are alive.
+// Package hosts is the VM_HOSTS bucket: worker heartbeats, cordons, and
+// the engine's view of the hosts (alive or lost, cordoned or not), with
+// placement by capacity.
 package hosts
 
 import (
@@ -8,12 +9,14 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/vm"
 )
@@ -30,21 +33,23 @@ type Heartbeat struct {
 	Usage          Usage                                   `json:"usage"`
 }
 
-// Resources a host offers.
+// Resources a host offers, or a VM takes.
 type Resources struct {
 	Vcpus    int `json:"vcpus"`
 	MemoryMB int `json:"memory_mb"`
 }
 
-// Usage is what the host's VMs take.
+// Add returns r + o.
+func (r Resources) Add(o Resources) Resources {
+	return Resources{Vcpus: r.Vcpus + o.Vcpus, MemoryMB: r.MemoryMB + o.MemoryMB}
+}
+
+// Usage is what the host's VMs take, as the worker counts them.
 type Usage struct {
 	VMs      int `json:"vms"`
 	Vcpus    int `json:"vcpus"`
 	MemoryMB int `json:"memory_mb"`
 }
-
-// FreeMemoryMB is capacity minus usage.
-func (h *Heartbeat) FreeMemoryMB() int { return h.Capacity.MemoryMB - h.Usage.MemoryMB }
 
 // Has reports whether the host runs backend b.
 func (h *Heartbeat) Has(b vm.BackendTag) bool {
@@ -71,34 +76,141 @@ func (h *Heartbeat) Can(b vm.BackendTag, action fsm.Action) bool {
 	return true
 }
 
-// Registry watches VM_HOSTS and answers which hosts are alive: those whose
-// last heartbeat is younger than LostAfter.
+// Cordon is the value of key <host>.cordon in VM_HOSTS: while it exists,
+// no new VM is placed on the host.
+type Cordon struct {
+	Time   time.Time `json:"time"`
+	Reason string    `json:"reason,omitempty"`
+}
+
+// CordonKey is the VM_HOSTS key of a host's cordon. Host ids have no dots,
+// so it never collides with a heartbeat key.
+func CordonKey(host string) string { return host + cordonSuffix }
+
+const cordonSuffix = ".cordon"
+
+// Host is what the registry knows of one host.
+type Host struct {
+	Heartbeat
+	// Rev is the bucket revision of the heartbeat (0: none seen).
+	Rev uint64 `json:"rev"`
+	// Alive: the heartbeat is younger than the registry's LostAfter. Time
+	// is when the server stored it, not the worker's clock.
+	Alive  bool    `json:"alive"`
+	Cordon *Cordon `json:"cordon,omitempty"`
+	// CordonRev is the bucket revision of the cordon key (put or delete).
+	CordonRev uint64 `json:"-"`
+}
+
+// Status is alive or lost, with ",cordoned" when cordoned.
+func (h *Host) Status() string {
+	s := "lost"
+	if h.Alive {
+		s = "alive"
+	}
+	if h.Cordon != nil {
+		s += ",cordoned"
+	}
+	return s
+}
+
+// Change is a change of a host's state the registry saw, for host events.
+type Change struct {
+	Kind events.HostEventType
+	Host string
+	// Rev identifies the change: the heartbeat's revision for lost and
+	// back (the last beat before the loss, the first one after), the
+	// cordon key's revision for cordoned and uncordoned, the deletion's
+	// revision for forgotten.
+	Rev    uint64
+	Reason string
+	Last   time.Time // the last heartbeat's time
+}
+
+// Registry watches VM_HOSTS and answers which hosts exist, which are
+// alive (last heartbeat younger than LostAfter) and which are cordoned.
 type Registry struct {
 	LostAfter time.Duration
 	mu        sync.RWMutex
-	hosts     map[string]*Heartbeat
+	hosts     map[string]*Host
+	lostSeen  map[string]bool // hosts whose loss was reported on changes
 	ready     chan struct{}
+	loaded    bool
 	kv        jetstream.KeyValue
+	changes   chan Change
 }
 
 // NewRegistry returns a registry; call Run to fill it.
 func NewRegistry(lostAfter time.Duration) *Registry {
-	return &Registry{LostAfter: lostAfter, hosts: map[string]*Heartbeat{}, ready: make(chan struct{})}
+	return &Registry{
+		LostAfter: lostAfter, hosts: map[string]*Host{}, lostSeen: map[string]bool{},
+		ready: make(chan struct{}), changes: make(chan Change, 256),
+	}
 }
 
+// Changes delivers the host changes seen after the initial load, and the
+// losses of hosts found lost at any time (also at start: the receiver
+// keeps such reports idempotent, see engine host events).
+func (r *Registry) Changes() <-chan Change { return r.changes }
+
 // Run watches the bucket until ctx ends, watching again whenever a watch
-// ends (a server restart can end one).
+// ends (a server restart can end one), and checks every second which
+// hosts have stopped heartbeating.
 func (r *Registry) Run(ctx context.Context, kv jetstream.KeyValue) error {
 	r.mu.Lock()
 	r.kv = kv
 	r.mu.Unlock()
-	once := sync.OnceFunc(func() { close(r.ready) })
+	once := sync.OnceFunc(func() {
+		r.mu.Lock()
+		r.loaded = true
+		r.mu.Unlock()
+		close(r.ready)
+	})
+	go r.checkLost(ctx)
 	for ctx.Err() == nil {
 		if err := r.watch(ctx, kv, once); err != nil && ctx.Err() == nil {
 			time.Sleep(250 * time.Millisecond)
 		}
 	}
 	return nil
+}
+
+func (r *Registry) checkLost(ctx context.Context) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-r.ready:
+	}
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		r.mu.Lock()
+		var lost []Change
+		for name, h := range r.hosts {
+			if h.Rev == 0 || r.lostSeen[name] || time.Since(h.Time) < r.LostAfter {
+				continue
+			}
+			r.lostSeen[name] = true
+			lost = append(lost, Change{Kind: events.HostLost, Host: name, Rev: h.Rev, Last: h.Time,
+				Reason: fmt.Sprintf("no heartbeat for over %s", r.LostAfter)})
+		}
+		r.mu.Unlock()
+		for _, c := range lost {
+			r.emit(c)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (r *Registry) emit(c Change) {
+	select {
+	case r.changes <- c:
+	default: // nobody listening (tests): host events are a notification
+	}
 }
 
 func (r *Registry) watch(ctx context.Context, kv jetstream.KeyValue, ready func()) error {
@@ -126,21 +238,80 @@ func (r *Registry) watch(ctx context.Context, kv jetstream.KeyValue, ready func(
 
 func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	if e.Operation() != jetstream.KeyValuePut {
-		delete(r.hosts, e.Key())
+	var out []Change
+	defer func() {
+		r.mu.Unlock()
+		for _, c := range out {
+			r.emit(c)
+		}
+	}()
+	key := e.Key()
+	put := e.Operation() == jetstream.KeyValuePut
+	if name, ok := strings.CutSuffix(key, cordonSuffix); ok {
+		h := r.entry(name)
+		if e.Revision() <= h.CordonRev {
+			return
+		}
+		h.CordonRev = e.Revision()
+		was := h.Cordon != nil
+		h.Cordon = nil
+		if put {
+			var c Cordon
+			if json.Unmarshal(e.Value(), &c) == nil {
+				h.Cordon = &c
+			}
+		}
+		if r.loaded && was != (h.Cordon != nil) {
+			ch := Change{Kind: events.HostUncordoned, Host: name, Rev: e.Revision()}
+			if h.Cordon != nil {
+				ch.Kind, ch.Reason = events.HostCordoned, h.Cordon.Reason
+			}
+			out = append(out, ch)
+		}
+		return
+	}
+	h := r.entry(key)
+	if e.Revision() <= h.Rev {
+		return
+	}
+	if !put {
+		if r.loaded && h.Rev != 0 {
+			out = append(out, Change{Kind: events.HostForgotten, Host: key, Rev: e.Revision(), Last: h.Time})
+		}
+		if h.Cordon == nil {
+			delete(r.hosts, key)
+		} else {
+			h.Heartbeat, h.Rev = Heartbeat{}, 0
+		}
+		delete(r.lostSeen, key)
 		return
 	}
 	var hb Heartbeat
-	if json.Unmarshal(e.Value(), &hb) == nil {
-		// Judge liveness by when the server stored the beat, not by the
-		// worker's clock.
-		hb.Time = e.Created()
-		r.hosts[e.Key()] = &hb
+	if json.Unmarshal(e.Value(), &hb) != nil {
+		return
+	}
+	// Judge liveness by when the server stored the beat, not by the
+	// worker's clock.
+	hb.Time = e.Created()
+	h.Heartbeat, h.Rev = hb, e.Revision()
+	if time.Since(hb.Time) < r.LostAfter && r.lostSeen[key] {
+		delete(r.lostSeen, key)
+		out = append(out, Change{Kind: events.HostBack, Host: key, Rev: e.Revision(), Last: hb.Time})
 	}
 }
 
-// refresh reads one host's entry directly, for when the watch may lag.
+// entry returns the host's entry, making it. Callers hold r.mu.
+func (r *Registry) entry(name string) *Host {
+	h := r.hosts[name]
+	if h == nil {
+		h = &Host{}
+		h.Host = name
+		r.hosts[name] = h
+	}
+	return h
+}
+
+// refresh reads one host's entries directly, for when the watch may lag.
 func (r *Registry) refresh(host string) {
 	r.mu.RLock()
 	kv := r.kv
@@ -158,97 +329,167 @@ func (r *Registry) refresh(host string) {
 // Ready is closed once the initial values are loaded.
 func (r *Registry) Ready() <-chan struct{} { return r.ready }
 
-// Get returns a host's last heartbeat and whether it is alive. A host
-// that looks lost is read again directly before it is called lost.
-func (r *Registry) Get(host string) (*Heartbeat, bool) {
-	hb, alive := r.get(host)
-	if !alive {
+// Get returns a copy of what is known of a host (nil: never heartbeated,
+// or forgotten). A host that looks lost is read again directly first.
+func (r *Registry) Get(host string) *Host {
+	h := r.get(host)
+	if h == nil || !h.Alive {
 		r.refresh(host)
-		hb, alive = r.get(host)
+		h = r.get(host)
 	}
-	return hb, alive
+	return h
 }
 
-func (r *Registry) get(host string) (*Heartbeat, bool) {
+func (r *Registry) get(host string) *Host {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	hb, ok := r.hosts[host]
-	if !ok {
-		return nil, false
+	h, ok := r.hosts[host]
+	if !ok || h.Rev == 0 {
+		return nil
 	}
-	return hb, time.Since(hb.Time) < r.LostAfter
+	return r.view(h)
 }
 
-// Alive lists the hosts that are alive, sorted by name.
-func (r *Registry) Alive() []*Heartbeat {
+// view copies h with Alive computed now. Callers hold r.mu.
+func (r *Registry) view(h *Host) *Host {
+	c := *h
+	c.Alive = time.Since(h.Time) < r.LostAfter
+	return &c
+}
+
+// List returns every known host (alive or lost), sorted by name.
+func (r *Registry) List() []*Host {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	var out []*Heartbeat
-	for _, hb := range r.hosts {
-		if time.Since(hb.Time) < r.LostAfter {
-			out = append(out, hb)
+	out := make([]*Host, 0, len(r.hosts))
+	for _, h := range r.hosts {
+		if h.Rev != 0 {
+			out = append(out, r.view(h))
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Host < out[j].Host })
 	return out
 }
 
-// Place picks the alive host with the most free memory that has backend b
-// (any backend when b is empty: the host's default then applies, and
-// hosts whose default is not Noop come first; see Best).
-func (r *Registry) Place(b vm.BackendTag) (*Heartbeat, error) {
-	best := r.place(b)
-	if best == nil {
-		r.mu.RLock()
-		known := make([]string, 0, len(r.hosts))
-		for h := range r.hosts {
-			known = append(known, h)
-		}
-		r.mu.RUnlock()
-		for _, h := range known {
-			r.refresh(h)
-		}
-		best = r.place(b)
-	}
-	if best == nil {
-		if b == "" {
-			return nil, fmt.Errorf("no alive host: start a worker (or the engine with --with-worker)")
-		}
-		return nil, fmt.Errorf("no alive host has the %s backend: start a worker with --backends including %s", b, b)
-	}
-	return best, nil
+// Alive reports whether a host is alive (read again directly if it looks lost).
+func (r *Registry) Alive(host string) bool {
+	h := r.Get(host)
+	return h != nil && h.Alive
 }
 
-func (r *Registry) place(b vm.BackendTag) *Heartbeat {
-	return Best(r.Alive(), b)
+// Placement is a request for a host: the backend asked for ("" for any,
+// the host's default then applies) and what the VM takes.
+type Placement struct {
+	Backend vm.BackendTag
+	Need    Resources
+	// Placed tells what the VMs already placed on a host take (the
+	// engine's count from the records).
+	Placed func(host string) Resources
 }
 
-// Best picks, among alive hosts, the one with the most free memory that
-// has backend b. A spec that names no backend gets its host's default
-// backend, so it goes to a host whose default is a real hypervisor when
-// there is one: Noop is for tests, and a Noop-only host must not take a VM
-// that a QEMU or Propolis host could run.
-func Best(alive []*Heartbeat, b vm.BackendTag) *Heartbeat {
-	var best *Heartbeat
-	better := func(hb *Heartbeat) bool {
-		if best == nil {
-			return true
-		}
-		if b == "" {
-			real, bestReal := hb.DefaultBackend != vm.BackendNoop, best.DefaultBackend != vm.BackendNoop
-			if real != bestReal {
-				return real
-			}
-		}
-		return hb.FreeMemoryMB() > best.FreeMemoryMB()
+// takes reports whether a VM of backend b takes capacity: a Noop VM runs
+// nothing, so it takes none.
+func takes(b vm.BackendTag) bool { return b != vm.BackendNoop }
+
+// Fits reports why host h cannot take the placement ("" if it can).
+func (p Placement) Fits(h *Host) string {
+	switch {
+	case !h.Alive:
+		return "lost"
+	case h.Cordon != nil:
+		return "cordoned"
+	case p.Backend != "" && !h.Has(p.Backend):
+		return fmt.Sprintf("no %s backend (it has %v)", p.Backend, h.Backends)
 	}
-	for _, hb := range alive {
-		if b != "" && !hb.Has(b) {
+	b := p.Backend
+	if b == "" {
+		b = h.DefaultBackend
+	}
+	if !takes(b) {
+		return ""
+	}
+	free := h.Capacity
+	if p.Placed != nil {
+		used := p.Placed(h.Host)
+		free.Vcpus -= used.Vcpus
+		free.MemoryMB -= used.MemoryMB
+	}
+	switch {
+	case p.Need.Vcpus > free.Vcpus:
+		return fmt.Sprintf("needs %d vCPUs, %d of %d free", p.Need.Vcpus, max(free.Vcpus, 0), h.Capacity.Vcpus)
+	case p.Need.MemoryMB > free.MemoryMB:
+		return fmt.Sprintf("needs %d MiB memory, %d of %d free", p.Need.MemoryMB, max(free.MemoryMB, 0), h.Capacity.MemoryMB)
+	}
+	return ""
+}
+
+// Best picks, among hosts, the one that fits with the most free memory. A
+// spec that names no backend gets its host's default backend, so it goes
+// to a host whose default is a real hypervisor when there is one: Noop is
+// for tests, and a Noop-only host must not take a VM that a QEMU or
+// Propolis host could run. When no host fits, the error says why each
+// host was passed over.
+func Best(hs []*Host, p Placement) (*Host, error) {
+	var best *Host
+	var bestFree int
+	var why []string
+	for _, h := range hs {
+		if reason := p.Fits(h); reason != "" {
+			why = append(why, h.Host+": "+reason)
 			continue
 		}
-		if better(hb) {
-			best = hb
+		free := h.Capacity.MemoryMB
+		if p.Placed != nil {
+			free -= p.Placed(h.Host).MemoryMB
+		}
+		if best != nil && p.Backend == "" {
+			real, bestReal := takes(h.DefaultBackend), takes(best.DefaultBackend)
+			if real != bestReal {
+				if real {
+					best, bestFree = h, free
+				}
+				continue
+			}
+		}
+		if best == nil || free > bestFree {
+			best, bestFree = h, free
 		}
 	}
-	return best
+	if best != nil {
+		return best, nil
+	}
+	if len(hs) == 0 {
+		return nil, errors.New("no host has heartbeated: start a worker (or the engine with --with-worker)")
+	}
+	return nil, fmt.Errorf("no host can take it (%s)", strings.Join(why, "; "))
+}
+
+// DefaultLostAfter is the engine's default --host-timeout: a host whose
+// last heartbeat is older is lost. Clients that judge liveness themselves
+// (vmctl) use it too.
+const DefaultLostAfter = 10 * time.Second
+
+// Snapshot reads the bucket once and returns every known host, judged
+// alive or lost by lostAfter.
+func Snapshot(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration) ([]*Host, error) {
+	r := NewRegistry(lostAfter)
+	w, err := kv.WatchAll(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("reading hosts: %w", err)
+	}
+	defer func() { _ = w.Stop() }()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case e, ok := <-w.Updates():
+			if !ok {
+				return nil, errors.New("reading hosts: the watch ended")
+			}
+			if e == nil {
+				return r.List(), nil
+			}
+			r.apply(e)
+		}
+	}
 }

@@ -44,6 +44,9 @@ type Projector struct {
 	Log        *slog.Logger
 	// MaxInFlight bounds the record writes awaiting their acks (default 1024).
 	MaxInFlight int
+	// Observe, if set, is called with every new fold of a record, in
+	// stream order (never concurrently). It must not block.
+	Observe func(*VmRecord)
 
 	kv    jetstream.KeyValue
 	slots chan struct{} // one per write in flight
@@ -266,6 +269,9 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 	}
 	c.rec = next
 	p.mu.Unlock()
+	if p.Observe != nil {
+		p.Observe(next)
+	}
 	p.done(c, seq)
 	return p.schedule(ctx, name, c)
 }

@@ -30,6 +30,10 @@ type VmRecord struct {
 	Host     string        `json:"host,omitempty"`
 	Backend  vm.BackendTag `json:"backend,omitempty"`
 	Handle   *vm.VmHandle  `json:"handle,omitempty"`
+	// Vcpus and MemoryMB are what the VM takes on its host (from the
+	// accepted prepare's spec); placement counts them.
+	Vcpus    int `json:"vcpus,omitempty"`
+	MemoryMB int `json:"memory_mb,omitempty"`
 	// Generation counts incarnations: it grows with every accepted prepare.
 	Generation    int         `json:"generation"`
 	LastSeq       uint64      `json:"last_seq"`
@@ -124,11 +128,20 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 		if err != nil {
 			return
 		}
-		next, err := fsm.Decide(r.CurrentState(), a)
+		decide := func(cur vm.VmState) (vm.VmState, error) { return fsm.Decide(cur, a) }
+		if ev.Forget && a == fsm.ActDestroy {
+			decide = fsm.Forget
+		}
+		next, err := decide(r.CurrentState())
 		if err != nil {
 			// An accepted event the table forbids cannot come from a
 			// correct engine; the fold keeps the state it had.
 			return
+		}
+		if ev.Forget {
+			// The commands in flight on the lost host are abandoned (each
+			// gets a failed result that now answers nothing).
+			r.InFlight = nil
 		}
 		if a == fsm.ActPrepare {
 			r.Handle = nil
@@ -137,6 +150,10 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			r.CreatedAt = ev.Time
 			r.LastError = ""
 			r.Backend = ev.Backend
+			r.Vcpus, r.MemoryMB = 0, 0
+			if ev.Spec != nil {
+				r.Vcpus, r.MemoryMB = ev.Spec.Vcpus, ev.Spec.MemoryMB
+			}
 		}
 		if a == fsm.ActPrepare || a == fsm.ActStart || a == fsm.ActDestroy {
 			r.Exit = nil
@@ -189,7 +206,7 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			if next, ok := fsm.Apply(r.CurrentState(), fsm.Result(ev.Type)); ok {
 				r.State = next
 				if ev.Type != events.TypeFailed {
-					r.LastError = ""
+					r.LastError = ev.Reason // set when a forgotten VM's destroyed says why
 				}
 			}
 		}

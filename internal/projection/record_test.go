@@ -146,3 +146,41 @@ func FuzzFold(f *testing.F) {
 		}
 	})
 }
+
+// A forget ends the record from any state, a destroy in flight included:
+// the abandoned commands' failed results and the fencing report change
+// nothing, and the next prepare starts a new incarnation with its spec's
+// resources.
+func TestFoldForget(t *testing.T) {
+	at := func(i int) time.Time { return time.Unix(int64(i), 0).UTC() }
+	spec := &vm.VmSpec{Vcpus: 2, MemoryMB: 1024}
+	evs := []*events.Event{
+		{Type: events.TypeAccepted, VM: "v", Action: fsm.ActPrepare, CommandID: "c1", Host: "h1", Backend: vm.BackendQEMU, Spec: spec},
+		{Type: events.TypePrepared, VM: "v", Action: fsm.ActPrepare, CommandID: "c1", Host: "h1", Handle: &vm.VmHandle{ID: "a", Name: "v"}},
+		{Type: events.TypeAccepted, VM: "v", Action: fsm.ActDestroy, CommandID: "d1", Host: "h1"},
+		{Type: events.TypeAccepted, VM: "v", Action: fsm.ActDestroy, CommandID: "f1", Host: "h1", Forget: true,
+			Abandoned: []events.Abandoned{{CommandID: "d1", Action: fsm.ActDestroy, Seq: 3}}},
+		{Type: events.TypeFailed, VM: "v", Action: fsm.ActDestroy, CommandID: "d1", Host: "h1", Error: "abandoned"},
+		{Type: events.TypeDestroyed, VM: "v", Action: fsm.ActDestroy, CommandID: "f1", Host: "h1", Reason: "forgotten: host h1 is lost"},
+		{Type: events.TypeFenced, VM: "v", Action: fsm.ActDestroy, CommandID: "f1", Host: "h1", Reason: "removed"},
+	}
+	var r *VmRecord
+	for i, ev := range evs {
+		ev.Time = at(i)
+		r = Fold(r, ev, uint64(i+1))
+		if i == 3 && (r.State != vm.StateDestroying || len(r.InFlight) != 1 || r.InFlight[0].CommandID != "f1") {
+			t.Fatalf("after the forget: %+v", r)
+		}
+	}
+	if r.State != vm.StateDestroyed || r.InFlight != nil || r.LastError != "forgotten: host h1 is lost" {
+		t.Fatalf("forgotten record: %+v", r)
+	}
+	if r.Vcpus != 2 || r.MemoryMB != 1024 {
+		t.Fatalf("resources %d/%d, want 2/1024", r.Vcpus, r.MemoryMB)
+	}
+	r = Fold(r, &events.Event{Type: events.TypeAccepted, VM: "v", Action: fsm.ActPrepare, CommandID: "c9", Host: "h2",
+		Backend: vm.BackendNoop, Time: at(9)}, 9)
+	if r.State != vm.StatePreparing || r.Host != "h2" || r.Generation != 2 || r.Vcpus != 0 {
+		t.Fatalf("prepared again elsewhere: %+v", r)
+	}
+}

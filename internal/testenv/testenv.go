@@ -349,8 +349,7 @@ func (e *Env) AllEvents() []events.Stored {
 func (e *Env) WaitHost(eng *Part, host string) {
 	e.T.Helper()
 	e.WaitFor("host "+host+" alive", 20*time.Second, func() bool {
-		_, alive := eng.Engine.Hosts().Get(host)
-		return alive
+		return eng.Engine.Hosts().Alive(host)
 	})
 }
 

@@ -19,6 +19,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
+	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/vm"
 )
@@ -193,12 +194,17 @@ func (g *globals) destroyCmd() *cobra.Command {
 		ValidArgsFunction: g.completeNames,
 	}
 	timeout := stopTimeoutFlag(c, "how long a running guest has to power off before it is killed")
+	var forget bool
+	c.Flags().BoolVar(&forget, "forget", false, "the VM's host is lost for good: end the VM's record without its worker (the name is free again); if the host comes back, its worker removes the VM")
 	c.RunE = func(cmd *cobra.Command, args []string) error {
 		t, err := timeout()
 		if err != nil {
 			return err
 		}
-		_, err = g.send(cmd.Context(), args[0], fsm.ActDestroy, events.Command{TimeoutS: t})
+		if forget && t != 0 {
+			return usageError("--forget and --stop-timeout do not go together: a forgotten VM is not stopped, its host is gone")
+		}
+		_, err = g.send(cmd.Context(), args[0], fsm.ActDestroy, events.Command{TimeoutS: t, Forget: forget})
 		return err
 	}
 	return c
@@ -253,13 +259,25 @@ func (g *globals) record(ctx context.Context, name string) (*projection.VmRecord
 	return projection.Unmarshal(e.Value())
 }
 
+// listed is a record as `vmctl list --json` prints it: with whether its
+// host is lost now (the record is then the last state known).
+type listed struct {
+	*projection.VmRecord
+	HostLost bool `json:"host_lost,omitempty"`
+}
+
 // stateText is the state as people read it: a VM whose process ended
-// without a command is "stopped (exited)", not a clean stop.
-func stateText(r *projection.VmRecord) string {
+// without a command is "stopped (exited)", not a clean stop; on a lost
+// host the state is the last one known: "unknown (host lost; last running)".
+func stateText(r *projection.VmRecord, hostLost bool) string {
+	s := string(r.State)
 	if r.Crashed() {
-		return string(r.State) + " (exited)"
+		s += " (exited)"
 	}
-	return string(r.State)
+	if hostLost && r.State != vm.StateDestroyed {
+		return "unknown (host lost; last " + s + ")"
+	}
+	return s
 }
 
 // running reports whether the record says the VM's process runs.
@@ -302,10 +320,15 @@ func (g *globals) listCmd() *cobra.Command {
 				}
 			}
 			sort.Slice(list, func(i, j int) bool { return list[i].Name < list[j].Name })
+			lost := g.lostHosts(cmd.Context())
 			if g.json {
-				return g.printJSON(list)
+				out := make([]listed, len(list))
+				for i, r := range list {
+					out[i] = listed{VmRecord: r, HostLost: lost[r.Host] && r.State != vm.StateDestroyed}
+				}
+				return g.printJSON(out)
 			}
-			ips := g.guestAddrs(cmd.Context(), list)
+			ips := g.guestAddrs(cmd.Context(), list, lost)
 			tw := tabwriter.NewWriter(g.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tSTATE\tHOST\tBACKEND\tVCPUS\tMEMORY\tIP\tIN FLIGHT\tUPDATED")
 			for i, r := range list {
@@ -318,7 +341,7 @@ func (g *globals) listCmd() *cobra.Command {
 					vcpus = strconv.Itoa(r.Handle.Spec.Vcpus)
 					mem = strconv.Itoa(r.Handle.Spec.MemoryMB) + "M"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, stateText(r), r.Host, r.Backend,
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, stateText(r, lost[r.Host]), r.Host, r.Backend,
 					vcpus, mem, ips[i], orDash(strings.Join(inflight, ",")), r.UpdatedAt.Local().Format(time.DateTime))
 			}
 			return tw.Flush()
@@ -337,12 +360,16 @@ func orDash(s string) string {
 
 // guestAddrs asks the workers for the address of each running VM, at once
 // and briefly: a list must not hang on one slow host.
-func (g *globals) guestAddrs(ctx context.Context, list []*projection.VmRecord) []string {
+func (g *globals) guestAddrs(ctx context.Context, list []*projection.VmRecord, lost map[string]bool) []string {
 	out := make([]string, len(list))
 	var wg sync.WaitGroup
 	for i, r := range list {
 		out[i] = "-"
 		if !running(r) || r.Host == "" {
+			continue
+		}
+		if lost[r.Host] {
+			out[i] = "?"
 			continue
 		}
 		wg.Add(1)
@@ -402,11 +429,18 @@ func (g *globals) statusCmd() *cobra.Command {
 			}
 			var live events.StateReply
 			liveErr := error(nil)
-			if r.State != vm.StateDestroyed {
+			hostLost := r.State != vm.StateDestroyed && g.lostHosts(cmd.Context())[r.Host]
+			switch {
+			case hostLost:
+				liveErr = fmt.Errorf("host %s is lost (no heartbeat for over %s)", r.Host, hosts.DefaultLostAfter)
+			case r.State != vm.StateDestroyed:
 				liveErr = g.query(cmd.Context(), r, "state", &live)
 			}
 			if g.json {
 				out := map[string]any{"record": r}
+				if hostLost {
+					out["host_lost"] = true
+				}
 				if liveErr == nil && live.State != "" {
 					out["live"] = live
 				} else if liveErr != nil {
@@ -416,7 +450,7 @@ func (g *globals) statusCmd() *cobra.Command {
 			}
 			tw := tabwriter.NewWriter(g.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintf(tw, "name:\t%s\n", r.Name)
-			fmt.Fprintf(tw, "state:\t%s\n", stateText(r))
+			fmt.Fprintf(tw, "state:\t%s\n", stateText(r, hostLost))
 			if r.Crashed() {
 				fmt.Fprintf(tw, "exited:\tat %s without a command: %s\n", r.Exit.Time.Local().Format(time.RFC3339), r.Exit.Reason)
 			}
@@ -546,6 +580,8 @@ func (g *globals) streamEvents(ctx context.Context, subj string, follow bool, la
 	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{subj}}
 	var pending uint64
 	if subj == g.names.Events() {
+		// Every event: the VMs' and the hosts' (the whole stream).
+		cfg.FilterSubjects = append(cfg.FilterSubjects, g.names.HostEvents())
 		info, err := st.Info(ctx)
 		if err != nil {
 			return err
@@ -582,7 +618,7 @@ func (g *globals) streamEvents(ctx context.Context, subj string, follow bool, la
 	stop := context.AfterFunc(ctx, it.Stop)
 	defer stop()
 	var seen uint64
-	var list []*events.Event
+	var list []any
 	for {
 		if !follow && seen >= pending {
 			break
@@ -599,9 +635,24 @@ func (g *globals) streamEvents(ctx context.Context, subj string, follow bool, la
 			continue
 		}
 		md, _ := m.Metadata()
-		ev, err := events.Decode(m.Data())
-		if err != nil {
-			continue
+		var seq uint64
+		if withSeq && md != nil {
+			seq = md.Sequence.Stream
+		}
+		var ev any
+		var text string
+		if _, _, isHost := g.names.ParseHostEventSubject(m.Subject()); isHost {
+			hev, err := events.DecodeHostEvent(m.Data())
+			if err != nil {
+				continue
+			}
+			ev, text = hev, formatHostEvent(seq, hev)
+		} else {
+			vev, err := events.Decode(m.Data())
+			if err != nil {
+				continue
+			}
+			ev, text = vev, formatEvent(seq, vev)
 		}
 		if g.json {
 			if follow {
@@ -612,11 +663,7 @@ func (g *globals) streamEvents(ctx context.Context, subj string, follow bool, la
 			}
 			continue
 		}
-		var seq uint64
-		if withSeq && md != nil {
-			seq = md.Sequence.Stream
-		}
-		fmt.Fprintln(g.out, formatEvent(seq, ev))
+		fmt.Fprintln(g.out, text)
 	}
 	if g.json && !follow {
 		return g.printJSON(list)

@@ -136,6 +136,8 @@ deciding commands or no result within --timeout, 130 interrupted.`,
 		g.historyCmd(),
 		g.consoleCmd(),
 		g.logCmd(),
+		g.hostsCmd(),
+		g.hostCmd(),
 	)
 	root.SetArgs(args)
 	root.SetOut(out)
@@ -552,6 +554,21 @@ func (g *globals) printEvent(ev *events.Event) {
 		return
 	}
 	fmt.Fprintln(g.out, formatEvent(0, ev))
+}
+
+func formatHostEvent(seq uint64, ev *events.HostEvent) string {
+	s := ""
+	if seq > 0 {
+		s = fmt.Sprintf("%-6d ", seq)
+	}
+	s += fmt.Sprintf("%s host=%s %s", ev.Time.Format("15:04:05.000"), ev.Host, ev.Type)
+	if ev.Reason != "" {
+		s += " reason=" + fmt.Sprintf("%q", ev.Reason)
+	}
+	if len(ev.VMs) > 0 {
+		s += " vms=" + strings.Join(ev.VMs, ",")
+	}
+	return s
 }
 
 func formatEvent(seq uint64, ev *events.Event) string {

@@ -104,7 +104,7 @@ func New(ctx context.Context, cfg Config) (*Worker, error) {
 		cfg.CallTimeout = 10 * time.Minute
 	}
 	if cfg.Capacity.Vcpus == 0 {
-		cfg.Capacity.Vcpus = runtime.NumCPU()
+		cfg.Capacity.Vcpus = 4 * runtime.NumCPU() // a 4:1 CPU overcommit
 	}
 	if cfg.Capacity.MemoryMB == 0 {
 		cfg.Capacity.MemoryMB = hostMemoryMB()
@@ -199,6 +199,10 @@ func (w *Worker) runTask(msg jetstream.Msg, t *events.Task) {
 		return
 	}
 	ctx := w.killCtx
+	if t.Fence {
+		w.fence(msg, t, log)
+		return
+	}
 	// A redelivered (or re-published) task whose result is already stored
 	// must not run again.
 	if prev, err := w.findResult(ctx, t); err != nil {
@@ -218,22 +222,69 @@ func (w *Worker) runTask(msg jetstream.Msg, t *events.Task) {
 	if w.killCtx.Err() != nil {
 		return
 	}
-	for attempt := 0; ; attempt++ {
-		actx, cancel := context.WithTimeout(w.killCtx, 10*time.Second)
-		_, _, err := w.store.Append(actx, ev, events.NoExpect, events.ResultMsgID(t.VM, t.CommandID))
-		cancel()
-		if err == nil {
-			break
-		}
-		if w.killCtx.Err() != nil {
-			return
-		}
-		log.Warn("storing result failed; retrying", "err", err, "attempt", attempt)
-		time.Sleep(min(time.Duration(attempt+1)*200*time.Millisecond, 2*time.Second))
+	if !w.appendUntilStored(ev, events.ResultMsgID(t.VM, t.CommandID), log) {
+		return
 	}
 	w.note(ev)
 	_ = msg.Ack()
 	log.Debug("task done", "result", ev.Type, "error", ev.Error)
+}
+
+// fence removes from this host a VM that was forgotten while the host was
+// lost (its record already ends destroyed): it destroys the incarnation the
+// forget named, whatever this worker believed of it, and reports `fenced`.
+// A VM never runs twice under one name: the record, not a guess, says what
+// to remove. A destroy that keeps failing is retried a few times, then
+// reported with its error.
+func (w *Worker) fence(msg jetstream.Msg, t *events.Task, log *slog.Logger) {
+	h := w.handleFor(t)
+	ctx, cancel := context.WithTimeout(w.killCtx, w.cfg.DefaultStopTimeout+2*time.Minute)
+	err := w.cfg.Router.Destroy(ctx, h)
+	cancel()
+	if w.killCtx.Err() != nil {
+		return
+	}
+	if err != nil {
+		if md, merr := msg.Metadata(); merr == nil && md.NumDelivered < 5 {
+			log.Warn("fencing a forgotten vm failed; retrying", "err", err)
+			_ = msg.NakWithDelay(10 * time.Second)
+			return
+		}
+	}
+	ev := &events.Event{
+		Type: events.TypeFenced, VM: t.VM, CommandID: t.CommandID, Action: t.Action, Time: time.Now().UTC(),
+		Host: w.cfg.Host, Handle: t.Handle, AcceptedSeq: t.AcceptedSeq,
+		Reason: "the vm was forgotten while this host was lost; its worker removed it on return",
+	}
+	if err != nil {
+		ev.Error = fmt.Sprintf("destroy vm %s on host %s: %v", t.VM, w.cfg.Host, err)
+	}
+	if !w.appendUntilStored(ev, events.FencedMsgID(t.VM, t.CommandID), log) {
+		return
+	}
+	w.mu.Lock()
+	delete(w.vms, t.VM)
+	w.mu.Unlock()
+	_ = msg.Ack()
+	log.Info("fenced a forgotten vm", "handle_id", h.ID, "error", ev.Error)
+}
+
+// appendUntilStored appends ev without a concurrency check, retrying until
+// it is stored; false if the worker was killed first.
+func (w *Worker) appendUntilStored(ev *events.Event, msgID string, log *slog.Logger) bool {
+	for attempt := 0; ; attempt++ {
+		actx, cancel := context.WithTimeout(w.killCtx, 10*time.Second)
+		_, _, err := w.store.Append(actx, ev, events.NoExpect, msgID)
+		cancel()
+		if err == nil {
+			return true
+		}
+		if w.killCtx.Err() != nil {
+			return false
+		}
+		log.Warn("storing event failed; retrying", "type", ev.Type, "err", err, "attempt", attempt)
+		time.Sleep(min(time.Duration(attempt+1)*200*time.Millisecond, 2*time.Second))
+	}
 }
 
 // progress signals InProgress every third of the ack wait until stopped.

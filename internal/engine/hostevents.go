@@ -1,0 +1,56 @@
+package engine
+
+import (
+	"context"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/hosts"
+)
+
+// runHostEvents turns the changes the host registry sees (a host lost,
+// back, cordoned, uncordoned, forgotten) into host events on
+// vm.host.<host>.<type> in the events stream, where `vmctl events` and any
+// subscriber see them. Every engine sees every change; the event's message
+// id (host, type and VM_HOSTS revision) stores it once, and an event the
+// stream already holds for that revision is not written again, even after
+// the duplicate window.
+func (e *Engine) runHostEvents(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case c := <-e.hosts.Changes():
+			e.hostEvent(ctx, c)
+		}
+	}
+}
+
+func (e *Engine) hostEvent(ctx context.Context, c hosts.Change) {
+	subj := e.cfg.Names.HostEvent(c.Host, c.Kind)
+	if m, err := e.store.Stream().GetLastMsgForSubject(ctx, subj); err == nil {
+		if prev, err := events.DecodeHostEvent(m.Data); err == nil && prev.Rev == c.Rev {
+			return
+		}
+	}
+	ev := events.HostEvent{
+		Type: c.Kind, Host: c.Host, Time: time.Now().UTC(), Rev: c.Rev,
+		Reason: c.Reason, LastHeartbeat: c.Last.UTC(),
+	}
+	if c.Kind == events.HostLost {
+		ev.VMs = e.placed.vmsOn(c.Host)
+	}
+	for attempt := 0; attempt < 10 && ctx.Err() == nil; attempt++ {
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := e.cfg.JS.Publish(pctx, subj, ev.Encode(), jetstream.WithMsgID(events.HostEventMsgID(c.Host, c.Kind, c.Rev)))
+		cancel()
+		if err == nil {
+			e.log.Info("host event", "host", c.Host, "type", c.Kind, "reason", c.Reason, "vms", len(ev.VMs))
+			return
+		}
+		e.log.Warn("storing host event failed; retrying", "host", c.Host, "type", c.Kind, "err", err)
+		time.Sleep(time.Duration(attempt+1) * 250 * time.Millisecond)
+	}
+}

@@ -1,0 +1,78 @@
+package engine
+
+import (
+	"slices"
+	"sync"
+
+	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// placedCount is what the VMs placed on each host take, counted from the
+// records: a VM takes its vCPUs and memory on its host from its accepted
+// prepare until it is destroyed (stopped VMs too: they may start at any
+// time). Noop VMs run nothing and take nothing. It is fed the projector's
+// folds and, at start, the bucket's records; a record only replaces an
+// older one of the same VM, so the order of the two does not matter.
+type placedCount struct {
+	mu     sync.Mutex
+	vms    map[string]placedVM
+	byHost map[string]hosts.Resources
+}
+
+type placedVM struct {
+	seq  uint64
+	host string
+	res  hosts.Resources
+}
+
+func newPlacedCount() *placedCount {
+	return &placedCount{vms: map[string]placedVM{}, byHost: map[string]hosts.Resources{}}
+}
+
+// observe counts the newest record of a VM.
+func (c *placedCount) observe(r *projection.VmRecord) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old, had := c.vms[r.Name]
+	if had && r.LastSeq < old.seq {
+		return
+	}
+	var now placedVM
+	now.seq = r.LastSeq
+	if r.Exists() && r.State != vm.StateDestroyed && r.Host != "" {
+		now.host = r.Host
+		if r.Backend != vm.BackendNoop {
+			now.res = hosts.Resources{Vcpus: r.Vcpus, MemoryMB: r.MemoryMB}
+		}
+	}
+	if had && old.host != "" {
+		c.byHost[old.host] = c.byHost[old.host].Add(hosts.Resources{Vcpus: -old.res.Vcpus, MemoryMB: -old.res.MemoryMB})
+	}
+	if now.host != "" {
+		c.byHost[now.host] = c.byHost[now.host].Add(now.res)
+	}
+	c.vms[r.Name] = now
+}
+
+// vmsOn lists the VMs (not destroyed) the records place on host.
+func (c *placedCount) vmsOn(host string) []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []string
+	for name, v := range c.vms {
+		if v.host == host {
+			out = append(out, name)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// on returns what the VMs placed on host take.
+func (c *placedCount) on(host string) hosts.Resources {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.byHost[host]
+}

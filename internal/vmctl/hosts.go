@@ -1,0 +1,360 @@
+package vmctl
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
+	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// hostRow is a host as `vmctl hosts` shows it: its heartbeat and cordon,
+// and what the records place on it.
+type hostRow struct {
+	*hosts.Host
+	Status string `json:"status"`
+	// VMs counts the VMs (not destroyed) the records place on the host;
+	// Placed is what the non-Noop ones take (what placement counts).
+	VMs    int             `json:"vms"`
+	Placed hosts.Resources `json:"placed"`
+}
+
+// fleet reads the hosts and the records once.
+func (g *globals) fleet(ctx context.Context) ([]*hosts.Host, map[string]*projection.VmRecord, error) {
+	if err := g.conn(); err != nil {
+		return nil, nil, err
+	}
+	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening %s: %w (has the engine ever run on this server?)", g.names.HostsBucket(), err)
+	}
+	hs, err := g.hostSnapshot(ctx, kv)
+	if err != nil {
+		return nil, nil, err
+	}
+	recs, err := projection.Load(ctx, g.js, g.names)
+	if err != nil {
+		return nil, nil, err
+	}
+	return hs, recs, nil
+}
+
+// onHost lists the VMs (not destroyed) the records place on host, by name.
+func onHost(recs map[string]*projection.VmRecord, host string) []*projection.VmRecord {
+	var out []*projection.VmRecord
+	for _, r := range recs {
+		if r.Host == host && r.Exists() && r.State != vm.StateDestroyed {
+			out = append(out, r)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (g *globals) hostsCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "hosts",
+		Short: "list the hosts: alive, lost or cordoned, backends, capacity, placed VMs, version, last heartbeat",
+		Args:  noArgs,
+		RunE:  g.listHosts,
+	}
+}
+
+func (g *globals) listHosts(cmd *cobra.Command, _ []string) error {
+	hs, recs, err := g.fleet(cmd.Context())
+	if err != nil {
+		return err
+	}
+	rows := make([]hostRow, 0, len(hs))
+	for _, h := range hs {
+		row := hostRow{Host: h, Status: h.Status()}
+		for _, r := range onHost(recs, h.Host) {
+			row.VMs++
+			if r.Backend != vm.BackendNoop {
+				row.Placed = row.Placed.Add(hosts.Resources{Vcpus: r.Vcpus, MemoryMB: r.MemoryMB})
+			}
+		}
+		rows = append(rows, row)
+	}
+	if g.json {
+		return g.printJSON(rows)
+	}
+	if len(rows) == 0 {
+		fmt.Fprintln(g.errOut, "no host has heartbeated: start a worker (or the engine with --with-worker)")
+		return nil
+	}
+	tw := tabwriter.NewWriter(g.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "HOST\tSTATUS\tBACKENDS\tVMS\tVCPUS\tMEMORY\tVERSION\tLAST HEARTBEAT")
+	for _, r := range rows {
+		var bs []string
+		for _, b := range r.Backends {
+			s := string(b)
+			if b == r.DefaultBackend {
+				s += "*"
+			}
+			bs = append(bs, s)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d/%d\t%d/%dM\t%s\t%s ago\n", r.Host.Host, r.Status, strings.Join(bs, ","), r.VMs,
+			r.Placed.Vcpus, r.Capacity.Vcpus, r.Placed.MemoryMB, r.Capacity.MemoryMB, r.Version,
+			time.Since(r.Time).Round(time.Second))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(g.out, "(* the host's default backend; VCPUS and MEMORY: placed/capacity, Noop VMs take none)")
+	return nil
+}
+
+func (g *globals) hostCmd() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "host",
+		Short: "look after hosts: ls, cordon, uncordon, drain, forget",
+	}
+	ls := &cobra.Command{Use: "ls", Short: "the same as `vmctl hosts`", Args: noArgs, RunE: g.listHosts}
+
+	var reason string
+	cordon := &cobra.Command{
+		Use:   "cordon HOST",
+		Short: "place no new VM on a host (its VMs keep running)",
+		Args:  hostArg,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return g.setCordon(cmd.Context(), args[0], true, reason)
+		},
+	}
+	cordon.Flags().StringVar(&reason, "reason", "", "why, shown by `vmctl hosts` and in the host_cordoned event")
+	uncordon := &cobra.Command{
+		Use:   "uncordon HOST",
+		Short: "let placement use a cordoned host again",
+		Args:  hostArg,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return g.setCordon(cmd.Context(), args[0], false, "")
+		},
+	}
+	drain := &cobra.Command{
+		Use:   "drain HOST",
+		Short: "cordon a host and stop its running and suspended VMs (there is no live migration); report what is left",
+		Args:  hostArg,
+	}
+	stopTimeout := stopTimeoutFlag(drain, "how long each guest has to power off before it is killed")
+	drain.RunE = func(cmd *cobra.Command, args []string) error {
+		t, err := stopTimeout()
+		if err != nil {
+			return err
+		}
+		return g.drain(cmd.Context(), args[0], t)
+	}
+	forget := &cobra.Command{
+		Use:   "forget HOST",
+		Short: "remove a lost host that will not come back from the hosts (its VMs must be destroyed or forgotten first)",
+		Args:  hostArg,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return g.forgetHost(cmd.Context(), args[0])
+		},
+	}
+	c.AddCommand(ls, cordon, uncordon, drain, forget)
+	return c
+}
+
+func hostArg(cmd *cobra.Command, args []string) error {
+	if len(args) != 1 {
+		return usageError("%s takes one HOST (see `vmctl hosts`)", cmd.CommandPath())
+	}
+	if err := vm.ValidateHost(args[0]); err != nil {
+		return usageError("HOST %q: %s", args[0], ruleOf(err))
+	}
+	return nil
+}
+
+// knownHost returns the host's entry, or an error naming the known hosts.
+func (g *globals) knownHost(ctx context.Context, name string) (*hosts.Host, map[string]*projection.VmRecord, error) {
+	hs, recs, err := g.fleet(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	var names []string
+	for _, h := range hs {
+		if h.Host == name {
+			return h, recs, nil
+		}
+		names = append(names, h.Host)
+	}
+	if len(names) == 0 {
+		names = []string{"none"}
+	}
+	return nil, nil, &exitError{code: ExitFailed, msg: fmt.Sprintf("no host named %s (known hosts: %s)", name, strings.Join(names, ", "))}
+}
+
+func (g *globals) setCordon(ctx context.Context, name string, on bool, reason string) error {
+	h, _, err := g.knownHost(ctx, name)
+	if err != nil {
+		return err
+	}
+	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
+	if err != nil {
+		return err
+	}
+	if !on {
+		if h.Cordon == nil {
+			fmt.Fprintf(g.out, "host %s is not cordoned\n", name)
+			return nil
+		}
+		if err := kv.Delete(ctx, hosts.CordonKey(name)); err != nil {
+			return fmt.Errorf("uncordoning %s: %w", name, err)
+		}
+		fmt.Fprintf(g.out, "host %s uncordoned: new VMs may be placed on it\n", name)
+		return nil
+	}
+	if h.Cordon != nil {
+		fmt.Fprintf(g.out, "host %s is already cordoned (since %s)\n", name, h.Cordon.Time.Local().Format(time.DateTime))
+		return nil
+	}
+	b, _ := json.Marshal(hosts.Cordon{Time: time.Now().UTC(), Reason: reason})
+	if _, err := kv.Put(ctx, hosts.CordonKey(name), b); err != nil {
+		return fmt.Errorf("cordoning %s: %w", name, err)
+	}
+	fmt.Fprintf(g.out, "host %s cordoned: no new VM is placed on it; its VMs keep running\n", name)
+	return nil
+}
+
+// drain cordons the host, stops its running and suspended VMs (in
+// parallel), and reports the VMs left on it: vmherd has no live migration,
+// so a drained host's VMs stay there, stopped, until destroyed (or started
+// again after uncordon).
+func (g *globals) drain(ctx context.Context, name string, stopTimeout int) error {
+	if err := g.setCordon(ctx, name, true, "drain"); err != nil {
+		return err
+	}
+	h, recs, err := g.knownHost(ctx, name)
+	if err != nil {
+		return err
+	}
+	vms := onHost(recs, name)
+	if !h.Alive && len(vms) > 0 {
+		return &exitError{code: ExitFailed, msg: fmt.Sprintf("host %s is lost: its VMs cannot be stopped; if it will not come back, forget them (vmctl destroy --forget NAME) and then the host (vmctl host forget %s)", name, name)}
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var failed []string
+	for _, r := range vms {
+		if !running(r) {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := g.send(ctx, r.Name, fsm.ActStop, events.Command{TimeoutS: stopTimeout})
+			if err != nil {
+				mu.Lock()
+				failed = append(failed, fmt.Sprintf("%s: %v", r.Name, err))
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if len(vms) > 0 {
+		var left []string
+		for _, r := range vms {
+			left = append(left, r.Name)
+		}
+		fmt.Fprintf(g.out, "left on %s (stopped or prepared, with their disks): %s; destroy them, or uncordon the host to use them again\n", name, strings.Join(left, ", "))
+	} else {
+		fmt.Fprintf(g.out, "host %s is drained: no VM is on it\n", name)
+	}
+	if len(failed) > 0 {
+		sort.Strings(failed)
+		return &exitError{code: ExitFailed, msg: "not stopped: " + strings.Join(failed, "; ")}
+	}
+	return nil
+}
+
+// forgetHost removes a lost host's entries from VM_HOSTS. Its queued
+// tasks stay: if the host comes back after all, its worker still fences
+// the VMs that were forgotten.
+func (g *globals) forgetHost(ctx context.Context, name string) error {
+	h, recs, err := g.knownHost(ctx, name)
+	if err != nil {
+		return err
+	}
+	if h.Alive {
+		return &exitError{code: ExitFailed, msg: fmt.Sprintf("host %s is alive (last heartbeat %s ago): stop its worker first; only a lost host can be forgotten", name, time.Since(h.Time).Round(time.Second))}
+	}
+	if vms := onHost(recs, name); len(vms) > 0 {
+		var names []string
+		for _, r := range vms {
+			names = append(names, r.Name)
+		}
+		return &exitError{code: ExitFailed, msg: fmt.Sprintf("host %s still has VMs in the records: %s; forget each first (vmctl destroy --forget NAME)", name, strings.Join(names, ", "))}
+	}
+	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
+	if err != nil {
+		return err
+	}
+	if err := kv.Delete(ctx, hosts.CordonKey(name)); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+		return err
+	}
+	if err := kv.Delete(ctx, name); err != nil {
+		return fmt.Errorf("forgetting host %s: %w", name, err)
+	}
+	fmt.Fprintf(g.out, "host %s forgotten\n", name)
+	return nil
+}
+
+// hostSnapshot reads the hosts, judged lost as the engines judge them: a
+// host is lost if an engine wrote host_lost about its latest heartbeat
+// (the engines' --host-timeout may be shorter than vmctl's default), or if
+// that heartbeat is older than the default --host-timeout.
+func (g *globals) hostSnapshot(ctx context.Context, kv jetstream.KeyValue) ([]*hosts.Host, error) {
+	hs, err := hosts.Snapshot(ctx, kv, hosts.DefaultLostAfter)
+	if err != nil {
+		return nil, err
+	}
+	st, err := g.js.Stream(ctx, g.names.EventsStream())
+	if err != nil {
+		return hs, nil
+	}
+	for _, h := range hs {
+		if !h.Alive {
+			continue
+		}
+		m, err := st.GetLastMsgForSubject(ctx, g.names.HostEvent(h.Host, events.HostLost))
+		if err != nil {
+			continue
+		}
+		if ev, err := events.DecodeHostEvent(m.Data); err == nil && ev.Rev == h.Rev {
+			h.Alive = false
+		}
+	}
+	return hs, nil
+}
+
+// lostHosts returns the set of hosts that are lost now (for list and status).
+func (g *globals) lostHosts(ctx context.Context) map[string]bool {
+	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
+	if err != nil {
+		return nil
+	}
+	hs, err := g.hostSnapshot(ctx, kv)
+	if err != nil {
+		return nil
+	}
+	lost := map[string]bool{}
+	for _, h := range hs {
+		if !h.Alive {
+			lost[h.Host] = true
+		}
+	}
+	return lost
+}
