@@ -19,6 +19,7 @@ import (
 	"github.com/vmherd/vmherd/internal/engine"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/natsserver"
 	"github.com/vmherd/vmherd/internal/worker"
 )
@@ -34,6 +35,8 @@ type EngineOptions struct {
 	Concurrency int
 	AckWait     time.Duration
 	LogLevel    string
+	// MetricsListen serves Prometheus metrics ("" for none).
+	MetricsListen string
 	// DrainTimeout bounds a graceful stop (cmd/engine only).
 	DrainTimeout time.Duration
 	Conn         ConnOptions
@@ -55,6 +58,7 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.Concurrency, "engine-concurrency", 256, "commands decided at once (across VMs)")
 	fs.DurationVar(&o.AckWait, "command-ack-wait", 30*time.Second, "ack wait of the command consumer")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics, the local worker's included (e.g. 127.0.0.1:9100; default: off)")
 	addDrainFlag(fs, &o.DrainTimeout)
 	o.Conn.AddFlags(fs, "")
 	o.Streams.AddFlags(fs)
@@ -109,10 +113,18 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	if err := ensureStreams(ctx, js, o.Streams, log); err != nil {
 		return err
 	}
+	var ms *metrics.Set
+	if o.MetricsListen != "" {
+		ms = metrics.New()
+		if _, err := ms.Serve(ctx, o.MetricsListen, log); err != nil {
+			return err
+		}
+	}
 	var eng *engine.Engine
 	err = events.RetryStartup(ctx, log, "the engine's consumers and buckets", func(sctx context.Context) (err error) {
 		eng, err = engine.New(sctx, engine.Config{
-			JS: js, Names: o.Streams.Names(), Settings: o.Streams.Settings(), Log: log, ID: o.ID,
+			Metrics: ms,
+			JS:      js, Names: o.Streams.Names(), Settings: o.Streams.Settings(), Log: log, ID: o.ID,
 			HostLostAfter: o.HostTimeout, Concurrency: o.Concurrency, AckWait: o.AckWait,
 			StateDir: o.DataDir,
 		})
@@ -125,6 +137,7 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	if o.WithWorker {
 		wo := o.Worker
 		wo.DataDir = o.DataDir
+		wo.Metrics = ms
 		// The local worker has its own connection, as a remote one would.
 		wconn := conn
 		wconn.Name = "vmherd-worker-" + wo.Host

@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
 )
 
@@ -79,6 +80,7 @@ func WorkerMain(args []string) int {
 		prefix   string
 		logLevel string
 		drain    time.Duration
+		mlisten  string
 	)
 	root := &cobra.Command{
 		Use:   "worker",
@@ -103,6 +105,12 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 			}
 			defer nc.Close()
 			return runUntilSignalled(log, drain, func(ctx context.Context) error {
+				if mlisten != "" {
+					wo.Metrics = metrics.New()
+					if _, err := wo.Metrics.Serve(ctx, mlisten, log); err != nil {
+						return err
+					}
+				}
 				w, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, events.Names{Prefix: prefix}, log)
 				if err != nil {
 					if ctx.Err() != nil {
@@ -121,6 +129,7 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 	// Streams and buckets belong to the engine: a worker only names them.
 	fs.StringVar(&prefix, "prefix", events.DefaultPrefix, "subject prefix of the vmherd installation (the engine's --prefix)")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&mlisten, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101; default: off)")
 	addDrainFlag(fs, &drain)
 	root.SetArgs(args)
 	if err := root.Execute(); err != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/worker"
 )
@@ -49,6 +50,9 @@ type WorkerOptions struct {
 	// Noop, when set, is used instead of a new Noop backend (tests share
 	// one between worker incarnations, as VMs outlive a worker crash).
 	Noop *noop.Backend
+	// Metrics, when set, records the worker's metrics (the engine shares
+	// its set with its local worker).
+	Metrics *metrics.Set
 }
 
 // AddFlags registers the worker flags. withDataDir is false for the
@@ -162,7 +166,7 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events
 			NC: c.NC, JS: c.JS, Names: names, Host: o.Host, Router: r, Log: log,
 			Capacity:       hosts.Resources{Vcpus: o.CapacityVcpus, MemoryMB: o.CapacityMemMB},
 			HeartbeatEvery: o.Heartbeat, AckWait: o.AckWait, Concurrency: o.Concurrency,
-			ReconcileEvery: o.Reconcile,
+			ReconcileEvery: o.Reconcile, Metrics: o.Metrics,
 		})
 		return err
 	})

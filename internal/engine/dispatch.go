@@ -68,6 +68,7 @@ func (e *Engine) dispatch(msg jetstream.Msg, inflight *sync.WaitGroup) {
 		_ = msg.Nak()
 		return
 	}
+	e.cfg.Metrics.Redelivered("dispatch", md.NumDelivered)
 	if ev.Forget {
 		inflight.Add(1)
 		go func() {

@@ -23,6 +23,7 @@ import (
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/keyed"
+	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/schemas"
@@ -46,6 +47,8 @@ type Config struct {
 	Concurrency int
 	// AckWait of the command consumer.
 	AckWait time.Duration
+	// Metrics, if set, records decisions, VMs by state and host heartbeats.
+	Metrics *metrics.Set
 	// StateDir keeps the engine's own files (the projection checkpoint);
 	// "" keeps none (the projection then replays from the start on restart).
 	StateDir string
@@ -91,7 +94,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		store:  st,
 		hosts:  hosts.NewRegistry(cfg.HostLostAfter),
 		exec:   keyed.New(cfg.Concurrency),
-		placed: newPlacedCount(),
+		placed: newPlacedCount(cfg.Metrics),
 	}
 	e.adm = admission{hosts: e.hosts, lostAfter: cfg.HostLostAfter, placed: e.placed.on}
 	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log, Observe: e.placed.observe}
@@ -111,6 +114,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("engine: opening %s: %w", e.cfg.Names.HostsBucket(), err)
 	}
+	e.cfg.Metrics.Register(hostCollector{e.hosts})
 	// What the VMs already placed take, before the first placement; the
 	// projector's folds keep the count from here on.
 	recs, err := projection.Load(ctx, e.cfg.JS, e.cfg.Names)
@@ -199,6 +203,7 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		}
 		return e.appendInvalid(ctx, base, fmt.Sprintf("vm name in subject: %v", err))
 	}
+	e.cfg.Metrics.Redelivered("engine", md.NumDelivered)
 	if md.NumDelivered > 1 {
 		done, err := e.alreadyDecided(ctx, name, cmdID, md.Timestamp)
 		if err != nil || done {
@@ -245,6 +250,7 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		if dup {
 			return nil // decided before (a duplicate publish of the same command)
 		}
+		e.cfg.Metrics.Decided(action, string(ev.Type), md.Timestamp)
 		// The task of an accepted command is derived from its stored event
 		// by the dispatcher (runDispatcher), the one path a task takes.
 		// The next decision on this VM (they are serial per VM) waits for

@@ -5,6 +5,7 @@ import (
 	"sync"
 
 	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/vm"
 )
@@ -16,19 +17,21 @@ import (
 // folds and, at start, the bucket's records; a record only replaces an
 // older one of the same VM, so the order of the two does not matter.
 type placedCount struct {
-	mu     sync.Mutex
-	vms    map[string]placedVM
-	byHost map[string]hosts.Resources
+	metrics *metrics.Set // VMs by state
+	mu      sync.Mutex
+	vms     map[string]placedVM
+	byHost  map[string]hosts.Resources
 }
 
 type placedVM struct {
-	seq  uint64
-	host string
-	res  hosts.Resources
+	seq   uint64
+	host  string
+	res   hosts.Resources
+	state vm.VmState
 }
 
-func newPlacedCount() *placedCount {
-	return &placedCount{vms: map[string]placedVM{}, byHost: map[string]hosts.Resources{}}
+func newPlacedCount(m *metrics.Set) *placedCount {
+	return &placedCount{metrics: m, vms: map[string]placedVM{}, byHost: map[string]hosts.Resources{}}
 }
 
 // observe counts the newest record of a VM.
@@ -41,6 +44,10 @@ func (c *placedCount) observe(r *projection.VmRecord) {
 	}
 	var now placedVM
 	now.seq = r.LastSeq
+	if r.Exists() {
+		now.state = r.State
+	}
+	c.metrics.VMState(string(old.state), string(now.state))
 	if r.Exists() && r.State != vm.StateDestroyed && r.Host != "" {
 		now.host = r.Host
 		if r.Backend != vm.BackendNoop {

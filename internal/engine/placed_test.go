@@ -10,7 +10,7 @@ import (
 )
 
 func TestPlacedCount(t *testing.T) {
-	c := newPlacedCount()
+	c := newPlacedCount(nil)
 	rec := func(name, host string, state vm.VmState, b vm.BackendTag, seq uint64) *projection.VmRecord {
 		return &projection.VmRecord{Name: name, Host: host, State: state, Backend: b, Vcpus: 2, MemoryMB: 512, LastSeq: seq}
 	}

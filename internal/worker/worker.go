@@ -24,6 +24,7 @@ import (
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/keyed"
+	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/vm"
 )
@@ -53,6 +54,8 @@ type Config struct {
 	DefaultStopTimeout time.Duration
 	// CallTimeout bounds other backend calls.
 	CallTimeout time.Duration
+	// Metrics, if set, records backend calls, task latencies and redeliveries.
+	Metrics *metrics.Set
 }
 
 // local is what the worker knows of one of its VMs.
@@ -199,6 +202,10 @@ func (w *Worker) runTask(msg jetstream.Msg, t *events.Task) {
 		return
 	}
 	ctx := w.killCtx
+	md, _ := msg.Metadata()
+	if md != nil {
+		w.cfg.Metrics.Redelivered("worker", md.NumDelivered)
+	}
 	if t.Fence {
 		w.fence(msg, t, log)
 		return
@@ -224,6 +231,9 @@ func (w *Worker) runTask(msg jetstream.Msg, t *events.Task) {
 	}
 	if !w.appendUntilStored(ev, events.ResultMsgID(t.VM, t.CommandID), log) {
 		return
+	}
+	if md != nil {
+		w.cfg.Metrics.TaskDone(string(t.Action), string(ev.Type), md.Timestamp)
 	}
 	w.note(ev)
 	_ = msg.Ack()
@@ -327,6 +337,14 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 	defer cancel()
 	var err error
 	r := w.cfg.Router
+	began := time.Now()
+	defer func() {
+		b := t.Backend
+		if b == "" {
+			b = r.Default()
+		}
+		w.cfg.Metrics.BackendCall(string(b), string(t.Action), time.Since(began), err)
+	}()
 	switch t.Action {
 	case fsm.ActPrepare:
 		if t.Spec == nil {
