@@ -296,3 +296,146 @@ func TestFleetHostNetworkCut(t *testing.T) {
 	fmt.Printf("FAULT-TEST %s: h1 cut for 30s: %d of its commands rejected (%d as its host lost), %d carried out after it came back; %s; %s\n",
 		t.Name(), rejectedLost, lostReasons, answered, stats, counts)
 }
+
+// TestFleetHostLostForGood: a host dies (its worker killed, its network
+// cut) with VMs on it. Its VMs read unknown; an operator forgets them
+// (destroy --forget) from another host's namespace, prepares some of the
+// names again elsewhere, and forgets the host. Then the host comes back
+// after all, with its old state: its worker fences every forgotten VM
+// (fenced events, its Noop state emptied) and touches none of the VMs
+// that now carry those names on h2. No name runs on two hosts.
+func TestFleetHostLostForGood(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	f, _, env := noopFleet(t, ctx, "5s")
+	h2 := f.Hosts["h2"].NetNS
+	vmctl := func(netns string, args ...string) string {
+		t.Helper()
+		out, code := f.Vmctl(ctx, netns, args...)
+		if code != 0 {
+			t.Fatalf("vmctl %v (netns %q): exit %d\n%s", args, netns, code, out)
+		}
+		return out
+	}
+	var onH1 []string
+	for i := range 6 {
+		name := fmt.Sprintf("lost%d", i)
+		onH1 = append(onH1, name)
+		vmctl("", "create", name, "--backend", "noop", "--host", "h1", "--start")
+	}
+	vmctl("", "create", "stay", "--backend", "noop", "--host", "h2", "--start")
+	noopState := func(name string) bool {
+		_, err := os.Stat(fmt.Sprintf("%s/host-h1/noop/%s.json", f.Dir(), name))
+		return err == nil
+	}
+	for _, n := range onH1 {
+		if !noopState(n) {
+			t.Fatalf("no Noop state of %s on h1 (looked in %s/host-h1/noop)", n, f.Dir())
+		}
+	}
+
+	f.Workers["h1"].Kill()
+	if err := f.CutHost("h1", true); err != nil {
+		t.Fatal(err)
+	}
+	diedAt := time.Now()
+	var lostAfter time.Duration
+	env.WaitFor("h1 lost in vmctl hosts", time.Minute, func() bool {
+		out, _ := f.Vmctl(ctx, h2, "hosts")
+		for _, line := range strings.Split(out, "\n") {
+			if f := strings.Fields(line); len(f) > 1 && f[0] == "h1" && f[1] == "lost" {
+				lostAfter = time.Since(diedAt)
+				return true
+			}
+		}
+		return false
+	})
+	if out := vmctl(h2, "list"); strings.Count(out, "unknown (host lost; last running)") != len(onH1) {
+		t.Fatalf("list while h1 is lost:\n%s", out)
+	}
+	if out, code := f.Vmctl(ctx, h2, "destroy", onH1[0]); code == 0 || !strings.Contains(out, "--forget") {
+		t.Fatalf("destroy on the lost host: exit %d\n%s", code, out)
+	}
+	forgetStart := time.Now()
+	for _, n := range onH1 {
+		vmctl(h2, "destroy", "--forget", n)
+	}
+	forgetTook := time.Since(forgetStart)
+	for _, n := range onH1[:3] {
+		vmctl(h2, "create", n, "--backend", "noop", "--start")
+	}
+	vmctl(h2, "host", "forget", "h1")
+	if out := vmctl(h2, "hosts"); strings.Contains(out, "h1") {
+		t.Fatalf("hosts after forgetting h1:\n%s", out)
+	}
+
+	// The host comes back after all, with the state it had.
+	if err := f.CutHost("h1", false); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.StartWorker("h1"); err != nil {
+		t.Fatal(err)
+	}
+	fenced := func() int {
+		n := 0
+		for _, s := range env.AllEvents() {
+			if s.Event != nil && s.Event.Type == events.TypeFenced && s.Event.Host == "h1" {
+				n++
+			}
+		}
+		return n
+	}
+	env.WaitFor("h1 fences its forgotten VMs", 2*time.Minute, func() bool { return fenced() == len(onH1) })
+	for _, n := range onH1 {
+		if noopState(n) {
+			t.Errorf("%s still has Noop state on h1 after fencing", n)
+		}
+	}
+	out := vmctl(h2, "list")
+	for _, n := range append(onH1[:3:3], "stay") {
+		if !regexpLine(out, n, "running", "h2") {
+			t.Errorf("%s is not running on h2 after h1 came back:\n%s", n, out)
+		}
+	}
+	for _, n := range onH1[3:] {
+		if strings.Contains(out, n+" ") {
+			t.Errorf("forgotten %s is listed:\n%s", n, out)
+		}
+	}
+	if !strings.Contains(vmctl(h2, "events"), "host=h1 host_forgotten") {
+		t.Errorf("no host_forgotten event")
+	}
+	env.CheckProjection(time.Minute)
+	fmt.Printf("FAULT-TEST %s: h1 died with %d VMs; lost in vmctl after %s; %d forgotten in %s, %d prepared again on h2; host forgotten; on its return %d fenced, 0 running twice\n",
+		t.Name(), len(onH1), lostAfter.Round(100*time.Millisecond), len(onH1), forgetTook.Round(time.Millisecond), 3, fenced())
+}
+
+// regexpLine reports whether some line of out starts with name and has
+// the given words as later fields.
+func regexpLine(out, name string, words ...string) bool {
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != name {
+			continue
+		}
+		ok := true
+		for _, w := range words {
+			if !slicesContains(f[1:], w) {
+				ok = false
+			}
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
+}
+
+func slicesContains(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
