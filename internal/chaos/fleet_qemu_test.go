@@ -52,7 +52,10 @@ func TestFleetFromScratchWithQEMU(t *testing.T) {
 	defer cancel()
 	start := time.Now()
 	testenv.Tool(t, "nats")
-	f := upFleet(t, ctx, fleet.Config{Hosts: []fleet.HostConfig{{Name: "h1", Backends: "noop"}, {Name: "h2", Backends: "noop,qemu"}}})
+	f := upFleet(t, ctx, fleet.Config{Hosts: []fleet.HostConfig{
+		{Name: "h1", Backends: "noop"},
+		{Name: "h2", Backends: "noop,qemu", WorkerArgs: []string{"--metrics-listen", "0.0.0.0:9101"}},
+	}})
 	t.Logf("fleet up in %s", time.Since(start).Round(time.Millisecond))
 	natsCLI := filepath.Join(filepath.Dir(testenv.Tool(t, "nats-server")), "nats")
 
@@ -126,9 +129,71 @@ func TestFleetFromScratchWithQEMU(t *testing.T) {
 	if out := vmctl(h1, "status", "q1"); !strings.Contains(out, "stopped") {
 		t.Fatalf("status after stop:\n%s", out)
 	}
-	vmctl(h1, "destroy", "q1")
+	// h2's worker metrics, scraped from the root namespace.
+	metrics, code := f.Exec(ctx, "", "timeout", "5", "bash", "-c",
+		fmt.Sprintf("exec 3<>/dev/tcp/%s/9101 && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3", f.Hosts["h2"].Addr))
+	if code != 0 || !strings.Contains(metrics, `vmherd_backend_call_seconds_count{action="stop",backend="qemu"} 1`) ||
+		!strings.Contains(metrics, `vmherd_task_seconds_count{action="start",result="started"} 1`) {
+		t.Fatalf("h2's worker metrics (exit %d):\n%s", code, metrics)
+	}
+
+	// Fencing with a real QEMU: q1 runs on h2, h2 drops off the network
+	// for good (as far as the fleet can tell), q1 is forgotten; when h2
+	// comes back its worker kills q1's QEMU and reports fenced.
+	vmctl(h1, "start", "q1")
+	var rec struct {
+		Record struct {
+			Handle struct{ PID int } `json:"handle"`
+		} `json:"record"`
+	}
+	if err := json.Unmarshal([]byte(vmctl(h1, "status", "q1", "--json")), &rec); err != nil || rec.Record.Handle.PID == 0 {
+		t.Fatalf("q1's pid: %v %+v", err, rec)
+	}
+	pid := rec.Record.Handle.PID
+	if err := f.CutHost("h2", true); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(time.Minute); ; {
+		out, _ := f.Vmctl(ctx, h1, "hosts", "--json")
+		if strings.Contains(out, `"status": "lost"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("h2 never lost:\n%s", out)
+		}
+		time.Sleep(time.Second)
+	}
+	vmctl(h1, "destroy", "--forget", "q1")
+	if !processAlive(pid) {
+		t.Fatalf("q1's QEMU (pid %d) is gone before h2 is back", pid)
+	}
+	if err := f.CutHost("h2", false); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(2 * time.Minute); ; {
+		out := vmctl(h1, "history", "q1")
+		if strings.Contains(out, "fenced") && !processAlive(pid) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("q1 not fenced after h2 came back (QEMU pid %d alive: %v):\n%s", pid, processAlive(pid), out)
+		}
+		time.Sleep(time.Second)
+	}
+	t.Logf("q1's QEMU (pid %d) fenced by h2's worker on its return", pid)
 	vmctl(h1, "destroy", "n1")
 	if out := vmctl("", "list", "--all"); !strings.Contains(out, "q1") || strings.Count(out, "destroyed") != 2 {
 		t.Fatalf("list --all:\n%s", out)
 	}
+}
+
+// processAlive reports whether pid runs (a zombie, which a daemonized
+// QEMU becomes until init reaps it, does not).
+func processAlive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	i := strings.LastIndexByte(string(b), ')')
+	return i < 0 || i+2 >= len(b) || b[i+2] != 'Z'
 }

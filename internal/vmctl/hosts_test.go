@@ -212,3 +212,41 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 	}
 	env.CheckProjection(wait)
 }
+
+// drain cordons the host, stops its running and suspended VMs, leaves the
+// others, and says what is left on it.
+func TestHostDrain(t *testing.T) {
+	ctx := t.Context()
+	env, _ := pipeline(t, noop.New(noop.Options{}))
+	url := env.URL
+	for _, c := range [][]string{
+		{"create", "run1", "--backend", "noop", "--start"},
+		{"create", "sus1", "--backend", "noop", "--start"},
+		{"suspend", "sus1"},
+		{"create", "prep1", "--backend", "noop"},
+	} {
+		if r := vmctl(t, ctx, url, c...); r.code != 0 {
+			t.Fatalf("%v:\n%s", c, r)
+		}
+	}
+	r := vmctl(t, ctx, url, "host", "drain", "h1", "--stop-timeout", "5s")
+	if r.code != 0 || !strings.Contains(r.out, "cordoned") || !strings.Contains(r.out, "left on h1") ||
+		!strings.Contains(r.out, "prep1, run1, sus1") {
+		t.Fatalf("drain:\n%s", r)
+	}
+	for n, want := range map[string]vm.VmState{"run1": vm.StateStopped, "sus1": vm.StateStopped, "prep1": vm.StatePrepared} {
+		if rec := recordOf(t, env, n); rec.State != want {
+			t.Errorf("%s after drain: %s, want %s", n, rec.State, want)
+		}
+	}
+	r = vmctl(t, ctx, url, "create", "new1", "--backend", "noop")
+	if r.code != ExitFailed || !strings.Contains(r.err, "h1: cordoned") {
+		t.Fatalf("create on a drained host:\n%s", r)
+	}
+	if r := vmctl(t, ctx, url, "host", "forget", "h1"); r.code != ExitFailed || !strings.Contains(r.err, "is alive") {
+		t.Fatalf("forget an alive host:\n%s", r)
+	}
+	if r := vmctl(t, ctx, url, "host", "cordon", "nope"); r.code != ExitFailed || !strings.Contains(r.err, "no host named nope (known hosts: h1)") {
+		t.Fatalf("cordon an unknown host:\n%s", r)
+	}
+}
