@@ -16,6 +16,8 @@ import (
 	"github.com/spf13/pflag"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/vmherd/vmherd/internal/auth"
+	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/engine"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/hosts"
@@ -37,6 +39,8 @@ type EngineOptions struct {
 	LogLevel    string
 	// MetricsListen serves Prometheus metrics ("" for none).
 	MetricsListen string
+	// NoAuth runs the embedded server without authentication (loopback only).
+	NoAuth bool
 	// DrainTimeout bounds a graceful stop (cmd/engine only).
 	DrainTimeout time.Duration
 	Conn         ConnOptions
@@ -58,6 +62,7 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.Concurrency, "engine-concurrency", 256, "commands decided at once (across VMs)")
 	fs.DurationVar(&o.AckWait, "command-ack-wait", 30*time.Second, "ack wait of the command consumer")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.BoolVar(&o.NoAuth, "no-auth", false, "run the embedded NATS server without authentication (refused unless --listen is a loopback address; for trying things only)")
 	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics, the local worker's included (e.g. 127.0.0.1:9100; default: off)")
 	addDrainFlag(fs, &o.DrainTimeout)
 	o.Conn.AddFlags(fs, "")
@@ -89,11 +94,21 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 		}
 	}
 	url := o.Conn.URL
+	conn := o.Conn
 	var ns *natsserver.Server
+	var creds localCreds
 	if url == "" {
+		var authority *auth.Authority
+		if !o.NoAuth {
+			if authority, creds, err = issueLocalCreds(o); err != nil {
+				return err
+			}
+			conn.Creds = creds.engine
+			log.Info("authentication on: credentials for vmctl and the nats CLI", "admin_creds", creds.admin)
+		}
 		ns, err = natsserver.Start(natsserver.Options{
 			Listen: o.Listen, StoreDir: filepath.Join(o.DataDir, "jetstream"), Sync: o.Sync,
-			ServerName: "vmherd-" + o.ID, Logger: log,
+			ServerName: "vmherd-" + o.ID, Logger: log, Auth: authority,
 		})
 		if err != nil {
 			return fmt.Errorf("engine: %w", err)
@@ -102,7 +117,6 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 		url = ns.ClientURL()
 		log.Info("embedded NATS serving", "url", url, "store", filepath.Join(o.DataDir, "jetstream"), "sync", o.Sync)
 	}
-	conn := o.Conn
 	conn.URL = url
 	conn.Name = "vmherd-engine-" + o.ID
 	nc, js, err := conn.ConnectJS(true)
@@ -141,6 +155,10 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 		// The local worker has its own connection, as a remote one would.
 		wconn := conn
 		wconn.Name = "vmherd-worker-" + wo.Host
+		wconn.InboxPrefix = auth.Identity{Role: auth.RoleWorker, Host: wo.Host}.InboxPrefix()
+		if creds.worker != "" {
+			wconn.Creds = creds.worker
+		}
 		c, wjs, err := wconn.ConnectJS(true)
 		if err != nil {
 			return err
@@ -162,6 +180,37 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	err = g.Wait()
 	log.Info("engine stopped")
 	return err
+}
+
+// localCreds are the credentials an engine with an embedded server issues
+// itself in <data-dir>/auth: the admin's (vmctl, nats CLI), its own and
+// its local worker's.
+type localCreds struct{ admin, engine, worker string }
+
+// issueLocalCreds opens (or creates) the authority in the data dir and
+// writes the credentials files that do not exist yet (mode 0600).
+func issueLocalCreds(o EngineOptions) (*auth.Authority, localCreds, error) {
+	dir := datadir.AuthDir(o.DataDir)
+	a, err := auth.Open(dir)
+	if err != nil {
+		return nil, localCreds{}, err
+	}
+	names := o.Streams.Names()
+	c := localCreds{admin: datadir.AdminCreds(o.DataDir), engine: filepath.Join(dir, "engine.creds")}
+	ids := map[string]auth.Identity{
+		c.admin:  {Role: auth.RoleAdmin, Names: names},
+		c.engine: {Role: auth.RoleEngine, Names: names},
+	}
+	if o.WithWorker {
+		c.worker = filepath.Join(dir, "worker-"+o.Worker.Host+".creds")
+		ids[c.worker] = auth.Identity{Role: auth.RoleWorker, Host: o.Worker.Host, Names: names}
+	}
+	for path, id := range ids {
+		if err := a.WriteCreds(path, id); err != nil {
+			return nil, localCreds{}, err
+		}
+	}
+	return a, c, nil
 }
 
 // ensureStreams creates or updates the streams and buckets: the engine is

@@ -3,14 +3,92 @@ package app
 import (
 	"context"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmherd/vmherd/internal/auth"
+	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
 )
+
+// credsCmd is `engine creds`: credentials signed by the engine's
+// authority (in its data dir) for an identity with a role.
+func credsCmd() *cobra.Command {
+	var (
+		dir, role, host, name, out, prefix string
+		serverConfig                       bool
+	)
+	c := &cobra.Command{
+		Use:   "creds",
+		Short: "issue NATS credentials for a worker, a user or another engine; or print the nats-server configuration that trusts them",
+		Long: `creds signs a credentials file with the authority kept in the engine's
+data dir (created on first use), for one identity:
+
+  engine creds --role worker --host h2 -o h2.creds   # the worker of host h2
+  engine creds --role operator --name alice          # drives VMs, reads everything
+  engine creds --role viewer --name dashboards       # reads only
+  engine creds --role admin                          # everything
+  engine creds --role engine --name engine2          # another engine
+
+With --server-config it prints the nats-server configuration lines that
+trust this authority (for a NATS cluster of your own: include them in each
+node's configuration). The roles are in docs/trust.md.`,
+		SilenceUsage: true,
+		Args:         cobra.NoArgs,
+		PreRunE:      func(cmd *cobra.Command, _ []string) error { return BindEnv(cmd.Flags()) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			a, err := auth.Open(datadir.AuthDir(dir))
+			if err != nil {
+				return err
+			}
+			if serverConfig {
+				conf, err := a.ServerConfig()
+				if err != nil {
+					return err
+				}
+				fmt.Fprint(cmd.OutOrStdout(), conf)
+				return nil
+			}
+			id := auth.Identity{Role: auth.Role(role), Host: host, User: name, Names: events.Names{Prefix: prefix}}
+			if id.Role == auth.RoleWorker && host == "" {
+				return fmt.Errorf("--role worker needs --host")
+			}
+			if id.Role != auth.RoleWorker && host != "" {
+				return fmt.Errorf("--host is for --role worker only")
+			}
+			perms, err := id.Permissions()
+			if err != nil {
+				return err
+			}
+			b, err := a.Creds(id.Name(), perms)
+			if err != nil {
+				return err
+			}
+			if out == "" || out == "-" {
+				_, err = cmd.OutOrStdout().Write(b)
+				return err
+			}
+			if err := os.WriteFile(out, b, 0o600); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "wrote %s credentials to %s\n", id.Name(), out)
+			return nil
+		},
+	}
+	fs := c.Flags()
+	fs.StringVar(&dir, "data-dir", DefaultDataDir(), "the engine's data directory (its authority is in <data-dir>/auth)")
+	fs.StringVar(&role, "role", "", "admin, engine, operator, viewer or worker")
+	fs.StringVar(&host, "host", "", "the worker's host (--role worker)")
+	fs.StringVar(&name, "name", "", "a name for the identity (default: the role)")
+	fs.StringVarP(&out, "output", "o", "", "write to this file (mode 0600) instead of stdout")
+	fs.StringVar(&prefix, "prefix", events.DefaultPrefix, "subject prefix of the installation")
+	fs.BoolVar(&serverConfig, "server-config", false, "print the nats-server configuration that trusts this authority")
+	return c
+}
 
 // EngineMain is cmd/engine.
 func EngineMain(args []string) int {
@@ -49,6 +127,9 @@ embedded one by default); running engines carry on safely.`,
 		PreRunE:      func(cmd *cobra.Command, _ []string) error { return BindEnv(cmd.Flags()) },
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			conn.Name = "vmherd-rebuild"
+			if conn.Creds == "" {
+				conn.Creds = datadir.LocalAdminCreds()
+			}
 			nc, js, err := conn.ConnectJS(false)
 			if err != nil {
 				return err
@@ -64,7 +145,7 @@ embedded one by default); running engines carry on safely.`,
 	}
 	conn.AddFlags(rebuild.Flags(), "nats://127.0.0.1:4222")
 	so.AddFlags(rebuild.Flags())
-	root.AddCommand(rebuild)
+	root.AddCommand(rebuild, credsCmd())
 	root.SetArgs(args)
 	if err := root.Execute(); err != nil {
 		return 1
@@ -99,6 +180,8 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 				return err
 			}
 			conn.Name = "vmherd-worker-" + wo.Host
+			// A worker's credentials allow replies only on its own inbox prefix.
+			conn.InboxPrefix = auth.Identity{Role: auth.RoleWorker, Host: wo.Host}.InboxPrefix()
 			nc, js, err := conn.ConnectJS(true)
 			if err != nil {
 				return err

@@ -3,10 +3,10 @@
 package app
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/pflag"
 
+	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/events"
 )
 
@@ -25,6 +26,9 @@ type ConnOptions struct {
 	TLSKey  string
 	TLSCA   string
 	Name    string
+	// InboxPrefix replaces _INBOX for this connection's replies (a
+	// worker's credentials allow only _INBOX_<host>).
+	InboxPrefix string
 }
 
 // AddFlags registers --nats-url, --creds and the TLS flags.
@@ -45,6 +49,9 @@ func (o *ConnOptions) Connect(daemon bool) (*nats.Conn, error) {
 	if o.Creds != "" {
 		opts = append(opts, nats.UserCredentials(o.Creds))
 	}
+	if o.InboxPrefix != "" {
+		opts = append(opts, nats.CustomInboxPrefix(o.InboxPrefix))
+	}
 	if o.TLSCert != "" || o.TLSKey != "" {
 		opts = append(opts, nats.ClientCert(o.TLSCert, o.TLSKey))
 	}
@@ -52,6 +59,9 @@ func (o *ConnOptions) Connect(daemon bool) (*nats.Conn, error) {
 		opts = append(opts, nats.RootCAs(o.TLSCA))
 	}
 	nc, err := nats.Connect(o.URL, opts...)
+	if errors.Is(err, nats.ErrAuthorization) || err != nil && strings.Contains(err.Error(), "Authorization Violation") {
+		return nil, fmt.Errorf("connecting to NATS at %s: %w (the server needs credentials: --creds FILE; an engine writes its own in <data-dir>/auth, and `engine creds` issues them for a worker, a user or another engine)", o.URL, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("connecting to NATS at %s: %w (is the engine running? set --nats-url or NATS_URL)", o.URL, err)
 	}
@@ -94,15 +104,7 @@ func BindEnv(fs *pflag.FlagSet) error {
 }
 
 // DefaultDataDir is $XDG_DATA_HOME/vmherd, else ~/.local/share/vmherd.
-func DefaultDataDir() string {
-	if d := os.Getenv("XDG_DATA_HOME"); d != "" {
-		return filepath.Join(d, "vmherd")
-	}
-	if home, err := os.UserHomeDir(); err == nil {
-		return filepath.Join(home, ".local", "share", "vmherd")
-	}
-	return filepath.Join(os.TempDir(), "vmherd")
-}
+func DefaultDataDir() string { return datadir.Default() }
 
 // NewLogger logs text to stderr at the given level (debug, info, warn, error).
 func NewLogger(level string) (*slog.Logger, error) {

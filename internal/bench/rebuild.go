@@ -62,7 +62,11 @@ func writeEvents(ctx context.Context, js jetstream.JetStream, vms int) (int, err
 	n := 0
 	const group = 1000
 	publish := func(ev *events.Event) error {
-		if _, err := js.PublishAsync(names.Event(ev.VM, ev.Type), ev.Encode()); err != nil {
+		writer := events.EngineWriter
+		if ev.Type != events.TypeAccepted && ev.Type != events.TypeRejected {
+			writer = ev.Host // results come from the VM's host's worker
+		}
+		if _, err := js.PublishAsync(names.Event(ev.VM, ev.Type, writer), ev.Encode()); err != nil {
 			return err
 		}
 		n++

@@ -27,9 +27,9 @@ import (
 // dispatcher does not wait a round trip, or an fsync, per task.
 func (e *Engine) runDispatcher(ctx context.Context) error {
 	cons, err := events.CreateConsumer(ctx, e.cfg.JS, e.log, e.cfg.Names.EventsStream(), jetstream.ConsumerConfig{
-		Durable:       "dispatch",
+		Durable:       e.cfg.Names.DispatchConsumer(),
 		Description:   "vmherd engines: a task for every accepted command",
-		FilterSubject: e.cfg.Names.EventsOfType(events.TypeAccepted),
+		FilterSubject: e.cfg.Names.Event("*", events.TypeAccepted, events.EngineWriter),
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		AckWait:       30 * time.Second,
 		MaxAckPending: 10000,

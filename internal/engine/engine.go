@@ -29,10 +29,6 @@ import (
 	"github.com/vmherd/vmherd/schemas"
 )
 
-// InvalidVM is the subject token used for events about commands whose VM
-// name is not valid; the event's vm field holds the raw name.
-const InvalidVM = "_invalid"
-
 // Config of an engine.
 type Config struct {
 	JS       jetstream.JetStream
@@ -84,7 +80,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.ID == "" {
 		return nil, errors.New("engine: an engine id is required")
 	}
-	st, err := events.NewStore(ctx, cfg.JS, cfg.Names)
+	st, err := events.NewStore(ctx, cfg.JS, cfg.Names, events.EngineWriter)
 	if err != nil {
 		return nil, err
 	}
@@ -133,6 +129,7 @@ func (e *Engine) Run(ctx context.Context) error {
 		return g.Wait()
 	}
 	g.Go(func() error { return e.runHostEvents(gctx) })
+	g.Go(func() error { return e.runHostConsumers(gctx) })
 	g.Go(func() error { return e.runDispatcher(gctx) })
 	g.Go(func() error { return e.runCommands(gctx) })
 	return g.Wait()
@@ -317,14 +314,14 @@ func parse(action string, data []byte) (*events.Command, fsm.Action, error) {
 // valid VM.
 func (e *Engine) appendInvalid(ctx context.Context, ev events.Event, reason string) error {
 	raw := ev.VM
-	ev.VM = InvalidVM
+	ev.VM = events.InvalidVM
 	ev.Type = events.TypeRejected
 	ev.Reason = reason
 	ev.Time = time.Now().UTC()
 	body := ev
 	body.VM = raw
-	_, err := e.cfg.JS.Publish(ctx, e.cfg.Names.Event(InvalidVM, events.TypeRejected), body.Encode(),
-		jetstream.WithMsgID(events.DecisionMsgID(InvalidVM, raw+"/"+string(ev.Action)+"/"+ev.CommandID)))
+	_, err := e.cfg.JS.Publish(ctx, e.cfg.Names.Event(events.InvalidVM, events.TypeRejected, events.EngineWriter), body.Encode(),
+		jetstream.WithMsgID(events.DecisionMsgID(events.InvalidVM, raw+"/"+string(ev.Action)+"/"+ev.CommandID)))
 	return err
 }
 
@@ -333,7 +330,7 @@ func (e *Engine) appendInvalid(ctx context.Context, ev events.Event, reason stri
 // append and the ack).
 func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, published time.Time) (bool, error) {
 	cons, err := e.store.Stream().OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{e.cfg.Names.Event(name, events.TypeAccepted), e.cfg.Names.Event(name, events.TypeRejected)},
+		FilterSubjects: []string{e.cfg.Names.Event(name, events.TypeAccepted, events.EngineWriter), e.cfg.Names.Event(name, events.TypeRejected, events.EngineWriter)},
 		DeliverPolicy:  jetstream.DeliverByStartTimePolicy,
 		OptStartTime:   ptr(published.Add(-time.Minute)),
 	})

@@ -54,3 +54,37 @@ func (e *Engine) hostEvent(ctx context.Context, c hosts.Change) {
 		time.Sleep(time.Duration(attempt+1) * 250 * time.Millisecond)
 	}
 }
+
+// runHostConsumers creates each known host's task consumer, and updates it
+// when the host's worker asks for other settings in its heartbeat. Workers
+// only pull from their host's consumer: one that could create consumers
+// could read any host's tasks.
+func (e *Engine) runHostConsumers(ctx context.Context) error {
+	made := map[string]hosts.TaskSettings{}
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		for _, h := range e.hosts.List() {
+			if s, ok := made[h.Host]; ok && s == h.Tasks {
+				continue
+			}
+			cfg := e.cfg.Names.HostTaskConsumerConfig(h.Host, h.Tasks.AckWait(), h.Tasks.Pending())
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			_, err := e.cfg.JS.CreateOrUpdateConsumer(cctx, e.cfg.Names.TasksStream(), cfg)
+			cancel()
+			if err != nil {
+				if ctx.Err() == nil {
+					e.log.Warn("creating a host's task consumer failed; retrying", "host", h.Host, "err", err)
+				}
+				continue
+			}
+			made[h.Host] = h.Tasks
+			e.log.Debug("host task consumer ready", "host", h.Host, "ack_wait", cfg.AckWait, "max_ack_pending", cfg.MaxAckPending)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}

@@ -91,6 +91,38 @@ type Event struct {
 	// each gets a failed result.
 	Forget    bool        `json:"forget,omitempty"`
 	Abandoned []Abandoned `json:"abandoned,omitempty"`
+
+	// Writer is not in the body: it is the last token of the event's
+	// subject (EngineWriter, or the writing worker's host), set by the
+	// readers that have the subject (DecodeStored). The fold trusts a
+	// worker's result only from the VM's host.
+	Writer string `json:"-"`
+}
+
+// InvalidVM is the subject token of the rejections of commands whose VM
+// name is not valid; the event's vm field holds the raw name.
+const InvalidVM = "_invalid"
+
+// FromEngine reports whether an engine wrote the event.
+func (ev *Event) FromEngine() bool { return ev.Writer == EngineWriter }
+
+// DecodeStored parses an event stored on subj, with its writer from the
+// subject. An event whose subject is not vm.evt.<vm>.<type>.<writer>, or
+// whose body names another VM or type, is an error.
+func (n Names) DecodeStored(subj string, data []byte) (*Event, error) {
+	name, t, writer, ok := n.ParseEventSubject(subj)
+	if !ok {
+		return nil, fmt.Errorf("decoding event: subject %q is not %s", subj, n.Event("<vm>", "<type>", "<writer>"))
+	}
+	ev, err := Decode(data)
+	if err != nil {
+		return nil, err
+	}
+	if ev.VM != name && name != InvalidVM || ev.Type != t {
+		return nil, fmt.Errorf("decoding event: the body (vm %q, type %q) does not match the subject %q", ev.VM, ev.Type, subj)
+	}
+	ev.Writer = writer
+	return ev, nil
 }
 
 // Abandoned is a command in flight on a lost host when its VM was

@@ -15,8 +15,10 @@ var ErrConflict = errors.New("vm events changed concurrently")
 
 // Store appends to and reads from the event stream.
 type Store struct {
-	JS     jetstream.JetStream
-	Names  Names
+	JS    jetstream.JetStream
+	Names Names
+	// Writer is the last token of the subjects Append writes.
+	Writer string
 	stream jetstream.Stream
 }
 
@@ -41,13 +43,14 @@ func Ensure(ctx context.Context, js jetstream.JetStream, n Names, s Settings) er
 	return nil
 }
 
-// NewStore binds to the event stream, which must exist.
-func NewStore(ctx context.Context, js jetstream.JetStream, n Names) (*Store, error) {
+// NewStore binds to the event stream, which must exist. writer is the
+// last token of every event it appends: EngineWriter, or a worker's host.
+func NewStore(ctx context.Context, js jetstream.JetStream, n Names, writer string) (*Store, error) {
 	st, err := js.Stream(ctx, n.EventsStream())
 	if err != nil {
 		return nil, fmt.Errorf("opening stream %s: %w", n.EventsStream(), err)
 	}
-	return &Store{JS: js, Names: n, stream: st}, nil
+	return &Store{JS: js, Names: n, Writer: writer, stream: st}, nil
 }
 
 // Stream is the event stream handle.
@@ -68,7 +71,7 @@ func (s *Store) Append(ctx context.Context, ev *Event, expect uint64, msgID stri
 	if expect != NoExpect {
 		opts = append(opts, jetstream.WithExpectLastSequenceForSubject(expect, s.Names.VMEvents(ev.VM)))
 	}
-	ack, err := s.JS.Publish(ctx, s.Names.Event(ev.VM, ev.Type), ev.Encode(), opts...)
+	ack, err := s.JS.Publish(ctx, s.Names.Event(ev.VM, ev.Type, s.Writer), ev.Encode(), opts...)
 	if err != nil {
 		if IsConflict(err) {
 			return 0, false, fmt.Errorf("appending %s for vm %s: %w", ev.Type, ev.VM, ErrConflict)
@@ -111,7 +114,7 @@ func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Store
 	}
 	subj := s.Names.VMEvents(vmName)
 	stored := func(m *jetstream.RawStreamMsg) Stored {
-		ev, err := Decode(m.Data)
+		ev, err := s.Names.DecodeStored(m.Subject, m.Data)
 		if err != nil {
 			ev = nil
 		}

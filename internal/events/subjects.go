@@ -33,19 +33,35 @@ func (n Names) HostsBucket() string    { return n.upper() + "_HOSTS" }
 // which is how clients tell that commands are being decided.
 func (n Names) CommandConsumer() string { return "engine" }
 
+// DispatchConsumer is the durable consumer on the events stream, shared by
+// the engines, that turns each accepted event into its task.
+func (n Names) DispatchConsumer() string { return "dispatch" }
+
 // Command is vm.cmd.<vm>.<action>.
 func (n Names) Command(vmName, action string) string {
 	return fmt.Sprintf("%s.cmd.%s.%s", n.Prefix, vmName, action)
 }
 func (n Names) Commands() string { return n.Prefix + ".cmd.>" }
 
-// Event is vm.evt.<vm>.<type>.
-func (n Names) Event(vmName string, t Type) string {
-	return fmt.Sprintf("%s.evt.%s.%s", n.Prefix, vmName, t)
+// EngineWriter is the writer token of the events the engines write
+// (decisions, and the results of a forget). It starts with '_', so it is
+// never a host id.
+const EngineWriter = "_engine"
+
+// Event is vm.evt.<vm>.<type>.<writer>: the writer is EngineWriter or the
+// host id of the worker that wrote it. NATS permissions let a worker
+// publish only with its own host as writer, so the token is authenticated:
+// the fold takes a worker's result or observation only from the VM's host.
+func (n Names) Event(vmName string, t Type, writer string) string {
+	return n.Prefix + ".evt." + vmName + "." + string(t) + "." + writer
 }
 func (n Names) VMEvents(vmName string) string { return n.Prefix + ".evt." + vmName + ".>" }
 func (n Names) Events() string                { return n.Prefix + ".evt.>" }
-func (n Names) EventsOfType(t Type) string    { return n.Prefix + ".evt.*." + string(t) }
+func (n Names) EventsOfType(t Type) string    { return n.Prefix + ".evt.*." + string(t) + ".*" }
+
+// WriterEvents is every event one writer may publish: vm.evt.*.*.<writer>
+// (the worker of a host's publish permission).
+func (n Names) WriterEvents(writer string) string { return n.Prefix + ".evt.*.*." + writer }
 
 // HostEvent is vm.host.<host>.<type>: a change of a host's state
 // (HostEventType), stored in the events stream beside the VMs' events.
@@ -69,6 +85,29 @@ func (n Names) Task(host, vmName string) string { return n.Prefix + ".task." + h
 func (n Names) HostTasks(host string) string    { return n.Prefix + ".task." + host + ".>" }
 func (n Names) Tasks() string                   { return n.Prefix + ".task.>" }
 
+// HostTaskConsumer is the durable consumer of one host's tasks, which
+// the engines create (and update) from the host's heartbeat; the host's
+// workers only pull from it. A worker may not create consumers: JetStream
+// delivers whatever a consumer's filter matches, whatever the puller's
+// subscribe permissions, so a worker that could create one could read any
+// host's tasks.
+func (n Names) HostTaskConsumer(host string) string { return "worker-" + host }
+
+// HostTaskConsumerConfig is the configuration of HostTaskConsumer(host):
+// the ack wait and max ack pending the host's worker asked for in its
+// heartbeat.
+func (n Names) HostTaskConsumerConfig(host string, ackWait time.Duration, maxAckPending int) jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:       n.HostTaskConsumer(host),
+		Description:   "vmherd worker tasks for host " + host,
+		FilterSubject: n.HostTasks(host),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       ackWait,
+		MaxAckPending: maxAckPending,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+	}
+}
+
 // Query is the micro-service group a worker answers on: vm.query.<host>.
 func (n Names) Query(host string) string { return n.Prefix + ".query." + host }
 
@@ -86,17 +125,17 @@ func (n Names) ParseCommandSubject(subj string) (vmName, action string, ok bool)
 	return rest[:i], rest[i+1:], !strings.Contains(rest[:i], ".")
 }
 
-// ParseEventSubject splits vm.evt.<vm>.<type>.
-func (n Names) ParseEventSubject(subj string) (vmName string, t Type, ok bool) {
+// ParseEventSubject splits vm.evt.<vm>.<type>.<writer>.
+func (n Names) ParseEventSubject(subj string) (vmName string, t Type, writer string, ok bool) {
 	rest, found := strings.CutPrefix(subj, n.Prefix+".evt.")
 	if !found {
-		return "", "", false
+		return "", "", "", false
 	}
-	i := strings.LastIndexByte(rest, '.')
-	if i < 0 {
-		return "", "", false
+	parts := strings.Split(rest, ".")
+	if len(parts) != 3 || parts[0] == "" || parts[1] == "" || parts[2] == "" {
+		return "", "", "", false
 	}
-	return rest[:i], Type(rest[i+1:]), true
+	return parts[0], Type(parts[1]), parts[2], true
 }
 
 // Settings are the stream and bucket settings chosen at start-up.

@@ -31,6 +31,31 @@ type Heartbeat struct {
 	Capabilities   map[vm.BackendTag]backends.Capabilities `json:"capabilities"`
 	Capacity       Resources                               `json:"capacity"`
 	Usage          Usage                                   `json:"usage"`
+	// Tasks is how the worker wants its task consumer, which the engines
+	// create for it.
+	Tasks TaskSettings `json:"tasks"`
+}
+
+// TaskSettings are a worker's wishes for its host's task consumer.
+type TaskSettings struct {
+	AckWaitMS     int64 `json:"ack_wait_ms"`
+	MaxAckPending int   `json:"max_ack_pending"`
+}
+
+// AckWait is the ack wait asked for (default 30 s).
+func (t TaskSettings) AckWait() time.Duration {
+	if t.AckWaitMS <= 0 {
+		return 30 * time.Second
+	}
+	return time.Duration(t.AckWaitMS) * time.Millisecond
+}
+
+// Pending is the max ack pending asked for (default 256).
+func (t TaskSettings) Pending() int {
+	if t.MaxAckPending <= 0 {
+		return 256
+	}
+	return t.MaxAckPending
 }
 
 // Resources a host offers, or a VM takes.

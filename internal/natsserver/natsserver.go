@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/vmherd/vmherd/internal/auth"
 )
 
 // Options for the embedded server.
@@ -30,6 +32,9 @@ type Options struct {
 	ServerName string
 	// Logger receives the server's notices (nil: quiet).
 	Logger *slog.Logger
+	// Auth, if set, admits only clients with credentials it signed; nil
+	// admits anyone, which Start allows only on a loopback address.
+	Auth *auth.Authority
 }
 
 // DefaultSync is vmherd's chosen default for Options.Sync; see README.
@@ -64,6 +69,13 @@ func Start(o Options) (*Server, error) {
 		StoreDir:   filepath.Join(o.StoreDir),
 		NoSigs:     true,
 		MaxPayload: 8 << 20,
+	}
+	if o.Auth != nil {
+		if err := o.Auth.ConfigureServer(opts); err != nil {
+			return nil, fmt.Errorf("embedded nats: %w", err)
+		}
+	} else if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return nil, fmt.Errorf("embedded nats: refusing to listen on %s without authentication: anyone who reaches it could drive root QEMU (drop --no-auth, or listen on 127.0.0.1)", o.Listen)
 	}
 	if o.Sync == "" {
 		o.Sync = DefaultSync

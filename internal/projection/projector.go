@@ -218,7 +218,7 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 	if seq <= p.Folded() {
 		return nil // a consumer restart delivers again what was folded
 	}
-	name, _, ok := p.Names.ParseEventSubject(subj)
+	name, _, _, ok := p.Names.ParseEventSubject(subj)
 	p.mu.Lock()
 	known := ok && p.cache[name] != nil // only valid names are cached
 	p.mu.Unlock()
@@ -226,8 +226,8 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 		p.done(nil, seq)
 		return nil
 	}
-	ev, err := events.Decode(data)
-	if err != nil || ev.VM != name {
+	ev, err := p.Names.DecodeStored(subj, data)
+	if err != nil {
 		// Not an event vmherd wrote; it still moves the VM's sequence on.
 		ev = nil
 	}

@@ -42,7 +42,11 @@ func appendLifecycles(t *testing.T, env *testenv.Env, vms int, gen string) {
 					ev.State = s.state
 					ev.Handle = &vm.VmHandle{ID: gen, Name: name, Backend: vm.BackendNoop, Host: "h1", PID: 100 + si}
 				}
-				if _, err := env.JS.PublishAsync(env.Names.Event(name, typ), ev.Encode()); err != nil {
+				writer := events.EngineWriter
+				if typ != events.TypeAccepted {
+					writer = "h1"
+				}
+				if _, err := env.JS.PublishAsync(env.Names.Event(name, typ, writer), ev.Encode()); err != nil {
 					t.Fatal(err)
 				}
 			}

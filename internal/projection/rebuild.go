@@ -148,12 +148,12 @@ func readBatches(ctx context.Context, it jetstream.MessagesContext, last uint64,
 func (b *replayBatch) decode(n events.Names) {
 	for i := range b.msgs {
 		m := &b.msgs[i]
-		name, _, ok := n.ParseEventSubject(m.subj)
+		name, _, _, ok := n.ParseEventSubject(m.subj)
 		if !ok {
 			continue
 		}
 		m.vm = name // validated by fold, once per VM
-		if ev, err := events.Decode(m.data); err == nil && ev.VM == name {
+		if ev, err := n.DecodeStored(m.subj, m.data); err == nil {
 			m.ev = ev
 		}
 		m.data = nil

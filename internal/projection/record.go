@@ -122,6 +122,9 @@ func foldInto(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 }
 
 func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
+	if !trusted(r, ev) {
+		return // written by someone who may not speak for this VM
+	}
 	switch ev.Type {
 	case events.TypeAccepted:
 		a, err := fsm.ParseAction(string(ev.Action))
@@ -211,6 +214,23 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			}
 		}
 	}
+}
+
+// trusted reports whether the event's writer (the last token of its
+// subject, authenticated by NATS permissions) may move the VM: decisions
+// only from an engine; results and observations from an engine or the
+// worker of the VM's host. A worker of another host may publish on its own
+// writer token for any VM name, and such an event is stored but changes
+// nothing. An event without a writer (folded by a caller that had no
+// subject, as unit tests do) is trusted.
+func trusted(r *VmRecord, ev *events.Event) bool {
+	if ev.Writer == "" || ev.FromEngine() {
+		return true
+	}
+	if ev.Type == events.TypeAccepted || ev.Type == events.TypeRejected {
+		return false
+	}
+	return ev.Writer == r.Host
 }
 
 // Marshal renders a record for the KV bucket.

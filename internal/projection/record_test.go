@@ -184,3 +184,30 @@ func TestFoldForget(t *testing.T) {
 		t.Fatalf("prepared again elsewhere: %+v", r)
 	}
 }
+
+// Only an engine decides, and only the VM's host's worker (or an engine)
+// answers: an event another host's worker wrote, on its own writer token,
+// is folded as nothing.
+func TestFoldTrustsOnlyTheVMsHost(t *testing.T) {
+	at := time.Unix(1, 0).UTC()
+	r := Fold(nil, &events.Event{Type: events.TypeAccepted, VM: "v", Action: fsm.ActPrepare, CommandID: "c1", Host: "h2",
+		Backend: vm.BackendNoop, Time: at, Writer: events.EngineWriter}, 1)
+	forged := []*events.Event{
+		{Type: events.TypePrepared, VM: "v", Action: fsm.ActPrepare, CommandID: "c1", Host: "h2", Time: at, Writer: "h1",
+			Handle: &vm.VmHandle{ID: "x", Name: "v"}},
+		{Type: events.TypeAccepted, VM: "v", Action: fsm.ActDestroy, CommandID: "c2", Host: "h2", Time: at, Writer: "h1"},
+		{Type: events.TypeFailed, VM: "v", Action: fsm.ActPrepare, CommandID: "c1", Host: "h2", Time: at, Writer: "h1", Error: "forged"},
+	}
+	for i, ev := range forged {
+		next := Fold(r, ev, uint64(2+i))
+		if next.State != vm.StatePreparing || next.Handle != nil || len(next.InFlight) != 1 || next.LastError != "" {
+			t.Fatalf("a %s written by h1 moved a VM on h2: %+v", ev.Type, next)
+		}
+		r = next
+	}
+	r = Fold(r, &events.Event{Type: events.TypePrepared, VM: "v", Action: fsm.ActPrepare, CommandID: "c1", Host: "h2", Time: at,
+		Writer: "h2", Handle: &vm.VmHandle{ID: "a", Name: "v"}}, 9)
+	if r.State != vm.StatePrepared || r.Handle.ID != "a" {
+		t.Fatalf("the VM's own host's result: %+v", r)
+	}
+}

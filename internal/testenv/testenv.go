@@ -106,7 +106,7 @@ func New(t testing.TB) *Env {
 	if err := events.Ensure(ctx, e.JS, e.Names, events.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
-	if e.Store, err = events.NewStore(ctx, e.JS, e.Names); err != nil {
+	if e.Store, err = events.NewStore(ctx, e.JS, e.Names, events.EngineWriter); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.stopAll)
@@ -368,7 +368,7 @@ func Attach(t testing.TB, url string) *Env {
 		t.Fatal(err)
 	}
 	var err error
-	if e.Store, err = events.NewStore(ctx, e.JS, e.Names); err != nil {
+	if e.Store, err = events.NewStore(ctx, e.JS, e.Names, events.EngineWriter); err != nil {
 		t.Fatal(err)
 	}
 	return e

@@ -22,6 +22,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/vm"
@@ -229,10 +230,19 @@ func (g *globals) conn() error {
 func (g *globals) connect() error {
 	g.names = events.Names{Prefix: g.prefix}
 	opts := []nats.Option{nats.Name("vmctl"), nats.Timeout(2 * time.Second)}
-	if g.creds != "" {
-		opts = append(opts, nats.UserCredentials(g.creds))
+	creds := g.creds
+	if creds == "" {
+		// On the engine's machine, a user who can read its admin
+		// credentials needs no flag (like a kubeconfig).
+		creds = datadir.LocalAdminCreds()
+	}
+	if creds != "" {
+		opts = append(opts, nats.UserCredentials(creds))
 	}
 	nc, err := nats.Connect(g.server, opts...)
+	if err != nil && strings.Contains(err.Error(), "Authorization Violation") {
+		return fmt.Errorf("connecting to %s: %w\nhelp: the server needs credentials: --creds FILE or NATS_CREDS (the engine on this machine writes <data-dir>/auth/admin.creds, readable by its user; `engine creds --role operator --name NAME` issues others)", g.server, err)
+	}
 	if err != nil {
 		return fmt.Errorf("connecting to %s: %w\nhelp: is the engine running? start it with `engine --with-worker`, or point --server/NATS_URL at your NATS", g.server, err)
 	}
@@ -373,7 +383,7 @@ func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name string
 				errc <- err
 				return
 			}
-			ev, err := events.Decode(m.Data())
+			ev, err := g.names.DecodeStored(m.Subject(), m.Data())
 			if err != nil || ev.CommandID != id {
 				continue
 			}
@@ -402,6 +412,10 @@ func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name string
 		select {
 		case ev := <-evc:
 			switch {
+			case !ev.FromEngine() && (accepted == nil || ev.Writer != accepted.Host):
+				// Only an engine decides, and only the VM's host's worker
+				// (or an engine) answers: anything else is ignored, as
+				// the fold ignores it.
 			case ev.Type == events.TypeRejected:
 				p.clear()
 				g.printEvent(ev)

@@ -28,6 +28,7 @@ func (w *Worker) Heartbeat() hosts.Heartbeat {
 		DefaultBackend: r.Default(),
 		Capabilities:   map[vm.BackendTag]backends.Capabilities{},
 		Capacity:       w.cfg.Capacity,
+		Tasks:          hosts.TaskSettings{AckWaitMS: w.cfg.AckWait.Milliseconds(), MaxAckPending: 4 * w.cfg.Concurrency},
 	}
 	for _, t := range r.Tags() {
 		hb.Capabilities[t] = r.Capabilities(t)

@@ -112,7 +112,7 @@ func New(ctx context.Context, cfg Config) (*Worker, error) {
 	if cfg.Capacity.MemoryMB == 0 {
 		cfg.Capacity.MemoryMB = hostMemoryMB()
 	}
-	st, err := events.NewStore(ctx, cfg.JS, cfg.Names)
+	st, err := events.NewStore(ctx, cfg.JS, cfg.Names, cfg.Host)
 	if err != nil {
 		return nil, err
 	}
@@ -156,17 +156,12 @@ func (w *Worker) Run(ctx context.Context) error {
 }
 
 func (w *Worker) consumeTasks(ctx context.Context) error {
-	cons, err := events.CreateConsumer(ctx, w.cfg.JS, w.log, w.cfg.Names.TasksStream(), jetstream.ConsumerConfig{
-		Durable:       "worker-" + w.cfg.Host,
-		Description:   "vmherd worker tasks for host " + w.cfg.Host,
-		FilterSubject: w.cfg.Names.HostTasks(w.cfg.Host),
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       w.cfg.AckWait,
-		MaxAckPending: 4 * w.cfg.Concurrency,
-		DeliverPolicy: jetstream.DeliverAllPolicy,
-	})
+	cons, err := w.taskConsumer(ctx)
 	if err != nil {
-		return fmt.Errorf("worker: creating task consumer: %w", err)
+		if ctx.Err() != nil || w.killCtx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("worker: binding the task consumer: %w", err)
 	}
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
 		var t events.Task
@@ -187,6 +182,41 @@ func (w *Worker) consumeTasks(ctx context.Context) error {
 	cc.Drain()
 	<-cc.Closed()
 	return nil
+}
+
+// taskConsumer waits until the host's task consumer exists and has the
+// worker's ack wait: the engines create it (and update it) from the
+// worker's heartbeat; a worker never creates consumers.
+func (w *Worker) taskConsumer(ctx context.Context) (jetstream.Consumer, error) {
+	name := w.cfg.Names.HostTaskConsumer(w.cfg.Host)
+	logged := false
+	for delay := 100 * time.Millisecond; ; delay = min(2*delay, 2*time.Second) {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		cons, err := w.cfg.JS.Consumer(cctx, w.cfg.Names.TasksStream(), name)
+		cancel()
+		switch {
+		case err == nil && cons.CachedInfo().Config.AckWait == w.cfg.AckWait:
+			if logged {
+				w.log.Info("task consumer ready", "consumer", name)
+			}
+			return cons, nil
+		case err == nil:
+			err = fmt.Errorf("it has ack wait %s, this worker asked for %s", cons.CachedInfo().Config.AckWait, w.cfg.AckWait)
+		case !errors.Is(err, jetstream.ErrConsumerNotFound) && !events.Transient(err):
+			return nil, err
+		}
+		if !logged {
+			w.log.Info("waiting for an engine to create or update this host's task consumer from its heartbeat", "consumer", name, "why", err)
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-w.killCtx.Done():
+			return nil, w.killCtx.Err()
+		case <-time.After(delay):
+		}
+	}
 }
 
 // runTask runs one backend call and records its result; it acks only after
@@ -447,7 +477,11 @@ func (w *Worker) findResult(ctx context.Context, t *events.Task) (*events.Event,
 		return nil, err
 	}
 	for _, s := range evs {
-		if s.Event != nil && s.Event.CommandID == t.CommandID && s.Event.Type.IsResult() {
+		// Only this host's worker or an engine (a forget's abandoned
+		// commands) answers a command of this host; another host's
+		// worker may write on its own subjects for any VM name.
+		if s.Event != nil && s.Event.CommandID == t.CommandID && s.Event.Type.IsResult() &&
+			(s.Event.FromEngine() || s.Event.Writer == w.cfg.Host) {
 			return s.Event, nil
 		}
 	}

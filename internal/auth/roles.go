@@ -1,0 +1,154 @@
+package auth
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/nats-io/jwt/v2"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// Role is what an identity may do; docs/trust.md has the table.
+type Role string
+
+const (
+	// RoleAdmin may do everything (the nats CLI's identity, vmctl's on the
+	// engine's machine).
+	RoleAdmin Role = "admin"
+	// RoleEngine is an engine's identity: everything, as the admin.
+	RoleEngine Role = "engine"
+	// RoleOperator drives VMs: publishes commands, reads events, records
+	// and hosts, asks workers' queries, cordons hosts.
+	RoleOperator Role = "operator"
+	// RoleViewer reads events, records and hosts, and asks workers'
+	// queries; it cannot change anything.
+	RoleViewer Role = "viewer"
+	// RoleWorker speaks for one host: pulls only its own tasks, heartbeats
+	// only as itself, writes events only with its host as writer, answers
+	// only its own queries.
+	RoleWorker Role = "worker"
+)
+
+// Roles lists the roles.
+var Roles = []Role{RoleAdmin, RoleEngine, RoleOperator, RoleViewer, RoleWorker}
+
+// Identity is a role, for a worker its host, and for the others a name,
+// in one installation (Names: its subject prefix and stream names).
+type Identity struct {
+	Role  Role
+	Host  string // RoleWorker only
+	User  string // the others: a name for the credentials (default: the role)
+	Names events.Names
+}
+
+// Name names the identity in its JWT and file name.
+func (id Identity) Name() string {
+	switch {
+	case id.Role == RoleWorker:
+		return "worker-" + id.Host
+	case id.User != "":
+		return id.User
+	}
+	return string(id.Role)
+}
+
+// InboxPrefix is the inbox prefix a worker's connection must use: each
+// host gets its own, so one worker cannot read the replies meant for
+// another. Other roles use NATS's default _INBOX.
+func (id Identity) InboxPrefix() string {
+	if id.Role == RoleWorker {
+		return "_INBOX_" + id.Host
+	}
+	return ""
+}
+
+// Permissions returns the identity's NATS permissions.
+func (id Identity) Permissions() (jwt.Permissions, error) {
+	n := id.Names
+	if n.Prefix == "" {
+		n = events.DefaultNames
+	}
+	var p jwt.Permissions
+	switch id.Role {
+	case RoleAdmin, RoleEngine:
+		p.Pub.Allow.Add(">")
+		p.Sub.Allow.Add(">")
+	case RoleOperator, RoleViewer:
+		reader(&p, n)
+		if id.Role == RoleOperator {
+			p.Pub.Allow.Add(n.Commands())
+			p.Pub.Allow.Add("$KV." + n.HostsBucket() + ".*.cordon") // cordon, uncordon, drain
+		}
+	case RoleWorker:
+		if err := vm.ValidateHost(id.Host); err != nil {
+			return p, fmt.Errorf("auth: worker identity: %w", err)
+		}
+		worker(&p, n, id.Host)
+	default:
+		return p, fmt.Errorf("auth: unknown role %q (roles: %v)", id.Role, Roles)
+	}
+	return p, nil
+}
+
+// reader is what every human identity may read: the events stream and the
+// two buckets (with direct gets and ordered consumers, which only read),
+// stream and consumer info, the engine consumer's info (vmctl's "is an
+// engine running?"), and the workers' queries. It cannot create consumers
+// on VM_TASKS or VM_COMMANDS.
+func reader(p *jwt.Permissions, n events.Names) {
+	p.Pub.Allow.Add("$JS.API.INFO", "$JS.API.STREAM.INFO.>",
+		"$JS.API.CONSUMER.INFO."+n.CommandsStream()+"."+n.CommandConsumer())
+	for _, st := range []string{n.EventsStream(), "KV_" + n.RecordsBucket(), "KV_" + n.HostsBucket()} {
+		p.Pub.Allow.Add(
+			"$JS.API.STREAM.MSG.GET."+st,
+			"$JS.API.DIRECT.GET."+st, "$JS.API.DIRECT.GET."+st+".>",
+			"$JS.API.CONSUMER.CREATE."+st+".>", "$JS.API.CONSUMER.INFO."+st+".>",
+			"$JS.API.CONSUMER.MSG.NEXT."+st+".>", "$JS.API.CONSUMER.DELETE."+st+".>",
+		)
+	}
+	p.Pub.Allow.Add(n.Prefix + ".query.*.>")
+	p.Sub.Allow.Add("_INBOX.>")
+	denyEngineConsumers(p, n)
+}
+
+// denyEngineConsumers keeps an identity that may create (ordered)
+// consumers on VM_EVENTS from updating or deleting the engines' durable
+// `dispatch` consumer there.
+func denyEngineConsumers(p *jwt.Permissions, n events.Names) {
+	for _, op := range []string{"CREATE", "DELETE"} {
+		s := "$JS.API.CONSUMER." + op + "." + n.EventsStream() + "." + n.DispatchConsumer()
+		p.Pub.Deny.Add(s, s+".>")
+	}
+}
+
+// worker is the permission of the worker of host h.
+func worker(p *jwt.Permissions, n events.Names, h string) {
+	tasks, cons := n.TasksStream(), n.HostTaskConsumer(h)
+	p.Pub.Allow.Add(
+		"$JS.API.INFO", "$JS.API.STREAM.INFO.>",
+		// Its own task consumer: bind, pull, ack. Never create one.
+		"$JS.API.CONSUMER.INFO."+tasks+"."+cons,
+		"$JS.API.CONSUMER.MSG.NEXT."+tasks+"."+cons,
+		"$JS.ACK."+tasks+"."+cons+".>",
+		// Its heartbeat, and no other host's.
+		"$KV."+n.HostsBucket()+"."+h,
+		// Events only with its own host as writer.
+		n.WriterEvents(h),
+	)
+	// Reading events (an earlier result of a task, the VM's last event)
+	// and records (re-adoption): direct gets and ordered consumers.
+	for _, st := range []string{n.EventsStream(), "KV_" + n.RecordsBucket()} {
+		p.Pub.Allow.Add(
+			"$JS.API.STREAM.MSG.GET."+st,
+			"$JS.API.DIRECT.GET."+st, "$JS.API.DIRECT.GET."+st+".>",
+			"$JS.API.CONSUMER.CREATE."+st+".>", "$JS.API.CONSUMER.MSG.NEXT."+st+".>",
+			"$JS.API.CONSUMER.DELETE."+st+".>",
+		)
+	}
+	// Its query service (vm.query.<h>.*) and the micro service discovery.
+	p.Sub.Allow.Add(n.Query(h)+".>", "$SRV.>", "_INBOX_"+h+".>")
+	denyEngineConsumers(p, n)
+	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1, Expires: time.Minute}
+}
