@@ -1,6 +1,7 @@
 package chaos_test
 
 import (
+	"encoding/json"
 	"context"
 	"fmt"
 	"os"
@@ -324,9 +325,12 @@ func TestFleetHostLostForGood(t *testing.T) {
 		vmctl("", "create", name, "--backend", "noop", "--host", "h1", "--start")
 	}
 	vmctl("", "create", "stay", "--backend", "noop", "--host", "h2", "--start")
+	// noopState reports whether h1's Noop backend holds the VM (its state
+	// file, which a destroy turns into a tombstone with state destroyed).
 	noopState := func(name string) bool {
-		_, err := os.Stat(fmt.Sprintf("%s/host-h1/noop/%s.json", f.Dir(), name))
-		return err == nil
+		b, err := os.ReadFile(fmt.Sprintf("%s/host-h1/noop/%s.json", f.Dir(), name))
+		var e struct{ State string }
+		return err == nil && json.Unmarshal(b, &e) == nil && e.State != "destroyed"
 	}
 	for _, n := range onH1 {
 		if !noopState(n) {
