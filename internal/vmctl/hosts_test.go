@@ -162,9 +162,10 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 	if r := vmctl(t, ctx, url, "create", "a", "--backend", "noop", "--start"); r.code != 0 {
 		t.Fatalf("create a again:\n%s", r)
 	}
-	if rec := recordOf(t, env, "a"); rec.Host != "h2" || rec.State != vm.StateRunning {
-		t.Fatalf("a again: %+v", rec)
-	}
+	env.WaitFor("a running on h2 in the records", wait, func() bool {
+		rec := recordOf(t, env, "a")
+		return rec.Host == "h2" && rec.State == vm.StateRunning
+	})
 
 	// h1 comes back (same backend state: its VMs still run there). Its
 	// worker fences a, keeps b.
