@@ -114,6 +114,7 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 		if r := vmctl(t, ctx, url, "create", n, "--backend", "noop", "--start"); r.code != 0 {
 			t.Fatalf("create %s:\n%s", n, r)
 		}
+		env.WaitFor(n+" running in the records", wait, func() bool { return recordOf(t, env, n).State == vm.StateRunning })
 		if rec := recordOf(t, env, n); rec.Host != "h1" {
 			t.Fatalf("%s placed on %s while h2 is cordoned", n, rec.Host)
 		}
@@ -154,8 +155,8 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 	if r := vmctl(t, ctx, url, "destroy", "--forget", "a"); r.code != 0 {
 		t.Fatalf("destroy --forget:\n%s", r)
 	}
-	rec := recordOf(t, env, "a")
-	if rec.State != vm.StateDestroyed || !strings.Contains(rec.LastError, "forgotten") {
+	env.WaitFor("a destroyed in the records", wait, func() bool { return recordOf(t, env, "a").State == vm.StateDestroyed })
+	if rec := recordOf(t, env, "a"); !strings.Contains(rec.LastError, "forgotten") {
 		t.Fatalf("forgotten record: %+v", rec)
 	}
 	// The name is free again: prepared on h2.
@@ -236,9 +237,7 @@ func TestHostDrain(t *testing.T) {
 		t.Fatalf("drain:\n%s", r)
 	}
 	for n, want := range map[string]vm.VmState{"run1": vm.StateStopped, "sus1": vm.StateStopped, "prep1": vm.StatePrepared} {
-		if rec := recordOf(t, env, n); rec.State != want {
-			t.Errorf("%s after drain: %s, want %s", n, rec.State, want)
-		}
+		env.WaitFor(n+" "+string(want)+" after drain", wait, func() bool { return recordOf(t, env, n).State == want })
 	}
 	r = vmctl(t, ctx, url, "create", "new1", "--backend", "noop")
 	if r.code != ExitFailed || !strings.Contains(r.err, "h1: cordoned") {
