@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/vm"
@@ -45,11 +46,12 @@ func TestEngineMetrics(t *testing.T) {
 	bin := testenv.Binaries(t)
 	port, mport := testenv.FreePort(t), testenv.FreePort(t)
 	murl := "http://" + testenv.Addr(mport) + "/metrics"
+	dir := filepath.Join(t.TempDir(), "data")
 	p := testenv.StartProc(t, "engine", filepath.Join(bin, "engine"), nil,
-		"--data-dir", filepath.Join(t.TempDir(), "data"), "--listen", testenv.Addr(port),
+		"--data-dir", dir, "--listen", testenv.Addr(port),
 		"--with-worker", "--backends", "noop", "--host", "box1", "--metrics-listen", testenv.Addr(mport))
 	p.WaitLog("engine serving", 60*time.Second)
-	env := testenv.Attach(t, "nats://"+testenv.Addr(port))
+	env := testenv.AttachCreds(t, "nats://"+testenv.Addr(port), datadir.AdminCreds(dir))
 	env.SendCmd("m1", "prepare", "p", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
 	env.Result("m1", "p", 30*time.Second)
 	env.SendCmd("m1", "start", "s", events.Command{})

@@ -17,13 +17,14 @@ func engineWithSlowCall(t *testing.T, extra ...string) *testenv.Proc {
 	t.Helper()
 	bin := testenv.Binaries(t)
 	port := testenv.FreePort(t)
-	args := append([]string{"--data-dir", t.TempDir(), "--listen", testenv.Addr(port),
+	dir := t.TempDir()
+	args := append([]string{"--data-dir", dir, "--listen", testenv.Addr(port),
 		"--with-worker", "--backends", "noop", "--host", "box1", "--noop-latency", "20s"}, extra...)
 	p := testenv.StartProc(t, "engine", filepath.Join(bin, "engine"), nil, args...)
 	p.WaitLog("engine serving", 60*time.Second)
 	url := fmt.Sprintf("nats://%s", testenv.Addr(port))
 	vmctl := func(args ...string) string {
-		out, errOut, _ := testenv.Run(t, 30*time.Second, nil, filepath.Join(bin, "vmctl"), append([]string{"--server", url}, args...)...)
+		out, errOut, _ := testenv.Run(t, 30*time.Second, []string{"VMHERD_DATA_DIR=" + dir}, filepath.Join(bin, "vmctl"), append([]string{"--server", url}, args...)...)
 		return out + errOut
 	}
 	deadline := time.Now().Add(30 * time.Second)

@@ -36,10 +36,10 @@ func TestBinariesAndNatsCLI(t *testing.T) {
 	}
 	eng := start()
 	vmctl := func(args ...string) (string, string, int) {
-		return testenv.Run(t, 60*time.Second, []string{"NATS_URL=" + url}, filepath.Join(bin, "vmctl"), args...)
+		return testenv.Run(t, 60*time.Second, []string{"NATS_URL=" + url, "VMHERD_DATA_DIR=" + filepath.Join(dir, "data")}, filepath.Join(bin, "vmctl"), args...)
 	}
 	natsRun := func(args ...string) string {
-		out, errOut, code := testenv.Run(t, 60*time.Second, nil, nats, append([]string{"--server", url}, args...)...)
+		out, errOut, code := testenv.Run(t, 60*time.Second, nil, nats, append([]string{"--server", url, "--creds", filepath.Join(dir, "data", "auth", "admin.creds")}, args...)...)
 		if code != 0 {
 			t.Fatalf("nats %v: exit %d\n%s%s", args, code, out, errOut)
 		}
@@ -77,7 +77,7 @@ func TestBinariesAndNatsCLI(t *testing.T) {
 	}
 
 	// The plain nats CLI: subscribe, publish a command, see its events.
-	sub := testenv.StartProc(t, "nats-sub", nats, nil, "--server", url, "sub", "vm.evt.>", "--count", "2")
+	sub := testenv.StartProc(t, "nats-sub", nats, nil, "--server", url, "--creds", filepath.Join(dir, "data", "auth", "admin.creds"), "sub", "vm.evt.>", "--count", "2")
 	sub.WaitLog("Subscribing on", 20*time.Second)
 	natsRun("pub", "vm.cmd.web1.resume", `{"command_id":"from-nats-cli"}`)
 	sub.WaitLog("vm.evt.web1.resumed", 30*time.Second)

@@ -87,6 +87,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 	port := testenv.FreePort(t)
 	env := []string{
 		"NATS_URL=nats://" + testenv.Addr(port),
+		"VMHERD_DATA_DIR=" + filepath.Join(dir, "data"), // where vmctl and the README's NATS_CREDS line look
 		"PATH=" + filepath.Dir(natsBin) + ":" + os.Getenv("PATH"),
 	}
 	withBin := func(s string) string { return strings.ReplaceAll(s, "bin/", bin+"/") }
@@ -112,7 +113,8 @@ func TestREADMEWalkthrough(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		// Leave no QEMU behind when a line failed half-way.
-		_ = exec.Command(filepath.Join(bin, "vmctl"), "--server", "nats://"+testenv.Addr(port), "--timeout", "1m", "destroy", "vm1").Run()
+		_ = exec.Command(filepath.Join(bin, "vmctl"), "--server", "nats://"+testenv.Addr(port), "--creds", filepath.Join(dir, "data", "auth", "admin.creds"),
+			"--timeout", "1m", "destroy", "vm1").Run()
 		_ = engine.Term(60 * time.Second)
 	})
 

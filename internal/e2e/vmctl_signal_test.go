@@ -19,12 +19,13 @@ func TestVmctlSIGINTAfterStore(t *testing.T) {
 	bin := testenv.Binaries(t)
 	port := testenv.FreePort(t)
 	url := fmt.Sprintf("nats://%s", testenv.Addr(port))
+	dir := t.TempDir()
 	eng := testenv.StartProc(t, "engine", filepath.Join(bin, "engine"), nil,
-		"--data-dir", t.TempDir(), "--listen", testenv.Addr(port), "--with-worker",
+		"--data-dir", dir, "--listen", testenv.Addr(port), "--with-worker",
 		"--backends", "noop", "--host", "box1", "--noop-latency", "3s")
 	eng.WaitLog("engine serving", 60*time.Second)
 	vmctl := func(args ...string) (string, string, int) {
-		return testenv.Run(t, 60*time.Second, []string{"NATS_URL=" + url}, filepath.Join(bin, "vmctl"), args...)
+		return testenv.Run(t, 60*time.Second, []string{"NATS_URL=" + url, "VMHERD_DATA_DIR=" + dir}, filepath.Join(bin, "vmctl"), args...)
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -37,7 +38,7 @@ func TestVmctlSIGINTAfterStore(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond) // the local worker's first heartbeat
 	}
-	p := testenv.StartProc(t, "vmctl", filepath.Join(bin, "vmctl"), []string{"NATS_URL=" + url}, "start", "sig1")
+	p := testenv.StartProc(t, "vmctl", filepath.Join(bin, "vmctl"), []string{"NATS_URL=" + url, "VMHERD_DATA_DIR=" + dir}, "start", "sig1")
 	p.WaitLog("accepted on host box1", 20*time.Second)
 	if err := p.Cmd.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)

@@ -32,6 +32,8 @@ import (
 type Env struct {
 	T      testing.TB
 	URL    string
+	// Creds is the credentials file of the env's connections ("" none).
+	Creds string
 	Server *natsserver.Server
 	NC     *nats.Conn
 	JS     jetstream.JetStream
@@ -116,7 +118,11 @@ func New(t testing.TB) *Env {
 // Connect opens a new connection to the env's server.
 func (e *Env) Connect() (*nats.Conn, jetstream.JetStream) {
 	e.T.Helper()
-	nc, err := nats.Connect(e.URL, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	opts := []nats.Option{nats.MaxReconnects(-1), nats.ReconnectWait(100 * time.Millisecond)}
+	if e.Creds != "" {
+		opts = append(opts, nats.UserCredentials(e.Creds))
+	}
+	nc, err := nats.Connect(e.URL, opts...)
 	if err != nil {
 		e.T.Fatal(err)
 	}
@@ -371,9 +377,13 @@ func (e *Env) WaitHost(eng *Part, host string) {
 // Attach connects to a server (or cluster: comma-separated URLs) someone
 // else runs, where an engine has made the streams and buckets; like a
 // worker, it only checks them (the engine owns their settings).
-func Attach(t testing.TB, url string) *Env {
+func Attach(t testing.TB, url string) *Env { return AttachCreds(t, url, "") }
+
+// AttachCreds is Attach with a credentials file (an engine's admin creds,
+// <data-dir>/auth/admin.creds).
+func AttachCreds(t testing.TB, url, creds string) *Env {
 	t.Helper()
-	e := &Env{T: t, URL: url, Names: events.DefaultNames, Log: Logger(), Dir: t.TempDir()}
+	e := &Env{T: t, URL: url, Creds: creds, Names: events.DefaultNames, Log: Logger(), Dir: t.TempDir()}
 	e.NC, e.JS = e.Connect()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
