@@ -1,0 +1,219 @@
+package e2e_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vmherd/vmherd/internal/auth"
+	"github.com/vmherd/vmherd/internal/datadir"
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/testenv"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// violations collects the server's asynchronous permission errors.
+type violations struct {
+	mu   sync.Mutex
+	errs []string
+}
+
+func (v *violations) handler(_ *nats.Conn, _ *nats.Subscription, err error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.errs = append(v.errs, err.Error())
+}
+
+// saw waits up to 5 s for a permission violation naming subject.
+func (v *violations) saw(subject string) bool {
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		v.mu.Lock()
+		for _, e := range v.errs {
+			if strings.Contains(e, "Permissions Violation") && strings.Contains(e, subject) {
+				v.mu.Unlock()
+				return true
+			}
+		}
+		v.mu.Unlock()
+	}
+	return false
+}
+
+// connectAs connects with credentials issued for id by the engine's
+// authority in dir.
+func connectAs(t *testing.T, url, dir string, id auth.Identity) (*nats.Conn, jetstream.JetStream, *violations) {
+	t.Helper()
+	a, err := auth.Open(datadir.AuthDir(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), id.Name()+".creds")
+	if err := a.WriteCreds(path, id); err != nil {
+		t.Fatal(err)
+	}
+	v := &violations{}
+	opts := []nats.Option{nats.UserCredentials(path), nats.ErrorHandler(v.handler)}
+	if p := id.InboxPrefix(); p != "" {
+		opts = append(opts, nats.CustomInboxPrefix(p))
+	}
+	nc, err := nats.Connect(url, opts...)
+	if err != nil {
+		t.Fatalf("connecting as %s: %v", id.Name(), err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js, v
+}
+
+// The engine's embedded server admits only the credentials it signed, and
+// each role can do only its part: a viewer reads but cannot command; a
+// worker of h2 cannot take h1's tasks, cannot heartbeat as h1, cannot
+// write events as h1, and what it writes about h1's VM changes nothing.
+func TestTrustRoles(t *testing.T) {
+	bin := testenv.Binaries(t)
+	dir := filepath.Join(t.TempDir(), "data")
+	port := testenv.FreePort(t)
+	url := "nats://" + testenv.Addr(port)
+	eng := testenv.StartProc(t, "engine", filepath.Join(bin, "engine"), nil,
+		"--data-dir", dir, "--listen", testenv.Addr(port), "--with-worker", "--backends", "noop", "--host", "h1")
+	eng.WaitLog("engine serving", 60*time.Second)
+
+	// Credentials files are the owner's only.
+	for _, f := range []string{"admin.creds", "engine.creds", "worker-h1.creds", "account.nk", "operator.nk"} {
+		st, err := os.Stat(filepath.Join(datadir.AuthDir(dir), f))
+		if err != nil || st.Mode().Perm() != 0o600 {
+			t.Errorf("%s: %v, mode %v; want 0600", f, err, st.Mode().Perm())
+		}
+	}
+
+	// No credentials: refused.
+	if nc, err := nats.Connect(url); err == nil {
+		nc.Close()
+		t.Fatal("an unauthenticated connection was accepted")
+	} else if !strings.Contains(err.Error(), "Authorization Violation") {
+		t.Fatalf("unauthenticated connect: %v", err)
+	}
+
+	env := testenv.AttachCreds(t, url, datadir.AdminCreds(dir))
+	env.WaitFor("worker h1 heartbeats", 30*time.Second, func() bool {
+		kv, err := env.JS.KeyValue(context.Background(), env.Names.HostsBucket())
+		if err != nil {
+			return false
+		}
+		_, err = kv.Get(context.Background(), "h1")
+		return err == nil
+	})
+	env.SendCmd("web1", "prepare", "p1", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.Result("web1", "p1", 30*time.Second)
+	env.SendCmd("web1", "start", "s1", events.Command{})
+	env.Result("web1", "s1", 30*time.Second)
+	commands := func() uint64 {
+		st, err := env.JS.Stream(context.Background(), env.Names.CommandsStream())
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := st.Info(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info.State.Msgs
+	}
+
+	// A viewer reads (vmctl list), and cannot command.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	vnc, vjs, vv := connectAs(t, url, dir, auth.Identity{Role: auth.RoleViewer, User: "dash"})
+	if _, err := vjs.Stream(ctx, env.Names.EventsStream()); err != nil {
+		t.Fatalf("a viewer cannot read the events stream: %v", err)
+	}
+	before := commands()
+	if err := vnc.Publish(env.Names.Command("web1", "stop"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if !vv.saw(env.Names.Command("web1", "stop")) {
+		t.Error("a viewer's command publish was not refused by the server")
+	}
+	if got := commands(); got != before {
+		t.Errorf("VM_COMMANDS went from %d to %d messages after a viewer's publish", before, got)
+	}
+
+	// A worker of h2.
+	wnc, wjs, wv := connectAs(t, url, dir, auth.Identity{Role: auth.RoleWorker, Host: "h2"})
+	short := func() (context.Context, context.CancelFunc) { return context.WithTimeout(ctx, 2*time.Second) }
+	c1, cc1 := short()
+	if _, err := wjs.Consumer(c1, env.Names.TasksStream(), env.Names.HostTaskConsumer("h1")); err == nil {
+		t.Error("h2's worker could bind to h1's task consumer")
+	}
+	cc1()
+	c2, cc2 := short()
+	if _, err := wjs.CreateOrUpdateConsumer(c2, env.Names.TasksStream(), jetstream.ConsumerConfig{
+		Durable: "steal", FilterSubject: env.Names.HostTasks("h1"), AckPolicy: jetstream.AckExplicitPolicy,
+	}); err == nil {
+		t.Error("h2's worker could create a consumer of h1's tasks")
+	}
+	cc2()
+	if !wv.saw("$JS.API.CONSUMER.CREATE." + env.Names.TasksStream()) {
+		t.Error("no permission violation for h2's consumer on VM_TASKS")
+	}
+	c3, cc3 := short()
+	kv, err := wjs.KeyValue(c3, env.Names.HostsBucket())
+	if err == nil {
+		_, err = kv.Put(c3, "h1", []byte(`{"host":"h1"}`))
+	}
+	cc3()
+	if err == nil {
+		t.Error("h2's worker could heartbeat as h1")
+	}
+	if err := wnc.Publish(env.Names.Event("web1", events.TypeStopped, "h1"), []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	if !wv.saw(env.Names.Event("web1", events.TypeStopped, "h1")) {
+		t.Error("h2's worker could publish an event as h1")
+	}
+	if _, err := wnc.SubscribeSync("_INBOX.>"); err != nil {
+		t.Fatal(err)
+	}
+	if !wv.saw("_INBOX.>") {
+		t.Error("h2's worker could subscribe to every inbox")
+	}
+	// A forged result about h1's VM, on h2's own writer token: stored,
+	// and changes nothing.
+	forged := events.Event{Type: events.TypeStopped, VM: "web1", CommandID: "s1", Action: "start", Time: time.Now().UTC(),
+		Host: "h1", State: vm.StateStopped, Handle: &vm.VmHandle{ID: "forged", Name: "web1"}}
+	c4, cc4 := short()
+	if _, err := wjs.Publish(c4, env.Names.Event("web1", events.TypeStopped, "h2"), forged.Encode()); err != nil {
+		t.Fatalf("h2's worker cannot write on its own writer token: %v", err)
+	}
+	cc4()
+	env.SendCmd("web1", "suspend", "after-forgery", events.Command{})
+	if ev := env.Result("web1", "after-forgery", 30*time.Second); ev.Type != events.TypeSuspended {
+		t.Fatalf("after the forged result web1 could not be suspended: %+v", ev)
+	}
+	env.CheckProjection(30 * time.Second)
+	kvr, _ := env.JS.KeyValue(ctx, env.Names.RecordsBucket())
+	e, err := kvr.Get(ctx, "web1")
+	if err != nil || strings.Contains(string(e.Value()), "forged") {
+		t.Fatalf("web1's record after the forgery: %v %s", err, e.Value())
+	}
+
+	// An operator commands.
+	_, ojs, _ := connectAs(t, url, dir, auth.Identity{Role: auth.RoleOperator, User: "alice"})
+	c5, cc5 := short()
+	if _, err := ojs.Publish(c5, env.Names.Command("web1", "resume"), []byte(`{"command_id":"by-alice"}`)); err != nil {
+		t.Fatalf("an operator cannot command: %v", err)
+	}
+	cc5()
+	if ev := env.Result("web1", "by-alice", 30*time.Second); ev.Type != events.TypeResumed {
+		t.Fatalf("the operator's resume: %+v", ev)
+	}
+}
