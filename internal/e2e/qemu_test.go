@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -99,7 +100,8 @@ func TestQEMUEndToEnd(t *testing.T) {
 	env := testenv.New(t)
 	eng := env.StartEngine(testenv.EngineConfig{})
 	q := newQEMU(t, dataDir)
-	w := env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU, Reconcile: time.Second})
+	w := env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU, Reconcile: time.Second,
+		ImageRoots: []string{filepath.Dir(image)}, VMDirs: []string{filepath.Join(dataDir, "vms")}})
 	env.WaitHost(eng, "h1")
 	t.Cleanup(func() {
 		for _, n := range []string{"q1", "q2"} {
@@ -173,7 +175,8 @@ func TestQEMUEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	q2b := newQEMU(t, dataDir)
-	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q2b}, Default: vm.BackendQEMU, Reconcile: time.Second})
+	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q2b}, Default: vm.BackendQEMU, Reconcile: time.Second,
+		ImageRoots: []string{filepath.Dir(image)}, VMDirs: []string{filepath.Join(dataDir, "vms")}})
 	if st := liveState(t, env, "q1"); st != vm.StateRunning {
 		t.Fatalf("after the worker restart q1 reads %s, want running", st)
 	}
@@ -232,23 +235,45 @@ func TestQEMUBadInputEvents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	image := guestimage.EnsureForTest(t)
 	env := testenv.New(t)
 	eng := env.StartEngine(testenv.EngineConfig{})
-	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU})
+	// Image roots: the guest cache and the data dir (for notes.txt), but
+	// never the VMs' directories under it.
+	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU,
+		ImageRoots: []string{filepath.Dir(image), dataDir}, VMDirs: []string{filepath.Join(dataDir, "vms")}})
 	env.WaitHost(eng, "h1")
 	notImage := dataDir + "/notes.txt"
 	if err := os.WriteFile(notImage, []byte("not a disk image\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	image := guestimage.EnsureForTest(t)
+	// Another VM's disk, and a symlink in a root that leads out of it.
+	overlay := filepath.Join(dataDir, "vms", "other", "overlay.qcow2")
+	if err := os.MkdirAll(filepath.Dir(overlay), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(overlay, make([]byte, 2<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	escape := filepath.Join(dataDir, "escape.qcow2")
+	if err := os.Symlink("/etc/shadow", escape); err != nil {
+		t.Fatal(err)
+	}
+	dotdot := filepath.Dir(image) + "/../../../../../../../../etc/shadow"
 	cases := []struct {
 		name string
 		spec vm.VmSpec
 		want []string
 	}{
-		{"missing", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/nonexistent/base.qcow2"}, []string{"/nonexistent/base.qcow2"}},
+		{"missing", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/nonexistent/base.qcow2"}, []string{"/nonexistent/base.qcow2", "does not exist"}},
 		{"notimage", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: notImage}, []string{notImage}},
 		{"nouefi", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: image, UEFI: true}, []string{"OVMF", "ovmf"}},
+		// Trust: every path outside the roots is refused, naming the rule.
+		{"shadow", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/etc/shadow"}, []string{`"/etc/shadow" is outside every image root (this worker's image roots: `}},
+		{"dotdot", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: dotdot}, []string{"resolves to /etc/shadow, which is outside every image root"}},
+		{"symlink", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: escape}, []string{"resolves to /etc/shadow, which is outside every image root"}},
+		{"overlay", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: overlay}, []string{"is inside the VMs' work directory"}},
+		{"relative", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "images/base.qcow2"}, []string{"is not an absolute path"}},
 	}
 	for _, c := range cases {
 		ev := do(t, env, c.name, "prepare", c.name+"-p", events.Command{Spec: &c.spec}, events.TypeFailed)

@@ -99,6 +99,11 @@ func TestREADMEWalkthrough(t *testing.T) {
 		case strings.HasPrefix(l.text, "go build "):
 		case strings.HasPrefix(l.text, "bin/engine"):
 			args := strings.Fields(l.text)[1:]
+			for i, a := range args {
+				if i > 0 && args[i-1] == "--image-dir" {
+					args[i] = filepath.Join(root, a) // the README runs from the repo's root
+				}
+			}
 			engine = testenv.StartProc(t, "engine", filepath.Join(bin, "engine"), []string{
 				"VMHERD_LISTEN=" + testenv.Addr(port),
 				"VMHERD_DATA_DIR=" + filepath.Join(dir, "data"),

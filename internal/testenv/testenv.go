@@ -189,6 +189,8 @@ type WorkerConfig struct {
 	// Capacity in MiB offered to placement.
 	MemoryMB  int
 	Reconcile time.Duration
+	// ImageRoots and VMDirs: the worker's image rule (worker.Config).
+	ImageRoots, VMDirs []string
 }
 
 // StartWorker runs a worker on its own connection (use WaitHost to wait for its first
@@ -220,7 +222,7 @@ func (e *Env) StartWorker(c WorkerConfig) *Part {
 	w, err := worker.New(context.Background(), worker.Config{
 		NC: nc, JS: js, Names: e.Names, Host: c.Host, Router: r, Log: e.Log,
 		AckWait: c.AckWait, HeartbeatEvery: 200 * time.Millisecond, ReconcileEvery: c.Reconcile,
-		Capacity: hosts.Resources{MemoryMB: c.MemoryMB},
+		Capacity: hosts.Resources{MemoryMB: c.MemoryMB}, ImageRoots: c.ImageRoots, VMDirs: c.VMDirs,
 	})
 	if err != nil {
 		e.T.Fatal(err)

@@ -56,6 +56,11 @@ type Config struct {
 	CallTimeout time.Duration
 	// Metrics, if set, records backend calls, task latencies and redeliveries.
 	Metrics *metrics.Set
+	// ImageRoots are the directories a spec's image_path must resolve into
+	// (--image-dir); none allows no image. VMDirs are the VMs' work
+	// directories, which an image path must never resolve into.
+	ImageRoots []string
+	VMDirs     []string
 }
 
 // local is what the worker knows of one of its VMs.
@@ -384,6 +389,11 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 		spec := *t.Spec
 		if spec.Backend == "" {
 			spec.Backend = t.Backend
+		}
+		if spec.ImagePath != "" {
+			if spec.ImagePath, err = w.checkImage(spec.ImagePath); err != nil {
+				break
+			}
 		}
 		h, err = r.Prepare(cctx, spec)
 		ev.State = vm.StatePrepared
