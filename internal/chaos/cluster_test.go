@@ -16,7 +16,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/backends/noop"
+	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fleet"
 	"github.com/vmherd/vmherd/internal/testenv"
 )
 
@@ -38,6 +40,24 @@ type cluster struct {
 	// untilFaults keeps every VM cycling past its quota of commands until
 	// the fault function has returned.
 	untilFaults bool
+	// The server runs with authentication and TLS: authority signs every
+	// process's credentials, pki its certificate.
+	authority *auth.Authority
+	pki       fleet.PKI
+}
+
+// creds returns the credentials file of an identity, writing it once.
+func (c *cluster) creds(id auth.Identity) string {
+	path := filepath.Join(c.dir, "auth", id.Name()+".creds")
+	if err := c.authority.WriteCreds(path, id); err != nil {
+		c.t.Fatal(err)
+	}
+	return path
+}
+
+// attach connects a test env with the admin's credentials.
+func (c *cluster) attach() *testenv.Env {
+	return testenv.AttachTLS(c.t, c.url, c.creds(auth.Identity{Role: auth.RoleAdmin}), c.pki.CA)
 }
 
 func newCluster(t *testing.T) *cluster {
@@ -51,6 +71,13 @@ func newCluster(t *testing.T) *cluster {
 		noopLatency: "20ms",
 	}
 	c.url = fmt.Sprintf("nats://127.0.0.1:%d", c.port)
+	var err error
+	if c.authority, err = auth.Open(filepath.Join(c.dir, "auth")); err != nil {
+		t.Fatal(err)
+	}
+	if c.pki, err = fleet.MakePKI(filepath.Join(c.dir, "tls"), "127.0.0.1"); err != nil {
+		t.Fatal(err)
+	}
 	c.startServer()
 	return c
 }
@@ -58,7 +85,12 @@ func newCluster(t *testing.T) *cluster {
 func (c *cluster) startServer() {
 	conf := filepath.Join(c.dir, "nats.conf")
 	store := filepath.Join(c.dir, "jetstream")
-	err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: 127.0.0.1:%d\njetstream { store_dir: %q, sync_interval: always }\n", c.port, store)), 0o644)
+	trust, err := c.authority.ServerConfig()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	err = os.WriteFile(conf, []byte(fmt.Sprintf("listen: 127.0.0.1:%d\njetstream { store_dir: %q, sync_interval: always }\ntls { cert_file: %q, key_file: %q, ca_file: %q }\n%s",
+		c.port, store, c.pki.Cert, c.pki.Key, c.pki.CA, trust)), 0o644)
 	if err != nil {
 		c.t.Fatal(err)
 	}
@@ -77,6 +109,7 @@ func (c *cluster) restartServer() {
 func (c *cluster) startEngine(id string) {
 	p := testenv.StartProc(c.t, "engine-"+id, filepath.Join(c.bin, "engine"), nil,
 		"--nats-url", c.url, "--data-dir", filepath.Join(c.dir, "engine-"+id), "--engine-id", id,
+		"--creds", c.creds(auth.Identity{Role: auth.RoleEngine}), "--tls-ca", c.pki.CA,
 		"--command-ack-wait", "2s", "--host-timeout", "5s", "--log-level", "info")
 	p.WaitLog("engine serving", 60*time.Second)
 	c.mu.Lock()
@@ -89,6 +122,7 @@ func (c *cluster) startEngine(id string) {
 func (c *cluster) startWorker(host string, instance int) {
 	args := append([]string{
 		"--nats-url", c.url, "--host", host, "--data-dir", filepath.Join(c.dir, "host-"+host),
+		"--creds", c.creds(auth.Identity{Role: auth.RoleWorker, Host: host}), "--tls-ca", c.pki.CA,
 		"--noop-state-dir", filepath.Join(c.dir, "host-"+host, "noop"),
 		"--backends", "noop", "--default-backend", "noop", "--noop-latency", c.noopLatency,
 		"--task-ack-wait", "2s", "--heartbeat", "500ms", "--reconcile", "2s", "--log-level", "info",

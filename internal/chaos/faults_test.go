@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/testenv"
 )
 
 const (
@@ -22,7 +21,7 @@ func TestKillWorker(t *testing.T) {
 	c.startEngine("e1")
 	c.startWorker("h1", 0)
 	c.startWorker("h2", 0)
-	env := testenv.Attach(t, c.url)
+	env := c.attach()
 	kills := 0
 	stats := c.runLoad(env, loadVMs, loadPerVM, func(ctx context.Context) {
 		kills = every(ctx, 200*time.Millisecond, time.Second, func() {
@@ -41,7 +40,7 @@ func TestKillEngine(t *testing.T) {
 	c := newCluster(t)
 	c.startEngine("e1")
 	c.startWorker("h1", 0)
-	env := testenv.Attach(t, c.url)
+	env := c.attach()
 	kills := 0
 	stats := c.runLoad(env, loadVMs, loadPerVM, func(ctx context.Context) {
 		kills = every(ctx, 200*time.Millisecond, time.Second, func() { c.killEngine("e1") })
@@ -57,7 +56,7 @@ func TestRestartNatsServer(t *testing.T) {
 	c := newCluster(t)
 	c.startEngine("e1")
 	c.startWorker("h1", 0)
-	env := testenv.Attach(t, c.url)
+	env := c.attach()
 	restarts := 0
 	stats := c.runLoad(env, loadVMs, loadPerVM, func(ctx context.Context) {
 		// Once the load is well under way, stop and restart the server.
@@ -83,7 +82,7 @@ func TestTwoEnginesTwoWorkersPerHost(t *testing.T) {
 		c.startWorker(h, 0)
 		c.startWorker(h, 1)
 	}
-	env := testenv.Attach(t, c.url)
+	env := c.attach()
 	stats := c.runLoad(env, loadVMs, loadPerVM, nil)
 	c.verify(env, stats)
 }
@@ -96,7 +95,7 @@ func TestSlowCallsLongerThanAckWait(t *testing.T) {
 	c.startEngine("e1")
 	c.startWorker("h1", 0)
 	c.startWorker("h1", 1)
-	env := testenv.Attach(t, c.url)
+	env := c.attach()
 	// Fewer, slower commands: each call outlives the ack wait.
 	stats := c.runLoad(env, 50, 3, nil)
 	c.verify(env, stats)

@@ -27,7 +27,7 @@ func noopFleet(t *testing.T, ctx context.Context, hostTimeout string) (*fleet.Fl
 		},
 		EngineArgs: []string{"--command-ack-wait", "5s", "--host-timeout", hostTimeout},
 	})
-	return f, &cluster{t: t, dir: f.Dir()}, testenv.Attach(t, f.URLs)
+	return f, &cluster{t: t, dir: f.Dir()}, testenv.AttachTLS(t, f.URLs, f.AdminCreds(), f.TLS.CA)
 }
 
 // upFleet brings up the fleet topology of cfg (its directory, binaries and

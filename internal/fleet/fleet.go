@@ -24,6 +24,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/events"
 )
 
@@ -67,7 +68,13 @@ type Fleet struct {
 	Gateway string // the bridge's address, where the NATS nodes listen
 	// URLs are the NATS nodes' client URLs, comma separated: the value of
 	// --nats-url for every engine, worker and vmctl.
-	URLs    string
+	URLs string
+	// TLS: the nodes' certificates; clients verify them with TLS.CA.
+	TLS PKI
+	// Creds are the credentials files the fleet issued, by identity name:
+	// "admin", "engine", "worker-<host>".
+	Creds   map[string]string
+	auth    *auth.Authority
 	Nodes   []*Proc
 	Engines []*Proc
 	Workers map[string]*Proc
@@ -142,6 +149,9 @@ func Up(ctx context.Context, cfg Config) (f *Fleet, err error) {
 	if err := f.network(); err != nil {
 		return f, err
 	}
+	if err := f.trust(); err != nil {
+		return f, err
+	}
 	if err := f.startNodes(ctx); err != nil {
 		return f, err
 	}
@@ -160,6 +170,42 @@ func Up(ctx context.Context, cfg Config) (f *Fleet, err error) {
 	}
 	cfg.Log("fleet %s up: NATS %s; engines %d; hosts %s", cfg.Tag, f.URLs, len(f.Engines), f.hostList())
 	return f, nil
+}
+
+// trust makes the fleet's authority (the engines' and workers'
+// credentials) and certificates: the cluster runs with authentication and
+// TLS on, for clients and for routes.
+func (f *Fleet) trust() error {
+	var err error
+	if f.TLS, err = MakePKI(filepath.Join(f.cfg.Dir, "tls"), f.Gateway); err != nil {
+		return err
+	}
+	dir := filepath.Join(f.cfg.Dir, "auth")
+	if f.auth, err = auth.Open(dir); err != nil {
+		return err
+	}
+	f.Creds = map[string]string{}
+	ids := []auth.Identity{{Role: auth.RoleAdmin}, {Role: auth.RoleEngine}}
+	for _, h := range f.cfg.Hosts {
+		ids = append(ids, auth.Identity{Role: auth.RoleWorker, Host: h.Name})
+	}
+	for _, id := range ids {
+		path := filepath.Join(dir, id.Name()+".creds")
+		if err := f.auth.WriteCreds(path, id); err != nil {
+			return err
+		}
+		f.Creds[id.Name()] = path
+	}
+	return nil
+}
+
+// AdminCreds is the admin's credentials file (vmctl, tests, the nats CLI).
+func (f *Fleet) AdminCreds() string { return f.Creds["admin"] }
+
+// ClientOptions are the NATS options of a client of the fleet with the
+// admin's credentials.
+func (f *Fleet) ClientOptions() []nats.Option {
+	return []nats.Option{nats.UserCredentials(f.AdminCreds()), nats.RootCAs(f.TLS.CA)}
 }
 
 func (f *Fleet) hostList() string {
@@ -272,15 +318,22 @@ func (f *Fleet) startNodes(ctx context.Context) error {
 		}
 		name := fmt.Sprintf("n%d", i+1)
 		conf := filepath.Join(f.cfg.Dir, name+".conf")
+		trust, err := f.auth.ServerConfig()
+		if err != nil {
+			return err
+		}
+		tls := fmt.Sprintf("tls { cert_file: %q, key_file: %q, ca_file: %q, timeout: 5 }", f.TLS.Cert, f.TLS.Key, f.TLS.CA)
 		body := fmt.Sprintf(`server_name: %s
 listen: %s:%d
+%s
 jetstream { store_dir: %q }
 cluster {
   name: vmherd-%s
   listen: %s:%d
   routes: [%s]
+  %s
 }
-`, name, f.Gateway, client[i], filepath.Join(f.cfg.Dir, name), f.cfg.Tag, f.Gateway, route[i], strings.Join(routes, ", "))
+%s`, name, f.Gateway, client[i], tls, filepath.Join(f.cfg.Dir, name), f.cfg.Tag, f.Gateway, route[i], strings.Join(routes, ", "), tls, trust)
 		if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
 			return err
 		}
@@ -333,6 +386,7 @@ func waitTCP(ctx context.Context, addr string, within time.Duration) error {
 func (f *Fleet) StartEngine(i int) error {
 	name := fmt.Sprintf("engine%d", i+1)
 	args := append([]string{"--nats-url", f.URLs, "--replicas", strconv.Itoa(min(3, f.cfg.Nodes)),
+		"--creds", f.Creds["engine"], "--tls-ca", f.TLS.CA,
 		"--data-dir", filepath.Join(f.cfg.Dir, name), "--engine-id", name}, f.cfg.EngineArgs...)
 	p, err := Start(f.cfg.Dir, name, "", filepath.Join(f.cfg.Bin, "engine"), args...)
 	if err != nil {
@@ -353,6 +407,7 @@ func (f *Fleet) StartWorker(host string) error {
 		return fmt.Errorf("fleet: no host %s", host)
 	}
 	args := append([]string{"--nats-url", f.URLs, "--host", h.Name, "--backends", h.cfg.Backends,
+		"--creds", f.Creds["worker-"+h.Name], "--tls-ca", f.TLS.CA,
 		"--data-dir", filepath.Join(f.cfg.Dir, "host-"+h.Name), "--heartbeat", "1s"}, h.cfg.WorkerArgs...)
 	p, err := Start(f.cfg.Dir, "worker-"+h.Name, h.NetNS, filepath.Join(f.cfg.Bin, "worker"), args...)
 	if err != nil {
@@ -365,7 +420,8 @@ func (f *Fleet) StartWorker(host string) error {
 // Vmctl runs vmctl against the fleet, inside netns (empty: the root
 // namespace), and returns its output and exit code.
 func (f *Fleet) Vmctl(ctx context.Context, netns string, args ...string) (string, int) {
-	return f.Exec(ctx, netns, filepath.Join(f.cfg.Bin, "vmctl"), append([]string{"--server", f.URLs}, args...)...)
+	return f.Exec(ctx, netns, filepath.Join(f.cfg.Bin, "vmctl"),
+		append([]string{"--server", f.URLs, "--creds", f.AdminCreds(), "--tls-ca", f.TLS.CA}, args...)...)
 }
 
 // Exec runs a command inside netns (empty: the root namespace).
@@ -395,7 +451,7 @@ func command(ctx context.Context, netns, bin string, args ...string) *exec.Cmd {
 // waitReady waits until an engine pulls commands (the shared command
 // consumer has pull requests open) and every host has heartbeated.
 func (f *Fleet) waitReady(ctx context.Context) error {
-	nc, err := nats.Connect(f.URLs, nats.Name("vmherd-fleet"), nats.MaxReconnects(-1))
+	nc, err := nats.Connect(f.URLs, append(f.ClientOptions(), nats.Name("vmherd-fleet"), nats.MaxReconnects(-1))...)
 	if err != nil {
 		return fmt.Errorf("fleet: connecting to %s: %w", f.URLs, err)
 	}

@@ -32,8 +32,9 @@ import (
 type Env struct {
 	T      testing.TB
 	URL    string
-	// Creds is the credentials file of the env's connections ("" none).
-	Creds string
+	// Creds is the credentials file of the env's connections ("" none);
+	// CA the certificates that verify a TLS server ("" none).
+	Creds, CA string
 	Server *natsserver.Server
 	NC     *nats.Conn
 	JS     jetstream.JetStream
@@ -121,6 +122,9 @@ func (e *Env) Connect() (*nats.Conn, jetstream.JetStream) {
 	opts := []nats.Option{nats.MaxReconnects(-1), nats.ReconnectWait(100 * time.Millisecond)}
 	if e.Creds != "" {
 		opts = append(opts, nats.UserCredentials(e.Creds))
+	}
+	if e.CA != "" {
+		opts = append(opts, nats.RootCAs(e.CA))
 	}
 	nc, err := nats.Connect(e.URL, opts...)
 	if err != nil {
@@ -379,13 +383,16 @@ func (e *Env) WaitHost(eng *Part, host string) {
 // Attach connects to a server (or cluster: comma-separated URLs) someone
 // else runs, where an engine has made the streams and buckets; like a
 // worker, it only checks them (the engine owns their settings).
-func Attach(t testing.TB, url string) *Env { return AttachCreds(t, url, "") }
+func Attach(t testing.TB, url string) *Env { return AttachTLS(t, url, "", "") }
 
 // AttachCreds is Attach with a credentials file (an engine's admin creds,
 // <data-dir>/auth/admin.creds).
-func AttachCreds(t testing.TB, url, creds string) *Env {
+func AttachCreds(t testing.TB, url, creds string) *Env { return AttachTLS(t, url, creds, "") }
+
+// AttachTLS is AttachCreds to a server with TLS, verified with ca.
+func AttachTLS(t testing.TB, url, creds, ca string) *Env {
 	t.Helper()
-	e := &Env{T: t, URL: url, Creds: creds, Names: events.DefaultNames, Log: Logger(), Dir: t.TempDir()}
+	e := &Env{T: t, URL: url, Creds: creds, CA: ca, Names: events.DefaultNames, Log: Logger(), Dir: t.TempDir()}
 	e.NC, e.JS = e.Connect()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

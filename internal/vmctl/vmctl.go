@@ -45,6 +45,7 @@ var Version = ""
 type globals struct {
 	server   string
 	creds    string
+	tlsCA    string
 	prefix   string
 	json     bool
 	noWait   bool
@@ -116,7 +117,8 @@ deciding commands or no result within --timeout, 130 interrupted.`,
 	}
 	pf := root.PersistentFlags()
 	pf.StringVarP(&g.server, "server", "s", def, "NATS server URL (env NATS_URL)")
-	pf.StringVar(&g.creds, "creds", os.Getenv("NATS_CREDS"), "NATS credentials file (env NATS_CREDS)")
+	pf.StringVar(&g.creds, "creds", os.Getenv("NATS_CREDS"), "NATS credentials file (env NATS_CREDS; default: the local engine's admin.creds when readable)")
+	pf.StringVar(&g.tlsCA, "tls-ca", os.Getenv("NATS_CA"), "CA certificate(s) to verify a TLS server (PEM; env NATS_CA)")
 	pf.StringVar(&g.prefix, "prefix", events.DefaultPrefix, "subject prefix of the vmherd installation")
 	pf.BoolVar(&g.json, "json", false, "print JSON for scripts")
 	pf.BoolVar(&g.noWait, "no-wait", false, "return once the command is stored, without waiting for its result")
@@ -238,6 +240,9 @@ func (g *globals) connect() error {
 	}
 	if creds != "" {
 		opts = append(opts, nats.UserCredentials(creds))
+	}
+	if g.tlsCA != "" {
+		opts = append(opts, nats.RootCAs(g.tlsCA))
 	}
 	nc, err := nats.Connect(g.server, opts...)
 	if err != nil && strings.Contains(err.Error(), "Authorization Violation") {

@@ -61,12 +61,13 @@ func main() {
 	}
 	defer f.Down()
 	fmt.Printf(`
-The fleet is up. In another terminal:
-  export NATS_URL=%s
+The fleet is up, with authentication and TLS on. In another terminal:
+  export NATS_URL=%s NATS_CREDS=%s NATS_CA=%s
   %s/vmctl list
-  sudo ip netns exec %s %s/vmctl create web1 --backend noop --start   # from host h1's network
+  sudo -E ip netns exec %s %s/vmctl create web1 --backend noop --start   # from host h1's network
+  nats --tlsca "$NATS_CA" stream ls                                   # the nats CLI reads NATS_URL and NATS_CREDS
 Logs are in %s. Ctrl-C takes the fleet down.
-`, f.URLs, *bin, f.Hosts[hc[0].Name].NetNS, *bin, *dir)
+`, f.URLs, f.AdminCreds(), f.TLS.CA, *bin, f.Hosts[hc[0].Name].NetNS, *bin, *dir)
 	<-ctx.Done()
 	fmt.Println("taking the fleet down")
 }
