@@ -95,6 +95,8 @@ type pipelineConfig struct {
 	// Extra backends besides Noop; Default names the host's default.
 	Extra   map[vm.BackendTag]backends.Hypervisor
 	Default vm.BackendTag
+	// ImageRoots: the worker's image roots (the guest image's directory).
+	ImageRoots []string
 }
 
 func quietLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
@@ -146,7 +148,8 @@ func startPipeline(ctx context.Context, c pipelineConfig) (*pipeline, error) {
 		NC: wnc, JS: wjs, Names: events.DefaultNames, Host: benchHost, Router: router, Log: quietLogger(),
 		HeartbeatEvery: time.Second,
 		// Placement must never run out of room, whatever the VM count.
-		Capacity: hosts.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40},
+		Capacity:   hosts.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40},
+		ImageRoots: c.ImageRoots,
 	})
 	if err != nil {
 		return fail(err)

@@ -101,6 +101,7 @@ func qemuBench(ctx context.Context, url, dir string, iters int, logf func(string
 	p, err := startPipeline(ctx, pipelineConfig{
 		URL: url, StateDir: filepath.Join(dir, "engine"),
 		Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: tb}, Default: vm.BackendQEMU,
+		ImageRoots: []string{filepath.Dir(img)},
 	})
 	if err != nil {
 		return res, err

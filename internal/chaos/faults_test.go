@@ -8,7 +8,6 @@ import (
 	"context"
 	"testing"
 	"time"
-
 )
 
 const (

@@ -1,8 +1,8 @@
 package chaos_test
 
 import (
-	"encoding/json"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"strings"

@@ -49,7 +49,7 @@ func MakePKI(dir, ip string) (PKI, error) {
 		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "vmherd fleet node"},
 		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(7 * 24 * time.Hour),
 		IPAddresses: []net.IP{net.ParseIP(ip), net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost"},
-		KeyUsage:    x509.KeyUsageDigitalSignature,
+		KeyUsage: x509.KeyUsageDigitalSignature,
 		// Routes are mutual TLS: each node is the other's client.
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}

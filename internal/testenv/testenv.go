@@ -30,18 +30,18 @@ import (
 
 // Env is one NATS server and the parts running against it.
 type Env struct {
-	T      testing.TB
-	URL    string
+	T   testing.TB
+	URL string
 	// Creds is the credentials file of the env's connections ("" none);
 	// CA the certificates that verify a TLS server ("" none).
 	Creds, CA string
-	Server *natsserver.Server
-	NC     *nats.Conn
-	JS     jetstream.JetStream
-	Names  events.Names
-	Store  *events.Store
-	Log    *slog.Logger
-	Dir    string
+	Server    *natsserver.Server
+	NC        *nats.Conn
+	JS        jetstream.JetStream
+	Names     events.Names
+	Store     *events.Store
+	Log       *slog.Logger
+	Dir       string
 
 	mu    sync.Mutex
 	parts []*Part
