@@ -250,6 +250,24 @@ func (r *Router) Adopt(ctx context.Context, h vm.VmHandle, recorded vm.VmState) 
 }
 
 // Capabilities of one enabled backend.
+// RemoteImager is implemented by backends whose image paths name files
+// on another machine (Propolis with already-running servers): the worker
+// cannot check those against its image roots.
+type RemoteImager interface {
+	RemoteImages() bool
+}
+
+// LocalImages reports whether backend t reads a spec's image_path on this
+// host, where the worker's image roots apply.
+func (r *Router) LocalImages(t vm.BackendTag) bool {
+	b, err := r.Backend(t)
+	if err != nil {
+		return true
+	}
+	ri, ok := b.(RemoteImager)
+	return !ok || !ri.RemoteImages()
+}
+
 func (r *Router) Capabilities(t vm.BackendTag) Capabilities {
 	b, err := r.Backend(t)
 	if err != nil {

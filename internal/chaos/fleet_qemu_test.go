@@ -54,7 +54,7 @@ func TestFleetFromScratchWithQEMU(t *testing.T) {
 	testenv.Tool(t, "nats")
 	f := upFleet(t, ctx, fleet.Config{Hosts: []fleet.HostConfig{
 		{Name: "h1", Backends: "noop"},
-		{Name: "h2", Backends: "noop,qemu", WorkerArgs: []string{"--metrics-listen", "0.0.0.0:9101"}},
+		{Name: "h2", Backends: "noop,qemu", WorkerArgs: []string{"--metrics-listen", "0.0.0.0:9101", "--image-dir", filepath.Dir(image)}},
 	}})
 	t.Logf("fleet up in %s", time.Since(start).Round(time.Millisecond))
 	natsCLI := filepath.Join(filepath.Dir(testenv.Tool(t, "nats-server")), "nats")

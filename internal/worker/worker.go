@@ -390,7 +390,7 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 		if spec.Backend == "" {
 			spec.Backend = t.Backend
 		}
-		if spec.ImagePath != "" {
+		if spec.ImagePath != "" && r.LocalImages(spec.Backend) {
 			if spec.ImagePath, err = w.checkImage(spec.ImagePath); err != nil {
 				break
 			}

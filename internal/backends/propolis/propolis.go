@@ -118,6 +118,10 @@ func (b *Backend) client(addr string) *api.Client {
 }
 
 // Capabilities: propolis-server cannot pause or resume an instance.
+// RemoteImages: with already-running servers (Options.Servers) the image
+// path names a file on the server's machine, not the worker's.
+func (b *Backend) RemoteImages() bool { return len(b.opts.Servers) > 0 }
+
 func (b *Backend) Capabilities() backends.Capabilities {
 	return backends.Capabilities{Suspend: false, Resume: false}
 }

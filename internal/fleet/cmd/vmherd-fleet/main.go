@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 
@@ -31,6 +32,7 @@ func main() {
 	hosts := fs.String("hosts", "h1=noop,h2=noop+qemu,h3=noop", "hosts and their backends (+ separated)")
 	tag := fs.String("tag", "fl", "tag naming the network namespaces and links (vmh<tag>...)")
 	engines := fs.Int("engines", 2, "number of engines")
+	imageDir := fs.String("image-dir", ".cache/guest", "every worker's image root (the test guest's cache)")
 	_ = fs.Parse(os.Args[2:])
 	switch os.Args[1] {
 	case "down":
@@ -46,7 +48,9 @@ func main() {
 	var hc []fleet.HostConfig
 	for _, h := range strings.Split(*hosts, ",") {
 		name, backends, _ := strings.Cut(h, "=")
-		hc = append(hc, fleet.HostConfig{Name: name, Backends: strings.ReplaceAll(backends, "+", ",")})
+		root, _ := filepath.Abs(*imageDir)
+		hc = append(hc, fleet.HostConfig{Name: name, Backends: strings.ReplaceAll(backends, "+", ","),
+			WorkerArgs: []string{"--image-dir", root}})
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
