@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -41,6 +42,9 @@ type EngineOptions struct {
 	MetricsListen string
 	// NoAuth runs the embedded server without authentication (loopback only).
 	NoAuth bool
+	// MaxVMsPerHost and Quotas (PREFIX=N) bound the VMs that exist.
+	MaxVMsPerHost int
+	Quotas        []string
 	// DrainTimeout bounds a graceful stop (cmd/engine only).
 	DrainTimeout time.Duration
 	Conn         ConnOptions
@@ -62,6 +66,8 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.Concurrency, "engine-concurrency", 256, "commands decided at once (across VMs)")
 	fs.DurationVar(&o.AckWait, "command-ack-wait", 30*time.Second, "ack wait of the command consumer")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.IntVar(&o.MaxVMsPerHost, "max-vms-per-host", 0, "the most VMs (not destroyed) one host may have; a prepare beyond it is rejected (0: no limit)")
+	fs.StringArrayVar(&o.Quotas, "quota", nil, "PREFIX=N: at most N VMs (not destroyed) whose names start with PREFIX (repeatable)")
 	fs.BoolVar(&o.NoAuth, "no-auth", false, "run the embedded NATS server without authentication (refused unless --listen is a loopback address; for trying things only)")
 	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics, the local worker's included (e.g. 127.0.0.1:9100; default: off)")
 	addDrainFlag(fs, &o.DrainTimeout)
@@ -134,12 +140,16 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 			return err
 		}
 	}
+	quotas, err := parseQuotas(o.MaxVMsPerHost, o.Quotas)
+	if err != nil {
+		return err
+	}
 	var eng *engine.Engine
 	err = events.RetryStartup(ctx, log, "the engine's consumers and buckets", func(sctx context.Context) (err error) {
 		eng, err = engine.New(sctx, engine.Config{
 			Metrics: ms,
 			JS:      js, Names: o.Streams.Names(), Settings: o.Streams.Settings(), Log: log, ID: o.ID,
-			HostLostAfter: o.HostTimeout, Concurrency: o.Concurrency, AckWait: o.AckWait,
+			HostLostAfter: o.HostTimeout, Concurrency: o.Concurrency, AckWait: o.AckWait, Quotas: quotas,
 			StateDir: o.DataDir,
 		})
 		return err
@@ -180,6 +190,23 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	err = g.Wait()
 	log.Info("engine stopped")
 	return err
+}
+
+// parseQuotas reads --max-vms-per-host and --quota PREFIX=N.
+func parseQuotas(perHost int, specs []string) (engine.Quotas, error) {
+	q := engine.Quotas{PerHost: perHost, Prefix: map[string]int{}}
+	if perHost < 0 {
+		return q, fmt.Errorf("--max-vms-per-host %d: must not be negative", perHost)
+	}
+	for _, s := range specs {
+		p, n, ok := strings.Cut(s, "=")
+		v, err := strconv.Atoi(n)
+		if !ok || p == "" || err != nil || v < 0 {
+			return q, fmt.Errorf("--quota %q: want PREFIX=N, e.g. --quota ci-=50", s)
+		}
+		q.Prefix[p] = v
+	}
+	return q, nil
 }
 
 // localCreds are the credentials an engine with an embedded server issues

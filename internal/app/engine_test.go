@@ -136,3 +136,11 @@ func TestRunEngineExternalNATSLocksDataDir(t *testing.T) {
 		t.Errorf("RunEngine wrote engine-id into a data dir it could not lock")
 	}
 }
+
+func TestEngineRefusesBadQuota(t *testing.T) {
+	bin := testenv.Binaries(t)
+	out, code := runEngine(t, bin, "--data-dir", filepath.Join(t.TempDir(), "data"), "--listen", testenv.Addr(testenv.FreePort(t)), "--quota", "ci-")
+	if code == 0 || !strings.Contains(out, `--quota "ci-": want PREFIX=N, e.g. --quota ci-=50`) {
+		t.Fatalf("engine with --quota ci-: exit %d\n%s", code, out)
+	}
+}

@@ -27,6 +27,41 @@ type admission struct {
 	// placed is what the VMs placed on a host take (the engine's count
 	// from the records); nil counts nothing.
 	placed func(host string) hosts.Resources
+	// quotas and count: how many VMs a host or a name prefix may have,
+	// and how many it has (nil: no quotas).
+	quotas Quotas
+	count  vmCounter
+}
+
+// vmCounter counts the VMs (not destroyed) the records have.
+type vmCounter interface {
+	onHost(host string) int
+	withPrefix(prefix string) int
+}
+
+// Quotas limit VMs that are not destroyed: at most PerHost on one host
+// (0: no limit), and at most Prefix[p] whose names start with p.
+type Quotas struct {
+	PerHost int
+	Prefix  map[string]int
+}
+
+// checkQuota rejects a prepare of name on host that would exceed a quota.
+func (a admission) checkQuota(name, host string) error {
+	if a.count == nil {
+		return nil
+	}
+	if a.quotas.PerHost > 0 && a.count.onHost(host) >= a.quotas.PerHost {
+		return reject("quota: host %s has %d VMs, the most a host may have (--max-vms-per-host %d)", host, a.count.onHost(host), a.quotas.PerHost)
+	}
+	for p, max := range a.quotas.Prefix {
+		if strings.HasPrefix(name, p) {
+			if n := a.count.withPrefix(p); n >= max {
+				return reject("quota: %d VMs named %s* exist, the most allowed (--quota %s=%d)", n, p, p, max)
+			}
+		}
+	}
+	return nil
 }
 
 // admit decides a parsed command on the VM's record: the state machine,
@@ -65,6 +100,9 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 		}
 		h, err := a.place(cmd.Host, spec)
 		if err != nil {
+			return err
+		}
+		if err := a.checkQuota(ev.VM, h.Host); err != nil {
 			return err
 		}
 		if spec.Backend == "" {
@@ -114,6 +152,9 @@ func (a admission) place(pin string, spec vm.VmSpec) (*hosts.Host, error) {
 		Backend: spec.Backend,
 		Need:    hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
 		Placed:  a.placed,
+	}
+	if a.quotas.PerHost > 0 && a.count != nil {
+		p.MaxVMs, p.VMsOn = a.quotas.PerHost, a.count.onHost
 	}
 	if pin != "" {
 		h := a.hosts.Get(pin)

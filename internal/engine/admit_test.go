@@ -153,3 +153,50 @@ func TestAdmitNoHostWithBackend(t *testing.T) {
 		t.Fatalf("admit = %v", err)
 	}
 }
+
+// countTable is a vmCounter from a table.
+type countTable struct {
+	host   map[string]int
+	prefix map[string]int
+}
+
+func (c countTable) onHost(h string) int     { return c.host[h] }
+func (c countTable) withPrefix(p string) int { return c.prefix[p] }
+
+// Quotas: a full host is passed over by placement (and a pin to it is
+// rejected); a name prefix at its quota rejects the prepare.
+func TestAdmitQuotas(t *testing.T) {
+	h := func(name string) *hosts.Host {
+		return &hosts.Host{Alive: true, Heartbeat: hosts.Heartbeat{Host: name, Backends: []vm.BackendTag{vm.BackendNoop}, DefaultBackend: vm.BackendNoop}}
+	}
+	adm := admission{
+		hosts: hostTable{"h1": h("h1"), "h2": h("h2")}, lostAfter: time.Second,
+		quotas: Quotas{PerHost: 2, Prefix: map[string]int{"ci-": 3}},
+		count:  countTable{host: map[string]int{"h1": 2, "h2": 1}, prefix: map[string]int{"ci-": 3}},
+	}
+	absent := func(name string) *projection.VmRecord {
+		return &projection.VmRecord{Name: name, State: fsm.StateAbsent}
+	}
+	prep := func(pin string) *events.Command { return &events.Command{Spec: &vm.VmSpec{}, Host: pin} }
+	for _, c := range []struct {
+		name, vm, pin, wantHost, reject string
+	}{
+		{"the full host is passed over", "web1", "", "h2", ""},
+		{"a pin to the full host", "web1", "h1", "", `host: "h1" cannot take it: full (2 VMs, --max-vms-per-host 2)`},
+		{"a prefix at its quota", "ci-9", "", "", "quota: 3 VMs named ci-* exist, the most allowed (--quota ci-=3)"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ev := events.Event{VM: c.vm, Action: fsm.ActPrepare}
+			err := adm.admit(absent(c.vm), fsm.ActPrepare, prep(c.pin), &ev)
+			if c.reject != "" {
+				if err == nil || !strings.Contains(err.Error(), c.reject) {
+					t.Fatalf("admit = %v, want %q", err, c.reject)
+				}
+				return
+			}
+			if err != nil || ev.Host != c.wantHost {
+				t.Fatalf("admit = %v, host %q, want %q", err, ev.Host, c.wantHost)
+			}
+		})
+	}
+}

@@ -43,6 +43,8 @@ type Config struct {
 	Concurrency int
 	// AckWait of the command consumer.
 	AckWait time.Duration
+	// Quotas bound the VMs (not destroyed) a prepare may add to.
+	Quotas Quotas
 	// Metrics, if set, records decisions, VMs by state and host heartbeats.
 	Metrics *metrics.Set
 	// StateDir keeps the engine's own files (the projection checkpoint);
@@ -92,7 +94,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		exec:   keyed.New(cfg.Concurrency),
 		placed: newPlacedCount(cfg.Metrics),
 	}
-	e.adm = admission{hosts: e.hosts, lostAfter: cfg.HostLostAfter, placed: e.placed.on}
+	e.adm = admission{hosts: e.hosts, lostAfter: cfg.HostLostAfter, placed: e.placed.on, quotas: cfg.Quotas, count: e.placed}
 	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log, Observe: e.placed.observe}
 	if cfg.StateDir != "" {
 		e.proj.Checkpoint = filepath.Join(cfg.StateDir, "projection-"+cfg.ID+".seq")

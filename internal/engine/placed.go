@@ -2,6 +2,7 @@ package engine
 
 import (
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/vmherd/vmherd/internal/hosts"
@@ -75,6 +76,32 @@ func (c *placedCount) vmsOn(host string) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// onHost counts the VMs (not destroyed) on host.
+func (c *placedCount) onHost(host string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, v := range c.vms {
+		if v.host == host {
+			n++
+		}
+	}
+	return n
+}
+
+// withPrefix counts the VMs (not destroyed) whose names start with p.
+func (c *placedCount) withPrefix(p string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for name, v := range c.vms {
+		if v.host != "" && strings.HasPrefix(name, p) {
+			n++
+		}
+	}
+	return n
 }
 
 // on returns what the VMs placed on host take.

@@ -410,6 +410,9 @@ type Placement struct {
 	// Placed tells what the VMs already placed on a host take (the
 	// engine's count from the records).
 	Placed func(host string) Resources
+	// MaxVMs (if > 0) is the most VMs a host may have; VMsOn counts them.
+	MaxVMs int
+	VMsOn  func(host string) int
 }
 
 // takes reports whether a VM of backend b takes capacity: a Noop VM runs
@@ -425,6 +428,8 @@ func (p Placement) Fits(h *Host) string {
 		return "cordoned"
 	case p.Backend != "" && !h.Has(p.Backend):
 		return fmt.Sprintf("no %s backend (it has %v)", p.Backend, h.Backends)
+	case p.MaxVMs > 0 && p.VMsOn != nil && p.VMsOn(h.Host) >= p.MaxVMs:
+		return fmt.Sprintf("full (%d VMs, --max-vms-per-host %d)", p.VMsOn(h.Host), p.MaxVMs)
 	}
 	b := p.Backend
 	if b == "" {
