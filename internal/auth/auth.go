@@ -174,9 +174,16 @@ func (a *Authority) ConfigureServer(o *server.Options) error {
 // authority (for a cluster of nats-server processes): include it in each
 // node's configuration file. The operator JWT is written next to the keys.
 func (a *Authority) ServerConfig() (string, error) {
+	// Written once and atomically: servers started earlier may be reading it.
 	op := filepath.Join(a.Dir, "operator.jwt")
-	if err := os.WriteFile(op, []byte(a.OperatorJWT), 0o644); err != nil {
-		return "", err
+	if b, err := os.ReadFile(op); err != nil || string(b) != a.OperatorJWT {
+		tmp := op + ".tmp"
+		if err := os.WriteFile(tmp, []byte(a.OperatorJWT), 0o644); err != nil {
+			return "", err
+		}
+		if err := os.Rename(tmp, op); err != nil {
+			return "", err
+		}
 	}
 	return fmt.Sprintf("operator: %q\nsystem_account: %s\nresolver: MEMORY\nresolver_preload: {\n  %s: %q\n  %s: %q\n}\n",
 		op, a.SysPub, a.AccountPub, a.AccountJWT, a.SysPub, a.SystemJWT), nil

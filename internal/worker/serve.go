@@ -145,10 +145,14 @@ func (w *Worker) startQueries() (micro.Service, error) {
 // lookup finds the handle of one of this host's VMs.
 func (w *Worker) lookup(ctx context.Context, name string) (vm.VmHandle, error) {
 	w.mu.Lock()
+	var h vm.VmHandle
 	l, ok := w.vms[name]
+	if ok {
+		h = l.handle.Clone() // under the lock: note replaces it
+	}
 	w.mu.Unlock()
 	if ok {
-		return l.handle.Clone(), nil
+		return h, nil
 	}
 	kv, err := w.cfg.JS.KeyValue(ctx, w.cfg.Names.RecordsBucket())
 	if err != nil {
