@@ -144,3 +144,40 @@ func TestEngineRefusesBadQuota(t *testing.T) {
 		t.Fatalf("engine with --quota ci-: exit %d\n%s", code, out)
 	}
 }
+
+// engine creds signs credentials with the data dir's authority, and says
+// what is wrong with a request it cannot serve.
+func TestEngineCreds(t *testing.T) {
+	bin := testenv.Binaries(t)
+	dir := filepath.Join(t.TempDir(), "data")
+	run := func(args ...string) (string, int) {
+		out, errOut, code := testenv.Run(t, 30*time.Second, nil, filepath.Join(bin, "engine"), append([]string{"creds", "--data-dir", dir}, args...)...)
+		return out + errOut, code
+	}
+	if out, code := run("--role", "worker", "--host", "h2"); code != 0 || !strings.Contains(out, "BEGIN NATS USER JWT") || !strings.Contains(out, "BEGIN USER NKEY SEED") {
+		t.Fatalf("creds for worker h2: exit %d\n%s", code, out)
+	}
+	file := filepath.Join(t.TempDir(), "alice.creds")
+	if out, code := run("--role", "operator", "--name", "alice", "-o", file); code != 0 {
+		t.Fatalf("creds -o: exit %d\n%s", code, out)
+	}
+	if st, err := os.Stat(file); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("%s: %v %v", file, err, st.Mode())
+	}
+	if out, code := run("--server-config"); code != 0 || !strings.Contains(out, "resolver: MEMORY") || !strings.Contains(out, "operator: ") {
+		t.Fatalf("--server-config: exit %d\n%s", code, out)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--role", "worker"}, "--role worker needs --host"},
+		{[]string{"--role", "viewer", "--host", "h1"}, "--host is for --role worker only"},
+		{[]string{"--role", "root"}, `unknown role "root"`},
+		{[]string{"--role", "worker", "--host", "H 1"}, "host"},
+	} {
+		if out, code := run(c.args...); code == 0 || !strings.Contains(out, c.want) {
+			t.Errorf("creds %v: exit %d, want an error with %q\n%s", c.args, code, c.want, out)
+		}
+	}
+}

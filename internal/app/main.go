@@ -60,11 +60,7 @@ node's configuration). The roles are in docs/trust.md.`,
 			if id.Role != auth.RoleWorker && host != "" {
 				return fmt.Errorf("--host is for --role worker only")
 			}
-			perms, err := id.Permissions()
-			if err != nil {
-				return err
-			}
-			b, err := a.Creds(id.Name(), perms)
+			b, err := a.IdentityCreds(id)
 			if err != nil {
 				return err
 			}

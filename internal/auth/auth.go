@@ -139,15 +139,21 @@ func (a *Authority) WriteCreds(path string, id Identity) error {
 	if _, err := os.Stat(path); err == nil {
 		return nil
 	}
-	perms, err := id.Permissions()
-	if err != nil {
-		return err
-	}
-	b, err := a.Creds(id.Name(), perms)
+	b, err := a.IdentityCreds(id)
 	if err != nil {
 		return err
 	}
 	return writeFile(path, b)
+}
+
+// IdentityCreds returns a credentials file for id, with its role's
+// permissions.
+func (a *Authority) IdentityCreds(id Identity) ([]byte, error) {
+	perms, err := id.Permissions()
+	if err != nil {
+		return nil, err
+	}
+	return a.Creds(id.Name(), perms)
 }
 
 // ConfigureServer puts an embedded server in operator mode with this
