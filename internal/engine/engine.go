@@ -108,15 +108,23 @@ func (e *Engine) Hosts() *hosts.Registry { return e.hosts }
 // Run serves until ctx ends, then stops taking commands and waits for the
 // ones in progress to be decided (drain) before returning.
 func (e *Engine) Run(ctx context.Context) error {
-	hostsKV, err := e.cfg.JS.KeyValue(ctx, e.cfg.Names.HostsBucket())
-	if err != nil {
+	// Against a cluster still electing leaders these reads time out: they
+	// are retried (and logged) like every start-up step.
+	var hostsKV jetstream.KeyValue
+	if err := events.RetryStartup(ctx, e.log, "the hosts bucket", func(sctx context.Context) (err error) {
+		hostsKV, err = e.cfg.JS.KeyValue(sctx, e.cfg.Names.HostsBucket())
+		return err
+	}); err != nil {
 		return fmt.Errorf("engine: opening %s: %w", e.cfg.Names.HostsBucket(), err)
 	}
 	e.cfg.Metrics.Register(hostCollector{e.hosts})
 	// What the VMs already placed take, before the first placement; the
 	// projector's folds keep the count from here on.
-	recs, err := projection.Load(ctx, e.cfg.JS, e.cfg.Names)
-	if err != nil {
+	var recs map[string]*projection.VmRecord
+	if err := events.RetryStartup(ctx, e.log, "the records, to count what is placed", func(sctx context.Context) (err error) {
+		recs, err = projection.Load(sctx, e.cfg.JS, e.cfg.Names)
+		return err
+	}); err != nil {
 		return fmt.Errorf("engine: loading records: %w", err)
 	}
 	for _, r := range recs {

@@ -92,8 +92,14 @@ func (p *Projector) Run(ctx context.Context) error {
 		p.MaxInFlight = 1024
 	}
 	p.slots = make(chan struct{}, p.MaxInFlight)
-	kv, err := p.JS.KeyValue(ctx, p.Names.RecordsBucket())
-	if err != nil {
+	var kv jetstream.KeyValue
+	if err := events.RetryStartup(ctx, p.Log, "the records bucket", func(sctx context.Context) (err error) {
+		kv, err = p.JS.KeyValue(sctx, p.Names.RecordsBucket())
+		return err
+	}); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return fmt.Errorf("projection: opening bucket: %w", err)
 	}
 	p.mu.Lock()

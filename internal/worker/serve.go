@@ -46,8 +46,15 @@ func (w *Worker) Heartbeat() hosts.Heartbeat {
 }
 
 func (w *Worker) heartbeat(ctx context.Context) error {
-	kv, err := w.cfg.JS.KeyValue(ctx, w.cfg.Names.HostsBucket())
-	if err != nil {
+	// A cluster still electing the bucket's leader times out: wait it out.
+	var kv jetstream.KeyValue
+	if err := events.RetryStartup(ctx, w.log, "the hosts bucket", func(sctx context.Context) (err error) {
+		kv, err = w.cfg.JS.KeyValue(sctx, w.cfg.Names.HostsBucket())
+		return err
+	}); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return fmt.Errorf("worker: opening %s: %w", w.cfg.Names.HostsBucket(), err)
 	}
 	t := time.NewTicker(w.cfg.HeartbeatEvery)

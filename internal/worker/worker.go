@@ -500,8 +500,13 @@ func (w *Worker) findResult(ctx context.Context, t *events.Task) (*events.Event,
 
 // adopt takes back the VMs the records place on this host, after a restart.
 func (w *Worker) adopt(ctx context.Context) error {
-	recs, err := projection.Load(ctx, w.cfg.JS, w.cfg.Names)
-	if err != nil {
+	// Reading the records waits out a cluster still electing leaders;
+	// adopting them has no deadline (a host may have many VMs).
+	var recs map[string]*projection.VmRecord
+	if err := events.RetryStartup(ctx, w.log, "the records, to re-adopt this host's VMs", func(sctx context.Context) (err error) {
+		recs, err = projection.Load(sctx, w.cfg.JS, w.cfg.Names)
+		return err
+	}); err != nil {
 		return fmt.Errorf("worker: loading records: %w", err)
 	}
 	for name, r := range recs {
