@@ -1,13 +1,11 @@
 package app
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -16,6 +14,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/natsserver"
+	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
 )
 
 // bareServer is an embedded server with JetStream and no vmherd streams.
@@ -38,29 +37,12 @@ func bareServer(t *testing.T) (*nats.Conn, jetstream.JetStream) {
 	return nc, js
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // A worker started before any engine waits for the engine's streams,
 // saying what it waits for, and never creates or changes them: the
 // settings the engine chose survive a worker with other defaults.
 func TestWorkerWaitsForAndNeverChangesStreams(t *testing.T) {
 	nc, js := bareServer(t)
-	var logs lockedBuffer
+	var logs syncbuf.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
 	wo := WorkerOptions{Host: "h1", Backends: "noop", DataDir: t.TempDir()}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

@@ -1,13 +1,13 @@
 package vmctl
 
 import (
-	"bytes"
 	"io"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
 )
 
 // attach forwards keystrokes up to the detach key, shows what the console
@@ -23,7 +23,7 @@ func TestAttachDetachKey(t *testing.T) {
 		_, _ = io.Copy(io.Discard, server)
 	}()
 	in := &slowReader{chunks: []string{"root", "\n\x1dignored"}}
-	var out syncBuffer
+	var out syncbuf.Buffer
 	done := make(chan error, 1)
 	go func() { done <- attach(client, in, &out) }()
 	select {
@@ -52,21 +52,4 @@ func (r *slowReader) Read(p []byte) (int, error) {
 	n := copy(p, r.chunks[0])
 	r.chunks = r.chunks[1:]
 	return n, nil
-}
-
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

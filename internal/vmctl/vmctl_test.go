@@ -14,6 +14,7 @@ import (
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/testenv"
+	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -34,7 +35,7 @@ func vmctl(t *testing.T, ctx context.Context, url string, args ...string) result
 	if url == "" {
 		url = "nats://" + testenv.Addr(testenv.FreePort(t))
 	}
-	var out, errOut syncBuffer
+	var out, errOut syncbuf.Buffer
 	start := time.Now()
 	code := Run(ctx, append([]string{"--server", url}, args...), &out, &errOut)
 	return result{code: code, out: out.String(), err: errOut.String(), took: time.Since(start)}
@@ -190,7 +191,7 @@ func TestInterruptAndTimeoutAfterStore(t *testing.T) {
 
 	// Ctrl-C once accepted.
 	cctx, cancel := context.WithCancel(ctx)
-	var out, errOut syncBuffer
+	var out, errOut syncbuf.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- Run(cctx, []string{"--server", env.URL, "--progress", "always", "start", "web1"}, &out, &errOut)
@@ -368,7 +369,7 @@ func TestLogTailFollow(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	var out syncBuffer
+	var out syncbuf.Buffer
 	done := make(chan error, 1)
 	go func() {
 		done <- printConsoleLog(ctx, vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, LogPath: p}, &out, 2, true)

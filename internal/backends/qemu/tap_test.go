@@ -9,13 +9,13 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/testenv/require"
+	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -80,7 +80,7 @@ func TestTapNetworking(t *testing.T) {
 		"--interface=br0", "--bind-interfaces",
 		"--dhcp-range=10.213.0.100,10.213.0.150,255.255.255.0,1h",
 		"--dhcp-leasefile="+leases, "--pid-file="+filepath.Join(dir, "dnsmasq.pid"))
-	var dlog lockedBuffer
+	var dlog syncbuf.Buffer
 	dnsmasq.Stdout, dnsmasq.Stderr = &dlog, &dlog
 	if err := dnsmasq.Start(); err != nil {
 		t.Fatal(err)
@@ -155,21 +155,4 @@ func TestTapNetworking(t *testing.T) {
 			t.Errorf("tap %s still exists after stop/destroy: %s", h.TapDevice, out)
 		}
 	}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
