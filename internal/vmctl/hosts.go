@@ -164,8 +164,39 @@ func (g *globals) hostCmd() *cobra.Command {
 			return g.forgetHost(cmd.Context(), args[0])
 		},
 	}
+	for _, sub := range []*cobra.Command{cordon, uncordon, drain, forget} {
+		sub.ValidArgsFunction = g.completeHosts
+	}
 	c.AddCommand(ls, cordon, uncordon, drain, forget)
 	return c
+}
+
+// completeHosts completes host names from VM_HOSTS.
+func (g *globals) completeHosts(cmd *cobra.Command, args []string, prefix string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	const none = cobra.ShellCompDirectiveNoFileComp
+	if len(args) > 0 {
+		return nil, none
+	}
+	if err := g.conn(); err != nil {
+		return nil, none | cobra.ShellCompDirectiveError
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Second)
+	defer cancel()
+	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
+	if err != nil {
+		return nil, none | cobra.ShellCompDirectiveError
+	}
+	hs, err := hosts.Snapshot(ctx, kv, hosts.DefaultLostAfter)
+	if err != nil {
+		return nil, none | cobra.ShellCompDirectiveError
+	}
+	var out []cobra.Completion
+	for _, h := range hs {
+		if strings.HasPrefix(h.Host, prefix) {
+			out = append(out, h.Host)
+		}
+	}
+	return out, none
 }
 
 func hostArg(cmd *cobra.Command, args []string) error {

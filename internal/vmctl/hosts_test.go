@@ -249,4 +249,7 @@ func TestHostDrain(t *testing.T) {
 	if r := vmctl(t, ctx, url, "host", "cordon", "nope"); r.code != ExitFailed || !strings.Contains(r.err, "no host named nope (known hosts: h1)") {
 		t.Fatalf("cordon an unknown host:\n%s", r)
 	}
+	if r := vmctl(t, ctx, url, "__complete", "host", "uncordon", "h"); !strings.HasPrefix(r.out, "h1\n") {
+		t.Fatalf("completion of host names:\n%s", r)
+	}
 }
