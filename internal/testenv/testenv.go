@@ -372,11 +372,20 @@ func (e *Env) AllEvents() []events.Stored {
 	return out
 }
 
-// WaitHost waits until the engine sees host alive.
+// WaitHost waits until the engine sees host alive and decides commands
+// (its pull requests are open on the command consumer, which is how vmctl
+// tells that an engine runs; the engine opens them only after it has
+// loaded the hosts).
 func (e *Env) WaitHost(eng *Part, host string) {
 	e.T.Helper()
-	e.WaitFor("host "+host+" alive", 20*time.Second, func() bool {
-		return eng.Engine.Hosts().Alive(host)
+	e.WaitFor("host "+host+" alive and the engine pulling commands", 20*time.Second, func() bool {
+		if !eng.Engine.Hosts().Alive(host) {
+			return false
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		c, err := e.JS.Consumer(ctx, e.Names.CommandsStream(), e.Names.CommandConsumer())
+		return err == nil && c.CachedInfo().NumWaiting > 0
 	})
 }
 
