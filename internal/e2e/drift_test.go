@@ -11,16 +11,6 @@ import (
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
-func countType(env *testenv.Env, name string, t events.Type) int {
-	n := 0
-	for _, s := range env.Events(name) {
-		if s.Event != nil && s.Event.Type == t {
-			n++
-		}
-	}
-	return n
-}
-
 // A VM whose process dies without a command yields one exited event and
 // the record reads stopped; it can be started again.
 func TestDriftExit(t *testing.T) {
@@ -40,7 +30,7 @@ func TestDriftExit(t *testing.T) {
 	if ev := env.Result("c1", "s2", wait); ev.Type != events.TypeStarted {
 		t.Fatalf("restart after crash: %+v", ev)
 	}
-	if n := countType(env, "c1", events.TypeExited); n != 1 {
+	if n := env.CountType("c1", events.TypeExited); n != 1 {
 		t.Fatalf("%d exited events, want 1", n)
 	}
 }
@@ -119,7 +109,7 @@ func TestHostLostAndBack(t *testing.T) {
 		r := record(t, env, "v2")
 		return r != nil && r.State == vm.StateStopped
 	})
-	if n := countType(env, "v2", events.TypeExited); n != 1 {
+	if n := env.CountType("v2", events.TypeExited); n != 1 {
 		t.Fatalf("%d exited events for v2, want 1", n)
 	}
 	if r := record(t, env, "v1"); r.State != vm.StateRunning {

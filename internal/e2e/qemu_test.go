@@ -163,7 +163,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 		r := record(t, env, "q1")
 		return r != nil && r.State == vm.StateStopped
 	})
-	if n := countType(env, "q1", events.TypeExited); n != 1 {
+	if n := env.CountType("q1", events.TypeExited); n != 1 {
 		t.Fatalf("%d exited events for q1, want 1", n)
 	}
 
@@ -198,7 +198,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 			t.Errorf("QEMU pid %d still alive after destroy", pid)
 		}
 	}
-	if n := countType(env, "q1", events.TypeExited); n != 1 {
+	if n := env.CountType("q1", events.TypeExited); n != 1 {
 		t.Fatalf("%d exited events for q1 at the end, want 1", n)
 	}
 	c := env.CheckStreams()

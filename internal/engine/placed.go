@@ -80,24 +80,21 @@ func (c *placedCount) vmsOn(host string) []string {
 
 // onHost counts the VMs (not destroyed) on host.
 func (c *placedCount) onHost(host string) int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	n := 0
-	for _, v := range c.vms {
-		if v.host == host {
-			n++
-		}
-	}
-	return n
+	return c.count(func(_ string, v placedVM) bool { return v.host == host })
 }
 
 // withPrefix counts the VMs (not destroyed) whose names start with p.
 func (c *placedCount) withPrefix(p string) int {
+	return c.count(func(name string, v placedVM) bool { return v.host != "" && strings.HasPrefix(name, p) })
+}
+
+// count counts the VMs for which keep holds.
+func (c *placedCount) count(keep func(name string, v placedVM) bool) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := 0
 	for name, v := range c.vms {
-		if v.host != "" && strings.HasPrefix(name, p) {
+		if keep(name, v) {
 			n++
 		}
 	}

@@ -272,6 +272,18 @@ func (e *Env) Events(vmName string) []events.Stored {
 	return evs
 }
 
+// CountType counts the VM's events of type t.
+func (e *Env) CountType(vmName string, t events.Type) int {
+	e.T.Helper()
+	n := 0
+	for _, s := range e.Events(vmName) {
+		if s.Event != nil && s.Event.Type == t {
+			n++
+		}
+	}
+	return n
+}
+
 // WaitFor polls (never sleeps blindly) until cond holds or the deadline passes.
 func (e *Env) WaitFor(what string, timeout time.Duration, cond func() bool) {
 	e.T.Helper()

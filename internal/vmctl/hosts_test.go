@@ -59,16 +59,6 @@ func recordOf(t *testing.T, env *testenv.Env, name string) *projection.VmRecord 
 	return r
 }
 
-func countType(env *testenv.Env, name string, ty events.Type) int {
-	n := 0
-	for _, s := range env.Events(name) {
-		if s.Event != nil && s.Event.Type == ty {
-			n++
-		}
-	}
-	return n
-}
-
 func hasHostEvent(t *testing.T, env *testenv.Env, host string, ty events.HostEventType) *events.HostEvent {
 	for _, ev := range hostEvents(t, env, host) {
 		if ev.Type == ty {
@@ -176,7 +166,7 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 	w1 = env.StartWorker(testenv.WorkerConfig{Host: "h1", Noop: nb1})
 	env.WaitHost(eng, "h1")
 	env.WaitFor("host_back event", wait, func() bool { return hasHostEvent(t, env, "h1", events.HostBack) != nil })
-	env.WaitFor("a fenced on h1", wait, func() bool { return countType(env, "a", events.TypeFenced) == 1 })
+	env.WaitFor("a fenced on h1", wait, func() bool { return env.CountType("a", events.TypeFenced) == 1 })
 	if got := nb1.Effects("destroy"); got != 1 {
 		t.Fatalf("h1 destroyed %d VMs on return, want 1 (a)", got)
 	}
