@@ -96,12 +96,28 @@ func TestFleetNatsNodeKills(t *testing.T) {
 	}
 	var kills []kill
 	names := events.DefaultNames
+	// stored counts what VM_EVENTS holds (0 when it cannot be read).
+	stored := func(ctx context.Context) uint64 {
+		st, err := env.JS.Stream(ctx, names.EventsStream())
+		if err != nil {
+			return 0
+		}
+		return st.CachedInfo().State.Msgs
+	}
 	stats := c.runLoad(env, loadVMs, 10, func(fctx context.Context) {
 		for _, stream := range []string{names.EventsStream(), names.TasksStream(), names.CommandsStream()} {
+			// The load runs on the healthy cluster for 3 s, and until it
+			// has stored events since the last kill (a loaded machine can
+			// take longer than 3 s to get the first results through), so
+			// every kill has results before it to measure a stall from.
+			from := stored(fctx)
 			select {
 			case <-fctx.Done():
 				return
-			case <-time.After(3 * time.Second): // the load runs on the healthy cluster
+			case <-time.After(3 * time.Second):
+			}
+			for deadline := time.Now().Add(time.Minute); stored(fctx) < from+20 && time.Now().Before(deadline); {
+				time.Sleep(200 * time.Millisecond)
 			}
 			i := leader(stream)
 			k := kill{node: f.Nodes[i].Name, role: "leader of " + stream, at: time.Now()}
