@@ -45,6 +45,9 @@ type EngineOptions struct {
 	// MaxVMsPerHost and Quotas (PREFIX=N) bound the VMs that exist.
 	MaxVMsPerHost int
 	Quotas        []string
+	// CommandRate and CommandBurst: each issuer's command rate limit.
+	CommandRate  float64
+	CommandBurst int
 	// DrainTimeout bounds a graceful stop (cmd/engine only).
 	DrainTimeout time.Duration
 	Conn         ConnOptions
@@ -68,6 +71,8 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.IntVar(&o.MaxVMsPerHost, "max-vms-per-host", 0, "the most VMs (not destroyed) one host may have; a prepare beyond it is rejected (0: no limit)")
 	fs.StringArrayVar(&o.Quotas, "quota", nil, "PREFIX=N: at most N VMs (not destroyed) whose names start with PREFIX (repeatable)")
+	fs.Float64Var(&o.CommandRate, "command-rate", 50, "commands per second each issuer (the identity in vm.cmd.<vm>.<action>.<issuer>) may have decided; more are rejected (0: no limit)")
+	fs.IntVar(&o.CommandBurst, "command-burst", 200, "commands an issuer may send at once before --command-rate applies")
 	fs.BoolVar(&o.NoAuth, "no-auth", false, "run the embedded NATS server without authentication (refused unless --listen is a loopback address; for trying things only)")
 	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics, the local worker's included (e.g. 127.0.0.1:9100; default: off)")
 	addDrainFlag(fs, &o.DrainTimeout)
@@ -144,13 +149,16 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	if err != nil {
 		return err
 	}
+	if o.CommandRate < 0 || o.CommandBurst < 1 {
+		return fmt.Errorf("--command-rate %g --command-burst %d: the rate must be >= 0 and the burst >= 1", o.CommandRate, o.CommandBurst)
+	}
 	var eng *engine.Engine
 	err = events.RetryStartup(ctx, log, "the engine's consumers and buckets", func(sctx context.Context) (err error) {
 		eng, err = engine.New(sctx, engine.Config{
 			Metrics: ms,
 			JS:      js, Names: o.Streams.Names(), Settings: o.Streams.Settings(), Log: log, ID: o.ID,
 			HostLostAfter: o.HostTimeout, Concurrency: o.Concurrency, AckWait: o.AckWait, Quotas: quotas,
-			StateDir: o.DataDir,
+			StateDir: o.DataDir, RateLimit: engine.RateLimit{PerSecond: o.CommandRate, Burst: o.CommandBurst},
 		})
 		return err
 	})

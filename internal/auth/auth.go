@@ -194,3 +194,21 @@ func (a *Authority) ServerConfig() (string, error) {
 	return fmt.Sprintf("operator: %q\nsystem_account: %s\nresolver: MEMORY\nresolver_preload: {\n  %s: %q\n  %s: %q\n}\n",
 		op, a.SysPub, a.AccountPub, a.AccountJWT, a.SysPub, a.SystemJWT), nil
 }
+
+// CredsName returns the identity name in a credentials file's user JWT:
+// the issuer token its holder puts on commands.
+func CredsName(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	tok, err := jwt.ParseDecoratedJWT(b)
+	if err != nil {
+		return "", fmt.Errorf("auth: %s: %w", path, err)
+	}
+	uc, err := jwt.DecodeUserClaims(tok)
+	if err != nil {
+		return "", fmt.Errorf("auth: %s: %w", path, err)
+	}
+	return uc.Name, nil
+}

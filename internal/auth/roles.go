@@ -76,9 +76,14 @@ func (id Identity) Permissions() (jwt.Permissions, error) {
 		p.Pub.Allow.Add(">")
 		p.Sub.Allow.Add(">")
 	case RoleOperator, RoleViewer:
+		if err := vm.ValidateIdentity(id.Name()); err != nil {
+			return p, fmt.Errorf("auth: %s identity: %w", id.Role, err)
+		}
 		reader(&p, n)
 		if id.Role == RoleOperator {
-			p.Pub.Allow.Add(n.Commands())
+			// Commands only with its own name as the issuer token: what
+			// the engines record and rate-limit.
+			p.Pub.Allow.Add(n.IssuerCommands(id.Name()))
 			p.Pub.Allow.Add("$KV." + n.HostsBucket() + ".*.cordon") // cordon, uncordon, drain
 		}
 	case RoleWorker:

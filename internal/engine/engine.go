@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"sync"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -47,6 +48,8 @@ type Config struct {
 	Quotas Quotas
 	// Metrics, if set, records decisions, VMs by state and host heartbeats.
 	Metrics *metrics.Set
+	// RateLimit bounds each issuer's commands per second.
+	RateLimit RateLimit
 	// StateDir keeps the engine's own files (the projection checkpoint);
 	// "" keeps none (the projection then replays from the start on restart).
 	StateDir string
@@ -61,6 +64,10 @@ type Engine struct {
 	proj  *projection.Projector
 	exec  *keyed.Serial
 	adm   admission
+	// limits and overRate: the per-issuer rate limit and the bounded
+	// pool that stores its rejections.
+	limits   *issuerLimits
+	overRate chan struct{}
 	// placed counts what the VMs on each host take, for placement.
 	placed *placedCount
 }
@@ -87,12 +94,14 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		return nil, err
 	}
 	e := &Engine{
-		cfg:    cfg,
-		log:    cfg.Log.With("part", "engine", "engine", cfg.ID),
-		store:  st,
-		hosts:  hosts.NewRegistry(cfg.HostLostAfter),
-		exec:   keyed.New(cfg.Concurrency),
-		placed: newPlacedCount(cfg.Metrics),
+		cfg:      cfg,
+		log:      cfg.Log.With("part", "engine", "engine", cfg.ID),
+		store:    st,
+		hosts:    hosts.NewRegistry(cfg.HostLostAfter),
+		exec:     keyed.New(cfg.Concurrency),
+		placed:   newPlacedCount(cfg.Metrics),
+		limits:   newIssuerLimits(cfg.RateLimit),
+		overRate: make(chan struct{}, cfg.Concurrency),
 	}
 	e.adm = admission{hosts: e.hosts, lostAfter: cfg.HostLostAfter, placed: e.placed.on, quotas: cfg.Quotas, count: e.placed}
 	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log, Observe: e.placed.observe}
@@ -157,8 +166,18 @@ func (e *Engine) runCommands(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("engine: creating command consumer: %w", err)
 	}
+	var overRate sync.WaitGroup
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
-		name, _, _ := e.cfg.Names.ParseCommandSubject(msg.Subject())
+		name, action, issuer, _ := e.cfg.Names.ParseCommandSubject(msg.Subject())
+		// Over its issuer's rate, a command is rejected without waiting
+		// behind the VM's other commands (a redelivery is decided as
+		// usual: it may have been decided before).
+		if md, err := msg.Metadata(); err == nil && md.NumDelivered == 1 && !e.limits.allow(issuer, time.Now()) {
+			e.overRate <- struct{}{}
+			overRate.Add(1)
+			e.rejectOverRate(ctx, msg, name, action, issuer, func() { <-e.overRate; overRate.Done() })
+			return
+		}
 		e.exec.Do(name, func() { e.handle(ctx, msg) })
 	}, events.PullOpts(2*e.cfg.Concurrency)...)
 	if err != nil {
@@ -168,6 +187,7 @@ func (e *Engine) runCommands(ctx context.Context) error {
 	cc.Drain()
 	<-cc.Closed()
 	e.exec.Wait()
+	overRate.Wait()
 	return nil
 }
 
@@ -183,9 +203,15 @@ func reject(format string, args ...any) error {
 // handle decides one command. It acks only after the decision is stored; on
 // an error it leaves the message for redelivery.
 func (e *Engine) handle(ctx context.Context, msg jetstream.Msg) {
+	e.settle(ctx, msg, func(dctx context.Context) error { return e.decide(dctx, msg) })
+}
+
+// settle runs decide with a deadline that outlives shutdown (drain), then
+// acks the command, or leaves it for redelivery on an error.
+func (e *Engine) settle(ctx context.Context, msg jetstream.Msg, decide func(context.Context) error) {
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	if err := e.decide(dctx, msg); err != nil {
+	if err := decide(dctx); err != nil {
 		e.log.Warn("deciding command failed; it will be redelivered", "subject", msg.Subject(), "err", err)
 		_ = msg.NakWithDelay(time.Second)
 		return
@@ -198,15 +224,15 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 	if err != nil {
 		return err
 	}
-	name, action, shapeOK := e.cfg.Names.ParseCommandSubject(msg.Subject())
+	name, action, issuer, shapeOK := e.cfg.Names.ParseCommandSubject(msg.Subject())
 	cmdID := commandID(msg, md.Sequence.Stream)
-	base := events.Event{VM: name, CommandID: cmdID, Action: fsm.Action(action)}
+	base := events.Event{VM: name, CommandID: cmdID, Action: fsm.Action(action), Issuer: issuer}
 
 	// The subject must name a valid VM; else the rejection goes to a
 	// subject that cannot collide with a real VM.
 	if err := vm.ValidateName(name); err != nil || !shapeOK {
 		if err == nil {
-			err = fmt.Errorf("subject %q must be %s", msg.Subject(), e.cfg.Names.Command("<vm>", "<action>"))
+			err = fmt.Errorf("subject %q must be %s or %s", msg.Subject(), e.cfg.Names.Command("<vm>", "<action>"), e.cfg.Names.IssuedCommand("<vm>", "<action>", "<issuer>"))
 		}
 		return e.appendInvalid(ctx, base, fmt.Sprintf("vm name in subject: %v", err))
 	}
@@ -218,6 +244,11 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		}
 	}
 	cmd, act, perr := parse(action, msg.Data())
+	if perr == nil && issuer != "" {
+		if err := vm.ValidateIdentity(issuer); err != nil {
+			perr = reject("issuer in subject: %v", err)
+		}
+	}
 	if cmd != nil && cmd.CommandID != "" {
 		base.CommandID = cmd.CommandID
 	}

@@ -70,6 +70,8 @@ func (s *scanner) event(ev *Event) bool {
 			bit, ok = 1<<13, s.uintInto(&ev.AcceptedSeq)
 		case "forget":
 			bit, ok = 1<<14, s.boolInto(&ev.Forget)
+		case "issuer":
+			bit, ok = 1<<15, s.strInto(&ev.Issuer)
 			// "abandoned" (a forget's list, rare) is left to encoding/json.
 		}
 		if !ok || !once(&seen, bit) {

@@ -64,16 +64,19 @@ type Command struct {
 
 // Event is the envelope of a message on vm.evt.<vm>.<type>.
 type Event struct {
-	Type      Type         `json:"type"`
-	VM        string       `json:"vm"`
-	CommandID string       `json:"command_id,omitempty"`
-	Action    fsm.Action   `json:"action,omitempty"`
-	Time      time.Time    `json:"time"`
-	Host      string       `json:"host,omitempty"`
-	State     vm.VmState   `json:"state,omitempty"`
-	Handle    *vm.VmHandle `json:"handle,omitempty"`
-	Reason    string       `json:"reason,omitempty"`
-	Error     string       `json:"error,omitempty"`
+	Type      Type       `json:"type"`
+	VM        string     `json:"vm"`
+	CommandID string     `json:"command_id,omitempty"`
+	Action    fsm.Action `json:"action,omitempty"`
+	// Issuer, on a decision, is the identity that sent the command (the
+	// issuer token of its subject); empty for a command without one.
+	Issuer string       `json:"issuer,omitempty"`
+	Time   time.Time    `json:"time"`
+	Host   string       `json:"host,omitempty"`
+	State  vm.VmState   `json:"state,omitempty"`
+	Handle *vm.VmHandle `json:"handle,omitempty"`
+	Reason string       `json:"reason,omitempty"`
+	Error  string       `json:"error,omitempty"`
 
 	// Accepted events carry what the worker needs to run the command, so a
 	// task can always be derived again from the event alone.

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vmherd/vmherd/internal/fsm"
 )
 
 // DefaultPrefix is the first token of every subject.
@@ -37,11 +39,26 @@ func (n Names) CommandConsumer() string { return "engine" }
 // the engines, that turns each accepted event into its task.
 func (n Names) DispatchConsumer() string { return "dispatch" }
 
-// Command is vm.cmd.<vm>.<action>.
+// Command is vm.cmd.<vm>.<action>: a command without an issuer token,
+// which only full-trust identities (admin, engine) may publish.
 func (n Names) Command(vmName, action string) string {
 	return fmt.Sprintf("%s.cmd.%s.%s", n.Prefix, vmName, action)
 }
-func (n Names) Commands() string { return n.Prefix + ".cmd.>" }
+
+// IssuedCommand is vm.cmd.<vm>.<action>.<issuer>: a command with its
+// issuer's identity name as the last token. The server's permissions pin
+// the token, so an operator's commands always name the operator, and the
+// engine's per-issuer rate limit applies to it.
+func (n Names) IssuedCommand(vmName, action, issuer string) string {
+	if issuer == "" {
+		return n.Command(vmName, action)
+	}
+	return n.Command(vmName, action) + "." + issuer
+}
+
+// IssuerCommands is every command an issuer may publish: vm.cmd.*.*.<issuer>.
+func (n Names) IssuerCommands(issuer string) string { return n.Prefix + ".cmd.*.*." + issuer }
+func (n Names) Commands() string                    { return n.Prefix + ".cmd.>" }
 
 // EngineWriter is the writer token of the events the engines write
 // (decisions, and the results of a forget). It starts with '_', so it is
@@ -111,18 +128,31 @@ func (n Names) HostTaskConsumerConfig(host string, ackWait time.Duration, maxAck
 // Query is the micro-service group a worker answers on: vm.query.<host>.
 func (n Names) Query(host string) string { return n.Prefix + ".query." + host }
 
-// ParseCommandSubject splits vm.cmd.<vm>.<action>. ok is false when the
-// subject has the wrong shape (the caller still rejects it).
-func (n Names) ParseCommandSubject(subj string) (vmName, action string, ok bool) {
+func validAction(s string) bool {
+	_, err := fsm.ParseAction(s)
+	return err == nil
+}
+
+// ParseCommandSubject splits vm.cmd.<vm>.<action>[.<issuer>]. ok is false
+// when the subject has the wrong shape (the caller still rejects it; vmName
+// is then the best guess at the name, for the rejection).
+func (n Names) ParseCommandSubject(subj string) (vmName, action, issuer string, ok bool) {
 	rest, found := strings.CutPrefix(subj, n.Prefix+".cmd.")
 	if !found {
-		return "", "", false
+		return "", "", "", false
 	}
-	i := strings.LastIndexByte(rest, '.')
-	if i < 0 {
-		return rest, "", false
+	tok := strings.Split(rest, ".")
+	switch {
+	case len(tok) == 2:
+		return tok[0], tok[1], "", tok[0] != "" && tok[1] != ""
+	case len(tok) == 3 && tok[0] != "" && tok[2] != "" && validAction(tok[1]):
+		// With an issuer. (A dotted VM name, vm.cmd.web.1.start, is not
+		// one: its middle token is no action.)
+		return tok[0], tok[1], tok[2], true
+	case len(tok) < 2:
+		return rest, "", "", false
 	}
-	return rest[:i], rest[i+1:], !strings.Contains(rest[:i], ".")
+	return strings.Join(tok[:len(tok)-1], "."), tok[len(tok)-1], "", false
 }
 
 // ParseEventSubject splits vm.evt.<vm>.<type>.<writer>.

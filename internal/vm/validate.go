@@ -51,6 +51,12 @@ func ValidateHost(host string) error {
 	return validateToken("host", host)
 }
 
+// ValidateIdentity checks an identity's name (an issuer token in command
+// subjects): the same rule as host ids.
+func ValidateIdentity(name string) error {
+	return validateToken("identity", name)
+}
+
 func validateToken(field, s string) error {
 	switch {
 	case s == "":

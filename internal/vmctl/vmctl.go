@@ -22,6 +22,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
@@ -45,6 +46,7 @@ var Version = ""
 type globals struct {
 	server   string
 	creds    string
+	issuer   string // the credentials' identity name, the commands' issuer token
 	tlsCA    string
 	prefix   string
 	json     bool
@@ -240,6 +242,15 @@ func (g *globals) connect() error {
 	}
 	if creds != "" {
 		opts = append(opts, nats.UserCredentials(creds))
+		// Commands carry the identity's name as their issuer token (what
+		// an operator's permissions require, and what the engines record).
+		name, err := auth.CredsName(creds)
+		if err != nil {
+			return fmt.Errorf("reading credentials %s: %w", creds, err)
+		}
+		if vm.ValidateIdentity(name) == nil {
+			g.issuer = name
+		}
 	}
 	if g.tlsCA != "" {
 		opts = append(opts, nats.RootCAs(g.tlsCA))
@@ -349,7 +360,7 @@ func (g *globals) send(ctx context.Context, name string, action fsm.Action, cmd 
 	if err != nil {
 		return nil, err
 	}
-	ack, err := g.js.Publish(ctx, g.names.Command(name, string(action)), body, jetstream.WithMsgID(cmd.CommandID))
+	ack, err := g.js.Publish(ctx, g.names.IssuedCommand(name, string(action), g.issuer), body, jetstream.WithMsgID(cmd.CommandID))
 	if err != nil {
 		return nil, fmt.Errorf("publishing %s for %s: %w (nothing was stored)", action, name, err)
 	}
