@@ -80,10 +80,16 @@ func (id Identity) Permissions() (jwt.Permissions, error) {
 			return p, fmt.Errorf("auth: %s identity: %w", id.Role, err)
 		}
 		reader(&p, n)
+		// Every reader may read console logs.
+		p.Pub.Allow.Add(n.Log("*", "*"))
 		if id.Role == RoleOperator {
 			// Commands only with its own name as the issuer token: what
 			// the engines record and rate-limit.
 			p.Pub.Allow.Add(n.IssuerCommands(id.Name()))
+			// Consoles and tunnels: type and connect, see the output.
+			p.Pub.Allow.Add(n.Console("*", "*", events.ConsoleAttach), n.Console("*", "*", events.ConsoleIn),
+				n.Tunnel("*", "*", "*", events.TunnelOpen), n.Tunnel("*", "*", "*", events.TunnelUp))
+			p.Sub.Allow.Add(n.Console("*", "*", events.ConsoleOut), n.Tunnel("*", "*", "*", events.TunnelDown))
 			p.Pub.Allow.Add("$KV." + n.HostsBucket() + ".*.cordon") // cordon, uncordon, drain
 		}
 	case RoleWorker:
@@ -154,6 +160,13 @@ func worker(p *jwt.Permissions, n events.Names, h string) {
 	}
 	// Its query service (vm.query.<h>.*) and the micro service discovery.
 	p.Sub.Allow.Add(n.Query(h)+".>", "$SRV.>", "_INBOX_"+h+".>")
+	// The relay of its own VMs' consoles, logs and tunnels (package relay).
+	p.Sub.Allow.Add(
+		n.Console(h, "*", events.ConsoleAttach), n.Console(h, "*", events.ConsoleIn),
+		n.Log(h, "*"),
+		n.Tunnel(h, "*", "*", events.TunnelOpen), n.Tunnel(h, "*", "*", events.TunnelUp),
+	)
+	p.Pub.Allow.Add(n.Console(h, "*", events.ConsoleOut), n.Tunnel(h, "*", "*", events.TunnelDown))
 	denyEngineConsumers(p, n)
 	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1, Expires: time.Minute}
 }

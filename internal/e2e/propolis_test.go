@@ -16,6 +16,7 @@ import (
 	"github.com/vmherd/vmherd/internal/backends/propolis/api"
 	"github.com/vmherd/vmherd/internal/backends/propolis/fake"
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
 	"github.com/vmherd/vmherd/internal/vm"
@@ -126,14 +127,15 @@ func TestPropolisLifecycle(t *testing.T) {
 		t.Fatalf("%d ensures, want 2", n)
 	}
 
-	// console: the endpoint the worker reports, attached as vmctl does.
+	// console: the endpoint the worker reports, and the console attached
+	// as vmctl does, through the worker's relay.
 	ep := consoleEndpoint(t, env, "h1", "web1")
 	if ep.Kind != vm.ConsoleWebSocket || !strings.HasPrefix(ep.URL, "ws://"+srv.Addr()+"/instance/serial") || ep.Headers[api.VersionHeader] != api.Version {
 		t.Fatalf("console endpoint %+v", ep)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
-	conn, err := vmctl.DialConsole(ctx, ep)
+	conn, err := relay.AttachConsole(ctx, env.NC, env.Names, "h1", "web1")
 	if err != nil {
 		t.Fatal(err)
 	}

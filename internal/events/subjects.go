@@ -133,6 +133,43 @@ func validAction(s string) bool {
 	return err == nil
 }
 
+// Console is vm.console.<host>.<vm>.<op>: a VM's serial console, relayed
+// by the worker of its host (package relay). op is ConsoleAttach (a
+// request: the recent output and where live output continues),
+// ConsoleOut (output, published by the worker) or ConsoleIn (keystrokes).
+func (n Names) Console(host, vmName string, op ConsoleOp) string {
+	return n.Prefix + ".console." + host + "." + vmName + "." + string(op)
+}
+
+// ConsoleOp is the last token of a console subject.
+type ConsoleOp string
+
+const (
+	ConsoleAttach ConsoleOp = "attach"
+	ConsoleOut    ConsoleOp = "out"
+	ConsoleIn     ConsoleOp = "in"
+)
+
+// Log is vm.log.<host>.<vm>: requests for pieces of a VM's console log,
+// answered by the worker of its host.
+func (n Names) Log(host, vmName string) string { return n.Prefix + ".log." + host + "." + vmName }
+
+// Tunnel is vm.tunnel.<host>.<vm>.<id>.<op>: one TCP connection to a
+// guest port, relayed by the worker of the VM's host. op is TunnelOpen
+// (the request), TunnelUp (to the guest) or TunnelDown (from it).
+func (n Names) Tunnel(host, vmName, id string, op TunnelOp) string {
+	return n.Prefix + ".tunnel." + host + "." + vmName + "." + id + "." + string(op)
+}
+
+// TunnelOp is the last token of a tunnel subject.
+type TunnelOp string
+
+const (
+	TunnelOpen TunnelOp = "open"
+	TunnelUp   TunnelOp = "up"
+	TunnelDown TunnelOp = "down"
+)
+
 // ParseCommandSubject splits vm.cmd.<vm>.<action>[.<issuer>]. ok is false
 // when the subject has the wrong shape (the caller still rejects it; vmName
 // is then the best guess at the name, for the rejection).

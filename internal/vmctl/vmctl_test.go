@@ -1,7 +1,6 @@
 package vmctl
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -15,7 +14,6 @@ import (
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // result is one vmctl run.
@@ -340,68 +338,3 @@ func TestCrashedAndNotRunning(t *testing.T) {
 	}
 }
 
-func TestLastLines(t *testing.T) {
-	for _, c := range []struct {
-		in   string
-		n    int
-		want string
-	}{
-		{"a\nb\nc\n", 2, "b\nc\n"},
-		{"a\nb\nc", 2, "b\nc"},
-		{"a\nb\nc\n", 5, "a\nb\nc\n"},
-		{"a\nb\nc\n", 0, ""},
-		{"a\nb\nc\n", -1, "a\nb\nc\n"},
-		{"", 3, ""},
-		{"only", 1, "only"},
-	} {
-		if got := string(lastLines([]byte(c.in), c.n)); got != c.want {
-			t.Errorf("lastLines(%q, %d) = %q, want %q", c.in, c.n, got, c.want)
-		}
-	}
-}
-
-// log --tail N -f prints the last lines, then what is appended, until
-// interrupted; a truncated log is read again from its start.
-func TestLogTailFollow(t *testing.T) {
-	t.Parallel()
-	p := filepath.Join(t.TempDir(), "console.log")
-	if err := os.WriteFile(p, []byte("one\ntwo\nthree\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var out syncbuf.Buffer
-	done := make(chan error, 1)
-	go func() {
-		done <- printConsoleLog(ctx, vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, LogPath: p}, &out, 2, true)
-	}()
-	waitOut := func(want string) {
-		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for out.String() != want {
-			if time.Now().After(deadline) {
-				t.Fatalf("output %q, want %q", out.String(), want)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
-	waitOut("two\nthree\n")
-	f, err := os.OpenFile(p, os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, _ = f.WriteString("four\n")
-	f.Close()
-	waitOut("two\nthree\nfour\n")
-	if err := os.WriteFile(p, []byte("rebooted\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	waitOut("two\nthree\nfour\nrebooted\n")
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-	var all bytes.Buffer
-	if err := printConsoleLog(context.Background(), vm.ConsoleEndpoint{LogPath: p}, &all, -1, false); err != nil || all.String() != "rebooted\n" {
-		t.Fatalf("log without -f: %q, %v", all.String(), err)
-	}
-}

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"strconv"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -14,6 +16,7 @@ import (
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -142,6 +145,9 @@ func (w *Worker) startQueries() (micro.Service, error) {
 			return w.cfg.Router.ConsoleEndpoint(h)
 		}),
 	)
+	// Consoles, logs and tunnels of this host's VMs, for vmctl anywhere.
+	w.relay = &relay.Server{NC: w.cfg.NC, Names: w.cfg.Names, Host: w.cfg.Host, Log: w.log, Target: relayTarget{w}}
+	errs = errors.Join(errs, w.relay.AddEndpoints(svc))
 	if errs != nil {
 		_ = svc.Stop()
 		return nil, fmt.Errorf("worker: adding query endpoints: %w", errs)
@@ -183,4 +189,51 @@ func (w *Worker) lookup(ctx context.Context, name string) (vm.VmHandle, error) {
 		return vm.VmHandle{}, fmt.Errorf("vm %s has no handle yet (state %s)", name, r.State)
 	}
 	return *r.Handle, nil
+}
+
+// relayTarget is what the relay (consoles, logs, tunnels) reaches on this
+// host: the VMs the worker knows.
+type relayTarget struct{ w *Worker }
+
+func (t relayTarget) handle(ctx context.Context, name string) (vm.VmHandle, error) {
+	h, err := t.w.lookup(ctx, name)
+	if err != nil {
+		return h, &relay.StatusError{Code: "404", Err: err}
+	}
+	return h, nil
+}
+
+func (t relayTarget) ConsoleEndpoint(ctx context.Context, name string) (vm.ConsoleEndpoint, error) {
+	h, err := t.handle(ctx, name)
+	if err != nil {
+		return vm.ConsoleEndpoint{}, err
+	}
+	ep, err := t.w.cfg.Router.ConsoleEndpoint(h)
+	if err != nil {
+		return ep, &relay.StatusError{Code: "409", Err: err}
+	}
+	return ep, nil
+}
+
+// GuestAddr: with user-mode networking the guest is reachable only
+// through its forwarded SSH port; otherwise at its address.
+func (t relayTarget) GuestAddr(ctx context.Context, name string, port int) (string, error) {
+	h, err := t.handle(ctx, name)
+	if err != nil {
+		return "", err
+	}
+	if h.Spec == nil || h.Spec.Network == nil || h.Spec.Network.Type == vm.NetworkUser {
+		if h.SSHPort == 0 {
+			return "", &relay.StatusError{Code: "409", Err: fmt.Errorf("vm %s has no forwarded port (user-mode networking on a backend without one)", name)}
+		}
+		if port != 22 {
+			return "", &relay.StatusError{Code: "409", Err: fmt.Errorf("vm %s uses user-mode networking: only the guest's SSH port 22 is reachable from its host, not port %d", name, port)}
+		}
+		return net.JoinHostPort("127.0.0.1", strconv.Itoa(h.SSHPort)), nil
+	}
+	ip, err := t.w.cfg.Router.GuestIP(ctx, h)
+	if err != nil {
+		return "", &relay.StatusError{Code: "409", Err: fmt.Errorf("vm %s: %w", name, err)}
+	}
+	return net.JoinHostPort(ip, strconv.Itoa(port)), nil
 }

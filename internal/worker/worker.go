@@ -26,6 +26,7 @@ import (
 	"github.com/vmherd/vmherd/internal/keyed"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -76,6 +77,8 @@ type Worker struct {
 	log   *slog.Logger
 	store *events.Store
 	exec  *keyed.Serial
+	// relay serves the consoles, logs and tunnels of this host's VMs.
+	relay *relay.Server
 
 	mu  sync.Mutex
 	vms map[string]*local
@@ -150,6 +153,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		return err
 	}
 	defer func() { _ = svc.Stop() }()
+	defer w.relay.Close()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return w.heartbeat(gctx) })
 	g.Go(func() error { return w.watchExits(gctx) })

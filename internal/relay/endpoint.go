@@ -1,4 +1,4 @@
-package vmctl
+package relay
 
 import (
 	"context"
@@ -20,10 +20,22 @@ import (
 // consoleReplay is how much recent output a new console session shows.
 const consoleReplay = 4096
 
-// DialConsole attaches to a VM's console endpoint the way `vmctl console`
-// does, for programs and tests that drive a console themselves.
-func DialConsole(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWriteCloser, error) {
-	return dialConsole(ctx, ep)
+// Dial opens a VM's console endpoint on its host: the backend's unix
+// socket (QEMU) or WebSocket (Propolis).
+func Dial(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWriteCloser, error) {
+	switch ep.Kind {
+	case vm.ConsoleUnixSocket:
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "unix", ep.Path)
+		if err != nil {
+			return nil, fmt.Errorf("connecting to the console socket %s: %w", ep.Path, err)
+		}
+		return c, nil
+	case vm.ConsoleWebSocket:
+		return dialWebSocketConsole(ctx, ep)
+	default:
+		return nil, fmt.Errorf("this VM has no console (backend console kind %q)", ep.Kind)
+	}
 }
 
 // dialWebSocketConsole attaches to a serial console served over a
@@ -49,7 +61,7 @@ func dialWebSocketConsole(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWr
 			}
 			return nil, fmt.Errorf("attaching to the serial console: %w", aerr)
 		}
-		return nil, fmt.Errorf("connecting to the serial console at %s: %w (vmctl console must reach the VM's propolis-server)", u.Redacted(), err)
+		return nil, fmt.Errorf("connecting to the serial console at %s: %w (the worker must reach the VM's propolis-server)", u.Redacted(), err)
 	}
 	conn.SetReadLimit(4 << 20)
 	return newWSConsole(conn), nil
@@ -143,40 +155,41 @@ func (c *wsConsole) Close() error {
 	return c.closeErr
 }
 
-// printWebSocketHistory prints the console output propolis-server keeps
-// for the VM's instance (GET /instance/serial/history), oldest first.
-// printWebSocketHistory writes the Propolis serial history from byte
-// offset from on, and returns the offset to continue from.
-func printWebSocketHistory(ctx context.Context, ep vm.ConsoleEndpoint, out io.Writer, from uint64) (uint64, error) {
+// readWebSocketHistory reads the console output propolis-server keeps
+// for the VM's instance (GET /instance/serial/history): from req.From, or
+// all of it (its last req.Tail lines), at most LogChunk bytes.
+func readWebSocketHistory(ctx context.Context, ep vm.ConsoleEndpoint, req LogRequest) (LogPart, error) {
 	u, err := url.Parse(ep.URL)
 	if err != nil {
-		return from, fmt.Errorf("console endpoint %q: %w", ep.URL, err)
+		return LogPart{}, fmt.Errorf("console endpoint %q: %w", ep.URL, err)
 	}
 	c := api.New(u.Host)
 	all := uint64(1 << 30)
 	q := api.HistoryQuery{MostRecent: &all}
-	if from > 0 {
+	if req.HasFrom {
+		from := req.From
 		q = api.HistoryQuery{FromStart: &from}
 	}
-	for {
-		h, err := c.SerialHistory(ctx, q)
-		if err != nil {
-			if api.StatusOf(err) == http.StatusFailedDependency {
-				return from, fmt.Errorf("no console log: the VM's propolis instance is not running, and propolis-server keeps the log only while it runs: %w", err)
-			}
-			return from, fmt.Errorf("reading the console log: %w", err)
+	h, err := c.SerialHistory(ctx, q)
+	if err != nil {
+		if api.StatusOf(err) == http.StatusFailedDependency {
+			return LogPart{}, fmt.Errorf("no console log: the VM's propolis instance is not running, and propolis-server keeps the log only while it runs: %w", err)
 		}
-		if _, err := out.Write(h.Data); err != nil {
-			return from, err
-		}
-		if len(h.Data) == 0 {
-			return from, nil
-		}
-		next := h.LastByteOffset
-		if q.FromStart != nil && next <= *q.FromStart {
-			return from, nil
-		}
-		from = next
-		q = api.HistoryQuery{FromStart: &next}
+		return LogPart{}, fmt.Errorf("reading the console log: %w", err)
 	}
+	next := h.LastByteOffset
+	if req.HasFrom && next < req.From {
+		next = req.From
+	}
+	data := h.Data
+	if !req.HasFrom {
+		data = LastLines(data, req.Tail)
+		if len(data) > LogChunk {
+			data = data[len(data)-LogChunk:]
+		}
+	} else if len(data) > LogChunk {
+		data = data[:LogChunk]
+		next = req.From + LogChunk
+	}
+	return LogPart{Data: data, Offset: next - uint64(len(data)), Next: next}, nil
 }

@@ -1,0 +1,245 @@
+package relay
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"strconv"
+	"sync"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/vmherd/vmherd/internal/events"
+)
+
+// ReplaySize is how much recent output a new viewer is shown.
+const ReplaySize = 16 << 10
+
+// chunkSize bounds one console output message.
+const chunkSize = 16 << 10
+
+// Hub is the far end of a VM's console, on the VM's host: one connection
+// to the backend's console, read all the time (so the guest never waits
+// for a viewer), its output published on the VM's out subject for any
+// number of viewers, and what viewers type written to the console. It
+// keeps the last ReplaySize bytes for viewers that attach later. A slow
+// viewer cannot hold it up: output goes out as core NATS messages, which
+// the server and the viewer's client drop for a subscriber that falls
+// behind (bounded buffers), never waiting for it.
+type Hub struct {
+	nc      *nats.Conn
+	out     string
+	conn    io.ReadWriteCloser
+	log     *slog.Logger
+	in      *nats.Subscription
+	mu      sync.Mutex
+	ring    []byte
+	offset  uint64 // bytes read from the console so far
+	done    chan struct{}
+	closeMu sync.Once
+}
+
+// StartHub relays conn, the console of vmName on host, until it ends or
+// Close. onEnd runs once when it has ended.
+func StartHub(nc *nats.Conn, names events.Names, host, vmName string, conn io.ReadWriteCloser, log *slog.Logger, onEnd func()) (*Hub, error) {
+	h := &Hub{
+		nc: nc, out: names.Console(host, vmName, events.ConsoleOut), conn: conn,
+		log: log.With("vm", vmName, "part", "console"), done: make(chan struct{}),
+	}
+	in, err := nc.Subscribe(names.Console(host, vmName, events.ConsoleIn), func(m *nats.Msg) {
+		if _, err := conn.Write(m.Data); err != nil {
+			h.log.Debug("writing to the console failed", "err", err)
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("relay: console input subscription: %w", err)
+	}
+	h.in = in
+	go h.pump(onEnd)
+	return h, nil
+}
+
+func (h *Hub) pump(onEnd func()) {
+	defer onEnd()
+	defer close(h.done)
+	buf := make([]byte, chunkSize)
+	for {
+		n, err := h.conn.Read(buf)
+		if n > 0 {
+			h.mu.Lock()
+			off := h.offset
+			h.offset += uint64(n)
+			h.ring = append(h.ring, buf[:n]...)
+			if over := len(h.ring) - ReplaySize; over > 0 {
+				h.ring = append(h.ring[:0], h.ring[over:]...)
+			}
+			h.mu.Unlock()
+			m := nats.NewMsg(h.out)
+			m.Header.Set(HdrOffset, strconv.FormatUint(off, 10))
+			m.Data = append([]byte(nil), buf[:n]...)
+			if perr := h.nc.PublishMsg(m); perr != nil {
+				h.log.Debug("publishing console output failed", "err", perr)
+			}
+		}
+		if err != nil {
+			reason := "the console closed (the VM stopped)"
+			if err != io.EOF {
+				reason = "the console closed: " + err.Error()
+			}
+			_ = h.in.Unsubscribe()
+			m := nats.NewMsg(h.out)
+			h.mu.Lock()
+			m.Header.Set(HdrOffset, strconv.FormatUint(h.offset, 10))
+			h.mu.Unlock()
+			m.Header.Set(HdrClosed, reason)
+			_ = h.nc.PublishMsg(m)
+			_ = h.conn.Close()
+			return
+		}
+	}
+}
+
+// Replay returns the recent output and the offset just after it.
+func (h *Hub) Replay() ([]byte, uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]byte(nil), h.ring...), h.offset
+}
+
+// Done is closed when the hub has ended.
+func (h *Hub) Done() <-chan struct{} { return h.done }
+
+// Close ends the hub (its viewers are told the console closed).
+func (h *Hub) Close() {
+	h.closeMu.Do(func() { _ = h.conn.Close() })
+	<-h.done
+}
+
+// ViewerBuffer is how many output messages a viewer's client holds for
+// it; beyond that its client drops output (and the viewer says how much
+// it lost) instead of growing.
+const ViewerBuffer = 256
+
+// Console is the near end: a viewer of a VM's console. Read returns the
+// replayed recent output, then live output (with a notice where output
+// was lost because this viewer fell behind), and io.EOF once the console
+// closes; Write types into the console.
+type Console struct {
+	nc      *nats.Conn
+	sub     *nats.Subscription
+	ch      chan *nats.Msg
+	in      string
+	pending []byte
+	next    uint64
+	closed  error
+	done    chan struct{}
+	once    sync.Once
+	Lost    uint64 // bytes of output this viewer missed
+}
+
+// AttachConsole attaches to the console of vmName on host.
+func AttachConsole(ctx context.Context, nc *nats.Conn, names events.Names, host, vmName string) (*Console, error) {
+	c := &Console{nc: nc, ch: make(chan *nats.Msg, ViewerBuffer), in: names.Console(host, vmName, events.ConsoleIn), done: make(chan struct{})}
+	// Subscribe first, so no output falls between the replay and the
+	// first live message.
+	sub, err := nc.ChanSubscribe(names.Console(host, vmName, events.ConsoleOut), c.ch)
+	if err != nil {
+		return nil, err
+	}
+	_ = sub.SetPendingLimits(ViewerBuffer, ViewerBuffer*chunkSize)
+	c.sub = sub
+	rep, err := nc.RequestMsgWithContext(ctx, nats.NewMsg(names.Console(host, vmName, events.ConsoleAttach)))
+	if err == nil {
+		err = replyErr(rep)
+	}
+	if err != nil {
+		_ = sub.Unsubscribe()
+		return nil, requestErr("attaching to the console", err)
+	}
+	end, ok, herr := headerUint(rep.Header, HdrOffset)
+	if herr != nil || !ok {
+		_ = sub.Unsubscribe()
+		return nil, fmt.Errorf("attaching to the console: the worker's reply has no valid %s header", HdrOffset)
+	}
+	c.pending, c.next = rep.Data, end
+	return c, nil
+}
+
+// Read returns console output.
+func (c *Console) Read(p []byte) (int, error) {
+	for len(c.pending) == 0 {
+		if c.closed != nil {
+			return 0, c.closed
+		}
+		select {
+		case m := <-c.ch:
+			c.take(m)
+		case <-c.done:
+			return 0, io.EOF
+		}
+	}
+	n := copy(p, c.pending)
+	c.pending = c.pending[n:]
+	return n, nil
+}
+
+// take folds one output message into what Read returns next.
+func (c *Console) take(m *nats.Msg) {
+	off, ok, err := headerUint(m.Header, HdrOffset)
+	if err != nil || !ok {
+		return
+	}
+	if off > c.next {
+		lost := off - c.next
+		c.Lost += lost
+		c.pending = append(c.pending, fmt.Sprintf("\r\n[vmherd: %d bytes of console output lost: this viewer fell behind]\r\n", lost)...)
+		c.next = off
+	}
+	data := m.Data
+	if off < c.next { // already replayed
+		skip := c.next - off
+		if skip >= uint64(len(data)) {
+			data = nil
+		} else {
+			data = data[skip:]
+		}
+	}
+	c.pending = append(c.pending, data...)
+	c.next += uint64(len(data))
+	if reason := m.Header.Get(HdrClosed); reason != "" {
+		c.closed = &ClosedError{Reason: reason}
+	}
+}
+
+// ClosedError: the console ended.
+type ClosedError struct{ Reason string }
+
+func (e *ClosedError) Error() string { return e.Reason }
+
+// Write types p into the console.
+func (c *Console) Write(p []byte) (int, error) {
+	if err := c.nc.Publish(c.in, append([]byte(nil), p...)); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// Close detaches; a Read in progress returns io.EOF.
+func (c *Console) Close() error {
+	var err error
+	c.once.Do(func() {
+		close(c.done)
+		err = c.sub.Unsubscribe()
+	})
+	return err
+}
+
+// Dropped is how many output messages this viewer's client dropped.
+func (c *Console) Dropped() int {
+	n, _ := c.sub.Dropped()
+	return n
+}
+
+// Buffered is how many output messages wait for this viewer.
+func (c *Console) Buffered() int { return len(c.ch) }

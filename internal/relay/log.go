@@ -1,0 +1,200 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// LogChunk bounds one log reply (a NATS message must stay under the
+// server's max payload, 1 MiB by default).
+const LogChunk = 512 << 10
+
+// LogRequest is what a log request asks for.
+type LogRequest struct {
+	From    uint64 // with HasFrom: read from this byte offset
+	HasFrom bool
+	Tail    int // without From: only the last Tail lines (-1: all)
+}
+
+// LogPart is a piece of a console log.
+type LogPart struct {
+	Data   []byte
+	Offset uint64 // of Data's first byte
+	Next   uint64 // where to continue
+}
+
+// ReadLog reads a piece of the console log behind ep, on the VM's host:
+// the log file (QEMU), or the history propolis-server keeps.
+func ReadLog(ctx context.Context, ep vm.ConsoleEndpoint, req LogRequest) (LogPart, error) {
+	switch {
+	case ep.LogPath != "":
+		return readLogFile(ep.LogPath, req)
+	case ep.Kind == vm.ConsoleWebSocket:
+		return readWebSocketHistory(ctx, ep, req)
+	}
+	return LogPart{}, fmt.Errorf("this VM keeps no console log (console kind %q)", ep.Kind)
+}
+
+func readLogFile(path string, req LogRequest) (LogPart, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return LogPart{}, nil // the VM has not written anything yet
+	}
+	if err != nil {
+		return LogPart{}, fmt.Errorf("reading the console log: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return LogPart{}, err
+	}
+	size := uint64(fi.Size())
+	from := req.From
+	if !req.HasFrom {
+		from = 0
+		if req.Tail >= 0 && size > 4*LogChunk {
+			from = size - 4*LogChunk // the tail lines are within the last bit
+		}
+	}
+	if from > size { // truncated or replaced: start again
+		from = 0
+	}
+	n := min(size-from, LogChunk)
+	if !req.HasFrom && req.Tail >= 0 {
+		n = size - from
+	}
+	buf := make([]byte, n)
+	k, err := f.ReadAt(buf, int64(from))
+	if err != nil && !errors.Is(err, io.EOF) {
+		return LogPart{}, fmt.Errorf("reading the console log: %w", err)
+	}
+	buf = buf[:k]
+	part := LogPart{Data: buf, Offset: from, Next: from + uint64(k)}
+	if !req.HasFrom && req.Tail >= 0 {
+		part.Data = LastLines(buf, req.Tail)
+		part.Offset = part.Next - uint64(len(part.Data))
+		if len(part.Data) > LogChunk { // many long lines: the last LogChunk bytes
+			part.Data = part.Data[len(part.Data)-LogChunk:]
+			part.Offset = part.Next - LogChunk
+		}
+	}
+	return part, nil
+}
+
+// LastLines returns the last n lines of b (all of b when n < 0).
+func LastLines(b []byte, n int) []byte {
+	if n < 0 {
+		return b
+	}
+	end := len(b)
+	if end > 0 && b[end-1] == '\n' {
+		end--
+	}
+	i := end
+	for ; n > 0 && i > 0; n-- {
+		j := bytes.LastIndexByte(b[:i], '\n')
+		if j < 0 {
+			return b
+		}
+		i = j
+		if n == 1 {
+			return b[i+1:]
+		}
+	}
+	if n > 0 {
+		return b
+	}
+	return b[len(b):]
+}
+
+// EncodeLogRequest is the request message for a log piece.
+func EncodeLogRequest(subject string, req LogRequest) *nats.Msg {
+	m := nats.NewMsg(subject)
+	if req.HasFrom {
+		m.Header.Set(HdrOffset, strconv.FormatUint(req.From, 10))
+	} else {
+		m.Header.Set(HdrTail, strconv.Itoa(req.Tail))
+	}
+	return m
+}
+
+// DecodeLogRequest reads a log request's headers.
+func DecodeLogRequest(h nats.Header) (LogRequest, error) {
+	req := LogRequest{Tail: -1}
+	from, ok, err := headerUint(h, HdrOffset)
+	if err != nil {
+		return req, err
+	}
+	req.From, req.HasFrom = from, ok
+	if t := h.Get(HdrTail); t != "" && !ok {
+		n, err := strconv.Atoi(t)
+		if err != nil || n < -1 {
+			return req, fmt.Errorf("header %s: %q is not a number of lines (or -1)", HdrTail, t)
+		}
+		req.Tail = n
+	}
+	return req, nil
+}
+
+// LogReply is the reply message carrying part.
+func LogReply(part LogPart) (data []byte, headers nats.Header) {
+	h := nats.Header{}
+	h.Set(HdrOffset, strconv.FormatUint(part.Offset, 10))
+	h.Set(HdrNext, strconv.FormatUint(part.Next, 10))
+	return part.Data, h
+}
+
+// FollowEvery is how often a followed log asks for more.
+const FollowEvery = 200 * time.Millisecond
+
+// PrintLog prints vmName's console log through the worker of its host
+// (the last tail lines first, -1: all) and, with follow, what the guest
+// writes after, until ctx ends.
+func PrintLog(ctx context.Context, nc *nats.Conn, names events.Names, host, vmName string, out io.Writer, tail int, follow bool) error {
+	subj := names.Log(host, vmName)
+	req := LogRequest{Tail: tail}
+	for {
+		rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		rep, err := nc.RequestMsgWithContext(rctx, EncodeLogRequest(subj, req))
+		cancel()
+		if err == nil {
+			err = replyErr(rep)
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return requestErr("reading the console log", err)
+		}
+		next, ok, herr := headerUint(rep.Header, HdrNext)
+		if herr != nil || !ok {
+			return fmt.Errorf("reading the console log: the worker's reply has no valid %s header", HdrNext)
+		}
+		if _, err := out.Write(rep.Data); err != nil {
+			return err
+		}
+		req = LogRequest{From: next, HasFrom: true}
+		if len(rep.Data) == LogChunk {
+			continue // more is there already
+		}
+		if !follow {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(FollowEvery):
+		}
+	}
+}

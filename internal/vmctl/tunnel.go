@@ -1,0 +1,193 @@
+package vmctl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmherd/vmherd/internal/relay"
+)
+
+// parseForward reads [LOCAL:]GUESTPORT.
+func parseForward(s string) (local, guest int, err error) {
+	l, g, found := strings.Cut(s, ":")
+	if !found {
+		l, g = "0", s
+	}
+	local, err1 := strconv.Atoi(l)
+	guest, err2 := strconv.Atoi(g)
+	if err1 != nil || err2 != nil || local < 0 || local > 65535 || guest < 1 || guest > 65535 {
+		return 0, 0, usageError("%q: want LOCALPORT:GUESTPORT or GUESTPORT (ports 1..65535; LOCALPORT 0 picks a free one)", s)
+	}
+	return local, guest, nil
+}
+
+func (g *globals) portForwardCmd() *cobra.Command {
+	var address string
+	c := &cobra.Command{
+		Use:   "port-forward NAME [LOCALPORT:]GUESTPORT",
+		Short: "forward a local TCP port to a port of the VM's guest, through NATS and the VM's worker, until interrupted",
+		Long: `port-forward listens on --address:LOCALPORT and carries each connection to
+GUESTPORT on the guest, over NATS through the worker of the VM's host, so it
+works from any machine on the bus whatever the VM's network mode. With
+user-mode networking (QEMU's default) only the guest's SSH port (22) is
+reachable from its host; with tap or other networks, any port.`,
+		Args:              cobra.ExactArgs(2),
+		ValidArgsFunction: g.completeNames,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			name := args[0]
+			local, guest, err := parseForward(args[1])
+			if err != nil {
+				return err
+			}
+			host, err := g.relayHost(cmd.Context(), name)
+			if err != nil {
+				return err
+			}
+			ln, err := net.Listen("tcp", net.JoinHostPort(address, strconv.Itoa(local)))
+			if err != nil {
+				return err
+			}
+			return g.forward(cmd.Context(), ln, host, name, guest)
+		},
+	}
+	c.Flags().StringVar(&address, "address", "127.0.0.1", "local address to listen on")
+	return c
+}
+
+// forward serves ln until ctx ends: each connection gets a tunnel.
+func (g *globals) forward(ctx context.Context, ln net.Listener, host, name string, guest int) error {
+	fmt.Fprintf(g.errOut, "forwarding %s -> %s port %d (host %s); Ctrl-C stops\n", ln.Addr(), name, guest, host)
+	go func() {
+		<-ctx.Done()
+		_ = ln.Close()
+	}()
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		go func() {
+			if err := relay.DialTunnel(ctx, g.nc, g.names, host, name, guest, conn); err != nil && ctx.Err() == nil {
+				fmt.Fprintf(g.errOut, "vmctl: %s: %v\n", conn.RemoteAddr(), relayErr(host, err))
+			}
+		}()
+	}
+}
+
+// stdio is this process's stdin and stdout as one connection.
+type stdio struct{}
+
+func (stdio) Read(p []byte) (int, error)  { return os.Stdin.Read(p) }
+func (stdio) Write(p []byte) (int, error) { return os.Stdout.Write(p) }
+func (stdio) CloseWrite() error           { return os.Stdout.Close() }
+func (stdio) Close() error {
+	_ = os.Stdin.Close()
+	return os.Stdout.Close()
+}
+
+func (g *globals) proxyCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "proxy NAME GUESTPORT",
+		Short: "connect stdin and stdout to a port of the VM's guest (for ssh's ProxyCommand)",
+		Example: `  ssh -o ProxyCommand='vmctl proxy web1 22' root@web1
+  vmctl ssh web1        # does this for you`,
+		Args:              cobra.ExactArgs(2),
+		ValidArgsFunction: g.completeNames,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			_, guest, err := parseForward(args[1])
+			if err != nil || strings.Contains(args[1], ":") {
+				return usageError("GUESTPORT %q: want a port, 1..65535", args[1])
+			}
+			host, err := g.relayHost(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			return relayErr(host, relay.DialTunnel(cmd.Context(), g.nc, g.names, host, args[0], guest, stdio{}))
+		},
+	}
+}
+
+func (g *globals) sshCmd() *cobra.Command {
+	var user, identity string
+	var port int
+	c := &cobra.Command{
+		Use:   "ssh NAME [-- SSH-ARGS...]",
+		Short: "ssh into the VM's guest through NATS (the system ssh, with `vmctl proxy` as its ProxyCommand)",
+		Long: `ssh runs the system's ssh client with a ProxyCommand that tunnels to the
+guest's SSH port through NATS and the worker of the VM's host, so it works
+from any machine on the bus. Arguments after -- go to ssh (a remote command,
+-L forwards, -v ...). The guest's host key is remembered under the alias
+vmherd-NAME in your known_hosts (accepted on first use).`,
+		Args:              cobra.MinimumNArgs(1),
+		ValidArgsFunction: g.completeNames,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			name := args[0]
+			if _, err := g.relayHost(cmd.Context(), name); err != nil {
+				return err
+			}
+			sshBin, err := exec.LookPath("ssh")
+			if err != nil {
+				return errors.New("vmctl ssh needs the ssh client (openssh-client); `vmctl port-forward` or `vmctl proxy` work without it")
+			}
+			self, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			proxy := []string{self}
+			proxy = append(proxy, g.connectionArgs()...)
+			proxy = append(proxy, "proxy", name, strconv.Itoa(port))
+			sargs := []string{"-o", "ProxyCommand=" + shellJoin(proxy), "-o", "HostKeyAlias=vmherd-" + name,
+				"-o", "StrictHostKeyChecking=accept-new"}
+			if identity != "" {
+				sargs = append(sargs, "-i", identity)
+			}
+			sargs = append(sargs, user+"@"+name)
+			sargs = append(sargs, args[1:]...)
+			c := exec.CommandContext(cmd.Context(), sshBin, sargs...)
+			c.Stdin, c.Stdout, c.Stderr = os.Stdin, g.out, g.errOut
+			err = c.Run()
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				return &exitError{code: ee.ExitCode(), msg: ""}
+			}
+			return err
+		},
+	}
+	c.Flags().StringVarP(&user, "user", "l", "root", "user to log in as")
+	c.Flags().StringVarP(&identity, "identity", "i", "", "private key file (default: ssh's own)")
+	c.Flags().IntVar(&port, "port", 22, "the guest's SSH port")
+	return c
+}
+
+// connectionArgs are the global flags that reach the same NATS as this
+// vmctl, for a vmctl it starts.
+func (g *globals) connectionArgs() []string {
+	a := []string{"--server", g.server, "--prefix", g.prefix}
+	if g.creds != "" {
+		a = append(a, "--creds", g.creds)
+	}
+	if g.tlsCA != "" {
+		a = append(a, "--tls-ca", g.tlsCA)
+	}
+	return a
+}
+
+// shellJoin quotes args for ssh's ProxyCommand (run by a shell).
+func shellJoin(args []string) string {
+	q := make([]string, len(args))
+	for i, a := range args {
+		q[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+	}
+	return strings.Join(q, " ")
+}
