@@ -420,13 +420,24 @@ func (f *Fleet) StartWorker(host string) error {
 // Vmctl runs vmctl against the fleet, inside netns (empty: the root
 // namespace), and returns its output and exit code.
 func (f *Fleet) Vmctl(ctx context.Context, netns string, args ...string) (string, int) {
-	return f.Exec(ctx, netns, filepath.Join(f.cfg.Bin, "vmctl"),
+	return run(f.VmctlCmd(ctx, netns, args...))
+}
+
+// VmctlCmd is a vmctl command against the fleet inside netns, for the
+// caller to give its input and output and to start (console,
+// port-forward, log -f).
+func (f *Fleet) VmctlCmd(ctx context.Context, netns string, args ...string) *exec.Cmd {
+	return command(ctx, netns, filepath.Join(f.cfg.Bin, "vmctl"),
 		append([]string{"--server", f.URLs, "--creds", f.AdminCreds(), "--tls-ca", f.TLS.CA}, args...)...)
 }
 
 // Exec runs a command inside netns (empty: the root namespace).
 func (f *Fleet) Exec(ctx context.Context, netns, bin string, args ...string) (string, int) {
-	cmd := command(ctx, netns, bin, args...)
+	return run(command(ctx, netns, bin, args...))
+}
+
+// run runs cmd and returns its output and exit code.
+func run(cmd *exec.Cmd) (string, int) {
 	out, err := cmd.CombinedOutput()
 	code := 0
 	if err != nil {

@@ -41,11 +41,16 @@ type Hub struct {
 }
 
 // StartHub relays conn, the console of vmName on host, until it ends or
-// Close. onEnd runs once when it has ended.
-func StartHub(nc *nats.Conn, names events.Names, host, vmName string, conn io.ReadWriteCloser, log *slog.Logger, onEnd func()) (*Hub, error) {
+// Close. seed is output from before (the console log's end), replayed to
+// the first viewers. onEnd runs once when it has ended.
+func StartHub(nc *nats.Conn, names events.Names, host, vmName string, conn io.ReadWriteCloser, seed []byte, log *slog.Logger, onEnd func()) (*Hub, error) {
+	if len(seed) > ReplaySize {
+		seed = seed[len(seed)-ReplaySize:]
+	}
 	h := &Hub{
 		nc: nc, out: names.Console(host, vmName, events.ConsoleOut), conn: conn,
 		log: log.With("vm", vmName, "part", "console"), done: make(chan struct{}),
+		ring: append([]byte(nil), seed...), offset: uint64(len(seed)),
 	}
 	in, err := nc.Subscribe(names.Console(host, vmName, events.ConsoleIn), func(m *nats.Msg) {
 		if _, err := conn.Write(m.Data); err != nil {

@@ -282,7 +282,11 @@ func readUntil(t *testing.T, r io.Reader, want string) string {
 func TestConsoleRelay(t *testing.T) {
 	env := testenv.New(t)
 	g := newGuest(t)
-	serve(t, env, &target{ep: vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, Path: g.ln.Addr().String()}})
+	logPath := filepath.Join(t.TempDir(), "console.log")
+	if err := os.WriteFile(logPath, []byte("[boot] before anyone attached\r\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	serve(t, env, &target{ep: vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, Path: g.ln.Addr().String(), LogPath: logPath}})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	nc1, _ := env.Connect()
@@ -291,7 +295,10 @@ func TestConsoleRelay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	readUntil(t, a, "guest login: ")
+	// The first viewer sees what the guest printed before (the log's end).
+	if out := readUntil(t, a, "guest login: "); !strings.Contains(out, "before anyone attached") {
+		t.Errorf("the first viewer's replay lacks the earlier output: %q", out)
+	}
 	b, err := relay.AttachConsole(ctx, nc2, env.Names, "h1", "web1")
 	if err != nil {
 		t.Fatal(err)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -151,8 +152,15 @@ func (s *Server) hub(ctx context.Context, name string) (*Hub, error) {
 	if err != nil {
 		return nil, &StatusError{"409", err}
 	}
+	// What the guest printed before: the end of its console log, read
+	// after connecting (so nothing falls between; a few bytes may show
+	// twice).
+	var seed []byte
+	if ep.LogPath != "" {
+		seed = tailOfFile(ep.LogPath, ReplaySize)
+	}
 	var h *Hub
-	h, err = StartHub(s.NC, s.Names, s.Host, name, conn, s.Log, func() {
+	h, err = StartHub(s.NC, s.Names, s.Host, name, conn, seed, s.Log, func() {
 		s.mu.Lock()
 		if s.hubs[name] == h {
 			delete(s.hubs, name)
@@ -247,4 +255,21 @@ func (s *Server) open(req micro.Request) {
 			s.Log.Debug("tunnel ended", "vm", name, "port", port, "err", err)
 		}
 	}()
+}
+
+// tailOfFile is the last n bytes of a file (nil when it cannot be read).
+func tailOfFile(path string, n int64) []byte {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil
+	}
+	off := max(fi.Size()-n, 0)
+	b := make([]byte, fi.Size()-off)
+	k, _ := f.ReadAt(b, off)
+	return b[:k]
 }
