@@ -43,13 +43,14 @@ type Options struct {
 	ScaleVMs     int
 	ScaleWindow  time.Duration
 	QEMURounds   int
+	ConsoleMiB   int
 	Loads        []float64
 	CPUProfile   string
 	MemProfile   string
 }
 
 // Figures, by name (--only).
-var Figures = []string{"throughput", "latency", "rebuild", "scale", "qemu"}
+var Figures = []string{"throughput", "latency", "rebuild", "scale", "qemu", "console"}
 
 func (o *Options) want(fig string) bool { return len(o.Only) == 0 || slices.Contains(o.Only, fig) }
 
@@ -75,6 +76,7 @@ func (o *Options) defaults() {
 	seti(&o.RebuildVMs, 10_000, 100_000)
 	seti(&o.ScaleVMs, 2_000, 10_000)
 	seti(&o.QEMURounds, 1, 3)
+	seti(&o.ConsoleMiB, 16, 64)
 	if len(o.VMs) == 0 {
 		o.VMs = []int{1, 10, 100, 1000}
 	}
@@ -120,6 +122,7 @@ type Report struct {
 	Rebuild     *Rebuild          `json:"rebuild,omitempty"`
 	Scale       *Scale            `json:"scale,omitempty"`
 	QEMU        *QEMU             `json:"qemu,omitempty"`
+	Console     *Console          `json:"console,omitempty"`
 	Targets     []Target          `json:"targets"`
 	Failures    []string          `json:"failures,omitempty"`
 }
@@ -145,6 +148,7 @@ func Main(args []string) int {
 	fs.IntVar(&o.ScaleVMs, "scale-vms", 0, "idle VMs of figure 4 (quick 2000, full 10000)")
 	fs.DurationVar(&o.ScaleWindow, "scale-window", 0, "idle window of figure 4 (quick 2s, full 5s)")
 	fs.IntVar(&o.QEMURounds, "qemu-rounds", 0, "rounds of figure 5 (quick 1, full 3)")
+	fs.IntVar(&o.ConsoleMiB, "console-mib", 0, "MiB streamed in figure 6 (quick 16, full 64)")
 	fs.StringVar(&o.CPUProfile, "cpuprofile", "", "write a CPU profile of figures 1 and 2 (engine, worker, server and client all run in this process), or of the whole run without them")
 	fs.StringVar(&o.MemProfile, "memprofile", "", "write an allocation profile taken after figures 1 and 2")
 	if err := fs.Parse(args); err != nil {
@@ -321,6 +325,25 @@ func Run(ctx context.Context, o Options, args []string, out, log io.Writer) (*Re
 		}
 		if err != nil {
 			fail("qemu", err)
+		}
+	}
+	if o.want("console") && ctx.Err() == nil {
+		logf("figure 6: console and tunnel relay over NATS against the direct unix socket and TCP (%d MiB)", o.ConsoleMiB)
+		srv, err := startServer(filepath.Join(work, "console-nats"), "default")
+		if err == nil {
+			var r Console
+			cdir, derr := os.MkdirTemp("", "vbc") // unix socket paths must stay short
+			if derr != nil {
+				err = derr
+			} else {
+				r, err = consoleBench(ctx, srv.url, cdir, int64(o.ConsoleMiB)<<20, map[bool]int{true: 200, false: 1000}[o.Quick])
+				os.RemoveAll(cdir)
+			}
+			srv.stop()
+			rep.Console = &r
+		}
+		if err != nil {
+			fail("console", err)
 		}
 	}
 	rep.Environment.LoadAvgAtEnd = loadAvg()

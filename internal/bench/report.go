@@ -42,6 +42,14 @@ func methods(o Options) map[string]string {
 			"vmherd first, so warm caches favour the direct side. Medians; added = vmherd - direct. The worker's QEMU backend "+
 			"is wrapped to time its own call of each operation, which splits vmherd's time into the backend call and the "+
 			"pipeline (NATS, engine, worker; sync \"always\").", o.QEMURounds),
+		"7_console": fmt.Sprintf("An embedded server (sync default); the worker's relay (package relay: console hub, tunnels) and a viewer "+
+			"in this process on their own connections. The console's far side is a unix socket served by the bench, a stand-in "+
+			"for QEMU's serial chardev socket (a real guest's UART would be the limit, not the relay). Throughput: the socket "+
+			"streams %d MiB of random bytes; read straight from the socket (baseline) and by one viewer through hub and NATS "+
+			"(bytes the viewer missed are reported and not counted). Keystroke round trip: one byte written, echoed by the "+
+			"socket, read back, %d times 1 ms apart, directly and through the relay. Tunnel: %d MiB sent to a TCP sink "+
+			"that answers one byte at the end, over a direct TCP connection (baseline) and through vmctl port-forward's "+
+			"tunnel (relay.DialTunnel).", o.ConsoleMiB, map[bool]int{true: 200, false: 1000}[o.Quick], o.ConsoleMiB),
 		"6_durability": "Figures 1 and 2 run once per JetStream sync setting: \"always\" (fsync every write, vmherd's default) " +
 			"and \"default\" (nats-server's sync_interval of 2 minutes). The baselines run on the same server, so they share the setting.",
 	}
@@ -188,6 +196,15 @@ func printReport(w io.Writer, rep *Report) {
 		}
 		tw.Flush()
 		fmt.Fprintf(w, "   libvirt: %s\n", q.Libvirt)
+	}
+	if c := rep.Console; c != nil && c.Bytes > 0 {
+		tw.Flush()
+		fmt.Fprintf(w, "\n6. console and tunnel relay over NATS (%d MiB)\n", c.Bytes>>20)
+		line("measure", "direct", "relay", "ratio")
+		line("console output MiB/s", f1(c.DirectMiBs), f1(c.RelayMiBs)+fmt.Sprintf(" (%d B lost)", c.RelayLost), f2(c.Ratio))
+		line("keystroke round trip p50 ms", f3(c.DirectRTT.P50), f3(c.RelayRTT.P50), f1(c.RTTRatio))
+		line("keystroke round trip p99 ms", f3(c.DirectRTT.P99), f3(c.RelayRTT.P99), f1(ratio(c.RelayRTT.P99, c.DirectRTT.P99)))
+		line("tunnel MiB/s (direct: TCP)", f1(c.TCPMiBs), f1(c.TunnelMiBs), f2(c.TunnelRatio))
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "\ntargets\n")

@@ -143,8 +143,9 @@ func TestREADMEWalkthrough(t *testing.T) {
 			case l.rejected:
 				want = 1
 			}
-			if strings.HasPrefix(l.text, "bin/vmctl stop ") {
-				// ACPI needs a booted guest: wait for it as a user would.
+			if strings.HasPrefix(l.text, "bin/vmctl proxy ") || strings.HasPrefix(l.text, "bin/vmctl stop ") {
+				// The guest's SSH port and ACPI need a booted guest: wait
+				// for it as a user would.
 				script.WriteString(fmt.Sprintf("for i in $(seq 180); do %s/vmctl log vm1 | grep -q VMHERD-GUEST-READY && break; sleep 1; done\n", bin))
 			}
 			fmt.Fprintf(&script, "echo %s\n%s\nrc=$?\nif [ $rc -ne %d ]; then echo \"README line %d exited $rc, want %d: \"%s; exit 1; fi\n",
@@ -159,7 +160,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 	if err != nil {
 		t.Fatalf("README walkthrough failed: %v\nengine log:\n%s", err, engine.Output())
 	}
-	for _, want := range []string{"started", "destroyed", "already suspended", "vmherd-worker", "is not running"} {
+	for _, want := range []string{"started", "destroyed", "already suspended", "vmherd-worker", "is not running", "SSH-2.0-vmherd-guest"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("walkthrough output lacks %q", want)
 		}
