@@ -2,7 +2,9 @@ package e2e_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,6 +18,7 @@ import (
 	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/vm"
 )
@@ -147,6 +150,23 @@ func TestTrustRoles(t *testing.T) {
 	if got := commands(); got != before {
 		t.Errorf("VM_COMMANDS went from %d to %d messages after a viewer's publish", before, got)
 	}
+	// A viewer reads console logs, but may not attach to a console (it
+	// could type) nor watch one.
+	if err := relay.PrintLog(ctx, vnc, env.Names, "h1", "web1", io.Discard, -1, false); err == nil || !strings.Contains(err.Error(), "keeps no console log") {
+		t.Errorf("a viewer's log request (noop VM: no log) got %v", err)
+	}
+	if err := vnc.Publish(env.Names.Console("h1", "web1", events.ConsoleAttach), nil); err != nil {
+		t.Fatal(err)
+	}
+	if !vv.saw(env.Names.Console("h1", "web1", events.ConsoleAttach)) {
+		t.Error("a viewer could ask to attach to a console")
+	}
+	if _, err := vnc.SubscribeSync(env.Names.Console("h1", "web1", events.ConsoleOut)); err != nil {
+		t.Fatal(err)
+	}
+	if !vv.saw(env.Names.Console("h1", "web1", events.ConsoleOut)) {
+		t.Error("a viewer could watch a console")
+	}
 
 	// A worker of h2.
 	wnc, wjs, wv := connectAs(t, url, dir, auth.Identity{Role: auth.RoleWorker, Host: "h2"})
@@ -180,6 +200,25 @@ func TestTrustRoles(t *testing.T) {
 	}
 	if !wv.saw(env.Names.Event("web1", events.TypeStopped, "h1")) {
 		t.Error("h2's worker could publish an event as h1")
+	}
+	// h2's worker cannot relay h1's consoles or tunnels.
+	if _, err := wnc.SubscribeSync(env.Names.Console("h1", "*", events.ConsoleAttach)); err != nil {
+		t.Fatal(err)
+	}
+	if !wv.saw(env.Names.Console("h1", "*", events.ConsoleAttach)) {
+		t.Error("h2's worker could take h1's console attach requests")
+	}
+	if err := wnc.Publish(env.Names.Console("h1", "web1", events.ConsoleOut), []byte("forged output")); err != nil {
+		t.Fatal(err)
+	}
+	if !wv.saw(env.Names.Console("h1", "web1", events.ConsoleOut)) {
+		t.Error("h2's worker could publish console output for h1's VM")
+	}
+	if _, err := wnc.SubscribeSync(env.Names.Tunnel("h1", "*", "*", events.TunnelOpen)); err != nil {
+		t.Fatal(err)
+	}
+	if !wv.saw(env.Names.Tunnel("h1", "*", "*", events.TunnelOpen)) {
+		t.Error("h2's worker could take h1's tunnel requests")
 	}
 	if _, err := wnc.SubscribeSync("_INBOX.>"); err != nil {
 		t.Fatal(err)
@@ -231,6 +270,13 @@ func TestTrustRoles(t *testing.T) {
 	}
 	if n := env.CountType("web1", events.TypeRejected); n != 0 {
 		t.Errorf("web1 has %d rejections; the refused publishes reached the engine", n)
+	}
+	// An operator may attach to consoles: h1's worker answers (a noop VM
+	// has no console, which it says).
+	_, err = relay.AttachConsole(ctx, onc, env.Names, "h1", "web1")
+	var re *relay.ReplyError
+	if !errors.As(err, &re) || re.Code != "409" {
+		t.Errorf("an operator's console attach to a noop VM: %v (want the worker's 409: no console)", err)
 	}
 }
 
