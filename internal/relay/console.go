@@ -2,11 +2,13 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 
@@ -62,7 +64,36 @@ func StartHub(nc *nats.Conn, names events.Names, host, vmName string, conn io.Re
 	}
 	h.in = in
 	go h.pump(onEnd)
+	go h.keepalive()
 	return h, nil
+}
+
+// ConsolePing is how often a hub tells its viewers it is there;
+// a viewer that hears nothing for ConsoleSilence gives up.
+const (
+	ConsolePing    = 5 * time.Second
+	ConsoleSilence = 20 * time.Second
+)
+
+// keepalive pings the viewers every ConsolePing, so that they can tell a
+// quiet guest from a worker that is gone.
+func (h *Hub) keepalive() {
+	t := time.NewTicker(ConsolePing)
+	defer t.Stop()
+	for {
+		select {
+		case <-h.done:
+			return
+		case <-t.C:
+		}
+		h.mu.Lock()
+		off := h.offset
+		h.mu.Unlock()
+		m := nats.NewMsg(h.out)
+		m.Header.Set(HdrOffset, strconv.FormatUint(off, 10))
+		m.Header.Set(HdrPing, "1")
+		_ = h.nc.PublishMsg(m)
+	}
 }
 
 func (h *Hub) pump(onEnd func()) {
@@ -140,6 +171,10 @@ type Console struct {
 	closed  error
 	done    chan struct{}
 	once    sync.Once
+	heard   time.Time // the last message from the hub
+	// Silence: Read gives up (ErrSilent) after this long without a word
+	// from the hub (default ConsoleSilence).
+	Silence time.Duration
 	Lost    uint64 // bytes of output this viewer missed
 }
 
@@ -167,7 +202,7 @@ func AttachConsole(ctx context.Context, nc *nats.Conn, names events.Names, host,
 		_ = sub.Unsubscribe()
 		return nil, fmt.Errorf("attaching to the console: the worker's reply has no valid %s header", HdrOffset)
 	}
-	c.pending, c.next = rep.Data, end
+	c.pending, c.next, c.heard, c.Silence = rep.Data, end, time.Now(), ConsoleSilence
 	return c, nil
 }
 
@@ -177,11 +212,19 @@ func (c *Console) Read(p []byte) (int, error) {
 		if c.closed != nil {
 			return 0, c.closed
 		}
+		select { // what is waiting first, however long ago the last was
+		case m := <-c.ch:
+			c.take(m)
+			continue
+		default:
+		}
 		select {
 		case m := <-c.ch:
 			c.take(m)
 		case <-c.done:
 			return 0, io.EOF
+		case <-c.silence():
+			return 0, ErrSilent
 		}
 	}
 	n := copy(p, c.pending)
@@ -189,8 +232,18 @@ func (c *Console) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// ErrSilent: the VM's worker has not been heard from for ConsoleSilence
+// (it stopped, or lost its connection); attach again.
+var ErrSilent = errors.New("the console's worker has gone silent (stopped or disconnected); attach again")
+
+// silence fires ConsoleSilence after the last message.
+func (c *Console) silence() <-chan time.Time {
+	return time.After(time.Until(c.heard.Add(c.Silence)))
+}
+
 // take folds one output message into what Read returns next.
 func (c *Console) take(m *nats.Msg) {
+	c.heard = time.Now()
 	off, ok, err := headerUint(m.Header, HdrOffset)
 	if err != nil || !ok {
 		return

@@ -43,7 +43,8 @@ const (
 	// HdrEOF, on a tunnel frame: the sender will send no more data
 	// (its side of the connection reached EOF).
 	HdrEOF = "Vmherd-Eof"
-	// HdrPing, on a tunnel frame: liveness only.
+	// HdrPing, on a tunnel frame or console output without data: liveness
+	// only (the hub pings every ConsolePing while the console is quiet).
 	HdrPing = "Vmherd-Ping"
 )
 

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/vmherd/vmherd/internal/relay"
@@ -47,6 +48,11 @@ func (t *target) GuestAddr(_ context.Context, name string, port int) (string, er
 
 // serve runs the far end for host h1 on its own connection.
 func serve(t *testing.T, env *testenv.Env, tg *target) *relay.Server {
+	s, _ := serveConn(t, env, tg)
+	return s
+}
+
+func serveConn(t *testing.T, env *testenv.Env, tg *target) (*relay.Server, *nats.Conn) {
 	t.Helper()
 	nc, _ := env.Connect()
 	svc, err := micro.AddService(nc, micro.Config{Name: "relay-test", Version: "0.0.1"})
@@ -64,7 +70,7 @@ func serve(t *testing.T, env *testenv.Env, tg *target) *relay.Server {
 		s.Close()
 		_ = svc.Stop()
 	})
-	return s
+	return s, nc
 }
 
 func waitFor(t *testing.T, what string, cond func() bool) {
@@ -473,5 +479,48 @@ func TestTunnel(t *testing.T) {
 	defer c3a.Close()
 	if err := relay.DialTunnel(ctx, env.NC, env.Names, "h9", "web1", 22, c3b); !errors.Is(err, relay.ErrNoResponders) {
 		t.Fatalf("tunnel through a host with no worker: %v", err)
+	}
+}
+
+// A viewer whose worker vanishes (no close message: its connection is
+// gone) is told so once the hub has been silent too long, instead of
+// waiting for ever; a quiet console with its hub alive is pinged.
+func TestConsoleWorkerGone(t *testing.T) {
+	env := testenv.New(t)
+	g := newGuest(t)
+	_, wnc := serveConn(t, env, &target{ep: vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, Path: g.ln.Addr().String()}})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c, err := relay.AttachConsole(ctx, env.NC, env.Names, "h1", "web1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	readUntil(t, c, "guest login: ")
+	// Quiet for longer than a ping: still attached.
+	c.Silence = relay.ConsolePing + 2*time.Second
+	done := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 256)
+		for {
+			if _, err := c.Read(buf); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("a quiet console with its worker alive ended: %v", err)
+	case <-time.After(relay.ConsolePing + 4*time.Second):
+	}
+	wnc.Close() // the worker is gone, without a word
+	select {
+	case err := <-done:
+		if !errors.Is(err, relay.ErrSilent) {
+			t.Fatalf("after the worker vanished: %v, want ErrSilent", err)
+		}
+	case <-time.After(relay.ConsolePing + 10*time.Second):
+		t.Fatal("the viewer never noticed its worker was gone")
 	}
 }
