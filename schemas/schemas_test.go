@@ -14,6 +14,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
+	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/vm"
 )
@@ -203,7 +204,7 @@ func TestEverySchemaCompiles(t *testing.T) {
 	for _, ty := range events.Types {
 		want = append(want, "event."+string(ty))
 	}
-	want = append(want, "cordon", "host", "host_event", "record", "task")
+	want = append(want, "cordon", "host", "host_event", "image", "record", "task")
 	sort.Strings(want)
 	if got := Names(); !slices.Equal(got, want) {
 		t.Fatalf("Names() = %v\nwant      %v", got, want)
@@ -490,6 +491,7 @@ func TestPropertiesMatchGoFields(t *testing.T) {
 		check(f, propNames(schemaDoc(t, f)), jsonFields(events.Event{}))
 	}
 	check("task.json", propNames(schemaDoc(t, "task.json")), jsonFields(events.Task{}))
+	check("image.json", propNames(schemaDoc(t, "image.json")), jsonFields(images.Status{}))
 	rec := schemaDoc(t, "record.json")
 	check("record.json", propNames(rec), jsonFields(projection.VmRecord{}))
 	items := rec["properties"].(map[string]any)["in_flight"].(map[string]any)["items"].(map[string]any)

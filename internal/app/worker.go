@@ -75,7 +75,7 @@ func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
 	fs.DurationVar(&o.Heartbeat, "heartbeat", 2*time.Second, "heartbeat interval")
 	fs.DurationVar(&o.Reconcile, "reconcile", 10*time.Second, "how often running VMs are checked against the hypervisor")
 	fs.StringVar(&o.Accel, "accel", "auto", "QEMU accelerator: auto (KVM only on real VMX/SVM), kvm or tcg")
-	fs.StringArrayVar(&o.ImageDirs, "image-dir", nil, "a directory base images may come from (repeatable; default <data-dir>/images); spec.image_path must resolve, symlinks followed, inside one of them and outside <data-dir>/vms")
+	fs.StringArrayVar(&o.ImageDirs, "image-dir", nil, "a directory base images may come from, besides the image store <data-dir>/images (repeatable); spec.image_path must resolve, symlinks followed, inside one of them and outside <data-dir>/vms")
 	fs.IntVar(&o.CapacityMemMB, "capacity-memory-mb", 0, "memory offered to VMs (default: the machine's)")
 	fs.IntVar(&o.CapacityVcpus, "capacity-vcpus", 0, "vCPUs offered to VMs (default: 4 × the machine's CPUs, a 4:1 overcommit)")
 	fs.StringSliceVar(&o.PropolisServers, "propolis-server", nil, "already-running propolis-server(s) ADDR[,ADDR...], one VM each (how Propolis is used off illumos)")
@@ -146,12 +146,19 @@ func (o *WorkerOptions) BuildRouter(log *slog.Logger) (*backends.Router, error) 
 	return backends.NewRouter(def, bs)
 }
 
-// imageRoots are --image-dir, else <data-dir>/images, made absolute.
-func (o *WorkerOptions) imageRoots() []string {
-	dirs := o.ImageDirs
-	if len(dirs) == 0 {
-		dirs = []string{filepath.Join(o.DataDir, "images")}
+// imageStore is the worker's image store: <data-dir>/images.
+func (o *WorkerOptions) imageStore() string {
+	d := filepath.Join(o.DataDir, "images")
+	if a, err := filepath.Abs(d); err == nil {
+		d = a
 	}
+	return d
+}
+
+// imageRoots are --image-dir and the image store (<data-dir>/images),
+// made absolute.
+func (o *WorkerOptions) imageRoots() []string {
+	dirs := append([]string{o.imageStore()}, o.ImageDirs...)
 	out := make([]string, 0, len(dirs))
 	for _, d := range dirs {
 		if a, err := filepath.Abs(d); err == nil {
@@ -186,7 +193,7 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events
 			Capacity:       hosts.Resources{Vcpus: o.CapacityVcpus, MemoryMB: o.CapacityMemMB},
 			HeartbeatEvery: o.Heartbeat, AckWait: o.AckWait, Concurrency: o.Concurrency,
 			ReconcileEvery: o.Reconcile, Metrics: o.Metrics,
-			ImageRoots: o.imageRoots(), VMDirs: []string{filepath.Join(o.DataDir, "vms")},
+			ImageRoots: o.imageRoots(), VMDirs: []string{filepath.Join(o.DataDir, "vms")}, ImageStore: o.imageStore(),
 		})
 		return err
 	})

@@ -90,6 +90,8 @@ func (id Identity) Permissions() (jwt.Permissions, error) {
 			p.Pub.Allow.Add(n.Console("*", "*", events.ConsoleAttach), n.Console("*", "*", events.ConsoleIn),
 				n.Tunnel("*", "*", "*", events.TunnelOpen), n.Tunnel("*", "*", "*", events.TunnelUp))
 			p.Sub.Allow.Add(n.Console("*", "*", events.ConsoleOut), n.Tunnel("*", "*", "*", events.TunnelDown))
+			// Image pulls and removals, on any host.
+			p.Pub.Allow.Add(n.Image("*", events.ImagePull), n.Image("*", events.ImageRemove))
 			p.Pub.Allow.Add("$KV." + n.HostsBucket() + ".*.cordon") // cordon, uncordon, drain
 		}
 	case RoleWorker:
@@ -111,7 +113,7 @@ func (id Identity) Permissions() (jwt.Permissions, error) {
 func reader(p *jwt.Permissions, n events.Names) {
 	p.Pub.Allow.Add("$JS.API.INFO", "$JS.API.STREAM.INFO.>",
 		"$JS.API.CONSUMER.INFO."+n.CommandsStream()+"."+n.CommandConsumer())
-	for _, st := range []string{n.EventsStream(), "KV_" + n.RecordsBucket(), "KV_" + n.HostsBucket()} {
+	for _, st := range []string{n.EventsStream(), "KV_" + n.RecordsBucket(), "KV_" + n.HostsBucket(), "KV_" + n.ImagesBucket()} {
 		p.Pub.Allow.Add(
 			"$JS.API.STREAM.MSG.GET."+st,
 			"$JS.API.DIRECT.GET."+st, "$JS.API.DIRECT.GET."+st+".>",
@@ -145,12 +147,14 @@ func worker(p *jwt.Permissions, n events.Names, h string) {
 		"$JS.ACK."+tasks+"."+cons+".>",
 		// Its heartbeat, and no other host's.
 		"$KV."+n.HostsBucket()+"."+h,
+		// Its images' status, and no other host's.
+		"$KV."+n.ImagesBucket()+"."+h+".*",
 		// Events only with its own host as writer.
 		n.WriterEvents(h),
 	)
 	// Reading events (an earlier result of a task, the VM's last event)
 	// and records (re-adoption): direct gets and ordered consumers.
-	for _, st := range []string{n.EventsStream(), "KV_" + n.RecordsBucket()} {
+	for _, st := range []string{n.EventsStream(), "KV_" + n.RecordsBucket(), "KV_" + n.ImagesBucket()} {
 		p.Pub.Allow.Add(
 			"$JS.API.STREAM.MSG.GET."+st,
 			"$JS.API.DIRECT.GET."+st, "$JS.API.DIRECT.GET."+st+".>",
@@ -167,6 +171,8 @@ func worker(p *jwt.Permissions, n events.Names, h string) {
 		n.Tunnel(h, "*", "*", events.TunnelOpen), n.Tunnel(h, "*", "*", events.TunnelUp),
 	)
 	p.Pub.Allow.Add(n.Console(h, "*", events.ConsoleOut), n.Tunnel(h, "*", "*", events.TunnelDown))
+	// Its image store's requests.
+	p.Sub.Allow.Add(n.Image(h, events.ImagePull), n.Image(h, events.ImageRemove))
 	denyEngineConsumers(p, n)
 	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1, Expires: time.Minute}
 }

@@ -26,7 +26,7 @@ import (
 func replicas(t *testing.T, ctx context.Context, f *fleet.Fleet, natsCLI string) map[string]int {
 	t.Helper()
 	out := map[string]int{}
-	for _, s := range []string{"VM_COMMANDS", "VM_EVENTS", "VM_TASKS", "KV_VM_RECORDS", "KV_VM_HOSTS"} {
+	for _, s := range []string{"VM_COMMANDS", "VM_EVENTS", "VM_TASKS", "KV_VM_RECORDS", "KV_VM_HOSTS", "KV_VM_IMAGES"} {
 		o, code := f.Exec(ctx, "", natsCLI, "--server", f.URLs, "--creds", f.AdminCreds(), "--tlsca", f.TLS.CA, "stream", "info", s, "--json")
 		if code != 0 {
 			t.Fatalf("nats stream info %s: %s", s, o)

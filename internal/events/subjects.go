@@ -29,6 +29,24 @@ func (n Names) EventsStream() string   { return n.upper() + "_EVENTS" }
 func (n Names) TasksStream() string    { return n.upper() + "_TASKS" }
 func (n Names) RecordsBucket() string  { return n.upper() + "_RECORDS" }
 func (n Names) HostsBucket() string    { return n.upper() + "_HOSTS" }
+func (n Names) ImagesBucket() string   { return n.upper() + "_IMAGES" }
+
+// ImageKey is an image's key in VM_IMAGES: <host>.<name>.
+func ImageKey(host, name string) string { return host + "." + name }
+
+// Image is vm.image.<host>.<op>: a request to the worker of host about
+// its image store (ImagePull, ImageRemove).
+func (n Names) Image(host string, op ImageOp) string {
+	return n.Prefix + ".image." + host + "." + string(op)
+}
+
+// ImageOp is the last token of an image request's subject.
+type ImageOp string
+
+const (
+	ImagePull   ImageOp = "pull"
+	ImageRemove ImageOp = "rm"
+)
 
 // CommandConsumer is the durable consumer on the commands stream that all
 // engines share; a running engine always has pull requests open on it,
@@ -280,6 +298,13 @@ func (n Names) BucketConfigs(s Settings) []jetstream.KeyValueConfig {
 		{
 			Bucket:      n.HostsBucket(),
 			Description: "vmherd hosts: worker heartbeats (backends, capacity, usage) and cordons; a host stays until forgotten",
+			History:     1,
+			Storage:     jetstream.FileStorage,
+			Replicas:    s.Replicas,
+		},
+		{
+			Bucket:      n.ImagesBucket(),
+			Description: "vmherd images: what each worker's image store holds or is pulling (<host>.<name>)",
 			History:     1,
 			Storage:     jetstream.FileStorage,
 			Replicas:    s.Replicas,

@@ -195,6 +195,8 @@ type WorkerConfig struct {
 	Reconcile time.Duration
 	// ImageRoots and VMDirs: the worker's image rule (worker.Config).
 	ImageRoots, VMDirs []string
+	// ImageStore: the worker's image store (worker.Config).
+	ImageStore string
 }
 
 // StartWorker runs a worker on its own connection (use WaitHost to wait for its first
@@ -226,7 +228,7 @@ func (e *Env) StartWorker(c WorkerConfig) *Part {
 	w, err := worker.New(context.Background(), worker.Config{
 		NC: nc, JS: js, Names: e.Names, Host: c.Host, Router: r, Log: e.Log,
 		AckWait: c.AckWait, HeartbeatEvery: 200 * time.Millisecond, ReconcileEvery: c.Reconcile,
-		Capacity: hosts.Resources{MemoryMB: c.MemoryMB}, ImageRoots: c.ImageRoots, VMDirs: c.VMDirs,
+		Capacity: hosts.Resources{MemoryMB: c.MemoryMB}, ImageRoots: c.ImageRoots, VMDirs: c.VMDirs, ImageStore: c.ImageStore,
 	})
 	if err != nil {
 		e.T.Fatal(err)

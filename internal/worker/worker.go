@@ -62,6 +62,9 @@ type Config struct {
 	// directories, which an image path must never resolve into.
 	ImageRoots []string
 	VMDirs     []string
+	// ImageStore is where `vmctl image pull` keeps images (package
+	// images; one of ImageRoots); "" serves no image requests.
+	ImageStore string
 }
 
 // local is what the worker knows of one of its VMs.
@@ -154,6 +157,14 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	defer func() { _ = svc.Stop() }()
 	defer w.relay.Close()
+	imgs, err := w.startImages(ctx, svc)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	defer imgs.stop()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return w.heartbeat(gctx) })
 	g.Go(func() error { return w.watchExits(gctx) })
