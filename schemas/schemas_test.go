@@ -45,6 +45,14 @@ func fullSpec() *vm.VmSpec {
 	}
 }
 
+// namedImageSpec is fullSpec with an image from the host's store instead
+// of an image path (the two exclude each other).
+func namedImageSpec() *vm.VmSpec {
+	s := fullSpec()
+	s.ImagePath, s.Image = "", "debian-12"
+	return s
+}
+
 // fullHandle sets every VmHandle field.
 func fullHandle() *vm.VmHandle {
 	return &vm.VmHandle{
@@ -241,6 +249,7 @@ func TestValidCommands(t *testing.T) {
 	}
 	cases := []tc{
 		{"prepare", events.Command{CommandID: "cmd-1", Spec: fullSpec(), TimeoutS: 300, Host: "h1"}},
+		{"prepare", events.Command{CommandID: "cmd-2", Spec: namedImageSpec()}},
 		{"prepare", events.Command{Spec: &vm.VmSpec{}}},
 		{"prepare", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}}},
 		{"prepare", events.Command{Spec: &vm.VmSpec{Name: "a", Backend: vm.BackendPropolis, ImagePath: "/img", Network: &vm.NetworkConfig{Type: vm.NetworkVnic}}}},
@@ -406,6 +415,9 @@ func TestExamplesSetEveryField(t *testing.T) {
 	} {
 		rv := reflect.ValueOf(v)
 		for i := range rv.NumField() {
+			if name == "VmSpec" && !reflect.ValueOf(*namedImageSpec()).Field(i).IsZero() {
+				continue // image and image_path exclude each other
+			}
 			if rv.Field(i).IsZero() {
 				t.Errorf("%s example leaves %s unset", name, rv.Type().Field(i).Name)
 			}
@@ -619,6 +631,10 @@ func TestInvalidCommands(t *testing.T) {
 		{"start", `{"Command_ID":"x"}`, []string{`unknown field "Command_ID"`}},
 		{"prepare", `{"spec":{},"foo":1}`, []string{`unknown field "foo"`}},
 		{"prepare", spec(`"foo":1`), []string{`spec: unknown field "foo"`}},
+		// image by name or by path, not both; one of them for qemu
+		{"prepare", spec(`"image":"debian-12","image_path":"/x"`), []string{"spec.image_path: is not allowed"}},
+		{"prepare", spec(`"backend":"qemu"`), []string{"spec.image: is required", "spec.image_path: is required"}},
+		{"prepare", spec(`"image":"Debian 12"`), []string{"spec.image", "does not match"}},
 		{"prepare", spec(`"Vcpus":2`), []string{`spec: unknown field "Vcpus"`}},
 		{"prepare", spec(`"cloud_init":{"userdata":""}`), []string{`spec.cloud_init: unknown field "userdata"`}},
 		{"prepare", spec(`"ssh":{"key":""}`), []string{`spec.ssh: unknown field "key"`}},

@@ -31,6 +31,9 @@ type admission struct {
 	// and how many it has (nil: no quotas).
 	quotas Quotas
 	count  vmCounter
+	// hasImage tells whether a host has an image ready in its store
+	// (VM_IMAGES); nil: no host has any.
+	hasImage func(host, name string) bool
 }
 
 // vmCounter counts the VMs (not destroyed) the records have.
@@ -149,9 +152,11 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 // the best that can (hosts.Best).
 func (a admission) place(pin string, spec vm.VmSpec) (*hosts.Host, error) {
 	p := hosts.Placement{
-		Backend: spec.Backend,
-		Need:    hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
-		Placed:  a.placed,
+		Backend:  spec.Backend,
+		Need:     hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
+		Placed:   a.placed,
+		Image:    spec.Image,
+		HasImage: a.hasImage,
 	}
 	if a.quotas.PerHost > 0 && a.count != nil {
 		p.MaxVMs, p.VMsOn = a.quotas.PerHost, a.count.onHost

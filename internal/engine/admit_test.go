@@ -200,3 +200,29 @@ func TestAdmitQuotas(t *testing.T) {
 		})
 	}
 }
+
+// A spec that names its image goes only to a host that has it ready.
+func TestAdmitNamedImage(t *testing.T) {
+	hb := func(name string, free int) *hosts.Host {
+		return &hosts.Host{Alive: true, Heartbeat: hosts.Heartbeat{Host: name, Backends: []vm.BackendTag{vm.BackendQEMU},
+			DefaultBackend: vm.BackendQEMU, Capacity: hosts.Resources{Vcpus: 8, MemoryMB: free}}}
+	}
+	// h2 has more room, but only h1 has debian-12.
+	table := hostTable{"h1": hb("h1", 2000), "h2": hb("h2", 8000)}
+	adm := admission{hosts: table, lostAfter: 10 * time.Second, hasImage: func(h, name string) bool { return h == "h1" && name == "debian-12" }}
+	absent := &projection.VmRecord{Name: "web1", State: fsm.StateAbsent}
+	prepare := func(img, pin string) (events.Event, error) {
+		ev := events.Event{VM: "web1"}
+		err := adm.admit(absent, fsm.ActPrepare, &events.Command{Host: pin, Spec: &vm.VmSpec{Image: img, MemoryMB: 512}}, &ev)
+		return ev, err
+	}
+	if ev, err := prepare("debian-12", ""); err != nil || ev.Host != "h1" || ev.Spec.Image != "debian-12" {
+		t.Fatalf("placed on %q (%v), want h1 (the one with the image)", ev.Host, err)
+	}
+	if _, err := prepare("debian-12", "h2"); err == nil || !strings.Contains(err.Error(), "no image debian-12") {
+		t.Fatalf("pinned to a host without the image: %v", err)
+	}
+	if _, err := prepare("fedora-41", ""); err == nil || !strings.Contains(err.Error(), "h1: no image fedora-41") || !strings.Contains(err.Error(), "h2: no image fedora-41") {
+		t.Fatalf("an image no host has: %v", err)
+	}
+}

@@ -68,6 +68,8 @@ type Engine struct {
 	// pool that stores its rejections.
 	limits   *issuerLimits
 	overRate chan struct{}
+	// images: which images are ready where (VM_IMAGES).
+	images *imageIndex
 	// placed counts what the VMs on each host take, for placement.
 	placed *placedCount
 }
@@ -101,9 +103,10 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		exec:     keyed.New(cfg.Concurrency),
 		placed:   newPlacedCount(cfg.Metrics),
 		limits:   newIssuerLimits(cfg.RateLimit),
+		images:   newImageIndex(),
 		overRate: make(chan struct{}, cfg.Concurrency),
 	}
-	e.adm = admission{hosts: e.hosts, lostAfter: cfg.HostLostAfter, placed: e.placed.on, quotas: cfg.Quotas, count: e.placed}
+	e.adm = admission{hosts: e.hosts, lostAfter: cfg.HostLostAfter, placed: e.placed.on, quotas: cfg.Quotas, count: e.placed, hasImage: e.images.has}
 	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log, Observe: e.placed.observe}
 	if cfg.StateDir != "" {
 		e.proj.Checkpoint = filepath.Join(cfg.StateDir, "projection-"+cfg.ID+".seq")
@@ -139,13 +142,23 @@ func (e *Engine) Run(ctx context.Context) error {
 	for _, r := range recs {
 		e.placed.observe(r)
 	}
+	var imagesKV jetstream.KeyValue
+	if err := events.RetryStartup(ctx, e.log, "the images bucket", func(sctx context.Context) (err error) {
+		imagesKV, err = e.cfg.JS.KeyValue(sctx, e.cfg.Names.ImagesBucket())
+		return err
+	}); err != nil {
+		return fmt.Errorf("engine: opening %s: %w", e.cfg.Names.ImagesBucket(), err)
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return e.hosts.Run(gctx, hostsKV) })
+	g.Go(func() error { return e.images.run(gctx, imagesKV) })
 	g.Go(func() error { return e.proj.Run(gctx) })
-	select {
-	case <-e.hosts.Ready():
-	case <-gctx.Done():
-		return g.Wait()
+	for _, ready := range []<-chan struct{}{e.hosts.Ready(), e.images.Ready()} {
+		select {
+		case <-ready:
+		case <-gctx.Done():
+			return g.Wait()
+		}
 	}
 	g.Go(func() error { return e.runHostEvents(gctx) })
 	g.Go(func() error { return e.runHostConsumers(gctx) })

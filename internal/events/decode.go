@@ -173,6 +173,8 @@ func (s *scanner) spec(sp *vm.VmSpec) bool {
 			bit, ok = 1<<9, s.ssh(sp.SSH)
 		case "accel":
 			bit, ok = 1<<10, s.enumInto(&sp.Accel)
+		case "image":
+			bit, ok = 1<<11, s.strInto(&sp.Image)
 		}
 		if !ok || !once(&seen, bit) {
 			return false

@@ -413,6 +413,10 @@ type Placement struct {
 	// MaxVMs (if > 0) is the most VMs a host may have; VMsOn counts them.
 	MaxVMs int
 	VMsOn  func(host string) int
+	// Image (if set) must be ready in the host's image store; HasImage
+	// tells (nil: nowhere).
+	Image    string
+	HasImage func(host, name string) bool
 }
 
 // takes reports whether a VM of backend b takes capacity: a Noop VM runs
@@ -430,6 +434,8 @@ func (p Placement) Fits(h *Host) string {
 		return fmt.Sprintf("no %s backend (it has %v)", p.Backend, h.Backends)
 	case p.MaxVMs > 0 && p.VMsOn != nil && p.VMsOn(h.Host) >= p.MaxVMs:
 		return fmt.Sprintf("full (%d VMs, --max-vms-per-host %d)", p.VMsOn(h.Host), p.MaxVMs)
+	case p.Image != "" && (p.HasImage == nil || !p.HasImage(h.Host, p.Image)):
+		return fmt.Sprintf("no image %s (vmctl image pull SOURCE --name %s --host %s)", p.Image, p.Image, h.Host)
 	}
 	b := p.Backend
 	if b == "" {

@@ -85,9 +85,12 @@ type SshConfig struct {
 
 // VmSpec is what a prepare command asks for.
 type VmSpec struct {
-	Name      string           `json:"name,omitempty"`
-	Backend   BackendTag       `json:"backend,omitempty"`
-	ImagePath string           `json:"image_path,omitempty"`
+	Name      string     `json:"name,omitempty"`
+	Backend   BackendTag `json:"backend,omitempty"`
+	ImagePath string     `json:"image_path,omitempty"`
+	// Image names an image in the host's image store instead (vmctl
+	// image pull); the worker resolves it to its file.
+	Image     string           `json:"image,omitempty"`
 	Vcpus     int              `json:"vcpus,omitempty"`
 	MemoryMB  int              `json:"memory_mb,omitempty"`
 	DiskGB    int              `json:"disk_gb,omitempty"`

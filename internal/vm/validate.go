@@ -89,8 +89,16 @@ func (s VmSpec) Validate() error {
 	if s.DiskGB < 0 || s.DiskGB > MaxDiskGB {
 		return fieldErr("spec.disk_gb", "%d is out of range (0..%d)", s.DiskGB, MaxDiskGB)
 	}
-	if (s.Backend == BackendQEMU || s.Backend == BackendPropolis) && strings.TrimSpace(s.ImagePath) == "" {
-		return fieldErr("spec.image_path", "is required for the %s backend", s.Backend)
+	if s.Image != "" && s.ImagePath != "" {
+		return fieldErr("spec.image", "give image (a name in the host's image store) or image_path, not both")
+	}
+	if s.Image != "" {
+		if err := validateToken("spec.image", s.Image); err != nil {
+			return err
+		}
+	}
+	if (s.Backend == BackendQEMU || s.Backend == BackendPropolis) && strings.TrimSpace(s.ImagePath) == "" && s.Image == "" {
+		return fieldErr("spec.image_path", "is required for the %s backend (or spec.image, a name in the host's image store)", s.Backend)
 	}
 	if strings.ContainsRune(s.ImagePath, 0) {
 		return fieldErr("spec.image_path", "must not contain NUL")

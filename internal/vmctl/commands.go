@@ -44,6 +44,10 @@ func (g *globals) createCmd() *cobra.Command {
 			}
 			spec.Name = args[0]
 			spec.Backend = vm.BackendTag(backend)
+			if spec.ImagePath != "" && !strings.Contains(spec.ImagePath, "/") {
+				// A name in the hosts' image stores, not a path.
+				spec.Image, spec.ImagePath = spec.ImagePath, ""
+			}
 			n := &vm.NetworkConfig{Type: vm.NetworkType(network)}
 			if t, arg, ok := strings.Cut(network, ":"); ok {
 				n.Type = vm.NetworkType(t)
@@ -95,7 +99,7 @@ func (g *globals) createCmd() *cobra.Command {
 		},
 	}
 	f := c.Flags()
-	f.StringVar(&spec.ImagePath, "image", "", "base disk image (qcow2 or raw) on the VM's host")
+	f.StringVar(&spec.ImagePath, "image", "", "base disk image: a path on the VM's host (qcow2 or raw; it contains a /), or the name of an image in the hosts' image stores (vmctl image pull), which places the VM on a host that has it")
 	f.IntVar(&spec.Vcpus, "vcpus", 1, "virtual CPUs")
 	f.IntVar(&spec.MemoryMB, "memory", 512, "memory in MiB")
 	f.IntVar(&spec.DiskGB, "disk", 0, "grow the disk overlay to this many GiB (0: base size)")

@@ -514,6 +514,7 @@ var wireToFlag = strings.NewReplacer(
 	"spec.network.type", "--network",
 	"spec.network", "--network",
 	"spec.image_path", "--image",
+	"spec.image", "--image",
 	"spec.memory_mb", "--memory",
 	"spec.disk_gb", "--disk",
 	"spec.vcpus", "--vcpus",

@@ -211,3 +211,15 @@ func (w *Worker) imageInUse(path string) bool {
 	}
 	return false
 }
+
+// namedImage resolves spec.image to its file in this host's store.
+func (w *Worker) namedImage(spec vm.VmSpec) (string, error) {
+	if w.cfg.ImageStore == "" || !w.cfg.Router.LocalImages(spec.Backend) {
+		return "", fmt.Errorf("%w: spec.image %q needs this worker's image store, which backend %s does not read from; give spec.image_path", ErrImagePath, spec.Image, spec.Backend)
+	}
+	img, err := (&images.Store{Root: w.cfg.ImageStore}).Get(spec.Image)
+	if err != nil {
+		return "", fmt.Errorf("%w: spec.image: %v on host %s (vmctl image list shows what each host has)", ErrImagePath, err, w.cfg.Host)
+	}
+	return img.Path, nil
+}

@@ -405,6 +405,13 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 		if spec.Backend == "" {
 			spec.Backend = t.Backend
 		}
+		if spec.Image != "" {
+			// The backend gets the file (the accepted event keeps the name).
+			if spec.ImagePath, err = w.namedImage(spec); err != nil {
+				break
+			}
+			spec.Image = ""
+		}
 		if spec.ImagePath != "" && r.LocalImages(spec.Backend) {
 			if spec.ImagePath, err = w.checkImage(spec.ImagePath); err != nil {
 				break
