@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/testenv"
 )
 
@@ -160,7 +161,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 	if err != nil {
 		t.Fatalf("README walkthrough failed: %v\nengine log:\n%s", err, engine.Output())
 	}
-	for _, want := range []string{"started", "destroyed", "already suspended", "vmherd-worker", "is not running", "SSH-2.0-vmherd-guest"} {
+	for _, want := range []string{"started", "destroyed", "already suspended", "vmherd-worker", "is not running", guestimage.SSHBanner} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("walkthrough output lacks %q", want)
 		}

@@ -3,6 +3,7 @@ package guestimage
 import (
 	"fmt"
 	"io"
+	"path"
 )
 
 // cpioWriter writes the "newc" (SVR4, no checksum) cpio format the kernel
@@ -10,9 +11,10 @@ import (
 // inode numbers count up from 1, so the archive depends only on its entries.
 // Writing it ourselves lets an unprivileged build add /dev/console.
 type cpioWriter struct {
-	w   io.Writer
-	ino uint32
-	err error
+	w    io.Writer
+	ino  uint32
+	err  error
+	dirs map[string]bool
 }
 
 const (
@@ -54,7 +56,22 @@ func (c *cpioWriter) pad(n int) {
 	}
 }
 
-func (c *cpioWriter) Dir(name string) { c.entry(name, cpioModeDir|0o755, nil, 0, 0) }
+func (c *cpioWriter) Dir(name string) {
+	if c.dirs == nil {
+		c.dirs = map[string]bool{}
+	}
+	c.dirs[name] = true
+	c.entry(name, cpioModeDir|0o755, nil, 0, 0)
+}
+
+// MkdirAll adds name and the parents of it the archive does not have yet.
+func (c *cpioWriter) MkdirAll(name string) {
+	if name == "." || name == "/" || name == "" || c.dirs[name] {
+		return
+	}
+	c.MkdirAll(path.Dir(name))
+	c.Dir(name)
+}
 func (c *cpioWriter) File(name string, perm uint32, data []byte) {
 	c.entry(name, cpioModeFile|perm, data, 0, 0)
 }

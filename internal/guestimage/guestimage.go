@@ -10,7 +10,11 @@
 //     the hostname;
 //   - brings every NIC up and runs udhcpc on it (lease printed as
 //     "vmherd-guest: eth0 bound A.B.C.D/N");
-//   - listens on TCP 22 and answers every connection with SSHBanner;
+//   - runs an SSH server (Debian's dropbear) on TCP 22, whose banner starts
+//     with SSHBanner, with a host key made at boot and printed on the
+//     console between HostKeysBegin and HostKeysEnd (as cloud-init does);
+//     the public keys in the seed's user-data may log in as root and as
+//     each user the user-data names;
 //   - runs acpid, whose power-button handler does "poweroff -f", unless told
 //     to ignore ACPI (see IgnoreACPIKey);
 //   - prints ReadyMarker, then keeps a shell on the console.
@@ -43,8 +47,12 @@ const (
 	// ReadyMarker is printed on ttyS0 once the guest has started its
 	// services (and got its first DHCP lease, if it has a NIC).
 	ReadyMarker = "VMHERD-GUEST-READY"
-	// SSHBanner is the line the guest's TCP 22 listener sends.
-	SSHBanner = "SSH-2.0-vmherd-guest"
+	// SSHBanner starts the line the guest's SSH server sends.
+	SSHBanner = "SSH-2.0-dropbear"
+	// HostKeysBegin and HostKeysEnd enclose the guest's SSH host public
+	// keys on the console, one per line, as cloud-init prints them.
+	HostKeysBegin = "-----BEGIN SSH HOST KEY KEYS-----"
+	HostKeysEnd   = "-----END SSH HOST KEY KEYS-----"
 	// IgnoreACPIKey makes the guest ignore the ACPI power button, so the
 	// forced stop path can be tested: a top-level line
 	// "vmherd-ignore-acpi: true" in the seed's meta-data or user-data
@@ -74,13 +82,17 @@ type Options struct {
 	BootDir       string // default /boot
 	ModulesRoot   string // default /lib/modules
 	Busybox       string // a static busybox; default /bin/busybox
+	// Dropbear and DropbearKey: the guest's SSH server and key maker
+	// (dynamically linked: their libraries go into the initramfs too);
+	// default /usr/sbin/dropbear and /usr/bin/dropbearkey.
+	Dropbear, DropbearKey string
 	SyslinuxMBR   string // default /usr/lib/syslinux/mbr/mbr.bin (or /usr/lib/SYSLINUX/mbr.bin)
 	// Tools; defaults are looked up in PATH (and /sbin, /usr/sbin).
 	QEMUImg, MkfsFat, Mcopy, Syslinux string
 }
 
 // Packages are the Debian packages the build reads from.
-var Packages = []string{"linux-image-amd64", "busybox-static", "syslinux", "syslinux-common", "mtools", "dosfstools", "qemu-utils"}
+var Packages = []string{"linux-image-amd64", "busybox-static", "dropbear-bin", "syslinux", "syslinux-common", "mtools", "dosfstools", "qemu-utils"}
 
 // Build builds the guest image (or finds it cached) under cacheDir and
 // returns the path of the qcow2 file. The file is shared: use it only as a
@@ -140,6 +152,9 @@ type inputs struct {
 	modDir        string
 	modules       []string // relative to modDir, in load order
 	busybox       string
+	dropbear      string
+	dropbearKey   string
+	libs          []string // the shared libraries dropbear needs
 	mbr           string
 	qemuImg       string
 	mkfsFat       string
@@ -179,6 +194,16 @@ func (o Options) inputs() (*inputs, error) {
 	if err := checkStatic(in.busybox); err != nil {
 		return nil, fmt.Errorf("busybox: %w (install busybox-static)", err)
 	}
+	in.dropbear = or(o.Dropbear, "/usr/sbin/dropbear")
+	in.dropbearKey = or(o.DropbearKey, "/usr/bin/dropbearkey")
+	for _, p := range []string{in.dropbear, in.dropbearKey} {
+		if _, err := os.Stat(p); err != nil {
+			return nil, fmt.Errorf("the guest's SSH server: %w (install dropbear-bin)", err)
+		}
+	}
+	if in.libs, err = sharedLibs(in.dropbear, in.dropbearKey); err != nil {
+		return nil, fmt.Errorf("the guest's SSH server: %w", err)
+	}
 	in.mbr = o.SyslinuxMBR
 	if in.mbr == "" {
 		in.mbr = firstExisting("/usr/lib/syslinux/mbr/mbr.bin", "/usr/lib/SYSLINUX/mbr.bin", "/usr/share/syslinux/mbr.bin")
@@ -206,7 +231,8 @@ func (o Options) inputs() (*inputs, error) {
 
 	h := sha256.New()
 	fmt.Fprintf(h, "builder %s\nkernel %s\n", builderVersion, in.kernelVersion)
-	hashFiles := append([]string{in.kernel, in.busybox, in.mbr, in.syslinux}, prefixAll(in.modDir, in.modules)...)
+	hashFiles := append([]string{in.kernel, in.busybox, in.mbr, in.syslinux, in.dropbear, in.dropbearKey}, prefixAll(in.modDir, in.modules)...)
+	hashFiles = append(hashFiles, in.libs...)
 	for _, f := range hashFiles {
 		if err := hashFile(h, f); err != nil {
 			return nil, err
@@ -361,13 +387,23 @@ func (in *inputs) initramfs() ([]byte, error) {
 	}
 	c.File("bin/busybox", 0o755, bb)
 	c.Symlink("bin/sh", "busybox")
+	// The SSH server, its key maker and the libraries they load, at the
+	// host's paths.
+	for _, f := range append([]string{in.dropbear, in.dropbearKey}, in.libs...) {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, err
+		}
+		rel := strings.TrimPrefix(f, "/")
+		c.MkdirAll(filepath.Dir(rel))
+		c.File(rel, 0o755, b)
+	}
 	for _, f := range []struct {
 		src, dst string
 		perm     uint32
 	}{
 		{"init", "init", 0o755},
 		{"udhcpc.script", "etc/udhcpc.script", 0o755},
-		{"banner.sh", "etc/banner.sh", 0o755},
 		{"power-button", "etc/acpi/PWRF/00000080", 0o755},
 	} {
 		b, err := files.ReadFile("files/" + f.src)
@@ -389,6 +425,7 @@ func (in *inputs) initramfs() ([]byte, error) {
 	c.File("etc/modules", 0o644, []byte(order.String()))
 	c.File("etc/passwd", 0o644, []byte("root:x:0:0:root:/root:/bin/sh\n"))
 	c.File("etc/group", 0o644, []byte("root:x:0:\n"))
+	c.File("etc/shells", 0o644, []byte("/bin/sh\n"))
 	if err := c.Close(); err != nil {
 		return nil, err
 	}

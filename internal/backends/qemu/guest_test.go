@@ -10,10 +10,13 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/ssh"
+
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/conformance"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/guestimage"
+	"github.com/vmherd/vmherd/internal/provision"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -41,6 +44,11 @@ func TestGuest(t *testing.T) {
 	b := newBackend(t, qemu.Options{DataDir: dataDir})
 	spec := testSpec(img, "guest1")
 	spec.CloudInit = &vm.CloudInitConfig{InstanceID: "iid-guest1-42", Hostname: "web-one"}
+	priv, pub, err := provision.NewKey("test@vmherd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec.SSH = &vm.SshConfig{User: "vm", PublicKey: pub}
 	ctx := ctxT(t, bootTimeout+2*time.Minute)
 	h, err := b.Prepare(ctx, spec)
 	if err != nil {
@@ -67,8 +75,32 @@ func TestGuest(t *testing.T) {
 		t.Fatalf("GuestIP = %q, %v; want 127.0.0.1", ip, err)
 	}
 	banner, err := readBanner("127.0.0.1:"+strconv.Itoa(h.SSHPort), time.Minute)
-	if err != nil || banner != guestimage.SSHBanner {
+	if err != nil || !strings.HasPrefix(banner, guestimage.SSHBanner) {
 		t.Fatalf("banner on the SSH forward = %q, %v; want %q", banner, err, guestimage.SSHBanner)
+	}
+	// A real SSH login as the seed's user, with its key, checking the
+	// host key the guest printed on its console.
+	hostKeys, err := provision.HostKeys([]byte(log))
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := ssh.ParsePrivateKey(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := ssh.Dial("tcp", "127.0.0.1:"+strconv.Itoa(h.SSHPort), provision.ClientConfig("vm", signer, hostKeys))
+	if err != nil {
+		b, _ := os.ReadFile(h.SerialLog)
+		t.Fatalf("ssh login as vm: %v\nconsole:\n%s", err, b)
+	}
+	sess, err := cl.NewSession()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := sess.CombinedOutput("id -un; hostname")
+	cl.Close()
+	if err != nil || string(out) != "vm\nweb-one\n" {
+		t.Fatalf("ssh id -un; hostname: %q, %v", out, err)
 	}
 	ep, err := b.ConsoleEndpoint(h)
 	if err != nil || ep.Kind != vm.ConsoleUnixSocket || ep.Path != h.SerialSock || ep.LogPath != h.SerialLog {
