@@ -92,6 +92,12 @@ func (id Identity) Permissions() (jwt.Permissions, error) {
 			p.Sub.Allow.Add(n.Console("*", "*", events.ConsoleOut), n.Tunnel("*", "*", "*", events.TunnelDown))
 			// Image pulls and removals, on any host.
 			p.Pub.Allow.Add(n.Image("*", events.ImagePull), n.Image("*", events.ImageRemove))
+			// VM_SSH (generated keys, host keys, provisioning logs): read
+			// and write; viewers and workers may not read it.
+			ssh := "KV_" + n.SSHBucket()
+			p.Pub.Allow.Add("$KV."+n.SSHBucket()+".>", "$JS.API.DIRECT.GET."+ssh, "$JS.API.DIRECT.GET."+ssh+".>",
+				"$JS.API.STREAM.MSG.GET."+ssh, "$JS.API.CONSUMER.CREATE."+ssh+".>", "$JS.API.CONSUMER.MSG.NEXT."+ssh+".>",
+				"$JS.API.CONSUMER.DELETE."+ssh+".>")
 			p.Pub.Allow.Add("$KV." + n.HostsBucket() + ".*.cordon") // cordon, uncordon, drain
 		}
 	case RoleWorker:

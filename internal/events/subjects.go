@@ -30,6 +30,18 @@ func (n Names) TasksStream() string    { return n.upper() + "_TASKS" }
 func (n Names) RecordsBucket() string  { return n.upper() + "_RECORDS" }
 func (n Names) HostsBucket() string    { return n.upper() + "_HOSTS" }
 func (n Names) ImagesBucket() string   { return n.upper() + "_IMAGES" }
+func (n Names) SSHBucket() string      { return n.upper() + "_SSH" }
+
+// SSHKey is a VM's key in VM_SSH: <vm>.<what>, what being SSHPrivateKey,
+// SSHHostKeys or SSHProvisionLog.
+func SSHKey(vmName, what string) string { return vmName + "." + what }
+
+// What VM_SSH keeps per VM.
+const (
+	SSHPrivateKey   = "key"
+	SSHHostKeys     = "hostkeys"
+	SSHProvisionLog = "provision"
+)
 
 // ImageKey is an image's key in VM_IMAGES: <host>.<name>.
 func ImageKey(host, name string) string { return host + "." + name }
@@ -298,6 +310,13 @@ func (n Names) BucketConfigs(s Settings) []jetstream.KeyValueConfig {
 		{
 			Bucket:      n.HostsBucket(),
 			Description: "vmherd hosts: worker heartbeats (backends, capacity, usage) and cordons; a host stays until forgotten",
+			History:     1,
+			Storage:     jetstream.FileStorage,
+			Replicas:    s.Replicas,
+		},
+		{
+			Bucket:      n.SSHBucket(),
+			Description: "vmherd ssh: per VM, the generated private key, the guest's host keys as first seen, the last provisioning log (operators and admins only)",
 			History:     1,
 			Storage:     jetstream.FileStorage,
 			Replicas:    s.Replicas,

@@ -86,13 +86,16 @@ type Options struct {
 	// (dynamically linked: their libraries go into the initramfs too);
 	// default /usr/sbin/dropbear and /usr/bin/dropbearkey.
 	Dropbear, DropbearKey string
+	// SFTPServer serves dropbear's sftp subsystem (provisioning copies
+	// files with SFTP); default /usr/lib/openssh/sftp-server.
+	SFTPServer string
 	SyslinuxMBR   string // default /usr/lib/syslinux/mbr/mbr.bin (or /usr/lib/SYSLINUX/mbr.bin)
 	// Tools; defaults are looked up in PATH (and /sbin, /usr/sbin).
 	QEMUImg, MkfsFat, Mcopy, Syslinux string
 }
 
 // Packages are the Debian packages the build reads from.
-var Packages = []string{"linux-image-amd64", "busybox-static", "dropbear-bin", "syslinux", "syslinux-common", "mtools", "dosfstools", "qemu-utils"}
+var Packages = []string{"linux-image-amd64", "busybox-static", "dropbear-bin", "openssh-sftp-server", "syslinux", "syslinux-common", "mtools", "dosfstools", "qemu-utils"}
 
 // Build builds the guest image (or finds it cached) under cacheDir and
 // returns the path of the qcow2 file. The file is shared: use it only as a
@@ -154,6 +157,7 @@ type inputs struct {
 	busybox       string
 	dropbear      string
 	dropbearKey   string
+	sftpServer    string
 	libs          []string // the shared libraries dropbear needs
 	mbr           string
 	qemuImg       string
@@ -196,12 +200,13 @@ func (o Options) inputs() (*inputs, error) {
 	}
 	in.dropbear = or(o.Dropbear, "/usr/sbin/dropbear")
 	in.dropbearKey = or(o.DropbearKey, "/usr/bin/dropbearkey")
-	for _, p := range []string{in.dropbear, in.dropbearKey} {
+	in.sftpServer = or(o.SFTPServer, "/usr/lib/openssh/sftp-server")
+	for _, p := range []string{in.dropbear, in.dropbearKey, in.sftpServer} {
 		if _, err := os.Stat(p); err != nil {
-			return nil, fmt.Errorf("the guest's SSH server: %w (install dropbear-bin)", err)
+			return nil, fmt.Errorf("the guest's SSH server: %w (install dropbear-bin and openssh-sftp-server)", err)
 		}
 	}
-	if in.libs, err = sharedLibs(in.dropbear, in.dropbearKey); err != nil {
+	if in.libs, err = sharedLibs(in.dropbear, in.dropbearKey, in.sftpServer); err != nil {
 		return nil, fmt.Errorf("the guest's SSH server: %w", err)
 	}
 	in.mbr = o.SyslinuxMBR
@@ -231,7 +236,7 @@ func (o Options) inputs() (*inputs, error) {
 
 	h := sha256.New()
 	fmt.Fprintf(h, "builder %s\nkernel %s\n", builderVersion, in.kernelVersion)
-	hashFiles := append([]string{in.kernel, in.busybox, in.mbr, in.syslinux, in.dropbear, in.dropbearKey}, prefixAll(in.modDir, in.modules)...)
+	hashFiles := append([]string{in.kernel, in.busybox, in.mbr, in.syslinux, in.dropbear, in.dropbearKey, in.sftpServer}, prefixAll(in.modDir, in.modules)...)
 	hashFiles = append(hashFiles, in.libs...)
 	for _, f := range hashFiles {
 		if err := hashFile(h, f); err != nil {
@@ -398,6 +403,13 @@ func (in *inputs) initramfs() ([]byte, error) {
 		c.MkdirAll(filepath.Dir(rel))
 		c.File(rel, 0o755, b)
 	}
+	// Where dropbear looks for it.
+	sftp, err := os.ReadFile(in.sftpServer)
+	if err != nil {
+		return nil, err
+	}
+	c.MkdirAll("usr/lib")
+	c.File("usr/lib/sftp-server", 0o755, sftp)
 	for _, f := range []struct {
 		src, dst string
 		perm     uint32

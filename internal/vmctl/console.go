@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/relay"
 )
 
@@ -112,7 +113,7 @@ func attach(conn io.ReadWriteCloser, in io.Reader, out io.Writer) error {
 }
 
 func (g *globals) logCmd() *cobra.Command {
-	var follow bool
+	var follow, prov bool
 	var tail int
 	c := &cobra.Command{
 		Use:               "log NAME",
@@ -123,6 +124,9 @@ func (g *globals) logCmd() *cobra.Command {
 			if tail < -1 {
 				return usageError("--tail %d: give a number of lines, or -1 for all", tail)
 			}
+			if prov {
+				return g.printProvisionLog(cmd.Context(), args[0], tail)
+			}
 			host, err := g.relayHost(cmd.Context(), args[0])
 			if err != nil {
 				return err
@@ -132,5 +136,20 @@ func (g *globals) logCmd() *cobra.Command {
 	}
 	c.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output until interrupted")
 	c.Flags().IntVarP(&tail, "tail", "n", -1, "print only the last N lines first (-1: all)")
+	c.Flags().BoolVar(&prov, "provision", false, "print the log of the VM's last provisioning (vmctl up/provision) instead")
 	return c
+}
+
+// printProvisionLog prints what VM_SSH keeps of the VM's last provisioning.
+func (g *globals) printProvisionLog(ctx context.Context, name string, tail int) error {
+	kv, err := g.sshKV(ctx)
+	if err != nil {
+		return err
+	}
+	e, err := kv.Get(ctx, events.SSHKey(name, events.SSHProvisionLog))
+	if err != nil {
+		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s has no provisioning log (vmctl up or vmctl provision writes one)", name)}
+	}
+	_, err = g.out.Write(relay.LastLines(e.Value(), tail))
+	return err
 }

@@ -2,16 +2,19 @@ package vmctl
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/relay"
 )
 
@@ -147,10 +150,29 @@ vmherd-NAME in your known_hosts (accepted on first use).`,
 			proxy := []string{self}
 			proxy = append(proxy, g.connectionArgs()...)
 			proxy = append(proxy, "proxy", name, strconv.Itoa(port))
-			sargs := []string{"-o", "ProxyCommand=" + shellJoin(proxy), "-o", "HostKeyAlias=vmherd-" + name,
-				"-o", "StrictHostKeyChecking=accept-new"}
+			sargs := []string{"-o", "ProxyCommand=" + shellJoin(proxy), "-o", "HostKeyAlias=vmherd-" + name}
+			// The VM's generated key and the host keys first seen, when
+			// vmctl up made and learned them (VM_SSH).
+			known, key, cleanup, err := g.sshFiles(cmd.Context(), name)
+			if err != nil {
+				return err
+			}
+			defer cleanup()
+			if known != "" {
+				sargs = append(sargs, "-o", "UserKnownHostsFile="+known, "-o", "StrictHostKeyChecking=yes")
+			} else {
+				sargs = append(sargs, "-o", "StrictHostKeyChecking=accept-new")
+			}
+			if identity == "" {
+				identity = key
+			}
 			if identity != "" {
 				sargs = append(sargs, "-i", identity)
+			}
+			if !cmd.Flags().Changed("user") {
+				if r, err := g.record(cmd.Context(), name); err == nil && r.Handle != nil && r.Handle.Spec != nil && r.Handle.Spec.SSH != nil && r.Handle.Spec.SSH.User != "" {
+					user = r.Handle.Spec.SSH.User
+				}
 			}
 			sargs = append(sargs, user+"@"+name)
 			sargs = append(sargs, args[1:]...)
@@ -190,4 +212,40 @@ func shellJoin(args []string) string {
 		q[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
 	}
 	return strings.Join(q, " ")
+}
+
+// sshFiles writes, for the system ssh, a known_hosts file with the VM's
+// host keys as first seen and its generated private key, when VM_SSH has
+// them (each "" when not).
+func (g *globals) sshFiles(ctx context.Context, name string) (known, key string, cleanup func(), err error) {
+	cleanup = func() {}
+	kv, kerr := g.sshKV(ctx)
+	if kerr != nil {
+		return "", "", cleanup, nil // not allowed to read it, or an older engine: ssh's own
+	}
+	dir, err := os.MkdirTemp("", "vmctl-ssh-")
+	if err != nil {
+		return "", "", cleanup, err
+	}
+	cleanup = func() { _ = os.RemoveAll(dir) }
+	if e, err := kv.Get(ctx, events.SSHKey(name, events.SSHHostKeys)); err == nil {
+		var k knownHostKeys
+		if json.Unmarshal(e.Value(), &k) == nil && len(k.Keys) > 0 {
+			var b strings.Builder
+			for _, l := range k.Keys {
+				b.WriteString("vmherd-" + name + " " + l + "\n")
+			}
+			known = filepath.Join(dir, "known_hosts")
+			if err := os.WriteFile(known, []byte(b.String()), 0o600); err != nil {
+				return "", "", cleanup, err
+			}
+		}
+	}
+	if e, err := kv.Get(ctx, events.SSHKey(name, events.SSHPrivateKey)); err == nil {
+		key = filepath.Join(dir, "id_ed25519")
+		if err := os.WriteFile(key, e.Value(), 0o600); err != nil {
+			return "", "", cleanup, err
+		}
+	}
+	return known, key, cleanup, nil
 }

@@ -337,4 +337,3 @@ func TestCrashedAndNotRunning(t *testing.T) {
 		t.Fatalf("completion: %v", r)
 	}
 }
-

@@ -1,0 +1,653 @@
+package vmctl
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
+	"golang.org/x/crypto/ssh"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
+	"github.com/vmherd/vmherd/internal/images"
+	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/provision"
+	"github.com/vmherd/vmherd/internal/relay"
+	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/internal/vmfile"
+)
+
+// vmfileFlags are the flags up, down, reload and provision share.
+type vmfileFlags struct {
+	file string
+	name string
+}
+
+func (f *vmfileFlags) add(c *cobra.Command) {
+	c.Flags().StringVarP(&f.file, "file", "f", "VMFile.kdl", "the VMFile")
+	c.Flags().StringVar(&f.name, "name", "", "only this VM of the file")
+}
+
+// defs reads the VMFile and picks the VMs to act on.
+func (f *vmfileFlags) defs() ([]vmfile.Def, error) {
+	file, err := vmfile.Parse(f.file)
+	if err != nil {
+		return nil, &exitError{code: ExitUsage, msg: err.Error()}
+	}
+	if f.name == "" {
+		return file.VMs, nil
+	}
+	d, ok := file.Find(f.name)
+	if !ok {
+		var names []string
+		for _, v := range file.VMs {
+			names = append(names, v.Name)
+		}
+		return nil, usageError("--name %s: %s defines %s", f.name, f.file, strings.Join(names, ", "))
+	}
+	return []vmfile.Def{*d}, nil
+}
+
+func (g *globals) upCmd() *cobra.Command {
+	var f vmfileFlags
+	var noProvision bool
+	c := &cobra.Command{
+		Use:   "up",
+		Short: "create and start the VMs of a VMFile.kdl as defined, and provision new ones",
+		Long: `up makes each VM of the VMFile exist and run as defined: a VM that does not
+exist (or was destroyed) is created, started, and provisioned over SSH; one
+that exists with the same definition is started if it is not running; one
+whose definition changed is left alone and the differences are printed:
+apply them with vmctl reload NAME (destroy and create again), since a VM's
+spec is fixed when it is prepared. image-url images are pulled first (onto
+the VM's host if it is pinned, else onto every alive host).`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			defs, err := f.defs()
+			if err != nil {
+				return err
+			}
+			var drifted []string
+			for _, d := range defs {
+				changed, err := g.up(cmd.Context(), d, !noProvision)
+				if err != nil {
+					return err
+				}
+				if changed {
+					drifted = append(drifted, d.Name)
+				}
+			}
+			if len(drifted) > 0 {
+				return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s changed in the VMFile; apply with: vmctl reload --name %s", strings.Join(drifted, ", "), drifted[0])}
+			}
+			return nil
+		},
+	}
+	f.add(c)
+	c.Flags().BoolVar(&noProvision, "no-provision", false, "do not provision VMs up creates")
+	return c
+}
+
+func (g *globals) downCmd() *cobra.Command {
+	var f vmfileFlags
+	var destroy bool
+	c := &cobra.Command{
+		Use:   "down",
+		Short: "stop the VMs of a VMFile.kdl (--destroy: destroy them)",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			defs, err := f.defs()
+			if err != nil {
+				return err
+			}
+			for _, d := range defs {
+				r, err := g.existing(cmd.Context(), d.Name)
+				if err != nil {
+					return err
+				}
+				switch {
+				case r == nil:
+					g.printf("%s: does not exist\n", d.Name)
+				case destroy:
+					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, events.Command{}); err != nil {
+						return err
+					}
+					g.forgetSSH(cmd.Context(), d.Name)
+				case r.State == vm.StateRunning || r.State == vm.StateSuspended:
+					if _, err := g.send(cmd.Context(), d.Name, fsm.ActStop, events.Command{}); err != nil {
+						return err
+					}
+				default:
+					g.printf("%s: %s\n", d.Name, r.State)
+				}
+			}
+			return nil
+		},
+	}
+	f.add(c)
+	c.Flags().BoolVar(&destroy, "destroy", false, "destroy the VMs (and forget their generated keys)")
+	return c
+}
+
+func (g *globals) reloadCmd() *cobra.Command {
+	var f vmfileFlags
+	var noProvision bool
+	c := &cobra.Command{
+		Use:   "reload",
+		Short: "destroy the VMs of a VMFile.kdl and create them again as defined (and provision them)",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			defs, err := f.defs()
+			if err != nil {
+				return err
+			}
+			for _, d := range defs {
+				if r, err := g.existing(cmd.Context(), d.Name); err != nil {
+					return err
+				} else if r != nil {
+					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, events.Command{}); err != nil {
+						return err
+					}
+				}
+				if _, err := g.up(cmd.Context(), d, !noProvision); err != nil {
+					return err
+				}
+			}
+			return nil
+		},
+	}
+	f.add(c)
+	c.Flags().BoolVar(&noProvision, "no-provision", false, "do not provision")
+	return c
+}
+
+func (g *globals) provisionCmd() *cobra.Command {
+	var f vmfileFlags
+	c := &cobra.Command{
+		Use:   "provision",
+		Short: "run the provision steps of a VMFile.kdl on its running VMs, over SSH through NATS",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			defs, err := f.defs()
+			if err != nil {
+				return err
+			}
+			for _, d := range defs {
+				if err := g.provision(cmd.Context(), d); err != nil {
+					return err
+				}
+			}
+			return nil
+		},
+	}
+	f.add(c)
+	return c
+}
+
+// existing is the VM's record, nil when it does not exist (or was
+// destroyed).
+func (g *globals) existing(ctx context.Context, name string) (*projection.VmRecord, error) {
+	r, err := g.record(ctx, name)
+	var ee *exitError
+	if errors.As(err, &ee) && ee.code == ExitFailed {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if !r.Exists() || r.State == vm.StateDestroyed {
+		return nil, nil
+	}
+	return r, nil
+}
+
+// up brings one VM to its definition; changed reports a definition that
+// differs from the VM's.
+func (g *globals) up(ctx context.Context, d vmfile.Def, provisionNew bool) (changed bool, err error) {
+	spec, _, err := g.desired(ctx, d)
+	if err != nil {
+		return false, err
+	}
+	r, err := g.existing(ctx, d.Name)
+	if err != nil {
+		return false, err
+	}
+	if r != nil {
+		have, err := g.acceptedSpec(ctx, d.Name)
+		if err != nil {
+			return false, err
+		}
+		if diffs := specDrift(have, spec, r.Host, d.Host); len(diffs) > 0 {
+			fmt.Fprintf(g.errOut, "%s: the VMFile differs from the VM:\n", d.Name)
+			for _, x := range diffs {
+				fmt.Fprintf(g.errOut, "  %s\n", x)
+			}
+			return true, nil
+		}
+		switch r.State {
+		case vm.StateRunning:
+			g.printf("%s: up to date and running\n", d.Name)
+		case vm.StateSuspended:
+			_, err = g.send(ctx, d.Name, fsm.ActResume, events.Command{})
+		default:
+			_, err = g.send(ctx, d.Name, fsm.ActStart, events.Command{})
+		}
+		return false, err
+	}
+	if _, err := g.send(ctx, d.Name, fsm.ActPrepare, events.Command{Spec: &spec, Host: d.Host}); err != nil {
+		return false, err
+	}
+	if _, err := g.send(ctx, d.Name, fsm.ActStart, events.Command{}); err != nil {
+		return false, err
+	}
+	if provisionNew && len(d.Provision) > 0 {
+		return false, g.provision(ctx, d)
+	}
+	return false, nil
+}
+
+// desired is the spec a definition asks for (pulling its image-url
+// first), and the key provisioning logs in with.
+func (g *globals) desired(ctx context.Context, d vmfile.Def) (vm.VmSpec, ssh.Signer, error) {
+	spec := vm.VmSpec{
+		Name: d.Name, Backend: vm.BackendTag(d.Backend), Vcpus: d.Vcpus, MemoryMB: d.MemoryMB, DiskGB: d.DiskGB, UEFI: d.UEFI,
+	}
+	n := d.Network
+	spec.Network = &n
+	switch {
+	case d.ImageURL != "":
+		name, err := g.ensureImage(ctx, d)
+		if err != nil {
+			return spec, nil, err
+		}
+		spec.Image = name
+	case strings.ContainsRune(d.Image, '/'):
+		spec.ImagePath = d.Image
+	default:
+		spec.Image = d.Image
+	}
+	if ci := d.CloudInit; ci != nil {
+		spec.CloudInit = &vm.CloudInitConfig{Hostname: ci.Hostname}
+		if ci.UserData != "" {
+			b, err := os.ReadFile(ci.UserData)
+			if err != nil {
+				return spec, nil, usageError("cloud-init user-data: %v", err)
+			}
+			spec.CloudInit.UserData = string(b)
+		}
+	}
+	user := "vm"
+	if d.SSH != nil {
+		user = d.SSH.User
+	}
+	var signer ssh.Signer
+	var pub string
+	if d.CloudInit != nil && d.CloudInit.SSHKey != "" {
+		k, err := readPublicKey(d.CloudInit.SSHKey)
+		if err != nil {
+			return spec, nil, err
+		}
+		pub = k
+	}
+	if d.SSH != nil {
+		var err error
+		if signer, err = g.signer(ctx, d); err != nil {
+			return spec, nil, err
+		}
+		if pub == "" {
+			pub = strings.TrimSpace(string(ssh.MarshalAuthorizedKey(signer.PublicKey())))
+		}
+	}
+	if pub != "" {
+		spec.SSH = &vm.SshConfig{User: user, PublicKey: pub}
+	}
+	if err := spec.Validate(); err != nil {
+		return spec, nil, usageError("vm %s: %s", d.Name, err)
+	}
+	return spec, signer, nil
+}
+
+// sshKV opens VM_SSH.
+func (g *globals) sshKV(ctx context.Context) (jetstream.KeyValue, error) {
+	if err := g.conn(); err != nil {
+		return nil, err
+	}
+	kv, err := g.js.KeyValue(ctx, g.names.SSHBucket())
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w (is the engine new enough to create it? it is readable by operators and admins only)", g.names.SSHBucket(), err)
+	}
+	return kv, nil
+}
+
+// signer is the key provisioning and vmctl ssh log in with: ssh's
+// private-key, else the one generated for the VM (made and kept in
+// VM_SSH the first time).
+func (g *globals) signer(ctx context.Context, d vmfile.Def) (ssh.Signer, error) {
+	if d.SSH.PrivateKey != "" {
+		b, err := os.ReadFile(d.SSH.PrivateKey)
+		if err != nil {
+			return nil, usageError("ssh private-key: %v", err)
+		}
+		s, err := ssh.ParsePrivateKey(b)
+		if err != nil {
+			return nil, usageError("ssh private-key %s: %v (a key without a passphrase is needed)", d.SSH.PrivateKey, err)
+		}
+		return s, nil
+	}
+	kv, err := g.sshKV(ctx)
+	if err != nil {
+		return nil, err
+	}
+	key := events.SSHKey(d.Name, events.SSHPrivateKey)
+	if e, err := kv.Get(ctx, key); err == nil {
+		return ssh.ParsePrivateKey(e.Value())
+	}
+	priv, _, err := provision.NewKey("vmherd@" + d.Name)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := kv.Create(ctx, key, priv); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+		return nil, fmt.Errorf("keeping %s's generated key: %w", d.Name, err)
+	}
+	e, err := kv.Get(ctx, key) // whoever created it first
+	if err != nil {
+		return nil, err
+	}
+	return ssh.ParsePrivateKey(e.Value())
+}
+
+// forgetSSH drops what VM_SSH keeps for a destroyed VM.
+func (g *globals) forgetSSH(ctx context.Context, name string) {
+	kv, err := g.sshKV(ctx)
+	if err != nil {
+		return
+	}
+	for _, w := range []string{events.SSHPrivateKey, events.SSHHostKeys} {
+		_ = kv.Delete(ctx, events.SSHKey(name, w))
+	}
+}
+
+// ensureImage pulls an image-url onto the VM's host (or every alive
+// host), unless it is there already from the same source.
+func (g *globals) ensureImage(ctx context.Context, d vmfile.Def) (string, error) {
+	name := images.NameFrom(d.ImageURL)
+	hs, err := g.imageHosts(ctx, d.Host, d.Host == "")
+	if err != nil {
+		return "", err
+	}
+	sts, err := g.imageStatuses(ctx, "*."+name)
+	if err != nil {
+		return "", err
+	}
+	var need []string
+	for _, h := range hs {
+		if !slices.ContainsFunc(sts, func(s images.Status) bool {
+			return s.Host == h && s.State == images.StateReady && s.Source == d.ImageURL
+		}) {
+			need = append(need, h)
+		}
+	}
+	if len(need) == 0 {
+		return name, nil
+	}
+	kv, err := g.imagesKV(ctx)
+	if err != nil {
+		return "", err
+	}
+	w, err := kv.Watch(ctx, "*."+name, jetstream.UpdatesOnly())
+	if err != nil {
+		return "", err
+	}
+	defer func() { _ = w.Stop() }()
+	started := time.Now()
+	keys := make([]string, len(need))
+	for i, h := range need {
+		keys[i] = events.ImageKey(h, name)
+		if err := g.imageRequest(ctx, h, events.ImagePull, images.PullRequest{Source: d.ImageURL, Name: name}); err != nil {
+			return "", err
+		}
+	}
+	return name, g.watchPulls(ctx, w, keys, started)
+}
+
+// acceptedSpec is the spec of the VM's latest accepted prepare.
+func (g *globals) acceptedSpec(ctx context.Context, name string) (*vm.VmSpec, error) {
+	st, err := g.js.Stream(ctx, g.names.EventsStream())
+	if err != nil {
+		return nil, err
+	}
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{g.names.Event(name, events.TypeAccepted, events.EngineWriter)},
+	})
+	if err != nil {
+		return nil, err
+	}
+	var spec *vm.VmSpec
+	for {
+		batch, err := cons.FetchNoWait(256)
+		if err != nil {
+			return nil, err
+		}
+		n := 0
+		for m := range batch.Messages() {
+			n++
+			if ev, err := events.Decode(m.Data()); err == nil && ev.Action == fsm.ActPrepare && ev.Spec != nil {
+				spec = ev.Spec
+			}
+		}
+		if n == 0 {
+			return spec, batch.Error()
+		}
+	}
+}
+
+// specDrift lists what differs between the VM's spec and the wanted one.
+func specDrift(have *vm.VmSpec, want vm.VmSpec, haveHost, wantHost string) []string {
+	if have == nil {
+		return []string{"the VM's spec is unknown (no accepted prepare in its events)"}
+	}
+	h, w := have.WithDefaults(), want
+	if w.Backend == "" {
+		w.Backend = h.Backend
+	}
+	w = w.WithDefaults()
+	var out []string
+	diff := func(what string, a, b any) {
+		if fmt.Sprint(a) != fmt.Sprint(b) {
+			out = append(out, fmt.Sprintf("%s: %v -> %v", what, a, b))
+		}
+	}
+	diff("image", h.Image+h.ImagePath, w.Image+w.ImagePath)
+	diff("backend", h.Backend, w.Backend)
+	diff("vcpus", h.Vcpus, w.Vcpus)
+	diff("memory", h.MemoryMB, w.MemoryMB)
+	diff("disk", h.DiskGB, w.DiskGB)
+	diff("uefi", h.UEFI, w.UEFI)
+	nh, nw := vm.NetworkConfig{}, vm.NetworkConfig{}
+	if h.Network != nil {
+		nh = *h.Network
+	}
+	if w.Network != nil {
+		nw = *w.Network
+	}
+	diff("network", nh, nw)
+	var ch, cw vm.CloudInitConfig
+	if h.CloudInit != nil {
+		ch = *h.CloudInit
+	}
+	if w.CloudInit != nil {
+		cw = *w.CloudInit
+	}
+	diff("cloud-init hostname", ch.Hostname, cw.Hostname)
+	if ch.UserData != cw.UserData {
+		out = append(out, "cloud-init user-data: changed")
+	}
+	var sh, sw vm.SshConfig
+	if h.SSH != nil {
+		sh = *h.SSH
+	}
+	if w.SSH != nil {
+		sw = *w.SSH
+	}
+	diff("ssh user", sh.User, sw.User)
+	if sh.PublicKey != sw.PublicKey {
+		out = append(out, "ssh key: changed")
+	}
+	if wantHost != "" {
+		diff("host", haveHost, wantHost)
+	}
+	return out
+}
+
+// provisionWait bounds how long provisioning waits for the guest's host
+// keys and SSH server after a start.
+const provisionWait = 5 * time.Minute
+
+// provision runs a definition's steps on its VM over SSH, through a
+// tunnel over NATS, checking the guest's host key, and keeps the log in
+// VM_SSH (vmctl log --provision).
+func (g *globals) provision(ctx context.Context, d vmfile.Def) error {
+	if len(d.Provision) == 0 {
+		g.printf("%s: nothing to provision\n", d.Name)
+		return nil
+	}
+	if d.SSH == nil {
+		return usageError("vm %s has provision steps but no ssh block (hint: ssh { user \"vm\" })", d.Name)
+	}
+	signer, err := g.signer(ctx, d)
+	if err != nil {
+		return err
+	}
+	r, err := g.existing(ctx, d.Name)
+	if err != nil {
+		return err
+	}
+	if r == nil || r.State != vm.StateRunning {
+		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s is not running; vmctl up first", d.Name)}
+	}
+	hostKeys, err := g.hostKeys(ctx, r)
+	if err != nil {
+		return err
+	}
+	cfg := provision.ClientConfig(d.SSH.User, signer, hostKeys)
+	client, closeTunnel, err := g.sshDial(ctx, r.Host, d.Name, cfg)
+	if err != nil {
+		return err
+	}
+	defer closeTunnel()
+	defer client.Close()
+	var log bytes.Buffer
+	fmt.Fprintf(&log, "provisioning %s (%d steps) at %s\n", d.Name, len(d.Provision), time.Now().UTC().Format(time.RFC3339))
+	perr := provision.Run(ctx, client, d.Provision, g.out, &log)
+	if kv, err := g.sshKV(ctx); err == nil {
+		b := log.Bytes()
+		if len(b) > 512<<10 {
+			b = append([]byte("[…]\n"), b[len(b)-512<<10:]...)
+		}
+		_, _ = kv.Put(ctx, events.SSHKey(d.Name, events.SSHProvisionLog), b)
+	}
+	if perr != nil {
+		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s: %v", d.Name, perr)}
+	}
+	g.printf("%s: provisioned (%d steps)\n", d.Name, len(d.Provision))
+	return nil
+}
+
+// knownHostKeys is what VM_SSH keeps of a guest's host keys.
+type knownHostKeys struct {
+	HandleID string   `json:"handle_id"`
+	Keys     []string `json:"keys"`
+}
+
+// hostKeys returns the guest's host keys: as first seen for this
+// incarnation (VM_SSH), else as its console shows them now (waiting for
+// the boot to print them), kept for next time.
+func (g *globals) hostKeys(ctx context.Context, r *projection.VmRecord) ([]ssh.PublicKey, error) {
+	kv, err := g.sshKV(ctx)
+	if err != nil {
+		return nil, err
+	}
+	handle := ""
+	if r.Handle != nil {
+		handle = r.Handle.ID
+	}
+	key := events.SSHKey(r.Name, events.SSHHostKeys)
+	if e, err := kv.Get(ctx, key); err == nil {
+		var k knownHostKeys
+		if json.Unmarshal(e.Value(), &k) == nil && k.HandleID == handle {
+			var out []ssh.PublicKey
+			for _, l := range k.Keys {
+				if pk, _, _, _, err := ssh.ParseAuthorizedKey([]byte(l)); err == nil {
+					out = append(out, pk)
+				}
+			}
+			if len(out) > 0 {
+				return out, nil
+			}
+		}
+	}
+	var keys []ssh.PublicKey
+	deadline := time.Now().Add(provisionWait)
+	for {
+		var log bytes.Buffer
+		if err := relay.PrintLog(ctx, g.nc, g.names, r.Host, r.Name, &log, -1, false); err != nil {
+			return nil, relayErr(r.Host, err)
+		}
+		if keys, err = provision.HostKeys(log.Bytes()); err == nil {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return nil, fmt.Errorf("%s: %w", r.Name, err)
+		}
+		time.Sleep(time.Second)
+	}
+	k := knownHostKeys{HandleID: handle}
+	for _, pk := range keys {
+		k.Keys = append(k.Keys, strings.TrimSpace(string(ssh.MarshalAuthorizedKey(pk))))
+	}
+	b, _ := json.Marshal(k)
+	_, _ = kv.Put(ctx, key, b)
+	return keys, nil
+}
+
+// sshDial logs in to the guest's port 22 through a tunnel over NATS,
+// retrying while the guest's SSH server is not up yet.
+func (g *globals) sshDial(ctx context.Context, host, name string, cfg *ssh.ClientConfig) (*ssh.Client, func(), error) {
+	deadline := time.Now().Add(provisionWait)
+	for {
+		near, far := net.Pipe()
+		tctx, cancel := context.WithCancel(ctx)
+		tunErr := make(chan error, 1)
+		go func() { tunErr <- relay.DialTunnel(tctx, g.nc, g.names, host, name, 22, far) }()
+		conn, chans, reqs, err := ssh.NewClientConn(near, name+":22", cfg)
+		if err == nil {
+			return ssh.NewClient(conn, chans, reqs), func() { cancel(); near.Close() }, nil
+		}
+		cancel()
+		near.Close()
+		var terr error
+		select {
+		case terr = <-tunErr:
+		case <-time.After(5 * time.Second):
+		}
+		if strings.Contains(err.Error(), "host key mismatch") {
+			return nil, nil, fmt.Errorf("%s: %w", name, err)
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			if terr != nil {
+				err = fmt.Errorf("%w (tunnel: %v)", err, relayErr(host, terr))
+			}
+			return nil, nil, fmt.Errorf("%s: logging in over SSH: %w", name, err)
+		}
+		time.Sleep(2 * time.Second)
+	}
+}
