@@ -100,7 +100,8 @@ func TestCheckNamesEachProblem(t *testing.T) {
 	ctx := context.Background()
 	err := events.Check(ctx, js, events.DefaultNames)
 	var nr *events.NotReadyError
-	if !errors.As(err, &nr) || len(nr.Problems) != 5 {
+	want := len(events.DefaultNames.StreamConfigs(events.DefaultSettings)) + len(events.DefaultNames.BucketConfigs(events.DefaultSettings))
+	if !errors.As(err, &nr) || len(nr.Problems) != want {
 		t.Fatalf("Check on an empty server: %v", err)
 	}
 	if err := events.Ensure(ctx, js, events.DefaultNames, events.DefaultSettings); err != nil {
