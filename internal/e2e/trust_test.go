@@ -150,6 +150,27 @@ func TestTrustRoles(t *testing.T) {
 	if got := commands(); got != before {
 		t.Errorf("VM_COMMANDS went from %d to %d messages after a viewer's publish", before, got)
 	}
+	// VM_SSH (generated private keys) is for operators and admins only.
+	akv, err := env.JS.KeyValue(ctx, env.Names.SSHBucket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := akv.Put(ctx, events.SSHKey("web1", events.SSHPrivateKey), []byte("secret")); err != nil {
+		t.Fatal(err)
+	}
+	readSSH := func(js jetstream.JetStream) error {
+		c, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		kv, err := js.KeyValue(c, env.Names.SSHBucket())
+		if err != nil {
+			return err
+		}
+		_, err = kv.Get(c, events.SSHKey("web1", events.SSHPrivateKey))
+		return err
+	}
+	if readSSH(vjs) == nil {
+		t.Error("a viewer could read a VM's generated private key")
+	}
 	// A viewer reads console logs, but may not attach to a console (it
 	// could type) nor watch one.
 	if err := relay.PrintLog(ctx, vnc, env.Names, "h1", "web1", io.Discard, -1, false); err == nil || !strings.Contains(err.Error(), "keeps no console log") {
@@ -200,6 +221,9 @@ func TestTrustRoles(t *testing.T) {
 	}
 	if !wv.saw(env.Names.Event("web1", events.TypeStopped, "h1")) {
 		t.Error("h2's worker could publish an event as h1")
+	}
+	if readSSH(wjs) == nil {
+		t.Error("a worker could read a VM's generated private key")
 	}
 	// h2's worker cannot relay h1's consoles or tunnels.
 	if _, err := wnc.SubscribeSync(env.Names.Console("h1", "*", events.ConsoleAttach)); err != nil {
@@ -270,6 +294,10 @@ func TestTrustRoles(t *testing.T) {
 	}
 	if n := env.CountType("web1", events.TypeRejected); n != 0 {
 		t.Errorf("web1 has %d rejections; the refused publishes reached the engine", n)
+	}
+	_, ojs2, _ := connectAs(t, url, dir, auth.Identity{Role: auth.RoleOperator, User: "carol"})
+	if err := readSSH(ojs2); err != nil {
+		t.Errorf("an operator cannot read VM_SSH: %v", err)
 	}
 	// An operator may attach to consoles: h1's worker answers (a noop VM
 	// has no console, which it says).
