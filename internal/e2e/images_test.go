@@ -20,17 +20,7 @@ import (
 // An image pulled over HTTP into the worker's store boots a QEMU VM that
 // names it (spec.image), and cannot be removed while the VM exists.
 func TestQEMUNamedImage(t *testing.T) {
-	image := guestimage.EnsureForTest(t)
-	dataDir := t.TempDir()
-	q := newQEMU(t, dataDir)
-	srv := httptest.NewServer(http.FileServer(http.Dir(filepath.Dir(image))))
-	defer srv.Close()
-	env := testenv.New(t)
-	eng := env.StartEngine(testenv.EngineConfig{})
-	store := filepath.Join(dataDir, "images")
-	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU,
-		ImageStore: store, ImageRoots: []string{store}, VMDirs: []string{filepath.Join(dataDir, "vms")}})
-	env.WaitHost(eng, "h1")
+	env, image, srv := imageStoreEnv(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	run := func(args ...string) (string, int) {
@@ -60,4 +50,22 @@ func TestQEMUNamedImage(t *testing.T) {
 	if out, code := run("image", "rm", "guest"); code != 0 {
 		t.Fatalf("rm after destroy: exit %d\n%s", code, out)
 	}
+}
+
+// imageStoreEnv is an engine and a QEMU worker h1 with an image store, and
+// an HTTP server of the test guest's image (srv.URL + "/" + its base name).
+func imageStoreEnv(t *testing.T) (*testenv.Env, string, *httptest.Server) {
+	t.Helper()
+	image := guestimage.EnsureForTest(t)
+	dataDir := t.TempDir()
+	q := newQEMU(t, dataDir)
+	srv := httptest.NewServer(http.FileServer(http.Dir(filepath.Dir(image))))
+	t.Cleanup(srv.Close)
+	env := testenv.New(t)
+	eng := env.StartEngine(testenv.EngineConfig{})
+	store := filepath.Join(dataDir, "images")
+	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU,
+		ImageStore: store, ImageRoots: []string{store}, VMDirs: []string{filepath.Join(dataDir, "vms")}})
+	env.WaitHost(eng, "h1")
+	return env, image, srv
 }

@@ -79,18 +79,36 @@ func connectAs(t *testing.T, url, dir string, id auth.Identity) (*nats.Conn, jet
 	return nc, js, v
 }
 
+// authEngine starts the engine binary with its embedded server (auth on)
+// and a Noop worker h1, and attaches with the admin credentials once h1
+// heartbeats.
+func authEngine(t *testing.T, args ...string) (url, dir string, env *testenv.Env) {
+	t.Helper()
+	bin := testenv.Binaries(t)
+	dir = filepath.Join(t.TempDir(), "data")
+	port := testenv.FreePort(t)
+	url = "nats://" + testenv.Addr(port)
+	eng := testenv.StartProc(t, "engine", filepath.Join(bin, "engine"), nil,
+		append([]string{"--data-dir", dir, "--listen", testenv.Addr(port), "--with-worker", "--backends", "noop", "--host", "h1"}, args...)...)
+	eng.WaitLog("engine serving", 60*time.Second)
+	env = testenv.AttachCreds(t, url, datadir.AdminCreds(dir))
+	env.WaitFor("worker h1 heartbeats", 30*time.Second, func() bool {
+		kv, err := env.JS.KeyValue(context.Background(), env.Names.HostsBucket())
+		if err != nil {
+			return false
+		}
+		_, err = kv.Get(context.Background(), "h1")
+		return err == nil
+	})
+	return url, dir, env
+}
+
 // The engine's embedded server admits only the credentials it signed, and
 // each role can do only its part: a viewer reads but cannot command; a
 // worker of h2 cannot take h1's tasks, cannot heartbeat as h1, cannot
 // write events as h1, and what it writes about h1's VM changes nothing.
 func TestTrustRoles(t *testing.T) {
-	bin := testenv.Binaries(t)
-	dir := filepath.Join(t.TempDir(), "data")
-	port := testenv.FreePort(t)
-	url := "nats://" + testenv.Addr(port)
-	eng := testenv.StartProc(t, "engine", filepath.Join(bin, "engine"), nil,
-		"--data-dir", dir, "--listen", testenv.Addr(port), "--with-worker", "--backends", "noop", "--host", "h1")
-	eng.WaitLog("engine serving", 60*time.Second)
+	url, dir, env := authEngine(t)
 
 	// Credentials files are the owner's only.
 	for _, f := range []string{"admin.creds", "engine.creds", "worker-h1.creds", "account.nk", "operator.nk"} {
@@ -108,15 +126,6 @@ func TestTrustRoles(t *testing.T) {
 		t.Fatalf("unauthenticated connect: %v", err)
 	}
 
-	env := testenv.AttachCreds(t, url, datadir.AdminCreds(dir))
-	env.WaitFor("worker h1 heartbeats", 30*time.Second, func() bool {
-		kv, err := env.JS.KeyValue(context.Background(), env.Names.HostsBucket())
-		if err != nil {
-			return false
-		}
-		_, err = kv.Get(context.Background(), "h1")
-		return err == nil
-	})
 	env.SendCmd("web1", "prepare", "p1", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
 	env.Result("web1", "p1", 30*time.Second)
 	env.SendCmd("web1", "start", "s1", events.Command{})
@@ -313,23 +322,7 @@ func TestTrustRoles(t *testing.T) {
 // rejected once, without reading state or queueing behind the VM's other
 // commands, while alice's lifecycle goes through at its usual pace.
 func TestTrustFloodFairness(t *testing.T) {
-	bin := testenv.Binaries(t)
-	dir := filepath.Join(t.TempDir(), "data")
-	port := testenv.FreePort(t)
-	url := "nats://" + testenv.Addr(port)
-	eng := testenv.StartProc(t, "engine", filepath.Join(bin, "engine"), nil,
-		"--data-dir", dir, "--listen", testenv.Addr(port), "--with-worker", "--backends", "noop", "--host", "h1",
-		"--command-rate", "20", "--command-burst", "50")
-	eng.WaitLog("engine serving", 60*time.Second)
-	env := testenv.AttachCreds(t, url, datadir.AdminCreds(dir))
-	env.WaitFor("worker h1 heartbeats", 30*time.Second, func() bool {
-		kv, err := env.JS.KeyValue(context.Background(), env.Names.HostsBucket())
-		if err != nil {
-			return false
-		}
-		_, err = kv.Get(context.Background(), "h1")
-		return err == nil
-	})
+	url, dir, env := authEngine(t, "--command-rate", "20", "--command-burst", "50")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	_, fjs, _ := connectAs(t, url, dir, auth.Identity{Role: auth.RoleOperator, User: "flood"})

@@ -1,18 +1,13 @@
 package e2e_test
 
 import (
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 const provisionVMFile = `// The seed's example shape, pointed at the test guest.
@@ -46,19 +41,9 @@ vm "prov1" {
 // applied; a failing step is reported with its exit code and output;
 // down --destroy removes the VM.
 func TestVMFileUpProvision(t *testing.T) {
-	image := guestimage.EnsureForTest(t)
 	testenv.Tool(t, "ssh")
 	bin := testenv.Binaries(t)
-	dataDir := t.TempDir()
-	q := newQEMU(t, dataDir)
-	srv := httptest.NewServer(http.FileServer(http.Dir(filepath.Dir(image))))
-	defer srv.Close()
-	env := testenv.New(t)
-	eng := env.StartEngine(testenv.EngineConfig{})
-	store := filepath.Join(dataDir, "images")
-	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU,
-		ImageStore: store, ImageRoots: []string{store}, VMDirs: []string{filepath.Join(dataDir, "vms")}})
-	env.WaitHost(eng, "h1")
+	env, image, srv := imageStoreEnv(t)
 
 	dir := t.TempDir()
 	write := func(rel, content string, mode os.FileMode) {
