@@ -88,8 +88,8 @@ type Options struct {
 	Dropbear, DropbearKey string
 	// SFTPServer serves dropbear's sftp subsystem (provisioning copies
 	// files with SFTP); default /usr/lib/openssh/sftp-server.
-	SFTPServer string
-	SyslinuxMBR   string // default /usr/lib/syslinux/mbr/mbr.bin (or /usr/lib/SYSLINUX/mbr.bin)
+	SFTPServer  string
+	SyslinuxMBR string // default /usr/lib/syslinux/mbr/mbr.bin (or /usr/lib/SYSLINUX/mbr.bin)
 	// Tools; defaults are looked up in PATH (and /sbin, /usr/sbin).
 	QEMUImg, MkfsFat, Mcopy, Syslinux string
 }

@@ -213,7 +213,7 @@ func (g *globals) existing(ctx context.Context, name string) (*projection.VmReco
 // up brings one VM to its definition; changed reports a definition that
 // differs from the VM's.
 func (g *globals) up(ctx context.Context, d vmfile.Def, provisionNew bool) (changed bool, err error) {
-	spec, _, err := g.desired(ctx, d)
+	spec, err := g.desired(ctx, d)
 	if err != nil {
 		return false, err
 	}
@@ -256,8 +256,8 @@ func (g *globals) up(ctx context.Context, d vmfile.Def, provisionNew bool) (chan
 }
 
 // desired is the spec a definition asks for (pulling its image-url
-// first), and the key provisioning logs in with.
-func (g *globals) desired(ctx context.Context, d vmfile.Def) (vm.VmSpec, ssh.Signer, error) {
+// first; making the VM's key when it needs a generated one).
+func (g *globals) desired(ctx context.Context, d vmfile.Def) (vm.VmSpec, error) {
 	spec := vm.VmSpec{
 		Name: d.Name, Backend: vm.BackendTag(d.Backend), Vcpus: d.Vcpus, MemoryMB: d.MemoryMB, DiskGB: d.DiskGB, UEFI: d.UEFI,
 	}
@@ -267,7 +267,7 @@ func (g *globals) desired(ctx context.Context, d vmfile.Def) (vm.VmSpec, ssh.Sig
 	case d.ImageURL != "":
 		name, err := g.ensureImage(ctx, d)
 		if err != nil {
-			return spec, nil, err
+			return spec, err
 		}
 		spec.Image = name
 	case strings.ContainsRune(d.Image, '/'):
@@ -280,7 +280,7 @@ func (g *globals) desired(ctx context.Context, d vmfile.Def) (vm.VmSpec, ssh.Sig
 		if ci.UserData != "" {
 			b, err := os.ReadFile(ci.UserData)
 			if err != nil {
-				return spec, nil, usageError("cloud-init user-data: %v", err)
+				return spec, usageError("cloud-init user-data: %v", err)
 			}
 			spec.CloudInit.UserData = string(b)
 		}
@@ -289,19 +289,18 @@ func (g *globals) desired(ctx context.Context, d vmfile.Def) (vm.VmSpec, ssh.Sig
 	if d.SSH != nil {
 		user = d.SSH.User
 	}
-	var signer ssh.Signer
 	var pub string
 	if d.CloudInit != nil && d.CloudInit.SSHKey != "" {
 		k, err := readPublicKey(d.CloudInit.SSHKey)
 		if err != nil {
-			return spec, nil, err
+			return spec, err
 		}
 		pub = k
 	}
 	if d.SSH != nil {
-		var err error
-		if signer, err = g.signer(ctx, d); err != nil {
-			return spec, nil, err
+		signer, err := g.signer(ctx, d)
+		if err != nil {
+			return spec, err
 		}
 		if pub == "" {
 			pub = strings.TrimSpace(string(ssh.MarshalAuthorizedKey(signer.PublicKey())))
@@ -311,9 +310,9 @@ func (g *globals) desired(ctx context.Context, d vmfile.Def) (vm.VmSpec, ssh.Sig
 		spec.SSH = &vm.SshConfig{User: user, PublicKey: pub}
 	}
 	if err := spec.Validate(); err != nil {
-		return spec, nil, usageError("vm %s: %s", d.Name, err)
+		return spec, usageError("vm %s: %s", d.Name, err)
 	}
-	return spec, signer, nil
+	return spec, nil
 }
 
 // sshKV opens VM_SSH.
