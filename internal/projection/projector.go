@@ -47,6 +47,12 @@ type Projector struct {
 	// Observe, if set, is called with every new fold of a record, in
 	// stream order (never concurrently). It must not block.
 	Observe func(*VmRecord)
+	// Linger delays the write of a transitional record (a command in
+	// flight) by up to this long, so that it and its result's settled
+	// record are usually written once: one record write per transition
+	// instead of two. A settled record is written at once. 0 means
+	// DefaultLinger; a negative value writes every fold at once.
+	Linger time.Duration
 
 	kv    jetstream.KeyValue
 	slots chan struct{} // one per write in flight
@@ -75,8 +81,11 @@ type waiter struct {
 type cached struct {
 	rec *VmRecord // the newest fold; never modified once here
 	rev uint64    // KV revision of the last record written, 0 if none
-	// writing: a write is in flight; dirty: rec is newer than it.
-	writing, dirty bool
+	// sent is the record last written (or being written).
+	sent *VmRecord
+	// writing: a write is in flight; dirty: rec is newer than it;
+	// lingering: a transitional rec waits (Linger) to be written.
+	writing, dirty, lingering bool
 	// pending are the folded sequences of this key not yet acknowledged.
 	pending []uint64
 }
@@ -90,6 +99,9 @@ func (p *Projector) Run(ctx context.Context) error {
 	p.mu.Unlock()
 	if p.MaxInFlight <= 0 {
 		p.MaxInFlight = 1024
+	}
+	if p.Linger == 0 {
+		p.Linger = DefaultLinger
 	}
 	p.slots = make(chan struct{}, p.MaxInFlight)
 	var kv jetstream.KeyValue
@@ -279,8 +291,14 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 		p.Observe(next)
 	}
 	p.done(c, seq)
-	return p.schedule(ctx, name, c)
+	return p.schedule(ctx, name, c, false)
 }
+
+// DefaultLinger is the Projector's default Linger: longer than most
+// transitions of a Noop or QEMU VM under load (so their two folds are
+// written once), short enough that a transitional state shows in
+// VM_RECORDS soon after it begins.
+const DefaultLinger = 500 * time.Millisecond
 
 // done records that the event at seq is folded. With c nil, nothing needs
 // writing for it; else it is stored once c's next write is acknowledged.
@@ -304,15 +322,38 @@ func (p *Projector) done(c *cached, seq uint64) {
 }
 
 // schedule starts a write of c's record unless one is in flight (which
-// will write the newest record when its ack comes).
-func (p *Projector) schedule(ctx context.Context, name string, c *cached) error {
+// will write the newest record when its ack comes) or the record is
+// written already. A transitional record (a command in flight) waits
+// Linger first unless now is set; a settled one is written at once,
+// together with any transitional one still waiting.
+func (p *Projector) schedule(ctx context.Context, name string, c *cached, now bool) error {
 	p.mu.Lock()
 	if c.writing {
 		c.dirty = true
 		p.mu.Unlock()
 		return nil
 	}
+	if c.rec == c.sent {
+		p.mu.Unlock()
+		return nil
+	}
+	if !now && p.Linger > 0 && len(c.rec.InFlight) > 0 {
+		if !c.lingering {
+			c.lingering = true
+			time.AfterFunc(p.Linger, func() {
+				p.mu.Lock()
+				c.lingering = false
+				p.mu.Unlock()
+				if ctx.Err() == nil {
+					_ = p.schedule(ctx, name, c, true)
+				}
+			})
+		}
+		p.mu.Unlock()
+		return nil
+	}
 	c.writing, c.dirty = true, false
+	c.sent = c.rec
 	rec, rev := c.rec, c.rev
 	covered := len(c.pending)
 	p.mu.Unlock()
@@ -386,7 +427,7 @@ func (p *Projector) finish(ctx context.Context, name string, c *cached, covered 
 		backoff = min(backoff*2, 2*time.Second)
 		p.mu.Lock()
 		rec, expect := c.rec, c.rev
-		covered, c.dirty = len(c.pending), false
+		covered, c.dirty, c.sent = len(c.pending), false, c.rec
 		p.mu.Unlock()
 		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		rev, err = p.write(wctx, name, rec, expect)
@@ -413,7 +454,7 @@ func (p *Projector) finish(ctx context.Context, name string, c *cached, covered 
 	p.mu.Unlock()
 	<-p.slots // before scheduling again: a full pipeline must not deadlock
 	if again {
-		_ = p.schedule(ctx, name, c)
+		_ = p.schedule(ctx, name, c, false)
 	}
 }
 
@@ -427,7 +468,7 @@ func (p *Projector) resolve(ctx context.Context, name string, c *cached) (uint64
 	defer cancel()
 	p.mu.Lock()
 	mine, covered := c.rec, len(c.pending)
-	c.dirty = false
+	c.dirty, c.sent = false, c.rec
 	p.mu.Unlock()
 	e, err := p.kv.Get(wctx, name)
 	switch {
@@ -441,7 +482,7 @@ func (p *Projector) resolve(ctx context.Context, name string, c *cached) (uint64
 	if uerr == nil && theirs.LastSeq >= mine.LastSeq {
 		p.mu.Lock()
 		if theirs.LastSeq >= c.rec.LastSeq {
-			c.rec, covered, c.dirty = theirs, len(c.pending), false
+			c.rec, covered, c.dirty, c.sent = theirs, len(c.pending), false, theirs
 		} else {
 			c.dirty = true // folded past theirs meanwhile: write that over theirs
 		}
