@@ -91,7 +91,7 @@ func EngineMain(args []string) int {
 	var o EngineOptions
 	root := &cobra.Command{
 		Use:   "engine",
-		Short: "vmherd engine: decide lifecycle commands, dispatch tasks, keep the projection",
+		Short: "vmherd engine: decide lifecycle commands (queueing tasks), keep the projection",
 		Long: `The engine consumes VM_COMMANDS, runs each VM's state machine, appends
 accepted/rejected events to VM_EVENTS, publishes tasks to the chosen host and
 keeps the VM_RECORDS projection. Without --nats-url it embeds a NATS server

@@ -129,17 +129,6 @@ func reader(p *jwt.Permissions, n events.Names) {
 	}
 	p.Pub.Allow.Add(n.Prefix + ".query.*.>")
 	p.Sub.Allow.Add("_INBOX.>")
-	denyEngineConsumers(p, n)
-}
-
-// denyEngineConsumers keeps an identity that may create (ordered)
-// consumers on VM_EVENTS from updating or deleting the engines' durable
-// `dispatch` consumer there.
-func denyEngineConsumers(p *jwt.Permissions, n events.Names) {
-	for _, op := range []string{"CREATE", "DELETE"} {
-		s := "$JS.API.CONSUMER." + op + "." + n.EventsStream() + "." + n.DispatchConsumer()
-		p.Pub.Deny.Add(s, s+".>")
-	}
 }
 
 // worker is the permission of the worker of host h.
@@ -179,6 +168,5 @@ func worker(p *jwt.Permissions, n events.Names, h string) {
 	p.Pub.Allow.Add(n.Console(h, "*", events.ConsoleOut), n.Tunnel(h, "*", "*", events.TunnelDown))
 	// Its image store's requests.
 	p.Sub.Allow.Add(n.Image(h, events.ImagePull), n.Image(h, events.ImageRemove))
-	denyEngineConsumers(p, n)
 	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1, Expires: time.Minute}
 }

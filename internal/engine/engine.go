@@ -162,7 +162,6 @@ func (e *Engine) Run(ctx context.Context) error {
 	}
 	g.Go(func() error { return e.runHostEvents(gctx) })
 	g.Go(func() error { return e.runHostConsumers(gctx) })
-	g.Go(func() error { return e.runDispatcher(gctx) })
 	g.Go(func() error { return e.runCommands(gctx) })
 	return g.Wait()
 }
@@ -238,7 +237,10 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		return err
 	}
 	name, action, issuer, shapeOK := e.cfg.Names.ParseCommandSubject(msg.Subject())
-	cmdID := commandID(msg, md.Sequence.Stream)
+	// The body is parsed once here (validated, then decoded); only a body
+	// that fails is peeked at again, for a command id to reject it under.
+	cmd, act, perr := parse(action, msg.Data())
+	cmdID := commandID(cmd, msg, md.Sequence.Stream)
 	base := events.Event{VM: name, CommandID: cmdID, Action: fsm.Action(action), Issuer: issuer}
 
 	// The subject must name a valid VM; else the rejection goes to a
@@ -251,19 +253,16 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 	}
 	e.cfg.Metrics.Redelivered("engine", md.NumDelivered)
 	if md.NumDelivered > 1 {
-		done, err := e.alreadyDecided(ctx, name, cmdID, md.Timestamp)
-		if err != nil || done {
+		prev, seq, err := e.alreadyDecided(ctx, name, cmdID, md.Timestamp)
+		if err != nil || prev == nil {
 			return err
 		}
+		return e.finishForget(ctx, prev, seq)
 	}
-	cmd, act, perr := parse(action, msg.Data())
 	if perr == nil && issuer != "" {
 		if err := vm.ValidateIdentity(issuer); err != nil {
 			perr = reject("issuer in subject: %v", err)
 		}
-	}
-	if cmd != nil && cmd.CommandID != "" {
-		base.CommandID = cmd.CommandID
 	}
 	var atLeast uint64 // the VM's last event, after a failed append
 	for attempt := 0; ; attempt++ {
@@ -298,12 +297,15 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		if err != nil {
 			return err
 		}
+		// Storing an accepted decision queued its task: the tasks stream
+		// sources it (events.Names.TasksSource), the one path a task takes.
+		if err := e.finishForget(ctx, &ev, seq); err != nil {
+			return err
+		}
 		if dup {
 			return nil // decided before (a duplicate publish of the same command)
 		}
 		e.cfg.Metrics.Decided(action, string(ev.Type), md.Timestamp)
-		// The task of an accepted command is derived from its stored event
-		// by the dispatcher (runDispatcher), the one path a task takes.
 		// The next decision on this VM (they are serial per VM) waits for
 		// the projection to fold this one rather than fail its append.
 		e.waitFolded(ctx, seq)
@@ -312,13 +314,20 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 	}
 }
 
-// commandID is the body's command_id, else the Nats-Msg-Id, else cmd-<seq>.
-func commandID(msg jetstream.Msg, seq uint64) string {
-	var peek struct {
-		CommandID string `json:"command_id"`
-	}
-	if json.Unmarshal(msg.Data(), &peek) == nil && validCommandID(peek.CommandID) {
-		return peek.CommandID
+// commandID is the body's command_id, else the Nats-Msg-Id, else
+// cmd-<seq>. cmd is the parsed body, nil if it did not parse.
+func commandID(cmd *events.Command, msg jetstream.Msg, seq uint64) string {
+	if cmd != nil {
+		if cmd.CommandID != "" {
+			return cmd.CommandID // the schema checked it
+		}
+	} else {
+		var peek struct {
+			CommandID string `json:"command_id"`
+		}
+		if json.Unmarshal(msg.Data(), &peek) == nil && validCommandID(peek.CommandID) {
+			return peek.CommandID
+		}
 	}
 	if id := msg.Headers().Get("Nats-Msg-Id"); validCommandID(id) {
 		return id
@@ -381,33 +390,37 @@ func (e *Engine) appendInvalid(ctx context.Context, ev events.Event, reason stri
 
 // alreadyDecided looks for a decision of this command among the VM's
 // events since it was published (a redelivery after a crash between the
-// append and the ack).
-func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, published time.Time) (bool, error) {
+// append and the ack) and returns it with its sequence, or nil.
+func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, published time.Time) (*events.Event, uint64, error) {
 	cons, err := e.store.Stream().OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{e.cfg.Names.Event(name, events.TypeAccepted, events.EngineWriter), e.cfg.Names.Event(name, events.TypeRejected, events.EngineWriter)},
+		FilterSubjects: e.cfg.Names.Decisions(name),
 		DeliverPolicy:  jetstream.DeliverByStartTimePolicy,
 		OptStartTime:   ptr(published.Add(-time.Minute)),
 	})
 	if err != nil {
-		return false, err
+		return nil, 0, err
 	}
 	for {
 		batch, err := cons.FetchNoWait(256)
 		if err != nil {
-			return false, err
+			return nil, 0, err
 		}
 		n := 0
 		for m := range batch.Messages() {
 			n++
 			if ev, err := events.Decode(m.Data()); err == nil && ev.CommandID == cmdID {
-				return true, nil
+				md, err := m.Metadata()
+				if err != nil {
+					return nil, 0, err
+				}
+				return ev, md.Sequence.Stream, nil
 			}
 		}
 		if batch.Error() != nil {
-			return false, batch.Error()
+			return nil, 0, batch.Error()
 		}
 		if n == 0 {
-			return false, nil
+			return nil, 0, nil
 		}
 	}
 }

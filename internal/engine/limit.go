@@ -80,7 +80,7 @@ func (e *Engine) rejectOverRate(ctx context.Context, msg jetstream.Msg, name, ac
 		return
 	}
 	ev := events.Event{
-		VM: name, CommandID: commandID(msg, md.Sequence.Stream), Action: fsm.Action(action), Issuer: issuer,
+		VM: name, CommandID: commandID(nil, msg, md.Sequence.Stream), Action: fsm.Action(action), Issuer: issuer,
 		Type: events.TypeRejected, Reason: e.limits.reason(issuer), Time: time.Now().UTC(),
 	}
 	if vm.ValidateName(name) != nil {

@@ -68,7 +68,7 @@ func New() *Set {
 		}, []string{"backend", "action"}),
 		redeliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vmherd_redeliveries_total",
-			Help: "Messages delivered again by JetStream (a crash, a timeout or a nak before), by consumer: engine, dispatch, worker.",
+			Help: "Messages delivered again by JetStream (a crash, a timeout or a nak before), by consumer: engine, worker.",
 		}, []string{"consumer"}),
 		vms: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "vmherd_vms",
