@@ -33,6 +33,14 @@ type Rebuild struct {
 	// Rebuild is Replay plus dropping and writing VM_RECORDS (engine rebuild).
 	RebuildSeconds float64 `json:"rebuild_seconds"`
 	RebuildPerS    float64 `json:"rebuild_events_per_s"`
+	// The same two passes with encoding/json decoding every event instead
+	// of events' decodeFast (events.UseStdlibDecoder).
+	ReplayStdSeconds  float64 `json:"replay_stdlib_seconds"`
+	ReplayStdPerS     float64 `json:"replay_stdlib_events_per_s"`
+	RebuildStdSeconds float64 `json:"rebuild_stdlib_seconds"`
+	RebuildStdPerS    float64 `json:"rebuild_stdlib_events_per_s"`
+	RatioStd          float64 `json:"ratio_rebuild_stdlib_to_raw"`
+	RatioReplayStd    float64 `json:"ratio_replay_stdlib_to_raw"`
 	Records        int     `json:"records"`
 	Ratio          float64 `json:"ratio_rebuild_to_raw"`
 	RatioReplay    float64 `json:"ratio_replay_to_raw"`
@@ -242,6 +250,34 @@ func rebuild(ctx context.Context, srv *server, vms int) (Rebuild, error) {
 	r.RebuildSeconds = time.Since(t0).Seconds()
 	r.RebuildPerS = float64(n) / r.RebuildSeconds
 	r.Records = recN
+
+	// Both again with encoding/json alone: is decodeFast needed?
+	events.UseStdlibDecoder(true)
+	t0 = time.Now()
+	recs, n, err = projection.Replay(ctx, js, events.DefaultNames)
+	if err == nil {
+		r.ReplayStdSeconds = time.Since(t0).Seconds()
+		r.ReplayStdPerS = float64(n) / r.ReplayStdSeconds
+		if len(recs) != vms {
+			err = fmt.Errorf("replay with encoding/json made %d records, want %d", len(recs), vms)
+		}
+		recs = nil
+		runtime.GC()
+	}
+	if err == nil {
+		t0 = time.Now()
+		var stdN int
+		stdN, n, err = projection.Rebuild(ctx, js, events.DefaultNames, events.DefaultSettings)
+		r.RebuildStdSeconds = time.Since(t0).Seconds()
+		r.RebuildStdPerS = float64(n) / r.RebuildStdSeconds
+		if err == nil && stdN != vms {
+			err = fmt.Errorf("rebuild with encoding/json made %d records, want %d", stdN, vms)
+		}
+	}
+	events.UseStdlibDecoder(false)
+	if err != nil {
+		return r, err
+	}
 	var rawSecs2 float64
 	if rawSecs2, r.RawAfterS, err = raw(); err != nil {
 		return r, err
@@ -250,6 +286,8 @@ func rebuild(ctx context.Context, srv *server, vms int) (Rebuild, error) {
 	r.RawPerS = (r.RawBeforeS + r.RawAfterS) / 2
 	r.Ratio = ratio(r.RebuildPerS, r.RawPerS)
 	r.RatioReplay = ratio(r.ReplayPerS, r.RawPerS)
+	r.RatioStd = ratio(r.RebuildStdPerS, r.RawPerS)
+	r.RatioReplayStd = ratio(r.ReplayStdPerS, r.RawPerS)
 	if recN != vms {
 		return r, fmt.Errorf("rebuilt %d records, want %d", recN, vms)
 	}

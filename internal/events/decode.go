@@ -2,12 +2,22 @@ package events
 
 import (
 	"strconv"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/vm"
 )
+
+// stdlibOnly makes Decode use encoding/json alone (UseStdlibDecoder).
+var stdlibOnly atomic.Bool
+
+// UseStdlibDecoder switches Decode to encoding/json alone (on) or back to
+// decodeFast with encoding/json as its fallback (off). It exists for the
+// benchmark, which measures the projection's replay and rebuild with both
+// in one run: decodeFast stays only while that shows it is needed.
+func UseStdlibDecoder(on bool) { stdlibOnly.Store(on) }
 
 // decodeFast decodes an event body the way encoding/json.Unmarshal into an
 // Event would, for the bodies vmherd itself writes: an object of known

@@ -196,7 +196,11 @@ func DecodeTask(data []byte, h nats.Header) (*Task, error) {
 
 // Decode parses an event body.
 func Decode(data []byte) (*Event, error) {
-	ev, ok := decodeFast(data)
+	var ev *Event
+	ok := false
+	if !stdlibOnly.Load() {
+		ev, ok = decodeFast(data)
+	}
 	if !ok {
 		ev = &Event{}
 		if err := json.Unmarshal(data, ev); err != nil {
