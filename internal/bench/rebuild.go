@@ -41,10 +41,10 @@ type Rebuild struct {
 	RebuildStdPerS    float64 `json:"rebuild_stdlib_events_per_s"`
 	RatioStd          float64 `json:"ratio_rebuild_stdlib_to_raw"`
 	RatioReplayStd    float64 `json:"ratio_replay_stdlib_to_raw"`
-	Records        int     `json:"records"`
-	Ratio          float64 `json:"ratio_rebuild_to_raw"`
-	RatioReplay    float64 `json:"ratio_replay_to_raw"`
-	Checked        bool    `json:"records_checked"`
+	Records           int     `json:"records"`
+	Ratio             float64 `json:"ratio_rebuild_to_raw"`
+	RatioReplay       float64 `json:"ratio_replay_to_raw"`
+	Checked           bool    `json:"records_checked"`
 }
 
 // stepsPerVM are the events each VM gets: five commands, each accepted
