@@ -254,10 +254,12 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 	e.cfg.Metrics.Redelivered("engine", md.NumDelivered)
 	if md.NumDelivered > 1 {
 		prev, seq, err := e.alreadyDecided(ctx, name, cmdID, md.Timestamp)
-		if err != nil || prev == nil {
+		if err != nil {
 			return err
 		}
-		return e.finishForget(ctx, prev, seq)
+		if prev != nil { // decided before the crash (or nak) that redelivered it
+			return e.finishForget(ctx, prev, seq)
+		}
 	}
 	if perr == nil && issuer != "" {
 		if err := vm.ValidateIdentity(issuer); err != nil {
