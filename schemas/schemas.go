@@ -65,7 +65,7 @@ const defsFile = "defs.json"
 
 var (
 	once     sync.Once
-	compiled map[string]*jsonschema.Schema // by name: "command.start", "record", ...
+	compiled map[string]*jsonschema.Schema // by name: "command.start", "task", ...
 	names    []string                      // sorted keys of compiled
 )
 
@@ -124,7 +124,7 @@ func compileAll() (map[string]*jsonschema.Schema, []string, error) {
 }
 
 // Names lists the schemas Validate knows, sorted: "command.destroy", ...,
-// "event.accepted", ..., "host", "record".
+// "event.accepted", ..., "host", "record", "task".
 func Names() []string {
 	load()
 	return slices.Clone(names)

@@ -212,7 +212,7 @@ func TestEverySchemaCompiles(t *testing.T) {
 	for _, ty := range events.Types {
 		want = append(want, "event."+string(ty))
 	}
-	want = append(want, "cordon", "host", "host_event", "image", "record")
+	want = append(want, "cordon", "host", "host_event", "image", "record", "task")
 	sort.Strings(want)
 	if got := Names(); !slices.Equal(got, want) {
 		t.Fatalf("Names() = %v\nwant      %v", got, want)
@@ -336,7 +336,17 @@ func TestValidEvents(t *testing.T) {
 	}
 }
 
-func TestValidRecordHost(t *testing.T) {
+func TestValidTaskRecordHost(t *testing.T) {
+	for _, a := range fsm.Actions {
+		ev := eventOf(events.TypeAccepted, string(a))
+		task := events.TaskFromAccepted(&ev, 42)
+		if err := Validate("task", mustJSON(t, task)); err != nil {
+			t.Errorf("task %s: %v", a, err)
+		}
+	}
+	if err := Validate("task", mustJSON(t, events.Task{CommandID: "c", VM: "v", Action: "start", Host: "h", AcceptedSeq: 1})); err != nil {
+		t.Errorf("minimal task: %v", err)
+	}
 
 	if err := Validate("record", fullRecord().Marshal()); err != nil {
 		t.Errorf("full record: %v", err)
@@ -492,6 +502,7 @@ func TestPropertiesMatchGoFields(t *testing.T) {
 		f := "event." + string(ty) + ".json"
 		check(f, propNames(schemaDoc(t, f)), jsonFields(events.Event{}))
 	}
+	check("task.json", propNames(schemaDoc(t, "task.json")), jsonFields(events.Task{}))
 	check("image.json", propNames(schemaDoc(t, "image.json")), jsonFields(images.Status{}))
 	rec := schemaDoc(t, "record.json")
 	check("record.json", propNames(rec), jsonFields(projection.VmRecord{}))
@@ -813,6 +824,8 @@ func TestInvalidOthers(t *testing.T) {
 	}{
 		{"nope", `{}`, `schema: unknown schema "nope"`},
 		{"defs", `{}`, `unknown schema "defs"`},
+		{"task", `{}`, "accepted_seq: is required"},
+		{"task", `{"command_id":"c","vm":"v","action":"start","host":"h","accepted_seq":0}`, "accepted_seq: must be >= 1"},
 		{"record", `{"name":"web1","state":"absent","generation":1,"last_seq":1,"last_event":"rejected"}`, "state"},
 		{"record", `{"name":"web1","state":"running","generation":1,"last_seq":1,"last_event":"started","in_flight":[{"command_id":"c","action":"start"}]}`, "in_flight.0.seq: is required"},
 		{"host", `{"host":"h1"}`, "backends: is required"},

@@ -258,7 +258,7 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 			return err
 		}
 		if prev != nil { // decided before the crash (or nak) that redelivered it
-			return e.finishForget(ctx, prev, seq)
+			return e.follow(ctx, prev, seq)
 		}
 	}
 	if perr == nil && issuer != "" {
@@ -299,9 +299,8 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		if err != nil {
 			return err
 		}
-		// Storing an accepted decision queued its task: the tasks stream
-		// sources it (events.Names.TasksSource), the one path a task takes.
-		if err := e.finishForget(ctx, &ev, seq); err != nil {
+		// Its task (and a forget's results), before the command is acked.
+		if err := e.follow(ctx, &ev, seq); err != nil {
 			return err
 		}
 		if dup {
@@ -395,7 +394,7 @@ func (e *Engine) appendInvalid(ctx context.Context, ev events.Event, reason stri
 // append and the ack) and returns it with its sequence, or nil.
 func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, published time.Time) (*events.Event, uint64, error) {
 	cons, err := e.store.Stream().OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: e.cfg.Names.Decisions(name),
+		FilterSubjects: []string{e.cfg.Names.Event(name, events.TypeAccepted, events.EngineWriter), e.cfg.Names.Event(name, events.TypeRejected, events.EngineWriter)},
 		DeliverPolicy:  jetstream.DeliverByStartTimePolicy,
 		OptStartTime:   ptr(published.Add(-time.Minute)),
 	})

@@ -7,11 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strconv"
-	"strings"
 	"time"
-
-	"github.com/nats-io/nats.go"
 
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/vm"
@@ -141,21 +137,20 @@ type Abandoned struct {
 	Seq       uint64     `json:"seq"` // stream sequence of its accepted event
 }
 
-// Task is one backend call for a host's worker: what it takes from an
-// accepted decision queued on vm.task.<host>.<vm> (see Names.TasksSource).
+// Task is the body of a message on vm.task.<host>.<vm>: one backend call.
 type Task struct {
-	CommandID   string
-	VM          string
-	Action      fsm.Action
-	Host        string
-	Backend     vm.BackendTag
-	Spec        *vm.VmSpec
-	Handle      *vm.VmHandle
-	TimeoutS    int
-	AcceptedSeq uint64 // stream sequence of the accepted event in VM_EVENTS
+	CommandID   string        `json:"command_id"`
+	VM          string        `json:"vm"`
+	Action      fsm.Action    `json:"action"`
+	Host        string        `json:"host"`
+	Backend     vm.BackendTag `json:"backend,omitempty"`
+	Spec        *vm.VmSpec    `json:"spec,omitempty"`
+	Handle      *vm.VmHandle  `json:"handle,omitempty"`
+	TimeoutS    int           `json:"timeout_s,omitempty"`
+	AcceptedSeq uint64        `json:"accepted_seq"`
 	// Fence: remove this (forgotten) VM from the host and report `fenced`;
 	// the command's result is already stored.
-	Fence bool
+	Fence bool `json:"fence,omitempty"`
 }
 
 // TaskFromAccepted derives a task from an accepted event and its sequence.
@@ -165,33 +160,6 @@ func TaskFromAccepted(ev *Event, seq uint64) Task {
 		Backend: ev.Backend, Spec: ev.Spec, Handle: ev.Handle, TimeoutS: ev.TimeoutS,
 		AcceptedSeq: seq, Fence: ev.Forget,
 	}
-}
-
-// SourceHeader is the header in which the server names where a sourced
-// message came from: "<stream> <sequence> ..." (nats-server's format for
-// Nats-Stream-Source since 2.2).
-const SourceHeader = "Nats-Stream-Source"
-
-// DecodeTask reads a message of the tasks stream: an accepted decision,
-// with its sequence in the events stream from SourceHeader.
-func DecodeTask(data []byte, h nats.Header) (*Task, error) {
-	ev, err := Decode(data)
-	if err != nil {
-		return nil, err
-	}
-	if ev.Type != TypeAccepted {
-		return nil, fmt.Errorf("decoding task: a %s event, not an accepted decision", ev.Type)
-	}
-	fields := strings.Fields(h.Get(SourceHeader))
-	if len(fields) < 2 {
-		return nil, fmt.Errorf("decoding task: no %s header naming its accepted event", SourceHeader)
-	}
-	seq, err := strconv.ParseUint(fields[1], 10, 64)
-	if err != nil || seq == 0 {
-		return nil, fmt.Errorf("decoding task: %s %q has no sequence", SourceHeader, h.Get(SourceHeader))
-	}
-	t := TaskFromAccepted(ev, seq)
-	return &t, nil
 }
 
 // Decode parses an event body.
@@ -225,6 +193,7 @@ func (ev *Event) Encode() []byte {
 // Message ids. They include the VM name because command ids are chosen by
 // users and need only be unique per VM.
 func DecisionMsgID(vmName, commandID string) string { return vmName + "/" + commandID + "/decision" }
+func TaskMsgID(vmName, commandID string) string     { return vmName + "/" + commandID + "/task" }
 func ResultMsgID(vmName, commandID string) string   { return vmName + "/" + commandID + "/result" }
 
 // FencedMsgID names the fencing report of a forget command.

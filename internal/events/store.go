@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -42,7 +41,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, n Names, s Settings) er
 		}
 	}
 	// Earlier versions queued tasks through a durable consumer of the
-	// accepted events; the tasks stream's source does that now.
+	// accepted events; the deciding engine does that now.
 	if err := js.DeleteConsumer(ctx, n.EventsStream(), "dispatch"); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return fmt.Errorf("removing the old dispatch consumer: %w", err)
 	}
@@ -77,7 +76,7 @@ func (s *Store) Append(ctx context.Context, ev *Event, expect uint64, msgID stri
 	if expect != NoExpect {
 		opts = append(opts, jetstream.WithExpectLastSequenceForSubject(expect, s.Names.VMEvents(ev.VM)))
 	}
-	ack, err := s.JS.Publish(ctx, s.Names.EventSubject(ev, s.Writer), ev.Encode(), opts...)
+	ack, err := s.JS.Publish(ctx, s.Names.Event(ev.VM, ev.Type, s.Writer), ev.Encode(), opts...)
 	if err != nil {
 		if IsConflict(err) {
 			return 0, false, fmt.Errorf("appending %s for vm %s: %w", ev.Type, ev.VM, ErrConflict)
@@ -166,11 +165,6 @@ func (s *Store) LastSeq(ctx context.Context, vmName string) (uint64, error) {
 	return m.Sequence, nil
 }
 
-func sameSources(got, want []*jetstream.StreamSource) bool {
-	return len(got) == len(want) && len(got) == 1 && got[0].Name == want[0].Name &&
-		slices.Equal(got[0].SubjectTransforms, want[0].SubjectTransforms)
-}
-
 // NotReadyError says what is missing or set differently from what a
 // non-owner (worker, client) relies on.
 type NotReadyError struct {
@@ -205,9 +199,6 @@ func Check(ctx context.Context, js jetstream.JetStream, n Names) error {
 		}
 		if want.Name != n.CommandsStream() && got.Duplicates <= 0 {
 			problems = append(problems, fmt.Sprintf("stream %s has no duplicate window, vmherd needs one", want.Name))
-		}
-		if len(want.Sources) > 0 && !sameSources(got.Sources, want.Sources) {
-			problems = append(problems, fmt.Sprintf("stream %s does not source %s's accepted decisions as vmherd needs (start an engine of this version to update it)", want.Name, n.EventsStream()))
 		}
 	}
 	for _, want := range n.BucketConfigs(DefaultSettings) {

@@ -98,33 +98,9 @@ const EngineWriter = "_engine"
 func (n Names) Event(vmName string, t Type, writer string) string {
 	return n.Prefix + ".evt." + vmName + "." + string(t) + "." + writer
 }
-
-// Accepted is vm.evt.<vm>.accepted._engine.<host>: an accepted decision
-// carries the host its task is for as a fifth token. That is how the task
-// reaches the host: the tasks stream sources exactly these subjects from
-// the events stream (TasksStream), so storing the decision queues its task
-// in the same write, with no second publish.
-func (n Names) Accepted(vmName, host string) string {
-	return n.Event(vmName, TypeAccepted, EngineWriter) + "." + host
-}
-
-// EventSubject is the subject ev is stored on when writer appends it:
-// Accepted for an accepted decision, else Event.
-func (n Names) EventSubject(ev *Event, writer string) string {
-	if ev.Type == TypeAccepted && writer == EngineWriter {
-		return n.Accepted(ev.VM, ev.Host)
-	}
-	return n.Event(ev.VM, ev.Type, writer)
-}
-
-// Decisions are the filters of one VM's decisions (accepted, rejected).
-func (n Names) Decisions(vmName string) []string {
-	return []string{n.Accepted(vmName, "*"), n.Event(vmName, TypeRejected, EngineWriter)}
-}
-
 func (n Names) VMEvents(vmName string) string { return n.Prefix + ".evt." + vmName + ".>" }
 func (n Names) Events() string                { return n.Prefix + ".evt.>" }
-func (n Names) EventsOfType(t Type) string    { return n.Prefix + ".evt.*." + string(t) + ".>" }
+func (n Names) EventsOfType(t Type) string    { return n.Prefix + ".evt.*." + string(t) + ".*" }
 
 // WriterEvents is every event one writer may publish: vm.evt.*.*.<writer>
 // (the worker of a host's publish permission).
@@ -147,8 +123,7 @@ func (n Names) ParseHostEventSubject(subj string) (host string, t HostEventType,
 	return host, HostEventType(typ), found && !strings.Contains(typ, ".")
 }
 
-// Task is vm.task.<host>.<vm>: where the tasks stream stores the accepted
-// decision stored on Accepted(vm, host). Nobody publishes to it.
+// Task is vm.task.<host>.<vm>.
 func (n Names) Task(host, vmName string) string { return n.Prefix + ".task." + host + "." + vmName }
 func (n Names) HostTasks(host string) string    { return n.Prefix + ".task." + host + ".>" }
 func (n Names) Tasks() string                   { return n.Prefix + ".task.>" }
@@ -243,17 +218,13 @@ func (n Names) ParseCommandSubject(subj string) (vmName, action, issuer string, 
 	return strings.Join(tok[:len(tok)-1], "."), tok[len(tok)-1], "", false
 }
 
-// ParseEventSubject splits vm.evt.<vm>.<type>.<writer>, and an accepted
-// decision's vm.evt.<vm>.accepted._engine.<host> (Accepted).
+// ParseEventSubject splits vm.evt.<vm>.<type>.<writer>.
 func (n Names) ParseEventSubject(subj string) (vmName string, t Type, writer string, ok bool) {
 	rest, found := strings.CutPrefix(subj, n.Prefix+".evt.")
 	if !found {
 		return "", "", "", false
 	}
 	parts := strings.Split(rest, ".")
-	if len(parts) == 4 && parts[1] == string(TypeAccepted) && parts[2] == EngineWriter && parts[3] != "" {
-		parts = parts[:3]
-	}
 	if len(parts) != 3 || parts[0] == "" || parts[1] == "" || parts[2] == "" {
 		return "", "", "", false
 	}
@@ -308,13 +279,9 @@ func (n Names) StreamConfigs(s Settings) []jetstream.StreamConfig {
 			AllowDirect: true,
 		},
 		{
-			// No subjects of its own: every task is an accepted decision,
-			// copied here by the server as it is stored in the events
-			// stream (a source with a subject transform, moving the host
-			// to the front so each host's consumer filters on it).
 			Name:        n.TasksStream(),
-			Description: "vmherd tasks: each accepted decision, queued for its host's worker",
-			Sources:     []*jetstream.StreamSource{n.TasksSource()},
+			Description: "vmherd tasks: backend calls for each host's worker",
+			Subjects:    []string{n.Tasks()},
 			Storage:     jetstream.FileStorage,
 			Retention:   jetstream.WorkQueuePolicy,
 			Duplicates:  s.DuplicateWindow,
@@ -323,20 +290,7 @@ func (n Names) StreamConfigs(s Settings) []jetstream.StreamConfig {
 	}
 }
 
-// TasksSource is the tasks stream's one source: the accepted decisions of
-// the events stream, vm.evt.<vm>.accepted._engine.<host> stored as
-// vm.task.<host>.<vm>.
-func (n Names) TasksSource() *jetstream.StreamSource {
-	return &jetstream.StreamSource{
-		Name: n.EventsStream(),
-		SubjectTransforms: []jetstream.SubjectTransformConfig{{
-			Source:      n.Accepted("*", "*"),
-			Destination: n.Prefix + ".task.{{wildcard(2)}}.{{wildcard(1)}}",
-		}},
-	}
-}
-
-// BucketConfigs returns the KV buckets.
+// BucketConfigs returns the two KV buckets.
 func (n Names) BucketConfigs(s Settings) []jetstream.KeyValueConfig {
 	if s.Replicas == 0 {
 		s.Replicas = 1

@@ -425,7 +425,7 @@ func (g *globals) acceptedSpec(ctx context.Context, name string) (*vm.VmSpec, er
 		return nil, err
 	}
 	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{g.names.Accepted(name, "*")},
+		FilterSubjects: []string{g.names.Event(name, events.TypeAccepted, events.EngineWriter)},
 	})
 	if err != nil {
 		return nil, err

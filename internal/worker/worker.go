@@ -6,6 +6,7 @@ package worker
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -183,13 +184,13 @@ func (w *Worker) consumeTasks(ctx context.Context) error {
 		return fmt.Errorf("worker: binding the task consumer: %w", err)
 	}
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
-		t, err := events.DecodeTask(msg.Data(), msg.Headers())
-		if err != nil {
+		var t events.Task
+		if err := json.Unmarshal(msg.Data(), &t); err != nil || t.VM == "" {
 			w.log.Error("dropping undecodable task", "subject", msg.Subject(), "err", err)
 			_ = msg.Term()
 			return
 		}
-		w.exec.Do(t.VM, func() { w.runTask(msg, t) })
+		w.exec.Do(t.VM, func() { w.runTask(msg, &t) })
 	}, events.PullOpts(2*w.cfg.Concurrency)...)
 	if err != nil {
 		return fmt.Errorf("worker: consuming tasks: %w", err)

@@ -1,0 +1,73 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// follow does what a stored decision (seq) asks for before its command is
+// acked; a rejection asks for nothing. An accepted command gets its task,
+// built from the event alone and published with a message id derived from
+// the command; a forget first gets its results (see forget). This is the
+// one path a task takes: the command is acked only after follow returns,
+// so an engine that dies (or a server that fails) between storing the
+// decision and storing the task leaves the command unacked, and its
+// redelivery, which finds the stored decision, calls follow again. A
+// repeat inside the tasks stream's duplicate window stores nothing; beyond
+// it, the worker finds the result stored and does not call again.
+func (e *Engine) follow(ctx context.Context, ev *events.Event, seq uint64) error {
+	if ev.Type != events.TypeAccepted {
+		return nil
+	}
+	if ev.Forget {
+		if err := e.forget(ctx, ev, seq); err != nil {
+			return err
+		}
+	}
+	body, err := json.Marshal(events.TaskFromAccepted(ev, seq))
+	if err != nil {
+		return err
+	}
+	if _, err := e.cfg.JS.Publish(ctx, e.cfg.Names.Task(ev.Host, ev.VM), body,
+		jetstream.WithMsgID(events.TaskMsgID(ev.VM, ev.CommandID))); err != nil {
+		return fmt.Errorf("queueing the task of %s for vm %s on host %s: %w", ev.Action, ev.VM, ev.Host, err)
+	}
+	return nil
+}
+
+// forget carries out an accepted destroy with forget (the VM's host is
+// lost for good), stored at seq: in place of the host's worker, it stores
+// a failed result for each command that was in flight there and the
+// destroyed result of the forget. Each write has the message id the
+// worker would have used, so a repeat stores nothing twice. Its task (a
+// fencing task) waits in the host's queue: if the host ever comes back,
+// its worker removes the VM.
+func (e *Engine) forget(ctx context.Context, ev *events.Event, seq uint64) error {
+	now := time.Now().UTC()
+	for _, a := range ev.Abandoned {
+		res := events.Event{
+			Type: events.TypeFailed, VM: ev.VM, CommandID: a.CommandID, Action: a.Action, Time: now,
+			Host: ev.Host, State: vm.StateFailed, AcceptedSeq: a.Seq,
+			Error: fmt.Sprintf("%s vm %s on host %s: abandoned: the host is lost and the vm was forgotten (command %s)", a.Action, ev.VM, ev.Host, ev.CommandID),
+		}
+		if _, _, err := e.store.Append(ctx, &res, events.NoExpect, events.ResultMsgID(ev.VM, a.CommandID)); err != nil {
+			return fmt.Errorf("forget: storing the failure of abandoned command %s: %w", a.CommandID, err)
+		}
+	}
+	res := events.Event{
+		Type: events.TypeDestroyed, VM: ev.VM, CommandID: ev.CommandID, Action: ev.Action, Time: now,
+		Host: ev.Host, State: vm.StateDestroyed, AcceptedSeq: seq,
+		Reason: fmt.Sprintf("forgotten: host %s is lost; if it comes back, its worker removes the vm (fencing)", ev.Host),
+	}
+	if _, _, err := e.store.Append(ctx, &res, events.NoExpect, events.ResultMsgID(ev.VM, ev.CommandID)); err != nil {
+		return fmt.Errorf("forget: storing the destroyed result: %w", err)
+	}
+	return nil
+}
