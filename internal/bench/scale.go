@@ -231,6 +231,17 @@ func buildBinaries(ctx context.Context, dir string) error {
 func scale(ctx context.Context, srv *server, binDir, dir string, n int, window time.Duration, logf func(string, ...any)) (Scale, error) {
 	res := Scale{VMs: n, IdleWindowS: window.Seconds()}
 	host := "scale1"
+	// The engine first: it creates the streams and buckets, which the
+	// worker waits for.
+	en, err := startProc(ctx, filepath.Join(binDir, "engine"), filepath.Join(dir, "engine.log"),
+		"--nats-url", srv.url, "--data-dir", filepath.Join(dir, "engine"), "--engine-id", "scale", "--log-level", "info")
+	if err != nil {
+		return res, err
+	}
+	defer en.stop()
+	if err := en.waitLog("engine serving", time.Minute); err != nil {
+		return res, err
+	}
 	wk, err := startProc(ctx, filepath.Join(binDir, "worker"), filepath.Join(dir, "worker.log"),
 		"--nats-url", srv.url, "--host", host, "--data-dir", filepath.Join(dir, "worker"),
 		"--backends", "noop", "--default-backend", "noop", "--log-level", "info",
@@ -240,15 +251,6 @@ func scale(ctx context.Context, srv *server, binDir, dir string, n int, window t
 	}
 	defer wk.stop()
 	if err := wk.waitLog("worker serving", time.Minute); err != nil {
-		return res, err
-	}
-	en, err := startProc(ctx, filepath.Join(binDir, "engine"), filepath.Join(dir, "engine.log"),
-		"--nats-url", srv.url, "--data-dir", filepath.Join(dir, "engine"), "--engine-id", "scale", "--log-level", "info")
-	if err != nil {
-		return res, err
-	}
-	defer en.stop()
-	if err := en.waitLog("engine serving", time.Minute); err != nil {
 		return res, err
 	}
 	cl, err := newClient(ctx, srv.url)
