@@ -13,9 +13,16 @@ import (
 // sequence the caller expected: re-read and decide again.
 var ErrConflict = errors.New("vm events changed concurrently")
 
+// StoreJS is what a Store needs of a JetStream context (a
+// jetstream.JetStream has it): the event stream, and publishes.
+type StoreJS interface {
+	Stream(ctx context.Context, name string) (jetstream.Stream, error)
+	Publish(ctx context.Context, subject string, data []byte, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error)
+}
+
 // Store appends to and reads from the event stream.
 type Store struct {
-	JS    jetstream.JetStream
+	JS    StoreJS
 	Names Names
 	// Writer is the last token of the subjects Append writes.
 	Writer string
@@ -50,7 +57,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, n Names, s Settings) er
 
 // NewStore binds to the event stream, which must exist. writer is the
 // last token of every event it appends: EngineWriter, or a worker's host.
-func NewStore(ctx context.Context, js jetstream.JetStream, n Names, writer string) (*Store, error) {
+func NewStore(ctx context.Context, js StoreJS, n Names, writer string) (*Store, error) {
 	st, err := js.Stream(ctx, n.EventsStream())
 	if err != nil {
 		return nil, fmt.Errorf("opening stream %s: %w", n.EventsStream(), err)

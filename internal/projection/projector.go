@@ -18,6 +18,17 @@ import (
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
+// JetStream is what a Projector needs of a JetStream context (a
+// jetstream.JetStream has it all): the events stream to read, the records
+// bucket, pipelined publishes of record writes, and the options that name
+// their subject (events.KVPutSubject).
+type JetStream interface {
+	Stream(ctx context.Context, name string) (jetstream.Stream, error)
+	KeyValue(ctx context.Context, bucket string) (jetstream.KeyValue, error)
+	PublishMsgAsync(msg *nats.Msg, opts ...jetstream.PublishOpt) (jetstream.PubAckFuture, error)
+	Options() jetstream.JetStreamOptions
+}
+
 // Projector keeps the VM_RECORDS bucket up to date with the event stream.
 // Each engine runs its own, on an ordered consumer, so events are folded
 // strictly in stream order (a durable consumer redelivers unacked messages
@@ -36,7 +47,7 @@ import (
 // in-between ones need not be written). The checkpoint only ever names a
 // sequence whose records, and every earlier one's, are acknowledged.
 type Projector struct {
-	JS    jetstream.JetStream
+	JS    JetStream
 	Names events.Names
 	// Checkpoint is the file holding the last folded stream sequence ("":
 	// start from the beginning each time, which is correct, only slower).
