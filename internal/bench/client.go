@@ -12,10 +12,11 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
 )
 
 // lifecycle is the cycle every benchmark VM goes through.
-var lifecycle = []string{"prepare", "start", "suspend", "resume", "stop", "destroy"}
+var lifecycle = []fsm.Action{fsm.ActPrepare, fsm.ActStart, fsm.ActSuspend, fsm.ActResume, fsm.ActStop, fsm.ActDestroy}
 
 // client publishes commands as a user would (a JetStream publish to
 // vm.cmd.<vm>.<action>) and learns their outcome from the event stream:
@@ -166,7 +167,7 @@ func newCycler(name string) *cycler { return &cycler{name: name} }
 // next returns the next action and a command id unique across the run.
 func (v *cycler) next() (action, cmdID string) {
 	v.n++
-	return lifecycle[v.step], v.name + "-" + strconv.Itoa(v.n)
+	return string(lifecycle[v.step]), v.name + "-" + strconv.Itoa(v.n)
 }
 
 // done moves the VM on after an outcome.
@@ -174,7 +175,7 @@ func (v *cycler) done(o outcome) {
 	switch {
 	case o.ok():
 		v.step = (v.step + 1) % len(lifecycle)
-	case lifecycle[v.step] == "destroy":
+	case lifecycle[v.step] == fsm.ActDestroy:
 		v.step = 0 // destroy failed or was rejected (already destroyed): prepare again
 	default:
 		v.step = len(lifecycle) - 1
