@@ -16,7 +16,9 @@ import (
 // and keeping many writes in flight is what lets a rebuild reach raw
 // replay speed. This is the one place that knows the subject; a test
 // checks it against what kv.Put stores.
-func KVPutSubject(js interface{ Options() jetstream.JetStreamOptions }, bucket, key string) string {
+func KVPutSubject(js interface {
+	Options() jetstream.JetStreamOptions
+}, bucket, key string) string {
 	o := js.Options()
 	pre := ""
 	switch {

@@ -188,7 +188,9 @@ func (b *replayBatch) fold(recs map[string]*VmRecord) int {
 }
 
 // Load reads every record in the bucket.
-func Load(ctx context.Context, js jetstream.JetStream, n events.Names) (map[string]*VmRecord, error) {
+func Load(ctx context.Context, js interface {
+	KeyValue(ctx context.Context, bucket string) (jetstream.KeyValue, error)
+}, n events.Names) (map[string]*VmRecord, error) {
 	kv, err := js.KeyValue(ctx, n.RecordsBucket())
 	if err != nil {
 		return nil, err

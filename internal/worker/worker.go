@@ -33,10 +33,20 @@ import (
 // Version is reported in heartbeats and the micro service.
 var Version = "0.1.0"
 
+// JetStream is what a worker needs of a JetStream context (a
+// jetstream.JetStream has it): its host's task consumer, the records,
+// hosts and images buckets, and the event stream with publishes
+// (events.Store). It never creates streams or consumers.
+type JetStream interface {
+	events.StoreJS
+	Consumer(ctx context.Context, stream, consumer string) (jetstream.Consumer, error)
+	KeyValue(ctx context.Context, bucket string) (jetstream.KeyValue, error)
+}
+
 // Config of a worker.
 type Config struct {
 	NC     *nats.Conn
-	JS     jetstream.JetStream
+	JS     JetStream
 	Names  events.Names
 	Host   string
 	Router *backends.Router
