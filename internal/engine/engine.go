@@ -30,9 +30,20 @@ import (
 	"github.com/vmherd/vmherd/schemas"
 )
 
+// JetStream is what an engine needs of a JetStream context (a
+// jetstream.JetStream has it): the event store's and the projector's
+// needs, its durable consumers (the commands, each host's tasks), the
+// buckets, and publishes (tasks, decisions stored asynchronously).
+type JetStream interface {
+	projection.JetStream
+	events.ConsumerCreator
+	Publish(ctx context.Context, subject string, data []byte, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error)
+	PublishAsync(subject string, data []byte, opts ...jetstream.PublishOpt) (jetstream.PubAckFuture, error)
+}
+
 // Config of an engine.
 type Config struct {
-	JS       jetstream.JetStream
+	JS       JetStream
 	Names    events.Names
 	Settings events.Settings
 	Log      *slog.Logger
