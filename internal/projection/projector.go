@@ -92,8 +92,6 @@ type waiter struct {
 type cached struct {
 	rec *VmRecord // the newest fold; never modified once here
 	rev uint64    // KV revision of the last record written, 0 if none
-	// sent is the record last written (or being written).
-	sent *VmRecord
 	// writing: a write is in flight; dirty: rec is newer than it;
 	// lingering: a transitional rec waits (Linger) to be written.
 	writing, dirty, lingering bool
@@ -333,8 +331,10 @@ func (p *Projector) done(c *cached, seq uint64) {
 }
 
 // schedule starts a write of c's record unless one is in flight (which
-// will write the newest record when its ack comes) or the record is
-// written already. A transitional record (a command in flight) waits
+// will write the newest record when its ack comes) or every fold of c is
+// written already (no pending sequence: a fold's record and its pending
+// sequence are not set under one lock, so the sequences, not the record,
+// say what is left to write). A transitional record (a command in flight) waits
 // Linger first unless now is set; a settled one is written at once,
 // together with any transitional one still waiting.
 func (p *Projector) schedule(ctx context.Context, name string, c *cached, now bool) error {
@@ -344,7 +344,7 @@ func (p *Projector) schedule(ctx context.Context, name string, c *cached, now bo
 		p.mu.Unlock()
 		return nil
 	}
-	if c.rec == c.sent {
+	if len(c.pending) == 0 {
 		p.mu.Unlock()
 		return nil
 	}
@@ -364,7 +364,6 @@ func (p *Projector) schedule(ctx context.Context, name string, c *cached, now bo
 		return nil
 	}
 	c.writing, c.dirty = true, false
-	c.sent = c.rec
 	rec, rev := c.rec, c.rev
 	covered := len(c.pending)
 	p.mu.Unlock()
@@ -438,7 +437,7 @@ func (p *Projector) finish(ctx context.Context, name string, c *cached, covered 
 		backoff = min(backoff*2, 2*time.Second)
 		p.mu.Lock()
 		rec, expect := c.rec, c.rev
-		covered, c.dirty, c.sent = len(c.pending), false, c.rec
+		covered, c.dirty = len(c.pending), false
 		p.mu.Unlock()
 		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		rev, err = p.write(wctx, name, rec, expect)
@@ -479,7 +478,7 @@ func (p *Projector) resolve(ctx context.Context, name string, c *cached) (uint64
 	defer cancel()
 	p.mu.Lock()
 	mine, covered := c.rec, len(c.pending)
-	c.dirty, c.sent = false, c.rec
+	c.dirty = false
 	p.mu.Unlock()
 	e, err := p.kv.Get(wctx, name)
 	switch {
@@ -493,7 +492,7 @@ func (p *Projector) resolve(ctx context.Context, name string, c *cached) (uint64
 	if uerr == nil && theirs.LastSeq >= mine.LastSeq {
 		p.mu.Lock()
 		if theirs.LastSeq >= c.rec.LastSeq {
-			c.rec, covered, c.dirty, c.sent = theirs, len(c.pending), false, theirs
+			c.rec, covered, c.dirty = theirs, len(c.pending), false
 		} else {
 			c.dirty = true // folded past theirs meanwhile: write that over theirs
 		}
