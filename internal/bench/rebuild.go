@@ -222,61 +222,20 @@ func rebuild(ctx context.Context, srv *server, vms int) (Rebuild, error) {
 		return r, err
 	}
 
-	t0 = time.Now()
-	recs, n, err := projection.Replay(ctx, js, events.DefaultNames)
-	if err != nil {
+	if r.ReplaySeconds, r.ReplayPerS, r.RebuildSeconds, r.RebuildPerS, r.Records, err = replayAndRebuild(ctx, js, vms); err != nil {
 		return r, err
 	}
-	r.ReplaySeconds = time.Since(t0).Seconds()
-	r.ReplayPerS = float64(n) / r.ReplaySeconds
-	// The records must be what the events say.
-	if len(recs) != vms {
-		return r, fmt.Errorf("replay made %d records, want %d", len(recs), vms)
-	}
-	for _, rec := range recs {
-		if rec.State != vm.StateStopped || len(rec.InFlight) != 0 || rec.Generation != 1 {
-			return r, fmt.Errorf("record %s after replay: state %s, %d in flight, generation %d; want stopped, 0, 1",
-				rec.Name, rec.State, len(rec.InFlight), rec.Generation)
-		}
-	}
-	recs = nil
-	runtime.GC() // the rebuild should not pay for the replay's records
-
-	t0 = time.Now()
-	recN, n, err := projection.Rebuild(ctx, js, events.DefaultNames, events.DefaultSettings)
-	if err != nil {
-		return r, err
-	}
-	r.RebuildSeconds = time.Since(t0).Seconds()
-	r.RebuildPerS = float64(n) / r.RebuildSeconds
-	r.Records = recN
-
+	recN := r.Records
 	// Both again with encoding/json alone: is decodeFast needed?
 	events.UseStdlibDecoder(true)
-	t0 = time.Now()
-	recs, n, err = projection.Replay(ctx, js, events.DefaultNames)
-	if err == nil {
-		r.ReplayStdSeconds = time.Since(t0).Seconds()
-		r.ReplayStdPerS = float64(n) / r.ReplayStdSeconds
-		if len(recs) != vms {
-			err = fmt.Errorf("replay with encoding/json made %d records, want %d", len(recs), vms)
-		}
-		recs = nil
-		runtime.GC()
-	}
-	if err == nil {
-		t0 = time.Now()
-		var stdN int
-		stdN, n, err = projection.Rebuild(ctx, js, events.DefaultNames, events.DefaultSettings)
-		r.RebuildStdSeconds = time.Since(t0).Seconds()
-		r.RebuildStdPerS = float64(n) / r.RebuildStdSeconds
-		if err == nil && stdN != vms {
-			err = fmt.Errorf("rebuild with encoding/json made %d records, want %d", stdN, vms)
-		}
-	}
+	var stdN int
+	r.ReplayStdSeconds, r.ReplayStdPerS, r.RebuildStdSeconds, r.RebuildStdPerS, stdN, err = replayAndRebuild(ctx, js, vms)
 	events.UseStdlibDecoder(false)
 	if err != nil {
-		return r, err
+		return r, fmt.Errorf("with encoding/json: %w", err)
+	}
+	if stdN != vms {
+		return r, fmt.Errorf("rebuild with encoding/json made %d records, want %d", stdN, vms)
 	}
 	var rawSecs2 float64
 	if rawSecs2, r.RawAfterS, err = raw(); err != nil {
@@ -304,4 +263,37 @@ func rebuild(ctx context.Context, srv *server, vms int) (Rebuild, error) {
 	}
 	r.Checked = true
 	return r, nil
+}
+
+// replayAndRebuild times projection.Replay, checking that its records are
+// what the events say, then projection.Rebuild; it returns the seconds
+// and events per second of each and the records the rebuild wrote.
+func replayAndRebuild(ctx context.Context, js jetstream.JetStream, vms int) (replayS, replayPerS, rebuildS, rebuildPerS float64, records int, err error) {
+	t0 := time.Now()
+	recs, n, err := projection.Replay(ctx, js, events.DefaultNames)
+	if err != nil {
+		return 0, 0, 0, 0, 0, err
+	}
+	replayS = time.Since(t0).Seconds()
+	replayPerS = float64(n) / replayS
+	// The records must be what the events say.
+	if len(recs) != vms {
+		return 0, 0, 0, 0, 0, fmt.Errorf("replay made %d records, want %d", len(recs), vms)
+	}
+	for _, rec := range recs {
+		if rec.State != vm.StateStopped || len(rec.InFlight) != 0 || rec.Generation != 1 {
+			return 0, 0, 0, 0, 0, fmt.Errorf("record %s after replay: state %s, %d in flight, generation %d; want stopped, 0, 1",
+				rec.Name, rec.State, len(rec.InFlight), rec.Generation)
+		}
+	}
+	recs = nil
+	runtime.GC() // the rebuild should not pay for the replay's records
+
+	t0 = time.Now()
+	records, n, err = projection.Rebuild(ctx, js, events.DefaultNames, events.DefaultSettings)
+	if err != nil {
+		return 0, 0, 0, 0, 0, err
+	}
+	rebuildS = time.Since(t0).Seconds()
+	return replayS, replayPerS, rebuildS, float64(n) / rebuildS, records, nil
 }

@@ -35,9 +35,9 @@ import (
 // needs, its durable consumers (the commands, each host's tasks), the
 // buckets, and publishes (tasks, decisions stored asynchronously).
 type JetStream interface {
+	events.StoreJS
 	projection.JetStream
 	events.ConsumerCreator
-	Publish(ctx context.Context, subject string, data []byte, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error)
 	PublishAsync(subject string, data []byte, opts ...jetstream.PublishOpt) (jetstream.PubAckFuture, error)
 }
 
@@ -329,17 +329,14 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 // commandID is the body's command_id, else the Nats-Msg-Id, else
 // cmd-<seq>. cmd is the parsed body, nil if it did not parse.
 func commandID(cmd *events.Command, msg jetstream.Msg, seq uint64) string {
-	if cmd != nil {
-		if cmd.CommandID != "" {
-			return cmd.CommandID // the schema checked it
-		}
-	} else {
-		var peek struct {
-			CommandID string `json:"command_id"`
-		}
-		if json.Unmarshal(msg.Data(), &peek) == nil && validCommandID(peek.CommandID) {
-			return peek.CommandID
-		}
+	if cmd != nil && cmd.CommandID != "" {
+		return cmd.CommandID // the schema checked it
+	}
+	var peek struct {
+		CommandID string `json:"command_id"`
+	}
+	if cmd == nil && json.Unmarshal(msg.Data(), &peek) == nil && validCommandID(peek.CommandID) {
+		return peek.CommandID
 	}
 	if id := msg.Headers().Get("Nats-Msg-Id"); validCommandID(id) {
 		return id
