@@ -13,7 +13,8 @@
 // Commands are user input and are checked strictly: unknown fields,
 // duplicate fields and non-integer number literals (2.0, 1e3) are errors, so
 // a body that passes decodes into events.Command with exactly the values
-// that were checked. Handles and host heartbeats are open to unknown fields
+// that were checked. DecodeCommand parses a command's body once: the
+// checked document itself fills the Go value. Handles and host heartbeats are open to unknown fields
 // (old readers ignore what newer writers add).
 package schemas
 
@@ -26,6 +27,7 @@ import (
 	"io"
 	"io/fs"
 	"math/big"
+	"reflect"
 	"slices"
 	"sort"
 	"strconv"
@@ -148,10 +150,32 @@ func strs[T ~string](vs []T) []string {
 
 // ValidateCommand checks the body of a command on vm.cmd.<vm>.<action>.
 func ValidateCommand(action string, body []byte) error {
-	if !slices.Contains(actions, action) {
-		return one("action", fmt.Sprintf("unknown action %s (valid: %s)", quote(action), strings.Join(actions, ", ")))
+	_, err := checkCommand(action, body)
+	return err
+}
+
+// DecodeCommand checks the body of a command on vm.cmd.<vm>.<action> and,
+// if it passes, fills into (a pointer to a struct whose json tags are the
+// schema's properties, events.Command) from the checked document, so the
+// body is parsed once. The document's numbers are integer literals (the
+// parse refuses others) and its fields are the schema's (it refuses
+// unknown ones), so filling cannot fail on a body that passed.
+func DecodeCommand(action string, body []byte, into any) error {
+	doc, err := checkCommand(action, body)
+	if err != nil {
+		return err
 	}
-	return validate("command."+action, body)
+	if err := fill(reflect.ValueOf(into).Elem(), doc); err != nil {
+		return one("body", err.Error())
+	}
+	return nil
+}
+
+func checkCommand(action string, body []byte) (any, error) {
+	if !slices.Contains(actions, action) {
+		return nil, one("action", fmt.Sprintf("unknown action %s (valid: %s)", quote(action), strings.Join(actions, ", ")))
+	}
+	return checked("command."+action, body)
 }
 
 // ValidateEvent checks an event body against the schema of its "type".
@@ -187,18 +211,28 @@ func Validate(name string, body []byte) error {
 }
 
 func validate(name string, body []byte) error {
+	_, err := checked(name, body)
+	return err
+}
+
+// checked parses body and checks it against the schema called name,
+// returning the document that passed.
+func checked(name string, body []byte) (any, error) {
 	load()
 	if _, ok := compiled[name]; !ok {
-		return one("schema", fmt.Sprintf("unknown schema %s (valid: %s)", quote(name), strings.Join(names, ", ")))
+		return nil, one("schema", fmt.Sprintf("unknown schema %s (valid: %s)", quote(name), strings.Join(names, ", ")))
 	}
 	if err := checkSize(body); err != nil {
-		return err
+		return nil, err
 	}
 	doc, err := parse(body, strings.HasPrefix(name, "command."))
 	if err != nil {
-		return err
+		return nil, err
 	}
-	return check(name, doc)
+	if err := check(name, doc); err != nil {
+		return nil, err
+	}
+	return doc, nil
 }
 
 func check(name string, doc any) error {

@@ -286,6 +286,42 @@ func TestValidCommands(t *testing.T) {
 		if err := Validate("command."+c.action, body); err != nil {
 			t.Errorf("%d: Validate(command.%s): %v", i, c.action, err)
 		}
+		// Decoded from the checked document, it is what encoding/json
+		// makes of the same body: every field, every type.
+		var got, want events.Command
+		if err := DecodeCommand(c.action, body, &got); err != nil {
+			t.Errorf("%d: DecodeCommand(%s): %v", i, c.action, err)
+		}
+		if err := json.Unmarshal(body, &want); err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%d: DecodeCommand(%s) = %+v, encoding/json has %+v", i, c.action, got, want)
+		}
+	}
+}
+
+// DecodeCommand fills nothing from a body that fails, and reports what
+// failed as Validate does.
+func TestDecodeCommandRejects(t *testing.T) {
+	for _, c := range []struct{ action, body, want string }{
+		{"start", `{"timeout_s":2.0}`, "timeout_s: must be an integer"},
+		{"start", `{"command_id":"a","command_id":"b"}`, "duplicate field"},
+		{"start", `{"spec":{}}`, "spec"},
+		{"prepare", `{"spec":{"vcpus":"2"}}`, "spec.vcpus: must be an integer"},
+		{"launch", `{}`, "unknown action"},
+	} {
+		cmd := events.Command{CommandID: "untouched"}
+		err := DecodeCommand(c.action, []byte(c.body), &cmd)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s %s: error %v, want one with %q", c.action, c.body, err, c.want)
+		}
+		if !errors.Is(err, vm.ErrInvalid) {
+			t.Errorf("%s %s: %v is not vm.ErrInvalid", c.action, c.body, err)
+		}
+		if cmd.CommandID != "untouched" || cmd.Spec != nil {
+			t.Errorf("%s %s: filled %+v", c.action, c.body, cmd)
+		}
 	}
 }
 

@@ -97,8 +97,11 @@ type SyncRun struct {
 	AsyncPubAfter  AsyncPub     `json:"async_pub_after"`
 	AsyncPubMean   float64      `json:"async_pub_mean_msgs_per_s"`
 	Throughput     []Throughput `json:"throughput,omitempty"`
-	SyncPub        Dist         `json:"sync_pub"`
-	Latency        []Latency    `json:"latency,omitempty"`
+	// Bare is the bare pipeline (bare.go) at the largest VM count: the
+	// ceiling JetStream sets for three durable writes per transition.
+	Bare    *Bare     `json:"bare_pipeline,omitempty"`
+	SyncPub Dist      `json:"sync_pub"`
+	Latency []Latency `json:"latency,omitempty"`
 }
 
 // Target is one of the issue's goals and where it stands.
@@ -423,6 +426,15 @@ func pipelineFigures(ctx context.Context, o Options, sync, dir string, logf func
 			logf("  %d VMs: %.0f transitions/s (p50 %.1fms p99 %.1fms, %d errors)", n, t.PerS, t.Latency.P50, t.Latency.P99, t.Errors)
 			runtime.GC()
 		}
+		if len(o.VMs) > 0 {
+			b, err := barePipeline(ctx, srv, size, slices.Max(o.VMs), o.Warm, o.Measure)
+			if err != nil {
+				return r, err
+			}
+			r.Bare = &b
+			logf("  bare pipeline, %d VMs: %.0f transitions/s (p50 %.1fms p99 %.1fms)", b.VMs, b.PerS, b.Latency.P50, b.Latency.P99)
+			runtime.GC()
+		}
 		if r.AsyncPubAfter, err = asyncPubRate(ctx, bjs, srv, size, o.BaselineFor); err != nil {
 			return r, err
 		}
@@ -431,6 +443,9 @@ func pipelineFigures(ctx context.Context, o Options, sync, dir string, logf func
 		for i := range r.Throughput {
 			r.Throughput[i].BaselineMsgsS = r.AsyncPubMean
 			r.Throughput[i].Ratio = ratio(r.Throughput[i].PerS, r.AsyncPubMean)
+		}
+		if r.Bare != nil {
+			r.Bare.Ratio = ratio(r.Bare.PerS, r.AsyncPubMean)
 		}
 	}
 	return r, nil

@@ -248,8 +248,8 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		return err
 	}
 	name, action, issuer, shapeOK := e.cfg.Names.ParseCommandSubject(msg.Subject())
-	// The body is parsed once here (validated, then decoded); only a body
-	// that fails is peeked at again, for a command id to reject it under.
+	// The body is parsed once here (checked and decoded together); only a
+	// body that fails is peeked at again, for a command id to reject it under.
 	cmd, act, perr := parse(action, msg.Data())
 	cmdID := commandID(cmd, msg, md.Sequence.Stream)
 	base := events.Event{VM: name, CommandID: cmdID, Action: fsm.Action(action), Issuer: issuer}
@@ -358,7 +358,8 @@ func validCommandID(id string) bool {
 	return true
 }
 
-// parse validates the body against the action's schema and decodes it.
+// parse validates the body against the action's schema and decodes it,
+// in one parse (schemas.DecodeCommand).
 func parse(action string, data []byte) (*events.Command, fsm.Action, error) {
 	act, err := fsm.ParseAction(action)
 	if err != nil {
@@ -370,14 +371,9 @@ func parse(action string, data []byte) (*events.Command, fsm.Action, error) {
 	if len(bytes.TrimSpace(data)) == 0 {
 		data = []byte("{}") // `nats pub vm.cmd.web1.start ""` means no options
 	}
-	if err := schemas.ValidateCommand(action, data); err != nil {
-		return nil, act, reject("%v", err)
-	}
 	var cmd events.Command
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&cmd); err != nil {
-		return nil, act, reject("body: %v", err)
+	if err := schemas.DecodeCommand(action, data, &cmd); err != nil {
+		return nil, act, reject("%v", err)
 	}
 	return &cmd, act, nil
 }
