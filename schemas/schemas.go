@@ -14,8 +14,8 @@
 // duplicate fields and non-integer number literals (2.0, 1e3) are errors, so
 // a body that passes decodes into events.Command with exactly the values
 // that were checked. DecodeCommand parses a command's body once: the
-// checked document itself fills the Go value. Handles and host heartbeats are open to unknown fields
-// (old readers ignore what newer writers add).
+// checked document itself fills the Go value. Handles and host heartbeats
+// are open to unknown fields (old readers ignore what newer writers add).
 package schemas
 
 import (
@@ -207,10 +207,6 @@ func ValidateEvent(body []byte) error {
 
 // Validate checks body against the schema called name (see Names).
 func Validate(name string, body []byte) error {
-	return validate(name, body)
-}
-
-func validate(name string, body []byte) error {
 	_, err := checked(name, body)
 	return err
 }

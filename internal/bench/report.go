@@ -17,7 +17,14 @@ func methods(o Options) map[string]string {
 			"consumer. Transitions/s counts results arriving in a %s window after %s of warm-up. Baseline: one publisher "+
 			"sending batches of 100 PublishAsync and waiting for the batch's acks (nats bench js pub async), "+
 			"event-sized messages, to a file stream on the same server, %s before and after the series; the ratio uses their mean. "+
-			"Server messages in/out per transition come from the server's monitoring counters over each run.",
+			"Server messages in/out per transition come from the server's monitoring counters over each run. "+
+			"Bare pipeline (largest N, same window, same server, after the series): the same closed loop through the fewest "+
+			"messages that keep a command, one decision and one result durable, with no vmherd code: the client publishes "+
+			"the command to a file stream and waits for its result; a decider (256 at once, vmherd's engine default) stores a "+
+			"decision per command delivered, then acks it; an executor (64 at once, the worker default) stores a result per "+
+			"decision delivered, then acks it; results reach the client through an ordered consumer. No task stream, "+
+			"projection, record, earlier-result look, validation or state machine: its ratio is the ceiling JetStream "+
+			"and nats.go set on this machine for any design with those guarantees.",
 			o.VMs, o.Measure, o.Warm, o.BaselineFor),
 		"2_latency": fmt.Sprintf("Same set-up. Command latency = publish to result event delivery. One idle VM: %d commands one at a "+
 			"time, %s apart, after a warm-up cycle. Offered loads %v commands/s: commands due at fixed intervals for %s, "+
