@@ -2,11 +2,9 @@ package bench
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -29,21 +27,11 @@ const (
 	bareEvtStream = "BENCH_BARE_EVT"
 )
 
-// Bare is the bare pipeline's figure for one VM count.
-type Bare struct {
-	VMs        int     `json:"vms"`
-	PerS       float64 `json:"transitions_per_s"`
-	Ratio      float64 `json:"ratio_to_async_pub"`
-	Latency    Dist    `json:"latency"`
-	MsgsInPer  float64 `json:"server_msgs_in_per_transition"`
-	MsgsOutPer float64 `json:"server_msgs_out_per_transition"`
-}
-
-// barePipeline runs n clients in a closed loop (as figure 1 does) through
+// barePipeline runs n clients in figure 1's closed loop (closedLoop) through
 // the bare pipeline for warm+measure. The decider and executor run as
 // many calls at once as vmherd's engine (256) and worker (64) by default,
 // each on its own connection.
-func barePipeline(ctx context.Context, srv *server, size, n int, warm, measure time.Duration) (Bare, error) {
+func barePipeline(ctx context.Context, srv *server, size, n int, warm, measure time.Duration) (Throughput, error) {
 	var conns []*nats.Conn
 	defer func() {
 		for _, nc := range conns {
@@ -59,7 +47,7 @@ func barePipeline(ctx context.Context, srv *server, size, n int, warm, measure t
 	}
 	admin, err := open("bench-bare-admin")
 	if err != nil {
-		return Bare{}, err
+		return Throughput{}, err
 	}
 	for _, sc := range []jetstream.StreamConfig{
 		{Name: bareCmdStream, Subjects: []string{"bare.cmd.>"}},
@@ -68,14 +56,11 @@ func barePipeline(ctx context.Context, srv *server, size, n int, warm, measure t
 		sc.Storage, sc.Retention, sc.Replicas = jetstream.FileStorage, jetstream.LimitsPolicy, 1
 		_ = admin.DeleteStream(ctx, sc.Name)
 		if _, err := admin.CreateStream(ctx, sc); err != nil {
-			return Bare{}, fmt.Errorf("bare pipeline: creating %s: %w", sc.Name, err)
+			return Throughput{}, fmt.Errorf("bare pipeline: creating %s: %w", sc.Name, err)
 		}
 		defer func() { _ = admin.DeleteStream(context.WithoutCancel(ctx), sc.Name) }()
 	}
-	payload := make([]byte, size)
-	for i := range payload {
-		payload[i] = 'a' + byte(i%26)
-	}
+	payload := letters(size)
 
 	// A stage stores what follows from each message it is delivered, then
 	// acks it.
@@ -112,19 +97,19 @@ func barePipeline(ctx context.Context, srv *server, size, n int, warm, measure t
 	vmOf := func(subj string) string { return strings.Split(subj, ".")[2] }
 	stopDecider, err := stage("decider", bareCmdStream, "bare.cmd.>", 256, func(s string) string { return "bare.evt." + vmOf(s) + ".accepted" })
 	if err != nil {
-		return Bare{}, err
+		return Throughput{}, err
 	}
 	defer stopDecider()
 	stopExecutor, err := stage("executor", bareEvtStream, "bare.evt.*.accepted", 64, func(s string) string { return "bare.evt." + vmOf(s) + ".done" })
 	if err != nil {
-		return Bare{}, err
+		return Throughput{}, err
 	}
 	defer stopExecutor()
 
 	// The client: one ordered consumer over the results, as figure 1's.
 	cjs, err := open("bench-bare-client")
 	if err != nil {
-		return Bare{}, err
+		return Throughput{}, err
 	}
 	var mu sync.Mutex
 	waits := map[string]chan time.Time{}
@@ -132,11 +117,11 @@ func barePipeline(ctx context.Context, srv *server, size, n int, warm, measure t
 		FilterSubjects: []string{"bare.evt.*.done"}, DeliverPolicy: jetstream.DeliverNewPolicy,
 	})
 	if err != nil {
-		return Bare{}, err
+		return Throughput{}, err
 	}
 	it, err := cons.Messages(jetstream.PullMaxMessages(2000))
 	if err != nil {
-		return Bare{}, err
+		return Throughput{}, err
 	}
 	defer it.Stop()
 	go func() {
@@ -146,9 +131,10 @@ func barePipeline(ctx context.Context, srv *server, size, n int, warm, measure t
 				return
 			}
 			at := time.Now()
+			name := vmOf(m.Subject())
 			mu.Lock()
-			ch := waits[vmOf(m.Subject())]
-			delete(waits, vmOf(m.Subject()))
+			ch := waits[name]
+			delete(waits, name)
 			mu.Unlock()
 			if ch != nil {
 				ch <- at
@@ -156,56 +142,27 @@ func barePipeline(ctx context.Context, srv *server, size, n int, warm, measure t
 		}
 	}()
 
-	in0, out0 := srv.msgs()
-	start := time.Now()
-	from, end := start.Add(warm), start.Add(warm+measure)
-	cctx, cancel := context.WithDeadline(ctx, end.Add(60*time.Second))
-	defer cancel()
-	var all, count atomic.Int64
-	var lats []time.Duration
-	var firstErr error
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Go(func() {
-			name := fmt.Sprintf("b%04d", i)
-			var mine []time.Duration
-			for time.Now().Before(end) {
-				ch := make(chan time.Time, 1)
-				mu.Lock()
-				waits[name] = ch
-				mu.Unlock()
-				sent := time.Now()
-				_, err := cjs.Publish(cctx, "bare.cmd."+name+".start", payload)
-				if err == nil {
-					select {
-					case at := <-ch:
-						all.Add(1)
-						if at.After(from) && !at.After(end) {
-							count.Add(1)
-							mine = append(mine, at.Sub(sent))
-						}
-						continue
-					case <-cctx.Done():
-						err = cctx.Err()
-					}
-				}
-				mu.Lock()
-				firstErr = errors.Join(firstErr, err)
-				mu.Unlock()
-				return
-			}
+	b, err := closedLoop(ctx, srv, n, warm, measure, func(i int) sendFunc {
+		name := fmt.Sprintf("b%04d", i)
+		return func(ctx context.Context) (time.Time, time.Time, bool, error) {
+			ch := make(chan time.Time, 1)
 			mu.Lock()
-			lats = append(lats, mine...)
+			waits[name] = ch
 			mu.Unlock()
-		})
+			sent := time.Now()
+			if _, err := cjs.Publish(ctx, "bare.cmd."+name+".start", payload); err != nil {
+				return sent, time.Time{}, false, err
+			}
+			select {
+			case at := <-ch:
+				return sent, at, true, nil
+			case <-ctx.Done():
+				return sent, time.Time{}, false, ctx.Err()
+			}
+		}
+	})
+	if err != nil {
+		return Throughput{}, fmt.Errorf("bare pipeline: %w", err)
 	}
-	wg.Wait()
-	if firstErr != nil {
-		return Bare{}, fmt.Errorf("bare pipeline: %w", firstErr)
-	}
-	in1, out1 := srv.msgs()
-	return Bare{
-		VMs: n, PerS: float64(count.Load()) / measure.Seconds(), Latency: dist(lats),
-		MsgsInPer: ratio(float64(in1-in0), float64(all.Load())), MsgsOutPer: ratio(float64(out1-out0), float64(all.Load())),
-	}, nil
+	return b, nil
 }

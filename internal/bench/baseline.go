@@ -42,6 +42,15 @@ func eventSize() int {
 	return len(ev.Encode())
 }
 
+// letters is a payload of size bytes, a to z over and over.
+func letters(size int) []byte {
+	b := make([]byte, size)
+	for i := range b {
+		b[i] = 'a' + byte(i%26)
+	}
+	return b
+}
+
 // AsyncPub is the JetStream async publish baseline.
 type AsyncPub struct {
 	Msgs     int     `json:"msgs"`
@@ -63,10 +72,7 @@ func asyncPubRate(ctx context.Context, js jetstream.JetStream, srv *server, size
 	}
 	defer done()
 	in0, out0 := srv.msgs()
-	payload := make([]byte, size)
-	for i := range payload {
-		payload[i] = 'a' + byte(i%26)
-	}
+	payload := letters(size)
 	const batch = 100
 	n := 0
 	start := time.Now()

@@ -29,6 +29,30 @@ type Throughput struct {
 // for warm+measure, and counts the commands whose result arrived in the
 // measure window.
 func throughput(ctx context.Context, cl *client, srv *server, prefix string, n int, warm, measure time.Duration) (Throughput, error) {
+	return closedLoop(ctx, srv, n, warm, measure, func(i int) sendFunc {
+		v := newCycler(fmt.Sprintf("%s-%04d", prefix, i))
+		return func(ctx context.Context) (time.Time, time.Time, bool, error) {
+			action, id := v.next()
+			sent, o, err := cl.do(ctx, v.name, action, id)
+			if err != nil {
+				return sent, time.Time{}, false, err
+			}
+			v.done(o)
+			return sent, o.At, o.ok(), nil
+		}
+	})
+}
+
+// sendFunc sends one command and returns when its result arrived: when
+// it was sent, when the result arrived, and whether it succeeded.
+type sendFunc func(ctx context.Context) (sent, at time.Time, ok bool, err error)
+
+// closedLoop runs n senders at once (sender(i) makes the i-th), each
+// sending its next command as soon as the last one's result arrived, for
+// warm+measure. It counts the results that arrive in the measure window
+// and their latencies, and the server's messages per command over the
+// whole run (warm-up and drain included).
+func closedLoop(ctx context.Context, srv *server, n int, warm, measure time.Duration, sender func(i int) sendFunc) (Throughput, error) {
 	in0, out0 := srv.msgs()
 	var all atomic.Int64
 	start := time.Now()
@@ -44,11 +68,10 @@ func throughput(ctx context.Context, cl *client, srv *server, prefix string, n i
 	defer cancel()
 	for i := range n {
 		wg.Go(func() {
-			v := newCycler(fmt.Sprintf("%s-%04d", prefix, i))
+			send := sender(i)
 			var mine []time.Duration
 			for time.Now().Before(end) {
-				action, id := v.next()
-				sent, o, err := cl.do(cctx, v.name, action, id)
+				sent, at, ok, err := send(cctx)
 				if err != nil {
 					mu.Lock()
 					if firstErr == nil {
@@ -57,14 +80,13 @@ func throughput(ctx context.Context, cl *client, srv *server, prefix string, n i
 					mu.Unlock()
 					return
 				}
-				v.done(o)
 				all.Add(1)
-				if !o.ok() {
+				if !ok {
 					errs.Add(1)
 				}
-				if o.At.After(from) && !o.At.After(end) {
+				if at.After(from) && !at.After(end) {
 					count.Add(1)
-					mine = append(mine, o.At.Sub(sent))
+					mine = append(mine, at.Sub(sent))
 				}
 			}
 			mu.Lock()

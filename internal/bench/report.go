@@ -156,8 +156,8 @@ func printReport(w io.Writer, rep *Report) {
 					f1(t.MsgsInPer)+" / "+f1(t.MsgsOutPer), fmt.Sprint(t.Errors))
 			}
 			if b := p.Bare; b != nil {
-				line("bare "+fmt.Sprint(b.VMs), f0(b.PerS), f0(p.AsyncPubMean), f3(b.Ratio), f2(b.Latency.P50), f2(b.Latency.P99),
-					f1(b.MsgsInPer)+" / "+f1(b.MsgsOutPer), "-")
+				line("bare "+fmt.Sprint(b.VMs), f0(b.PerS), f0(b.BaselineMsgsS), f3(b.Ratio), f2(b.Latency.P50), f2(b.Latency.P99),
+					f1(b.MsgsInPer)+" / "+f1(b.MsgsOutPer), fmt.Sprint(b.Errors))
 			}
 			tw.Flush()
 			fmt.Fprintf(w, "   (the async publish baseline costs the server %.1f in / %.1f out per message; \"bare\": the same closed loop through\n"+
