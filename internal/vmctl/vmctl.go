@@ -398,7 +398,11 @@ func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name string
 	defer it.Stop()
 	stop := context.AfterFunc(wctx, it.Stop)
 	defer stop()
-	evc := make(chan *events.Event)
+	type delivered struct {
+		ev  *events.Event
+		seq uint64
+	}
+	evc := make(chan delivered)
 	errc := make(chan error, 1)
 	go func() {
 		for {
@@ -411,8 +415,12 @@ func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name string
 			if err != nil || ev.CommandID != id {
 				continue
 			}
+			md, err := m.Metadata()
+			if err != nil {
+				continue
+			}
 			select {
-			case evc <- ev:
+			case evc <- delivered{ev, md.Sequence.Stream}:
 			case <-wctx.Done():
 				return
 			}
@@ -434,7 +442,8 @@ func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name string
 	}
 	for {
 		select {
-		case ev := <-evc:
+		case got := <-evc:
+			ev := got.ev
 			switch {
 			case !ev.FromEngine() && (accepted == nil || ev.Writer != accepted.Host):
 				// Only an engine decides, and only the VM's host's worker
@@ -454,10 +463,12 @@ func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name string
 			case ev.Type == events.TypeFailed:
 				p.clear()
 				g.printEvent(ev)
+				g.awaitRecord(wctx, name, got.seq)
 				return ev, &exitError{code: ExitFailed, msg: fmt.Sprintf("%s %s failed: %s", action, name, flagWords(ev.Error))}
 			case ev.Type.IsResult():
 				p.clear()
 				g.printEvent(ev)
+				g.awaitRecord(wctx, name, got.seq)
 				return ev, nil
 			}
 		case err := <-errc:
@@ -493,6 +504,29 @@ func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name string
 		return nil, &exitError{code: ExitNoResult, msg: fmt.Sprintf("no result within --timeout %s: %s", g.timeout, stored())}
 	}
 }
+
+// awaitRecord waits, briefly, until the VM's record in VM_RECORDS has
+// folded the event at seq, so that what vmctl does next with the record
+// (ssh, provision, state) sees the result it just printed: the projector
+// writes the record a moment after the event is stored. A record that does
+// not catch up within recordLag is left as it is (the result stands).
+func (g *globals) awaitRecord(ctx context.Context, name string, seq uint64) {
+	ctx, cancel := context.WithTimeout(ctx, recordLag)
+	defer cancel()
+	for {
+		if r, err := g.record(ctx, name); err == nil && r.LastSeq >= seq {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// recordLag bounds awaitRecord.
+const recordLag = 5 * time.Second
 
 // rejected explains a rejection, leading with "no VM named X" when the VM
 // has never existed.

@@ -12,8 +12,10 @@ import (
 
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
+	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // result is one vmctl run.
@@ -335,5 +337,39 @@ func TestCrashedAndNotRunning(t *testing.T) {
 	r = vmctl(t, ctx, env.URL, "__complete", "start", "c")
 	if r.code != 0 || !strings.Contains(r.out, "c1\n") || !strings.Contains(r.out, "c2\n") {
 		t.Fatalf("completion: %v", r)
+	}
+}
+
+// A command's result, once vmctl has printed it, is in the VM's record:
+// the next vmctl (ssh, provision, ip) reads the record, and the projector
+// writes it a moment after the event is stored.
+func TestResultIsInTheRecordOnReturn(t *testing.T) {
+	t.Parallel()
+	env, _ := pipeline(t, noop.New(noop.Options{}))
+	ctx := context.Background()
+	kv, err := env.JS.KeyValue(ctx, env.Names.RecordsBucket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]vm.VmState{"start": vm.StateRunning, "stop": vm.StateStopped}
+	if r := vmctl(t, ctx, env.URL, "create", "r1", "--backend", "noop"); r.code != 0 {
+		t.Fatalf("create: %v", r)
+	}
+	for i := range 20 {
+		action := []string{"start", "stop"}[i%2]
+		if r := vmctl(t, ctx, env.URL, action, "r1"); r.code != 0 {
+			t.Fatalf("%s: %v", action, r)
+		}
+		e, err := kv.Get(ctx, "r1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec, err := projection.Unmarshal(e.Value())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rec.State != want[action] || len(rec.InFlight) != 0 {
+			t.Fatalf("right after %s #%d returned, the record says %s with %d in flight; want %s", action, i, rec.State, len(rec.InFlight), want[action])
+		}
 	}
 }
