@@ -188,6 +188,7 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return eng.Run(gctx) })
+	go returnMemory(gctx)
 	if w != nil {
 		g.Go(func() error { return w.Run(gctx) })
 	}

@@ -198,6 +198,7 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 					return err
 				}
 				log.Info("worker serving", "host", wo.Host, "nats", conn.URL)
+				go returnMemory(ctx)
 				return w.Run(ctx)
 			})
 		},

@@ -40,6 +40,12 @@ type cluster struct {
 	// untilFaults keeps every VM cycling past its quota of commands until
 	// the fault function has returned.
 	untilFaults bool
+	// cycle is the actions each VM goes through (default: cycle);
+	// loadTimeout bounds a load (default 8 minutes).
+	cycle       []string
+	loadTimeout time.Duration
+	// logs of every process run, in order (for explaining failures).
+	logs []string
 	// The server runs with authentication and TLS: authority signs every
 	// process's credentials, pki its certificate.
 	authority *auth.Authority
@@ -283,7 +289,14 @@ var cycle = []string{"prepare", "start", "suspend", "resume", "stop", "start", "
 // publish is retried with the same message id until the server stores it.
 func (c *cluster) runLoad(env *testenv.Env, nVMs, perVM int, faults func(ctx context.Context)) *loadStats {
 	c.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	timeout, actions := c.loadTimeout, c.cycle
+	if timeout == 0 {
+		timeout = 8 * time.Minute
+	}
+	if actions == nil {
+		actions = cycle
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	tr := &tracker{decision: map[string]events.Type{}, result: map[string]events.Type{}, changed: make(chan struct{}, 1)}
 	tctx, tcancel := context.WithCancel(ctx)
@@ -308,7 +321,7 @@ func (c *cluster) runLoad(env *testenv.Env, nVMs, perVM int, faults func(ctx con
 			defer wg.Done()
 			name := fmt.Sprintf("vm%03d", i)
 			for j := 0; j < perVM || c.untilFaults && !faultsOver.Load(); j++ {
-				action := cycle[j%len(cycle)]
+				action := actions[j%len(actions)]
 				id := fmt.Sprintf("%s-%03d", name, j)
 				body := fmt.Sprintf(`{"command_id":%q}`, id)
 				if action == "prepare" {

@@ -150,8 +150,10 @@ func (e *Engine) Run(ctx context.Context) error {
 	}); err != nil {
 		return fmt.Errorf("engine: loading records: %w", err)
 	}
-	for _, r := range recs {
+	names := make([]string, 0, len(recs))
+	for name, r := range recs {
 		e.placed.observe(r)
+		names = append(names, name)
 	}
 	var imagesKV jetstream.KeyValue
 	if err := events.RetryStartup(ctx, e.log, "the images bucket", func(sctx context.Context) (err error) {
@@ -174,6 +176,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	g.Go(func() error { return e.runHostEvents(gctx) })
 	g.Go(func() error { return e.runHostConsumers(gctx) })
 	g.Go(func() error { return e.runCommands(gctx) })
+	g.Go(func() error { return e.requeueInFlight(gctx, names) })
 	return g.Wait()
 }
 
@@ -263,12 +266,17 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		return e.appendInvalid(ctx, base, fmt.Sprintf("vm name in subject: %v", err))
 	}
 	e.cfg.Metrics.Redelivered("engine", md.NumDelivered)
-	if md.NumDelivered > 1 {
+	// A command decided before (a crash between storing its decision and
+	// its ack) is found by the decision's message id while the event
+	// stream's duplicate window still holds it (see the Append below); an
+	// older one by looking at the VM's events. The delivery count says
+	// nothing reliable here: a server that crashed may have forgotten it.
+	if time.Since(md.Timestamp) > e.dupWindow()/2 {
 		prev, seq, err := e.alreadyDecided(ctx, name, cmdID, md.Timestamp)
 		if err != nil {
 			return err
 		}
-		if prev != nil { // decided before the crash (or nak) that redelivered it
+		if prev != nil {
 			return e.follow(ctx, prev, seq)
 		}
 	}
@@ -299,9 +307,9 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 			ev.Spec, ev.Backend, ev.TimeoutS = nil, "", 0
 		}
 		seq, dup, err := e.store.Append(ctx, &ev, rec.LastSeq, events.DecisionMsgID(name, ev.CommandID))
-		if errors.Is(err, events.ErrConflict) && attempt < 20 {
-			// Someone else appended since the record's last event: wait
-			// for the projection to fold the VM's newest event, decide again.
+		if errors.Is(err, events.ErrConflict) && attempt < maxConflicts {
+			// Someone else appended since the record's last event: decide
+			// again on a record that includes the VM's newest event.
 			if atLeast, err = e.store.LastSeq(ctx, name); err != nil {
 				return err
 			}
@@ -310,20 +318,56 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		if err != nil {
 			return err
 		}
+		if dup {
+			// This command was decided before: the decision stored then
+			// is the one that counts (this one was made on a record that
+			// already folded it, and would be a rejection as in flight),
+			// and what it asks for may not have happened yet.
+			stored, err := e.storedDecision(ctx, name, cmdID, seq)
+			if err != nil {
+				return err
+			}
+			return e.follow(ctx, stored, seq)
+		}
 		// Its task (and a forget's results), before the command is acked.
 		if err := e.follow(ctx, &ev, seq); err != nil {
 			return err
-		}
-		if dup {
-			return nil // decided before (a duplicate publish of the same command)
 		}
 		e.cfg.Metrics.Decided(action, string(ev.Type), md.Timestamp)
 		// The next decision on this VM (they are serial per VM) waits for
 		// the projection to fold this one rather than fail its append.
 		e.waitFolded(ctx, seq)
-		e.log.Debug("decided", "vm", name, "action", action, "type", ev.Type, "reason", ev.Reason, "seq", seq)
+		e.log.Debug("decided", "vm", name, "action", action, "command_id", ev.CommandID, "type", ev.Type, "reason", ev.Reason, "seq", seq)
 		return nil
 	}
+}
+
+// maxConflicts bounds the decisions of one delivery that lose a race to
+// another writer; the command is then redelivered.
+const maxConflicts = 20
+
+// dupWindow is the event stream's duplicate window.
+func (e *Engine) dupWindow() time.Duration {
+	if w := e.cfg.Settings.DuplicateWindow; w > 0 {
+		return w
+	}
+	return events.DefaultSettings.DuplicateWindow
+}
+
+// storedDecision reads the decision of cmdID stored at seq.
+func (e *Engine) storedDecision(ctx context.Context, name, cmdID string, seq uint64) (*events.Event, error) {
+	m, err := e.store.Stream().GetMsg(ctx, seq)
+	if err != nil {
+		return nil, fmt.Errorf("reading the stored decision of command %s (vm %s, seq %d): %w", cmdID, name, seq, err)
+	}
+	ev, err := e.cfg.Names.DecodeStored(m.Subject, m.Data)
+	if err != nil {
+		return nil, fmt.Errorf("reading the stored decision of command %s (vm %s, seq %d): %w", cmdID, name, seq, err)
+	}
+	if ev.VM != name || ev.CommandID != cmdID || (ev.Type != events.TypeAccepted && ev.Type != events.TypeRejected) {
+		return nil, fmt.Errorf("the event at seq %d is not the decision of command %s of vm %s", seq, cmdID, name)
+	}
+	return ev, nil
 }
 
 // commandID is the body's command_id, else the Nats-Msg-Id, else
@@ -394,41 +438,64 @@ func (e *Engine) appendInvalid(ctx context.Context, ev events.Event, reason stri
 }
 
 // alreadyDecided looks for a decision of this command among the VM's
-// events since it was published (a redelivery after a crash between the
-// append and the ack) and returns it with its sequence, or nil.
+// decisions stored since it was published (less a minute of clock skew)
+// and returns it with its sequence, or nil. It reads through a consumer
+// of its own, deleted when done (its inactive threshold is the
+// backstop), and reads exactly as many decisions as the consumer had
+// pending when it was created, so a slow first fetch cannot end the look
+// early.
 func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, published time.Time) (*events.Event, uint64, error) {
-	cons, err := e.store.Stream().OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{e.cfg.Names.Event(name, events.TypeAccepted, events.EngineWriter), e.cfg.Names.Event(name, events.TypeRejected, events.EngineWriter)},
-		DeliverPolicy:  jetstream.DeliverByStartTimePolicy,
-		OptStartTime:   ptr(published.Add(-time.Minute)),
+	st := e.store.Stream()
+	cons, err := st.CreateConsumer(ctx, jetstream.ConsumerConfig{
+		Description: "vmherd engine: earlier decision of one command",
+		FilterSubjects: []string{
+			e.cfg.Names.Event(name, events.TypeAccepted, events.EngineWriter),
+			e.cfg.Names.Event(name, events.TypeRejected, events.EngineWriter),
+		},
+		DeliverPolicy:     jetstream.DeliverByStartTimePolicy,
+		OptStartTime:      ptr(published.Add(-time.Minute)),
+		AckPolicy:         jetstream.AckNonePolicy,
+		InactiveThreshold: lookInactive,
+		MemoryStorage:     true,
 	})
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, fmt.Errorf("looking for an earlier decision of command %s: %w", cmdID, err)
 	}
-	for {
-		batch, err := cons.FetchNoWait(256)
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_ = st.DeleteConsumer(dctx, cons.CachedInfo().Name)
+	}()
+	pending := cons.CachedInfo().NumPending
+	for read := uint64(0); read < pending; {
+		batch, err := cons.Fetch(int(min(pending-read, 256)), jetstream.FetchMaxWait(5*time.Second))
 		if err != nil {
 			return nil, 0, err
 		}
 		n := 0
 		for m := range batch.Messages() {
 			n++
-			if ev, err := events.Decode(m.Data()); err == nil && ev.CommandID == cmdID {
-				md, err := m.Metadata()
-				if err != nil {
-					return nil, 0, err
-				}
+			md, err := m.Metadata()
+			if err != nil {
+				return nil, 0, err
+			}
+			if ev, err := e.cfg.Names.DecodeStored(m.Subject(), m.Data()); err == nil && ev.CommandID == cmdID {
 				return ev, md.Sequence.Stream, nil
 			}
 		}
-		if batch.Error() != nil {
-			return nil, 0, batch.Error()
+		if err := batch.Error(); err != nil {
+			return nil, 0, err
 		}
 		if n == 0 {
-			return nil, 0, nil
+			return nil, 0, fmt.Errorf("looking for an earlier decision of command %s: read %d of %d decisions, then none came", cmdID, read, pending)
 		}
+		read += uint64(n)
 	}
+	return nil, 0, nil
 }
+
+// lookInactive is the inactive threshold of a look-up's own consumer.
+const lookInactive = 30 * time.Second
 
 func ptr[T any](v T) *T { return &v }
 
@@ -437,16 +504,17 @@ func ptr[T any](v T) *T { return &v }
 // since it started). It is optimistic: the append that follows a decision
 // expects the VM's last event to be the record's, and fails if anything
 // was appended since, so a stale record costs a retry, never a wrong
-// decision. After such a failure atLeast is the VM's last event, and the
-// projection is waited for until it has folded it.
+// decision. After such a failure atLeast is the VM's last event: the
+// projection is waited for (briefly) until it has folded it, and if its
+// record still ends before it (a name with only rejections or
+// observations has no record in the bucket, so after a restart the
+// projector has none either), the VM's events are read from the stream
+// itself and folded onto it.
 func (e *Engine) state(ctx context.Context, name string, atLeast uint64) (*projection.VmRecord, error) {
 	if atLeast > 0 {
 		wctx, cancel := context.WithTimeout(ctx, catchUpWait)
-		ok := e.proj.WaitFolded(wctx, atLeast)
+		e.proj.WaitFolded(wctx, atLeast)
 		cancel()
-		if !ok {
-			return nil, fmt.Errorf("engine: the projection has not folded vm %s's event %d within %s", name, atLeast, catchUpWait)
-		}
 	}
 	rec, err := e.proj.Get(ctx, name)
 	if err != nil {
@@ -454,6 +522,17 @@ func (e *Engine) state(ctx context.Context, name string, atLeast uint64) (*proje
 	}
 	if rec == nil {
 		rec = &projection.VmRecord{Name: name, State: fsm.StateAbsent}
+	}
+	if rec.LastSeq < atLeast {
+		from := rec.LastSeq
+		evs, err := e.store.ReadVM(ctx, name, from+1)
+		if err != nil {
+			return nil, err
+		}
+		rec = projection.FoldStored(rec, evs)
+		e.log.Info("the projection's record ends before the vm's last event; folded the rest from the stream",
+			"vm", name, "record_seq", from, "last_seq", atLeast, "read", len(evs), "now", rec.LastSeq)
+		e.proj.Seed(name, rec)
 	}
 	return rec, nil
 }
@@ -469,8 +548,9 @@ func (e *Engine) waitFolded(ctx context.Context, seq uint64) {
 
 // projectionWait bounds how long a decision waits for the projection to
 // fold its own event; catchUpWait how long one that lost a race waits for
-// the projection to fold the VM's newest event.
+// the projection to fold the VM's newest event before reading it from the
+// stream itself.
 const (
 	projectionWait = 100 * time.Millisecond
-	catchUpWait    = 10 * time.Second
+	catchUpWait    = 2 * time.Second
 )

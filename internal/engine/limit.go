@@ -101,7 +101,15 @@ func (e *Engine) rejectOverRate(ctx context.Context, msg jetstream.Msg, name, ac
 	go func() {
 		defer done()
 		select {
-		case <-f.Ok():
+		case ack := <-f.Ok():
+			if ack.Duplicate {
+				// Decided before (a redelivery the server counted as a
+				// first delivery after a crash): decide it as usual,
+				// which follows the decision stored then (the append's
+				// concurrency check orders it with the VM's others).
+				e.handle(ctx, msg)
+				return
+			}
 			e.cfg.Metrics.Decided(action, string(ev.Type), md.Timestamp)
 			_ = msg.Ack()
 		case err := <-f.Err():

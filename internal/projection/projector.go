@@ -58,6 +58,12 @@ type Projector struct {
 	// Observe, if set, is called with every new fold of a record, in
 	// stream order (never concurrently). It must not block.
 	Observe func(*VmRecord)
+	// MaxCached bounds the VMs whose newest fold the projector keeps
+	// (default DefaultMaxCached). Past it, idle ones are forgotten (names
+	// that never had a record first): their records are in the bucket,
+	// where Get and the next fold find them, and a name without a record
+	// costs its next decision one read of its events from the stream.
+	MaxCached int
 	// Linger delays the write of a transitional record (a command in
 	// flight) by up to this long, so that it and its result's settled
 	// record are usually written once: one record write per transition
@@ -108,6 +114,9 @@ func (p *Projector) Run(ctx context.Context) error {
 	p.mu.Unlock()
 	if p.MaxInFlight <= 0 {
 		p.MaxInFlight = 1024
+	}
+	if p.MaxCached <= 0 {
+		p.MaxCached = DefaultMaxCached
 	}
 	if p.Linger == 0 {
 		p.Linger = DefaultLinger
@@ -274,6 +283,9 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 		c = nc
 		p.mu.Lock()
 		p.cache[name] = c
+		if len(p.cache) > p.MaxCached {
+			p.evict(c)
+		}
 		p.mu.Unlock()
 	}
 	p.mu.Lock()
@@ -301,6 +313,31 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 	}
 	p.done(c, seq)
 	return p.schedule(ctx, name, c, false)
+}
+
+// DefaultMaxCached is the Projector's default MaxCached: more VMs than a
+// fleet's engine usually decides on at once, a few MB of records.
+const DefaultMaxCached = 16384
+
+// evict forgets idle cached VMs (no write in flight or lingering, every
+// fold stored) until a quarter of MaxCached is free: names that never had
+// a record first (a flood of commands for names that do not exist), then
+// any. keep is not evicted. Callers hold p.mu.
+func (p *Projector) evict(keep *cached) {
+	target := p.MaxCached * 3 / 4
+	for _, anyIdle := range []bool{false, true} {
+		for name, c := range p.cache {
+			if len(p.cache) <= target {
+				return
+			}
+			if c == keep || c.writing || c.lingering || len(c.pending) > 0 {
+				continue
+			}
+			if anyIdle || c.rev == 0 && !c.rec.Exists() {
+				delete(p.cache, name)
+			}
+		}
+	}
 }
 
 // DefaultLinger is the Projector's default Linger: longer than most
@@ -601,6 +638,44 @@ func (p *Projector) Get(ctx context.Context, name string) (*VmRecord, error) {
 		return nil, fmt.Errorf("projection: reading the record of vm %s: %w", name, err)
 	}
 	return Unmarshal(e.Value())
+}
+
+// Seed gives the projector a record folded elsewhere from the stream (the
+// engine's catch-up, when the projector's record ended before the VM's
+// last event), if it is newer than the projector's own and covers nothing
+// the projector has not folded: later folds of the name go on from it.
+// A record seeded for a name without a record in the bucket writes
+// nothing; one for a name that has a record is written like a fold.
+func (p *Projector) Seed(name string, rec *VmRecord) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cache == nil || rec.LastSeq > p.folded {
+		return
+	}
+	c := p.cache[name]
+	if c == nil {
+		c = &cached{rec: rec}
+		p.cache[name] = c
+		if len(p.cache) > p.MaxCached {
+			p.evict(c)
+		}
+		return
+	}
+	if c.rec == nil || c.rec.LastSeq < rec.LastSeq {
+		c.rec = rec
+	}
+}
+
+// VMs lists the VMs this projector has folded or been given since it
+// started.
+func (p *Projector) VMs() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]string, 0, len(p.cache))
+	for name := range p.cache {
+		out = append(out, name)
+	}
+	return out
 }
 
 // Current returns the projector's newest fold of a VM (possibly not yet

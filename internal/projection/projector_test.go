@@ -159,3 +159,59 @@ func norm(r *projection.VmRecord) *projection.VmRecord {
 	out, _ := projection.Unmarshal(r.Marshal())
 	return out
 }
+
+// The projector's cache stays within MaxCached under a flood of names
+// that never exist (rejections only) mixed with real VMs, and what it
+// forgets is still right: the bucket holds every real VM's record, equal
+// to a replay, and the names without a record have none.
+func TestProjectorCacheBounded(t *testing.T) {
+	env := testenv.New(t)
+	const maxCached = 100
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	p := &projection.Projector{JS: env.JS, Names: env.Names, Log: env.Log, MaxCached: maxCached, Linger: -1}
+	done := make(chan struct{})
+	go func() { _ = p.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	for i := range 1000 {
+		ev := &events.Event{Type: events.TypeRejected, VM: fmt.Sprintf("junk%04d", i), CommandID: "c1", Action: fsm.ActStart,
+			Time: time.Now().UTC(), Reason: "vm does not exist"}
+		if _, err := env.JS.PublishAsync(env.Names.Event(ev.VM, ev.Type, events.EngineWriter), ev.Encode()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	appendLifecycles(t, env, 150, "g1")
+	last := lastSeq(t, env)
+	env.WaitFor("projector to store everything", 30*time.Second, func() bool { return p.Applied() == last })
+	if n := len(p.VMs()); n > maxCached {
+		t.Errorf("the projector caches %d VMs, MaxCached is %d", n, maxCached)
+	}
+	want, _, err := projection.Replay(context.Background(), env.JS, env.Names)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := projection.Load(context.Background(), env.JS, env.Names)
+	if err != nil {
+		t.Fatal(err)
+	}
+	real := 0
+	for name, w := range want {
+		if !w.Exists() {
+			if got[name] != nil {
+				t.Errorf("%s never existed and has a record: %s", name, got[name].Marshal())
+			}
+			continue
+		}
+		real++
+		if g := got[name]; g == nil || !reflect.DeepEqual(norm(w), norm(g)) {
+			t.Fatalf("record %s:\nreplay %s\nbucket %v", name, w.Marshal(), g)
+		}
+		if r, err := p.Get(context.Background(), name); err != nil || r == nil || r.LastSeq != w.LastSeq {
+			t.Fatalf("Get(%s) = %+v, %v; want the record at seq %d", name, r, err, w.LastSeq)
+		}
+	}
+	if real != 150 {
+		t.Fatalf("replay has %d real VMs, want 150", real)
+	}
+	t.Logf("1,150 names folded; %d cached (MaxCached %d)", len(p.VMs()), maxCached)
+}

@@ -109,6 +109,24 @@ func Fold(rec *VmRecord, ev *events.Event, seq uint64) *VmRecord {
 	return r
 }
 
+// FoldStored folds stored events (in stream order; a nil Event is one
+// vmherd did not write, which only moves the sequence on) onto rec, which
+// must not be nil (a VM without a record: State absent).
+func FoldStored(rec *VmRecord, evs []events.Stored) *VmRecord {
+	for _, s := range evs {
+		if s.Seq <= rec.LastSeq {
+			continue
+		}
+		if s.Event == nil {
+			rec = rec.Clone()
+			rec.LastSeq = s.Seq
+			continue
+		}
+		rec = Fold(rec, s.Event, s.Seq)
+	}
+	return rec
+}
+
 // foldInto applies the event at seq (nil: one vmherd did not write) to r in
 // place; Fold is foldInto on a copy. With owned, the caller gives ev up,
 // and r may keep parts of it (its handle) instead of copies.

@@ -20,6 +20,8 @@ type Counts struct {
 	Exited     int
 	Duplicates int // a second decision or result for one command
 	Lost       int // accepted commands without a result
+	// LostCommands names each lost command: "<vm> <command id> <action> <accepted seq>".
+	LostCommands []string
 }
 
 func (c Counts) String() string {
@@ -100,7 +102,9 @@ func (e *Env) CheckStreams() Counts {
 	for vmName, r := range recs {
 		// Accepted commands still in flight are lost if nothing is running them.
 		c.Lost += len(r.InFlight)
-		_ = vmName
+		for _, f := range r.InFlight {
+			c.LostCommands = append(c.LostCommands, fmt.Sprintf("%s %s %s %d", vmName, f.CommandID, f.Action, f.Seq))
+		}
 	}
 	return c
 }

@@ -542,6 +542,18 @@ func (w *Worker) adopt(ctx context.Context) error {
 		return fmt.Errorf("worker: loading records: %w", err)
 	}
 	for name, r := range recs {
+		if r.Host != w.cfg.Host {
+			continue
+		}
+		// The bucket's record may end before the VM's last event (an
+		// engine that died with the server had not written it yet): the
+		// rest is read from the stream, so a VM destroyed (or started)
+		// since is not adopted as what the record said.
+		evs, err := w.store.ReadVM(ctx, name, r.LastSeq+1)
+		if err != nil {
+			return fmt.Errorf("worker: reading the events of vm %s after its record: %w", name, err)
+		}
+		r = projection.FoldStored(r, evs)
 		if r.Host != w.cfg.Host || r.Handle == nil || r.State == vm.StateDestroyed {
 			continue
 		}

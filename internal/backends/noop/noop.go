@@ -327,6 +327,11 @@ func (b *Backend) Adopt(_ context.Context, h vm.VmHandle, recorded vm.VmState) (
 	if e, ok := b.get(h.Name); ok && (h.ID == "" || e.H.ID == h.ID) {
 		return e.H.Clone(), e.State, nil
 	}
+	if t, ok := b.tombstone(h.Name); ok && h.ID != "" && t.H.ID == h.ID {
+		// This incarnation was destroyed here (its process and disk are
+		// gone): there is nothing to adopt, whatever the record says.
+		return h, "", fmt.Errorf("noop vm %s (handle %s) was destroyed: %w", h.Name, h.ID, backends.ErrNotFound)
+	}
 	switch recorded {
 	case vm.StatePrepared, vm.StateRunning, vm.StateStopped, vm.StateSuspended, vm.StateFailed:
 	default:
@@ -363,6 +368,23 @@ func (b *Backend) get(name string) (*entry, bool) {
 	var e entry
 	if json.Unmarshal(data, &e) != nil || e.State == vm.StateDestroyed {
 		return nil, false // missing, or the tombstone of a destroyed VM
+	}
+	return &e, true
+}
+
+// tombstone returns the tombstone a destroyed VM of this name left in
+// StateDir, if there is one.
+func (b *Backend) tombstone(name string) (*entry, bool) {
+	if b.opts.StateDir == "" {
+		return nil, false
+	}
+	data, err := os.ReadFile(filepath.Join(b.opts.StateDir, name+".json"))
+	if err != nil {
+		return nil, false
+	}
+	var e entry
+	if json.Unmarshal(data, &e) != nil || e.State != vm.StateDestroyed {
+		return nil, false
 	}
 	return &e, true
 }
