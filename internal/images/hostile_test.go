@@ -217,5 +217,5 @@ func TestHostilePulls(t *testing.T) {
 	if n := innerHits.Load(); n != 0 {
 		t.Errorf("the loopback server a redirect pointed at was reached %d times", n)
 	}
-	t.Logf("%d hostile pulls refused", len(cases))
+	t.Logf("%d hostile pull targets tried", len(cases))
 }
