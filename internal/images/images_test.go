@@ -85,6 +85,12 @@ func TestPullHTTP(t *testing.T) {
 	if st, _ := os.Stat(got.Path); st.Mode().Perm()&0o222 != 0 {
 		t.Errorf("the stored image is writable: %v", st.Mode())
 	}
+	// Only the worker's user reads the store (issue #22, item 7).
+	for _, p := range []string{root, filepath.Join(root, "blobs", "sha256"), filepath.Join(root, "refs"), got.Path, filepath.Join(root, "refs", "debian-12.json")} {
+		if st, err := os.Stat(p); err != nil || st.Mode().Perm()&0o077 != 0 {
+			t.Errorf("%s: %v %v: others may read it", p, st.Mode(), err)
+		}
+	}
 
 	// The .zst of the same image: decompressed, checked against the
 	// download's sha256, stored once (same content).
