@@ -24,6 +24,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -61,6 +62,13 @@ type Policy struct {
 	// HeaderOnly skips qemu-img (hosts without it run no QEMU): only the
 	// headers are checked, and layers' formats are those the headers show.
 	HeaderOnly bool
+	// Untrusted: the image came from elsewhere (a pull). Refusals name
+	// the top image TopName and repeat neither the names its headers hold
+	// nor qemu-img's words, which may quote the file.
+	Untrusted bool
+	TopName   string
+
+	top, topGiven string // the top image, resolved and as given
 }
 
 // Layer is one image of a chain.
@@ -102,7 +110,7 @@ type info struct {
 func (p Policy) Inspect(ctx context.Context, path, format string) (Chain, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s: %v", ErrRefused, path, err)
+		return nil, fmt.Errorf("%w: %s: %v", ErrRefused, p.show(path), err)
 	}
 	cur, err := filepath.EvalSymlinks(abs)
 	if err != nil {
@@ -111,6 +119,7 @@ func (p Policy) Inspect(ctx context.Context, path, format string) (Chain, error)
 		}
 		return nil, fmt.Errorf("%w: %s cannot be resolved: %v", ErrRefused, abs, err)
 	}
+	p.top, p.topGiven = cur, abs
 	if len(p.Roots) > 0 {
 		if err := p.confine(abs, cur, "the image"); err != nil {
 			return nil, err
@@ -120,10 +129,10 @@ func (p Policy) Inspect(ctx context.Context, path, format string) (Chain, error)
 	seen := map[string]bool{}
 	for depth := 0; ; depth++ {
 		if depth == MaxDepth {
-			return nil, fmt.Errorf("%w: %s: the backing chain is longer than %d images", ErrRefused, abs, MaxDepth)
+			return nil, fmt.Errorf("%w: %s: the backing chain is longer than %d images", ErrRefused, p.show(abs), MaxDepth)
 		}
 		if seen[cur] {
-			return nil, fmt.Errorf("%w: %s: the backing chain loops back to %s", ErrRefused, abs, cur)
+			return nil, fmt.Errorf("%w: %s: the backing chain loops back to %s", ErrRefused, p.show(abs), p.show(cur))
 		}
 		seen[cur] = true
 		l, backing, backingFmt, err := p.layer(ctx, cur, format, depth == 0)
@@ -136,7 +145,7 @@ func (p Policy) Inspect(ctx context.Context, path, format string) (Chain, error)
 		}
 		if backingFmt == "" {
 			return nil, fmt.Errorf("%w: %s has backing file %s without its format recorded, so QEMU would guess it; record it with qemu-img rebase -u -F <format> -b %s %s",
-				ErrRefused, cur, backing, backing, cur)
+				ErrRefused, p.show(cur), backing, backing, p.show(cur))
 		}
 		cur, format = backing, backingFmt
 	}
@@ -147,15 +156,15 @@ func (p Policy) Inspect(ctx context.Context, path, format string) (Chain, error)
 func (p Policy) layer(ctx context.Context, path, format string, top bool) (l Layer, backing, backingFmt string, err error) {
 	st, err := os.Stat(path)
 	if err != nil {
-		return l, "", "", fmt.Errorf("%w: %s: %v", ErrRefused, path, err)
+		return l, "", "", fmt.Errorf("%w: %s: %v", ErrRefused, p.show(path), err)
 	}
 	blockDev := st.Mode()&fs.ModeDevice != 0 && st.Mode()&fs.ModeCharDevice == 0
 	if !st.Mode().IsRegular() && !(top && blockDev) {
-		return l, "", "", fmt.Errorf("%w: %s is not a regular file (%s); an image and every file it names must be", ErrRefused, path, st.Mode().Type())
+		return l, "", "", fmt.Errorf("%w: %s is not a regular file (%s); an image and every file it names must be", ErrRefused, p.show(path), st.Mode().Type())
 	}
 	h, err := readHeader(path, format)
 	if err != nil {
-		return l, "", "", fmt.Errorf("%w: %s: reading its header: %v", ErrRefused, path, err)
+		return l, "", "", fmt.Errorf("%w: %s: reading its header: %v", ErrRefused, p.show(path), err)
 	}
 	for _, r := range h.refs {
 		if _, err := p.file(path, r.kind, r.name); err != nil {
@@ -183,13 +192,13 @@ func (p Policy) layer(ctx context.Context, path, format string, top bool) (l Lay
 	}
 	l.Format, l.VirtualSize = in.Format, in.VirtualSize
 	if !slices.Contains(Formats, in.Format) {
-		return l, "", "", fmt.Errorf("%w: %s has format %q; use one of %s", ErrRefused, path, in.Format, strings.Join(Formats, ", "))
+		return l, "", "", fmt.Errorf("%w: %s has format %q; use one of %s", ErrRefused, p.show(path), in.Format, strings.Join(Formats, ", "))
 	}
 	if format == "" && in.Format == "raw" && (st.Size() < 1<<20 || st.Size()%512 != 0) && !blockDev {
-		return l, "", "", fmt.Errorf("%w: %s does not look like a disk image (%d bytes, not a whole number of 512-byte sectors of at least 1 MiB); use a qcow2 or raw disk", ErrRefused, path, st.Size())
+		return l, "", "", fmt.Errorf("%w: %s does not look like a disk image (%d bytes, not a whole number of 512-byte sectors of at least 1 MiB); use a qcow2 or raw disk", ErrRefused, p.show(path), st.Size())
 	}
 	if max := p.maxVirtualSize(); in.VirtualSize > max || in.VirtualSize < 0 {
-		return l, "", "", fmt.Errorf("%w: %s has a virtual size of %d bytes, more than the %d bytes (%d GiB) allowed", ErrRefused, path, in.VirtualSize, max, max>>30)
+		return l, "", "", fmt.Errorf("%w: %s has a virtual size of %d bytes, more than the %d bytes (%d GiB) allowed", ErrRefused, p.show(path), in.VirtualSize, max, max>>30)
 	}
 	var names []string
 	if in.FormatSpecific.Data.DataFile != "" {
@@ -240,13 +249,13 @@ func (p Policy) info(ctx context.Context, path, format string) (info, error) {
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		msg := strings.TrimSpace(stderr.String())
-		if msg == "" {
+		if msg == "" || p.Untrusted {
 			msg = err.Error()
 		}
-		return in, fmt.Errorf("%w: %s is not a disk image QEMU can read: %s", ErrRefused, path, msg)
+		return in, fmt.Errorf("%w: %s is not a disk image QEMU can read: %s", ErrRefused, p.show(path), msg)
 	}
 	if err := json.Unmarshal(stdout.Bytes(), &in); err != nil {
-		return in, fmt.Errorf("%w: %s: reading qemu-img info: %v", ErrRefused, path, err)
+		return in, fmt.Errorf("%w: %s: reading qemu-img info: %v", ErrRefused, p.show(path), err)
 	}
 	return in, nil
 }
@@ -268,31 +277,36 @@ const (
 // file resolves a file that layer names (relative to the layer's
 // directory, as QEMU does) and checks it.
 func (p Policy) file(layer, kind, name string) (string, error) {
-	if hasProtocol(name) {
-		return "", fmt.Errorf("%w: %s has %s %q, which names a protocol or options instead of a file", ErrRefused, layer, kind, name)
-	}
 	abs := name
 	if !filepath.IsAbs(abs) {
 		abs = filepath.Join(filepath.Dir(layer), name)
 	}
-	res, err := filepath.EvalSymlinks(abs)
 	if p.SelfContained || len(p.Roots) == 0 {
-		if err == nil && res == layer {
-			return res, nil // a vmdk that is its own extent
+		if !hasProtocol(name) {
+			if res, err := filepath.EvalSymlinks(abs); err == nil && res == layer {
+				return res, nil // a vmdk that is its own extent
+			}
 		}
-		return "", fmt.Errorf("%w: %s has %s %s: an image must stand alone here (a pulled image may name no other file)", ErrRefused, layer, kind, name)
+		if p.Untrusted {
+			return "", fmt.Errorf("%w: %s names a %s: an image must stand alone here (a pulled image may name no other file)", ErrRefused, p.show(layer), kind)
+		}
+		return "", fmt.Errorf("%w: %s has %s %s: an image must stand alone here", ErrRefused, p.show(layer), kind, strconv.Quote(shorten(name)))
 	}
+	if hasProtocol(name) {
+		return "", fmt.Errorf("%w: %s has %s %s, which names a protocol or options instead of a file", ErrRefused, p.show(layer), kind, strconv.Quote(shorten(name)))
+	}
+	res, err := filepath.EvalSymlinks(abs)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return "", fmt.Errorf("%w: %s has %s %s, which does not exist", ErrRefused, layer, kind, abs)
+			return "", fmt.Errorf("%w: %s has %s %s, which does not exist", ErrRefused, p.show(layer), kind, abs)
 		}
-		return "", fmt.Errorf("%w: %s has %s %s, which cannot be resolved: %v", ErrRefused, layer, kind, abs, err)
+		return "", fmt.Errorf("%w: %s has %s %s, which cannot be resolved: %v", ErrRefused, p.show(layer), kind, abs, err)
 	}
-	if err := p.confine(abs, res, layer+"'s "+kind); err != nil {
+	if err := p.confine(abs, res, p.show(layer)+"'s "+kind); err != nil {
 		return "", err
 	}
 	if st, err := os.Stat(res); err != nil || !st.Mode().IsRegular() {
-		return "", fmt.Errorf("%w: %s has %s %s, which is not a regular file", ErrRefused, layer, kind, abs)
+		return "", fmt.Errorf("%w: %s has %s %s, which is not a regular file", ErrRefused, p.show(layer), kind, abs)
 	}
 	return res, nil
 }
@@ -315,6 +329,22 @@ func (p Policy) confine(path, res, what string) error {
 		}
 	}
 	return fmt.Errorf("%w: %s %s is outside every image root (%s)", ErrRefused, what, shown, strings.Join(p.Roots, ", "))
+}
+
+// show is how a refusal names a file of the chain.
+func (p Policy) show(path string) string {
+	if p.TopName != "" && (path == p.top || path == p.topGiven) {
+		return p.TopName
+	}
+	return path
+}
+
+// shorten cuts a name to 128 bytes.
+func shorten(s string) string {
+	if len(s) > 128 {
+		return s[:128] + "…"
+	}
+	return s
 }
 
 // hasProtocol says whether QEMU reads name as a protocol ("nbd:…",

@@ -99,6 +99,7 @@ func TestHostilePulls(t *testing.T) {
 	files := map[string][]byte{
 		"/backing.qcow2":  img("create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", "/etc/passwd", filepath.Join(dir, "backing.qcow2"), "1M"),
 		"/datafile.qcow2": img("create", "-q", "-f", "qcow2", "-o", "data_file="+filepath.Join(dir, "data.raw"), filepath.Join(dir, "datafile.qcow2"), "1M"),
+		"/banner.qcow2":   img("create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", "/x\n\x1b[31m"+secret, filepath.Join(dir, "banner.qcow2"), "1M"),
 		"/huge.qcow2":     img("create", "-q", "-f", "qcow2", filepath.Join(dir, "huge.qcow2"), "100T"),
 		"/flat.vmdk":      []byte("# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\nRW 8 FLAT \"/etc/shadow\" 0\n"),
 		"/bomb.raw.zst":   bomb.Bytes(),
@@ -183,10 +184,11 @@ func TestHostilePulls(t *testing.T) {
 		{"zstd bomb", private, srv.URL + "/bomb.raw.zst", images.ErrTooLarge, "larger than 67108864 bytes"},
 		{"announced length too big", private, srv.URL + "/big.raw", images.ErrTooLarge, "larger than 67108864 bytes"},
 		{"stalled download", images.Policy{AllowPrivate: true, Timeout: 2 * time.Second}, srv.URL + "/stall.raw", images.ErrRemote, "timed out"},
-		{"qcow2 with a backing file", private, srv.URL + "/backing.qcow2", imagechain.ErrRefused, "backing file /etc/passwd: an image must stand alone"},
+		{"qcow2 with a backing file", private, srv.URL + "/backing.qcow2", imagechain.ErrRefused, "the downloaded image names a backing file: an image must stand alone"},
 		{"qcow2 with a data file", private, srv.URL + "/datafile.qcow2", imagechain.ErrRefused, "external data file"},
-		{"vmdk with a FLAT extent", private, srv.URL + "/flat.vmdk", imagechain.ErrRefused, "vmdk extent /etc/shadow: an image must stand alone"},
-		{"huge virtual size", private, srv.URL + "/huge.qcow2", imagechain.ErrRefused, "virtual size of 109951162777600 bytes"},
+		{"vmdk with a FLAT extent", private, srv.URL + "/flat.vmdk", imagechain.ErrRefused, "the downloaded image names a vmdk extent: an image must stand alone"},
+		{"qcow2 with a backing file name as a message", private, srv.URL + "/banner.qcow2", imagechain.ErrRefused, "the downloaded image names a backing file"},
+		{"huge virtual size", private, srv.URL + "/huge.qcow2", imagechain.ErrRefused, "the downloaded image has a virtual size of 109951162777600 bytes"},
 	}
 	root := t.TempDir()
 	for _, c := range cases {

@@ -359,7 +359,7 @@ func digestOf(h hash.Hash) string { return "sha256:" + hex.EncodeToString(h.Sum(
 
 // chain is how a pulled file is inspected: it must stand alone.
 func (p Policy) chain() imagechain.Policy {
-	c := imagechain.Policy{QEMUImg: p.QEMUImg, SelfContained: true}
+	c := imagechain.Policy{QEMUImg: p.QEMUImg, SelfContained: true, Untrusted: true, TopName: "the downloaded image"}
 	bin := p.QEMUImg
 	if bin == "" {
 		bin = "qemu-img"
