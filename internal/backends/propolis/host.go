@@ -130,7 +130,7 @@ func newHost(o HostOptions, r Runner) (*host, error) {
 	if net.ParseIP(o.ListenIP) == nil {
 		return nil, fmt.Errorf("propolis host provisioning: listen address %q is not an IP address", o.ListenIP)
 	}
-	if err := os.MkdirAll(o.StateDir, 0o755); err != nil {
+	if err := os.MkdirAll(o.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("propolis host provisioning: %w", err)
 	}
 	h := &host{o: o, run: r, ports: map[int]string{}, listening: tcpListening}
@@ -185,7 +185,7 @@ func (h *host) load(name string) (*Placement, error) {
 func (h *host) save(name string, p Placement) error {
 	b, _ := json.MarshalIndent(p, "", "  ")
 	tmp := h.statePath(name) + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return err
 	}
 	return os.Rename(tmp, h.statePath(name))

@@ -455,7 +455,7 @@ func TestHostQcow2WithBackingFile(t *testing.T) {
 	_ = os.WriteFile(img, qcow2Header("/etc/shadow"), 0o644)
 	_, err := h.Provision(context.Background(), "evil", vm.VmSpec{Name: "evil", ImagePath: img,
 		Network: &vm.NetworkConfig{Type: vm.NetworkVnic, Name: "net7"}})
-	if !errors.Is(err, imagechain.ErrRefused) || !strings.Contains(err.Error(), "backing file /etc/shadow") {
+	if !errors.Is(err, imagechain.ErrRefused) || !strings.Contains(err.Error(), `backing file "/etc/shadow"`) {
 		t.Fatalf("Provision over a qcow2 with a backing file: %v", err)
 	}
 	for _, c := range r.take() {
