@@ -282,6 +282,12 @@ func (b *Backend) recheckChain(ctx context.Context, r *record) error {
 	if err != nil {
 		return err
 	}
+	// A VM prepared before work dirs were private is made so now.
+	for name, mode := range map[string]os.FileMode{"": 0o700, diskFile: 0o600, seedFile: 0o600} {
+		if err := os.Chmod(r.path(name), mode); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
 	r.Chain = chain
 	return r.save()
 }
