@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -17,6 +19,7 @@ import (
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/worker"
@@ -40,6 +43,11 @@ type WorkerOptions struct {
 	CapacityMemMB  int
 	CapacityVcpus  int
 	ImageDirs      []string
+	// Image pulls (package images' Policy).
+	ImageAllowPrivate      bool
+	ImageAllowHTTPRegistry bool
+	ImageMaxSize           string
+	ImagePullTimeout       time.Duration
 
 	PropolisServers    []string
 	PropolisBin        string
@@ -76,6 +84,10 @@ func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
 	fs.DurationVar(&o.Reconcile, "reconcile", 10*time.Second, "how often running VMs are checked against the hypervisor")
 	fs.StringVar(&o.Accel, "accel", "auto", "QEMU accelerator: auto (KVM only on real VMX/SVM), kvm or tcg")
 	fs.StringArrayVar(&o.ImageDirs, "image-dir", nil, "a directory base images may come from, besides the image store <data-dir>/images (repeatable); spec.image_path must resolve, symlinks followed, inside one of them and outside <data-dir>/vms")
+	fs.BoolVar(&o.ImageAllowPrivate, "image-allow-private", false, "let image pulls reach loopback, private, link-local (cloud metadata) and other non-public addresses; off, each connection's address is checked as it is dialled, redirects too")
+	fs.BoolVar(&o.ImageAllowHTTPRegistry, "image-allow-http-registry", false, "let oci:// pulls fall back to plain HTTP for a registry on localhost or a private address")
+	fs.StringVar(&o.ImageMaxSize, "image-max-size", "64GiB", "largest image a pull stores (decompressed) or downloads, e.g. 20GiB or 512MiB")
+	fs.DurationVar(&o.ImagePullTimeout, "image-pull-timeout", images.DefaultPullTimeout, "longest a pull may take")
 	fs.IntVar(&o.CapacityMemMB, "capacity-memory-mb", 0, "memory offered to VMs (default: the machine's)")
 	fs.IntVar(&o.CapacityVcpus, "capacity-vcpus", 0, "vCPUs offered to VMs (default: 4 × the machine's CPUs, a 4:1 overcommit)")
 	fs.StringSliceVar(&o.PropolisServers, "propolis-server", nil, "already-running propolis-server(s) ADDR[,ADDR...], one VM each (how Propolis is used off illumos)")
@@ -169,6 +181,39 @@ func (o *WorkerOptions) imageRoots() []string {
 	return out
 }
 
+// imagePolicy is what pulls may reach and take (--image-*).
+func (o *WorkerOptions) imagePolicy() (images.Policy, error) {
+	p := images.Policy{AllowPrivate: o.ImageAllowPrivate, AllowHTTPRegistry: o.ImageAllowHTTPRegistry, Timeout: o.ImagePullTimeout}
+	if o.ImageMaxSize != "" {
+		n, err := parseSize(o.ImageMaxSize)
+		if err != nil {
+			return p, fmt.Errorf("--image-max-size: %w", err)
+		}
+		p.MaxSize = n
+	}
+	if p.Timeout < 0 {
+		return p, fmt.Errorf("--image-pull-timeout %s is negative", p.Timeout)
+	}
+	return p, nil
+}
+
+// parseSize reads a byte count: a number with an optional unit (B, KiB,
+// MiB, GiB, TiB, or K, M, G, T, all powers of 1024).
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	i := strings.IndexFunc(t, func(r rune) bool { return r < '0' || r > '9' })
+	num, unit := t, ""
+	if i >= 0 {
+		num, unit = t[:i], strings.TrimSpace(t[i:])
+	}
+	shift, ok := map[string]uint{"": 0, "b": 0, "k": 10, "kib": 10, "m": 20, "mib": 20, "g": 30, "gib": 30, "t": 40, "tib": 40}[strings.ToLower(unit)]
+	n, err := strconv.ParseInt(num, 10, 64)
+	if !ok || err != nil || n <= 0 || n > math.MaxInt64>>shift {
+		return 0, fmt.Errorf("%q is not a size such as 20GiB or 512MiB", s)
+	}
+	return n << shift, nil
+}
+
 // Connected bundles a NATS connection and its JetStream context.
 type Connected struct {
 	NC *nats.Conn
@@ -179,6 +224,10 @@ type Connected struct {
 // It waits (logging what for) until the engine's streams and buckets exist,
 // and never creates or changes them: their settings have one owner.
 func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events.Names, log *slog.Logger) (*worker.Worker, error) {
+	policy, err := o.imagePolicy()
+	if err != nil {
+		return nil, err
+	}
 	r, err := o.BuildRouter(log)
 	if err != nil {
 		return nil, err
@@ -194,6 +243,7 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events
 			HeartbeatEvery: o.Heartbeat, AckWait: o.AckWait, Concurrency: o.Concurrency,
 			ReconcileEvery: o.Reconcile, Metrics: o.Metrics,
 			ImageRoots: o.imageRoots(), VMDirs: []string{filepath.Join(o.DataDir, "vms")}, ImageStore: o.imageStore(),
+			ImagePolicy: policy,
 		})
 		return err
 	})

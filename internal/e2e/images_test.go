@@ -11,6 +11,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/guestimage"
+	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
 	"github.com/vmherd/vmherd/internal/vm"
@@ -65,7 +66,8 @@ func imageStoreEnv(t *testing.T) (*testenv.Env, string, *httptest.Server) {
 	eng := env.StartEngine(testenv.EngineConfig{})
 	store := filepath.Join(dataDir, "images")
 	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU,
-		ImageStore: store, ImageRoots: []string{store}, VMDirs: []string{filepath.Join(dataDir, "vms")}})
+		ImageStore: store, ImageRoots: []string{store}, VMDirs: []string{filepath.Join(dataDir, "vms")},
+		ImagePolicy: images.Policy{AllowPrivate: true}}) // the image server is on loopback
 	env.WaitHost(eng, "h1")
 	return env, image, srv
 }

@@ -26,6 +26,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path"
 	"path/filepath"
 	"regexp"
@@ -33,6 +34,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/imagechain"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -56,6 +58,8 @@ type Image struct {
 // Store is an image store rooted at Root.
 type Store struct {
 	Root string
+	// Policy bounds pulls: destinations, size, time.
+	Policy Policy
 }
 
 // ErrNotFound: no image by that name.
@@ -96,17 +100,23 @@ func (s *Store) Pull(ctx context.Context, source string, o PullOptions) (Image, 
 			return Image{}, fmt.Errorf("--sha256 %q: want 64 hex digits", o.SHA256)
 		}
 	}
-	for _, d := range []string{s.blobs(), s.refs(), s.partial()} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
+	// The store is the worker's: images and records readable by it only.
+	for _, d := range []string{s.Root, filepath.Dir(s.blobs()), s.blobs(), s.refs(), s.partial()} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return Image{}, err
+		}
+		if err := os.Chmod(d, 0o700); err != nil {
 			return Image{}, err
 		}
 	}
+	ctx, cancel := context.WithTimeout(ctx, s.Policy.timeout())
+	defer cancel()
 	var fetch fetcher
 	switch {
 	case strings.HasPrefix(source, "http://"), strings.HasPrefix(source, "https://"):
-		fetch = httpFetcher{url: source}
+		fetch = httpFetcher{url: source, p: s.Policy}
 	case strings.HasPrefix(source, "oci://"):
-		fetch = ociFetcher{ref: strings.TrimPrefix(source, "oci://")}
+		fetch = ociFetcher{ref: strings.TrimPrefix(source, "oci://"), p: s.Policy}
 	default:
 		return Image{}, fmt.Errorf("image source %q: want http(s)://… or oci://registry/repo:tag|@digest", source)
 	}
@@ -155,10 +165,16 @@ func (s *Store) Pull(ctx context.Context, source string, o PullOptions) (Image, 
 	if err := tmp.Close(); err != nil {
 		return Image{}, err
 	}
+	// What arrived must be a disk image that names no other file: a
+	// backing file, vmdk extent or data file would be a path on this host
+	// (docs/trust.md).
+	if _, err := s.Policy.chain().Inspect(ctx, tmp.Name(), ""); err != nil {
+		return Image{}, fmt.Errorf("pulling %s: %w (nothing was stored)", source, err)
+	}
 	hexd := hex.EncodeToString(content.Sum(nil))
 	blob := filepath.Join(s.blobs(), hexd)
 	if _, err := os.Stat(blob); errors.Is(err, fs.ErrNotExist) {
-		if err := os.Chmod(tmp.Name(), 0o444); err != nil {
+		if err := os.Chmod(tmp.Name(), 0o400); err != nil {
 			return Image{}, err
 		}
 		if err := os.Rename(tmp.Name(), blob); err != nil {
@@ -340,3 +356,18 @@ func (p *progress) done() {
 }
 
 func digestOf(h hash.Hash) string { return "sha256:" + hex.EncodeToString(h.Sum(nil)) }
+
+// chain is how a pulled file is inspected: it must stand alone.
+func (p Policy) chain() imagechain.Policy {
+	c := imagechain.Policy{QEMUImg: p.QEMUImg, SelfContained: true, Untrusted: true, TopName: "the downloaded image"}
+	bin := p.QEMUImg
+	if bin == "" {
+		bin = "qemu-img"
+	}
+	if path, err := exec.LookPath(bin); err == nil {
+		c.QEMUImg = path
+	} else {
+		c.HeaderOnly = true // a host without qemu-img runs no QEMU
+	}
+	return c
+}

@@ -68,7 +68,7 @@ func TestPullHTTP(t *testing.T) {
 	srv := httptest.NewServer(mux)
 	defer srv.Close()
 	root := t.TempDir()
-	s := &images.Store{Root: root}
+	s := &images.Store{Root: root, Policy: images.Policy{AllowPrivate: true}}
 	ctx := context.Background()
 
 	var reports int
@@ -84,6 +84,12 @@ func TestPullHTTP(t *testing.T) {
 	}
 	if st, _ := os.Stat(got.Path); st.Mode().Perm()&0o222 != 0 {
 		t.Errorf("the stored image is writable: %v", st.Mode())
+	}
+	// Only the worker's user reads the store (issue #22, item 7).
+	for _, p := range []string{root, filepath.Join(root, "blobs", "sha256"), filepath.Join(root, "refs"), got.Path, filepath.Join(root, "refs", "debian-12.json")} {
+		if st, err := os.Stat(p); err != nil || st.Mode().Perm()&0o077 != 0 {
+			t.Errorf("%s: %v %v: others may read it", p, st.Mode(), err)
+		}
 	}
 
 	// The .zst of the same image: decompressed, checked against the
@@ -103,8 +109,8 @@ func TestPullHTTP(t *testing.T) {
 	for _, c := range []struct {
 		src, sha, want string
 	}{
-		{srv.URL + "/missing.qcow2", "", "404"},
-		{srv.URL + "/truncated.qcow2", "", "downloading"},
+		{srv.URL + "/missing.qcow2", "", "HTTP 404 Not Found"},
+		{srv.URL + "/truncated.qcow2", "", "closed the connection early"},
 		{srv.URL + "/debian-12.qcow2", strings.Repeat("0", 64), "not the " + strings.Repeat("0", 64)},
 		{"ftp://example.com/x.img", "", "want http(s)"},
 		{srv.URL + "/debian-12.qcow2", "xyz", "64 hex digits"},
@@ -176,7 +182,7 @@ func TestPullOCI(t *testing.T) {
 	mdigest := push("vms/plain:1", "application/octet-stream")
 	push("vms/wrong:1", "application/vnd.oci.image.layer.v1.tar+gzip")
 
-	s := &images.Store{Root: t.TempDir()}
+	s := &images.Store{Root: t.TempDir(), Policy: images.Policy{AllowPrivate: true, AllowHTTPRegistry: true}}
 	ctx := context.Background()
 	got, err := s.Pull(ctx, "oci://"+host+"/vms/debian:12", images.PullOptions{})
 	if err != nil {

@@ -22,6 +22,7 @@ import (
 	"github.com/vmherd/vmherd/internal/engine"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/natsserver"
 	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/worker"
@@ -197,6 +198,9 @@ type WorkerConfig struct {
 	ImageRoots, VMDirs []string
 	// ImageStore: the worker's image store (worker.Config).
 	ImageStore string
+	// ImagePolicy: what its pulls may reach (worker.Config); tests that
+	// pull from a loopback server allow private addresses.
+	ImagePolicy images.Policy
 }
 
 // StartWorker runs a worker on its own connection (use WaitHost to wait for its first
@@ -229,6 +233,7 @@ func (e *Env) StartWorker(c WorkerConfig) *Part {
 		NC: nc, JS: js, Names: e.Names, Host: c.Host, Router: r, Log: e.Log,
 		AckWait: c.AckWait, HeartbeatEvery: 200 * time.Millisecond, ReconcileEvery: c.Reconcile,
 		Capacity: hosts.Resources{MemoryMB: c.MemoryMB}, ImageRoots: c.ImageRoots, VMDirs: c.VMDirs, ImageStore: c.ImageStore,
+		ImagePolicy: c.ImagePolicy,
 	})
 	if err != nil {
 		e.T.Fatal(err)

@@ -38,7 +38,8 @@ func TestImageCommands(t *testing.T) {
 	stores := map[string]string{}
 	for _, h := range []string{"h1", "h2"} {
 		stores[h] = filepath.Join(t.TempDir(), "images")
-		env.StartWorker(testenv.WorkerConfig{Host: h, Noop: noop.New(noop.Options{}), ImageStore: stores[h], ImageRoots: []string{stores[h]}})
+		env.StartWorker(testenv.WorkerConfig{Host: h, Noop: noop.New(noop.Options{}), ImageStore: stores[h], ImageRoots: []string{stores[h]},
+			ImagePolicy: images.Policy{AllowPrivate: true}}) // the image server is on loopback
 		env.WaitHost(eng, h)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)

@@ -40,7 +40,7 @@ func (w *Worker) startImages(ctx context.Context, svc micro.Service) (*imageServ
 	if w.cfg.ImageStore == "" {
 		return nil, nil
 	}
-	s := &imageService{w: w, store: &images.Store{Root: w.cfg.ImageStore}, pulling: map[string]bool{}}
+	s := &imageService{w: w, store: &images.Store{Root: w.cfg.ImageStore, Policy: w.cfg.ImagePolicy}, pulling: map[string]bool{}}
 	if err := events.RetryStartup(ctx, w.log, "the images bucket", func(sctx context.Context) (err error) {
 		s.kv, err = w.cfg.JS.KeyValue(sctx, w.cfg.Names.ImagesBucket())
 		return err

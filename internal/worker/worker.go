@@ -23,6 +23,7 @@ import (
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/keyed"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
@@ -75,6 +76,8 @@ type Config struct {
 	// ImageStore is where `vmctl image pull` keeps images (package
 	// images; one of ImageRoots); "" serves no image requests.
 	ImageStore string
+	// ImagePolicy bounds pulls: destinations, size, time (--image-*).
+	ImagePolicy images.Policy
 }
 
 // local is what the worker knows of one of its VMs.

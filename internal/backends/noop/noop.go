@@ -76,7 +76,7 @@ var (
 // New returns a Noop backend.
 func New(opts Options) *Backend {
 	if opts.StateDir != "" {
-		_ = os.MkdirAll(opts.StateDir, 0o755)
+		_ = os.MkdirAll(opts.StateDir, 0o700)
 	}
 	return &Backend{
 		opts:    opts,
@@ -414,7 +414,7 @@ func (b *Backend) put(name string, e *entry) {
 	data, _ := json.Marshal(e)
 	p := filepath.Join(b.opts.StateDir, name+".json")
 	tmp := p + ".tmp" + strconv.Itoa(os.Getpid())
-	if err := os.WriteFile(tmp, data, 0o644); err == nil {
+	if err := os.WriteFile(tmp, data, 0o600); err == nil {
 		_ = os.Rename(tmp, p)
 	}
 }

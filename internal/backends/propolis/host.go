@@ -21,6 +21,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/propolis/api"
+	"github.com/vmherd/vmherd/internal/imagechain"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -129,7 +130,7 @@ func newHost(o HostOptions, r Runner) (*host, error) {
 	if net.ParseIP(o.ListenIP) == nil {
 		return nil, fmt.Errorf("propolis host provisioning: listen address %q is not an IP address", o.ListenIP)
 	}
-	if err := os.MkdirAll(o.StateDir, 0o755); err != nil {
+	if err := os.MkdirAll(o.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("propolis host provisioning: %w", err)
 	}
 	h := &host{o: o, run: r, ports: map[int]string{}, listening: tcpListening}
@@ -184,7 +185,7 @@ func (h *host) load(name string) (*Placement, error) {
 func (h *host) save(name string, p Placement) error {
 	b, _ := json.MarshalIndent(p, "", "  ")
 	tmp := h.statePath(name) + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return err
 	}
 	return os.Rename(tmp, h.statePath(name))
@@ -292,7 +293,7 @@ func (h *host) makeZvol(ctx context.Context, ds string, spec vm.VmSpec) (bool, e
 	dev := zvolDevice(ds)
 	var ierr error
 	if format == "qcow2" {
-		_, ierr = h.run.Run(ictx, "qemu-img", "convert", "-n", "-O", "raw", spec.ImagePath, dev)
+		_, ierr = h.run.Run(ictx, "qemu-img", "convert", "-n", "-f", "qcow2", "-O", "raw", spec.ImagePath, dev)
 	} else {
 		_, ierr = h.run.Run(ictx, "dd", "if="+spec.ImagePath, "of="+dev, "bs=1048576")
 	}
@@ -329,7 +330,13 @@ func (h *host) imageInfo(ctx context.Context, path string) (string, int64, error
 	defer f.Close()
 	magic := make([]byte, 4)
 	if _, err := io.ReadFull(f, magic); err == nil && bytes.Equal(magic, []byte("QFI\xfb")) {
-		out, err := h.run.Run(ctx, "qemu-img", "info", "--output=json", path)
+		// qemu-img convert (root) would copy a backing file or an
+		// external data file into the guest's disk: the image must name
+		// no other file, and its format is pinned.
+		if _, err := (imagechain.Policy{HeaderOnly: true, SelfContained: true}).Inspect(ctx, path, "qcow2"); err != nil {
+			return "", 0, fmt.Errorf("%w: spec.image_path: %w", vm.ErrInvalid, err)
+		}
+		out, err := h.run.Run(ctx, "qemu-img", "info", "--output=json", "-f", "qcow2", path)
 		if err != nil {
 			return "", 0, fmt.Errorf("reading the size of qcow2 image %s: %w", path, err)
 		}

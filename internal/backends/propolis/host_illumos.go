@@ -36,7 +36,7 @@ func (execRunner) Run(ctx context.Context, name string, args ...string) ([]byte,
 // worker and ignores the worker's terminal signals. One goroutine waits for
 // it, so it never lingers as a zombie while the worker runs.
 func (execRunner) Spawn(logPath, name string, args ...string) (int, error) {
-	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return 0, err
 	}

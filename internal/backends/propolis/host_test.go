@@ -2,6 +2,7 @@ package propolis
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/vmherd/vmherd/internal/backends/propolis/fake"
+	"github.com/vmherd/vmherd/internal/imagechain"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -270,7 +272,7 @@ func TestHostQcow2ExistingVNIC(t *testing.T) {
 	r.vnics["net7"] = "2:8:20:1:2:3"
 	h, o := testHost(t, r)
 	img := filepath.Join(t.TempDir(), "base.qcow2")
-	_ = os.WriteFile(img, []byte("QFI\xfb\x00\x00\x00\x03"), 0o644)
+	_ = os.WriteFile(img, qcow2Header(""), 0o644)
 	p, err := h.Provision(context.Background(), "db", vm.VmSpec{Name: "db", ImagePath: img, DiskGB: 20,
 		Network: &vm.NetworkConfig{Type: vm.NetworkVnic, Name: "net7"}})
 	if err != nil {
@@ -278,9 +280,9 @@ func TestHostQcow2ExistingVNIC(t *testing.T) {
 	}
 	wantCalls(t, r.take(),
 		"zfs list -H -o name -r -d 1 rpool/vmherd",
-		"qemu-img info --output=json "+img,
+		"qemu-img info --output=json -f qcow2 "+img,
 		"zfs create -p -V 21474836480 rpool/vmherd/db", // disk_gb beats the 10 GiB image
-		"qemu-img convert -n -O raw "+img+" /dev/zvol/rdsk/rpool/vmherd/db",
+		"qemu-img convert -n -f qcow2 -O raw "+img+" /dev/zvol/rdsk/rpool/vmherd/db",
 		"zfs set vmherd:image="+img+" rpool/vmherd/db",
 		"dladm show-vnic -p -o link,macaddress",
 		"spawn /opt/propolis/propolis-server run /opt/propolis/OVMF_CODE.fd 127.0.0.1:"+strconv.Itoa(o.PortBase),
@@ -425,6 +427,40 @@ func TestHostReusesImportedZvol(t *testing.T) {
 	for _, c := range r.take() {
 		if strings.HasPrefix(c, "zfs create") || strings.HasPrefix(c, "dd ") {
 			t.Fatalf("re-imported an imported zvol: %s", c)
+		}
+	}
+}
+
+// qcow2Header is the first 512 bytes of a qcow2 v3 image, with a backing
+// file name when backing is not "".
+func qcow2Header(backing string) []byte {
+	b := make([]byte, 512)
+	copy(b, "QFI\xfb")
+	binary.BigEndian.PutUint32(b[4:], 3)
+	binary.BigEndian.PutUint32(b[100:], 104)
+	if backing != "" {
+		binary.BigEndian.PutUint64(b[8:], 256)
+		binary.BigEndian.PutUint32(b[16:], uint32(len(backing)))
+		copy(b[256:], backing)
+	}
+	return b
+}
+
+// A qcow2 that names a backing file is refused before qemu-img convert
+// (root) could copy that file into the guest's disk (issue #22, item 1).
+func TestHostQcow2WithBackingFile(t *testing.T) {
+	r := newRecRunner(t)
+	h, _ := testHost(t, r)
+	img := filepath.Join(t.TempDir(), "evil.qcow2")
+	_ = os.WriteFile(img, qcow2Header("/etc/shadow"), 0o644)
+	_, err := h.Provision(context.Background(), "evil", vm.VmSpec{Name: "evil", ImagePath: img,
+		Network: &vm.NetworkConfig{Type: vm.NetworkVnic, Name: "net7"}})
+	if !errors.Is(err, imagechain.ErrRefused) || !strings.Contains(err.Error(), `backing file "/etc/shadow"`) {
+		t.Fatalf("Provision over a qcow2 with a backing file: %v", err)
+	}
+	for _, c := range r.take() {
+		if strings.HasPrefix(c, "qemu-img") || strings.HasPrefix(c, "zfs create") {
+			t.Errorf("ran %q for a refused image", c)
 		}
 	}
 }

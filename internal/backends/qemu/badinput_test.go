@@ -78,7 +78,7 @@ func TestBadInput(t *testing.T) {
 			t.Fatalf("qemu-img create: %v: %s", err, out)
 		}
 		_, err = b.Prepare(ctx, testSpec(broken, "bad-broken"))
-		wantErr(t, err, "broken.qcow2", "not a disk image QEMU can read", "gone.raw")
+		wantErr(t, err, "broken.qcow2", "backing file", "gone.raw", "does not exist")
 		noWorkDir(t, dataDir, "bad-broken")
 	})
 	t.Run("UEFIWithoutOVMF", func(t *testing.T) {

@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -19,13 +18,9 @@ import (
 	"strings"
 
 	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/imagechain"
 	"github.com/vmherd/vmherd/internal/vm"
 )
-
-// supportedFormats are the base image formats QEMU reads that we accept.
-var supportedFormats = map[string]bool{
-	"qcow2": true, "raw": true, "vmdk": true, "vdi": true, "vhdx": true, "vpc": true, "qed": true,
-}
 
 // Prepare creates the VM's work dir: overlay disk, seed ISO, firmware vars,
 // MAC, forwarded SSH port or tap name, and vm.json. Preparing a name that
@@ -84,10 +79,11 @@ func (b *Backend) prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 		return vm.VmHandle{}, fmt.Errorf("socket path %s is longer than the %d bytes a unix socket allows; use a shorter data dir or VM name", filepath.Join(wd, serialSock), maxSockPath)
 	}
 
-	base, info, err := b.inspectImage(ctx, spec.ImagePath)
+	chain, err := b.inspectChain(ctx, spec.ImagePath, "")
 	if err != nil {
 		return vm.VmHandle{}, err
 	}
+	base, info := chain[0].Path, chain[0]
 	var fw FirmwarePair
 	if spec.UEFI {
 		if fw, err = b.findFirmware(); err != nil {
@@ -103,7 +99,7 @@ func (b *Backend) prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 	if err := os.RemoveAll(wd); err != nil {
 		return vm.VmHandle{}, fmt.Errorf("removing the leftovers of an earlier prepare in %s: %w", wd, err)
 	}
-	if err := os.Mkdir(wd, 0o755); err != nil {
+	if err := os.Mkdir(wd, 0o700); err != nil {
 		return vm.VmHandle{}, fmt.Errorf("creating work dir: %w; the data dir must be writable by the worker", err)
 	}
 	ok := false
@@ -113,16 +109,24 @@ func (b *Backend) prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 		}
 	}()
 
+	// The overlay is made without opening the chain (-u, its size given):
+	// the chain was checked above and QEMU is handed it layer by layer.
 	disk := filepath.Join(wd, diskFile)
-	if err := b.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-F", info.Format, "-b", base, disk); err != nil {
+	size := max(info.VirtualSize, int64(spec.DiskGB)<<30)
+	if err := b.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-u", "-F", info.Format, "-b", base, disk, strconv.FormatInt(size, 10)); err != nil {
 		return vm.VmHandle{}, fmt.Errorf("creating overlay over %s: %w", base, err)
 	}
-	if spec.DiskGB > 0 && int64(spec.DiskGB)<<30 > info.VirtualSize {
-		if err := b.qemuImg(ctx, "resize", "-q", "-f", "qcow2", disk, strconv.Itoa(spec.DiskGB)+"G"); err != nil {
-			return vm.VmHandle{}, fmt.Errorf("resizing overlay to %d GiB: %w", spec.DiskGB, err)
+	if err := writeSeedISO(filepath.Join(wd, seedFile), spec); err != nil {
+		return vm.VmHandle{}, err
+	}
+	// Only the worker's user (root, which runs QEMU) reads a VM's disk,
+	// seed (its user data) and console.
+	for _, f := range []string{disk, filepath.Join(wd, seedFile)} {
+		if err := os.Chmod(f, 0o600); err != nil {
+			return vm.VmHandle{}, err
 		}
 	}
-	if err := writeSeedISO(filepath.Join(wd, seedFile), spec); err != nil {
+	if err := touch(filepath.Join(wd, consoleLog)); err != nil {
 		return vm.VmHandle{}, err
 	}
 	s := spec
@@ -150,56 +154,47 @@ func (b *Backend) prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 	b.allocMu.Lock()
 	err = b.allocate(&h)
 	if err == nil {
-		err = (&record{Version: 1, Handle: h}).save()
+		err = (&record{Version: 1, Handle: h, Chain: chain}).save()
 	}
 	b.allocMu.Unlock()
 	if err != nil {
 		return vm.VmHandle{}, err
 	}
 	ok = true
-	b.log.Info("prepared vm", "vm", h.Name, "id", h.ID, "base", base, "format", info.Format, "network", nc.Type, "mac", h.MAC)
+	b.log.Info("prepared vm", "vm", h.Name, "id", h.ID, "base", base, "format", info.Format, "layers", len(chain), "network", nc.Type, "mac", h.MAC)
 	return h.Clone(), nil
 }
 
-// imageInfo is the part of "qemu-img info --output=json" we use.
-type imageInfo struct {
-	Format      string `json:"format"`
-	VirtualSize int64  `json:"virtual-size"`
-}
-
-// inspectImage checks the base image and detects its format.
-func (b *Backend) inspectImage(ctx context.Context, path string) (string, imageInfo, error) {
-	var info imageInfo
+// inspectChain checks the base image and every file its chain makes QEMU
+// open (package imagechain): all inside the image roots (default: the
+// base image's own directory) and outside the VMs' work directories.
+// format pins the base image's format ("" detects it).
+func (b *Backend) inspectChain(ctx context.Context, path, format string) (imagechain.Chain, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
-		return "", info, fmt.Errorf("base image %s: %w", path, err)
+		return nil, fmt.Errorf("base image %s: %w", path, err)
 	}
 	st, err := os.Stat(abs)
 	if err != nil {
-		return "", info, fmt.Errorf("base image %s: %w; check spec.image_path", abs, err)
+		return nil, fmt.Errorf("base image %s: %w; check spec.image_path", abs, err)
 	}
 	if !st.Mode().IsRegular() && st.Mode()&fs.ModeDevice == 0 {
-		return "", info, fmt.Errorf("base image %s is not a file; spec.image_path must name a disk image", abs)
+		return nil, fmt.Errorf("base image %s is not a file; spec.image_path must name a disk image", abs)
 	}
-	// --backing-chain opens the whole chain, so a broken one fails here.
-	out, err := b.qemuImgOutput(ctx, "info", "--output=json", "--backing-chain", abs)
+	roots := b.opts.ImageRoots
+	if len(roots) == 0 {
+		res, err := filepath.EvalSymlinks(abs)
+		if err != nil {
+			return nil, fmt.Errorf("base image %s: %w", abs, err)
+		}
+		roots = []string{filepath.Dir(res)}
+	}
+	p := imagechain.Policy{QEMUImg: b.opts.QEMUImg, Roots: roots, Exclude: []string{b.vmsDir}}
+	chain, err := p.Inspect(ctx, abs, format)
 	if err != nil {
-		return "", info, fmt.Errorf("base image %s is not a disk image QEMU can read: %w", abs, err)
+		return nil, fmt.Errorf("base image %s: %w", abs, err)
 	}
-	var chain []imageInfo
-	if err := json.Unmarshal(out, &chain); err != nil || len(chain) == 0 {
-		return "", info, fmt.Errorf("base image %s: reading qemu-img info: %v", abs, err)
-	}
-	info = chain[0]
-	if !supportedFormats[info.Format] {
-		return "", info, fmt.Errorf("base image %s has format %q; use one of qcow2, raw, vmdk, vdi, vhdx, vpc, qed", abs, info.Format)
-	}
-	// qemu-img calls anything it does not recognise raw: a raw disk is at
-	// least a sector-aligned MiB.
-	if info.Format == "raw" && (st.Size() < 1<<20 || st.Size()%512 != 0) {
-		return "", info, fmt.Errorf("base image %s does not look like a disk image (%d bytes, not a whole number of 512-byte sectors of at least 1 MiB); point spec.image_path at a qcow2 or raw disk", abs, st.Size())
-	}
-	return abs, info, nil
+	return chain, nil
 }
 
 // findFirmware returns the first complete OVMF code/vars pair.
@@ -334,7 +329,7 @@ func copyFile(src, dst string) error {
 		return err
 	}
 	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
 	}
@@ -343,4 +338,13 @@ func copyFile(src, dst string) error {
 		return err
 	}
 	return out.Close()
+}
+
+// touch creates an empty file readable by its owner only, unless it exists.
+func touch(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	return f.Close()
 }

@@ -86,6 +86,11 @@ type Options struct {
 	// {"ip", "netns", "exec", "ns1"} to run VMs and their tap devices in a
 	// network namespace.
 	Wrapper []string
+	// ImageRoots are the directories every file of a base image's chain
+	// (backing files, vmdk extents, data files) must resolve into
+	// (the worker's --image-dir and image store); default: the base
+	// image's own directory.
+	ImageRoots []string
 	// DefaultBridge is used for tap networking when the spec names none.
 	DefaultBridge string
 	// LeaseFiles are dnsmasq lease files searched by GuestIP for tap VMs;
@@ -153,7 +158,10 @@ func New(o Options) (*Backend, error) {
 		return nil, fmt.Errorf("qemu backend: data dir %s: %w", o.DataDir, err)
 	}
 	vmsDir := filepath.Join(dd, "vms")
-	if err := os.MkdirAll(vmsDir, 0o755); err != nil {
+	if err := os.MkdirAll(vmsDir, 0o700); err == nil {
+		err = os.Chmod(vmsDir, 0o700) // VMs' disks and seeds are the worker's only
+	}
+	if err != nil {
 		return nil, fmt.Errorf("qemu backend: data dir %s is not usable: %w; pass a --data-dir this user can write", dd, err)
 	}
 	probe, err := os.CreateTemp(vmsDir, ".probe-")

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/imagechain"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -32,6 +33,9 @@ const (
 type record struct {
 	Version int         `json:"version"`
 	Handle  vm.VmHandle `json:"handle"`
+	// Chain is the base image's chain as last checked (Prepare, Start):
+	// QEMU is given these layers with these formats (-blockdev).
+	Chain imagechain.Chain `json:"chain,omitempty"`
 }
 
 // workDir returns <data_dir>/vms/<name>, after checking the name and that

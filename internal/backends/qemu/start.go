@@ -2,8 +2,10 @@ package qemu
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"strconv"
@@ -42,6 +44,11 @@ func (b *Backend) start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 		return r.Handle.Clone(), nil
 	}
 	removeRuntime(r)
+	// The chain again: an image root's files may have changed since the
+	// prepare, and QEMU opens only what is checked now.
+	if err := b.recheckChain(ctx, r); err != nil {
+		return h, err
+	}
 
 	spec := r.Handle.Spec
 	accel, why := b.accelFor(spec), "requested"
@@ -167,7 +174,7 @@ func (b *Backend) launch(ctx context.Context, r *record, accel string) error {
 	args := qemuArgs(r, accel)
 	argv := append(append([]string{}, b.opts.Wrapper...), b.opts.QEMUBinary)
 	argv = append(argv, args...)
-	stderr, err := os.OpenFile(r.path(stderrFile), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	stderr, err := os.OpenFile(r.path(stderrFile), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
 	}
@@ -238,9 +245,9 @@ func qemuArgs(r *record, accel string) []string {
 		"-chardev", "socket,id=serial0,path=" + qopt(h.SerialSock) + ",server=on,wait=off,logfile=" + qopt(h.SerialLog) + ",logappend=on",
 		"-serial", "chardev:serial0",
 		"-display", "none", "-vga", "std", "-vnc", "127.0.0.1:0,to=99",
-		"-drive", "file=" + qopt(r.path(diskFile)) + ",if=virtio,format=qcow2,discard=unmap",
-		"-drive", "file=" + qopt(r.path(seedFile)) + ",media=cdrom,if=ide,format=raw,readonly=on",
 	}
+	a = append(a, diskArgs(r)...)
+	a = append(a, "-drive", "file="+qopt(r.path(seedFile))+",media=cdrom,if=ide,format=raw,readonly=on")
 	if spec.UEFI {
 		a = append(a,
 			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+qopt(h.Extra[ExtraOVMFCode]),
@@ -263,3 +270,57 @@ func qemuArgs(r *record, accel string) []string {
 
 // qopt escapes a value for a QEMU option list (commas are doubled).
 func qopt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+// recheckChain inspects the base image's chain again, its formats pinned
+// as recorded, and records what it found.
+func (b *Backend) recheckChain(ctx context.Context, r *record) error {
+	base, format := r.Handle.Spec.ImagePath, r.Handle.Extra[ExtraBaseFmt]
+	if len(r.Chain) > 0 {
+		base, format = r.Chain[0].Path, r.Chain[0].Format
+	}
+	chain, err := b.inspectChain(ctx, base, format)
+	if err != nil {
+		return err
+	}
+	// A VM prepared before work dirs were private is made so now.
+	for name, mode := range map[string]os.FileMode{"": 0o700, diskFile: 0o600, seedFile: 0o600} {
+		if err := os.Chmod(r.path(name), mode); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	r.Chain = chain
+	return r.save()
+}
+
+// backingFormats are the formats that take a backing file.
+var backingFormats = map[string]bool{"qcow2": true, "qed": true, "vmdk": true}
+
+// diskArgs name every layer of the disk to QEMU with its format
+// (-blockdev), the overlay on top, so QEMU opens no backing file the
+// chain check did not see and never guesses a format.
+func diskArgs(r *record) []string {
+	var a []string
+	node := func(o map[string]any) {
+		b, _ := json.Marshal(o)
+		a = append(a, "-blockdev", string(b))
+	}
+	below := any(nil)
+	for i := len(r.Chain) - 1; i >= 0; i-- {
+		l := r.Chain[i]
+		proto := "file"
+		if st, err := os.Stat(l.Path); err == nil && st.Mode()&fs.ModeDevice != 0 {
+			proto = "host_device"
+		}
+		name := "base" + strconv.Itoa(i)
+		o := map[string]any{"node-name": name, "driver": l.Format, "read-only": true,
+			"file": map[string]any{"driver": proto, "filename": l.Path, "read-only": true}}
+		if backingFormats[l.Format] {
+			o["backing"] = below
+		}
+		node(o)
+		below = name
+	}
+	node(map[string]any{"node-name": "disk", "driver": "qcow2", "backing": below, "discard": "unmap",
+		"file": map[string]any{"driver": "file", "filename": r.path(diskFile), "discard": "unmap"}})
+	return append(a, "-device", "virtio-blk-pci,drive=disk")
+}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/kdomanski/iso9660"
 
+	"github.com/vmherd/vmherd/internal/imagechain"
 	"github.com/vmherd/vmherd/internal/testenv/require"
 	"github.com/vmherd/vmherd/internal/vm"
 )
@@ -147,12 +148,18 @@ func TestQEMUArgs(t *testing.T) {
 	t.Parallel()
 	spec := vm.VmSpec{Name: "web1", MemoryMB: 256, Vcpus: 2, Network: &vm.NetworkConfig{Type: vm.NetworkUser}}
 	r := &record{Handle: vm.VmHandle{Name: "web1", WorkDir: "/d/vms/web1", QMPSocket: "/d/vms/web1/qmp.sock",
-		SerialSock: "/d/vms/web1/serial.sock", SerialLog: "/d/vms/web1/console.log", MAC: "02:01:02:03:04:05", SSHPort: 2222, Spec: &spec}}
+		SerialSock: "/d/vms/web1/serial.sock", SerialLog: "/d/vms/web1/console.log", MAC: "02:01:02:03:04:05", SSHPort: 2222, Spec: &spec},
+		Chain: imagechain.Chain{{Path: "/img/top.qcow2", Format: "qcow2"}, {Path: "/img/base.raw", Format: "raw"}}}
 	args := strings.Join(qemuArgs(r, AccelTCG), " ")
 	for _, want := range []string{
 		"-machine q35", "-accel tcg", "-cpu max", "-m 256", "-smp 2", "-daemonize", "-pidfile /d/vms/web1/qemu.pid",
 		"-qmp unix:/d/vms/web1/qmp.sock,server=on,wait=off", "logfile=/d/vms/web1/console.log,logappend=on",
-		"-vnc 127.0.0.1:0,to=99", "file=/d/vms/web1/disk.qcow2,if=virtio", "file=/d/vms/web1/seed.iso,media=cdrom,if=ide",
+		"-vnc 127.0.0.1:0,to=99", "file=/d/vms/web1/seed.iso,media=cdrom,if=ide",
+		// Every layer named with its format; the bottom one with no backing.
+		`-blockdev {"driver":"raw","file":{"driver":"file","filename":"/img/base.raw","read-only":true},"node-name":"base1","read-only":true}`,
+		`-blockdev {"backing":"base1","driver":"qcow2","file":{"driver":"file","filename":"/img/top.qcow2","read-only":true},"node-name":"base0","read-only":true}`,
+		`-blockdev {"backing":"base0","discard":"unmap","driver":"qcow2","file":{"discard":"unmap","driver":"file","filename":"/d/vms/web1/disk.qcow2"},"node-name":"disk"}`,
+		"-device virtio-blk-pci,drive=disk",
 		"-netdev user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22", "virtio-net-pci,netdev=n0,mac=02:01:02:03:04:05", "-name guest=web1",
 	} {
 		if !strings.Contains(args, want) {
