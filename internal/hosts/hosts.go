@@ -506,26 +506,43 @@ func Best(hs []*Host, p Placement) (*Host, error) {
 const DefaultLostAfter = 10 * time.Second
 
 // Snapshot reads the bucket once and returns every known host, judged
-// alive or lost by lostAfter.
-func Snapshot(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration) ([]*Host, error) {
-	r := NewRegistry(lostAfter)
-	w, err := kv.WatchAll(ctx)
+// alive or lost by lostAfter. It reads the keys from the bucket's stream
+// and each entry by a direct get (events.BucketKeys), so it leaves no
+// consumer on the server.
+func Snapshot(ctx context.Context, js interface {
+	Stream(ctx context.Context, name string) (jetstream.Stream, error)
+}, kv jetstream.KeyValue, lostAfter time.Duration) ([]*Host, error) {
+	keys, err := events.BucketKeys(ctx, js, kv.Bucket(), ">")
 	if err != nil {
 		return nil, fmt.Errorf("reading hosts: %w", err)
 	}
-	defer func() { _ = w.Stop() }()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case e, ok := <-w.Updates():
-			if !ok {
-				return nil, errors.New("reading hosts: the watch ended")
-			}
-			if e == nil {
-				return r.List(), nil
-			}
-			r.apply(e)
-		}
+	return read(ctx, kv, lostAfter, keys)
+}
+
+// Read returns what the bucket says of one host (nil: it never
+// heartbeated, or was forgotten), judged alive or lost by lostAfter: two
+// direct gets, its heartbeat and its cordon.
+func Read(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration, host string) (*Host, error) {
+	hs, err := read(ctx, kv, lostAfter, []string{host, CordonKey(host)})
+	if err != nil || len(hs) == 0 {
+		return nil, err
 	}
+	return hs[0], nil
+}
+
+// read applies the entries of keys to a new registry; a key without a
+// value (deleted, or never written) adds nothing.
+func read(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration, keys []string) ([]*Host, error) {
+	r := NewRegistry(lostAfter)
+	for _, k := range keys {
+		e, err := kv.Get(ctx, k)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("reading host entry %s: %w", k, err)
+		}
+		r.apply(e)
+	}
+	return r.List(), nil
 }
