@@ -459,7 +459,10 @@ func (p Placement) Fits(h *Host) string {
 	return ""
 }
 
-// Best picks, among hosts, the one that fits with the most free memory. A
+// Best picks, among hosts, the one that fits with the most free memory;
+// of hosts with equal free memory (equal hosts, or Noop VMs, which take
+// none), the one with the fewest VMs (VMsOn), then the first by name, so
+// that equal hosts share the VMs instead of the first taking them all. A
 // spec that names no backend gets its host's default backend, so it goes
 // to a host whose default is a real hypervisor when there is one: Noop is
 // for tests, and a Noop-only host must not take a VM that a QEMU or
@@ -467,7 +470,13 @@ func (p Placement) Fits(h *Host) string {
 // host was passed over.
 func Best(hs []*Host, p Placement) (*Host, error) {
 	var best *Host
-	var bestFree int
+	var bestFree, bestVMs int
+	vms := func(h *Host) int {
+		if p.VMsOn == nil {
+			return 0
+		}
+		return p.VMsOn(h.Host)
+	}
 	var why []string
 	for _, h := range hs {
 		if reason := p.Fits(h); reason != "" {
@@ -482,13 +491,14 @@ func Best(hs []*Host, p Placement) (*Host, error) {
 			real, bestReal := takes(h.DefaultBackend), takes(best.DefaultBackend)
 			if real != bestReal {
 				if real {
-					best, bestFree = h, free
+					best, bestFree, bestVMs = h, free, vms(h)
 				}
 				continue
 			}
 		}
-		if best == nil || free > bestFree {
-			best, bestFree = h, free
+		n := vms(h)
+		if best == nil || free > bestFree || free == bestFree && (n < bestVMs || n == bestVMs && h.Host < best.Host) {
+			best, bestFree, bestVMs = h, free, n
 		}
 	}
 	if best != nil {
