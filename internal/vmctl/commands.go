@@ -245,11 +245,14 @@ func (g *globals) record(ctx context.Context, name string) (*projection.VmRecord
 	if err := g.conn(); err != nil {
 		return nil, err
 	}
-	kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
-	if err != nil {
-		return nil, fmt.Errorf("opening %s: %w (has the engine ever run on this server?)", g.names.RecordsBucket(), err)
+	if g.records == nil {
+		kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
+		if err != nil {
+			return nil, fmt.Errorf("opening %s: %w (has the engine ever run on this server?)", g.names.RecordsBucket(), err)
+		}
+		g.records = kv // awaitRecord asks again and again: one lookup
 	}
-	e, err := kv.Get(ctx, name)
+	e, err := g.records.Get(ctx, name)
 	if err != nil {
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
 			return nil, &exitError{code: ExitFailed, msg: fmt.Sprintf("no VM named %s (`vmctl list` shows the VMs)", name)}

@@ -57,6 +57,7 @@ type globals struct {
 	out, errOut io.Writer
 	nc          *nats.Conn
 	js          jetstream.JetStream
+	records     jetstream.KeyValue // VM_RECORDS, once opened
 	names       events.Names
 	// ran is set once flags and arguments parsed and a command began: an
 	// error before that is a usage error.
