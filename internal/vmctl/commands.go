@@ -238,6 +238,21 @@ func (g *globals) completeNames(cmd *cobra.Command, args []string, prefix string
 	return names, cobra.ShellCompDirectiveNoFileComp
 }
 
+// recordsKV opens VM_RECORDS once per run: awaitRecord reads a record
+// again and again, and drain's stops wait in parallel.
+func (g *globals) recordsKV(ctx context.Context) (jetstream.KeyValue, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.records == nil {
+		kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
+		if err != nil {
+			return nil, fmt.Errorf("opening %s: %w (has the engine ever run on this server?)", g.names.RecordsBucket(), err)
+		}
+		g.records = kv
+	}
+	return g.records, nil
+}
+
 func (g *globals) record(ctx context.Context, name string) (*projection.VmRecord, error) {
 	if err := vm.ValidateName(name); err != nil {
 		return nil, usageError("NAME %q: %s", name, ruleOf(err))
@@ -245,14 +260,11 @@ func (g *globals) record(ctx context.Context, name string) (*projection.VmRecord
 	if err := g.conn(); err != nil {
 		return nil, err
 	}
-	if g.records == nil {
-		kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
-		if err != nil {
-			return nil, fmt.Errorf("opening %s: %w (has the engine ever run on this server?)", g.names.RecordsBucket(), err)
-		}
-		g.records = kv // awaitRecord asks again and again: one lookup
+	kv, err := g.recordsKV(ctx)
+	if err != nil {
+		return nil, err
 	}
-	e, err := g.records.Get(ctx, name)
+	e, err := kv.Get(ctx, name)
 	if err != nil {
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
 			return nil, &exitError{code: ExitFailed, msg: fmt.Sprintf("no VM named %s (`vmctl list` shows the VMs)", name)}

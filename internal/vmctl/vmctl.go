@@ -14,6 +14,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -57,7 +58,8 @@ type globals struct {
 	out, errOut io.Writer
 	nc          *nats.Conn
 	js          jetstream.JetStream
-	records     jetstream.KeyValue // VM_RECORDS, once opened
+	mu          sync.Mutex
+	records     jetstream.KeyValue // VM_RECORDS, once opened (under mu)
 	names       events.Names
 	// ran is set once flags and arguments parsed and a command began: an
 	// error before that is a usage error.

@@ -414,16 +414,18 @@ func TestLeavesNoConsumers(t *testing.T) {
 	}
 	// A follower reads without a consumer while it runs, too.
 	fctx, cancel := context.WithCancel(ctx)
-	done := make(chan result, 1)
-	go func() { done <- vmctl(t, fctx, env.URL, "events", "n3", "--follow") }()
+	var out, errOut syncbuf.Buffer
+	done := make(chan int, 1)
+	go func() { done <- Run(fctx, []string{"--server", env.URL, "events", "n3", "--follow"}, &out, &errOut) }()
 	if r := vmctl(t, ctx, env.URL, "create", "n3", "--backend", "noop"); r.code != 0 {
 		t.Fatalf("create n3: %v", r)
 	}
+	env.WaitFor("events n3 --follow to print the result", 10*time.Second, func() bool { return strings.Contains(out.String(), "prepared") })
 	if after := env.ConsumerCounts(); !reflect.DeepEqual(after, before) {
 		t.Fatalf("events --follow holds consumers: before %v, while it runs %v", before, after)
 	}
 	cancel()
-	if r := <-done; r.code != 0 || !strings.Contains(r.out, "prepared") {
-		t.Fatalf("events n3 --follow: %v", r)
+	if code := <-done; code != 0 {
+		t.Fatalf("events n3 --follow: exit %d\n%s%s", code, out.String(), errOut.String())
 	}
 }
