@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -168,9 +169,9 @@ func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Store
 // FollowPoll.Max while nothing new comes (back to the first after an
 // event), so it creates nothing on the server: a follower that ends, or
 // dies, leaves nothing behind, and the number of followers costs no
-// consumers (see docs/architecture.md, "Reading without consumers"). A
+// consumers (see docs/architecture.md, "Consumers and their bound"). A
 // read that fails for a reason that goes away (a timeout, a stream
-// leader's election) is tried again.
+// leader's election, a reconnect) is tried again.
 func (s *Store) FollowVM(ctx context.Context, vmName string, from uint64, fn func(Stored) bool) error {
 	wait := FollowPoll.First
 	for {
@@ -179,8 +180,8 @@ func (s *Store) FollowVM(ctx context.Context, vmName string, from uint64, fn fun
 		case err == nil:
 		case ctx.Err() != nil:
 			return ctx.Err()
-		case !Transient(err):
-			return err
+		case errors.Is(err, nats.ErrConnectionClosed) || !Transient(err):
+			return err // a closed connection does not come back
 		}
 		for _, st := range evs {
 			from = st.Seq + 1
