@@ -27,6 +27,10 @@ import (
 // Before, each vmctl that waited or read events left an ordered consumer
 // on VM_EVENTS for 5 minutes, and at 1,000 of them the server refused
 // more (vmctl and the engine's own look-ups failed).
+//
+// It is bound by the CPU the vmctl processes take, most of it their
+// start-up (about 25 ms each here): it takes 1.5 to 2 minutes on two
+// cores, so it runs on its own, not in parallel with other tests.
 func TestVmctlAtCIRate(t *testing.T) {
 	const (
 		vms      = 600 // × 5 commands: 3,000 vmctl
