@@ -34,6 +34,18 @@ type admission struct {
 	// hasImage tells whether a host has an image ready in its store
 	// (VM_IMAGES); nil: no host has any.
 	hasImage func(host, name string) bool
+	// book serialises placements and counts each until it is folded
+	// (nil: placements are not counted before their fold).
+	book booking
+}
+
+// booking is what placement needs to see placements decided at the same
+// moment (the engine's placedCount): prepares choose their hosts one
+// after the other, each counted from its choice on.
+type booking interface {
+	lockPlacing()
+	unlockPlacing()
+	reserve(name, host string, b vm.BackendTag, res hosts.Resources, after uint64)
 }
 
 // vmCounter counts the VMs (not destroyed) the records have.
@@ -101,6 +113,10 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 		if _, err := fsm.Decide(cur, act); err != nil {
 			return err
 		}
+		if a.book != nil {
+			a.book.lockPlacing()
+			defer a.book.unlockPlacing()
+		}
 		h, err := a.place(cmd.Host, spec)
 		if err != nil {
 			return err
@@ -117,6 +133,9 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 		}
 		host, backend = h.Host, spec.Backend
 		ev.Spec = &spec
+		if a.book != nil {
+			a.book.reserve(ev.VM, host, backend, hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB}, rec.LastSeq)
+		}
 	case rec.Exists() && cur != vm.StateDestroyed:
 		if _, err := fsm.Decide(cur, act); err != nil {
 			return err
@@ -149,7 +168,8 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 }
 
 // place picks the host of a new VM: the pinned one if it can take it, else
-// the best that can (hosts.Best).
+// the best that can (hosts.Best: the most free memory, then the fewest
+// VMs, then the first by name).
 func (a admission) place(pin string, spec vm.VmSpec) (*hosts.Host, error) {
 	p := hosts.Placement{
 		Backend:  spec.Backend,
@@ -158,8 +178,9 @@ func (a admission) place(pin string, spec vm.VmSpec) (*hosts.Host, error) {
 		Image:    spec.Image,
 		HasImage: a.hasImage,
 	}
-	if a.quotas.PerHost > 0 && a.count != nil {
-		p.MaxVMs, p.VMsOn = a.quotas.PerHost, a.count.onHost
+	if a.count != nil {
+		p.VMsOn = a.count.onHost // the tie-break, and the per-host quota
+		p.MaxVMs = a.quotas.PerHost
 	}
 	if pin != "" {
 		h := a.hosts.Get(pin)

@@ -1,9 +1,11 @@
 package engine
 
 import (
+	"fmt"
 	"reflect"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -224,5 +226,74 @@ func TestAdmitNamedImage(t *testing.T) {
 	}
 	if _, err := prepare("fedora-41", ""); err == nil || !strings.Contains(err.Error(), "h1: no image fedora-41") || !strings.Contains(err.Error(), "h2: no image fedora-41") {
 		t.Fatalf("an image no host has: %v", err)
+	}
+}
+
+// Placement breaks ties of free memory by the number of VMs a host has,
+// then by name; more free memory still comes first.
+func TestAdmitSpreadsTies(t *testing.T) {
+	hb := func(name string, free int) *hosts.Host {
+		return &hosts.Host{Alive: true, Heartbeat: hosts.Heartbeat{Host: name, Backends: []vm.BackendTag{vm.BackendNoop, vm.BackendQEMU},
+			DefaultBackend: vm.BackendQEMU, Capacity: hosts.Resources{Vcpus: 64, MemoryMB: free}}}
+	}
+	for _, c := range []struct {
+		name    string
+		free    map[string]int
+		vms     map[string]int
+		backend vm.BackendTag
+		want    string
+	}{
+		{"equal hosts: the one with fewer VMs", map[string]int{"h1": 8000, "h2": 8000, "h3": 8000}, map[string]int{"h1": 3, "h2": 1, "h3": 2}, vm.BackendNoop, "h2"},
+		{"equal hosts and counts: the first by name", map[string]int{"h1": 8000, "h2": 8000}, map[string]int{"h1": 2, "h2": 2}, vm.BackendNoop, "h1"},
+		{"more free memory before fewer VMs", map[string]int{"h1": 8000, "h2": 9000}, map[string]int{"h1": 0, "h2": 5}, vm.BackendQEMU, "h2"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			table := hostTable{}
+			for h, free := range c.free {
+				table[h] = hb(h, free)
+			}
+			adm := admission{hosts: table, lostAfter: time.Second, count: countTable{host: c.vms}}
+			ev := events.Event{VM: "web1", Action: fsm.ActPrepare}
+			cmd := &events.Command{Spec: &vm.VmSpec{Backend: c.backend, ImagePath: "/i"}}
+			if err := adm.admit(&projection.VmRecord{Name: "web1", State: fsm.StateAbsent}, fsm.ActPrepare, cmd, &ev); err != nil || ev.Host != c.want {
+				t.Fatalf("admit = %v, host %q, want %q", err, ev.Host, c.want)
+			}
+		})
+	}
+}
+
+// Prepares decided at the same moment, before the projector has folded
+// any of them, still spread over equal hosts: each placement is counted
+// from its choice on.
+func TestAdmitConcurrentPreparesSpread(t *testing.T) {
+	table := hostTable{}
+	for i := range 10 {
+		name := fmt.Sprintf("h%02d", i)
+		table[name] = &hosts.Host{Alive: true, Heartbeat: hosts.Heartbeat{Host: name, Backends: []vm.BackendTag{vm.BackendNoop}, DefaultBackend: vm.BackendNoop}}
+	}
+	placed := newPlacedCount(nil)
+	adm := admission{hosts: table, lostAfter: time.Second, placed: placed.on, count: placed, book: placed}
+	var mu sync.Mutex
+	per := map[string]int{}
+	var wg sync.WaitGroup
+	for i := range 100 {
+		wg.Go(func() {
+			name := fmt.Sprintf("vm%03d", i)
+			ev := events.Event{VM: name, Action: fsm.ActPrepare}
+			err := adm.admit(&projection.VmRecord{Name: name, State: fsm.StateAbsent}, fsm.ActPrepare, &events.Command{Spec: &vm.VmSpec{}}, &ev)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				t.Errorf("admit %s: %v", name, err)
+				return
+			}
+			per[ev.Host]++
+		})
+	}
+	wg.Wait()
+	for h := range table {
+		if per[h] != 10 {
+			t.Fatalf("VMs per host: %v, want 10 on each", per)
+		}
 	}
 }

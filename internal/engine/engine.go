@@ -117,7 +117,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		images:   newImageIndex(),
 		overRate: make(chan struct{}, cfg.Concurrency),
 	}
-	e.adm = admission{hosts: e.hosts, lostAfter: cfg.HostLostAfter, placed: e.placed.on, quotas: cfg.Quotas, count: e.placed, hasImage: e.images.has}
+	e.adm = admission{hosts: e.hosts, lostAfter: cfg.HostLostAfter, placed: e.placed.on, quotas: cfg.Quotas, count: e.placed, hasImage: e.images.has, book: e.placed}
 	e.proj = &projection.Projector{JS: cfg.JS, Names: cfg.Names, Log: e.log, Observe: e.placed.observe}
 	if cfg.StateDir != "" {
 		e.proj.Checkpoint = filepath.Join(cfg.StateDir, "projection-"+cfg.ID+".seq")

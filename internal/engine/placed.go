@@ -4,6 +4,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/metrics"
@@ -17,11 +18,22 @@ import (
 // time). Noop VMs run nothing and take nothing. It is fed the projector's
 // folds and, at start, the bucket's records; a record only replaces an
 // older one of the same VM, so the order of the two does not matter.
+//
+// Placements this engine decided and its projector has not folded yet
+// count too (reserve), so that prepares decided at the same moment see
+// each other: without them, a burst of prepares onto equal hosts would
+// all see the same counts and pick the same host.
 type placedCount struct {
 	metrics *metrics.Set // VMs by state
 	mu      sync.Mutex
 	vms     map[string]placedVM
 	byHost  map[string]hosts.Resources
+	nOn     map[string]int // VMs by host
+	pending map[string]pendingVM
+
+	// placing is held from a prepare's choice of host to its reserve,
+	// so that concurrent prepares choose one after the other.
+	placing sync.Mutex
 }
 
 type placedVM struct {
@@ -31,14 +43,32 @@ type placedVM struct {
 	state vm.VmState
 }
 
+// pendingVM is a placement decided on the VM's record at seq after, not
+// yet folded.
+type pendingVM struct {
+	host  string
+	res   hosts.Resources
+	after uint64
+	at    time.Time
+}
+
+// pendingFor bounds how long an unfolded placement counts: its decision
+// is folded within milliseconds, and one whose append failed is decided
+// again (and reserved again) by the command's redelivery.
+const pendingFor = 10 * time.Second
+
 func newPlacedCount(m *metrics.Set) *placedCount {
-	return &placedCount{metrics: m, vms: map[string]placedVM{}, byHost: map[string]hosts.Resources{}}
+	return &placedCount{metrics: m, vms: map[string]placedVM{}, byHost: map[string]hosts.Resources{},
+		nOn: map[string]int{}, pending: map[string]pendingVM{}}
 }
 
 // observe counts the newest record of a VM.
 func (c *placedCount) observe(r *projection.VmRecord) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if p, ok := c.pending[r.Name]; ok && r.LastSeq > p.after {
+		delete(c.pending, r.Name) // the placement's decision (or a later event) is folded
+	}
 	old, had := c.vms[r.Name]
 	if had && r.LastSeq < old.seq {
 		return
@@ -57,11 +87,41 @@ func (c *placedCount) observe(r *projection.VmRecord) {
 	}
 	if had && old.host != "" {
 		c.byHost[old.host] = c.byHost[old.host].Add(hosts.Resources{Vcpus: -old.res.Vcpus, MemoryMB: -old.res.MemoryMB})
+		c.nOn[old.host]--
 	}
 	if now.host != "" {
 		c.byHost[now.host] = c.byHost[now.host].Add(now.res)
+		c.nOn[now.host]++
 	}
 	c.vms[r.Name] = now
+}
+
+// lockPlacing and unlockPlacing hold placing (admission's booking).
+func (c *placedCount) lockPlacing()   { c.placing.Lock() }
+func (c *placedCount) unlockPlacing() { c.placing.Unlock() }
+
+// reserve counts a placement of name on host, decided on the VM's record
+// at seq after, until a record of the VM past after is observed (or
+// pendingFor passes). Callers hold placing.
+func (c *placedCount) reserve(name, host string, b vm.BackendTag, res hosts.Resources, after uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if b == vm.BackendNoop {
+		res = hosts.Resources{}
+	}
+	c.pending[name] = pendingVM{host: host, res: res, after: after, at: time.Now()}
+}
+
+// eachPending calls f with each unfolded placement, dropping stale ones.
+// Callers hold mu.
+func (c *placedCount) eachPending(f func(name string, p pendingVM)) {
+	for name, p := range c.pending {
+		if time.Since(p.at) > pendingFor {
+			delete(c.pending, name)
+			continue
+		}
+		f(name, p)
+	}
 }
 
 // vmsOn lists the VMs (not destroyed) the records place on host.
@@ -78,32 +138,49 @@ func (c *placedCount) vmsOn(host string) []string {
 	return out
 }
 
-// onHost counts the VMs (not destroyed) on host.
+// onHost counts the VMs (not destroyed) on host, the unfolded placements
+// included.
 func (c *placedCount) onHost(host string) int {
-	return c.count(func(_ string, v placedVM) bool { return v.host == host })
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := c.nOn[host]
+	c.eachPending(func(_ string, p pendingVM) {
+		if p.host == host {
+			n++
+		}
+	})
+	return n
 }
 
-// withPrefix counts the VMs (not destroyed) whose names start with p.
+// withPrefix counts the VMs (not destroyed) whose names start with p, the
+// unfolded placements included.
 func (c *placedCount) withPrefix(p string) int {
-	return c.count(func(name string, v placedVM) bool { return v.host != "" && strings.HasPrefix(name, p) })
-}
-
-// count counts the VMs for which keep holds.
-func (c *placedCount) count(keep func(name string, v placedVM) bool) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := 0
 	for name, v := range c.vms {
-		if keep(name, v) {
+		if v.host != "" && strings.HasPrefix(name, p) {
 			n++
 		}
 	}
+	c.eachPending(func(name string, _ pendingVM) {
+		if strings.HasPrefix(name, p) {
+			n++
+		}
+	})
 	return n
 }
 
-// on returns what the VMs placed on host take.
+// on returns what the VMs placed on host take, the unfolded placements
+// included.
 func (c *placedCount) on(host string) hosts.Resources {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.byHost[host]
+	r := c.byHost[host]
+	c.eachPending(func(_ string, p pendingVM) {
+		if p.host == host {
+			r = r.Add(p.res)
+		}
+	})
+	return r
 }

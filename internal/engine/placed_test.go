@@ -37,3 +37,29 @@ func TestPlacedCount(t *testing.T) {
 		t.Fatalf("vms on h1: %v", got)
 	}
 }
+
+// A placement counts from its reserve until a record of the VM past the
+// one it was decided on is folded; then the record counts instead.
+func TestPlacedCountReserve(t *testing.T) {
+	c := newPlacedCount(nil)
+	c.observe(&projection.VmRecord{Name: "a", Host: "h1", State: vm.StateRunning, Backend: vm.BackendQEMU, Vcpus: 1, MemoryMB: 100, LastSeq: 3})
+	c.reserve("b", "h1", vm.BackendQEMU, hosts.Resources{Vcpus: 2, MemoryMB: 512}, 0)
+	c.reserve("n", "h1", vm.BackendNoop, hosts.Resources{Vcpus: 2, MemoryMB: 512}, 4) // Noop takes nothing
+	if got, n := c.on("h1"), c.onHost("h1"); got != (hosts.Resources{Vcpus: 3, MemoryMB: 612}) || n != 3 {
+		t.Fatalf("h1 with two unfolded placements: %+v, %d VMs", got, n)
+	}
+	if n := c.withPrefix("b"); n != 1 {
+		t.Fatalf("prefix b: %d", n)
+	}
+	// b's decision folded: counted once, from its record.
+	c.observe(&projection.VmRecord{Name: "b", Host: "h1", State: vm.StatePreparing, Backend: vm.BackendQEMU, Vcpus: 2, MemoryMB: 512, LastSeq: 5})
+	// An older record of n (its destroy, folded late) leaves n's placement.
+	c.observe(&projection.VmRecord{Name: "n", State: vm.StateDestroyed, LastSeq: 4})
+	if got, n := c.on("h1"), c.onHost("h1"); got != (hosts.Resources{Vcpus: 3, MemoryMB: 612}) || n != 3 {
+		t.Fatalf("h1 after b's fold: %+v, %d VMs", got, n)
+	}
+	c.observe(&projection.VmRecord{Name: "n", Host: "h1", State: vm.StatePreparing, Backend: vm.BackendNoop, LastSeq: 6})
+	if n := c.onHost("h1"); n != 3 || len(c.pending) != 0 {
+		t.Fatalf("after every fold: %d VMs on h1, %d unfolded", n, len(c.pending))
+	}
+}

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -159,6 +161,53 @@ func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Store
 	}
 	return append(out, stored(last)), nil
 }
+
+// FollowVM calls fn with each of the VM's events with stream sequence >=
+// from, in order, as they are stored, until fn returns false or ctx ends
+// (then it returns ctx's error). It reads by direct gets (ReadVM), asking
+// again after a pause that starts at FollowPoll.First and doubles up to
+// FollowPoll.Max while nothing new comes (back to the first after an
+// event), so it creates nothing on the server: a follower that ends, or
+// dies, leaves nothing behind, and the number of followers costs no
+// consumers (see docs/architecture.md, "Consumers and their bound"). A
+// read that fails for a reason that goes away (a timeout, a stream
+// leader's election, a reconnect) is tried again.
+func (s *Store) FollowVM(ctx context.Context, vmName string, from uint64, fn func(Stored) bool) error {
+	wait := FollowPoll.First
+	for {
+		evs, err := s.ReadVM(ctx, vmName, from)
+		switch {
+		case err == nil:
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case errors.Is(err, nats.ErrConnectionClosed) || !Transient(err):
+			return err // a closed connection does not come back
+		}
+		for _, st := range evs {
+			from = st.Seq + 1
+			if !fn(st) {
+				return nil
+			}
+		}
+		if len(evs) > 0 {
+			wait = FollowPoll.First
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		if len(evs) == 0 {
+			wait = min(2*wait, FollowPoll.Max)
+		}
+	}
+}
+
+// FollowPoll bounds FollowVM's pause between reads: a command's decision
+// and a Noop result come within milliseconds, a QEMU start within
+// seconds; at the longest pause a follower costs the server four direct
+// gets a second.
+var FollowPoll = struct{ First, Max time.Duration }{5 * time.Millisecond, 250 * time.Millisecond}
 
 // LastSeq returns the stream sequence of the VM's last event (0 if none).
 func (s *Store) LastSeq(ctx context.Context, vmName string) (uint64, error) {

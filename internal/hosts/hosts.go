@@ -459,7 +459,10 @@ func (p Placement) Fits(h *Host) string {
 	return ""
 }
 
-// Best picks, among hosts, the one that fits with the most free memory. A
+// Best picks, among hosts, the one that fits with the most free memory;
+// of hosts with equal free memory (equal hosts, or Noop VMs, which take
+// none), the one with the fewest VMs (VMsOn), then the first by name, so
+// that equal hosts share the VMs instead of the first taking them all. A
 // spec that names no backend gets its host's default backend, so it goes
 // to a host whose default is a real hypervisor when there is one: Noop is
 // for tests, and a Noop-only host must not take a VM that a QEMU or
@@ -467,7 +470,13 @@ func (p Placement) Fits(h *Host) string {
 // host was passed over.
 func Best(hs []*Host, p Placement) (*Host, error) {
 	var best *Host
-	var bestFree int
+	var bestFree, bestVMs int
+	vms := func(h *Host) int {
+		if p.VMsOn == nil {
+			return 0
+		}
+		return p.VMsOn(h.Host)
+	}
 	var why []string
 	for _, h := range hs {
 		if reason := p.Fits(h); reason != "" {
@@ -482,13 +491,14 @@ func Best(hs []*Host, p Placement) (*Host, error) {
 			real, bestReal := takes(h.DefaultBackend), takes(best.DefaultBackend)
 			if real != bestReal {
 				if real {
-					best, bestFree = h, free
+					best, bestFree, bestVMs = h, free, vms(h)
 				}
 				continue
 			}
 		}
-		if best == nil || free > bestFree {
-			best, bestFree = h, free
+		n := vms(h)
+		if best == nil || free > bestFree || free == bestFree && (n < bestVMs || n == bestVMs && h.Host < best.Host) {
+			best, bestFree, bestVMs = h, free, n
 		}
 	}
 	if best != nil {
@@ -506,26 +516,43 @@ func Best(hs []*Host, p Placement) (*Host, error) {
 const DefaultLostAfter = 10 * time.Second
 
 // Snapshot reads the bucket once and returns every known host, judged
-// alive or lost by lostAfter.
-func Snapshot(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration) ([]*Host, error) {
-	r := NewRegistry(lostAfter)
-	w, err := kv.WatchAll(ctx)
+// alive or lost by lostAfter. It reads the keys from the bucket's stream
+// and each entry by a direct get (events.BucketKeys), so it leaves no
+// consumer on the server.
+func Snapshot(ctx context.Context, js interface {
+	Stream(ctx context.Context, name string) (jetstream.Stream, error)
+}, kv jetstream.KeyValue, lostAfter time.Duration) ([]*Host, error) {
+	keys, err := events.BucketKeys(ctx, js, kv.Bucket(), ">")
 	if err != nil {
 		return nil, fmt.Errorf("reading hosts: %w", err)
 	}
-	defer func() { _ = w.Stop() }()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case e, ok := <-w.Updates():
-			if !ok {
-				return nil, errors.New("reading hosts: the watch ended")
-			}
-			if e == nil {
-				return r.List(), nil
-			}
-			r.apply(e)
-		}
+	return read(ctx, kv, lostAfter, keys)
+}
+
+// Read returns what the bucket says of one host (nil: it never
+// heartbeated, or was forgotten), judged alive or lost by lostAfter: two
+// direct gets, its heartbeat and its cordon.
+func Read(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration, host string) (*Host, error) {
+	hs, err := read(ctx, kv, lostAfter, []string{host, CordonKey(host)})
+	if err != nil || len(hs) == 0 {
+		return nil, err
 	}
+	return hs[0], nil
+}
+
+// read applies the entries of keys to a new registry; a key without a
+// value (deleted, or never written) adds nothing.
+func read(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration, keys []string) ([]*Host, error) {
+	r := NewRegistry(lostAfter)
+	for _, k := range keys {
+		e, err := kv.Get(ctx, k)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("reading host entry %s: %w", k, err)
+		}
+		r.apply(e)
+	}
+	return r.List(), nil
 }

@@ -40,6 +40,14 @@ type Options struct {
 // DefaultSync is vmherd's chosen default for Options.Sync; see README.
 const DefaultSync = "always"
 
+// DefaultMaxConsumers is the embedded server's limit of consumers per
+// stream for the streams that set none: the KV buckets', whose readers
+// are each engine's watch of VM_HOSTS and VM_IMAGES and the vmctl image
+// pulls waiting on VM_IMAGES (events.ConsumerBound). Accounts have no
+// consumer limit of their own (docs/architecture.md, "Consumers and
+// their bound").
+const DefaultMaxConsumers = 1000
+
 // Server is a running embedded nats-server.
 type Server struct {
 	*server.Server
@@ -69,6 +77,10 @@ func Start(o Options) (*Server, error) {
 		StoreDir:   filepath.Join(o.StoreDir),
 		NoSigs:     true,
 		MaxPayload: 8 << 20,
+		// Stated, not left to the server's default: the buckets' streams
+		// take it (vmherd's three streams set their own, see
+		// events.MaxConsumers).
+		JetStreamLimits: server.JSLimitOpts{DefaultMaxConsumers: DefaultMaxConsumers},
 	}
 	if o.Auth != nil {
 		if err := o.Auth.ConfigureServer(opts); err != nil {

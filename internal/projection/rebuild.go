@@ -36,10 +36,11 @@ func Replay(ctx context.Context, js jetstream.JetStream, n events.Names) (map[st
 	if info.State.Msgs == 0 {
 		return recs, 0, nil
 	}
-	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{InactiveThreshold: events.ReaderIdle})
 	if err != nil {
 		return nil, 0, fmt.Errorf("replay: %w", err)
 	}
+	defer events.DropConsumer(st, cons)
 	it, err := cons.Messages(jetstream.PullMaxMessages(4096))
 	if err != nil {
 		return nil, 0, fmt.Errorf("replay: %w", err)
@@ -187,20 +188,22 @@ func (b *replayBatch) fold(recs map[string]*VmRecord) int {
 	return n
 }
 
-// Load reads every record in the bucket.
+// Load reads every record in the bucket: the keys from its stream's
+// subject index, each record by a direct get, and no consumer.
 func Load(ctx context.Context, js interface {
 	KeyValue(ctx context.Context, bucket string) (jetstream.KeyValue, error)
+	Stream(ctx context.Context, name string) (jetstream.Stream, error)
 }, n events.Names) (map[string]*VmRecord, error) {
 	kv, err := js.KeyValue(ctx, n.RecordsBucket())
 	if err != nil {
 		return nil, err
 	}
 	out := map[string]*VmRecord{}
-	lister, err := kv.ListKeys(ctx)
+	keys, err := events.BucketKeys(ctx, js, n.RecordsBucket(), ">")
 	if err != nil {
 		return nil, err
 	}
-	for k := range lister.Keys() {
+	for _, k := range keys {
 		e, err := kv.Get(ctx, k)
 		if err != nil {
 			if errors.Is(err, jetstream.ErrKeyNotFound) {

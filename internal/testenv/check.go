@@ -157,3 +157,20 @@ func normalize(r *projection.VmRecord) *projection.VmRecord {
 	out, _ := projection.Unmarshal(r.Marshal())
 	return out
 }
+
+// ConsumerCounts returns the number of consumers on every stream of the
+// server (the KV buckets' streams included), by stream name.
+func (e *Env) ConsumerCounts() map[string]int {
+	e.T.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out := map[string]int{}
+	l := e.JS.ListStreams(ctx)
+	for info := range l.Info() {
+		out[info.Config.Name] = info.State.Consumers
+	}
+	if err := l.Err(); err != nil {
+		e.T.Fatalf("listing streams: %v", err)
+	}
+	return out
+}

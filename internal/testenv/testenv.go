@@ -351,10 +351,11 @@ func (e *Env) AllEvents() []events.Stored {
 	if info.State.Msgs == 0 {
 		return out
 	}
-	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{InactiveThreshold: events.ReaderIdle})
 	if err != nil {
 		e.T.Fatal(err)
 	}
+	defer events.DropConsumer(st, cons)
 	for seen, empty := 0, 0; seen < int(info.State.Msgs); {
 		batch, err := cons.Fetch(min(1000, int(info.State.Msgs)-seen), jetstream.FetchMaxWait(5*time.Second))
 		if err != nil {

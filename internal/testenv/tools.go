@@ -47,32 +47,49 @@ func RepoRoot(t testing.TB) string {
 	return root
 }
 
-var (
-	buildOnce sync.Once
-	buildDir  string
-	buildErr  error
-)
+// A build of the three binaries, made once per test process.
+type build struct {
+	once sync.Once
+	dir  string
+	err  error
+}
 
-// Binaries builds cmd/engine, cmd/worker and cmd/vmctl once per test
-// process and returns the directory holding them.
+var raceBuild, plainBuild build
+
+// Binaries builds cmd/engine, cmd/worker and cmd/vmctl with the race
+// detector, once per test process, and returns the directory holding them.
 func Binaries(t testing.TB) string {
 	t.Helper()
-	buildOnce.Do(func() {
-		buildDir, buildErr = os.MkdirTemp("", "vmherd-bin-")
-		if buildErr != nil {
+	return raceBuild.get(t, "-race")
+}
+
+// PlainBinaries is Binaries without the race detector, for tests that run
+// thousands of processes (the race detector's start-up and bookkeeping
+// would be most of their cost); the race tests cover the same code.
+func PlainBinaries(t testing.TB) string {
+	t.Helper()
+	return plainBuild.get(t)
+}
+
+func (b *build) get(t testing.TB, flags ...string) string {
+	t.Helper()
+	b.once.Do(func() {
+		b.dir, b.err = os.MkdirTemp("", "vmherd-bin-")
+		if b.err != nil {
 			return
 		}
-		cmd := exec.Command("go", "build", "-race", "-o", buildDir+"/", "./cmd/engine", "./cmd/worker", "./cmd/vmctl")
+		args := append(append([]string{"build"}, flags...), "-o", b.dir+"/", "./cmd/engine", "./cmd/worker", "./cmd/vmctl")
+		cmd := exec.Command("go", args...)
 		cmd.Dir = RepoRoot(t)
 		out, err := cmd.CombinedOutput()
 		if err != nil {
-			buildErr = &buildError{out: string(out), err: err}
+			b.err = &buildError{out: string(out), err: err}
 		}
 	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+	if b.err != nil {
+		t.Fatal(b.err)
 	}
-	return buildDir
+	return b.dir
 }
 
 type buildError struct {

@@ -224,22 +224,33 @@ func (g *globals) completeNames(cmd *cobra.Command, args []string, prefix string
 	}
 	ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Second)
 	defer cancel()
-	kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
-	if err != nil {
-		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
-	}
-	lister, err := kv.ListKeys(ctx)
+	keys, err := events.BucketKeys(ctx, g.js, g.names.RecordsBucket(), ">")
 	if err != nil {
 		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
 	}
 	var names []cobra.Completion
-	for k := range lister.Keys() {
+	for _, k := range keys {
 		if strings.HasPrefix(k, prefix) {
 			names = append(names, k)
 		}
 	}
 	sort.Strings(names)
 	return names, cobra.ShellCompDirectiveNoFileComp
+}
+
+// recordsKV opens VM_RECORDS once per run: awaitRecord reads a record
+// again and again, and drain's stops wait in parallel.
+func (g *globals) recordsKV(ctx context.Context) (jetstream.KeyValue, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.records == nil {
+		kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
+		if err != nil {
+			return nil, fmt.Errorf("opening %s: %w (has the engine ever run on this server?)", g.names.RecordsBucket(), err)
+		}
+		g.records = kv
+	}
+	return g.records, nil
 }
 
 func (g *globals) record(ctx context.Context, name string) (*projection.VmRecord, error) {
@@ -249,9 +260,9 @@ func (g *globals) record(ctx context.Context, name string) (*projection.VmRecord
 	if err := g.conn(); err != nil {
 		return nil, err
 	}
-	kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
+	kv, err := g.recordsKV(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("opening %s: %w (has the engine ever run on this server?)", g.names.RecordsBucket(), err)
+		return nil, err
 	}
 	e, err := kv.Get(ctx, name)
 	if err != nil {
@@ -433,7 +444,7 @@ func (g *globals) statusCmd() *cobra.Command {
 			}
 			var live events.StateReply
 			liveErr := error(nil)
-			hostLost := r.State != vm.StateDestroyed && g.lostHosts(cmd.Context())[r.Host]
+			hostLost := r.State != vm.StateDestroyed && g.hostLost(cmd.Context(), r.Host)
 			switch {
 			case hostLost:
 				liveErr = fmt.Errorf("host %s is lost (no heartbeat for over %s)", r.Host, hosts.DefaultLostAfter)
@@ -549,11 +560,10 @@ func (g *globals) eventsCmd() *cobra.Command {
 			return nameArg(cmd, args)
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			subj := g.names.Events()
 			if len(args) == 1 {
-				subj = g.names.VMEvents(args[0])
+				return g.vmEvents(cmd.Context(), args[0], follow, last, false)
 			}
-			return g.streamEvents(cmd.Context(), subj, follow, last, false)
+			return g.allEvents(cmd.Context(), follow, last)
 		},
 	}
 	c.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new events")
@@ -568,12 +578,95 @@ func (g *globals) historyCmd() *cobra.Command {
 		Args:              nameArg,
 		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.streamEvents(cmd.Context(), g.names.VMEvents(args[0]), false, 0, true)
+			return g.vmEvents(cmd.Context(), args[0], false, 0, true)
 		},
 	}
 }
 
-func (g *globals) streamEvents(ctx context.Context, subj string, follow bool, last int, withSeq bool) error {
+// eventPrinter prints events as text lines, or JSON: one document per
+// event when following, else one list at the end.
+type eventPrinter struct {
+	g      *globals
+	follow bool
+	list   []any
+}
+
+func (g *globals) newEventPrinter(follow bool) *eventPrinter {
+	return &eventPrinter{g: g, follow: follow, list: []any{}}
+}
+
+func (p *eventPrinter) add(ev any, text string) {
+	switch {
+	case !p.g.json:
+		fmt.Fprintln(p.g.out, text)
+	case p.follow:
+		b, _ := json.Marshal(ev)
+		fmt.Fprintln(p.g.out, string(b))
+	default:
+		p.list = append(p.list, ev)
+	}
+}
+
+func (p *eventPrinter) done() error {
+	if p.g.json && !p.follow {
+		return p.g.printJSON(p.list)
+	}
+	return nil
+}
+
+// vmEvents prints one VM's events (the last N if last > 0, with their
+// stream sequences if withSeq) and, when following, those stored after
+// them until ctx ends. It reads by direct gets and leaves no consumer on
+// the server.
+func (g *globals) vmEvents(ctx context.Context, name string, follow bool, last int, withSeq bool) error {
+	if err := g.conn(); err != nil {
+		return err
+	}
+	store, err := events.NewStore(ctx, g.js, g.names, "")
+	if err != nil {
+		return err
+	}
+	p := g.newEventPrinter(follow)
+	show := func(s events.Stored) bool {
+		if s.Event == nil {
+			return true // undecodable: skipped, as the fold skips it
+		}
+		seq := uint64(0)
+		if withSeq {
+			seq = s.Seq
+		}
+		p.add(s.Event, formatEvent(seq, s.Event))
+		return true
+	}
+	evs, err := store.ReadVM(ctx, name, 1)
+	if err != nil {
+		return fmt.Errorf("reading %s's events: %w", name, err)
+	}
+	from := uint64(1)
+	if len(evs) > 0 {
+		from = evs[len(evs)-1].Seq + 1
+	}
+	if last > 0 && len(evs) > last {
+		evs = evs[len(evs)-last:]
+	}
+	for _, s := range evs {
+		show(s)
+	}
+	if !follow {
+		return p.done()
+	}
+	if err := store.FollowVM(ctx, name, from, show); err != nil && ctx.Err() == nil {
+		return fmt.Errorf("reading %s's events: %w", name, err)
+	}
+	return nil
+}
+
+// allEvents prints every event in the stream, the VMs' and the hosts'
+// (the last N if last > 0), and when following the new ones until ctx
+// ends. A whole-stream read is what a consumer is for, so it uses an
+// ordered one, and deletes it when it ends; if vmctl dies first, the
+// server drops it after events.ReaderIdle.
+func (g *globals) allEvents(ctx context.Context, follow bool, last int) error {
 	if err := g.conn(); err != nil {
 		return err
 	}
@@ -581,39 +674,23 @@ func (g *globals) streamEvents(ctx context.Context, subj string, follow bool, la
 	if err != nil {
 		return fmt.Errorf("opening %s: %w", g.names.EventsStream(), err)
 	}
-	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{subj}}
-	var pending uint64
-	if subj == g.names.Events() {
-		// Every event: the VMs' and the hosts' (the whole stream).
-		cfg.FilterSubjects = append(cfg.FilterSubjects, g.names.HostEvents())
-		info, err := st.Info(ctx)
-		if err != nil {
-			return err
-		}
-		pending = info.State.Msgs
-	} else {
-		info, err := st.Info(ctx, jetstream.WithSubjectFilter(subj))
-		if err != nil {
-			return err
-		}
-		for _, n := range info.State.Subjects {
-			pending += n
-		}
-	}
+	pending := st.CachedInfo().State.Msgs
 	skip := uint64(0)
 	if last > 0 && pending > uint64(last) {
 		skip = pending - uint64(last)
 	}
-	cons, err := st.OrderedConsumer(ctx, cfg)
+	p := g.newEventPrinter(follow)
+	if pending == 0 && !follow {
+		return p.done()
+	}
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+		FilterSubjects:    []string{g.names.Events(), g.names.HostEvents()},
+		InactiveThreshold: events.ReaderIdle,
+	})
 	if err != nil {
 		return err
 	}
-	if pending == 0 && !follow {
-		if g.json {
-			return g.printJSON([]any{})
-		}
-		return nil
-	}
+	defer events.DropConsumer(st, cons)
 	it, err := cons.Messages()
 	if err != nil {
 		return err
@@ -621,12 +698,7 @@ func (g *globals) streamEvents(ctx context.Context, subj string, follow bool, la
 	defer it.Stop()
 	stop := context.AfterFunc(ctx, it.Stop)
 	defer stop()
-	var seen uint64
-	var list []any
-	for {
-		if !follow && seen >= pending {
-			break
-		}
+	for seen := uint64(0); follow || seen < pending; {
 		m, err := it.Next()
 		if err != nil {
 			if ctx.Err() != nil {
@@ -634,43 +706,16 @@ func (g *globals) streamEvents(ctx context.Context, subj string, follow bool, la
 			}
 			return err
 		}
-		seen++
-		if seen <= skip {
+		if seen++; seen <= skip {
 			continue
 		}
-		md, _ := m.Metadata()
-		var seq uint64
-		if withSeq && md != nil {
-			seq = md.Sequence.Stream
-		}
-		var ev any
-		var text string
 		if _, _, isHost := g.names.ParseHostEventSubject(m.Subject()); isHost {
-			hev, err := events.DecodeHostEvent(m.Data())
-			if err != nil {
-				continue
+			if hev, err := events.DecodeHostEvent(m.Data()); err == nil {
+				p.add(hev, formatHostEvent(0, hev))
 			}
-			ev, text = hev, formatHostEvent(seq, hev)
-		} else {
-			vev, err := events.Decode(m.Data())
-			if err != nil {
-				continue
-			}
-			ev, text = vev, formatEvent(seq, vev)
+		} else if ev, err := events.Decode(m.Data()); err == nil {
+			p.add(ev, formatEvent(0, ev))
 		}
-		if g.json {
-			if follow {
-				b, _ := json.Marshal(ev)
-				fmt.Fprintln(g.out, string(b))
-			} else {
-				list = append(list, ev)
-			}
-			continue
-		}
-		fmt.Fprintln(g.out, text)
 	}
-	if g.json && !follow {
-		return g.printJSON(list)
-	}
-	return nil
+	return p.done()
 }

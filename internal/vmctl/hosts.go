@@ -186,7 +186,7 @@ func (g *globals) completeHosts(cmd *cobra.Command, args []string, prefix string
 	if err != nil {
 		return nil, none | cobra.ShellCompDirectiveError
 	}
-	hs, err := hosts.Snapshot(ctx, kv, hosts.DefaultLostAfter)
+	hs, err := hosts.Snapshot(ctx, g.js, kv, hosts.DefaultLostAfter)
 	if err != nil {
 		return nil, none | cobra.ShellCompDirectiveError
 	}
@@ -348,13 +348,20 @@ func (g *globals) forgetHost(ctx context.Context, name string) error {
 // (the engines' --host-timeout may be shorter than vmctl's default), or if
 // that heartbeat is older than the default --host-timeout.
 func (g *globals) hostSnapshot(ctx context.Context, kv jetstream.KeyValue) ([]*hosts.Host, error) {
-	hs, err := hosts.Snapshot(ctx, kv, hosts.DefaultLostAfter)
+	hs, err := hosts.Snapshot(ctx, g.js, kv, hosts.DefaultLostAfter)
 	if err != nil {
 		return nil, err
 	}
+	g.judgeLost(ctx, hs)
+	return hs, nil
+}
+
+// judgeLost marks lost the hosts an engine wrote host_lost about, at
+// their latest heartbeat.
+func (g *globals) judgeLost(ctx context.Context, hs []*hosts.Host) {
 	st, err := g.js.Stream(ctx, g.names.EventsStream())
 	if err != nil {
-		return hs, nil
+		return
 	}
 	for _, h := range hs {
 		if !h.Alive {
@@ -368,10 +375,25 @@ func (g *globals) hostSnapshot(ctx context.Context, kv jetstream.KeyValue) ([]*h
 			h.Alive = false
 		}
 	}
-	return hs, nil
 }
 
-// lostHosts returns the set of hosts that are lost now (for list and status).
+// hostLost tells whether one host is lost now (for status), judged as
+// hostSnapshot judges it, from its own entries only. A host the bucket
+// does not know is not lost.
+func (g *globals) hostLost(ctx context.Context, host string) bool {
+	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
+	if err != nil {
+		return false
+	}
+	h, err := hosts.Read(ctx, kv, hosts.DefaultLostAfter, host)
+	if err != nil || h == nil {
+		return false
+	}
+	g.judgeLost(ctx, []*hosts.Host{h})
+	return !h.Alive
+}
+
+// lostHosts returns the set of hosts that are lost now (for list).
 func (g *globals) lostHosts(ctx context.Context) map[string]bool {
 	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
 	if err != nil {

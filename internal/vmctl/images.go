@@ -202,12 +202,12 @@ func (g *globals) imageStatuses(ctx context.Context, filter string) ([]images.St
 	if err != nil {
 		return nil, err
 	}
-	lister, err := kv.ListKeysFiltered(ctx, filter)
+	keys, err := events.BucketKeys(ctx, g.js, g.names.ImagesBucket(), filter)
 	if err != nil {
 		return nil, err
 	}
 	var out []images.Status
-	for key := range lister.Keys() {
+	for _, key := range keys {
 		e, err := kv.Get(ctx, key)
 		if err != nil {
 			continue

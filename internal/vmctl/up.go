@@ -418,34 +418,28 @@ func (g *globals) ensureImage(ctx context.Context, d vmfile.Def) (string, error)
 	return name, g.watchPulls(ctx, w, keys, started)
 }
 
-// acceptedSpec is the spec of the VM's latest accepted prepare.
+// acceptedSpec is the spec of the VM's latest accepted prepare. It reads
+// the VM's accepted events by direct gets, one after the other, and
+// leaves no consumer on the server.
 func (g *globals) acceptedSpec(ctx context.Context, name string) (*vm.VmSpec, error) {
 	st, err := g.js.Stream(ctx, g.names.EventsStream())
 	if err != nil {
 		return nil, err
 	}
-	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{g.names.Event(name, events.TypeAccepted, events.EngineWriter)},
-	})
-	if err != nil {
-		return nil, err
-	}
+	subj := g.names.Event(name, events.TypeAccepted, events.EngineWriter)
 	var spec *vm.VmSpec
-	for {
-		batch, err := cons.FetchNoWait(256)
+	for seq := uint64(1); ; {
+		m, err := st.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subj))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return spec, nil
+		}
 		if err != nil {
 			return nil, err
 		}
-		n := 0
-		for m := range batch.Messages() {
-			n++
-			if ev, err := events.Decode(m.Data()); err == nil && ev.Action == fsm.ActPrepare && ev.Spec != nil {
-				spec = ev.Spec
-			}
+		if ev, err := events.Decode(m.Data); err == nil && ev.Action == fsm.ActPrepare && ev.Spec != nil {
+			spec = ev.Spec
 		}
-		if n == 0 {
-			return spec, batch.Error()
-		}
+		seq = m.Sequence + 1
 	}
 }
 

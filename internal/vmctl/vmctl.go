@@ -14,6 +14,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -57,6 +58,8 @@ type globals struct {
 	out, errOut io.Writer
 	nc          *nats.Conn
 	js          jetstream.JetStream
+	mu          sync.Mutex
+	records     jetstream.KeyValue // VM_RECORDS, once opened (under mu)
 	names       events.Names
 	// ran is set once flags and arguments parsed and a command began: an
 	// error before that is a usage error.
@@ -351,22 +354,15 @@ func (g *globals) send(ctx context.Context, name string, action fsm.Action, cmd 
 	// Read the VM's events from the stream, starting after its current end,
 	// so that only stored events count: a core subscription can see an event
 	// a moment before JetStream has stored it, and a next command sent on
-	// that sight could be decided on the older state.
-	st, err := g.js.Stream(ctx, g.names.EventsStream())
-	if err != nil {
-		return nil, fmt.Errorf("opening %s: %w (is the engine running?)", g.names.EventsStream(), err)
-	}
-	info, err := st.Info(ctx)
-	if err != nil {
-		return nil, err
-	}
-	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{g.names.VMEvents(name)},
-		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
-		OptStartSeq:    info.State.LastSeq + 1,
-	})
-	if err != nil {
-		return nil, err
+	// that sight could be decided on the older state. The end is the
+	// stream's last sequence as its handle reads it, before publishing.
+	var store *events.Store
+	var from uint64
+	if !g.noWait {
+		if store, err = events.NewStore(ctx, g.js, g.names, ""); err != nil {
+			return nil, fmt.Errorf("%w (is the engine running?)", err)
+		}
+		from = store.Stream().CachedInfo().State.LastSeq + 1
 	}
 	ack, err := g.js.Publish(ctx, g.names.IssuedCommand(name, string(action), g.issuer), body, jetstream.WithMsgID(cmd.CommandID))
 	if err != nil {
@@ -382,22 +378,17 @@ func (g *globals) send(ctx context.Context, name string, action fsm.Action, cmd 
 		}
 		return nil, nil
 	}
-	return g.wait(ctx, cons, name, action, cmd.CommandID)
+	return g.wait(ctx, store, from, name, action, cmd.CommandID)
 }
 
-// wait follows the VM's events until the command's result (or rejection),
-// showing progress on a terminal, and says what became of the stored
-// command when it stops waiting early.
-func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name string, action fsm.Action, id string) (*events.Event, error) {
+// wait follows the VM's events from stream sequence from until the
+// command's result (or rejection), showing progress on a terminal, and
+// says what became of the stored command when it stops waiting early. It
+// reads by direct gets (events.Store.FollowVM) and leaves no consumer on
+// the server.
+func (g *globals) wait(ctx context.Context, store *events.Store, from uint64, name string, action fsm.Action, id string) (*events.Event, error) {
 	wctx, cancel := context.WithTimeout(ctx, g.timeout)
 	defer cancel()
-	it, err := cons.Messages()
-	if err != nil {
-		return nil, err
-	}
-	defer it.Stop()
-	stop := context.AfterFunc(wctx, it.Stop)
-	defer stop()
 	type delivered struct {
 		ev  *events.Event
 		seq uint64
@@ -405,26 +396,17 @@ func (g *globals) wait(ctx context.Context, cons jetstream.Consumer, name string
 	evc := make(chan delivered)
 	errc := make(chan error, 1)
 	go func() {
-		for {
-			m, err := it.Next()
-			if err != nil {
-				errc <- err
-				return
-			}
-			ev, err := g.names.DecodeStored(m.Subject(), m.Data())
-			if err != nil || ev.CommandID != id {
-				continue
-			}
-			md, err := m.Metadata()
-			if err != nil {
-				continue
+		errc <- store.FollowVM(wctx, name, from, func(s events.Stored) bool {
+			if s.Event == nil || s.Event.CommandID != id {
+				return true
 			}
 			select {
-			case evc <- delivered{ev, md.Sequence.Stream}:
+			case evc <- delivered{s.Event, s.Seq}:
+				return true
 			case <-wctx.Done():
-				return
+				return false
 			}
-		}
+		})
 	}()
 
 	p := g.newProgress(fmt.Sprintf("%s %s", action, name))

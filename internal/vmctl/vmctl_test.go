@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
 	"testing"
@@ -371,5 +372,60 @@ func TestResultIsInTheRecordOnReturn(t *testing.T) {
 		if rec.State != want[action] || len(rec.InFlight) != 0 {
 			t.Fatalf("right after %s #%d returned, the record says %s with %d in flight; want %s", action, i, rec.State, len(rec.InFlight), want[action])
 		}
+	}
+}
+
+// Every vmctl leaves the server's consumers as it found them: lifecycle
+// commands (with and without --no-wait), their waits, status, history,
+// events of one VM, list, hosts, image list and completion read without
+// consumers, and a whole-stream `events` deletes the one it makes. Each
+// command is checked on its own, so a leak names the command.
+func TestLeavesNoConsumers(t *testing.T) {
+	t.Parallel()
+	env, _ := pipeline(t, nil)
+	ctx := context.Background()
+	// The engine makes the host's task consumer from its heartbeat.
+	env.WaitFor("worker-h1's task consumer", 10*time.Second, func() bool { return env.ConsumerCounts()[env.Names.TasksStream()] == 1 })
+	before := env.ConsumerCounts()
+	for _, args := range [][]string{
+		{"create", "n1", "--backend", "noop", "--no-wait"},
+		{"create", "n2", "--backend", "noop", "--start"},
+		{"stop", "n2"},
+		{"start", "n2", "--no-wait"},
+		{"status", "n2"},
+		{"history", "n2"},
+		{"--json", "history", "n2"},
+		{"events", "n2", "--last", "2"},
+		{"events", "--last", "3"},
+		{"--json", "events"},
+		{"list"},
+		{"hosts"},
+		{"image", "list"},
+		{"__complete", "start", "n"},
+		{"destroy", "n1"},
+		{"destroy", "n2", "--no-wait"},
+	} {
+		if r := vmctl(t, ctx, env.URL, args...); r.code != 0 {
+			t.Fatalf("vmctl %v: %v", args, r)
+		}
+		if after := env.ConsumerCounts(); !reflect.DeepEqual(after, before) {
+			t.Fatalf("vmctl %v left consumers: before %v, after %v", args, before, after)
+		}
+	}
+	// A follower reads without a consumer while it runs, too.
+	fctx, cancel := context.WithCancel(ctx)
+	var out, errOut syncbuf.Buffer
+	done := make(chan int, 1)
+	go func() { done <- Run(fctx, []string{"--server", env.URL, "events", "n3", "--follow"}, &out, &errOut) }()
+	if r := vmctl(t, ctx, env.URL, "create", "n3", "--backend", "noop"); r.code != 0 {
+		t.Fatalf("create n3: %v", r)
+	}
+	env.WaitFor("events n3 --follow to print the result", 10*time.Second, func() bool { return strings.Contains(out.String(), "prepared") })
+	if after := env.ConsumerCounts(); !reflect.DeepEqual(after, before) {
+		t.Fatalf("events --follow holds consumers: before %v, while it runs %v", before, after)
+	}
+	cancel()
+	if code := <-done; code != 0 {
+		t.Fatalf("events n3 --follow: exit %d\n%s%s", code, out.String(), errOut.String())
 	}
 }
