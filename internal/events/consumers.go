@@ -40,7 +40,7 @@ var MaxConsumers = struct{ Commands, Events, Tasks int }{
 	// audit readers.
 	Commands: 64,
 	// One per engine, the whole-stream readers running now, and the
-	// engines' look-ups of redelivered commands (ConsumerBound).
+	// engines' look-ups of old commands' decisions (ConsumerBound).
 	Events: 1000,
 	// One per host: a fleet of up to 10,000 hosts (nats-server's
 	// default, 1,000, would refuse the 1,001st host's task consumer).
@@ -54,8 +54,9 @@ var MaxConsumers = struct{ Commands, Events, Tasks int }{
 // gets and makes none (docs/architecture.md, "Consumers and their
 // bound"). Whole-stream readers add one each while they run (vmctl events
 // and engine rebuild on VM_EVENTS; vmctl image pull and up waiting for
-// pulls on KV_VM_IMAGES), and an engine's look-up of a redelivered
-// command's earlier decision adds one on VM_EVENTS for 5 minutes.
+// pulls on KV_VM_IMAGES), and an engine's look-up of the earlier
+// decision of a command older than half the duplicate window adds one on
+// VM_EVENTS while it runs (deleted when done, 30 s inactive threshold).
 func (n Names) ConsumerBound(engines, hosts int) map[string]int {
 	return map[string]int{
 		n.CommandsStream():        1,       // engine, shared by the engines

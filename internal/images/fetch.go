@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -108,11 +109,16 @@ func (c *countingReader) Read(p []byte) (int, error) {
 
 // mediaTypeSyntax is what a media type may look like (RFC 6838 names and
 // simple parameters); anything else a server sends is not repeated.
-var mediaTypeSyntax = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}(; ?[A-Za-z0-9_.-]{1,64}=[A-Za-z0-9_.-]{1,64})?$`)
+// It is compiled on first use: its counted repetitions make a large
+// program, which every process importing this package (vmctl) would
+// otherwise build at start-up.
+var mediaTypeSyntax = sync.OnceValue(func() *regexp.Regexp {
+	return regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}(; ?[A-Za-z0-9_.-]{1,64}=[A-Za-z0-9_.-]{1,64})?$`)
+})
 
 // mediaType is a remote media type if it looks like one, else "".
 func mediaType(s string) string {
-	if mediaTypeSyntax.MatchString(s) {
+	if mediaTypeSyntax().MatchString(s) {
 		return s
 	}
 	return ""

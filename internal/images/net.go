@@ -13,6 +13,7 @@ import (
 	"os"
 	"regexp"
 	"slices"
+	"sync"
 	"syscall"
 	"time"
 
@@ -210,7 +211,7 @@ func (e statusError) Error() string {
 }
 func (e statusError) Is(target error) bool { return target == ErrRemote }
 
-var hostName = regexp.MustCompile(`^[A-Za-z0-9.-]{1,253}$`)
+var hostName = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9.-]{1,253}$`) }) // compiled on first use, as mediaTypeSyntax
 
 // describe names a pull's failure without the remote side's words: a
 // server's banner, body, status text or a registry's error messages never
@@ -244,7 +245,7 @@ func describe(err error, p Policy) error {
 	case errors.As(err, &terr):
 		return fmt.Errorf("%w: the registry answered HTTP %d %s", ErrRemote, terr.StatusCode, http.StatusText(terr.StatusCode))
 	case errors.As(err, &dns):
-		if hostName.MatchString(dns.Name) {
+		if hostName().MatchString(dns.Name) {
 			return fmt.Errorf("%w: the host name %s does not resolve", ErrRemote, dns.Name)
 		}
 		return fmt.Errorf("%w: a host name does not resolve", ErrRemote)
