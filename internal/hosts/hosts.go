@@ -295,6 +295,13 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 		}
 		return
 	}
+	// A heartbeat speaks for the host its key names, and only for it: the
+	// key is what the server's permissions pin (a worker may put only
+	// $KV.VM_HOSTS.<its host>); the body is whatever the writer chose. A
+	// key that is no host id (no worker can have written it) is ignored.
+	if vm.ValidateHost(key) != nil {
+		return
+	}
 	h := r.entry(key)
 	if e.Revision() <= h.Rev {
 		return
@@ -315,6 +322,13 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	if json.Unmarshal(e.Value(), &hb) != nil {
 		return
 	}
+	// A body that names another host is not this host's heartbeat (a
+	// worker of h2 claiming to be h1): the entry is ignored, and the host
+	// keeps what it last said itself. An empty name is the key's.
+	if hb.Host != "" && hb.Host != key {
+		return
+	}
+	hb.Host = key
 	// Judge liveness by when the server stored the beat, not by the
 	// worker's clock.
 	hb.Time = e.Created()
