@@ -176,7 +176,8 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 				return err
 			}
 			conn.Name = "vmherd-worker-" + wo.Host
-			// A worker's credentials allow replies only on its own inbox prefix.
+			// Without credentials (no auth) the worker still keeps to its
+			// own inbox prefix; with them, Connect takes theirs.
 			conn.InboxPrefix = auth.Identity{Role: auth.RoleWorker, Host: wo.Host}.InboxPrefix()
 			nc, js, err := conn.ConnectJS(true)
 			if err != nil {

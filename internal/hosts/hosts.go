@@ -520,26 +520,16 @@ func Best(hs []*Host, p Placement) (*Host, error) {
 const DefaultLostAfter = 10 * time.Second
 
 // Snapshot reads the bucket once and returns every known host, judged
-// alive or lost by lostAfter.
-func Snapshot(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration) ([]*Host, error) {
-	r := NewRegistry(lostAfter)
-	w, err := kv.WatchAll(ctx)
+// alive or lost by lostAfter. It reads with direct gets (events.KVEntries),
+// so a client that may only read the bucket can call it.
+func Snapshot(ctx context.Context, js events.KVReader, bucket string, lostAfter time.Duration) ([]*Host, error) {
+	es, err := events.KVEntries(ctx, js, bucket, "")
 	if err != nil {
 		return nil, fmt.Errorf("reading hosts: %w", err)
 	}
-	defer func() { _ = w.Stop() }()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case e, ok := <-w.Updates():
-			if !ok {
-				return nil, errors.New("reading hosts: the watch ended")
-			}
-			if e == nil {
-				return r.List(), nil
-			}
-			r.apply(e)
-		}
+	r := NewRegistry(lostAfter)
+	for _, e := range es {
+		r.apply(e)
 	}
+	return r.List(), nil
 }

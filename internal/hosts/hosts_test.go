@@ -14,7 +14,7 @@ import (
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
-func bucket(t *testing.T) jetstream.KeyValue {
+func bucket(t *testing.T) (jetstream.JetStream, jetstream.KeyValue) {
 	t.Helper()
 	ns, err := natsserver.Start(natsserver.Options{Listen: "127.0.0.1:-1", StoreDir: t.TempDir(), Sync: "default"})
 	if err != nil {
@@ -31,7 +31,7 @@ func bucket(t *testing.T) jetstream.KeyValue {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return kv
+	return js, kv
 }
 
 func beat(t *testing.T, kv jetstream.KeyValue, key string, hb hosts.Heartbeat) {
@@ -47,7 +47,7 @@ func beat(t *testing.T, kv jetstream.KeyValue, key string, hb hosts.Heartbeat) {
 // of h2, putting its own key with "host":"h1" and a huge capacity, does not
 // get a 200-vCPU VM placed on h1 (trust-holes issue, item 4).
 func TestHeartbeatIdentityIsTheKey(t *testing.T) {
-	kv := bucket(t)
+	js, kv := bucket(t)
 	beat(t, kv, "h1", hosts.Heartbeat{Host: "h1", Backends: []vm.BackendTag{vm.BackendQEMU}, DefaultBackend: vm.BackendQEMU,
 		Capacity: hosts.Resources{Vcpus: 8, MemoryMB: 16384}})
 	beat(t, kv, "h2", hosts.Heartbeat{Host: "h1", Backends: []vm.BackendTag{vm.BackendQEMU}, DefaultBackend: vm.BackendQEMU,
@@ -58,7 +58,7 @@ func TestHeartbeatIdentityIsTheKey(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, list := range []func() ([]*hosts.Host, error){
-		func() ([]*hosts.Host, error) { return hosts.Snapshot(ctx, kv, time.Minute) },
+		func() ([]*hosts.Host, error) { return hosts.Snapshot(ctx, js, "VM_HOSTS", time.Minute) },
 		func() ([]*hosts.Host, error) {
 			r := hosts.NewRegistry(time.Minute)
 			go func() { _ = r.Run(ctx, kv) }()

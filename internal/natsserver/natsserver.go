@@ -68,7 +68,9 @@ func Start(o Options) (*Server, error) {
 		JetStream:  true,
 		StoreDir:   filepath.Join(o.StoreDir),
 		NoSigs:     true,
-		MaxPayload: 8 << 20,
+		// The largest command and the event that carries it (auth.MaxPayload,
+		// the account's limit too); NATS's own default is 1 MiB.
+		MaxPayload: auth.MaxPayload,
 	}
 	if o.Auth != nil {
 		if err := o.Auth.ConfigureServer(opts); err != nil {

@@ -228,13 +228,13 @@ func (g *globals) completeNames(cmd *cobra.Command, args []string, prefix string
 	if err != nil {
 		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
 	}
-	lister, err := kv.ListKeys(ctx)
+	es, err := events.KVEntries(ctx, g.js, kv.Bucket(), "")
 	if err != nil {
 		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
 	}
 	var names []cobra.Completion
-	for k := range lister.Keys() {
-		if strings.HasPrefix(k, prefix) {
+	for _, e := range es {
+		if k := e.Key(); strings.HasPrefix(k, prefix) {
 			names = append(names, k)
 		}
 	}

@@ -94,17 +94,15 @@ func (s *imageService) sync(ctx context.Context) error {
 		byName[img.Name] = true
 		s.put(ctx, img.Ready(s.w.cfg.Host))
 	}
-	lister, err := s.kv.ListKeysFiltered(ctx, s.w.cfg.Host+".*")
+	// Direct gets, not a KV watch: a worker may not create consumers.
+	es, err := events.KVEntries(ctx, s.w.cfg.JS, s.kv.Bucket(), s.w.cfg.Host+".*")
 	if err != nil {
 		return err
 	}
-	for key := range lister.Keys() {
+	for _, e := range es {
+		key := e.Key()
 		name := strings.TrimPrefix(key, s.w.cfg.Host+".")
 		if byName[name] {
-			continue
-		}
-		e, err := s.kv.Get(ctx, key)
-		if err != nil {
 			continue
 		}
 		var st images.Status

@@ -39,6 +39,7 @@ var Version = "0.1.0"
 // (events.Store). It never creates streams or consumers.
 type JetStream interface {
 	events.StoreJS
+	events.KVReader
 	Consumer(ctx context.Context, stream, consumer string) (jetstream.Consumer, error)
 	KeyValue(ctx context.Context, bucket string) (jetstream.KeyValue, error)
 }
