@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -43,14 +44,56 @@ func Ensure(ctx context.Context, js jetstream.JetStream, n Names, s Settings) er
 		}
 	}
 	for _, cfg := range n.BucketConfigs(s) {
-		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
-			return fmt.Errorf("creating bucket %s: %w", cfg.Bucket, err)
+		if err := EnsureBucket(ctx, js, cfg); err != nil {
+			return err
 		}
 	}
 	// Earlier versions queued tasks through a durable consumer of the
 	// accepted events; the deciding engine does that now.
 	if err := js.DeleteConsumer(ctx, n.EventsStream(), "dispatch"); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return fmt.Errorf("removing the old dispatch consumer: %w", err)
+	}
+	return nil
+}
+
+// EnsureBucket creates a bucket, or updates an existing one to cfg, and
+// makes its stream refuse rollups (the Nats-Rollup header): NATS checks
+// who may publish on a key's subject, not the headers, and a rollup put on
+// one's own key ("Nats-Rollup: all") would purge every other key of the
+// bucket (every heartbeat and cordon, every image status). vmherd never
+// purges a key (kv.Purge is a rollup); an admin who must can purge the
+// stream by subject ($JS.API.STREAM.PURGE). A new bucket is created
+// allowing rollups, as jetstream creates every bucket, and changed at once;
+// an existing one is updated in place from its own stream configuration,
+// so it never allows them again: only the settings in cfg that vmherd
+// sets (description, history, replicas) are carried over.
+func EnsureBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) error {
+	st, err := js.Stream(ctx, "KV_"+cfg.Bucket)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		if _, err := js.CreateKeyValue(ctx, cfg); err != nil && !errors.Is(err, jetstream.ErrBucketExists) {
+			return fmt.Errorf("creating bucket %s: %w", cfg.Bucket, err)
+		}
+		if st, err = js.Stream(ctx, "KV_"+cfg.Bucket); err != nil {
+			return fmt.Errorf("creating bucket %s: %w", cfg.Bucket, err)
+		}
+	} else if err != nil {
+		return fmt.Errorf("looking up bucket %s: %w", cfg.Bucket, err)
+	}
+	sc := st.CachedInfo().Config
+	want := sc
+	want.Description = cfg.Description
+	if cfg.History > 0 {
+		want.MaxMsgsPerSubject = int64(cfg.History)
+	}
+	if cfg.Replicas > 0 {
+		want.Replicas = cfg.Replicas
+	}
+	want.AllowRollup = false
+	if reflect.DeepEqual(want, sc) {
+		return nil
+	}
+	if _, err := js.UpdateStream(ctx, want); err != nil {
+		return fmt.Errorf("updating bucket %s: %w", cfg.Bucket, err)
 	}
 	return nil
 }

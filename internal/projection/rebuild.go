@@ -233,8 +233,8 @@ func Rebuild(ctx context.Context, js jetstream.JetStream, n events.Names, s even
 			cfg = c
 		}
 	}
-	if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
-		return 0, 0, fmt.Errorf("rebuild: creating %s: %w", n.RecordsBucket(), err)
+	if err := events.EnsureBucket(ctx, js, cfg); err != nil {
+		return 0, 0, fmt.Errorf("rebuild: %w", err)
 	}
 	if err := putAll(ctx, js, n.RecordsBucket(), recs); err != nil {
 		return 0, 0, err

@@ -15,6 +15,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/images"
+	"github.com/vmherd/vmherd/internal/origin"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -52,8 +53,8 @@ func (w *Worker) startImages(ctx context.Context, svc micro.Service) (*imageServ
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	err := errors.Join(
-		svc.AddEndpoint("image_pull", micro.HandlerFunc(s.pull), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImagePull))),
-		svc.AddEndpoint("image_rm", micro.HandlerFunc(s.remove), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImageRemove))),
+		svc.AddEndpoint("image_pull", origin.Guard(w.log, micro.HandlerFunc(s.pull)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImagePull))),
+		svc.AddEndpoint("image_rm", origin.Guard(w.log, micro.HandlerFunc(s.remove)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImageRemove))),
 	)
 	if err != nil {
 		s.cancel()
