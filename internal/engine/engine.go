@@ -36,6 +36,7 @@ import (
 // buckets, and publishes (tasks, decisions stored asynchronously).
 type JetStream interface {
 	events.StoreJS
+	events.KVReader
 	projection.JetStream
 	events.ConsumerCreator
 	PublishAsync(subject string, data []byte, opts ...jetstream.PublishOpt) (jetstream.PubAckFuture, error)

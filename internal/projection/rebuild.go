@@ -187,32 +187,20 @@ func (b *replayBatch) fold(recs map[string]*VmRecord) int {
 	return n
 }
 
-// Load reads every record in the bucket.
-func Load(ctx context.Context, js interface {
-	KeyValue(ctx context.Context, bucket string) (jetstream.KeyValue, error)
-}, n events.Names) (map[string]*VmRecord, error) {
-	kv, err := js.KeyValue(ctx, n.RecordsBucket())
+// Load reads every record in the bucket, with direct gets
+// (events.KVEntries): workers and vmctl may read the bucket, not watch it.
+func Load(ctx context.Context, js events.KVReader, n events.Names) (map[string]*VmRecord, error) {
+	es, err := events.KVEntries(ctx, js, n.RecordsBucket(), "")
 	if err != nil {
 		return nil, err
 	}
 	out := map[string]*VmRecord{}
-	lister, err := kv.ListKeys(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for k := range lister.Keys() {
-		e, err := kv.Get(ctx, k)
-		if err != nil {
-			if errors.Is(err, jetstream.ErrKeyNotFound) {
-				continue
-			}
-			return nil, err
-		}
+	for _, e := range es {
 		r, err := Unmarshal(e.Value())
 		if err != nil {
-			return nil, fmt.Errorf("record %s: %w", k, err)
+			return nil, fmt.Errorf("record %s: %w", e.Key(), err)
 		}
-		out[k] = r
+		out[e.Key()] = r
 	}
 	return out, nil
 }
