@@ -322,13 +322,13 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	if json.Unmarshal(e.Value(), &hb) != nil {
 		return
 	}
-	// A body that names another host is not this host's heartbeat (a
-	// worker of h2 claiming to be h1): the entry is ignored, and the host
-	// keeps what it last said itself. An empty name is the key's.
-	if hb.Host != "" && hb.Host != key {
+	// A body that does not name the key's host is not its heartbeat (a
+	// worker of h2 claiming to be h1, or a JetStream API answer the server
+	// was made to publish on the key, package origin): the entry is
+	// ignored, and the host keeps what it last said itself.
+	if hb.Host != key {
 		return
 	}
-	hb.Host = key
 	// Judge liveness by when the server stored the beat, not by the
 	// worker's clock.
 	hb.Time = e.Created()

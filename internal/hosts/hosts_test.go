@@ -52,6 +52,11 @@ func TestHeartbeatIdentityIsTheKey(t *testing.T) {
 		Capacity: hosts.Resources{Vcpus: 8, MemoryMB: 16384}})
 	beat(t, kv, "h2", hosts.Heartbeat{Host: "h1", Backends: []vm.BackendTag{vm.BackendQEMU}, DefaultBackend: vm.BackendQEMU,
 		Capacity: hosts.Resources{Vcpus: 400, MemoryMB: 1 << 20}})
+	// A body naming no host: not a worker's heartbeat (e.g. a JetStream
+	// API answer the server was made to publish on the key).
+	if _, err := kv.Put(context.Background(), "h3", []byte(`{"type":"io.nats.jetstream.api.v1.account_info_response","memory":0}`)); err != nil {
+		t.Fatal(err)
+	}
 	// A key that is no host id: no worker could have written it.
 	beat(t, kv, "no.host", hosts.Heartbeat{Host: "no.host", Capacity: hosts.Resources{Vcpus: 400, MemoryMB: 1 << 20}})
 
@@ -71,6 +76,9 @@ func TestHeartbeatIdentityIsTheKey(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, h := range hs {
+			if h.Host == "h3" {
+				t.Errorf("h3's entry, which names no host, was taken as a heartbeat: %+v", h.Heartbeat)
+			}
 			if h.Host == "h1" && h.Capacity.Vcpus != 8 {
 				t.Errorf("h1 has %d vCPUs: another host's heartbeat spoke for it", h.Capacity.Vcpus)
 			}
