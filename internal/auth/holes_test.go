@@ -12,6 +12,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/projection"
 )
 
 // Each test here reproduces one hole of the trust-holes issues as the
@@ -247,5 +248,62 @@ func TestPushConsumerRemoved(t *testing.T) {
 		if m.Header.Get("Status") == "" {
 			t.Errorf("the console got %q from the viewer's consumer", m.Data)
 		}
+	}
+}
+
+// Found with the relayed-message work: an operator writes any bytes into
+// VM_SSH, then asks for them with a direct get whose reply subject is an
+// engine's event subject; the server stores the answer there, where the
+// operator may not publish. The projection (and `engine rebuild`) must not
+// take it for the engines' decision.
+func TestDirectGetCopyIsNoEvent(t *testing.T) {
+	f := newFixture(t, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, vmName := range []string{"other1", "other2"} {
+		if _, err := f.admin.js.Publish(ctx, f.names.Event(vmName, events.TypeStopped, "h1"), []byte(`{}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	op := f.connect(auth.Identity{Role: auth.RoleOperator, User: "alice"})
+	forged := `{"type":"accepted","vm":"web1","command_id":"forged","action":"prepare","time":"2026-01-01T00:00:00Z","host":"h1","spec":{"backend":"noop"}}`
+	kv, err := op.js.KeyValue(ctx, f.names.SSHBucket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx, "web1.key", []byte(forged)); err != nil {
+		t.Fatal(err)
+	}
+	target := f.names.Event("web1", events.TypeAccepted, events.EngineWriter)
+	if !op.pub(&nats.Msg{Subject: "$JS.API.DIRECT.GET.KV_" + f.names.SSHBucket() + ".$KV." + f.names.SSHBucket() + ".web1.key", Reply: target}) {
+		t.Fatal("the operator may not direct-get VM_SSH")
+	}
+	st, _ := f.admin.js.Stream(ctx, f.names.EventsStream())
+	if m, err := st.GetLastMsgForSubject(ctx, target); err != nil {
+		t.Skipf("the server did not store the copy (%v): nothing to check", err)
+	} else {
+		t.Logf("stored on %s: headers %v", target, m.Header)
+	}
+	// The engines' reads of a VM's events (direct gets) see it where it is
+	// stored, as no event: the client library would report the original
+	// message's subject and sequence (1, in VM_SSH), and the engine would
+	// take the VM's last event to be at 1.
+	store, err := events.NewStore(ctx, f.admin.js, f.names, events.EngineWriter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs, err := store.ReadVM(ctx, "web1", 0)
+	if err != nil || len(evs) != 1 || evs[0].Seq != 3 || evs[0].Event != nil {
+		t.Errorf("ReadVM after the copy: %v %+v, want one message at 3 that is no event", err, evs)
+	}
+	if seq, err := store.LastSeq(ctx, "web1"); err != nil || seq != 3 {
+		t.Errorf("LastSeq after the copy: %d %v, want 3", seq, err)
+	}
+	recs, _, err := projection.Replay(ctx, f.admin.js, f.names)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := recs["web1"]; r != nil {
+		t.Errorf("the operator's bytes became the engines' decision: web1 is %s (command %s)", r.State, r.LastCommandID)
 	}
 }

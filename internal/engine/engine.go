@@ -414,7 +414,7 @@ func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, publish
 		n := 0
 		for m := range batch.Messages() {
 			n++
-			if ev, err := events.Decode(m.Data()); err == nil && ev.CommandID == cmdID {
+			if ev, err := events.Decode(m.Data()); err == nil && ev.CommandID == cmdID && !events.StoredByServer(m.Headers()) {
 				md, err := m.Metadata()
 				if err != nil {
 					return nil, 0, err

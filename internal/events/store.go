@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"strconv"
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -169,11 +170,12 @@ func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Store
 	}
 	subj := s.Names.VMEvents(vmName)
 	stored := func(m *jetstream.RawStreamMsg) Stored {
+		seq, relayed := storedAs(m)
 		ev, err := s.Names.DecodeStored(m.Subject, m.Data)
-		if err != nil {
+		if err != nil || relayed {
 			ev = nil
 		}
-		return Stored{Seq: m.Sequence, Event: ev}
+		return Stored{Seq: seq, Event: ev}
 	}
 	last, err := s.stream.GetLastMsgForSubject(ctx, subj)
 	if err != nil {
@@ -182,6 +184,7 @@ func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Store
 		}
 		return nil, fmt.Errorf("reading the last event of vm %s: %w", vmName, err)
 	}
+	last.Sequence, _ = storedAs(last)
 	if last.Sequence < from {
 		return nil, nil
 	}
@@ -194,6 +197,7 @@ func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Store
 			}
 			return out, fmt.Errorf("reading events of vm %s from %d: %w", vmName, from, err)
 		}
+		m.Sequence, _ = storedAs(m)
 		if m.Sequence >= last.Sequence {
 			break
 		}
@@ -201,6 +205,29 @@ func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Store
 		from = m.Sequence + 1
 	}
 	return append(out, stored(last)), nil
+}
+
+// storedAs returns the sequence m is stored at in the stream it was read
+// from, and whether the server stored it on someone's behalf
+// (StoredByServer). A direct get answers with Nats-Stream, Nats-Subject
+// and Nats-Sequence headers added after the stored message's own; the
+// client library takes the first of each, which for a stored answer of
+// another direct get are the original message's: its subject and its
+// sequence in another stream. The last are the stored message's. Read
+// through the API instead, the stored headers come back as they are, and
+// a stored answer's Nats-Subject is not the subject it is stored on.
+func storedAs(m *jetstream.RawStreamMsg) (seq uint64, relayed bool) {
+	seqs := m.Header.Values("Nats-Sequence")
+	switch {
+	case len(seqs) > 1:
+		if n, err := strconv.ParseUint(seqs[len(seqs)-1], 10, 64); err == nil {
+			return n, true
+		}
+		return m.Sequence, true
+	case len(seqs) == 1 && m.Header.Get("Nats-Subject") != m.Subject:
+		return m.Sequence, true
+	}
+	return m.Sequence, false
 }
 
 // LastSeq returns the stream sequence of the VM's last event (0 if none).
@@ -212,7 +239,8 @@ func (s *Store) LastSeq(ctx context.Context, vmName string) (uint64, error) {
 		}
 		return 0, err
 	}
-	return m.Sequence, nil
+	seq, _ := storedAs(m)
+	return seq, nil
 }
 
 // NotReadyError says what is missing or set differently from what a

@@ -129,7 +129,11 @@ func readBatches(ctx context.Context, it jetstream.MessagesContext, last uint64,
 			return err
 		}
 		seq := md.Sequence.Stream
-		b.msgs = append(b.msgs, replayMsg{seq: seq, subj: msg.Subject(), data: msg.Data()})
+		data := msg.Data()
+		if events.StoredByServer(msg.Headers()) {
+			data = nil // as the projector: not an event
+		}
+		b.msgs = append(b.msgs, replayMsg{seq: seq, subj: msg.Subject(), data: data})
 		if len(b.msgs) == replayBatchSize || seq >= last {
 			select {
 			case out <- b:
