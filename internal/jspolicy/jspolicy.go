@@ -32,6 +32,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"time"
 
@@ -143,7 +144,7 @@ func (e *Enforcer) audited(ctx context.Context, data []byte) {
 		return
 	}
 	var created jetstream.ConsumerInfo
-	if json.Unmarshal([]byte(a.Response), &created) != nil || created.Name == "" || !slicesContains(streams(e.Names), created.Stream) {
+	if json.Unmarshal([]byte(a.Response), &created) != nil || created.Name == "" || !slices.Contains(streams(e.Names), created.Stream) {
 		return // refused by the server, or not the installation's
 	}
 	ictx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -193,7 +194,7 @@ func (e *Enforcer) Sweep(ctx context.Context) {
 }
 
 func (e *Enforcer) check(ctx context.Context, stream, name string, cfg jetstream.ConsumerConfig, who string) {
-	if !slicesContains(streams(e.Names), stream) {
+	if !slices.Contains(streams(e.Names), stream) {
 		return
 	}
 	why := Violation(e.Names, stream, cfg)
@@ -215,13 +216,4 @@ func (e *Enforcer) check(ctx context.Context, stream, name string, cfg jetstream
 		return
 	}
 	log.Warn("jspolicy: deleted a consumer that breaks the policy")
-}
-
-func slicesContains(s []string, v string) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
