@@ -22,6 +22,7 @@ import (
 	"github.com/vmherd/vmherd/internal/engine"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/jspolicy"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/natsserver"
 	"github.com/vmherd/vmherd/internal/worker"
@@ -189,6 +190,11 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return eng.Run(gctx) })
 	go returnMemory(gctx)
+	// What permissions cannot say about consumers (push deliver subjects,
+	// durables on the streams people read): docs/trust.md.
+	g.Go(func() error {
+		return (&jspolicy.Enforcer{JS: js, Names: o.Streams.Names(), Log: log}).Run(gctx)
+	})
 	if w != nil {
 		g.Go(func() error { return w.Run(gctx) })
 	}

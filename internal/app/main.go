@@ -64,14 +64,18 @@ node's configuration). The roles are in docs/trust.md.`,
 			if err != nil {
 				return err
 			}
+			// Replies reach an identity only on its own inbox prefix: the
+			// nats CLI needs it given (vmctl reads it from the file).
+			inbox := fmt.Sprintf("its inbox prefix: %s (nats CLI: --inbox-prefix %s)", id.InboxPrefix(), id.InboxPrefix())
 			if out == "" || out == "-" {
 				_, err = cmd.OutOrStdout().Write(b)
+				fmt.Fprintf(cmd.ErrOrStderr(), "%s credentials; %s\n", id.Name(), inbox)
 				return err
 			}
 			if err := os.WriteFile(out, b, 0o600); err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.ErrOrStderr(), "wrote %s credentials to %s\n", id.Name(), out)
+			fmt.Fprintf(cmd.ErrOrStderr(), "wrote %s credentials to %s; %s\n", id.Name(), out, inbox)
 			return nil
 		},
 	}
@@ -176,7 +180,8 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 				return err
 			}
 			conn.Name = "vmherd-worker-" + wo.Host
-			// A worker's credentials allow replies only on its own inbox prefix.
+			// Without credentials (no auth) the worker still keeps to its
+			// own inbox prefix; with them, Connect takes theirs.
 			conn.InboxPrefix = auth.Identity{Role: auth.RoleWorker, Host: wo.Host}.InboxPrefix()
 			nc, js, err := conn.ConnectJS(true)
 			if err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/pflag"
 
+	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/events"
 )
@@ -26,8 +27,9 @@ type ConnOptions struct {
 	TLSKey  string
 	TLSCA   string
 	Name    string
-	// InboxPrefix replaces _INBOX for this connection's replies (a
-	// worker's credentials allow only _INBOX_<host>).
+	// InboxPrefix replaces _INBOX for this connection's replies when
+	// Creds names none (each identity's credentials allow only its own,
+	// auth.CredsInboxPrefix, which Connect uses).
 	InboxPrefix string
 }
 
@@ -46,11 +48,20 @@ func (o *ConnOptions) Connect(daemon bool) (*nats.Conn, error) {
 	if daemon {
 		opts = append(opts, nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true), nats.ReconnectWait(250*time.Millisecond))
 	}
+	inbox := o.InboxPrefix
 	if o.Creds != "" {
 		opts = append(opts, nats.UserCredentials(o.Creds))
+		// Replies come only to the inbox prefix the credentials allow.
+		p, err := auth.CredsInboxPrefix(o.Creds)
+		if err != nil {
+			return nil, fmt.Errorf("reading credentials %s: %w", o.Creds, err)
+		}
+		if p != "" {
+			inbox = p
+		}
 	}
-	if o.InboxPrefix != "" {
-		opts = append(opts, nats.CustomInboxPrefix(o.InboxPrefix))
+	if inbox != "" {
+		opts = append(opts, nats.CustomInboxPrefix(inbox))
 	}
 	if o.TLSCert != "" || o.TLSKey != "" {
 		opts = append(opts, nats.ClientCert(o.TLSCert, o.TLSKey))

@@ -20,6 +20,20 @@ import (
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
+
+	"github.com/vmherd/vmherd/schemas"
+)
+
+// The account's limits (Open).
+const (
+	// MaxConnections bounds the account's client connections.
+	MaxConnections = 4096
+	// MaxConsumers bounds the account's JetStream consumers.
+	MaxConsumers = 4096
+	// MaxPayload is the largest message: a command of schemas.MaxBodySize
+	// and the event or record that carries its spec. The embedded server's
+	// max_payload is the same.
+	MaxPayload = schemas.MaxBodySize + 64<<10
 )
 
 // Authority holds the operator, the vmherd account and the system
@@ -65,8 +79,14 @@ func Open(dir string) (*Authority, error) {
 	}
 	ac := jwt.NewAccountClaims(a.AccountPub)
 	ac.Name = "VMHERD"
-	// JetStream without limits: vmherd's streams set their own.
-	ac.Limits.JetStreamLimits = jwt.JetStreamLimits{MemoryStorage: -1, DiskStorage: -1, Streams: -1, Consumer: -1, MaxAckPending: -1}
+	// Bounds on what any identity can make the servers hold: NATS has no
+	// per-user bound on connections or consumers, so these are the
+	// account's (streams and storage are vmherd's own, limited by each
+	// stream). Payload: the largest command plus room for the event that
+	// carries it.
+	ac.Limits.Conn = MaxConnections
+	ac.Limits.Payload = MaxPayload
+	ac.Limits.JetStreamLimits = jwt.JetStreamLimits{MemoryStorage: -1, DiskStorage: -1, Streams: -1, Consumer: MaxConsumers, MaxAckPending: -1}
 	if a.AccountJWT, err = ac.Encode(a.operator); err != nil {
 		return nil, fmt.Errorf("auth: account jwt: %w", err)
 	}
@@ -117,6 +137,10 @@ func writeFile(path string, data []byte) error {
 // Creds returns a credentials file (user JWT and seed) for an identity
 // with the given name and permissions, signed by the account.
 func (a *Authority) Creds(name string, perms jwt.Permissions) ([]byte, error) {
+	return a.creds(name, perms, -1)
+}
+
+func (a *Authority) creds(name string, perms jwt.Permissions, subs int64) ([]byte, error) {
 	kp, err := nkeys.CreateUser()
 	if err != nil {
 		return nil, err
@@ -125,6 +149,7 @@ func (a *Authority) Creds(name string, perms jwt.Permissions) ([]byte, error) {
 	uc := jwt.NewUserClaims(pub)
 	uc.Name = name
 	uc.Permissions = perms
+	uc.Limits.Subs = subs
 	tok, err := uc.Encode(a.acct)
 	if err != nil {
 		return nil, fmt.Errorf("auth: user jwt for %s: %w", name, err)
@@ -153,7 +178,7 @@ func (a *Authority) IdentityCreds(id Identity) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return a.Creds(id.Name(), perms)
+	return a.creds(id.Name(), perms, id.subs())
 }
 
 // ConfigureServer puts an embedded server in operator mode with this
@@ -211,4 +236,29 @@ func CredsName(path string) (string, error) {
 		return "", fmt.Errorf("auth: %s: %w", path, err)
 	}
 	return uc.Name, nil
+}
+
+// CredsInboxPrefix returns the inbox prefix a credentials file's identity
+// must use: the one its subscribe permissions allow (Identity.InboxPrefix;
+// a worker's credentials from before it, _INBOX_<host>), or "" for NATS's
+// default (credentials that may subscribe to _INBOX.>).
+func CredsInboxPrefix(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	tok, err := jwt.ParseDecoratedJWT(b)
+	if err != nil {
+		return "", fmt.Errorf("auth: %s: %w", path, err)
+	}
+	uc, err := jwt.DecodeUserClaims(tok)
+	if err != nil {
+		return "", fmt.Errorf("auth: %s: %w", path, err)
+	}
+	for _, s := range uc.Sub.Allow {
+		if p, ok := strings.CutSuffix(s, ".>"); ok && strings.HasPrefix(p, "_INBOX") && p != "_INBOX" && !strings.ContainsAny(p, "*>") {
+			return p, nil
+		}
+	}
+	return "", nil
 }

@@ -2,7 +2,6 @@ package auth
 
 import (
 	"fmt"
-	"time"
 
 	"github.com/nats-io/jwt/v2"
 
@@ -54,14 +53,28 @@ func (id Identity) Name() string {
 	return string(id.Role)
 }
 
-// InboxPrefix is the inbox prefix a worker's connection must use: each
-// host gets its own, so one worker cannot read the replies meant for
-// another. Other roles use NATS's default _INBOX.
-func (id Identity) InboxPrefix() string {
+// InboxRoot is the first token of every identity's inbox prefix. Each
+// identity may subscribe only under its own prefix
+// (InboxRoot.<role>.<name>), so no one reads another's replies (KV gets of
+// private keys, JetStream API answers, consumer deliveries); responders
+// (workers) may publish under the root, and only there, so a request's
+// reply subject cannot make them write anywhere else.
+const InboxRoot = "_INBOX_VMHERD"
+
+// token is the last token of the identity's inbox prefix: its host for a
+// worker, its name for the others.
+func (id Identity) token() string {
 	if id.Role == RoleWorker {
-		return "_INBOX_" + id.Host
+		return id.Host
 	}
-	return ""
+	return id.Name()
+}
+
+// InboxPrefix is the inbox prefix the identity's connections must use
+// (nats.CustomInboxPrefix, the nats CLI's --inbox-prefix): the only
+// replies it may receive are those under it.
+func (id Identity) InboxPrefix() string {
+	return InboxRoot + "." + string(id.Role) + "." + id.token()
 }
 
 // Permissions returns the identity's NATS permissions.
@@ -71,15 +84,27 @@ func (id Identity) Permissions() (jwt.Permissions, error) {
 		n = events.DefaultNames
 	}
 	var p jwt.Permissions
+	if id.Role == RoleWorker {
+		if err := vm.ValidateHost(id.Host); err != nil {
+			return p, fmt.Errorf("auth: worker identity: %w", err)
+		}
+	} else if err := vm.ValidateIdentity(id.Name()); err != nil {
+		return p, fmt.Errorf("auth: %s identity: %w", id.Role, err)
+	}
+	inbox := id.InboxPrefix() + ".>"
 	switch id.Role {
 	case RoleAdmin, RoleEngine:
 		p.Pub.Allow.Add(">")
-		p.Sub.Allow.Add(">")
+		// Its own inbox is listed although ">" covers it: clients read
+		// their inbox prefix from the credentials (CredsInboxPrefix).
+		p.Sub.Allow.Add(">", inbox)
 	case RoleOperator, RoleViewer:
-		if err := vm.ValidateIdentity(id.Name()); err != nil {
-			return p, fmt.Errorf("auth: %s identity: %w", id.Role, err)
+		streams := []string{n.EventsStream(), "KV_" + n.RecordsBucket(), "KV_" + n.HostsBucket(), "KV_" + n.ImagesBucket()}
+		if id.Role == RoleOperator {
+			streams = append(streams, "KV_"+n.SSHBucket())
 		}
-		reader(&p, n)
+		reader(&p, n, streams)
+		p.Sub.Allow.Add(inbox)
 		// Every reader may read console logs.
 		p.Pub.Allow.Add(n.Log("*", "*"))
 		if id.Role == RoleOperator {
@@ -93,49 +118,89 @@ func (id Identity) Permissions() (jwt.Permissions, error) {
 			// Image pulls and removals, on any host.
 			p.Pub.Allow.Add(n.Image("*", events.ImagePull), n.Image("*", events.ImageRemove))
 			// VM_SSH (generated keys, host keys, provisioning logs): read
-			// and write; viewers and workers may not read it.
-			ssh := "KV_" + n.SSHBucket()
-			p.Pub.Allow.Add("$KV."+n.SSHBucket()+".>", "$JS.API.DIRECT.GET."+ssh, "$JS.API.DIRECT.GET."+ssh+".>",
-				"$JS.API.STREAM.MSG.GET."+ssh, "$JS.API.CONSUMER.CREATE."+ssh+".>", "$JS.API.CONSUMER.MSG.NEXT."+ssh+".>",
-				"$JS.API.CONSUMER.DELETE."+ssh+".>")
+			// (above) and write; viewers and workers may not read it.
+			p.Pub.Allow.Add("$KV." + n.SSHBucket() + ".>")
 			p.Pub.Allow.Add("$KV." + n.HostsBucket() + ".*.cordon") // cordon, uncordon, drain
 		}
 	case RoleWorker:
-		if err := vm.ValidateHost(id.Host); err != nil {
-			return p, fmt.Errorf("auth: worker identity: %w", err)
-		}
 		worker(&p, n, id.Host)
+		p.Sub.Allow.Add(inbox)
 	default:
 		return p, fmt.Errorf("auth: unknown role %q (roles: %v)", id.Role, Roles)
 	}
 	return p, nil
 }
 
-// reader is what every human identity may read: the events stream and the
-// two buckets (with direct gets and ordered consumers, which only read),
-// stream and consumer info, the engine consumer's info (vmctl's "is an
-// engine running?"), and the workers' queries. It cannot create consumers
-// on VM_TASKS or VM_COMMANDS.
-func reader(p *jwt.Permissions, n events.Names) {
-	p.Pub.Allow.Add("$JS.API.INFO", "$JS.API.STREAM.INFO.>",
-		"$JS.API.CONSUMER.INFO."+n.CommandsStream()+"."+n.CommandConsumer())
-	for _, st := range []string{n.EventsStream(), "KV_" + n.RecordsBucket(), "KV_" + n.HostsBucket(), "KV_" + n.ImagesBucket()} {
-		p.Pub.Allow.Add(
-			"$JS.API.STREAM.MSG.GET."+st,
-			"$JS.API.DIRECT.GET."+st, "$JS.API.DIRECT.GET."+st+".>",
-			"$JS.API.CONSUMER.CREATE."+st+".>", "$JS.API.CONSUMER.INFO."+st+".>",
-			"$JS.API.CONSUMER.MSG.NEXT."+st+".>", "$JS.API.CONSUMER.DELETE."+st+".>",
-		)
+// PersonSubs bounds the subscriptions of one operator's or viewer's
+// connection (vmctl needs a handful); NATS has no per-user bound on
+// connections or consumers, see Open for the account's.
+const PersonSubs = 1024
+
+// subs is the identity's subscription limit (-1: none): workers and
+// engines subscribe per VM, console and tunnel.
+func (id Identity) subs() int64 {
+	if id.Role == RoleOperator || id.Role == RoleViewer {
+		return PersonSubs
 	}
+	return -1
+}
+
+// streamsOf is every stream and bucket of the installation: the ones
+// events.Check looks up (stream info only).
+func streamsOf(n events.Names) []string {
+	return []string{n.CommandsStream(), n.EventsStream(), n.TasksStream(),
+		"KV_" + n.RecordsBucket(), "KV_" + n.HostsBucket(), "KV_" + n.SSHBucket(), "KV_" + n.ImagesBucket()}
+}
+
+// getVerbs are the JetStream API verbs that read single messages of
+// stream st: direct gets (also batched, how events.KVEntries lists a
+// bucket) and the API's message get.
+func getVerbs(p *jwt.Permissions, st string) {
+	p.Pub.Allow.Add("$JS.API.STREAM.MSG.GET."+st, "$JS.API.DIRECT.GET."+st, "$JS.API.DIRECT.GET."+st+".>")
+}
+
+// consumerVerbs are those of an ordered consumer of stream st (vmctl's
+// reads of a VM's events): created with its name in the subject
+// ($JS.API.CONSUMER.CREATE.<st>.<name>[.<filter>], never the legacy
+// ephemeral or durable forms), asked for info, pulled from. Not: deleting
+// a consumer (one could delete the engines'), listing consumers, any
+// stream admin verb (create, update, delete, purge, message delete,
+// snapshot, restore). Whether a consumer delivers to a subject (push) is
+// in the request's body, which permissions cannot see: the engines remove
+// such consumers unless they deliver to an inbox (package jspolicy).
+func consumerVerbs(p *jwt.Permissions, st string) {
+	p.Pub.Allow.Add(
+		"$JS.API.CONSUMER.CREATE."+st+".*", "$JS.API.CONSUMER.CREATE."+st+".*.>",
+		"$JS.API.CONSUMER.INFO."+st+".*", "$JS.API.CONSUMER.MSG.NEXT."+st+".*",
+	)
+}
+
+// reader is what every human identity may read: messages of the given
+// streams and buckets, ordered consumers of the events stream, every
+// stream's info, the engine consumer's info (vmctl's "is an engine
+// running?"), and the workers' queries. It cannot create consumers on
+// VM_TASKS or VM_COMMANDS, nor on the buckets (events.KVEntries lists
+// them).
+func reader(p *jwt.Permissions, n events.Names, streams []string) {
+	p.Pub.Allow.Add("$JS.API.INFO", "$JS.API.CONSUMER.INFO."+n.CommandsStream()+"."+n.CommandConsumer())
+	for _, st := range streamsOf(n) {
+		p.Pub.Allow.Add("$JS.API.STREAM.INFO." + st)
+	}
+	for _, st := range streams {
+		getVerbs(p, st)
+	}
+	consumerVerbs(p, n.EventsStream())
 	p.Pub.Allow.Add(n.Prefix + ".query.*.>")
-	p.Sub.Allow.Add("_INBOX.>")
 }
 
 // worker is the permission of the worker of host h.
 func worker(p *jwt.Permissions, n events.Names, h string) {
 	tasks, cons := n.TasksStream(), n.HostTaskConsumer(h)
+	p.Pub.Allow.Add("$JS.API.INFO")
+	for _, st := range streamsOf(n) {
+		p.Pub.Allow.Add("$JS.API.STREAM.INFO." + st)
+	}
 	p.Pub.Allow.Add(
-		"$JS.API.INFO", "$JS.API.STREAM.INFO.>",
 		// Its own task consumer: bind, pull, ack. Never create one.
 		"$JS.API.CONSUMER.INFO."+tasks+"."+cons,
 		"$JS.API.CONSUMER.MSG.NEXT."+tasks+"."+cons,
@@ -147,18 +212,14 @@ func worker(p *jwt.Permissions, n events.Names, h string) {
 		// Events only with its own host as writer.
 		n.WriterEvents(h),
 	)
-	// Reading events (an earlier result of a task, the VM's last event)
-	// and records (re-adoption): direct gets and ordered consumers.
+	// Reading events (an earlier result of a task, the VM's last event),
+	// records (re-adoption) and its images' status: message gets only, no
+	// consumer.
 	for _, st := range []string{n.EventsStream(), "KV_" + n.RecordsBucket(), "KV_" + n.ImagesBucket()} {
-		p.Pub.Allow.Add(
-			"$JS.API.STREAM.MSG.GET."+st,
-			"$JS.API.DIRECT.GET."+st, "$JS.API.DIRECT.GET."+st+".>",
-			"$JS.API.CONSUMER.CREATE."+st+".>", "$JS.API.CONSUMER.MSG.NEXT."+st+".>",
-			"$JS.API.CONSUMER.DELETE."+st+".>",
-		)
+		getVerbs(p, st)
 	}
 	// Its query service (vm.query.<h>.*) and the micro service discovery.
-	p.Sub.Allow.Add(n.Query(h)+".>", "$SRV.>", "_INBOX_"+h+".>")
+	p.Sub.Allow.Add(n.Query(h)+".>", "$SRV.>")
 	// The relay of its own VMs' consoles, logs and tunnels (package relay).
 	p.Sub.Allow.Add(
 		n.Console(h, "*", events.ConsoleAttach), n.Console(h, "*", events.ConsoleIn),
@@ -168,5 +229,9 @@ func worker(p *jwt.Permissions, n events.Names, h string) {
 	p.Pub.Allow.Add(n.Console(h, "*", events.ConsoleOut), n.Tunnel(h, "*", "*", events.TunnelDown))
 	// Its image store's requests.
 	p.Sub.Allow.Add(n.Image(h, events.ImagePull), n.Image(h, events.ImageRemove))
-	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1, Expires: time.Minute}
+	// Answers go to inboxes only: the requesters' (InboxRoot), or the
+	// default _INBOX of an admin's plain nats CLI. No "allow responses":
+	// with it, a request whose reply subject is vm.evt... or $KV... would
+	// let the worker publish its answer there.
+	p.Pub.Allow.Add(InboxRoot+".>", "_INBOX.>")
 }

@@ -94,6 +94,25 @@ func TestBinariesAndNatsCLI(t *testing.T) {
 	if o := natsRun("micro", "ls"); !strings.Contains(o, "vmherd-worker") {
 		t.Fatalf("nats micro ls does not show the worker:\n%s", o)
 	}
+	// Another identity's nats CLI (docs/trust.md, Inboxes): `engine creds`
+	// names its inbox prefix; with --inbox-prefix it reads what its role
+	// may (an operator: a VM's key), without it no reply reaches it.
+	natsRun("kv", "put", "VM_SSH", "web1.key", "the-private-key")
+	carol := filepath.Join(dir, "carol.creds")
+	_, said, code := testenv.Run(t, 30*time.Second, nil, filepath.Join(bin, "engine"), "creds", "--data-dir", filepath.Join(dir, "data"), "--role", "operator", "--name", "carol", "-o", carol)
+	_, prefix, found := strings.Cut(said, "--inbox-prefix ")
+	prefix, _, _ = strings.Cut(prefix, ")")
+	if code != 0 || !found || prefix == "" {
+		t.Fatalf("engine creds: exit %d, no inbox prefix named: %s", code, said)
+	}
+	get := []string{"--server", url, "--creds", carol, "--timeout", "2s", "kv", "get", "VM_SSH", "web1.key", "--raw"}
+	if out, errOut, code := testenv.Run(t, 30*time.Second, nil, nats, append([]string{"--inbox-prefix", prefix}, get...)...); code != 0 || !strings.Contains(out, "the-private-key") {
+		t.Errorf("nats --inbox-prefix %s kv get, as an operator: exit %d\n%s%s", prefix, code, out, errOut)
+	}
+	if out, _, code := testenv.Run(t, 30*time.Second, nil, nats, get...); code == 0 || strings.Contains(out, "the-private-key") {
+		t.Errorf("nats kv get as an operator without its inbox prefix: exit %d\n%s", code, out)
+	}
+
 	// Malformed input through the CLI: one rejection, the engine serves on.
 	natsRun("pub", "vm.cmd.web1.stop", "{oops", "-H", "Nats-Msg-Id:bad-json")
 

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +20,7 @@ import (
 	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/vm"
@@ -84,8 +87,13 @@ func connectAs(t *testing.T, url, dir string, id auth.Identity) (*nats.Conn, jet
 // heartbeats.
 func authEngine(t *testing.T, args ...string) (url, dir string, env *testenv.Env) {
 	t.Helper()
+	return authEngineIn(t, filepath.Join(t.TempDir(), "data"), args...)
+}
+
+// authEngineIn is authEngine with the data directory dir.
+func authEngineIn(t *testing.T, dir string, args ...string) (url, _ string, env *testenv.Env) {
+	t.Helper()
 	bin := testenv.Binaries(t)
-	dir = filepath.Join(t.TempDir(), "data")
 	port := testenv.FreePort(t)
 	url = "nats://" + testenv.Addr(port)
 	eng := testenv.StartProc(t, "engine", filepath.Join(bin, "engine"), nil,
@@ -449,4 +457,48 @@ func timeToStore(ctx context.Context, t *testing.T, js jetstream.JetStream, n, s
 		t.Fatal(ctx.Err())
 	}
 	return time.Since(t0)
+}
+
+// A viewer makes the server deliver stored messages to a worker's service
+// (issue 26 item 2): a push consumer of VM_IMAGES delivering to
+// vm.image.h1.rm in its queue group, and a direct get of h1's image status
+// answered on vm.image.h1.rm. Each delivers {"name":"tiny",...}, an image
+// removal the viewer could not send itself. The worker takes only
+// requests with an inbox reply and no relay marks: the image stays.
+func TestTrustRelayedRequests(t *testing.T) {
+	blob := []byte("a tiny image")
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write(blob) }))
+	defer srv.Close()
+	dir := filepath.Join(t.TempDir(), "data")
+	store := &images.Store{Root: filepath.Join(dir, "images")}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if _, err := store.Pull(ctx, srv.URL+"/tiny.img", images.PullOptions{Name: "tiny"}); err != nil {
+		t.Fatal(err)
+	}
+	url, _, env := authEngineIn(t, dir)
+	key := events.ImageKey("h1", "tiny")
+	env.WaitFor("h1 reports its image", 30*time.Second, func() bool {
+		kv, err := env.JS.KeyValue(ctx, env.Names.ImagesBucket())
+		if err != nil {
+			return false
+		}
+		_, err = kv.Get(ctx, key)
+		return err == nil
+	})
+	vnc, _, _ := connectAs(t, url, dir, auth.Identity{Role: auth.RoleViewer, User: "dash"})
+	rm := env.Names.Image("h1", events.ImageRemove)
+	body := fmt.Sprintf(`{"stream_name":"KV_%s","config":{"name":"rm","deliver_subject":%q,"deliver_group":"q","filter_subject":"$KV.%s.%s","ack_policy":"none"}}`,
+		env.Names.ImagesBucket(), rm, env.Names.ImagesBucket(), key)
+	if err := vnc.PublishRequest("$JS.API.CONSUMER.CREATE.KV_"+env.Names.ImagesBucket()+".rm.$KV."+env.Names.ImagesBucket()+"."+key, vnc.NewInbox(), []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	if err := vnc.PublishRequest("$JS.API.DIRECT.GET.KV_"+env.Names.ImagesBucket()+".$KV."+env.Names.ImagesBucket()+"."+key, rm, nil); err != nil {
+		t.Fatal(err)
+	}
+	_ = vnc.Flush()
+	time.Sleep(3 * time.Second)
+	if _, err := store.Get("tiny"); err != nil {
+		t.Errorf("h1's image was removed by what the server relayed for a viewer: %v", err)
+	}
 }

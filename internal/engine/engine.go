@@ -36,6 +36,7 @@ import (
 // buckets, and publishes (tasks, decisions stored asynchronously).
 type JetStream interface {
 	events.StoreJS
+	events.KVReader
 	projection.JetStream
 	events.ConsumerCreator
 	PublishAsync(subject string, data []byte, opts ...jetstream.PublishOpt) (jetstream.PubAckFuture, error)
@@ -254,6 +255,11 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 	// The body is parsed once here (checked and decoded together); only a
 	// body that fails is peeked at again, for a command id to reject it under.
 	cmd, act, perr := parse(action, msg.Data())
+	if events.StoredByServer(msg.Headers()) {
+		// The answer of someone's direct get, stored here by the server
+		// (a reply subject on vm.cmd.>): nobody published it.
+		perr = reject("not a published command: the server stored it as the answer of a request whose reply subject was %s", msg.Subject())
+	}
 	cmdID := commandID(cmd, msg, md.Sequence.Stream)
 	base := events.Event{VM: name, CommandID: cmdID, Action: fsm.Action(action), Issuer: issuer}
 
@@ -361,6 +367,9 @@ func (e *Engine) storedDecision(ctx context.Context, name, cmdID string, seq uin
 		return nil, fmt.Errorf("reading the stored decision of command %s (vm %s, seq %d): %w", cmdID, name, seq, err)
 	}
 	ev, err := e.cfg.Names.DecodeStored(m.Subject, m.Data)
+	if err == nil && events.StoredByServer(m.Header) {
+		err = errors.New("stored by the server on a client's behalf, not by an engine")
+	}
 	if err != nil {
 		return nil, fmt.Errorf("reading the stored decision of command %s (vm %s, seq %d): %w", cmdID, name, seq, err)
 	}
@@ -479,7 +488,7 @@ func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, publish
 			if err != nil {
 				return nil, 0, err
 			}
-			if ev, err := e.cfg.Names.DecodeStored(m.Subject(), m.Data()); err == nil && ev.CommandID == cmdID {
+			if ev, err := e.cfg.Names.DecodeStored(m.Subject(), m.Data()); err == nil && ev.CommandID == cmdID && !events.StoredByServer(m.Headers()) {
 				return ev, md.Sequence.Stream, nil
 			}
 		}

@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/vm"
 )
@@ -126,6 +128,20 @@ func (n Names) DecodeStored(subj string, data []byte) (*Event, error) {
 	}
 	ev.Writer = writer
 	return ev, nil
+}
+
+// StoredByServer reports whether a stored message was put there by the
+// NATS server on a client's behalf rather than written by a client: the
+// answer of a direct get whose reply subject was the stream's subject
+// (it carries the Nats-Stream and Nats-Sequence headers of the answer;
+// no vmherd writer sets them). Anyone who may direct-get can have the
+// server store any message they can read, and so one whose body they
+// wrote, on a subject they may not publish to (vm.evt.<vm>.<type>._engine):
+// readers that take the writer from the subject must skip it. Read with a
+// consumer, the message shows those headers; read with a direct get, the
+// client library reports the first Nats-Subject, the original one.
+func StoredByServer(h nats.Header) bool {
+	return h.Get("Nats-Stream") != "" || h.Get("Nats-Sequence") != ""
 }
 
 // Abandoned is a command in flight on a lost host when its VM was

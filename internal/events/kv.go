@@ -1,8 +1,6 @@
 package events
 
 import (
-	"context"
-	"fmt"
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -32,27 +30,3 @@ func KVPutSubject(js interface {
 	return pre + "$KV." + bucket + "." + key
 }
 
-// BucketKeys lists the keys of a bucket that match filter (a key pattern,
-// ">" for all) from its stream's subject index: one stream info request
-// (paged past 100,000 keys) and no consumer, so a reader that dies leaves
-// nothing behind (a KV watch or ListKeys makes an ordered consumer).
-// Deleted keys are listed too (a delete marker is a message on the key's
-// subject): a Get of one finds nothing.
-func BucketKeys(ctx context.Context, js interface {
-	Stream(ctx context.Context, name string) (jetstream.Stream, error)
-}, bucket, filter string) ([]string, error) {
-	st, err := js.Stream(ctx, "KV_"+bucket)
-	if err != nil {
-		return nil, fmt.Errorf("opening bucket %s: %w", bucket, err)
-	}
-	pre := "$KV." + bucket + "."
-	info, err := st.Info(ctx, jetstream.WithSubjectFilter(pre+filter))
-	if err != nil {
-		return nil, fmt.Errorf("listing the keys of %s: %w", bucket, err)
-	}
-	keys := make([]string, 0, len(info.State.Subjects))
-	for subj := range info.State.Subjects {
-		keys = append(keys, strings.TrimPrefix(subj, pre))
-	}
-	return keys, nil
-}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
+	"strconv"
 	"strings"
 	"time"
 
@@ -45,14 +47,56 @@ func Ensure(ctx context.Context, js jetstream.JetStream, n Names, s Settings) er
 		}
 	}
 	for _, cfg := range n.BucketConfigs(s) {
-		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
-			return fmt.Errorf("creating bucket %s: %w", cfg.Bucket, err)
+		if err := EnsureBucket(ctx, js, cfg); err != nil {
+			return err
 		}
 	}
 	// Earlier versions queued tasks through a durable consumer of the
 	// accepted events; the deciding engine does that now.
 	if err := js.DeleteConsumer(ctx, n.EventsStream(), "dispatch"); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return fmt.Errorf("removing the old dispatch consumer: %w", err)
+	}
+	return nil
+}
+
+// EnsureBucket creates a bucket, or updates an existing one to cfg, and
+// makes its stream refuse rollups (the Nats-Rollup header): NATS checks
+// who may publish on a key's subject, not the headers, and a rollup put on
+// one's own key ("Nats-Rollup: all") would purge every other key of the
+// bucket (every heartbeat and cordon, every image status). vmherd never
+// purges a key (kv.Purge is a rollup); an admin who must can purge the
+// stream by subject ($JS.API.STREAM.PURGE). A new bucket is created
+// allowing rollups, as jetstream creates every bucket, and changed at once;
+// an existing one is updated in place from its own stream configuration,
+// so it never allows them again: only the settings in cfg that vmherd
+// sets (description, history, replicas) are carried over.
+func EnsureBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) error {
+	st, err := js.Stream(ctx, "KV_"+cfg.Bucket)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		if _, err := js.CreateKeyValue(ctx, cfg); err != nil && !errors.Is(err, jetstream.ErrBucketExists) {
+			return fmt.Errorf("creating bucket %s: %w", cfg.Bucket, err)
+		}
+		if st, err = js.Stream(ctx, "KV_"+cfg.Bucket); err != nil {
+			return fmt.Errorf("creating bucket %s: %w", cfg.Bucket, err)
+		}
+	} else if err != nil {
+		return fmt.Errorf("looking up bucket %s: %w", cfg.Bucket, err)
+	}
+	sc := st.CachedInfo().Config
+	want := sc
+	want.Description = cfg.Description
+	if cfg.History > 0 {
+		want.MaxMsgsPerSubject = int64(cfg.History)
+	}
+	if cfg.Replicas > 0 {
+		want.Replicas = cfg.Replicas
+	}
+	want.AllowRollup = false
+	if reflect.DeepEqual(want, sc) {
+		return nil
+	}
+	if _, err := js.UpdateStream(ctx, want); err != nil {
+		return fmt.Errorf("updating bucket %s: %w", cfg.Bucket, err)
 	}
 	return nil
 }
@@ -128,11 +172,12 @@ func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Store
 	}
 	subj := s.Names.VMEvents(vmName)
 	stored := func(m *jetstream.RawStreamMsg) Stored {
+		seq, relayed := storedAs(m)
 		ev, err := s.Names.DecodeStored(m.Subject, m.Data)
-		if err != nil {
+		if err != nil || relayed {
 			ev = nil
 		}
-		return Stored{Seq: m.Sequence, Event: ev}
+		return Stored{Seq: seq, Event: ev}
 	}
 	last, err := s.stream.GetLastMsgForSubject(ctx, subj)
 	if err != nil {
@@ -141,6 +186,7 @@ func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Store
 		}
 		return nil, fmt.Errorf("reading the last event of vm %s: %w", vmName, err)
 	}
+	last.Sequence, _ = storedAs(last)
 	if last.Sequence < from {
 		return nil, nil
 	}
@@ -153,6 +199,7 @@ func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Store
 			}
 			return out, fmt.Errorf("reading events of vm %s from %d: %w", vmName, from, err)
 		}
+		m.Sequence, _ = storedAs(m)
 		if m.Sequence >= last.Sequence {
 			break
 		}
@@ -209,6 +256,29 @@ func (s *Store) FollowVM(ctx context.Context, vmName string, from uint64, fn fun
 // gets a second.
 var FollowPoll = struct{ First, Max time.Duration }{5 * time.Millisecond, 250 * time.Millisecond}
 
+// storedAs returns the sequence m is stored at in the stream it was read
+// from, and whether the server stored it on someone's behalf
+// (StoredByServer). A direct get answers with Nats-Stream, Nats-Subject
+// and Nats-Sequence headers added after the stored message's own; the
+// client library takes the first of each, which for a stored answer of
+// another direct get are the original message's: its subject and its
+// sequence in another stream. The last are the stored message's. Read
+// through the API instead, the stored headers come back as they are, and
+// a stored answer's Nats-Subject is not the subject it is stored on.
+func storedAs(m *jetstream.RawStreamMsg) (seq uint64, relayed bool) {
+	seqs := m.Header.Values("Nats-Sequence")
+	switch {
+	case len(seqs) > 1:
+		if n, err := strconv.ParseUint(seqs[len(seqs)-1], 10, 64); err == nil {
+			return n, true
+		}
+		return m.Sequence, true
+	case len(seqs) == 1 && m.Header.Get("Nats-Subject") != m.Subject:
+		return m.Sequence, true
+	}
+	return m.Sequence, false
+}
+
 // LastSeq returns the stream sequence of the VM's last event (0 if none).
 func (s *Store) LastSeq(ctx context.Context, vmName string) (uint64, error) {
 	m, err := s.stream.GetLastMsgForSubject(ctx, s.Names.VMEvents(vmName))
@@ -218,7 +288,8 @@ func (s *Store) LastSeq(ctx context.Context, vmName string) (uint64, error) {
 		}
 		return 0, err
 	}
-	return m.Sequence, nil
+	seq, _ := storedAs(m)
+	return seq, nil
 }
 
 // NotReadyError says what is missing or set differently from what a

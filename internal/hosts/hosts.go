@@ -295,6 +295,13 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 		}
 		return
 	}
+	// A heartbeat speaks for the host its key names, and only for it: the
+	// key is what the server's permissions pin (a worker may put only
+	// $KV.VM_HOSTS.<its host>); the body is whatever the writer chose. A
+	// key that is no host id (no worker can have written it) is ignored.
+	if vm.ValidateHost(key) != nil {
+		return
+	}
 	h := r.entry(key)
 	if e.Revision() <= h.Rev {
 		return
@@ -313,6 +320,13 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	}
 	var hb Heartbeat
 	if json.Unmarshal(e.Value(), &hb) != nil {
+		return
+	}
+	// A body that does not name the key's host is not its heartbeat (a
+	// worker of h2 claiming to be h1, or a JetStream API answer the server
+	// was made to publish on the key, package origin): the entry is
+	// ignored, and the host keeps what it last said itself.
+	if hb.Host != key {
 		return
 	}
 	// Judge liveness by when the server stored the beat, not by the
@@ -516,35 +530,26 @@ func Best(hs []*Host, p Placement) (*Host, error) {
 const DefaultLostAfter = 10 * time.Second
 
 // Snapshot reads the bucket once and returns every known host, judged
-// alive or lost by lostAfter. It reads the keys from the bucket's stream
-// and each entry by a direct get (events.BucketKeys), so it leaves no
-// consumer on the server.
-func Snapshot(ctx context.Context, js interface {
-	Stream(ctx context.Context, name string) (jetstream.Stream, error)
-}, kv jetstream.KeyValue, lostAfter time.Duration) ([]*Host, error) {
-	keys, err := events.BucketKeys(ctx, js, kv.Bucket(), ">")
+// alive or lost by lostAfter. It reads with direct gets (events.KVEntries),
+// so a client that may only read the bucket can call it.
+func Snapshot(ctx context.Context, js events.KVReader, bucket string, lostAfter time.Duration) ([]*Host, error) {
+	es, err := events.KVEntries(ctx, js, bucket, "")
 	if err != nil {
 		return nil, fmt.Errorf("reading hosts: %w", err)
 	}
-	return read(ctx, kv, lostAfter, keys)
+	r := NewRegistry(lostAfter)
+	for _, e := range es {
+		r.apply(e)
+	}
+	return r.List(), nil
 }
 
 // Read returns what the bucket says of one host (nil: it never
 // heartbeated, or was forgotten), judged alive or lost by lostAfter: two
 // direct gets, its heartbeat and its cordon.
 func Read(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration, host string) (*Host, error) {
-	hs, err := read(ctx, kv, lostAfter, []string{host, CordonKey(host)})
-	if err != nil || len(hs) == 0 {
-		return nil, err
-	}
-	return hs[0], nil
-}
-
-// read applies the entries of keys to a new registry; a key without a
-// value (deleted, or never written) adds nothing.
-func read(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration, keys []string) ([]*Host, error) {
 	r := NewRegistry(lostAfter)
-	for _, k := range keys {
+	for _, k := range []string{host, CordonKey(host)} {
 		e, err := kv.Get(ctx, k)
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
 			continue
@@ -554,5 +559,8 @@ func read(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration, k
 		}
 		r.apply(e)
 	}
-	return r.List(), nil
+	if hs := r.List(); len(hs) > 0 {
+		return hs[0], nil
+	}
+	return nil, nil
 }

@@ -76,7 +76,9 @@ func Start(o Options) (*Server, error) {
 		JetStream:  true,
 		StoreDir:   filepath.Join(o.StoreDir),
 		NoSigs:     true,
-		MaxPayload: 8 << 20,
+		// The largest command and the event that carries it (auth.MaxPayload,
+		// the account's limit too); NATS's own default is 1 MiB.
+		MaxPayload: auth.MaxPayload,
 		// Stated, not left to the server's default: the buckets' streams
 		// take it (vmherd's three streams set their own, see
 		// events.MaxConsumers).

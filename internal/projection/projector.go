@@ -194,7 +194,11 @@ func (p *Projector) consume(ctx context.Context, from uint64) error {
 		if err != nil {
 			continue
 		}
-		if err := p.applyWithRetry(ctx, msg.Subject(), msg.Data(), md.Sequence.Stream); err != nil {
+		data := msg.Data()
+		if events.StoredByServer(msg.Headers()) {
+			data = nil // not an event: it moves the VM's sequence on, changes nothing
+		}
+		if err := p.applyWithRetry(ctx, msg.Subject(), data, md.Sequence.Stream); err != nil {
 			return err
 		}
 		if md.NumPending == 0 || time.Since(lastSave) > time.Second {

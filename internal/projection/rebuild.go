@@ -130,7 +130,11 @@ func readBatches(ctx context.Context, it jetstream.MessagesContext, last uint64,
 			return err
 		}
 		seq := md.Sequence.Stream
-		b.msgs = append(b.msgs, replayMsg{seq: seq, subj: msg.Subject(), data: msg.Data()})
+		data := msg.Data()
+		if events.StoredByServer(msg.Headers()) {
+			data = nil // as the projector: not an event
+		}
+		b.msgs = append(b.msgs, replayMsg{seq: seq, subj: msg.Subject(), data: data})
 		if len(b.msgs) == replayBatchSize || seq >= last {
 			select {
 			case out <- b:
@@ -188,34 +192,20 @@ func (b *replayBatch) fold(recs map[string]*VmRecord) int {
 	return n
 }
 
-// Load reads every record in the bucket: the keys from its stream's
-// subject index, each record by a direct get, and no consumer.
-func Load(ctx context.Context, js interface {
-	KeyValue(ctx context.Context, bucket string) (jetstream.KeyValue, error)
-	Stream(ctx context.Context, name string) (jetstream.Stream, error)
-}, n events.Names) (map[string]*VmRecord, error) {
-	kv, err := js.KeyValue(ctx, n.RecordsBucket())
+// Load reads every record in the bucket, with direct gets
+// (events.KVEntries): workers and vmctl may read the bucket, not watch it.
+func Load(ctx context.Context, js events.KVReader, n events.Names) (map[string]*VmRecord, error) {
+	es, err := events.KVEntries(ctx, js, n.RecordsBucket(), "")
 	if err != nil {
 		return nil, err
 	}
 	out := map[string]*VmRecord{}
-	keys, err := events.BucketKeys(ctx, js, n.RecordsBucket(), ">")
-	if err != nil {
-		return nil, err
-	}
-	for _, k := range keys {
-		e, err := kv.Get(ctx, k)
-		if err != nil {
-			if errors.Is(err, jetstream.ErrKeyNotFound) {
-				continue
-			}
-			return nil, err
-		}
+	for _, e := range es {
 		r, err := Unmarshal(e.Value())
 		if err != nil {
-			return nil, fmt.Errorf("record %s: %w", k, err)
+			return nil, fmt.Errorf("record %s: %w", e.Key(), err)
 		}
-		out[k] = r
+		out[e.Key()] = r
 	}
 	return out, nil
 }
@@ -236,8 +226,8 @@ func Rebuild(ctx context.Context, js jetstream.JetStream, n events.Names, s even
 			cfg = c
 		}
 	}
-	if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
-		return 0, 0, fmt.Errorf("rebuild: creating %s: %w", n.RecordsBucket(), err)
+	if err := events.EnsureBucket(ctx, js, cfg); err != nil {
+		return 0, 0, fmt.Errorf("rebuild: %w", err)
 	}
 	if err := putAll(ctx, js, n.RecordsBucket(), recs); err != nil {
 		return 0, 0, err

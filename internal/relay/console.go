@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/origin"
 )
 
 // ReplaySize is how much recent output a new viewer is shown.
@@ -55,6 +56,11 @@ func StartHub(nc *nats.Conn, names events.Names, host, vmName string, conn io.Re
 		ring: append([]byte(nil), seed...), offset: uint64(len(seed)),
 	}
 	in, err := nc.Subscribe(names.Console(host, vmName, events.ConsoleIn), func(m *nats.Msg) {
+		if origin.Relayed(m.Reply, m.Header) {
+			// A stored message the server delivered here on someone's
+			// behalf (a consumer's deliver subject), not keystrokes.
+			return
+		}
 		if _, err := conn.Write(m.Data); err != nil {
 			h.log.Debug("writing to the console failed", "err", err)
 		}

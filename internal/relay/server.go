@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/origin"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -66,12 +67,14 @@ func (s *Server) AddEndpoints(svc micro.Service) error {
 	}
 	s.hubs = map[string]*Hub{}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	// Only requests a client sent itself (origin.Guard), not copies the
+	// server delivered to these subjects on someone's behalf.
 	return errors.Join(
-		svc.AddEndpoint("console_attach", micro.HandlerFunc(s.attach),
+		svc.AddEndpoint("console_attach", origin.Guard(s.Log, micro.HandlerFunc(s.attach)),
 			micro.WithEndpointSubject(s.Names.Console(s.Host, "*", events.ConsoleAttach))),
-		svc.AddEndpoint("console_log", micro.HandlerFunc(s.log),
+		svc.AddEndpoint("console_log", origin.Guard(s.Log, micro.HandlerFunc(s.log)),
 			micro.WithEndpointSubject(s.Names.Log(s.Host, "*"))),
-		svc.AddEndpoint("tunnel_open", micro.HandlerFunc(s.open),
+		svc.AddEndpoint("tunnel_open", origin.Guard(s.Log, micro.HandlerFunc(s.open)),
 			micro.WithEndpointSubject(s.Names.Tunnel(s.Host, "*", "*", events.TunnelOpen))),
 	)
 }

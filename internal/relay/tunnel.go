@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/origin"
 )
 
 // A tunnel carries one TCP connection over two subjects, one per
@@ -211,6 +212,9 @@ func (s *splice) inbound(ctx context.Context, recv chan *nats.Msg, localDone cha
 		case <-idle.C:
 			return fmt.Errorf("tunnel: the other side has been silent for %s", tunnelIdle)
 		case m := <-recv:
+			if origin.Relayed(m.Reply, m.Header) {
+				continue // delivered by the server on someone's behalf, not the peer's
+			}
 			idle.Reset(tunnelIdle)
 			h := m.Header
 			switch {

@@ -224,13 +224,17 @@ func (g *globals) completeNames(cmd *cobra.Command, args []string, prefix string
 	}
 	ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Second)
 	defer cancel()
-	keys, err := events.BucketKeys(ctx, g.js, g.names.RecordsBucket(), ">")
+	kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
+	}
+	es, err := events.KVEntries(ctx, g.js, kv.Bucket(), "")
 	if err != nil {
 		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
 	}
 	var names []cobra.Completion
-	for _, k := range keys {
-		if strings.HasPrefix(k, prefix) {
+	for _, e := range es {
+		if k := e.Key(); strings.HasPrefix(k, prefix) {
 			names = append(names, k)
 		}
 	}

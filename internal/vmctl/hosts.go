@@ -186,7 +186,7 @@ func (g *globals) completeHosts(cmd *cobra.Command, args []string, prefix string
 	if err != nil {
 		return nil, none | cobra.ShellCompDirectiveError
 	}
-	hs, err := hosts.Snapshot(ctx, g.js, kv, hosts.DefaultLostAfter)
+	hs, err := hosts.Snapshot(ctx, g.js, kv.Bucket(), hosts.DefaultLostAfter)
 	if err != nil {
 		return nil, none | cobra.ShellCompDirectiveError
 	}
@@ -348,7 +348,7 @@ func (g *globals) forgetHost(ctx context.Context, name string) error {
 // (the engines' --host-timeout may be shorter than vmctl's default), or if
 // that heartbeat is older than the default --host-timeout.
 func (g *globals) hostSnapshot(ctx context.Context, kv jetstream.KeyValue) ([]*hosts.Host, error) {
-	hs, err := hosts.Snapshot(ctx, g.js, kv, hosts.DefaultLostAfter)
+	hs, err := hosts.Snapshot(ctx, g.js, kv.Bucket(), hosts.DefaultLostAfter)
 	if err != nil {
 		return nil, err
 	}

@@ -128,7 +128,7 @@ whole. The same content is stored once; pulling it again only names it.`,
 			for i, h := range hs {
 				keys[i] = events.ImageKey(h, name)
 			}
-			w, err := kv.Watch(ctx, "*."+name, jetstream.UpdatesOnly())
+			w, err := events.KVPoll(ctx, g.js, kv.Bucket(), "*."+name, kvPollEvery)
 			if err != nil {
 				return err
 			}
@@ -148,6 +148,10 @@ whole. The same content is stored once; pulling it again only names it.`,
 	c.Flags().BoolVar(&all, "all-hosts", false, "every alive host")
 	return c
 }
+
+// kvPollEvery is how often a pull's status is read (events.KVPoll: a
+// KV watch is a consumer, which vmctl's credentials may not delete).
+const kvPollEvery = 250 * time.Millisecond
 
 // watchPulls shows the pulls' progress until each is ready or failed.
 func (g *globals) watchPulls(ctx context.Context, w jetstream.KeyWatcher, keys []string, started time.Time) error {
@@ -202,16 +206,12 @@ func (g *globals) imageStatuses(ctx context.Context, filter string) ([]images.St
 	if err != nil {
 		return nil, err
 	}
-	keys, err := events.BucketKeys(ctx, g.js, g.names.ImagesBucket(), filter)
+	es, err := events.KVEntries(ctx, g.js, kv.Bucket(), filter)
 	if err != nil {
 		return nil, err
 	}
 	var out []images.Status
-	for _, key := range keys {
-		e, err := kv.Get(ctx, key)
-		if err != nil {
-			continue
-		}
+	for _, e := range es {
 		var st images.Status
 		if json.Unmarshal(e.Value(), &st) == nil {
 			out = append(out, st)

@@ -402,7 +402,7 @@ func (g *globals) ensureImage(ctx context.Context, d vmfile.Def) (string, error)
 	if err != nil {
 		return "", err
 	}
-	w, err := kv.Watch(ctx, "*."+name, jetstream.UpdatesOnly())
+	w, err := events.KVPoll(ctx, g.js, kv.Bucket(), "*."+name, kvPollEvery)
 	if err != nil {
 		return "", err
 	}

@@ -262,6 +262,14 @@ func (g *globals) connect() error {
 		if vm.ValidateIdentity(name) == nil {
 			g.issuer = name
 		}
+		// Replies come only to the inbox prefix the credentials allow.
+		inbox, err := auth.CredsInboxPrefix(creds)
+		if err != nil {
+			return fmt.Errorf("reading credentials %s: %w", creds, err)
+		}
+		if inbox != "" {
+			opts = append(opts, nats.CustomInboxPrefix(inbox))
+		}
 	}
 	if g.tlsCA != "" {
 		opts = append(opts, nats.RootCAs(g.tlsCA))

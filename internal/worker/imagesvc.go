@@ -15,6 +15,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/images"
+	"github.com/vmherd/vmherd/internal/origin"
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
@@ -52,8 +53,8 @@ func (w *Worker) startImages(ctx context.Context, svc micro.Service) (*imageServ
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	err := errors.Join(
-		svc.AddEndpoint("image_pull", micro.HandlerFunc(s.pull), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImagePull))),
-		svc.AddEndpoint("image_rm", micro.HandlerFunc(s.remove), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImageRemove))),
+		svc.AddEndpoint("image_pull", origin.Guard(w.log, micro.HandlerFunc(s.pull)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImagePull))),
+		svc.AddEndpoint("image_rm", origin.Guard(w.log, micro.HandlerFunc(s.remove)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImageRemove))),
 	)
 	if err != nil {
 		s.cancel()
@@ -94,17 +95,15 @@ func (s *imageService) sync(ctx context.Context) error {
 		byName[img.Name] = true
 		s.put(ctx, img.Ready(s.w.cfg.Host))
 	}
-	lister, err := s.kv.ListKeysFiltered(ctx, s.w.cfg.Host+".*")
+	// Direct gets, not a KV watch: a worker may not create consumers.
+	es, err := events.KVEntries(ctx, s.w.cfg.JS, s.kv.Bucket(), s.w.cfg.Host+".*")
 	if err != nil {
 		return err
 	}
-	for key := range lister.Keys() {
+	for _, e := range es {
+		key := e.Key()
 		name := strings.TrimPrefix(key, s.w.cfg.Host+".")
 		if byName[name] {
-			continue
-		}
-		e, err := s.kv.Get(ctx, key)
-		if err != nil {
 			continue
 		}
 		var st images.Status

@@ -15,6 +15,7 @@ import (
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/internal/origin"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/vm"
@@ -95,7 +96,7 @@ func (w *Worker) startQueries() (micro.Service, error) {
 	}
 	g := svc.AddGroup(w.cfg.Names.Query(w.cfg.Host))
 	add := func(name string, fn func(ctx context.Context, h vm.VmHandle) (any, error)) error {
-		return g.AddEndpoint(name, micro.HandlerFunc(func(req micro.Request) {
+		return g.AddEndpoint(name, origin.Guard(w.log, micro.HandlerFunc(func(req micro.Request) {
 			var q events.QueryRequest
 			if err := json.Unmarshal(req.Data(), &q); err != nil || vm.ValidateName(q.VM) != nil {
 				_ = req.Error("400", `request must be {"vm":"<valid vm name>"}`, nil)
@@ -120,7 +121,7 @@ func (w *Worker) startQueries() (micro.Service, error) {
 				return
 			}
 			_ = req.RespondJSON(out)
-		}), micro.WithEndpointMetadata(map[string]string{"request": `{"vm":"<name>"}`}))
+		})), micro.WithEndpointMetadata(map[string]string{"request": `{"vm":"<name>"}`}))
 	}
 	errs := errors.Join(
 		add("state", func(ctx context.Context, h vm.VmHandle) (any, error) {

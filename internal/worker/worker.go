@@ -40,6 +40,7 @@ var Version = "0.1.0"
 // (events.Store). It never creates streams or consumers.
 type JetStream interface {
 	events.StoreJS
+	events.KVReader
 	Consumer(ctx context.Context, stream, consumer string) (jetstream.Consumer, error)
 	KeyValue(ctx context.Context, bucket string) (jetstream.KeyValue, error)
 }
@@ -197,6 +198,13 @@ func (w *Worker) consumeTasks(ctx context.Context) error {
 		return fmt.Errorf("worker: binding the task consumer: %w", err)
 	}
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
+		if events.StoredByServer(msg.Headers()) {
+			// The answer of someone's request whose reply subject was a
+			// task subject, stored by the server: no engine queued it.
+			w.log.Error("dropping a task no engine queued (stored by the server as a reply)", "subject", msg.Subject())
+			_ = msg.Term()
+			return
+		}
 		var t events.Task
 		if err := json.Unmarshal(msg.Data(), &t); err != nil || t.VM == "" {
 			w.log.Error("dropping undecodable task", "subject", msg.Subject(), "err", err)
