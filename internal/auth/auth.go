@@ -26,10 +26,14 @@ import (
 
 // The account's limits (Open).
 const (
-	// MaxConnections bounds the account's client connections.
-	MaxConnections = 4096
-	// MaxConsumers bounds the account's JetStream consumers.
-	MaxConsumers = 4096
+	// MaxConnections bounds the account's client connections: a fleet's
+	// workers (one each, up to 10,000 hosts), engines and clients.
+	MaxConnections = 16384
+	// MaxConsumers bounds the account's JetStream consumers. A stream's
+	// own limit cannot exceed it (events.MaxConsumers: VM_TASKS has one
+	// consumer per host, up to 10,000); the streams people may create
+	// consumers on have their own, lower limit.
+	MaxConsumers = 16384
 	// MaxPayload is the largest message: a command of schemas.MaxBodySize
 	// and the event or record that carries its spec. The embedded server's
 	// max_payload is the same.
