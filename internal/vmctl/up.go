@@ -28,20 +28,32 @@ import (
 
 // vmfileFlags are the flags up, down, reload and provision share.
 type vmfileFlags struct {
-	file string
-	name string
+	file   string
+	name   string
+	reads  bool // the command reads the files the VMFile names
+	access vmfile.Access
 }
 
 func (f *vmfileFlags) add(c *cobra.Command) {
 	c.Flags().StringVarP(&f.file, "file", "f", "VMFile.kdl", "the VMFile")
 	c.Flags().StringVar(&f.name, "name", "", "only this VM of the file")
+	if f.reads {
+		c.Flags().StringArrayVar(&f.access.Allow, "allow-path", nil, "a directory whose files the VMFile may name besides its own directory (repeatable)")
+		c.Flags().StringArrayVar(&f.access.Secrets, "allow-secret", nil, "a file that may go into a spec or guest although it looks like a private key or NATS credentials (repeatable)")
+	}
 }
 
-// defs reads the VMFile and picks the VMs to act on.
+// defs reads the VMFile and picks the VMs to act on; for a command that
+// reads the files it names, they are confined first (vmfile.Check).
 func (f *vmfileFlags) defs() ([]vmfile.Def, error) {
 	file, err := vmfile.Parse(f.file)
 	if err != nil {
 		return nil, &exitError{code: ExitUsage, msg: err.Error()}
+	}
+	if f.reads {
+		if err := file.Check(f.access); err != nil {
+			return nil, &exitError{code: ExitUsage, msg: fmt.Sprintf("%s: %v", f.file, err)}
+		}
 	}
 	if f.name == "" {
 		return file.VMs, nil
@@ -58,7 +70,7 @@ func (f *vmfileFlags) defs() ([]vmfile.Def, error) {
 }
 
 func (g *globals) upCmd() *cobra.Command {
-	var f vmfileFlags
+	f := vmfileFlags{reads: true}
 	var noProvision bool
 	c := &cobra.Command{
 		Use:   "up",
@@ -139,7 +151,7 @@ func (g *globals) downCmd() *cobra.Command {
 }
 
 func (g *globals) reloadCmd() *cobra.Command {
-	var f vmfileFlags
+	f := vmfileFlags{reads: true}
 	var noProvision bool
 	c := &cobra.Command{
 		Use:   "reload",
@@ -171,7 +183,7 @@ func (g *globals) reloadCmd() *cobra.Command {
 }
 
 func (g *globals) provisionCmd() *cobra.Command {
-	var f vmfileFlags
+	f := vmfileFlags{reads: true}
 	c := &cobra.Command{
 		Use:   "provision",
 		Short: "run the provision steps of a VMFile.kdl on its running VMs, over SSH through NATS",
