@@ -24,6 +24,7 @@ import (
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/natsserver"
+	"github.com/vmherd/vmherd/internal/sshkeys"
 	"github.com/vmherd/vmherd/internal/worker"
 )
 
@@ -188,6 +189,10 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return eng.Run(gctx) })
+	// A destroyed VM's generated key, host keys and provisioning log go
+	// with it, whoever destroyed it (docs/trust.md).
+	sweeper := &sshkeys.Sweeper{JS: js, Names: o.Streams.Names(), Log: log}
+	g.Go(func() error { return sweeper.Run(gctx) })
 	go returnMemory(gctx)
 	if w != nil {
 		g.Go(func() error { return w.Run(gctx) })

@@ -2,10 +2,13 @@ package vmctl
 
 import (
 	"context"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // vmctl up with a VMFile from someone else's repository: a user-data file
@@ -47,5 +50,80 @@ func TestUpConfinesVMFilePaths(t *testing.T) {
 	r = vmctl(t, ctx, env.URL, "up", "--file", file, "--allow-path", filepath.Dir(creds), "--allow-secret", creds)
 	if r.code != 0 {
 		t.Fatalf("up with --allow-path and --allow-secret: %v", r)
+	}
+}
+
+// A plain destroy (not down --destroy, not a forget) deletes the VM's
+// generated key, host keys and provisioning log from VM_SSH, and the next
+// vmctl up of the name logs in with a new key (issue #26.4).
+func TestDestroyDeletesSSHEntries(t *testing.T) {
+	t.Parallel()
+	env, _ := pipeline(t, nil)
+	ctx := context.Background()
+	dir := t.TempDir()
+	file := filepath.Join(dir, "VMFile.kdl")
+	if err := os.WriteFile(file, []byte("vm \"keyed\" {\n backend \"noop\"\n ssh {\n  user \"vm\"\n }\n}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := env.JS.KeyValue(ctx, env.Names.SSHBucket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries := func() map[string]string {
+		out := map[string]string{}
+		lister, err := kv.ListKeysFiltered(ctx, "keyed.>")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k := range lister.Keys() {
+			if e, err := kv.Get(ctx, k); err == nil {
+				out[k] = string(e.Value())
+			}
+		}
+		return out
+	}
+	pubKey := func() string {
+		t.Helper()
+		spec, err := (&globals{js: env.JS, names: env.Names}).acceptedSpec(ctx, "keyed")
+		if err != nil || spec == nil || spec.SSH == nil {
+			t.Fatalf("keyed's accepted spec: %+v %v", spec, err)
+		}
+		return spec.SSH.PublicKey
+	}
+	if r := vmctl(t, ctx, env.URL, "up", "--file", file); r.code != 0 {
+		t.Fatalf("up: %v", r)
+	}
+	first := entries()
+	if len(first) != 1 {
+		t.Fatalf("VM_SSH after up: %v", first)
+	}
+	pub1 := pubKey()
+	// What provisioning would have kept for this incarnation.
+	for k := range first {
+		base := strings.TrimSuffix(k, ".key")
+		for _, w := range []string{"hostkeys", "provision"} {
+			if _, err := kv.Put(ctx, base+"."+w, []byte("x")); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if r := vmctl(t, ctx, env.URL, "destroy", "keyed"); r.code != 0 {
+		t.Fatalf("destroy: %v", r)
+	}
+	env.WaitFor("VM_SSH emptied of the destroyed VM's entries", 10*time.Second, func() bool { return len(entries()) == 0 })
+	if r := vmctl(t, ctx, env.URL, "up", "--file", file); r.code != 0 {
+		t.Fatalf("up again: %v", r)
+	}
+	second := entries()
+	if len(second) != 1 {
+		t.Fatalf("VM_SSH after the second up: %v", second)
+	}
+	for k, v := range second {
+		if first[k] == v || slices.Contains(slices.Collect(maps.Values(first)), v) {
+			t.Fatalf("the new incarnation reuses the old key (%s)", k)
+		}
+	}
+	if pub2 := pubKey(); pub2 == pub1 {
+		t.Fatalf("the new incarnation authorizes the old public key %s", pub1)
 	}
 }
