@@ -3,7 +3,6 @@ package app
 import (
 	"context"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -13,6 +12,7 @@ import (
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/safefile"
 )
 
 // credsCmd is `engine creds`: credentials signed by the engine's
@@ -68,7 +68,9 @@ node's configuration). The roles are in docs/trust.md.`,
 				_, err = cmd.OutOrStdout().Write(b)
 				return err
 			}
-			if err := os.WriteFile(out, b, 0o600); err != nil {
+			// A new 0600 file renamed into place: never through a symlink
+			// planted at out, never keeping an existing file's mode.
+			if err := safefile.Write(out, b, 0o600); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.ErrOrStderr(), "wrote %s credentials to %s\n", id.Name(), out)
