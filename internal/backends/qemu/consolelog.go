@@ -44,9 +44,9 @@ func (b *Backend) rotateLogs() {
 // truncated to nothing. QEMU keeps its file open, so this is a copy and
 // truncate, as logrotate's copytruncate: what QEMU writes in the instant
 // between the copy's end and the truncation is lost. A rotated file keeps
-// at most 2 × limit bytes (the newest): a guest that wrote more than
-// limit between two polls (Options.WatchInterval) loses the oldest of it,
-// and dropped says how much. So a VM's console output on disk is at most
+// at most 2 × limit bytes: a guest that wrote more than limit between two
+// polls (Options.WatchInterval) loses the oldest of it (dropped says how
+// much) and what it writes during the copy beyond that. So a VM's console output on disk is at most
 // limit + keep × 2 × limit bytes plus what the guest writes between two
 // polls; at the rates a serial console runs (55 KB/s under TCG) every
 // rotated file is about limit bytes.
@@ -82,10 +82,13 @@ func rotateLog(path string, limit int64, keep int) (dropped int64, err error) {
 	}
 	from := max(size-2*limit, 0)
 	n, cerr := io.Copy(out, io.NewSectionReader(f, from, size-from))
-	// What QEMU appended while the section was copied.
+	// What QEMU appended while the section was copied, as long as the
+	// rotated file stays within 2 × limit (past that the guest writes
+	// faster than it is rotated, and the truncation drops the rest).
 	for cerr == nil {
 		var k int64
 		end, _ := f.Seek(0, io.SeekEnd)
+		end = min(end, from+2*limit)
 		if end <= from+n {
 			break
 		}
