@@ -167,7 +167,7 @@ func WorkerMain(args []string) int {
 		Long: `The worker heartbeats into VM_HOSTS, consumes vm.task.<host>.>, runs each
 backend call, records exactly one result event per command, answers live
 queries (state, guest_ip, console_endpoint) as the NATS micro service
-vmherd-worker, and watches its VMs for drift.
+vmherd-worker-<host>, and watches its VMs for drift.
 Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 		SilenceUsage: true,
 		Args:         cobra.NoArgs,

@@ -9,6 +9,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // vmctl up with a VMFile from someone else's repository: a user-data file
@@ -125,5 +128,34 @@ func TestDestroyDeletesSSHEntries(t *testing.T) {
 	}
 	if pub2 := pubKey(); pub2 == pub1 {
 		t.Fatalf("the new incarnation authorizes the old public key %s", pub1)
+	}
+}
+
+// The same command id for two VMs: VM_COMMANDS deduplicates Nats-Msg-Id
+// across every VM, so vmctl sends <vm>/<command id> and both commands are
+// decided (alice's deploy-42 for d2 is not dropped as a duplicate of bob's
+// for d1; issue #26.9).
+func TestCommandIDsArePerVM(t *testing.T) {
+	t.Parallel()
+	env, _ := pipeline(t, nil)
+	ctx := context.Background()
+	var out, errOut strings.Builder
+	g := &globals{nc: env.NC, js: env.JS, names: env.Names, out: &out, errOut: &errOut, timeout: 20 * time.Second}
+	for _, name := range []string{"d1", "d2"} {
+		ev, err := g.send(ctx, name, "prepare", events.Command{CommandID: "deploy-42", Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+		if err != nil || ev == nil || ev.Type != events.TypePrepared {
+			t.Fatalf("prepare %s with command id deploy-42: %+v, %v\n%s%s", name, ev, err, out.String(), errOut.String())
+		}
+	}
+	st, err := env.JS.Stream(ctx, env.Names.CommandsStream())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := st.GetLastMsgForSubject(ctx, env.Names.Command("d2", "prepare"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id := m.Header.Get("Nats-Msg-Id"); id != "d2/deploy-42" {
+		t.Fatalf("d2's command has Nats-Msg-Id %q, want d2/deploy-42", id)
 	}
 }
