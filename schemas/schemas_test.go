@@ -788,12 +788,12 @@ func TestInvalidCommands(t *testing.T) {
 		{"stop", `{"timeout_s":1e400}`, []string{"timeout_s"}},
 		// Invalid UTF-8 and lone surrogates are refused, never turned into
 		// U+FFFD (issue #22, item 8).
-		{"prepare", spec(`"cloud_init":{"user_data":"#cloud-config\n`+"\xff\xfe"+`"}`), []string{"spec.cloud_init.user_data: is not valid UTF-8"}},
-		{"start", `{"command_id":"c`+"\xc3"+`"}`, []string{"command_id: is not valid UTF-8"}},
+		{"prepare", spec(`"cloud_init":{"user_data":"#cloud-config\n` + "\xff\xfe" + `"}`), []string{"spec.cloud_init.user_data: is not valid UTF-8"}},
+		{"start", `{"command_id":"c` + "\xc3" + `"}`, []string{"command_id: is not valid UTF-8"}},
 		{"start", `{"command_id":"c\ud800"}`, []string{"command_id: is not valid UTF-8"}},
 		{"start", `{"command_id":"c\udc00\ud83d"}`, []string{"command_id: is not valid UTF-8"}},
 		{"prepare", spec(`"cloud_init":{"user_data":"\ud83dx"}`), []string{"spec.cloud_init.user_data: is not valid UTF-8"}},
-		{"start", `{"`+"\xff"+`":1}`, []string{"body: is not valid UTF-8"}},
+		{"start", `{"` + "\xff" + `":1}`, []string{"body: is not valid UTF-8"}},
 		// Control characters in the hostname and instance id; interface
 		// and link names that ip/dladm would take for options.
 		{"prepare", spec(`"cloud_init":{"hostname":"web\u0000"}`), []string{"spec.cloud_init.hostname", "does not match"}},
