@@ -236,6 +236,10 @@ func (n Names) ParseCommandSubject(subj string) (vmName, action, issuer string, 
 		// With an issuer. (A dotted VM name, vm.cmd.web.1.start, is not
 		// one: its middle token is no action.)
 		return tok[0], tok[1], tok[2], true
+	case len(tok) == 3 && tok[0] != "" && tok[1] != "" && tok[2] != "" && !validAction(tok[2]):
+		// An unknown action with an issuer (vm.cmd.web1.reboot.alice): the
+		// action is wrong, not the VM name; the caller rejects the action.
+		return tok[0], tok[1], tok[2], true
 	case len(tok) < 2:
 		return rest, "", "", false
 	}
