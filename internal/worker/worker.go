@@ -421,6 +421,9 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 	}()
 	switch t.Action {
 	case fsm.ActPrepare:
+		// A new incarnation: its handle is what Prepare returns, never
+		// the previous one's the task carries.
+		h = vm.VmHandle{}
 		if t.Spec == nil {
 			err = errors.New("prepare task without a spec")
 			break
@@ -477,7 +480,9 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 		ev.Type = events.TypeFailed
 		ev.State = vm.StateFailed
 		ev.Error = fmt.Sprintf("%s vm %s on host %s: %v", t.Action, t.VM, w.cfg.Host, err)
-		if ev.Handle == nil && t.Handle != nil && t.Handle.ID != "" {
+		// A failed call keeps the incarnation's handle; a failed prepare
+		// has none yet (the task's is the previous incarnation's).
+		if ev.Handle == nil && t.Handle != nil && t.Handle.ID != "" && t.Action != fsm.ActPrepare {
 			ev.Handle = t.Handle
 		}
 		return ev
