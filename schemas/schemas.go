@@ -294,12 +294,14 @@ func checkSize(body []byte) error {
 // given twice is an error: the schema would check only the last one while
 // encoding/json merges both into a struct. With intsOnly, a number literal
 // must be an integer literal (2, not 2.0 or 2e0): every number in a command
-// is a Go int, which encoding/json does not fill from those.
+// is a Go int, which encoding/json does not fill from those. A string
+// holding invalid UTF-8 or a lone surrogate escape (\ud800) is an error
+// naming its field: encoding/json would silently turn it into U+FFFD.
 func parse(body []byte, intsOnly bool) (any, error) {
 	if len(bytes.TrimSpace(body)) == 0 {
 		return nil, one("", "body is not valid JSON: it is empty (send {} for a command with no options)")
 	}
-	p := parser{dec: json.NewDecoder(bytes.NewReader(body)), intsOnly: intsOnly}
+	p := parser{dec: json.NewDecoder(bytes.NewReader(body)), intsOnly: intsOnly, body: body}
 	p.dec.UseNumber()
 	v, err := p.value(nil, 0)
 	if err != nil {
@@ -314,6 +316,60 @@ func parse(body []byte, intsOnly bool) (any, error) {
 type parser struct {
 	dec      *json.Decoder
 	intsOnly bool
+	body     []byte
+}
+
+// checkString reports a string token (the bytes body[start:end]: the
+// literal and what precedes it since the last token) that encoding/json
+// decoded with a replacement: invalid UTF-8 or a lone surrogate escape.
+// A U+FFFD the body spells itself (as UTF-8 or \ufffd) is kept.
+func (p *parser) checkString(path []string, s string, start, end int64) error {
+	if !strings.ContainsRune(s, utf8.RuneError) {
+		return nil
+	}
+	if !validJSONString(p.body[max(start, 0):min(end, int64(len(p.body)))]) {
+		return one(fieldPath(path), "is not valid UTF-8 (invalid bytes or a lone surrogate escape); send UTF-8 text")
+	}
+	return nil
+}
+
+// validJSONString reports whether a JSON string literal (which the
+// decoder accepted) is valid UTF-8 and pairs every surrogate escape.
+func validJSONString(raw []byte) bool {
+	if !utf8.Valid(raw) {
+		return false
+	}
+	hex4 := func(b []byte) rune {
+		r, err := strconv.ParseUint(string(b), 16, 32)
+		if err != nil {
+			return -1
+		}
+		return rune(r)
+	}
+	for i := 0; i < len(raw); i++ {
+		if raw[i] != '\\' {
+			continue
+		}
+		i++
+		if i >= len(raw) || raw[i] != 'u' || i+4 >= len(raw) {
+			continue
+		}
+		r := hex4(raw[i+1 : i+5])
+		i += 4
+		switch {
+		case r >= 0xd800 && r < 0xdc00: // high: a low one must follow
+			if i+6 < len(raw) && raw[i+1] == '\\' && raw[i+2] == 'u' {
+				if lo := hex4(raw[i+3 : i+7]); lo >= 0xdc00 && lo < 0xe000 {
+					i += 6
+					continue
+				}
+			}
+			return false
+		case r >= 0xdc00 && r < 0xe000:
+			return false
+		}
+	}
+	return true
 }
 
 func (p *parser) token() (json.Token, error) {
@@ -333,11 +389,17 @@ func (p *parser) token() (json.Token, error) {
 }
 
 func (p *parser) value(path []string, depth int) (any, error) {
+	start := p.dec.InputOffset()
 	t, err := p.token()
 	if err != nil {
 		return nil, err
 	}
 	switch t := t.(type) {
+	case string:
+		if err := p.checkString(path, t, start, p.dec.InputOffset()); err != nil {
+			return nil, err
+		}
+		return t, nil
 	case json.Delim:
 		if depth >= maxDepth {
 			return nil, one(fieldPath(path), fmt.Sprintf("nests more than %d levels deep", maxDepth))
@@ -356,11 +418,15 @@ func (p *parser) value(path []string, depth int) (any, error) {
 		}
 		obj := map[string]any{}
 		for p.dec.More() {
+			kstart := p.dec.InputOffset()
 			kt, err := p.token()
 			if err != nil {
 				return nil, err
 			}
 			k, _ := kt.(string) // json.Decoder only returns string keys
+			if err := p.checkString(path, k, kstart, p.dec.InputOffset()); err != nil {
+				return nil, err
+			}
 			if _, dup := obj[k]; dup {
 				return nil, one(fieldPath(path), "duplicate field "+quote(k))
 			}

@@ -278,6 +278,11 @@ func TestValidCommands(t *testing.T) {
 			tc{string(a), events.Command{CommandID: "vmctl/ünïcode:ok#1"}},
 		)
 	}
+	// U+FFFD the sender wrote, and surrogate pairs, are fine.
+	cases = append(cases,
+		tc{"prepare", events.Command{CommandID: "x\ufffd", Spec: &vm.VmSpec{CloudInit: &vm.CloudInitConfig{UserData: "a\ufffd😀b", Hostname: "web-one"}}}},
+		tc{"prepare", events.Command{Spec: &vm.VmSpec{Network: &vm.NetworkConfig{Type: vm.NetworkTap, Bridge: "br-0.x_1"}}}},
+	)
 	for i, c := range cases {
 		body := mustJSON(t, c.cmd)
 		if err := ValidateCommand(c.action, body); err != nil {
@@ -781,6 +786,24 @@ func TestInvalidCommands(t *testing.T) {
 		{"stop", `{"timeout_s":"30"}`, []string{"timeout_s"}},
 		{"stop", `{"timeout_s":1.5}`, []string{"timeout_s"}},
 		{"stop", `{"timeout_s":1e400}`, []string{"timeout_s"}},
+		// Invalid UTF-8 and lone surrogates are refused, never turned into
+		// U+FFFD (issue #22, item 8).
+		{"prepare", spec(`"cloud_init":{"user_data":"#cloud-config\n` + "\xff\xfe" + `"}`), []string{"spec.cloud_init.user_data: is not valid UTF-8"}},
+		{"start", `{"command_id":"c` + "\xc3" + `"}`, []string{"command_id: is not valid UTF-8"}},
+		{"start", `{"command_id":"c\ud800"}`, []string{"command_id: is not valid UTF-8"}},
+		{"start", `{"command_id":"c\udc00\ud83d"}`, []string{"command_id: is not valid UTF-8"}},
+		{"prepare", spec(`"cloud_init":{"user_data":"\ud83dx"}`), []string{"spec.cloud_init.user_data: is not valid UTF-8"}},
+		{"start", `{"` + "\xff" + `":1}`, []string{"body: is not valid UTF-8"}},
+		// Control characters in the hostname and instance id; interface
+		// and link names that ip/dladm would take for options.
+		{"prepare", spec(`"cloud_init":{"hostname":"web\u0000"}`), []string{"spec.cloud_init.hostname", "does not match"}},
+		{"prepare", spec(`"cloud_init":{"hostname":"a\tb"}`), []string{"spec.cloud_init.hostname"}},
+		{"prepare", spec(`"cloud_init":{"hostname":"a\u001b[2J"}`), []string{"spec.cloud_init.hostname"}},
+		{"prepare", spec(`"cloud_init":{"hostname":"a\u0085"}`), []string{"spec.cloud_init.hostname"}},
+		{"prepare", spec(`"cloud_init":{"instance_id":"i\u0000"}`), []string{"spec.cloud_init.instance_id"}},
+		{"prepare", spec(`"network":{"type":"tap","bridge":"-help"}`), []string{"spec.network.bridge", "does not match"}},
+		{"prepare", spec(`"network":{"type":"vnic","name":"-x"}`), []string{"spec.network.name"}},
+		{"prepare", spec(`"network":{"type":"vnic","link":"--all"}`), []string{"spec.network.link"}},
 	}
 	for i, c := range cases {
 		err := ValidateCommand(c.action, []byte(c.body))
@@ -988,4 +1011,18 @@ func FuzzValidateCommand(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Escapes that make valid text pass: a surrogate pair, U+FFFD spelled as
+// an escape in either case.
+func TestValidEscapes(t *testing.T) {
+	for _, body := range []string{
+		`{"command_id":"smile\ud83d\ude00"}`,
+		`{"command_id":"r\uFFFD\ufffd"}`,
+		`{"command_id":"q\\ud800"}`, // an escaped backslash, then text
+	} {
+		if err := ValidateCommand("start", []byte(body)); err != nil {
+			t.Errorf("%s: %v", body, err)
+		}
+	}
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/vmherd/vmherd/internal/jspolicy"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/natsserver"
+	"github.com/vmherd/vmherd/internal/sshkeys"
 	"github.com/vmherd/vmherd/internal/worker"
 )
 
@@ -49,6 +50,8 @@ type EngineOptions struct {
 	// CommandRate and CommandBurst: each issuer's command rate limit.
 	CommandRate  float64
 	CommandBurst int
+	// MaxCommandTimeout is the largest timeout_s a command may ask for.
+	MaxCommandTimeout time.Duration
 	// DrainTimeout bounds a graceful stop (cmd/engine only).
 	DrainTimeout time.Duration
 	Conn         ConnOptions
@@ -74,6 +77,7 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringArrayVar(&o.Quotas, "quota", nil, "PREFIX=N: at most N VMs (not destroyed) whose names start with PREFIX (repeatable)")
 	fs.Float64Var(&o.CommandRate, "command-rate", 50, "commands per second each issuer (the identity in vm.cmd.<vm>.<action>.<issuer>) may have decided; more are rejected (0: no limit)")
 	fs.IntVar(&o.CommandBurst, "command-burst", 200, "commands an issuer may send at once before --command-rate applies")
+	fs.DurationVar(&o.MaxCommandTimeout, "max-command-timeout", engine.DefaultMaxCommandTimeout, "the largest timeout_s a command may ask for (a stop's grace holds the VM and a worker slot that long); more is rejected (at most 24h)")
 	fs.BoolVar(&o.NoAuth, "no-auth", false, "run the embedded NATS server without authentication (refused unless --listen is a loopback address; for trying things only)")
 	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics, the local worker's included (e.g. 127.0.0.1:9100; default: off)")
 	addDrainFlag(fs, &o.DrainTimeout)
@@ -153,6 +157,9 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	if o.CommandRate < 0 || o.CommandBurst < 1 {
 		return fmt.Errorf("--command-rate %g --command-burst %d: the rate must be >= 0 and the burst >= 1", o.CommandRate, o.CommandBurst)
 	}
+	if o.MaxCommandTimeout != 0 && (o.MaxCommandTimeout < time.Second || o.MaxCommandTimeout > 24*time.Hour) {
+		return fmt.Errorf("--max-command-timeout %s: want 1s to 24h", o.MaxCommandTimeout)
+	}
 	var eng *engine.Engine
 	err = events.RetryStartup(ctx, log, "the engine's consumers and buckets", func(sctx context.Context) (err error) {
 		eng, err = engine.New(sctx, engine.Config{
@@ -166,6 +173,7 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	if err != nil {
 		return err
 	}
+	eng.SetMaxCommandTimeout(o.MaxCommandTimeout)
 	var w *worker.Worker
 	if o.WithWorker {
 		wo := o.Worker
@@ -189,6 +197,10 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return eng.Run(gctx) })
+	// A destroyed VM's generated key, host keys and provisioning log go
+	// with it, whoever destroyed it (docs/trust.md).
+	sweeper := &sshkeys.Sweeper{JS: js, Names: o.Streams.Names(), Log: log}
+	g.Go(func() error { return sweeper.Run(gctx) })
 	go returnMemory(gctx)
 	// What permissions cannot say about consumers (push deliver subjects,
 	// durables on the streams people read): docs/trust.md.

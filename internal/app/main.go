@@ -3,7 +3,6 @@ package app
 import (
 	"context"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -13,6 +12,7 @@ import (
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/safefile"
 )
 
 // credsCmd is `engine creds`: credentials signed by the engine's
@@ -72,7 +72,9 @@ node's configuration). The roles are in docs/trust.md.`,
 				fmt.Fprintf(cmd.ErrOrStderr(), "%s credentials; %s\n", id.Name(), inbox)
 				return err
 			}
-			if err := os.WriteFile(out, b, 0o600); err != nil {
+			// A new 0600 file renamed into place: never through a symlink
+			// planted at out, never keeping an existing file's mode.
+			if err := safefile.Write(out, b, 0o600); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.ErrOrStderr(), "wrote %s credentials to %s; %s\n", id.Name(), out, inbox)
@@ -169,7 +171,7 @@ func WorkerMain(args []string) int {
 		Long: `The worker heartbeats into VM_HOSTS, consumes vm.task.<host>.>, runs each
 backend call, records exactly one result event per command, answers live
 queries (state, guest_ip, console_endpoint) as the NATS micro service
-vmherd-worker, and watches its VMs for drift.
+vmherd-worker-<host>, and watches its VMs for drift.
 Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
 		SilenceUsage: true,
 		Args:         cobra.NoArgs,

@@ -21,6 +21,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
 
+	"github.com/vmherd/vmherd/internal/safefile"
 	"github.com/vmherd/vmherd/schemas"
 )
 
@@ -123,16 +124,10 @@ func loadOrCreate(path string, create func() (nkeys.KeyPair, error)) (nkeys.KeyP
 	return kp, nil
 }
 
-// writeFile writes data to path with mode 0600, atomically.
+// writeFile writes data to path with mode 0600, atomically, through no
+// symlink (safefile).
 func writeFile(path string, data []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return fmt.Errorf("auth: %w", err)
-	}
-	if err := os.Chmod(tmp, 0o600); err != nil {
-		return fmt.Errorf("auth: %w", err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err := safefile.Write(path, data, 0o600); err != nil {
 		return fmt.Errorf("auth: %w", err)
 	}
 	return nil

@@ -29,7 +29,7 @@ func TestInboxesArePrivate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := kv.Put(ctx, events.SSHKey("web1", events.SSHPrivateKey), []byte("PRIVATE KEY")); err != nil {
+	if _, err := kv.Put(ctx, events.SSHKey("web1", 1, events.SSHPrivateKey), []byte("PRIVATE KEY")); err != nil {
 		t.Fatal(err)
 	}
 	op := f.connect(auth.Identity{Role: auth.RoleOperator, User: "alice"})
@@ -53,7 +53,7 @@ func TestInboxesArePrivate(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the operator cannot open VM_SSH: %v", err)
 	}
-	e, err := okv.Get(ctx, events.SSHKey("web1", events.SSHPrivateKey))
+	e, err := okv.Get(ctx, events.SSHKey("web1", 1, events.SSHPrivateKey))
 	if err != nil || string(e.Value()) != "PRIVATE KEY" {
 		t.Fatalf("the operator's get: %v", err)
 	}

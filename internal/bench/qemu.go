@@ -260,7 +260,7 @@ func directRound(ctx context.Context, img, seed, dir, accel string) (map[string]
 		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
 		"-chardev", "socket,id=serial0,path=" + filepath.Join(dir, "serial.sock") + ",server=on,wait=off,logfile=" + consoleLog + ",logappend=on",
 		"-serial", "chardev:serial0",
-		"-display", "none", "-vga", "std", "-vnc", "127.0.0.1:0,to=99",
+		"-display", "none", "-vga", "std", "-vnc", "unix:" + filepath.Join(dir, "vnc.sock"), // as the backend: never on TCP
 		"-drive", "file=" + disk + ",if=virtio,format=qcow2,discard=unmap",
 		"-drive", "file=" + seed + ",media=cdrom,if=ide,format=raw,readonly=on",
 		"-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:" + strconv.Itoa(port) + "-:22",

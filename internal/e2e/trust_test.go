@@ -172,7 +172,7 @@ func TestTrustRoles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := akv.Put(ctx, events.SSHKey("web1", events.SSHPrivateKey), []byte("secret")); err != nil {
+	if _, err := akv.Put(ctx, events.SSHKey("web1", 1, events.SSHPrivateKey), []byte("secret")); err != nil {
 		t.Fatal(err)
 	}
 	readSSH := func(js jetstream.JetStream) error {
@@ -182,7 +182,7 @@ func TestTrustRoles(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		_, err = kv.Get(c, events.SSHKey("web1", events.SSHPrivateKey))
+		_, err = kv.Get(c, events.SSHKey("web1", 1, events.SSHPrivateKey))
 		return err
 	}
 	if readSSH(vjs) == nil {

@@ -37,6 +37,9 @@ type admission struct {
 	// book serialises placements and counts each until it is folded
 	// (nil: placements are not counted before their fold).
 	book booking
+	// maxTimeout is the largest timeout_s a command may ask for
+	// (--max-command-timeout); 0: DefaultMaxCommandTimeout.
+	maxTimeout time.Duration
 }
 
 // booking is what placement needs to see placements decided at the same
@@ -46,6 +49,30 @@ type booking interface {
 	lockPlacing()
 	unlockPlacing()
 	reserve(name, host string, b vm.BackendTag, res hosts.Resources, after uint64)
+}
+
+// DefaultMaxCommandTimeout is the largest timeout_s the engines accept
+// unless --max-command-timeout says otherwise: a stop's grace (or any
+// call's bound) holds the VM and one of its worker's call slots for that
+// long, so the schema's 24 hours let one operator pin a host's workers.
+const DefaultMaxCommandTimeout = 15 * time.Minute
+
+// SetMaxCommandTimeout sets the largest timeout_s this engine accepts (0:
+// DefaultMaxCommandTimeout; at most the schema's 86400 s). Call it before
+// Run.
+func (e *Engine) SetMaxCommandTimeout(d time.Duration) { e.adm.maxTimeout = d }
+
+// checkTimeout rejects a timeout_s over the engine's limit.
+func (a admission) checkTimeout(cmd *events.Command) error {
+	max := a.maxTimeout
+	if max <= 0 {
+		max = DefaultMaxCommandTimeout
+	}
+	if cmd.TimeoutS > 0 && time.Duration(cmd.TimeoutS)*time.Second > max {
+		return reject("timeout_s: %d s is over the %d s this engine allows (--max-command-timeout %s); ask for at most %d",
+			cmd.TimeoutS, int(max/time.Second), max, int(max/time.Second))
+	}
+	return nil
 }
 
 // vmCounter counts the VMs (not destroyed) the records have.
@@ -83,6 +110,9 @@ func (a admission) checkQuota(name, host string) error {
 // placement (prepare), the host's liveness and its backend's
 // capabilities. On accept it fills ev; else it returns the reason.
 func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.Command, ev *events.Event) error {
+	if err := a.checkTimeout(cmd); err != nil {
+		return err
+	}
 	cur := rec.CurrentState()
 	host, backend := rec.Host, rec.Backend
 	decide := func(cur vm.VmState) (vm.VmState, error) { return fsm.Decide(cur, act) }

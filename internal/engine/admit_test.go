@@ -105,6 +105,10 @@ func TestAdmit(t *testing.T) {
 		{"the same backend can stop", on(vm.StateRunning, "pp", vm.BackendPropolis), fsm.ActStop, &events.Command{TimeoutS: 9}, "pp", ""},
 		{"destroy wins while in flight", on(vm.StateStarting, "h1", vm.BackendNoop), fsm.ActDestroy, &events.Command{}, "h1", ""},
 		{"only destroy while in flight", on(vm.StateStarting, "h1", vm.BackendNoop), fsm.ActStop, &events.Command{}, "", "only destroy is accepted"},
+		{"a stop's timeout up to the limit", on(vm.StateRunning, "h1", vm.BackendNoop), fsm.ActStop, &events.Command{TimeoutS: 900}, "h1", ""},
+		{"a stop that would hold the VM for a day", on(vm.StateRunning, "h1", vm.BackendNoop), fsm.ActStop, &events.Command{TimeoutS: 86400}, "",
+			"timeout_s: 86400 s is over the 900 s this engine allows (--max-command-timeout 15m0s); ask for at most 900"},
+		{"a destroy's timeout too", on(vm.StateStopping, "h1", vm.BackendNoop), fsm.ActDestroy, &events.Command{TimeoutS: 901}, "", "timeout_s: 901 s is over"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ev := events.Event{VM: "web1", Action: c.act}

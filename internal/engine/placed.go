@@ -15,7 +15,8 @@ import (
 // placedCount is what the VMs placed on each host take, counted from the
 // records: a VM takes its vCPUs and memory on its host from its accepted
 // prepare until it is destroyed (stopped VMs too: they may start at any
-// time). Noop VMs run nothing and take nothing. It is fed the projector's
+// time), unless its prepare failed (nothing was made that could start).
+// Noop VMs run nothing and take nothing. It is fed the projector's
 // folds and, at start, the bucket's records; a record only replaces an
 // older one of the same VM, so the order of the two does not matter.
 //
@@ -81,7 +82,7 @@ func (c *placedCount) observe(r *projection.VmRecord) {
 	c.metrics.VMState(string(old.state), string(now.state))
 	if r.Exists() && r.State != vm.StateDestroyed && r.Host != "" {
 		now.host = r.Host
-		if r.Backend != vm.BackendNoop {
+		if r.Backend != vm.BackendNoop && !prepareFailed(r) {
 			now.res = hosts.Resources{Vcpus: r.Vcpus, MemoryMB: r.MemoryMB}
 		}
 	}
@@ -122,6 +123,14 @@ func (c *placedCount) eachPending(f func(name string, p pendingVM)) {
 		}
 		f(name, p)
 	}
+}
+
+// prepareFailed reports an incarnation whose prepare failed: it is failed
+// and has no handle (a prepare that succeeded leaves one, and so does
+// every later call). Nothing on its host can start; it still counts as
+// a VM (quotas, vmsOn) until it is destroyed, but takes no room.
+func prepareFailed(r *projection.VmRecord) bool {
+	return r.State == vm.StateFailed && (r.Handle == nil || r.Handle.ID == "")
 }
 
 // vmsOn lists the VMs (not destroyed) the records place on host.

@@ -36,6 +36,22 @@ func TestPlacedCount(t *testing.T) {
 	if got := c.vmsOn("h1"); !reflect.DeepEqual(got, []string{"n"}) {
 		t.Fatalf("vms on h1: %v", got)
 	}
+	// A failed prepare (no handle) takes no room; a failed start (a
+	// handle) keeps its room (issue #22, item 8).
+	c.observe(rec("f", "h3", vm.StatePreparing, vm.BackendQEMU, 10))
+	c.observe(rec("f", "h3", vm.StateFailed, vm.BackendQEMU, 11))
+	if got := c.on("h3"); got != (hosts.Resources{}) {
+		t.Fatalf("h3 after a failed prepare: %+v", got)
+	}
+	if got := c.onHost("h3"); got != 1 {
+		t.Fatalf("a failed prepare is still a VM on h3 until destroyed: %d", got)
+	}
+	started := rec("s", "h3", vm.StateFailed, vm.BackendQEMU, 12)
+	started.Handle = &vm.VmHandle{ID: "i1", Name: "s"}
+	c.observe(started)
+	if got := c.on("h3"); got != (hosts.Resources{Vcpus: 2, MemoryMB: 512}) {
+		t.Fatalf("h3 with a failed start: %+v", got)
+	}
 }
 
 // A placement counts from its reserve until a record of the VM past the

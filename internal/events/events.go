@@ -206,8 +206,14 @@ func (ev *Event) Encode() []byte {
 	return b
 }
 
-// Message ids. They include the VM name because command ids are chosen by
-// users and need only be unique per VM.
+// Message ids. JetStream deduplicates a Nats-Msg-Id across the whole
+// stream (every VM), while command ids are chosen by users and need only
+// be unique per VM: so every id includes the VM name.
+//
+// CommandMsgID is a command's Nats-Msg-Id in VM_COMMANDS, as vmctl sends
+// it: <vm>/<command id>.
+func CommandMsgID(vmName, commandID string) string { return vmName + "/" + commandID }
+
 func DecisionMsgID(vmName, commandID string) string { return vmName + "/" + commandID + "/decision" }
 func TaskMsgID(vmName, commandID string) string     { return vmName + "/" + commandID + "/task" }
 func ResultMsgID(vmName, commandID string) string   { return vmName + "/" + commandID + "/result" }

@@ -2,6 +2,7 @@ package events
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -32,9 +33,32 @@ func (n Names) HostsBucket() string    { return n.upper() + "_HOSTS" }
 func (n Names) ImagesBucket() string   { return n.upper() + "_IMAGES" }
 func (n Names) SSHBucket() string      { return n.upper() + "_SSH" }
 
-// SSHKey is a VM's key in VM_SSH: <vm>.<what>, what being SSHPrivateKey,
-// SSHHostKeys or SSHProvisionLog.
-func SSHKey(vmName, what string) string { return vmName + "." + what }
+// SSHKey is the key in VM_SSH of what (SSHPrivateKey, SSHHostKeys or
+// SSHProvisionLog) for one incarnation of a VM:
+// <vm>.<generation>.<what>, generation being the record's (1 for the
+// first prepare). Each incarnation has entries of its own, so a new one
+// never finds an older one's key, and the engines delete an
+// incarnation's entries once it is destroyed (package sshkeys).
+func SSHKey(vmName string, generation int, what string) string {
+	return vmName + "." + strconv.Itoa(generation) + "." + what
+}
+
+// ParseSSHKey splits a VM_SSH key. Keys written before entries were per
+// incarnation (<vm>.<what>) have generation 0.
+func ParseSSHKey(key string) (vmName string, generation int, what string, ok bool) {
+	parts := strings.Split(key, ".")
+	switch len(parts) {
+	case 2:
+		return parts[0], 0, parts[1], parts[0] != "" && parts[1] != ""
+	case 3:
+		g, err := strconv.Atoi(parts[1])
+		if err != nil || g < 1 || parts[0] == "" || parts[2] == "" {
+			return "", 0, "", false
+		}
+		return parts[0], g, parts[2], true
+	}
+	return "", 0, "", false
+}
 
 // What VM_SSH keeps per VM.
 const (
@@ -211,6 +235,10 @@ func (n Names) ParseCommandSubject(subj string) (vmName, action, issuer string, 
 	case len(tok) == 3 && tok[0] != "" && tok[2] != "" && validAction(tok[1]):
 		// With an issuer. (A dotted VM name, vm.cmd.web.1.start, is not
 		// one: its middle token is no action.)
+		return tok[0], tok[1], tok[2], true
+	case len(tok) == 3 && tok[0] != "" && tok[1] != "" && tok[2] != "" && !validAction(tok[2]):
+		// An unknown action with an issuer (vm.cmd.web1.reboot.alice): the
+		// action is wrong, not the VM name; the caller rejects the action.
 		return tok[0], tok[1], tok[2], true
 	case len(tok) < 2:
 		return rest, "", "", false

@@ -15,6 +15,9 @@ func TestParseCommandSubject(t *testing.T) {
 		{"vm.cmd.web1", "web1", "", "", false},
 		{"vm.cmd.web1..alice", "web1.", "alice", "", false},
 		{"vm.cmd.web.1.start", "web.1", "start", "", false},
+		// An unknown action with an issuer is an unknown action, not a
+		// dotted VM name (the last token is no action).
+		{"vm.cmd.web1.reboot.alice", "web1", "reboot", "alice", true},
 		{"vm.cmd.a.b.c.d", "a.b.c", "d", "", false},
 		{"other.cmd.web1.start", "", "", "", false},
 	} {

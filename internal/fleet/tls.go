@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/vmherd/vmherd/internal/safefile"
 )
 
 // PKI is the fleet's certificates: a CA, and one certificate for the NATS
@@ -70,7 +72,7 @@ func MakePKI(dir, ip string) (PKI, error) {
 		p.Cert: {Type: "CERTIFICATE", Bytes: nodeDER},
 		p.Key:  {Type: "EC PRIVATE KEY", Bytes: keyDER},
 	} {
-		if err := os.WriteFile(path, pem.EncodeToMemory(b), 0o600); err != nil {
+		if err := safefile.Write(path, pem.EncodeToMemory(b), 0o600); err != nil {
 			return p, fmt.Errorf("fleet: %w", err)
 		}
 	}

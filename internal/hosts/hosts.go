@@ -272,6 +272,13 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	}()
 	key := e.Key()
 	put := e.Operation() == jetstream.KeyValuePut
+	// Keys are <host> and <host>.cordon. Operators may write any
+	// *.cordon key (a permission cannot say "a host id"), so one whose
+	// host part is not a host id (`_engine`, 3,000 characters) is refused
+	// here: it names no host, makes no host event and is never listed.
+	if vm.ValidateHost(strings.TrimSuffix(key, cordonSuffix)) != nil {
+		return
+	}
 	if name, ok := strings.CutSuffix(key, cordonSuffix); ok {
 		h := r.entry(name)
 		if e.Revision() <= h.CordonRev {

@@ -129,9 +129,12 @@ func FoldStored(rec *VmRecord, evs []events.Stored) *VmRecord {
 
 // foldInto applies the event at seq (nil: one vmherd did not write) to r in
 // place; Fold is foldInto on a copy. With owned, the caller gives ev up,
-// and r may keep parts of it (its handle) instead of copies.
+// and r may keep parts of it (its handle) instead of copies. An event its
+// writer may not write about this VM (trusted) moves only last_seq, not
+// last_event or updated_at: a worker of another host cannot make a VM
+// look touched.
 func foldInto(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
-	if ev != nil {
+	if ev != nil && trusted(r, ev) {
 		apply(r, ev, seq, owned)
 		r.LastEvent = ev.Type
 		r.UpdatedAt = ev.Time
@@ -140,9 +143,6 @@ func foldInto(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 }
 
 func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
-	if !trusted(r, ev) {
-		return // written by someone who may not speak for this VM
-	}
 	switch ev.Type {
 	case events.TypeAccepted:
 		a, err := fsm.ParseAction(string(ev.Action))

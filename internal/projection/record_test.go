@@ -210,4 +210,18 @@ func TestFoldTrustsOnlyTheVMsHost(t *testing.T) {
 	if r.State != vm.StatePrepared || r.Handle.ID != "a" {
 		t.Fatalf("the VM's own host's result: %+v", r)
 	}
+	// Forged observations and results move only the sequence: not
+	// last_event, not updated_at (issue #22, item 8).
+	later := at.Add(time.Hour)
+	for i, ev := range []*events.Event{
+		{Type: events.TypeExited, VM: "v", Time: later, Writer: "h1", Handle: &vm.VmHandle{ID: "a", Name: "v"}, Reason: "forged"},
+		{Type: events.TypeDestroyed, VM: "v", Action: fsm.ActDestroy, CommandID: "c9", Host: "h1", Time: later, Writer: "h1"},
+	} {
+		next := Fold(r, ev, uint64(10+i))
+		if next.LastSeq != uint64(10+i) || next.LastEvent != events.TypePrepared || !next.UpdatedAt.Equal(at) || next.State != vm.StatePrepared {
+			t.Fatalf("a %s written by h1 about a VM on h2: last_seq %d, last_event %s, updated_at %s, state %s",
+				ev.Type, next.LastSeq, next.LastEvent, next.UpdatedAt, next.State)
+		}
+		r = next
+	}
 }

@@ -67,7 +67,14 @@ func readLogFile(path string, req LogRequest) (LogPart, error) {
 			from = size - 4*LogChunk // the tail lines are within the last bit
 		}
 	}
-	if from > size { // truncated or replaced: start again
+	if from > size {
+		// Rotated (QEMU's log: copied to path.1, then truncated) or
+		// replaced since the last read. path.1 is the old file, so the
+		// offset is still good there: finish it first, then go on from
+		// the start of the live file.
+		if part, ok := readRotated(path+".1", from); ok {
+			return part, nil
+		}
 		from = 0
 	}
 	n := min(size-from, LogChunk)
@@ -82,15 +89,58 @@ func readLogFile(path string, req LogRequest) (LogPart, error) {
 	buf = buf[:k]
 	part := LogPart{Data: buf, Offset: from, Next: from + uint64(k)}
 	if !req.HasFrom && req.Tail >= 0 {
+		if from == 0 && lineCount(buf) < req.Tail {
+			// Just rotated: the rest of the lines are in path.1.
+			buf = append(lastBytes(path+".1", 4*LogChunk), buf...)
+		}
 		part.Data = LastLines(buf, req.Tail)
-		part.Offset = part.Next - uint64(len(part.Data))
 		if len(part.Data) > LogChunk { // many long lines: the last LogChunk bytes
 			part.Data = part.Data[len(part.Data)-LogChunk:]
-			part.Offset = part.Next - LogChunk
 		}
+		// Lines taken from path.1 have no offset in the live file.
+		part.Offset = part.Next - min(part.Next, uint64(len(part.Data)))
 	}
 	return part, nil
 }
+
+// readRotated reads from offset from of the rotated log at path, if
+// from is inside it.
+func readRotated(path string, from uint64) (LogPart, bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		return LogPart{}, false
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || from >= uint64(fi.Size()) {
+		return LogPart{}, false
+	}
+	buf := make([]byte, min(uint64(fi.Size())-from, LogChunk))
+	k, err := f.ReadAt(buf, int64(from))
+	if err != nil && !errors.Is(err, io.EOF) {
+		return LogPart{}, false
+	}
+	return LogPart{Data: buf[:k], Offset: from, Next: from + uint64(k)}, true
+}
+
+// lastBytes is the last n bytes of the file at path (nil if none).
+func lastBytes(path string, n int64) []byte {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil
+	}
+	from := max(fi.Size()-n, 0)
+	buf := make([]byte, fi.Size()-from)
+	k, _ := f.ReadAt(buf, from)
+	return buf[:k]
+}
+
+func lineCount(b []byte) int { return bytes.Count(b, []byte{'\n'}) }
 
 // LastLines returns the last n lines of b (all of b when n < 0).
 func LastLines(b []byte, n int) []byte {

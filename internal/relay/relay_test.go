@@ -138,6 +138,51 @@ func TestLogTailFollow(t *testing.T) {
 	}
 }
 
+// A console log rotated (copied to console.log.1, then truncated, as the
+// QEMU backend does) while a viewer follows it: the follower reads the
+// end of the old file before the new one, so nothing is skipped; a tail
+// right after a rotation takes its first lines from console.log.1
+// (issue #26.8).
+func TestLogFollowAcrossRotation(t *testing.T) {
+	env := testenv.New(t)
+	p := filepath.Join(t.TempDir(), "console.log")
+	if err := os.WriteFile(p, []byte("a\nb\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	serve(t, env, &target{ep: vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, LogPath: p}})
+	ctx, cancel := context.WithCancel(context.Background())
+	var out syncbuf.Buffer
+	done := make(chan error, 1)
+	go func() { done <- relay.PrintLog(ctx, env.NC, env.Names, "h1", "web1", &out, 10, true) }()
+	waitOut := func(want string) {
+		t.Helper()
+		waitFor(t, fmt.Sprintf("output %q (have %q)", want, out.String()), func() bool { return out.String() == want })
+	}
+	waitOut("a\nb\n")
+	// "c" is written and the file rotated at once, well inside one poll.
+	if err := os.WriteFile(p+".1", []byte("a\nb\nc\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(p, 0); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = f.WriteString("d\n")
+	f.Close()
+	waitOut("a\nb\nc\nd\n")
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	var tail bytes.Buffer
+	if err := relay.PrintLog(context.Background(), env.NC, env.Names, "h1", "web1", &tail, 3, false); err != nil || tail.String() != "b\nc\nd\n" {
+		t.Fatalf("log --tail 3 after a rotation: %q, %v", tail.String(), err)
+	}
+}
+
 func TestLastLines(t *testing.T) {
 	for _, c := range []struct {
 		in   string

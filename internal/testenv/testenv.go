@@ -16,6 +16,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/noop"
@@ -24,6 +25,7 @@ import (
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/natsserver"
+	"github.com/vmherd/vmherd/internal/sshkeys"
 	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/worker"
 	"github.com/vmherd/vmherd/schemas"
@@ -179,7 +181,14 @@ func (e *Env) StartEngine(c EngineConfig) *Part {
 	if err != nil {
 		e.T.Fatal(err)
 	}
-	p := e.start("engine "+c.ID, eng.Run, nc)
+	sweeper := &sshkeys.Sweeper{JS: js, Names: e.Names, Log: e.Log}
+	p := e.start("engine "+c.ID, func(ctx context.Context) error {
+		// As app.RunEngine: the engine and its VM_SSH sweeper.
+		g, gctx := errgroup.WithContext(ctx)
+		g.Go(func() error { return eng.Run(gctx) })
+		g.Go(func() error { return sweeper.Run(gctx) })
+		return g.Wait()
+	}, nc)
 	p.Engine = eng
 	return p
 }

@@ -123,6 +123,11 @@ func (s VmSpec) Validate() error {
 					return err
 				}
 			}
+			if n.Link != "" {
+				if err := validateLinkName("spec.network.link", n.Link); err != nil {
+					return err
+				}
+			}
 		default:
 			return fieldErr("spec.network.type", "%q is not one of user, tap, vnic, none", n.Type)
 		}
@@ -134,11 +139,11 @@ func (s VmSpec) Validate() error {
 		if len(c.NetworkConfig) > MaxUserDataSize {
 			return fieldErr("spec.cloud_init.network_config", "%d bytes is too large (at most %d)", len(c.NetworkConfig), MaxUserDataSize)
 		}
-		if len(c.InstanceID) > 255 || strings.ContainsAny(c.InstanceID, "\n\r") {
-			return fieldErr("spec.cloud_init.instance_id", "must be one line of at most 255 bytes")
+		if len(c.InstanceID) > 255 || strings.ContainsFunc(c.InstanceID, isControl) {
+			return fieldErr("spec.cloud_init.instance_id", "must be one line of at most 255 bytes, without control characters")
 		}
-		if len(c.Hostname) > 63 || strings.ContainsAny(c.Hostname, "\n\r ") {
-			return fieldErr("spec.cloud_init.hostname", "must be one word of at most 63 bytes")
+		if len(c.Hostname) > 63 || strings.ContainsFunc(c.Hostname, func(r rune) bool { return r == ' ' || isControl(r) }) {
+			return fieldErr("spec.cloud_init.hostname", "must be one word of at most 63 bytes, without spaces or control characters (NUL, line breaks, tabs, escapes)")
 		}
 	}
 	if k := s.SSH; k != nil {
@@ -152,11 +157,26 @@ func (s VmSpec) Validate() error {
 	return nil
 }
 
-var ifNameRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}$`)
+// isControl is a C0 or C1 control character or DEL.
+func isControl(r rune) bool { return r < 0x20 || (r >= 0x7f && r <= 0x9f) }
+
+// Interface and datalink names: not starting with '-', which ip(8) and
+// dladm(8) would take for an option (a bridge named -help).
+var (
+	ifNameRE   = regexp.MustCompile(`^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,14}$`)
+	linkNameRE = regexp.MustCompile(`^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,30}$`)
+)
 
 func validateIfName(field, s string) error {
 	if !ifNameRE.MatchString(s) || s == "." || s == ".." {
-		return fieldErr(field, "%q is not a valid interface name (1-15 of A-Z a-z 0-9 _ . -)", s)
+		return fieldErr(field, "%q is not a valid interface name (1-15 of A-Z a-z 0-9 _ . -, not starting with -)", s)
+	}
+	return nil
+}
+
+func validateLinkName(field, s string) error {
+	if !linkNameRE.MatchString(s) || s == "." || s == ".." {
+		return fieldErr(field, "%q is not a valid datalink name (1-31 of A-Z a-z 0-9 _ . -, not starting with -)", s)
 	}
 	return nil
 }

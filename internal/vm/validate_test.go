@@ -37,6 +37,11 @@ func TestSpecValidate(t *testing.T) {
 		{"spec.backend", func(s *VmSpec) { s.Backend = "xen" }},
 		{"spec.network.type", func(s *VmSpec) { s.Network = &NetworkConfig{Type: "bogus"} }},
 		{"spec.network.bridge", func(s *VmSpec) { s.Network = &NetworkConfig{Type: NetworkTap, Bridge: "../x"} }},
+		{"spec.network.bridge", func(s *VmSpec) { s.Network = &NetworkConfig{Type: NetworkTap, Bridge: "-help"} }},
+		{"spec.network.link", func(s *VmSpec) { s.Network = &NetworkConfig{Type: NetworkVnic, Link: "-x"} }},
+		{"spec.cloud_init.hostname", func(s *VmSpec) { s.CloudInit = &CloudInitConfig{Hostname: "web\x00"} }},
+		{"spec.cloud_init.hostname", func(s *VmSpec) { s.CloudInit = &CloudInitConfig{Hostname: "a\x1b[2J"} }},
+		{"spec.cloud_init.instance_id", func(s *VmSpec) { s.CloudInit = &CloudInitConfig{InstanceID: "i\x00"} }},
 		{"spec.cloud_init.user_data", func(s *VmSpec) {
 			s.CloudInit = &CloudInitConfig{UserData: strings.Repeat("x", MaxUserDataSize+1)}
 		}},

@@ -146,7 +146,14 @@ func (g *globals) printProvisionLog(ctx context.Context, name string, tail int) 
 	if err != nil {
 		return err
 	}
-	e, err := kv.Get(ctx, events.SSHKey(name, events.SSHProvisionLog))
+	r, err := g.existing(ctx, name)
+	if err != nil {
+		return err
+	}
+	if r == nil {
+		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s does not exist; a destroyed VM's provisioning log is deleted with it", name)}
+	}
+	e, err := kv.Get(ctx, events.SSHKey(name, r.Generation, events.SSHProvisionLog))
 	if err != nil {
 		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s has no provisioning log (vmctl up or vmctl provision writes one)", name)}
 	}

@@ -228,7 +228,11 @@ func (g *globals) sshFiles(ctx context.Context, name string) (known, key string,
 		return "", "", cleanup, err
 	}
 	cleanup = func() { _ = os.RemoveAll(dir) }
-	if e, err := kv.Get(ctx, events.SSHKey(name, events.SSHHostKeys)); err == nil {
+	r, err := g.existing(ctx, name)
+	if err != nil || r == nil {
+		return "", "", cleanup, err
+	}
+	if e, err := kv.Get(ctx, events.SSHKey(name, r.Generation, events.SSHHostKeys)); err == nil {
 		var k knownHostKeys
 		if json.Unmarshal(e.Value(), &k) == nil && len(k.Keys) > 0 {
 			var b strings.Builder
@@ -241,7 +245,7 @@ func (g *globals) sshFiles(ctx context.Context, name string) (known, key string,
 			}
 		}
 	}
-	if e, err := kv.Get(ctx, events.SSHKey(name, events.SSHPrivateKey)); err == nil {
+	if e, err := kv.Get(ctx, events.SSHKey(name, r.Generation, events.SSHPrivateKey)); err == nil {
 		key = filepath.Join(dir, "id_ed25519")
 		if err := os.WriteFile(key, e.Value(), 0o600); err != nil {
 			return "", "", cleanup, err

@@ -28,20 +28,32 @@ import (
 
 // vmfileFlags are the flags up, down, reload and provision share.
 type vmfileFlags struct {
-	file string
-	name string
+	file   string
+	name   string
+	reads  bool // the command reads the files the VMFile names
+	access vmfile.Access
 }
 
 func (f *vmfileFlags) add(c *cobra.Command) {
 	c.Flags().StringVarP(&f.file, "file", "f", "VMFile.kdl", "the VMFile")
 	c.Flags().StringVar(&f.name, "name", "", "only this VM of the file")
+	if f.reads {
+		c.Flags().StringArrayVar(&f.access.Allow, "allow-path", nil, "a directory whose files the VMFile may name besides its own directory (repeatable)")
+		c.Flags().StringArrayVar(&f.access.Secrets, "allow-secret", nil, "a file that may go into a spec or guest although it looks like a private key or NATS credentials (repeatable)")
+	}
 }
 
-// defs reads the VMFile and picks the VMs to act on.
+// defs reads the VMFile and picks the VMs to act on; for a command that
+// reads the files it names, they are confined first (vmfile.Check).
 func (f *vmfileFlags) defs() ([]vmfile.Def, error) {
 	file, err := vmfile.Parse(f.file)
 	if err != nil {
 		return nil, &exitError{code: ExitUsage, msg: err.Error()}
+	}
+	if f.reads {
+		if err := file.Check(f.access); err != nil {
+			return nil, &exitError{code: ExitUsage, msg: fmt.Sprintf("%s: %v", f.file, err)}
+		}
 	}
 	if f.name == "" {
 		return file.VMs, nil
@@ -58,7 +70,7 @@ func (f *vmfileFlags) defs() ([]vmfile.Def, error) {
 }
 
 func (g *globals) upCmd() *cobra.Command {
-	var f vmfileFlags
+	f := vmfileFlags{reads: true}
 	var noProvision bool
 	c := &cobra.Command{
 		Use:   "up",
@@ -121,7 +133,6 @@ func (g *globals) downCmd() *cobra.Command {
 					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, events.Command{}); err != nil {
 						return err
 					}
-					g.forgetSSH(cmd.Context(), d.Name)
 				case r.State == vm.StateRunning || r.State == vm.StateSuspended:
 					if _, err := g.send(cmd.Context(), d.Name, fsm.ActStop, events.Command{}); err != nil {
 						return err
@@ -134,12 +145,12 @@ func (g *globals) downCmd() *cobra.Command {
 		},
 	}
 	f.add(c)
-	c.Flags().BoolVar(&destroy, "destroy", false, "destroy the VMs (and forget their generated keys)")
+	c.Flags().BoolVar(&destroy, "destroy", false, "destroy the VMs (the engines then delete their generated keys)")
 	return c
 }
 
 func (g *globals) reloadCmd() *cobra.Command {
-	var f vmfileFlags
+	f := vmfileFlags{reads: true}
 	var noProvision bool
 	c := &cobra.Command{
 		Use:   "reload",
@@ -171,7 +182,7 @@ func (g *globals) reloadCmd() *cobra.Command {
 }
 
 func (g *globals) provisionCmd() *cobra.Command {
-	var f vmfileFlags
+	f := vmfileFlags{reads: true}
 	c := &cobra.Command{
 		Use:   "provision",
 		Short: "run the provision steps of a VMFile.kdl on its running VMs, over SSH through NATS",
@@ -196,28 +207,36 @@ func (g *globals) provisionCmd() *cobra.Command {
 // existing is the VM's record, nil when it does not exist (or was
 // destroyed).
 func (g *globals) existing(ctx context.Context, name string) (*projection.VmRecord, error) {
+	r, _, err := g.incarnation(ctx, name)
+	return r, err
+}
+
+// incarnation is the VM's record (nil when it does not exist or was
+// destroyed) and the generation its VM_SSH entries go under: the
+// record's, or for a VM up is about to prepare, the next one.
+func (g *globals) incarnation(ctx context.Context, name string) (*projection.VmRecord, int, error) {
 	r, err := g.record(ctx, name)
 	var ee *exitError
 	if errors.As(err, &ee) && ee.code == ExitFailed {
-		return nil, nil
+		return nil, 1, nil
 	}
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	if !r.Exists() || r.State == vm.StateDestroyed {
-		return nil, nil
+		return nil, r.Generation + 1, nil
 	}
-	return r, nil
+	return r, r.Generation, nil
 }
 
 // up brings one VM to its definition; changed reports a definition that
 // differs from the VM's.
 func (g *globals) up(ctx context.Context, d vmfile.Def, provisionNew bool) (changed bool, err error) {
-	spec, err := g.desired(ctx, d)
+	r, gen, err := g.incarnation(ctx, d.Name)
 	if err != nil {
 		return false, err
 	}
-	r, err := g.existing(ctx, d.Name)
+	spec, err := g.desired(ctx, d, gen)
 	if err != nil {
 		return false, err
 	}
@@ -256,8 +275,9 @@ func (g *globals) up(ctx context.Context, d vmfile.Def, provisionNew bool) (chan
 }
 
 // desired is the spec a definition asks for (pulling its image-url
-// first; making the VM's key when it needs a generated one).
-func (g *globals) desired(ctx context.Context, d vmfile.Def) (vm.VmSpec, error) {
+// first; making the key of the VM's incarnation gen when it needs a
+// generated one).
+func (g *globals) desired(ctx context.Context, d vmfile.Def, gen int) (vm.VmSpec, error) {
 	spec := vm.VmSpec{
 		Name: d.Name, Backend: vm.BackendTag(d.Backend), Vcpus: d.Vcpus, MemoryMB: d.MemoryMB, DiskGB: d.DiskGB, UEFI: d.UEFI,
 	}
@@ -298,7 +318,7 @@ func (g *globals) desired(ctx context.Context, d vmfile.Def) (vm.VmSpec, error) 
 		pub = k
 	}
 	if d.SSH != nil {
-		signer, err := g.signer(ctx, d)
+		signer, err := g.signer(ctx, d, gen)
 		if err != nil {
 			return spec, err
 		}
@@ -328,9 +348,10 @@ func (g *globals) sshKV(ctx context.Context) (jetstream.KeyValue, error) {
 }
 
 // signer is the key provisioning and vmctl ssh log in with: ssh's
-// private-key, else the one generated for the VM (made and kept in
-// VM_SSH the first time).
-func (g *globals) signer(ctx context.Context, d vmfile.Def) (ssh.Signer, error) {
+// private-key, else the one generated for the VM's incarnation gen (made
+// and kept in VM_SSH the first time; a new incarnation gets a new key,
+// and the engines delete it when the incarnation is destroyed).
+func (g *globals) signer(ctx context.Context, d vmfile.Def, gen int) (ssh.Signer, error) {
 	if d.SSH.PrivateKey != "" {
 		b, err := os.ReadFile(d.SSH.PrivateKey)
 		if err != nil {
@@ -346,7 +367,7 @@ func (g *globals) signer(ctx context.Context, d vmfile.Def) (ssh.Signer, error) 
 	if err != nil {
 		return nil, err
 	}
-	key := events.SSHKey(d.Name, events.SSHPrivateKey)
+	key := events.SSHKey(d.Name, gen, events.SSHPrivateKey)
 	if e, err := kv.Get(ctx, key); err == nil {
 		return ssh.ParsePrivateKey(e.Value())
 	}
@@ -362,17 +383,6 @@ func (g *globals) signer(ctx context.Context, d vmfile.Def) (ssh.Signer, error) 
 		return nil, err
 	}
 	return ssh.ParsePrivateKey(e.Value())
-}
-
-// forgetSSH drops what VM_SSH keeps for a destroyed VM.
-func (g *globals) forgetSSH(ctx context.Context, name string) {
-	kv, err := g.sshKV(ctx)
-	if err != nil {
-		return
-	}
-	for _, w := range []string{events.SSHPrivateKey, events.SSHHostKeys} {
-		_ = kv.Delete(ctx, events.SSHKey(name, w))
-	}
 }
 
 // ensureImage pulls an image-url onto the VM's host (or every alive
@@ -516,16 +526,16 @@ func (g *globals) provision(ctx context.Context, d vmfile.Def) error {
 	if d.SSH == nil {
 		return usageError("vm %s has provision steps but no ssh block (hint: ssh { user \"vm\" })", d.Name)
 	}
-	signer, err := g.signer(ctx, d)
-	if err != nil {
-		return err
-	}
 	r, err := g.existing(ctx, d.Name)
 	if err != nil {
 		return err
 	}
 	if r == nil || r.State != vm.StateRunning {
 		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s is not running; vmctl up first", d.Name)}
+	}
+	signer, err := g.signer(ctx, d, r.Generation)
+	if err != nil {
+		return err
 	}
 	hostKeys, err := g.hostKeys(ctx, r)
 	if err != nil {
@@ -546,7 +556,7 @@ func (g *globals) provision(ctx context.Context, d vmfile.Def) error {
 		if len(b) > 512<<10 {
 			b = append([]byte("[…]\n"), b[len(b)-512<<10:]...)
 		}
-		_, _ = kv.Put(ctx, events.SSHKey(d.Name, events.SSHProvisionLog), b)
+		_, _ = kv.Put(ctx, events.SSHKey(d.Name, r.Generation, events.SSHProvisionLog), b)
 	}
 	if perr != nil {
 		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s: %v", d.Name, perr)}
@@ -573,7 +583,7 @@ func (g *globals) hostKeys(ctx context.Context, r *projection.VmRecord) ([]ssh.P
 	if r.Handle != nil {
 		handle = r.Handle.ID
 	}
-	key := events.SSHKey(r.Name, events.SSHHostKeys)
+	key := events.SSHKey(r.Name, r.Generation, events.SSHHostKeys)
 	if e, err := kv.Get(ctx, key); err == nil {
 		var k knownHostKeys
 		if json.Unmarshal(e.Value(), &k) == nil && k.HandleID == handle {

@@ -372,7 +372,9 @@ func (g *globals) send(ctx context.Context, name string, action fsm.Action, cmd 
 		}
 		from = store.Stream().CachedInfo().State.LastSeq + 1
 	}
-	ack, err := g.js.Publish(ctx, g.names.IssuedCommand(name, string(action), g.issuer), body, jetstream.WithMsgID(cmd.CommandID))
+	// VM_COMMANDS deduplicates message ids across every VM; the command
+	// id is only unique per VM, so the message id names the VM too.
+	ack, err := g.js.Publish(ctx, g.names.IssuedCommand(name, string(action), g.issuer), body, jetstream.WithMsgID(events.CommandMsgID(name, cmd.CommandID)))
 	if err != nil {
 		return nil, fmt.Errorf("publishing %s for %s: %w (nothing was stored)", action, name, err)
 	}

@@ -21,6 +21,9 @@
 //	}
 //
 // Paths are relative to the VMFile's directory; ~ is the user's home.
+// Parse resolves them lexically; Check then confines the local files to
+// the VMFile's directory (and what the user allows on the command line)
+// and keeps secret-looking files out of specs and guests.
 // Unknown nodes are errors that name the node and list the known ones.
 package vmfile
 

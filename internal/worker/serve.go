@@ -81,12 +81,20 @@ func (w *Worker) heartbeat(ctx context.Context) error {
 	}
 }
 
-// ServiceName is the micro service every worker registers (`nats micro ls`).
-const ServiceName = "vmherd-worker"
+// ServiceName is the micro service the workers of host register (`nats
+// micro ls`): vmherd-worker-<host>. The host is in the name, not only in
+// the metadata, so a discovery request for one host's service
+// ($SRV.INFO.vmherd-worker-<host>) is a subject only that host's workers
+// need to subscribe to, and a worker's permissions can allow it its own
+// name only (docs/trust.md): the metadata is whatever the replier says.
+func ServiceName(host string) string { return ServicePrefix + host }
+
+// ServicePrefix begins every worker's micro service name.
+const ServicePrefix = "vmherd-worker-"
 
 func (w *Worker) startQueries() (micro.Service, error) {
 	svc, err := micro.AddService(w.cfg.NC, micro.Config{
-		Name:        ServiceName,
+		Name:        ServiceName(w.cfg.Host),
 		Version:     Version,
 		Description: "vmherd worker: live VM queries for one host",
 		Metadata:    map[string]string{"host": w.cfg.Host},

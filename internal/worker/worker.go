@@ -99,6 +99,9 @@ type Worker struct {
 
 	mu  sync.Mutex
 	vms map[string]*local
+	// calls are the backend calls running now, by VM, so a destroy can
+	// cut a stop short (cutShort).
+	calls map[string]*runningCall
 
 	// kill aborts backend calls without writing results (a simulated crash).
 	killCtx context.Context
@@ -147,6 +150,7 @@ func New(ctx context.Context, cfg Config) (*Worker, error) {
 		store: st,
 		exec:  keyed.New(cfg.Concurrency),
 		vms:   map[string]*local{},
+		calls: map[string]*runningCall{},
 	}
 	w.killCtx, w.kill = context.WithCancel(context.Background())
 	return w, nil
@@ -210,6 +214,11 @@ func (w *Worker) consumeTasks(ctx context.Context) error {
 			w.log.Error("dropping undecodable task", "subject", msg.Subject(), "err", err)
 			_ = msg.Term()
 			return
+		}
+		if t.Action == fsm.ActDestroy {
+			// Queued behind the VM's call in flight: if that is a stop
+			// waiting for a guest that ignores it, end the wait now.
+			w.cutShort(&t)
 		}
 		w.exec.Do(t.VM, func() { w.runTask(msg, &t) })
 	}, events.PullOpts(2*w.cfg.Concurrency)...)
@@ -295,7 +304,9 @@ func (w *Worker) runTask(msg jetstream.Msg, t *events.Task) {
 
 	// Keep JetStream from redelivering a long call (a stop waits up to its timeout).
 	stopProgress := w.progress(msg)
-	ev := w.call(ctx, t)
+	callCtx, done := w.running(ctx, t)
+	ev := w.call(callCtx, t)
+	done()
 	stopProgress()
 	if w.killCtx.Err() != nil {
 		return
@@ -418,6 +429,9 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 	}()
 	switch t.Action {
 	case fsm.ActPrepare:
+		// A new incarnation: its handle is what Prepare returns, never
+		// the previous one's the task carries.
+		h = vm.VmHandle{}
 		if t.Spec == nil {
 			err = errors.New("prepare task without a spec")
 			break
@@ -467,16 +481,74 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 		ev.Handle = &hc
 	}
 	if err != nil {
+		var cut *errCutShort
+		if errors.As(context.Cause(ctx), &cut) {
+			err = cut
+		}
 		ev.Type = events.TypeFailed
 		ev.State = vm.StateFailed
 		ev.Error = fmt.Sprintf("%s vm %s on host %s: %v", t.Action, t.VM, w.cfg.Host, err)
-		if ev.Handle == nil && t.Handle != nil && t.Handle.ID != "" {
+		// A failed call keeps the incarnation's handle; a failed prepare
+		// has none yet (the task's is the previous incarnation's).
+		if ev.Handle == nil && t.Handle != nil && t.Handle.ID != "" && t.Action != fsm.ActPrepare {
 			ev.Handle = t.Handle
 		}
 		return ev
 	}
 	ev.Type = events.ResultOf(t.Action)
 	return ev
+}
+
+// runningCall is a backend call in progress for a VM.
+type runningCall struct {
+	action      fsm.Action
+	acceptedSeq uint64
+	cancel      context.CancelCauseFunc
+}
+
+// errCutShort is the cause of a stop ended early by a destroy accepted
+// after it.
+type errCutShort struct{ by string }
+
+func (e *errCutShort) Error() string {
+	return "cut short: destroy " + e.by + " was accepted while the stop waited for the guest to power off"
+}
+
+// running registers t's call for cutShort; done unregisters it.
+func (w *Worker) running(ctx context.Context, t *events.Task) (context.Context, func()) {
+	cctx, cancel := context.WithCancelCause(ctx)
+	rc := &runningCall{action: t.Action, acceptedSeq: t.AcceptedSeq, cancel: cancel}
+	w.mu.Lock()
+	w.calls[t.VM] = rc
+	w.mu.Unlock()
+	return cctx, func() {
+		w.mu.Lock()
+		if w.calls[t.VM] == rc {
+			delete(w.calls, t.VM)
+		}
+		w.mu.Unlock()
+		cancel(nil)
+	}
+}
+
+// cutShort ends the grace of a stop in progress for destroy task t's VM,
+// when t was accepted after the stop: the stop's call is cancelled
+// (QEMU then goes straight to SIGTERM and SIGKILL; a backend that
+// returns the cancellation makes the stop's result a failure naming the
+// destroy), and the destroy, queued behind it, runs at once. Without
+// this a stop with a long timeout_s held the VM, and one of the worker's
+// call slots, for its whole grace whatever came next (issue #26). A
+// destroy redelivered from an earlier incarnation (a lower accepted
+// sequence) cuts nothing.
+func (w *Worker) cutShort(t *events.Task) {
+	w.mu.Lock()
+	rc := w.calls[t.VM]
+	w.mu.Unlock()
+	if rc == nil || rc.action != fsm.ActStop || t.AcceptedSeq <= rc.acceptedSeq {
+		return
+	}
+	w.log.Info("a destroy cuts the stop in progress short", "vm", t.VM, "destroy", t.CommandID)
+	rc.cancel(&errCutShort{by: t.CommandID})
 }
 
 // handleFor returns the handle to act on. The task carries the record's

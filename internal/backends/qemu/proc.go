@@ -120,7 +120,7 @@ func (b *Backend) signal(r *record, pid int, sig syscall.Signal) error {
 
 // removeRuntime deletes the files of a QEMU that no longer runs.
 func removeRuntime(r *record) {
-	for _, f := range []string{pidFile, qmpSock, serialSock} {
+	for _, f := range []string{pidFile, qmpSock, serialSock, vncSock} {
 		_ = os.Remove(r.path(f))
 	}
 }

@@ -99,8 +99,14 @@ type Options struct {
 	// Firmware lists UEFI code/vars pairs to try, in order; default: the
 	// Debian/Fedora OVMF locations.
 	Firmware []FirmwarePair
-	// WatchInterval is how often Watch polls the QEMU processes (500ms).
+	// WatchInterval is how often Watch polls the QEMU processes (500ms),
+	// and rotates their console logs.
 	WatchInterval time.Duration
+	// LogMaxBytes and LogKeep bound each VM's console log: past
+	// LogMaxBytes (2 MiB) it is rotated to console.log.1, keeping LogKeep
+	// (3) rotated files (see rotateLog).
+	LogMaxBytes int64
+	LogKeep     int
 	// DestroyStopTimeout is the graceful-stop timeout Destroy uses (2s).
 	DestroyStopTimeout time.Duration
 	// TermTimeout is how long Stop waits after SIGTERM before SIGKILL (3s).
@@ -192,6 +198,12 @@ func New(o Options) (*Backend, error) {
 	}
 	if len(o.Firmware) == 0 {
 		o.Firmware = DefaultFirmware
+	}
+	if o.LogMaxBytes <= 0 {
+		o.LogMaxBytes = DefaultLogMaxBytes
+	}
+	if o.LogKeep <= 0 {
+		o.LogKeep = DefaultLogKeep
 	}
 	if o.WatchInterval <= 0 {
 		o.WatchInterval = 500 * time.Millisecond

@@ -123,10 +123,13 @@ func (m *monitor) status(ctx context.Context) (qmpStatus, error) {
 	return s, err
 }
 
-// vnc returns host:port of the VNC server, "" if there is none.
+// vnc returns where the VNC server listens: unix:<path> for a unix
+// socket (what vmherd asks for), host:port otherwise, "" if there is
+// none.
 func (m *monitor) vnc(ctx context.Context) (string, error) {
 	var v struct {
 		Enabled bool   `json:"enabled"`
+		Family  string `json:"family"`
 		Host    string `json:"host"`
 		Service string `json:"service"`
 	}
@@ -135,6 +138,9 @@ func (m *monitor) vnc(ctx context.Context) (string, error) {
 	}
 	if !v.Enabled || v.Service == "" {
 		return "", nil
+	}
+	if v.Family == "unix" {
+		return "unix:" + v.Service, nil
 	}
 	return v.Host + ":" + v.Service, nil
 }

@@ -24,6 +24,7 @@ const (
 	pidFile     = "qemu.pid"
 	qmpSock     = "qmp.sock"
 	serialSock  = "serial.sock"
+	vncSock     = "vnc.sock" // the display, for root on the host only
 	consoleLog  = "console.log"
 	stderrFile  = "qemu.stderr"
 	maxSockPath = 107 // sun_path is 108 bytes with the NUL

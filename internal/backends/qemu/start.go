@@ -135,6 +135,9 @@ func (b *Backend) start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 		return fail(fmt.Errorf("%w%s", err, b.diagnostics(r)))
 	}
 
+	if err := os.Chmod(r.path(vncSock), 0o600); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fail(fmt.Errorf("making the VNC socket private: %w", err))
+	}
 	r.Handle.PID = pid
 	r.Handle.Accel = accel
 	r.Handle.VNC = vnc
@@ -244,7 +247,10 @@ func qemuArgs(r *record, accel string) []string {
 		"-qmp", "unix:" + qopt(h.QMPSocket) + ",server=on,wait=off",
 		"-chardev", "socket,id=serial0,path=" + qopt(h.SerialSock) + ",server=on,wait=off,logfile=" + qopt(h.SerialLog) + ",logappend=on",
 		"-serial", "chardev:serial0",
-		"-display", "none", "-vga", "std", "-vnc", "127.0.0.1:0,to=99",
+		// The display on a unix socket in the 0700 work dir (made 0600
+		// once QEMU runs), never on TCP: QEMU's VNC server would accept
+		// security type None from any local user (issue #26).
+		"-display", "none", "-vga", "std", "-vnc", "unix:" + qopt(r.path(vncSock)),
 	}
 	a = append(a, diskArgs(r)...)
 	a = append(a, "-drive", "file="+qopt(r.path(seedFile))+",media=cdrom,if=ide,format=raw,readonly=on")

@@ -141,6 +141,7 @@ func (b *Backend) Watch(ctx context.Context) <-chan backends.Exit {
 		t := time.NewTicker(b.opts.WatchInterval)
 		defer t.Stop()
 		for {
+			b.rotateLogs()
 			for _, e := range b.exited(reported) {
 				select {
 				case out <- e:

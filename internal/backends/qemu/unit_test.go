@@ -154,7 +154,7 @@ func TestQEMUArgs(t *testing.T) {
 	for _, want := range []string{
 		"-machine q35", "-accel tcg", "-cpu max", "-m 256", "-smp 2", "-daemonize", "-pidfile /d/vms/web1/qemu.pid",
 		"-qmp unix:/d/vms/web1/qmp.sock,server=on,wait=off", "logfile=/d/vms/web1/console.log,logappend=on",
-		"-vnc 127.0.0.1:0,to=99", "file=/d/vms/web1/seed.iso,media=cdrom,if=ide",
+		"-vnc unix:/d/vms/web1/vnc.sock", "file=/d/vms/web1/seed.iso,media=cdrom,if=ide",
 		// Every layer named with its format; the bottom one with no backing.
 		`-blockdev {"driver":"raw","file":{"driver":"file","filename":"/img/base.raw","read-only":true},"node-name":"base1","read-only":true}`,
 		`-blockdev {"backing":"base1","driver":"qcow2","file":{"driver":"file","filename":"/img/top.qcow2","read-only":true},"node-name":"base0","read-only":true}`,
@@ -302,6 +302,20 @@ func TestQMPBoundedByContext(t *testing.T) {
 			return nil
 		})
 		must(t, err)
+	})
+	t.Run("VNCOnAUnixSocket", func(t *testing.T) {
+		// What QEMU 7.2 answers for -vnc unix:PATH.
+		path := fakeQMP(t, false, map[string]string{
+			"query-vnc": `{"return": {"enabled": true, "auth": "none", "family": "unix", "clients": [], "service": "/d/vms/web1/vnc.sock", "host": ""}}`,
+		})
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		must(t, withQMP(ctx, path, func(m *monitor) error {
+			if v, err := m.vnc(ctx); err != nil || v != "unix:/d/vms/web1/vnc.sock" {
+				t.Errorf("vnc = %q, %v", v, err)
+			}
+			return nil
+		}))
 	})
 	t.Run("SilentServer", func(t *testing.T) {
 		path := fakeQMP(t, true, nil)

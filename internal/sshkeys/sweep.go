@@ -1,0 +1,181 @@
+// Package sshkeys deletes what the VM_SSH bucket keeps for a VM (its
+// generated private key, its host keys, its provisioning log) once that
+// incarnation is destroyed, however it was destroyed: vmctl destroy,
+// vmctl down --destroy, a forget, or a bare `nats pub`.
+//
+// The engines run the Sweeper: they are the only part every destroy
+// passes through (its decision and the fold that records its result),
+// they may write VM_SSH, and it needs no worker, which may not read it.
+// It follows VM_RECORDS, the trusted fold (a destroyed forged by another
+// host's worker does not end a record), so only a destroy the record
+// counts deletes anything.
+package sshkeys
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// Whats are the entries VM_SSH keeps per incarnation.
+var Whats = []string{events.SSHPrivateKey, events.SSHHostKeys, events.SSHProvisionLog}
+
+// Sweeper deletes a destroyed incarnation's VM_SSH entries.
+type Sweeper struct {
+	JS    jetstream.JetStream
+	Names events.Names
+	Log   *slog.Logger
+}
+
+// Run sweeps until ctx ends: first every entry whose incarnation the
+// records show destroyed or replaced (what was destroyed while no engine
+// ran), then each record that becomes destroyed. Failures are logged and
+// retried; Run returns only when ctx ends.
+func (s *Sweeper) Run(ctx context.Context) error {
+	for {
+		err := s.run(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		s.Log.Warn("sweeping VM_SSH: retrying", "err", err)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+func (s *Sweeper) run(ctx context.Context) error {
+	records, err := s.JS.KeyValue(ctx, s.Names.RecordsBucket())
+	if err != nil {
+		return err
+	}
+	keys, err := s.JS.KeyValue(ctx, s.Names.SSHBucket())
+	if err != nil {
+		return err
+	}
+	// Watch before the pass, so nothing destroyed in between is missed.
+	w, err := records.WatchAll(ctx, jetstream.UpdatesOnly(), jetstream.IgnoreDeletes())
+	if err != nil {
+		return err
+	}
+	defer func() { _ = w.Stop() }()
+	if err := s.pass(ctx, records, keys); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case e, ok := <-w.Updates():
+			if !ok {
+				return errors.New("the records watch ended")
+			}
+			if e == nil {
+				continue
+			}
+			r, err := projection.Unmarshal(e.Value())
+			if err != nil || r.State != vm.StateDestroyed {
+				continue
+			}
+			if err := s.sweep(ctx, keys, r.Name, r.Generation); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// pass deletes every entry of an incarnation older than the record's, or
+// of the record's own when it is destroyed. Entries of a name without a
+// record, or of a later generation, are kept: vmctl up makes the key of
+// the incarnation it is about to prepare.
+func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) error {
+	lister, err := keys.ListKeys(ctx)
+	if err != nil {
+		if errors.Is(err, jetstream.ErrNoKeysFound) {
+			return nil
+		}
+		return err
+	}
+	var all []string
+	for k := range lister.Keys() {
+		all = append(all, k)
+	}
+	recs := map[string]*projection.VmRecord{}
+	for _, k := range all {
+		name, gen, _, ok := events.ParseSSHKey(k)
+		if !ok {
+			continue
+		}
+		r, seen := recs[name]
+		if !seen {
+			e, err := records.Get(ctx, name)
+			switch {
+			case errors.Is(err, jetstream.ErrKeyNotFound):
+			case err != nil:
+				return err
+			default:
+				if r, err = projection.Unmarshal(e.Value()); err != nil {
+					r = nil
+				}
+			}
+			recs[name] = r
+		}
+		if r == nil {
+			continue
+		}
+		stale := gen < r.Generation || (gen == r.Generation && r.State == vm.StateDestroyed)
+		if gen == 0 { // before entries were per incarnation: gone with the VM
+			stale = r.State == vm.StateDestroyed
+		}
+		if stale {
+			if err := s.purge(ctx, keys, k); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// sweep deletes the entries of incarnation gen of name (and those written
+// before entries were per incarnation).
+func (s *Sweeper) sweep(ctx context.Context, keys jetstream.KeyValue, name string, gen int) error {
+	for _, what := range Whats {
+		for _, k := range []string{events.SSHKey(name, gen, what), name + "." + what} {
+			if err := s.purge(ctx, keys, k); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// purge removes k and every revision of it, if it is there (a missing
+// key costs a read, not a stored marker).
+func (s *Sweeper) purge(ctx context.Context, keys jetstream.KeyValue, k string) error {
+	if _, err := keys.Get(ctx, k); err != nil {
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			return nil
+		}
+		return err
+	}
+	// A stream purge filtered on the key's subject: the buckets refuse the
+	// rollup a KV purge would be (events.EnsureBucket).
+	st, err := s.JS.Stream(ctx, "KV_"+keys.Bucket())
+	if err != nil {
+		return err
+	}
+	if err := st.Purge(ctx, jetstream.WithPurgeSubject("$KV."+keys.Bucket()+"."+k)); err != nil {
+		return err
+	}
+	s.Log.Info("deleted a destroyed VM's ssh entry", "key", k)
+	return nil
+}
