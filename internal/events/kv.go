@@ -29,4 +29,3 @@ func KVPutSubject(js interface {
 	}
 	return pre + "$KV." + bucket + "." + key
 }
-
