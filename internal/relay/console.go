@@ -61,6 +61,7 @@ const (
 	// its waiting input dropped.
 	InputWriteTimeout = 10 * time.Second
 	inputTurn         = 1 << 10
+	consoleSendBuffer = 4 << 10
 	// What the NATS client may buffer for the input subscription before
 	// the hub has queued it (the callback only queues, so it seldom holds
 	// anything); past it the client drops messages.
@@ -81,6 +82,12 @@ func StartHub(nc *nats.Conn, names events.Names, host, vmName string, conn io.Re
 		ring: append([]byte(nil), seed...), offset: uint64(len(seed)),
 	}
 	h.input = newInputQueue()
+	// What is written waits in the socket for the guest to read it; a
+	// small send buffer keeps the turns (not the kernel) deciding whose
+	// input goes next.
+	if wb, ok := conn.(interface{ SetWriteBuffer(int) error }); ok {
+		_ = wb.SetWriteBuffer(consoleSendBuffer)
+	}
 	in, err := nc.Subscribe(names.Console(host, vmName, events.ConsoleIn), func(m *nats.Msg) {
 		h.input.put(Requester(m.Reply), m.Data)
 	})

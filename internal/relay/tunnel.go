@@ -108,7 +108,8 @@ type tunnel struct {
 	writeTimeout time.Duration
 
 	sub  *nats.Subscription
-	data chan *nats.Msg // data frames, then the EOF and close marks
+	slow <-chan nats.SubStatus // the client dropped a message
+	data chan *nats.Msg        // data frames, then the EOF and close marks
 
 	mu sync.Mutex
 	// sending
@@ -146,6 +147,7 @@ func subscribeTunnel(nc *nats.Conn, recv, send, sendKey, recvKey string, writeTi
 		return nil, fmt.Errorf("tunnel: bounding the subscription: %w", err)
 	}
 	t.sub = sub
+	t.slow = sub.StatusChanged(nats.SubscriptionSlowConsumer)
 	return t, nil
 }
 
@@ -440,6 +442,13 @@ func (t *tunnel) inbound(rw io.Writer, localDone chan struct{}) error {
 			}
 			local = nil
 			continue
+		case <-t.slow:
+			// Past the pending limits: a frame is lost, and the rest
+			// of what the other side sends should not be read.
+			if err := droppedErr(t.sub); err != nil {
+				return err
+			}
+			return errors.New("tunnel: messages were dropped: the other side sent more than the window allows")
 		case <-ping.C:
 			t.mu.Lock()
 			quiet := time.Since(t.lastPublish) >= tunnelPing
