@@ -117,6 +117,7 @@ type Server struct {
 	// open tunnels (and opens in progress): all, and per requester
 	nTunnels int
 	byReq    map[string]int
+	stopping bool // Close has begun: no new tunnels
 }
 
 // errStopping ends the tunnels when the worker stops.
@@ -131,11 +132,16 @@ func (s *Server) AddEndpoints(svc micro.Service) error {
 	s.hubs = map[string]*Hub{}
 	s.byReq = map[string]int{}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
+	// Requests have empty bodies: what waits for a handler is bounded
+	// (the client drops the rest, and their senders time out) instead of
+	// the client's default 64 MB.
 	return errors.Join(
 		svc.AddEndpoint("console_attach", micro.HandlerFunc(s.attach),
-			micro.WithEndpointSubject(s.Names.Console(s.Host, "*", events.ConsoleAttach))),
+			micro.WithEndpointSubject(s.Names.Console(s.Host, "*", events.ConsoleAttach)),
+			micro.WithEndpointPendingLimits(1024, 1<<20)),
 		svc.AddEndpoint("console_log", micro.HandlerFunc(s.log),
-			micro.WithEndpointSubject(s.Names.Log(s.Host, "*"))),
+			micro.WithEndpointSubject(s.Names.Log(s.Host, "*")),
+			micro.WithEndpointPendingLimits(1024, 1<<20)),
 		// Opens are answered at once (refused, or handed to a goroutine
 		// of their own): a small buffer is plenty, and a flood of big
 		// messages is dropped by the client instead of held.
@@ -151,6 +157,9 @@ func (s *Server) Close() {
 	if s.cancel == nil {
 		return
 	}
+	s.mu.Lock()
+	s.stopping = true // no tunnel is counted in after this
+	s.mu.Unlock()
 	s.cancel(errStopping)
 	s.mu.Lock()
 	hubs := make([]*Hub, 0, len(s.hubs))
@@ -171,11 +180,14 @@ func (s *Server) Tunnels() int {
 	return s.nTunnels
 }
 
-// admit counts a tunnel for who, or says which limit it would pass.
+// admit counts a tunnel for who (in s.tunnels too), or says which limit
+// it would pass.
 func (s *Server) admit(who string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch {
+	case s.stopping:
+		return &StatusError{"503", errStopping}
 	case s.nTunnels >= s.Limits.Tunnels:
 		return &StatusError{"429", fmt.Errorf("too many tunnels on host %s (%d open, the limit; worker flag --tunnels): try again later", s.Host, s.nTunnels)}
 	case s.byReq[who] >= s.Limits.TunnelsPerRequester:
@@ -183,6 +195,7 @@ func (s *Server) admit(who string) error {
 	}
 	s.nTunnels++
 	s.byReq[who]++
+	s.tunnels.Add(1)
 	return nil
 }
 
@@ -328,7 +341,6 @@ func (s *Server) open(req micro.Request) {
 		respondErr(req, err)
 		return
 	}
-	s.tunnels.Add(1)
 	go func() {
 		defer s.tunnels.Done()
 		defer s.release(who)
