@@ -142,7 +142,8 @@ func heapMiB() float64 {
 	return float64(ms.HeapAlloc) / (1 << 20)
 }
 
-// 40 frames of 8 MB sent at once to a guest that does not read: the
+// 40 frames of 8 MB (or 300 of 1 MiB, the server's payload limit
+// allowing) sent at once to a guest that does not read: the
 // worker held them all (a ChanSubscribe's buffer of 528 messages, whose
 // SetPendingLimits call failed), 320 MB for one tunnel, until the guest
 // read again. Now its client drops what is past the window and the
@@ -157,8 +158,11 @@ func TestTunnelFloodHeldToTheWindow(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	big := bytes.Repeat([]byte("x"), 8_000_000)
-	for seq := range 40 {
+	// 8 MB frames, or as big as the server takes (with room for
+	// headers), 320 MB in all.
+	big := bytes.Repeat([]byte("x"), min(8_000_000, int(nc.MaxPayload())-4096))
+	n := 320_000_000 / len(big)
+	for seq := range n {
 		if err := r.frame(seq, big); err != nil {
 			t.Fatal(err)
 		}
@@ -169,7 +173,7 @@ func TestTunnelFloodHeldToTheWindow(t *testing.T) {
 	why, ok := r.closed(20 * time.Second)
 	time.Sleep(time.Second)
 	held := heapMiB() - before
-	t.Logf("heap %.0f MiB more after 40 frames of 8 MB to a stalled guest; tunnel closed: %v %q", held, ok, why)
+	t.Logf("heap %.0f MiB more after %d frames of %d bytes to a stalled guest; tunnel closed: %v %q", held, n, len(big), ok, why)
 	if !ok {
 		t.Errorf("the worker did not end a tunnel whose client sent 320 MB past its window")
 	}
