@@ -21,6 +21,7 @@ import (
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/metrics"
+	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/worker"
 )
@@ -48,6 +49,8 @@ type WorkerOptions struct {
 	ImageAllowHTTPRegistry bool
 	ImageMaxSize           string
 	ImagePullTimeout       time.Duration
+	// Tunnels to guests (package relay's Limits).
+	Tunnels, TunnelsPerIdentity int
 
 	PropolisServers    []string
 	PropolisBin        string
@@ -88,6 +91,8 @@ func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
 	fs.BoolVar(&o.ImageAllowHTTPRegistry, "image-allow-http-registry", false, "let oci:// pulls fall back to plain HTTP for a registry on localhost or a private address")
 	fs.StringVar(&o.ImageMaxSize, "image-max-size", "64GiB", "largest image a pull stores (decompressed) or downloads, e.g. 20GiB or 512MiB")
 	fs.DurationVar(&o.ImagePullTimeout, "image-pull-timeout", images.DefaultPullTimeout, "longest a pull may take")
+	fs.IntVar(&o.Tunnels, "tunnels", relay.DefaultTunnels, "tunnels to this host's guests open at once (vmctl proxy, ssh, port-forward); more are refused until some close")
+	fs.IntVar(&o.TunnelsPerIdentity, "tunnels-per-identity", relay.DefaultTunnelsPerRequester, "tunnels one identity (its inbox) may have open to this host's guests at once")
 	fs.IntVar(&o.CapacityMemMB, "capacity-memory-mb", 0, "memory offered to VMs (default: the machine's)")
 	fs.IntVar(&o.CapacityVcpus, "capacity-vcpus", 0, "vCPUs offered to VMs (default: 4 × the machine's CPUs, a 4:1 overcommit)")
 	fs.StringSliceVar(&o.PropolisServers, "propolis-server", nil, "already-running propolis-server(s) ADDR[,ADDR...], one VM each (how Propolis is used off illumos)")
@@ -244,6 +249,7 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events
 			ReconcileEvery: o.Reconcile, Metrics: o.Metrics,
 			ImageRoots: o.imageRoots(), VMDirs: []string{filepath.Join(o.DataDir, "vms")}, ImageStore: o.imageStore(),
 			ImagePolicy: policy,
+			RelayLimits: relay.Limits{Tunnels: o.Tunnels, TunnelsPerRequester: o.TunnelsPerIdentity},
 		})
 		return err
 	})

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"strconv"
 	"sync"
 	"time"
@@ -30,6 +31,15 @@ const chunkSize = 16 << 10
 // viewer cannot hold it up: output goes out as core NATS messages, which
 // the server and the viewer's client drop for a subscriber that falls
 // behind (bounded buffers), never waiting for it.
+//
+// Input is bounded and shared fairly: what each typist (Requester of the
+// message's reply inbox) sends waits in a queue of its own of at most
+// InputPerTypist bytes, at most InputPerConsole in all, and the queues
+// are written to the console in turns of at most inputTurn bytes, each
+// write with a deadline; what does not fit is dropped (and logged), and
+// a guest that reads nothing for InputWriteTimeout has its waiting input
+// dropped. So one viewer's burst costs another's keystrokes one turn per
+// typist, not the burst, and the worker holds a bounded amount.
 type Hub struct {
 	nc      *nats.Conn
 	out     string
@@ -41,7 +51,24 @@ type Hub struct {
 	offset  uint64 // bytes read from the console so far
 	done    chan struct{}
 	closeMu sync.Once
+	input   *inputQueue
 }
+
+// Console input bounds (see Hub).
+const (
+	InputPerTypist  = 64 << 10
+	InputPerConsole = 1 << 20
+	// InputWriteTimeout: a console that takes nothing for this long has
+	// its waiting input dropped.
+	InputWriteTimeout = 10 * time.Second
+	inputTurn         = 1 << 10
+	consoleSendBuffer = 4 << 10
+	// What the NATS client may buffer for the input subscription before
+	// the hub has queued it (the callback only queues, so it seldom holds
+	// anything); past it the client drops messages.
+	inputPendingMsgs  = 4096
+	inputPendingBytes = 2 << 20
+)
 
 // StartHub relays conn, the console of vmName on host, until it ends or
 // Close. seed is output from before (the console log's end), replayed to
@@ -55,23 +82,152 @@ func StartHub(nc *nats.Conn, names events.Names, host, vmName string, conn io.Re
 		log: log.With("vm", vmName, "part", "console"), done: make(chan struct{}),
 		ring: append([]byte(nil), seed...), offset: uint64(len(seed)),
 	}
+	h.input = newInputQueue()
+	// What is written waits in the socket for the guest to read it; a
+	// small send buffer keeps the turns (not the kernel) deciding whose
+	// input goes next.
+	if wb, ok := conn.(interface{ SetWriteBuffer(int) error }); ok {
+		_ = wb.SetWriteBuffer(consoleSendBuffer)
+	}
 	in, err := nc.Subscribe(names.Console(host, vmName, events.ConsoleIn), func(m *nats.Msg) {
 		if origin.Relayed(m.Reply, m.Header) {
 			// A stored message the server delivered here on someone's
 			// behalf (a consumer's deliver subject), not keystrokes.
 			return
 		}
-		if _, err := conn.Write(m.Data); err != nil {
-			h.log.Debug("writing to the console failed", "err", err)
-		}
+		h.input.put(Requester(m.Reply), m.Data)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("relay: console input subscription: %w", err)
 	}
+	if err := in.SetPendingLimits(inputPendingMsgs, inputPendingBytes); err != nil {
+		_ = in.Unsubscribe()
+		return nil, fmt.Errorf("relay: bounding the console input subscription: %w", err)
+	}
 	h.in = in
 	go h.pump(onEnd)
 	go h.keepalive()
+	go h.typist()
 	return h, nil
+}
+
+// typist writes the queued input to the console, a turn per typist.
+func (h *Hub) typist() {
+	wd, _ := h.conn.(writeDeadliner)
+	for {
+		b, ok := h.input.next(h.done)
+		if !ok {
+			return
+		}
+		if wd != nil {
+			_ = wd.SetWriteDeadline(time.Now().Add(InputWriteTimeout))
+		}
+		if _, err := h.conn.Write(b); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				n := h.input.drop()
+				h.log.Warn("the console took no input for a while: dropped what was waiting", "wait", InputWriteTimeout, "bytes", n+len(b))
+				continue
+			}
+			h.log.Debug("writing to the console failed", "err", err)
+		}
+		if n := h.input.takeDropped(); n > 0 {
+			h.log.Warn("console input dropped: a typist sent more than the console takes", "bytes", n, "per_typist", InputPerTypist, "per_console", InputPerConsole)
+		}
+	}
+}
+
+// inputQueue is a console's waiting input: a queue per typist, served in
+// turns.
+type inputQueue struct {
+	mu      sync.Mutex
+	queues  map[string][]byte
+	order   []string // typists with input, in turn order
+	total   int
+	dropped int
+	ready   chan struct{} // signalled when input arrives
+}
+
+func newInputQueue() *inputQueue {
+	return &inputQueue{queues: map[string][]byte{}, ready: make(chan struct{}, 1)}
+}
+
+// put queues what who typed, as much as fits.
+func (q *inputQueue) put(who string, b []byte) {
+	q.mu.Lock()
+	cur, had := q.queues[who]
+	n := min(len(b), InputPerTypist-len(cur), InputPerConsole-q.total)
+	n = max(n, 0)
+	q.dropped += len(b) - n
+	if n > 0 {
+		if !had {
+			q.order = append(q.order, who)
+		}
+		q.queues[who] = append(cur, b[:n]...)
+		q.total += n
+	}
+	q.mu.Unlock()
+	if n > 0 {
+		select {
+		case q.ready <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// next takes the next turn's input (the first typist's, at most
+// inputTurn bytes; the typist goes to the back), waiting for some; ok is
+// false once done is closed.
+func (q *inputQueue) next(done <-chan struct{}) ([]byte, bool) {
+	for {
+		q.mu.Lock()
+		if len(q.order) > 0 {
+			who := q.order[0]
+			cur := q.queues[who]
+			n := min(len(cur), inputTurn)
+			b := append([]byte(nil), cur[:n]...)
+			q.total -= n
+			q.order = q.order[1:]
+			if n == len(cur) {
+				delete(q.queues, who)
+			} else {
+				q.queues[who] = cur[n:]
+				q.order = append(q.order, who)
+			}
+			q.mu.Unlock()
+			return b, true
+		}
+		q.mu.Unlock()
+		select {
+		case <-q.ready:
+		case <-done:
+			return nil, false
+		}
+	}
+}
+
+// drop empties every queue and returns how much it held.
+func (q *inputQueue) drop() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n := q.total
+	q.queues, q.order, q.total = map[string][]byte{}, nil, 0
+	return n
+}
+
+// takeDropped returns and clears the count of input that did not fit.
+func (q *inputQueue) takeDropped() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n := q.dropped
+	q.dropped = 0
+	return n
+}
+
+// Queued is how many bytes of input wait for the console.
+func (h *Hub) Queued() int {
+	h.input.mu.Lock()
+	defer h.input.mu.Unlock()
+	return h.input.total
 }
 
 // ConsolePing is how often a hub tells its viewers it is there;
@@ -172,6 +328,7 @@ type Console struct {
 	sub     *nats.Subscription
 	ch      chan *nats.Msg
 	in      string
+	inbox   string
 	pending []byte
 	next    uint64
 	closed  error
@@ -186,14 +343,17 @@ type Console struct {
 
 // AttachConsole attaches to the console of vmName on host.
 func AttachConsole(ctx context.Context, nc *nats.Conn, names events.Names, host, vmName string) (*Console, error) {
-	c := &Console{nc: nc, ch: make(chan *nats.Msg, ViewerBuffer), in: names.Console(host, vmName, events.ConsoleIn), done: make(chan struct{})}
+	c := &Console{nc: nc, ch: make(chan *nats.Msg, ViewerBuffer), in: names.Console(host, vmName, events.ConsoleIn),
+		inbox: nc.NewRespInbox(), done: make(chan struct{})}
 	// Subscribe first, so no output falls between the replay and the
 	// first live message.
+	// The channel bounds what waits for this viewer (a channel
+	// subscription has no pending limits of its own: the client drops
+	// what does not fit).
 	sub, err := nc.ChanSubscribe(names.Console(host, vmName, events.ConsoleOut), c.ch)
 	if err != nil {
 		return nil, err
 	}
-	_ = sub.SetPendingLimits(ViewerBuffer, ViewerBuffer*chunkSize)
 	c.sub = sub
 	rep, err := nc.RequestMsgWithContext(ctx, nats.NewMsg(names.Console(host, vmName, events.ConsoleAttach)))
 	if err == nil {
@@ -281,9 +441,10 @@ type ClosedError struct{ Reason string }
 
 func (e *ClosedError) Error() string { return e.Reason }
 
-// Write types p into the console.
+// Write types p into the console. The message's reply subject is this
+// viewer's inbox (nothing answers): the hub queues input per typist.
 func (c *Console) Write(p []byte) (int, error) {
-	if err := c.nc.Publish(c.in, append([]byte(nil), p...)); err != nil {
+	if err := c.nc.PublishRequest(c.in, c.inbox, append([]byte(nil), p...)); err != nil {
 		return 0, err
 	}
 	return len(p), nil

@@ -43,6 +43,11 @@ const (
 	// HdrEOF, on a tunnel frame: the sender will send no more data
 	// (its side of the connection reached EOF).
 	HdrEOF = "Vmherd-Eof"
+	// HdrKey, on a tunnel open's reply: the tunnel's key, which the
+	// client puts on every frame it sends (up); the worker drops frames
+	// without it, so only whoever received the reply (its inbox) uses
+	// the tunnel.
+	HdrKey = "Vmherd-Key"
 	// HdrPing, on a tunnel frame or console output without data: liveness
 	// only (the hub pings every ConsolePing while the console is quiet).
 	HdrPing = "Vmherd-Ping"

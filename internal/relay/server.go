@@ -41,6 +41,61 @@ type StatusError struct {
 func (e *StatusError) Error() string { return e.Err.Error() }
 func (e *StatusError) Unwrap() error { return e.Err }
 
+// Limits bound what the relay holds on its host for others: tunnels
+// (each a TCP connection to a guest, its goroutines and at most a
+// window of data waiting for the guest) and the time a guest may take to
+// read. docs/trust.md, "Memory an operator can pin", has the reasons.
+type Limits struct {
+	// Tunnels open or opening on this host, and per requester
+	// (Requester); an open past either is refused at once (429).
+	Tunnels, TunnelsPerRequester int
+	// WriteTimeout: a guest that reads nothing of what its tunnel
+	// carries for this long ends the tunnel.
+	WriteTimeout time.Duration
+}
+
+// Default limits (worker flags --tunnels, --tunnels-per-identity).
+const (
+	DefaultTunnels             = 256
+	DefaultTunnelsPerRequester = 32
+)
+
+// withDefaults fills in the zero limits.
+func (l Limits) withDefaults() Limits {
+	if l.Tunnels <= 0 {
+		l.Tunnels = DefaultTunnels
+	}
+	if l.TunnelsPerRequester <= 0 {
+		l.TunnelsPerRequester = DefaultTunnelsPerRequester
+	}
+	if l.WriteTimeout <= 0 {
+		l.WriteTimeout = TunnelWriteTimeout
+	}
+	return l
+}
+
+// Requester names who sent a request, from its reply subject: the inbox
+// prefix a connection's requests share. With vmherd's per-identity inbox
+// prefixes (<root>.<role>.<name>, then the connection's token and the
+// request's) that is the identity: the reply without its last two
+// tokens; with a plain _INBOX.<connection>.<request> it is the
+// connection: the reply without its last token. The server does not
+// check a reply subject against its sender's permissions, so a client
+// can name another's inbox: the per-requester limits keep honest clients
+// from crowding each other out, Limits.Tunnels bounds them all, and the
+// tunnel's key (HdrKey, sent to the reply subject) keeps a tunnel opened
+// in another's name from being used.
+func Requester(reply string) string {
+	tok := strings.Split(reply, ".")
+	switch {
+	case len(tok) >= 4:
+		tok = tok[:len(tok)-2]
+	case len(tok) >= 2:
+		tok = tok[:len(tok)-1]
+	}
+	return strings.Join(tok, ".")
+}
+
 // Server is the far end on a worker: consoles (one Hub per VM, kept while
 // the console is open), log reads and tunnels, as endpoints of the
 // worker's micro service.
@@ -52,39 +107,63 @@ type Server struct {
 	Target Target
 	// Dial opens a console endpoint (Dial in this package, or a test's).
 	Dial func(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWriteCloser, error)
+	// Limits bound the tunnels (zero fields: the defaults).
+	Limits Limits
 
 	mu      sync.Mutex
 	hubs    map[string]*Hub
 	ctx     context.Context
-	cancel  context.CancelFunc
+	cancel  context.CancelCauseFunc
 	tunnels sync.WaitGroup
+	// open tunnels (and opens in progress): all, and per requester
+	nTunnels int
+	byReq    map[string]int
+	stopping bool // Close has begun: no new tunnels
 }
+
+// errStopping ends the tunnels when the worker stops.
+var errStopping = errors.New("the worker is stopping")
 
 // AddEndpoints adds console_attach, console_log and tunnel_open to svc.
 func (s *Server) AddEndpoints(svc micro.Service) error {
 	if s.Dial == nil {
 		s.Dial = Dial
 	}
+	s.Limits = s.Limits.withDefaults()
 	s.hubs = map[string]*Hub{}
-	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.byReq = map[string]int{}
+	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	// Only requests a client sent itself (origin.Guard), not copies the
-	// server delivered to these subjects on someone's behalf.
+	// server delivered to these subjects on someone's behalf. Requests
+	// have empty bodies: what waits for a handler is bounded
+	// (the client drops the rest, and their senders time out) instead of
+	// the client's default 64 MB.
 	return errors.Join(
 		svc.AddEndpoint("console_attach", origin.Guard(s.Log, micro.HandlerFunc(s.attach)),
-			micro.WithEndpointSubject(s.Names.Console(s.Host, "*", events.ConsoleAttach))),
+			micro.WithEndpointSubject(s.Names.Console(s.Host, "*", events.ConsoleAttach)),
+			micro.WithEndpointPendingLimits(1024, 1<<20)),
 		svc.AddEndpoint("console_log", origin.Guard(s.Log, micro.HandlerFunc(s.log)),
-			micro.WithEndpointSubject(s.Names.Log(s.Host, "*"))),
+			micro.WithEndpointSubject(s.Names.Log(s.Host, "*")),
+			micro.WithEndpointPendingLimits(1024, 1<<20)),
+		// Opens are answered at once (refused, or handed to a goroutine
+		// of their own): a small buffer is plenty, and a flood of big
+		// messages is dropped by the client instead of held.
 		svc.AddEndpoint("tunnel_open", origin.Guard(s.Log, micro.HandlerFunc(s.open)),
-			micro.WithEndpointSubject(s.Names.Tunnel(s.Host, "*", "*", events.TunnelOpen))),
+			micro.WithEndpointSubject(s.Names.Tunnel(s.Host, "*", "*", events.TunnelOpen)),
+			micro.WithEndpointPendingLimits(4096, 4<<20)),
 	)
 }
 
-// Close ends every console hub and tunnel.
+// Close ends every console hub and tunnel (the tunnels' clients are told
+// the worker is stopping), and returns when they have ended.
 func (s *Server) Close() {
 	if s.cancel == nil {
 		return
 	}
-	s.cancel()
+	s.mu.Lock()
+	s.stopping = true // no tunnel is counted in after this
+	s.mu.Unlock()
+	s.cancel(errStopping)
 	s.mu.Lock()
 	hubs := make([]*Hub, 0, len(s.hubs))
 	for _, h := range s.hubs {
@@ -95,6 +174,41 @@ func (s *Server) Close() {
 		h.Close()
 	}
 	s.tunnels.Wait()
+}
+
+// Tunnels is how many tunnels are open or opening on this host.
+func (s *Server) Tunnels() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.nTunnels
+}
+
+// admit counts a tunnel for who (in s.tunnels too), or says which limit
+// it would pass.
+func (s *Server) admit(who string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.stopping:
+		return &StatusError{"503", errStopping}
+	case s.nTunnels >= s.Limits.Tunnels:
+		return &StatusError{"429", fmt.Errorf("too many tunnels on host %s (%d open, the limit; worker flag --tunnels): try again later", s.Host, s.nTunnels)}
+	case s.byReq[who] >= s.Limits.TunnelsPerRequester:
+		return &StatusError{"429", fmt.Errorf("too many tunnels for %s on host %s (%d open, the limit; worker flag --tunnels-per-identity): close some first", who, s.Host, s.byReq[who])}
+	}
+	s.nTunnels++
+	s.byReq[who]++
+	s.tunnels.Add(1)
+	return nil
+}
+
+func (s *Server) release(who string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.nTunnels--
+	if s.byReq[who]--; s.byReq[who] <= 0 {
+		delete(s.byReq, who)
+	}
 }
 
 func respondErr(req micro.Request, err error) {
@@ -205,6 +319,9 @@ func (s *Server) log(req micro.Request) {
 	_ = req.Respond(data, micro.WithHeaders(micro.Headers(h)))
 }
 
+// open takes a tunnel open: checked and counted here, then connected in
+// a goroutine of its own, so one requester's slow or many opens hold up
+// no one else's.
 func (s *Server) open(req micro.Request) {
 	name, err := s.vmOf(req.Subject())
 	if err != nil {
@@ -222,6 +339,21 @@ func (s *Server) open(req micro.Request) {
 		respondErr(req, &StatusError{"400", fmt.Errorf("header %s: want a TCP port, 1..65535", HdrPort)})
 		return
 	}
+	who := Requester(req.Reply())
+	if err := s.admit(who); err != nil {
+		respondErr(req, err)
+		return
+	}
+	go func() {
+		defer s.tunnels.Done()
+		defer s.release(who)
+		s.serveTunnel(req, name, id, port)
+	}()
+}
+
+// serveTunnel connects a tunnel to the guest's port and relays it until
+// it ends.
+func (s *Server) serveTunnel(req micro.Request, name, id string, port int) {
 	ctx, cancel := context.WithTimeout(s.ctx, 20*time.Second)
 	defer cancel()
 	addr, err := s.Target.GuestAddr(ctx, name, port)
@@ -237,27 +369,21 @@ func (s *Server) open(req micro.Request) {
 		respondErr(req, &StatusError{"409", fmt.Errorf("connecting to %s port %d (%s): %w", name, port, addr, err)})
 		return
 	}
-	up := make(chan *nats.Msg, TunnelBuffer)
-	sub, err := s.NC.ChanSubscribe(s.Names.Tunnel(s.Host, name, id, events.TunnelUp), up)
+	key := newTunnelKey()
+	t, err := subscribeTunnel(s.NC, s.Names.Tunnel(s.Host, name, id, events.TunnelUp), s.Names.Tunnel(s.Host, name, id, events.TunnelDown), "", key, s.Limits.WriteTimeout)
 	if err != nil {
 		_ = conn.Close()
 		respondErr(req, err)
 		return
 	}
-	_ = sub.SetPendingLimits(TunnelBuffer, TunnelBuffer*tunnelChunk)
-	if err := req.Respond(nil); err != nil {
-		_ = sub.Unsubscribe()
+	if err := req.Respond(nil, micro.WithHeaders(micro.Headers{HdrKey: {key}})); err != nil {
+		t.unsubscribe()
 		_ = conn.Close()
 		return
 	}
-	s.tunnels.Add(1)
-	go func() {
-		defer s.tunnels.Done()
-		defer func() { _ = sub.Unsubscribe() }()
-		if err := Splice(s.ctx, s.NC, s.Names.Tunnel(s.Host, name, id, events.TunnelDown), up, conn); err != nil {
-			s.Log.Debug("tunnel ended", "vm", name, "port", port, "err", err)
-		}
-	}()
+	if err := t.run(s.ctx, conn); err != nil {
+		s.Log.Debug("tunnel ended", "vm", name, "port", port, "err", err)
+	}
 }
 
 // tailOfFile is the last n bytes of a file (nil when it cannot be read).

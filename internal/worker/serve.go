@@ -155,7 +155,7 @@ func (w *Worker) startQueries() (micro.Service, error) {
 		}),
 	)
 	// Consoles, logs and tunnels of this host's VMs, for vmctl anywhere.
-	w.relay = &relay.Server{NC: w.cfg.NC, Names: w.cfg.Names, Host: w.cfg.Host, Log: w.log, Target: relayTarget{w}}
+	w.relay = &relay.Server{NC: w.cfg.NC, Names: w.cfg.Names, Host: w.cfg.Host, Log: w.log, Target: relayTarget{w}, Limits: w.cfg.RelayLimits}
 	errs = errors.Join(errs, w.relay.AddEndpoints(svc))
 	if errs != nil {
 		_ = svc.Stop()
@@ -225,11 +225,25 @@ func (t relayTarget) ConsoleEndpoint(ctx context.Context, name string) (vm.Conso
 }
 
 // GuestAddr: with user-mode networking the guest is reachable only
-// through its forwarded SSH port; otherwise at its address.
+// through its forwarded SSH port; otherwise at its address. Only while
+// the backend says the VM runs: a prepared, stopped or suspended VM's
+// forwarded port is not its guest's (after a stop, whatever listens on
+// that host port would be reached).
 func (t relayTarget) GuestAddr(ctx context.Context, name string, port int) (string, error) {
 	h, err := t.handle(ctx, name)
 	if err != nil {
 		return "", err
+	}
+	st, err := t.w.cfg.Router.State(ctx, h)
+	if err != nil {
+		code := "409"
+		if errors.Is(err, backends.ErrNotFound) {
+			code = "404"
+		}
+		return "", &relay.StatusError{Code: code, Err: fmt.Errorf("vm %s: %w", name, err)}
+	}
+	if st != vm.StateRunning {
+		return "", &relay.StatusError{Code: "409", Err: fmt.Errorf("vm %s is %s, not running: a tunnel reaches only a running VM's guest (start or resume it first)", name, st)}
 	}
 	if h.Spec == nil || h.Spec.Network == nil || h.Spec.Network.Type == vm.NetworkUser {
 		if h.SSHPort == 0 {

@@ -79,6 +79,9 @@ type Config struct {
 	ImageStore string
 	// ImagePolicy bounds pulls: destinations, size, time (--image-*).
 	ImagePolicy images.Policy
+	// RelayLimits bound the tunnels to this host's guests (--tunnels,
+	// --tunnels-per-identity; zero: the defaults).
+	RelayLimits relay.Limits
 }
 
 // local is what the worker knows of one of its VMs.
