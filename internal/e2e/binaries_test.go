@@ -121,9 +121,19 @@ func TestBinariesAndNatsCLI(t *testing.T) {
 		t.Fatalf("engine did not stop cleanly: %v\n%s", err, eng.Output())
 	}
 	eng = start()
-	out, errOut, code = vmctl("history", "web1")
-	if code != 0 || !strings.Contains(out, "from-nats-cli") || !strings.Contains(out, "bad-json") || !strings.Contains(out, "JSON") {
-		t.Fatalf("history after restart: exit %d\n%s%s", code, out, errOut)
+	// The malformed command may still wait for the restarted engine to
+	// decide it (it was published just before the stop).
+	decided := time.Now().Add(15 * time.Second)
+	for {
+		out, errOut, code = vmctl("history", "web1")
+		ok := code == 0 && strings.Contains(out, "from-nats-cli") && strings.Contains(out, "bad-json") && strings.Contains(out, "JSON")
+		if ok {
+			break
+		}
+		if time.Now().After(decided) {
+			t.Fatalf("history after restart: exit %d\n%s%s", code, out, errOut)
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
 	out, errOut, code = vmctl("stop", "web1")
 	if code != 0 || !strings.Contains(out, "stopped") {

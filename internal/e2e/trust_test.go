@@ -466,11 +466,12 @@ func timeToStore(ctx context.Context, t *testing.T, js jetstream.JetStream, n, s
 // removal the viewer could not send itself. The worker takes only
 // requests with an inbox reply and no relay marks: the image stays.
 func TestTrustRelayedRequests(t *testing.T) {
-	blob := []byte("a tiny image")
+	blob := make([]byte, 1<<20) // a raw disk of 1 MiB, the smallest image a pull takes
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write(blob) }))
 	defer srv.Close()
 	dir := filepath.Join(t.TempDir(), "data")
-	store := &images.Store{Root: filepath.Join(dir, "images")}
+	// The test's image server is on loopback, which pulls refuse unless allowed.
+	store := &images.Store{Root: filepath.Join(dir, "images"), Policy: images.Policy{AllowPrivate: true}}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	if _, err := store.Pull(ctx, srv.URL+"/tiny.img", images.PullOptions{Name: "tiny"}); err != nil {

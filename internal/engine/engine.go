@@ -367,7 +367,7 @@ func (e *Engine) storedDecision(ctx context.Context, name, cmdID string, seq uin
 		return nil, fmt.Errorf("reading the stored decision of command %s (vm %s, seq %d): %w", cmdID, name, seq, err)
 	}
 	ev, err := e.cfg.Names.DecodeStored(m.Subject, m.Data)
-	if err == nil && events.StoredByServer(m.Header) {
+	if err == nil && events.RelayedCopy(m) {
 		err = errors.New("stored by the server on a client's behalf, not by an engine")
 	}
 	if err != nil {

@@ -256,6 +256,15 @@ func (s *Store) FollowVM(ctx context.Context, vmName string, from uint64, fn fun
 // gets a second.
 var FollowPoll = struct{ First, Max time.Duration }{5 * time.Millisecond, 250 * time.Millisecond}
 
+// RelayedCopy reports whether a message read by a direct get (GetMsg,
+// GetLastMsgForSubject) was stored by the server on a client's behalf
+// (StoredByServer; a direct get's own answer carries those headers, so
+// StoredByServer cannot be asked of it).
+func RelayedCopy(m *jetstream.RawStreamMsg) bool {
+	_, relayed := storedAs(m)
+	return relayed
+}
+
 // storedAs returns the sequence m is stored at in the stream it was read
 // from, and whether the server stored it on someone's behalf
 // (StoredByServer). A direct get answers with Nats-Stream, Nats-Subject
