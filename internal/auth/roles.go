@@ -218,8 +218,12 @@ func worker(p *jwt.Permissions, n events.Names, h string) {
 	for _, st := range []string{n.EventsStream(), "KV_" + n.RecordsBucket(), "KV_" + n.ImagesBucket()} {
 		getVerbs(p, st)
 	}
-	// Its query service (vm.query.<h>.*) and the micro service discovery.
-	p.Sub.Allow.Add(n.Query(h)+".>", "$SRV.>")
+	// Its query service (vm.query.<h>.*) and the micro service discovery
+	// of its own service only (vmherd-worker-<h>, worker.ServiceName): a
+	// worker cannot answer `nats micro` for another host's service.
+	svc := "vmherd-worker-" + h
+	p.Sub.Allow.Add(n.Query(h)+".>", "$SRV.PING", "$SRV.INFO", "$SRV.STATS",
+		"$SRV.*."+svc, "$SRV.*."+svc+".>")
 	// The relay of its own VMs' consoles, logs and tunnels (package relay).
 	p.Sub.Allow.Add(
 		n.Console(h, "*", events.ConsoleAttach), n.Console(h, "*", events.ConsoleIn),
