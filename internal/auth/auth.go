@@ -21,6 +21,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
 
+	"github.com/vmherd/vmherd/internal/credsfile"
 	"github.com/vmherd/vmherd/internal/safefile"
 	"github.com/vmherd/vmherd/schemas"
 )
@@ -219,45 +220,10 @@ func (a *Authority) ServerConfig() (string, error) {
 		op, a.SysPub, a.AccountPub, a.AccountJWT, a.SysPub, a.SystemJWT), nil
 }
 
-// CredsName returns the identity name in a credentials file's user JWT:
-// the issuer token its holder puts on commands.
-func CredsName(path string) (string, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", err
-	}
-	tok, err := jwt.ParseDecoratedJWT(b)
-	if err != nil {
-		return "", fmt.Errorf("auth: %s: %w", path, err)
-	}
-	uc, err := jwt.DecodeUserClaims(tok)
-	if err != nil {
-		return "", fmt.Errorf("auth: %s: %w", path, err)
-	}
-	return uc.Name, nil
-}
+// CredsName returns the identity name in a credentials file's user JWT
+// (credsfile.Name).
+func CredsName(path string) (string, error) { return credsfile.Name(path) }
 
 // CredsInboxPrefix returns the inbox prefix a credentials file's identity
-// must use: the one its subscribe permissions allow (Identity.InboxPrefix;
-// a worker's credentials from before it, _INBOX_<host>), or "" for NATS's
-// default (credentials that may subscribe to _INBOX.>).
-func CredsInboxPrefix(path string) (string, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", err
-	}
-	tok, err := jwt.ParseDecoratedJWT(b)
-	if err != nil {
-		return "", fmt.Errorf("auth: %s: %w", path, err)
-	}
-	uc, err := jwt.DecodeUserClaims(tok)
-	if err != nil {
-		return "", fmt.Errorf("auth: %s: %w", path, err)
-	}
-	for _, s := range uc.Sub.Allow {
-		if p, ok := strings.CutSuffix(s, ".>"); ok && strings.HasPrefix(p, "_INBOX") && p != "_INBOX" && !strings.ContainsAny(p, "*>") {
-			return p, nil
-		}
-	}
-	return "", nil
-}
+// must use (credsfile.InboxPrefix).
+func CredsInboxPrefix(path string) (string, error) { return credsfile.InboxPrefix(path) }

@@ -34,7 +34,7 @@ import (
 func TestVmctlAtCIRate(t *testing.T) {
 	const (
 		vms      = 600 // × 5 commands: 3,000 vmctl
-		parallel = 16  // vmctl processes at once
+		parallel = 32  // vmctl processes at once
 		budget   = 2 * time.Minute
 	)
 	bin := testenv.PlainBinaries(t)

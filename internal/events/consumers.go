@@ -62,7 +62,7 @@ func (n Names) ConsumerBound(engines, hosts int) map[string]int {
 		n.CommandsStream():        1,       // engine, shared by the engines
 		n.EventsStream():          engines, // each engine's projector
 		n.TasksStream():           hosts,   // worker-<host>
-		"KV_" + n.RecordsBucket(): 0,
+		"KV_" + n.RecordsBucket(): engines, // each engine's VM_SSH sweeper (package sshkeys)
 		"KV_" + n.HostsBucket():   engines, // each engine's host registry
 		"KV_" + n.ImagesBucket():  engines, // each engine's image view
 		"KV_" + n.SSHBucket():     0,

@@ -23,7 +23,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
-	"github.com/vmherd/vmherd/internal/auth"
+	"github.com/vmherd/vmherd/internal/credsfile"
 	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
@@ -255,7 +255,7 @@ func (g *globals) connect() error {
 		opts = append(opts, nats.UserCredentials(creds))
 		// Commands carry the identity's name as their issuer token (what
 		// an operator's permissions require, and what the engines record).
-		name, err := auth.CredsName(creds)
+		name, err := credsfile.Name(creds)
 		if err != nil {
 			return fmt.Errorf("reading credentials %s: %w", creds, err)
 		}
@@ -263,7 +263,7 @@ func (g *globals) connect() error {
 			g.issuer = name
 		}
 		// Replies come only to the inbox prefix the credentials allow.
-		inbox, err := auth.CredsInboxPrefix(creds)
+		inbox, err := credsfile.InboxPrefix(creds)
 		if err != nil {
 			return fmt.Errorf("reading credentials %s: %w", creds, err)
 		}
