@@ -236,7 +236,7 @@ func (r *consoleReader) wait(marker string, within time.Duration) (time.Duration
 // exit 1].
 func TestRelayResources(t *testing.T) {
 	image := guestimage.EnsureForTest(t)
-	e := &engineProc{t: t, bin: plainEngine(t), dir: filepath.Join(t.TempDir(), "data"), port: testenv.FreePort(t),
+	e := &engineProc{t: t, bin: testenv.PlainBinaries(t), dir: filepath.Join(t.TempDir(), "data"), port: testenv.FreePort(t),
 		metrics: testenv.Addr(testenv.FreePort(t)),
 		args:    []string{"--backends", "noop,qemu", "--image-dir", filepath.Dir(image)}}
 	e.start()

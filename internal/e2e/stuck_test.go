@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -39,19 +38,6 @@ func startEngineProc(t *testing.T, args ...string) *engineProc {
 		metrics: testenv.Addr(testenv.FreePort(t)), args: args}
 	e.start()
 	return e
-}
-
-// plainEngine is the engine built without the race detector (whose shadow
-// memory is never given back), for measuring memory as users run it.
-func plainEngine(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/engine")
-	cmd.Dir = testenv.RepoRoot(t)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("building the engine: %v\n%s", err, out)
-	}
-	return dir
 }
 
 func (e *engineProc) url() string { return "nats://" + testenv.Addr(e.port) }
@@ -224,7 +210,7 @@ func TestPoisonedNamesAfterRestart(t *testing.T) {
 // projector caches at most DefaultMaxCached names, the limiter 4,096
 // issuers, and idle heap is given back to the OS: app.returnMemory).
 func TestFloodBoundedMemory(t *testing.T) {
-	eng := &engineProc{t: t, bin: plainEngine(t), dir: filepath.Join(t.TempDir(), "data"), port: testenv.FreePort(t),
+	eng := &engineProc{t: t, bin: testenv.PlainBinaries(t), dir: filepath.Join(t.TempDir(), "data"), port: testenv.FreePort(t),
 		metrics: testenv.Addr(testenv.FreePort(t))}
 	eng.start()
 	env := testenv.AttachCreds(t, eng.url(), datadir.AdminCreds(eng.dir))
@@ -270,25 +256,7 @@ func TestFloodBoundedMemory(t *testing.T) {
 		}
 	}()
 	<-started
-	var worst time.Duration
-	for i, action := range []string{"prepare", "start", "stop", "start", "destroy"} {
-		sample()
-		id := fmt.Sprintf("a-%d-%s", i, action)
-		b := fmt.Sprintf(`{"command_id":%q}`, id)
-		if action == "prepare" {
-			b = fmt.Sprintf(`{"command_id":%q,"spec":{"backend":"noop"}}`, id)
-		}
-		t0 := time.Now()
-		if _, err := ajs.Publish(ctx, env.Names.IssuedCommand("a1", action, "alice"), []byte(b)); err != nil {
-			t.Fatalf("alice's %s during the flood: %v", action, err)
-		}
-		ev := env.Decision("a1", id, time.Minute)
-		worst = max(worst, time.Since(t0))
-		if ev.Type != events.TypeAccepted {
-			t.Fatalf("alice's %s during the flood: %+v", action, ev)
-		}
-		env.Result("a1", id, time.Minute)
-	}
+	worst := aliceLifecycle(ctx, t, env, ajs, time.Minute, sample)
 	if err := <-floodDone; err != nil {
 		t.Fatalf("flooding: %v", err)
 	}

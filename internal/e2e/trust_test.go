@@ -367,25 +367,7 @@ func TestTrustFloodFairness(t *testing.T) {
 	<-started
 
 	// Alice's lifecycle meanwhile: each decision timed from its stored publish.
-	var worst time.Duration
-	for i, action := range []string{"prepare", "start", "stop", "start", "destroy"} {
-		id := fmt.Sprintf("a-%d-%s", i, action)
-		body := fmt.Sprintf(`{"command_id":%q}`, id)
-		if action == "prepare" {
-			body = fmt.Sprintf(`{"command_id":%q,"spec":{"backend":"noop"}}`, id)
-		}
-		t0 := time.Now()
-		if _, err := ajs.Publish(ctx, env.Names.IssuedCommand("a1", action, "alice"), []byte(body)); err != nil {
-			t.Fatal(err)
-		}
-		ev := env.Decision("a1", id, 30*time.Second)
-		d := time.Since(t0)
-		worst = max(worst, d)
-		if ev.Type != events.TypeAccepted {
-			t.Fatalf("alice's %s during the flood: %+v", action, ev)
-		}
-		env.Result("a1", id, 30*time.Second)
-	}
+	worst := aliceLifecycle(ctx, t, env, ajs, 30*time.Second, nil)
 	if err := <-floodDone; err != nil {
 		t.Fatalf("flooding: %v", err)
 	}
@@ -437,6 +419,37 @@ func TestTrustFloodFairness(t *testing.T) {
 
 // timeToStore publishes n messages of size bytes to a scratch stream at
 // full speed (async, every ack awaited) and returns how long they took.
+// aliceLifecycle runs operator alice's VM a1 through prepare, start,
+// stop, start and destroy, each command published with her issuer token
+// and expected accepted within timeout (and its result within timeout),
+// calling each (if set) before each command; it returns her slowest
+// decision, timed from the publish.
+func aliceLifecycle(ctx context.Context, t *testing.T, env *testenv.Env, ajs jetstream.JetStream, timeout time.Duration, each func()) time.Duration {
+	t.Helper()
+	var worst time.Duration
+	for i, action := range []string{"prepare", "start", "stop", "start", "destroy"} {
+		if each != nil {
+			each()
+		}
+		id := fmt.Sprintf("a-%d-%s", i, action)
+		body := fmt.Sprintf(`{"command_id":%q}`, id)
+		if action == "prepare" {
+			body = fmt.Sprintf(`{"command_id":%q,"spec":{"backend":"noop"}}`, id)
+		}
+		t0 := time.Now()
+		if _, err := ajs.Publish(ctx, env.Names.IssuedCommand("a1", action, "alice"), []byte(body)); err != nil {
+			t.Fatalf("alice's %s during the flood: %v", action, err)
+		}
+		ev := env.Decision("a1", id, timeout)
+		worst = max(worst, time.Since(t0))
+		if ev.Type != events.TypeAccepted {
+			t.Fatalf("alice's %s during the flood: %+v", action, ev)
+		}
+		env.Result("a1", id, timeout)
+	}
+	return worst
+}
+
 func timeToStore(ctx context.Context, t *testing.T, js jetstream.JetStream, n, size int) time.Duration {
 	t.Helper()
 	const name, subj = "SCRATCH_STORE", "scratch.store"

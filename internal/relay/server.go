@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -274,7 +273,7 @@ func (s *Server) hub(ctx context.Context, name string) (*Hub, error) {
 	// twice).
 	var seed []byte
 	if ep.LogPath != "" {
-		seed = tailOfFile(ep.LogPath, ReplaySize)
+		seed = lastBytes(ep.LogPath, ReplaySize)
 	}
 	var h *Hub
 	h, err = StartHub(s.NC, s.Names, s.Host, name, conn, seed, s.Log, func() {
@@ -384,21 +383,4 @@ func (s *Server) serveTunnel(req micro.Request, name, id string, port int) {
 	if err := t.run(s.ctx, conn); err != nil {
 		s.Log.Debug("tunnel ended", "vm", name, "port", port, "err", err)
 	}
-}
-
-// tailOfFile is the last n bytes of a file (nil when it cannot be read).
-func tailOfFile(path string, n int64) []byte {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil
-	}
-	off := max(fi.Size()-n, 0)
-	b := make([]byte, fi.Size()-off)
-	k, _ := f.ReadAt(b, off)
-	return b[:k]
 }
