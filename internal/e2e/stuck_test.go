@@ -290,5 +290,5 @@ func TestFloodBoundedMemory(t *testing.T) {
 // The flood test's memory bounds (see docs/architecture.md).
 const (
 	floodRSSPeak  = 200 << 20
-	floodRSSAfter = 48 << 20
+	floodRSSAfter = 64 << 20
 )
