@@ -426,6 +426,19 @@ func (c *cluster) verify(env *testenv.Env, stats *loadStats) testenv.Counts {
 
 // every runs fn at random moments in [min,max) until ctx ends. The pauses
 // choose when faults strike; no result depends on them.
+// atMost calls fn like every, but returns after n calls.
+func atMost(ctx context.Context, n int, lo, hi time.Duration, fn func()) int {
+	inner, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := 0
+	return every(inner, lo, hi, func() {
+		fn()
+		if done++; done == n {
+			cancel()
+		}
+	})
+}
+
 func every(ctx context.Context, lo, hi time.Duration, fn func()) int {
 	n := 0
 	for {
