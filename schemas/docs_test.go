@@ -38,6 +38,7 @@ import (
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
+	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // docsDir holds the documentation, relative to this package.
@@ -734,11 +735,36 @@ func checkFSMRow(add func(string, ...any), t *mdTable, r mdRow, action string) {
 		okState, _ := fsm.Apply(inflight, fsm.Result(ok))
 		failState, _ := fsm.Apply(inflight, fsm.ResFailed)
 		want := []string{string(ok), string(okState), string(events.TypeFailed), string(failState)}
+		if returns(fsm.Action(action), inflight) {
+			// A migrate's results return the VM to the state it had
+			// (fsm.Settle): the doc names the results and says so.
+			want = []string{string(ok), string(events.TypeFailed)}
+			if !strings.Contains(r.cell(c), "the state it had") {
+				add("%s: results of `%s` return the VM to the state it had (fsm.Settle); the doc must say so", r.where(t), action)
+			}
+		}
 		if got := codeSpans(r.cell(c)); !slices.Equal(got, want) {
 			add("%s: results of `%s`: the doc says %v, internal/fsm and events.ResultOf say `%s` → `%s`; `%s` → `%s`",
 				r.where(t), action, got, want[0], want[1], want[2], want[3])
 		}
 	}
+}
+
+// returns reports whether both results of action a, from its in-flight
+// state, return the VM to whichever state a was accepted from.
+func returns(a fsm.Action, inflight vm.VmState) bool {
+	from := fsm.Allowed(a)
+	if len(from) < 2 {
+		return false
+	}
+	for _, before := range from {
+		for _, r := range []fsm.Result{a.Success(), fsm.ResFailed} {
+			if got, ok := fsm.Settle(inflight, before, r); !ok || got != before {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // ---- tests ----------------------------------------------------------------------

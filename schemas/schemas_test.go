@@ -93,6 +93,15 @@ func eventOf(t events.Type, a string) events.Event {
 		} else {
 			ev.Handle = fullHandle()
 		}
+		if a == "migrate" {
+			ev.Migration = &events.Migration{From: "h1", To: "h2", Mode: events.MigrateLive, Before: vm.StateRunning}
+		}
+	case events.TypeMigrated:
+		ev.Handle, ev.AcceptedSeq, ev.Host, ev.State = fullHandle(), 7, "h2", vm.StateRunning
+		ev.Migration = &events.Migration{From: "h1", To: "h2", Mode: events.MigrateLive, Before: vm.StateRunning, Bytes: 1 << 30, Total: 1 << 30, DowntimeMS: 42}
+	case events.TypeMigration:
+		ev.Action, ev.AcceptedSeq, ev.Host, ev.Handle = "migrate", 7, "h2", fullHandle()
+		ev.Migration = &events.Migration{From: "h1", To: "h2", Mode: events.MigrateLive, Before: vm.StateRunning, Phase: events.PhaseTargetReady, Endpoint: "10.0.0.6:49152", Digest: strings.Repeat("ab", 32)}
 	case events.TypeRejected:
 		ev.Host, ev.State = "", fsm.StateAbsent
 		ev.Reason = "cannot start: vm does not exist"
@@ -138,6 +147,8 @@ func fullRecord() *projection.VmRecord {
 		LastCommandID: "cmd-3",
 		LastError:     "exited: guest powered off",
 		Exit:          &projection.Exit{Time: t0, Reason: "guest powered off"},
+		Image:         "debian-12",
+		Migration:     &events.Migration{From: "h1", To: "h2", Mode: events.MigrateCold, Before: vm.StateStopped, Phase: events.PhaseCopying, Bytes: 1 << 20, Total: 1 << 21},
 		CreatedAt:     t0,
 		UpdatedAt:     t0.Add(time.Minute),
 	}
@@ -357,7 +368,16 @@ func TestValidEvents(t *testing.T) {
 	forget.Forget, forget.Abandoned = true, []events.Abandoned{{CommandID: "cmd-0", Action: "destroy", Seq: 6}}
 	forgotten := eventOf(events.TypeDestroyed, "destroy")
 	forgotten.Handle, forgotten.Reason = nil, "forgotten: host h1 is lost"
-	evs = append(evs, rej, rej2, gone, fail, zero, forget, forgotten)
+	// A migration's phase; a cancel of a migration (accepted, the state
+	// returned to) and the failed result the engines store for it.
+	phase := eventOf(events.TypeMigration, "migrate")
+	cancel := eventOf(events.TypeAccepted, "migrate")
+	cancel.Cancel, cancel.State, cancel.Handle = true, vm.StateRunning, nil
+	cancel.Abandoned = []events.Abandoned{{CommandID: "cmd-0", Action: "migrate", Seq: 6}}
+	cancelled := eventOf(events.TypeFailed, "migrate")
+	cancelled.Handle, cancelled.State = nil, vm.StateRunning
+	cancelled.Migration = &events.Migration{From: "h1", To: "h2", Mode: events.MigrateLive, Before: vm.StateRunning, CancelledBy: "cmd-1"}
+	evs = append(evs, rej, rej2, gone, fail, zero, forget, forgotten, phase, cancel, cancelled)
 
 	seen := map[events.Type]bool{}
 	for i, ev := range evs {
@@ -580,7 +600,7 @@ func TestEnumsAndLimitsMatchGo(t *testing.T) {
 	}
 	states := strs(vm.StatePreparing, vm.StatePrepared, vm.StateStarting, vm.StateRunning, vm.StateStopping,
 		vm.StateStopped, vm.StateSuspending, vm.StateSuspended, vm.StateResuming, vm.StateDestroying,
-		vm.StateDestroyed, vm.StateFailed)
+		vm.StateDestroyed, vm.StateFailed, vm.StateMigrating)
 	for _, s := range states {
 		if fsm.Transitional(vm.VmState(s)) {
 			trans = append(trans, s)

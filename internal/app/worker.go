@@ -51,6 +51,12 @@ type WorkerOptions struct {
 	ImagePullTimeout       time.Duration
 	// Tunnels to guests (package relay's Limits).
 	Tunnels, TunnelsPerIdentity int
+	// Migration traffic (worker.MigrationConfig): the address other
+	// hosts reach, the ports, the stall bound and the downtime aimed for.
+	MigrationListen   string
+	MigrationPorts    string
+	MigrationStall    time.Duration
+	MigrationDowntime time.Duration
 
 	PropolisServers    []string
 	PropolisBin        string
@@ -93,6 +99,10 @@ func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
 	fs.DurationVar(&o.ImagePullTimeout, "image-pull-timeout", images.DefaultPullTimeout, "longest a pull may take")
 	fs.IntVar(&o.Tunnels, "tunnels", relay.DefaultTunnels, "tunnels to this host's guests open at once (vmctl proxy, ssh, port-forward); more are refused until some close")
 	fs.IntVar(&o.TunnelsPerIdentity, "tunnels-per-identity", relay.DefaultTunnelsPerRequester, "tunnels one identity (its inbox) may have open to this host's guests at once")
+	fs.StringVar(&o.MigrationListen, "migration-listen", "127.0.0.1", "this host's address the other hosts reach for migration traffic (a VM's disk and memory arriving here)")
+	fs.StringVar(&o.MigrationPorts, "migration-ports", "49152-49215", "the ports migration traffic to this host takes, LO-HI")
+	fs.DurationVar(&o.MigrationStall, "migration-stall", time.Minute, "a live migration from this host that makes no progress for this long is aborted (the vm keeps running here)")
+	fs.DurationVar(&o.MigrationDowntime, "migration-downtime", 300*time.Millisecond, "the longest pause of a guest at the switch of a live migration that QEMU aims for")
 	fs.IntVar(&o.CapacityMemMB, "capacity-memory-mb", 0, "memory offered to VMs (default: the machine's)")
 	fs.IntVar(&o.CapacityVcpus, "capacity-vcpus", 0, "vCPUs offered to VMs (default: 4 × the machine's CPUs, a 4:1 overcommit)")
 	fs.StringSliceVar(&o.PropolisServers, "propolis-server", nil, "already-running propolis-server(s) ADDR[,ADDR...], one VM each (how Propolis is used off illumos)")
@@ -237,6 +247,10 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events
 	if err != nil {
 		return nil, err
 	}
+	var lo, hi int
+	if _, err := fmt.Sscanf(o.MigrationPorts, "%d-%d", &lo, &hi); err != nil || lo < 1 || hi > 65535 || lo > hi {
+		return nil, fmt.Errorf("--migration-ports %q: want LO-HI, two ports with LO <= HI", o.MigrationPorts)
+	}
 	if err := waitStreams(ctx, c.JS, names, log); err != nil {
 		return nil, err
 	}
@@ -250,6 +264,8 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events
 			ImageRoots: o.imageRoots(), VMDirs: []string{filepath.Join(o.DataDir, "vms")}, ImageStore: o.imageStore(),
 			ImagePolicy: policy,
 			RelayLimits: relay.Limits{Tunnels: o.Tunnels, TunnelsPerRequester: o.TunnelsPerIdentity},
+			Migration: worker.MigrationConfig{Listen: o.MigrationListen, PortLo: lo, PortHi: hi,
+				Stall: o.MigrationStall, DowntimeMS: int(o.MigrationDowntime / time.Millisecond)},
 		})
 		return err
 	})

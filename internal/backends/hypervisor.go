@@ -46,6 +46,8 @@ var (
 type Capabilities struct {
 	Suspend bool `json:"suspend"`
 	Resume  bool `json:"resume"`
+	// Migrate: the backend moves VMs to and from other hosts (Migrator).
+	Migrate bool `json:"migrate,omitempty"`
 }
 
 // Capable is implemented by backends that cannot do every action.
@@ -58,7 +60,8 @@ func CapabilitiesOf(h Hypervisor) Capabilities {
 	if c, ok := h.(Capable); ok {
 		return c.Capabilities()
 	}
-	return Capabilities{Suspend: true, Resume: true}
+	_, m := h.(Migrator)
+	return Capabilities{Suspend: true, Resume: true, Migrate: m}
 }
 
 // Exit is an observation that a VM's hypervisor process ended without a
@@ -274,4 +277,77 @@ func (r *Router) Capabilities(t vm.BackendTag) Capabilities {
 		return Capabilities{}
 	}
 	return CapabilitiesOf(b)
+}
+
+// Migrator is implemented by backends that move VMs between hosts. The
+// worker runs the protocol (docs/architecture.md, "Moving a VM": who
+// waits for which stored event); the backend moves the bytes. Every
+// call is idempotent for the same handle, so a worker that restarted
+// half way repeats it.
+type Migrator interface {
+	// Receive makes, on the target host, the copy of the VM whose source
+	// handle is src, over base (this host's file of its base image).
+	// Live, the copy is paused and waits for the source's disk and
+	// memory at the endpoint returned; cold, it first copies the disk
+	// from the source's export at from. The copy runs nothing until
+	// Activate.
+	Receive(ctx context.Context, src vm.VmHandle, base string, r Receiving) (vm.VmHandle, string, error)
+	// Send, on the source, live: copies the disk's own layer and the
+	// guest's memory to the target's endpoint and returns once the guest
+	// is paused here and wholly there. It reports progress as it goes;
+	// it gives up when no progress is made for o.Stall.
+	Send(ctx context.Context, h vm.VmHandle, endpoint string, o SendOptions, progress func(MigrationProgress)) (MigrationProgress, error)
+	// Export, on the source, cold: serves the VM's disk layer for the
+	// target to copy, and returns where, with its size and digest.
+	// Unexport ends it.
+	Export(ctx context.Context, h vm.VmHandle, listen string) (endpoint string, size int64, digest string, err error)
+	Unexport(ctx context.Context, h vm.VmHandle) error
+	// Activate, on the target once the switch is stored: the copy is the
+	// VM, in state before (live: its guest resumed if that is running).
+	Activate(ctx context.Context, h vm.VmHandle, before vm.VmState) (vm.VmHandle, error)
+	// Abandon, on the target once the migration failed or was
+	// cancelled: removes the copy.
+	Abandon(ctx context.Context, h vm.VmHandle) error
+	// Recover, on the source once the migration failed or was
+	// cancelled: stops sending and puts the VM back in state before
+	// (live: its guest resumed if that is running).
+	Recover(ctx context.Context, h vm.VmHandle, before vm.VmState) (vm.VmHandle, error)
+}
+
+// Receiving is what Receive is told.
+type Receiving struct {
+	Mode string // events.MigrateLive or MigrateCold
+	// Listen is the address the copy's endpoints listen on (an address
+	// of this host the source can reach); Ports the range they take.
+	Listen     string
+	PortLo     int
+	PortHi     int
+	From       string // cold: the source's export
+	FromSize   int64  // cold: its size
+	FromDigest string // cold: its sha256
+}
+
+// SendOptions bound a live send.
+type SendOptions struct {
+	Stall        time.Duration // no progress for this long: give up
+	DowntimeMS   int           // the longest pause at the switch QEMU aims for
+	BandwidthBps int64         // 0: no limit
+}
+
+// MigrationProgress is how far a send got.
+type MigrationProgress struct {
+	Phase      string // copying (disk, then memory) or switchover
+	Bytes      int64  // sent so far
+	Total      int64  // to send, as known now
+	DowntimeMS int64  // the guest's pause at the switch (once done)
+}
+
+// Migrator returns the migrator of backend t, if it has one.
+func (r *Router) Migrator(t vm.BackendTag) (Migrator, bool) {
+	b, err := r.Backend(t)
+	if err != nil {
+		return nil, false
+	}
+	m, ok := b.(Migrator)
+	return m, ok
 }

@@ -132,6 +132,13 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 		for _, f := range rec.InFlight {
 			ev.Abandoned = append(ev.Abandoned, events.Abandoned{CommandID: f.CommandID, Action: f.Action, Seq: f.Seq})
 		}
+	case act == fsm.ActMigrate && cmd.Cancel:
+		return a.admitCancel(rec, ev)
+	case act == fsm.ActMigrate:
+		if err := a.admitMigrate(rec, cmd, ev); err != nil {
+			return err
+		}
+		decide = func(vm.VmState) (vm.VmState, error) { return vm.StateMigrating, nil }
 	case act == fsm.ActPrepare:
 		spec := cmd.Spec.WithDefaults()
 		if spec.Name == "" {
@@ -195,6 +202,106 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 		ev.TimeoutS = cmd.TimeoutS
 	}
 	return nil
+}
+
+// admitMigrate decides a migrate: the state machine, the source host
+// alive and its backend able to migrate, and a destination (the one
+// asked for, or placed by prepare's rules among the others) that can
+// take it. On accept it fills ev.Migration.
+func (a admission) admitMigrate(rec *projection.VmRecord, cmd *events.Command, ev *events.Event) error {
+	cur := rec.CurrentState()
+	if !rec.Exists() || cur == vm.StateDestroyed {
+		_, err := fsm.Decide(fsm.StateAbsent, fsm.ActMigrate)
+		return err
+	}
+	if _, err := fsm.Decide(cur, fsm.ActMigrate); err != nil {
+		return err
+	}
+	src := a.hosts.Get(rec.Host)
+	if src == nil || !src.Alive {
+		return reject("host %s of vm %s is lost (no heartbeat for over %s); a migrate needs its worker", rec.Host, ev.VM, a.lostAfter)
+	}
+	if !src.Can(rec.Backend, fsm.ActMigrate) {
+		return reject("backend %s cannot migrate (not supported by the backend on host %s)", rec.Backend, rec.Host)
+	}
+	if rec.Handle == nil || rec.Handle.Spec == nil {
+		return reject("vm %s has no handle with its spec yet; a migrate needs its prepare's result", ev.VM)
+	}
+	spec := *rec.Handle.Spec
+	if spec.UEFI {
+		return reject("vm %s boots with UEFI: its variable store is not migrated (not supported yet)", ev.VM)
+	}
+	if cmd.Host == rec.Host {
+		return reject("host: vm %s is already on host %s", ev.VM, rec.Host)
+	}
+	spec.Backend = rec.Backend
+	if rec.Image != "" {
+		// Named: the destination must have it ready, and finds its own file.
+		spec.Image, spec.ImagePath = rec.Image, ""
+	}
+	if a.book != nil {
+		a.book.lockPlacing()
+		defer a.book.unlockPlacing()
+	}
+	dst, err := a.placeAway(rec.Host, cmd.Host, spec)
+	if err != nil {
+		return err
+	}
+	if !dst.Can(rec.Backend, fsm.ActMigrate) {
+		return reject("host: %s cannot take it: backend %s there cannot migrate", dst.Host, rec.Backend)
+	}
+	mode := events.MigrateCold
+	if fsm.Live(cur) {
+		mode = events.MigrateLive
+	}
+	ev.Migration = &events.Migration{From: rec.Host, To: dst.Host, Mode: mode, Before: cur}
+	ev.Spec = &spec // what the destination's copy is made from
+	return nil
+}
+
+// admitCancel decides the cancel of a migration in flight: the VM stays
+// where it is, in the state it had; the migrate is abandoned (the engine
+// stores its failed result) and both hosts' workers undo their part.
+func (a admission) admitCancel(rec *projection.VmRecord, ev *events.Event) error {
+	if rec.CurrentState() != vm.StateMigrating || rec.Migration == nil || len(rec.InFlight) == 0 {
+		return reject("cancel: vm %s has no migration in flight (it is %s)", ev.VM, rec.CurrentState())
+	}
+	m := rec.InFlight[len(rec.InFlight)-1]
+	ev.Type = events.TypeAccepted
+	ev.Cancel = true
+	ev.State = rec.Migration.Before
+	ev.Host = rec.Host
+	ev.Backend = rec.Backend
+	ev.Migration = rec.Migration.Clone()
+	ev.Abandoned = []events.Abandoned{{CommandID: m.CommandID, Action: m.Action, Seq: m.Seq}}
+	return nil
+}
+
+// placeAway places a migrating VM on a host other than from: pin if
+// given, else the best of the others.
+func (a admission) placeAway(from, pin string, spec vm.VmSpec) (*hosts.Host, error) {
+	if pin != "" {
+		return a.place(pin, spec)
+	}
+	var others []*hosts.Host
+	for _, h := range a.hosts.List() {
+		if h.Host != from {
+			others = append(others, h)
+		}
+	}
+	p := hosts.Placement{
+		Backend: spec.Backend, Need: hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
+		Placed: a.placed, Image: spec.Image, HasImage: a.hasImage,
+	}
+	if a.count != nil {
+		p.VMsOn = a.count.onHost
+		p.MaxVMs = a.quotas.PerHost
+	}
+	h, err := hosts.Best(others, p)
+	if err != nil {
+		return nil, reject("placement: no other host can take vm %s: %v", spec.Name, err)
+	}
+	return h, nil
 }
 
 // place picks the host of a new VM: the pinned one if it can take it, else

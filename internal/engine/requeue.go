@@ -83,20 +83,28 @@ func (e *Engine) requeue(ctx context.Context, tasks jetstream.Stream, rec *proje
 	if ev.Type != events.TypeAccepted {
 		return 0, fmt.Errorf("in flight at seq %d, which holds a %s", f.Seq, ev.Type)
 	}
-	subj := e.cfg.Names.Task(ev.Host, ev.VM)
-	for seq := uint64(1); ; {
-		m, err := tasks.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subj))
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			break
+	queued := 0
+	qs := events.TasksOf(ev, f.Seq)
+	for _, q := range qs {
+		subj := e.cfg.Names.Task(q.Task.Host, ev.VM)
+		for seq := uint64(1); ; {
+			m, err := tasks.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subj))
+			if errors.Is(err, jetstream.ErrMsgNotFound) {
+				break
+			}
+			if err != nil {
+				return 0, err
+			}
+			var t events.Task
+			if json.Unmarshal(m.Data, &t) == nil && t.CommandID == f.CommandID {
+				queued++ // queued, or being run
+				break
+			}
+			seq = m.Sequence + 1
 		}
-		if err != nil {
-			return 0, err
-		}
-		var t events.Task
-		if json.Unmarshal(m.Data, &t) == nil && t.CommandID == f.CommandID {
-			return 0, nil // queued, or being run
-		}
-		seq = m.Sequence + 1
+	}
+	if queued == len(qs) {
+		return 0, nil
 	}
 	e.log.Warn("a command in flight had no task queued; queueing it again", "vm", ev.VM, "command_id", ev.CommandID, "action", ev.Action, "host", ev.Host, "accepted_seq", f.Seq)
 	return 1, e.follow(ctx, ev, f.Seq)

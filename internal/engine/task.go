@@ -31,14 +31,41 @@ func (e *Engine) follow(ctx context.Context, ev *events.Event, seq uint64) error
 			return err
 		}
 	}
-	body, err := json.Marshal(events.TaskFromAccepted(ev, seq))
-	if err != nil {
-		return err
+	if ev.Cancel {
+		return e.cancelled(ctx, ev, seq)
 	}
-	if _, err := e.cfg.JS.Publish(ctx, e.cfg.Names.Task(ev.Host, ev.VM), body,
-		jetstream.WithMsgID(events.TaskMsgID(ev.VM, ev.CommandID))); err != nil {
-		return fmt.Errorf("queueing the task of %s for vm %s on host %s: %w", ev.Action, ev.VM, ev.Host, err)
+	for _, q := range events.TasksOf(ev, seq) {
+		body, err := json.Marshal(q.Task)
+		if err != nil {
+			return err
+		}
+		if _, err := e.cfg.JS.Publish(ctx, e.cfg.Names.Task(q.Task.Host, ev.VM), body, jetstream.WithMsgID(q.MsgID)); err != nil {
+			return fmt.Errorf("queueing the task of %s for vm %s on host %s: %w", ev.Action, ev.VM, q.Task.Host, err)
+		}
 	}
+	return nil
+}
+
+// cancelled carries out an accepted cancel of a migration, stored at
+// seq: the migrate it abandons gets its failed result here, with the
+// message id its source's worker would have used (the cancel is the
+// rival of the switch: stored first, it made the source's append of the
+// switch fail). Both workers see the result and undo their part.
+func (e *Engine) cancelled(ctx context.Context, ev *events.Event, seq uint64) error {
+	for _, a := range ev.Abandoned {
+		res := events.Event{
+			Type: events.TypeFailed, VM: ev.VM, CommandID: a.CommandID, Action: a.Action, Time: time.Now().UTC(),
+			Host: ev.Host, State: ev.State, AcceptedSeq: a.Seq, Migration: ev.Migration.Clone(),
+			Error: fmt.Sprintf("migrate vm %s from host %s: cancelled by command %s; the vm stays on host %s", ev.VM, ev.Host, ev.CommandID, ev.Host),
+		}
+		if res.Migration != nil {
+			res.Migration.CancelledBy = ev.CommandID
+		}
+		if _, _, err := e.store.Append(ctx, &res, events.NoExpect, events.ResultMsgID(ev.VM, a.CommandID)); err != nil {
+			return fmt.Errorf("cancel: storing the failure of migrate %s: %w", a.CommandID, err)
+		}
+	}
+	_ = seq
 	return nil
 }
 

@@ -31,9 +31,13 @@ const (
 	TypeDestroyed      = Type(fsm.ResDestroyed)
 	TypeFailed         = Type(fsm.ResFailed)
 	TypeExited         = Type(fsm.ResExited)
+	TypeMigrated       = Type(fsm.ResMigrated)
 	// TypeFenced is a worker's observation: it removed from its host a VM
 	// that was forgotten while the host was lost (destroy with forget).
 	TypeFenced Type = "fenced"
+	// TypeMigration reports a phase of a migrate in flight (a worker's,
+	// of the source or the target host); it ends nothing.
+	TypeMigration Type = "migration"
 )
 
 // Types lists every event type: the two decisions, the results, then the
@@ -43,7 +47,7 @@ var Types = func() []Type {
 	for _, r := range fsm.Results {
 		ts = append(ts, Type(r))
 	}
-	return append(ts, TypeFenced)
+	return append(ts, TypeFenced, TypeMigration)
 }()
 
 // IsResult reports whether t ends a command (every accepted command ends in
@@ -62,6 +66,9 @@ type Command struct {
 	// Forget (destroy only): the VM's host is lost for good; end the VM's
 	// record without its worker, and fence the VM if the host comes back.
 	Forget bool `json:"forget,omitempty"`
+	// Cancel (migrate only): end the migration in flight; the VM stays
+	// where it was. Host, on a migrate, is the destination (empty: placed).
+	Cancel bool `json:"cancel,omitempty"`
 }
 
 // Event is the envelope of a message on vm.evt.<vm>.<type>.
@@ -96,6 +103,12 @@ type Event struct {
 	// each gets a failed result.
 	Forget    bool        `json:"forget,omitempty"`
 	Abandoned []Abandoned `json:"abandoned,omitempty"`
+
+	// Migration: on a migrate's accepted event, its results and its
+	// migration events, where the VM goes and how far it got. Cancel
+	// marks an accepted cancel of the migrate in Abandoned.
+	Migration *Migration `json:"migration,omitempty"`
+	Cancel    bool       `json:"cancel,omitempty"`
 
 	// Writer is not in the body: it is the last token of the event's
 	// subject (EngineWriter, or the writing worker's host), set by the
@@ -153,6 +166,61 @@ type Abandoned struct {
 	Seq       uint64     `json:"seq"` // stream sequence of its accepted event
 }
 
+// Migration modes.
+const (
+	MigrateLive = "live" // running or suspended: disk and memory, the guest keeps its state
+	MigrateCold = "cold" // prepared or stopped: the disk
+)
+
+// Migration roles: which side of a migrate a task is for.
+const (
+	RoleSource = "source"
+	RoleTarget = "target"
+)
+
+// Migration phases, in the order they happen (the phase of a migration
+// event).
+const (
+	PhaseSourceReady = "source_ready" // cold: the source exports the disk (Endpoint)
+	PhaseTargetReady = "target_ready" // the target's copy waits (Endpoint: where to send, live)
+	PhaseCopying     = "copying"      // the source sends: Bytes of Total so far
+	PhaseSwitchover  = "switchover"   // the guest is paused on the source, the last of it copied
+)
+
+// Migration says where a migrating VM goes and how far it got.
+type Migration struct {
+	From   string     `json:"from"`
+	To     string     `json:"to"`
+	Mode   string     `json:"mode"`
+	Before vm.VmState `json:"before"` // the state it returns to
+	// Role, on a task: which side this host is.
+	Role string `json:"role,omitempty"`
+	// Phase, Endpoint, Digest: a migration event's news. Endpoint is
+	// where the next side connects (NBD export, QEMU's incoming
+	// migration); Digest the base image's sha256 on the host that wrote it.
+	Phase    string `json:"phase,omitempty"`
+	Endpoint string `json:"endpoint,omitempty"`
+	Digest   string `json:"digest,omitempty"`
+	// DiskDigest (source_ready, cold): the sha256 of the exported disk layer.
+	DiskDigest string `json:"disk_digest,omitempty"`
+	// Bytes copied of Total, so far or in all; DowntimeMS the guest's
+	// pause at the switch (migrated, live); CancelledBy the command that
+	// cancelled it (its failed result).
+	Bytes       int64  `json:"bytes,omitempty"`
+	Total       int64  `json:"total,omitempty"`
+	DowntimeMS  int64  `json:"downtime_ms,omitempty"`
+	CancelledBy string `json:"cancelled_by,omitempty"`
+}
+
+// Clone copies m.
+func (m *Migration) Clone() *Migration {
+	if m == nil {
+		return nil
+	}
+	c := *m
+	return &c
+}
+
 // Task is the body of a message on vm.task.<host>.<vm>: one backend call.
 type Task struct {
 	CommandID   string        `json:"command_id"`
@@ -167,6 +235,8 @@ type Task struct {
 	// Fence: remove this (forgotten) VM from the host and report `fenced`;
 	// the command's result is already stored.
 	Fence bool `json:"fence,omitempty"`
+	// Migration: a migrate's side for this host (Role).
+	Migration *Migration `json:"migration,omitempty"`
 }
 
 // TaskFromAccepted derives a task from an accepted event and its sequence.
@@ -175,6 +245,34 @@ func TaskFromAccepted(ev *Event, seq uint64) Task {
 		CommandID: ev.CommandID, VM: ev.VM, Action: ev.Action, Host: ev.Host,
 		Backend: ev.Backend, Spec: ev.Spec, Handle: ev.Handle, TimeoutS: ev.TimeoutS,
 		AcceptedSeq: seq, Fence: ev.Forget,
+	}
+}
+
+// QueuedTask is a task with the host whose queue it goes to and its
+// message id.
+type QueuedTask struct {
+	Task  Task
+	MsgID string
+}
+
+// TasksOf lists the tasks an accepted event queues: one for the VM's
+// host, and for a migrate one more for its destination (a cancel queues
+// none: its engine stores the outcome).
+func TasksOf(ev *Event, seq uint64) []QueuedTask {
+	if ev.Type != TypeAccepted || ev.Cancel {
+		return nil
+	}
+	t := TaskFromAccepted(ev, seq)
+	if ev.Action != fsm.ActMigrate || ev.Migration == nil {
+		return []QueuedTask{{Task: t, MsgID: TaskMsgID(ev.VM, ev.CommandID)}}
+	}
+	src, dst := t, t
+	src.Migration, dst.Migration = ev.Migration.Clone(), ev.Migration.Clone()
+	src.Migration.Role, dst.Migration.Role = RoleSource, RoleTarget
+	dst.Host = ev.Migration.To
+	return []QueuedTask{
+		{Task: src, MsgID: TaskMsgID(ev.VM, ev.CommandID)},
+		{Task: dst, MsgID: TaskMsgID(ev.VM, ev.CommandID) + "/" + RoleTarget},
 	}
 }
 
@@ -220,6 +318,12 @@ func ResultMsgID(vmName, commandID string) string   { return vmName + "/" + comm
 
 // FencedMsgID names the fencing report of a forget command.
 func FencedMsgID(vmName, commandID string) string { return vmName + "/" + commandID + "/fenced" }
+
+// MigrationMsgID is the message id of a migration event: one per phase
+// of a command on a host's incarnation (attempt: the handle id).
+func MigrationMsgID(vmName, commandID, phase, attempt string) string {
+	return vmName + "/" + commandID + "/" + phase + "/" + attempt
+}
 
 // ExitMsgID names an exited observation by the incarnation it saw.
 func ExitMsgID(vmName, handleID string, pid int) string {

@@ -30,10 +30,13 @@ const (
 	ActSuspend Action = "suspend"
 	ActResume  Action = "resume"
 	ActDestroy Action = "destroy"
+	// ActMigrate moves the VM to another host: live when it is running or
+	// suspended, cold (its disk) when it is prepared or stopped.
+	ActMigrate Action = "migrate"
 )
 
 // Actions lists every action, in a stable order.
-var Actions = []Action{ActPrepare, ActStart, ActStop, ActSuspend, ActResume, ActDestroy}
+var Actions = []Action{ActPrepare, ActStart, ActStop, ActSuspend, ActResume, ActDestroy, ActMigrate}
 
 // ParseAction turns a user string into an Action.
 func ParseAction(s string) (Action, error) {
@@ -59,10 +62,12 @@ const (
 	ResDestroyed Result = "destroyed"
 	ResFailed    Result = "failed"
 	ResExited    Result = "exited"
+	// ResMigrated ends a migrate that moved the VM: the switch of its host.
+	ResMigrated Result = "migrated"
 )
 
 // Results lists every result, in a stable order.
-var Results = []Result{ResPrepared, ResStarted, ResStopped, ResSuspended, ResResumed, ResDestroyed, ResFailed, ResExited}
+var Results = []Result{ResPrepared, ResStarted, ResStopped, ResSuspended, ResResumed, ResDestroyed, ResFailed, ResExited, ResMigrated}
 
 // ParseResult turns an event type into a Result.
 func ParseResult(s string) (Result, error) {
@@ -99,6 +104,7 @@ var states = [...]vm.VmState{
 	vm.StateDestroying,
 	vm.StateDestroyed,
 	vm.StateFailed,
+	vm.StateMigrating,
 }
 
 // define writes the rules of docs/contract.md "The per-VM state machine" into sm.
@@ -115,7 +121,8 @@ func define(sm *stateless.StateMachine) {
 		Permit(ResFailed, vm.StateFailed)
 	sm.Configure(vm.StatePrepared).
 		Permit(ActStart, vm.StateStarting).
-		Permit(ActDestroy, vm.StateDestroying)
+		Permit(ActDestroy, vm.StateDestroying).
+		Permit(ActMigrate, vm.StateMigrating)
 	sm.Configure(vm.StateStarting).
 		Permit(ActDestroy, vm.StateDestroying).
 		Permit(ResStarted, vm.StateRunning).
@@ -124,6 +131,7 @@ func define(sm *stateless.StateMachine) {
 		Permit(ActStop, vm.StateStopping).
 		Permit(ActSuspend, vm.StateSuspending).
 		Permit(ActDestroy, vm.StateDestroying).
+		Permit(ActMigrate, vm.StateMigrating).
 		Permit(ResExited, vm.StateStopped)
 	sm.Configure(vm.StateStopping).
 		Permit(ActDestroy, vm.StateDestroying).
@@ -134,7 +142,8 @@ func define(sm *stateless.StateMachine) {
 		Ignore(ResExited)
 	sm.Configure(vm.StateStopped).
 		Permit(ActStart, vm.StateStarting).
-		Permit(ActDestroy, vm.StateDestroying)
+		Permit(ActDestroy, vm.StateDestroying).
+		Permit(ActMigrate, vm.StateMigrating)
 	sm.Configure(vm.StateSuspending).
 		Permit(ActDestroy, vm.StateDestroying).
 		Permit(ResSuspended, vm.StateSuspended).
@@ -143,6 +152,7 @@ func define(sm *stateless.StateMachine) {
 		Permit(ActStop, vm.StateStopping).
 		Permit(ActResume, vm.StateResuming).
 		Permit(ActDestroy, vm.StateDestroying).
+		Permit(ActMigrate, vm.StateMigrating).
 		Permit(ResExited, vm.StateStopped)
 	sm.Configure(vm.StateResuming).
 		Permit(ActDestroy, vm.StateDestroying).
@@ -159,12 +169,19 @@ func define(sm *stateless.StateMachine) {
 	sm.Configure(vm.StateFailed).
 		Permit(ActStart, vm.StateStarting).
 		Permit(ActDestroy, vm.StateDestroying)
+	// A migration ends where it began, in the state the VM had, on its
+	// new host (migrated) or its old one (failed): Settle, not this
+	// table, moves it out. Nothing else is accepted meanwhile, not even
+	// destroy (cancel the migration first); the source's QEMU exiting
+	// fails the migration, whose result settles the state.
+	sm.Configure(vm.StateMigrating).
+		Ignore(ResExited)
 }
 
 const (
 	numStates   = len(states)
-	numActions  = 6
-	numResults  = 8
+	numActions  = 7
+	numResults  = 9
 	numTriggers = numActions + numResults // actions, then results
 	noMove      = -1                      // the trigger is not handled in that state
 )
@@ -280,6 +297,34 @@ func Apply(cur vm.VmState, r Result) (vm.VmState, bool) {
 	return states[n], true
 }
 
+// Settle folds the result of a migrate into a migrating VM: migrated
+// (the VM now runs on its new host) and failed (it stayed on its old
+// one) both return it to before, the state it had when the migrate was
+// accepted. Any other state or result is Apply's.
+func Settle(cur, before vm.VmState, r Result) (vm.VmState, bool) {
+	if cur != vm.StateMigrating {
+		return Apply(cur, r)
+	}
+	if (r == ResMigrated || r == ResFailed) && Migratable(before) {
+		return before, true
+	}
+	return cur, false
+}
+
+// Migratable reports whether a VM in state s may be migrated, and Live
+// whether it moves live (its guest keeps running or stays suspended,
+// memory and all) rather than cold (its disk only).
+func Migratable(s vm.VmState) bool {
+	switch s {
+	case vm.StateRunning, vm.StateSuspended, vm.StatePrepared, vm.StateStopped:
+		return true
+	}
+	return false
+}
+
+// Live reports whether a migrate from state s moves the guest live.
+func Live(s vm.VmState) bool { return s == vm.StateRunning || s == vm.StateSuspended }
+
 // Allowed returns the states action a is accepted from, in a stable order.
 // The slice is the caller's to keep. An unknown action is allowed nowhere.
 func Allowed(a Action) []vm.VmState {
@@ -297,7 +342,7 @@ func Transitional(s vm.VmState) bool { return isTransitional(s) }
 func isTransitional(s vm.VmState) bool {
 	switch s {
 	case vm.StatePreparing, vm.StateStarting, vm.StateStopping,
-		vm.StateSuspending, vm.StateResuming, vm.StateDestroying:
+		vm.StateSuspending, vm.StateResuming, vm.StateDestroying, vm.StateMigrating:
 		return true
 	}
 	return false
@@ -328,6 +373,9 @@ func (r *Rejection) Error() string {
 		b.WriteString("vm does not exist")
 	case stateIndex(r.State) < 0:
 		fmt.Fprintf(&b, "vm is in unknown state %q", r.State)
+	case r.State == vm.StateMigrating:
+		b.WriteString("vm is migrating (a command is in flight); until the migration ends only its cancel is accepted (vmctl migrate --cancel)")
+		return b.String()
 	case r.InFlight && r.Action == ActDestroy:
 		// Only destroying itself refuses destroy while in flight.
 		fmt.Fprintf(&b, "vm is already %s; wait for the destroy in flight to finish", r.State)
@@ -369,6 +417,8 @@ func (a Action) Success() Result {
 		return ResResumed
 	case ActDestroy:
 		return ResDestroyed
+	case ActMigrate:
+		return ResMigrated
 	}
 	return ""
 }
@@ -428,6 +478,8 @@ func stateIndex(s vm.VmState) int {
 		return 11
 	case vm.StateFailed:
 		return 12
+	case vm.StateMigrating:
+		return 13
 	}
 	return -1
 }
@@ -447,6 +499,8 @@ func actionIndex(a Action) int {
 		return 4
 	case ActDestroy:
 		return 5
+	case ActMigrate:
+		return 6
 	}
 	return -1
 }
@@ -470,6 +524,8 @@ func resultIndex(r Result) int {
 		return 6
 	case ResExited:
 		return 7
+	case ResMigrated:
+		return 8
 	}
 	return -1
 }

@@ -26,6 +26,7 @@ var allStates = []vm.VmState{
 	vm.StateResuming,
 	vm.StateDestroying, vm.StateDestroyed,
 	vm.StateFailed,
+	vm.StateMigrating,
 }
 
 // accepts is the docs/contract.md table: for each state, the actions it accepts and
@@ -33,17 +34,18 @@ var allStates = []vm.VmState{
 var accepts = map[vm.VmState]map[Action]vm.VmState{
 	StateAbsent:        {ActPrepare: vm.StatePreparing},
 	vm.StatePreparing:  {ActDestroy: vm.StateDestroying},
-	vm.StatePrepared:   {ActStart: vm.StateStarting, ActDestroy: vm.StateDestroying},
+	vm.StatePrepared:   {ActStart: vm.StateStarting, ActDestroy: vm.StateDestroying, ActMigrate: vm.StateMigrating},
 	vm.StateStarting:   {ActDestroy: vm.StateDestroying},
-	vm.StateRunning:    {ActStop: vm.StateStopping, ActSuspend: vm.StateSuspending, ActDestroy: vm.StateDestroying},
+	vm.StateRunning:    {ActStop: vm.StateStopping, ActSuspend: vm.StateSuspending, ActDestroy: vm.StateDestroying, ActMigrate: vm.StateMigrating},
 	vm.StateStopping:   {ActDestroy: vm.StateDestroying},
-	vm.StateStopped:    {ActStart: vm.StateStarting, ActDestroy: vm.StateDestroying},
+	vm.StateStopped:    {ActStart: vm.StateStarting, ActDestroy: vm.StateDestroying, ActMigrate: vm.StateMigrating},
 	vm.StateSuspending: {ActDestroy: vm.StateDestroying},
-	vm.StateSuspended:  {ActStop: vm.StateStopping, ActResume: vm.StateResuming, ActDestroy: vm.StateDestroying},
+	vm.StateSuspended:  {ActStop: vm.StateStopping, ActResume: vm.StateResuming, ActDestroy: vm.StateDestroying, ActMigrate: vm.StateMigrating},
 	vm.StateResuming:   {ActDestroy: vm.StateDestroying},
 	vm.StateDestroying: {},
 	vm.StateDestroyed:  {ActPrepare: vm.StatePreparing},
 	vm.StateFailed:     {ActStart: vm.StateStarting, ActDestroy: vm.StateDestroying},
+	vm.StateMigrating:  {},
 }
 
 // moves is how results change each state. Anything missing leaves the state
@@ -62,11 +64,14 @@ var moves = map[vm.VmState]map[Result]vm.VmState{
 	vm.StateDestroying: {ResDestroyed: vm.StateDestroyed, ResFailed: vm.StateFailed},
 	vm.StateDestroyed:  {},
 	vm.StateFailed:     {},
+	// Settle, not Apply, moves a migrating VM (TestSettle).
+	vm.StateMigrating: {},
 }
 
 var transitional = map[vm.VmState]bool{
 	vm.StatePreparing: true, vm.StateStarting: true, vm.StateStopping: true,
 	vm.StateSuspending: true, vm.StateResuming: true, vm.StateDestroying: true,
+	vm.StateMigrating: true,
 }
 
 func TestDecideEveryPair(t *testing.T) {
@@ -158,7 +163,10 @@ func TestRejectionMessages(t *testing.T) {
 		{vm.StateRunning, ActPrepare, "cannot prepare: vm is running; prepare is allowed from absent, destroyed"},
 		{vm.StateSuspended, ActSuspend, "cannot suspend: vm is already suspended; suspend is allowed from running"},
 		{"bogus", ActStart, `cannot start: vm is in unknown state "bogus"; start is allowed from prepared, stopped, failed`},
-		{vm.StateRunning, "reboot", "cannot reboot: unknown action (valid: prepare, start, stop, suspend, resume, destroy)"},
+		{vm.StateRunning, "reboot", "cannot reboot: unknown action (valid: prepare, start, stop, suspend, resume, destroy, migrate)"},
+		{vm.StateMigrating, ActDestroy, "cannot destroy: vm is migrating (a command is in flight); until the migration ends only its cancel is accepted (vmctl migrate --cancel)"},
+		{vm.StateStarting, ActMigrate, "cannot migrate: vm is starting (a command is in flight); only destroy is accepted until it finishes"},
+		{vm.StateFailed, ActMigrate, "cannot migrate: vm is failed; migrate is allowed from prepared, running, stopped, suspended"},
 	} {
 		_, err := Decide(tc.state, tc.action)
 		if err == nil {
@@ -203,11 +211,12 @@ func TestApplyUnknown(t *testing.T) {
 }
 
 // TestDestroyWinsInFlight is docs/contract.md's "destroy is queued behind the
-// in-flight task and wins": every in-flight state but destroying accepts it.
+// in-flight task and wins": every in-flight state but destroying accepts it
+// (and migrating: a migration is cancelled, not overtaken).
 func TestDestroyWinsInFlight(t *testing.T) {
 	for s := range transitional {
 		got, err := Decide(s, ActDestroy)
-		if s == vm.StateDestroying {
+		if s == vm.StateDestroying || s == vm.StateMigrating {
 			if err == nil {
 				t.Errorf("Decide(destroying, destroy) accepted")
 			}
@@ -231,6 +240,7 @@ func TestAllowed(t *testing.T) {
 			vm.StateStopping, vm.StateStopped, vm.StateSuspending, vm.StateSuspended,
 			vm.StateResuming, vm.StateFailed,
 		},
+		ActMigrate: {vm.StatePrepared, vm.StateRunning, vm.StateStopped, vm.StateSuspended},
 	}
 	for _, a := range Actions {
 		if got := Allowed(a); !slices.Equal(got, want[a]) {
@@ -434,5 +444,42 @@ func BenchmarkLifecycle(b *testing.B) {
 		if s != vm.StateDestroyed {
 			b.Fatalf("ended in %s", s)
 		}
+	}
+}
+
+// TestSettle: a migrate's result returns the VM to the state it had, on
+// its new host or its old one; nothing else moves a migrating VM.
+func TestSettle(t *testing.T) {
+	for _, before := range []vm.VmState{vm.StateRunning, vm.StateSuspended, vm.StatePrepared, vm.StateStopped} {
+		for _, r := range []Result{ResMigrated, ResFailed} {
+			if got, ok := Settle(vm.StateMigrating, before, r); !ok || got != before {
+				t.Errorf("Settle(migrating, %s, %s) = %s, %v; want %s", before, r, got, ok, before)
+			}
+		}
+		for _, r := range Results {
+			if r == ResMigrated || r == ResFailed {
+				continue
+			}
+			if got, ok := Settle(vm.StateMigrating, before, r); ok || got != vm.StateMigrating {
+				t.Errorf("Settle(migrating, %s, %s) = %s, %v; want unchanged", before, r, got, ok)
+			}
+		}
+	}
+	// A before that cannot have been migrated moves nothing.
+	if got, ok := Settle(vm.StateMigrating, vm.StateFailed, ResMigrated); ok {
+		t.Errorf("Settle(migrating, failed, migrated) = %s, want unchanged", got)
+	}
+	// Outside migrating, Settle is Apply.
+	for _, s := range allStates {
+		for _, r := range Results {
+			g1, ok1 := Settle(s, vm.StateRunning, r)
+			g2, ok2 := Apply(s, r)
+			if s != vm.StateMigrating && (g1 != g2 || ok1 != ok2) {
+				t.Errorf("Settle(%s, running, %s) = %s, %v; Apply = %s, %v", s, r, g1, ok1, g2, ok2)
+			}
+		}
+	}
+	if !Live(vm.StateRunning) || !Live(vm.StateSuspended) || Live(vm.StateStopped) || Live(vm.StatePrepared) {
+		t.Error("Live: running and suspended move live, prepared and stopped cold")
 	}
 }

@@ -97,6 +97,8 @@ func (h *Heartbeat) Can(b vm.BackendTag, action fsm.Action) bool {
 		return c.Suspend
 	case fsm.ActResume:
 		return c.Resume
+	case fsm.ActMigrate:
+		return c.Migrate
 	}
 	return true
 }

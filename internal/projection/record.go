@@ -34,6 +34,9 @@ type VmRecord struct {
 	// accepted prepare's spec); placement counts them.
 	Vcpus    int `json:"vcpus,omitempty"`
 	MemoryMB int `json:"memory_mb,omitempty"`
+	// Image is the image store name the VM was prepared from (spec.image),
+	// if it was: a migrate's destination needs it ready.
+	Image string `json:"image,omitempty"`
 	// Generation counts incarnations: it grows with every accepted prepare.
 	Generation    int         `json:"generation"`
 	LastSeq       uint64      `json:"last_seq"`
@@ -43,9 +46,12 @@ type VmRecord struct {
 	// Exit is set when the VM's process ended without a command (an
 	// `exited` event moved it to stopped) and cleared by its next start or
 	// prepare: it tells a crash or an outside kill from a clean stop.
-	Exit      *Exit     `json:"exit,omitempty"`
-	CreatedAt time.Time `json:"created_at,omitzero"`
-	UpdatedAt time.Time `json:"updated_at,omitzero"`
+	Exit *Exit `json:"exit,omitempty"`
+	// Migration is the migrate in flight (state migrating): where the VM
+	// goes, the state it returns to, its last phase.
+	Migration *events.Migration `json:"migration,omitempty"`
+	CreatedAt time.Time         `json:"created_at,omitzero"`
+	UpdatedAt time.Time         `json:"updated_at,omitzero"`
 }
 
 // Exit is what an `exited` event said about an incarnation's end.
@@ -81,6 +87,7 @@ func (r *VmRecord) Clone() *VmRecord {
 		x := *r.Exit
 		c.Exit = &x
 	}
+	c.Migration = r.Migration.Clone()
 	if r.Handle != nil {
 		h := r.Handle.Clone()
 		c.Handle = &h
@@ -145,6 +152,10 @@ func foldInto(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 	switch ev.Type {
 	case events.TypeAccepted:
+		if ev.Cancel {
+			cancelMigration(r, ev)
+			return
+		}
 		a, err := fsm.ParseAction(string(ev.Action))
 		if err != nil {
 			return
@@ -171,9 +182,9 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			r.CreatedAt = ev.Time
 			r.LastError = ""
 			r.Backend = ev.Backend
-			r.Vcpus, r.MemoryMB = 0, 0
+			r.Vcpus, r.MemoryMB, r.Image = 0, 0, ""
 			if ev.Spec != nil {
-				r.Vcpus, r.MemoryMB = ev.Spec.Vcpus, ev.Spec.MemoryMB
+				r.Vcpus, r.MemoryMB, r.Image = ev.Spec.Vcpus, ev.Spec.MemoryMB, ev.Spec.Image
 			}
 		}
 		if a == fsm.ActPrepare || a == fsm.ActStart || a == fsm.ActDestroy {
@@ -182,11 +193,24 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 		if ev.Host != "" {
 			r.Host = ev.Host
 		}
+		r.Migration = nil
+		if a == fsm.ActMigrate && ev.Migration != nil {
+			m := ev.Migration.Clone()
+			m.Role, m.Phase, m.Endpoint = "", "", ""
+			r.Migration = m
+		}
 		r.State = next
 		r.InFlight = append(r.InFlight, InFlight{CommandID: ev.CommandID, Action: ev.Action, Seq: seq})
 		r.LastCommandID = ev.CommandID
 	case events.TypeRejected:
 		// State unchanged.
+	case events.TypeMigration:
+		m := r.Migration
+		if m == nil || ev.Migration == nil || len(r.InFlight) == 0 || r.InFlight[len(r.InFlight)-1].CommandID != ev.CommandID {
+			return // news of a migrate no longer in flight
+		}
+		m.Phase = ev.Migration.Phase
+		m.Bytes, m.Total = ev.Migration.Bytes, ev.Migration.Total
 	case events.TypeExited:
 		if r.Handle == nil || ev.Handle == nil || ev.Handle.ID != r.Handle.ID || ev.Handle.PID != r.Handle.PID {
 			return // a stale observation of another incarnation
@@ -224,7 +248,18 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			r.LastError = ev.Error
 		}
 		if current {
-			if next, ok := fsm.Apply(r.CurrentState(), fsm.Result(ev.Type)); ok {
+			before := vm.VmState("")
+			if r.Migration != nil {
+				before = r.Migration.Before
+			}
+			if next, ok := fsm.Settle(r.CurrentState(), before, fsm.Result(ev.Type)); ok {
+				if ev.Type == events.TypeMigrated && ev.Migration != nil {
+					// The switch: the VM is its destination's now.
+					r.Host = ev.Migration.To
+				}
+				if r.State == vm.StateMigrating {
+					r.Migration = nil
+				}
 				r.State = next
 				if ev.Type != events.TypeFailed {
 					r.LastError = ev.Reason // set when a forgotten VM's destroyed says why
@@ -232,6 +267,24 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			}
 		}
 	}
+}
+
+// cancelMigration folds an accepted cancel: the migrate it abandons
+// ends (its failed result, stored next by the engine, answers nothing
+// more) and the VM is back in the state it had, on its host.
+func cancelMigration(r *VmRecord, ev *events.Event) {
+	if r.State != vm.StateMigrating || r.Migration == nil {
+		return
+	}
+	for _, a := range ev.Abandoned {
+		r.InFlight = slices.DeleteFunc(r.InFlight, func(f InFlight) bool { return f.CommandID == a.CommandID })
+	}
+	if len(r.InFlight) == 0 {
+		r.InFlight = nil
+	}
+	r.State = r.Migration.Before
+	r.Migration = nil
+	r.LastCommandID = ev.CommandID
 }
 
 // trusted reports whether the event's writer (the last token of its
@@ -247,6 +300,9 @@ func trusted(r *VmRecord, ev *events.Event) bool {
 	}
 	if ev.Type == events.TypeAccepted || ev.Type == events.TypeRejected {
 		return false
+	}
+	if ev.Type == events.TypeMigration && r.Migration != nil && ev.Writer == r.Migration.To {
+		return true // the target's phases
 	}
 	return ev.Writer == r.Host
 }

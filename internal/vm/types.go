@@ -48,6 +48,9 @@ const (
 	StateDestroying VmState = "destroying"
 	StateDestroyed  VmState = "destroyed"
 	StateFailed     VmState = "failed"
+	// StateMigrating: a migrate is moving the VM to another host; its
+	// result returns the VM to the state it had (see fsm.Settle).
+	StateMigrating VmState = "migrating"
 )
 
 // NetworkType is the tag of a NetworkConfig.

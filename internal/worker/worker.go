@@ -82,6 +82,8 @@ type Config struct {
 	// RelayLimits bound the tunnels to this host's guests (--tunnels,
 	// --tunnels-per-identity; zero: the defaults).
 	RelayLimits relay.Limits
+	// Migration: where this host takes migration traffic, and its bounds.
+	Migration MigrationConfig
 }
 
 // local is what the worker knows of one of its VMs.
@@ -105,6 +107,8 @@ type Worker struct {
 	// calls are the backend calls running now, by VM, so a destroy can
 	// cut a stop short (cutShort).
 	calls map[string]*runningCall
+	// digests remembers base images' sha256 (baseDigest).
+	digests map[string]string
 
 	// kill aborts backend calls without writing results (a simulated crash).
 	killCtx context.Context
@@ -148,13 +152,15 @@ func New(ctx context.Context, cfg Config) (*Worker, error) {
 		return nil, err
 	}
 	w := &Worker{
-		cfg:   cfg,
-		log:   cfg.Log.With("part", "worker", "host", cfg.Host),
-		store: st,
-		exec:  keyed.New(cfg.Concurrency),
-		vms:   map[string]*local{},
-		calls: map[string]*runningCall{},
+		cfg:     cfg,
+		log:     cfg.Log.With("part", "worker", "host", cfg.Host),
+		store:   st,
+		exec:    keyed.New(cfg.Concurrency),
+		vms:     map[string]*local{},
+		calls:   map[string]*runningCall{},
+		digests: map[string]string{},
 	}
+	w.cfg.Migration.defaults()
 	w.killCtx, w.kill = context.WithCancel(context.Background())
 	return w, nil
 }
@@ -291,6 +297,12 @@ func (w *Worker) runTask(msg jetstream.Msg, t *events.Task) {
 	}
 	if t.Fence {
 		w.fence(msg, t, log)
+		return
+	}
+	if t.Action == fsm.ActMigrate {
+		// Each side reads the migrate's outcome itself (a redelivery
+		// carries on from what is stored).
+		w.migrate(msg, t, log)
 		return
 	}
 	// A redelivered (or re-published) task whose result is already stored
