@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os/exec"
 	"path/filepath"
+	"time"
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/noop"
@@ -26,7 +27,11 @@ func (o *WorkerOptions) buildBackend(tag vm.BackendTag, log *slog.Logger) (backe
 		if dir == "" && o.DataDir != "" {
 			dir = filepath.Join(o.DataDir, "noop")
 		}
-		return noop.New(noop.Options{Latency: o.NoopLatency, FailRate: o.NoopFailRate, StateDir: dir}), nil
+		opts := noop.Options{Latency: o.NoopLatency, FailRate: o.NoopFailRate, StateDir: dir}
+		if o.NoopMigrateLatency > 0 {
+			opts.CallLatency = map[string]time.Duration{noop.CallMigrate: o.NoopMigrateLatency}
+		}
+		return noop.New(opts), nil
 	case vm.BackendQEMU:
 		if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 			return nil, fmt.Errorf("qemu-system-x86_64 not found on PATH (apt-get install qemu-system-x86 qemu-utils, or run scripts/setup)")

@@ -53,10 +53,11 @@ type WorkerOptions struct {
 	Tunnels, TunnelsPerIdentity int
 	// Migration traffic (worker.MigrationConfig): the address other
 	// hosts reach, the ports, the stall bound and the downtime aimed for.
-	MigrationListen   string
-	MigrationPorts    string
-	MigrationStall    time.Duration
-	MigrationDowntime time.Duration
+	NoopMigrateLatency time.Duration
+	MigrationListen    string
+	MigrationPorts     string
+	MigrationStall     time.Duration
+	MigrationDowntime  time.Duration
 
 	PropolisServers    []string
 	PropolisBin        string
@@ -86,6 +87,7 @@ func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
 	fs.StringVar(&o.DefaultBackend, "default-backend", "", "backend for specs that name none (default: qemu if enabled and available, else the first enabled)")
 	fs.DurationVar(&o.NoopLatency, "noop-latency", 0, "latency injected into every Noop backend call")
 	fs.Float64Var(&o.NoopFailRate, "noop-fail-rate", 0, "fraction (0..1) of Noop backend calls that fail")
+	fs.DurationVar(&o.NoopMigrateLatency, "noop-migrate-latency", 0, "how long a Noop backend's simulated migration copy takes (default: --noop-latency)")
 	fs.StringVar(&o.NoopStateDir, "noop-state-dir", "", "keep Noop VM state in files here, so it outlives the worker process (default: <data-dir>/noop)")
 	fs.DurationVar(&o.AckWait, "task-ack-wait", 30*time.Second, "ack wait of the task consumer (long calls signal progress)")
 	fs.IntVar(&o.Concurrency, "concurrency", 64, "backend calls run at once")

@@ -9,6 +9,7 @@ import (
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Counts summarise what the streams hold.
@@ -18,6 +19,7 @@ type Counts struct {
 	Rejected   int
 	Results    int
 	Exited     int
+	Cancels    int // accepted cancels of a migration (each answered by its migrate's failed result)
 	Duplicates int // a second decision or result for one command
 	Lost       int // accepted commands without a result
 	// LostCommands names each lost command: "<vm> <command id> <action> <accepted seq>".
@@ -59,6 +61,18 @@ func (e *Env) CheckStreams() Counts {
 		}
 		rec := recs[ev.VM]
 		switch {
+		case ev.Type == events.TypeAccepted && ev.Cancel:
+			// A cancel of a migration: decided once, answered by the
+			// failed result of the migrate it abandons.
+			c.Accepted++
+			c.Cancels++
+			cs.decisions++
+			cs.results++
+			if rec.CurrentState() != vm.StateMigrating || rec.Migration == nil {
+				e.T.Errorf("seq %d: vm %s: accepted a cancel in state %s, with no migration in flight", s.Seq, ev.VM, rec.CurrentState())
+			} else if ev.State != rec.Migration.Before {
+				e.T.Errorf("seq %d: vm %s: a cancel says state %s, the migrate began in %s", s.Seq, ev.VM, ev.State, rec.Migration.Before)
+			}
 		case ev.Type == events.TypeAccepted:
 			c.Accepted++
 			cs.decisions++

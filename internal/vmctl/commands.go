@@ -214,6 +214,39 @@ func (g *globals) destroyCmd() *cobra.Command {
 	return c
 }
 
+// migrateCmd moves a VM to another host, or cancels its migration.
+func (g *globals) migrateCmd() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "migrate NAME",
+		Short: "move a VM to another host: live if it runs or is suspended, cold if it is prepared or stopped",
+		Long: `Move a VM to another host. A running or suspended VM moves live (its disk
+and memory; it keeps running, or stays suspended); a prepared or stopped
+one moves cold (its disk). Without --to, the destination is placed as a
+prepare would be, among the other hosts. The VM's host changes in one
+stored event (migrated); until then the VM runs where it was, and a
+migration that fails or is cancelled leaves it there.`,
+		Args:              nameArg,
+		ValidArgsFunction: g.completeNames,
+	}
+	var to string
+	var cancel bool
+	var timeout time.Duration
+	c.Flags().StringVar(&to, "to", "", "the destination host (default: placed)")
+	c.Flags().BoolVar(&cancel, "cancel", false, "cancel the VM's migration in flight; it stays where it is")
+	c.Flags().DurationVar(&timeout, "migration-timeout", 0, "bound the whole migration (default: the worker's stall bound only)")
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		if cancel && (to != "" || timeout != 0) {
+			return usageError("--cancel takes no --to or --migration-timeout")
+		}
+		if timeout < 0 || (timeout > 0 && timeout < time.Second) {
+			return usageError("--migration-timeout %s: at least 1s", timeout)
+		}
+		_, err := g.send(cmd.Context(), args[0], fsm.ActMigrate, events.Command{Host: to, Cancel: cancel, TimeoutS: int(timeout / time.Second)})
+		return err
+	}
+	return c
+}
+
 // completeNames completes VM names from the records bucket.
 func (g *globals) completeNames(cmd *cobra.Command, args []string, prefix string) ([]cobra.Completion, cobra.ShellCompDirective) {
 	if len(args) > 0 {

@@ -137,6 +137,7 @@ deciding commands or no result within --timeout, 130 interrupted.`,
 		g.lifecycleCmd(fsm.ActSuspend, "pause a running VM"),
 		g.lifecycleCmd(fsm.ActResume, "continue a suspended VM"),
 		g.destroyCmd(),
+		g.migrateCmd(),
 		g.listCmd(),
 		g.statusCmd(),
 		g.ipCmd(),
@@ -445,6 +446,17 @@ func (g *globals) wait(ctx context.Context, store *events.Store, from uint64, na
 				p.clear()
 				g.printEvent(ev)
 				return ev, g.rejected(ctx, name, action, ev)
+			case ev.Type == events.TypeAccepted && ev.Cancel:
+				// A cancel ends the migration at once: its decision is
+				// the outcome (the engines store the migrate's failure).
+				p.clear()
+				g.printEvent(ev)
+				g.awaitRecord(wctx, name, got.seq)
+				return ev, nil
+			case ev.Type == events.TypeMigration:
+				if m := ev.Migration; m != nil && m.Phase == events.PhaseCopying && m.Total > 0 {
+					p.waitingFor(fmt.Sprintf("the copy to host %s (%d of %d MiB)", m.To, m.Bytes>>20, m.Total>>20))
+				}
 			case ev.Type == events.TypeAccepted:
 				accepted = ev
 				p.clear()
@@ -650,6 +662,24 @@ func formatEvent(seq uint64, ev *events.Event) string {
 	}
 	if ev.Error != "" {
 		s += " error=" + fmt.Sprintf("%q", ev.Error)
+	}
+	if m := ev.Migration; m != nil {
+		s += fmt.Sprintf(" from=%s to=%s mode=%s", m.From, m.To, m.Mode)
+		if m.Phase != "" {
+			s += " phase=" + m.Phase
+		}
+		if m.Total > 0 || m.Bytes > 0 {
+			s += fmt.Sprintf(" bytes=%d/%d", m.Bytes, m.Total)
+		}
+		if ev.Type == events.TypeMigrated && m.Mode == events.MigrateLive {
+			s += fmt.Sprintf(" downtime=%dms", m.DowntimeMS)
+		}
+		if m.CancelledBy != "" {
+			s += " cancelled_by=" + m.CancelledBy
+		}
+	}
+	if ev.Cancel {
+		s += " cancel"
 	}
 	return s
 }

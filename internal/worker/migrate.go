@@ -492,9 +492,10 @@ func (w *Worker) receive(t *events.Task, mig backends.Migrator, n *news, log *sl
 	}
 	var base string
 	var err error
-	if spec.Image != "" {
+	switch {
+	case spec.Image != "":
 		base, err = w.namedImage(spec)
-	} else {
+	case spec.ImagePath != "":
 		base, err = w.checkImage(spec.ImagePath)
 	}
 	if err != nil {
@@ -530,6 +531,9 @@ func (w *Worker) receive(t *events.Task, mig backends.Migrator, n *news, log *sl
 // baseDigest is the sha256 of a base image file, remembered by path,
 // size and modification time.
 func (w *Worker) baseDigest(path string) (string, error) {
+	if path == "" {
+		return "", nil // a VM without a base image (Noop)
+	}
 	st, err := os.Stat(path)
 	if err != nil {
 		return "", err
