@@ -187,16 +187,28 @@ func TestMigrateFaults(t *testing.T) {
 	names := make([]string, vms)
 	for i := range names {
 		names[i] = fmt.Sprintf("mf%02d", i)
-		env.SendCmd(names[i], "prepare", "p", events.Command{Host: []string{"h1", "h2"}[i%2], Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+		env.SendCmd(names[i], "prepare", names[i]+"-p", events.Command{Host: []string{"h1", "h2"}[i%2], Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			for name, p := range c.workers {
+				t.Logf("worker %s:\n%s", name, lastN(p.Output(), 40))
+			}
+			for name, p := range c.engines {
+				t.Logf("engine %s:\n%s", name, lastN(p.Output(), 40))
+			}
+		}
+	})
 	for _, n := range names {
-		if ev := env.Result(n, "p", time.Minute); ev.Type != events.TypePrepared {
+		if ev := env.Result(n, n+"-p", time.Minute); ev.Type != events.TypePrepared {
 			t.Fatalf("prepare %s: %+v", n, ev)
 		}
-		env.SendCmd(n, "start", "s", events.Command{})
+		env.SendCmd(n, "start", n+"-s", events.Command{})
 	}
 	for _, n := range names {
-		if ev := env.Result(n, "s", time.Minute); ev.Type != events.TypeStarted {
+		if ev := env.Result(n, n+"-s", time.Minute); ev.Type != events.TypeStarted {
 			t.Fatalf("start %s: %+v", n, ev)
 		}
 	}
@@ -229,7 +241,7 @@ func TestMigrateFaults(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for r := range rounds {
-				id := fmt.Sprintf("mg%d", r)
+				id := fmt.Sprintf("%s-mg%d", n, r)
 				env.SendCmd(n, "migrate", id, events.Command{})
 				ev := env.Result(n, id, 3*time.Minute)
 				switch ev.Type {
@@ -272,4 +284,13 @@ func TestMigrateFaults(t *testing.T) {
 	}
 	fmt.Printf("FAULT-TEST TestMigrateFaults: kills=%d migrates=%d migrated=%d failed=%d twice=%d lost=%d; every vm held by exactly the host its record names\n",
 		kills.Load(), vms*rounds, migrated.Load(), failed.Load(), counts.Duplicates, counts.Lost)
+}
+
+// lastN is the last n lines of s.
+func lastN(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }

@@ -1,0 +1,197 @@
+package qemu_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/backends/qemu"
+	"github.com/vmherd/vmherd/internal/guestimage"
+	"github.com/vmherd/vmherd/internal/provision"
+	"github.com/vmherd/vmherd/internal/vm"
+)
+
+// guestRun runs a shell command in the guest over SSH (its forwarded port).
+func guestRun(t *testing.T, h vm.VmHandle, signer ssh.Signer, cmd string) string {
+	t.Helper()
+	log, _ := os.ReadFile(h.SerialLog)
+	keys, err := provision.HostKeys(log)
+	if err != nil {
+		t.Fatalf("host keys from %s: %v", h.SerialLog, err)
+	}
+	var cl *ssh.Client
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
+		if cl, err = ssh.Dial("tcp", "127.0.0.1:"+strconv.Itoa(h.SSHPort), provision.ClientConfig("root", signer, keys)); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ssh to the guest on port %d: %v", h.SSHPort, err)
+		}
+	}
+	defer cl.Close()
+	sess, err := cl.NewSession()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := sess.CombinedOutput(cmd)
+	if err != nil {
+		t.Fatalf("guest %q: %v: %s", cmd, err, out)
+	}
+	return string(out)
+}
+
+// TestLiveMigration moves a running test guest between two QEMU
+// backends (two "hosts" on this machine, each with its own data dir and
+// copy of the base image) and back: the disk block written before each
+// move reads back after it, the boot id is the same (no reboot), a
+// counter the guest prints on its console carries on, SSH answers on
+// the new host's port, and the old host keeps no copy. Then a cold move
+// of the stopped guest, which boots on the other host with its disk.
+func TestLiveMigration(t *testing.T) {
+	img := guestImage(t)
+	ctx := ctxT(t, 2*bootTimeout+4*time.Minute)
+	// Each host has its own image directory with the same base image.
+	hostsB := make([]*qemu.Backend, 2)
+	bases := make([]string, 2)
+	for i := range hostsB {
+		dir := shortTempDir(t)
+		data, err := os.ReadFile(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bases[i] = filepath.Join(dir, "base.img")
+		if err := os.WriteFile(bases[i], data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		hostsB[i] = newBackend(t, qemu.Options{Host: fmt.Sprintf("h%d", i+1), ImageRoots: []string{dir}})
+	}
+	priv, pub, err := provision.NewKey("test@vmherd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := ssh.ParsePrivateKey(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := testSpec(bases[0], "mig1")
+	spec.SSH = &vm.SshConfig{User: "root", PublicKey: pub}
+	h, err := hostsB[0].Prepare(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h, err = hostsB[0].Start(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, b := range hostsB {
+			_ = b.Destroy(context.Background(), vm.VmHandle{Name: "mig1"})
+		}
+	})
+	waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
+	bootID := strings.TrimSpace(guestRun(t, h, signer, "cat /proc/sys/kernel/random/boot_id"))
+	guestRun(t, h, signer, "setsid sh -c 'i=0; while :; do echo TICK $i >/dev/ttyS0; i=$((i+1)); sleep 0.2; done' </dev/null >/dev/null 2>&1 &")
+	ticks := regexp.MustCompile(`TICK (\d+)`)
+	lastTick := func(path string) int {
+		b, _ := os.ReadFile(path)
+		m := ticks.FindAllStringSubmatch(string(b), -1)
+		if len(m) == 0 {
+			return -1
+		}
+		n, _ := strconv.Atoi(m[len(m)-1][1])
+		return n
+	}
+
+	for move := 0; move < 2; move++ {
+		src, dst := hostsB[move%2], hostsB[(move+1)%2]
+		mark := fmt.Sprintf("VMHERD-MARK-%d-%d", move, time.Now().UnixNano())
+		// A block near the end of the disk: in the overlay only, so the
+		// mirror must carry it.
+		guestRun(t, h, signer, fmt.Sprintf("s=$(cat /sys/block/vda/size); echo %s | dd of=/dev/vda bs=512 seek=$((s-16-%d)) conv=fsync 2>/dev/null", mark, move))
+		before := lastTick(h.SerialLog)
+		if before < 0 {
+			waitConsole(t, h.SerialLog, 0, "TICK", 30*time.Second)
+			before = lastTick(h.SerialLog)
+		}
+		srcH := h
+		srcH.Spec = &vm.VmSpec{}
+		*srcH.Spec = *h.Spec
+		srcH.Spec.ImagePath = bases[(move+1)%2]
+		copyH, ep, err := dst.Receive(ctx, srcH, bases[(move+1)%2], backends.Receiving{Mode: "live", Listen: "127.0.0.1", PortLo: 49152, PortHi: 49215})
+		if err != nil {
+			t.Fatalf("move %d: Receive: %v", move, err)
+		}
+		began := time.Now()
+		p, err := src.Send(ctx, h, ep, backends.SendOptions{Stall: 30 * time.Second, DowntimeMS: 300}, func(backends.MigrationProgress) {})
+		if err != nil {
+			t.Fatalf("move %d: Send: %v", move, err)
+		}
+		took := time.Since(began)
+		nh, err := dst.Activate(ctx, copyH, vm.StateRunning)
+		if err != nil {
+			t.Fatalf("move %d: Activate: %v", move, err)
+		}
+		if err := src.Destroy(ctx, h); err != nil {
+			t.Fatalf("move %d: removing the source's copy: %v", move, err)
+		}
+		t.Logf("move %d: %s, %d bytes, downtime %d ms", move, took.Round(time.Millisecond), p.Bytes, p.DowntimeMS)
+		if _, err := os.Stat(h.WorkDir); err == nil {
+			t.Errorf("move %d: the source keeps its work dir %s", move, h.WorkDir)
+		}
+		if nh.PID == 0 || nh.MAC != h.MAC || nh.ID == h.ID {
+			t.Errorf("move %d: the copy's handle %+v (the source's MAC %s, id %s)", move, nh, h.MAC, h.ID)
+		}
+		h = nh
+		if st, err := dst.State(ctx, h); err != nil || st != vm.StateRunning {
+			t.Fatalf("move %d: state on the destination %s, %v", move, st, err)
+		}
+		if got := strings.TrimSpace(guestRun(t, h, signer, "cat /proc/sys/kernel/random/boot_id")); got != bootID {
+			t.Errorf("move %d: boot id %s, was %s: the guest rebooted", move, got, bootID)
+		}
+		got := guestRun(t, h, signer, fmt.Sprintf("s=$(cat /sys/block/vda/size); dd if=/dev/vda bs=512 skip=$((s-16-%d)) count=1 2>/dev/null | head -c %d", move, len(mark)))
+		if got != mark {
+			t.Errorf("move %d: the disk block written before the move reads %q, want %q", move, got, mark)
+		}
+		waitConsole(t, h.SerialLog, 0, fmt.Sprintf("TICK %d", before+3), 30*time.Second)
+	}
+
+	// Cold: stopped on h1, moved to h2, boots there with its disk.
+	if _, err := hostsB[0].Stop(ctx, h, 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	ep, size, digest, err := hostsB[0].Export(ctx, h, "127.0.0.1")
+	if err != nil {
+		t.Fatalf("Export: %v", err)
+	}
+	srcH := h
+	srcH.Spec = &vm.VmSpec{}
+	*srcH.Spec = *h.Spec
+	copyH, _, err := hostsB[1].Receive(ctx, srcH, bases[1], backends.Receiving{Mode: "cold", From: ep, FromSize: size, FromDigest: digest})
+	if err != nil {
+		t.Fatalf("cold Receive: %v", err)
+	}
+	_ = hostsB[0].Unexport(ctx, h)
+	if _, err := hostsB[1].Activate(ctx, copyH, vm.StateStopped); err != nil {
+		t.Fatal(err)
+	}
+	if err := hostsB[0].Destroy(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	h, err = hostsB[1].Start(ctx, copyH)
+	if err != nil {
+		t.Fatalf("start after the cold move: %v", err)
+	}
+	waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
+	got := guestRun(t, h, signer, "s=$(cat /sys/block/vda/size); dd if=/dev/vda bs=512 skip=$((s-17)) count=1 2>/dev/null | head -c 11")
+	if got != "VMHERD-MARK" {
+		t.Errorf("after the cold move the disk block reads %q, want the mark of the last live move", got)
+	}
+}
