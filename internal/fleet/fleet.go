@@ -408,7 +408,8 @@ func (f *Fleet) StartWorker(host string) error {
 	}
 	args := append([]string{"--nats-url", f.URLs, "--host", h.Name, "--backends", h.cfg.Backends,
 		"--creds", f.Creds["worker-"+h.Name], "--tls-ca", f.TLS.CA,
-		"--data-dir", filepath.Join(f.cfg.Dir, "host-"+h.Name), "--heartbeat", "1s"}, h.cfg.WorkerArgs...)
+		"--data-dir", filepath.Join(f.cfg.Dir, "host-"+h.Name), "--heartbeat", "1s",
+		"--migration-listen", h.Addr}, h.cfg.WorkerArgs...)
 	p, err := Start(f.cfg.Dir, "worker-"+h.Name, h.NetNS, filepath.Join(f.cfg.Bin, "worker"), args...)
 	if err != nil {
 		return err

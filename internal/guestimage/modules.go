@@ -10,10 +10,11 @@ import (
 
 // guestModules are the kernel modules the guest needs beyond what Debian's
 // kernel has built in, named as in modules.dep (without .ko):
-// virtio-net (with failover), the AHCI CD-ROM that carries the seed on q35,
+// virtio-net (with failover), virtio-blk (its own disk, which the
+// migration tests write to), the AHCI CD-ROM that carries the seed on q35,
 // iso9660, and evdev + button so acpid sees the power button.
 var guestModules = []string{
-	"virtio_pci", "virtio_net",
+	"virtio_pci", "virtio_net", "virtio_blk",
 	"ahci", "sr_mod", "isofs",
 	"evdev", "button",
 }
