@@ -37,6 +37,7 @@ var _ backends.Migrator = (*Backend)(nil)
 const (
 	extraIncomingOf = "incoming_of"       // the source incarnation's handle id
 	extraIncomingEP = "incoming_endpoint" // where the source sends (live)
+	extraOutgoing   = "outgoing_to"       // the source started a migration to this address
 )
 
 const (
@@ -215,6 +216,14 @@ func (b *Backend) listenIncoming(ctx context.Context, r *record, accel string, r
 		}, nil); err != nil {
 			return err
 		}
+		// The copy's disk stays inactive (no locks taken, the export
+		// undisturbed) until Activate resumes it, not as soon as the
+		// memory has arrived.
+		if err := m.run(qctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{
+			{"capability": "late-block-activate", "state": true},
+		}}, nil); err != nil {
+			return err
+		}
 		return m.run(qctx, "migrate-incoming", map[string]any{"uri": "tcp:" + net.JoinHostPort(host, strconv.Itoa(ports[1]))}, nil)
 	})
 	if err != nil {
@@ -316,11 +325,14 @@ func (b *Backend) send(ctx context.Context, h vm.VmHandle, endpoint string, o ba
 	if err := m.run(ctx, "query-migrate", nil, &mi); err != nil {
 		return out, err
 	}
-	if mi.Status == "completed" {
+	outgoing := r.Handle.Extra[extraOutgoing] == migAddr
+	if mi.Status == "completed" && outgoing {
 		out.Phase, out.DowntimeMS = "switchover", mi.Downtime
 		return out, nil // a worker that restarted finds it done
 	}
-	if mi.Status != "active" && mi.Status != "setup" && mi.Status != "device" && mi.Status != "pre-switchover" {
+	// A QEMU that came in by migration reports that one completed: only
+	// a migration this host started to this endpoint counts.
+	if !outgoing || (mi.Status != "active" && mi.Status != "setup" && mi.Status != "device" && mi.Status != "pre-switchover") {
 		// Disk first: mirror the top layer into the target's overlay.
 		var jobs []blockJob
 		if err := m.run(ctx, "query-block-jobs", nil, &jobs); err != nil {
@@ -377,6 +389,13 @@ func (b *Backend) send(ctx context.Context, h vm.VmHandle, endpoint string, o ba
 		if err := m.run(ctx, "migrate-set-parameters", map[string]any{
 			"downtime-limit": downtime, "max-bandwidth": maxBandwith,
 		}, nil); err != nil {
+			return out, err
+		}
+		if r.Handle.Extra == nil {
+			r.Handle.Extra = map[string]string{}
+		}
+		r.Handle.Extra[extraOutgoing] = migAddr
+		if err := r.save(); err != nil {
 			return out, err
 		}
 		if err := m.run(ctx, "migrate", map[string]any{"uri": "tcp:" + migAddr}, nil); err != nil {
@@ -492,6 +511,10 @@ func (b *Backend) Recover(ctx context.Context, h vm.VmHandle, before vm.VmState)
 	if err != nil {
 		return r.Handle.Clone(), fmt.Errorf("recovering vm %s: %w", h.Name, err)
 	}
+	if _, ok := r.Handle.Extra[extraOutgoing]; ok {
+		delete(r.Handle.Extra, extraOutgoing)
+		_ = r.save()
+	}
 	b.log.Info("recovered vm after a migration that did not switch", "vm", h.Name, "state", before)
 	return r.Handle.Clone(), nil
 }
@@ -536,7 +559,7 @@ func (b *Backend) Activate(ctx context.Context, h vm.VmHandle, before vm.VmState
 			return nil
 		})
 		if err != nil {
-			return r.Handle.Clone(), fmt.Errorf("activating vm %s: %w", h.Name, err)
+			return r.Handle.Clone(), fmt.Errorf("activating vm %s: %w%s", h.Name, err, b.diagnostics(r))
 		}
 		r.Handle.PID = pid
 	}
