@@ -145,16 +145,35 @@ func (g *globals) hostCmd() *cobra.Command {
 	}
 	drain := &cobra.Command{
 		Use:   "drain HOST",
-		Short: "cordon a host and stop its running and suspended VMs (there is no live migration); report what is left",
-		Args:  hostArg,
+		Short: "cordon a host and move its VMs to others (live if they run or are suspended, cold if not); report what cannot move",
+		Long: `Cordon HOST, then migrate each of its VMs to another host (placed as a
+prepare would be): running and suspended VMs live, prepared and stopped
+ones cold, --parallel at a time. A VM that cannot move (no host fits, a
+command in flight, a failed VM) stays, and is listed with the reason;
+the exit code is then 1. With --stop, drain stops the running and
+suspended VMs instead and leaves them all there.`,
+		Args: hostArg,
 	}
-	stopTimeout := stopTimeoutFlag(drain, "how long each guest has to power off before it is killed")
+	stopTimeout := stopTimeoutFlag(drain, "with --stop: how long each guest has to power off before it is killed")
+	var stopOnly bool
+	var parallel int
+	drain.Flags().BoolVar(&stopOnly, "stop", false, "stop the host's VMs instead of moving them (they stay there, stopped)")
+	drain.Flags().IntVar(&parallel, "parallel", 2, "how many VMs move at once")
 	drain.RunE = func(cmd *cobra.Command, args []string) error {
 		t, err := stopTimeout()
 		if err != nil {
 			return err
 		}
-		return g.drain(cmd.Context(), args[0], t)
+		if parallel < 1 {
+			return usageError("--parallel %d: at least 1", parallel)
+		}
+		if stopOnly {
+			return g.drain(cmd.Context(), args[0], t)
+		}
+		if t != 0 {
+			return usageError("--stop-timeout goes with --stop")
+		}
+		return g.drainMove(cmd.Context(), args[0], parallel)
 	}
 	forget := &cobra.Command{
 		Use:   "forget HOST",
@@ -260,10 +279,9 @@ func (g *globals) setCordon(ctx context.Context, name string, on bool, reason st
 	return nil
 }
 
-// drain cordons the host, stops its running and suspended VMs (in
-// parallel), and reports the VMs left on it: vmherd has no live migration,
-// so a drained host's VMs stay there, stopped, until destroyed (or started
-// again after uncordon).
+// drain (--stop) cordons the host, stops its running and suspended VMs
+// (in parallel), and reports the VMs left on it: they stay there,
+// stopped, until destroyed (or started again after uncordon).
 func (g *globals) drain(ctx context.Context, name string, stopTimeout int) error {
 	if err := g.setCordon(ctx, name, true, "drain"); err != nil {
 		return err
@@ -309,6 +327,61 @@ func (g *globals) drain(ctx context.Context, name string, stopTimeout int) error
 		return &exitError{code: ExitFailed, msg: "not stopped: " + strings.Join(failed, "; ")}
 	}
 	return nil
+}
+
+// drainMove cordons the host and migrates its VMs away, parallel at a
+// time, reporting progress and what could not move.
+func (g *globals) drainMove(ctx context.Context, name string, parallel int) error {
+	if err := g.setCordon(ctx, name, true, "drain"); err != nil {
+		return err
+	}
+	h, recs, err := g.knownHost(ctx, name)
+	if err != nil {
+		return err
+	}
+	vms := onHost(recs, name)
+	if !h.Alive && len(vms) > 0 {
+		return &exitError{code: ExitFailed, msg: fmt.Sprintf("host %s is lost: its VMs cannot be moved; if it will not come back, forget them (vmctl destroy --forget NAME) and then the host (vmctl host forget %s)", name, name)}
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var stuck []string
+	moved := 0
+	sem := make(chan struct{}, parallel)
+	for _, r := range vms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			ev, err := g.send(ctx, r.Name, fsm.ActMigrate, events.Command{})
+			mu.Lock()
+			defer mu.Unlock()
+			if err == nil && ev != nil && ev.Type == events.TypeMigrated {
+				moved++
+				fmt.Fprintf(g.errOut, "drain %s: %d of %d moved (%s to %s)\n", name, moved, len(vms), r.Name, ev.Migration.To)
+				return
+			}
+			why := "no result"
+			switch {
+			case ev != nil && ev.Reason != "":
+				why = ev.Reason
+			case ev != nil && ev.Error != "":
+				why = ev.Error
+			case err != nil:
+				why = err.Error()
+			}
+			stuck = append(stuck, fmt.Sprintf("%s (%s): %s", r.Name, r.State, why))
+		}()
+	}
+	wg.Wait()
+	if len(stuck) == 0 {
+		fmt.Fprintf(g.out, "host %s is drained: its %d VMs moved to other hosts\n", name, moved)
+		return nil
+	}
+	sort.Strings(stuck)
+	fmt.Fprintf(g.out, "host %s: %d of %d VMs moved; left on it:\n  %s\n", name, moved, len(vms), strings.Join(stuck, "\n  "))
+	return &exitError{code: ExitFailed, msg: fmt.Sprintf("%d VMs could not move off %s", len(stuck), name)}
 }
 
 // forgetHost removes a lost host's entries from VM_HOSTS. Its queued

@@ -205,8 +205,8 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 	env.CheckProjection(wait)
 }
 
-// drain cordons the host, stops its running and suspended VMs, leaves the
-// others, and says what is left on it.
+// drain --stop cordons the host, stops its running and suspended VMs,
+// leaves the others, and says what is left on it.
 func TestHostDrain(t *testing.T) {
 	ctx := t.Context()
 	env, _ := pipeline(t, noop.New(noop.Options{}))
@@ -221,7 +221,7 @@ func TestHostDrain(t *testing.T) {
 			t.Fatalf("%v:\n%s", c, r)
 		}
 	}
-	r := vmctl(t, ctx, url, "host", "drain", "h1", "--stop-timeout", "5s")
+	r := vmctl(t, ctx, url, "host", "drain", "h1", "--stop", "--stop-timeout", "5s")
 	if r.code != 0 || !strings.Contains(r.out, "cordoned") || !strings.Contains(r.out, "left on h1") ||
 		!strings.Contains(r.out, "prep1, run1, sus1") {
 		t.Fatalf("drain:\n%s", r)
@@ -242,4 +242,56 @@ func TestHostDrain(t *testing.T) {
 	if r := vmctl(t, ctx, url, "__complete", "host", "uncordon", "h"); !strings.HasPrefix(r.out, "h1\n") {
 		t.Fatalf("completion of host names:\n%s", r)
 	}
+}
+
+// drain (without --stop) empties the host: its running, suspended and
+// prepared VMs move to the other host (live, live, cold) and keep their
+// states; one that cannot move (failed) stays, listed with the reason,
+// and the exit code says so.
+func TestHostDrainMoves(t *testing.T) {
+	ctx := t.Context()
+	nb := noop.New(noop.Options{})
+	env, eng := pipeline(t, nb)
+	env.StartWorker(testenv.WorkerConfig{Host: "h2", Noop: noop.New(noop.Options{})})
+	env.WaitHost(eng, "h2")
+	url := env.URL
+	for _, c := range [][]string{
+		{"create", "run1", "--backend", "noop", "--host", "h1", "--start"},
+		{"create", "sus1", "--backend", "noop", "--host", "h1", "--start"},
+		{"suspend", "sus1"},
+		{"create", "prep1", "--backend", "noop", "--host", "h1"},
+	} {
+		if r := vmctl(t, ctx, url, c...); r.code != 0 {
+			t.Fatalf("%v:\n%s", c, r)
+		}
+	}
+	nb.FailNext(noop.CallStart, 1)
+	if r := vmctl(t, ctx, url, "create", "bad1", "--backend", "noop", "--host", "h1", "--start"); r.code != ExitFailed {
+		t.Fatalf("a start made to fail:\n%s", r)
+	}
+	r := vmctl(t, ctx, url, "host", "drain", "h1", "--parallel", "2")
+	if r.code != ExitFailed || !strings.Contains(r.out, "3 of 4 VMs moved") || !strings.Contains(r.out, "bad1 (failed): cannot migrate: vm is failed") ||
+		!strings.Contains(r.err, "3 of 4 moved") || !strings.Contains(r.err, "1 VMs could not move off h1") {
+		t.Fatalf("drain:\n%s", r)
+	}
+	for n, want := range map[string]vm.VmState{"run1": vm.StateRunning, "sus1": vm.StateSuspended, "prep1": vm.StatePrepared} {
+		env.WaitFor(n+" "+string(want)+" on h2 after drain", wait, func() bool {
+			rec := recordOf(t, env, n)
+			return rec.State == want && rec.Host == "h2"
+		})
+	}
+	if r := vmctl(t, ctx, url, "hosts"); !strings.Contains(r.out, "cordoned") {
+		t.Fatalf("hosts after drain:\n%s", r)
+	}
+	// Back: h2 drained onto h1 (uncordoned) but h1 is the only other host.
+	if r := vmctl(t, ctx, url, "host", "uncordon", "h1"); r.code != 0 {
+		t.Fatalf("uncordon:\n%s", r)
+	}
+	if r := vmctl(t, ctx, url, "migrate", "run1", "--to", "h2"); r.code != ExitFailed || !strings.Contains(r.err, "already on host h2") {
+		t.Fatalf("migrate to its own host:\n%s", r)
+	}
+	if r := vmctl(t, ctx, url, "migrate", "run1", "--to", "h1"); r.code != 0 || !strings.Contains(r.out, "migrated") {
+		t.Fatalf("migrate back:\n%s", r)
+	}
+	env.CheckProjection(wait)
 }
