@@ -58,6 +58,9 @@ type WorkerOptions struct {
 	MigrationPorts     string
 	MigrationStall     time.Duration
 	MigrationDowntime  time.Duration
+	MigrationBandwidth int64
+	// MigrationSwitchDelay is a fault tests' hook (hidden flag).
+	MigrationSwitchDelay time.Duration
 
 	PropolisServers    []string
 	PropolisBin        string
@@ -105,6 +108,9 @@ func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
 	fs.StringVar(&o.MigrationPorts, "migration-ports", "49152-49215", "the ports migration traffic to this host takes, LO-HI")
 	fs.DurationVar(&o.MigrationStall, "migration-stall", time.Minute, "a live migration from this host that makes no progress for this long is aborted (the vm keeps running here)")
 	fs.DurationVar(&o.MigrationDowntime, "migration-downtime", 300*time.Millisecond, "the longest pause of a guest at the switch of a live migration that QEMU aims for")
+	fs.Int64Var(&o.MigrationBandwidth, "migration-max-bandwidth", 0, "cap a live migration from this host (disk mirror and memory) at this many bytes per second (0: no cap)")
+	fs.DurationVar(&o.MigrationSwitchDelay, "migration-switch-delay", 0, "for fault tests only: hold a finished live send this long before storing its switch")
+	_ = fs.MarkHidden("migration-switch-delay")
 	fs.IntVar(&o.CapacityMemMB, "capacity-memory-mb", 0, "memory offered to VMs (default: the machine's)")
 	fs.IntVar(&o.CapacityVcpus, "capacity-vcpus", 0, "vCPUs offered to VMs (default: 4 × the machine's CPUs, a 4:1 overcommit)")
 	fs.StringSliceVar(&o.PropolisServers, "propolis-server", nil, "already-running propolis-server(s) ADDR[,ADDR...], one VM each (how Propolis is used off illumos)")
@@ -267,7 +273,8 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events
 			ImagePolicy: policy,
 			RelayLimits: relay.Limits{Tunnels: o.Tunnels, TunnelsPerRequester: o.TunnelsPerIdentity},
 			Migration: worker.MigrationConfig{Listen: o.MigrationListen, PortLo: lo, PortHi: hi,
-				Stall: o.MigrationStall, DowntimeMS: int(o.MigrationDowntime / time.Millisecond)},
+				Stall: o.MigrationStall, DowntimeMS: int(o.MigrationDowntime / time.Millisecond),
+				BandwidthBps: o.MigrationBandwidth, SwitchDelay: o.MigrationSwitchDelay},
 		})
 		return err
 	})

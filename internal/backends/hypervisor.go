@@ -300,7 +300,8 @@ type Migrator interface {
 	// Export, on the source, cold: serves the VM's disk layer for the
 	// target to copy, and returns where, with its size and digest.
 	// Unexport ends it.
-	Export(ctx context.Context, h vm.VmHandle, listen string) (endpoint string, size int64, digest string, err error)
+	// (Its Listen and ports are this host's, as for Receive.)
+	Export(ctx context.Context, h vm.VmHandle, l Receiving) (endpoint string, size int64, digest string, err error)
 	Unexport(ctx context.Context, h vm.VmHandle) error
 	// Activate, on the target once the switch is stored: the copy is the
 	// VM, in state before (live: its guest resumed if that is running).

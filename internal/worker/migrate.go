@@ -52,6 +52,12 @@ type MigrationConfig struct {
 	Stall      time.Duration
 	DowntimeMS int
 	ReadyWait  time.Duration
+	// BandwidthBps caps a live send (disk mirror and memory); 0: none.
+	BandwidthBps int64
+	// SwitchDelay holds the source between the end of a send (the guest
+	// paused, all of it on the target) and the append of its switch: a
+	// fault test's window onto that moment. 0 in production.
+	SwitchDelay time.Duration
 }
 
 func (c *MigrationConfig) defaults() {
@@ -246,7 +252,7 @@ func (w *Worker) migrateOut(t *events.Task, mig backends.Migrator, log *slog.Log
 		return w.fail(t, mig, n, fmt.Errorf("reading the base image %s: %w", h.Spec.ImagePath, err), log)
 	}
 	if t.Migration.Mode == events.MigrateCold {
-		ep, size, digest, err := mig.Export(ctx, h, mc.Listen)
+		ep, size, digest, err := mig.Export(ctx, h, backends.Receiving{Listen: mc.Listen, PortLo: mc.PortLo, PortHi: mc.PortHi})
 		if err != nil {
 			return w.fail(t, mig, n, fmt.Errorf("exporting the disk: %w", err), log)
 		}
@@ -282,6 +288,13 @@ func (w *Worker) migrateOut(t *events.Task, mig backends.Migrator, log *slog.Log
 				return w.finishOut(t, mig, h, n, log)
 			}
 			return w.fail(t, mig, n, err, log)
+		}
+	}
+	if t.Migration.Mode == events.MigrateLive {
+		// The guest is paused here and wholly there: the switch is next.
+		_ = w.report(t, events.PhaseSwitchover, &events.Event{Migration: &events.Migration{Bytes: sent.Bytes, Total: sent.Total}}, h.ID)
+		if mc.SwitchDelay > 0 {
+			time.Sleep(mc.SwitchDelay)
 		}
 	}
 	m := t.Migration.Clone()
@@ -330,7 +343,7 @@ func (w *Worker) send(t *events.Task, mig backends.Migrator, h vm.VmHandle, n *n
 	}()
 	var reported time.Time
 	count := 0
-	p, err := mig.Send(sctx, h, n.ready.Migration.Endpoint, backends.SendOptions{Stall: mc.Stall, DowntimeMS: mc.DowntimeMS}, func(p backends.MigrationProgress) {
+	p, err := mig.Send(sctx, h, n.ready.Migration.Endpoint, backends.SendOptions{Stall: mc.Stall, DowntimeMS: mc.DowntimeMS, BandwidthBps: mc.BandwidthBps}, func(p backends.MigrationProgress) {
 		if time.Since(reported) < time.Second {
 			return
 		}

@@ -51,7 +51,7 @@ func (b *Backend) Send(ctx context.Context, h vm.VmHandle, _ string, _ backends.
 }
 
 // Export and Unexport serve nothing: the copy is simulated.
-func (b *Backend) Export(ctx context.Context, h vm.VmHandle, _ string) (string, int64, string, error) {
+func (b *Backend) Export(ctx context.Context, h vm.VmHandle, _ backends.Receiving) (string, int64, string, error) {
 	b.mu.Lock()
 	_, err := b.lookup(h)
 	b.mu.Unlock()

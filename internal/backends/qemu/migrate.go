@@ -38,7 +38,9 @@ const (
 	extraIncomingOf = "incoming_of"       // the source incarnation's handle id
 	extraIncomingEP = "incoming_endpoint" // where the source sends (live)
 	extraOutgoing   = "outgoing_to"       // the source started a migration to this address
+	extraExportEP   = "export_endpoint"   // cold: where the source serves its disk
 )
+
 
 const (
 	nbdExport   = "disk"
@@ -178,7 +180,11 @@ func (b *Backend) listenIncoming(ctx context.Context, r *record, accel string, r
 			return "", err
 		}
 	}
-	ports, err := freePorts(rc.Listen, rc.PortLo, rc.PortHi, 2)
+	// One copy sets up its listeners at a time, skipping the ports the
+	// others hold, so two receives never pick the same ones.
+	b.portMu.Lock()
+	defer b.portMu.Unlock()
+	ports, err := freePorts(rc.Listen, rc.PortLo, rc.PortHi, 2, b.heldPorts(r.Handle.Name))
 	if err != nil {
 		return "", err
 	}
@@ -236,10 +242,28 @@ func (b *Backend) listenIncoming(ctx context.Context, r *record, accel string, r
 	return ep, r.save()
 }
 
-// freePorts finds n ports of lo..hi free on host now.
-func freePorts(host string, lo, hi, n int) ([]int, error) {
+// heldPorts are the ports other VMs' copies and exports on this host
+// listen on (or are about to).
+func (b *Backend) heldPorts(skip string) map[int]bool {
+	held := map[int]bool{}
+	for _, o := range b.allRecords(skip) {
+		for _, ep := range strings.Split(o.Handle.Extra[extraIncomingEP]+"|"+o.Handle.Extra[extraExportEP], "|") {
+			if _, p, err := net.SplitHostPort(strings.TrimSuffix(strings.TrimPrefix(ep, "nbd://"), "/"+nbdExport)); err == nil {
+				n, _ := strconv.Atoi(p)
+				held[n] = true
+			}
+		}
+	}
+	return held
+}
+
+// freePorts finds n ports of lo..hi free on host now and not held.
+func freePorts(host string, lo, hi, n int, held map[int]bool) ([]int, error) {
 	var out []int
 	for p := lo; p <= hi && len(out) < n; p++ {
+		if held[p] {
+			continue
+		}
 		l, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(p)))
 		if err != nil {
 			continue
@@ -346,9 +370,11 @@ func (b *Backend) send(ctx context.Context, h vm.VmHandle, endpoint string, o ba
 			}, nil); err != nil {
 				return out, fmt.Errorf("connecting to the target's disk at %s: %w", nbdAddr, err)
 			}
-			if err := m.run(ctx, "blockdev-mirror", map[string]any{
-				"job-id": mirrorJob, "device": "disk", "target": mirrorNode, "sync": "top",
-			}, nil); err != nil {
+			mirror := map[string]any{"job-id": mirrorJob, "device": "disk", "target": mirrorNode, "sync": "top"}
+			if o.BandwidthBps > 0 {
+				mirror["speed"] = o.BandwidthBps
+			}
+			if err := m.run(ctx, "blockdev-mirror", mirror, nil); err != nil {
 				return out, fmt.Errorf("mirroring the disk: %w", err)
 			}
 		}
@@ -386,8 +412,12 @@ func (b *Backend) send(ctx context.Context, h vm.VmHandle, endpoint string, o ba
 		if downtime <= 0 {
 			downtime = 300
 		}
+		bw := int64(maxBandwith)
+		if o.BandwidthBps > 0 {
+			bw = o.BandwidthBps
+		}
 		if err := m.run(ctx, "migrate-set-parameters", map[string]any{
-			"downtime-limit": downtime, "max-bandwidth": maxBandwith,
+			"downtime-limit": downtime, "max-bandwidth": bw,
 		}, nil); err != nil {
 			return out, err
 		}
@@ -603,7 +633,8 @@ func (b *Backend) Abandon(ctx context.Context, h vm.VmHandle) error {
 }
 
 // Export serves the VM's overlay file, read-only, for a cold move.
-func (b *Backend) Export(ctx context.Context, h vm.VmHandle, listen string) (string, int64, string, error) {
+func (b *Backend) Export(ctx context.Context, h vm.VmHandle, l backends.Receiving) (string, int64, string, error) {
+	listen := l.Listen
 	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
 		return "", 0, "", err
@@ -622,7 +653,9 @@ func (b *Backend) Export(ctx context.Context, h vm.VmHandle, listen string) (str
 		return "", 0, "", err
 	}
 	b.stopExport(r)
-	ports, err := freePorts(listen, 49152, 65000, 1)
+	b.portMu.Lock()
+	defer b.portMu.Unlock()
+	ports, err := freePorts(listen, l.PortLo, l.PortHi, 1, b.heldPorts(r.Handle.Name))
 	if err != nil {
 		return "", 0, "", err
 	}
@@ -632,7 +665,15 @@ func (b *Backend) Export(ctx context.Context, h vm.VmHandle, listen string) (str
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", 0, "", fmt.Errorf("qemu-nbd: %w: %s", err, strings.TrimSpace(string(out)))
 	}
-	return "nbd://" + net.JoinHostPort(listen, strconv.Itoa(ports[0])) + "/" + nbdExport, st.Size(), digest, nil
+	ep := "nbd://" + net.JoinHostPort(listen, strconv.Itoa(ports[0])) + "/" + nbdExport
+	if r.Handle.Extra == nil {
+		r.Handle.Extra = map[string]string{}
+	}
+	r.Handle.Extra[extraExportEP] = ep
+	if err := r.save(); err != nil {
+		return "", 0, "", err
+	}
+	return ep, st.Size(), digest, nil
 }
 
 // Unexport ends a cold move's export.
@@ -651,6 +692,10 @@ func (b *Backend) stopExport(r *record) {
 		_ = syscall.Kill(pid, syscall.SIGTERM)
 	}
 	_ = os.Remove(p)
+	if _, ok := r.Handle.Extra[extraExportEP]; ok {
+		delete(r.Handle.Extra, extraExportEP)
+		_ = r.save()
+	}
 }
 
 func (b *Backend) nbdBinary() string {
@@ -664,6 +709,13 @@ func (b *Backend) copyFrom(ctx context.Context, rc backends.Receiving, disk stri
 	}
 	if err := b.qemuImg(ctx, "convert", "-f", "raw", "-O", "raw", rc.From, disk); err != nil {
 		return fmt.Errorf("copying the disk from %s: %w", rc.From, err)
+	}
+	// NBD serves whole sectors: the copy ends in the zeros that round
+	// the file up to 512 bytes.
+	if st, err := os.Stat(disk); err == nil && st.Size() > rc.FromSize && st.Size()-rc.FromSize < 512 {
+		if err := os.Truncate(disk, rc.FromSize); err != nil {
+			return err
+		}
 	}
 	st, err := os.Stat(disk)
 	if err != nil {

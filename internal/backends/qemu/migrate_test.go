@@ -194,7 +194,7 @@ func TestLiveMigration(t *testing.T) {
 	if _, err := hostsB[0].Stop(ctx, h, 60*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	ep, size, digest, err := hostsB[0].Export(ctx, h, "127.0.0.1")
+	ep, size, digest, err := hostsB[0].Export(ctx, h, backends.Receiving{Listen: "127.0.0.1", PortLo: 49152, PortHi: 49215})
 	if err != nil {
 		t.Fatalf("Export: %v", err)
 	}

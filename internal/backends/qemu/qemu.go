@@ -141,6 +141,8 @@ type Backend struct {
 	locks   map[string]*sync.Mutex // per VM name: one mutating call at a time
 
 	allocMu sync.Mutex // MAC, port and tap allocation across VMs
+	// portMu serialises the migration listeners set up (heldPorts).
+	portMu sync.Mutex
 
 	mu    sync.Mutex
 	owned map[string]*owned // VMs this Backend started or adopted, by name
