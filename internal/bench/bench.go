@@ -36,21 +36,22 @@ type Options struct {
 	// Window lengths of figure 1 and 2.
 	Warm, Measure, LoadFor time.Duration
 	// IdleCommands and Gap shape the single idle VM of figure 2.
-	IdleCommands int
-	Gap          time.Duration
-	BaselineFor  time.Duration
-	RebuildVMs   int
-	ScaleVMs     int
-	ScaleWindow  time.Duration
-	QEMURounds   int
-	ConsoleMiB   int
-	Loads        []float64
-	CPUProfile   string
-	MemProfile   string
+	IdleCommands  int
+	Gap           time.Duration
+	BaselineFor   time.Duration
+	RebuildVMs    int
+	ScaleVMs      int
+	ScaleWindow   time.Duration
+	QEMURounds    int
+	MigrateRounds int
+	ConsoleMiB    int
+	Loads         []float64
+	CPUProfile    string
+	MemProfile    string
 }
 
 // Figures, by name (--only).
-var Figures = []string{"throughput", "latency", "rebuild", "scale", "qemu", "console"}
+var Figures = []string{"throughput", "latency", "rebuild", "scale", "qemu", "console", "migrate"}
 
 func (o *Options) want(fig string) bool { return len(o.Only) == 0 || slices.Contains(o.Only, fig) }
 
@@ -76,6 +77,7 @@ func (o *Options) defaults() {
 	seti(&o.RebuildVMs, 10_000, 100_000)
 	seti(&o.ScaleVMs, 2_000, 10_000)
 	seti(&o.QEMURounds, 1, 3)
+	seti(&o.MigrateRounds, 5, 7)
 	seti(&o.ConsoleMiB, 16, 64)
 	if len(o.VMs) == 0 {
 		o.VMs = []int{1, 10, 100, 1000}
@@ -126,6 +128,7 @@ type Report struct {
 	Scale       *Scale            `json:"scale,omitempty"`
 	QEMU        *QEMU             `json:"qemu,omitempty"`
 	Console     *Console          `json:"console,omitempty"`
+	Migrate     *Migrate          `json:"migrate,omitempty"`
 	Targets     []Target          `json:"targets"`
 	Failures    []string          `json:"failures,omitempty"`
 }
@@ -151,6 +154,7 @@ func Main(args []string) int {
 	fs.IntVar(&o.ScaleVMs, "scale-vms", 0, "idle VMs of figure 4 (quick 2000, full 10000)")
 	fs.DurationVar(&o.ScaleWindow, "scale-window", 0, "idle window of figure 4 (quick 2s, full 5s)")
 	fs.IntVar(&o.QEMURounds, "qemu-rounds", 0, "rounds of figure 5 (quick 1, full 3)")
+	fs.IntVar(&o.MigrateRounds, "migrate-rounds", 0, "rounds of figure 7 (quick 5, full 7)")
 	fs.IntVar(&o.ConsoleMiB, "console-mib", 0, "MiB streamed in figure 6 (quick 16, full 64)")
 	fs.StringVar(&o.CPUProfile, "cpuprofile", "", "write a CPU profile of figures 1 and 2 (engine, worker, server and client all run in this process), or of the whole run without them")
 	fs.StringVar(&o.MemProfile, "memprofile", "", "write an allocation profile taken after figures 1 and 2")
@@ -347,6 +351,29 @@ func Run(ctx context.Context, o Options, args []string, out, log io.Writer) (*Re
 		}
 		if err != nil {
 			fail("console", err)
+		}
+	}
+	if o.want("migrate") && ctx.Err() == nil {
+		logf("figure 7: live migration between two hosts through vmherd and directly (%d rounds)", o.MigrateRounds)
+		rep.Environment.QEMU = qemuVersion()
+		srv, err := startServer(filepath.Join(work, "migrate-nats"), "always")
+		if err == nil {
+			var r Migrate
+			mdir, derr := os.MkdirTemp("", "vbm") // QMP socket paths must stay short
+			if derr != nil {
+				err = derr
+			} else {
+				r, err = migrateBench(ctx, srv.url, mdir, o.MigrateRounds, logf)
+				os.RemoveAll(mdir)
+			}
+			srv.stop()
+			rep.Migrate = &r
+			if r.Skipped != "" {
+				logf("  skipped: %s", r.Skipped)
+			}
+		}
+		if err != nil {
+			fail("migrate", err)
 		}
 	}
 	rep.Environment.LoadAvgAtEnd = loadAvg()

@@ -50,6 +50,15 @@ func methods(o Options) map[string]string {
 			"vmherd first, so warm caches favour the direct side. Medians; added = vmherd - direct. The worker's QEMU backend "+
 			"is wrapped to time its own call of each operation, which splits vmherd's time into the backend call and the "+
 			"pipeline (NATS, engine, worker; sync \"always\").", o.QEMURounds),
+		"8_migrate": fmt.Sprintf("The repo's test guest, 128 MiB, accel as detected, %d rounds, migrating between two hosts on this "+
+			"machine (two QEMU backends with their own data dirs; migration traffic on loopback, not between network "+
+			"namespaces). Through vmherd: an engine and a worker per host in process (sync \"always\"), the migrate command "+
+			"timed from publish to its migrated result. Directly: the QEMU backend's Receive, Send and Activate called in a "+
+			"row in this process (the same QMP steps: paused -incoming copy with an NBD export, blockdev-mirror sync=top, "+
+			"migrate with auto-converge, cont), no NATS, engine or worker, timed from Receive to the end of Activate. "+
+			"Each round migrates the vmherd guest and then the direct one, alternating directions. Guest pause: the guest "+
+			"prints a line on its console every 10 ms; the bench polls both hosts' console logs every 1 ms and takes the "+
+			"time from the source's last line to the target's first.", o.MigrateRounds),
 		"7_console": fmt.Sprintf("An embedded server (sync default); the worker's relay (package relay: console hub, tunnels) and a viewer "+
 			"in this process on their own connections. The console's far side is a unix socket served by the bench, a stand-in "+
 			"for QEMU's serial chardev socket (a real guest's UART would be the limit, not the relay). Throughput: the socket "+
@@ -118,6 +127,16 @@ func targets(rep *Report) []Target {
 		ts = append(ts, Target{
 			Name: "added time on QEMU ops (worst median)", Goal: "< 10 ms per op",
 			Value: worst.AddedMs, Shown: fmt.Sprintf("%.1f ms (%s)", worst.AddedMs, worst.Op), Met: worst.AddedMs < 10,
+		})
+	}
+	if m := rep.Migrate; m != nil && m.Skipped == "" && len(m.VmherdMs) > 0 {
+		ts = append(ts, Target{
+			Name: "live migration total time", Goal: "<= 1.5x direct QMP",
+			Value: m.Ratio, Shown: fmt.Sprintf("%.0f ms = %.2f x %.0f ms", m.VmherdMed, m.Ratio, m.DirectMed), Met: m.Ratio <= 1.5,
+		}, Target{
+			Name: "live migration guest downtime", Goal: "<= direct + 100 ms",
+			Value: m.VmherdDownMed - m.DirectDownMed, Shown: fmt.Sprintf("%.0f ms vs %.0f ms direct", m.VmherdDownMed, m.DirectDownMed),
+			Met: m.VmherdDownMed <= m.DirectDownMed+100,
 		})
 	}
 	return ts
@@ -234,6 +253,18 @@ func printReport(w io.Writer, rep *Report) {
 		line("keystroke round trip p50 ms", f3(c.DirectRTT.P50), f3(c.RelayRTT.P50), f1(c.RTTRatio))
 		line("keystroke round trip p99 ms", f3(c.DirectRTT.P99), f3(c.RelayRTT.P99), f1(ratio(c.RelayRTT.P99, c.DirectRTT.P99)))
 		line("tunnel MiB/s (direct: TCP)", f1(c.TCPMiBs), f1(c.TunnelMiBs), f2(c.TunnelRatio))
+	}
+	if m := rep.Migrate; m != nil {
+		tw.Flush()
+		if m.Skipped != "" {
+			fmt.Fprintf(w, "\n7. live migration: skipped: %s\n", m.Skipped)
+		} else {
+			fmt.Fprintf(w, "\n7. live migration of the idle test guest between two hosts, %d rounds (medians)\n", m.Rounds)
+			line("measure", "direct", "vmherd", "ratio")
+			line("total ms", f0(m.DirectMed), f0(m.VmherdMed), f2(m.Ratio))
+			line("guest paused ms (console counter)", f0(m.DirectDownMed), f0(m.VmherdDownMed), f2(ratio(m.VmherdDownMed, m.DirectDownMed)))
+			line("downtime ms as QEMU reports it", f0(m.DirectQEMUDownMed), f0(m.VmherdQEMUDownMed), "")
+		}
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "\ntargets\n")

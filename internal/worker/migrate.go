@@ -90,6 +90,8 @@ type news struct {
 	ready    *events.Event // the target's copy waits
 	exported *events.Event // cold: the source's export
 	refused  *events.Event // the target could not make its copy
+	// switching: the source reported the switchover (its guest paused).
+	switching bool
 }
 
 // over reports whether the migrate has ended (its result or a rival is stored).
@@ -134,6 +136,8 @@ func (w *Worker) read(ctx context.Context, t *events.Task, n *news) error {
 				n.refused = ev
 			case ev.Migration.Phase == events.PhaseSourceReady && ev.Writer == m.From:
 				n.exported = ev
+			case ev.Migration.Phase == events.PhaseSwitchover && ev.Writer == m.From:
+				n.switching = true
 			}
 		}
 	}
@@ -465,9 +469,17 @@ func (w *Worker) migrateIn(t *events.Task, mig backends.Migrator, log *slog.Logg
 		}
 	}
 	// The copy waits for the outcome, however long the source takes
-	// (a cancel, or a forget of a lost source, ends it too).
-	if _, err := w.wait(ctx, t, n, 0, 100*time.Millisecond, func() bool { return false }); err != nil {
-		return err
+	// (a cancel, or a forget of a lost source, ends it too); once the
+	// source reports the switchover the guest is paused, so it looks
+	// often (each look is one direct get).
+	for !n.over() {
+		every := 100 * time.Millisecond
+		if n.switching {
+			every = 5 * time.Millisecond
+		}
+		if _, err := w.wait(ctx, t, n, every, every, func() bool { return n.switching && every > 5*time.Millisecond }); err != nil {
+			return err
+		}
 	}
 	actx, cancel := context.WithTimeout(ctx, w.cfg.CallTimeout)
 	defer cancel()
