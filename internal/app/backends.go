@@ -36,7 +36,8 @@ func (o *WorkerOptions) buildBackend(tag vm.BackendTag, log *slog.Logger) (backe
 		if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 			return nil, fmt.Errorf("qemu-system-x86_64 not found on PATH (apt-get install qemu-system-x86 qemu-utils, or run scripts/setup)")
 		}
-		return qemu.New(qemu.Options{DataDir: o.DataDir, Accel: o.Accel, Host: o.Host, Logger: log.With("backend", "qemu"), ImageRoots: o.imageRoots()})
+		return qemu.New(qemu.Options{DataDir: o.DataDir, Accel: o.Accel, Host: o.Host, Logger: log.With("backend", "qemu"), ImageRoots: o.imageRoots(),
+			MigrationTLSDir: o.MigrationTLSDir})
 	case vm.BackendPropolis:
 		plog := log.With("backend", "propolis")
 		if len(o.PropolisServers) > 0 {

@@ -59,6 +59,7 @@ type WorkerOptions struct {
 	MigrationStall     time.Duration
 	MigrationDowntime  time.Duration
 	MigrationBandwidth int64
+	MigrationTLSDir    string
 	// MigrationSwitchDelay is a fault tests' hook (hidden flag).
 	MigrationSwitchDelay time.Duration
 
@@ -108,6 +109,7 @@ func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
 	fs.StringVar(&o.MigrationPorts, "migration-ports", "49152-49215", "the ports migration traffic to this host takes, LO-HI")
 	fs.DurationVar(&o.MigrationStall, "migration-stall", time.Minute, "a live migration from this host that makes no progress for this long is aborted (the vm keeps running here)")
 	fs.DurationVar(&o.MigrationDowntime, "migration-downtime", 300*time.Millisecond, "the longest pause of a guest at the switch of a live migration that QEMU aims for")
+	fs.StringVar(&o.MigrationTLSDir, "migration-tls-dir", "", "QEMU x509 files (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem; certificates for this host's --migration-listen address): migrations to and from this host then go over TLS only, both peers checked against the CA")
 	fs.Int64Var(&o.MigrationBandwidth, "migration-max-bandwidth", 0, "cap a live migration from this host (disk mirror and memory) at this many bytes per second (0: no cap)")
 	fs.DurationVar(&o.MigrationSwitchDelay, "migration-switch-delay", 0, "for fault tests only: hold a finished live send this long before storing its switch")
 	_ = fs.MarkHidden("migration-switch-delay")

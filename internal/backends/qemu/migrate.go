@@ -41,6 +41,26 @@ const (
 	extraExportEP   = "export_endpoint"   // cold: where the source serves its disk
 )
 
+// TLS on the migration link (Options.MigrationTLSDir).
+const (
+	tlsPrefix   = "tls+" // an endpoint that takes TLS only
+	tlsServerID = "vmherd-tls-server"
+	tlsClientID = "vmherd-tls-client"
+)
+
+// tlsEndpoint splits a "tls+" prefix off an endpoint, checking that this
+// host's TLS setting agrees with the other side's.
+func (b *Backend) tlsEndpoint(ep string) (string, bool, error) {
+	rest, tls := strings.CutPrefix(ep, tlsPrefix)
+	switch {
+	case tls && b.opts.MigrationTLSDir == "":
+		return "", false, errors.New("the other host takes migrations over TLS only, and this one has no TLS files (worker --migration-tls-dir)")
+	case !tls && b.opts.MigrationTLSDir != "":
+		return "", false, errors.New("this host migrates over TLS only (--migration-tls-dir), and the other host offers no TLS")
+	}
+	return rest, tls, nil
+}
+
 
 const (
 	nbdExport   = "disk"
@@ -211,10 +231,28 @@ func (b *Backend) listenIncoming(ctx context.Context, r *record, accel string, r
 	ep := fmt.Sprintf("%s|%s", net.JoinHostPort(host, strconv.Itoa(ports[0])), net.JoinHostPort(host, strconv.Itoa(ports[1])))
 	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
+	tlsDir := b.opts.MigrationTLSDir
+	if tlsDir != "" {
+		ep = tlsPrefix + ep
+	}
 	err = withQMP(qctx, r.Handle.QMPSocket, func(m *monitor) error {
-		if err := m.run(qctx, "nbd-server-start", map[string]any{
+		nbd := map[string]any{
 			"addr": map[string]any{"type": "inet", "data": map[string]any{"host": host, "port": strconv.Itoa(ports[0])}},
-		}, nil); err != nil {
+		}
+		if tlsDir != "" {
+			// Both the disk's export and the incoming memory take only
+			// a peer whose certificate the CA signed.
+			if err := m.run(qctx, "object-add", map[string]any{
+				"qom-type": "tls-creds-x509", "id": tlsServerID, "dir": tlsDir, "endpoint": "server", "verify-peer": true,
+			}, nil); err != nil {
+				return fmt.Errorf("loading the migration TLS files of %s: %w", tlsDir, err)
+			}
+			nbd["tls-creds"] = tlsServerID
+			if err := m.run(qctx, "migrate-set-parameters", map[string]any{"tls-creds": tlsServerID}, nil); err != nil {
+				return err
+			}
+		}
+		if err := m.run(qctx, "nbd-server-start", nbd, nil); err != nil {
 			return err
 		}
 		if err := m.run(qctx, "block-export-add", map[string]any{
@@ -322,6 +360,10 @@ type migrateInfo struct {
 
 func (b *Backend) send(ctx context.Context, h vm.VmHandle, endpoint string, o backends.SendOptions, progress func(backends.MigrationProgress)) (backends.MigrationProgress, error) {
 	var out backends.MigrationProgress
+	endpoint, tls, err := b.tlsEndpoint(endpoint)
+	if err != nil {
+		return out, err
+	}
 	nbdAddr, migAddr, ok := strings.Cut(endpoint, "|")
 	if !ok {
 		return out, fmt.Errorf("endpoint %q is not <nbd host:port>|<migration host:port>", endpoint)
@@ -362,12 +404,22 @@ func (b *Backend) send(ctx context.Context, h vm.VmHandle, endpoint string, o ba
 		if err := m.run(ctx, "query-block-jobs", nil, &jobs); err != nil {
 			return out, err
 		}
+		if tls {
+			// Loaded once per QEMU (a repeat says it exists).
+			_ = m.run(ctx, "object-add", map[string]any{
+				"qom-type": "tls-creds-x509", "id": tlsClientID, "dir": b.opts.MigrationTLSDir, "endpoint": "client",
+			}, nil)
+		}
 		if !hasJob(jobs, mirrorJob) {
 			_ = m.run(ctx, "blockdev-del", map[string]any{"node-name": mirrorNode}, nil)
-			if err := m.run(ctx, "blockdev-add", map[string]any{
+			target := map[string]any{
 				"driver": "nbd", "node-name": mirrorNode, "export": nbdExport,
 				"server": map[string]any{"type": "inet", "host": nhost, "port": nport},
-			}, nil); err != nil {
+			}
+			if tls {
+				target["tls-creds"] = tlsClientID
+			}
+			if err := m.run(ctx, "blockdev-add", target, nil); err != nil {
 				return out, fmt.Errorf("connecting to the target's disk at %s: %w", nbdAddr, err)
 			}
 			mirror := map[string]any{"job-id": mirrorJob, "device": "disk", "target": mirrorNode, "sync": "top"}
@@ -416,9 +468,12 @@ func (b *Backend) send(ctx context.Context, h vm.VmHandle, endpoint string, o ba
 		if o.BandwidthBps > 0 {
 			bw = o.BandwidthBps
 		}
-		if err := m.run(ctx, "migrate-set-parameters", map[string]any{
-			"downtime-limit": downtime, "max-bandwidth": bw,
-		}, nil); err != nil {
+		params := map[string]any{"downtime-limit": downtime, "max-bandwidth": bw, "tls-creds": ""}
+		if tls {
+			mhost, _, _ := net.SplitHostPort(migAddr)
+			params["tls-creds"], params["tls-hostname"] = tlsClientID, mhost
+		}
+		if err := m.run(ctx, "migrate-set-parameters", params, nil); err != nil {
 			return out, err
 		}
 		if r.Handle.Extra == nil {
@@ -660,12 +715,18 @@ func (b *Backend) Export(ctx context.Context, h vm.VmHandle, l backends.Receivin
 		return "", 0, "", err
 	}
 	argv := append(append([]string{}, b.opts.Wrapper...), b.nbdBinary(), "--read-only", "--format=raw", "--shared=1", "--persistent",
-		"--bind="+listen, "--port="+strconv.Itoa(ports[0]), "--export-name="+nbdExport, "--fork", "--pid-file="+r.path(nbdPidFile), disk)
+		"--bind="+listen, "--port="+strconv.Itoa(ports[0]), "--export-name="+nbdExport, "--fork", "--pid-file="+r.path(nbdPidFile))
+	prefix := ""
+	if d := b.opts.MigrationTLSDir; d != "" {
+		argv = append(argv, "--object", "tls-creds-x509,id="+tlsServerID+",dir="+qopt(d)+",endpoint=server,verify-peer=on", "--tls-creds="+tlsServerID)
+		prefix = tlsPrefix
+	}
+	argv = append(argv, disk)
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", 0, "", fmt.Errorf("qemu-nbd: %w: %s", err, strings.TrimSpace(string(out)))
 	}
-	ep := "nbd://" + net.JoinHostPort(listen, strconv.Itoa(ports[0])) + "/" + nbdExport
+	ep := prefix + "nbd://" + net.JoinHostPort(listen, strconv.Itoa(ports[0])) + "/" + nbdExport
 	if r.Handle.Extra == nil {
 		r.Handle.Extra = map[string]string{}
 	}
@@ -704,10 +765,23 @@ func (b *Backend) nbdBinary() string {
 
 // copyFrom copies the source's exported overlay into disk and checks it.
 func (b *Backend) copyFrom(ctx context.Context, rc backends.Receiving, disk string) error {
-	if !strings.HasPrefix(rc.From, "nbd://") {
-		return fmt.Errorf("the source's export %q is not an nbd:// address", rc.From)
+	from, tls, err := b.tlsEndpoint(rc.From)
+	if err != nil {
+		return err
 	}
-	if err := b.qemuImg(ctx, "convert", "-f", "raw", "-O", "raw", rc.From, disk); err != nil {
+	addr, ok := strings.CutPrefix(from, "nbd://")
+	host, port, err := net.SplitHostPort(strings.TrimSuffix(addr, "/"+nbdExport))
+	if !ok || err != nil {
+		return fmt.Errorf("the source's export %q is not nbd://host:port/%s", rc.From, nbdExport)
+	}
+	args := []string{"convert", "-O", "raw"}
+	src := "driver=raw,file.driver=nbd,file.host=" + qopt(host) + ",file.port=" + port + ",file.export=" + nbdExport
+	if tls {
+		args = append(args, "--object", "tls-creds-x509,id="+tlsClientID+",dir="+qopt(b.opts.MigrationTLSDir)+",endpoint=client")
+		src += ",file.tls-creds=" + tlsClientID
+	}
+	args = append(args, "--image-opts", src, disk)
+	if err := b.qemuImg(ctx, args...); err != nil {
 		return fmt.Errorf("copying the disk from %s: %w", rc.From, err)
 	}
 	// NBD serves whole sectors: the copy ends in the zeros that round

@@ -12,9 +12,11 @@ import (
 	"time"
 
 	"golang.org/x/crypto/ssh"
+	"os/exec"
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
+	"github.com/vmherd/vmherd/internal/fleet"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/provision"
 	"github.com/vmherd/vmherd/internal/vm"
@@ -65,7 +67,36 @@ func guestRun(t *testing.T, h vm.VmHandle, signer ssh.Signer, cmd string) string
 // counter the guest prints on its console carries on, SSH answers on
 // the new host's port, and the old host keeps no copy. Then a cold move
 // of the stopped guest, which boots on the other host with its disk.
-func TestLiveMigration(t *testing.T) {
+func TestLiveMigration(t *testing.T) { liveMigration(t, "") }
+
+// TestLiveMigrationTLS is TestLiveMigration with both hosts' migration
+// traffic over TLS (QEMU tls-creds-x509, peers checked against the CA);
+// a host without TLS is refused, and so is a plain NBD client that
+// tries to write to a waiting copy's export.
+func TestLiveMigrationTLS(t *testing.T) {
+	dir := shortTempDir(t)
+	pki, err := fleet.MakePKI(filepath.Join(dir, "pki"), "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsDir := filepath.Join(dir, "x509")
+	if err := os.Mkdir(tlsDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for name, from := range map[string]string{"ca-cert.pem": pki.CA, "server-cert.pem": pki.Cert, "server-key.pem": pki.Key,
+		"client-cert.pem": pki.Cert, "client-key.pem": pki.Key} {
+		b, err := os.ReadFile(from)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(tlsDir, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	liveMigration(t, tlsDir)
+}
+
+func liveMigration(t *testing.T, tlsDir string) {
 	img := guestImage(t)
 	ctx := ctxT(t, 2*bootTimeout+4*time.Minute)
 	// Each host has its own image directory with the same base image.
@@ -81,7 +112,7 @@ func TestLiveMigration(t *testing.T) {
 		if err := os.WriteFile(bases[i], data, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		hostsB[i] = newBackend(t, qemu.Options{Host: fmt.Sprintf("h%d", i+1), ImageRoots: []string{dir}})
+		hostsB[i] = newBackend(t, qemu.Options{Host: fmt.Sprintf("h%d", i+1), ImageRoots: []string{dir}, MigrationTLSDir: tlsDir})
 	}
 	priv, pub, err := provision.NewKey("test@vmherd")
 	if err != nil {
@@ -147,6 +178,24 @@ func TestLiveMigration(t *testing.T) {
 		copyH, ep, err := dst.Receive(ctx, srcH, bases[(move+1)%2], backends.Receiving{Mode: "live", Listen: "127.0.0.1", PortLo: 49152, PortHi: 49215})
 		if err != nil {
 			t.Fatalf("move %d: Receive: %v", move, err)
+		}
+		if tlsDir != "" && move == 0 {
+			if !strings.HasPrefix(ep, "tls+") {
+				t.Fatalf("a TLS host's endpoint %q is not marked tls+", ep)
+			}
+			// A host without TLS files is refused before it sends.
+			plain := newBackend(t, qemu.Options{Host: "plain"})
+			if _, err := plain.Send(ctx, h, ep, backends.SendOptions{}, func(backends.MigrationProgress) {}); err == nil || !strings.Contains(err.Error(), "TLS only") {
+				t.Fatalf("a plain host sending to a TLS target: %v", err)
+			}
+			// An attacker on the migration network, without a
+			// certificate, cannot open the copy's disk export.
+			nbdAddr, _, _ := strings.Cut(strings.TrimPrefix(ep, "tls+"), "|")
+			out, err := exec.CommandContext(ctx, "qemu-img", "info", "nbd://"+nbdAddr+"/disk").CombinedOutput()
+			if err == nil {
+				t.Fatalf("a plain NBD client opened the TLS export: %s", out)
+			}
+			t.Logf("a plain NBD client is refused: %s", strings.TrimSpace(string(out)))
 		}
 		began := time.Now()
 		p, err := src.Send(ctx, h, ep, backends.SendOptions{Stall: 30 * time.Second, DowntimeMS: 300}, func(backends.MigrationProgress) {})

@@ -107,6 +107,12 @@ type Options struct {
 	// (3) rotated files (see rotateLog).
 	LogMaxBytes int64
 	LogKeep     int
+	// MigrationTLSDir, if set, holds QEMU's x509 files (ca-cert.pem,
+	// server-cert.pem, server-key.pem, client-cert.pem, client-key.pem):
+	// migration traffic to and from this host is then TLS with both
+	// sides' certificates checked against the CA, and this host neither
+	// sends nor takes a migration in clear.
+	MigrationTLSDir string
 	// DestroyStopTimeout is the graceful-stop timeout Destroy uses (2s).
 	DestroyStopTimeout time.Duration
 	// TermTimeout is how long Stop waits after SIGTERM before SIGKILL (3s).
