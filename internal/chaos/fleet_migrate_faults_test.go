@@ -26,7 +26,8 @@ import (
 // (a) before the target's copy is ready, (b) during the copy (the send
 // is capped at 24 MB/s, so it takes seconds) and (c) between the
 // switchover (the guest paused on the source, wholly on the target) and
-// the switch event (held 3 s by the source). After each, once the
+// the switch event (held 3 s by the source); the link is cut for longer
+// than the stall bound (8 s) during the copy. After each, once the
 // processes are back: the migrate has one result; exactly one QEMU runs
 // the guest, on the host the record names, or, where the copy that won
 // was killed, none and the record says so (exited); its disk block reads
@@ -38,7 +39,8 @@ func TestFleetMigrateFaultsQEMU(t *testing.T) {
 	image := guestimage.EnsureForTest(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
-	wargs := []string{"--image-dir", filepath.Dir(image), "--migration-max-bandwidth", "24000000", "--migration-switch-delay", "3s"}
+	wargs := []string{"--image-dir", filepath.Dir(image), "--migration-max-bandwidth", "24000000", "--migration-switch-delay", "3s",
+		"--migration-stall", "8s", "--task-ack-wait", "5s"}
 	f := upFleet(t, ctx, fleet.Config{Engines: 1, Hosts: []fleet.HostConfig{
 		{Name: "h1", Backends: "qemu", WorkerArgs: wargs},
 		{Name: "h2", Backends: "qemu", WorkerArgs: wargs},
@@ -164,8 +166,10 @@ func TestFleetMigrateFaultsQEMU(t *testing.T) {
 				t.Fatal(err)
 			}
 		case "link":
+			// Longer than the stall bound: the send gives up, the vm
+			// stays running on the source.
 			_ = f.CutHost(dst, true)
-			time.Sleep(4 * time.Second)
+			time.Sleep(14 * time.Second)
 			_ = f.CutHost(dst, false)
 		}
 		res := env.Result("fq", id, 4*time.Minute)
@@ -213,6 +217,9 @@ func TestFleetMigrateFaultsQEMU(t *testing.T) {
 		}
 	}
 	run("link", "b: during the copy")
+	if last := record(t, env, "fq"); last.LastError == "" || !strings.Contains(last.LastError, "no progress") {
+		t.Errorf("the link cut longer than the stall bound: the migrate should fail on no progress; the record says %q", last.LastError)
+	}
 	counts := env.CheckStreams()
 	if counts.Duplicates != 0 || counts.Lost != 0 {
 		t.Errorf("streams: %s", counts)

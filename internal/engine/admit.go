@@ -285,7 +285,8 @@ func (a admission) placeAway(from, pin string, spec vm.VmSpec) (*hosts.Host, err
 	}
 	var others []*hosts.Host
 	for _, h := range a.hosts.List() {
-		if h.Host != from {
+		// Only hosts whose backend takes a migration are candidates.
+		if h.Host != from && (!h.Has(spec.Backend) || h.Can(spec.Backend, fsm.ActMigrate)) {
 			others = append(others, h)
 		}
 	}
