@@ -6,13 +6,16 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
@@ -150,6 +153,16 @@ func TestMigrateNoop(t *testing.T) {
 	env.WaitFor("the copy on h2", 20*time.Second, func() bool { return c.noopCopies("m1")["h2"] == "incoming" })
 	if ev := do(t, env, "m1", "stop", "st2", events.Command{}); ev.Type != events.TypeRejected || !strings.Contains(ev.Reason, "migrating") {
 		t.Errorf("stop while migrating: %s %q, want rejected as migrating", ev.Type, ev.Reason)
+	}
+	// vmctl hosts shows it leaving h1 for h2 (once the bucket has the
+	// migrating record: a transitional one is written within 500 ms).
+	if rec := record(t, env, "m1"); rec.State != vm.StateMigrating {
+		t.Fatalf("record during the copy: %s", rec.State)
+	}
+	out, err := exec.Command(filepath.Join(c.bin, "vmctl"), "--server", c.url, "--creds", c.creds(auth.Identity{Role: auth.RoleAdmin}),
+		"--tls-ca", c.pki.CA, "hosts").CombinedOutput()
+	if err != nil || !regexp.MustCompile(`h1 .* 1 \(1 leaving\)`).Match(out) || !regexp.MustCompile(`h2 .* 0 \(1 arriving\)`).Match(out) {
+		t.Errorf("vmctl hosts during a migration: %v\n%s", err, out)
 	}
 	env.SendCmd("m1", "migrate", "c1", events.Command{Cancel: true})
 	if d := env.Decision("m1", "c1", 30*time.Second); d.Type != events.TypeAccepted || !d.Cancel || d.State != vm.StateRunning {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"text/tabwriter"
@@ -30,6 +31,10 @@ type hostRow struct {
 	// Placed is what the non-Noop ones take (what placement counts).
 	VMs    int             `json:"vms"`
 	Placed hosts.Resources `json:"placed"`
+	// Leaving and Arriving count the VMs migrating off and onto the
+	// host now (a drain's progress).
+	Leaving  int `json:"leaving"`
+	Arriving int `json:"arriving"`
 }
 
 // fleet reads the hosts and the records once.
@@ -81,6 +86,16 @@ func (g *globals) listHosts(cmd *cobra.Command, _ []string) error {
 	rows := make([]hostRow, 0, len(hs))
 	for _, h := range hs {
 		row := hostRow{Host: h, Status: h.Status()}
+		for _, r := range recs {
+			if m := r.Migration; m != nil && r.State == vm.StateMigrating {
+				if m.From == h.Host {
+					row.Leaving++
+				}
+				if m.To == h.Host {
+					row.Arriving++
+				}
+			}
+		}
 		for _, r := range onHost(recs, h.Host) {
 			row.VMs++
 			if r.Backend != vm.BackendNoop {
@@ -107,7 +122,14 @@ func (g *globals) listHosts(cmd *cobra.Command, _ []string) error {
 			}
 			bs = append(bs, s)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d/%d\t%d/%dM\t%s\t%s ago\n", r.Host.Host, r.Status, strings.Join(bs, ","), r.VMs,
+		vms := strconv.Itoa(r.VMs)
+		if r.Leaving > 0 {
+			vms += fmt.Sprintf(" (%d leaving)", r.Leaving)
+		}
+		if r.Arriving > 0 {
+			vms += fmt.Sprintf(" (%d arriving)", r.Arriving)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%d/%dM\t%s\t%s ago\n", r.Host.Host, r.Status, strings.Join(bs, ","), vms,
 			r.Placed.Vcpus, r.Capacity.Vcpus, r.Placed.MemoryMB, r.Capacity.MemoryMB, r.Version,
 			time.Since(r.Time).Round(time.Second))
 	}
