@@ -222,6 +222,9 @@ func TestFleetMigrateQEMU(t *testing.T) {
 			}
 		}
 		sshBanner("q1")
+		if ip := vmctl("ip", "q1"); !strings.Contains(ip, strconv.Itoa(statusOf("q1").Record.Handle.SSHPort)) {
+			t.Fatalf("vmctl ip after the move to %s: %s (the record's port is %d)", to, ip, statusOf("q1").Record.Handle.SSHPort)
+		}
 	}
 	if out := vmctl("history", "q1"); !strings.Contains(out, "migrated") || !strings.Contains(out, "target_ready") || !strings.Contains(out, "downtime=") {
 		t.Fatalf("history lacks the migration's phases:\n%s", out)

@@ -173,6 +173,11 @@ func TestMigrateNoop(t *testing.T) {
 		t.Fatalf("the cancelled migrate's result: %+v", res)
 	}
 	onlyOn("m1", "h1", vm.StateRunning)
+	// A migrate's timeout_s bounds its send (the copy takes 3 s here).
+	if ev := do(t, env, "m1", "migrate", "mg6", events.Command{Host: "h2", TimeoutS: 1}); ev.Type != events.TypeFailed || !strings.Contains(ev.Error, "timeout_s") {
+		t.Fatalf("a migrate over its timeout_s: %s %q", ev.Type, ev.Error)
+	}
+	onlyOn("m1", "h1", vm.StateRunning)
 	want(do(t, env, "m1", "destroy", "d1", events.Command{}), events.TypeDestroyed)
 	env.WaitFor("m1 gone", 20*time.Second, func() bool { return len(c.noopCopies("m1")) == 0 })
 	counts := env.CheckStreams()

@@ -323,6 +323,12 @@ func (w *Worker) send(t *events.Task, mig backends.Migrator, h vm.VmHandle, n *n
 	mc := w.cfg.Migration
 	sctx, cancel := context.WithCancel(w.killCtx)
 	defer cancel()
+	if t.TimeoutS > 0 {
+		// The migrate's timeout_s bounds the whole send.
+		var tcancel context.CancelFunc
+		sctx, tcancel = context.WithTimeout(sctx, time.Duration(t.TimeoutS)*time.Second)
+		defer tcancel()
+	}
 	var mu sync.Mutex
 	watched := &news{last: n.last}
 	done := make(chan struct{})
@@ -355,6 +361,7 @@ func (w *Worker) send(t *events.Task, mig backends.Migrator, h vm.VmHandle, n *n
 		count++
 		_ = w.report(t, events.PhaseCopying, &events.Event{Migration: &events.Migration{Bytes: p.Bytes, Total: p.Total}}, h.ID+"-"+strconv.Itoa(count))
 	})
+	timedOut := errors.Is(sctx.Err(), context.DeadlineExceeded)
 	cancel()
 	<-done
 	mu.Lock()
@@ -362,6 +369,9 @@ func (w *Worker) send(t *events.Task, mig backends.Migrator, h vm.VmHandle, n *n
 		n.result, n.rival = watched.result, watched.rival
 	}
 	mu.Unlock()
+	if err != nil && timedOut {
+		err = fmt.Errorf("not done within the migrate's timeout_s (%d s): %w", t.TimeoutS, err)
+	}
 	return p, err
 }
 
