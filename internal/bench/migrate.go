@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -32,6 +34,8 @@ import (
 type Migrate struct {
 	Skipped string `json:"skipped,omitempty"`
 	Rounds  int    `json:"rounds"`
+	// Network says where the two hosts' QEMUs ran.
+	Network string `json:"network"`
 	// Total: vmherd from publish to the migrated result; directly from
 	// Receive to the end of Activate.
 	VmherdMs  []float64 `json:"vmherd_ms"`
@@ -140,25 +144,38 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 		return res, nil
 	}
 	roots := []string{filepath.Dir(img)}
-	newQ := func(name string) (*qemu.Backend, error) {
-		return qemu.New(qemu.Options{DataDir: filepath.Join(dir, name), Host: name, Logger: quietLogger(), ImageRoots: roots})
+	// Two hosts: network namespaces joined by a veth pair, each host's
+	// QEMUs run inside its own (as root); else loopback.
+	nets, cleanup, why := benchNetns()
+	defer cleanup()
+	res.Network = why
+	addr := map[string]string{}
+	newQ := func(name string, host int) (*qemu.Backend, error) {
+		o := qemu.Options{DataDir: filepath.Join(dir, name), Host: name, Logger: quietLogger(), ImageRoots: roots}
+		addr[name] = "127.0.0.1"
+		if nets != nil {
+			o.Wrapper = []string{"ip", "netns", "exec", nets[host].ns}
+			addr[name] = nets[host].addr
+		}
+		return qemu.New(o)
 	}
 	// Through vmherd: hosts bench1 (with the engine) and mig2.
-	q1, err := newQ(benchHost)
+	q1, err := newQ(benchHost, 0)
 	if err != nil {
 		return res, err
 	}
-	q2, err := newQ("mig2")
+	q2, err := newQ("mig2", 1)
 	if err != nil {
 		return res, err
 	}
 	p, err := startPipeline(ctx, pipelineConfig{URL: url, StateDir: filepath.Join(dir, "engine"),
-		Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q1}, Default: vm.BackendQEMU, ImageRoots: roots})
+		Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q1}, Default: vm.BackendQEMU, ImageRoots: roots,
+		Migration: worker.MigrationConfig{Listen: addr[benchHost]}})
 	if err != nil {
 		return res, err
 	}
 	defer p.close()
-	stop2, err := startExtraWorker(ctx, url, "mig2", q2, roots)
+	stop2, err := startExtraWorker(ctx, url, "mig2", q2, roots, addr["mig2"])
 	if err != nil {
 		return res, err
 	}
@@ -211,11 +228,11 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 	logs := map[string]string{benchHost: filepath.Join(dir, benchHost, "vms", "mg", "console.log"), "mig2": filepath.Join(dir, "mig2", "vms", "mg", "console.log")}
 
 	// Directly: the same guest on two backends of their own.
-	d1, err := newQ("dir1")
+	d1, err := newQ("dir1", 0)
 	if err != nil {
 		return res, err
 	}
-	d2, err := newQ("dir2")
+	d2, err := newQ("dir2", 1)
 	if err != nil {
 		return res, err
 	}
@@ -267,7 +284,7 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 		dlogDst := filepath.Join(dir, []string{"dir1", "dir2"}[(i+1)%2], "vms", "dg", "console.log")
 		cw = watchConsoles(dlogSrc, dlogDst)
 		t0 := time.Now()
-		cp, ep, err := dst.Receive(ctx, srcH, img, backends.Receiving{Mode: "live", Listen: "127.0.0.1", PortLo: 49300, PortHi: 49399})
+		cp, ep, err := dst.Receive(ctx, srcH, img, backends.Receiving{Mode: "live", Listen: addr[[]string{"dir1", "dir2"}[(i+1)%2]], PortLo: 49300, PortHi: 49399})
 		if err != nil {
 			return res, fmt.Errorf("round %d directly: %w", i, err)
 		}
@@ -303,7 +320,7 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 
 // startExtraWorker runs one more in-process worker, for host, with the
 // QEMU backend b (and Noop).
-func startExtraWorker(ctx context.Context, url, host string, b backends.Hypervisor, roots []string) (func(), error) {
+func startExtraWorker(ctx context.Context, url, host string, b backends.Hypervisor, roots []string, listen string) (func(), error) {
 	router, err := backends.NewRouter(vm.BackendQEMU, map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: b})
 	if err != nil {
 		return nil, err
@@ -315,6 +332,7 @@ func startExtraWorker(ctx context.Context, url, host string, b backends.Hypervis
 	w, err := worker.New(ctx, worker.Config{
 		NC: nc, JS: js, Names: events.DefaultNames, Host: host, Router: router, Log: quietLogger(),
 		HeartbeatEvery: time.Second, Capacity: hosts.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40}, ImageRoots: roots,
+		Migration: worker.MigrationConfig{Listen: listen},
 	})
 	if err != nil {
 		nc.Close()
@@ -331,4 +349,41 @@ func startExtraWorker(ctx context.Context, url, host string, b backends.Hypervis
 		}
 		nc.Close()
 	}, nil
+}
+
+// benchNet is one of the bench's two host namespaces.
+type benchNet struct{ ns, addr string }
+
+// benchNetns makes two network namespaces joined by a veth pair
+// (10.77.0.1 and 10.77.0.2). Without root (or ip) it returns nil and says
+// why: the hosts then share loopback.
+func benchNetns() ([]benchNet, func(), string) {
+	nets := []benchNet{{"vmhbench1", "10.77.0.1"}, {"vmhbench2", "10.77.0.2"}}
+	cleanup := func() {
+		for _, n := range nets {
+			_ = exec.Command("ip", "netns", "del", n.ns).Run()
+		}
+	}
+	if os.Geteuid() != 0 {
+		return nil, func() {}, "loopback (not root: no network namespaces)"
+	}
+	cleanup()
+	steps := [][]string{
+		{"netns", "add", nets[0].ns}, {"netns", "add", nets[1].ns},
+		{"link", "add", "vmhbenchA", "netns", nets[0].ns, "type", "veth", "peer", "name", "vmhbenchB", "netns", nets[1].ns},
+	}
+	for i, n := range nets {
+		dev := []string{"vmhbenchA", "vmhbenchB"}[i]
+		steps = append(steps,
+			[]string{"-n", n.ns, "link", "set", "lo", "up"},
+			[]string{"-n", n.ns, "addr", "add", n.addr + "/24", "dev", dev},
+			[]string{"-n", n.ns, "link", "set", dev, "up"})
+	}
+	for _, s := range steps {
+		if out, err := exec.Command("ip", s...).CombinedOutput(); err != nil {
+			cleanup()
+			return nil, func() {}, fmt.Sprintf("loopback (ip %s: %v: %s)", strings.Join(s, " "), err, strings.TrimSpace(string(out)))
+		}
+	}
+	return nets, cleanup, "two network namespaces joined by a veth pair (10.77.0.1, 10.77.0.2), each host's QEMU in its own"
 }

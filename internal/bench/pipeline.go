@@ -97,6 +97,8 @@ type pipelineConfig struct {
 	Default vm.BackendTag
 	// ImageRoots: the worker's image roots (the guest image's directory).
 	ImageRoots []string
+	// Migration: the worker's migration settings (figure 7).
+	Migration worker.MigrationConfig
 }
 
 func quietLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
@@ -150,6 +152,7 @@ func startPipeline(ctx context.Context, c pipelineConfig) (*pipeline, error) {
 		// Placement must never run out of room, whatever the VM count.
 		Capacity:   hosts.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40},
 		ImageRoots: c.ImageRoots,
+		Migration:  c.Migration,
 	})
 	if err != nil {
 		return fail(err)

@@ -51,8 +51,8 @@ func methods(o Options) map[string]string {
 			"is wrapped to time its own call of each operation, which splits vmherd's time into the backend call and the "+
 			"pipeline (NATS, engine, worker; sync \"always\").", o.QEMURounds),
 		"8_migrate": fmt.Sprintf("The repo's test guest, 128 MiB, accel as detected, %d rounds, migrating between two hosts on this "+
-			"machine (two QEMU backends with their own data dirs; migration traffic on loopback, not between network "+
-			"namespaces). Through vmherd: an engine and a worker per host in process (sync \"always\"), the migrate command "+
+			"machine (two QEMU backends with their own data dirs; as root, each host's QEMUs run in a network namespace of "+
+			"its own, the two joined by a veth pair, and the migration goes over it; else over loopback). Through vmherd: an engine and a worker per host in process (sync \"always\"), the migrate command "+
 			"timed from publish to its migrated result. Directly: the QEMU backend's Receive, Send and Activate called in a "+
 			"row in this process (the same QMP steps: paused -incoming copy with an NBD export, blockdev-mirror sync=top, "+
 			"migrate with auto-converge, cont), no NATS, engine or worker, timed from Receive to the end of Activate. "+
@@ -259,7 +259,7 @@ func printReport(w io.Writer, rep *Report) {
 		if m.Skipped != "" {
 			fmt.Fprintf(w, "\n7. live migration: skipped: %s\n", m.Skipped)
 		} else {
-			fmt.Fprintf(w, "\n7. live migration of the idle test guest between two hosts, %d rounds (medians)\n", m.Rounds)
+			fmt.Fprintf(w, "\n7. live migration of the idle test guest between two hosts, %d rounds (medians); network: %s\n", m.Rounds, m.Network)
 			line("measure", "direct", "vmherd", "ratio")
 			line("total ms", f0(m.DirectMed), f0(m.VmherdMed), f2(m.Ratio))
 			line("guest paused ms (console counter)", f0(m.DirectDownMed), f0(m.VmherdDownMed), f2(ratio(m.VmherdDownMed, m.DirectDownMed)))

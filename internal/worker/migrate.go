@@ -90,7 +90,8 @@ type news struct {
 	ready    *events.Event // the target's copy waits
 	exported *events.Event // cold: the source's export
 	refused  *events.Event // the target could not make its copy
-	// switching: the source reported the switchover (its guest paused).
+	// switching: the source reported the switchover (its guest paused),
+	// or a copy 90% done: the switch may come any moment.
 	switching bool
 }
 
@@ -138,6 +139,11 @@ func (w *Worker) read(ctx context.Context, t *events.Task, n *news) error {
 				n.exported = ev
 			case ev.Migration.Phase == events.PhaseSwitchover && ev.Writer == m.From:
 				n.switching = true
+			case ev.Migration.Phase == events.PhaseCopying && ev.Writer == m.From && ev.Migration.Total > 0:
+				// Near the end of the copy the switch may come any moment.
+				if ev.Migration.Bytes*10 >= ev.Migration.Total*9 {
+					n.switching = true
+				}
 			}
 		}
 	}
@@ -296,9 +302,15 @@ func (w *Worker) migrateOut(t *events.Task, mig backends.Migrator, log *slog.Log
 	}
 	if t.Migration.Mode == events.MigrateLive {
 		// The guest is paused here and wholly there: the switch is next.
-		_ = w.report(t, events.PhaseSwitchover, &events.Event{Migration: &events.Migration{Bytes: sent.Bytes, Total: sent.Total}}, h.ID)
+		// The report goes alongside the switch, adding nothing to the
+		// guest's pause (a fault test's SwitchDelay holds the switch
+		// after it instead).
+		sw := &events.Event{Migration: &events.Migration{Bytes: sent.Bytes, Total: sent.Total}}
 		if mc.SwitchDelay > 0 {
+			_ = w.report(t, events.PhaseSwitchover, sw, h.ID)
 			time.Sleep(mc.SwitchDelay)
+		} else {
+			go func() { _ = w.report(t, events.PhaseSwitchover, sw, h.ID) }()
 		}
 	}
 	m := t.Migration.Clone()

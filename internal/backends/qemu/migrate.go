@@ -303,6 +303,13 @@ func freePorts(host string, lo, hi, n int, held map[int]bool) ([]int, error) {
 			continue
 		}
 		l, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(p)))
+		if errors.Is(err, syscall.EADDRNOTAVAIL) {
+			// The address is not in this process's network namespace
+			// (QEMU runs in another, through Options.Wrapper): QEMU's own
+			// bind is the check.
+			out = append(out, p)
+			continue
+		}
 		if err != nil {
 			continue
 		}
