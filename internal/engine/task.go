@@ -32,7 +32,7 @@ func (e *Engine) follow(ctx context.Context, ev *events.Event, seq uint64) error
 		}
 	}
 	if ev.Cancel {
-		return e.cancelled(ctx, ev, seq)
+		return e.cancelled(ctx, ev)
 	}
 	for _, q := range events.TasksOf(ev, seq) {
 		body, err := json.Marshal(q.Task)
@@ -46,12 +46,12 @@ func (e *Engine) follow(ctx context.Context, ev *events.Event, seq uint64) error
 	return nil
 }
 
-// cancelled carries out an accepted cancel of a migration, stored at
-// seq: the migrate it abandons gets its failed result here, with the
+// cancelled carries out an accepted cancel of a migration: the migrate
+// it abandons gets its failed result here, with the
 // message id its source's worker would have used (the cancel is the
 // rival of the switch: stored first, it made the source's append of the
 // switch fail). Both workers see the result and undo their part.
-func (e *Engine) cancelled(ctx context.Context, ev *events.Event, seq uint64) error {
+func (e *Engine) cancelled(ctx context.Context, ev *events.Event) error {
 	for _, a := range ev.Abandoned {
 		res := events.Event{
 			Type: events.TypeFailed, VM: ev.VM, CommandID: a.CommandID, Action: a.Action, Time: time.Now().UTC(),
@@ -65,7 +65,6 @@ func (e *Engine) cancelled(ctx context.Context, ev *events.Event, seq uint64) er
 			return fmt.Errorf("cancel: storing the failure of migrate %s: %w", a.CommandID, err)
 		}
 	}
-	_ = seq
 	return nil
 }
 
