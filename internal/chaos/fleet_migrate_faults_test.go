@@ -41,7 +41,11 @@ func TestFleetMigrateFaultsQEMU(t *testing.T) {
 	defer cancel()
 	wargs := []string{"--image-dir", filepath.Dir(image), "--migration-max-bandwidth", "24000000", "--migration-switch-delay", "3s",
 		"--migration-stall", "8s", "--task-ack-wait", "5s"}
-	f := upFleet(t, ctx, fleet.Config{Engines: 1, Hosts: []fleet.HostConfig{
+	// Binaries without the race detector: the QEMU guests under TCG
+	// already fill this machine's two cores (the worker's migration code
+	// runs under -race in TestMigrateNoop and TestMigrateFaults, the
+	// backend's in TestLiveMigration).
+	f := upFleet(t, ctx, fleet.Config{Engines: 1, Bin: testenv.PlainBinaries(t), Hosts: []fleet.HostConfig{
 		{Name: "h1", Backends: "qemu", WorkerArgs: wargs},
 		{Name: "h2", Backends: "qemu", WorkerArgs: wargs},
 	}})

@@ -94,7 +94,11 @@ func TestFleetMigrateQEMU(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
 	defer cancel()
 	wargs := []string{"--image-dir", filepath.Dir(image)}
-	f := upFleet(t, ctx, fleet.Config{Engines: 1, Hosts: []fleet.HostConfig{
+	// Binaries without the race detector: the QEMU guests under TCG
+	// already fill this machine's two cores (the worker's migration code
+	// runs under -race in TestMigrateNoop and TestMigrateFaults, the
+	// backend's in TestLiveMigration).
+	f := upFleet(t, ctx, fleet.Config{Engines: 1, Bin: testenv.PlainBinaries(t), Hosts: []fleet.HostConfig{
 		{Name: "h1", Backends: "noop,qemu", WorkerArgs: wargs},
 		{Name: "h2", Backends: "noop,qemu", WorkerArgs: wargs},
 	}})

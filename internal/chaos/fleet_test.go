@@ -39,7 +39,10 @@ func upFleet(t *testing.T, ctx context.Context, cfg fleet.Config) *fleet.Fleet {
 		t.Skip("fault tests run real processes; skipped with -short")
 	}
 	testenv.Require(t, os.Geteuid() == 0, "the fleet's network namespaces need root")
-	cfg.Dir, cfg.Bin, cfg.NatsServer, cfg.Log = t.TempDir(), testenv.Binaries(t), testenv.Tool(t, "nats-server"), t.Logf
+	if cfg.Bin == "" {
+		cfg.Bin = testenv.Binaries(t)
+	}
+	cfg.Dir, cfg.NatsServer, cfg.Log = t.TempDir(), testenv.Tool(t, "nats-server"), t.Logf
 	f, err := fleet.Up(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
