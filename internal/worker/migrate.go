@@ -478,7 +478,7 @@ func (w *Worker) migrateIn(t *events.Task, mig backends.Migrator, log *slog.Logg
 	if err := w.read(ctx, t, n); err != nil {
 		return err
 	}
-	if !n.over() && n.ready == nil {
+	if !n.over() && n.ready == nil && n.refused == nil {
 		if t.Migration.Mode == events.MigrateCold {
 			if _, err := w.wait(ctx, t, n, 0, 200*time.Millisecond, func() bool { return n.exported != nil }); err != nil {
 				return err
