@@ -130,8 +130,11 @@ func (g *globals) sshCmd() *cobra.Command {
 		Long: `ssh runs the system's ssh client with a ProxyCommand that tunnels to the
 guest's SSH port through NATS and the worker of the VM's host, so it works
 from any machine on the bus. Arguments after -- go to ssh (a remote command,
--L forwards, -v ...). The guest's host key is remembered under the alias
-vmherd-NAME in your known_hosts (accepted on first use).`,
+-L forwards, -v ...). The guest's host key is checked against the keys
+vmctl up learned for it; otherwise it is accepted on first use and pinned
+for this incarnation of the VM (alias vmherd-NAME-HANDLEID) in vmherd's own
+known-hosts file ($XDG_STATE_HOME/vmherd/known_hosts), never in yours: a
+VM created again under the same name is a new host, not a changed one.`,
 		Args:              cobra.MinimumNArgs(1),
 		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -150,7 +153,6 @@ vmherd-NAME in your known_hosts (accepted on first use).`,
 			proxy := []string{self}
 			proxy = append(proxy, g.connectionArgs()...)
 			proxy = append(proxy, "proxy", name, strconv.Itoa(port))
-			sargs := []string{"-o", "ProxyCommand=" + shellJoin(proxy), "-o", "HostKeyAlias=vmherd-" + name}
 			// The VM's generated key and the host keys first seen, when
 			// vmctl up made and learned them (VM_SSH).
 			known, key, cleanup, err := g.sshFiles(cmd.Context(), name)
@@ -158,11 +160,18 @@ vmherd-NAME in your known_hosts (accepted on first use).`,
 				return err
 			}
 			defer cleanup()
-			if known != "" {
-				sargs = append(sargs, "-o", "UserKnownHostsFile="+known, "-o", "StrictHostKeyChecking=yes")
-			} else {
-				sargs = append(sargs, "-o", "StrictHostKeyChecking=accept-new")
+			// The incarnation: its handle id (a new one for every prepare,
+			// and for the copy a migration makes), unique across
+			// installations that reuse names.
+			inc := "0"
+			if r, err := g.existing(cmd.Context(), name); err == nil && r != nil && r.Handle != nil && r.Handle.ID != "" {
+				inc = r.Handle.ID
 			}
+			pins, err := knownHostsFile()
+			if err != nil {
+				return err
+			}
+			sargs := append([]string{"-o", "ProxyCommand=" + shellJoin(proxy)}, hostKeyArgs(name, inc, known, pins)...)
 			if identity == "" {
 				identity = key
 			}
@@ -190,6 +199,38 @@ vmherd-NAME in your known_hosts (accepted on first use).`,
 	c.Flags().StringVarP(&identity, "identity", "i", "", "private key file (default: ssh's own)")
 	c.Flags().IntVar(&port, "port", 22, "the guest's SSH port")
 	return c
+}
+
+// hostKeyArgs are ssh's host key options for an incarnation of VM name
+// (its handle id): the keys VM_SSH learned (known), checked strictly; else the key
+// first seen, pinned in vmherd's own known-hosts file (pins) under an
+// alias naming the incarnation, never in the user's, so a new VM under
+// an old name is a new host to ssh, not a changed one.
+func hostKeyArgs(name, incarnation, known, pins string) []string {
+	alias := "vmherd-" + name + "-" + incarnation
+	if known != "" {
+		return []string{"-o", "HostKeyAlias=vmherd-" + name, "-o", "UserKnownHostsFile=" + known, "-o", "StrictHostKeyChecking=yes"}
+	}
+	return []string{"-o", "HostKeyAlias=" + alias, "-o", "UserKnownHostsFile=" + pins, "-o", "StrictHostKeyChecking=accept-new"}
+}
+
+// knownHostsFile is vmherd's own known-hosts file,
+// $XDG_STATE_HOME/vmherd/known_hosts (default ~/.local/state), its
+// directory made private.
+func knownHostsFile() (string, error) {
+	dir := os.Getenv("XDG_STATE_HOME")
+	if dir == "" {
+		home, err := os.UserHomeDir()
+		if err != nil {
+			return "", fmt.Errorf("finding vmherd's known-hosts file: %w", err)
+		}
+		dir = filepath.Join(home, ".local", "state")
+	}
+	dir = filepath.Join(dir, "vmherd")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("making %s for vmherd's known-hosts file: %w", dir, err)
+	}
+	return filepath.Join(dir, "known_hosts"), nil
 }
 
 // connectionArgs are the global flags that reach the same NATS as this
