@@ -106,7 +106,7 @@ func (o *WorkerOptions) AddFlags(fs *pflag.FlagSet, withDataDir bool) {
 	fs.IntVar(&o.Tunnels, "tunnels", relay.DefaultTunnels, "tunnels to this host's guests open at once (vmctl proxy, ssh, port-forward); more are refused until some close")
 	fs.IntVar(&o.TunnelsPerIdentity, "tunnels-per-identity", relay.DefaultTunnelsPerRequester, "tunnels one identity (its inbox) may have open to this host's guests at once")
 	fs.StringVar(&o.MigrationListen, "migration-listen", "127.0.0.1", "this host's address the other hosts reach for migration traffic (a VM's disk and memory arriving here)")
-	fs.StringVar(&o.MigrationPorts, "migration-ports", "49152-49215", "the ports migration traffic to this host takes, LO-HI")
+	fs.StringVar(&o.MigrationPorts, "migration-ports", defaultMigrationPorts, "the ports migration traffic to this host takes, LO-HI")
 	fs.DurationVar(&o.MigrationStall, "migration-stall", time.Minute, "a live migration from this host that makes no progress for this long is aborted (the vm keeps running here)")
 	fs.DurationVar(&o.MigrationDowntime, "migration-downtime", 300*time.Millisecond, "the longest pause of a guest at the switch of a live migration that QEMU aims for")
 	fs.StringVar(&o.MigrationTLSDir, "migration-tls-dir", "", "QEMU x509 files (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem; certificates for this host's --migration-listen address): migrations to and from this host then go over TLS only, both peers checked against the CA")
@@ -258,6 +258,9 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events
 		return nil, err
 	}
 	var lo, hi int
+	if o.MigrationPorts == "" {
+		o.MigrationPorts = defaultMigrationPorts
+	}
 	if _, err := fmt.Sscanf(o.MigrationPorts, "%d-%d", &lo, &hi); err != nil || lo < 1 || hi > 65535 || lo > hi {
 		return nil, fmt.Errorf("--migration-ports %q: want LO-HI, two ports with LO <= HI", o.MigrationPorts)
 	}
@@ -282,3 +285,6 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events
 	})
 	return w, err
 }
+
+// defaultMigrationPorts is --migration-ports' default.
+const defaultMigrationPorts = "49152-49215"
