@@ -87,8 +87,20 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 }
 
 // RunEngine runs the engine (and the embedded server and local worker when
-// asked) until ctx ends, then drains and stops in order.
+// asked) until ctx ends, then drains and stops in order. If NATS refuses
+// its credentials for good, at start or later, it stops with that reason
+// (ErrWillNotHeal).
 func RunEngine(ctx context.Context, o EngineOptions) error {
+	ctx, fail := context.WithCancelCause(ctx)
+	defer fail(nil)
+	err := runEngine(ctx, o, fail)
+	if c := context.Cause(ctx); errors.Is(c, ErrWillNotHeal) {
+		return c
+	}
+	return err
+}
+
+func runEngine(ctx context.Context, o EngineOptions, fail func(error)) error {
 	log, err := NewLogger(o.LogLevel)
 	if err != nil {
 		return err
@@ -135,7 +147,7 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	}
 	conn.URL = url
 	conn.Name = "vmherd-engine-" + o.ID
-	nc, js, err := conn.ConnectJS(true)
+	nc, js, err := conn.DialDaemon(ctx, log, fail)
 	if err != nil {
 		return err
 	}
@@ -186,7 +198,7 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 		if creds.worker != "" {
 			wconn.Creds = creds.worker
 		}
-		c, wjs, err := wconn.ConnectJS(true)
+		c, wjs, err := wconn.DialDaemon(ctx, log, fail)
 		if err != nil {
 			return err
 		}
