@@ -52,6 +52,9 @@ type EngineOptions struct {
 	CommandBurst int
 	// MaxCommandTimeout is the largest timeout_s a command may ask for.
 	MaxCommandTimeout time.Duration
+	// AuthorityDir, if set, is the authority engine init made: the engine
+	// answers hosts joining with a token (package join).
+	AuthorityDir string
 	// DrainTimeout bounds a graceful stop (cmd/engine only).
 	DrainTimeout time.Duration
 	Conn         ConnOptions
@@ -80,6 +83,7 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.MaxCommandTimeout, "max-command-timeout", engine.DefaultMaxCommandTimeout, "the largest timeout_s a command may ask for (a stop's grace holds the VM and a worker slot that long); more is rejected (at most 24h)")
 	fs.BoolVar(&o.NoAuth, "no-auth", false, "run the embedded NATS server without authentication (refused unless --listen is a loopback address; for trying things only)")
 	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics, the local worker's included (e.g. 127.0.0.1:9100; default: off)")
+	fs.StringVar(&o.AuthorityDir, "authority-dir", "", "the authority engine init made: answer hosts that join with a token (one engine, on the machine that keeps it; docs/deploy.md)")
 	addDrainFlag(fs, &o.DrainTimeout)
 	o.Conn.AddFlags(fs, "")
 	o.Streams.AddFlags(fs)
@@ -209,6 +213,17 @@ func runEngine(ctx context.Context, o EngineOptions, fail func(error)) error {
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return eng.Run(gctx) })
+	if o.AuthorityDir != "" {
+		if o.Conn.URL == "" {
+			return fmt.Errorf("--authority-dir is for an engine against a NATS cluster (--nats-url)")
+		}
+		serve, closeJoin, err := joinService(ctx, o, conn, log, fail)
+		if err != nil {
+			return err
+		}
+		defer closeJoin()
+		g.Go(func() error { return serve(gctx) })
+	}
 	// A destroyed VM's generated key, host keys and provisioning log go
 	// with it, whoever destroyed it (docs/trust.md).
 	sweeper := &sshkeys.Sweeper{JS: js, Names: o.Streams.Names(), Log: log}

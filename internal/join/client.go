@@ -1,0 +1,93 @@
+package join
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+)
+
+// Joined is what a host gets by joining.
+type Joined struct {
+	Host, URLs, Prefix, CA string
+	// Creds is the worker's credentials file: the JWT the authority
+	// signed and the seed of the key made here.
+	Creds []byte
+	// Skew is this machine's clock minus the join service's, less half
+	// the round trip.
+	Skew time.Duration
+}
+
+// Join asks the fleet for host credentials with a token.
+func Join(ctx context.Context, t Token) (Joined, error) {
+	tc, err := tlsConfig(t.CA)
+	if err != nil {
+		return Joined{}, err
+	}
+	boot, err := jwt.ParseDecoratedJWT([]byte(t.Creds))
+	if err != nil {
+		return Joined{}, fmt.Errorf("%w: its credentials: %w", ErrToken, err)
+	}
+	seed, err := jwt.ParseDecoratedNKey([]byte(t.Creds))
+	if err != nil {
+		return Joined{}, fmt.Errorf("%w: its credentials: %w", ErrToken, err)
+	}
+	bootSeed, _ := seed.Seed()
+	nc, err := nats.Connect(t.URLs, nats.Name("vmherd-join-"+t.Host), nats.Secure(tc),
+		nats.UserJWTAndSeed(boot, string(bootSeed)), nats.CustomInboxPrefix(InboxPrefix(t.Host)),
+		nats.Timeout(5*time.Second))
+	if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) {
+		return Joined{}, fmt.Errorf("%w: the NATS servers refused it (%w): it expired, or is not this fleet's", ErrToken, err)
+	}
+	if err != nil {
+		return Joined{}, fmt.Errorf("joining: connecting to %s: %w", t.URLs, err)
+	}
+	defer nc.Close()
+
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		return Joined{}, err
+	}
+	pub, _ := kp.PublicKey()
+	body, _ := json.Marshal(Request{Bootstrap: boot, Pub: pub})
+	var m *nats.Msg
+	sent := time.Now()
+	// The engine with the authority may be starting: ask a few times.
+	for attempt := 0; ; attempt++ {
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		m, err = nc.RequestWithContext(rctx, SubjectPrefix+t.Host, body)
+		cancel()
+		if err == nil || attempt == 5 || ctx.Err() != nil || !errors.Is(err, nats.ErrNoResponders) && !errors.Is(err, context.DeadlineExceeded) {
+			break
+		}
+		time.Sleep(2 * time.Second)
+		sent = time.Now()
+	}
+	if err != nil {
+		return Joined{}, fmt.Errorf("joining: no answer on %s (%w): is the engine with the authority running (its config names authority-dir)?", SubjectPrefix+t.Host, err)
+	}
+	rtt := time.Since(sent)
+	var rep Reply
+	if err := json.Unmarshal(m.Data, &rep); err != nil {
+		return Joined{}, fmt.Errorf("joining: the answer does not parse: %w", err)
+	}
+	if rep.Error != "" {
+		return Joined{}, fmt.Errorf("%w refused: %s", ErrToken, rep.Error)
+	}
+	uc, err := jwt.DecodeUserClaims(rep.JWT)
+	if err != nil || uc.Subject != pub {
+		return Joined{}, fmt.Errorf("joining: the answer's JWT is not for the key made here")
+	}
+	s, _ := kp.Seed()
+	creds, err := jwt.FormatUserConfig(rep.JWT, s)
+	if err != nil {
+		return Joined{}, err
+	}
+	skew := sent.Add(rtt / 2).Sub(rep.Time)
+	return Joined{Host: rep.Host, URLs: rep.URLs, Prefix: rep.Prefix, CA: rep.CA, Creds: creds, Skew: skew}, nil
+}
