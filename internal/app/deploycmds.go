@@ -184,7 +184,7 @@ it found. Start the worker next: systemctl enable --now vmherd-worker.`,
 			if err != nil {
 				return err
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
+			ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Minute)
 			defer cancel()
 			j, err := join.Join(ctx, t)
 			if err != nil {

@@ -156,6 +156,32 @@ func runEngine(ctx context.Context, o EngineOptions, fail func(error)) error {
 		return err
 	}
 	defer nc.Close()
+	// Hosts may join while the cluster still elects its leaders: the join
+	// service needs no stream.
+	var serveJoins func(context.Context) error
+	if o.AuthorityDir != "" {
+		if o.Conn.URL == "" {
+			return fmt.Errorf("--authority-dir is for an engine against a NATS cluster (--nats-url)")
+		}
+		jctx, stopJoins := context.WithCancel(ctx)
+		defer stopJoins()
+		serve, closeJoin, err := joinService(ctx, o, conn, log, fail)
+		if err != nil {
+			return err
+		}
+		defer closeJoin()
+		joined := make(chan error, 1)
+		go func() { joined <- serve(jctx) }()
+		serveJoins = func(ctx context.Context) error {
+			select {
+			case <-ctx.Done():
+				stopJoins()
+				return <-joined
+			case err := <-joined:
+				return err
+			}
+		}
+	}
 	if err := ensureStreams(ctx, js, o.Streams, log); err != nil {
 		return err
 	}
@@ -213,16 +239,8 @@ func runEngine(ctx context.Context, o EngineOptions, fail func(error)) error {
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return eng.Run(gctx) })
-	if o.AuthorityDir != "" {
-		if o.Conn.URL == "" {
-			return fmt.Errorf("--authority-dir is for an engine against a NATS cluster (--nats-url)")
-		}
-		serve, closeJoin, err := joinService(ctx, o, conn, log, fail)
-		if err != nil {
-			return err
-		}
-		defer closeJoin()
-		g.Go(func() error { return serve(gctx) })
+	if serveJoins != nil {
+		g.Go(func() error { return serveJoins(gctx) })
 	}
 	// A destroyed VM's generated key, host keys and provisioning log go
 	// with it, whoever destroyed it (docs/trust.md).
@@ -238,6 +256,7 @@ func runEngine(ctx context.Context, o EngineOptions, fail func(error)) error {
 		g.Go(func() error { return w.Run(gctx) })
 	}
 	log.Info("engine serving", "id", o.ID, "nats", url, "local_worker", o.WithWorker)
+	sdNotify(log, "READY=1")
 	if o.Ready != nil {
 		o.Ready(url, eng, w)
 	}

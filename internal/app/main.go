@@ -258,6 +258,7 @@ func runWorker(f workerFlags) error {
 				return err
 			}
 			log.Info("worker serving", "host", wo.Host, "nats", conn.URL)
+			sdNotify(log, "READY=1")
 			go returnMemory(ctx)
 			return w.Run(ctx)
 		}()

@@ -294,6 +294,9 @@ func nodeConfig(o InitOptions, n Node, a *auth.Authority) string {
 #   nats-server -c %[2]s/nats.conf
 server_name: %[1]s
 listen: "0.0.0.0:%[3]d"
+# What the other nodes and clients are told to reach this node at: a name
+# in its certificate, so TLS verification holds for discovered servers too.
+client_advertise: %[19]q
 # Monitoring (/varz, /jsz, /healthz): loopback only.
 http: "127.0.0.1:%[4]d"
 # The largest command and the event that carries it.
@@ -310,6 +313,7 @@ jetstream {
 cluster {
   name: %[10]s
   listen: "0.0.0.0:%[11]d"
+  advertise: %[20]q
   routes: [
     %[12]s
   ]
@@ -336,7 +340,7 @@ resolver_preload: {
 `, n.Name, EtcDir, o.ClientPort, o.MonitorPort, auth.MaxPayload, tls,
 		VarDir+"/nats", o.Sync, natsserver.DefaultMaxConsumers, o.ClusterName, o.ClusterPort,
 		strings.Join(routes, "\n    "), EtcDir+"/operator.jwt", a.SysPub, VarDir+"/nats/jwt",
-		a.AccountPub, a.AccountJWT, a.SystemJWT)
+		a.AccountPub, a.AccountJWT, a.SystemJWT, hostPort(n.Addr, o.ClientPort), hostPort(n.Addr, o.ClusterPort))
 }
 
 // engineConfig is an engine's configuration file.

@@ -57,15 +57,18 @@ func Join(ctx context.Context, t Token) (Joined, error) {
 	body, _ := json.Marshal(Request{Bootstrap: boot, Pub: pub})
 	var m *nats.Msg
 	sent := time.Now()
-	// The engine with the authority may be starting: ask a few times.
-	for attempt := 0; ; attempt++ {
+	// The engine with the authority may be starting: ask until ctx ends.
+	for {
 		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		m, err = nc.RequestWithContext(rctx, SubjectPrefix+t.Host, body)
 		cancel()
-		if err == nil || attempt == 5 || ctx.Err() != nil || !errors.Is(err, nats.ErrNoResponders) && !errors.Is(err, context.DeadlineExceeded) {
+		if err == nil || ctx.Err() != nil || !errors.Is(err, nats.ErrNoResponders) && !errors.Is(err, context.DeadlineExceeded) {
 			break
 		}
-		time.Sleep(2 * time.Second)
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
 		sent = time.Now()
 	}
 	if err != nil {
