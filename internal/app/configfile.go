@@ -1,12 +1,15 @@
 package app
 
 import (
+	"errors"
 	"fmt"
+	"os"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
 	"github.com/vmherd/vmherd/internal/config"
+	"github.com/vmherd/vmherd/internal/preflight"
 )
 
 // addConfigFlag registers --config (also VMHERD_CONFIG).
@@ -23,7 +26,23 @@ func configure(fs *pflag.FlagSet, path *string) error {
 	if *path == "" {
 		return nil
 	}
+	if err := checkRootFile(*path); err != nil {
+		return fmt.Errorf("%w: %w", config.ErrInvalid, err)
+	}
 	return config.Load(fs, *path)
+}
+
+// checkRootFile refuses, to a daemon running as root, a file that someone
+// else could have changed: the configuration says what it runs, the
+// credentials who it is.
+func checkRootFile(path string) error {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	if c := preflight.FileCheck(path, false); c.Status == preflight.Fail {
+		return errors.New(c.Detail)
+	}
+	return nil
 }
 
 // configCmd is `engine config` / `worker config`: print every key of the

@@ -101,6 +101,9 @@ func checkCreds(path string) error {
 	if err != nil {
 		return fmt.Errorf("credentials: %w (%w)", err, ErrWillNotHeal)
 	}
+	if err := checkRootFile(path); err != nil {
+		return fmt.Errorf("credentials: %w (%w)", err, ErrWillNotHeal)
+	}
 	tok, err := jwt.ParseDecoratedJWT(b)
 	if err != nil {
 		return fmt.Errorf("credentials %s: %w (%w)", path, err, ErrWillNotHeal)

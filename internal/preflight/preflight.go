@@ -155,18 +155,18 @@ func Run(ctx context.Context, o Options) []Check {
 		}
 	}
 	for _, f := range o.Files {
-		out = append(out, fileCheck(f, false))
+		out = append(out, FileCheck(f, false))
 	}
 	for _, f := range o.Secrets {
-		out = append(out, fileCheck(f, true))
+		out = append(out, FileCheck(f, true))
 	}
 	return out
 }
 
-// fileCheck checks a file that a root process will read: owned by root
+// FileCheck checks a file that a root process will read: owned by root
 // (or this user), writable by no one else, and for secrets, readable by
 // no one else.
-func fileCheck(path string, secret bool) Check {
+func FileCheck(path string, secret bool) Check {
 	c := Check{Name: "files", Status: OK}
 	fi, err := os.Stat(path)
 	if err != nil {
