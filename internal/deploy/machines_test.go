@@ -381,4 +381,3 @@ func must(t *testing.T, err error) {
 		t.Fatal(err)
 	}
 }
-
