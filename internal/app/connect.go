@@ -17,7 +17,9 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/config"
+	"github.com/vmherd/vmherd/internal/credsfile"
 )
 
 // ErrWillNotHeal is the category of a start-up failure that waiting
@@ -140,13 +142,20 @@ func (o *ConnOptions) DialDaemon(ctx context.Context, log *slog.Logger, onFatal 
 	var mu sync.Mutex
 	var cause error
 	opts = append(opts, nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond),
-		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
 			if permanent(err) {
 				mu.Lock()
 				if cause == nil {
 					cause = err
 				}
 				mu.Unlock()
+			}
+			// What nats.go's default handler would print (permission
+			// violations, slow consumers), in the daemon's log.
+			if sub != nil {
+				log.Warn("NATS reported an error", "err", err, "subscription", sub.Subject)
+			} else {
+				log.Warn("NATS reported an error", "err", err)
 			}
 		}),
 		nats.ClosedHandler(func(nc *nats.Conn) {
@@ -186,4 +195,22 @@ func (o *ConnOptions) DialDaemon(ctx context.Context, log *slog.Logger, onFatal 
 		}
 		wait = min(2*wait, 5*time.Second)
 	}
+}
+
+// credsForHost refuses another host's worker credentials: their
+// permissions would refuse every subject of this host, and the worker
+// would wait for ever for what it may not see.
+func credsForHost(path, host string) error {
+	if path == "" {
+		return nil
+	}
+	name, err := credsfile.Name(path)
+	if err != nil {
+		return fmt.Errorf("credentials: %w (%w)", err, ErrWillNotHeal)
+	}
+	want := auth.Identity{Role: auth.RoleWorker, Host: host}.Name()
+	if strings.HasPrefix(name, "worker-") && name != want {
+		return fmt.Errorf("credentials %s are %s's, but this worker's host is %s: give the host's own (or set host to match) (%w)", path, name, host, ErrWillNotHeal)
+	}
+	return nil
 }

@@ -231,6 +231,9 @@ func runWorker(f workerFlags) error {
 		return err
 	}
 	wo, conn := f.wo, f.conn
+	if err := credsForHost(conn.Creds, wo.Host); err != nil {
+		return err
+	}
 	conn.Name = "vmherd-worker-" + wo.Host
 	// Without credentials (no auth) the worker still keeps to its
 	// own inbox prefix; with them, Connect takes theirs.

@@ -92,6 +92,7 @@ func TestFailFast(t *testing.T) {
 		{"no creds", worker("--nats-url", url, "--tls-ca", pki.CA), "no credentials were given"},
 		{"wrong creds", worker("--nats-url", url, "--tls-ca", pki.CA, "--creds", wrong), "they refused the credentials in " + wrong},
 		{"expired creds", worker("--nats-url", url, "--tls-ca", pki.CA, "--creds", expired), "expired at"},
+		{"another host's creds", worker("--nats-url", url, "--tls-ca", pki.CA, "--creds", creds("h2.creds", a, auth.Identity{Role: auth.RoleWorker, Host: "h2"})), "are worker-h2's, but this worker's host is h1"},
 		{"missing creds file", worker("--nats-url", url, "--tls-ca", pki.CA, "--creds", filepath.Join(dir, "nope.creds")), "no such file"},
 		{"TLS: another CA", worker("--nats-url", url, "--tls-ca", otherPKI.CA, "--creds", good), "TLS: the server's certificate does not verify against " + otherPKI.CA},
 		{"TLS: no CA", worker("--nats-url", url, "--creds", good), "TLS: the server's certificate does not verify"},
