@@ -29,15 +29,14 @@ type docLine struct {
 
 var onLine = regexp.MustCompile(`^# on (.+)$`)
 
-// deployWalkthrough reads the sh blocks of the section "From nothing to a
-// VM" of docs/deploy.md.
-func deployWalkthrough(t *testing.T, root string) []docBlock {
+// deploySection reads the sh blocks of a section of docs/deploy.md.
+func deploySection(t *testing.T, root, title string) []docBlock {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(root, "docs", "deploy.md"))
 	must(t, err)
-	_, sec, ok := strings.Cut(string(b), "\n## From nothing to a VM\n")
+	_, sec, ok := strings.Cut(string(b), "\n## "+title+"\n")
 	if !ok {
-		t.Fatal("docs/deploy.md has no section \"From nothing to a VM\"")
+		t.Fatalf("docs/deploy.md has no section %q", title)
 	}
 	if i := strings.Index(sec, "\n## "); i >= 0 {
 		sec = sec[:i]
@@ -79,9 +78,6 @@ func deployWalkthrough(t *testing.T, root string) []docBlock {
 		l.text = strings.TrimSpace(line)
 		cur.lines = append(cur.lines, l)
 	}
-	if len(blocks) < 8 {
-		t.Fatalf("docs/deploy.md's walk-through has %d sh blocks; want the install, init, copy, NATS, engines, join, vmctl and revoke steps", len(blocks))
-	}
 	return blocks
 }
 
@@ -99,37 +95,50 @@ func TestDeployDoc(t *testing.T) {
 	testenv.Tool(t, "nats-server") // scripts/package ships it
 	root, err := require.RepoRoot()
 	must(t, err)
-	blocks := deployWalkthrough(t, root)
+	blocks := deploySection(t, root, "From nothing to a VM")
+	if len(blocks) < 8 {
+		t.Fatalf("docs/deploy.md's walk-through has %d sh blocks; want the install, init, copy, NATS, engines, join, vmctl and revoke steps", len(blocks))
+	}
+	rotation := deploySection(t, root, "Revoking and rotating a host's credentials")
+	if len(rotation) != 3 {
+		t.Fatalf("docs/deploy.md's rotation has %d sh blocks, want 3 (token, join and restart, revoke)", len(rotation))
+	}
 	bin := testenv.PlainBinaries(t)
 	guest := guestimage.EnsureForTest(t)
 	start := time.Now()
 	ms := newMachines(t, []string{"m1", "m2", "m3"}, wsConfig{repo: root,
 		env: []string{"VMHERD_PACKAGE_BIN=" + bin, "VMHERD_PACKAGE_GUEST=" + guest}})
 
-	for _, b := range blocks {
-		for _, on := range b.on {
-			m := ms.byName[on]
-			if m == nil {
-				t.Fatalf("docs/deploy.md: a block runs on %q, which is not a machine of the walk-through", on)
-			}
-			for _, l := range b.lines {
-				t0 := time.Now()
-				out, rc := m.run(l.text, 3*time.Minute)
-				if l.fails {
-					// Retried until it fails: what it waits for (a worker
-					// refused) takes a moment.
-					for rc == 0 && time.Since(t0) < 20*time.Second {
-						time.Sleep(500 * time.Millisecond)
-						out, rc = m.run(l.text, time.Minute)
-					}
+	runBlocks := func(blocks []docBlock) bool {
+		for _, b := range blocks {
+			for _, on := range b.on {
+				m := ms.byName[on]
+				if m == nil {
+					t.Fatalf("docs/deploy.md: a block runs on %q, which is not a machine of the walk-through", on)
 				}
-				t.Logf("[%s %5.1fs] $ %s (exit %d, %.1fs)\n%s", on, time.Since(start).Seconds(), l.text, rc, time.Since(t0).Seconds(), indent(out))
-				if l.fails != (rc != 0) || rc < 0 {
-					t.Errorf("on %s: %q exited %d (want %s)\n%s", on, l.text, rc, map[bool]string{true: "non-zero", false: "0"}[l.fails], ms.logs())
-					return
+				for _, l := range b.lines {
+					t0 := time.Now()
+					out, rc := m.run(l.text, 3*time.Minute)
+					if l.fails {
+						// Retried until it fails: what it waits for (a worker
+						// refused) takes a moment.
+						for rc == 0 && time.Since(t0) < 20*time.Second {
+							time.Sleep(500 * time.Millisecond)
+							out, rc = m.run(l.text, time.Minute)
+						}
+					}
+					t.Logf("[%s %5.1fs] $ %s (exit %d, %.1fs)\n%s", on, time.Since(start).Seconds(), l.text, rc, time.Since(t0).Seconds(), indent(out))
+					if l.fails != (rc != 0) || rc < 0 {
+						t.Errorf("on %s: %q exited %d (want %s)\n%s", on, l.text, rc, map[bool]string{true: "non-zero", false: "0"}[l.fails], ms.logs())
+						return false
+					}
 				}
 			}
 		}
+		return true
+	}
+	if !runBlocks(blocks) {
+		return
 	}
 
 	// What the walk-through claims, checked from outside it.
@@ -176,6 +185,27 @@ func TestDeployDoc(t *testing.T) {
 	if out, rc := m3.run("worker join --token m4.token --etc-dir m4", time.Minute); rc == 0 || !strings.Contains(out, "expired") {
 		t.Errorf("an expired token worked (exit %d):\n%s", rc, out)
 	}
+
+	// Rotation, as the doc writes it: m2 gets a new key and keeps running;
+	// its old credentials are refused from then on.
+	old, err := os.ReadFile(filepath.Join(m2.dir, "etc", "worker.creds"))
+	must(t, err)
+	must(t, os.WriteFile(filepath.Join(m2.dir, "home", "old.creds"), old, 0o600))
+	if !runBlocks(rotation) {
+		return
+	}
+	if out, rc := m2.run("systemctl is-active vmherd-worker", 10*time.Second); rc != 0 {
+		t.Errorf("m2's worker is not running after the rotation: %s\n%s", out, m2.log("vmherd-worker"))
+	}
+	t0 = time.Now()
+	out, rc = m2.run("worker --config /etc/vmherd/worker.toml --creds old.creds", 30*time.Second)
+	if rc != 78 || !strings.Contains(out, "refused the credentials in old.creds") {
+		t.Errorf("m2's old credentials after the rotation: exit %d after %s, want 78:\n%s", rc, time.Since(t0), out)
+	}
+	if out, rc := m1.run("until vmctl hosts | grep -q '^m2 *alive'; do sleep 1; done; vmctl status smoke1", time.Minute); rc != 0 || !strings.Contains(out, "live state:  running") {
+		t.Errorf("after the rotation, smoke1 on m2:\n%s", out)
+	}
+	t.Logf("done in %s", time.Since(start).Round(time.Second))
 }
 
 func indent(s string) string {

@@ -72,7 +72,7 @@ start() {
   local typ; typ=$(sed -n 's/^Type=//p' "$f" | tail -n 1)
   rm -f "$run/$u.rc" "$run/$u.ready"
   if [ "$typ" = notify ]; then export NOTIFY_SOCKET=$run/$u.notify; else unset NOTIFY_SOCKET; fi
-  setsid bash -c "$exe; echo \$? >'$run/$u.rc'" >>"$run/$u.log" 2>&1 </dev/null &
+  setsid bash -c "$exe & echo \$! >'$run/$u.main'; wait \$!; echo \$? >'$run/$u.rc'" >>"$run/$u.log" 2>&1 </dev/null &
   echo $! >"$run/$u.pid"
   echo "$exe" >"$run/$u.cmd"
   if [ "$typ" = notify ]; then
@@ -90,6 +90,16 @@ start() {
     exit 1
   fi
 }
+stop() {
+  # SIGTERM to the main process only, as systemd does with the worker's
+  # KillMode=process (its VMs stay); the other units have no children.
+  local u; u=$(unit "$1")
+  active "$u" || return 0
+  kill -TERM "$(cat "$run/$u.main")"
+  for _ in $(seq 1 240); do [ -f "$run/$u.rc" ] && return 0; sleep 0.5; done
+  echo "Job for $u: stop timed out" >&2
+  exit 1
+}
 active() {
   local u; u=$(unit "$1")
   [ -f "$run/$u.pid" ] && [ ! -f "$run/$u.rc" ] && kill -0 "$(cat "$run/$u.pid")" 2>/dev/null
@@ -102,6 +112,8 @@ case "$cmd" in
     shift
     for u in "$@"; do start "$u"; done ;;
   start) for u in "$@"; do start "$u"; done ;;
+  stop) for u in "$@"; do stop "$u"; done ;;
+  restart) for u in "$@"; do stop "$u"; start "$u"; done ;;
   is-active)
     rc=0
     for u in "$@"; do

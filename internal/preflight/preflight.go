@@ -148,7 +148,9 @@ func Run(ctx context.Context, o Options) []Check {
 	}
 	if o.MetricsListen != "" {
 		if l, err := net.Listen("tcp", o.MetricsListen); err != nil {
-			add("ports", Fail, "metrics %s: %v", o.MetricsListen, err)
+			// Warned, not failed: the worker itself may hold it (a check,
+			// or a join to rotate credentials, while it runs).
+			add("ports", Warn, "metrics %s: %v (the running worker's, or another program's?)", o.MetricsListen, err)
 		} else {
 			l.Close()
 			add("ports", OK, "metrics %s free", o.MetricsListen)
