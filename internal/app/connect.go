@@ -193,7 +193,9 @@ func (o *ConnOptions) DialDaemon(ctx context.Context, log *slog.Logger, onFatal 
 			return nil, nil, ctx.Err()
 		case <-time.After(wait + rand.N(wait/2)):
 		}
-		wait = min(2*wait, 5*time.Second)
+		// At most 2 s: a server that comes back is found about as soon as
+		// nats.go's own reconnects would.
+		wait = min(2*wait, 2*time.Second)
 	}
 }
 

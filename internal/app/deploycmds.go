@@ -158,13 +158,15 @@ func splitList(l []string) []string {
 func workerExtraCommands() []*cobra.Command {
 	var tokenFile, etc, dataDir, backends string
 	var imageDirs []string
+	var rewrite bool
 	joinCmd := &cobra.Command{
 		Use:   "join",
 		Short: "join this host to a fleet with a token: get its credentials, write its config, run the preflight",
 		Long: `join uses a token from engine init or engine token (a file; - for stdin) to
 get this host's worker credentials from the fleet: it makes the host's key
 here, the engine that keeps the authority signs it. It writes, in
---etc-dir, worker.creds (0600), ca.pem and worker.toml, removes the token
+--etc-dir, worker.creds (0600), ca.pem and worker.toml (unless it exists:
+a rejoin to rotate the credentials keeps it), removes the token
 (it works once), then checks the host (worker preflight) and prints what
 it found. Start the worker next: systemctl enable --now vmherd-worker.`,
 		SilenceUsage: true,
@@ -200,14 +202,24 @@ it found. Start the worker next: systemctl enable --now vmherd-worker.`,
 			if err := safefile.Write(ca, []byte(j.CA), 0o644); err != nil {
 				return err
 			}
-			if err := safefile.Write(conf, []byte(workerConfig(j, creds, ca, dataDir, backends, imageDirs)), 0o644); err != nil {
-				return err
+			// A rejoin (rotation) keeps the host's configuration as it is:
+			// it names the same credentials and CA files.
+			wroteConf := false
+			if _, err := os.Stat(conf); err != nil || rewrite {
+				if err := safefile.Write(conf, []byte(workerConfig(j, creds, ca, dataDir, backends, imageDirs)), 0o644); err != nil {
+					return err
+				}
+				wroteConf = true
 			}
 			if tokenFile != "-" {
 				_ = os.Remove(tokenFile)
 			}
 			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "joined as host %s: wrote %s, %s, %s\n", j.Host, creds, ca, conf)
+			if wroteConf {
+				fmt.Fprintf(w, "joined as host %s: wrote %s, %s, %s\n", j.Host, creds, ca, conf)
+			} else {
+				fmt.Fprintf(w, "joined as host %s: wrote %s, %s; kept %s as it is (--rewrite-config writes a new one)\n", j.Host, creds, ca, conf)
+			}
 			failed := preflight.Print(w, preflight.Run(ctx, preflight.Options{
 				QEMU: strings.Contains(backends, "qemu"), DataDir: dataDir, NATSURLs: j.URLs,
 				Files: []string{conf, ca}, Secrets: []string{creds}, Skew: &j.Skew, MinFreeGiB: 1,
@@ -226,6 +238,7 @@ it found. Start the worker next: systemctl enable --now vmherd-worker.`,
 	jf.StringVar(&dataDir, "data-dir", deploy.VarDir+"/worker", "the worker's data directory (data-dir in worker.toml)")
 	jf.StringVar(&backends, "backends", "qemu", "backends in worker.toml")
 	jf.StringArrayVar(&imageDirs, "image-dir", []string{"/opt/vmherd/images"}, "image-dir entries in worker.toml (base images may come from there)")
+	jf.BoolVar(&rewrite, "rewrite-config", false, "write worker.toml even if it exists (a rejoin keeps it by default)")
 	_ = joinCmd.MarkFlagRequired("token")
 
 	var f workerFlags
@@ -284,13 +297,14 @@ metrics-listen = "127.0.0.1:9101"
 // joinService runs the join service when the engine keeps the authority
 // (--authority-dir): hosts with a token get their credentials from it.
 func joinService(ctx context.Context, o EngineOptions, conn ConnOptions, log *slog.Logger, fail func(error)) (func(context.Context) error, func(), error) {
-	a, err := auth.Open(o.AuthorityDir)
-	if err != nil {
-		return nil, nil, err
-	}
+	// The fleet first: auth.Open would make a new authority in a wrong dir.
 	f, err := deploy.ReadFleet(o.AuthorityDir)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--authority-dir: %w", err)
+	}
+	a, err := auth.Open(o.AuthorityDir)
+	if err != nil {
+		return nil, nil, err
 	}
 	credsPath := filepath.Join(o.AuthorityDir, "join-service.creds")
 	if _, err := os.Stat(credsPath); err != nil {
