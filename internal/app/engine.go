@@ -52,6 +52,9 @@ type EngineOptions struct {
 	CommandBurst int
 	// MaxCommandTimeout is the largest timeout_s a command may ask for.
 	MaxCommandTimeout time.Duration
+	// AuthorityDir, if set, is the authority engine init made: the engine
+	// answers hosts joining with a token (package join).
+	AuthorityDir string
 	// DrainTimeout bounds a graceful stop (cmd/engine only).
 	DrainTimeout time.Duration
 	Conn         ConnOptions
@@ -80,6 +83,7 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.MaxCommandTimeout, "max-command-timeout", engine.DefaultMaxCommandTimeout, "the largest timeout_s a command may ask for (a stop's grace holds the VM and a worker slot that long); more is rejected (at most 24h)")
 	fs.BoolVar(&o.NoAuth, "no-auth", false, "run the embedded NATS server without authentication (refused unless --listen is a loopback address; for trying things only)")
 	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics, the local worker's included (e.g. 127.0.0.1:9100; default: off)")
+	fs.StringVar(&o.AuthorityDir, "authority-dir", "", "the authority engine init made: answer hosts that join with a token (one engine, on the machine that keeps it; docs/deploy.md)")
 	addDrainFlag(fs, &o.DrainTimeout)
 	o.Conn.AddFlags(fs, "")
 	o.Streams.AddFlags(fs)
@@ -87,8 +91,20 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 }
 
 // RunEngine runs the engine (and the embedded server and local worker when
-// asked) until ctx ends, then drains and stops in order.
+// asked) until ctx ends, then drains and stops in order. If NATS refuses
+// its credentials for good, at start or later, it stops with that reason
+// (ErrWillNotHeal).
 func RunEngine(ctx context.Context, o EngineOptions) error {
+	ctx, fail := context.WithCancelCause(ctx)
+	defer fail(nil)
+	err := runEngine(ctx, o, fail)
+	if c := context.Cause(ctx); errors.Is(c, ErrWillNotHeal) {
+		return c
+	}
+	return err
+}
+
+func runEngine(ctx context.Context, o EngineOptions, fail func(error)) error {
 	log, err := NewLogger(o.LogLevel)
 	if err != nil {
 		return err
@@ -135,11 +151,37 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	}
 	conn.URL = url
 	conn.Name = "vmherd-engine-" + o.ID
-	nc, js, err := conn.ConnectJS(true)
+	nc, js, err := conn.DialDaemon(ctx, log, fail)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
+	// Hosts may join while the cluster still elects its leaders: the join
+	// service needs no stream.
+	var serveJoins func(context.Context) error
+	if o.AuthorityDir != "" {
+		if o.Conn.URL == "" {
+			return fmt.Errorf("--authority-dir is for an engine against a NATS cluster (--nats-url)")
+		}
+		jctx, stopJoins := context.WithCancel(ctx)
+		defer stopJoins()
+		serve, closeJoin, err := joinService(ctx, o, conn, log, fail)
+		if err != nil {
+			return err
+		}
+		defer closeJoin()
+		joined := make(chan error, 1)
+		go func() { joined <- serve(jctx) }()
+		serveJoins = func(ctx context.Context) error {
+			select {
+			case <-ctx.Done():
+				stopJoins()
+				return <-joined
+			case err := <-joined:
+				return err
+			}
+		}
+	}
 	if err := ensureStreams(ctx, js, o.Streams, log); err != nil {
 		return err
 	}
@@ -186,7 +228,7 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 		if creds.worker != "" {
 			wconn.Creds = creds.worker
 		}
-		c, wjs, err := wconn.ConnectJS(true)
+		c, wjs, err := wconn.DialDaemon(ctx, log, fail)
 		if err != nil {
 			return err
 		}
@@ -197,6 +239,9 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return eng.Run(gctx) })
+	if serveJoins != nil {
+		g.Go(func() error { return serveJoins(gctx) })
+	}
 	// A destroyed VM's generated key, host keys and provisioning log go
 	// with it, whoever destroyed it (docs/trust.md).
 	sweeper := &sshkeys.Sweeper{JS: js, Names: o.Streams.Names(), Log: log}
@@ -211,6 +256,7 @@ func RunEngine(ctx context.Context, o EngineOptions) error {
 		g.Go(func() error { return w.Run(gctx) })
 	}
 	log.Info("engine serving", "id", o.ID, "nats", url, "local_worker", o.WithWorker)
+	sdNotify(log, "READY=1")
 	if o.Ready != nil {
 		o.Ready(url, eng, w)
 	}

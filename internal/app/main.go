@@ -2,10 +2,12 @@ package app
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/datadir"
@@ -95,6 +97,7 @@ node's configuration). The roles are in docs/trust.md.`,
 // EngineMain is cmd/engine.
 func EngineMain(args []string) int {
 	var o EngineOptions
+	var configPath string
 	root := &cobra.Command{
 		Use:   "engine",
 		Short: "vmherd engine: decide lifecycle commands (queueing tasks), keep the projection",
@@ -102,10 +105,13 @@ func EngineMain(args []string) int {
 accepted/rejected events to VM_EVENTS, publishes tasks to the chosen host and
 keeps the VM_RECORDS projection. Without --nats-url it embeds a NATS server
 with JetStream on disk under --data-dir, listening on --listen.
-Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_DATA_DIR).`,
+Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_DATA_DIR), or as a
+key of the --config file (` + "`engine config --print`" + ` lists them).
+Credentials the servers refuse, or a certificate that does not verify, stop
+it at once with exit code 78; a server that does not answer yet is waited for.`,
 		SilenceUsage: true,
 		Args:         cobra.NoArgs,
-		PreRunE:      func(cmd *cobra.Command, _ []string) error { return BindEnv(cmd.Flags()) },
+		PreRunE:      func(cmd *cobra.Command, _ []string) error { return configure(cmd.Flags(), &configPath) },
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := NewLogger(o.LogLevel)
 			if err != nil {
@@ -114,6 +120,7 @@ Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_DATA_DIR).`,
 			return runUntilSignalled(log, o.DrainTimeout, func(ctx context.Context) error { return RunEngine(ctx, o) })
 		},
 	}
+	addConfigFlag(root.Flags(), &configPath, "engine")
 	o.AddFlags(root.Flags())
 
 	var conn ConnOptions
@@ -147,24 +154,44 @@ embedded one by default); running engines carry on safely.`,
 	}
 	conn.AddFlags(rebuild.Flags(), "nats://127.0.0.1:4222")
 	so.AddFlags(rebuild.Flags())
-	root.AddCommand(rebuild, credsCmd())
+	root.AddCommand(rebuild, credsCmd(), configCmd("engine", func() *pflag.FlagSet {
+		var o EngineOptions
+		var p string
+		fs := pflag.NewFlagSet("engine", pflag.ContinueOnError)
+		addConfigFlag(fs, &p, "engine")
+		o.AddFlags(fs)
+		return fs
+	}))
+	root.AddCommand(engineExtraCommands()...)
 	root.SetArgs(args)
-	if err := root.Execute(); err != nil {
-		return 1
-	}
-	return 0
+	return exitCode(root.Execute())
+}
+
+// workerFlags are cmd/worker's flags.
+type workerFlags struct {
+	wo       WorkerOptions
+	conn     ConnOptions
+	prefix   string
+	logLevel string
+	drain    time.Duration
+	mlisten  string
+	config   string
+}
+
+func (f *workerFlags) add(fs *pflag.FlagSet) {
+	addConfigFlag(fs, &f.config, "worker")
+	f.wo.AddFlags(fs, true)
+	f.conn.AddFlags(fs, "nats://127.0.0.1:4222")
+	// Streams and buckets belong to the engine: a worker only names them.
+	fs.StringVar(&f.prefix, "prefix", events.DefaultPrefix, "subject prefix of the vmherd installation (the engine's --prefix)")
+	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&f.mlisten, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101; default: off)")
+	addDrainFlag(fs, &f.drain)
 }
 
 // WorkerMain is cmd/worker.
 func WorkerMain(args []string) int {
-	var (
-		wo       WorkerOptions
-		conn     ConnOptions
-		prefix   string
-		logLevel string
-		drain    time.Duration
-		mlisten  string
-	)
+	var f workerFlags
 	root := &cobra.Command{
 		Use:   "worker",
 		Short: "vmherd worker: run one host's lifecycle tasks on its hypervisors",
@@ -172,55 +199,78 @@ func WorkerMain(args []string) int {
 backend call, records exactly one result event per command, answers live
 queries (state, guest_ip, console_endpoint) as the NATS micro service
 vmherd-worker-<host>, and watches its VMs for drift.
-Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST).`,
+Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST), or as a key
+of the --config file (` + "`worker config --print`" + ` lists them).
+Credentials the servers refuse, or a certificate that does not verify, stop
+it at once with exit code 78; a server that does not answer yet is waited for.`,
 		SilenceUsage: true,
 		Args:         cobra.NoArgs,
-		PreRunE:      func(cmd *cobra.Command, _ []string) error { return BindEnv(cmd.Flags()) },
+		PreRunE:      func(cmd *cobra.Command, _ []string) error { return configure(cmd.Flags(), &f.config) },
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := NewLogger(logLevel)
-			if err != nil {
-				return err
-			}
-			conn.Name = "vmherd-worker-" + wo.Host
-			// Without credentials (no auth) the worker still keeps to its
-			// own inbox prefix; with them, Connect takes theirs.
-			conn.InboxPrefix = auth.Identity{Role: auth.RoleWorker, Host: wo.Host}.InboxPrefix()
-			nc, js, err := conn.ConnectJS(true)
+			return runWorker(f)
+		},
+	}
+	f.add(root.Flags())
+	root.AddCommand(configCmd("worker", func() *pflag.FlagSet {
+		var g workerFlags
+		fs := pflag.NewFlagSet("worker", pflag.ContinueOnError)
+		g.add(fs)
+		return fs
+	}))
+	root.AddCommand(workerExtraCommands()...)
+	root.SetArgs(args)
+	err := root.Execute()
+	return exitCode(err)
+}
+
+// runWorker runs cmd/worker until a signal, or until NATS refuses it for
+// good.
+func runWorker(f workerFlags) error {
+	log, err := NewLogger(f.logLevel)
+	if err != nil {
+		return err
+	}
+	wo, conn := f.wo, f.conn
+	if err := credsForHost(conn.Creds, wo.Host); err != nil {
+		return err
+	}
+	conn.Name = "vmherd-worker-" + wo.Host
+	// Without credentials (no auth) the worker still keeps to its
+	// own inbox prefix; with them, Connect takes theirs.
+	conn.InboxPrefix = auth.Identity{Role: auth.RoleWorker, Host: wo.Host}.InboxPrefix()
+	return runUntilSignalled(log, f.drain, func(ctx context.Context) error {
+		ctx, fail := context.WithCancelCause(ctx)
+		defer fail(nil)
+		err := func() error {
+			nc, js, err := conn.DialDaemon(ctx, log, fail)
 			if err != nil {
 				return err
 			}
 			defer nc.Close()
-			return runUntilSignalled(log, drain, func(ctx context.Context) error {
-				if mlisten != "" {
-					wo.Metrics = metrics.New()
-					if _, err := wo.Metrics.Serve(ctx, mlisten, log); err != nil {
-						return err
-					}
-				}
-				w, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, events.Names{Prefix: prefix}, log)
-				if err != nil {
-					if ctx.Err() != nil {
-						return nil
-					}
+			if f.mlisten != "" {
+				wo.Metrics = metrics.New()
+				if _, err := wo.Metrics.Serve(ctx, f.mlisten, log); err != nil {
 					return err
 				}
-				log.Info("worker serving", "host", wo.Host, "nats", conn.URL)
-				go returnMemory(ctx)
-				return w.Run(ctx)
-			})
-		},
-	}
-	fs := root.Flags()
-	wo.AddFlags(fs, true)
-	conn.AddFlags(fs, "nats://127.0.0.1:4222")
-	// Streams and buckets belong to the engine: a worker only names them.
-	fs.StringVar(&prefix, "prefix", events.DefaultPrefix, "subject prefix of the vmherd installation (the engine's --prefix)")
-	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
-	fs.StringVar(&mlisten, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101; default: off)")
-	addDrainFlag(fs, &drain)
-	root.SetArgs(args)
-	if err := root.Execute(); err != nil {
-		return 1
-	}
-	return 0
+			}
+			w, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, events.Names{Prefix: f.prefix}, log)
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
+			}
+			log.Info("worker serving", "host", wo.Host, "nats", conn.URL)
+			sdNotify(log, "READY=1")
+			go returnMemory(ctx)
+			return w.Run(ctx)
+		}()
+		if c := context.Cause(ctx); errors.Is(c, ErrWillNotHeal) {
+			return c
+		}
+		if errors.Is(err, context.Canceled) {
+			return nil
+		}
+		return err
+	})
 }

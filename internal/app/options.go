@@ -42,12 +42,28 @@ func (o *ConnOptions) AddFlags(fs *pflag.FlagSet, def string) {
 	fs.StringVar(&o.TLSCA, "tls-ca", "", "CA certificate(s) to verify the server (PEM)")
 }
 
-// Connect dials NATS. Daemons keep retrying; wait bounds the first attempt.
+// Connect dials NATS once (clients: rebuild). Daemons use DialDaemon.
 func (o *ConnOptions) Connect(daemon bool) (*nats.Conn, error) {
-	opts := []nats.Option{nats.Name(o.Name)}
+	opts, err := o.options()
+	if err != nil {
+		return nil, err
+	}
 	if daemon {
 		opts = append(opts, nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true), nats.ReconnectWait(250*time.Millisecond))
 	}
+	nc, err := nats.Connect(o.URL, opts...)
+	if errors.Is(err, nats.ErrAuthorization) || err != nil && strings.Contains(err.Error(), "Authorization Violation") {
+		return nil, fmt.Errorf("connecting to NATS at %s: %w (the server needs credentials: --creds FILE; an engine writes its own in <data-dir>/auth, and `engine creds` issues them for a worker, a user or another engine)", o.URL, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("connecting to NATS at %s: %w (is the engine running? set --nats-url or NATS_URL)", o.URL, err)
+	}
+	return nc, nil
+}
+
+// options are the connection's name, credentials, inbox prefix and TLS.
+func (o *ConnOptions) options() ([]nats.Option, error) {
+	opts := []nats.Option{nats.Name(o.Name)}
 	inbox := o.InboxPrefix
 	if o.Creds != "" {
 		opts = append(opts, nats.UserCredentials(o.Creds))
@@ -69,14 +85,7 @@ func (o *ConnOptions) Connect(daemon bool) (*nats.Conn, error) {
 	if o.TLSCA != "" {
 		opts = append(opts, nats.RootCAs(o.TLSCA))
 	}
-	nc, err := nats.Connect(o.URL, opts...)
-	if errors.Is(err, nats.ErrAuthorization) || err != nil && strings.Contains(err.Error(), "Authorization Violation") {
-		return nil, fmt.Errorf("connecting to NATS at %s: %w (the server needs credentials: --creds FILE; an engine writes its own in <data-dir>/auth, and `engine creds` issues them for a worker, a user or another engine)", o.URL, err)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("connecting to NATS at %s: %w (is the engine running? set --nats-url or NATS_URL)", o.URL, err)
-	}
-	return nc, nil
+	return opts, nil
 }
 
 // ConnectJS dials NATS and opens its JetStream context.

@@ -83,6 +83,20 @@ func Open(dir string) (*Authority, error) {
 	if a.OperatorJWT, err = oc.Encode(a.operator); err != nil {
 		return nil, fmt.Errorf("auth: operator jwt: %w", err)
 	}
+	if err := a.signAccount(); err != nil {
+		return nil, err
+	}
+	sc := jwt.NewAccountClaims(a.SysPub)
+	sc.Name = "SYS"
+	if a.SystemJWT, err = sc.Encode(a.operator); err != nil {
+		return nil, fmt.Errorf("auth: system account jwt: %w", err)
+	}
+	return a, nil
+}
+
+// signAccount signs the vmherd account's JWT, with its limits and the
+// revocations kept in the dir (Revoke).
+func (a *Authority) signAccount() error {
 	ac := jwt.NewAccountClaims(a.AccountPub)
 	ac.Name = "VMHERD"
 	// Bounds on what any identity can make the servers hold: NATS has no
@@ -93,15 +107,15 @@ func Open(dir string) (*Authority, error) {
 	ac.Limits.Conn = MaxConnections
 	ac.Limits.Payload = MaxPayload
 	ac.Limits.JetStreamLimits = jwt.JetStreamLimits{MemoryStorage: -1, DiskStorage: -1, Streams: -1, Consumer: MaxConsumers, MaxAckPending: -1}
+	revoked, err := a.revocations()
+	if err != nil {
+		return err
+	}
+	ac.Revocations = revoked
 	if a.AccountJWT, err = ac.Encode(a.operator); err != nil {
-		return nil, fmt.Errorf("auth: account jwt: %w", err)
+		return fmt.Errorf("auth: account jwt: %w", err)
 	}
-	sc := jwt.NewAccountClaims(a.SysPub)
-	sc.Name = "SYS"
-	if a.SystemJWT, err = sc.Encode(a.operator); err != nil {
-		return nil, fmt.Errorf("auth: system account jwt: %w", err)
-	}
-	return a, nil
+	return nil
 }
 
 func loadOrCreate(path string, create func() (nkeys.KeyPair, error)) (nkeys.KeyPair, error) {
@@ -153,6 +167,10 @@ func (a *Authority) creds(name string, perms jwt.Permissions, subs int64) ([]byt
 	tok, err := uc.Encode(a.acct)
 	if err != nil {
 		return nil, fmt.Errorf("auth: user jwt for %s: %w", name, err)
+	}
+	// Recorded, so that revoking an identity finds every key it was given.
+	if err := a.record(name, pub, 0); err != nil {
+		return nil, err
 	}
 	seed, _ := kp.Seed()
 	return jwt.FormatUserConfig(tok, seed)

@@ -173,6 +173,15 @@ func cells(f *fixture) []cell {
 			pubCell("publish into "+id.Name()+"'s inbox", p+".x", plus(w1, w2)))
 	}
 
+	// Joining (package join): a host's request, its answer. Only the
+	// join service's own credentials (TestJoinIdentities) and the full
+	// roles take part; a worker may answer requesters' inboxes, but not a
+	// joining host's.
+	add(pubCell("ask to join as h3", "vmherd.join.h3", adm),
+		subCell("take join requests", "vmherd.join.*", adm),
+		subCell("hear a joining host's answer", "_INBOX_VMHERD.join.h3.>", adm),
+		pubCell("answer a joining host", "_INBOX_VMHERD.join.h3.x", adm))
+
 	// The JetStream API, on every stream and bucket.
 	add(apiCell("account info", "$JS.API.INFO", "", plus(alice, dash, w1, w2)),
 		apiCell("list streams", "$JS.API.STREAM.LIST", "", adm),

@@ -238,4 +238,6 @@ func worker(p *jwt.Permissions, n events.Names, h string) {
 	// with it, a request whose reply subject is vm.evt... or $KV... would
 	// let the worker publish its answer there.
 	p.Pub.Allow.Add(InboxRoot+".>", "_INBOX.>")
+	// Except a joining host's: only the join service answers it.
+	p.Pub.Deny.Add(InboxRoot + ".join.>")
 }
