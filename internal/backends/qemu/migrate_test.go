@@ -22,12 +22,10 @@ import (
 	"github.com/vmherd/vmherd/internal/vm"
 )
 
-// hostKeys are the guest's host keys, printed on its first console (a
-// migrated copy's console log starts at the move).
-var hostKeys = map[string][]ssh.PublicKey{}
-
-// guestRun runs a shell command in the guest over SSH (its forwarded port).
-func guestRun(t *testing.T, h vm.VmHandle, signer ssh.Signer, cmd string) string {
+// guestRun runs a shell command in the guest over SSH (its forwarded
+// port), checking the host keys it printed on its first console, which
+// hostKeys remembers (a migrated copy's console log starts at the move).
+func guestRun(t *testing.T, hostKeys map[string][]ssh.PublicKey, h vm.VmHandle, signer ssh.Signer, cmd string) string {
 	t.Helper()
 	keys, ok := hostKeys[h.Name]
 	if !ok {
@@ -98,6 +96,7 @@ func TestLiveMigrationTLS(t *testing.T) {
 
 func liveMigration(t *testing.T, tlsDir string) {
 	img := guestImage(t)
+	hostKeys := map[string][]ssh.PublicKey{}
 	ctx := ctxT(t, 2*bootTimeout+4*time.Minute)
 	// Each host has its own image directory with the same base image.
 	hostsB := make([]*qemu.Backend, 2)
@@ -137,8 +136,8 @@ func liveMigration(t *testing.T, tlsDir string) {
 		}
 	})
 	waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
-	bootID := strings.TrimSpace(guestRun(t, h, signer, "cat /proc/sys/kernel/random/boot_id"))
-	guestRun(t, h, signer, "setsid sh -c 'i=0; while :; do echo TICK $i >/dev/ttyS0; i=$((i+1)); sleep 0.2; done' </dev/null >/dev/null 2>&1 &")
+	bootID := strings.TrimSpace(guestRun(t, hostKeys, h, signer, "cat /proc/sys/kernel/random/boot_id"))
+	guestRun(t, hostKeys, h, signer, "setsid sh -c 'i=0; while :; do echo TICK $i >/dev/ttyS0; i=$((i+1)); sleep 0.2; done' </dev/null >/dev/null 2>&1 &")
 	ticks := regexp.MustCompile(`TICK (\d+)`)
 	lastTick := func(path string) int {
 		b, _ := os.ReadFile(path)
@@ -165,7 +164,7 @@ func liveMigration(t *testing.T, tlsDir string) {
 		mark := fmt.Sprintf("VMHERD-MARK-%d-%d", move, time.Now().UnixNano())
 		// A block near the end of the disk: in the overlay only, so the
 		// mirror must carry it.
-		guestRun(t, h, signer, fmt.Sprintf("s=$(cat /sys/block/vda/size); echo %s | dd of=/dev/vda bs=512 seek=$((s-16-%d)) conv=fsync 2>/dev/null", mark, move))
+		guestRun(t, hostKeys, h, signer, fmt.Sprintf("s=$(cat /sys/block/vda/size); echo %s | dd of=/dev/vda bs=512 seek=$((s-16-%d)) conv=fsync 2>/dev/null", mark, move))
 		before := lastTick(h.SerialLog)
 		if before < 0 {
 			waitConsole(t, h.SerialLog, 0, "TICK", 30*time.Second)
@@ -221,10 +220,10 @@ func liveMigration(t *testing.T, tlsDir string) {
 		if st, err := dst.State(ctx, h); err != nil || st != vm.StateRunning {
 			t.Fatalf("move %d: state on the destination %s, %v", move, st, err)
 		}
-		if got := strings.TrimSpace(guestRun(t, h, signer, "cat /proc/sys/kernel/random/boot_id")); got != bootID {
+		if got := strings.TrimSpace(guestRun(t, hostKeys, h, signer, "cat /proc/sys/kernel/random/boot_id")); got != bootID {
 			t.Errorf("move %d: boot id %s, was %s: the guest rebooted", move, got, bootID)
 		}
-		got := guestRun(t, h, signer, fmt.Sprintf("s=$(cat /sys/block/vda/size); dd if=/dev/vda bs=512 skip=$((s-16-%d)) count=1 2>/dev/null | head -c %d", move, len(mark)))
+		got := guestRun(t, hostKeys, h, signer, fmt.Sprintf("s=$(cat /sys/block/vda/size); dd if=/dev/vda bs=512 skip=$((s-16-%d)) count=1 2>/dev/null | head -c %d", move, len(mark)))
 		if got != mark {
 			t.Errorf("move %d: the disk block written before the move reads %q, want %q", move, got, mark)
 		}
@@ -267,7 +266,7 @@ func liveMigration(t *testing.T, tlsDir string) {
 	}
 	waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
 	delete(hostKeys, h.Name) // the test guest makes new host keys at each boot
-	got := guestRun(t, h, signer, "s=$(cat /sys/block/vda/size); dd if=/dev/vda bs=512 skip=$((s-17)) count=1 2>/dev/null | head -c 11")
+	got := guestRun(t, hostKeys, h, signer, "s=$(cat /sys/block/vda/size); dd if=/dev/vda bs=512 skip=$((s-17)) count=1 2>/dev/null | head -c 11")
 	if got != "VMHERD-MARK" {
 		t.Errorf("after the cold move the disk block reads %q, want the mark of the last live move", got)
 	}
