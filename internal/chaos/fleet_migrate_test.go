@@ -229,6 +229,11 @@ func TestFleetMigrateQEMU(t *testing.T) {
 		if ip := vmctl("ip", "q1"); !strings.Contains(ip, strconv.Itoa(statusOf("q1").Record.Handle.SSHPort)) {
 			t.Fatalf("vmctl ip after the move to %s: %s (the record's port is %d)", to, ip, statusOf("q1").Record.Handle.SSHPort)
 		}
+		// vmctl ssh reaches the guest's SSH server through the new host's
+		// worker (the login itself needs a key, which provisioning tests).
+		if out, _ := f.Vmctl(ctx, "", "ssh", "q1", "--", "-v", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "true"); !strings.Contains(out, "remote software version dropbear") {
+			t.Fatalf("vmctl ssh after the move to %s did not reach the guest:\n%s", to, tailOf(out, 2000))
+		}
 	}
 	if out := vmctl("history", "q1"); !strings.Contains(out, "migrated") || !strings.Contains(out, "target_ready") || !strings.Contains(out, "downtime=") {
 		t.Fatalf("history lacks the migration's phases:\n%s", out)
