@@ -210,7 +210,7 @@ func (s *Server) release(who string) {
 	}
 }
 
-func respondErr(req micro.Request, err error) {
+func respondErr(req errorResponder, err error) {
 	code := "500"
 	var se *StatusError
 	if errors.As(err, &se) {
@@ -343,16 +343,45 @@ func (s *Server) open(req micro.Request) {
 		respondErr(req, err)
 		return
 	}
+	ans := detached{nc: s.NC, reply: req.Reply()}
 	go func() {
 		defer s.tunnels.Done()
 		defer s.release(who)
-		s.serveTunnel(req, name, id, port)
+		s.serveTunnel(ans, name, id, port)
 	}()
+}
+
+// detached answers a request after its handler has returned: micro's
+// Request must not be used then (the service reads what Respond and Error
+// set on it once the handler returns, racing a later call: the race
+// detector caught it in TestTunnel). It publishes what they would.
+type detached struct {
+	nc    *nats.Conn
+	reply string
+}
+
+func (d detached) Error(code, description string, _ []byte, _ ...micro.RespondOpt) error {
+	m := nats.NewMsg(d.reply)
+	m.Header.Set(micro.ErrorHeader, description)
+	m.Header.Set(micro.ErrorCodeHeader, code)
+	return d.nc.PublishMsg(m)
+}
+
+// RespondHeaders answers with headers and no body.
+func (d detached) RespondHeaders(h nats.Header) error {
+	m := nats.NewMsg(d.reply)
+	m.Header = h
+	return d.nc.PublishMsg(m)
+}
+
+// errorResponder is what respondErr needs: a micro.Request, or detached.
+type errorResponder interface {
+	Error(code, description string, data []byte, opts ...micro.RespondOpt) error
 }
 
 // serveTunnel connects a tunnel to the guest's port and relays it until
 // it ends.
-func (s *Server) serveTunnel(req micro.Request, name, id string, port int) {
+func (s *Server) serveTunnel(req detached, name, id string, port int) {
 	ctx, cancel := context.WithTimeout(s.ctx, 20*time.Second)
 	defer cancel()
 	addr, err := s.Target.GuestAddr(ctx, name, port)
@@ -375,7 +404,7 @@ func (s *Server) serveTunnel(req micro.Request, name, id string, port int) {
 		respondErr(req, err)
 		return
 	}
-	if err := req.Respond(nil, micro.WithHeaders(micro.Headers{HdrKey: {key}})); err != nil {
+	if err := req.RespondHeaders(nats.Header{HdrKey: {key}}); err != nil {
 		t.unsubscribe()
 		_ = conn.Close()
 		return
