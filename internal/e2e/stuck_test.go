@@ -287,8 +287,15 @@ func TestFloodBoundedMemory(t *testing.T) {
 	}
 }
 
-// The flood test's memory bounds (see docs/architecture.md).
+// The flood test's memory bounds (see docs/architecture.md). After the
+// flood, what stays is live heap that does not grow with later floods
+// (the server's index of the flood's subjects, its buffer pools, the
+// projector's bounded cache): measured +23 to +49 MB alone, +65 MB (heap
+// in use 81 MB) in a clean-clone CI run sharing two cores with the QEMU
+// fault tests, when collection and the memory return lag. A leak per
+// command would be 20,000 times something; the bound is twice what runs
+// here show alone.
 const (
 	floodRSSPeak  = 200 << 20
-	floodRSSAfter = 64 << 20
+	floodRSSAfter = 96 << 20
 )
