@@ -61,7 +61,6 @@ func (b *Backend) tlsEndpoint(ep string) (string, bool, error) {
 	return rest, tls, nil
 }
 
-
 const (
 	nbdExport   = "disk"
 	mirrorJob   = "vmherd-mirror"
@@ -295,6 +294,24 @@ func (b *Backend) heldPorts(skip string) map[int]bool {
 	return held
 }
 
+// hostPort splits an endpoint another host's worker reported into a
+// host that is an IP address or a plain DNS name and a port number, so
+// nothing else reaches QEMU's option strings or URIs (a comma would add
+// options there).
+func hostPort(addr string) (string, string, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", "", fmt.Errorf("migration endpoint %q: %w", addr, err)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 || strconv.Itoa(p) != port {
+		return "", "", fmt.Errorf("migration endpoint %q: the port is not a number in 1..65535", addr)
+	}
+	if net.ParseIP(host) == nil && (host == "" || strings.Trim(host, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-") != "") {
+		return "", "", fmt.Errorf("migration endpoint %q: the host is neither an IP address nor a DNS name", addr)
+	}
+	return host, port, nil
+}
+
 // freePorts finds n ports of lo..hi free on host now and not held.
 func freePorts(host string, lo, hi, n int, held map[int]bool) ([]int, error) {
 	var out []int
@@ -375,8 +392,11 @@ func (b *Backend) send(ctx context.Context, h vm.VmHandle, endpoint string, o ba
 	if !ok {
 		return out, fmt.Errorf("endpoint %q is not <nbd host:port>|<migration host:port>", endpoint)
 	}
-	nhost, nport, err := net.SplitHostPort(nbdAddr)
+	nhost, nport, err := hostPort(nbdAddr)
 	if err != nil {
+		return out, err
+	}
+	if _, _, err := hostPort(migAddr); err != nil {
 		return out, err
 	}
 	r, err := b.load(h)
@@ -777,7 +797,7 @@ func (b *Backend) copyFrom(ctx context.Context, rc backends.Receiving, disk stri
 		return err
 	}
 	addr, ok := strings.CutPrefix(from, "nbd://")
-	host, port, err := net.SplitHostPort(strings.TrimSuffix(addr, "/"+nbdExport))
+	host, port, err := hostPort(strings.TrimSuffix(addr, "/"+nbdExport))
 	if !ok || err != nil {
 		return fmt.Errorf("the source's export %q is not nbd://host:port/%s", rc.From, nbdExport)
 	}

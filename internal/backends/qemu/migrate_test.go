@@ -271,3 +271,25 @@ func liveMigration(t *testing.T, tlsDir string) {
 		t.Errorf("after the cold move the disk block reads %q, want the mark of the last live move", got)
 	}
 }
+
+// Endpoints another host's worker reports reach QEMU's option strings and
+// URIs only as an IP or DNS name and a port number.
+func TestMigrationEndpointsChecked(t *testing.T) {
+	b := newBackend(t, qemu.Options{})
+	for _, ep := range []string{
+		"10.0.0.1:49152,file.filename=/etc/shadow|10.0.0.1:49153",
+		"10.0.0.1:49152|exec:sh -c x",
+		"10.0.0.1:49152|10.0.0.1:0",
+		"a,b:49152|10.0.0.1:49153",
+		"10.0.0.1:049152|10.0.0.1:49153",
+	} {
+		_, err := b.Send(context.Background(), vm.VmHandle{Name: "x"}, ep, backends.SendOptions{}, func(backends.MigrationProgress) {})
+		if err == nil || !strings.Contains(err.Error(), "migration endpoint") {
+			t.Errorf("Send to %q: %v, want the endpoint refused", ep, err)
+		}
+	}
+	cold := backends.Receiving{Mode: "cold", From: "nbd://10.0.0.1:1,file.driver=file/disk", Listen: "127.0.0.1", PortLo: 49152, PortHi: 49153}
+	if _, _, err := b.Receive(context.Background(), vm.VmHandle{Name: "x", Spec: &vm.VmSpec{Name: "x"}}, "/nonexistent", cold); err == nil {
+		t.Error("a cold receive from an endpoint with options was not refused")
+	}
+}
