@@ -69,32 +69,18 @@ func TestFleetMigrateFaultsQEMU(t *testing.T) {
 	vmctl("create", "fq", "--backend", "qemu", "--image", image, "--memory", "256", "--host", "h1", "--start")
 	boot := func(host string) {
 		t.Helper()
-		con := attachConsole(t, ctx, nc, host, "fq")
-		for deadline := time.Now().Add(3 * time.Minute); !strings.Contains(con.out.String(), guestimage.ReadyMarker); time.Sleep(200 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("fq never booted on %s:\n%s", host, tailOf(con.out.String(), 2000))
-			}
-		}
+		attachConsole(t, ctx, nc, host, "fq").booted("fq on "+host, 3*time.Minute)
 	}
 	boot("h1")
 	con := attachConsole(t, ctx, nc, "h1", "fq")
 	con.run("s=$(cat /sys/block/vda/size); echo FAULTMARK-1 | dd of=/dev/vda bs=512 seek=$((s-16)) conv=fsync 2>/dev/null; echo WRO''TE", regexp.MustCompile(`(WROTE)`), 30*time.Second)
 
 	leader := func(stream string) int {
-		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
-			sctx, scancel := context.WithTimeout(ctx, 2*time.Second)
-			st, err := env.JS.Stream(sctx, stream)
-			scancel()
-			if err == nil && st.CachedInfo().Cluster != nil {
-				for i, n := range f.Nodes {
-					if n.Name == st.CachedInfo().Cluster.Leader {
-						return i
-					}
-				}
-			}
+		i, ok := streamLeader(ctx, f, env.JS, stream)
+		if !ok {
+			t.Fatalf("no leader of %s", stream)
 		}
-		t.Fatalf("no leader of %s", stream)
-		return 0
+		return i
 	}
 	// phaseSeen waits for a migration event of the command with phase.
 	phaseSeen := func(cmd, phase string, within time.Duration) bool {

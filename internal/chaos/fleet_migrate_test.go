@@ -60,6 +60,16 @@ func attachConsole(t *testing.T, ctx context.Context, nc *nats.Conn, host, name 
 	return c
 }
 
+// booted waits until the guest has printed its ready marker.
+func (c *guestConsole) booted(what string, within time.Duration) {
+	c.t.Helper()
+	for deadline := time.Now().Add(within); !strings.Contains(c.out.String(), guestimage.ReadyMarker); time.Sleep(200 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			c.t.Fatalf("%s never booted:\n%s", what, tailOf(c.out.String(), 2000))
+		}
+	}
+}
+
 // run types a command and waits for a line matching re after it; it
 // returns the first submatch.
 func (c *guestConsole) run(cmd string, re *regexp.Regexp, timeout time.Duration) string {
@@ -190,11 +200,7 @@ func TestFleetMigrateQEMU(t *testing.T) {
 
 	vmctl("create", "q1", "--backend", "qemu", "--image", image, "--memory", "256", "--host", "h1", "--start")
 	con := attachConsole(t, ctx, nc, "h1", "q1")
-	for deadline := time.Now().Add(3 * time.Minute); !strings.Contains(con.out.String(), guestimage.ReadyMarker); time.Sleep(200 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("q1 never booted:\n%s", tailOf(con.out.String(), 2000))
-		}
-	}
+	con.booted("q1", 3*time.Minute)
 	boot := con.run("echo BOOT=$(cat /proc/sys/kernel/random/boot_id)", bootRE, 30*time.Second)
 	con.run("s=$(cat /sys/block/vda/size); echo FLEETMARK-1 | dd of=/dev/vda bs=512 seek=$((s-16)) conv=fsync 2>/dev/null; echo WRO''TE", regexp.MustCompile(`(WROTE)`), 30*time.Second)
 	con.run("(i=0; while :; do echo CTR $i; i=$((i+1)); sleep 0.5; done) & echo STAR''TED", regexp.MustCompile(`(STARTED)`), 30*time.Second)
@@ -254,11 +260,7 @@ func TestFleetMigrateQEMU(t *testing.T) {
 	where("q1", "h1", "stopped", false)
 	vmctl("start", "q1")
 	con = attachConsole(t, ctx, nc, "h1", "q1")
-	for deadline := time.Now().Add(3 * time.Minute); !strings.Contains(con.out.String(), guestimage.ReadyMarker); time.Sleep(200 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("q1 never booted after its cold move:\n%s", tailOf(con.out.String(), 2000))
-		}
-	}
+	con.booted("q1 after its cold move", 3*time.Minute)
 	if got := con.run(readMark, markRE, 30*time.Second); got != "FLEETMARK-1" {
 		t.Fatalf("after the cold move the disk block reads %q", got)
 	}

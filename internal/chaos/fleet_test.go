@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fleet"
 	"github.com/vmherd/vmherd/internal/testenv"
@@ -56,6 +58,27 @@ func upFleet(t *testing.T, ctx context.Context, cfg fleet.Config) *fleet.Fleet {
 	return f
 }
 
+// streamLeader is the index in f.Nodes of the node leading stream, read
+// from the stream's info for up to 30 s (an election may be under way).
+func streamLeader(ctx context.Context, f *fleet.Fleet, js jetstream.JetStream, stream string) (int, bool) {
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
+		sctx, scancel := context.WithTimeout(ctx, 2*time.Second)
+		st, err := js.Stream(sctx, stream)
+		scancel()
+		if err != nil {
+			continue
+		}
+		if ci := st.CachedInfo().Cluster; ci != nil && ci.Leader != "" {
+			for i, n := range f.Nodes {
+				if n.Name == ci.Leader {
+					return i, true
+				}
+			}
+		}
+	}
+	return 0, false
+}
+
 // maxNodeStall is the longest the fleet may go without a result when a
 // NATS node dies: nats-server elects a new stream leader in 4 to 9 s.
 const maxNodeStall = 15 * time.Second
@@ -75,23 +98,11 @@ func TestFleetNatsNodeKills(t *testing.T) {
 	c.untilFaults = true
 
 	leader := func(stream string) int {
-		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
-			sctx, scancel := context.WithTimeout(ctx, 2*time.Second)
-			st, err := env.JS.Stream(sctx, stream)
-			scancel()
-			if err != nil {
-				continue
-			}
-			if ci := st.CachedInfo().Cluster; ci != nil && ci.Leader != "" {
-				for i, n := range f.Nodes {
-					if n.Name == ci.Leader {
-						return i
-					}
-				}
-			}
+		i, ok := streamLeader(ctx, f, env.JS, stream)
+		if !ok {
+			t.Errorf("no leader of %s within 30s", stream)
 		}
-		t.Errorf("no leader of %s within 30s", stream)
-		return 0
+		return i
 	}
 	type kill struct {
 		node, role string

@@ -212,10 +212,10 @@ func TestMigrateFaults(t *testing.T) {
 			c.mu.Lock()
 			defer c.mu.Unlock()
 			for name, p := range c.workers {
-				t.Logf("worker %s:\n%s", name, lastN(p.Output(), 40))
+				t.Logf("worker %s:\n%s", name, tailOf(p.Output(), 4000))
 			}
 			for name, p := range c.engines {
-				t.Logf("engine %s:\n%s", name, lastN(p.Output(), 40))
+				t.Logf("engine %s:\n%s", name, tailOf(p.Output(), 4000))
 			}
 		}
 	})
@@ -302,13 +302,4 @@ func TestMigrateFaults(t *testing.T) {
 	}
 	fmt.Printf("FAULT-TEST TestMigrateFaults: kills=%d migrates=%d migrated=%d failed=%d twice=%d lost=%d; every vm held by exactly the host its record names\n",
 		kills.Load(), vms*rounds, migrated.Load(), failed.Load(), counts.Duplicates, counts.Lost)
-}
-
-// lastN is the last n lines of s.
-func lastN(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }

@@ -301,20 +301,31 @@ func (g *globals) setCordon(ctx context.Context, name string, on bool, reason st
 	return nil
 }
 
+// startDrain cordons the host and returns its VMs; a lost host's VMs
+// cannot be stopped or moved (done says which), and it says what to do
+// instead.
+func (g *globals) startDrain(ctx context.Context, name, done string) ([]*projection.VmRecord, error) {
+	if err := g.setCordon(ctx, name, true, "drain"); err != nil {
+		return nil, err
+	}
+	h, recs, err := g.knownHost(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	vms := onHost(recs, name)
+	if !h.Alive && len(vms) > 0 {
+		return nil, &exitError{code: ExitFailed, msg: fmt.Sprintf("host %s is lost: its VMs cannot be %s; if it will not come back, forget them (vmctl destroy --forget NAME) and then the host (vmctl host forget %s)", name, done, name)}
+	}
+	return vms, nil
+}
+
 // drain (--stop) cordons the host, stops its running and suspended VMs
 // (in parallel), and reports the VMs left on it: they stay there,
 // stopped, until destroyed (or started again after uncordon).
 func (g *globals) drain(ctx context.Context, name string, stopTimeout int) error {
-	if err := g.setCordon(ctx, name, true, "drain"); err != nil {
-		return err
-	}
-	h, recs, err := g.knownHost(ctx, name)
+	vms, err := g.startDrain(ctx, name, "stopped")
 	if err != nil {
 		return err
-	}
-	vms := onHost(recs, name)
-	if !h.Alive && len(vms) > 0 {
-		return &exitError{code: ExitFailed, msg: fmt.Sprintf("host %s is lost: its VMs cannot be stopped; if it will not come back, forget them (vmctl destroy --forget NAME) and then the host (vmctl host forget %s)", name, name)}
 	}
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -354,16 +365,9 @@ func (g *globals) drain(ctx context.Context, name string, stopTimeout int) error
 // drainMove cordons the host and migrates its VMs away, parallel at a
 // time, reporting progress and what could not move.
 func (g *globals) drainMove(ctx context.Context, name string, parallel int) error {
-	if err := g.setCordon(ctx, name, true, "drain"); err != nil {
-		return err
-	}
-	h, recs, err := g.knownHost(ctx, name)
+	vms, err := g.startDrain(ctx, name, "moved")
 	if err != nil {
 		return err
-	}
-	vms := onHost(recs, name)
-	if !h.Alive && len(vms) > 0 {
-		return &exitError{code: ExitFailed, msg: fmt.Sprintf("host %s is lost: its VMs cannot be moved; if it will not come back, forget them (vmctl destroy --forget NAME) and then the host (vmctl host forget %s)", name, name)}
 	}
 	var wg sync.WaitGroup
 	var mu sync.Mutex

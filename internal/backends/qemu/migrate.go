@@ -207,20 +207,8 @@ func (b *Backend) listenIncoming(ctx context.Context, r *record, accel string, r
 	if err != nil {
 		return "", err
 	}
-	args := append(qemuArgs(r, accel), "-incoming", "defer", "-S")
-	argv := append(append([]string{}, b.opts.Wrapper...), b.opts.QEMUBinary)
-	argv = append(argv, args...)
-	stderr, err := os.OpenFile(r.path(stderrFile), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return "", err
-	}
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.Stdout, cmd.Stderr = stderr, stderr
-	cmd.WaitDelay = 5 * time.Second
-	err = cmd.Run()
-	stderr.Close()
-	if err != nil {
-		return "", fmt.Errorf("QEMU failed to start for the incoming migration (%w)%s", err, b.diagnostics(r))
+	if err := b.launch(ctx, r, accel, "-incoming", "defer", "-S"); err != nil {
+		return "", fmt.Errorf("for the incoming migration: %w", err)
 	}
 	pid := readPidfile(r.path(pidFile))
 	if pid == 0 {

@@ -171,10 +171,11 @@ func (b *Backend) newPort(r *record) error {
 	return r.save()
 }
 
-// launch runs QEMU with -daemonize and waits for the parent to exit, which
-// it does once the daemon has initialised (or failed to).
-func (b *Backend) launch(ctx context.Context, r *record, accel string) error {
-	args := qemuArgs(r, accel)
+// launch runs QEMU with -daemonize (and extra arguments after the VM's
+// own) and waits for the parent to exit, which it does once the daemon
+// has initialised (or failed to).
+func (b *Backend) launch(ctx context.Context, r *record, accel string, extra ...string) error {
+	args := append(qemuArgs(r, accel), extra...)
 	argv := append(append([]string{}, b.opts.Wrapper...), b.opts.QEMUBinary)
 	argv = append(argv, args...)
 	stderr, err := os.OpenFile(r.path(stderrFile), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
