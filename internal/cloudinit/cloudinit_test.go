@@ -5,26 +5,26 @@ import (
 	"io"
 	"testing"
 
-	"github.com/kdomanski/iso9660"
+	"github.com/vmherd/vmherd/api"
 
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/kdomanski/iso9660"
 )
 
 func TestFiles(t *testing.T) {
 	cases := []struct {
-		spec vm.VmSpec
+		spec api.VmSpec
 		want map[string]string
 	}{
-		{vm.VmSpec{Name: "web1"}, map[string]string{
+		{api.VmSpec{Name: "web1"}, map[string]string{
 			"meta-data": "instance-id: web1\nlocal-hostname: web1\n",
 			"user-data": "#cloud-config\n{}\n",
 		}},
-		{vm.VmSpec{Name: "web1", CloudInit: &vm.CloudInitConfig{InstanceID: "iid: 1", Hostname: "yes", UserData: "#!/bin/sh\n", NetworkConfig: "version: 2\n"}}, map[string]string{
+		{api.VmSpec{Name: "web1", CloudInit: &api.CloudInitConfig{InstanceID: "iid: 1", Hostname: "yes", UserData: "#!/bin/sh\n", NetworkConfig: "version: 2\n"}}, map[string]string{
 			"meta-data":      "instance-id: \"iid: 1\"\nlocal-hostname: \"yes\"\n",
 			"user-data":      "#!/bin/sh\n",
 			"network-config": "version: 2\n",
 		}},
-		{vm.VmSpec{Name: "w", SSH: &vm.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAA k@h"}}, map[string]string{
+		{api.VmSpec{Name: "w", SSH: &api.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAA k@h"}}, map[string]string{
 			"meta-data": "instance-id: w\nlocal-hostname: w\n",
 			"user-data": "#cloud-config\nusers:\n  - name: vm\n    ssh_authorized_keys:\n      - \"ssh-ed25519 AAAA k@h\"\n    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    shell: /bin/bash\n",
 		}},
@@ -47,7 +47,7 @@ func TestFiles(t *testing.T) {
 
 // The ISO is labelled cidata and holds the files.
 func TestISO(t *testing.T) {
-	b, err := ISO(vm.VmSpec{Name: "web1"})
+	b, err := ISO(api.VmSpec{Name: "web1"})
 	if err != nil {
 		t.Fatal(err)
 	}

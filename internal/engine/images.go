@@ -5,9 +5,10 @@ import (
 	"encoding/json"
 	"sync"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/images"
 )
 
@@ -15,7 +16,7 @@ import (
 // which host, for placing a spec that names its image.
 type imageIndex struct {
 	mu     sync.RWMutex
-	ready  map[string]bool // events.ImageKey(host, name)
+	ready  map[string]bool // api.ImageKey(host, name)
 	synced chan struct{}
 	once   sync.Once
 }
@@ -28,7 +29,7 @@ func newImageIndex() *imageIndex {
 func (x *imageIndex) has(host, name string) bool {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	return x.ready[events.ImageKey(host, name)]
+	return x.ready[api.ImageKey(host, name)]
 }
 
 // Ready is closed once the bucket has been read to its end.

@@ -6,10 +6,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/metrics"
-	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // placedCount is what the VMs placed on each host take, counted from the
@@ -41,7 +40,7 @@ type placedVM struct {
 	seq   uint64
 	host  string
 	res   hosts.Resources
-	state vm.VmState
+	state api.VmState
 }
 
 // pendingVM is a placement decided on the VM's record at seq after, not
@@ -64,7 +63,7 @@ func newPlacedCount(m *metrics.Set) *placedCount {
 }
 
 // observe counts the newest record of a VM.
-func (c *placedCount) observe(r *projection.VmRecord) {
+func (c *placedCount) observe(r *api.VmRecord) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if p, ok := c.pending[r.Name]; ok && r.LastSeq > p.after {
@@ -80,9 +79,9 @@ func (c *placedCount) observe(r *projection.VmRecord) {
 		now.state = r.State
 	}
 	c.metrics.VMState(string(old.state), string(now.state))
-	if r.Exists() && r.State != vm.StateDestroyed && r.Host != "" {
+	if r.Live() && r.Host != "" {
 		now.host = r.Host
-		if r.Backend != vm.BackendNoop && !prepareFailed(r) {
+		if r.Backend != api.BackendNoop && !prepareFailed(r) {
 			now.res = hosts.Resources{Vcpus: r.Vcpus, MemoryMB: r.MemoryMB}
 		}
 	}
@@ -104,10 +103,10 @@ func (c *placedCount) unlockPlacing() { c.placing.Unlock() }
 // reserve counts a placement of name on host, decided on the VM's record
 // at seq after, until a record of the VM past after is observed (or
 // pendingFor passes). Callers hold placing.
-func (c *placedCount) reserve(name, host string, b vm.BackendTag, res hosts.Resources, after uint64) {
+func (c *placedCount) reserve(name, host string, b api.BackendTag, res hosts.Resources, after uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if b == vm.BackendNoop {
+	if b == api.BackendNoop {
 		res = hosts.Resources{}
 	}
 	c.pending[name] = pendingVM{host: host, res: res, after: after, at: time.Now()}
@@ -129,8 +128,8 @@ func (c *placedCount) eachPending(f func(name string, p pendingVM)) {
 // and has no handle (a prepare that succeeded leaves one, and so does
 // every later call). Nothing on its host can start; it still counts as
 // a VM (quotas, vmsOn) until it is destroyed, but takes no room.
-func prepareFailed(r *projection.VmRecord) bool {
-	return r.State == vm.StateFailed && (r.Handle == nil || r.Handle.ID == "")
+func prepareFailed(r *api.VmRecord) bool {
+	return r.State == api.StateFailed && (r.Handle == nil || r.Handle.ID == "")
 }
 
 // vmsOn lists the VMs (not destroyed) the records place on host.

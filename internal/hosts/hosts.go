@@ -13,24 +13,25 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Heartbeat is a worker's entry in VM_HOSTS.
 type Heartbeat struct {
-	Host           string                                  `json:"host"`
-	Version        string                                  `json:"version"`
-	Time           time.Time                               `json:"time"`
-	Backends       []vm.BackendTag                         `json:"backends"`
-	DefaultBackend vm.BackendTag                           `json:"default_backend"`
-	Capabilities   map[vm.BackendTag]backends.Capabilities `json:"capabilities"`
-	Capacity       Resources                               `json:"capacity"`
-	Usage          Usage                                   `json:"usage"`
+	Host           string                                   `json:"host"`
+	Version        string                                   `json:"version"`
+	Time           time.Time                                `json:"time"`
+	Backends       []api.BackendTag                         `json:"backends"`
+	DefaultBackend api.BackendTag                           `json:"default_backend"`
+	Capabilities   map[api.BackendTag]backends.Capabilities `json:"capabilities"`
+	Capacity       Resources                                `json:"capacity"`
+	Usage          Usage                                    `json:"usage"`
 	// Tasks is how the worker wants its task consumer, which the engines
 	// create for it.
 	Tasks TaskSettings `json:"tasks"`
@@ -77,7 +78,7 @@ type Usage struct {
 }
 
 // Has reports whether the host runs backend b.
-func (h *Heartbeat) Has(b vm.BackendTag) bool {
+func (h *Heartbeat) Has(b api.BackendTag) bool {
 	for _, x := range h.Backends {
 		if x == b {
 			return true
@@ -87,7 +88,7 @@ func (h *Heartbeat) Has(b vm.BackendTag) bool {
 }
 
 // Can reports whether backend b on this host supports action.
-func (h *Heartbeat) Can(b vm.BackendTag, action fsm.Action) bool {
+func (h *Heartbeat) Can(b api.BackendTag, action fsm.Action) bool {
 	c, ok := h.Capabilities[b]
 	if !ok {
 		return true
@@ -143,7 +144,7 @@ func (h *Host) Status() string {
 
 // Change is a change of a host's state the registry saw, for host events.
 type Change struct {
-	Kind events.HostEventType
+	Kind api.HostEventType
 	Host string
 	// Rev identifies the change: the heartbeat's revision for lost and
 	// back (the last beat before the loss, the first one after), the
@@ -218,7 +219,7 @@ func (r *Registry) checkLost(ctx context.Context) {
 				continue
 			}
 			r.lostSeen[name] = true
-			lost = append(lost, Change{Kind: events.HostLost, Host: name, Rev: h.Rev, Last: h.Time,
+			lost = append(lost, Change{Kind: api.HostLost, Host: name, Rev: h.Rev, Last: h.Time,
 				Reason: fmt.Sprintf("no heartbeat for over %s", r.LostAfter)})
 		}
 		r.mu.Unlock()
@@ -278,7 +279,7 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	// *.cordon key (a permission cannot say "a host id"), so one whose
 	// host part is not a host id (`_engine`, 3,000 characters) is refused
 	// here: it names no host, makes no host event and is never listed.
-	if vm.ValidateHost(strings.TrimSuffix(key, cordonSuffix)) != nil {
+	if api.ValidateHost(strings.TrimSuffix(key, cordonSuffix)) != nil {
 		return
 	}
 	if name, ok := strings.CutSuffix(key, cordonSuffix); ok {
@@ -296,9 +297,9 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 			}
 		}
 		if r.loaded && was != (h.Cordon != nil) {
-			ch := Change{Kind: events.HostUncordoned, Host: name, Rev: e.Revision()}
+			ch := Change{Kind: api.HostUncordoned, Host: name, Rev: e.Revision()}
 			if h.Cordon != nil {
-				ch.Kind, ch.Reason = events.HostCordoned, h.Cordon.Reason
+				ch.Kind, ch.Reason = api.HostCordoned, h.Cordon.Reason
 			}
 			out = append(out, ch)
 		}
@@ -308,7 +309,7 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	// key is what the server's permissions pin (a worker may put only
 	// $KV.VM_HOSTS.<its host>); the body is whatever the writer chose. A
 	// key that is no host id (no worker can have written it) is ignored.
-	if vm.ValidateHost(key) != nil {
+	if api.ValidateHost(key) != nil {
 		return
 	}
 	h := r.entry(key)
@@ -317,7 +318,7 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	}
 	if !put {
 		if r.loaded && h.Rev != 0 {
-			out = append(out, Change{Kind: events.HostForgotten, Host: key, Rev: e.Revision(), Last: h.Time})
+			out = append(out, Change{Kind: api.HostForgotten, Host: key, Rev: e.Revision(), Last: h.Time})
 		}
 		if h.Cordon == nil {
 			delete(r.hosts, key)
@@ -344,7 +345,7 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	h.Heartbeat, h.Rev = hb, e.Revision()
 	if time.Since(hb.Time) < r.LostAfter && r.lostSeen[key] {
 		delete(r.lostSeen, key)
-		out = append(out, Change{Kind: events.HostBack, Host: key, Rev: e.Revision(), Last: hb.Time})
+		out = append(out, Change{Kind: api.HostBack, Host: key, Rev: e.Revision(), Last: hb.Time})
 	}
 }
 
@@ -428,7 +429,7 @@ func (r *Registry) Alive(host string) bool {
 // Placement is a request for a host: the backend asked for ("" for any,
 // the host's default then applies) and what the VM takes.
 type Placement struct {
-	Backend vm.BackendTag
+	Backend api.BackendTag
 	Need    Resources
 	// Placed tells what the VMs already placed on a host take (the
 	// engine's count from the records).
@@ -444,7 +445,7 @@ type Placement struct {
 
 // takes reports whether a VM of backend b takes capacity: a Noop VM runs
 // nothing, so it takes none.
-func takes(b vm.BackendTag) bool { return b != vm.BackendNoop }
+func takes(b api.BackendTag) bool { return b != api.BackendNoop }
 
 // Fits reports why host h cannot take the placement ("" if it can).
 func (p Placement) Fits(h *Host) string {

@@ -6,12 +6,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/natsserver"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 func bucket(t *testing.T) (jetstream.JetStream, jetstream.KeyValue) {
@@ -48,9 +49,9 @@ func beat(t *testing.T, kv jetstream.KeyValue, key string, hb hosts.Heartbeat) {
 // get a 200-vCPU VM placed on h1 (trust-holes issue, item 4).
 func TestHeartbeatIdentityIsTheKey(t *testing.T) {
 	js, kv := bucket(t)
-	beat(t, kv, "h1", hosts.Heartbeat{Host: "h1", Backends: []vm.BackendTag{vm.BackendQEMU}, DefaultBackend: vm.BackendQEMU,
+	beat(t, kv, "h1", hosts.Heartbeat{Host: "h1", Backends: []api.BackendTag{api.BackendQEMU}, DefaultBackend: api.BackendQEMU,
 		Capacity: hosts.Resources{Vcpus: 8, MemoryMB: 16384}})
-	beat(t, kv, "h2", hosts.Heartbeat{Host: "h1", Backends: []vm.BackendTag{vm.BackendQEMU}, DefaultBackend: vm.BackendQEMU,
+	beat(t, kv, "h2", hosts.Heartbeat{Host: "h1", Backends: []api.BackendTag{api.BackendQEMU}, DefaultBackend: api.BackendQEMU,
 		Capacity: hosts.Resources{Vcpus: 400, MemoryMB: 1 << 20}})
 	// A body naming no host: not a worker's heartbeat (e.g. a JetStream
 	// API answer the server was made to publish on the key).

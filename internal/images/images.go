@@ -34,8 +34,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/imagechain"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Image is one named image in a store.
@@ -91,7 +91,7 @@ func (s *Store) Pull(ctx context.Context, source string, o PullOptions) (Image, 
 	if name == "" {
 		name = NameFrom(source)
 	}
-	if err := vm.ValidateName(name); err != nil {
+	if err := api.ValidateName(name); err != nil {
 		return Image{}, fmt.Errorf("image name: %w (give one with --name)", err)
 	}
 	if o.SHA256 != "" {
@@ -220,7 +220,7 @@ func (s *Store) writeRef(img Image) error {
 
 // Get returns the image named name.
 func (s *Store) Get(name string) (Image, error) {
-	if vm.ValidateName(name) != nil {
+	if api.ValidateName(name) != nil {
 		return Image{}, fmt.Errorf("image %q: %w", name, ErrNotFound)
 	}
 	b, err := os.ReadFile(filepath.Join(s.refs(), name+".json"))
@@ -324,8 +324,8 @@ func NameFrom(source string) string {
 		}
 	}
 	s = strings.Trim(nameJunk.ReplaceAllString(strings.ToLower(s), "-"), "-_")
-	if len(s) > vm.MaxNameLen {
-		s = s[:vm.MaxNameLen]
+	if len(s) > api.MaxNameLen {
+		s = s[:api.MaxNameLen]
 	}
 	return s
 }

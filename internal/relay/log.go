@@ -10,10 +10,9 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/nats-io/nats.go"
+	"github.com/vmherd/vmherd/api"
 
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/nats-io/nats.go"
 )
 
 // LogChunk bounds one log reply (a NATS message must stay under the
@@ -36,11 +35,11 @@ type LogPart struct {
 
 // ReadLog reads a piece of the console log behind ep, on the VM's host:
 // the log file (QEMU), or the history propolis-server keeps.
-func ReadLog(ctx context.Context, ep vm.ConsoleEndpoint, req LogRequest) (LogPart, error) {
+func ReadLog(ctx context.Context, ep api.ConsoleEndpoint, req LogRequest) (LogPart, error) {
 	switch {
 	case ep.LogPath != "":
 		return readLogFile(ep.LogPath, req)
-	case ep.Kind == vm.ConsoleWebSocket:
+	case ep.Kind == api.ConsoleWebSocket:
 		return readWebSocketHistory(ctx, ep, req)
 	}
 	return LogPart{}, fmt.Errorf("this VM keeps no console log (console kind %q)", ep.Kind)
@@ -211,7 +210,7 @@ const FollowEvery = 200 * time.Millisecond
 // PrintLog prints vmName's console log through the worker of its host
 // (the last tail lines first, -1: all) and, with follow, what the guest
 // writes after, until ctx ends.
-func PrintLog(ctx context.Context, nc *nats.Conn, names events.Names, host, vmName string, out io.Writer, tail int, follow bool) error {
+func PrintLog(ctx context.Context, nc *nats.Conn, names api.Names, host, vmName string, out io.Writer, tail int, follow bool) error {
 	subj := names.Log(host, vmName)
 	req := LogRequest{Tail: tail}
 	for {

@@ -14,6 +14,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
@@ -21,12 +23,11 @@ import (
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 func (g *globals) createCmd() *cobra.Command {
 	var (
-		spec                      vm.VmSpec
+		spec                      api.VmSpec
 		network, bridge           string
 		cloudInit, sshKey, netCfg string
 		host, backend             string
@@ -43,18 +44,18 @@ func (g *globals) createCmd() *cobra.Command {
 				return usageError("--start with --no-wait: start is sent only once prepare has succeeded, so vmctl must wait for it.\nhelp: drop --no-wait, or run `vmctl create %s --no-wait` and later `vmctl start %s`", args[0], args[0])
 			}
 			spec.Name = args[0]
-			spec.Backend = vm.BackendTag(backend)
+			spec.Backend = api.BackendTag(backend)
 			if spec.ImagePath != "" && !strings.Contains(spec.ImagePath, "/") {
 				// A name in the hosts' image stores, not a path.
 				spec.Image, spec.ImagePath = spec.ImagePath, ""
 			}
-			n := &vm.NetworkConfig{Type: vm.NetworkType(network)}
+			n := &api.NetworkConfig{Type: api.NetworkType(network)}
 			if t, arg, ok := strings.Cut(network, ":"); ok {
-				n.Type = vm.NetworkType(t)
+				n.Type = api.NetworkType(t)
 				switch n.Type {
-				case vm.NetworkTap:
+				case api.NetworkTap:
 					n.Bridge = arg
-				case vm.NetworkVnic:
+				case api.NetworkVnic:
 					n.Name = arg
 				}
 			}
@@ -63,7 +64,7 @@ func (g *globals) createCmd() *cobra.Command {
 			}
 			spec.Network = n
 			if cloudInit != "" || netCfg != "" {
-				spec.CloudInit = &vm.CloudInitConfig{}
+				spec.CloudInit = &api.CloudInitConfig{}
 				if cloudInit != "" {
 					b, err := os.ReadFile(cloudInit)
 					if err != nil {
@@ -84,17 +85,17 @@ func (g *globals) createCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				spec.SSH = &vm.SshConfig{User: sshUser, PublicKey: key}
+				spec.SSH = &api.SshConfig{User: sshUser, PublicKey: key}
 			}
 			if err := spec.Validate(); err != nil {
 				return usageError("%s", flagWords(err.Error()))
 			}
 			ctx := cmd.Context()
-			ev, err := g.send(ctx, spec.Name, fsm.ActPrepare, events.Command{Spec: &spec, Host: host})
+			ev, err := g.send(ctx, spec.Name, fsm.ActPrepare, api.Command{Spec: &spec, Host: host})
 			if err != nil || !start || ev == nil {
 				return err
 			}
-			_, err = g.send(ctx, spec.Name, fsm.ActStart, events.Command{})
+			_, err = g.send(ctx, spec.Name, fsm.ActStart, api.Command{})
 			return err
 		},
 	}
@@ -147,7 +148,7 @@ func (g *globals) lifecycleCmd(action fsm.Action, short string) *cobra.Command {
 		Args:              nameArg,
 		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			_, err := g.send(cmd.Context(), args[0], action, events.Command{})
+			_, err := g.send(cmd.Context(), args[0], action, api.Command{})
 			return err
 		},
 	}
@@ -184,7 +185,7 @@ func (g *globals) stopCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		_, err = g.send(cmd.Context(), args[0], fsm.ActStop, events.Command{TimeoutS: t})
+		_, err = g.send(cmd.Context(), args[0], fsm.ActStop, api.Command{TimeoutS: t})
 		return err
 	}
 	return c
@@ -208,7 +209,7 @@ func (g *globals) destroyCmd() *cobra.Command {
 		if forget && t != 0 {
 			return usageError("--forget and --stop-timeout do not go together: a forgotten VM is not stopped, its host is gone")
 		}
-		_, err = g.send(cmd.Context(), args[0], fsm.ActDestroy, events.Command{TimeoutS: t, Forget: forget})
+		_, err = g.send(cmd.Context(), args[0], fsm.ActDestroy, api.Command{TimeoutS: t, Forget: forget})
 		return err
 	}
 	return c
@@ -241,7 +242,7 @@ migration that fails or is cancelled leaves it there.`,
 		if timeout < 0 || (timeout > 0 && timeout < time.Second) {
 			return usageError("--migration-timeout %s: at least 1s", timeout)
 		}
-		_, err := g.send(cmd.Context(), args[0], fsm.ActMigrate, events.Command{Host: to, Cancel: cancel, TimeoutS: int(timeout / time.Second)})
+		_, err := g.send(cmd.Context(), args[0], fsm.ActMigrate, api.Command{Host: to, Cancel: cancel, TimeoutS: int(timeout / time.Second)})
 		return err
 	}
 	return c
@@ -290,8 +291,8 @@ func (g *globals) recordsKV(ctx context.Context) (jetstream.KeyValue, error) {
 	return g.records, nil
 }
 
-func (g *globals) record(ctx context.Context, name string) (*projection.VmRecord, error) {
-	if err := vm.ValidateName(name); err != nil {
+func (g *globals) record(ctx context.Context, name string) (*api.VmRecord, error) {
+	if err := api.ValidateName(name); err != nil {
 		return nil, usageError("NAME %q: %s", name, ruleOf(err))
 	}
 	if err := g.conn(); err != nil {
@@ -308,44 +309,44 @@ func (g *globals) record(ctx context.Context, name string) (*projection.VmRecord
 		}
 		return nil, err
 	}
-	return projection.Unmarshal(e.Value())
+	return api.UnmarshalRecord(e.Value())
 }
 
 // listed is a record as `vmctl list --json` prints it: with whether its
 // host is lost now (the record is then the last state known).
 type listed struct {
-	*projection.VmRecord
+	*api.VmRecord
 	HostLost bool `json:"host_lost,omitempty"`
 }
 
 // stateText is the state as people read it: a VM whose process ended
 // without a command is "stopped (exited)", not a clean stop; on a lost
 // host the state is the last one known: "unknown (host lost; last running)".
-func stateText(r *projection.VmRecord, hostLost bool) string {
+func stateText(r *api.VmRecord, hostLost bool) string {
 	s := string(r.State)
 	if r.Crashed() {
 		s += " (exited)"
 	}
-	if hostLost && r.State != vm.StateDestroyed {
+	if hostLost && r.State != api.StateDestroyed {
 		return "unknown (host lost; last " + s + ")"
 	}
 	return s
 }
 
 // running reports whether the record says the VM's process runs.
-func running(r *projection.VmRecord) bool {
-	return r.State == vm.StateRunning || r.State == vm.StateSuspended
+func running(r *api.VmRecord) bool {
+	return r.State == api.StateRunning || r.State == api.StateSuspended
 }
 
 // notRunning is the error for a query that needs a running VM.
-func notRunning(r *projection.VmRecord) error {
+func notRunning(r *api.VmRecord) error {
 	msg := fmt.Sprintf("vm %s is not running (state %s)", r.Name, r.State)
 	if r.Crashed() {
 		msg = fmt.Sprintf("vm %s is not running: its process exited at %s without a command (%s)", r.Name,
 			r.Exit.Time.Local().Format(time.DateTime), r.Exit.Reason)
 	}
 	switch r.State {
-	case vm.StatePrepared, vm.StateStopped, vm.StateFailed:
+	case api.StatePrepared, api.StateStopped, api.StateFailed:
 		msg += fmt.Sprintf("; start it with `vmctl start %s`", r.Name)
 	}
 	return &exitError{code: ExitFailed, msg: msg}
@@ -365,9 +366,9 @@ func (g *globals) listCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var list []*projection.VmRecord
+			var list []*api.VmRecord
 			for _, r := range recs {
-				if all || r.State != vm.StateDestroyed {
+				if all || r.State != api.StateDestroyed {
 					list = append(list, r)
 				}
 			}
@@ -376,7 +377,7 @@ func (g *globals) listCmd() *cobra.Command {
 			if g.json {
 				out := make([]listed, len(list))
 				for i, r := range list {
-					out[i] = listed{VmRecord: r, HostLost: lost[r.Host] && r.State != vm.StateDestroyed}
+					out[i] = listed{VmRecord: r, HostLost: lost[r.Host] && r.State != api.StateDestroyed}
 				}
 				return g.printJSON(out)
 			}
@@ -412,7 +413,7 @@ func orDash(s string) string {
 
 // guestAddrs asks the workers for the address of each running VM, at once
 // and briefly: a list must not hang on one slow host.
-func (g *globals) guestAddrs(ctx context.Context, list []*projection.VmRecord, lost map[string]bool) []string {
+func (g *globals) guestAddrs(ctx context.Context, list []*api.VmRecord, lost map[string]bool) []string {
 	out := make([]string, len(list))
 	var wg sync.WaitGroup
 	for i, r := range list {
@@ -429,7 +430,7 @@ func (g *globals) guestAddrs(ctx context.Context, list []*projection.VmRecord, l
 			defer wg.Done()
 			qctx, cancel := context.WithTimeout(ctx, time.Second)
 			defer cancel()
-			var ip events.GuestIPReply
+			var ip api.GuestIPReply
 			var qe *queryError
 			if err := g.query(qctx, r, "guest_ip", &ip); errors.As(err, &qe) && qe.code == "409" {
 				return // the VM has no address (no network, or not known yet)
@@ -454,8 +455,8 @@ type queryError struct{ code, msg string }
 func (e *queryError) Error() string { return e.msg }
 
 // query asks the worker on the VM's host.
-func (g *globals) query(ctx context.Context, r *projection.VmRecord, endpoint string, out any) error {
-	req, _ := json.Marshal(events.QueryRequest{VM: r.Name})
+func (g *globals) query(ctx context.Context, r *api.VmRecord, endpoint string, out any) error {
+	req, _ := json.Marshal(api.QueryRequest{VM: r.Name})
 	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	m, err := g.nc.RequestWithContext(qctx, g.names.Query(r.Host)+"."+endpoint, req)
@@ -479,13 +480,13 @@ func (g *globals) statusCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var live events.StateReply
+			var live api.StateReply
 			liveErr := error(nil)
-			hostLost := r.State != vm.StateDestroyed && g.hostLost(cmd.Context(), r.Host)
+			hostLost := r.State != api.StateDestroyed && g.hostLost(cmd.Context(), r.Host)
 			switch {
 			case hostLost:
 				liveErr = fmt.Errorf("host %s is lost (no heartbeat for over %s)", r.Host, hosts.DefaultLostAfter)
-			case r.State != vm.StateDestroyed:
+			case r.State != api.StateDestroyed:
 				liveErr = g.query(cmd.Context(), r, "state", &live)
 			}
 			if g.json {
@@ -566,7 +567,7 @@ func (g *globals) ipCmd() *cobra.Command {
 			if !running(r) {
 				return notRunning(r)
 			}
-			var ip events.GuestIPReply
+			var ip api.GuestIPReply
 			if err := g.query(cmd.Context(), r, "guest_ip", &ip); err != nil {
 				return err
 			}
@@ -747,7 +748,7 @@ func (g *globals) allEvents(ctx context.Context, follow bool, last int) error {
 			continue
 		}
 		if _, _, isHost := g.names.ParseHostEventSubject(m.Subject()); isHost {
-			if hev, err := events.DecodeHostEvent(m.Data()); err == nil {
+			if hev, err := api.DecodeHostEvent(m.Data()); err == nil {
 				p.add(hev, formatHostEvent(0, hev))
 			}
 		} else if ev, err := events.Decode(m.Data()); err == nil {

@@ -8,10 +8,11 @@ import (
 	"io"
 	"os"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/relay"
 )
 
@@ -153,7 +154,7 @@ func (g *globals) printProvisionLog(ctx context.Context, name string, tail int) 
 	if r == nil {
 		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s does not exist; a destroyed VM's provisioning log is deleted with it", name)}
 	}
-	e, err := kv.Get(ctx, events.SSHKey(name, r.Generation, events.SSHProvisionLog))
+	e, err := kv.Get(ctx, api.SSHKey(name, r.Generation, api.SSHProvisionLog))
 	if err != nil {
 		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s has no provisioning log (vmctl up or vmctl provision writes one)", name)}
 	}

@@ -12,14 +12,14 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // hostRow is a host as `vmctl hosts` shows it: its heartbeat and cordon,
@@ -38,7 +38,7 @@ type hostRow struct {
 }
 
 // fleet reads the hosts and the records once.
-func (g *globals) fleet(ctx context.Context) ([]*hosts.Host, map[string]*projection.VmRecord, error) {
+func (g *globals) fleet(ctx context.Context) ([]*hosts.Host, map[string]*api.VmRecord, error) {
 	if err := g.conn(); err != nil {
 		return nil, nil, err
 	}
@@ -58,10 +58,10 @@ func (g *globals) fleet(ctx context.Context) ([]*hosts.Host, map[string]*project
 }
 
 // onHost lists the VMs (not destroyed) the records place on host, by name.
-func onHost(recs map[string]*projection.VmRecord, host string) []*projection.VmRecord {
-	var out []*projection.VmRecord
+func onHost(recs map[string]*api.VmRecord, host string) []*api.VmRecord {
+	var out []*api.VmRecord
 	for _, r := range recs {
-		if r.Host == host && r.Exists() && r.State != vm.StateDestroyed {
+		if r.Host == host && r.Exists() && r.State != api.StateDestroyed {
 			out = append(out, r)
 		}
 	}
@@ -87,7 +87,7 @@ func (g *globals) listHosts(cmd *cobra.Command, _ []string) error {
 	for _, h := range hs {
 		row := hostRow{Host: h, Status: h.Status()}
 		for _, r := range recs {
-			if m := r.Migration; m != nil && r.State == vm.StateMigrating {
+			if m := r.Migration; m != nil && r.State == api.StateMigrating {
 				if m.From == h.Host {
 					row.Leaving++
 				}
@@ -98,7 +98,7 @@ func (g *globals) listHosts(cmd *cobra.Command, _ []string) error {
 		}
 		for _, r := range onHost(recs, h.Host) {
 			row.VMs++
-			if r.Backend != vm.BackendNoop {
+			if r.Backend != api.BackendNoop {
 				row.Placed = row.Placed.Add(hosts.Resources{Vcpus: r.Vcpus, MemoryMB: r.MemoryMB})
 			}
 		}
@@ -244,14 +244,14 @@ func hostArg(cmd *cobra.Command, args []string) error {
 	if len(args) != 1 {
 		return usageError("%s takes one HOST (see `vmctl hosts`)", cmd.CommandPath())
 	}
-	if err := vm.ValidateHost(args[0]); err != nil {
+	if err := api.ValidateHost(args[0]); err != nil {
 		return usageError("HOST %q: %s", args[0], ruleOf(err))
 	}
 	return nil
 }
 
 // knownHost returns the host's entry, or an error naming the known hosts.
-func (g *globals) knownHost(ctx context.Context, name string) (*hosts.Host, map[string]*projection.VmRecord, error) {
+func (g *globals) knownHost(ctx context.Context, name string) (*hosts.Host, map[string]*api.VmRecord, error) {
 	hs, recs, err := g.fleet(ctx)
 	if err != nil {
 		return nil, nil, err
@@ -304,7 +304,7 @@ func (g *globals) setCordon(ctx context.Context, name string, on bool, reason st
 // startDrain cordons the host and returns its VMs; a lost host's VMs
 // cannot be stopped or moved (done says which), and it says what to do
 // instead.
-func (g *globals) startDrain(ctx context.Context, name, done string) ([]*projection.VmRecord, error) {
+func (g *globals) startDrain(ctx context.Context, name, done string) ([]*api.VmRecord, error) {
 	if err := g.setCordon(ctx, name, true, "drain"); err != nil {
 		return nil, err
 	}
@@ -337,7 +337,7 @@ func (g *globals) drain(ctx context.Context, name string, stopTimeout int) error
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, err := g.send(ctx, r.Name, fsm.ActStop, events.Command{TimeoutS: stopTimeout})
+			_, err := g.send(ctx, r.Name, fsm.ActStop, api.Command{TimeoutS: stopTimeout})
 			if err != nil {
 				mu.Lock()
 				failed = append(failed, fmt.Sprintf("%s: %v", r.Name, err))
@@ -380,10 +380,10 @@ func (g *globals) drainMove(ctx context.Context, name string, parallel int) erro
 			defer wg.Done()
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			ev, err := g.send(ctx, r.Name, fsm.ActMigrate, events.Command{})
+			ev, err := g.send(ctx, r.Name, fsm.ActMigrate, api.Command{})
 			mu.Lock()
 			defer mu.Unlock()
-			if err == nil && ev != nil && ev.Type == events.TypeMigrated {
+			if err == nil && ev != nil && ev.Type == api.TypeMigrated {
 				moved++
 				fmt.Fprintf(g.errOut, "drain %s: %d of %d moved (%s to %s)\n", name, moved, len(vms), r.Name, ev.Migration.To)
 				return
@@ -466,11 +466,11 @@ func (g *globals) judgeLost(ctx context.Context, hs []*hosts.Host) {
 		if !h.Alive {
 			continue
 		}
-		m, err := st.GetLastMsgForSubject(ctx, g.names.HostEvent(h.Host, events.HostLost))
+		m, err := st.GetLastMsgForSubject(ctx, g.names.HostEvent(h.Host, api.HostLost))
 		if err != nil {
 			continue
 		}
-		if ev, err := events.DecodeHostEvent(m.Data); err == nil && ev.Rev == h.Rev {
+		if ev, err := api.DecodeHostEvent(m.Data); err == nil && ev.Rev == h.Rev {
 			h.Alive = false
 		}
 	}

@@ -10,12 +10,13 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/images"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 func (g *globals) imageCmd() *cobra.Command {
@@ -79,7 +80,7 @@ func (g *globals) imageHosts(ctx context.Context, host string, all bool) ([]stri
 }
 
 // imageRequest asks host's worker and decodes its reply.
-func (g *globals) imageRequest(ctx context.Context, host string, op events.ImageOp, body any) error {
+func (g *globals) imageRequest(ctx context.Context, host string, op api.ImageOp, body any) error {
 	b, _ := json.Marshal(body)
 	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
@@ -120,13 +121,13 @@ whole. The same content is stored once; pulling it again only names it.`,
 			if name == "" {
 				name = images.NameFrom(args[0])
 			}
-			if err := vm.ValidateName(name); err != nil {
+			if err := api.ValidateName(name); err != nil {
 				return usageError("image name %q: %s (give one with --name)", name, ruleOf(err))
 			}
 			// Watch before asking, so no status is missed.
 			keys := make([]string, len(hs))
 			for i, h := range hs {
-				keys[i] = events.ImageKey(h, name)
+				keys[i] = api.ImageKey(h, name)
 			}
 			w, err := events.KVPoll(ctx, g.js, kv.Bucket(), "*."+name, kvPollEvery)
 			if err != nil {
@@ -135,7 +136,7 @@ whole. The same content is stored once; pulling it again only names it.`,
 			defer func() { _ = w.Stop() }()
 			started := time.Now()
 			for _, h := range hs {
-				if err := g.imageRequest(ctx, h, events.ImagePull, images.PullRequest{Source: args[0], Name: name, SHA256: sha}); err != nil {
+				if err := g.imageRequest(ctx, h, api.ImagePull, images.PullRequest{Source: args[0], Name: name, SHA256: sha}); err != nil {
 					return err
 				}
 			}
@@ -314,7 +315,7 @@ func (g *globals) imageRmCmd() *cobra.Command {
 			}
 			var errs []error
 			for _, h := range on {
-				if err := g.imageRequest(ctx, h, events.ImageRemove, images.RemoveRequest{Name: args[0]}); err != nil {
+				if err := g.imageRequest(ctx, h, api.ImageRemove, images.RemoveRequest{Name: args[0]}); err != nil {
 					errs = append(errs, err)
 					continue
 				}

@@ -12,9 +12,10 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/spf13/cobra"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/relay"
 )
 
@@ -273,7 +274,7 @@ func (g *globals) sshFiles(ctx context.Context, name string) (known, key string,
 	if err != nil || r == nil {
 		return "", "", cleanup, err
 	}
-	if e, err := kv.Get(ctx, events.SSHKey(name, r.Generation, events.SSHHostKeys)); err == nil {
+	if e, err := kv.Get(ctx, api.SSHKey(name, r.Generation, api.SSHHostKeys)); err == nil {
 		var k knownHostKeys
 		if json.Unmarshal(e.Value(), &k) == nil && len(k.Keys) > 0 {
 			var b strings.Builder
@@ -286,7 +287,7 @@ func (g *globals) sshFiles(ctx context.Context, name string) (known, key string,
 			}
 		}
 	}
-	if e, err := kv.Get(ctx, events.SSHKey(name, r.Generation, events.SSHPrivateKey)); err == nil {
+	if e, err := kv.Get(ctx, api.SSHKey(name, r.Generation, api.SSHPrivateKey)); err == nil {
 		key = filepath.Join(dir, "id_ed25519")
 		if err := os.WriteFile(key, e.Value(), 0o600); err != nil {
 			return "", "", cleanup, err

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 	"golang.org/x/crypto/ssh"
@@ -19,10 +21,8 @@ import (
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/images"
-	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/provision"
 	"github.com/vmherd/vmherd/internal/relay"
-	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/vmfile"
 )
 
@@ -130,11 +130,11 @@ func (g *globals) downCmd() *cobra.Command {
 				case r == nil:
 					g.printf("%s: does not exist\n", d.Name)
 				case destroy:
-					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, events.Command{}); err != nil {
+					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, api.Command{}); err != nil {
 						return err
 					}
-				case r.State == vm.StateRunning || r.State == vm.StateSuspended:
-					if _, err := g.send(cmd.Context(), d.Name, fsm.ActStop, events.Command{}); err != nil {
+				case r.State == api.StateRunning || r.State == api.StateSuspended:
+					if _, err := g.send(cmd.Context(), d.Name, fsm.ActStop, api.Command{}); err != nil {
 						return err
 					}
 				default:
@@ -165,7 +165,7 @@ func (g *globals) reloadCmd() *cobra.Command {
 				if r, err := g.existing(cmd.Context(), d.Name); err != nil {
 					return err
 				} else if r != nil {
-					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, events.Command{}); err != nil {
+					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, api.Command{}); err != nil {
 						return err
 					}
 				}
@@ -206,7 +206,7 @@ func (g *globals) provisionCmd() *cobra.Command {
 
 // existing is the VM's record, nil when it does not exist (or was
 // destroyed).
-func (g *globals) existing(ctx context.Context, name string) (*projection.VmRecord, error) {
+func (g *globals) existing(ctx context.Context, name string) (*api.VmRecord, error) {
 	r, _, err := g.incarnation(ctx, name)
 	return r, err
 }
@@ -214,7 +214,7 @@ func (g *globals) existing(ctx context.Context, name string) (*projection.VmReco
 // incarnation is the VM's record (nil when it does not exist or was
 // destroyed) and the generation its VM_SSH entries go under: the
 // record's, or for a VM up is about to prepare, the next one.
-func (g *globals) incarnation(ctx context.Context, name string) (*projection.VmRecord, int, error) {
+func (g *globals) incarnation(ctx context.Context, name string) (*api.VmRecord, int, error) {
 	r, err := g.record(ctx, name)
 	var ee *exitError
 	if errors.As(err, &ee) && ee.code == ExitFailed {
@@ -223,7 +223,7 @@ func (g *globals) incarnation(ctx context.Context, name string) (*projection.VmR
 	if err != nil {
 		return nil, 0, err
 	}
-	if !r.Exists() || r.State == vm.StateDestroyed {
+	if !r.Exists() || r.State == api.StateDestroyed {
 		return nil, r.Generation + 1, nil
 	}
 	return r, r.Generation, nil
@@ -253,19 +253,19 @@ func (g *globals) up(ctx context.Context, d vmfile.Def, provisionNew bool) (chan
 			return true, nil
 		}
 		switch r.State {
-		case vm.StateRunning:
+		case api.StateRunning:
 			g.printf("%s: up to date and running\n", d.Name)
-		case vm.StateSuspended:
-			_, err = g.send(ctx, d.Name, fsm.ActResume, events.Command{})
+		case api.StateSuspended:
+			_, err = g.send(ctx, d.Name, fsm.ActResume, api.Command{})
 		default:
-			_, err = g.send(ctx, d.Name, fsm.ActStart, events.Command{})
+			_, err = g.send(ctx, d.Name, fsm.ActStart, api.Command{})
 		}
 		return false, err
 	}
-	if _, err := g.send(ctx, d.Name, fsm.ActPrepare, events.Command{Spec: &spec, Host: d.Host}); err != nil {
+	if _, err := g.send(ctx, d.Name, fsm.ActPrepare, api.Command{Spec: &spec, Host: d.Host}); err != nil {
 		return false, err
 	}
-	if _, err := g.send(ctx, d.Name, fsm.ActStart, events.Command{}); err != nil {
+	if _, err := g.send(ctx, d.Name, fsm.ActStart, api.Command{}); err != nil {
 		return false, err
 	}
 	if provisionNew && len(d.Provision) > 0 {
@@ -277,9 +277,9 @@ func (g *globals) up(ctx context.Context, d vmfile.Def, provisionNew bool) (chan
 // desired is the spec a definition asks for (pulling its image-url
 // first; making the key of the VM's incarnation gen when it needs a
 // generated one).
-func (g *globals) desired(ctx context.Context, d vmfile.Def, gen int) (vm.VmSpec, error) {
-	spec := vm.VmSpec{
-		Name: d.Name, Backend: vm.BackendTag(d.Backend), Vcpus: d.Vcpus, MemoryMB: d.MemoryMB, DiskGB: d.DiskGB, UEFI: d.UEFI,
+func (g *globals) desired(ctx context.Context, d vmfile.Def, gen int) (api.VmSpec, error) {
+	spec := api.VmSpec{
+		Name: d.Name, Backend: api.BackendTag(d.Backend), Vcpus: d.Vcpus, MemoryMB: d.MemoryMB, DiskGB: d.DiskGB, UEFI: d.UEFI,
 	}
 	n := d.Network
 	spec.Network = &n
@@ -296,7 +296,7 @@ func (g *globals) desired(ctx context.Context, d vmfile.Def, gen int) (vm.VmSpec
 		spec.Image = d.Image
 	}
 	if ci := d.CloudInit; ci != nil {
-		spec.CloudInit = &vm.CloudInitConfig{Hostname: ci.Hostname}
+		spec.CloudInit = &api.CloudInitConfig{Hostname: ci.Hostname}
 		if ci.UserData != "" {
 			b, err := os.ReadFile(ci.UserData)
 			if err != nil {
@@ -327,7 +327,7 @@ func (g *globals) desired(ctx context.Context, d vmfile.Def, gen int) (vm.VmSpec
 		}
 	}
 	if pub != "" {
-		spec.SSH = &vm.SshConfig{User: user, PublicKey: pub}
+		spec.SSH = &api.SshConfig{User: user, PublicKey: pub}
 	}
 	if err := spec.Validate(); err != nil {
 		return spec, usageError("vm %s: %s", d.Name, err)
@@ -367,7 +367,7 @@ func (g *globals) signer(ctx context.Context, d vmfile.Def, gen int) (ssh.Signer
 	if err != nil {
 		return nil, err
 	}
-	key := events.SSHKey(d.Name, gen, events.SSHPrivateKey)
+	key := api.SSHKey(d.Name, gen, api.SSHPrivateKey)
 	if e, err := kv.Get(ctx, key); err == nil {
 		return ssh.ParsePrivateKey(e.Value())
 	}
@@ -420,8 +420,8 @@ func (g *globals) ensureImage(ctx context.Context, d vmfile.Def) (string, error)
 	started := time.Now()
 	keys := make([]string, len(need))
 	for i, h := range need {
-		keys[i] = events.ImageKey(h, name)
-		if err := g.imageRequest(ctx, h, events.ImagePull, images.PullRequest{Source: d.ImageURL, Name: name}); err != nil {
+		keys[i] = api.ImageKey(h, name)
+		if err := g.imageRequest(ctx, h, api.ImagePull, images.PullRequest{Source: d.ImageURL, Name: name}); err != nil {
 			return "", err
 		}
 	}
@@ -431,13 +431,13 @@ func (g *globals) ensureImage(ctx context.Context, d vmfile.Def) (string, error)
 // acceptedSpec is the spec of the VM's latest accepted prepare. It reads
 // the VM's accepted events by direct gets, one after the other, and
 // leaves no consumer on the server.
-func (g *globals) acceptedSpec(ctx context.Context, name string) (*vm.VmSpec, error) {
+func (g *globals) acceptedSpec(ctx context.Context, name string) (*api.VmSpec, error) {
 	st, err := g.js.Stream(ctx, g.names.EventsStream())
 	if err != nil {
 		return nil, err
 	}
-	subj := g.names.Event(name, events.TypeAccepted, events.EngineWriter)
-	var spec *vm.VmSpec
+	subj := g.names.Event(name, api.TypeAccepted, api.EngineWriter)
+	var spec *api.VmSpec
 	for seq := uint64(1); ; {
 		m, err := st.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subj))
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
@@ -454,7 +454,7 @@ func (g *globals) acceptedSpec(ctx context.Context, name string) (*vm.VmSpec, er
 }
 
 // specDrift lists what differs between the VM's spec and the wanted one.
-func specDrift(have *vm.VmSpec, want vm.VmSpec, haveHost, wantHost string) []string {
+func specDrift(have *api.VmSpec, want api.VmSpec, haveHost, wantHost string) []string {
 	if have == nil {
 		return []string{"the VM's spec is unknown (no accepted prepare in its events)"}
 	}
@@ -475,7 +475,7 @@ func specDrift(have *vm.VmSpec, want vm.VmSpec, haveHost, wantHost string) []str
 	diff("memory", h.MemoryMB, w.MemoryMB)
 	diff("disk", h.DiskGB, w.DiskGB)
 	diff("uefi", h.UEFI, w.UEFI)
-	nh, nw := vm.NetworkConfig{}, vm.NetworkConfig{}
+	nh, nw := api.NetworkConfig{}, api.NetworkConfig{}
 	if h.Network != nil {
 		nh = *h.Network
 	}
@@ -483,7 +483,7 @@ func specDrift(have *vm.VmSpec, want vm.VmSpec, haveHost, wantHost string) []str
 		nw = *w.Network
 	}
 	diff("network", nh, nw)
-	var ch, cw vm.CloudInitConfig
+	var ch, cw api.CloudInitConfig
 	if h.CloudInit != nil {
 		ch = *h.CloudInit
 	}
@@ -494,7 +494,7 @@ func specDrift(have *vm.VmSpec, want vm.VmSpec, haveHost, wantHost string) []str
 	if ch.UserData != cw.UserData {
 		out = append(out, "cloud-init user-data: changed")
 	}
-	var sh, sw vm.SshConfig
+	var sh, sw api.SshConfig
 	if h.SSH != nil {
 		sh = *h.SSH
 	}
@@ -530,7 +530,7 @@ func (g *globals) provision(ctx context.Context, d vmfile.Def) error {
 	if err != nil {
 		return err
 	}
-	if r == nil || r.State != vm.StateRunning {
+	if r == nil || r.State != api.StateRunning {
 		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s is not running; vmctl up first", d.Name)}
 	}
 	signer, err := g.signer(ctx, d, r.Generation)
@@ -556,7 +556,7 @@ func (g *globals) provision(ctx context.Context, d vmfile.Def) error {
 		if len(b) > 512<<10 {
 			b = append([]byte("[…]\n"), b[len(b)-512<<10:]...)
 		}
-		_, _ = kv.Put(ctx, events.SSHKey(d.Name, r.Generation, events.SSHProvisionLog), b)
+		_, _ = kv.Put(ctx, api.SSHKey(d.Name, r.Generation, api.SSHProvisionLog), b)
 	}
 	if perr != nil {
 		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s: %v", d.Name, perr)}
@@ -574,7 +574,7 @@ type knownHostKeys struct {
 // hostKeys returns the guest's host keys: as first seen for this
 // incarnation (VM_SSH), else as its console shows them now (waiting for
 // the boot to print them), kept for next time.
-func (g *globals) hostKeys(ctx context.Context, r *projection.VmRecord) ([]ssh.PublicKey, error) {
+func (g *globals) hostKeys(ctx context.Context, r *api.VmRecord) ([]ssh.PublicKey, error) {
 	kv, err := g.sshKV(ctx)
 	if err != nil {
 		return nil, err
@@ -583,7 +583,7 @@ func (g *globals) hostKeys(ctx context.Context, r *projection.VmRecord) ([]ssh.P
 	if r.Handle != nil {
 		handle = r.Handle.ID
 	}
-	key := events.SSHKey(r.Name, r.Generation, events.SSHHostKeys)
+	key := api.SSHKey(r.Name, r.Generation, api.SSHHostKeys)
 	if e, err := kv.Get(ctx, key); err == nil {
 		var k knownHostKeys
 		if json.Unmarshal(e.Value(), &k) == nil && k.HandleID == handle {

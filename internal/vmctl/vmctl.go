@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
@@ -27,7 +29,6 @@ import (
 	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Exit codes, as the README lists them.
@@ -60,7 +61,7 @@ type globals struct {
 	js          jetstream.JetStream
 	mu          sync.Mutex
 	records     jetstream.KeyValue // VM_RECORDS, once opened (under mu)
-	names       events.Names
+	names       api.Names
 	// ran is set once flags and arguments parsed and a command began: an
 	// error before that is a usage error.
 	ran bool
@@ -103,7 +104,7 @@ deciding commands or no result within --timeout, 130 interrupted.`,
 		SilenceErrors: true,
 		PersistentPreRunE: func(*cobra.Command, []string) error {
 			g.ran = true
-			g.names = events.Names{Prefix: g.prefix}
+			g.names = api.Names{Prefix: g.prefix}
 			return nil
 		},
 		PersistentPostRun: func(*cobra.Command, []string) {
@@ -124,7 +125,7 @@ deciding commands or no result within --timeout, 130 interrupted.`,
 	pf.StringVarP(&g.server, "server", "s", def, "NATS server URL (env NATS_URL)")
 	pf.StringVar(&g.creds, "creds", os.Getenv("NATS_CREDS"), "NATS credentials file (env NATS_CREDS; default: the local engine's admin.creds when readable)")
 	pf.StringVar(&g.tlsCA, "tls-ca", os.Getenv("NATS_CA"), "CA certificate(s) to verify a TLS server (PEM; env NATS_CA)")
-	pf.StringVar(&g.prefix, "prefix", events.DefaultPrefix, "subject prefix of the vmherd installation")
+	pf.StringVar(&g.prefix, "prefix", api.DefaultPrefix, "subject prefix of the vmherd installation")
 	pf.BoolVar(&g.json, "json", false, "print JSON for scripts")
 	pf.BoolVar(&g.noWait, "no-wait", false, "return once the command is stored, without waiting for its result")
 	pf.DurationVar(&g.timeout, "timeout", 5*time.Minute, "how long to wait for a result")
@@ -213,14 +214,14 @@ func nameArg(cmd *cobra.Command, args []string) error {
 	if len(args) != 1 {
 		return usageError("%s needs exactly one VM name (got %d arguments)\nUsage: %s", cmd.Name(), len(args), cmd.UseLine())
 	}
-	if err := vm.ValidateName(args[0]); err != nil {
+	if err := api.ValidateName(args[0]); err != nil {
 		return usageError("NAME %q: %s", args[0], ruleOf(err))
 	}
 	return nil
 }
 
 func ruleOf(err error) string {
-	var fe *vm.FieldError
+	var fe *api.FieldError
 	if errors.As(err, &fe) {
 		return fe.Rule
 	}
@@ -244,7 +245,7 @@ func (g *globals) conn() error {
 }
 
 func (g *globals) connect() error {
-	g.names = events.Names{Prefix: g.prefix}
+	g.names = api.Names{Prefix: g.prefix}
 	opts := []nats.Option{nats.Name("vmctl"), nats.Timeout(2 * time.Second)}
 	creds := g.creds
 	if creds == "" {
@@ -260,7 +261,7 @@ func (g *globals) connect() error {
 		if err != nil {
 			return fmt.Errorf("reading credentials %s: %w", creds, err)
 		}
-		if vm.ValidateIdentity(name) == nil {
+		if api.ValidateIdentity(name) == nil {
 			g.issuer = name
 		}
 		// Replies come only to the inbox prefix the credentials allow.
@@ -339,8 +340,8 @@ func watchHint(name string) string {
 
 // send publishes a command and, unless --no-wait, waits for its result.
 // It returns the final event (nil with --no-wait).
-func (g *globals) send(ctx context.Context, name string, action fsm.Action, cmd events.Command) (*events.Event, error) {
-	if err := vm.ValidateName(name); err != nil {
+func (g *globals) send(ctx context.Context, name string, action fsm.Action, cmd api.Command) (*api.Event, error) {
+	if err := api.ValidateName(name); err != nil {
 		return nil, usageError("NAME %q: %s", name, ruleOf(err))
 	}
 	if cmd.CommandID == "" {
@@ -375,7 +376,7 @@ func (g *globals) send(ctx context.Context, name string, action fsm.Action, cmd 
 	}
 	// VM_COMMANDS deduplicates message ids across every VM; the command
 	// id is only unique per VM, so the message id names the VM too.
-	ack, err := g.js.Publish(ctx, g.names.IssuedCommand(name, string(action), g.issuer), body, jetstream.WithMsgID(events.CommandMsgID(name, cmd.CommandID)))
+	ack, err := g.js.Publish(ctx, g.names.IssuedCommand(name, string(action), g.issuer), body, jetstream.WithMsgID(api.CommandMsgID(name, cmd.CommandID)))
 	if err != nil {
 		return nil, fmt.Errorf("publishing %s for %s: %w (nothing was stored)", action, name, err)
 	}
@@ -397,11 +398,11 @@ func (g *globals) send(ctx context.Context, name string, action fsm.Action, cmd 
 // says what became of the stored command when it stops waiting early. It
 // reads by direct gets (events.Store.FollowVM) and leaves no consumer on
 // the server.
-func (g *globals) wait(ctx context.Context, store *events.Store, from uint64, name string, action fsm.Action, id string) (*events.Event, error) {
+func (g *globals) wait(ctx context.Context, store *events.Store, from uint64, name string, action fsm.Action, id string) (*api.Event, error) {
 	wctx, cancel := context.WithTimeout(ctx, g.timeout)
 	defer cancel()
 	type delivered struct {
-		ev  *events.Event
+		ev  *api.Event
 		seq uint64
 	}
 	evc := make(chan delivered)
@@ -423,7 +424,7 @@ func (g *globals) wait(ctx context.Context, store *events.Store, from uint64, na
 	p := g.newProgress(fmt.Sprintf("%s %s", action, name))
 	defer p.clear()
 	p.waitingFor("the engine's decision")
-	var accepted *events.Event
+	var accepted *api.Event
 	idle := 0 // consecutive seconds without an engine pulling commands
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -442,29 +443,29 @@ func (g *globals) wait(ctx context.Context, store *events.Store, from uint64, na
 				// Only an engine decides, and only the VM's host's worker
 				// (or an engine) answers: anything else is ignored, as
 				// the fold ignores it.
-			case ev.Type == events.TypeRejected:
+			case ev.Type == api.TypeRejected:
 				p.clear()
 				g.printEvent(ev)
 				return ev, g.rejected(ctx, name, action, ev)
-			case ev.Type == events.TypeAccepted && ev.Cancel:
+			case ev.Type == api.TypeAccepted && ev.Cancel:
 				// A cancel ends the migration at once: its decision is
 				// the outcome (the engines store the migrate's failure).
 				p.clear()
 				g.printEvent(ev)
 				g.awaitRecord(wctx, name, got.seq)
 				return ev, nil
-			case ev.Type == events.TypeMigration:
-				if m := ev.Migration; m != nil && m.Phase == events.PhaseCopying && m.Total > 0 {
+			case ev.Type == api.TypeMigration:
+				if m := ev.Migration; m != nil && m.Phase == api.PhaseCopying && m.Total > 0 {
 					p.waitingFor(fmt.Sprintf("the copy to host %s (%d of %d MiB)", m.To, m.Bytes>>20, m.Total>>20))
 				}
-			case ev.Type == events.TypeAccepted:
+			case ev.Type == api.TypeAccepted:
 				accepted = ev
 				p.clear()
 				if !g.json {
 					g.printf("%s %s: accepted on host %s (%s)\n", action, name, ev.Host, ev.State)
 				}
 				p.waitingFor(fmt.Sprintf("the result from the worker on host %s", ev.Host))
-			case ev.Type == events.TypeFailed:
+			case ev.Type == api.TypeFailed:
 				p.clear()
 				g.printEvent(ev)
 				g.awaitRecord(wctx, name, got.seq)
@@ -534,7 +535,7 @@ const recordLag = 5 * time.Second
 
 // rejected explains a rejection, leading with "no VM named X" when the VM
 // has never existed.
-func (g *globals) rejected(ctx context.Context, name string, action fsm.Action, ev *events.Event) error {
+func (g *globals) rejected(ctx context.Context, name string, action fsm.Action, ev *api.Event) error {
 	reason := flagWords(ev.Reason)
 	if action != fsm.ActPrepare {
 		if r, err := g.record(ctx, name); err != nil || !r.Exists() {
@@ -625,7 +626,7 @@ func (g *globals) printJSON(v any) error {
 	return enc.Encode(v)
 }
 
-func (g *globals) printEvent(ev *events.Event) {
+func (g *globals) printEvent(ev *api.Event) {
 	if g.json {
 		_ = g.printJSON(ev)
 		return
@@ -633,7 +634,7 @@ func (g *globals) printEvent(ev *events.Event) {
 	fmt.Fprintln(g.out, formatEvent(0, ev))
 }
 
-func formatHostEvent(seq uint64, ev *events.HostEvent) string {
+func formatHostEvent(seq uint64, ev *api.HostEvent) string {
 	s := ""
 	if seq > 0 {
 		s = fmt.Sprintf("%-6d ", seq)
@@ -648,7 +649,7 @@ func formatHostEvent(seq uint64, ev *events.HostEvent) string {
 	return s
 }
 
-func formatEvent(seq uint64, ev *events.Event) string {
+func formatEvent(seq uint64, ev *api.Event) string {
 	s := ""
 	if seq > 0 {
 		s = fmt.Sprintf("%-6d ", seq)
@@ -671,7 +672,7 @@ func formatEvent(seq uint64, ev *events.Event) string {
 		if m.Total > 0 || m.Bytes > 0 {
 			s += fmt.Sprintf(" bytes=%d/%d", m.Bytes, m.Total)
 		}
-		if ev.Type == events.TypeMigrated && m.Mode == events.MigrateLive {
+		if ev.Type == api.TypeMigrated && m.Mode == api.MigrateLive {
 			s += fmt.Sprintf(" downtime=%dms", m.DowntimeMS)
 		}
 		if m.CancelledBy != "" {

@@ -11,12 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends/noop"
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // result is one vmctl run.
@@ -167,7 +165,7 @@ func TestNoEngineAnsweredAtOnce(t *testing.T) {
 		return err == nil
 	})
 	env.StartEngine(testenv.EngineConfig{ID: "e2"})
-	if ev := env.Decision("web1", id[1], 30*time.Second); ev.Type != events.TypeAccepted {
+	if ev := env.Decision("web1", id[1], 30*time.Second); ev.Type != api.TypeAccepted {
 		t.Fatalf("stored command after the engine came back: %+v", ev)
 	}
 
@@ -219,7 +217,7 @@ func TestInterruptAndTimeoutAfterStore(t *testing.T) {
 		!strings.Contains(msg, "will still be carried out") || !strings.Contains(msg, "vmctl events web1 --follow") || id == nil {
 		t.Fatalf("Ctrl-C after store: exit %d\n%s", code, msg)
 	}
-	if ev := env.Result("web1", id[1], 30*time.Second); ev.Type != events.TypeStarted {
+	if ev := env.Result("web1", id[1], 30*time.Second); ev.Type != api.TypeStarted {
 		t.Fatalf("the interrupted command's result: %+v", ev)
 	}
 
@@ -232,7 +230,7 @@ func TestInterruptAndTimeoutAfterStore(t *testing.T) {
 	if r.code != ExitNoResult || !strings.Contains(r.err, "no result within --timeout 1s") || !strings.Contains(r.err, "will still be") || id == nil {
 		t.Fatalf("--timeout: %v", r)
 	}
-	if ev := env.Result("web1", id[1], 30*time.Second); ev.Type != events.TypeStarted {
+	if ev := env.Result("web1", id[1], 30*time.Second); ev.Type != api.TypeStarted {
 		t.Fatalf("the timed-out command's result: %+v", ev)
 	}
 }
@@ -325,9 +323,9 @@ func TestCrashedAndNotRunning(t *testing.T) {
 	if r := vmctl(t, ctx, env.URL, "destroy", "c1", "--stop-timeout", "45s"); r.code != 0 {
 		t.Fatalf("destroy: %v", r)
 	}
-	var acc *events.Event
+	var acc *api.Event
 	for _, s := range env.Events("c1") {
-		if s.Event.Type == events.TypeAccepted && s.Event.Action == "destroy" {
+		if s.Event.Type == api.TypeAccepted && s.Event.Action == "destroy" {
 			acc = s.Event
 		}
 	}
@@ -352,7 +350,7 @@ func TestResultIsInTheRecordOnReturn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]vm.VmState{"start": vm.StateRunning, "stop": vm.StateStopped}
+	want := map[string]api.VmState{"start": api.StateRunning, "stop": api.StateStopped}
 	if r := vmctl(t, ctx, env.URL, "create", "r1", "--backend", "noop"); r.code != 0 {
 		t.Fatalf("create: %v", r)
 	}
@@ -365,7 +363,7 @@ func TestResultIsInTheRecordOnReturn(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		rec, err := projection.Unmarshal(e.Value())
+		rec, err := api.UnmarshalRecord(e.Value())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -36,10 +36,10 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/sblinch/kdl-go"
 	"github.com/sblinch/kdl-go/document"
-
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // File is a parsed VMFile.
@@ -59,7 +59,7 @@ type Def struct {
 	UEFI      bool
 	Host      string
 	Backend   string
-	Network   vm.NetworkConfig
+	Network   api.NetworkConfig
 	CloudInit *CloudInit
 	SSH       *SSH
 	Provision []Step
@@ -177,12 +177,12 @@ func unknown(where string, n *document.Node, known []string) error {
 var vmNodes = []string{"image", "image-url", "vcpus", "memory", "disk", "uefi", "host", "backend", "network", "cloud-init", "ssh", "provision"}
 
 func (f *File) parseVM(n *document.Node) (Def, error) {
-	d := Def{Vcpus: DefaultVcpus, MemoryMB: DefaultMemoryMB, Network: vm.NetworkConfig{Type: vm.NetworkUser}}
+	d := Def{Vcpus: DefaultVcpus, MemoryMB: DefaultMemoryMB, Network: api.NetworkConfig{Type: api.NetworkUser}}
 	nm, err := stringArg(n, "vm")
 	if err != nil {
 		return d, fmt.Errorf(`%w (hint: vm "my-server" { … })`, err)
 	}
-	if err := vm.ValidateName(nm); err != nil {
+	if err := api.ValidateName(nm); err != nil {
 		return d, fmt.Errorf("vm %q: %w", nm, err)
 	}
 	d.Name = nm
@@ -235,7 +235,7 @@ func (f *File) parseVM(n *document.Node) (Def, error) {
 		}
 	}
 	switch {
-	case d.Image == "" && d.ImageURL == "" && d.Backend != string(vm.BackendNoop):
+	case d.Image == "" && d.ImageURL == "" && d.Backend != string(api.BackendNoop):
 		return bad(errors.New(`no image (hint: image "debian-12", image "/path/to/disk.qcow2" or image-url "https://…")`))
 	case d.Image != "" && d.ImageURL != "":
 		return bad(errors.New("both image and image-url (hint: give one)"))
@@ -249,13 +249,13 @@ func (f *File) parseVM(n *document.Node) (Def, error) {
 // isPath tells a path from a store name: a path has a / or starts with ~.
 func isPath(s string) bool { return strings.ContainsRune(s, '/') || strings.HasPrefix(s, "~") }
 
-func parseNetwork(n *document.Node, net *vm.NetworkConfig) error {
+func parseNetwork(n *document.Node, net *api.NetworkConfig) error {
 	t, err := stringArg(n, "network")
 	if err != nil {
 		return err
 	}
-	net.Type = vm.NetworkType(t)
-	allowed := map[vm.NetworkType][]string{vm.NetworkUser: nil, vm.NetworkTap: {"bridge"}, vm.NetworkVnic: {"name", "link"}, vm.NetworkNone: nil}
+	net.Type = api.NetworkType(t)
+	allowed := map[api.NetworkType][]string{api.NetworkUser: nil, api.NetworkTap: {"bridge"}, api.NetworkVnic: {"name", "link"}, api.NetworkNone: nil}
 	props, ok := allowed[net.Type]
 	if !ok {
 		return fmt.Errorf(`network %q: unknown type (hint: "user", "tap" bridge="br0", "vnic" name="vnic0" or "none")`, t)

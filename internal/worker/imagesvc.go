@@ -10,13 +10,14 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/origin"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // imageService runs this host's image store for `vmctl image`: pulls on
@@ -53,8 +54,8 @@ func (w *Worker) startImages(ctx context.Context, svc micro.Service) (*imageServ
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	err := errors.Join(
-		svc.AddEndpoint("image_pull", origin.Guard(w.log, micro.HandlerFunc(s.pull)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImagePull))),
-		svc.AddEndpoint("image_rm", origin.Guard(w.log, micro.HandlerFunc(s.remove)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImageRemove))),
+		svc.AddEndpoint("image_pull", origin.Guard(w.log, micro.HandlerFunc(s.pull)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, api.ImagePull))),
+		svc.AddEndpoint("image_rm", origin.Guard(w.log, micro.HandlerFunc(s.remove)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, api.ImageRemove))),
 	)
 	if err != nil {
 		s.cancel()
@@ -77,7 +78,7 @@ func (s *imageService) put(ctx context.Context, st images.Status) {
 	b, _ := json.Marshal(st)
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if _, err := s.kv.Put(pctx, events.ImageKey(s.w.cfg.Host, st.Name), b); err != nil {
+	if _, err := s.kv.Put(pctx, api.ImageKey(s.w.cfg.Host, st.Name), b); err != nil {
 		s.w.log.Warn("writing an image's status failed", "image", st.Name, "state", st.State, "err", err)
 	}
 }
@@ -128,7 +129,7 @@ func (s *imageService) pull(req micro.Request) {
 	if pr.Name == "" {
 		pr.Name = images.NameFrom(pr.Source)
 	}
-	if err := vm.ValidateName(pr.Name); err != nil {
+	if err := api.ValidateName(pr.Name); err != nil {
 		_ = req.Error("400", fmt.Sprintf("image name: %v (give one with --name)", err), nil)
 		return
 	}
@@ -173,7 +174,7 @@ func (s *imageService) pull(req micro.Request) {
 
 func (s *imageService) remove(req micro.Request) {
 	var rr images.RemoveRequest
-	if err := json.Unmarshal(req.Data(), &rr); err != nil || vm.ValidateName(rr.Name) != nil {
+	if err := json.Unmarshal(req.Data(), &rr); err != nil || api.ValidateName(rr.Name) != nil {
 		_ = req.Error("400", `request must be {"name":"<image name>"}`, nil)
 		return
 	}
@@ -188,7 +189,7 @@ func (s *imageService) remove(req micro.Request) {
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
 	defer cancel()
-	_ = s.kv.Delete(ctx, events.ImageKey(s.w.cfg.Host, rr.Name))
+	_ = s.kv.Delete(ctx, api.ImageKey(s.w.cfg.Host, rr.Name))
 	_ = req.RespondJSON(map[string]string{"host": s.w.cfg.Host, "name": rr.Name})
 }
 
@@ -212,7 +213,7 @@ func (w *Worker) imageInUse(path string) bool {
 }
 
 // namedImage resolves spec.image to its file in this host's store.
-func (w *Worker) namedImage(spec vm.VmSpec) (string, error) {
+func (w *Worker) namedImage(spec api.VmSpec) (string, error) {
 	if w.cfg.ImageStore == "" || !w.cfg.Router.LocalImages(spec.Backend) {
 		return "", fmt.Errorf("%w: spec.image %q needs this worker's image store, which backend %s does not read from; give spec.image_path", ErrImagePath, spec.Image, spec.Backend)
 	}

@@ -13,14 +13,14 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/api"
 )
 
 // errForwardBusy: QEMU could not bind the SSH forward port.
 var errForwardBusy = errors.New("the SSH forward port is in use")
 
 // Start launches the VM's QEMU, or returns the current handle if it runs.
-func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (b *Backend) Start(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	out, err := b.start(ctx, h)
 	if err != nil {
 		return h, fmt.Errorf("starting vm %s: %w", h.Name, err)
@@ -28,7 +28,7 @@ func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 	return out, nil
 }
 
-func (b *Backend) start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (b *Backend) start(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
 		return h, err
@@ -58,12 +58,12 @@ func (b *Backend) start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 	b.log.Info("starting vm", "vm", r.Handle.Name, "id", r.Handle.ID, "accel", accel, "accel_reason", why)
 
 	createdTap := false
-	if spec.Network.Type == vm.NetworkTap {
+	if spec.Network.Type == api.NetworkTap {
 		if createdTap, err = b.ensureTap(ctx, r.Handle.TapDevice, spec.Network.Bridge); err != nil {
 			return h, err
 		}
 	}
-	fail := func(err error) (vm.VmHandle, error) {
+	fail := func(err error) (api.VmHandle, error) {
 		if pid := readPidfile(r.path(pidFile)); pid != 0 && b.ifOurs(r, pid) != 0 {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 			wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
@@ -78,7 +78,7 @@ func (b *Backend) start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 	}
 
 	for attempt := 0; ; attempt++ {
-		if spec.Network.Type == vm.NetworkUser && (r.Handle.SSHPort == 0 || !b.portFree(r.Handle.SSHPort)) {
+		if spec.Network.Type == api.NetworkUser && (r.Handle.SSHPort == 0 || !b.portFree(r.Handle.SSHPort)) {
 			if err := b.newPort(r); err != nil {
 				return fail(err)
 			}
@@ -261,11 +261,11 @@ func qemuArgs(r *record, accel string) []string {
 			"-drive", "if=pflash,format=raw,unit=1,file="+qopt(h.Extra[ExtraOVMFVars]))
 	}
 	switch spec.Network.Type {
-	case vm.NetworkUser:
+	case api.NetworkUser:
 		a = append(a,
 			"-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:"+strconv.Itoa(h.SSHPort)+"-:22",
 			"-device", "virtio-net-pci,netdev=n0,mac="+h.MAC)
-	case vm.NetworkTap:
+	case api.NetworkTap:
 		a = append(a,
 			"-netdev", "tap,id=n0,ifname="+h.TapDevice+",script=no,downscript=no",
 			"-device", "virtio-net-pci,netdev=n0,mac="+h.MAC)

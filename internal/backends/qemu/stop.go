@@ -8,8 +8,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Stop asks the guest to power off (ACPI), re-asks half way through the
@@ -17,7 +17,7 @@ import (
 // returns once the process is gone, with PID 0 and Extra["stop_path"] set to
 // how it ended (acpi, sigterm, sigkill, none). Stopping a stopped VM is a
 // no-op.
-func (b *Backend) Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration) (vm.VmHandle, error) {
+func (b *Backend) Stop(ctx context.Context, h api.VmHandle, timeout time.Duration) (api.VmHandle, error) {
 	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
 		return h, fmt.Errorf("stopping vm %s: %w", h.Name, err)
@@ -139,7 +139,7 @@ func (b *Backend) terminate(ctx context.Context, r *record, pid int, timeout tim
 
 // Destroy stops the VM with a short timeout and removes its work dir and
 // tap device. Destroying an unknown VM (or an older incarnation) is a no-op.
-func (b *Backend) Destroy(ctx context.Context, h vm.VmHandle) error {
+func (b *Backend) Destroy(ctx context.Context, h api.VmHandle) error {
 	wd, err := b.workDir(h.Name)
 	if err != nil {
 		return fmt.Errorf("destroying vm %s: %w", h.Name, err)
