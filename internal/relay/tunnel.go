@@ -518,11 +518,21 @@ func (t *tunnel) inbound(rw io.Writer, localDone chan struct{}) error {
 // DialTunnel opens a tunnel to TCP port on vmName's guest, through the
 // worker of its host, and splices it to rw until either side ends.
 func DialTunnel(ctx context.Context, nc *nats.Conn, names api.Names, host, vmName string, port int, rw io.ReadWriteCloser) error {
-	id := NewTunnelID()
-	t, err := subscribeTunnel(nc, names.Tunnel(host, vmName, id, api.TunnelDown), names.Tunnel(host, vmName, id, api.TunnelUp), "", "", 0)
+	t, err := OpenTunnel(ctx, nc, names, host, vmName, port)
 	if err != nil {
 		_ = rw.Close()
 		return err
+	}
+	return t.Splice(ctx, rw)
+}
+
+// OpenTunnel opens a tunnel to TCP port on vmName's guest through the
+// worker of its host; Splice then carries it.
+func OpenTunnel(ctx context.Context, nc *nats.Conn, names api.Names, host, vmName string, port int) (*OpenedTunnel, error) {
+	id := NewTunnelID()
+	t, err := subscribeTunnel(nc, names.Tunnel(host, vmName, id, api.TunnelDown), names.Tunnel(host, vmName, id, api.TunnelUp), "", "", 0)
+	if err != nil {
+		return nil, err
 	}
 	req := nats.NewMsg(names.Tunnel(host, vmName, id, api.TunnelOpen))
 	req.Header.Set(HdrPort, strconv.Itoa(port))
@@ -534,9 +544,17 @@ func DialTunnel(ctx context.Context, nc *nats.Conn, names api.Names, host, vmNam
 	}
 	if err != nil {
 		t.unsubscribe()
-		_ = rw.Close()
-		return requestErr(fmt.Sprintf("opening a tunnel to %s port %d", vmName, port), err)
+		return nil, requestErr(fmt.Sprintf("opening a tunnel to %s port %d", vmName, port), err)
 	}
 	t.sendKey = rep.Header.Get(HdrKey)
-	return t.run(ctx, rw)
+	return &OpenedTunnel{t: t}, nil
+}
+
+// OpenedTunnel is a tunnel the worker accepted.
+type OpenedTunnel struct{ t *tunnel }
+
+// Splice carries the tunnel to and from rw until either side ends (or
+// ctx), and closes rw.
+func (o *OpenedTunnel) Splice(ctx context.Context, rw io.ReadWriteCloser) error {
+	return o.t.run(ctx, rw)
 }
