@@ -15,10 +15,9 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // jsExample is the JavaScript example's directory, once node and its
@@ -88,13 +87,13 @@ func TestJSClientLifecycle(t *testing.T) {
 	}
 	want := []struct {
 		action string
-		result events.Type
-		state  vm.VmState
+		result api.EventType
+		state  api.VmState
 	}{
-		{"prepare", events.TypePrepared, vm.StatePrepared},
-		{"start", events.TypeStarted, vm.StateRunning},
-		{"stop", events.TypeStopped, vm.StateStopped},
-		{"destroy", events.TypeDestroyed, vm.StateDestroyed},
+		{"prepare", api.TypePrepared, api.StatePrepared},
+		{"start", api.TypeStarted, api.StateRunning},
+		{"stop", api.TypeStopped, api.StateStopped},
+		{"destroy", api.TypeDestroyed, api.StateDestroyed},
 	}
 	evs := env.Events(name)
 	if len(evs) != 2*len(want) {
@@ -108,15 +107,15 @@ func TestJSClientLifecycle(t *testing.T) {
 		}
 		a, r := acc.Event, res.Event
 		switch {
-		case a.Type != events.TypeAccepted || string(a.Action) != w.action || !a.FromEngine():
+		case a.Type != api.TypeAccepted || string(a.Action) != w.action || !a.FromEngine():
 			t.Errorf("event %d: %s %s by %s, want %s accepted by the engine", acc.Seq, a.Type, a.Action, a.Writer, w.action)
 		case a.Issuer != "jsdemo":
 			t.Errorf("event %d: %s issued by %q, want the operator jsdemo", acc.Seq, w.action, a.Issuer)
 		case !strings.HasPrefix(a.CommandID, "js-"):
 			t.Errorf("event %d: command id %q is not the example's", acc.Seq, a.CommandID)
-		case r.Type != w.result || r.CommandID != a.CommandID || r.Writer != "h1" || r.AcceptedSeq != acc.Seq:
-			t.Errorf("event %d: %s of command %s by %s answering %d, want %s of %s by h1 answering %d",
-				res.Seq, r.Type, r.CommandID, r.Writer, r.AcceptedSeq, w.result, a.CommandID, acc.Seq)
+		case r.Type != w.result || r.State != w.state || r.CommandID != a.CommandID || r.Writer != "h1" || r.AcceptedSeq != acc.Seq:
+			t.Errorf("event %d: %s (%s) of command %s by %s answering %d, want %s (%s) of %s by h1 answering %d",
+				res.Seq, r.Type, r.State, r.CommandID, r.Writer, r.AcceptedSeq, w.result, w.state, a.CommandID, acc.Seq)
 		}
 		for _, s := range []events.Stored{acc, res} {
 			if key := strconv.FormatUint(s.Seq, 10) + " " + string(s.Event.Type); !printed[key] {
@@ -144,7 +143,7 @@ func TestJSClientLifecycle(t *testing.T) {
 		if subj := env.Names.IssuedCommand(name, w.action, "jsdemo"); m.Subject != subj {
 			t.Errorf("command %d stored on %s, want %s", m.Sequence, m.Subject, subj)
 		}
-		if got, want := m.Header.Get("Nats-Msg-Id"), events.CommandMsgID(name, ids[i]); got != want {
+		if got, want := m.Header.Get("Nats-Msg-Id"), api.CommandMsgID(name, ids[i]); got != want {
 			t.Errorf("command %d has Nats-Msg-Id %q, want %q", m.Sequence, got, want)
 		}
 	}
@@ -161,11 +160,11 @@ func TestJSClientLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rec, err := projection.Unmarshal(e.Value())
+	rec, err := api.UnmarshalRecord(e.Value())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rec.State != vm.StateDestroyed || rec.LastCommandID != ids[len(ids)-1] || rec.LastSeq != evs[len(evs)-1].Seq {
+	if rec.State != api.StateDestroyed || rec.LastCommandID != ids[len(ids)-1] || rec.LastSeq != evs[len(evs)-1].Seq {
 		t.Errorf("record of %s: %s", name, e.Value())
 	}
 	if !strings.Contains(out, `"state":"running"`) {
