@@ -305,7 +305,7 @@ func (c *Client) Wait(ctx context.Context, s *Sent, opts ...WaitOption) (*Result
 					}
 					p.Trouble = why
 					if o.noEngine > 0 && time.Since(idleSince) >= o.noEngine {
-						return nil, &NoEngineError{Reason: why, Stored: true, CommandID: s.CommandID}
+						return nil, &NoEngineError{Reason: why, Stored: true, VM: s.VM, Action: s.Action, CommandID: s.CommandID}
 					}
 				} else {
 					idleSince = time.Time{}

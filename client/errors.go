@@ -51,6 +51,8 @@ type NoEngineError struct {
 	// Stored: the command was stored before the engines went away; it
 	// will be decided when one runs again (CommandID names it).
 	Stored    bool
+	VM        string
+	Action    api.Action
 	CommandID string
 }
 

@@ -51,13 +51,32 @@ func (c *console) Read(p []byte) (int, error) {
 
 // Log writes a VM's console log to w through the worker of its host: the
 // last tail lines (-1: all), then, with follow, what the guest writes
-// until ctx ends.
-func (c *Client) Log(ctx context.Context, name string, w io.Writer, tail int, follow bool) error {
+// until ctx ends. While following it rides out a worker or connection that
+// is away for a while, and calls trouble (if not nil) with the error when
+// reads start failing and with nil when they work again.
+func (c *Client) Log(ctx context.Context, name string, w io.Writer, tail int, follow bool, trouble func(error)) error {
 	host, err := c.placed(ctx, name)
 	if err != nil {
 		return err
 	}
-	return relayErr(host, relay.PrintLog(ctx, c.nc, c.names, host, name, w, tail, follow))
+	return relayErr(host, relay.FollowLog(ctx, c.nc, c.names, host, name, w, tail, follow, trouble))
+}
+
+// Tunnel is DialGuest for a stream the caller has (a local TCP
+// connection, stdin and stdout): it carries rw to and from port on the
+// guest until either side ends, and closes rw.
+func (c *Client) Tunnel(ctx context.Context, name string, port int, rw io.ReadWriteCloser) error {
+	host, err := c.placed(ctx, name)
+	if err != nil {
+		_ = rw.Close()
+		return err
+	}
+	t, err := relay.OpenTunnel(ctx, c.nc, c.names, host, name, port)
+	if err != nil {
+		_ = rw.Close()
+		return relayErr(host, err)
+	}
+	return relayErr(host, t.Splice(ctx, rw))
 }
 
 // DialGuest opens a TCP connection to port on a running VM's guest,

@@ -211,8 +211,17 @@ const FollowEvery = 200 * time.Millisecond
 // (the last tail lines first, -1: all) and, with follow, what the guest
 // writes after, until ctx ends.
 func PrintLog(ctx context.Context, nc *nats.Conn, names api.Names, host, vmName string, out io.Writer, tail int, follow bool) error {
+	return FollowLog(ctx, nc, names, host, vmName, out, tail, follow, nil)
+}
+
+// FollowLog is PrintLog that, when following, rides out a worker or a
+// connection that goes away for a while (a restart, a NATS election): it
+// asks again from where it was, and tells trouble (nil: quiet) when the
+// reads start failing (with the error) and when they work again (nil).
+func FollowLog(ctx context.Context, nc *nats.Conn, names api.Names, host, vmName string, out io.Writer, tail int, follow bool, trouble func(error)) error {
 	subj := names.Log(host, vmName)
 	req := LogRequest{Tail: tail}
+	failing := false
 	for {
 		rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 		rep, err := nc.RequestMsgWithContext(rctx, EncodeLogRequest(subj, req))
@@ -220,10 +229,29 @@ func PrintLog(ctx context.Context, nc *nats.Conn, names api.Names, host, vmName 
 		if err == nil {
 			err = replyErr(rep)
 		}
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
+		var re *ReplyError
+		switch {
+		case err == nil:
+			if failing && trouble != nil {
+				trouble(nil)
 			}
+			failing = false
+		case ctx.Err() != nil:
+			return nil
+		case follow && !errors.As(err, &re) && !errors.Is(err, nats.ErrConnectionClosed):
+			// No answer (timeout, no responders): the worker or the
+			// connection is away; the log is still there.
+			if !failing && trouble != nil {
+				trouble(requestErr("reading the console log", err))
+			}
+			failing = true
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(time.Second):
+			}
+			continue
+		default:
 			return requestErr("reading the console log", err)
 		}
 		next, ok, herr := headerUint(rep.Header, HdrNext)

@@ -15,12 +15,12 @@ import (
 	"time"
 
 	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/client"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/projection"
 )
@@ -31,7 +31,7 @@ func (g *globals) createCmd() *cobra.Command {
 		network, bridge           string
 		cloudInit, sshKey, netCfg string
 		host, backend             string
-		start                     bool
+		start, ifNotExists        bool
 		sshUser                   string
 	)
 	c := &cobra.Command{
@@ -91,12 +91,28 @@ func (g *globals) createCmd() *cobra.Command {
 				return usageError("%s", flagWords(err.Error()))
 			}
 			ctx := cmd.Context()
-			ev, err := g.send(ctx, spec.Name, fsm.ActPrepare, api.Command{Spec: &spec, Host: host})
-			if err != nil || !start || ev == nil {
-				return err
+			l := g.newLifecycle(spec.Name)
+			if ifNotExists {
+				if err := g.conn(); err != nil {
+					return err
+				}
+				r, err := g.c.Record(ctx, spec.Name)
+				switch {
+				case err == nil && r.Live():
+					l.skip(api.ActPrepare, fmt.Sprintf("already exists (state %s); --if-not-exists", r.State))
+					l.doc.Record = r
+					return l.done(ctx, nil)
+				case err != nil && !errors.Is(err, client.ErrNotFound):
+					return g.commandErr(err)
+				}
 			}
-			_, err = g.send(ctx, spec.Name, fsm.ActStart, api.Command{})
-			return err
+			ev, err := l.send(ctx, api.ActPrepare, api.Command{Spec: &spec, Host: host})
+			if err == nil && start && ev != nil {
+				_, err = l.send(ctx, api.ActStart, api.Command{})
+			} else if err != nil {
+				err = g.explainExists(ctx, spec.Name, err)
+			}
+			return l.done(ctx, err)
 		},
 	}
 	f := c.Flags()
@@ -115,7 +131,20 @@ func (g *globals) createCmd() *cobra.Command {
 	f.StringVar(&backend, "backend", "", "noop, qemu or propolis (default: the host's default)")
 	f.StringVar(&host, "host", "", "pin the VM to this host (default: an alive host with the backend, real hypervisors before Noop, most free memory first)")
 	f.BoolVar(&start, "start", false, "start the VM once prepared (waits for prepare; not with --no-wait)")
+	f.BoolVar(&ifNotExists, "if-not-exists", false, "succeed without doing anything when a VM of that name exists (in any state but destroyed)")
 	return c
+}
+
+// explainExists words a rejected prepare of a name in use as what it is.
+func (g *globals) explainExists(ctx context.Context, name string, err error) error {
+	var rej *client.RejectedError
+	if !errors.As(err, &rej) {
+		return err
+	}
+	if r, rerr := g.c.Record(ctx, name); rerr == nil && r.Live() {
+		return &exitError{code: ExitFailed, kind: "exists", err: err, msg: fmt.Sprintf("a VM named %s already exists (state %s): the engine rejected prepare: %s\nhelp: --if-not-exists makes that a success; `vmctl destroy %s` frees the name", name, r.State, flagWords(rej.Reason), name)}
+	}
+	return err
 }
 
 // readPublicKey reads --ssh-key: a file holding one SSH public key.
@@ -141,17 +170,107 @@ func readPublicKey(path string) (string, error) {
 	return key, nil
 }
 
-func (g *globals) lifecycleCmd(action fsm.Action, short string) *cobra.Command {
-	return &cobra.Command{
+func (g *globals) lifecycleCmd(action api.Action, short string) *cobra.Command {
+	c := &cobra.Command{
 		Use:               string(action) + " NAME",
 		Short:             short,
 		Args:              nameArg,
 		ValidArgsFunction: g.completeNames,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			_, err := g.send(cmd.Context(), args[0], action, api.Command{})
-			return err
-		},
 	}
+	ifNeeded := ifNeededFlag(c, action)
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		return g.runOne(cmd.Context(), args[0], action, api.Command{}, *ifNeeded)
+	}
+	return c
+}
+
+// ifNeededFlag adds --if-needed to a command whose action ends in a state.
+func ifNeededFlag(c *cobra.Command, action api.Action) *bool {
+	var b bool
+	c.Flags().BoolVar(&b, "if-needed", false, fmt.Sprintf("succeed without doing anything when the VM already is %s", doneState(action)))
+	return &b
+}
+
+// doneState is the state an action ends in.
+func doneState(a api.Action) api.VmState {
+	switch a {
+	case api.ActStart, api.ActResume:
+		return api.StateRunning
+	case api.ActStop:
+		return api.StateStopped
+	case api.ActSuspend:
+		return api.StateSuspended
+	case api.ActDestroy:
+		return api.StateDestroyed
+	}
+	return ""
+}
+
+// runOne sends one command and prints its outcome; with ifNeeded, a VM
+// already in the state the action ends in is a success without a command
+// (the record says so; a command in flight makes it send anyway, and the
+// engine decides).
+func (g *globals) runOne(ctx context.Context, name string, action api.Action, cmd api.Command, ifNeeded bool) error {
+	l := g.newLifecycle(name)
+	if ifNeeded {
+		if err := g.conn(); err != nil {
+			return err
+		}
+		r, err := g.c.Record(ctx, name)
+		switch {
+		case err == nil && r.State == doneState(action) && len(r.InFlight) == 0:
+			l.skip(action, fmt.Sprintf("already %s; --if-needed", r.State))
+			l.doc.Record = r
+			return l.done(ctx, nil)
+		case errors.Is(err, client.ErrNotFound) && action == api.ActDestroy:
+			l.skip(action, "no such VM; --if-exists")
+			return l.done(ctx, nil)
+		case err != nil && !errors.Is(err, client.ErrNotFound):
+			return g.commandErr(err)
+		}
+	}
+	_, err := l.send(ctx, action, cmd)
+	return l.done(ctx, err)
+}
+
+func (g *globals) restartCmd() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "restart NAME",
+		Short: "stop a running VM (as stop does) and start it again; a stopped or prepared one is just started",
+		Long: `restart is stop, then start, each waited for: the guest gets an ACPI
+power-off (forced after --stop-timeout) and boots again on the same host
+with the same disk. A suspended VM is not restarted (resume or stop it
+first). Under --json one document lists both commands.`,
+		Args:              nameArg,
+		ValidArgsFunction: g.completeNames,
+	}
+	timeout := stopTimeoutFlag(c, "how long the guest has to power off before it is killed")
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		t, err := timeout()
+		if err != nil {
+			return err
+		}
+		if g.noWait {
+			return usageError("restart with --no-wait: start is sent only once stop has succeeded, so vmctl must wait for it")
+		}
+		if err := g.conn(); err != nil {
+			return err
+		}
+		ctx, name := cmd.Context(), args[0]
+		l := g.newLifecycle(name)
+		r, err := g.c.Record(ctx, name)
+		if err != nil {
+			return g.commandErr(err)
+		}
+		if r.State == api.StateRunning {
+			if _, err := l.send(ctx, api.ActStop, api.Command{TimeoutS: t}); err != nil {
+				return l.done(ctx, err)
+			}
+		}
+		_, err = l.send(ctx, api.ActStart, api.Command{})
+		return l.done(ctx, err)
+	}
+	return c
 }
 
 // stopTimeoutFlag adds --stop-timeout (a duration) and returns a function
@@ -180,13 +299,13 @@ func (g *globals) stopCmd() *cobra.Command {
 		ValidArgsFunction: g.completeNames,
 	}
 	timeout := stopTimeoutFlag(c, "how long the guest has to power off before it is killed")
+	ifNeeded := ifNeededFlag(c, api.ActStop)
 	c.RunE = func(cmd *cobra.Command, args []string) error {
 		t, err := timeout()
 		if err != nil {
 			return err
 		}
-		_, err = g.send(cmd.Context(), args[0], fsm.ActStop, api.Command{TimeoutS: t})
-		return err
+		return g.runOne(cmd.Context(), args[0], api.ActStop, api.Command{TimeoutS: t}, *ifNeeded)
 	}
 	return c
 }
@@ -199,8 +318,9 @@ func (g *globals) destroyCmd() *cobra.Command {
 		ValidArgsFunction: g.completeNames,
 	}
 	timeout := stopTimeoutFlag(c, "how long a running guest has to power off before it is killed")
-	var forget bool
+	var forget, ifExists bool
 	c.Flags().BoolVar(&forget, "forget", false, "the VM's host is lost for good: end the VM's record without its worker (the name is free again); if the host comes back, its worker removes the VM")
+	c.Flags().BoolVar(&ifExists, "if-exists", false, "succeed without doing anything when there is no such VM or it is already destroyed")
 	c.RunE = func(cmd *cobra.Command, args []string) error {
 		t, err := timeout()
 		if err != nil {
@@ -209,8 +329,7 @@ func (g *globals) destroyCmd() *cobra.Command {
 		if forget && t != 0 {
 			return usageError("--forget and --stop-timeout do not go together: a forgotten VM is not stopped, its host is gone")
 		}
-		_, err = g.send(cmd.Context(), args[0], fsm.ActDestroy, api.Command{TimeoutS: t, Forget: forget})
-		return err
+		return g.runOne(cmd.Context(), args[0], api.ActDestroy, api.Command{TimeoutS: t, Forget: forget}, ifExists)
 	}
 	return c
 }
@@ -242,8 +361,7 @@ migration that fails or is cancelled leaves it there.`,
 		if timeout < 0 || (timeout > 0 && timeout < time.Second) {
 			return usageError("--migration-timeout %s: at least 1s", timeout)
 		}
-		_, err := g.send(cmd.Context(), args[0], fsm.ActMigrate, api.Command{Host: to, Cancel: cancel, TimeoutS: int(timeout / time.Second)})
-		return err
+		return g.runOne(cmd.Context(), args[0], api.ActMigrate, api.Command{Host: to, Cancel: cancel, TimeoutS: int(timeout / time.Second)}, false)
 	}
 	return c
 }
@@ -276,21 +394,6 @@ func (g *globals) completeNames(cmd *cobra.Command, args []string, prefix string
 	return names, cobra.ShellCompDirectiveNoFileComp
 }
 
-// recordsKV opens VM_RECORDS once per run: awaitRecord reads a record
-// again and again, and drain's stops wait in parallel.
-func (g *globals) recordsKV(ctx context.Context) (jetstream.KeyValue, error) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.records == nil {
-		kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
-		if err != nil {
-			return nil, fmt.Errorf("opening %s: %w (has the engine ever run on this server?)", g.names.RecordsBucket(), err)
-		}
-		g.records = kv
-	}
-	return g.records, nil
-}
-
 func (g *globals) record(ctx context.Context, name string) (*api.VmRecord, error) {
 	if err := api.ValidateName(name); err != nil {
 		return nil, usageError("NAME %q: %s", name, ruleOf(err))
@@ -298,18 +401,11 @@ func (g *globals) record(ctx context.Context, name string) (*api.VmRecord, error
 	if err := g.conn(); err != nil {
 		return nil, err
 	}
-	kv, err := g.recordsKV(ctx)
-	if err != nil {
-		return nil, err
+	r, err := g.c.Record(ctx, name)
+	if errors.Is(err, client.ErrNotFound) {
+		return nil, &exitError{code: ExitFailed, kind: "not_found", msg: fmt.Sprintf("no VM named %s (`vmctl list` shows the VMs)", name), err: err}
 	}
-	e, err := kv.Get(ctx, name)
-	if err != nil {
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			return nil, &exitError{code: ExitFailed, msg: fmt.Sprintf("no VM named %s (`vmctl list` shows the VMs)", name)}
-		}
-		return nil, err
-	}
-	return api.UnmarshalRecord(e.Value())
+	return r, g.commandErr(err)
 }
 
 // listed is a record as `vmctl list --json` prints it: with whether its
@@ -431,8 +527,8 @@ func (g *globals) guestAddrs(ctx context.Context, list []*api.VmRecord, lost map
 			qctx, cancel := context.WithTimeout(ctx, time.Second)
 			defer cancel()
 			var ip api.GuestIPReply
-			var qe *queryError
-			if err := g.query(qctx, r, "guest_ip", &ip); errors.As(err, &qe) && qe.code == "409" {
+			var we *client.WorkerError
+			if err := g.query(qctx, r, "guest_ip", &ip); errors.As(err, &we) && we.Code == "409" {
 				return // the VM has no address (no network, or not known yet)
 			} else if err != nil || ip.IP == "" {
 				out[i] = "?" // the worker did not answer
@@ -448,25 +544,9 @@ func (g *globals) guestAddrs(ctx context.Context, list []*api.VmRecord, lost map
 	return out
 }
 
-// queryError is a worker's answer that it cannot answer: code 404 (no such
-// VM), 409 (no address, unsupported) or 500, as the micro service sends it.
-type queryError struct{ code, msg string }
-
-func (e *queryError) Error() string { return e.msg }
-
 // query asks the worker on the VM's host.
 func (g *globals) query(ctx context.Context, r *api.VmRecord, endpoint string, out any) error {
-	req, _ := json.Marshal(api.QueryRequest{VM: r.Name})
-	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	m, err := g.nc.RequestWithContext(qctx, g.names.Query(r.Host)+"."+endpoint, req)
-	if err != nil {
-		return fmt.Errorf("asking the worker on host %s: %w (is it running?)", r.Host, err)
-	}
-	if code := m.Header.Get("Nats-Service-Error-Code"); code != "" {
-		return &queryError{code: code, msg: fmt.Sprintf("worker on host %s: %s", r.Host, m.Header.Get("Nats-Service-Error"))}
-	}
-	return json.Unmarshal(m.Data, out)
+	return g.c.QueryHost(ctx, r.Host, r.Name, endpoint, out)
 }
 
 func (g *globals) statusCmd() *cobra.Command {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/client"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
@@ -89,7 +90,7 @@ func (g *globals) imageRequest(ctx context.Context, host string, op api.ImageOp,
 		return fmt.Errorf("asking the worker on host %s: %w (is it running?)", host, err)
 	}
 	if code := m.Header.Get("Nats-Service-Error-Code"); code != "" {
-		return &queryError{code: code, msg: fmt.Sprintf("worker on host %s: %s", host, m.Header.Get("Nats-Service-Error"))}
+		return &client.WorkerError{Host: host, Code: code, Message: m.Header.Get("Nats-Service-Error")}
 	}
 	return nil
 }

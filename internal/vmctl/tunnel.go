@@ -15,8 +15,6 @@ import (
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/spf13/cobra"
-
-	"github.com/vmherd/vmherd/internal/relay"
 )
 
 // parseForward reads [LOCAL:]GUESTPORT.
@@ -82,8 +80,8 @@ func (g *globals) forward(ctx context.Context, ln net.Listener, host, name strin
 			return err
 		}
 		go func() {
-			if err := relay.DialTunnel(ctx, g.nc, g.names, host, name, guest, conn); err != nil && ctx.Err() == nil {
-				fmt.Fprintf(g.errOut, "vmctl: %s: %v\n", conn.RemoteAddr(), relayErr(host, err))
+			if err := g.c.Tunnel(ctx, name, guest, conn); err != nil && ctx.Err() == nil {
+				fmt.Fprintf(g.errOut, "vmctl: %s: %v\n", conn.RemoteAddr(), g.commandErr(err))
 			}
 		}()
 	}
@@ -113,11 +111,10 @@ func (g *globals) proxyCmd() *cobra.Command {
 			if err != nil || strings.Contains(args[1], ":") {
 				return usageError("GUESTPORT %q: want a port, 1..65535", args[1])
 			}
-			host, err := g.relayHost(cmd.Context(), args[0])
-			if err != nil {
+			if _, err := g.relayHost(cmd.Context(), args[0]); err != nil {
 				return err
 			}
-			return relayErr(host, relay.DialTunnel(cmd.Context(), g.nc, g.names, host, args[0], guest, stdio{}))
+			return g.commandErr(g.c.Tunnel(cmd.Context(), args[0], guest, stdio{}))
 		},
 	}
 }

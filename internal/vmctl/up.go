@@ -22,7 +22,6 @@ import (
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/provision"
-	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/vmfile"
 )
 
@@ -602,8 +601,8 @@ func (g *globals) hostKeys(ctx context.Context, r *api.VmRecord) ([]ssh.PublicKe
 	deadline := time.Now().Add(provisionWait)
 	for {
 		var log bytes.Buffer
-		if err := relay.PrintLog(ctx, g.nc, g.names, r.Host, r.Name, &log, -1, false); err != nil {
-			return nil, relayErr(r.Host, err)
+		if err := g.c.Log(ctx, r.Name, &log, -1, false, nil); err != nil {
+			return nil, g.commandErr(err)
 		}
 		if keys, err = provision.HostKeys(log.Bytes()); err == nil {
 			break
@@ -627,28 +626,26 @@ func (g *globals) hostKeys(ctx context.Context, r *api.VmRecord) ([]ssh.PublicKe
 func (g *globals) sshDial(ctx context.Context, host, name string, cfg *ssh.ClientConfig) (*ssh.Client, func(), error) {
 	deadline := time.Now().Add(provisionWait)
 	for {
-		near, far := net.Pipe()
-		tctx, cancel := context.WithCancel(ctx)
-		tunErr := make(chan error, 1)
-		go func() { tunErr <- relay.DialTunnel(tctx, g.nc, g.names, host, name, 22, far) }()
-		conn, chans, reqs, err := ssh.NewClientConn(near, name+":22", cfg)
+		var conn net.Conn
+		c, chans, reqs, err := func() (ssh.Conn, <-chan ssh.NewChannel, <-chan *ssh.Request, error) {
+			dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			var err error
+			if conn, err = g.c.DialGuest(dctx, name, 22); err != nil {
+				return nil, nil, nil, fmt.Errorf("tunnel through host %s: %w", host, g.commandErr(err))
+			}
+			return ssh.NewClientConn(conn, name+":22", cfg)
+		}()
 		if err == nil {
-			return ssh.NewClient(conn, chans, reqs), func() { cancel(); near.Close() }, nil
+			return ssh.NewClient(c, chans, reqs), func() { conn.Close() }, nil
 		}
-		cancel()
-		near.Close()
-		var terr error
-		select {
-		case terr = <-tunErr:
-		case <-time.After(5 * time.Second):
+		if conn != nil {
+			conn.Close()
 		}
 		if strings.Contains(err.Error(), "host key mismatch") {
 			return nil, nil, fmt.Errorf("%s: %w", name, err)
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
-			if terr != nil {
-				err = fmt.Errorf("%w (tunnel: %v)", err, relayErr(host, terr))
-			}
 			return nil, nil, fmt.Errorf("%s: logging in over SSH: %w", name, err)
 		}
 		time.Sleep(2 * time.Second)

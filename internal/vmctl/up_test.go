@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/client"
 )
 
 // vmctl up with a VMFile from someone else's repository: a user-data file
@@ -139,7 +140,11 @@ func TestCommandIDsArePerVM(t *testing.T) {
 	env, _ := pipeline(t, nil)
 	ctx := context.Background()
 	var out, errOut strings.Builder
-	g := &globals{nc: env.NC, js: env.JS, names: env.Names, out: &out, errOut: &errOut, timeout: 20 * time.Second}
+	c, err := client.New(env.NC, env.Names.Prefix, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &globals{c: c, nc: env.NC, js: env.JS, names: env.Names, out: &out, errOut: &errOut, timeout: 20 * time.Second}
 	for _, name := range []string{"d1", "d2"} {
 		ev, err := g.send(ctx, name, "prepare", api.Command{CommandID: "deploy-42", Spec: &api.VmSpec{Backend: api.BackendNoop}})
 		if err != nil || ev == nil || ev.Type != api.TypePrepared {

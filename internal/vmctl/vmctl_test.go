@@ -67,7 +67,7 @@ func TestUsageErrorsExitTwo(t *testing.T) {
 		{[]string{"start", "a", "b"}, []string{"exactly one VM name"}, nil},
 		{[]string{"frobnicate"}, []string{`unknown command "frobnicate"`}, nil},
 		{[]string{"start", "Web1"}, []string{`NAME "Web1"`, "lowercase"}, nil},
-		{[]string{"create", "web1", "--memory", "lots"}, []string{`"--memory"`}, nil},
+		{[]string{"create", "web1", "--memory", "lots"}, []string{`--memory "lots": want a whole number`}, []string{"strconv", "ParseInt"}},
 		{[]string{"create", "web1", "--memory", "10"}, []string{"--memory: 10 is out of range"}, []string{"memory_mb"}},
 		{[]string{"create", "web1", "--vcpus", "0"}, []string{"--vcpus: 0 is out of range"}, []string{"spec."}},
 		{[]string{"create", "web1", "--backend", "qemu"}, []string{"--image: is required for the qemu backend"}, []string{"image_path"}},
@@ -76,9 +76,9 @@ func TestUsageErrorsExitTwo(t *testing.T) {
 		{[]string{"create", "web1", "--ssh-key", "ssh-ed25519 AAAAC3 me@x"}, []string{"--ssh-key", "public key file"}, nil},
 		{[]string{"create", "web1", "--ssh-key", notFile}, []string{"is not a regular file"}, nil},
 		{[]string{"create", "web1", "--ssh-key", priv}, []string{"is a private key", priv + ".pub"}, nil},
-		{[]string{"stop", "web1", "--stop-timeout", "30"}, []string{`"--stop-timeout"`, "missing unit"}, nil},
+		{[]string{"stop", "web1", "--stop-timeout", "30"}, []string{`--stop-timeout "30"`, "with its unit"}, []string{"time: "}},
 		{[]string{"destroy", "web1", "--stop-timeout", "500ms"}, []string{"--stop-timeout 500ms"}, nil},
-		{[]string{"log", "web1", "--tail", "x"}, []string{`--tail" flag`}, nil},
+		{[]string{"log", "web1", "--tail", "x"}, []string{`--tail "x": want a whole number`}, nil},
 	} {
 		r := vmctl(t, context.Background(), "", c.args...)
 		if r.code != ExitUsage {
@@ -171,7 +171,7 @@ func TestNoEngineAnsweredAtOnce(t *testing.T) {
 
 	// No NATS at all: a quick, clear failure.
 	r = vmctl(t, ctx, "", "list")
-	if r.code != ExitFailed || !strings.Contains(r.err, "is the engine running?") || r.took > 3*time.Second {
+	if r.code != ExitNoResult || !strings.Contains(r.err, "is the engine running?") || r.took > 3*time.Second {
 		t.Fatalf("no server: %s in %v", r, r.took)
 	}
 }
