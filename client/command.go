@@ -260,6 +260,9 @@ func (c *Client) Wait(ctx context.Context, s *Sent, opts ...WaitOption) (*Result
 				// (or an engine) answers: anything else is ignored, as the
 				// fold ignores it.
 			case ev.Type == api.TypeRejected:
+				if s.Action == "" {
+					s.Action = ev.Action
+				}
 				return nil, c.rejection(ctx, s, ev)
 			case ev.Type == api.TypeAccepted && ev.Cancel:
 				// A cancel ends the migration at once: its decision is the
@@ -273,6 +276,9 @@ func (c *Client) Wait(ctx context.Context, s *Sent, opts ...WaitOption) (*Result
 					report()
 				}
 			case ev.Type == api.TypeAccepted:
+				if s.Action == "" { // WaitCommand: known from its decision
+					s.Action, res.Action, p.Action = ev.Action, ev.Action, ev.Action
+				}
 				res.Decision = ev
 				p.Waiting, p.Host, p.Since = "result", ev.Host, time.Now()
 				report()

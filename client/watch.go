@@ -23,6 +23,9 @@ type WatchOptions struct {
 	// only events stored after Watch is called are yielded.
 	From    uint64
 	History bool
+	// Until, if not 0, ends the watch once every event up to this
+	// sequence is read (LastSeq gives the stream's end now).
+	Until uint64
 }
 
 // watchPoll bounds the pause between reads while nothing new comes.
@@ -63,6 +66,9 @@ func (c *Client) Watch(ctx context.Context, o WatchOptions) iter.Seq2[Stored, er
 				return
 			}
 			for _, r := range raws {
+				if o.Until > 0 && r.Seq > o.Until {
+					return
+				}
 				from = r.Seq + 1
 				st, ok := c.decodeRaw(r)
 				if !ok || !o.matches(st) {
@@ -71,6 +77,9 @@ func (c *Client) Watch(ctx context.Context, o WatchOptions) iter.Seq2[Stored, er
 				if !yield(st, nil) {
 					return
 				}
+			}
+			if o.Until > 0 && from > o.Until || o.Until > 0 && err == nil && len(raws) == 0 {
+				return // read to Until (nothing matches after from)
 			}
 			if len(raws) > 0 {
 				wait = watchPoll.First
@@ -86,6 +95,19 @@ func (c *Client) Watch(ctx context.Context, o WatchOptions) iter.Seq2[Stored, er
 			wait = min(2*wait, watchPoll.Max)
 		}
 	}
+}
+
+// LastSeq is the events stream's last sequence now (0: empty).
+func (c *Client) LastSeq(ctx context.Context) (uint64, error) {
+	store, err := c.eventStore(ctx)
+	if err != nil {
+		return 0, err
+	}
+	info, err := store.Stream().Info(ctx)
+	if err != nil {
+		return 0, notAllowed(err)
+	}
+	return info.State.LastSeq, nil
 }
 
 // watchStart is the first sequence to read.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -17,12 +18,11 @@ import (
 	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/client"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
 	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/hosts"
-	"github.com/vmherd/vmherd/internal/projection"
 )
 
 func (g *globals) createCmd() *cobra.Command {
@@ -409,10 +409,12 @@ func (g *globals) record(ctx context.Context, name string) (*api.VmRecord, error
 }
 
 // listed is a record as `vmctl list --json` prints it: with whether its
-// host is lost now (the record is then the last state known).
+// host is lost now (the record is then the last state known) and the
+// guest's address when the worker gave one.
 type listed struct {
 	*api.VmRecord
-	HostLost bool `json:"host_lost,omitempty"`
+	HostLost bool   `json:"host_lost,omitempty"`
+	IP       string `json:"ip,omitempty"`
 }
 
 // stateText is the state as people read it: a VM whose process ended
@@ -423,16 +425,14 @@ func stateText(r *api.VmRecord, hostLost bool) string {
 	if r.Crashed() {
 		s += " (exited)"
 	}
-	if hostLost && r.State != api.StateDestroyed {
+	if hostLost && r.Live() {
 		return "unknown (host lost; last " + s + ")"
 	}
 	return s
 }
 
 // running reports whether the record says the VM's process runs.
-func running(r *api.VmRecord) bool {
-	return r.State == api.StateRunning || r.State == api.StateSuspended
-}
+func running(r *api.VmRecord) bool { return fsm.Live(r.State) }
 
 // notRunning is the error for a query that needs a running VM.
 func notRunning(r *api.VmRecord) error {
@@ -445,59 +445,167 @@ func notRunning(r *api.VmRecord) error {
 	case api.StatePrepared, api.StateStopped, api.StateFailed:
 		msg += fmt.Sprintf("; start it with `vmctl start %s`", r.Name)
 	}
-	return &exitError{code: ExitFailed, msg: msg}
+	return &exitError{code: ExitFailed, kind: "not_running", msg: msg}
 }
 
+// listColumns are the columns list can print, in their default order.
+var listColumns = []string{"name", "state", "host", "backend", "vcpus", "memory", "ip", "in-flight", "updated"}
+
 func (g *globals) listCmd() *cobra.Command {
-	var all bool
+	var (
+		all            bool
+		states, hostsF []string
+		format         string
+		columns        []string
+	)
 	c := &cobra.Command{
 		Use:   "list",
 		Short: "list VMs from the VM_RECORDS projection, with their guest address",
-		Args:  noArgs,
+		Long: `list prints the VMs' records (destroyed ones only with --all), filtered by
+--state and --host (each repeatable or comma-separated; a VM must match one
+value of every filter given).
+
+--format table (default) prints the --columns chosen; json one document, an
+array of records each with host_lost and ip; jsonl one record per line; name
+only the names, one per line (for xargs). --json is --format json.`,
+		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if g.json && !cmd.Flags().Changed("format") {
+				format = "json"
+			}
+			switch format {
+			case "table", "json", "jsonl", "name":
+			default:
+				return usageError("--format %q: want table, json, jsonl or name", format)
+			}
+			for _, col := range columns {
+				if !slices.Contains(listColumns, col) {
+					return usageError("--columns: %q is not one of %s", col, strings.Join(listColumns, ","))
+				}
+			}
+			for _, st := range states {
+				if !slices.Contains(fsm.States(), api.VmState(st)) {
+					return usageError("--state %q is not a state (%s)", st, joinStates(fsm.States()))
+				}
+			}
 			if err := g.conn(); err != nil {
 				return err
 			}
-			recs, err := projection.Load(cmd.Context(), g.js, g.names)
+			ctx := cmd.Context()
+			recs, err := g.c.Records(ctx)
 			if err != nil {
-				return err
+				return g.commandErr(err)
 			}
 			var list []*api.VmRecord
 			for _, r := range recs {
-				if all || r.State != api.StateDestroyed {
+				switch {
+				case !all && !r.Live() && !slices.Contains(states, string(api.StateDestroyed)):
+				case len(states) > 0 && !slices.Contains(states, string(r.State)):
+				case len(hostsF) > 0 && !slices.Contains(hostsF, r.Host):
+				default:
 					list = append(list, r)
 				}
 			}
-			sort.Slice(list, func(i, j int) bool { return list[i].Name < list[j].Name })
-			lost := g.lostHosts(cmd.Context())
-			if g.json {
+			if format == "name" {
+				for _, r := range list {
+					fmt.Fprintln(g.out, r.Name)
+				}
+				return nil
+			}
+			lost := g.lostHosts(ctx)
+			ips := g.guestAddrs(ctx, list, lost)
+			if format == "json" || format == "jsonl" {
 				out := make([]listed, len(list))
 				for i, r := range list {
-					out[i] = listed{VmRecord: r, HostLost: lost[r.Host] && r.State != api.StateDestroyed}
+					out[i] = listed{VmRecord: r, HostLost: lost[r.Host] && r.Live()}
+					if ip := ips[i]; ip != "-" && ip != "?" {
+						out[i].IP = ip
+					}
 				}
-				return g.printJSON(out)
+				if format == "json" {
+					return g.printJSON(out)
+				}
+				for _, l := range out {
+					b, _ := json.Marshal(l)
+					fmt.Fprintln(g.out, string(b))
+				}
+				return nil
 			}
-			ips := g.guestAddrs(cmd.Context(), list, lost)
+			if len(columns) == 0 {
+				columns = listColumns
+			}
 			tw := tabwriter.NewWriter(g.out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tSTATE\tHOST\tBACKEND\tVCPUS\tMEMORY\tIP\tIN FLIGHT\tUPDATED")
+			head := make([]string, len(columns))
+			for i, col := range columns {
+				head[i] = strings.ToUpper(strings.ReplaceAll(col, "-", " "))
+			}
+			fmt.Fprintln(tw, strings.Join(head, "\t"))
 			for i, r := range list {
-				var inflight []string
-				for _, f := range r.InFlight {
-					inflight = append(inflight, string(f.Action))
+				row := make([]string, len(columns))
+				for j, col := range columns {
+					row[j] = listCell(r, col, ips[i], lost[r.Host])
 				}
-				vcpus, mem := "-", "-"
-				if r.Handle != nil && r.Handle.Spec != nil {
-					vcpus = strconv.Itoa(r.Handle.Spec.Vcpus)
-					mem = strconv.Itoa(r.Handle.Spec.MemoryMB) + "M"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, stateText(r, lost[r.Host]), r.Host, r.Backend,
-					vcpus, mem, ips[i], orDash(strings.Join(inflight, ",")), r.UpdatedAt.Local().Format(time.DateTime))
+				fmt.Fprintln(tw, strings.Join(row, "\t"))
 			}
 			return tw.Flush()
 		},
 	}
-	c.Flags().BoolVar(&all, "all", false, "include destroyed VMs")
+	f := c.Flags()
+	f.BoolVar(&all, "all", false, "include destroyed VMs")
+	f.StringSliceVar(&states, "state", nil, "only VMs in these states (e.g. running,stopped)")
+	f.StringSliceVar(&hostsF, "host", nil, "only VMs on these hosts")
+	f.StringVar(&format, "format", "table", "table, json, jsonl or name")
+	f.StringSliceVar(&columns, "columns", nil, "table columns, from "+strings.Join(listColumns, ","))
+	_ = c.RegisterFlagCompletionFunc("state", func(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
+		var out []cobra.Completion
+		for _, s := range fsm.States() {
+			out = append(out, string(s))
+		}
+		return out, cobra.ShellCompDirectiveNoFileComp
+	})
+	_ = c.RegisterFlagCompletionFunc("host", g.completeHosts)
 	return c
+}
+
+// listCell is one cell of list's table.
+func listCell(r *api.VmRecord, col, ip string, hostLost bool) string {
+	switch col {
+	case "name":
+		return r.Name
+	case "state":
+		return stateText(r, hostLost)
+	case "host":
+		return orDash(r.Host)
+	case "backend":
+		return orDash(string(r.Backend))
+	case "vcpus":
+		if r.Handle != nil && r.Handle.Spec != nil {
+			return strconv.Itoa(r.Handle.Spec.Vcpus)
+		}
+	case "memory":
+		if r.Handle != nil && r.Handle.Spec != nil {
+			return strconv.Itoa(r.Handle.Spec.MemoryMB) + "M"
+		}
+	case "ip":
+		return ip
+	case "in-flight":
+		var inflight []string
+		for _, f := range r.InFlight {
+			inflight = append(inflight, string(f.Action))
+		}
+		return orDash(strings.Join(inflight, ","))
+	case "updated":
+		return r.UpdatedAt.Local().Format(time.DateTime)
+	}
+	return "-"
+}
+
+func joinStates(ss []api.VmState) string {
+	out := make([]string, len(ss))
+	for i, s := range ss {
+		out[i] = string(s)
+	}
+	return strings.Join(out, ", ")
 }
 
 func orDash(s string) string {
@@ -562,11 +670,11 @@ func (g *globals) statusCmd() *cobra.Command {
 			}
 			var live api.StateReply
 			liveErr := error(nil)
-			hostLost := r.State != api.StateDestroyed && g.hostLost(cmd.Context(), r.Host)
+			hostLost := r.Live() && g.hostLost(cmd.Context(), r.Host)
 			switch {
 			case hostLost:
 				liveErr = fmt.Errorf("host %s is lost (no heartbeat for over %s)", r.Host, hosts.DefaultLostAfter)
-			case r.State != api.StateDestroyed:
+			case r.Live():
 				liveErr = g.query(cmd.Context(), r, "state", &live)
 			}
 			if g.json {
@@ -667,9 +775,18 @@ func (g *globals) ipCmd() *cobra.Command {
 func (g *globals) eventsCmd() *cobra.Command {
 	var follow bool
 	var last int
+	var host string
 	c := &cobra.Command{
-		Use:               "events [NAME]",
-		Short:             "print events (of one VM, or all), and with --follow keep printing new ones",
+		Use:   "events [NAME]",
+		Short: "print events (of one VM, one host, or all), and with --follow keep printing new ones",
+		Long: `events prints the events the stream keeps, oldest first: one VM's (NAME),
+those about one host (--host: its host events and the VMs' events it wrote
+or that place a VM on it), or all. --follow keeps printing new ones; it
+reads without a consumer, and keeps its place when the connection or the
+server goes away for a while (it says so on stderr).
+
+--json prints one array of events, each with its stream sequence (seq);
+with --follow one event per line (JSON lines), as they come.`,
 		ValidArgsFunction: g.completeNames,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) == 0 {
@@ -678,162 +795,155 @@ func (g *globals) eventsCmd() *cobra.Command {
 			return nameArg(cmd, args)
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(args) == 1 {
-				return g.vmEvents(cmd.Context(), args[0], follow, last, false)
+			if last < 0 {
+				return usageError("--last %d: give a number of events", last)
 			}
-			return g.allEvents(cmd.Context(), follow, last)
+			o := client.WatchOptions{Host: host}
+			if len(args) == 1 {
+				if host != "" {
+					return usageError("give NAME or --host, not both")
+				}
+				o.VM = args[0]
+			}
+			return g.printEvents(cmd.Context(), o, follow, last, true)
 		},
 	}
 	c.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new events")
 	c.Flags().IntVar(&last, "last", 0, "start with the last N events (0: all)")
+	c.Flags().StringVar(&host, "host", "", "only events about this host")
+	_ = c.RegisterFlagCompletionFunc("host", g.completeHosts)
 	return c
 }
 
 func (g *globals) historyCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:               "history NAME",
-		Short:             "print every event of one VM, oldest first",
+		Short:             "print every event of one VM, oldest first, with its stream sequence",
 		Args:              nameArg,
 		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.vmEvents(cmd.Context(), args[0], false, 0, true)
+			return g.printEvents(cmd.Context(), client.WatchOptions{VM: args[0]}, false, 0, true)
 		},
 	}
 }
 
-// eventPrinter prints events as text lines, or JSON: one document per
-// event when following, else one list at the end.
-type eventPrinter struct {
-	g      *globals
-	follow bool
-	list   []any
+// storedJSON is an event as --json prints it: its fields and its stream
+// sequence (a host event's fields, for those).
+type storedJSON struct {
+	Seq uint64 `json:"seq"`
+	*api.Event
+	*api.HostEvent
 }
 
-func (g *globals) newEventPrinter(follow bool) *eventPrinter {
-	return &eventPrinter{g: g, follow: follow, list: []any{}}
-}
-
-func (p *eventPrinter) add(ev any, text string) {
-	switch {
-	case !p.g.json:
-		fmt.Fprintln(p.g.out, text)
-	case p.follow:
-		b, _ := json.Marshal(ev)
-		fmt.Fprintln(p.g.out, string(b))
-	default:
-		p.list = append(p.list, ev)
+func (st storedJSON) MarshalJSON() ([]byte, error) {
+	var body []byte
+	var err error
+	if st.Event != nil {
+		body, err = json.Marshal(st.Event)
+	} else {
+		body, err = json.Marshal(st.HostEvent)
 	}
-}
-
-func (p *eventPrinter) done() error {
-	if p.g.json && !p.follow {
-		return p.g.printJSON(p.list)
+	if err != nil || len(body) < 2 || body[0] != '{' {
+		return body, err
 	}
-	return nil
+	sep := ","
+	if len(body) == 2 {
+		sep = ""
+	}
+	return []byte(fmt.Sprintf(`{"seq":%d%s%s`, st.Seq, sep, body[1:])), nil
 }
 
-// vmEvents prints one VM's events (the last N if last > 0, with their
-// stream sequences if withSeq) and, when following, those stored after
-// them until ctx ends. It reads by direct gets and leaves no consumer on
-// the server.
-func (g *globals) vmEvents(ctx context.Context, name string, follow bool, last int, withSeq bool) error {
+// printEvents prints the events o selects: the last N (0: all) of those
+// stored now, then, following, the new ones until ctx ends. Under --json:
+// one array, or one line per event when following.
+func (g *globals) printEvents(ctx context.Context, o client.WatchOptions, follow bool, last int, withSeq bool) error {
+	if o.VM != "" {
+		if err := api.ValidateName(o.VM); err != nil {
+			return usageError("NAME %q: %s", o.VM, ruleOf(err))
+		}
+	}
 	if err := g.conn(); err != nil {
 		return err
 	}
-	store, err := events.NewStore(ctx, g.js, g.names, "")
+	end, err := g.c.LastSeq(ctx)
 	if err != nil {
-		return err
+		return g.commandErr(err)
 	}
-	p := g.newEventPrinter(follow)
-	show := func(s events.Stored) bool {
-		if s.Event == nil {
-			return true // undecodable: skipped, as the fold skips it
+	var list []client.Stored
+	if end > 0 {
+		ro := o
+		ro.History, ro.Until = true, end
+		for st, err := range g.c.Watch(ctx, ro) {
+			if err != nil {
+				return g.commandErr(err)
+			}
+			list = append(list, st)
 		}
+	}
+	if last > 0 && len(list) > last {
+		list = list[len(list)-last:]
+	}
+	show := func(st client.Stored) {
 		seq := uint64(0)
 		if withSeq {
-			seq = s.Seq
+			seq = st.Seq
 		}
-		p.add(s.Event, formatEvent(seq, s.Event))
-		return true
+		switch {
+		case !g.json && st.HostEvent != nil:
+			fmt.Fprintln(g.out, formatHostEvent(seq, st.HostEvent))
+		case !g.json:
+			fmt.Fprintln(g.out, formatEvent(seq, st.Event))
+		default:
+			b, _ := json.Marshal(storedJSON{Seq: st.Seq, Event: st.Event, HostEvent: st.HostEvent})
+			fmt.Fprintln(g.out, string(b))
+		}
 	}
-	evs, err := store.ReadVM(ctx, name, 1)
-	if err != nil {
-		return fmt.Errorf("reading %s's events: %w", name, err)
+	if g.json && !follow {
+		out := make([]storedJSON, len(list))
+		for i, st := range list {
+			out[i] = storedJSON{Seq: st.Seq, Event: st.Event, HostEvent: st.HostEvent}
+		}
+		return g.printJSON(out)
 	}
-	from := uint64(1)
-	if len(evs) > 0 {
-		from = evs[len(evs)-1].Seq + 1
-	}
-	if last > 0 && len(evs) > last {
-		evs = evs[len(evs)-last:]
-	}
-	for _, s := range evs {
-		show(s)
+	for _, st := range list {
+		show(st)
 	}
 	if !follow {
-		return p.done()
+		return nil
 	}
-	if err := store.FollowVM(ctx, name, from, show); err != nil && ctx.Err() == nil {
-		return fmt.Errorf("reading %s's events: %w", name, err)
+	// Following: say on stderr when the connection is down, and when it
+	// is back (the watch itself keeps its place).
+	p := g.newProgress("events")
+	p.waitingFor("new events")
+	var mu sync.Mutex
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-wctx.Done():
+				return
+			case <-t.C:
+			}
+			why := ""
+			if down := g.c.DownSince(); !down.IsZero() {
+				why = fmt.Sprintf("the connection to NATS is down since %s; reconnecting", down.Format("15:04:05"))
+			}
+			mu.Lock()
+			p.trouble(why)
+			mu.Unlock()
+		}
+	}()
+	o.From = end + 1
+	for st, err := range g.c.Watch(wctx, o) {
+		if err != nil {
+			return g.commandErr(err)
+		}
+		mu.Lock()
+		show(st)
+		mu.Unlock()
 	}
 	return nil
-}
-
-// allEvents prints every event in the stream, the VMs' and the hosts'
-// (the last N if last > 0), and when following the new ones until ctx
-// ends. A whole-stream read is what a consumer is for, so it uses an
-// ordered one, and deletes it when it ends; if vmctl dies first, the
-// server drops it after events.ReaderIdle.
-func (g *globals) allEvents(ctx context.Context, follow bool, last int) error {
-	if err := g.conn(); err != nil {
-		return err
-	}
-	st, err := g.js.Stream(ctx, g.names.EventsStream())
-	if err != nil {
-		return fmt.Errorf("opening %s: %w", g.names.EventsStream(), err)
-	}
-	pending := st.CachedInfo().State.Msgs
-	skip := uint64(0)
-	if last > 0 && pending > uint64(last) {
-		skip = pending - uint64(last)
-	}
-	p := g.newEventPrinter(follow)
-	if pending == 0 && !follow {
-		return p.done()
-	}
-	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects:    []string{g.names.Events(), g.names.HostEvents()},
-		InactiveThreshold: events.ReaderIdle,
-	})
-	if err != nil {
-		return err
-	}
-	defer events.DropConsumer(st, cons)
-	it, err := cons.Messages()
-	if err != nil {
-		return err
-	}
-	defer it.Stop()
-	stop := context.AfterFunc(ctx, it.Stop)
-	defer stop()
-	for seen := uint64(0); follow || seen < pending; {
-		m, err := it.Next()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return err
-		}
-		if seen++; seen <= skip {
-			continue
-		}
-		if _, _, isHost := g.names.ParseHostEventSubject(m.Subject()); isHost {
-			if hev, err := api.DecodeHostEvent(m.Data()); err == nil {
-				p.add(hev, formatHostEvent(0, hev))
-			}
-		} else if ev, err := events.Decode(m.Data()); err == nil {
-			p.add(ev, formatEvent(0, ev))
-		}
-	}
-	return p.done()
 }

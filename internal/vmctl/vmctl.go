@@ -148,6 +148,7 @@ deciding commands or no result within --timeout, 130 interrupted.`,
 		g.lifecycleCmd(api.ActSuspend, "pause a running VM"),
 		g.lifecycleCmd(api.ActResume, "continue a suspended VM"),
 		g.restartCmd(),
+		g.waitCmd(),
 		g.destroyCmd(),
 		g.migrateCmd(),
 		g.listCmd(),
@@ -467,12 +468,12 @@ func (g *globals) printJSON(v any) error {
 	return enc.Encode(v)
 }
 
+// printEvent prints an event's text line (under --json the command's
+// document holds it).
 func (g *globals) printEvent(ev *api.Event) {
-	if g.json {
-		_ = g.printJSON(ev)
-		return
+	if !g.json {
+		fmt.Fprintln(g.out, formatEvent(0, ev))
 	}
-	fmt.Fprintln(g.out, formatEvent(0, ev))
 }
 
 func formatHostEvent(seq uint64, ev *api.HostEvent) string {
