@@ -407,10 +407,13 @@ func (w *Worker) appendUntilStored(ev *api.Event, msgID string, log *slog.Logger
 	}
 }
 
-// progress signals InProgress every third of the ack wait until stopped.
+// progress signals InProgress every third of the ack wait until stopped;
+// once stop returns, no more is signalled (the task is acked next).
 func (w *Worker) progress(msg jetstream.Msg) func() {
 	done := make(chan struct{})
+	exited := make(chan struct{})
 	go func() {
+		defer close(exited)
 		t := time.NewTicker(w.cfg.AckWait / 3)
 		defer t.Stop()
 		for {
@@ -422,7 +425,10 @@ func (w *Worker) progress(msg jetstream.Msg) func() {
 			}
 		}
 	}()
-	return sync.OnceFunc(func() { close(done) })
+	return sync.OnceFunc(func() {
+		close(done)
+		<-exited
+	})
 }
 
 // call runs the backend call of a task and returns its result event.
