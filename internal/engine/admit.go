@@ -17,8 +17,8 @@ type hostView interface {
 }
 
 // admission is the decision proper, apart from NATS: given a VM's record
-// and the hosts, it accepts or rejects a command. It does no I/O of its
-// own (the registry may re-read a host it believes lost).
+// and the hosts, it accepts or rejects a command. It does no I/O: the
+// registry answers from memory (hosts.Registry.Get).
 type admission struct {
 	hosts     hostView
 	lostAfter time.Duration

@@ -212,25 +212,46 @@ func (r *Registry) checkLost(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
-		r.mu.Lock()
-		var lost []Change
-		for name, h := range r.hosts {
-			if h.Rev == 0 || r.lostSeen[name] || time.Since(h.Time) < r.LostAfter {
-				continue
-			}
-			r.lostSeen[name] = true
-			lost = append(lost, Change{Kind: api.HostLost, Host: name, Rev: h.Rev, Last: h.Time,
-				Reason: fmt.Sprintf("no heartbeat for over %s", r.LostAfter)})
-		}
-		r.mu.Unlock()
-		for _, c := range lost {
-			r.emit(c)
-		}
+		r.checkLostOnce(ctx)
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+	}
+}
+
+// checkLostOnce reads every host that looks lost directly from the bucket
+// (a watch can lag or stall, as on a server restart, and every host would
+// then look lost), and reports those still lost whose loss is not yet
+// reported. The reads happen here, on the registry's own goroutine, so
+// Get and List never do I/O.
+func (r *Registry) checkLostOnce(ctx context.Context) {
+	r.mu.RLock()
+	var stale []string
+	for name, h := range r.hosts {
+		if h.Rev != 0 && time.Since(h.Time) >= r.LostAfter {
+			stale = append(stale, name)
+		}
+	}
+	r.mu.RUnlock()
+	for _, name := range stale {
+		r.refresh(ctx, name)
+	}
+	r.mu.Lock()
+	var lost []Change
+	for _, name := range stale {
+		h, ok := r.hosts[name]
+		if !ok || h.Rev == 0 || r.lostSeen[name] || time.Since(h.Time) < r.LostAfter {
+			continue
+		}
+		r.lostSeen[name] = true
+		lost = append(lost, Change{Kind: api.HostLost, Host: name, Rev: h.Rev, Last: h.Time,
+			Reason: fmt.Sprintf("no heartbeat for over %s", r.LostAfter)})
+	}
+	r.mu.Unlock()
+	for _, c := range lost {
+		r.emit(c)
 	}
 }
 
@@ -360,15 +381,15 @@ func (r *Registry) entry(name string) *Host {
 	return h
 }
 
-// refresh reads one host's entries directly, for when the watch may lag.
-func (r *Registry) refresh(host string) {
+// refresh reads one host's heartbeat directly, for when the watch may lag.
+func (r *Registry) refresh(ctx context.Context, host string) {
 	r.mu.RLock()
 	kv := r.kv
 	r.mu.RUnlock()
 	if kv == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	if e, err := kv.Get(ctx, host); err == nil {
 		r.apply(e)
@@ -379,15 +400,10 @@ func (r *Registry) refresh(host string) {
 func (r *Registry) Ready() <-chan struct{} { return r.ready }
 
 // Get returns a copy of what is known of a host (nil: never heartbeated,
-// or forgotten). A host that looks lost is read again directly first.
-func (r *Registry) Get(host string) *Host {
-	h := r.get(host)
-	if h == nil || !h.Alive {
-		r.refresh(host)
-		h = r.get(host)
-	}
-	return h
-}
+// or forgotten). It reads the registry's memory only, kept by its watch
+// (and by the direct reads of hosts that look lost, checkLostOnce), so
+// callers that must not block, as the engine's admission, may call it.
+func (r *Registry) Get(host string) *Host { return r.get(host) }
 
 func (r *Registry) get(host string) *Host {
 	r.mu.RLock()
@@ -420,7 +436,7 @@ func (r *Registry) List() []*Host {
 	return out
 }
 
-// Alive reports whether a host is alive (read again directly if it looks lost).
+// Alive reports whether a host is alive (from memory, as Get).
 func (r *Registry) Alive(host string) bool {
 	h := r.Get(host)
 	return h != nil && h.Alive

@@ -87,6 +87,18 @@ type Config struct {
 	Migration MigrationConfig
 }
 
+// eventLog is what a worker needs of the event store (an *events.Store
+// has it): append its results and observations, read a VM's events after
+// a sequence, and the stream for a VM's last event. Tests put a fake in
+// front of the store here.
+type eventLog interface {
+	Append(ctx context.Context, ev *api.Event, expect uint64, msgID string) (seq uint64, dup bool, err error)
+	ReadVM(ctx context.Context, vmName string, from uint64) ([]events.Stored, error)
+	Stream() jetstream.Stream
+}
+
+var _ eventLog = (*events.Store)(nil)
+
 // local is what the worker knows of one of its VMs.
 type local struct {
 	handle api.VmHandle
@@ -98,7 +110,7 @@ type local struct {
 type Worker struct {
 	cfg   Config
 	log   *slog.Logger
-	store *events.Store
+	store eventLog
 	exec  *keyed.Serial
 	// relay serves the consoles, logs and tunnels of this host's VMs.
 	relay *relay.Server
@@ -395,10 +407,13 @@ func (w *Worker) appendUntilStored(ev *api.Event, msgID string, log *slog.Logger
 	}
 }
 
-// progress signals InProgress every third of the ack wait until stopped.
+// progress signals InProgress every third of the ack wait until stopped;
+// once stop returns, no more is signalled (the task is acked next).
 func (w *Worker) progress(msg jetstream.Msg) func() {
 	done := make(chan struct{})
+	exited := make(chan struct{})
 	go func() {
+		defer close(exited)
 		t := time.NewTicker(w.cfg.AckWait / 3)
 		defer t.Stop()
 		for {
@@ -410,7 +425,10 @@ func (w *Worker) progress(msg jetstream.Msg) func() {
 			}
 		}
 	}()
-	return sync.OnceFunc(func() { close(done) })
+	return sync.OnceFunc(func() {
+		close(done)
+		<-exited
+	})
 }
 
 // call runs the backend call of a task and returns its result event.

@@ -105,27 +105,8 @@ func (b *Backend) start(ctx context.Context, h api.VmHandle) (api.VmHandle, erro
 	var vnc string
 	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	err = withQMP(qctx, r.Handle.QMPSocket, func(m *monitor) error {
-		st, err := m.status(qctx)
-		if err != nil {
-			return err
-		}
-		// A KVM that cannot run the guest shows internal-error once the
-		// vCPUs have run for a moment.
-		for i := 0; accel == AccelKVM && i < 5 && st.Status == "running"; i++ {
-			time.Sleep(200 * time.Millisecond)
-			if st, err = m.status(qctx); err != nil {
-				return err
-			}
-		}
-		if st.Status != "running" {
-			hint := ""
-			if accel == AccelKVM {
-				hint = "; KVM cannot run this guest on this host: set accel tcg"
-			}
-			return fmt.Errorf("QEMU reports status %q instead of running (accel %s)%s", st.Status, accel, hint)
-		}
-		vnc, err = m.vnc(qctx)
+	err = withQMP(qctx, r.Handle.QMPSocket, func(m *monitor) (err error) {
+		vnc, err = m.started(qctx, accel, 200*time.Millisecond)
 		return err
 	})
 	if err != nil {
@@ -330,4 +311,31 @@ func diskArgs(r *record) []string {
 	node(map[string]any{"node-name": "disk", "driver": "qcow2", "backing": below, "discard": "unmap",
 		"file": map[string]any{"driver": "file", "filename": r.path(diskFile), "discard": "unmap"}})
 	return append(a, "-device", "virtio-blk-pci,drive=disk")
+}
+
+// started checks a QEMU just launched: it must report running (under KVM
+// it is asked again a few times, every settle: a KVM that cannot run the
+// guest shows internal-error once the vCPUs have run for a moment), and
+// returns where its VNC server listens.
+func (m *monitor) started(ctx context.Context, accel string, settle time.Duration) (string, error) {
+	st, err := m.status(ctx)
+	if err != nil {
+		return "", err
+	}
+	for i := 0; accel == AccelKVM && i < 5 && st.Status == "running"; i++ {
+		if err := sleepCtx(ctx, settle); err != nil {
+			return "", err
+		}
+		if st, err = m.status(ctx); err != nil {
+			return "", err
+		}
+	}
+	if st.Status != "running" {
+		hint := ""
+		if accel == AccelKVM {
+			hint = "; KVM cannot run this guest on this host: set accel tcg"
+		}
+		return "", fmt.Errorf("QEMU reports status %q instead of running (accel %s)%s", st.Status, accel, hint)
+	}
+	return m.vnc(ctx)
 }

@@ -97,36 +97,40 @@ func (b *Backend) pauseResume(ctx context.Context, h api.VmHandle, cmd, want str
 	if pid == 0 {
 		return h, fmt.Errorf("its QEMU is not running; start it first: %w", backends.ErrNotRunning)
 	}
-	err = withQMP(ctx, r.Handle.QMPSocket, func(m *monitor) error {
-		st, err := m.status(ctx)
-		if err != nil {
-			return err
-		}
-		if st.Status == want {
-			return nil // already there: idempotent
-		}
-		if err := m.run(ctx, cmd, nil, nil); err != nil {
-			return err
-		}
-		for {
-			if st, err = m.status(ctx); err != nil {
-				return err
-			}
-			if st.Status == want {
-				return nil
-			}
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("QEMU reports %q, not %q: %w", st.Status, want, ctx.Err())
-			case <-time.After(50 * time.Millisecond):
-			}
-		}
-	})
+	err = withQMP(ctx, r.Handle.QMPSocket, func(m *monitor) error { return m.toStatus(ctx, cmd, want) })
 	if err != nil {
 		return h, err
 	}
 	r.Handle.PID = pid
 	return r.Handle.Clone(), nil
+}
+
+// toStatus runs cmd (stop or cont) unless QEMU already reports status
+// want, then polls query-status until it does (or ctx ends).
+func (m *monitor) toStatus(ctx context.Context, cmd, want string) error {
+	st, err := m.status(ctx)
+	if err != nil {
+		return err
+	}
+	if st.Status == want {
+		return nil // already there: idempotent
+	}
+	if err := m.run(ctx, cmd, nil, nil); err != nil {
+		return err
+	}
+	for {
+		if st, err = m.status(ctx); err != nil {
+			return err
+		}
+		if st.Status == want {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("QEMU reports %q, not %q: %w", st.Status, want, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // Watch reports QEMU processes this Backend started or adopted that end
