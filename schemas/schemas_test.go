@@ -15,7 +15,6 @@ import (
 	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/projection"
 )
 
@@ -564,7 +563,7 @@ func TestPropertiesMatchGoFields(t *testing.T) {
 		check(f, propNames(schemaDoc(t, f)), jsonFields(api.Event{}))
 	}
 	check("task.json", propNames(schemaDoc(t, "task.json")), jsonFields(events.Task{}))
-	check("image.json", propNames(schemaDoc(t, "image.json")), jsonFields(images.Status{}))
+	check("image.json", propNames(schemaDoc(t, "image.json")), jsonFields(api.ImageStatus{}))
 	rec := schemaDoc(t, "record.json")
 	check("record.json", propNames(rec), jsonFields(api.VmRecord{}))
 	items := rec["properties"].(map[string]any)["in_flight"].(map[string]any)["items"].(map[string]any)

@@ -20,7 +20,6 @@ import (
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/relay"
@@ -272,7 +271,7 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names api.Na
 	err = events.RetryStartup(ctx, log, "the worker's task consumer", func(sctx context.Context) (err error) {
 		w, err = worker.New(sctx, worker.Config{
 			NC: c.NC, JS: c.JS, Names: names, Host: o.Host, Router: r, Log: log,
-			Capacity:       hosts.Resources{Vcpus: o.CapacityVcpus, MemoryMB: o.CapacityMemMB},
+			Capacity:       api.Resources{Vcpus: o.CapacityVcpus, MemoryMB: o.CapacityMemMB},
 			HeartbeatEvery: o.Heartbeat, AckWait: o.AckWait, Concurrency: o.Concurrency,
 			ReconcileEvery: o.Reconcile, Metrics: o.Metrics,
 			ImageRoots: o.imageRoots(), VMDirs: []string{filepath.Join(o.DataDir, "vms")}, ImageStore: o.imageStore(),

@@ -41,27 +41,18 @@ var (
 	ErrInjected = errors.New("injected failure")
 )
 
-// Capabilities says which lifecycle actions a backend supports. Workers
-// publish them in their heartbeat; the engine rejects what a backend cannot do.
-type Capabilities struct {
-	Suspend bool `json:"suspend"`
-	Resume  bool `json:"resume"`
-	// Migrate: the backend moves VMs to and from other hosts (Migrator).
-	Migrate bool `json:"migrate,omitempty"`
-}
-
 // Capable is implemented by backends that cannot do every action.
 type Capable interface {
-	Capabilities() Capabilities
+	Capabilities() api.Capabilities
 }
 
 // CapabilitiesOf returns a backend's capabilities (everything, by default).
-func CapabilitiesOf(h Hypervisor) Capabilities {
+func CapabilitiesOf(h Hypervisor) api.Capabilities {
 	if c, ok := h.(Capable); ok {
 		return c.Capabilities()
 	}
 	_, m := h.(Migrator)
-	return Capabilities{Suspend: true, Resume: true, Migrate: m}
+	return api.Capabilities{Suspend: true, Resume: true, Migrate: m}
 }
 
 // Exit is an observation that a VM's hypervisor process ended without a
@@ -252,7 +243,7 @@ func (r *Router) Adopt(ctx context.Context, h api.VmHandle, recorded api.VmState
 	return h, st, err
 }
 
-// Capabilities of one enabled backend.
+// api.Capabilities of one enabled backend.
 // RemoteImager is implemented by backends whose image paths name files
 // on another machine (Propolis with already-running servers): the worker
 // cannot check those against its image roots.
@@ -271,10 +262,10 @@ func (r *Router) LocalImages(t api.BackendTag) bool {
 	return !ok || !ri.RemoteImages()
 }
 
-func (r *Router) Capabilities(t api.BackendTag) Capabilities {
+func (r *Router) Capabilities(t api.BackendTag) api.Capabilities {
 	b, err := r.Backend(t)
 	if err != nil {
-		return Capabilities{}
+		return api.Capabilities{}
 	}
 	return CapabilitiesOf(b)
 }

@@ -18,7 +18,6 @@ import (
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/guestimage"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/worker"
 )
 
@@ -331,7 +330,7 @@ func startExtraWorker(ctx context.Context, url, host string, b backends.Hypervis
 	}
 	w, err := worker.New(ctx, worker.Config{
 		NC: nc, JS: js, Names: api.DefaultNames, Host: host, Router: router, Log: quietLogger(),
-		HeartbeatEvery: time.Second, Capacity: hosts.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40}, ImageRoots: roots,
+		HeartbeatEvery: time.Second, Capacity: api.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40}, ImageRoots: roots,
 		Migration: worker.MigrationConfig{Listen: listen},
 	})
 	if err != nil {

@@ -18,7 +18,6 @@ import (
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/engine"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/natsserver"
 	"github.com/vmherd/vmherd/internal/worker"
 )
@@ -151,7 +150,7 @@ func startPipeline(ctx context.Context, c pipelineConfig) (*pipeline, error) {
 		NC: wnc, JS: wjs, Names: api.DefaultNames, Host: benchHost, Router: router, Log: quietLogger(),
 		HeartbeatEvery: time.Second,
 		// Placement must never run out of room, whatever the VM count.
-		Capacity:   hosts.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40},
+		Capacity:   api.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40},
 		ImageRoots: c.ImageRoots,
 		Migration:  c.Migration,
 	})

@@ -101,4 +101,4 @@ func (t *timed) Adopt(ctx context.Context, h api.VmHandle, recorded api.VmState)
 	return h, st, err
 }
 
-func (t *timed) Capabilities() backends.Capabilities { return backends.CapabilitiesOf(t.b) }
+func (t *timed) Capabilities() api.Capabilities { return backends.CapabilitiesOf(t.b) }

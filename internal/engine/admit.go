@@ -12,8 +12,8 @@ import (
 // hostView is what admission needs to know of the hosts: the engine's
 // hosts.Registry (fed by the VM_HOSTS bucket), or a table in tests.
 type hostView interface {
-	Get(host string) *hosts.Host
-	List() []*hosts.Host
+	Get(host string) *api.Host
+	List() []*api.Host
 }
 
 // admission is the decision proper, apart from NATS: given a VM's record
@@ -24,7 +24,7 @@ type admission struct {
 	lostAfter time.Duration
 	// placed is what the VMs placed on a host take (the engine's count
 	// from the records); nil counts nothing.
-	placed func(host string) hosts.Resources
+	placed func(host string) api.Resources
 	// quotas and count: how many VMs a host or a name prefix may have,
 	// and how many it has (nil: no quotas).
 	quotas Quotas
@@ -46,7 +46,7 @@ type admission struct {
 type booking interface {
 	lockPlacing()
 	unlockPlacing()
-	reserve(name, host string, b api.BackendTag, res hosts.Resources, after uint64)
+	reserve(name, host string, b api.BackendTag, res api.Resources, after uint64)
 }
 
 // DefaultMaxCommandTimeout is the largest timeout_s the engines accept
@@ -169,7 +169,7 @@ func (a admission) admit(rec *api.VmRecord, act fsm.Action, cmd *api.Command, ev
 		host, backend = h.Host, spec.Backend
 		ev.Spec = &spec
 		if a.book != nil {
-			a.book.reserve(ev.VM, host, backend, hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB}, rec.LastSeq)
+			a.book.reserve(ev.VM, host, backend, api.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB}, rec.LastSeq)
 		}
 	case rec.Live():
 		if _, err := fsm.Decide(cur, act); err != nil {
@@ -277,11 +277,11 @@ func (a admission) admitCancel(rec *api.VmRecord, ev *api.Event) error {
 
 // placeAway places a migrating VM on a host other than from: pin if
 // given, else the best of the others.
-func (a admission) placeAway(from, pin string, spec api.VmSpec) (*hosts.Host, error) {
+func (a admission) placeAway(from, pin string, spec api.VmSpec) (*api.Host, error) {
 	if pin != "" {
 		return a.place(pin, spec)
 	}
-	var others []*hosts.Host
+	var others []*api.Host
 	for _, h := range a.hosts.List() {
 		// Only hosts whose backend takes a migration are candidates.
 		if h.Host != from && (!h.Has(spec.Backend) || h.Can(spec.Backend, fsm.ActMigrate)) {
@@ -289,7 +289,7 @@ func (a admission) placeAway(from, pin string, spec api.VmSpec) (*hosts.Host, er
 		}
 	}
 	p := hosts.Placement{
-		Backend: spec.Backend, Need: hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
+		Backend: spec.Backend, Need: api.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
 		Placed: a.placed, Image: spec.Image, HasImage: a.hasImage,
 	}
 	if a.count != nil {
@@ -306,10 +306,10 @@ func (a admission) placeAway(from, pin string, spec api.VmSpec) (*hosts.Host, er
 // place picks the host of a new VM: the pinned one if it can take it, else
 // the best that can (hosts.Best: the most free memory, then the fewest
 // VMs, then the first by name).
-func (a admission) place(pin string, spec api.VmSpec) (*hosts.Host, error) {
+func (a admission) place(pin string, spec api.VmSpec) (*api.Host, error) {
 	p := hosts.Placement{
 		Backend:  spec.Backend,
-		Need:     hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
+		Need:     api.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
 		Placed:   a.placed,
 		Image:    spec.Image,
 		HasImage: a.hasImage,

@@ -10,18 +10,16 @@ import (
 	"time"
 
 	"github.com/vmherd/vmherd/api"
-	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/hosts"
 )
 
 // hostTable is a hostView from a table: no NATS.
-type hostTable map[string]*hosts.Host
+type hostTable map[string]*api.Host
 
-func (t hostTable) Get(h string) *hosts.Host { return t[h] }
+func (t hostTable) Get(h string) *api.Host { return t[h] }
 
-func (t hostTable) List() []*hosts.Host {
-	var out []*hosts.Host
+func (t hostTable) List() []*api.Host {
+	var out []*api.Host
 	for _, h := range t {
 		out = append(out, h)
 	}
@@ -30,11 +28,11 @@ func (t hostTable) List() []*hosts.Host {
 }
 
 func TestAdmit(t *testing.T) {
-	hb := func(name string, alive bool, free int, bs ...api.BackendTag) *hosts.Host {
-		h := &hosts.Host{Alive: alive, Heartbeat: hosts.Heartbeat{Host: name, Backends: bs, DefaultBackend: bs[0], Capacity: hosts.Resources{Vcpus: 8, MemoryMB: free}}}
+	hb := func(name string, alive bool, free int, bs ...api.BackendTag) *api.Host {
+		h := &api.Host{Alive: alive, Heartbeat: api.Heartbeat{Host: name, Backends: bs, DefaultBackend: bs[0], Capacity: api.Resources{Vcpus: 8, MemoryMB: free}}}
 		for _, b := range bs {
 			if b == api.BackendPropolis {
-				h.Capabilities = map[api.BackendTag]backends.Capabilities{b: {}}
+				h.Capabilities = map[api.BackendTag]api.Capabilities{b: {}}
 			}
 		}
 		return h
@@ -46,13 +44,13 @@ func TestAdmit(t *testing.T) {
 		"gone": hb("gone", false, 9000, api.BackendNoop, api.BackendQEMU),
 		"big":  hb("big", true, 64000, api.BackendQEMU),
 	}
-	table["big"].Cordon = &hosts.Cordon{Reason: "maintenance"}
+	table["big"].Cordon = &api.Cordon{Reason: "maintenance"}
 	// h1 has 2000 MiB; VMs placed there take 600 of them and 6 of its 8 vCPUs.
-	placed := func(h string) hosts.Resources {
+	placed := func(h string) api.Resources {
 		if h == "h1" {
-			return hosts.Resources{Vcpus: 6, MemoryMB: 600}
+			return api.Resources{Vcpus: 6, MemoryMB: 600}
 		}
-		return hosts.Resources{}
+		return api.Resources{}
 	}
 	adm := admission{hosts: table, lostAfter: 10 * time.Second, placed: placed}
 	absent := &api.VmRecord{Name: "web1", State: fsm.StateAbsent}
@@ -149,7 +147,7 @@ func TestAdmit(t *testing.T) {
 
 // Without a host that has the backend, prepare is rejected by placement.
 func TestAdmitNoHostWithBackend(t *testing.T) {
-	adm := admission{hosts: hostTable{"h2": {Alive: true, Heartbeat: hosts.Heartbeat{Host: "h2", Backends: []api.BackendTag{api.BackendNoop}, DefaultBackend: api.BackendNoop}}}, lostAfter: time.Second}
+	adm := admission{hosts: hostTable{"h2": {Alive: true, Heartbeat: api.Heartbeat{Host: "h2", Backends: []api.BackendTag{api.BackendNoop}, DefaultBackend: api.BackendNoop}}}, lostAfter: time.Second}
 	ev := api.Event{VM: "web1", Action: fsm.ActPrepare}
 	cmd := &api.Command{Spec: &api.VmSpec{Backend: api.BackendQEMU, ImagePath: "/i"}}
 	err := adm.admit(&api.VmRecord{Name: "web1", State: fsm.StateAbsent}, fsm.ActPrepare, cmd, &ev)
@@ -170,8 +168,8 @@ func (c countTable) withPrefix(p string) int { return c.prefix[p] }
 // Quotas: a full host is passed over by placement (and a pin to it is
 // rejected); a name prefix at its quota rejects the prepare.
 func TestAdmitQuotas(t *testing.T) {
-	h := func(name string) *hosts.Host {
-		return &hosts.Host{Alive: true, Heartbeat: hosts.Heartbeat{Host: name, Backends: []api.BackendTag{api.BackendNoop}, DefaultBackend: api.BackendNoop}}
+	h := func(name string) *api.Host {
+		return &api.Host{Alive: true, Heartbeat: api.Heartbeat{Host: name, Backends: []api.BackendTag{api.BackendNoop}, DefaultBackend: api.BackendNoop}}
 	}
 	adm := admission{
 		hosts: hostTable{"h1": h("h1"), "h2": h("h2")}, lostAfter: time.Second,
@@ -207,9 +205,9 @@ func TestAdmitQuotas(t *testing.T) {
 
 // A spec that names its image goes only to a host that has it ready.
 func TestAdmitNamedImage(t *testing.T) {
-	hb := func(name string, free int) *hosts.Host {
-		return &hosts.Host{Alive: true, Heartbeat: hosts.Heartbeat{Host: name, Backends: []api.BackendTag{api.BackendQEMU},
-			DefaultBackend: api.BackendQEMU, Capacity: hosts.Resources{Vcpus: 8, MemoryMB: free}}}
+	hb := func(name string, free int) *api.Host {
+		return &api.Host{Alive: true, Heartbeat: api.Heartbeat{Host: name, Backends: []api.BackendTag{api.BackendQEMU},
+			DefaultBackend: api.BackendQEMU, Capacity: api.Resources{Vcpus: 8, MemoryMB: free}}}
 	}
 	// h2 has more room, but only h1 has debian-12.
 	table := hostTable{"h1": hb("h1", 2000), "h2": hb("h2", 8000)}
@@ -234,9 +232,9 @@ func TestAdmitNamedImage(t *testing.T) {
 // Placement breaks ties of free memory by the number of VMs a host has,
 // then by name; more free memory still comes first.
 func TestAdmitSpreadsTies(t *testing.T) {
-	hb := func(name string, free int) *hosts.Host {
-		return &hosts.Host{Alive: true, Heartbeat: hosts.Heartbeat{Host: name, Backends: []api.BackendTag{api.BackendNoop, api.BackendQEMU},
-			DefaultBackend: api.BackendQEMU, Capacity: hosts.Resources{Vcpus: 64, MemoryMB: free}}}
+	hb := func(name string, free int) *api.Host {
+		return &api.Host{Alive: true, Heartbeat: api.Heartbeat{Host: name, Backends: []api.BackendTag{api.BackendNoop, api.BackendQEMU},
+			DefaultBackend: api.BackendQEMU, Capacity: api.Resources{Vcpus: 64, MemoryMB: free}}}
 	}
 	for _, c := range []struct {
 		name    string
@@ -271,7 +269,7 @@ func TestAdmitConcurrentPreparesSpread(t *testing.T) {
 	table := hostTable{}
 	for i := range 10 {
 		name := fmt.Sprintf("h%02d", i)
-		table[name] = &hosts.Host{Alive: true, Heartbeat: hosts.Heartbeat{Host: name, Backends: []api.BackendTag{api.BackendNoop}, DefaultBackend: api.BackendNoop}}
+		table[name] = &api.Host{Alive: true, Heartbeat: api.Heartbeat{Host: name, Backends: []api.BackendTag{api.BackendNoop}, DefaultBackend: api.BackendNoop}}
 	}
 	placed := newPlacedCount(nil)
 	adm := admission{hosts: table, lostAfter: time.Second, placed: placed.on, count: placed, book: placed}

@@ -63,7 +63,7 @@ func (e *Engine) hostEvent(ctx context.Context, c hosts.Change) {
 // only pull from their host's consumer: one that could create consumers
 // could read any host's tasks.
 func (e *Engine) runHostConsumers(ctx context.Context) error {
-	made := map[string]hosts.TaskSettings{}
+	made := map[string]api.TaskSettings{}
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
 	for {

@@ -8,8 +8,6 @@ import (
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/vmherd/vmherd/internal/images"
 )
 
 // imageIndex is the engine's view of VM_IMAGES: which images are ready on
@@ -54,8 +52,8 @@ func (x *imageIndex) run(ctx context.Context, kv jetstream.KeyValue) error {
 				x.once.Do(func() { close(x.synced) })
 				continue
 			}
-			var st images.Status
-			ready := e.Operation() == jetstream.KeyValuePut && json.Unmarshal(e.Value(), &st) == nil && st.State == images.StateReady
+			var st api.ImageStatus
+			ready := e.Operation() == jetstream.KeyValuePut && json.Unmarshal(e.Value(), &st) == nil && st.State == api.ImageReady
 			x.mu.Lock()
 			if ready {
 				x.ready[e.Key()] = true

@@ -6,10 +6,8 @@ import (
 	"time"
 
 	"github.com/vmherd/vmherd/api"
-	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/projection"
 )
 
@@ -18,10 +16,10 @@ import (
 // and carries where it goes and the state it returns to; a cancel needs
 // a migration in flight and abandons it.
 func TestAdmitMigrate(t *testing.T) {
-	hb := func(name string, alive, migrate bool, free int) *hosts.Host {
-		return &hosts.Host{Alive: alive, Heartbeat: hosts.Heartbeat{Host: name, Backends: []api.BackendTag{api.BackendQEMU},
-			DefaultBackend: api.BackendQEMU, Capacity: hosts.Resources{Vcpus: 8, MemoryMB: free},
-			Capabilities: map[api.BackendTag]backends.Capabilities{api.BackendQEMU: {Suspend: true, Resume: true, Migrate: migrate}}}}
+	hb := func(name string, alive, migrate bool, free int) *api.Host {
+		return &api.Host{Alive: alive, Heartbeat: api.Heartbeat{Host: name, Backends: []api.BackendTag{api.BackendQEMU},
+			DefaultBackend: api.BackendQEMU, Capacity: api.Resources{Vcpus: 8, MemoryMB: free},
+			Capabilities: map[api.BackendTag]api.Capabilities{api.BackendQEMU: {Suspend: true, Resume: true, Migrate: migrate}}}}
 	}
 	table := hostTable{
 		"h1":   hb("h1", true, true, 8000),
@@ -31,7 +29,7 @@ func TestAdmitMigrate(t *testing.T) {
 		"gone": hb("gone", false, true, 9000),
 		"tiny": hb("tiny", true, true, 100),
 	}
-	table["h3"].Cordon = &hosts.Cordon{Reason: "maintenance"}
+	table["h3"].Cordon = &api.Cordon{Reason: "maintenance"}
 	adm := admission{hosts: table, lostAfter: 10 * time.Second}
 	rec := func(state api.VmState, host string) *api.VmRecord {
 		spec := api.VmSpec{Name: "web1", Backend: api.BackendQEMU, ImagePath: "/i.qcow2", Vcpus: 1, MemoryMB: 512}

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/vmherd/vmherd/api"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/metrics"
 )
 
@@ -27,7 +26,7 @@ type placedCount struct {
 	metrics *metrics.Set // VMs by state
 	mu      sync.Mutex
 	vms     map[string]placedVM
-	byHost  map[string]hosts.Resources
+	byHost  map[string]api.Resources
 	nOn     map[string]int // VMs by host
 	pending map[string]pendingVM
 
@@ -39,7 +38,7 @@ type placedCount struct {
 type placedVM struct {
 	seq   uint64
 	host  string
-	res   hosts.Resources
+	res   api.Resources
 	state api.VmState
 }
 
@@ -47,7 +46,7 @@ type placedVM struct {
 // yet folded.
 type pendingVM struct {
 	host  string
-	res   hosts.Resources
+	res   api.Resources
 	after uint64
 	at    time.Time
 }
@@ -58,7 +57,7 @@ type pendingVM struct {
 const pendingFor = 10 * time.Second
 
 func newPlacedCount(m *metrics.Set) *placedCount {
-	return &placedCount{metrics: m, vms: map[string]placedVM{}, byHost: map[string]hosts.Resources{},
+	return &placedCount{metrics: m, vms: map[string]placedVM{}, byHost: map[string]api.Resources{},
 		nOn: map[string]int{}, pending: map[string]pendingVM{}}
 }
 
@@ -82,11 +81,11 @@ func (c *placedCount) observe(r *api.VmRecord) {
 	if r.Live() && r.Host != "" {
 		now.host = r.Host
 		if r.Backend != api.BackendNoop && !prepareFailed(r) {
-			now.res = hosts.Resources{Vcpus: r.Vcpus, MemoryMB: r.MemoryMB}
+			now.res = api.Resources{Vcpus: r.Vcpus, MemoryMB: r.MemoryMB}
 		}
 	}
 	if had && old.host != "" {
-		c.byHost[old.host] = c.byHost[old.host].Add(hosts.Resources{Vcpus: -old.res.Vcpus, MemoryMB: -old.res.MemoryMB})
+		c.byHost[old.host] = c.byHost[old.host].Add(api.Resources{Vcpus: -old.res.Vcpus, MemoryMB: -old.res.MemoryMB})
 		c.nOn[old.host]--
 	}
 	if now.host != "" {
@@ -103,11 +102,11 @@ func (c *placedCount) unlockPlacing() { c.placing.Unlock() }
 // reserve counts a placement of name on host, decided on the VM's record
 // at seq after, until a record of the VM past after is observed (or
 // pendingFor passes). Callers hold placing.
-func (c *placedCount) reserve(name, host string, b api.BackendTag, res hosts.Resources, after uint64) {
+func (c *placedCount) reserve(name, host string, b api.BackendTag, res api.Resources, after uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if b == api.BackendNoop {
-		res = hosts.Resources{}
+		res = api.Resources{}
 	}
 	c.pending[name] = pendingVM{host: host, res: res, after: after, at: time.Now()}
 }
@@ -181,7 +180,7 @@ func (c *placedCount) withPrefix(p string) int {
 
 // on returns what the VMs placed on host take, the unfolded placements
 // included.
-func (c *placedCount) on(host string) hosts.Resources {
+func (c *placedCount) on(host string) api.Resources {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	r := c.byHost[host]

@@ -5,7 +5,6 @@ import (
 	"testing"
 
 	"github.com/vmherd/vmherd/api"
-	"github.com/vmherd/vmherd/internal/hosts"
 )
 
 func TestPlacedCount(t *testing.T) {
@@ -16,7 +15,7 @@ func TestPlacedCount(t *testing.T) {
 	c.observe(rec("a", "h1", api.StateRunning, api.BackendQEMU, 5))
 	c.observe(rec("b", "h1", api.StateStopped, api.BackendQEMU, 6))
 	c.observe(rec("n", "h1", api.StateRunning, api.BackendNoop, 7)) // Noop takes nothing
-	if got := c.on("h1"); got != (hosts.Resources{Vcpus: 4, MemoryMB: 1024}) {
+	if got := c.on("h1"); got != (api.Resources{Vcpus: 4, MemoryMB: 1024}) {
 		t.Fatalf("h1: %+v", got)
 	}
 	// An older record (the bucket read at start, after a fold) changes nothing.
@@ -26,10 +25,10 @@ func TestPlacedCount(t *testing.T) {
 	}
 	c.observe(rec("a", "h1", api.StateDestroyed, api.BackendQEMU, 8))
 	c.observe(rec("b", "h2", api.StatePreparing, api.BackendQEMU, 9)) // prepared again elsewhere
-	if got := c.on("h1"); got != (hosts.Resources{}) {
+	if got := c.on("h1"); got != (api.Resources{}) {
 		t.Fatalf("h1 after destroy and move: %+v", got)
 	}
-	if got := c.on("h2"); got != (hosts.Resources{Vcpus: 2, MemoryMB: 512}) {
+	if got := c.on("h2"); got != (api.Resources{Vcpus: 2, MemoryMB: 512}) {
 		t.Fatalf("h2: %+v", got)
 	}
 	if got := c.vmsOn("h1"); !reflect.DeepEqual(got, []string{"n"}) {
@@ -39,7 +38,7 @@ func TestPlacedCount(t *testing.T) {
 	// handle) keeps its room (issue #22, item 8).
 	c.observe(rec("f", "h3", api.StatePreparing, api.BackendQEMU, 10))
 	c.observe(rec("f", "h3", api.StateFailed, api.BackendQEMU, 11))
-	if got := c.on("h3"); got != (hosts.Resources{}) {
+	if got := c.on("h3"); got != (api.Resources{}) {
 		t.Fatalf("h3 after a failed prepare: %+v", got)
 	}
 	if got := c.onHost("h3"); got != 1 {
@@ -48,7 +47,7 @@ func TestPlacedCount(t *testing.T) {
 	started := rec("s", "h3", api.StateFailed, api.BackendQEMU, 12)
 	started.Handle = &api.VmHandle{ID: "i1", Name: "s"}
 	c.observe(started)
-	if got := c.on("h3"); got != (hosts.Resources{Vcpus: 2, MemoryMB: 512}) {
+	if got := c.on("h3"); got != (api.Resources{Vcpus: 2, MemoryMB: 512}) {
 		t.Fatalf("h3 with a failed start: %+v", got)
 	}
 }
@@ -58,9 +57,9 @@ func TestPlacedCount(t *testing.T) {
 func TestPlacedCountReserve(t *testing.T) {
 	c := newPlacedCount(nil)
 	c.observe(&api.VmRecord{Name: "a", Host: "h1", State: api.StateRunning, Backend: api.BackendQEMU, Vcpus: 1, MemoryMB: 100, LastSeq: 3})
-	c.reserve("b", "h1", api.BackendQEMU, hosts.Resources{Vcpus: 2, MemoryMB: 512}, 0)
-	c.reserve("n", "h1", api.BackendNoop, hosts.Resources{Vcpus: 2, MemoryMB: 512}, 4) // Noop takes nothing
-	if got, n := c.on("h1"), c.onHost("h1"); got != (hosts.Resources{Vcpus: 3, MemoryMB: 612}) || n != 3 {
+	c.reserve("b", "h1", api.BackendQEMU, api.Resources{Vcpus: 2, MemoryMB: 512}, 0)
+	c.reserve("n", "h1", api.BackendNoop, api.Resources{Vcpus: 2, MemoryMB: 512}, 4) // Noop takes nothing
+	if got, n := c.on("h1"), c.onHost("h1"); got != (api.Resources{Vcpus: 3, MemoryMB: 612}) || n != 3 {
 		t.Fatalf("h1 with two unfolded placements: %+v, %d VMs", got, n)
 	}
 	if n := c.withPrefix("b"); n != 1 {
@@ -70,7 +69,7 @@ func TestPlacedCountReserve(t *testing.T) {
 	c.observe(&api.VmRecord{Name: "b", Host: "h1", State: api.StatePreparing, Backend: api.BackendQEMU, Vcpus: 2, MemoryMB: 512, LastSeq: 5})
 	// An older record of n (its destroy, folded late) leaves n's placement.
 	c.observe(&api.VmRecord{Name: "n", State: api.StateDestroyed, LastSeq: 4})
-	if got, n := c.on("h1"), c.onHost("h1"); got != (hosts.Resources{Vcpus: 3, MemoryMB: 612}) || n != 3 {
+	if got, n := c.on("h1"), c.onHost("h1"); got != (api.Resources{Vcpus: 3, MemoryMB: 612}) || n != 3 {
 		t.Fatalf("h1 after b's fold: %+v, %d VMs", got, n)
 	}
 	c.observe(&api.VmRecord{Name: "n", Host: "h1", State: api.StatePreparing, Backend: api.BackendNoop, LastSeq: 6})

@@ -17,130 +17,8 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/fsm"
 )
-
-// Heartbeat is a worker's entry in VM_HOSTS.
-type Heartbeat struct {
-	Host           string                                   `json:"host"`
-	Version        string                                   `json:"version"`
-	Time           time.Time                                `json:"time"`
-	Backends       []api.BackendTag                         `json:"backends"`
-	DefaultBackend api.BackendTag                           `json:"default_backend"`
-	Capabilities   map[api.BackendTag]backends.Capabilities `json:"capabilities"`
-	Capacity       Resources                                `json:"capacity"`
-	Usage          Usage                                    `json:"usage"`
-	// Tasks is how the worker wants its task consumer, which the engines
-	// create for it.
-	Tasks TaskSettings `json:"tasks"`
-}
-
-// TaskSettings are a worker's wishes for its host's task consumer.
-type TaskSettings struct {
-	AckWaitMS     int64 `json:"ack_wait_ms"`
-	MaxAckPending int   `json:"max_ack_pending"`
-}
-
-// AckWait is the ack wait asked for (default 30 s).
-func (t TaskSettings) AckWait() time.Duration {
-	if t.AckWaitMS <= 0 {
-		return 30 * time.Second
-	}
-	return time.Duration(t.AckWaitMS) * time.Millisecond
-}
-
-// Pending is the max ack pending asked for (default 256).
-func (t TaskSettings) Pending() int {
-	if t.MaxAckPending <= 0 {
-		return 256
-	}
-	return t.MaxAckPending
-}
-
-// Resources a host offers, or a VM takes.
-type Resources struct {
-	Vcpus    int `json:"vcpus"`
-	MemoryMB int `json:"memory_mb"`
-}
-
-// Add returns r + o.
-func (r Resources) Add(o Resources) Resources {
-	return Resources{Vcpus: r.Vcpus + o.Vcpus, MemoryMB: r.MemoryMB + o.MemoryMB}
-}
-
-// Usage is what the host's VMs take, as the worker counts them.
-type Usage struct {
-	VMs      int `json:"vms"`
-	Vcpus    int `json:"vcpus"`
-	MemoryMB int `json:"memory_mb"`
-}
-
-// Has reports whether the host runs backend b.
-func (h *Heartbeat) Has(b api.BackendTag) bool {
-	for _, x := range h.Backends {
-		if x == b {
-			return true
-		}
-	}
-	return false
-}
-
-// Can reports whether backend b on this host supports action.
-func (h *Heartbeat) Can(b api.BackendTag, action fsm.Action) bool {
-	c, ok := h.Capabilities[b]
-	if !ok {
-		return true
-	}
-	switch action {
-	case fsm.ActSuspend:
-		return c.Suspend
-	case fsm.ActResume:
-		return c.Resume
-	case fsm.ActMigrate:
-		return c.Migrate
-	}
-	return true
-}
-
-// Cordon is the value of key <host>.cordon in VM_HOSTS: while it exists,
-// no new VM is placed on the host.
-type Cordon struct {
-	Time   time.Time `json:"time"`
-	Reason string    `json:"reason,omitempty"`
-}
-
-// CordonKey is the VM_HOSTS key of a host's cordon. Host ids have no dots,
-// so it never collides with a heartbeat key.
-func CordonKey(host string) string { return host + cordonSuffix }
-
-const cordonSuffix = ".cordon"
-
-// Host is what the registry knows of one host.
-type Host struct {
-	Heartbeat
-	// Rev is the bucket revision of the heartbeat (0: none seen).
-	Rev uint64 `json:"rev"`
-	// Alive: the heartbeat is younger than the registry's LostAfter. Time
-	// is when the server stored it, not the worker's clock.
-	Alive  bool    `json:"alive"`
-	Cordon *Cordon `json:"cordon,omitempty"`
-	// CordonRev is the bucket revision of the cordon key (put or delete).
-	CordonRev uint64 `json:"-"`
-}
-
-// Status is alive or lost, with ",cordoned" when cordoned.
-func (h *Host) Status() string {
-	s := "lost"
-	if h.Alive {
-		s = "alive"
-	}
-	if h.Cordon != nil {
-		s += ",cordoned"
-	}
-	return s
-}
 
 // Change is a change of a host's state the registry saw, for host events.
 type Change struct {
@@ -160,7 +38,7 @@ type Change struct {
 type Registry struct {
 	LostAfter time.Duration
 	mu        sync.RWMutex
-	hosts     map[string]*Host
+	hosts     map[string]*api.Host
 	lostSeen  map[string]bool // hosts whose loss was reported on changes
 	ready     chan struct{}
 	loaded    bool
@@ -171,7 +49,7 @@ type Registry struct {
 // NewRegistry returns a registry; call Run to fill it.
 func NewRegistry(lostAfter time.Duration) *Registry {
 	return &Registry{
-		LostAfter: lostAfter, hosts: map[string]*Host{}, lostSeen: map[string]bool{},
+		LostAfter: lostAfter, hosts: map[string]*api.Host{}, lostSeen: map[string]bool{},
 		ready: make(chan struct{}), changes: make(chan Change, 256),
 	}
 }
@@ -300,10 +178,10 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	// *.cordon key (a permission cannot say "a host id"), so one whose
 	// host part is not a host id (`_engine`, 3,000 characters) is refused
 	// here: it names no host, makes no host event and is never listed.
-	if api.ValidateHost(strings.TrimSuffix(key, cordonSuffix)) != nil {
+	if api.ValidateHost(strings.TrimSuffix(key, api.CordonSuffix)) != nil {
 		return
 	}
-	if name, ok := strings.CutSuffix(key, cordonSuffix); ok {
+	if name, ok := strings.CutSuffix(key, api.CordonSuffix); ok {
 		h := r.entry(name)
 		if e.Revision() <= h.CordonRev {
 			return
@@ -312,7 +190,7 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 		was := h.Cordon != nil
 		h.Cordon = nil
 		if put {
-			var c Cordon
+			var c api.Cordon
 			if json.Unmarshal(e.Value(), &c) == nil {
 				h.Cordon = &c
 			}
@@ -344,12 +222,12 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 		if h.Cordon == nil {
 			delete(r.hosts, key)
 		} else {
-			h.Heartbeat, h.Rev = Heartbeat{}, 0
+			h.Heartbeat, h.Rev = api.Heartbeat{}, 0
 		}
 		delete(r.lostSeen, key)
 		return
 	}
-	var hb Heartbeat
+	var hb api.Heartbeat
 	if json.Unmarshal(e.Value(), &hb) != nil {
 		return
 	}
@@ -371,10 +249,10 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 }
 
 // entry returns the host's entry, making it. Callers hold r.mu.
-func (r *Registry) entry(name string) *Host {
+func (r *Registry) entry(name string) *api.Host {
 	h := r.hosts[name]
 	if h == nil {
-		h = &Host{}
+		h = &api.Host{}
 		h.Host = name
 		r.hosts[name] = h
 	}
@@ -403,9 +281,9 @@ func (r *Registry) Ready() <-chan struct{} { return r.ready }
 // or forgotten). It reads the registry's memory only, kept by its watch
 // (and by the direct reads of hosts that look lost, checkLostOnce), so
 // callers that must not block, as the engine's admission, may call it.
-func (r *Registry) Get(host string) *Host { return r.get(host) }
+func (r *Registry) Get(host string) *api.Host { return r.get(host) }
 
-func (r *Registry) get(host string) *Host {
+func (r *Registry) get(host string) *api.Host {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
 	h, ok := r.hosts[host]
@@ -416,17 +294,17 @@ func (r *Registry) get(host string) *Host {
 }
 
 // view copies h with Alive computed now. Callers hold r.mu.
-func (r *Registry) view(h *Host) *Host {
+func (r *Registry) view(h *api.Host) *api.Host {
 	c := *h
 	c.Alive = time.Since(h.Time) < r.LostAfter
 	return &c
 }
 
 // List returns every known host (alive or lost), sorted by name.
-func (r *Registry) List() []*Host {
+func (r *Registry) List() []*api.Host {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	out := make([]*Host, 0, len(r.hosts))
+	out := make([]*api.Host, 0, len(r.hosts))
 	for _, h := range r.hosts {
 		if h.Rev != 0 {
 			out = append(out, r.view(h))
@@ -446,10 +324,10 @@ func (r *Registry) Alive(host string) bool {
 // the host's default then applies) and what the VM takes.
 type Placement struct {
 	Backend api.BackendTag
-	Need    Resources
+	Need    api.Resources
 	// Placed tells what the VMs already placed on a host take (the
 	// engine's count from the records).
-	Placed func(host string) Resources
+	Placed func(host string) api.Resources
 	// MaxVMs (if > 0) is the most VMs a host may have; VMsOn counts them.
 	MaxVMs int
 	VMsOn  func(host string) int
@@ -464,7 +342,7 @@ type Placement struct {
 func takes(b api.BackendTag) bool { return b != api.BackendNoop }
 
 // Fits reports why host h cannot take the placement ("" if it can).
-func (p Placement) Fits(h *Host) string {
+func (p Placement) Fits(h *api.Host) string {
 	switch {
 	case !h.Alive:
 		return "lost"
@@ -508,10 +386,10 @@ func (p Placement) Fits(h *Host) string {
 // for tests, and a Noop-only host must not take a VM that a QEMU or
 // Propolis host could run. When no host fits, the error says why each
 // host was passed over.
-func Best(hs []*Host, p Placement) (*Host, error) {
-	var best *Host
+func Best(hs []*api.Host, p Placement) (*api.Host, error) {
+	var best *api.Host
 	var bestFree, bestVMs int
-	vms := func(h *Host) int {
+	vms := func(h *api.Host) int {
 		if p.VMsOn == nil {
 			return 0
 		}
@@ -558,7 +436,7 @@ const DefaultLostAfter = 10 * time.Second
 // Snapshot reads the bucket once and returns every known host, judged
 // alive or lost by lostAfter. It reads with direct gets (events.KVEntries),
 // so a client that may only read the bucket can call it.
-func Snapshot(ctx context.Context, js events.KVReader, bucket string, lostAfter time.Duration) ([]*Host, error) {
+func Snapshot(ctx context.Context, js events.KVReader, bucket string, lostAfter time.Duration) ([]*api.Host, error) {
 	es, err := events.KVEntries(ctx, js, bucket, "")
 	if err != nil {
 		return nil, fmt.Errorf("reading hosts: %w", err)
@@ -573,9 +451,9 @@ func Snapshot(ctx context.Context, js events.KVReader, bucket string, lostAfter 
 // Read returns what the bucket says of one host (nil: it never
 // heartbeated, or was forgotten), judged alive or lost by lostAfter: two
 // direct gets, its heartbeat and its cordon.
-func Read(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration, host string) (*Host, error) {
+func Read(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration, host string) (*api.Host, error) {
 	r := NewRegistry(lostAfter)
-	for _, k := range []string{host, CordonKey(host)} {
+	for _, k := range []string{host, api.CordonKey(host)} {
 		e, err := kv.Get(ctx, k)
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
 			continue

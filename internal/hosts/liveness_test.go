@@ -30,15 +30,15 @@ func (e entry) Delta() uint64                   { return 0 }
 func (e entry) Operation() jetstream.KeyValueOp { return e.op }
 
 func beatEntry(host string, rev uint64, age time.Duration) entry {
-	b, _ := json.Marshal(Heartbeat{Host: host, Capacity: Resources{Vcpus: 4, MemoryMB: 4096}})
+	b, _ := json.Marshal(api.Heartbeat{Host: host, Capacity: api.Resources{Vcpus: 4, MemoryMB: 4096}})
 	return entry{key: host, value: b, rev: rev, created: time.Now().Add(-age), op: jetstream.KeyValuePut}
 }
 
 func cordonEntry(host string, rev uint64, put bool) entry {
-	e := entry{key: CordonKey(host), rev: rev, created: time.Now(), op: jetstream.KeyValueDelete}
+	e := entry{key: api.CordonKey(host), rev: rev, created: time.Now(), op: jetstream.KeyValueDelete}
 	if put {
 		e.op = jetstream.KeyValuePut
-		e.value, _ = json.Marshal(Cordon{Time: time.Now(), Reason: "maintenance"})
+		e.value, _ = json.Marshal(api.Cordon{Time: time.Now(), Reason: "maintenance"})
 	}
 	return e
 }
@@ -91,7 +91,7 @@ func TestLiveness(t *testing.T) {
 			if listed := len(r.List()); listed != map[bool]int{true: 1, false: 0}[h != nil] {
 				t.Fatalf("List has %d hosts, Get says %v", listed, h)
 			}
-			if h != nil && (h.Capacity != Resources{Vcpus: 4, MemoryMB: 4096}) {
+			if h != nil && (h.Capacity != api.Resources{Vcpus: 4, MemoryMB: 4096}) {
 				t.Fatalf("capacity %+v", h.Capacity)
 			}
 			if h != nil && (Placement{}).Fits(h) == "" && !h.Alive {

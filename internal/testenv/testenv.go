@@ -24,7 +24,6 @@ import (
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/engine"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/natsserver"
 	"github.com/vmherd/vmherd/internal/sshkeys"
@@ -242,7 +241,7 @@ func (e *Env) StartWorker(c WorkerConfig) *Part {
 	w, err := worker.New(context.Background(), worker.Config{
 		NC: nc, JS: js, Names: e.Names, Host: c.Host, Router: r, Log: e.Log,
 		AckWait: c.AckWait, HeartbeatEvery: 200 * time.Millisecond, ReconcileEvery: c.Reconcile,
-		Capacity: hosts.Resources{MemoryMB: c.MemoryMB}, ImageRoots: c.ImageRoots, VMDirs: c.VMDirs, ImageStore: c.ImageStore,
+		Capacity: api.Resources{MemoryMB: c.MemoryMB}, ImageRoots: c.ImageRoots, VMDirs: c.VMDirs, ImageStore: c.ImageStore,
 		ImagePolicy: c.ImagePolicy,
 	})
 	if err != nil {

@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,7 +19,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/hosts"
 )
@@ -376,21 +374,18 @@ func (g *globals) completeNames(cmd *cobra.Command, args []string, prefix string
 	}
 	ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Second)
 	defer cancel()
-	kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
-	if err != nil {
-		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
-	}
-	es, err := events.KVEntries(ctx, g.js, kv.Bucket(), "")
+	recs, err := g.c.Records(ctx)
 	if err != nil {
 		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
 	}
 	var names []cobra.Completion
-	for _, e := range es {
-		if k := e.Key(); strings.HasPrefix(k, prefix) {
-			names = append(names, k)
+	for _, r := range recs {
+		// Destroyed VMs are no names to act on (their records stay until
+		// purged).
+		if r.Live() && strings.HasPrefix(r.Name, prefix) {
+			names = append(names, r.Name)
 		}
 	}
-	sort.Strings(names)
 	return names, cobra.ShellCompDirectiveNoFileComp
 }
 

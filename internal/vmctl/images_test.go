@@ -68,7 +68,7 @@ func TestImageCommands(t *testing.T) {
 		t.Fatalf("image list: %s", r)
 	}
 	r = vmctl(t, ctx, env.URL, "image", "inspect", "debian-12")
-	var sts []images.Status
+	var sts []api.ImageStatus
 	if r.code != 0 || json.Unmarshal([]byte(r.out), &sts) != nil || len(sts) != 2 || sts[0].Digest != "sha256:"+hex.EncodeToString(sum[:]) {
 		t.Fatalf("image inspect: %s", r)
 	}

@@ -20,7 +20,6 @@ import (
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/provision"
 	"github.com/vmherd/vmherd/internal/vmfile"
 )
@@ -387,19 +386,19 @@ func (g *globals) signer(ctx context.Context, d vmfile.Def, gen int) (ssh.Signer
 // ensureImage pulls an image-url onto the VM's host (or every alive
 // host), unless it is there already from the same source.
 func (g *globals) ensureImage(ctx context.Context, d vmfile.Def) (string, error) {
-	name := images.NameFrom(d.ImageURL)
+	name := api.ImageNameFrom(d.ImageURL)
 	hs, err := g.imageHosts(ctx, d.Host, d.Host == "")
 	if err != nil {
 		return "", err
 	}
-	sts, err := g.imageStatuses(ctx, "*."+name)
+	sts, err := g.imageStatuses(ctx, "", name)
 	if err != nil {
 		return "", err
 	}
 	var need []string
 	for _, h := range hs {
-		if !slices.ContainsFunc(sts, func(s images.Status) bool {
-			return s.Host == h && s.State == images.StateReady && s.Source == d.ImageURL
+		if !slices.ContainsFunc(sts, func(s api.ImageStatus) bool {
+			return s.Host == h && s.State == api.ImageReady && s.Source == d.ImageURL
 		}) {
 			need = append(need, h)
 		}
@@ -407,24 +406,7 @@ func (g *globals) ensureImage(ctx context.Context, d vmfile.Def) (string, error)
 	if len(need) == 0 {
 		return name, nil
 	}
-	kv, err := g.imagesKV(ctx)
-	if err != nil {
-		return "", err
-	}
-	w, err := events.KVPoll(ctx, g.js, kv.Bucket(), "*."+name, kvPollEvery)
-	if err != nil {
-		return "", err
-	}
-	defer func() { _ = w.Stop() }()
-	started := time.Now()
-	keys := make([]string, len(need))
-	for i, h := range need {
-		keys[i] = api.ImageKey(h, name)
-		if err := g.imageRequest(ctx, h, api.ImagePull, images.PullRequest{Source: d.ImageURL, Name: name}); err != nil {
-			return "", err
-		}
-	}
-	return name, g.watchPulls(ctx, w, keys, started)
+	return name, g.pull(ctx, need, api.ImagePullRequest{Source: d.ImageURL, Name: name})
 }
 
 // acceptedSpec is the spec of the VM's latest accepted prepare. It reads

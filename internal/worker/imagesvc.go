@@ -73,7 +73,7 @@ func (s *imageService) stop() {
 	s.wg.Wait()
 }
 
-func (s *imageService) put(ctx context.Context, st images.Status) {
+func (s *imageService) put(ctx context.Context, st api.ImageStatus) {
 	st.Host, st.Time = s.w.cfg.Host, time.Now().UTC()
 	b, _ := json.Marshal(st)
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -107,11 +107,11 @@ func (s *imageService) sync(ctx context.Context) error {
 		if byName[name] {
 			continue
 		}
-		var st images.Status
-		if json.Unmarshal(e.Value(), &st) == nil && st.State == images.StatePulling {
-			st.State, st.Error = images.StateFailed, "the worker stopped during the pull; pull again"
+		var st api.ImageStatus
+		if json.Unmarshal(e.Value(), &st) == nil && st.State == api.ImagePulling {
+			st.State, st.Error = api.ImageFailed, "the worker stopped during the pull; pull again"
 			s.put(ctx, st)
-		} else if st.State == images.StateReady {
+		} else if st.State == api.ImageReady {
 			_ = s.kv.Delete(ctx, key)
 		}
 	}
@@ -119,7 +119,7 @@ func (s *imageService) sync(ctx context.Context) error {
 }
 
 func (s *imageService) pull(req micro.Request) {
-	var pr images.PullRequest
+	var pr api.ImagePullRequest
 	dec := json.NewDecoder(strings.NewReader(string(req.Data())))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&pr); err != nil || pr.Source == "" {
@@ -127,7 +127,7 @@ func (s *imageService) pull(req micro.Request) {
 		return
 	}
 	if pr.Name == "" {
-		pr.Name = images.NameFrom(pr.Source)
+		pr.Name = api.ImageNameFrom(pr.Source)
 	}
 	if err := api.ValidateName(pr.Name); err != nil {
 		_ = req.Error("400", fmt.Sprintf("image name: %v (give one with --name)", err), nil)
@@ -141,7 +141,7 @@ func (s *imageService) pull(req micro.Request) {
 	}
 	s.pulling[pr.Name] = true
 	s.mu.Unlock()
-	s.put(s.ctx, images.Status{Name: pr.Name, State: images.StatePulling, Source: pr.Source, TotalBytes: -1})
+	s.put(s.ctx, api.ImageStatus{Name: pr.Name, State: api.ImagePulling, Source: pr.Source, TotalBytes: -1})
 	_ = req.RespondJSON(map[string]string{"host": s.w.cfg.Host, "name": pr.Name})
 	s.wg.Add(1)
 	go func() {
@@ -157,14 +157,14 @@ func (s *imageService) pull(req micro.Request) {
 				return
 			}
 			last = time.Now()
-			s.put(s.ctx, images.Status{Name: pr.Name, State: images.StatePulling, Source: pr.Source, DoneBytes: done, TotalBytes: total})
+			s.put(s.ctx, api.ImageStatus{Name: pr.Name, State: api.ImagePulling, Source: pr.Source, DoneBytes: done, TotalBytes: total})
 		}})
 		// The final status is written even when the worker is stopping.
 		fctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if err != nil {
 			s.w.log.Warn("image pull failed", "image", pr.Name, "source", pr.Source, "err", err)
-			s.put(fctx, images.Status{Name: pr.Name, State: images.StateFailed, Source: pr.Source, Error: err.Error()})
+			s.put(fctx, api.ImageStatus{Name: pr.Name, State: api.ImageFailed, Source: pr.Source, Error: err.Error()})
 			return
 		}
 		s.w.log.Info("image pulled", "image", img.Name, "digest", img.Digest, "size", img.Size)
@@ -173,7 +173,7 @@ func (s *imageService) pull(req micro.Request) {
 }
 
 func (s *imageService) remove(req micro.Request) {
-	var rr images.RemoveRequest
+	var rr api.ImageRemoveRequest
 	if err := json.Unmarshal(req.Data(), &rr); err != nil || api.ValidateName(rr.Name) != nil {
 		_ = req.Error("400", `request must be {"name":"<image name>"}`, nil)
 		return
@@ -181,6 +181,24 @@ func (s *imageService) remove(req micro.Request) {
 	err := s.store.Remove(rr.Name, s.w.imageInUse)
 	switch {
 	case errors.Is(err, images.ErrNotFound):
+		// Not in the store: a failed pull leaves only its status in
+		// VM_IMAGES, and removing the image removes that.
+		ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+		defer cancel()
+		key := api.ImageKey(s.w.cfg.Host, rr.Name)
+		var st api.ImageStatus
+		if e, gerr := s.kv.Get(ctx, key); gerr == nil && json.Unmarshal(e.Value(), &st) == nil {
+			switch st.State {
+			case api.ImageFailed:
+				if derr := s.kv.Delete(ctx, key, jetstream.LastRevision(e.Revision())); derr == nil {
+					_ = req.RespondJSON(map[string]string{"host": s.w.cfg.Host, "name": rr.Name})
+					return
+				}
+			case api.ImagePulling:
+				_ = req.Error("409", fmt.Sprintf("host %s is pulling %s: wait for the pull to end", s.w.cfg.Host, rr.Name), nil)
+				return
+			}
+		}
 		_ = req.Error("404", fmt.Sprintf("host %s has no image named %s", s.w.cfg.Host, rr.Name), nil)
 		return
 	case err != nil:

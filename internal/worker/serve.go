@@ -16,23 +16,22 @@ import (
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/origin"
 	"github.com/vmherd/vmherd/internal/relay"
 )
 
 // Heartbeat returns what the worker publishes in VM_HOSTS.
-func (w *Worker) Heartbeat() hosts.Heartbeat {
+func (w *Worker) Heartbeat() api.Heartbeat {
 	r := w.cfg.Router
-	hb := hosts.Heartbeat{
+	hb := api.Heartbeat{
 		Host:           w.cfg.Host,
 		Version:        Version,
 		Time:           time.Now().UTC(),
 		Backends:       r.Tags(),
 		DefaultBackend: r.Default(),
-		Capabilities:   map[api.BackendTag]backends.Capabilities{},
+		Capabilities:   map[api.BackendTag]api.Capabilities{},
 		Capacity:       w.cfg.Capacity,
-		Tasks:          hosts.TaskSettings{AckWaitMS: w.cfg.AckWait.Milliseconds(), MaxAckPending: 4 * w.cfg.Concurrency},
+		Tasks:          api.TaskSettings{AckWaitMS: w.cfg.AckWait.Milliseconds(), MaxAckPending: 4 * w.cfg.Concurrency},
 	}
 	for _, t := range r.Tags() {
 		hb.Capabilities[t] = r.Capabilities(t)

@@ -26,7 +26,6 @@ import (
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/natsserver"
 	"github.com/vmherd/vmherd/internal/projection"
 )
@@ -217,7 +216,7 @@ func (r *rig) worker(b backends.Hypervisor, ackWait time.Duration) (*Worker, *fl
 	w, err := New(context.Background(), Config{
 		JS: r.js, Names: r.names, Host: "h1", Router: router, AckWait: ackWait,
 		Log:      slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Capacity: hosts.Resources{Vcpus: 8, MemoryMB: 8192},
+		Capacity: api.Resources{Vcpus: 8, MemoryMB: 8192},
 	})
 	if err != nil {
 		r.t.Fatal(err)

@@ -24,7 +24,6 @@ import (
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/keyed"
 	"github.com/vmherd/vmherd/internal/metrics"
@@ -55,7 +54,7 @@ type Config struct {
 	Router *backends.Router
 	Log    *slog.Logger
 	// Capacity offered to placement (default: this machine's CPUs and memory).
-	Capacity hosts.Resources
+	Capacity api.Resources
 	// HeartbeatEvery: how often the worker writes VM_HOSTS (default 2s).
 	HeartbeatEvery time.Duration
 	// AckWait of the task consumer; long calls signal progress every third of it.

@@ -91,8 +91,8 @@ func New(opts Options) *Backend {
 
 // Capabilities: the Noop backend can do everything (a migration is
 // simulated: the copy moves between the hosts' Noop backends, no bytes).
-func (b *Backend) Capabilities() backends.Capabilities {
-	return backends.Capabilities{Suspend: true, Resume: true, Migrate: true}
+func (b *Backend) Capabilities() api.Capabilities {
+	return api.Capabilities{Suspend: true, Resume: true, Migrate: true}
 }
 
 // SetLatency changes the latency of one call (all calls if call is "").

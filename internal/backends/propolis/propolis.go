@@ -123,8 +123,8 @@ func (b *Backend) client(addr string) *papi.Client {
 // path names a file on the server's machine, not the worker's.
 func (b *Backend) RemoteImages() bool { return len(b.opts.Servers) > 0 }
 
-func (b *Backend) Capabilities() backends.Capabilities {
-	return backends.Capabilities{Suspend: false, Resume: false}
+func (b *Backend) Capabilities() api.Capabilities {
+	return api.Capabilities{Suspend: false, Resume: false}
 }
 
 // lookup returns the current handle of h's VM, checking the incarnation.

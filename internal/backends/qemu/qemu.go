@@ -257,8 +257,8 @@ func lookBinary(configured, def, hint string) (string, error) {
 }
 
 // Capabilities: QEMU can suspend (pause) and resume.
-func (b *Backend) Capabilities() backends.Capabilities {
-	return backends.Capabilities{Suspend: true, Resume: true, Migrate: true}
+func (b *Backend) Capabilities() api.Capabilities {
+	return api.Capabilities{Suspend: true, Resume: true, Migrate: true}
 }
 
 // lockCtx serialises mutating calls on one VM, waiting at most as long as
