@@ -60,7 +60,11 @@ func TestCIRunnerExample(t *testing.T) {
 		stdout, stderr, code := testenv.Run(t, 6*time.Minute, runEnv,
 			runner, "-name", name, "-image", image, "-memory", "192", "-timeout", "5m",
 			"--", "echo hello-from-guest; uname -s; id -un; echo to-stderr >&2; exit "+strconv.Itoa(exit))
-		t.Logf("run %d: exit %d in %s", run, code, time.Since(t0).Round(100*time.Millisecond))
+		sshLine := "no ssh"
+		if i := strings.Index(stdout, "ssh answered"); i >= 0 {
+			sshLine, _, _ = strings.Cut(stdout[i:], "\n")
+		}
+		t.Logf("run %d: exit %d in %s (%s)", run, code, time.Since(t0).Round(100*time.Millisecond), sshLine)
 		if code != exit {
 			t.Fatalf("run %d: exit %d, want %d\nstdout:\n%s\nstderr:\n%s", run, code, exit, stdout, stderr)
 		}
