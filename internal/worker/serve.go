@@ -154,7 +154,9 @@ func (w *Worker) startQueries() (micro.Service, error) {
 		}),
 	)
 	// Consoles, logs and tunnels of this host's VMs, for vmctl anywhere.
-	w.relay = &relay.Server{NC: w.cfg.NC, Names: w.cfg.Names, Host: w.cfg.Host, Log: w.log, Target: relayTarget{w}, Limits: w.cfg.RelayLimits}
+	w.relay = &relay.Server{NC: w.cfg.NC, Names: w.cfg.Names, Host: w.cfg.Host, Log: w.log, Target: relayTarget{w}, Limits: w.cfg.RelayLimits,
+		// The backends open their consoles and keep their history.
+		Dial: w.cfg.Router.DialConsole, History: w.cfg.Router.ConsoleHistory}
 	errs = errors.Join(errs, w.relay.AddEndpoints(svc))
 	if errs != nil {
 		_ = svc.Stop()
