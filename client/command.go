@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -124,7 +126,7 @@ func (c *Client) publish(ctx context.Context, subj string, body []byte, msgID st
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("%w (the command may or may not be stored: sending it again with its id is safe)", ctx.Err())
 		}
-		if !events.Transient(err) && !errors.Is(err, context.DeadlineExceeded) {
+		if !jsetup.Transient(err) && !errors.Is(err, context.DeadlineExceeded) {
 			return nil, notAllowed(fmt.Errorf("%w (nothing was stored)", err))
 		}
 		select {

@@ -9,13 +9,14 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/origin"
 	"github.com/vmherd/vmherd/internal/relay"
 )
@@ -51,7 +52,7 @@ func (w *Worker) Heartbeat() api.Heartbeat {
 func (w *Worker) heartbeat(ctx context.Context) error {
 	// A cluster still electing the bucket's leader times out: wait it out.
 	var kv jetstream.KeyValue
-	if err := events.RetryStartup(ctx, w.log, "the hosts bucket", func(sctx context.Context) (err error) {
+	if err := jsetup.RetryStartup(ctx, w.log, "the hosts bucket", func(sctx context.Context) (err error) {
 		kv, err = w.cfg.JS.KeyValue(sctx, w.cfg.Names.HostsBucket())
 		return err
 	}); err != nil {
