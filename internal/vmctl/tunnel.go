@@ -176,7 +176,8 @@ VM created again under the same name is a new host, not a changed one.`,
 			if identity != "" {
 				sargs = append(sargs, "-i", identity)
 			}
-			if !cmd.Flags().Changed("user") {
+			if user == "" {
+				user = "root"
 				if r, err := g.record(cmd.Context(), name); err == nil && r.Handle != nil && r.Handle.Spec != nil && r.Handle.Spec.SSH != nil && r.Handle.Spec.SSH.User != "" {
 					user = r.Handle.Spec.SSH.User
 				}
@@ -193,7 +194,7 @@ VM created again under the same name is a new host, not a changed one.`,
 			return err
 		},
 	}
-	c.Flags().StringVarP(&user, "user", "l", "root", "user to log in as")
+	c.Flags().StringVarP(&user, "user", "l", "", "user to log in as (default: the user the VM was created with, --ssh-user, else root)")
 	c.Flags().StringVarP(&identity, "identity", "i", "", "private key file (default: ssh's own)")
 	c.Flags().IntVar(&port, "port", 22, "the guest's SSH port")
 	return c
