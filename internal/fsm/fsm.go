@@ -428,6 +428,21 @@ func States() []State { return append([]State(nil), states[1:]...) }
 
 // outcome is the state action a leads to when it succeeds, used to word a
 // rejection as "already".
+// Outcome is the state a successful a leaves the VM in ("" for migrate,
+// whose success returns the VM to the state it had: Settle).
+func (a Action) Outcome() State { return outcome(a) }
+
+// Pending is the in-flight state an accepted a puts the VM in, as Decide
+// gives it.
+func (a Action) Pending() State {
+	for _, s := range states {
+		if next, err := Decide(s, a); err == nil {
+			return next
+		}
+	}
+	return ""
+}
+
 func outcome(a Action) State {
 	switch a {
 	case ActPrepare:

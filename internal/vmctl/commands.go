@@ -185,24 +185,10 @@ func (g *globals) lifecycleCmd(action api.Action, short string) *cobra.Command {
 // ifNeededFlag adds --if-needed to a command whose action ends in a state.
 func ifNeededFlag(c *cobra.Command, action api.Action) *bool {
 	var b bool
-	c.Flags().BoolVar(&b, "if-needed", false, fmt.Sprintf("succeed without doing anything when the VM already is %s", doneState(action)))
+	c.Flags().BoolVar(&b, "if-needed", false, fmt.Sprintf("succeed without doing anything when the VM already is %s", action.Outcome()))
 	return &b
 }
 
-// doneState is the state an action ends in.
-func doneState(a api.Action) api.VmState {
-	switch a {
-	case api.ActStart, api.ActResume:
-		return api.StateRunning
-	case api.ActStop:
-		return api.StateStopped
-	case api.ActSuspend:
-		return api.StateSuspended
-	case api.ActDestroy:
-		return api.StateDestroyed
-	}
-	return ""
-}
 
 // runOne sends one command and prints its outcome; with ifNeeded, a VM
 // already in the state the action ends in is a success without a command
@@ -216,7 +202,7 @@ func (g *globals) runOne(ctx context.Context, name string, action api.Action, cm
 		}
 		r, err := g.c.Record(ctx, name)
 		switch {
-		case err == nil && r.State == doneState(action) && len(r.InFlight) == 0:
+		case err == nil && r.State == action.Outcome() && len(r.InFlight) == 0:
 			l.skip(action, fmt.Sprintf("already %s; --if-needed", r.State))
 			l.doc.Record = r
 			return l.done(ctx, nil)
