@@ -7,10 +7,11 @@
 # --ssh-key --start), waits until its guest's SSH server answers, runs
 # COMMAND in it over `vmctl ssh` with PRIVATE-KEY, prints the last lines of
 # its console log, and destroys it, also when a step failed or the job was
-# interrupted. The job's exit status is COMMAND's; or 1 (vmctl's answer is
-# not what the script expects: rejected, failed, not exactly one JSON
-# document), 2 (usage), 3 (no result in time, no engine) when a vmctl step
-# fails first; or 1 if COMMAND succeeded but the VM could not be destroyed.
+# interrupted. The job's exit status is COMMAND's; or, when a vmctl step
+# fails first, vmctl's: 1 (rejected, failed; also when its answer is not
+# exactly one JSON document or not the result expected), 2 (usage), 3 (no
+# result in time, no engine: worth a retry), 130 (interrupted); or 1 if
+# COMMAND succeeded but the VM could not be destroyed.
 #
 # stdout carries COMMAND's output and nothing else; the script's own lines
 # and the console log go to stderr.
@@ -31,6 +32,7 @@
 # split on spaces, e.g. "--memory 256 --backend qemu"), BOOT_TIMEOUT (how
 # long the guest has to answer on SSH, default 5m), LOG_LINES (default 50);
 # vmctl's own: NATS_URL, NATS_CREDS, VMHERD_DATA_DIR, XDG_STATE_HOME.
+# Needs bash 4.4 or later, python3 and the ssh client.
 set -euo pipefail
 
 VMCTL=${VMCTL:-vmctl}
@@ -112,11 +114,12 @@ step() {
   return "$rc"
 }
 
-# fail STEP WHY: says why, with the step's document, and exits 1.
+# fail STEP CODE WHY: says why, with the step's document, and exits CODE
+# (vmctl's exit status, or 1).
 fail() {
-  say "$2"
+  say "$3"
   cat "$work/$1.json" >&2
-  exit 1
+  exit "$2"
 }
 
 # destroy STEP: destroys the VM, checking the result: destroyed, or
@@ -160,16 +163,16 @@ rc=0
 step create commands.0.result,commands.-1.result,record.host,error.message \
   create "$name" --image "$image" --ssh-key "$pubkey" --start "${create_flags[@]}" || rc=$?
 if [[ $rc -ne 0 ]]; then
-  fail create "create $name: exit $rc: ${v[3]:-}"
+  fail create "$rc" "create $name: exit $rc: ${v[3]:-}"
 fi
 if [[ ${v[0]:-} != prepared || ${v[1]:-} != started ]]; then
-  fail create "create $name --start: results ${v[0]:-none}, ${v[1]:-none}; want prepared, started"
+  fail create 1 "create $name --start: results ${v[0]:-none}, ${v[1]:-none}; want prepared, started"
 fi
 say "created and started $name on host ${v[2]:-?}"
 
 step wait banner,error.message wait "$name" --for ssh --timeout "$BOOT_TIMEOUT" || rc=$?
 if [[ $rc -ne 0 ]]; then
-  fail wait "wait $name --for ssh: exit $rc: ${v[1]:-}"
+  fail wait "$rc" "wait $name --for ssh: exit $rc: ${v[1]:-}"
 fi
 say "$name: SSH answers (${v[0]:-?})"
 

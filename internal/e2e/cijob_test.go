@@ -181,7 +181,8 @@ esac
 `
 
 // TestCIJobScriptChecks runs examples/ci-job.sh against a fake vmctl: the
-// job's exit status is the command's; a step whose stdout is not exactly
+// job's exit status is the command's, or that of the vmctl step that
+// failed first; a step whose stdout is not exactly
 // one JSON document (two documents, a text line, a duplicate key, NaN,
 // nothing) or not the expected result fails the job with exit 1; and the
 // VM is destroyed in every case once created.
@@ -218,6 +219,8 @@ func TestCIJobScriptChecks(t *testing.T) {
 			wantExit: 1, wantInStderr: "not exactly one JSON document", wantDestroys: 1},
 		{name: "rejected", destroy: skipped, create: rejected, createExit: 1, wait: waited,
 			wantExit: 1, wantInStderr: "create j1: exit 1: prepare j1 rejected: --image: no such file", wantDestroys: 2},
+		{name: "no result: vmctl's exit status", destroy: destroyed, create: `{"vm":"j1","commands":[],"error":{"kind":"no_engine","exit_code":3,"message":"no engine is deciding commands"}}`, createExit: 3, wait: waited,
+			wantExit: 3, wantInStderr: "create j1: exit 3: no engine is deciding commands", wantDestroys: 2},
 		{name: "exit 0 without started", destroy: destroyed, create: strings.Replace(created, `"started"`, `"rejected"`, 1), wait: waited,
 			wantExit: 1, wantInStderr: "results prepared, rejected; want prepared, started", wantDestroys: 2},
 	} {
