@@ -182,10 +182,10 @@ esac
 
 // TestCIJobScriptChecks runs examples/ci-job.sh against a fake vmctl: the
 // job's exit status is the command's, or that of the vmctl step that
-// failed first; a step whose stdout is not exactly
-// one JSON document (two documents, a text line, a duplicate key, NaN,
-// nothing) or not the expected result fails the job with exit 1; and the
-// VM is destroyed in every case once created.
+// failed first; a step whose stdout is not exactly one JSON document (two
+// documents, a text line, a duplicate key, NaN, nothing) or not the
+// expected result fails the job with exit 1; and the VM is destroyed in
+// every case once created.
 func TestCIJobScriptChecks(t *testing.T) {
 	testenv.Tool(t, "python3")
 	const (
