@@ -189,7 +189,6 @@ func ifNeededFlag(c *cobra.Command, action api.Action) *bool {
 	return &b
 }
 
-
 // runOne sends one command and prints its outcome; with ifNeeded, a VM
 // already in the state the action ends in is a success without a command
 // (the record says so; a command in flight makes it send anyway, and the
@@ -203,7 +202,11 @@ func (g *globals) runOne(ctx context.Context, name string, action api.Action, cm
 		r, err := g.c.Record(ctx, name)
 		switch {
 		case err == nil && r.State == action.Outcome() && len(r.InFlight) == 0:
-			l.skip(action, fmt.Sprintf("already %s; --if-needed", r.State))
+			flag := "--if-needed"
+			if action == api.ActDestroy {
+				flag = "--if-exists"
+			}
+			l.skip(action, fmt.Sprintf("already %s; %s", r.State, flag))
 			l.doc.Record = r
 			return l.done(ctx, nil)
 		case errors.Is(err, client.ErrNotFound) && action == api.ActDestroy:

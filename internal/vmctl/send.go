@@ -14,7 +14,7 @@ import (
 // sent is one command's outcome as `--json` prints it.
 type sent struct {
 	Action    api.Action `json:"action"`
-	CommandID string     `json:"command_id"`
+	CommandID string     `json:"command_id,omitempty"`
 	// CommandSeq is the command's sequence in VM_COMMANDS.
 	CommandSeq uint64 `json:"command_seq,omitempty"`
 	// Result is the type of the event that ended it ("" with --no-wait:
@@ -165,7 +165,6 @@ func stillCarriedOut(te *client.TimeoutError) string {
 	}
 	return fmt.Sprintf("%s %s is stored as command %s and will still be decided; %s", te.Action, te.VM, te.CommandID, watchHint(te.VM))
 }
-
 
 // commandErr turns the client's typed errors into vmctl's exit codes and
 // messages in the user's words (flags, not wire fields).
