@@ -318,6 +318,10 @@ func (c *Client) Wait(ctx context.Context, s *Sent, opts ...WaitOption) (*Result
 				} else {
 					idleSince = time.Time{}
 				}
+			} else if res.Final == nil && c.HostLost(ctx, res.Decision.Host) {
+				// Accepted: the result comes from the host's worker, and
+				// the host has stopped heartbeating.
+				p.Trouble = fmt.Sprintf("host %s is lost (its worker stopped heartbeating); the result comes when it is back, or the VM is forgotten", res.Decision.Host)
 			}
 			report()
 		}
