@@ -9,7 +9,6 @@ import (
 	"os"
 	"strings"
 
-	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/client"
 
 	"github.com/spf13/cobra"
@@ -167,21 +166,16 @@ func (g *globals) logCmd() *cobra.Command {
 
 // printProvisionLog prints what VM_SSH keeps of the VM's last provisioning.
 func (g *globals) printProvisionLog(ctx context.Context, name string, tail int) error {
-	kv, err := g.sshKV(ctx)
-	if err != nil {
+	if err := g.conn(); err != nil {
 		return err
 	}
-	r, err := g.existing(ctx, name)
-	if err != nil {
-		return err
+	b, err := g.c.ProvisionLog(ctx, name)
+	switch {
+	case errors.Is(err, client.ErrNotFound):
+		return &exitError{code: ExitFailed, kind: "not_found", msg: fmt.Sprintf("%s does not exist; a destroyed VM's provisioning log is deleted with it", name)}
+	case err != nil:
+		return &exitError{code: ExitFailed, msg: err.Error(), err: err}
 	}
-	if r == nil {
-		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s does not exist; a destroyed VM's provisioning log is deleted with it", name)}
-	}
-	e, err := kv.Get(ctx, api.SSHKey(name, r.Generation, api.SSHProvisionLog))
-	if err != nil {
-		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s has no provisioning log (vmctl up or vmctl provision writes one)", name)}
-	}
-	_, err = g.out.Write(relay.LastLines(e.Value(), tail))
+	_, err = g.out.Write(relay.LastLines(b, tail))
 	return err
 }

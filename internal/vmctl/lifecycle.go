@@ -10,6 +10,7 @@ import (
 
 	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/client"
+	"github.com/vmherd/vmherd/internal/provision"
 
 	"github.com/spf13/cobra"
 )
@@ -136,25 +137,12 @@ func (g *globals) explainExists(ctx context.Context, name string, err error) err
 	return err
 }
 
-// readPublicKey reads --ssh-key: a file holding one SSH public key.
+// readPublicKey reads --ssh-key (a usage error when it is no public key
+// file).
 func readPublicKey(path string) (string, error) {
-	fi, err := os.Stat(path)
+	key, err := provision.ReadPublicKey(path)
 	if err != nil {
-		return "", usageError("--ssh-key %s: %v (give the path of a public key file, e.g. ~/.ssh/id_ed25519.pub)", path, err)
-	}
-	if !fi.Mode().IsRegular() {
-		return "", usageError("--ssh-key %s is not a regular file (give the path of a public key file, e.g. ~/.ssh/id_ed25519.pub)", path)
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", usageError("--ssh-key: %v", err)
-	}
-	key := strings.TrimSpace(string(b))
-	switch {
-	case strings.Contains(key, "PRIVATE KEY"):
-		return "", usageError("--ssh-key %s is a private key; give its public half (%s.pub)", path, path)
-	case key == "" || strings.ContainsAny(key, "\n\r"):
-		return "", usageError("--ssh-key %s must hold exactly one public key line", path)
+		return "", usageError("--ssh-key %v", err)
 	}
 	return key, nil
 }

@@ -2,7 +2,6 @@ package vmctl
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -11,8 +10,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-
-	"github.com/vmherd/vmherd/api"
 
 	"github.com/spf13/cobra"
 )
@@ -268,35 +265,28 @@ func shellJoin(args []string) string {
 // them (each "" when not).
 func (g *globals) sshFiles(ctx context.Context, name string) (known, key string, cleanup func(), err error) {
 	cleanup = func() {}
-	kv, kerr := g.sshKV(ctx)
-	if kerr != nil {
-		return "", "", cleanup, nil // not allowed to read it, or an older engine: ssh's own
+	m, err := g.c.GuestSSH(ctx, name)
+	if err != nil {
+		return "", "", cleanup, nil // not allowed to read VM_SSH, or no such VM: ssh's own
 	}
 	dir, err := os.MkdirTemp("", "vmctl-ssh-")
 	if err != nil {
 		return "", "", cleanup, err
 	}
 	cleanup = func() { _ = os.RemoveAll(dir) }
-	r, err := g.existing(ctx, name)
-	if err != nil || r == nil {
-		return "", "", cleanup, err
-	}
-	if e, err := kv.Get(ctx, api.SSHKey(name, r.Generation, api.SSHHostKeys)); err == nil {
-		var k knownHostKeys
-		if json.Unmarshal(e.Value(), &k) == nil && len(k.Keys) > 0 {
-			var b strings.Builder
-			for _, l := range k.Keys {
-				b.WriteString("vmherd-" + name + " " + l + "\n")
-			}
-			known = filepath.Join(dir, "known_hosts")
-			if err := os.WriteFile(known, []byte(b.String()), 0o600); err != nil {
-				return "", "", cleanup, err
-			}
+	if len(m.HostKeys) > 0 {
+		var b strings.Builder
+		for _, l := range m.HostKeys {
+			b.WriteString("vmherd-" + name + " " + l + "\n")
+		}
+		known = filepath.Join(dir, "known_hosts")
+		if err := os.WriteFile(known, []byte(b.String()), 0o600); err != nil {
+			return "", "", cleanup, err
 		}
 	}
-	if e, err := kv.Get(ctx, api.SSHKey(name, r.Generation, api.SSHPrivateKey)); err == nil {
+	if m.PrivateKey != nil {
 		key = filepath.Join(dir, "id_ed25519")
-		if err := os.WriteFile(key, e.Value(), 0o600); err != nil {
+		if err := os.WriteFile(key, m.PrivateKey, 0o600); err != nil {
 			return "", "", cleanup, err
 		}
 	}

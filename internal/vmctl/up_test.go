@@ -87,7 +87,11 @@ func TestDestroyDeletesSSHEntries(t *testing.T) {
 	}
 	pubKey := func() string {
 		t.Helper()
-		spec, err := (&globals{js: env.JS, names: env.Names}).acceptedSpec(ctx, "keyed")
+		c, err := client.New(env.NC, env.Names.Prefix, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		spec, err := c.AcceptedSpec(ctx, "keyed")
 		if err != nil || spec == nil || spec.SSH == nil {
 			t.Fatalf("keyed's accepted spec: %+v %v", spec, err)
 		}
