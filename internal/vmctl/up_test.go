@@ -148,7 +148,7 @@ func TestCommandIDsArePerVM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := &globals{c: c, nc: env.NC, js: env.JS, names: env.Names, out: &out, errOut: &errOut, timeout: 20 * time.Second}
+	g := &globals{c: c, out: &out, errOut: &errOut, timeout: 20 * time.Second}
 	for _, name := range []string{"d1", "d2"} {
 		ev, err := g.send(ctx, name, "prepare", api.Command{CommandID: "deploy-42", Spec: &api.VmSpec{Backend: api.BackendNoop}})
 		if err != nil || ev == nil || ev.Type != api.TypePrepared {

@@ -11,15 +11,12 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
 	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/client"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
 	"github.com/vmherd/vmherd/internal/datadir"
@@ -42,7 +39,6 @@ var Version = ""
 type globals struct {
 	server   string
 	creds    string
-	issuer   string // the credentials' identity name, the commands' issuer token
 	tlsCA    string
 	prefix   string
 	json     bool
@@ -51,12 +47,7 @@ type globals struct {
 	progress string
 
 	out, errOut io.Writer
-	c           *client.Client
-	nc          *nats.Conn
-	js          jetstream.JetStream
-	mu          sync.Mutex
-	records     jetstream.KeyValue // VM_RECORDS, once opened (under mu)
-	names       api.Names
+	c           *client.Client // once connected
 	// ran is set once flags and arguments parsed and a command began: an
 	// error before that is a usage error.
 	ran bool
@@ -106,12 +97,11 @@ deciding commands or no result within --timeout, 130 interrupted.`,
 		SilenceErrors: true,
 		PersistentPreRunE: func(*cobra.Command, []string) error {
 			g.ran = true
-			g.names = api.Names{Prefix: g.prefix}
 			return nil
 		},
 		PersistentPostRun: func(*cobra.Command, []string) {
-			if g.nc != nil {
-				g.nc.Close()
+			if g.c != nil {
+				g.c.Close()
 			}
 		},
 	}
@@ -267,14 +257,13 @@ func noArgs(cmd *cobra.Command, args []string) error {
 // conn connects on first use, so that usage errors come first and help,
 // version and completion scripts work without a server.
 func (g *globals) conn() error {
-	if g.js != nil {
+	if g.c != nil {
 		return nil
 	}
 	return g.connect()
 }
 
 func (g *globals) connect() error {
-	g.names = api.Names{Prefix: g.prefix}
 	o := client.Options{URL: g.server, Creds: g.creds, TLSCA: g.tlsCA, Prefix: g.prefix, Name: "vmctl"}
 	if o.Creds == "" {
 		// On the engine's machine, a user who can read its admin
@@ -293,7 +282,7 @@ func (g *globals) connect() error {
 	case err != nil:
 		return err
 	}
-	g.c, g.nc, g.js, g.issuer = c, c.Conn(), c.JetStream(), c.Issuer()
+	g.c = c
 	return nil
 }
 
