@@ -130,9 +130,9 @@ func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) er
 		if r == nil {
 			continue
 		}
-		stale := gen < r.Generation || (gen == r.Generation && r.State == api.StateDestroyed)
+		stale := gen < r.Generation || (gen == r.Generation && r.Destroyed())
 		if gen == 0 { // before entries were per incarnation: gone with the VM
-			stale = r.State == api.StateDestroyed
+			stale = r.Destroyed()
 		}
 		if stale {
 			if err := s.purge(ctx, keys, k); err != nil {
