@@ -198,7 +198,7 @@ func WorkerMain(args []string) int {
 		Short: "vmherd worker: run one host's lifecycle tasks on its hypervisors",
 		Long: `The worker heartbeats into VM_HOSTS, consumes vm.task.<host>.>, runs each
 backend call, records exactly one result event per command, answers live
-queries (state, guest_ip, console_endpoint) as the NATS micro service
+queries (state, guest_ip, console_endpoint, stats) as the NATS micro service
 vmherd-worker-<host>, and watches its VMs for drift.
 Every flag can also be set as VMHERD_<FLAG> (e.g. VMHERD_HOST), or as a key
 of the --config file (` + "`worker config --print`" + ` lists them).

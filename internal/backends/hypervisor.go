@@ -394,3 +394,74 @@ func (r *Router) Migrator(t api.BackendTag) (Migrator, bool) {
 	m, ok := b.(Migrator)
 	return m, ok
 }
+
+// Stats is one sample of a VM's live counters, as its hypervisor sees
+// them. Counters count from the start of the hypervisor process (a
+// restart begins them at zero again); a rate is the difference of two
+// samples over the difference of their times.
+type Stats struct {
+	Time      time.Time   // when the sample was taken
+	StartedAt time.Time   // when the hypervisor process started
+	State     api.VmState // the VM's state as the hypervisor reports it now
+	// CPUTime is the CPU time the whole hypervisor process used (vCPUs,
+	// device emulation, I/O threads), user and system.
+	CPUTime time.Duration
+	Vcpus   []VcpuStats
+	// MemoryBytes is the guest's memory (the balloon's actual size when
+	// there is a balloon, else the configured size); RSSBytes the
+	// hypervisor process's resident memory, 0 if unknown.
+	MemoryBytes int64
+	RSSBytes    int64
+	Disks       []DiskStats
+	// Nets are the guest's NICs' counters, as the guest sees them (rx:
+	// received by the guest). NetsUnavailable says why there are none
+	// when the VM has NICs whose counters the backend cannot read.
+	Nets            []NetStats
+	NetsUnavailable string
+	// Simulated: the counters are made up (the Noop backend).
+	Simulated bool
+}
+
+// VcpuStats is one vCPU: its thread on the host, if it has one of its
+// own, and the CPU time that thread used.
+type VcpuStats struct {
+	Index    int
+	ThreadID int
+	CPUTime  time.Duration
+}
+
+// DiskStats are one block device's counters since the process started.
+type DiskStats struct {
+	Device                         string
+	RdBytes, WrBytes, RdOps, WrOps int64
+}
+
+// NetStats are one NIC's counters, from the guest's side.
+type NetStats struct {
+	Name                                   string
+	RxBytes, TxBytes, RxPackets, TxPackets int64
+}
+
+// Stater is implemented by backends that report live counters of their
+// VMs. Stats of a VM whose process does not run is ErrNotRunning.
+type Stater interface {
+	Stats(ctx context.Context, h api.VmHandle) (Stats, error)
+}
+
+// Stats samples the live counters of h's VM; a backend without them
+// answers ErrUnsupported.
+func (r *Router) Stats(ctx context.Context, h api.VmHandle) (Stats, error) {
+	t := h.Backend
+	if t == "" {
+		t = r.def
+	}
+	b, err := r.Backend(t)
+	if err != nil {
+		return Stats{}, err
+	}
+	s, ok := b.(Stater)
+	if !ok {
+		return Stats{}, fmt.Errorf("live stats of vm %s: the %s backend does not report counters: %w", h.Name, t, ErrUnsupported)
+	}
+	return s.Stats(ctx, h)
+}

@@ -122,7 +122,7 @@ func (w *Worker) startQueries() (micro.Service, error) {
 				code := "500"
 				if errors.Is(err, backends.ErrNotFound) {
 					code = "404"
-				} else if errors.Is(err, backends.ErrNoAddress) || errors.Is(err, backends.ErrUnsupported) {
+				} else if errors.Is(err, backends.ErrNoAddress) || errors.Is(err, backends.ErrUnsupported) || errors.Is(err, backends.ErrNotRunning) {
 					code = "409"
 				}
 				_ = req.Error(code, err.Error(), nil)
@@ -153,6 +153,13 @@ func (w *Worker) startQueries() (micro.Service, error) {
 		add("console_endpoint", func(ctx context.Context, h api.VmHandle) (any, error) {
 			return w.cfg.Router.ConsoleEndpoint(h)
 		}),
+		add("stats", func(ctx context.Context, h api.VmHandle) (any, error) {
+			s, err := w.cfg.Router.Stats(ctx, h)
+			if err != nil {
+				return nil, err
+			}
+			return statsReply(w.cfg.Host, h, s), nil
+		}),
 	)
 	// Consoles, logs and tunnels of this host's VMs, for vmctl anywhere.
 	w.relay = &relay.Server{NC: w.cfg.NC, Names: w.cfg.Names, Host: w.cfg.Host, Log: w.log, Target: relayTarget{w}, Limits: w.cfg.RelayLimits,
@@ -164,6 +171,30 @@ func (w *Worker) startQueries() (micro.Service, error) {
 		return nil, fmt.Errorf("worker: adding query endpoints: %w", errs)
 	}
 	return svc, nil
+}
+
+// statsReply is the wire form of a backend's sample.
+func statsReply(host string, h api.VmHandle, s backends.Stats) api.StatsReply {
+	r := api.StatsReply{
+		VM: h.Name, Host: host, Backend: h.Backend, State: s.State,
+		Time: s.Time, StartedAt: s.StartedAt, CPUNS: s.CPUTime.Nanoseconds(),
+		Vcpus: []api.VcpuStats{}, Disks: []api.DiskStats{},
+		MemoryBytes: s.MemoryBytes, RSSBytes: s.RSSBytes,
+		NetsUnavailable: s.NetsUnavailable, Simulated: s.Simulated,
+	}
+	if !s.StartedAt.IsZero() && s.Time.After(s.StartedAt) {
+		r.UptimeMS = s.Time.Sub(s.StartedAt).Milliseconds()
+	}
+	for _, v := range s.Vcpus {
+		r.Vcpus = append(r.Vcpus, api.VcpuStats{Index: v.Index, ThreadID: v.ThreadID, CPUNS: v.CPUTime.Nanoseconds()})
+	}
+	for _, d := range s.Disks {
+		r.Disks = append(r.Disks, api.DiskStats{Device: d.Device, RdBytes: d.RdBytes, WrBytes: d.WrBytes, RdOps: d.RdOps, WrOps: d.WrOps})
+	}
+	for _, n := range s.Nets {
+		r.Nets = append(r.Nets, api.NetStats{Name: n.Name, RxBytes: n.RxBytes, TxBytes: n.TxBytes, RxPackets: n.RxPackets, TxPackets: n.TxPackets})
+	}
+	return r
 }
 
 // lookup finds the handle of one of this host's VMs.

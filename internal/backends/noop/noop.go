@@ -52,6 +52,11 @@ type entry struct {
 	// incarnations; in StateDir mode it is written in the same atomic file
 	// write as the change itself, so a crash cannot split the two.
 	Effects map[string]int `json:"effects,omitempty"`
+	// Ran and RunningSince measure how long the current incarnation's
+	// process has run (not counting suspensions): the simulated stats
+	// grow with it.
+	Ran          time.Duration `json:"ran_ns,omitempty"`
+	RunningSince time.Time     `json:"running_since,omitempty"`
 }
 
 // Backend is the Noop hypervisor.
@@ -71,6 +76,7 @@ var (
 	_ backends.Hypervisor = (*Backend)(nil)
 	_ backends.Watcher    = (*Backend)(nil)
 	_ backends.Adopter    = (*Backend)(nil)
+	_ backends.Stater     = (*Backend)(nil)
 )
 
 // New returns a Noop backend.
@@ -142,6 +148,7 @@ func (b *Backend) Crash(name, reason string) bool {
 		return false
 	}
 	dead := e.H.Clone()
+	e.run(api.StateStopped, false)
 	e.State = api.StateStopped
 	e.H.PID = 0
 	b.put(name, e)
@@ -254,6 +261,7 @@ func (b *Backend) transition(ctx context.Context, call string, h api.VmHandle, t
 	}
 	for _, f := range from {
 		if e.State == f {
+			e.run(to, call == CallStart)
 			e.State = to
 			switch to {
 			case api.StateRunning:
@@ -339,7 +347,11 @@ func (b *Backend) Adopt(_ context.Context, h api.VmHandle, recorded api.VmState)
 		return h, "", fmt.Errorf("noop vm %s: nothing to adopt in state %s: %w", h.Name, recorded, backends.ErrNotFound)
 	}
 	h = h.Clone()
-	b.put(h.Name, &entry{H: h, State: recorded, Effects: b.tombstoneEffects(h.Name)})
+	e := &entry{H: h, State: recorded, Effects: b.tombstoneEffects(h.Name)}
+	if recorded == api.StateRunning {
+		e.RunningSince = time.Now().UTC() // its simulated counters start over
+	}
+	b.put(h.Name, e)
 	return h.Clone(), recorded, nil
 }
 

@@ -79,6 +79,7 @@ var (
 	_ backends.Hypervisor = (*Backend)(nil)
 	_ backends.Capable    = (*Backend)(nil)
 	_ backends.Adopter    = (*Backend)(nil)
+	_ backends.Stater     = (*Backend)(nil)
 )
 
 // New returns a propolis backend.
@@ -415,6 +416,14 @@ func (b *Backend) Adopt(ctx context.Context, h api.VmHandle, recorded api.VmStat
 // guestIPer is implemented by provisioners that can find a guest's address.
 type guestIPer interface {
 	GuestIP(ctx context.Context, name string, p Placement) (string, error)
+}
+
+// Stats: not supported. propolis-server's instance API (instance,
+// state, serial: what this backend drives) reports no CPU, memory, disk
+// or network counters, and its process may run on another machine, so
+// /proc cannot stand in.
+func (b *Backend) Stats(_ context.Context, h api.VmHandle) (backends.Stats, error) {
+	return backends.Stats{}, fmt.Errorf("live stats of vm %s: the propolis backend has none: propolis-server's instance API reports no CPU, memory, disk or network counters: %w", h.Name, backends.ErrUnsupported)
 }
 
 // GuestIP asks the provisioner (the host's ARP table, with host
