@@ -196,6 +196,20 @@ func fullHeartbeat() heartbeat {
 	}
 }
 
+// fullStats sets every StatsReply field (TestExamplesSetEveryField).
+func fullStats() api.StatsReply {
+	return api.StatsReply{
+		VM: "web1", Host: "h1", Backend: api.BackendQEMU, State: api.StateRunning,
+		Time: t0.Add(time.Hour), StartedAt: t0, UptimeMS: 3600000, CPUNS: 42e9,
+		Vcpus:       []api.VcpuStats{{Index: 1, ThreadID: 4243, CPUNS: 40e9}},
+		MemoryBytes: 2 << 30, RSSBytes: 300 << 20,
+		Disks:           []api.DiskStats{{Device: "disk", RdBytes: 1 << 20, WrBytes: 1 << 19, RdOps: 256, WrOps: 128}},
+		Nets:            []api.NetStats{{Name: "vmtap0", RxBytes: 4096, TxBytes: 2048, RxPackets: 8, TxPackets: 4}},
+		NetsUnavailable: "user-mode networking",
+		Simulated:       true,
+	}
+}
+
 func mustJSON(t testing.TB, v any) []byte {
 	t.Helper()
 	b, err := json.Marshal(v)
@@ -222,7 +236,7 @@ func TestEverySchemaCompiles(t *testing.T) {
 	for _, ty := range api.EventTypes {
 		want = append(want, "event."+string(ty))
 	}
-	want = append(want, "cordon", "host", "host_event", "image", "record", "task")
+	want = append(want, "cordon", "host", "host_event", "image", "record", "stats", "task")
 	sort.Strings(want)
 	if got := Names(); !slices.Equal(got, want) {
 		t.Fatalf("Names() = %v\nwant      %v", got, want)
@@ -438,6 +452,14 @@ func TestValidTaskRecordHost(t *testing.T) {
 	if err := Validate("host", mustJSON(t, fullHeartbeat())); err != nil {
 		t.Errorf("host: %v", err)
 	}
+	if err := Validate("stats", mustJSON(t, fullStats())); err != nil {
+		t.Errorf("stats: %v", err)
+	}
+	minimal := api.StatsReply{VM: "web1", Host: "h1", Backend: api.BackendNoop, State: api.StateSuspended, Time: t0,
+		Vcpus: []api.VcpuStats{}, Disks: []api.DiskStats{}}
+	if err := Validate("stats", mustJSON(t, minimal)); err != nil {
+		t.Errorf("minimal stats: %v", err)
+	}
 	// Open for newer workers' fields.
 	var hb map[string]any
 	_ = json.Unmarshal(mustJSON(t, fullHeartbeat()), &hb)
@@ -472,6 +494,7 @@ func TestExamplesSetEveryField(t *testing.T) {
 	for name, v := range map[string]any{
 		"VmSpec": *fullSpec(), "CloudInitConfig": *fullSpec().CloudInit, "SshConfig": *fullSpec().SSH,
 		"VmHandle": *fullHandle(), "VmRecord": *fullRecord(), "InFlight": fullRecord().InFlight[0],
+		"StatsReply": fullStats(), "VcpuStats": fullStats().Vcpus[0], "DiskStats": fullStats().Disks[0], "NetStats": fullStats().Nets[0],
 	} {
 		rv := reflect.ValueOf(v)
 		for i := range rv.NumField() {
@@ -568,6 +591,12 @@ func TestPropertiesMatchGoFields(t *testing.T) {
 	check("record.json", propNames(rec), jsonFields(api.VmRecord{}))
 	items := rec["properties"].(map[string]any)["in_flight"].(map[string]any)["items"].(map[string]any)
 	check("record.json in_flight", propNames(items), jsonFields(api.InFlight{}))
+	st := schemaDoc(t, "stats.json")
+	check("stats.json", propNames(st), jsonFields(api.StatsReply{}))
+	for prop, v := range map[string]any{"vcpus": api.VcpuStats{}, "disks": api.DiskStats{}, "nets": api.NetStats{}} {
+		items := st["properties"].(map[string]any)[prop].(map[string]any)["items"].(map[string]any)
+		check("stats.json "+prop, propNames(items), jsonFields(v))
+	}
 }
 
 func enumOf(t *testing.T, name string) []string {
@@ -906,6 +935,9 @@ func TestInvalidOthers(t *testing.T) {
 		{"task", `{"command_id":"c","vm":"v","action":"start","host":"h","accepted_seq":0}`, "accepted_seq: must be >= 1"},
 		{"record", `{"name":"web1","state":"absent","generation":1,"last_seq":1,"last_event":"rejected"}`, "state"},
 		{"record", `{"name":"web1","state":"running","generation":1,"last_seq":1,"last_event":"started","in_flight":[{"command_id":"c","action":"start"}]}`, "in_flight.0.seq: is required"},
+		{"stats", `{"vm":"web1","host":"h1","backend":"qemu","state":"running","time":"2025-01-01T00:00:00Z","uptime_ms":1,"cpu_ns":1,"vcpus":[],"memory_bytes":1,"disks":[]}`, "rss_bytes: is required"},
+		{"stats", `{"vm":"web1","host":"h1","backend":"qemu","state":"running","time":"2025-01-01T00:00:00Z","uptime_ms":1,"cpu_ns":-1,"vcpus":[],"memory_bytes":1,"rss_bytes":0,"disks":[]}`, "cpu_ns"},
+		{"stats", `{"vm":"web1","host":"h1","backend":"qemu","state":"running","time":"2025-01-01T00:00:00Z","uptime_ms":1,"cpu_ns":1,"vcpus":[],"memory_bytes":1,"rss_bytes":0,"disks":[{"device":"vda","rd_bytes":1}]}`, "disks.0"},
 		{"host", `{"host":"h1"}`, "backends: is required"},
 		{"host", `{"host":"h1","version":"1","time":"2025-01-01T00:00:00Z","backends":["noop","xen"],"default_backend":"noop","capacity":{"vcpus":1,"memory_mb":1},"usage":{}}`, "backends.1"},
 		{"host", `{"host":"h1","version":"1","time":"2025-01-01T00:00:00Z","backends":["noop"],"default_backend":"noop","capacity":{"vcpus":1,"memory_mb":1},"usage":{},"capabilities":{"xen":{}}}`, `capabilities: unknown field "xen"`},
@@ -1022,7 +1054,7 @@ func FuzzValidateCommand(f *testing.F) {
 		}
 		// Lengths: the schema counts characters, Go bytes; they agree on ASCII.
 		if err := s.WithDefaults().Validate(); err != nil && isASCII(body) && !strings.Contains(string(body), `\u`) {
-			t.Fatalf("schema passed %q but vm.Validate says %v", body, err)
+			t.Fatalf("schema passed %q but api.Validate says %v", body, err)
 		}
 		if cmd.Host != "" {
 			if err := api.ValidateHost(cmd.Host); err != nil {

@@ -121,6 +121,7 @@ func cells(f *fixture) []cell {
 		pubCell("type into a console", "vm.console.h1.web1.in", plus(alice)),
 		pubCell("ask for a console log", "vm.log.h1.web1", plus(alice, dash)),
 		pubCell("ask a worker's query", "vm.query.h1.state", plus(alice, dash)),
+		pubCell("ask a worker's stats query", "vm.query.h1.stats", plus(alice, dash)),
 		pubCell("ask for an image pull", "vm.image.h1.pull", plus(alice)),
 		pubCell("ask for an image removal", "vm.image.h1.rm", plus(alice)),
 		pubCell("ack a command", "$JS.ACK.VM_COMMANDS.engine.1.1.1.1.0", adm),
@@ -164,6 +165,7 @@ func cells(f *fixture) []cell {
 			subCell("read out of a tunnel on "+h, "vm.tunnel."+h+".web1.t1.down", plus(alice)),
 			subCell("take "+h+"'s log requests", "vm.log."+h+".web1", w),
 			subCell("answer "+h+"'s queries", "vm.query."+h+".state", w),
+			subCell("answer "+h+"'s stats queries", "vm.query."+h+".stats", w),
 			subCell("take "+h+"'s image pulls", "vm.image."+h+".pull", w),
 			subCell("take "+h+"'s image removals", "vm.image."+h+".rm", w),
 		)
