@@ -170,6 +170,14 @@ func TestPropolisLifecycle(t *testing.T) {
 		t.Fatalf("vmctl log: exit %d, out %q, err %q", code, logOut.String(), logErr.String())
 	}
 
+	// No live counters: vmctl info says why, exit 1.
+	logOut.Reset()
+	logErr.Reset()
+	if code := vmctl.Main([]string{"--server", env.URL, "info", "web1"}, &logOut, &logErr); code != vmctl.ExitFailed ||
+		!strings.Contains(logErr.String(), "the propolis backend has none: propolis-server's instance API reports no CPU, memory, disk or network counters") {
+		t.Fatalf("vmctl info of a Propolis VM: exit %d, out %q, err %q; want exit 1 naming why", code, logOut.String(), logErr.String())
+	}
+
 	// suspend: rejected by the engine from the published capabilities; the
 	// worker, and so the server, never sees it.
 	before := len(srv.Requests())
