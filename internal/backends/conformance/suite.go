@@ -31,6 +31,9 @@ type Config struct {
 	ConsoleKind api.ConsoleKind
 	// Serial runs the sub-tests one after another (slow real backends).
 	Serial bool
+	// NoStats: the backend reports no live counters and must say so
+	// with backends.ErrUnsupported.
+	NoStats bool
 }
 
 var seq atomic.Int64
@@ -218,6 +221,60 @@ func Run(t *testing.T, c Config) {
 		}
 		if caps := backends.CapabilitiesOf(h); caps.Suspend || caps.Resume {
 			t.Fatalf("Capabilities = %+v, want no suspend/resume", caps)
+		}
+	})
+
+	t.Run("Stats", func(t *testing.T) {
+		st, ok := h.(backends.Stater)
+		if !ok {
+			t.Skip("backend does not implement backends.Stater (the router answers ErrUnsupported)")
+		}
+		par(t)
+		n := name("stats")
+		hd, err := h.Prepare(ctx(t), c.Spec(t, n))
+		if err != nil {
+			t.Fatalf("Prepare: %v", err)
+		}
+		t.Cleanup(func() { _ = h.Destroy(context.Background(), hd) })
+		if c.NoStats {
+			if _, err := st.Stats(ctx(t), hd); !errors.Is(err, backends.ErrUnsupported) {
+				t.Fatalf("Stats = %v, want ErrUnsupported", err)
+			}
+			return
+		}
+		if _, err := st.Stats(ctx(t), hd); !errors.Is(err, backends.ErrNotRunning) {
+			t.Fatalf("Stats of a prepared VM = %v, want ErrNotRunning", err)
+		}
+		if hd, err = h.Start(ctx(t), hd); err != nil {
+			t.Fatalf("Start: %v", err)
+		}
+		s1, err := st.Stats(ctx(t), hd)
+		if err != nil {
+			t.Fatalf("Stats: %v", err)
+		}
+		spec := hd.Spec
+		if s1.State != api.StateRunning || s1.Time.IsZero() || s1.StartedAt.IsZero() || s1.StartedAt.After(s1.Time) ||
+			len(s1.Vcpus) != spec.Vcpus || s1.MemoryBytes != int64(spec.MemoryMB)<<20 || len(s1.Disks) == 0 {
+			t.Fatalf("Stats of a running VM with %d vCPUs and %d MiB: %+v", spec.Vcpus, spec.MemoryMB, s1)
+		}
+		time.Sleep(50 * time.Millisecond)
+		s2, err := st.Stats(ctx(t), hd)
+		if err != nil {
+			t.Fatalf("second Stats: %v", err)
+		}
+		if !s2.Time.After(s1.Time) || !s2.StartedAt.Equal(s1.StartedAt) || s2.CPUTime < s1.CPUTime || len(s2.Disks) != len(s1.Disks) {
+			t.Fatalf("counters went back or the process changed between two samples:\n%+v\n%+v", s1, s2)
+		}
+		for i, d := range s2.Disks {
+			if p := s1.Disks[i]; d.Device != p.Device || d.RdBytes < p.RdBytes || d.WrBytes < p.WrBytes || d.RdOps < p.RdOps || d.WrOps < p.WrOps {
+				t.Fatalf("disk counters went back: %+v then %+v", p, d)
+			}
+		}
+		if hd, err = h.Stop(ctx(t), hd, c.StopTimeout); err != nil {
+			t.Fatalf("Stop: %v", err)
+		}
+		if _, err := st.Stats(ctx(t), hd); !errors.Is(err, backends.ErrNotRunning) {
+			t.Fatalf("Stats of a stopped VM = %v, want ErrNotRunning", err)
 		}
 	})
 

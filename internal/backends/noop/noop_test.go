@@ -113,3 +113,77 @@ func TestStateDirShared(t *testing.T) {
 		t.Fatalf("state after restart = %s", st)
 	}
 }
+
+// TestStatsSimulated: the Noop backend's counters are simulated, growing
+// at fixed rates with the time the VM has run: not while it is
+// suspended, from zero again after a restart, and the same as seen by
+// every backend on a shared state dir.
+func TestStatsSimulated(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	b := noop.New(noop.Options{StateDir: dir})
+	h, err := b.Prepare(ctx, api.VmSpec{Name: "s1", Vcpus: 2, MemoryMB: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Stats(ctx, h); !errors.Is(err, backends.ErrNotRunning) {
+		t.Fatalf("Stats of a prepared VM = %v, want ErrNotRunning", err)
+	}
+	if h, err = b.Start(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	s1, err := b.Stats(ctx, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !s1.Simulated || s1.State != api.StateRunning || len(s1.Vcpus) != 2 || s1.MemoryBytes != 64<<20 ||
+		s1.RSSBytes < 32<<20 || s1.RSSBytes > 64<<20 || !s1.StartedAt.Equal(h.StartedAt) ||
+		len(s1.Disks) != 1 || s1.Disks[0].Device != noop.SimulatedDisk || len(s1.Nets) != 1 || s1.Nets[0].Name != noop.SimulatedNIC {
+		t.Fatalf("Stats = %+v", s1)
+	}
+	// Two vCPUs each a fifth busy: 0.4 s of CPU per second run.
+	ran := s1.Time.Sub(s1.StartedAt)
+	if got, want := s1.CPUTime.Seconds(), 0.4*ran.Seconds(); got < want*0.9 || got > want*1.1 {
+		t.Errorf("cpu time %.3fs after %s, want about %.3fs", got, ran, want)
+	}
+	if got, want := float64(s1.Disks[0].WrBytes), 16384*ran.Seconds(); got < want*0.9 || got > want*1.1 {
+		t.Errorf("disk written %.0f bytes after %s, want about %.0f", got, ran, want)
+	}
+	// Another backend on the same state dir sees the same VM run.
+	s2, err := noop.New(noop.Options{StateDir: dir}).Stats(ctx, h)
+	if err != nil || s2.CPUTime < s1.CPUTime || s2.Disks[0].WrBytes < s1.Disks[0].WrBytes {
+		t.Fatalf("Stats from a second backend = %+v, %v; first %+v", s2, err, s1)
+	}
+	// Suspended: the counters stand still.
+	if h, err = b.Suspend(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := b.Stats(ctx, h)
+	time.Sleep(100 * time.Millisecond)
+	c, _ := b.Stats(ctx, h)
+	if a.State != api.StateSuspended || c.CPUTime != a.CPUTime || c.Disks[0] != a.Disks[0] || a.CPUTime < s2.CPUTime {
+		t.Fatalf("suspended: %+v then %+v", a, c)
+	}
+	// Resumed, they go on from there.
+	if h, err = b.Resume(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if r, _ := b.Stats(ctx, h); r.CPUTime <= c.CPUTime {
+		t.Fatalf("resumed: cpu %s, was %s", r.CPUTime, c.CPUTime)
+	}
+	// A restart is a new process: its counters start again.
+	if h, err = b.Stop(ctx, h, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Stats(ctx, h); !errors.Is(err, backends.ErrNotRunning) {
+		t.Fatalf("Stats of a stopped VM = %v, want ErrNotRunning", err)
+	}
+	if h, err = b.Start(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := b.Stats(ctx, h); r.CPUTime >= c.CPUTime {
+		t.Fatalf("after a restart cpu %s, want less than the old process's %s", r.CPUTime, c.CPUTime)
+	}
+}

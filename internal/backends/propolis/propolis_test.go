@@ -67,6 +67,7 @@ func TestConformance(t *testing.T) {
 		New:         func(t *testing.T) backends.Hypervisor { return newBackend(t, addrs...) },
 		Spec:        func(t *testing.T, name string) api.VmSpec { return spec(name) },
 		NoSuspend:   true,
+		NoStats:     true,
 		ConsoleKind: api.ConsoleWebSocket,
 		StopTimeout: 5 * time.Second,
 		CallTimeout: 20 * time.Second,
