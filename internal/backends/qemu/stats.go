@@ -72,15 +72,13 @@ func (b *Backend) Stats(ctx context.Context, h api.VmHandle) (backends.Stats, er
 	)
 	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	// The largest reply comes last: go-qemu hands out each reply in its
+	// reader's buffer, which the reader reuses from the start once a
+	// large reply has filled half of it; a reply after that would be read
+	// into memory that already held one (the race detector flags that).
 	err = withQMP(qctx, r.Handle.QMPSocket, func(m *monitor) error {
 		var err error
 		if status, err = m.status(qctx); err != nil {
-			return err
-		}
-		if err := m.run(qctx, "query-blockstats", nil, &blocks); err != nil {
-			return err
-		}
-		if err := m.run(qctx, "query-cpus-fast", nil, &cpus); err != nil {
 			return err
 		}
 		// Without a balloon device QEMU answers an error: the
@@ -91,7 +89,10 @@ func (b *Backend) Stats(ctx context.Context, h api.VmHandle) (backends.Stats, er
 		if m.run(qctx, "query-balloon", nil, &balloon) == nil && balloon.Actual > 0 {
 			s.MemoryBytes = balloon.Actual
 		}
-		return nil
+		if err := m.run(qctx, "query-cpus-fast", nil, &cpus); err != nil {
+			return err
+		}
+		return m.run(qctx, "query-blockstats", nil, &blocks)
 	})
 	if err != nil {
 		if b.ifOurs(r, pid) == 0 { // it ended while we asked
