@@ -143,6 +143,25 @@ func TestTapNetworking(t *testing.T) {
 	}
 	t.Logf("guest addresses: %v", ips)
 
+	// The tap devices' counters, read in the namespace through the
+	// wrapper, from the guest's side: each guest received its DHCP offer
+	// and ack and sent its discover and request.
+	for _, h := range hs {
+		s, err := b.Stats(ctx, h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(s.Nets) != 1 || s.NetsUnavailable != "" {
+			t.Fatalf("%s: nets %+v, unavailable %q", h.Name, s.Nets, s.NetsUnavailable)
+		}
+		n := s.Nets[0]
+		out, _ := exec.Command(ipBin, "-n", ns, "-s", "link", "show", "dev", h.TapDevice).CombinedOutput()
+		if n.Name != h.TapDevice || n.RxPackets < 2 || n.TxPackets < 2 || n.RxBytes < 300*2 || n.TxBytes < 300*2 {
+			t.Errorf("%s: counters %+v; ip -s link shows:\n%s", h.Name, n, out)
+		}
+		t.Logf("%s: %+v", h.Name, n)
+	}
+
 	// Stop removes the tap device; Destroy of the other removes its too.
 	if _, err := b.Stop(ctx, hs[0], 30*time.Second); err != nil {
 		t.Fatal(err)
