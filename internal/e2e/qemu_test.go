@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -131,6 +132,23 @@ func TestQEMUEndToEnd(t *testing.T) {
 	}
 	if banner := readBanner(t, net.JoinHostPort(ip.IP, strconv.Itoa(ip.Port))); !strings.HasPrefix(banner, "SSH-") {
 		t.Fatalf("forwarded port answered %q, want an SSH banner", banner)
+	}
+	// Live counters through the worker's stats query, as vmctl info and
+	// top ask for them.
+	var st api.StatsReply
+	var lat []time.Duration
+	for range 10 {
+		began := time.Now()
+		if err := query(t, env, "q1", "stats", &st); err != nil {
+			t.Fatalf("stats: %v", err)
+		}
+		lat = append(lat, time.Since(began))
+	}
+	slices.Sort(lat)
+	t.Logf("stats query over NATS: min %s, median %s, max %s (10 queries)", lat[0].Round(time.Microsecond), lat[5].Round(time.Microsecond), lat[9].Round(time.Microsecond))
+	if st.VM != "q1" || st.Host != "h1" || st.Backend != api.BackendQEMU || st.State != api.StateRunning || st.CPUNS <= 0 || st.RSSBytes <= 0 ||
+		st.MemoryBytes != 192<<20 || st.UptimeMS <= 0 || len(st.Vcpus) != 1 || len(st.Disks) == 0 || st.NetsUnavailable == "" || st.Simulated {
+		t.Fatalf("stats of q1: %+v", st)
 	}
 
 	do(t, env, "q1", "suspend", "q1-u", api.Command{}, api.TypeSuspended)
