@@ -257,7 +257,7 @@ func TestNeverExistedSaysNoVM(t *testing.T) {
 			t.Fatalf("%s ghost: %v", action, r)
 		}
 	}
-	for _, q := range []string{"status", "ip", "log"} {
+	for _, q := range []string{"status", "ip", "log", "info", "top"} {
 		r := vmctl(t, context.Background(), env.URL, q, "ghost")
 		if r.code != ExitFailed || !strings.HasPrefix(r.err, "vmctl: no VM named ghost") {
 			t.Fatalf("%s ghost: %v", q, r)
@@ -388,6 +388,9 @@ func TestLeavesNoConsumers(t *testing.T) {
 	for _, args := range [][]string{
 		{"create", "n1", "--backend", "noop", "--no-wait"},
 		{"create", "n2", "--backend", "noop", "--start"},
+		{"info", "n2"},
+		{"top", "--once", "--interval", "50ms"},
+		{"top", "n2", "--once", "--json", "--interval", "50ms"},
 		{"stop", "n2"},
 		{"start", "n2", "--no-wait"},
 		{"status", "n2"},
