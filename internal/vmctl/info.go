@@ -399,7 +399,11 @@ func netTotals(s api.StatsReply) api.NetStats {
 }
 
 func (g *globals) printTop(rows []topRow, interval time.Duration, now time.Time) error {
-	fmt.Fprintf(g.out, "vmctl top: %d VMs at %s, every %s\n", len(rows), now.Local().Format(time.TimeOnly), interval)
+	vms := "VMs"
+	if len(rows) == 1 {
+		vms = "VM"
+	}
+	fmt.Fprintf(g.out, "vmctl top: %d %s at %s, every %s\n", len(rows), vms, now.Local().Format(time.TimeOnly), interval)
 	tw := tabwriter.NewWriter(g.out, 0, 4, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "NAME\tHOST\tSTATE\tCPU%\tRSS\tMEMORY\tDISK READ/s\tDISK WRITE/s\tNET RX/s\tNET TX/s\tUPTIME\t")
 	var errs []string

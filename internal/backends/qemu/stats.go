@@ -27,7 +27,7 @@ const userHZ = 100
 // NetsUnavailableUser is why a VM on user-mode networking has no network
 // counters: QEMU's slirp keeps none that QMP reports, and there is no
 // host device to read them from.
-const NetsUnavailableUser = "user-mode networking: QEMU keeps no counters for it (tap networking has them)"
+const NetsUnavailableUser = "user-mode networking: QEMU keeps no counters for it; tap networking has them"
 
 // qmpBlockStats is one entry of query-blockstats.
 type qmpBlockStats struct {
