@@ -150,12 +150,21 @@ func TestTypedErrors(t *testing.T) {
 	if err != nil || st.State != api.StateRunning || st.Host != "local" {
 		t.Fatalf("state: %+v %v", st, err)
 	}
+	if s, err := c.Stats(ctx, "typed1"); err != nil || s.State != api.StateRunning || s.Host != "local" || !s.Simulated || len(s.Disks) == 0 {
+		t.Fatalf("stats: %+v %v", s, err)
+	}
 	var we *client.WorkerError
 	if _, err := c.DialGuest(ctx, "typed1", 22); !errors.As(err, &we) || we.Host != "local" || we.Code == "" {
 		t.Fatalf("tunnel to a Noop guest: %v, want a worker's refusal", err)
 	}
 	if _, err := c.DialGuest(ctx, "typed1", 70000); err == nil {
 		t.Fatal("tunnel to port 70000 was not refused")
+	}
+	if _, err := c.Stop(ctx, "typed1", time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Stats(ctx, "typed1"); !errors.As(err, &we) || we.Code != "409" {
+		t.Fatalf("stats of a stopped VM: %v, want the worker's 409", err)
 	}
 }
 

@@ -107,6 +107,19 @@ func (c *Client) GuestIP(ctx context.Context, name string) (*api.GuestIPReply, e
 	return &out, nil
 }
 
+// Stats asks the worker of the VM's host for one sample of the VM's live
+// counters: CPU time, memory, disks and NICs, read from its hypervisor
+// (api.StatsReply; a rate is the difference of two samples over the
+// difference of their times). A VM whose process does not run, or whose
+// backend has no counters (Propolis), is a *WorkerError with code 409.
+func (c *Client) Stats(ctx context.Context, name string) (*api.StatsReply, error) {
+	var out api.StatsReply
+	if err := c.Query(ctx, name, "stats", &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
 // Query asks the worker on the VM's host the query endpoint (state,
 // guest_ip, ...) and decodes its answer into out. A worker's refusal is a
 // *WorkerError.

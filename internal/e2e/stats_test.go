@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"math"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -183,13 +184,29 @@ func TestVmctlInfoTop(t *testing.T) {
 		want string
 	}{
 		{[]string{"info", "idle"}, "vm idle is not running (state prepared); start it with `vmctl start idle`"},
+		{[]string{"info", "idle", "--json"}, "vm idle is not running (state prepared)"},
 		{[]string{"info", "nosuch", "--json"}, "no VM named nosuch"},
 		{[]string{"top", "--once", "web1", "idle"}, "vm idle is not running (state prepared)"},
 		{[]string{"top", "--once", "nosuch"}, "no VM named nosuch"},
 	} {
 		out, errOut, code := run(c.args...)
-		if code != vmctl.ExitFailed || !strings.Contains(errOut, c.want) || out != "" {
+		if code != vmctl.ExitFailed || !strings.Contains(errOut, c.want) {
 			t.Errorf("vmctl %s: exit %d, stdout %q, stderr %q; want exit 1 and %q", strings.Join(c.args, " "), code, out, errOut, c.want)
+		}
+		// With --json the error is a JSON document on stdout, too.
+		if slices.Contains(c.args, "--json") {
+			doc := strict[struct {
+				Error struct {
+					Kind     string `json:"kind"`
+					ExitCode int    `json:"exit_code"`
+					Message  string `json:"message"`
+				} `json:"error"`
+			}](t, []byte(out))
+			if doc.Error.ExitCode != vmctl.ExitFailed || !strings.Contains(doc.Error.Message, c.want) {
+				t.Errorf("vmctl %s: error document %+v", strings.Join(c.args, " "), doc)
+			}
+		} else if out != "" {
+			t.Errorf("vmctl %s: stdout %q, want nothing", strings.Join(c.args, " "), out)
 		}
 	}
 	if _, errOut, code := run("top", "--interval", "0s"); code != vmctl.ExitUsage {

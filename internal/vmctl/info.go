@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"sort"
 	"strconv"
 	"sync"
 	"text/tabwriter"
@@ -20,7 +19,6 @@ import (
 
 	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/hosts"
-	"github.com/vmherd/vmherd/internal/projection"
 )
 
 // infoDoc is what `vmctl info --json` prints: the record, one sample of
@@ -209,7 +207,7 @@ func (g *globals) topVMs(ctx context.Context, names []string, first bool) ([]*ap
 		if err := g.conn(); err != nil {
 			return nil, err
 		}
-		recs, err := projection.Load(ctx, g.js, g.names)
+		recs, err := g.c.Records(ctx)
 		if err != nil {
 			return nil, err
 		}
@@ -219,8 +217,7 @@ func (g *globals) topVMs(ctx context.Context, names []string, first bool) ([]*ap
 				out = append(out, r)
 			}
 		}
-		sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-		return out, nil
+		return out, nil // sorted by name
 	}
 	var out []*api.VmRecord
 	for _, n := range names {
