@@ -34,7 +34,8 @@
 // # Reading
 //
 // Record, Records, History, Hosts and Images read what the engines and
-// workers keep; State, GuestIP and Query ask the worker of the VM's host.
+// workers keep; State, GuestIP, Stats and Query ask the worker of the
+// VM's host.
 // Watch is an iterator over events (one VM's, one host's or all), from now,
 // from a sequence or from the start, that keeps its place across reconnects
 // and server restarts; WaitState, WaitSSH and WaitCommand wait for a
