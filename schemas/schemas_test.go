@@ -40,8 +40,9 @@ func fullSpec() *vm.VmSpec {
 			InstanceID:    "iid-web1",
 			Hostname:      "web1",
 		},
-		SSH:   &vm.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl vm@host"},
-		Accel: "kvm",
+		SSH:    &vm.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl vm@host"},
+		Accel:  "kvm",
+		Labels: map[string]string{"team": "web", "ci.example.com/job": "1234", "note": ""},
 	}
 }
 
@@ -148,6 +149,7 @@ func fullRecord() *projection.VmRecord {
 		LastError:     "exited: guest powered off",
 		Exit:          &projection.Exit{Time: t0, Reason: "guest powered off"},
 		Image:         "debian-12",
+		Labels:        map[string]string{"team": "web"},
 		Migration:     &events.Migration{From: "h1", To: "h2", Mode: events.MigrateCold, Before: vm.StateStopped, Phase: events.PhaseCopying, Bytes: 1 << 20, Total: 1 << 21},
 		CreatedAt:     t0,
 		UpdatedAt:     t0.Add(time.Minute),
@@ -625,6 +627,19 @@ func TestEnumsAndLimitsMatchGo(t *testing.T) {
 	if p := def(t, "name")["pattern"]; p != vm.NamePattern {
 		t.Errorf("name pattern %v, vm.NamePattern %v", p, vm.NamePattern)
 	}
+	labels := def(t, "labels")
+	if p := labels["propertyNames"].(map[string]any)["pattern"]; p != vm.LabelKeyPattern {
+		t.Errorf("labels key pattern %v, vm.LabelKeyPattern %v", p, vm.LabelKeyPattern)
+	}
+	if n := labels["maxProperties"].(float64); int(n) != vm.MaxLabels {
+		t.Errorf("labels maxProperties %v, vm.MaxLabels %d", n, vm.MaxLabels)
+	}
+	if n := labels["propertyNames"].(map[string]any)["maxLength"].(float64); int(n) != vm.MaxLabelKeyLen {
+		t.Errorf("labels key maxLength %v, vm.MaxLabelKeyLen %d", n, vm.MaxLabelKeyLen)
+	}
+	if n := labels["additionalProperties"].(map[string]any)["maxLength"].(float64); int(n) != vm.MaxLabelValueLen {
+		t.Errorf("labels value maxLength %v, vm.MaxLabelValueLen %d", n, vm.MaxLabelValueLen)
+	}
 	if p := def(t, "command-id")["pattern"]; p != commandIDPattern {
 		t.Errorf("command-id pattern %q, commandIDPattern %q", p, commandIDPattern)
 	}
@@ -668,6 +683,13 @@ func TestInvalidCommands(t *testing.T) {
 		action, body string
 		want         []string // substrings of the error
 	}{
+		// labels
+		{"prepare", spec(`"labels":{"-x":"v"}`), []string{"spec.labels"}},
+		{"prepare", spec(`"labels":{"a/b/c":"v"}`), []string{"spec.labels"}},
+		{"prepare", spec(`"labels":{"team":"a\nb"}`), []string{"spec.labels.team"}},
+		{"prepare", spec(`"labels":{"team":1}`), []string{"spec.labels.team"}},
+		{"prepare", spec(`"labels":{"team":"` + strings.Repeat("v", 64) + `"}`), []string{"spec.labels.team"}},
+		{"prepare", spec(`"labels":"team=ci"`), []string{"spec.labels"}},
 		// actions
 		{"reboot", `{}`, []string{"action", `unknown action "reboot"`}},
 		{"", `{}`, []string{"action"}},

@@ -5,6 +5,7 @@ package projection
 
 import (
 	"encoding/json"
+	"maps"
 	"slices"
 	"time"
 
@@ -37,6 +38,9 @@ type VmRecord struct {
 	// Image is the image store name the VM was prepared from (spec.image),
 	// if it was: a migrate's destination needs it ready.
 	Image string `json:"image,omitempty"`
+	// Labels are the accepted prepare's spec.labels: the user's metadata,
+	// for listing and filtering (never shared, never modified in place).
+	Labels map[string]string `json:"labels,omitempty"`
 	// Generation counts incarnations: it grows with every accepted prepare.
 	Generation    int         `json:"generation"`
 	LastSeq       uint64      `json:"last_seq"`
@@ -182,9 +186,12 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			r.CreatedAt = ev.Time
 			r.LastError = ""
 			r.Backend = ev.Backend
-			r.Vcpus, r.MemoryMB, r.Image = 0, 0, ""
+			r.Vcpus, r.MemoryMB, r.Image, r.Labels = 0, 0, "", nil
 			if ev.Spec != nil {
 				r.Vcpus, r.MemoryMB, r.Image = ev.Spec.Vcpus, ev.Spec.MemoryMB, ev.Spec.Image
+				if len(ev.Spec.Labels) > 0 {
+					r.Labels = maps.Clone(ev.Spec.Labels)
+				}
 			}
 		}
 		if a == fsm.ActPrepare || a == fsm.ActStart || a == fsm.ActDestroy {

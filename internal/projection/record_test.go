@@ -225,3 +225,53 @@ func TestFoldTrustsOnlyTheVMsHost(t *testing.T) {
 		r = next
 	}
 }
+
+// The accepted prepare's labels are the record's, through the VM's life;
+// the next incarnation's prepare replaces them (or clears them); the
+// record does not share the event's map.
+func TestFoldLabels(t *testing.T) {
+	ev := func(typ events.Type, action, cmd string, labels map[string]string) *events.Event {
+		e := &events.Event{Type: typ, VM: "v", Action: fsm.Action(action), CommandID: cmd, Host: "h1", Backend: vm.BackendNoop, Time: time.Unix(1, 0).UTC()}
+		if typ == events.TypeAccepted && action == "prepare" {
+			e.Spec = &vm.VmSpec{Name: "v", Vcpus: 1, MemoryMB: 512, Labels: labels}
+		}
+		return e
+	}
+	first := map[string]string{"team": "ci", "job": "17"}
+	var r *VmRecord
+	for i, e := range []*events.Event{
+		ev(events.TypeAccepted, "prepare", "c1", first),
+		ev(events.TypePrepared, "prepare", "c1", nil),
+		ev(events.TypeAccepted, "start", "c2", nil),
+		ev(events.TypeStarted, "start", "c2", nil),
+	} {
+		r = Fold(r, e, uint64(i+1))
+	}
+	if len(r.Labels) != 2 || r.Labels["team"] != "ci" || r.Labels["job"] != "17" {
+		t.Fatalf("labels after the first incarnation's start: %v", r.Labels)
+	}
+	first["team"] = "changed"
+	if r.Labels["team"] != "ci" {
+		t.Fatal("the record shares the event's labels map")
+	}
+	// Through the JSON of the bucket.
+	back, err := Unmarshal(r.Marshal())
+	if err != nil || back.Labels["job"] != "17" {
+		t.Fatalf("labels through the bucket: %v, %v", back, err)
+	}
+	r = Fold(r, ev(events.TypeAccepted, "destroy", "c3", nil), 5)
+	r = Fold(r, ev(events.TypeDestroyed, "destroy", "c3", nil), 6)
+	if r.Labels["job"] != "17" {
+		t.Fatalf("a destroyed record keeps its labels (list --all shows them): %v", r.Labels)
+	}
+	r = Fold(r, ev(events.TypeAccepted, "prepare", "c4", map[string]string{"job": "18"}), 7)
+	if len(r.Labels) != 1 || r.Labels["job"] != "18" {
+		t.Fatalf("the next incarnation's labels: %v", r.Labels)
+	}
+	r = Fold(r, ev(events.TypeAccepted, "destroy", "c5", nil), 8)
+	r = Fold(r, ev(events.TypeDestroyed, "destroy", "c5", nil), 9)
+	r = Fold(r, ev(events.TypeAccepted, "prepare", "c6", nil), 10)
+	if r.Labels != nil {
+		t.Fatalf("a prepare without labels clears them: %v", r.Labels)
+	}
+}
