@@ -32,6 +32,7 @@ func (g *globals) createCmd() *cobra.Command {
 		host, backend             string
 		start                     bool
 		sshUser                   string
+		labels                    []string
 	)
 	c := &cobra.Command{
 		Use:               "create NAME",
@@ -86,6 +87,10 @@ func (g *globals) createCmd() *cobra.Command {
 				}
 				spec.SSH = &vm.SshConfig{User: sshUser, PublicKey: key}
 			}
+			var err error
+			if spec.Labels, err = parseLabels(labels); err != nil {
+				return err
+			}
 			if err := spec.Validate(); err != nil {
 				return usageError("%s", flagWords(err.Error()))
 			}
@@ -114,6 +119,7 @@ func (g *globals) createCmd() *cobra.Command {
 	f.StringVar(&backend, "backend", "", "noop, qemu or propolis (default: the host's default)")
 	f.StringVar(&host, "host", "", "pin the VM to this host (default: an alive host with the backend, real hypervisors before Noop, most free memory first)")
 	f.BoolVar(&start, "start", false, "start the VM once prepared (waits for prepare; not with --no-wait)")
+	f.StringArrayVar(&labels, "label", nil, "a label KEY=VALUE to set on the VM (repeatable; metadata only, `vmctl list --label` filters by it; the guest never sees it)")
 	return c
 }
 
@@ -352,12 +358,19 @@ func notRunning(r *projection.VmRecord) error {
 }
 
 func (g *globals) listCmd() *cobra.Command {
-	var all bool
+	var (
+		all    bool
+		labels []string
+	)
 	c := &cobra.Command{
 		Use:   "list",
 		Short: "list VMs from the VM_RECORDS projection, with their guest address",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			sel, err := parseSelector(labels)
+			if err != nil {
+				return err
+			}
 			if err := g.conn(); err != nil {
 				return err
 			}
@@ -367,7 +380,7 @@ func (g *globals) listCmd() *cobra.Command {
 			}
 			var list []*projection.VmRecord
 			for _, r := range recs {
-				if all || r.State != vm.StateDestroyed {
+				if (all || r.State != vm.StateDestroyed) && sel.matches(r) {
 					list = append(list, r)
 				}
 			}
@@ -382,7 +395,7 @@ func (g *globals) listCmd() *cobra.Command {
 			}
 			ips := g.guestAddrs(cmd.Context(), list, lost)
 			tw := tabwriter.NewWriter(g.out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tSTATE\tHOST\tBACKEND\tVCPUS\tMEMORY\tIP\tIN FLIGHT\tUPDATED")
+			fmt.Fprintln(tw, "NAME\tSTATE\tHOST\tBACKEND\tVCPUS\tMEMORY\tIP\tIN FLIGHT\tUPDATED\tLABELS")
 			for i, r := range list {
 				var inflight []string
 				for _, f := range r.InFlight {
@@ -393,13 +406,14 @@ func (g *globals) listCmd() *cobra.Command {
 					vcpus = strconv.Itoa(r.Handle.Spec.Vcpus)
 					mem = strconv.Itoa(r.Handle.Spec.MemoryMB) + "M"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, stateText(r, lost[r.Host]), r.Host, r.Backend,
-					vcpus, mem, ips[i], orDash(strings.Join(inflight, ",")), r.UpdatedAt.Local().Format(time.DateTime))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, stateText(r, lost[r.Host]), r.Host, r.Backend,
+					vcpus, mem, ips[i], orDash(strings.Join(inflight, ",")), r.UpdatedAt.Local().Format(time.DateTime), formatLabels(r.Labels))
 			}
 			return tw.Flush()
 		},
 	}
 	c.Flags().BoolVar(&all, "all", false, "include destroyed VMs")
+	c.Flags().StringArrayVar(&labels, "label", nil, "only VMs with this label: KEY=VALUE, or KEY for any value (repeatable: all must match)")
 	return c
 }
 
@@ -514,6 +528,9 @@ func (g *globals) statusCmd() *cobra.Command {
 			}
 			fmt.Fprintf(tw, "host:\t%s\n", r.Host)
 			fmt.Fprintf(tw, "backend:\t%s\n", r.Backend)
+			if len(r.Labels) > 0 {
+				fmt.Fprintf(tw, "labels:\t%s\n", formatLabels(r.Labels))
+			}
 			for _, f := range r.InFlight {
 				fmt.Fprintf(tw, "in flight:\t%s (%s)\n", f.Action, f.CommandID)
 			}

@@ -280,6 +280,7 @@ func (g *globals) up(ctx context.Context, d vmfile.Def, provisionNew bool) (chan
 func (g *globals) desired(ctx context.Context, d vmfile.Def, gen int) (vm.VmSpec, error) {
 	spec := vm.VmSpec{
 		Name: d.Name, Backend: vm.BackendTag(d.Backend), Vcpus: d.Vcpus, MemoryMB: d.MemoryMB, DiskGB: d.DiskGB, UEFI: d.UEFI,
+		Labels: d.Labels,
 	}
 	n := d.Network
 	spec.Network = &n
@@ -475,6 +476,7 @@ func specDrift(have *vm.VmSpec, want vm.VmSpec, haveHost, wantHost string) []str
 	diff("memory", h.MemoryMB, w.MemoryMB)
 	diff("disk", h.DiskGB, w.DiskGB)
 	diff("uefi", h.UEFI, w.UEFI)
+	diff("labels", formatLabels(h.Labels), formatLabels(w.Labels))
 	nh, nw := vm.NetworkConfig{}, vm.NetworkConfig{}
 	if h.Network != nil {
 		nh = *h.Network

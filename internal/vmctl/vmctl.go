@@ -562,6 +562,7 @@ var wireToFlag = strings.NewReplacer(
 	"spec.vcpus", "--vcpus",
 	"spec.backend", "--backend",
 	"spec.accel", "--accel",
+	"spec.labels", "--label",
 	"spec.uefi", "--uefi",
 	"spec.ssh.public_key", "--ssh-key",
 	"spec.ssh.user", "--ssh-user",
