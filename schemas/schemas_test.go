@@ -97,6 +97,11 @@ func eventOf(t events.Type, a string) events.Event {
 		if a == "migrate" {
 			ev.Migration = &events.Migration{From: "h1", To: "h2", Mode: events.MigrateLive, Before: vm.StateRunning}
 		}
+		if a == "purge" {
+			// Its outcome: the state it was purged from; no handle, no
+			// timeout (admitPurge).
+			ev.State, ev.Handle, ev.TimeoutS = vm.StateDestroyed, nil, 0
+		}
 	case events.TypeMigrated:
 		ev.Handle, ev.AcceptedSeq, ev.Host, ev.State = fullHandle(), 7, "h2", vm.StateRunning
 		ev.Migration = &events.Migration{From: "h1", To: "h2", Mode: events.MigrateLive, Before: vm.StateRunning, Bytes: 1 << 30, Total: 1 << 30, DowntimeMS: 42}
@@ -150,6 +155,7 @@ func fullRecord() *projection.VmRecord {
 		Exit:          &projection.Exit{Time: t0, Reason: "guest powered off"},
 		Image:         "debian-12",
 		Labels:        map[string]string{"team": "web"},
+		CreatedBy:     "alice",
 		Migration:     &events.Migration{From: "h1", To: "h2", Mode: events.MigrateCold, Before: vm.StateStopped, Phase: events.PhaseCopying, Bytes: 1 << 20, Total: 1 << 21},
 		CreatedAt:     t0,
 		UpdatedAt:     t0.Add(time.Minute),
@@ -287,9 +293,11 @@ func TestValidCommands(t *testing.T) {
 	for _, a := range fsm.Actions[1:] {
 		cases = append(cases,
 			tc{string(a), events.Command{}},
-			tc{string(a), events.Command{CommandID: "7c9e6679-7425-40de-944b-e07fc1f90ae7", TimeoutS: 30}},
 			tc{string(a), events.Command{CommandID: "vmctl/ünïcode:ok#1"}},
 		)
+		if a != fsm.ActPurge { // purge has no backend call to bound
+			cases = append(cases, tc{string(a), events.Command{CommandID: "7c9e6679-7425-40de-944b-e07fc1f90ae7", TimeoutS: 30}})
+		}
 	}
 	// U+FFFD the sender wrote, and surrogate pairs, are fine.
 	cases = append(cases,
@@ -346,6 +354,10 @@ func TestDecodeCommandRejects(t *testing.T) {
 func TestValidEvents(t *testing.T) {
 	var evs []events.Event
 	for _, a := range fsm.Actions {
+		if a == fsm.ActPurge {
+			evs = append(evs, eventOf(events.TypeAccepted, string(a))) // no result
+			continue
+		}
 		evs = append(evs, eventOf(events.TypeAccepted, string(a)), eventOf(events.ResultOf(a), string(a)),
 			eventOf(events.TypeFailed, string(a)))
 	}

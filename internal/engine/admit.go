@@ -134,6 +134,8 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 		}
 	case act == fsm.ActMigrate && cmd.Cancel:
 		return a.admitCancel(rec, ev)
+	case act == fsm.ActPurge:
+		return admitPurge(rec, ev)
 	case act == fsm.ActMigrate:
 		if err := a.admitMigrate(rec, cmd, ev); err != nil {
 			return err
@@ -201,6 +203,34 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 	if cmd.TimeoutS > 0 {
 		ev.TimeoutS = cmd.TimeoutS
 	}
+	return nil
+}
+
+// admitPurge decides a purge: only a destroyed VM with nothing in
+// flight, and, for an issuer (an operator's command), only a VM that
+// issuer created; a command without an issuer (an admin's, a service's,
+// the engines' retention) may purge any. The accepted event keeps the
+// VM's last host and backend and says destroyed, the state it is purged
+// from; its fold leaves the name absent (fsm.Decide).
+func admitPurge(rec *projection.VmRecord, ev *events.Event) error {
+	cur := rec.CurrentState()
+	if _, err := fsm.Decide(cur, fsm.ActPurge); err != nil {
+		return err
+	}
+	if len(rec.InFlight) > 0 {
+		return reject("cannot purge: vm %s has a command in flight (%s %s); purge it once that has ended", ev.VM, rec.InFlight[0].Action, rec.InFlight[0].CommandID)
+	}
+	if ev.Issuer != "" && rec.CreatedBy != ev.Issuer {
+		by := "an admin or a service (no issuer)"
+		if rec.CreatedBy != "" {
+			by = "operator " + rec.CreatedBy
+		}
+		return reject("cannot purge: vm %s was created by %s; an operator may purge only the VMs it created (an admin may purge any)", ev.VM, by)
+	}
+	ev.Type = events.TypeAccepted
+	ev.State = vm.StateDestroyed
+	ev.Host = rec.Host
+	ev.Backend = rec.Backend
 	return nil
 }
 

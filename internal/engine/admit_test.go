@@ -301,3 +301,43 @@ func TestAdmitConcurrentPreparesSpread(t *testing.T) {
 		}
 	}
 }
+
+// Purge: only a destroyed VM with nothing in flight; an issuer only its
+// own VMs, a command without an issuer any.
+func TestAdmitPurge(t *testing.T) {
+	destroyed := &projection.VmRecord{Name: "v", State: vm.StateDestroyed, Host: "h1", Backend: vm.BackendNoop, CreatedBy: "alice", Generation: 2}
+	byAdmin := &projection.VmRecord{Name: "v", State: vm.StateDestroyed, Host: "h1"}
+	for _, c := range []struct {
+		name   string
+		rec    *projection.VmRecord
+		issuer string
+		want   string // "" accepted, else part of the reason
+	}{
+		{"admin", destroyed, "", ""},
+		{"its creator", destroyed, "alice", ""},
+		{"admin, created by admin", byAdmin, "", ""},
+		{"another operator", destroyed, "bob", "was created by operator alice; an operator may purge only the VMs it created"},
+		{"an operator, created by admin", byAdmin, "alice", "was created by an admin or a service"},
+		{"running", &projection.VmRecord{Name: "v", State: vm.StateRunning, Host: "h1"}, "", "cannot purge: vm is running; purge is allowed from destroyed"},
+		{"destroying", &projection.VmRecord{Name: "v", State: vm.StateDestroying, Host: "h1", InFlight: []projection.InFlight{{CommandID: "d1", Action: fsm.ActDestroy}}}, "", "cannot purge: vm is destroying"},
+		{"absent", &projection.VmRecord{Name: "v", State: fsm.StateAbsent}, "", "cannot purge: vm does not exist"},
+		{"in flight", &projection.VmRecord{Name: "v", State: vm.StateDestroyed, Host: "h1", InFlight: []projection.InFlight{{CommandID: "x1", Action: fsm.ActPrepare}}}, "", "has a command in flight (prepare x1)"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ev := events.Event{VM: "v", CommandID: "p1", Action: fsm.ActPurge, Issuer: c.issuer}
+			err := admission{}.admit(c.rec, fsm.ActPurge, &events.Command{}, &ev)
+			if c.want != "" {
+				if err == nil || !strings.Contains(err.Error(), c.want) {
+					t.Fatalf("admit = %v, want a rejection with %q", err, c.want)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("admit = %v, want accepted", err)
+			}
+			if ev.Type != events.TypeAccepted || ev.State != vm.StateDestroyed || ev.Host != c.rec.Host || ev.Handle != nil || len(events.TasksOf(&ev, 9)) != 0 {
+				t.Fatalf("accepted purge %+v", ev)
+			}
+		})
+	}
+}

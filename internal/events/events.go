@@ -259,8 +259,8 @@ type QueuedTask struct {
 // host, and for a migrate one more for its destination (a cancel queues
 // none: its engine stores the outcome).
 func TasksOf(ev *Event, seq uint64) []QueuedTask {
-	if ev.Type != TypeAccepted || ev.Cancel {
-		return nil
+	if ev.Type != TypeAccepted || ev.Cancel || ev.Action == fsm.ActPurge {
+		return nil // a purge is done by the engines (no worker takes part)
 	}
 	t := TaskFromAccepted(ev, seq)
 	if ev.Action != fsm.ActMigrate || ev.Migration == nil {

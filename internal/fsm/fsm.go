@@ -33,10 +33,15 @@ const (
 	// ActMigrate moves the VM to another host: live when it is running or
 	// suspended, cold (its disk) when it is prepared or stopped.
 	ActMigrate Action = "migrate"
+	// ActPurge removes a destroyed VM's record and its events: the name
+	// is absent again. Unlike every other action it has no task and no
+	// result: its decision is its outcome (the engine then removes the
+	// VM's earlier events; see docs/contract.md, "Purge").
+	ActPurge Action = "purge"
 )
 
 // Actions lists every action, in a stable order.
-var Actions = []Action{ActPrepare, ActStart, ActStop, ActSuspend, ActResume, ActDestroy, ActMigrate}
+var Actions = []Action{ActPrepare, ActStart, ActStop, ActSuspend, ActResume, ActDestroy, ActMigrate, ActPurge}
 
 // ParseAction turns a user string into an Action.
 func ParseAction(s string) (Action, error) {
@@ -165,7 +170,9 @@ func define(sm *stateless.StateMachine) {
 		// result settles the state.
 		Ignore(ResExited)
 	sm.Configure(vm.StateDestroyed).
-		Permit(ActPrepare, vm.StatePreparing)
+		Permit(ActPrepare, vm.StatePreparing).
+		// Purge is done when it is decided: the VM is absent again.
+		Permit(ActPurge, StateAbsent)
 	sm.Configure(vm.StateFailed).
 		Permit(ActStart, vm.StateStarting).
 		Permit(ActDestroy, vm.StateDestroying)
@@ -180,7 +187,7 @@ func define(sm *stateless.StateMachine) {
 
 const (
 	numStates   = len(states)
-	numActions  = 7
+	numActions  = 8
 	numResults  = 9
 	numTriggers = numActions + numResults // actions, then results
 	noMove      = -1                      // the trigger is not handled in that state
@@ -235,7 +242,7 @@ func init() {
 			if ni < 0 {
 				panic(fmt.Sprintf("fsm: %s in %s leads to unknown state %q", t, s, probe))
 			}
-			if ti < numActions && !isTransitional(probe) {
+			if ti < numActions && !isTransitional(probe) && t != ActPurge {
 				panic(fmt.Sprintf("fsm: action %s in %s leads to %s, which is not in flight", t, s, probe))
 			}
 			table[si][ti] = int8(ni)
@@ -257,7 +264,8 @@ func init() {
 }
 
 // Decide says whether action a may be accepted in state cur. If it may, it
-// returns the in-flight state the VM moves to; if not, the error is a
+// returns the in-flight state the VM moves to (for ActPurge, which has no
+// result, StateAbsent: the state its decision leaves); if not, the error is a
 // *Rejection naming cur and the states a is allowed from.
 func Decide(cur vm.VmState, a Action) (vm.VmState, error) {
 	si, ai := stateIndex(cur), actionIndex(a)
@@ -501,6 +509,8 @@ func actionIndex(a Action) int {
 		return 5
 	case ActMigrate:
 		return 6
+	case ActPurge:
+		return 7
 	}
 	return -1
 }

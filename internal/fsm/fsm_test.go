@@ -43,7 +43,7 @@ var accepts = map[vm.VmState]map[Action]vm.VmState{
 	vm.StateSuspended:  {ActStop: vm.StateStopping, ActResume: vm.StateResuming, ActDestroy: vm.StateDestroying, ActMigrate: vm.StateMigrating},
 	vm.StateResuming:   {ActDestroy: vm.StateDestroying},
 	vm.StateDestroying: {},
-	vm.StateDestroyed:  {ActPrepare: vm.StatePreparing},
+	vm.StateDestroyed:  {ActPrepare: vm.StatePreparing, ActPurge: StateAbsent},
 	vm.StateFailed:     {ActStart: vm.StateStarting, ActDestroy: vm.StateDestroying},
 	vm.StateMigrating:  {},
 }
@@ -87,7 +87,8 @@ func TestDecideEveryPair(t *testing.T) {
 					if got != want {
 						t.Fatalf("Decide(%s, %s) = %s, want %s", s, a, got, want)
 					}
-					if !Transitional(got) {
+					if !Transitional(got) && a != ActPurge {
+						// Purge alone is done when decided (no result).
 						t.Errorf("Decide(%s, %s) = %s, which is not in flight", s, a, got)
 					}
 					return
@@ -163,7 +164,10 @@ func TestRejectionMessages(t *testing.T) {
 		{vm.StateRunning, ActPrepare, "cannot prepare: vm is running; prepare is allowed from absent, destroyed"},
 		{vm.StateSuspended, ActSuspend, "cannot suspend: vm is already suspended; suspend is allowed from running"},
 		{"bogus", ActStart, `cannot start: vm is in unknown state "bogus"; start is allowed from prepared, stopped, failed`},
-		{vm.StateRunning, "reboot", "cannot reboot: unknown action (valid: prepare, start, stop, suspend, resume, destroy, migrate)"},
+		{vm.StateRunning, "reboot", "cannot reboot: unknown action (valid: prepare, start, stop, suspend, resume, destroy, migrate, purge)"},
+		{vm.StateRunning, ActPurge, "cannot purge: vm is running; purge is allowed from destroyed"},
+		{vm.StateDestroying, ActPurge, "cannot purge: vm is destroying (a command is in flight); only destroy is accepted until it finishes"},
+		{StateAbsent, ActPurge, "cannot purge: vm does not exist; purge is allowed from destroyed"},
 		{vm.StateMigrating, ActDestroy, "cannot destroy: vm is migrating (a command is in flight); until the migration ends only its cancel is accepted (vmctl migrate --cancel)"},
 		{vm.StateStarting, ActMigrate, "cannot migrate: vm is starting (a command is in flight); only destroy is accepted until it finishes"},
 		{vm.StateFailed, ActMigrate, "cannot migrate: vm is failed; migrate is allowed from prepared, running, stopped, suspended"},
@@ -241,6 +245,7 @@ func TestAllowed(t *testing.T) {
 			vm.StateResuming, vm.StateFailed,
 		},
 		ActMigrate: {vm.StatePrepared, vm.StateRunning, vm.StateStopped, vm.StateSuspended},
+		ActPurge:   {vm.StateDestroyed},
 	}
 	for _, a := range Actions {
 		if got := Allowed(a); !slices.Equal(got, want[a]) {

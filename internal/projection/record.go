@@ -41,6 +41,11 @@ type VmRecord struct {
 	// Labels are the accepted prepare's spec.labels: the user's metadata,
 	// for listing and filtering (never shared, never modified in place).
 	Labels map[string]string `json:"labels,omitempty"`
+	// CreatedBy is the issuer of the accepted prepare of this incarnation
+	// (its command subject's issuer token; "" for a command without one,
+	// an admin's or a service's): an operator may purge only the VMs it
+	// created.
+	CreatedBy string `json:"created_by,omitempty"`
 	// Generation counts incarnations: it grows with every accepted prepare.
 	Generation    int         `json:"generation"`
 	LastSeq       uint64      `json:"last_seq"`
@@ -164,6 +169,14 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 		if err != nil {
 			return
 		}
+		if a == fsm.ActPurge {
+			// A purge's decision is its outcome: the name is absent
+			// again. The record is what a fold of the purge alone gives
+			// (the engine removes the VM's earlier events next), so every
+			// projector, and a rebuild, folds the same record from here.
+			*r = VmRecord{Name: r.Name, State: fsm.StateAbsent}
+			return
+		}
 		decide := func(cur vm.VmState) (vm.VmState, error) { return fsm.Decide(cur, a) }
 		if ev.Forget && a == fsm.ActDestroy {
 			decide = fsm.Forget
@@ -184,6 +197,7 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			r.InFlight = nil
 			r.Generation++
 			r.CreatedAt = ev.Time
+			r.CreatedBy = ev.Issuer
 			r.LastError = ""
 			r.Backend = ev.Backend
 			r.Vcpus, r.MemoryMB, r.Image, r.Labels = 0, 0, "", nil

@@ -275,3 +275,39 @@ func TestFoldLabels(t *testing.T) {
 		t.Fatalf("a prepare without labels clears them: %v", r.Labels)
 	}
 }
+
+// A purge's fold is what the purge alone folds to: the name absent, no
+// generation, labels or handle left; a later prepare starts a new VM
+// (generation 1) from it, as a rebuild from the purged stream would.
+func TestFoldPurge(t *testing.T) {
+	r := fold(t, []step{
+		{events.TypeAccepted, "prepare", "c1", nil},
+		{events.TypePrepared, "prepare", "c1", &vm.VmHandle{ID: "a", Name: "v"}},
+		{events.TypeAccepted, "destroy", "c2", nil},
+		{events.TypeDestroyed, "destroy", "c2", nil},
+	})
+	if r.State != vm.StateDestroyed || r.Generation != 1 {
+		t.Fatalf("before the purge: %+v", r)
+	}
+	purge := &events.Event{Type: events.TypeAccepted, VM: "v", Action: fsm.ActPurge, CommandID: "p1", Time: time.Unix(9, 0).UTC(), Host: "h1", State: vm.StateDestroyed}
+	after := Fold(r, purge, 10)
+	alone := Fold(nil, purge, 10)
+	if after.Exists() || after.CurrentState() != fsm.StateAbsent || after.LastSeq != 10 || after.Generation != 0 || after.Handle != nil || after.Host != "" {
+		t.Fatalf("after the purge: %+v", after)
+	}
+	if string(after.Marshal()) != string(alone.Marshal()) {
+		t.Fatalf("the purge's fold depends on what came before:\n%s\n%s", after.Marshal(), alone.Marshal())
+	}
+	again := Fold(after, &events.Event{Type: events.TypeAccepted, VM: "v", Action: fsm.ActPrepare, CommandID: "c3", Time: time.Unix(11, 0).UTC(), Host: "h2", Issuer: "alice",
+		Spec: &vm.VmSpec{Name: "v", Vcpus: 1, MemoryMB: 128}}, 11)
+	if again.State != vm.StatePreparing || again.Generation != 1 || again.Host != "h2" || again.CreatedBy != "alice" {
+		t.Fatalf("a prepare after the purge: %+v", again)
+	}
+	// A purge of a VM that is not destroyed cannot come from a correct
+	// engine; were it stored, the fold would still end the record the
+	// same way (every projector agrees), which is why admission alone
+	// guards it.
+	if r := Fold(again, purge, 12); r.Exists() {
+		t.Fatalf("a purge folds to absent from any state: %+v", r)
+	}
+}
