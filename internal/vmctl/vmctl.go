@@ -137,6 +137,7 @@ deciding commands or no result within --timeout, 130 interrupted.`,
 		g.lifecycleCmd(fsm.ActSuspend, "pause a running VM"),
 		g.lifecycleCmd(fsm.ActResume, "continue a suspended VM"),
 		g.destroyCmd(),
+		g.purgeCmd(),
 		g.migrateCmd(),
 		g.listCmd(),
 		g.statusCmd(),
@@ -446,6 +447,16 @@ func (g *globals) wait(ctx context.Context, store *events.Store, from uint64, na
 				p.clear()
 				g.printEvent(ev)
 				return ev, g.rejected(ctx, name, action, ev)
+			case ev.Type == events.TypeAccepted && ev.Action == fsm.ActPurge:
+				// A purge's decision is its outcome.
+				p.clear()
+				if g.json {
+					g.printEvent(ev)
+				} else {
+					g.printf("purge %s: purged (command %s): its record and events are gone, the name is free\n", name, id)
+				}
+				g.awaitGone(wctx, name)
+				return ev, nil
 			case ev.Type == events.TypeAccepted && ev.Cancel:
 				// A cancel ends the migration at once: its decision is
 				// the outcome (the engines store the migrate's failure).
