@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/vmherd/vmherd/internal/events"
@@ -45,18 +47,36 @@ func (e *Engine) runRetention(ctx context.Context) error {
 			continue
 		}
 		now := time.Now()
-		for name, r := range recs {
-			if !retired(r, now, keep) || ctx.Err() != nil {
-				continue
+		var due []*projection.VmRecord
+		for _, r := range recs {
+			if retired(r, now, keep) {
+				due = append(due, r)
 			}
-			e.exec.Do(name, func() {
-				if err := e.retire(ctx, name, now); err != nil && ctx.Err() == nil {
-					e.log.Warn("retention: purging a destroyed vm failed; trying again later", "vm", name, "err", err)
+		}
+		// The longest destroyed first, a batch at a time: the next look
+		// comes once this batch is decided, so a backlog (the first run
+		// over a bucket of old records) never piles up behind the
+		// commands on the executor.
+		slices.SortFunc(due, func(a, b *projection.VmRecord) int { return a.UpdatedAt.Compare(b.UpdatedAt) })
+		var batch sync.WaitGroup
+		for _, r := range due[:min(len(due), retainBatch)] {
+			if ctx.Err() != nil {
+				break
+			}
+			batch.Add(1)
+			e.exec.Do(r.Name, func() {
+				defer batch.Done()
+				if err := e.retire(ctx, r.Name, now); err != nil && ctx.Err() == nil {
+					e.log.Warn("retention: purging a destroyed vm failed; trying again later", "vm", r.Name, "err", err)
 				}
 			})
 		}
+		batch.Wait()
 	}
 }
+
+// retainBatch bounds the purges one look of the retention decides.
+const retainBatch = 1024
 
 // retired reports whether a record is of a VM destroyed longer ago than
 // keep (by its last event), with nothing in flight.
