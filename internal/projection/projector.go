@@ -324,9 +324,9 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 const DefaultMaxCached = 16384
 
 // evict forgets idle cached VMs (no write in flight or lingering, every
-// fold stored) until a quarter of MaxCached is free: names that never had
-// a record first (a flood of commands for names that do not exist), then
-// any. keep is not evicted. Callers hold p.mu.
+// fold stored) until a quarter of MaxCached is free: names without a
+// record first (a flood of commands for names that do not exist, VMs
+// purged), then any. keep is not evicted. Callers hold p.mu.
 func (p *Projector) evict(keep *cached) {
 	target := p.MaxCached * 3 / 4
 	for _, anyIdle := range []bool{false, true} {
@@ -337,7 +337,7 @@ func (p *Projector) evict(keep *cached) {
 			if c == keep || c.writing || c.lingering || len(c.pending) > 0 {
 				continue
 			}
-			if anyIdle || c.rev == 0 && !c.rec.Exists() {
+			if anyIdle || !c.rec.Exists() {
 				delete(p.cache, name)
 			}
 		}
