@@ -18,8 +18,8 @@ package schemas
 //     the schema's required; an action table's "allowed from", "in flight"
 //     and "result" columns must be what internal/fsm decides.
 //   - In a table with a "Go" column, `Names.Method(args)` called on
-//     events.DefaultNames must give the row's first cell, and every
-//     name-returning method of events.Names must appear in such a cell.
+//     api.DefaultNames must give the row's first cell, and every
+//     name-returning method of api.Names must appear in such a cell.
 
 import (
 	"encoding/json"
@@ -36,9 +36,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // docsDir holds the documentation, relative to this package.
@@ -612,8 +611,8 @@ func checkDocs(docs []*mdDoc) []string {
 		}
 	}
 
-	// (c) names against events.Names.
-	names := reflect.ValueOf(events.DefaultNames)
+	// (c) names against api.Names.
+	names := reflect.ValueOf(api.DefaultNames)
 	used := map[string]bool{}
 	for _, t := range tables {
 		goCol := t.col("go")
@@ -633,7 +632,7 @@ func checkDocs(docs []*mdDoc) []string {
 			}
 			method := names.MethodByName(m[1])
 			if !method.IsValid() {
-				add("%s: events.Names has no method %s", r.where(t), m[1])
+				add("%s: api.Names has no method %s", r.where(t), m[1])
 				continue
 			}
 			used[m[1]] = true
@@ -649,7 +648,7 @@ func checkDocs(docs []*mdDoc) []string {
 				continue
 			}
 			if want := firstName(r.cell(0)); got != want {
-				add("%s: the doc says `%s`, but events.DefaultNames.%s(%s) is `%s`", r.where(t), want, m[1], strings.Join(args, ", "), got)
+				add("%s: the doc says `%s`, but api.DefaultNames.%s(%s) is `%s`", r.where(t), want, m[1], strings.Join(args, ", "), got)
 			}
 		}
 	}
@@ -657,7 +656,7 @@ func checkDocs(docs []*mdDoc) []string {
 	for i := range rt.NumMethod() {
 		m := rt.Method(i)
 		if isNameMethod(names.Method(i).Type()) && !used[m.Name] {
-			add("events.Names.%s is documented nowhere: add a row with `Names.%s(...)` in a `Go` column of a table in docs/*.md (e.g. the subjects table of docs/contract.md)", m.Name, m.Name)
+			add("api.Names.%s is documented nowhere: add a row with `Names.%s(...)` in a `Go` column of a table in docs/*.md (e.g. the subjects table of docs/contract.md)", m.Name, m.Name)
 		}
 	}
 	return problems
@@ -742,20 +741,20 @@ func checkFSMRow(add func(string, ...any), t *mdTable, r mdRow, action string) {
 		}
 	}
 	if c := t.col("result"); c >= 0 {
-		ok := events.ResultOf(fsm.Action(action))
+		ok := api.ResultOf(fsm.Action(action))
 		okState, _ := fsm.Apply(inflight, fsm.Result(ok))
 		failState, _ := fsm.Apply(inflight, fsm.ResFailed)
-		want := []string{string(ok), string(okState), string(events.TypeFailed), string(failState)}
+		want := []string{string(ok), string(okState), string(api.TypeFailed), string(failState)}
 		if returns(fsm.Action(action), inflight) {
 			// A migrate's results return the VM to the state it had
 			// (fsm.Settle): the doc names the results and says so.
-			want = []string{string(ok), string(events.TypeFailed)}
+			want = []string{string(ok), string(api.TypeFailed)}
 			if !strings.Contains(r.cell(c), "the state it had") {
 				add("%s: results of `%s` return the VM to the state it had (fsm.Settle); the doc must say so", r.where(t), action)
 			}
 		}
 		if got := codeSpans(r.cell(c)); !slices.Equal(got, want) {
-			add("%s: results of `%s`: the doc says %v, internal/fsm and events.ResultOf say `%s` → `%s`; `%s` → `%s`",
+			add("%s: results of `%s`: the doc says %v, internal/fsm and api.ResultOf say `%s` → `%s`; `%s` → `%s`",
 				r.where(t), action, got, want[0], want[1], want[2], want[3])
 		}
 	}
@@ -763,7 +762,7 @@ func checkFSMRow(add func(string, ...any), t *mdTable, r mdRow, action string) {
 
 // returns reports whether both results of action a, from its in-flight
 // state, return the VM to whichever state a was accepted from.
-func returns(a fsm.Action, inflight vm.VmState) bool {
+func returns(a fsm.Action, inflight api.VmState) bool {
 	from := fsm.Allowed(a)
 	if len(from) < 2 {
 		return false
@@ -849,7 +848,7 @@ func TestDocsCheckCatchesDrift(t *testing.T) {
 				t.rows[i].cells = slices.Clone(t.rows[i].cells)
 				t.rows[i].cells[0] = "`vm.task.<vm>.<host>`"
 			})
-		}, "events.DefaultNames.Task"},
+		}, "api.DefaultNames.Task"},
 	}
 	for _, e := range edits {
 		t.Run(e.name, func(t *testing.T) {

@@ -12,7 +12,7 @@
 //
 // Commands are user input and are checked strictly: unknown fields,
 // duplicate fields and non-integer number literals (2.0, 1e3) are errors, so
-// a body that passes decodes into events.Command with exactly the values
+// a body that passes decodes into api.Command with exactly the values
 // that were checked. DecodeCommand parses a command's body once: the
 // checked document itself fills the Go value. Handles and host heartbeats
 // are open to unknown fields (old readers ignore what newer writers add).
@@ -35,14 +35,14 @@ import (
 	"sync"
 	"unicode/utf8"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/santhosh-tekuri/jsonschema/v6"
 	"github.com/santhosh-tekuri/jsonschema/v6/kind"
 	"golang.org/x/text/language"
 	"golang.org/x/text/message"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 //go:embed *.json
@@ -137,7 +137,7 @@ func Names() []string {
 // checked against them by a test.
 var (
 	actions    = strs(fsm.Actions)
-	eventTypes = strs(events.Types)
+	eventTypes = strs(api.EventTypes)
 )
 
 func strs[T ~string](vs []T) []string {
@@ -156,7 +156,7 @@ func ValidateCommand(action string, body []byte) error {
 
 // DecodeCommand checks the body of a command on vm.cmd.<vm>.<action> and,
 // if it passes, fills into (a pointer to a struct whose json tags are the
-// schema's properties, events.Command) from the checked document, so the
+// schema's properties, api.Command) from the checked document, so the
 // body is parsed once. The document's numbers are integer literals (the
 // parse refuses others) and its fields are the schema's (it refuses
 // unknown ones), so filling cannot fail on a body that passed.
@@ -277,8 +277,8 @@ func (e *Error) Error() string {
 	return strings.Join(parts, "; ")
 }
 
-// Unwrap makes every validation error an vm.ErrInvalid, like vm.FieldError.
-func (e *Error) Unwrap() error { return vm.ErrInvalid }
+// Unwrap makes every validation error an api.ErrInvalid, like api.FieldError.
+func (e *Error) Unwrap() error { return api.ErrInvalid }
 
 func one(field, rule string) *Error { return &Error{Causes: []Cause{{Field: field, Rule: rule}}} }
 
@@ -603,7 +603,7 @@ var printer = message.NewPrinter(language.English)
 
 // patternHints explain the patterns a user most often breaks.
 var patternHints = map[string]string{
-	vm.NamePattern:           "lowercase letters, digits, '-' and '_'; start and end with a letter or digit; at most 63",
+	api.NamePattern:          "lowercase letters, digits, '-' and '_'; start and end with a letter or digit; at most 63",
 	`^[A-Za-z0-9_.-]{1,15}$`: "an interface name: 1-15 of A-Z a-z 0-9 _ . -",
 	`^[^\r\n]*$`:             "one line",
 	`^[^\r\n ]*$`:            "one word",

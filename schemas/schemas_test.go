@@ -12,11 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // ---- examples built from the Go types ------------------------------------
@@ -24,23 +23,23 @@ import (
 var t0 = time.Date(2025, 3, 14, 15, 9, 26, 535897932, time.UTC)
 
 // fullSpec sets every VmSpec field (TestExamplesSetEveryField checks it).
-func fullSpec() *vm.VmSpec {
-	return &vm.VmSpec{
+func fullSpec() *api.VmSpec {
+	return &api.VmSpec{
 		Name:      "web1",
-		Backend:   vm.BackendQEMU,
+		Backend:   api.BackendQEMU,
 		ImagePath: "/var/lib/images/base.qcow2",
 		Vcpus:     2,
 		MemoryMB:  2048,
 		DiskGB:    20,
 		UEFI:      true,
-		Network:   &vm.NetworkConfig{Type: vm.NetworkVnic, Name: "vnic0", Link: "igb0"},
-		CloudInit: &vm.CloudInitConfig{
+		Network:   &api.NetworkConfig{Type: api.NetworkVnic, Name: "vnic0", Link: "igb0"},
+		CloudInit: &api.CloudInitConfig{
 			UserData:      "#cloud-config\npackages: [nginx]\n",
 			NetworkConfig: "version: 2\nethernets: {}\n",
 			InstanceID:    "iid-web1",
 			Hostname:      "web1",
 		},
-		SSH:    &vm.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl vm@host"},
+		SSH:    &api.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl vm@host"},
 		Accel:  "kvm",
 		Labels: map[string]string{"team": "web", "ci.example.com/job": "1234", "note": ""},
 	}
@@ -48,18 +47,18 @@ func fullSpec() *vm.VmSpec {
 
 // namedImageSpec is fullSpec with an image from the host's store instead
 // of an image path (the two exclude each other).
-func namedImageSpec() *vm.VmSpec {
+func namedImageSpec() *api.VmSpec {
 	s := fullSpec()
 	s.ImagePath, s.Image = "", "debian-12"
 	return s
 }
 
 // fullHandle sets every VmHandle field.
-func fullHandle() *vm.VmHandle {
-	return &vm.VmHandle{
+func fullHandle() *api.VmHandle {
+	return &api.VmHandle{
 		ID:         "01JQ3ZK5W8X9Y0A1B2C3D4E5F6",
 		Name:       "web1",
-		Backend:    vm.BackendQEMU,
+		Backend:    api.BackendQEMU,
 		Host:       "h1",
 		PID:        4242,
 		WorkDir:    "/var/lib/vmherd/vms/web1",
@@ -80,43 +79,43 @@ func fullHandle() *vm.VmHandle {
 }
 
 // eventOf builds a plausible event of type t for action a.
-func eventOf(t events.Type, a string) events.Event {
-	ev := events.Event{Type: t, VM: "web1", CommandID: "cmd-1", Action: fsm.Action(a), Time: t0, Host: "h1"}
+func eventOf(t api.EventType, a string) api.Event {
+	ev := api.Event{Type: t, VM: "web1", CommandID: "cmd-1", Action: fsm.Action(a), Time: t0, Host: "h1"}
 	switch t {
-	case events.TypeAccepted:
+	case api.TypeAccepted:
 		next, err := fsm.Decide(fromState(fsm.Action(a)), fsm.Action(a))
 		if err != nil {
 			panic(err)
 		}
-		ev.State, ev.Backend, ev.TimeoutS = next, vm.BackendQEMU, 30
+		ev.State, ev.Backend, ev.TimeoutS = next, api.BackendQEMU, 30
 		if a == "prepare" {
 			ev.Spec = fullSpec()
 		} else {
 			ev.Handle = fullHandle()
 		}
 		if a == "migrate" {
-			ev.Migration = &events.Migration{From: "h1", To: "h2", Mode: events.MigrateLive, Before: vm.StateRunning}
+			ev.Migration = &api.Migration{From: "h1", To: "h2", Mode: api.MigrateLive, Before: api.StateRunning}
 		}
 		if a == "purge" {
 			// Its outcome: the state it was purged from; no handle, no
 			// timeout (admitPurge).
-			ev.State, ev.Handle, ev.TimeoutS = vm.StateDestroyed, nil, 0
+			ev.State, ev.Handle, ev.TimeoutS = api.StateDestroyed, nil, 0
 		}
-	case events.TypeMigrated:
-		ev.Handle, ev.AcceptedSeq, ev.Host, ev.State = fullHandle(), 7, "h2", vm.StateRunning
-		ev.Migration = &events.Migration{From: "h1", To: "h2", Mode: events.MigrateLive, Before: vm.StateRunning, Bytes: 1 << 30, Total: 1 << 30, DowntimeMS: 42}
-	case events.TypeMigration:
+	case api.TypeMigrated:
+		ev.Handle, ev.AcceptedSeq, ev.Host, ev.State = fullHandle(), 7, "h2", api.StateRunning
+		ev.Migration = &api.Migration{From: "h1", To: "h2", Mode: api.MigrateLive, Before: api.StateRunning, Bytes: 1 << 30, Total: 1 << 30, DowntimeMS: 42}
+	case api.TypeMigration:
 		ev.Action, ev.AcceptedSeq, ev.Host, ev.Handle = "migrate", 7, "h2", fullHandle()
-		ev.Migration = &events.Migration{From: "h1", To: "h2", Mode: events.MigrateLive, Before: vm.StateRunning, Phase: events.PhaseTargetReady, Endpoint: "10.0.0.6:49152", Digest: strings.Repeat("ab", 32)}
-	case events.TypeRejected:
+		ev.Migration = &api.Migration{From: "h1", To: "h2", Mode: api.MigrateLive, Before: api.StateRunning, Phase: api.PhaseTargetReady, Endpoint: "10.0.0.6:49152", Digest: strings.Repeat("ab", 32)}
+	case api.TypeRejected:
 		ev.Host, ev.State = "", fsm.StateAbsent
 		ev.Reason = "cannot start: vm does not exist"
-	case events.TypeFailed:
-		ev.State, ev.Handle, ev.Error, ev.AcceptedSeq = vm.StateFailed, fullHandle(), "qemu exited with status 1", 7
-	case events.TypeExited:
+	case api.TypeFailed:
+		ev.State, ev.Handle, ev.Error, ev.AcceptedSeq = api.StateFailed, fullHandle(), "qemu exited with status 1", 7
+	case api.TypeExited:
 		ev.CommandID, ev.Action = "", ""
-		ev.State, ev.Handle, ev.Reason = vm.StateStopped, fullHandle(), "guest powered off"
-	case events.TypeFenced:
+		ev.State, ev.Handle, ev.Reason = api.StateStopped, fullHandle(), "guest powered off"
+	case api.TypeFenced:
 		ev.Handle, ev.AcceptedSeq, ev.Reason = fullHandle(), 7, "the vm was forgotten while this host was lost"
 	default: // results
 		ev.Handle, ev.AcceptedSeq = fullHandle(), 7
@@ -126,9 +125,9 @@ func eventOf(t events.Type, a string) events.Event {
 }
 
 // fromState is a state action a is allowed from.
-func fromState(a fsm.Action) vm.VmState { return fsm.Allowed(a)[0] }
+func fromState(a fsm.Action) api.VmState { return fsm.Allowed(a)[0] }
 
-func transitional(a fsm.Action) vm.VmState {
+func transitional(a fsm.Action) api.VmState {
 	s, err := fsm.Decide(fromState(a), a)
 	if err != nil {
 		panic(err)
@@ -137,26 +136,26 @@ func transitional(a fsm.Action) vm.VmState {
 }
 
 // fullRecord sets every VmRecord field.
-func fullRecord() *projection.VmRecord {
-	return &projection.VmRecord{
+func fullRecord() *api.VmRecord {
+	return &api.VmRecord{
 		Name:          "web1",
-		State:         vm.StateStopping,
-		InFlight:      []projection.InFlight{{CommandID: "cmd-2", Action: "stop", Seq: 9}, {CommandID: "cmd-3", Action: "destroy", Seq: 10}},
+		State:         api.StateStopping,
+		InFlight:      []api.InFlight{{CommandID: "cmd-2", Action: "stop", Seq: 9}, {CommandID: "cmd-3", Action: "destroy", Seq: 10}},
 		Host:          "h1",
-		Backend:       vm.BackendQEMU,
+		Backend:       api.BackendQEMU,
 		Handle:        fullHandle(),
 		Vcpus:         2,
 		MemoryMB:      2048,
 		Generation:    3,
 		LastSeq:       10,
-		LastEvent:     events.TypeAccepted,
+		LastEvent:     api.TypeAccepted,
 		LastCommandID: "cmd-3",
 		LastError:     "exited: guest powered off",
-		Exit:          &projection.Exit{Time: t0, Reason: "guest powered off"},
+		Exit:          &api.Exit{Time: t0, Reason: "guest powered off"},
 		Image:         "debian-12",
 		Labels:        map[string]string{"team": "web"},
 		CreatedBy:     "alice",
-		Migration:     &events.Migration{From: "h1", To: "h2", Mode: events.MigrateCold, Before: vm.StateStopped, Phase: events.PhaseCopying, Bytes: 1 << 20, Total: 1 << 21},
+		Migration:     &api.Migration{From: "h1", To: "h2", Mode: api.MigrateCold, Before: api.StateStopped, Phase: api.PhaseCopying, Bytes: 1 << 20, Total: 1 << 21},
 		CreatedAt:     t0,
 		UpdatedAt:     t0.Add(time.Minute),
 	}
@@ -165,14 +164,14 @@ func fullRecord() *projection.VmRecord {
 // heartbeat is the VM_HOSTS value as host.json describes it (the worker
 // has no Go type for it yet).
 type heartbeat struct {
-	Host           string                 `json:"host"`
-	Version        string                 `json:"version"`
-	Time           time.Time              `json:"time"`
-	Backends       []vm.BackendTag        `json:"backends"`
-	DefaultBackend vm.BackendTag          `json:"default_backend"`
-	Capabilities   map[vm.BackendTag]caps `json:"capabilities,omitempty"`
-	Capacity       capacity               `json:"capacity"`
-	Usage          usage                  `json:"usage"`
+	Host           string                  `json:"host"`
+	Version        string                  `json:"version"`
+	Time           time.Time               `json:"time"`
+	Backends       []api.BackendTag        `json:"backends"`
+	DefaultBackend api.BackendTag          `json:"default_backend"`
+	Capabilities   map[api.BackendTag]caps `json:"capabilities,omitempty"`
+	Capacity       capacity                `json:"capacity"`
+	Usage          usage                   `json:"usage"`
 }
 
 type caps struct {
@@ -194,11 +193,11 @@ type usage struct {
 func fullHeartbeat() heartbeat {
 	return heartbeat{
 		Host: "h1", Version: "0.1.0", Time: t0,
-		Backends:       []vm.BackendTag{vm.BackendNoop, vm.BackendQEMU},
-		DefaultBackend: vm.BackendQEMU,
-		Capabilities: map[vm.BackendTag]caps{
-			vm.BackendNoop: {Suspend: true, Resume: true},
-			vm.BackendQEMU: {Suspend: true, Resume: true},
+		Backends:       []api.BackendTag{api.BackendNoop, api.BackendQEMU},
+		DefaultBackend: api.BackendQEMU,
+		Capabilities: map[api.BackendTag]caps{
+			api.BackendNoop: {Suspend: true, Resume: true},
+			api.BackendQEMU: {Suspend: true, Resume: true},
 		},
 		Capacity: capacity{Vcpus: 16, MemoryMB: 65536},
 		Usage:    usage{VMs: 2, Vcpus: 3, MemoryMB: 2560},
@@ -228,7 +227,7 @@ func TestEverySchemaCompiles(t *testing.T) {
 	for _, a := range fsm.Actions {
 		want = append(want, "command."+string(a))
 	}
-	for _, ty := range events.Types {
+	for _, ty := range api.EventTypes {
 		want = append(want, "event."+string(ty))
 	}
 	want = append(want, "cordon", "host", "host_event", "image", "record", "task")
@@ -248,14 +247,14 @@ func TestListsMatchGo(t *testing.T) {
 		t.Errorf("actions %v, fsm.Actions %v", actions, acts)
 	}
 	var types []string
-	for _, ty := range events.Types {
+	for _, ty := range api.EventTypes {
 		types = append(types, string(ty))
 	}
 	if !slices.Equal(eventTypes, types) {
-		t.Errorf("eventTypes %v, events.Types %v", eventTypes, types)
+		t.Errorf("eventTypes %v, api.EventTypes %v", eventTypes, types)
 	}
-	if got, want := enumOf(t, "host-event-type"), strs(events.HostEventTypes); !slices.Equal(got, want) {
-		t.Errorf("defs.json host-event-type %v, events.HostEventTypes %v", got, want)
+	if got, want := enumOf(t, "host-event-type"), strs(api.HostEventTypes); !slices.Equal(got, want) {
+		t.Errorf("defs.json host-event-type %v, api.HostEventTypes %v", got, want)
 	}
 }
 
@@ -264,45 +263,45 @@ func TestListsMatchGo(t *testing.T) {
 func TestValidCommands(t *testing.T) {
 	type tc struct {
 		action string
-		cmd    events.Command
+		cmd    api.Command
 	}
 	cases := []tc{
-		{"prepare", events.Command{CommandID: "cmd-1", Spec: fullSpec(), TimeoutS: 300, Host: "h1"}},
-		{"prepare", events.Command{CommandID: "cmd-2", Spec: namedImageSpec()}},
-		{"prepare", events.Command{Spec: &vm.VmSpec{}}},
-		{"prepare", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}}},
-		{"prepare", events.Command{Spec: &vm.VmSpec{Name: "a", Backend: vm.BackendPropolis, ImagePath: "/img", Network: &vm.NetworkConfig{Type: vm.NetworkVnic}}}},
-		{"prepare", events.Command{Spec: &vm.VmSpec{Network: &vm.NetworkConfig{Type: vm.NetworkUser}}}},
-		{"prepare", events.Command{Spec: &vm.VmSpec{Network: &vm.NetworkConfig{Type: vm.NetworkTap, Bridge: "br0"}}}},
-		{"prepare", events.Command{Spec: &vm.VmSpec{Network: &vm.NetworkConfig{Type: vm.NetworkTap}}}},
-		{"prepare", events.Command{Spec: &vm.VmSpec{Network: &vm.NetworkConfig{Type: vm.NetworkNone}}}},
+		{"prepare", api.Command{CommandID: "cmd-1", Spec: fullSpec(), TimeoutS: 300, Host: "h1"}},
+		{"prepare", api.Command{CommandID: "cmd-2", Spec: namedImageSpec()}},
+		{"prepare", api.Command{Spec: &api.VmSpec{}}},
+		{"prepare", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}}},
+		{"prepare", api.Command{Spec: &api.VmSpec{Name: "a", Backend: api.BackendPropolis, ImagePath: "/img", Network: &api.NetworkConfig{Type: api.NetworkVnic}}}},
+		{"prepare", api.Command{Spec: &api.VmSpec{Network: &api.NetworkConfig{Type: api.NetworkUser}}}},
+		{"prepare", api.Command{Spec: &api.VmSpec{Network: &api.NetworkConfig{Type: api.NetworkTap, Bridge: "br0"}}}},
+		{"prepare", api.Command{Spec: &api.VmSpec{Network: &api.NetworkConfig{Type: api.NetworkTap}}}},
+		{"prepare", api.Command{Spec: &api.VmSpec{Network: &api.NetworkConfig{Type: api.NetworkNone}}}},
 		// Limits, inclusive.
-		{"prepare", events.Command{
+		{"prepare", api.Command{
 			CommandID: strings.Repeat("c", 128), TimeoutS: 86400, Host: strings.Repeat("h", 63),
-			Spec: &vm.VmSpec{
-				Name: strings.Repeat("a", 63), Vcpus: vm.MaxVcpus, MemoryMB: vm.MaxMemoryMB, DiskGB: vm.MaxDiskGB,
-				CloudInit: &vm.CloudInitConfig{
-					UserData: strings.Repeat("u", vm.MaxUserDataSize), NetworkConfig: strings.Repeat("n", vm.MaxUserDataSize),
+			Spec: &api.VmSpec{
+				Name: strings.Repeat("a", 63), Vcpus: api.MaxVcpus, MemoryMB: api.MaxMemoryMB, DiskGB: api.MaxDiskGB,
+				CloudInit: &api.CloudInitConfig{
+					UserData: strings.Repeat("u", api.MaxUserDataSize), NetworkConfig: strings.Repeat("n", api.MaxUserDataSize),
 					InstanceID: strings.Repeat("i", 255), Hostname: strings.Repeat("h", 63),
 				},
-				SSH: &vm.SshConfig{User: strings.Repeat("u", 32), PublicKey: strings.Repeat("k", 16<<10)},
+				SSH: &api.SshConfig{User: strings.Repeat("u", 32), PublicKey: strings.Repeat("k", 16<<10)},
 			},
 		}},
-		{"prepare", events.Command{TimeoutS: 1, Spec: &vm.VmSpec{Name: "a_b-c9", Vcpus: 1, MemoryMB: vm.MinMemoryMB, Accel: "auto"}}},
+		{"prepare", api.Command{TimeoutS: 1, Spec: &api.VmSpec{Name: "a_b-c9", Vcpus: 1, MemoryMB: api.MinMemoryMB, Accel: "auto"}}},
 	}
 	for _, a := range fsm.Actions[1:] {
 		cases = append(cases,
-			tc{string(a), events.Command{}},
-			tc{string(a), events.Command{CommandID: "vmctl/ünïcode:ok#1"}},
+			tc{string(a), api.Command{}},
+			tc{string(a), api.Command{CommandID: "vmctl/ünïcode:ok#1"}},
 		)
 		if a != fsm.ActPurge { // purge has no backend call to bound
-			cases = append(cases, tc{string(a), events.Command{CommandID: "7c9e6679-7425-40de-944b-e07fc1f90ae7", TimeoutS: 30}})
+			cases = append(cases, tc{string(a), api.Command{CommandID: "7c9e6679-7425-40de-944b-e07fc1f90ae7", TimeoutS: 30}})
 		}
 	}
 	// U+FFFD the sender wrote, and surrogate pairs, are fine.
 	cases = append(cases,
-		tc{"prepare", events.Command{CommandID: "x\ufffd", Spec: &vm.VmSpec{CloudInit: &vm.CloudInitConfig{UserData: "a\ufffd😀b", Hostname: "web-one"}}}},
-		tc{"prepare", events.Command{Spec: &vm.VmSpec{Network: &vm.NetworkConfig{Type: vm.NetworkTap, Bridge: "br-0.x_1"}}}},
+		tc{"prepare", api.Command{CommandID: "x\ufffd", Spec: &api.VmSpec{CloudInit: &api.CloudInitConfig{UserData: "a\ufffd😀b", Hostname: "web-one"}}}},
+		tc{"prepare", api.Command{Spec: &api.VmSpec{Network: &api.NetworkConfig{Type: api.NetworkTap, Bridge: "br-0.x_1"}}}},
 	)
 	for i, c := range cases {
 		body := mustJSON(t, c.cmd)
@@ -314,7 +313,7 @@ func TestValidCommands(t *testing.T) {
 		}
 		// Decoded from the checked document, it is what encoding/json
 		// makes of the same body: every field, every type.
-		var got, want events.Command
+		var got, want api.Command
 		if err := DecodeCommand(c.action, body, &got); err != nil {
 			t.Errorf("%d: DecodeCommand(%s): %v", i, c.action, err)
 		}
@@ -337,13 +336,13 @@ func TestDecodeCommandRejects(t *testing.T) {
 		{"prepare", `{"spec":{"vcpus":"2"}}`, "spec.vcpus: must be an integer"},
 		{"launch", `{}`, "unknown action"},
 	} {
-		cmd := events.Command{CommandID: "untouched"}
+		cmd := api.Command{CommandID: "untouched"}
 		err := DecodeCommand(c.action, []byte(c.body), &cmd)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s %s: error %v, want one with %q", c.action, c.body, err, c.want)
 		}
-		if !errors.Is(err, vm.ErrInvalid) {
-			t.Errorf("%s %s: %v is not vm.ErrInvalid", c.action, c.body, err)
+		if !errors.Is(err, api.ErrInvalid) {
+			t.Errorf("%s %s: %v is not api.ErrInvalid", c.action, c.body, err)
 		}
 		if cmd.CommandID != "untouched" || cmd.Spec != nil {
 			t.Errorf("%s %s: filled %+v", c.action, c.body, cmd)
@@ -352,48 +351,48 @@ func TestDecodeCommandRejects(t *testing.T) {
 }
 
 func TestValidEvents(t *testing.T) {
-	var evs []events.Event
+	var evs []api.Event
 	for _, a := range fsm.Actions {
 		if a == fsm.ActPurge {
-			evs = append(evs, eventOf(events.TypeAccepted, string(a))) // no result
+			evs = append(evs, eventOf(api.TypeAccepted, string(a))) // no result
 			continue
 		}
-		evs = append(evs, eventOf(events.TypeAccepted, string(a)), eventOf(events.ResultOf(a), string(a)),
-			eventOf(events.TypeFailed, string(a)))
+		evs = append(evs, eventOf(api.TypeAccepted, string(a)), eventOf(api.ResultOf(a), string(a)),
+			eventOf(api.TypeFailed, string(a)))
 	}
-	evs = append(evs, eventOf(events.TypeRejected, "start"), eventOf(events.TypeExited, ""),
-		eventOf(events.TypeFenced, "destroy"))
+	evs = append(evs, eventOf(api.TypeRejected, "start"), eventOf(api.TypeExited, ""),
+		eventOf(api.TypeFenced, "destroy"))
 
 	// Variants: a rejection of an invalid name and an unknown action; a
 	// destroyed without a handle; a failed without one; zero time.
-	rej := eventOf(events.TypeRejected, "reboot")
+	rej := eventOf(api.TypeRejected, "reboot")
 	rej.VM, rej.State, rej.Reason = "Web.1/../x", "", "name: must match ..."
-	rej2 := eventOf(events.TypeRejected, "start")
-	rej2.State, rej2.Host = vm.StateRunning, "h1"
-	gone := eventOf(events.TypeDestroyed, "destroy")
+	rej2 := eventOf(api.TypeRejected, "start")
+	rej2.State, rej2.Host = api.StateRunning, "h1"
+	gone := eventOf(api.TypeDestroyed, "destroy")
 	gone.Handle = nil
-	fail := eventOf(events.TypeFailed, "prepare")
+	fail := eventOf(api.TypeFailed, "prepare")
 	fail.Handle, fail.State = nil, ""
-	zero := eventOf(events.TypeRejected, "start")
+	zero := eventOf(api.TypeRejected, "start")
 	zero.Time = time.Time{}
 	// A forget: accepted from destroying, with the abandoned destroy; its
 	// destroyed result from the engines says why.
-	forget := eventOf(events.TypeAccepted, "destroy")
-	forget.Forget, forget.Abandoned = true, []events.Abandoned{{CommandID: "cmd-0", Action: "destroy", Seq: 6}}
-	forgotten := eventOf(events.TypeDestroyed, "destroy")
+	forget := eventOf(api.TypeAccepted, "destroy")
+	forget.Forget, forget.Abandoned = true, []api.Abandoned{{CommandID: "cmd-0", Action: "destroy", Seq: 6}}
+	forgotten := eventOf(api.TypeDestroyed, "destroy")
 	forgotten.Handle, forgotten.Reason = nil, "forgotten: host h1 is lost"
 	// A migration's phase; a cancel of a migration (accepted, the state
 	// returned to) and the failed result the engines store for it.
-	phase := eventOf(events.TypeMigration, "migrate")
-	cancel := eventOf(events.TypeAccepted, "migrate")
-	cancel.Cancel, cancel.State, cancel.Handle = true, vm.StateRunning, nil
-	cancel.Abandoned = []events.Abandoned{{CommandID: "cmd-0", Action: "migrate", Seq: 6}}
-	cancelled := eventOf(events.TypeFailed, "migrate")
-	cancelled.Handle, cancelled.State = nil, vm.StateRunning
-	cancelled.Migration = &events.Migration{From: "h1", To: "h2", Mode: events.MigrateLive, Before: vm.StateRunning, CancelledBy: "cmd-1"}
+	phase := eventOf(api.TypeMigration, "migrate")
+	cancel := eventOf(api.TypeAccepted, "migrate")
+	cancel.Cancel, cancel.State, cancel.Handle = true, api.StateRunning, nil
+	cancel.Abandoned = []api.Abandoned{{CommandID: "cmd-0", Action: "migrate", Seq: 6}}
+	cancelled := eventOf(api.TypeFailed, "migrate")
+	cancelled.Handle, cancelled.State = nil, api.StateRunning
+	cancelled.Migration = &api.Migration{From: "h1", To: "h2", Mode: api.MigrateLive, Before: api.StateRunning, CancelledBy: "cmd-1"}
 	evs = append(evs, rej, rej2, gone, fail, zero, forget, forgotten, phase, cancel, cancelled)
 
-	seen := map[events.Type]bool{}
+	seen := map[api.EventType]bool{}
 	for i, ev := range evs {
 		body := ev.Encode()
 		if err := ValidateEvent(body); err != nil {
@@ -404,7 +403,7 @@ func TestValidEvents(t *testing.T) {
 		}
 		seen[ev.Type] = true
 	}
-	for _, ty := range events.Types {
+	for _, ty := range api.EventTypes {
 		if !seen[ty] {
 			t.Errorf("no example of %s", ty)
 		}
@@ -413,7 +412,7 @@ func TestValidEvents(t *testing.T) {
 
 func TestValidTaskRecordHost(t *testing.T) {
 	for _, a := range fsm.Actions {
-		ev := eventOf(events.TypeAccepted, string(a))
+		ev := eventOf(api.TypeAccepted, string(a))
 		task := events.TaskFromAccepted(&ev, 42)
 		if err := Validate("task", mustJSON(t, task)); err != nil {
 			t.Errorf("task %s: %v", a, err)
@@ -427,18 +426,18 @@ func TestValidTaskRecordHost(t *testing.T) {
 		t.Errorf("full record: %v", err)
 	}
 	// Records the projection really builds, event by event.
-	var rec *projection.VmRecord
+	var rec *api.VmRecord
 	seq := uint64(0)
-	for _, ev := range []events.Event{
-		eventOf(events.TypeAccepted, "prepare"), eventOf(events.TypePrepared, "prepare"),
-		eventOf(events.TypeAccepted, "start"), eventOf(events.TypeStarted, "start"),
-		eventOf(events.TypeExited, ""),
-		eventOf(events.TypeAccepted, "start"), eventOf(events.TypeFailed, "start"),
-		eventOf(events.TypeAccepted, "destroy"), eventOf(events.TypeDestroyed, "destroy"),
+	for _, ev := range []api.Event{
+		eventOf(api.TypeAccepted, "prepare"), eventOf(api.TypePrepared, "prepare"),
+		eventOf(api.TypeAccepted, "start"), eventOf(api.TypeStarted, "start"),
+		eventOf(api.TypeExited, ""),
+		eventOf(api.TypeAccepted, "start"), eventOf(api.TypeFailed, "start"),
+		eventOf(api.TypeAccepted, "destroy"), eventOf(api.TypeDestroyed, "destroy"),
 	} {
 		seq++
 		ev.CommandID = fmt.Sprintf("cmd-%d", seq/2)
-		if ev.Type == events.TypeExited {
+		if ev.Type == api.TypeExited {
 			ev.CommandID = ""
 		}
 		rec = projection.Fold(rec, &ev, seq)
@@ -446,7 +445,7 @@ func TestValidTaskRecordHost(t *testing.T) {
 			t.Errorf("record after %s: %v\n%s", ev.Type, err, rec.Marshal())
 		}
 	}
-	if rec.State != vm.StateDestroyed {
+	if rec.State != api.StateDestroyed {
 		t.Errorf("fold ended in %s", rec.State)
 	}
 
@@ -465,7 +464,7 @@ func TestValidTaskRecordHost(t *testing.T) {
 
 // Handles are open to fields newer backends add.
 func TestHandleForwardCompatible(t *testing.T) {
-	ev := eventOf(events.TypeStarted, "start")
+	ev := eventOf(api.TypeStarted, "start")
 	var m map[string]any
 	_ = json.Unmarshal(ev.Encode(), &m)
 	h := m["handle"].(map[string]any)
@@ -554,11 +553,11 @@ func TestPropertiesMatchGoFields(t *testing.T) {
 			t.Errorf("%s: schema properties %v\n  Go JSON fields %v", what, got, want)
 		}
 	}
-	check("vm-spec", propNames(def(t, "vm-spec")), jsonFields(vm.VmSpec{}))
-	check("vm-spec-recorded", propNames(def(t, "vm-spec-recorded")), jsonFields(vm.VmSpec{}))
-	check("vm-handle", propNames(def(t, "vm-handle")), jsonFields(vm.VmHandle{}))
-	check("cloud-init", propNames(def(t, "cloud-init")), jsonFields(vm.CloudInitConfig{}))
-	check("ssh", propNames(def(t, "ssh")), jsonFields(vm.SshConfig{}))
+	check("vm-spec", propNames(def(t, "vm-spec")), jsonFields(api.VmSpec{}))
+	check("vm-spec-recorded", propNames(def(t, "vm-spec-recorded")), jsonFields(api.VmSpec{}))
+	check("vm-handle", propNames(def(t, "vm-handle")), jsonFields(api.VmHandle{}))
+	check("cloud-init", propNames(def(t, "cloud-init")), jsonFields(api.CloudInitConfig{}))
+	check("ssh", propNames(def(t, "ssh")), jsonFields(api.SshConfig{}))
 	var net []string
 	for _, v := range []string{"network-user", "network-tap", "network-vnic", "network-none"} {
 		for _, p := range propNames(def(t, v)) {
@@ -568,21 +567,21 @@ func TestPropertiesMatchGoFields(t *testing.T) {
 		}
 	}
 	sort.Strings(net)
-	check("network-config variants", net, jsonFields(vm.NetworkConfig{}))
+	check("network-config variants", net, jsonFields(api.NetworkConfig{}))
 	for _, a := range fsm.Actions {
 		f := "command." + string(a) + ".json"
-		check(f, propNames(schemaDoc(t, f)), jsonFields(events.Command{}))
+		check(f, propNames(schemaDoc(t, f)), jsonFields(api.Command{}))
 	}
-	for _, ty := range events.Types {
+	for _, ty := range api.EventTypes {
 		f := "event." + string(ty) + ".json"
-		check(f, propNames(schemaDoc(t, f)), jsonFields(events.Event{}))
+		check(f, propNames(schemaDoc(t, f)), jsonFields(api.Event{}))
 	}
 	check("task.json", propNames(schemaDoc(t, "task.json")), jsonFields(events.Task{}))
-	check("image.json", propNames(schemaDoc(t, "image.json")), jsonFields(images.Status{}))
+	check("image.json", propNames(schemaDoc(t, "image.json")), jsonFields(api.ImageStatus{}))
 	rec := schemaDoc(t, "record.json")
-	check("record.json", propNames(rec), jsonFields(projection.VmRecord{}))
+	check("record.json", propNames(rec), jsonFields(api.VmRecord{}))
 	items := rec["properties"].(map[string]any)["in_flight"].(map[string]any)["items"].(map[string]any)
-	check("record.json in_flight", propNames(items), jsonFields(projection.InFlight{}))
+	check("record.json in_flight", propNames(items), jsonFields(api.InFlight{}))
 }
 
 func enumOf(t *testing.T, name string) []string {
@@ -603,20 +602,20 @@ func TestEnumsAndLimitsMatchGo(t *testing.T) {
 		return out
 	}
 	var backends, acts, types, trans []string
-	for _, b := range vm.Backends {
+	for _, b := range api.Backends {
 		backends = append(backends, string(b))
 	}
 	for _, a := range fsm.Actions {
 		acts = append(acts, string(a))
 	}
-	for _, ty := range events.Types {
+	for _, ty := range api.EventTypes {
 		types = append(types, string(ty))
 	}
-	states := strs(vm.StatePreparing, vm.StatePrepared, vm.StateStarting, vm.StateRunning, vm.StateStopping,
-		vm.StateStopped, vm.StateSuspending, vm.StateSuspended, vm.StateResuming, vm.StateDestroying,
-		vm.StateDestroyed, vm.StateFailed, vm.StateMigrating)
+	states := strs(api.StatePreparing, api.StatePrepared, api.StateStarting, api.StateRunning, api.StateStopping,
+		api.StateStopped, api.StateSuspending, api.StateSuspended, api.StateResuming, api.StateDestroying,
+		api.StateDestroyed, api.StateFailed, api.StateMigrating)
 	for _, s := range states {
-		if fsm.Transitional(vm.VmState(s)) {
+		if fsm.Transitional(api.VmState(s)) {
 			trans = append(trans, s)
 		}
 	}
@@ -636,21 +635,21 @@ func TestEnumsAndLimitsMatchGo(t *testing.T) {
 		}
 	}
 
-	if p := def(t, "name")["pattern"]; p != vm.NamePattern {
-		t.Errorf("name pattern %v, vm.NamePattern %v", p, vm.NamePattern)
+	if p := def(t, "name")["pattern"]; p != api.NamePattern {
+		t.Errorf("name pattern %v, api.NamePattern %v", p, api.NamePattern)
 	}
 	labels := def(t, "labels")
-	if p := labels["propertyNames"].(map[string]any)["pattern"]; p != vm.LabelKeyPattern {
-		t.Errorf("labels key pattern %v, vm.LabelKeyPattern %v", p, vm.LabelKeyPattern)
+	if p := labels["propertyNames"].(map[string]any)["pattern"]; p != api.LabelKeyPattern {
+		t.Errorf("labels key pattern %v, api.LabelKeyPattern %v", p, api.LabelKeyPattern)
 	}
-	if n := labels["maxProperties"].(float64); int(n) != vm.MaxLabels {
-		t.Errorf("labels maxProperties %v, vm.MaxLabels %d", n, vm.MaxLabels)
+	if n := labels["maxProperties"].(float64); int(n) != api.MaxLabels {
+		t.Errorf("labels maxProperties %v, api.MaxLabels %d", n, api.MaxLabels)
 	}
-	if n := labels["propertyNames"].(map[string]any)["maxLength"].(float64); int(n) != vm.MaxLabelKeyLen {
-		t.Errorf("labels key maxLength %v, vm.MaxLabelKeyLen %d", n, vm.MaxLabelKeyLen)
+	if n := labels["propertyNames"].(map[string]any)["maxLength"].(float64); int(n) != api.MaxLabelKeyLen {
+		t.Errorf("labels key maxLength %v, api.MaxLabelKeyLen %d", n, api.MaxLabelKeyLen)
 	}
-	if n := labels["additionalProperties"].(map[string]any)["maxLength"].(float64); int(n) != vm.MaxLabelValueLen {
-		t.Errorf("labels value maxLength %v, vm.MaxLabelValueLen %d", n, vm.MaxLabelValueLen)
+	if n := labels["additionalProperties"].(map[string]any)["maxLength"].(float64); int(n) != api.MaxLabelValueLen {
+		t.Errorf("labels value maxLength %v, api.MaxLabelValueLen %d", n, api.MaxLabelValueLen)
 	}
 	if p := def(t, "command-id")["pattern"]; p != commandIDPattern {
 		t.Errorf("command-id pattern %q, commandIDPattern %q", p, commandIDPattern)
@@ -669,14 +668,14 @@ func TestEnumsAndLimitsMatchGo(t *testing.T) {
 		what string
 	}{
 		{num("vcpus", "minimum"), 1, "vcpus minimum"},
-		{num("vcpus", "maximum"), vm.MaxVcpus, "vcpus maximum"},
-		{num("memory_mb", "minimum"), vm.MinMemoryMB, "memory_mb minimum"},
-		{num("memory_mb", "maximum"), vm.MaxMemoryMB, "memory_mb maximum"},
+		{num("vcpus", "maximum"), api.MaxVcpus, "vcpus maximum"},
+		{num("memory_mb", "minimum"), api.MinMemoryMB, "memory_mb minimum"},
+		{num("memory_mb", "maximum"), api.MaxMemoryMB, "memory_mb maximum"},
 		{num("disk_gb", "minimum"), 0, "disk_gb minimum"},
-		{num("disk_gb", "maximum"), vm.MaxDiskGB, "disk_gb maximum"},
-		{def(t, "name")["maxLength"].(float64), vm.MaxNameLen, "name maxLength"},
-		{def(t, "cloud-init")["properties"].(map[string]any)["user_data"].(map[string]any)["maxLength"].(float64), vm.MaxUserDataSize, "user_data maxLength"},
-		{def(t, "cloud-init")["properties"].(map[string]any)["network_config"].(map[string]any)["maxLength"].(float64), vm.MaxUserDataSize, "network_config maxLength"},
+		{num("disk_gb", "maximum"), api.MaxDiskGB, "disk_gb maximum"},
+		{def(t, "name")["maxLength"].(float64), api.MaxNameLen, "name maxLength"},
+		{def(t, "cloud-init")["properties"].(map[string]any)["user_data"].(map[string]any)["maxLength"].(float64), api.MaxUserDataSize, "user_data maxLength"},
+		{def(t, "cloud-init")["properties"].(map[string]any)["network_config"].(map[string]any)["maxLength"].(float64), api.MaxUserDataSize, "network_config maxLength"},
 	} {
 		if int(c.got) != c.want {
 			t.Errorf("%s is %v in the schema, %d in Go", c.what, c.got, c.want)
@@ -812,8 +811,8 @@ func TestInvalidCommands(t *testing.T) {
 		{"prepare", spec(`"network":{"type":"vnic","name":"vnic/0"}`), []string{"spec.network.name"}},
 		{"prepare", spec(`"network":{"type":"vnic","name":"vnic0","link":"a b"}`), []string{"spec.network.link"}},
 		// cloud-init and ssh
-		{"prepare", spec(`"cloud_init":{"user_data":"` + strings.Repeat("x", vm.MaxUserDataSize+1) + `"}`), []string{"spec.cloud_init.user_data: must be at most 65536 characters long but has 65537"}},
-		{"prepare", spec(`"cloud_init":{"network_config":"` + strings.Repeat("x", vm.MaxUserDataSize+1) + `"}`), []string{"spec.cloud_init.network_config"}},
+		{"prepare", spec(`"cloud_init":{"user_data":"` + strings.Repeat("x", api.MaxUserDataSize+1) + `"}`), []string{"spec.cloud_init.user_data: must be at most 65536 characters long but has 65537"}},
+		{"prepare", spec(`"cloud_init":{"network_config":"` + strings.Repeat("x", api.MaxUserDataSize+1) + `"}`), []string{"spec.cloud_init.network_config"}},
 		{"prepare", spec(`"cloud_init":{"user_data":1}`), []string{"spec.cloud_init.user_data"}},
 		{"prepare", spec(`"cloud_init":{"instance_id":"a\nb"}`), []string{"spec.cloud_init.instance_id"}},
 		{"prepare", spec(`"cloud_init":{"instance_id":"` + strings.Repeat("i", 256) + `"}`), []string{"spec.cloud_init.instance_id"}},
@@ -873,19 +872,19 @@ func TestInvalidCommands(t *testing.T) {
 		if len(err.Error()) > 600 {
 			t.Errorf("%d: error is %d bytes long: %.200s", i, len(err.Error()), err)
 		}
-		if !errors.Is(err, vm.ErrInvalid) {
-			t.Errorf("%d: %v is not vm.ErrInvalid", i, err)
+		if !errors.Is(err, api.ErrInvalid) {
+			t.Errorf("%d: %v is not api.ErrInvalid", i, err)
 		}
 	}
 }
 
 func TestInvalidEvents(t *testing.T) {
-	enc := func(mod func(*events.Event), ty events.Type, a string) string {
+	enc := func(mod func(*api.Event), ty api.EventType, a string) string {
 		ev := eventOf(ty, a)
 		mod(&ev)
 		return string(ev.Encode())
 	}
-	none := func(*events.Event) {}
+	none := func(*api.Event) {}
 	cases := []struct {
 		body string
 		want []string
@@ -895,27 +894,27 @@ func TestInvalidEvents(t *testing.T) {
 		{`{"type":"created","vm":"web1"}`, []string{"type", `unknown event type "created"`}},
 		{`[]`, []string{"body: must be an object"}},
 		{`{`, []string{"body is not valid JSON"}},
-		{enc(func(e *events.Event) { e.Reason = "" }, events.TypeRejected, "start"), []string{"reason: is required"}},
-		{enc(func(e *events.Event) { e.CommandID = "" }, events.TypeRejected, "start"), []string{"command_id: is required"}},
-		{enc(func(e *events.Event) { e.State = "sleeping" }, events.TypeRejected, "start"), []string{"state"}},
-		{enc(func(e *events.Event) { e.State = vm.StateRunning }, events.TypeAccepted, "start"), []string{"state"}},
-		{enc(func(e *events.Event) { e.State = vm.StateStopping }, events.TypeAccepted, "start"), []string{`state: must be "starting" but found "stopping"`}},
-		{enc(func(e *events.Event) { e.Host = "" }, events.TypeAccepted, "start"), []string{"host: is required"}},
-		{enc(func(e *events.Event) { e.VM = "Web.1" }, events.TypeAccepted, "start"), []string{"vm"}},
-		{enc(func(e *events.Event) { e.Action = "reboot" }, events.TypeAccepted, "start"), []string{"action"}},
-		{enc(func(e *events.Event) { e.Handle = nil }, events.TypeStarted, "start"), []string{"handle: is required"}},
-		{enc(func(e *events.Event) { e.Action = "stop" }, events.TypeStarted, "start"), []string{`action: must be "start"`}},
-		{enc(func(e *events.Event) { e.Handle.ID = "" }, events.TypeStarted, "start"), []string{"handle.id"}},
-		{enc(func(e *events.Event) { e.Handle.Backend = "xen" }, events.TypeStarted, "start"), []string{"handle.backend"}},
-		{enc(func(e *events.Event) { e.Handle.Spec.Vcpus = 1000 }, events.TypeStarted, "start"), []string{"handle.spec.vcpus"}},
-		{enc(func(e *events.Event) { e.Handle.MAC = "52-54-00" }, events.TypeStarted, "start"), []string{"handle.mac"}},
-		{enc(func(e *events.Event) { e.Error = "" }, events.TypeFailed, "start"), []string{"error: is required"}},
-		{enc(func(e *events.Event) { e.Handle.PID = 0 }, events.TypeExited, ""), []string{"handle.pid: is required"}},
-		{enc(func(e *events.Event) { e.Reason = "" }, events.TypeExited, ""), []string{"reason: is required"}},
-		{enc(func(e *events.Event) { e.Spec = &vm.VmSpec{Vcpus: -1} }, events.TypeAccepted, "prepare"), []string{"spec.vcpus"}},
-		{strings.Replace(enc(none, events.TypeStarted, "start"), `"time":"2025-03-14T15:09:26.535897932Z"`, `"time":"yesterday"`, 1), []string{`time: "yesterday" is not a valid date-time`}},
-		{strings.Replace(enc(none, events.TypeStarted, "start"), `"time":"2025-03-14T15:09:26.535897932Z"`, `"time":"2025-03-14 15:09:26"`, 1), []string{"time"}},
-		{strings.Replace(enc(none, events.TypeStarted, "start"), `{"type":"started",`, `{"type":"started","hostname":"x",`, 1), []string{`unknown field "hostname"`}},
+		{enc(func(e *api.Event) { e.Reason = "" }, api.TypeRejected, "start"), []string{"reason: is required"}},
+		{enc(func(e *api.Event) { e.CommandID = "" }, api.TypeRejected, "start"), []string{"command_id: is required"}},
+		{enc(func(e *api.Event) { e.State = "sleeping" }, api.TypeRejected, "start"), []string{"state"}},
+		{enc(func(e *api.Event) { e.State = api.StateRunning }, api.TypeAccepted, "start"), []string{"state"}},
+		{enc(func(e *api.Event) { e.State = api.StateStopping }, api.TypeAccepted, "start"), []string{`state: must be "starting" but found "stopping"`}},
+		{enc(func(e *api.Event) { e.Host = "" }, api.TypeAccepted, "start"), []string{"host: is required"}},
+		{enc(func(e *api.Event) { e.VM = "Web.1" }, api.TypeAccepted, "start"), []string{"vm"}},
+		{enc(func(e *api.Event) { e.Action = "reboot" }, api.TypeAccepted, "start"), []string{"action"}},
+		{enc(func(e *api.Event) { e.Handle = nil }, api.TypeStarted, "start"), []string{"handle: is required"}},
+		{enc(func(e *api.Event) { e.Action = "stop" }, api.TypeStarted, "start"), []string{`action: must be "start"`}},
+		{enc(func(e *api.Event) { e.Handle.ID = "" }, api.TypeStarted, "start"), []string{"handle.id"}},
+		{enc(func(e *api.Event) { e.Handle.Backend = "xen" }, api.TypeStarted, "start"), []string{"handle.backend"}},
+		{enc(func(e *api.Event) { e.Handle.Spec.Vcpus = 1000 }, api.TypeStarted, "start"), []string{"handle.spec.vcpus"}},
+		{enc(func(e *api.Event) { e.Handle.MAC = "52-54-00" }, api.TypeStarted, "start"), []string{"handle.mac"}},
+		{enc(func(e *api.Event) { e.Error = "" }, api.TypeFailed, "start"), []string{"error: is required"}},
+		{enc(func(e *api.Event) { e.Handle.PID = 0 }, api.TypeExited, ""), []string{"handle.pid: is required"}},
+		{enc(func(e *api.Event) { e.Reason = "" }, api.TypeExited, ""), []string{"reason: is required"}},
+		{enc(func(e *api.Event) { e.Spec = &api.VmSpec{Vcpus: -1} }, api.TypeAccepted, "prepare"), []string{"spec.vcpus"}},
+		{strings.Replace(enc(none, api.TypeStarted, "start"), `"time":"2025-03-14T15:09:26.535897932Z"`, `"time":"yesterday"`, 1), []string{`time: "yesterday" is not a valid date-time`}},
+		{strings.Replace(enc(none, api.TypeStarted, "start"), `"time":"2025-03-14T15:09:26.535897932Z"`, `"time":"2025-03-14 15:09:26"`, 1), []string{"time"}},
+		{strings.Replace(enc(none, api.TypeStarted, "start"), `{"type":"started",`, `{"type":"started","hostname":"x",`, 1), []string{`unknown field "hostname"`}},
 	}
 	for i, c := range cases {
 		err := ValidateEvent([]byte(c.body))
@@ -982,8 +981,8 @@ func TestErrorShape(t *testing.T) {
 }
 
 func TestConcurrentUse(t *testing.T) {
-	good := mustJSON(t, events.Command{Spec: fullSpec()})
-	ev := eventOf(events.TypeStarted, "start")
+	good := mustJSON(t, api.Command{Spec: fullSpec()})
+	ev := eventOf(api.TypeStarted, "start")
 	var wg sync.WaitGroup
 	for range 8 {
 		wg.Go(func() {
@@ -1015,10 +1014,10 @@ func isASCII(b []byte) bool {
 }
 
 // FuzzValidateCommand: validation never panics, and a body it passes
-// decodes into events.Command with the prepare-only fields only on prepare,
+// decodes into api.Command with the prepare-only fields only on prepare,
 // and a spec Go's own validation also accepts.
 func FuzzValidateCommand(f *testing.F) {
-	f.Add("prepare", mustJSON(f, events.Command{CommandID: "c1", Spec: fullSpec(), TimeoutS: 30, Host: "h1"}))
+	f.Add("prepare", mustJSON(f, api.Command{CommandID: "c1", Spec: fullSpec(), TimeoutS: 30, Host: "h1"}))
 	f.Add("prepare", []byte(spec(`"name":"web1","backend":"noop","network":{"type":"tap","bridge":"br0"}`)))
 	f.Add("prepare", []byte(spec(`"vcpus":1e2,"vcpus":2`)))
 	f.Add("start", []byte(`{}`))
@@ -1033,12 +1032,12 @@ func FuzzValidateCommand(f *testing.F) {
 			t.Fatalf("not deterministic: %v / %v", err, err2)
 		}
 		if err != nil {
-			if !errors.Is(err, vm.ErrInvalid) {
-				t.Fatalf("%v is not vm.ErrInvalid", err)
+			if !errors.Is(err, api.ErrInvalid) {
+				t.Fatalf("%v is not api.ErrInvalid", err)
 			}
 			return
 		}
-		var cmd events.Command
+		var cmd api.Command
 		if err := json.Unmarshal(body, &cmd); err != nil {
 			t.Fatalf("schema passed %q but Go cannot decode it: %v", body, err)
 		}
@@ -1060,7 +1059,7 @@ func FuzzValidateCommand(f *testing.F) {
 			t.Fatalf("schema passed %q but vm.Validate says %v", body, err)
 		}
 		if cmd.Host != "" {
-			if err := vm.ValidateHost(cmd.Host); err != nil {
+			if err := api.ValidateHost(cmd.Host); err != nil {
 				t.Fatalf("schema passed host %q: %v", cmd.Host, err)
 			}
 		}

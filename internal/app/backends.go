@@ -7,16 +7,16 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/backends/propolis"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
-func (o *WorkerOptions) buildBackend(tag vm.BackendTag, log *slog.Logger) (backends.Hypervisor, error) {
+func (o *WorkerOptions) buildBackend(tag api.BackendTag, log *slog.Logger) (backends.Hypervisor, error) {
 	switch tag {
-	case vm.BackendNoop:
+	case api.BackendNoop:
 		if o.Noop != nil {
 			return o.Noop, nil
 		}
@@ -32,13 +32,13 @@ func (o *WorkerOptions) buildBackend(tag vm.BackendTag, log *slog.Logger) (backe
 			opts.CallLatency = map[string]time.Duration{noop.CallMigrate: o.NoopMigrateLatency}
 		}
 		return noop.New(opts), nil
-	case vm.BackendQEMU:
+	case api.BackendQEMU:
 		if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 			return nil, fmt.Errorf("qemu-system-x86_64 not found on PATH (apt-get install qemu-system-x86 qemu-utils, or run scripts/setup)")
 		}
 		return qemu.New(qemu.Options{DataDir: o.DataDir, Accel: o.Accel, Host: o.Host, Logger: log.With("backend", "qemu"), ImageRoots: o.imageRoots(),
 			MigrationTLSDir: o.MigrationTLSDir})
-	case vm.BackendPropolis:
+	case api.BackendPropolis:
 		plog := log.With("backend", "propolis")
 		if len(o.PropolisServers) > 0 {
 			return propolis.New(propolis.Options{Servers: o.PropolisServers, Host: o.Host, Log: plog})

@@ -6,12 +6,13 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
 	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/datadir"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/safefile"
@@ -55,7 +56,7 @@ node's configuration). The roles are in docs/trust.md.`,
 				fmt.Fprint(cmd.OutOrStdout(), conf)
 				return nil
 			}
-			id := auth.Identity{Role: auth.Role(role), Host: host, User: name, Names: events.Names{Prefix: prefix}}
+			id := auth.Identity{Role: auth.Role(role), Host: host, User: name, Names: api.Names{Prefix: prefix}}
 			if id.Role == auth.RoleWorker && host == "" {
 				return fmt.Errorf("--role worker needs --host")
 			}
@@ -89,7 +90,7 @@ node's configuration). The roles are in docs/trust.md.`,
 	fs.StringVar(&host, "host", "", "the worker's host (--role worker)")
 	fs.StringVar(&name, "name", "", "a name for the identity (default: the role)")
 	fs.StringVarP(&out, "output", "o", "", "write to this file (mode 0600) instead of stdout")
-	fs.StringVar(&prefix, "prefix", events.DefaultPrefix, "subject prefix of the installation")
+	fs.StringVar(&prefix, "prefix", api.DefaultPrefix, "subject prefix of the installation")
 	fs.BoolVar(&serverConfig, "server-config", false, "print the nats-server configuration that trusts this authority")
 	return c
 }
@@ -183,7 +184,7 @@ func (f *workerFlags) add(fs *pflag.FlagSet) {
 	f.wo.AddFlags(fs, true)
 	f.conn.AddFlags(fs, "nats://127.0.0.1:4222")
 	// Streams and buckets belong to the engine: a worker only names them.
-	fs.StringVar(&f.prefix, "prefix", events.DefaultPrefix, "subject prefix of the vmherd installation (the engine's --prefix)")
+	fs.StringVar(&f.prefix, "prefix", api.DefaultPrefix, "subject prefix of the vmherd installation (the engine's --prefix)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.mlisten, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101; default: off)")
 	addDrainFlag(fs, &f.drain)
@@ -253,7 +254,7 @@ func runWorker(f workerFlags) error {
 					return err
 				}
 			}
-			w, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, events.Names{Prefix: f.prefix}, log)
+			w, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, api.Names{Prefix: f.prefix}, log)
 			if err != nil {
 				if ctx.Err() != nil {
 					return nil

@@ -9,10 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/datadir"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // scrape reads the value of the first sample matching series (a regexp
@@ -52,11 +51,11 @@ func TestEngineMetrics(t *testing.T) {
 		"--with-worker", "--backends", "noop", "--host", "box1", "--metrics-listen", testenv.Addr(mport))
 	p.WaitLog("engine serving", 60*time.Second)
 	env := testenv.AttachCreds(t, "nats://"+testenv.Addr(port), datadir.AdminCreds(dir))
-	env.SendCmd("m1", "prepare", "p", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.SendCmd("m1", "prepare", "p", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	env.Result("m1", "p", 30*time.Second)
-	env.SendCmd("m1", "start", "s", events.Command{})
+	env.SendCmd("m1", "start", "s", api.Command{})
 	env.Result("m1", "s", 30*time.Second)
-	env.SendCmd("m1", "suspend", "bad", events.Command{Spec: &vm.VmSpec{}}) // a spec on suspend: rejected
+	env.SendCmd("m1", "suspend", "bad", api.Command{Spec: &api.VmSpec{}}) // a spec on suspend: rejected
 	env.Decision("m1", "bad", 30*time.Second)
 
 	want := map[string]float64{

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/pflag"
@@ -146,14 +148,14 @@ type StreamOptions struct {
 // AddFlags registers the stream settings.
 func (o *StreamOptions) AddFlags(fs *pflag.FlagSet) {
 	d := events.DefaultSettings
-	fs.StringVar(&o.Prefix, "prefix", events.DefaultPrefix, "first token of every subject; streams and buckets are named <PREFIX>_*")
+	fs.StringVar(&o.Prefix, "prefix", api.DefaultPrefix, "first token of every subject; streams and buckets are named <PREFIX>_*")
 	fs.IntVar(&o.Replicas, "replicas", d.Replicas, "stream and bucket replicas (clustered NATS)")
 	fs.DurationVar(&o.CommandsMaxAge, "commands-max-age", d.CommandsMaxAge, "how long VM_COMMANDS keeps commands for audit (0: forever)")
 	fs.DurationVar(&o.DuplicateWindow, "duplicate-window", d.DuplicateWindow, "duplicate window of VM_EVENTS and VM_TASKS")
 }
 
 // Names and Settings derived from the options.
-func (o *StreamOptions) Names() events.Names { return events.Names{Prefix: o.Prefix} }
+func (o *StreamOptions) Names() api.Names { return api.Names{Prefix: o.Prefix} }
 func (o *StreamOptions) Settings() events.Settings {
 	return events.Settings{Replicas: o.Replicas, CommandsMaxAge: o.CommandsMaxAge, DuplicateWindow: o.DuplicateWindow}
 }

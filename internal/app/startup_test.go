@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -49,7 +51,7 @@ func TestWorkerWaitsForAndNeverChangesStreams(t *testing.T) {
 	defer cancel()
 	done := make(chan error, 1)
 	go func() {
-		_, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, events.DefaultNames, log)
+		_, err := wo.NewWorker(ctx, Connected{NC: nc, JS: js}, api.DefaultNames, log)
 		done <- err
 	}()
 	deadline := time.Now().Add(10 * time.Second)
@@ -66,7 +68,7 @@ func TestWorkerWaitsForAndNeverChangesStreams(t *testing.T) {
 	}
 	// The engine creates them with settings of its own.
 	engineSettings := events.Settings{Replicas: 1, CommandsMaxAge: time.Hour, DuplicateWindow: 7 * time.Minute}
-	if err := events.Ensure(ctx, js, events.DefaultNames, engineSettings); err != nil {
+	if err := events.Ensure(ctx, js, api.DefaultNames, engineSettings); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -98,21 +100,21 @@ func TestWorkerWaitsForAndNeverChangesStreams(t *testing.T) {
 func TestCheckNamesEachProblem(t *testing.T) {
 	_, js := bareServer(t)
 	ctx := context.Background()
-	err := events.Check(ctx, js, events.DefaultNames)
+	err := events.Check(ctx, js, api.DefaultNames)
 	var nr *events.NotReadyError
-	want := len(events.DefaultNames.StreamConfigs(events.DefaultSettings)) + len(events.DefaultNames.BucketConfigs(events.DefaultSettings))
+	want := len(events.StreamConfigs(api.DefaultNames, events.DefaultSettings)) + len(events.BucketConfigs(api.DefaultNames, events.DefaultSettings))
 	if !errors.As(err, &nr) || len(nr.Problems) != want {
 		t.Fatalf("Check on an empty server: %v", err)
 	}
-	if err := events.Ensure(ctx, js, events.DefaultNames, events.DefaultSettings); err != nil {
+	if err := events.Ensure(ctx, js, api.DefaultNames, events.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
-	if err := events.Check(ctx, js, events.DefaultNames); err != nil {
+	if err := events.Check(ctx, js, api.DefaultNames); err != nil {
 		t.Fatalf("Check after Ensure: %v", err)
 	}
 	// A tasks stream that is not a work queue is named as such.
-	other := events.Names{Prefix: "x"}
-	for _, cfg := range other.StreamConfigs(events.DefaultSettings) {
+	other := api.Names{Prefix: "x"}
+	for _, cfg := range events.StreamConfigs(other, events.DefaultSettings) {
 		if cfg.Name == other.TasksStream() {
 			cfg.Retention = jetstream.LimitsPolicy
 		}
@@ -120,7 +122,7 @@ func TestCheckNamesEachProblem(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, cfg := range other.BucketConfigs(events.DefaultSettings) {
+	for _, cfg := range events.BucketConfigs(other, events.DefaultSettings) {
 		if _, err := js.CreateKeyValue(ctx, cfg); err != nil {
 			t.Fatal(err)
 		}

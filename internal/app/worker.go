@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/pflag"
@@ -18,11 +20,9 @@ import (
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/relay"
-	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/worker"
 )
 
@@ -147,20 +147,20 @@ func sanitizeHost(h string) string {
 
 // BuildRouter makes the backends the options enable.
 func (o *WorkerOptions) BuildRouter(log *slog.Logger) (*backends.Router, error) {
-	bs := map[vm.BackendTag]backends.Hypervisor{}
-	var order []vm.BackendTag
+	bs := map[api.BackendTag]backends.Hypervisor{}
+	var order []api.BackendTag
 	for _, name := range strings.Split(o.Backends, ",") {
 		name = strings.TrimSpace(name)
 		if name == "" {
 			continue
 		}
-		tag, err := vm.ParseBackend(name)
+		tag, err := api.ParseBackend(name)
 		if err != nil {
 			return nil, fmt.Errorf("--backends: %w", err)
 		}
 		b, err := o.buildBackend(tag, log)
 		if err != nil {
-			if o.DefaultBackend == "" && tag != vm.BackendNoop {
+			if o.DefaultBackend == "" && tag != api.BackendNoop {
 				// An optional backend this machine cannot run: say so and go on.
 				log.Warn("backend not available on this host", "backend", tag, "err", err)
 				continue
@@ -173,11 +173,11 @@ func (o *WorkerOptions) BuildRouter(log *slog.Logger) (*backends.Router, error) 
 	if len(bs) == 0 {
 		return nil, fmt.Errorf("--backends %q enables no usable backend", o.Backends)
 	}
-	def := vm.BackendTag(o.DefaultBackend)
+	def := api.BackendTag(o.DefaultBackend)
 	if def == "" {
 		def = order[0]
-		if _, ok := bs[vm.BackendQEMU]; ok {
-			def = vm.BackendQEMU
+		if _, ok := bs[api.BackendQEMU]; ok {
+			def = api.BackendQEMU
 		}
 	}
 	return backends.NewRouter(def, bs)
@@ -248,7 +248,7 @@ type Connected struct {
 // NewWorker builds a worker on an existing connection.
 // It waits (logging what for) until the engine's streams and buckets exist,
 // and never creates or changes them: their settings have one owner.
-func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events.Names, log *slog.Logger) (*worker.Worker, error) {
+func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names api.Names, log *slog.Logger) (*worker.Worker, error) {
 	policy, err := o.imagePolicy()
 	if err != nil {
 		return nil, err
@@ -271,7 +271,7 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names events
 	err = events.RetryStartup(ctx, log, "the worker's task consumer", func(sctx context.Context) (err error) {
 		w, err = worker.New(sctx, worker.Config{
 			NC: c.NC, JS: c.JS, Names: names, Host: o.Host, Router: r, Log: log,
-			Capacity:       hosts.Resources{Vcpus: o.CapacityVcpus, MemoryMB: o.CapacityMemMB},
+			Capacity:       api.Resources{Vcpus: o.CapacityVcpus, MemoryMB: o.CapacityMemMB},
 			HeartbeatEvery: o.Heartbeat, AckWait: o.AckWait, Concurrency: o.Concurrency,
 			ReconcileEvery: o.Reconcile, Metrics: o.Metrics,
 			ImageRoots: o.imageRoots(), VMDirs: []string{filepath.Join(o.DataDir, "vms")}, ImageStore: o.imageStore(),

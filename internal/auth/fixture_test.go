@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -40,7 +42,7 @@ type fixture struct {
 	a     *auth.Authority
 	url   string
 	dir   string
-	names events.Names
+	names api.Names
 	// admin's connection, for setting up and checking.
 	admin *client
 }
@@ -66,7 +68,7 @@ func newFixture(t *testing.T, policy bool) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(ns.Stop)
-	f := &fixture{t: t, a: a, url: ns.ClientURL(), dir: dir, names: events.DefaultNames}
+	f := &fixture{t: t, a: a, url: ns.ClientURL(), dir: dir, names: api.DefaultNames}
 	f.admin = f.connect(auth.Identity{Role: auth.RoleAdmin, User: "setup"})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -29,7 +31,7 @@ func TestInboxesArePrivate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := kv.Put(ctx, events.SSHKey("web1", 1, events.SSHPrivateKey), []byte("PRIVATE KEY")); err != nil {
+	if _, err := kv.Put(ctx, api.SSHKey("web1", 1, api.SSHPrivateKey), []byte("PRIVATE KEY")); err != nil {
 		t.Fatal(err)
 	}
 	op := f.connect(auth.Identity{Role: auth.RoleOperator, User: "alice"})
@@ -53,7 +55,7 @@ func TestInboxesArePrivate(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the operator cannot open VM_SSH: %v", err)
 	}
-	e, err := okv.Get(ctx, events.SSHKey("web1", 1, events.SSHPrivateKey))
+	e, err := okv.Get(ctx, api.SSHKey("web1", 1, api.SSHPrivateKey))
 	if err != nil || string(e.Value()) != "PRIVATE KEY" {
 		t.Fatalf("the operator's get: %v", err)
 	}
@@ -215,12 +217,12 @@ func TestPushConsumerRemoved(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	for i := range 3 {
-		if _, err := f.admin.js.Publish(ctx, f.names.Event("web1", events.TypeStarted, "h1"), []byte(`{"n":`+string(rune('0'+i))+`}`)); err != nil {
+		if _, err := f.admin.js.Publish(ctx, f.names.Event("web1", api.TypeStarted, "h1"), []byte(`{"n":`+string(rune('0'+i))+`}`)); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// The console's relay, listening where the consumer delivers.
-	console, err := f.admin.nc.SubscribeSync(f.names.Console("h1", "web1", events.ConsoleIn))
+	console, err := f.admin.nc.SubscribeSync(f.names.Console("h1", "web1", api.ConsoleIn))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -233,7 +235,7 @@ func TestPushConsumerRemoved(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	// Events stored after the policy has had its time are not delivered.
 	for i := range 3 {
-		if _, err := f.admin.js.Publish(ctx, f.names.Event("web1", events.TypeStarted, "h1"), []byte(`{"late":`+string(rune('0'+i))+`}`)); err != nil {
+		if _, err := f.admin.js.Publish(ctx, f.names.Event("web1", api.TypeStarted, "h1"), []byte(`{"late":`+string(rune('0'+i))+`}`)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -261,7 +263,7 @@ func TestDirectGetCopyIsNoEvent(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	for _, vmName := range []string{"other1", "other2"} {
-		if _, err := f.admin.js.Publish(ctx, f.names.Event(vmName, events.TypeStopped, "h1"), []byte(`{}`)); err != nil {
+		if _, err := f.admin.js.Publish(ctx, f.names.Event(vmName, api.TypeStopped, "h1"), []byte(`{}`)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -274,7 +276,7 @@ func TestDirectGetCopyIsNoEvent(t *testing.T) {
 	if _, err := kv.Put(ctx, "web1.key", []byte(forged)); err != nil {
 		t.Fatal(err)
 	}
-	target := f.names.Event("web1", events.TypeAccepted, events.EngineWriter)
+	target := f.names.Event("web1", api.TypeAccepted, api.EngineWriter)
 	if !op.pub(&nats.Msg{Subject: "$JS.API.DIRECT.GET.KV_" + f.names.SSHBucket() + ".$KV." + f.names.SSHBucket() + ".web1.key", Reply: target}) {
 		t.Fatal("the operator may not direct-get VM_SSH")
 	}
@@ -288,7 +290,7 @@ func TestDirectGetCopyIsNoEvent(t *testing.T) {
 	// stored, as no event: the client library would report the original
 	// message's subject and sequence (1, in VM_SSH), and the engine would
 	// take the VM's last event to be at 1.
-	store, err := events.NewStore(ctx, f.admin.js, f.names, events.EngineWriter)
+	store, err := events.NewStore(ctx, f.admin.js, f.names, api.EngineWriter)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,12 +10,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/events"
+
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/auth"
-	"github.com/vmherd/vmherd/internal/events"
 )
 
 // cell is one question the matrix asks of every identity: may it do this?
@@ -382,7 +385,7 @@ func TestPermissionMatrix(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	for _, h := range []string{"h1", "h2"} {
-		cfg := f.names.HostTaskConsumerConfig(h, 30*time.Second, 16)
+		cfg := events.HostTaskConsumerConfig(f.names, h, 30*time.Second, 16)
 		if _, err := f.admin.js.CreateOrUpdateConsumer(ctx, f.names.TasksStream(), cfg); err != nil {
 			t.Fatal(err)
 		}
@@ -465,5 +468,5 @@ func TestPermissionMatrix(t *testing.T) {
 	if len(wrong) > 0 {
 		t.Errorf("%d cells differ from the expected permissions:\n%s", len(wrong), strings.Join(wrong, "\n"))
 	}
-	_ = events.DefaultNames
+	_ = api.DefaultNames
 }

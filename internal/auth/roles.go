@@ -3,10 +3,9 @@ package auth
 import (
 	"fmt"
 
-	"github.com/nats-io/jwt/v2"
+	"github.com/vmherd/vmherd/api"
 
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/nats-io/jwt/v2"
 )
 
 // Role is what an identity may do; docs/trust.md has the table.
@@ -39,7 +38,7 @@ type Identity struct {
 	Role  Role
 	Host  string // RoleWorker only
 	User  string // the others: a name for the credentials (default: the role)
-	Names events.Names
+	Names api.Names
 }
 
 // Name names the identity in its JWT and file name.
@@ -81,14 +80,14 @@ func (id Identity) InboxPrefix() string {
 func (id Identity) Permissions() (jwt.Permissions, error) {
 	n := id.Names
 	if n.Prefix == "" {
-		n = events.DefaultNames
+		n = api.DefaultNames
 	}
 	var p jwt.Permissions
 	if id.Role == RoleWorker {
-		if err := vm.ValidateHost(id.Host); err != nil {
+		if err := api.ValidateHost(id.Host); err != nil {
 			return p, fmt.Errorf("auth: worker identity: %w", err)
 		}
-	} else if err := vm.ValidateIdentity(id.Name()); err != nil {
+	} else if err := api.ValidateIdentity(id.Name()); err != nil {
 		return p, fmt.Errorf("auth: %s identity: %w", id.Role, err)
 	}
 	inbox := id.InboxPrefix() + ".>"
@@ -112,11 +111,11 @@ func (id Identity) Permissions() (jwt.Permissions, error) {
 			// the engines record and rate-limit.
 			p.Pub.Allow.Add(n.IssuerCommands(id.Name()))
 			// Consoles and tunnels: type and connect, see the output.
-			p.Pub.Allow.Add(n.Console("*", "*", events.ConsoleAttach), n.Console("*", "*", events.ConsoleIn),
-				n.Tunnel("*", "*", "*", events.TunnelOpen), n.Tunnel("*", "*", "*", events.TunnelUp))
-			p.Sub.Allow.Add(n.Console("*", "*", events.ConsoleOut), n.Tunnel("*", "*", "*", events.TunnelDown))
+			p.Pub.Allow.Add(n.Console("*", "*", api.ConsoleAttach), n.Console("*", "*", api.ConsoleIn),
+				n.Tunnel("*", "*", "*", api.TunnelOpen), n.Tunnel("*", "*", "*", api.TunnelUp))
+			p.Sub.Allow.Add(n.Console("*", "*", api.ConsoleOut), n.Tunnel("*", "*", "*", api.TunnelDown))
 			// Image pulls and removals, on any host.
-			p.Pub.Allow.Add(n.Image("*", events.ImagePull), n.Image("*", events.ImageRemove))
+			p.Pub.Allow.Add(n.Image("*", api.ImagePull), n.Image("*", api.ImageRemove))
 			// VM_SSH (generated keys, host keys, provisioning logs): read
 			// (above) and write; viewers and workers may not read it.
 			p.Pub.Allow.Add("$KV." + n.SSHBucket() + ".>")
@@ -147,7 +146,7 @@ func (id Identity) subs() int64 {
 
 // streamsOf is every stream and bucket of the installation: the ones
 // events.Check looks up (stream info only).
-func streamsOf(n events.Names) []string {
+func streamsOf(n api.Names) []string {
 	return []string{n.CommandsStream(), n.EventsStream(), n.TasksStream(),
 		"KV_" + n.RecordsBucket(), "KV_" + n.HostsBucket(), "KV_" + n.SSHBucket(), "KV_" + n.ImagesBucket()}
 }
@@ -181,7 +180,7 @@ func consumerVerbs(p *jwt.Permissions, st string) {
 // running?"), and the workers' queries. It cannot create consumers on
 // VM_TASKS or VM_COMMANDS, nor on the buckets (events.KVEntries lists
 // them).
-func reader(p *jwt.Permissions, n events.Names, streams []string) {
+func reader(p *jwt.Permissions, n api.Names, streams []string) {
 	p.Pub.Allow.Add("$JS.API.INFO", "$JS.API.CONSUMER.INFO."+n.CommandsStream()+"."+n.CommandConsumer())
 	for _, st := range streamsOf(n) {
 		p.Pub.Allow.Add("$JS.API.STREAM.INFO." + st)
@@ -194,7 +193,7 @@ func reader(p *jwt.Permissions, n events.Names, streams []string) {
 }
 
 // worker is the permission of the worker of host h.
-func worker(p *jwt.Permissions, n events.Names, h string) {
+func worker(p *jwt.Permissions, n api.Names, h string) {
 	tasks, cons := n.TasksStream(), n.HostTaskConsumer(h)
 	p.Pub.Allow.Add("$JS.API.INFO")
 	for _, st := range streamsOf(n) {
@@ -226,13 +225,13 @@ func worker(p *jwt.Permissions, n events.Names, h string) {
 		"$SRV.*."+svc, "$SRV.*."+svc+".>")
 	// The relay of its own VMs' consoles, logs and tunnels (package relay).
 	p.Sub.Allow.Add(
-		n.Console(h, "*", events.ConsoleAttach), n.Console(h, "*", events.ConsoleIn),
+		n.Console(h, "*", api.ConsoleAttach), n.Console(h, "*", api.ConsoleIn),
 		n.Log(h, "*"),
-		n.Tunnel(h, "*", "*", events.TunnelOpen), n.Tunnel(h, "*", "*", events.TunnelUp),
+		n.Tunnel(h, "*", "*", api.TunnelOpen), n.Tunnel(h, "*", "*", api.TunnelUp),
 	)
-	p.Pub.Allow.Add(n.Console(h, "*", events.ConsoleOut), n.Tunnel(h, "*", "*", events.TunnelDown))
+	p.Pub.Allow.Add(n.Console(h, "*", api.ConsoleOut), n.Tunnel(h, "*", "*", api.TunnelDown))
 	// Its image store's requests.
-	p.Sub.Allow.Add(n.Image(h, events.ImagePull), n.Image(h, events.ImageRemove))
+	p.Sub.Allow.Add(n.Image(h, api.ImagePull), n.Image(h, api.ImageRemove))
 	// Answers go to inboxes only: the requesters' (InboxRoot), or the
 	// default _INBOX of an admin's plain nats CLI. No "allow responses":
 	// with it, a request whose reply subject is vm.evt... or $KV... would

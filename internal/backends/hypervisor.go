@@ -8,22 +8,22 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/api"
 )
 
 // Hypervisor runs lifecycle calls on one host. Every call is idempotent:
 // repeating a call whose effect already happened returns the current handle,
 // never a second VM.
 type Hypervisor interface {
-	Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, error)
-	Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
-	Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration) (vm.VmHandle, error)
-	Suspend(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
-	Resume(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
-	Destroy(ctx context.Context, h vm.VmHandle) error
-	State(ctx context.Context, h vm.VmHandle) (vm.VmState, error)
-	GuestIP(ctx context.Context, h vm.VmHandle) (string, error)
-	ConsoleEndpoint(h vm.VmHandle) (vm.ConsoleEndpoint, error)
+	Prepare(ctx context.Context, spec api.VmSpec) (api.VmHandle, error)
+	Start(ctx context.Context, h api.VmHandle) (api.VmHandle, error)
+	Stop(ctx context.Context, h api.VmHandle, timeout time.Duration) (api.VmHandle, error)
+	Suspend(ctx context.Context, h api.VmHandle) (api.VmHandle, error)
+	Resume(ctx context.Context, h api.VmHandle) (api.VmHandle, error)
+	Destroy(ctx context.Context, h api.VmHandle) error
+	State(ctx context.Context, h api.VmHandle) (api.VmState, error)
+	GuestIP(ctx context.Context, h api.VmHandle) (string, error)
+	ConsoleEndpoint(h api.VmHandle) (api.ConsoleEndpoint, error)
 }
 
 // Error categories. Backends wrap them with %w and a message that says what
@@ -41,33 +41,24 @@ var (
 	ErrInjected = errors.New("injected failure")
 )
 
-// Capabilities says which lifecycle actions a backend supports. Workers
-// publish them in their heartbeat; the engine rejects what a backend cannot do.
-type Capabilities struct {
-	Suspend bool `json:"suspend"`
-	Resume  bool `json:"resume"`
-	// Migrate: the backend moves VMs to and from other hosts (Migrator).
-	Migrate bool `json:"migrate,omitempty"`
-}
-
 // Capable is implemented by backends that cannot do every action.
 type Capable interface {
-	Capabilities() Capabilities
+	Capabilities() api.Capabilities
 }
 
 // CapabilitiesOf returns a backend's capabilities (everything, by default).
-func CapabilitiesOf(h Hypervisor) Capabilities {
+func CapabilitiesOf(h Hypervisor) api.Capabilities {
 	if c, ok := h.(Capable); ok {
 		return c.Capabilities()
 	}
 	_, m := h.(Migrator)
-	return Capabilities{Suspend: true, Resume: true, Migrate: m}
+	return api.Capabilities{Suspend: true, Resume: true, Migrate: m}
 }
 
 // Exit is an observation that a VM's hypervisor process ended without a
 // command: a crash, a kill, a guest poweroff.
 type Exit struct {
-	Handle vm.VmHandle // the incarnation that ended (ID and PID as observed)
+	Handle api.VmHandle // the incarnation that ended (ID and PID as observed)
 	Reason string
 }
 
@@ -83,29 +74,29 @@ type Adopter interface {
 	// Adopt checks what became of h, which the records say is in state
 	// recorded, and takes ownership of it again, returning the refreshed
 	// handle and the state it really is in.
-	Adopt(ctx context.Context, h vm.VmHandle, recorded vm.VmState) (vm.VmHandle, vm.VmState, error)
+	Adopt(ctx context.Context, h api.VmHandle, recorded api.VmState) (api.VmHandle, api.VmState, error)
 }
 
 // Router dispatches each call to the backend named by the handle's tag.
 // Prepare uses spec.Backend, else the host's default.
 type Router struct {
-	backends map[vm.BackendTag]Hypervisor
-	def      vm.BackendTag
+	backends map[api.BackendTag]Hypervisor
+	def      api.BackendTag
 }
 
 var _ Hypervisor = (*Router)(nil)
 
 // NewRouter builds a router over the given backends. def must be one of them.
-func NewRouter(def vm.BackendTag, bs map[vm.BackendTag]Hypervisor) (*Router, error) {
+func NewRouter(def api.BackendTag, bs map[api.BackendTag]Hypervisor) (*Router, error) {
 	if _, ok := bs[def]; !ok {
 		return nil, fmt.Errorf("default backend %q is not enabled on this host (enabled: %v)", def, tags(bs))
 	}
 	return &Router{backends: bs, def: def}, nil
 }
 
-func tags(bs map[vm.BackendTag]Hypervisor) []vm.BackendTag {
-	var out []vm.BackendTag
-	for _, t := range vm.Backends {
+func tags(bs map[api.BackendTag]Hypervisor) []api.BackendTag {
+	var out []api.BackendTag
+	for _, t := range api.Backends {
 		if _, ok := bs[t]; ok {
 			out = append(out, t)
 		}
@@ -114,13 +105,13 @@ func tags(bs map[vm.BackendTag]Hypervisor) []vm.BackendTag {
 }
 
 // Default is the backend used when a spec names none.
-func (r *Router) Default() vm.BackendTag { return r.def }
+func (r *Router) Default() api.BackendTag { return r.def }
 
 // Tags lists the enabled backends.
-func (r *Router) Tags() []vm.BackendTag { return tags(r.backends) }
+func (r *Router) Tags() []api.BackendTag { return tags(r.backends) }
 
 // Backend returns the backend for a tag.
-func (r *Router) Backend(t vm.BackendTag) (Hypervisor, error) {
+func (r *Router) Backend(t api.BackendTag) (Hypervisor, error) {
 	if t == "" {
 		t = r.def
 	}
@@ -131,18 +122,18 @@ func (r *Router) Backend(t vm.BackendTag) (Hypervisor, error) {
 	return b, nil
 }
 
-func (r *Router) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, error) {
+func (r *Router) Prepare(ctx context.Context, spec api.VmSpec) (api.VmHandle, error) {
 	if spec.Backend == "" {
 		spec.Backend = r.def
 	}
 	b, err := r.Backend(spec.Backend)
 	if err != nil {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	return b.Prepare(ctx, spec)
 }
 
-func (r *Router) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (r *Router) Start(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	b, err := r.Backend(h.Backend)
 	if err != nil {
 		return h, err
@@ -150,7 +141,7 @@ func (r *Router) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) 
 	return b.Start(ctx, h)
 }
 
-func (r *Router) Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration) (vm.VmHandle, error) {
+func (r *Router) Stop(ctx context.Context, h api.VmHandle, timeout time.Duration) (api.VmHandle, error) {
 	b, err := r.Backend(h.Backend)
 	if err != nil {
 		return h, err
@@ -158,7 +149,7 @@ func (r *Router) Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration)
 	return b.Stop(ctx, h, timeout)
 }
 
-func (r *Router) Suspend(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (r *Router) Suspend(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	b, err := r.Backend(h.Backend)
 	if err != nil {
 		return h, err
@@ -166,7 +157,7 @@ func (r *Router) Suspend(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error
 	return b.Suspend(ctx, h)
 }
 
-func (r *Router) Resume(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (r *Router) Resume(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	b, err := r.Backend(h.Backend)
 	if err != nil {
 		return h, err
@@ -174,7 +165,7 @@ func (r *Router) Resume(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 	return b.Resume(ctx, h)
 }
 
-func (r *Router) Destroy(ctx context.Context, h vm.VmHandle) error {
+func (r *Router) Destroy(ctx context.Context, h api.VmHandle) error {
 	b, err := r.Backend(h.Backend)
 	if err != nil {
 		return err
@@ -182,7 +173,7 @@ func (r *Router) Destroy(ctx context.Context, h vm.VmHandle) error {
 	return b.Destroy(ctx, h)
 }
 
-func (r *Router) State(ctx context.Context, h vm.VmHandle) (vm.VmState, error) {
+func (r *Router) State(ctx context.Context, h api.VmHandle) (api.VmState, error) {
 	b, err := r.Backend(h.Backend)
 	if err != nil {
 		return "", err
@@ -190,7 +181,7 @@ func (r *Router) State(ctx context.Context, h vm.VmHandle) (vm.VmState, error) {
 	return b.State(ctx, h)
 }
 
-func (r *Router) GuestIP(ctx context.Context, h vm.VmHandle) (string, error) {
+func (r *Router) GuestIP(ctx context.Context, h api.VmHandle) (string, error) {
 	b, err := r.Backend(h.Backend)
 	if err != nil {
 		return "", err
@@ -198,10 +189,10 @@ func (r *Router) GuestIP(ctx context.Context, h vm.VmHandle) (string, error) {
 	return b.GuestIP(ctx, h)
 }
 
-func (r *Router) ConsoleEndpoint(h vm.VmHandle) (vm.ConsoleEndpoint, error) {
+func (r *Router) ConsoleEndpoint(h api.VmHandle) (api.ConsoleEndpoint, error) {
 	b, err := r.Backend(h.Backend)
 	if err != nil {
-		return vm.ConsoleEndpoint{}, err
+		return api.ConsoleEndpoint{}, err
 	}
 	return b.ConsoleEndpoint(h)
 }
@@ -240,7 +231,7 @@ func (r *Router) Watch(ctx context.Context) <-chan Exit {
 
 // Adopt re-attaches a handle left by a previous worker process. Backends
 // without Adopt report the handle's state as they see it.
-func (r *Router) Adopt(ctx context.Context, h vm.VmHandle, recorded vm.VmState) (vm.VmHandle, vm.VmState, error) {
+func (r *Router) Adopt(ctx context.Context, h api.VmHandle, recorded api.VmState) (api.VmHandle, api.VmState, error) {
 	b, err := r.Backend(h.Backend)
 	if err != nil {
 		return h, "", err
@@ -252,7 +243,7 @@ func (r *Router) Adopt(ctx context.Context, h vm.VmHandle, recorded vm.VmState) 
 	return h, st, err
 }
 
-// Capabilities of one enabled backend.
+// api.Capabilities of one enabled backend.
 // RemoteImager is implemented by backends whose image paths name files
 // on another machine (Propolis with already-running servers): the worker
 // cannot check those against its image roots.
@@ -262,7 +253,7 @@ type RemoteImager interface {
 
 // LocalImages reports whether backend t reads a spec's image_path on this
 // host, where the worker's image roots apply.
-func (r *Router) LocalImages(t vm.BackendTag) bool {
+func (r *Router) LocalImages(t api.BackendTag) bool {
 	b, err := r.Backend(t)
 	if err != nil {
 		return true
@@ -271,10 +262,10 @@ func (r *Router) LocalImages(t vm.BackendTag) bool {
 	return !ok || !ri.RemoteImages()
 }
 
-func (r *Router) Capabilities(t vm.BackendTag) Capabilities {
+func (r *Router) Capabilities(t api.BackendTag) api.Capabilities {
 	b, err := r.Backend(t)
 	if err != nil {
-		return Capabilities{}
+		return api.Capabilities{}
 	}
 	return CapabilitiesOf(b)
 }
@@ -291,28 +282,28 @@ type Migrator interface {
 	// memory at the endpoint returned; cold, it first copies the disk
 	// from the source's export at from. The copy runs nothing until
 	// Activate.
-	Receive(ctx context.Context, src vm.VmHandle, base string, r Receiving) (vm.VmHandle, string, error)
+	Receive(ctx context.Context, src api.VmHandle, base string, r Receiving) (api.VmHandle, string, error)
 	// Send, on the source, live: copies the disk's own layer and the
 	// guest's memory to the target's endpoint and returns once the guest
 	// is paused here and wholly there. It reports progress as it goes;
 	// it gives up when no progress is made for o.Stall.
-	Send(ctx context.Context, h vm.VmHandle, endpoint string, o SendOptions, progress func(MigrationProgress)) (MigrationProgress, error)
+	Send(ctx context.Context, h api.VmHandle, endpoint string, o SendOptions, progress func(MigrationProgress)) (MigrationProgress, error)
 	// Export, on the source, cold: serves the VM's disk layer for the
 	// target to copy, and returns where, with its size and digest.
 	// Unexport ends it.
 	// (Its Listen and ports are this host's, as for Receive.)
-	Export(ctx context.Context, h vm.VmHandle, l Receiving) (endpoint string, size int64, digest string, err error)
-	Unexport(ctx context.Context, h vm.VmHandle) error
+	Export(ctx context.Context, h api.VmHandle, l Receiving) (endpoint string, size int64, digest string, err error)
+	Unexport(ctx context.Context, h api.VmHandle) error
 	// Activate, on the target once the switch is stored: the copy is the
 	// VM, in state before (live: its guest resumed if that is running).
-	Activate(ctx context.Context, h vm.VmHandle, before vm.VmState) (vm.VmHandle, error)
+	Activate(ctx context.Context, h api.VmHandle, before api.VmState) (api.VmHandle, error)
 	// Abandon, on the target once the migration failed or was
 	// cancelled: removes the copy.
-	Abandon(ctx context.Context, h vm.VmHandle) error
+	Abandon(ctx context.Context, h api.VmHandle) error
 	// Recover, on the source once the migration failed or was
 	// cancelled: stops sending and puts the VM back in state before
 	// (live: its guest resumed if that is running).
-	Recover(ctx context.Context, h vm.VmHandle, before vm.VmState) (vm.VmHandle, error)
+	Recover(ctx context.Context, h api.VmHandle, before api.VmState) (api.VmHandle, error)
 }
 
 // Receiving is what Receive is told.
@@ -344,7 +335,7 @@ type MigrationProgress struct {
 }
 
 // Migrator returns the migrator of backend t, if it has one.
-func (r *Router) Migrator(t vm.BackendTag) (Migrator, bool) {
+func (r *Router) Migrator(t api.BackendTag) (Migrator, bool) {
 	b, err := r.Backend(t)
 	if err != nil {
 		return nil, false

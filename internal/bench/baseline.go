@@ -5,10 +5,9 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/vmherd/vmherd/api"
 
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // The baselines publish to their own stream on the same server, with the
@@ -34,11 +33,11 @@ func baselineStream(ctx context.Context, js jetstream.JetStream) (func(), error)
 // eventSize is the size of a typical vmherd event body (a result carrying
 // the VM's handle), the message size class of the baselines.
 func eventSize() int {
-	spec := vm.VmSpec{Name: "tp1000-0001", Backend: vm.BackendNoop, Vcpus: 1, MemoryMB: 128}.WithDefaults()
-	h := vm.VmHandle{ID: "0123456789abcdef", Name: spec.Name, Backend: vm.BackendNoop, Host: benchHost, PID: 1234,
+	spec := api.VmSpec{Name: "tp1000-0001", Backend: api.BackendNoop, Vcpus: 1, MemoryMB: 128}.WithDefaults()
+	h := api.VmHandle{ID: "0123456789abcdef", Name: spec.Name, Backend: api.BackendNoop, Host: benchHost, PID: 1234,
 		StartedAt: time.Now().UTC(), Spec: &spec}
-	ev := events.Event{Type: events.TypeStarted, VM: spec.Name, CommandID: "tp1000-0001-12", Action: "start",
-		Time: time.Now().UTC(), Host: benchHost, State: vm.StateRunning, Handle: &h, AcceptedSeq: 123456}
+	ev := api.Event{Type: api.TypeStarted, VM: spec.Name, CommandID: "tp1000-0001-12", Action: "start",
+		Time: time.Now().UTC(), Host: benchHost, State: api.StateRunning, Handle: &h, AcceptedSeq: 123456}
 	return len(ev.Encode())
 }
 

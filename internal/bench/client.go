@@ -8,10 +8,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 )
 
@@ -27,7 +28,7 @@ var lifecycle = []fsm.Action{fsm.ActPrepare, fsm.ActStart, fsm.ActSuspend, fsm.A
 type client struct {
 	nc    *nats.Conn
 	js    jetstream.JetStream
-	names events.Names
+	names api.Names
 	stop  func()
 
 	mu    sync.Mutex
@@ -37,27 +38,27 @@ type client struct {
 // outcome is a command's end: its result event (or rejection).
 type outcome struct {
 	At     time.Time
-	Type   events.Type
+	Type   api.EventType
 	Reason string
 	Data   []byte // the event's body
 }
 
-func (o outcome) ok() bool { return o.Type.IsResult() && o.Type != events.TypeFailed }
+func (o outcome) ok() bool { return o.Type.IsResult() && o.Type != api.TypeFailed }
 
 func newClient(ctx context.Context, url string) (*client, error) {
 	nc, js, err := connect(url, "bench-client")
 	if err != nil {
 		return nil, err
 	}
-	c := &client{nc: nc, js: js, names: events.DefaultNames, waits: map[string]chan outcome{}}
+	c := &client{nc: nc, js: js, names: api.DefaultNames, waits: map[string]chan outcome{}}
 	st, err := js.Stream(ctx, c.names.EventsStream())
 	if err != nil {
 		nc.Close()
 		return nil, err
 	}
 	var filters []string
-	for _, t := range events.Types {
-		if t.IsResult() || t == events.TypeRejected {
+	for _, t := range api.EventTypes {
+		if t.IsResult() || t == api.TypeRejected {
 			filters = append(filters, c.names.EventsOfType(t))
 		}
 	}
@@ -89,10 +90,10 @@ func (c *client) watch(it jetstream.MessagesContext) {
 		}
 		at := time.Now()
 		var ev struct {
-			Type      events.Type `json:"type"`
-			CommandID string      `json:"command_id"`
-			Reason    string      `json:"reason"`
-			Error     string      `json:"error"`
+			Type      api.EventType `json:"type"`
+			CommandID string        `json:"command_id"`
+			Reason    string        `json:"reason"`
+			Error     string        `json:"error"`
 		}
 		if json.Unmarshal(m.Data(), &ev) != nil || ev.CommandID == "" {
 			continue
@@ -242,14 +243,14 @@ func (c *client) storedTimes(ctx context.Context, vmName string) (map[string]*st
 	}
 	err := read(c.names.EventsStream(), c.names.VMEvents(vmName), func(m jetstream.Msg, ts time.Time) {
 		var ev struct {
-			Type      events.Type `json:"type"`
-			CommandID string      `json:"command_id"`
+			Type      api.EventType `json:"type"`
+			CommandID string        `json:"command_id"`
 		}
 		if json.Unmarshal(m.Data(), &ev) != nil {
 			return
 		}
 		switch {
-		case ev.Type == events.TypeAccepted:
+		case ev.Type == api.TypeAccepted:
 			at(ev.CommandID).accepted = ts
 		case ev.Type.IsResult():
 			at(ev.CommandID).result = ts

@@ -11,12 +11,12 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/relay"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Console is figure 6: the relay (console and tunnel) against the direct
@@ -80,11 +80,11 @@ func fakeConsole(dir string, size int64, blast bool) (net.Listener, error) {
 }
 
 type benchTarget struct {
-	ep   vm.ConsoleEndpoint
+	ep   api.ConsoleEndpoint
 	addr string
 }
 
-func (t *benchTarget) ConsoleEndpoint(context.Context, string) (vm.ConsoleEndpoint, error) {
+func (t *benchTarget) ConsoleEndpoint(context.Context, string) (api.ConsoleEndpoint, error) {
 	return t.ep, nil
 }
 func (t *benchTarget) GuestAddr(context.Context, string, int) (string, error) { return t.addr, nil }
@@ -104,7 +104,7 @@ func consoleBench(ctx context.Context, url, dir string, size int64, rtts int) (C
 		return r, err
 	}
 	defer vnc.Close()
-	names := events.DefaultNames
+	names := api.DefaultNames
 	start := func(tg *benchTarget) (*relay.Server, func(), error) {
 		svc, err := micro.AddService(nc, micro.Config{Name: "bench-relay", Version: "0.0.1"})
 		if err != nil {
@@ -139,7 +139,7 @@ func consoleBench(ctx context.Context, url, dir string, size int64, rtts int) (C
 	d.Close()
 
 	// Throughput: through the relay.
-	_, stop, err := start(&benchTarget{ep: vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, Path: blast.Addr().String()}})
+	_, stop, err := start(&benchTarget{ep: api.ConsoleEndpoint{Kind: api.ConsoleUnixSocket, Path: blast.Addr().String()}})
 	if err != nil {
 		return r, err
 	}
@@ -204,7 +204,7 @@ func consoleBench(ctx context.Context, url, dir string, size int64, rtts int) (C
 		return r, err
 	}
 	r.DirectRTT = dist(ds)
-	_, stop, err = start(&benchTarget{ep: vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, Path: echo.Addr().String()}})
+	_, stop, err = start(&benchTarget{ep: api.ConsoleEndpoint{Kind: api.ConsoleUnixSocket, Path: echo.Addr().String()}})
 	if err != nil {
 		return r, err
 	}

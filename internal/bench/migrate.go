@@ -13,12 +13,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/guestimage"
-	"github.com/vmherd/vmherd/internal/hosts"
-	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/worker"
 )
 
@@ -169,7 +168,7 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 		return res, err
 	}
 	p, err := startPipeline(ctx, pipelineConfig{URL: url, StateDir: filepath.Join(dir, "engine"),
-		Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q1}, Default: vm.BackendQEMU, ImageRoots: roots,
+		Extra: map[api.BackendTag]backends.Hypervisor{api.BackendQEMU: q1}, Default: api.BackendQEMU, ImageRoots: roots,
 		Migration: worker.MigrationConfig{Listen: addr[benchHost]}})
 	if err != nil {
 		return res, err
@@ -191,7 +190,7 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 	}
 	defer cl.close()
 	n := 0
-	do := func(action, data string) (*events.Event, time.Duration, error) {
+	do := func(action, data string) (*api.Event, time.Duration, error) {
 		n++
 		id := "mg-" + strconv.Itoa(n)
 		if data == "" {
@@ -236,7 +235,7 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 	if err != nil {
 		return res, err
 	}
-	dh, err := d1.Prepare(ctx, vm.VmSpec{Name: "dg", Backend: vm.BackendQEMU, ImagePath: img, Vcpus: 1, MemoryMB: 128, Network: &vm.NetworkConfig{Type: vm.NetworkUser}})
+	dh, err := d1.Prepare(ctx, api.VmSpec{Name: "dg", Backend: api.BackendQEMU, ImagePath: img, Vcpus: 1, MemoryMB: 128, Network: &api.NetworkConfig{Type: api.NetworkUser}})
 	if err != nil {
 		return res, err
 	}
@@ -245,7 +244,7 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 	}
 	defer func() {
 		for _, b := range []*qemu.Backend{d1, d2} {
-			_ = b.Destroy(context.WithoutCancel(ctx), vm.VmHandle{Name: "dg"})
+			_ = b.Destroy(context.WithoutCancel(ctx), api.VmHandle{Name: "dg"})
 		}
 	}()
 	if err := waitConsole(ctx, dh.SerialLog, guestimage.ReadyMarker, 5*time.Minute); err != nil {
@@ -292,7 +291,7 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 		if err != nil {
 			return res, fmt.Errorf("round %d directly: %w", i, err)
 		}
-		nh, err := dst.Activate(ctx, cp, vm.StateRunning)
+		nh, err := dst.Activate(ctx, cp, api.StateRunning)
 		if err != nil {
 			return res, fmt.Errorf("round %d directly: %w", i, err)
 		}
@@ -321,7 +320,7 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 // startExtraWorker runs one more in-process worker, for host, with the
 // QEMU backend b (and Noop).
 func startExtraWorker(ctx context.Context, url, host string, b backends.Hypervisor, roots []string, listen string) (func(), error) {
-	router, err := backends.NewRouter(vm.BackendQEMU, map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: b})
+	router, err := backends.NewRouter(api.BackendQEMU, map[api.BackendTag]backends.Hypervisor{api.BackendQEMU: b})
 	if err != nil {
 		return nil, err
 	}
@@ -330,8 +329,8 @@ func startExtraWorker(ctx context.Context, url, host string, b backends.Hypervis
 		return nil, err
 	}
 	w, err := worker.New(ctx, worker.Config{
-		NC: nc, JS: js, Names: events.DefaultNames, Host: host, Router: router, Log: quietLogger(),
-		HeartbeatEvery: time.Second, Capacity: hosts.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40}, ImageRoots: roots,
+		NC: nc, JS: js, Names: api.DefaultNames, Host: host, Router: router, Log: quietLogger(),
+		HeartbeatEvery: time.Second, Capacity: api.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40}, ImageRoots: roots,
 		Migration: worker.MigrationConfig{Listen: listen},
 	})
 	if err != nil {

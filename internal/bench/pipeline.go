@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -16,9 +18,7 @@ import (
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/engine"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/natsserver"
-	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/worker"
 )
 
@@ -93,8 +93,8 @@ type pipelineConfig struct {
 	URL      string
 	StateDir string
 	// Extra backends besides Noop; Default names the host's default.
-	Extra   map[vm.BackendTag]backends.Hypervisor
-	Default vm.BackendTag
+	Extra   map[api.BackendTag]backends.Hypervisor
+	Default api.BackendTag
 	// ImageRoots: the worker's image roots (the guest image's directory).
 	ImageRoots []string
 	// Migration: the worker's migration settings (figure 7).
@@ -116,11 +116,11 @@ func startPipeline(ctx context.Context, c pipelineConfig) (*pipeline, error) {
 		return fail(err)
 	}
 	p.conns = append(p.conns, enc)
-	if err := events.Ensure(ctx, ejs, events.DefaultNames, events.DefaultSettings); err != nil {
+	if err := events.Ensure(ctx, ejs, api.DefaultNames, events.DefaultSettings); err != nil {
 		return fail(err)
 	}
 	eng, err := engine.New(ctx, engine.Config{
-		JS: ejs, Names: events.DefaultNames, Settings: events.DefaultSettings, Log: quietLogger(),
+		JS: ejs, Names: api.DefaultNames, Settings: events.DefaultSettings, Log: quietLogger(),
 		ID: "bench", StateDir: c.StateDir,
 	})
 	if err != nil {
@@ -129,13 +129,13 @@ func startPipeline(ctx context.Context, c pipelineConfig) (*pipeline, error) {
 	p.Engine = eng
 
 	p.Noop = noop.New(noop.Options{})
-	bs := map[vm.BackendTag]backends.Hypervisor{vm.BackendNoop: p.Noop}
+	bs := map[api.BackendTag]backends.Hypervisor{api.BackendNoop: p.Noop}
 	for k, v := range c.Extra {
 		bs[k] = v
 	}
 	def := c.Default
 	if def == "" {
-		def = vm.BackendNoop
+		def = api.BackendNoop
 	}
 	router, err := backends.NewRouter(def, bs)
 	if err != nil {
@@ -147,10 +147,10 @@ func startPipeline(ctx context.Context, c pipelineConfig) (*pipeline, error) {
 	}
 	p.conns = append(p.conns, wnc)
 	w, err := worker.New(ctx, worker.Config{
-		NC: wnc, JS: wjs, Names: events.DefaultNames, Host: benchHost, Router: router, Log: quietLogger(),
+		NC: wnc, JS: wjs, Names: api.DefaultNames, Host: benchHost, Router: router, Log: quietLogger(),
 		HeartbeatEvery: time.Second,
 		// Placement must never run out of room, whatever the VM count.
-		Capacity:   hosts.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40},
+		Capacity:   api.Resources{Vcpus: 1 << 20, MemoryMB: 1 << 40},
 		ImageRoots: c.ImageRoots,
 		Migration:  c.Migration,
 	})

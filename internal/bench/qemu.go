@@ -14,11 +14,11 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/guestimage"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // qemuOps are the operations figure 5 compares, in the order they run.
@@ -100,7 +100,7 @@ func qemuBench(ctx context.Context, url, dir string, iters int, logf func(string
 	tb := newTimed(qb)
 	p, err := startPipeline(ctx, pipelineConfig{
 		URL: url, StateDir: filepath.Join(dir, "engine"),
-		Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: tb}, Default: vm.BackendQEMU,
+		Extra: map[api.BackendTag]backends.Hypervisor{api.BackendQEMU: tb}, Default: api.BackendQEMU,
 		ImageRoots: []string{filepath.Dir(img)},
 	})
 	if err != nil {
@@ -174,7 +174,7 @@ func vmherdRound(ctx context.Context, cl *client, tb *timed, name, img, seedDir 
 	t := map[string]float64{}
 	bt := map[string]float64{}
 	n := 0
-	run := func(action string, data []byte) (*events.Event, error) {
+	run := func(action string, data []byte) (*api.Event, error) {
 		n++
 		id := name + "-" + strconv.Itoa(n)
 		if data == nil {

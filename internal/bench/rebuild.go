@@ -7,12 +7,13 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Rebuild is figure 3.
@@ -51,27 +52,27 @@ type Rebuild struct {
 // and answered (prepare, start, suspend, resume, stop).
 var rebuildSteps = []struct {
 	action fsm.Action
-	result events.Type
-	state  vm.VmState
+	result api.EventType
+	state  api.VmState
 }{
-	{"prepare", events.TypePrepared, vm.StatePrepared},
-	{"start", events.TypeStarted, vm.StateRunning},
-	{"suspend", events.TypeSuspended, vm.StateSuspended},
-	{"resume", events.TypeResumed, vm.StateRunning},
-	{"stop", events.TypeStopped, vm.StateStopped},
+	{"prepare", api.TypePrepared, api.StatePrepared},
+	{"start", api.TypeStarted, api.StateRunning},
+	{"suspend", api.TypeSuspended, api.StateSuspended},
+	{"resume", api.TypeResumed, api.StateRunning},
+	{"stop", api.TypeStopped, api.StateStopped},
 }
 
 // writeEvents fills VM_EVENTS with what the pipeline would have written
 // for vms VMs going through rebuildSteps, with async publishes, VMs
 // interleaved in groups of 1000 as concurrent users would interleave them.
 func writeEvents(ctx context.Context, js jetstream.JetStream, vms int) (int, error) {
-	names := events.DefaultNames
+	names := api.DefaultNames
 	now := time.Now().UTC()
 	n := 0
 	const group = 1000
-	publish := func(ev *events.Event) error {
-		writer := events.EngineWriter
-		if ev.Type != events.TypeAccepted && ev.Type != events.TypeRejected {
+	publish := func(ev *api.Event) error {
+		writer := api.EngineWriter
+		if ev.Type != api.TypeAccepted && ev.Type != api.TypeRejected {
 			writer = ev.Host // results come from the VM's host's worker
 		}
 		if _, err := js.PublishAsync(names.Event(ev.VM, ev.Type, writer), ev.Encode()); err != nil {
@@ -89,7 +90,7 @@ func writeEvents(ctx context.Context, js jetstream.JetStream, vms int) (int, err
 		}
 		return nil
 	}
-	handles := make([]*vm.VmHandle, group)
+	handles := make([]*api.VmHandle, group)
 	for g := 0; g < vms; g += group {
 		for si, s := range rebuildSteps {
 			for i := g; i < min(g+group, vms); i++ {
@@ -100,10 +101,10 @@ func writeEvents(ctx context.Context, js jetstream.JetStream, vms int) (int, err
 					cur := rebuildSteps[si-1].state
 					next, _ = fsm.Decide(cur, s.action)
 				}
-				acc := &events.Event{Type: events.TypeAccepted, VM: name, CommandID: cmdID, Action: s.action,
-					Time: now, Host: benchHost, State: next, Backend: vm.BackendNoop, Handle: handles[i-g]}
+				acc := &api.Event{Type: api.TypeAccepted, VM: name, CommandID: cmdID, Action: s.action,
+					Time: now, Host: benchHost, State: next, Backend: api.BackendNoop, Handle: handles[i-g]}
 				if s.action == "prepare" {
-					spec := vm.VmSpec{Name: name, Backend: vm.BackendNoop, Vcpus: 1, MemoryMB: 128}.WithDefaults()
+					spec := api.VmSpec{Name: name, Backend: api.BackendNoop, Vcpus: 1, MemoryMB: 128}.WithDefaults()
 					acc.Spec = &spec
 					acc.Handle = nil
 				}
@@ -112,7 +113,7 @@ func writeEvents(ctx context.Context, js jetstream.JetStream, vms int) (int, err
 				}
 				h := handles[i-g]
 				if s.action == "prepare" {
-					h = &vm.VmHandle{ID: fmt.Sprintf("%016x", i), Name: name, Backend: vm.BackendNoop, Host: benchHost, Spec: acc.Spec}
+					h = &api.VmHandle{ID: fmt.Sprintf("%016x", i), Name: name, Backend: api.BackendNoop, Host: benchHost, Spec: acc.Spec}
 				} else {
 					c := h.Clone()
 					h = &c
@@ -124,7 +125,7 @@ func writeEvents(ctx context.Context, js jetstream.JetStream, vms int) (int, err
 					h.PID = 0
 				}
 				handles[i-g] = h
-				res := &events.Event{Type: s.result, VM: name, CommandID: cmdID, Action: s.action,
+				res := &api.Event{Type: s.result, VM: name, CommandID: cmdID, Action: s.action,
 					Time: now, Host: benchHost, State: s.state, Handle: h, AcceptedSeq: uint64(n)}
 				if err := publish(res); err != nil {
 					return n, err
@@ -143,7 +144,7 @@ func writeEvents(ctx context.Context, js jetstream.JetStream, vms int) (int, err
 // rawReplay reads the whole stream with an ordered consumer, as Replay
 // does, without decoding or folding anything.
 func rawReplay(ctx context.Context, js jetstream.JetStream) (int, error) {
-	st, err := js.Stream(ctx, events.DefaultNames.EventsStream())
+	st, err := js.Stream(ctx, api.DefaultNames.EventsStream())
 	if err != nil {
 		return 0, err
 	}
@@ -185,7 +186,7 @@ func rebuild(ctx context.Context, srv *server, vms int) (Rebuild, error) {
 		return Rebuild{}, err
 	}
 	defer nc.Close()
-	if err := events.Ensure(ctx, js, events.DefaultNames, events.DefaultSettings); err != nil {
+	if err := events.Ensure(ctx, js, api.DefaultNames, events.DefaultSettings); err != nil {
 		return Rebuild{}, err
 	}
 	r := Rebuild{VMs: vms}
@@ -195,7 +196,7 @@ func rebuild(ctx context.Context, srv *server, vms int) (Rebuild, error) {
 	}
 	r.WriteSeconds = time.Since(t0).Seconds()
 	r.WritePerS = float64(r.Events) / r.WriteSeconds
-	st, err := js.Stream(ctx, events.DefaultNames.EventsStream())
+	st, err := js.Stream(ctx, api.DefaultNames.EventsStream())
 	if err != nil {
 		return r, err
 	}
@@ -250,7 +251,7 @@ func rebuild(ctx context.Context, srv *server, vms int) (Rebuild, error) {
 	if recN != vms {
 		return r, fmt.Errorf("rebuilt %d records, want %d", recN, vms)
 	}
-	kv, err := js.KeyValue(ctx, events.DefaultNames.RecordsBucket())
+	kv, err := js.KeyValue(ctx, api.DefaultNames.RecordsBucket())
 	if err != nil {
 		return r, err
 	}
@@ -270,7 +271,7 @@ func rebuild(ctx context.Context, srv *server, vms int) (Rebuild, error) {
 // and events per second of each and the records the rebuild wrote.
 func replayAndRebuild(ctx context.Context, js jetstream.JetStream, vms int) (replayS, replayPerS, rebuildS, rebuildPerS float64, records int, err error) {
 	t0 := time.Now()
-	recs, n, err := projection.Replay(ctx, js, events.DefaultNames)
+	recs, n, err := projection.Replay(ctx, js, api.DefaultNames)
 	if err != nil {
 		return 0, 0, 0, 0, 0, err
 	}
@@ -281,7 +282,7 @@ func replayAndRebuild(ctx context.Context, js jetstream.JetStream, vms int) (rep
 		return 0, 0, 0, 0, 0, fmt.Errorf("replay made %d records, want %d", len(recs), vms)
 	}
 	for _, rec := range recs {
-		if rec.State != vm.StateStopped || len(rec.InFlight) != 0 || rec.Generation != 1 {
+		if rec.State != api.StateStopped || len(rec.InFlight) != 0 || rec.Generation != 1 {
 			return 0, 0, 0, 0, 0, fmt.Errorf("record %s after replay: state %s, %d in flight, generation %d; want stopped, 0, 1",
 				rec.Name, rec.State, len(rec.InFlight), rec.Generation)
 		}
@@ -290,7 +291,7 @@ func replayAndRebuild(ctx context.Context, js jetstream.JetStream, vms int) (rep
 	runtime.GC() // the rebuild should not pay for the replay's records
 
 	t0 = time.Now()
-	records, n, err = projection.Rebuild(ctx, js, events.DefaultNames, events.DefaultSettings)
+	records, n, err = projection.Rebuild(ctx, js, api.DefaultNames, events.DefaultSettings)
 	if err != nil {
 		return 0, 0, 0, 0, 0, err
 	}

@@ -5,8 +5,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // timed wraps the QEMU backend in the worker and records how long its
@@ -42,45 +42,45 @@ func (t *timed) Last(call string) time.Duration {
 	return t.last[call]
 }
 
-func (t *timed) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, error) {
+func (t *timed) Prepare(ctx context.Context, spec api.VmSpec) (api.VmHandle, error) {
 	defer t.took("prepare", time.Now())
 	return t.b.Prepare(ctx, spec)
 }
 
-func (t *timed) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (t *timed) Start(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	defer t.took("start", time.Now())
 	return t.b.Start(ctx, h)
 }
 
-func (t *timed) Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration) (vm.VmHandle, error) {
+func (t *timed) Stop(ctx context.Context, h api.VmHandle, timeout time.Duration) (api.VmHandle, error) {
 	defer t.took("stop", time.Now())
 	return t.b.Stop(ctx, h, timeout)
 }
 
-func (t *timed) Suspend(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (t *timed) Suspend(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	defer t.took("suspend", time.Now())
 	return t.b.Suspend(ctx, h)
 }
 
-func (t *timed) Resume(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (t *timed) Resume(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	defer t.took("resume", time.Now())
 	return t.b.Resume(ctx, h)
 }
 
-func (t *timed) Destroy(ctx context.Context, h vm.VmHandle) error {
+func (t *timed) Destroy(ctx context.Context, h api.VmHandle) error {
 	defer t.took("destroy", time.Now())
 	return t.b.Destroy(ctx, h)
 }
 
-func (t *timed) State(ctx context.Context, h vm.VmHandle) (vm.VmState, error) {
+func (t *timed) State(ctx context.Context, h api.VmHandle) (api.VmState, error) {
 	return t.b.State(ctx, h)
 }
 
-func (t *timed) GuestIP(ctx context.Context, h vm.VmHandle) (string, error) {
+func (t *timed) GuestIP(ctx context.Context, h api.VmHandle) (string, error) {
 	return t.b.GuestIP(ctx, h)
 }
 
-func (t *timed) ConsoleEndpoint(h vm.VmHandle) (vm.ConsoleEndpoint, error) {
+func (t *timed) ConsoleEndpoint(h api.VmHandle) (api.ConsoleEndpoint, error) {
 	return t.b.ConsoleEndpoint(h)
 }
 
@@ -93,7 +93,7 @@ func (t *timed) Watch(ctx context.Context) <-chan backends.Exit {
 	return ch
 }
 
-func (t *timed) Adopt(ctx context.Context, h vm.VmHandle, recorded vm.VmState) (vm.VmHandle, vm.VmState, error) {
+func (t *timed) Adopt(ctx context.Context, h api.VmHandle, recorded api.VmState) (api.VmHandle, api.VmState, error) {
 	if a, ok := t.b.(backends.Adopter); ok {
 		return a.Adopt(ctx, h, recorded)
 	}
@@ -101,4 +101,4 @@ func (t *timed) Adopt(ctx context.Context, h vm.VmHandle, recorded vm.VmState) (
 	return h, st, err
 }
 
-func (t *timed) Capabilities() backends.Capabilities { return backends.CapabilitiesOf(t.b) }
+func (t *timed) Capabilities() api.Capabilities { return backends.CapabilitiesOf(t.b) }

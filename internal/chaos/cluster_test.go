@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -179,8 +181,8 @@ func (c *cluster) effects() map[string]int {
 // tracker follows VM_EVENTS and remembers each command's decision and result.
 type tracker struct {
 	mu       sync.Mutex
-	decision map[string]events.Type
-	result   map[string]events.Type
+	decision map[string]api.EventType
+	result   map[string]api.EventType
 	changed  chan struct{}
 	// resultTimes are when the tracker saw each result, in order.
 	resultTimes []time.Time
@@ -209,7 +211,7 @@ func (tr *tracker) stall(at time.Time) time.Duration {
 func (tr *tracker) run(ctx context.Context, js jetstream.JetStream) {
 	var next uint64 = 1
 	for ctx.Err() == nil {
-		st, err := js.Stream(ctx, events.DefaultNames.EventsStream())
+		st, err := js.Stream(ctx, api.DefaultNames.EventsStream())
 		if err != nil {
 			time.Sleep(100 * time.Millisecond)
 			continue
@@ -241,7 +243,7 @@ func (tr *tracker) run(ctx context.Context, js jetstream.JetStream) {
 			key := ev.VM + "/" + ev.CommandID
 			tr.mu.Lock()
 			switch {
-			case ev.Type == events.TypeAccepted || ev.Type == events.TypeRejected:
+			case ev.Type == api.TypeAccepted || ev.Type == api.TypeRejected:
 				tr.decision[key] = ev.Type
 			case ev.Type.IsResult():
 				tr.result[key] = ev.Type
@@ -259,14 +261,14 @@ func (tr *tracker) run(ctx context.Context, js jetstream.JetStream) {
 }
 
 // done reports whether the command is finished: rejected, or accepted with a result.
-func (tr *tracker) done(key string) (events.Type, bool) {
+func (tr *tracker) done(key string) (api.EventType, bool) {
 	tr.mu.Lock()
 	defer tr.mu.Unlock()
 	d, ok := tr.decision[key]
 	if !ok {
 		return "", false
 	}
-	if d == events.TypeRejected {
+	if d == api.TypeRejected {
 		return d, true
 	}
 	r, ok := tr.result[key]
@@ -298,7 +300,7 @@ func (c *cluster) runLoad(env *testenv.Env, nVMs, perVM int, faults func(ctx con
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	tr := &tracker{decision: map[string]events.Type{}, result: map[string]events.Type{}, changed: make(chan struct{}, 1)}
+	tr := &tracker{decision: map[string]api.EventType{}, result: map[string]api.EventType{}, changed: make(chan struct{}, 1)}
 	tctx, tcancel := context.WithCancel(ctx)
 	defer tcancel()
 	go tr.run(tctx, env.JS)
@@ -335,7 +337,7 @@ func (c *cluster) runLoad(env *testenv.Env, nVMs, perVM int, faults func(ctx con
 				key := name + "/" + id
 				for {
 					if t, ok := tr.done(key); ok {
-						if t == events.TypeRejected {
+						if t == api.TypeRejected {
 							stats.rejected.Add(1)
 						} else {
 							stats.accepted.Add(1)
@@ -397,10 +399,10 @@ func (c *cluster) verify(env *testenv.Env, stats *loadStats) testenv.Counts {
 	reasons := map[string]int{}
 	for _, s := range env.AllEvents() {
 		ev := s.Event
-		if ev != nil && ev.Type == events.TypeRejected {
+		if ev != nil && ev.Type == api.TypeRejected {
 			reasons[ev.Reason]++
 		}
-		if ev != nil && ev.Type.IsResult() && ev.Type != events.TypeFailed {
+		if ev != nil && ev.Type.IsResult() && ev.Type != api.TypeFailed {
 			want[ev.VM+" "+string(ev.Action)]++
 		}
 	}

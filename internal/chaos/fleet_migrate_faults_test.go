@@ -11,9 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fleet"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/testenv"
@@ -86,7 +87,7 @@ func TestFleetMigrateFaultsQEMU(t *testing.T) {
 	phaseSeen := func(cmd, phase string, within time.Duration) bool {
 		for deadline := time.Now().Add(within); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 			for _, s := range env.Events("fq") {
-				if ev := s.Event; ev != nil && ev.CommandID == cmd && ev.Type == events.TypeMigration && ev.Migration != nil && ev.Migration.Phase == phase {
+				if ev := s.Event; ev != nil && ev.CommandID == cmd && ev.Type == api.TypeMigration && ev.Migration != nil && ev.Migration.Phase == phase {
 					return true
 				}
 			}
@@ -114,16 +115,16 @@ func TestFleetMigrateFaultsQEMU(t *testing.T) {
 		src := rec.Host
 		dst := map[string]string{"h1": "h2", "h2": "h1"}[src]
 		id := fmt.Sprintf("fault-%d", cases)
-		env.SendCmd("fq", "migrate", id, events.Command{Host: dst})
+		env.SendCmd("fq", "migrate", id, api.Command{Host: dst})
 		switch phase[0] {
 		case 'a':
 			env.Decision("fq", id, time.Minute)
 		case 'b':
-			if !phaseSeen(id, events.PhaseCopying, 2*time.Minute) {
+			if !phaseSeen(id, api.PhaseCopying, 2*time.Minute) {
 				t.Fatalf("%s/%s: no copying phase", party, phase)
 			}
 		case 'c':
-			if !phaseSeen(id, events.PhaseSwitchover, 3*time.Minute) {
+			if !phaseSeen(id, api.PhaseSwitchover, 3*time.Minute) {
 				t.Fatalf("%s/%s: no switchover phase", party, phase)
 			}
 		}
@@ -149,7 +150,7 @@ func TestFleetMigrateFaultsQEMU(t *testing.T) {
 				_ = syscall.Kill(pid, syscall.SIGKILL)
 			}
 		case "nats leader":
-			i := leader(events.DefaultNames.EventsStream())
+			i := leader(api.DefaultNames.EventsStream())
 			f.Nodes[i].Kill()
 			time.Sleep(2 * time.Second)
 			if err := f.RestartNode(i); err != nil {
@@ -164,9 +165,9 @@ func TestFleetMigrateFaultsQEMU(t *testing.T) {
 		}
 		res := env.Result("fq", id, 4*time.Minute)
 		switch res.Type {
-		case events.TypeMigrated:
+		case api.TypeMigrated:
 			tally.migrated++
-		case events.TypeFailed:
+		case api.TypeFailed:
 			tally.failed++
 		default:
 			t.Fatalf("%s/%s: the migrate ended in %s %q", party, phase, res.Type, res.Reason)

@@ -13,9 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fleet"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/relay"
@@ -50,7 +51,7 @@ type guestConsole struct {
 
 func attachConsole(t *testing.T, ctx context.Context, nc *nats.Conn, host, name string) *guestConsole {
 	t.Helper()
-	rw, err := relay.AttachConsole(ctx, nc, events.DefaultNames, host, name)
+	rw, err := relay.AttachConsole(ctx, nc, api.DefaultNames, host, name)
 	if err != nil {
 		t.Fatalf("console of %s on %s: %v", name, host, err)
 	}

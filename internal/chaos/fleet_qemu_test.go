@@ -12,9 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fleet"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/relay"
@@ -247,7 +248,7 @@ func relayFromAnywhere(t *testing.T, ctx context.Context, f *fleet.Fleet, h1 str
 		t.Fatal(err)
 	}
 	defer nc.Close()
-	names := events.DefaultNames
+	names := api.DefaultNames
 	second, err := relay.AttachConsole(ctx, nc, names, "h2", "q1")
 	if err != nil {
 		t.Fatal(err)

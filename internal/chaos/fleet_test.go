@@ -9,9 +9,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fleet"
 	"github.com/vmherd/vmherd/internal/testenv"
 )
@@ -109,7 +110,7 @@ func TestFleetNatsNodeKills(t *testing.T) {
 		at         time.Time
 	}
 	var kills []kill
-	names := events.DefaultNames
+	names := api.DefaultNames
 	// stored counts what VM_EVENTS holds (0 when it cannot be read).
 	stored := func(ctx context.Context) uint64 {
 		st, err := env.JS.Stream(ctx, names.EventsStream())
@@ -178,7 +179,7 @@ func TestFleetHostNetworkCut(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	f, c, env := noopFleet(t, ctx, "10s")
-	tr := &tracker{decision: map[string]events.Type{}, result: map[string]events.Type{}, changed: make(chan struct{}, 1)}
+	tr := &tracker{decision: map[string]api.EventType{}, result: map[string]api.EventType{}, changed: make(chan struct{}, 1)}
 	tctx, tcancel := context.WithCancel(ctx)
 	defer tcancel()
 	go tr.run(tctx, env.JS)
@@ -187,7 +188,7 @@ func TestFleetHostNetworkCut(t *testing.T) {
 	// send publishes one command (extra: more body fields) and waits until
 	// it is finished (rejected, or accepted with its result), up to within.
 	seq := 0
-	send := func(name, action, extra string, within time.Duration) (events.Type, error) {
+	send := func(name, action, extra string, within time.Duration) (api.EventType, error) {
 		seq++
 		id := fmt.Sprintf("%s-%s-%d", name, action, seq)
 		body := fmt.Sprintf(`{"command_id":%q%s}`, id, extra)
@@ -198,7 +199,7 @@ func TestFleetHostNetworkCut(t *testing.T) {
 		deadline := time.Now().Add(within)
 		for {
 			if ty, ok := tr.done(name + "/" + id); ok {
-				if ty == events.TypeRejected {
+				if ty == api.TypeRejected {
 					stats.rejected.Add(1)
 				} else {
 					stats.accepted.Add(1)
@@ -221,10 +222,10 @@ func TestFleetHostNetworkCut(t *testing.T) {
 			name := fmt.Sprintf("%s-vm%d", h, i)
 			vms[h] = append(vms[h], name)
 			prep := fmt.Sprintf(`,"host":%q,"spec":{"backend":"noop","memory_mb":64}`, h)
-			if ty, err := send(name, "prepare", prep, time.Minute); err != nil || ty != events.TypePrepared {
+			if ty, err := send(name, "prepare", prep, time.Minute); err != nil || ty != api.TypePrepared {
 				t.Fatalf("prepare %s: %s %v", name, ty, err)
 			}
-			if ty, err := send(name, "start", "", time.Minute); err != nil || ty != events.TypeStarted {
+			if ty, err := send(name, "start", "", time.Minute); err != nil || ty != api.TypeStarted {
 				t.Fatalf("start %s: %s %v", name, ty, err)
 			}
 		}
@@ -241,7 +242,7 @@ func TestFleetHostNetworkCut(t *testing.T) {
 	for round := 0; time.Since(cutAt) < 30*time.Second; round++ {
 		for _, name := range vms["h2"] {
 			action := []string{"stop", "start"}[round%2]
-			if ty, err := send(name, action, "", 20*time.Second); err != nil || ty == events.TypeRejected || ty == events.TypeFailed {
+			if ty, err := send(name, action, "", 20*time.Second); err != nil || ty == api.TypeRejected || ty == api.TypeFailed {
 				t.Errorf("h2's %s %s during h1's cut: %s %v", action, name, ty, err)
 			}
 		}
@@ -272,7 +273,7 @@ func TestFleetHostNetworkCut(t *testing.T) {
 				continue
 			}
 			delete(pending, id)
-			if ty == events.TypeRejected {
+			if ty == api.TypeRejected {
 				rejectedLost++
 				stats.rejected.Add(1)
 			} else {
@@ -294,7 +295,7 @@ func TestFleetHostNetworkCut(t *testing.T) {
 		lostReasons, others = 0, 0
 		for _, s := range env.AllEvents() {
 			ev := s.Event
-			if ev == nil || ev.Type != events.TypeRejected || !strings.Contains(ev.CommandID, "-cut-") {
+			if ev == nil || ev.Type != api.TypeRejected || !strings.Contains(ev.CommandID, "-cut-") {
 				continue
 			}
 			if strings.Contains(ev.Reason, "host h1 of vm") && strings.Contains(ev.Reason, "is lost") {
@@ -315,10 +316,10 @@ func TestFleetHostNetworkCut(t *testing.T) {
 	// h1 is back in placement and its VMs take commands again.
 	for deadline := time.Now().Add(time.Minute); ; {
 		ty, err := send(vms["h1"][0], "stop", "", 30*time.Second)
-		if err == nil && ty == events.TypeStopped {
+		if err == nil && ty == api.TypeStopped {
 			break
 		}
-		if ty != events.TypeRejected || time.Now().After(deadline) {
+		if ty != api.TypeRejected || time.Now().After(deadline) {
 			t.Fatalf("stop of %s after h1 came back: %s %v", vms["h1"][0], ty, err)
 		}
 		time.Sleep(time.Second)
@@ -413,7 +414,7 @@ func TestFleetHostLostForGood(t *testing.T) {
 	fenced := func() int {
 		n := 0
 		for _, s := range env.AllEvents() {
-			if s.Event != nil && s.Event.Type == events.TypeFenced && s.Event.Host == "h1" {
+			if s.Event != nil && s.Event.Type == api.TypeFenced && s.Event.Host == "h1" {
 				n++
 			}
 		}

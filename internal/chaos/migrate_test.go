@@ -15,11 +15,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/auth"
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // noopCopies reads where each VM's Noop copy is, across the hosts' state
@@ -34,9 +32,9 @@ func (c *cluster) noopCopies(name string) map[string]string {
 			continue
 		}
 		var e struct {
-			State vm.VmState `json:"state"`
+			State api.VmState `json:"state"`
 		}
-		if json.Unmarshal(data, &e) == nil && e.State != vm.StateDestroyed {
+		if json.Unmarshal(data, &e) == nil && e.State != api.StateDestroyed {
 			out[host] = string(e.State)
 		}
 	}
@@ -45,9 +43,9 @@ func (c *cluster) noopCopies(name string) map[string]string {
 
 // record reads a VM's record from the bucket once the projection has
 // folded its last event.
-func record(t *testing.T, env *testenv.Env, name string) *projection.VmRecord {
+func record(t *testing.T, env *testenv.Env, name string) *api.VmRecord {
 	t.Helper()
-	var rec *projection.VmRecord
+	var rec *api.VmRecord
 	env.WaitFor("the record of "+name+" to fold its last event", 20*time.Second, func() bool {
 		evs := env.Events(name)
 		if len(evs) == 0 {
@@ -63,14 +61,14 @@ func record(t *testing.T, env *testenv.Env, name string) *projection.VmRecord {
 		if err != nil {
 			return false
 		}
-		rec, err = projection.Unmarshal(e.Value())
+		rec, err = api.UnmarshalRecord(e.Value())
 		return err == nil && rec.LastSeq >= evs[len(evs)-1].Seq
 	})
 	return rec
 }
 
 // do sends a command and returns its result (or its rejection).
-func do(t *testing.T, env *testenv.Env, name, action, id string, cmd events.Command) *events.Event {
+func do(t *testing.T, env *testenv.Env, name, action, id string, cmd api.Command) *api.Event {
 	t.Helper()
 	env.SendCmd(name, action, id, cmd)
 	return env.Result(name, id, time.Minute)
@@ -88,7 +86,7 @@ func TestMigrateNoop(t *testing.T) {
 	c.startWorker("h1", 0)
 	c.startWorker("h2", 0)
 	env := c.attach()
-	onlyOn := func(name, host string, state vm.VmState) {
+	onlyOn := func(name, host string, state api.VmState) {
 		t.Helper()
 		rec := record(t, env, name)
 		if rec.Host != host || rec.State != state || rec.Migration != nil {
@@ -99,64 +97,64 @@ func TestMigrateNoop(t *testing.T) {
 			return len(cp) == 1 && cp[host] == string(state)
 		})
 	}
-	want := func(ev *events.Event, ty events.Type) {
+	want := func(ev *api.Event, ty api.EventType) {
 		t.Helper()
 		if ev.Type != ty {
 			t.Fatalf("%s %s: got %s (%s%s), want %s", ev.Action, ev.CommandID, ev.Type, ev.Reason, ev.Error, ty)
 		}
 	}
 
-	want(do(t, env, "m1", "prepare", "p1", events.Command{Host: "h1", Spec: &vm.VmSpec{Backend: vm.BackendNoop}}), events.TypePrepared)
-	want(do(t, env, "m1", "start", "s1", events.Command{}), events.TypeStarted)
+	want(do(t, env, "m1", "prepare", "p1", api.Command{Host: "h1", Spec: &api.VmSpec{Backend: api.BackendNoop}}), api.TypePrepared)
+	want(do(t, env, "m1", "start", "s1", api.Command{}), api.TypeStarted)
 
 	// Live to h2 and back (placed: the only other host).
-	ev := do(t, env, "m1", "migrate", "mg1", events.Command{Host: "h2"})
-	want(ev, events.TypeMigrated)
-	if ev.Migration == nil || ev.Migration.From != "h1" || ev.Migration.To != "h2" || ev.Migration.Mode != events.MigrateLive || ev.Host != "h2" || ev.Handle == nil {
+	ev := do(t, env, "m1", "migrate", "mg1", api.Command{Host: "h2"})
+	want(ev, api.TypeMigrated)
+	if ev.Migration == nil || ev.Migration.From != "h1" || ev.Migration.To != "h2" || ev.Migration.Mode != api.MigrateLive || ev.Host != "h2" || ev.Handle == nil {
 		t.Fatalf("migrated event: %+v", ev)
 	}
-	onlyOn("m1", "h2", vm.StateRunning)
-	want(do(t, env, "m1", "migrate", "mg2", events.Command{}), events.TypeMigrated)
-	onlyOn("m1", "h1", vm.StateRunning)
+	onlyOn("m1", "h2", api.StateRunning)
+	want(do(t, env, "m1", "migrate", "mg2", api.Command{}), api.TypeMigrated)
+	onlyOn("m1", "h1", api.StateRunning)
 	// It is the same VM: commands reach it on its new host.
-	want(do(t, env, "m1", "suspend", "su1", events.Command{}), events.TypeSuspended)
-	want(do(t, env, "m1", "migrate", "mg3", events.Command{Host: "h2"}), events.TypeMigrated)
-	onlyOn("m1", "h2", vm.StateSuspended)
-	want(do(t, env, "m1", "stop", "st1", events.Command{}), events.TypeStopped)
-	ev = do(t, env, "m1", "migrate", "mg4", events.Command{Host: "h1"})
-	want(ev, events.TypeMigrated)
-	if ev.Migration.Mode != events.MigrateCold {
+	want(do(t, env, "m1", "suspend", "su1", api.Command{}), api.TypeSuspended)
+	want(do(t, env, "m1", "migrate", "mg3", api.Command{Host: "h2"}), api.TypeMigrated)
+	onlyOn("m1", "h2", api.StateSuspended)
+	want(do(t, env, "m1", "stop", "st1", api.Command{}), api.TypeStopped)
+	ev = do(t, env, "m1", "migrate", "mg4", api.Command{Host: "h1"})
+	want(ev, api.TypeMigrated)
+	if ev.Migration.Mode != api.MigrateCold {
 		t.Errorf("a stopped vm moved %s, want cold", ev.Migration.Mode)
 	}
-	onlyOn("m1", "h1", vm.StateStopped)
-	want(do(t, env, "m1", "start", "s2", events.Command{}), events.TypeStarted)
+	onlyOn("m1", "h1", api.StateStopped)
+	want(do(t, env, "m1", "start", "s2", api.Command{}), api.TypeStarted)
 
 	// Rejections, each with its reason.
 	for _, tc := range []struct {
 		id   string
-		cmd  events.Command
+		cmd  api.Command
 		want string
 	}{
-		{"r1", events.Command{Host: "h1"}, "already on host h1"},
-		{"r2", events.Command{Host: "h9"}, `"h9" is not a known host`},
-		{"r3", events.Command{Cancel: true}, "no migration in flight"},
+		{"r1", api.Command{Host: "h1"}, "already on host h1"},
+		{"r2", api.Command{Host: "h9"}, `"h9" is not a known host`},
+		{"r3", api.Command{Cancel: true}, "no migration in flight"},
 	} {
 		ev := do(t, env, "m1", "migrate", tc.id, tc.cmd)
-		if ev.Type != events.TypeRejected || !strings.Contains(ev.Reason, tc.want) {
+		if ev.Type != api.TypeRejected || !strings.Contains(ev.Reason, tc.want) {
 			t.Errorf("migrate %+v: %s %q, want rejected with %q", tc.cmd, ev.Type, ev.Reason, tc.want)
 		}
 	}
 
 	// A cancel during the copy: the vm stays on h1, running; the copy on
 	// h2 is removed; commands sent meanwhile are rejected as in flight.
-	env.SendCmd("m1", "migrate", "mg5", events.Command{Host: "h2"})
+	env.SendCmd("m1", "migrate", "mg5", api.Command{Host: "h2"})
 	env.WaitFor("the copy on h2", 20*time.Second, func() bool { return c.noopCopies("m1")["h2"] == "incoming" })
-	if ev := do(t, env, "m1", "stop", "st2", events.Command{}); ev.Type != events.TypeRejected || !strings.Contains(ev.Reason, "migrating") {
+	if ev := do(t, env, "m1", "stop", "st2", api.Command{}); ev.Type != api.TypeRejected || !strings.Contains(ev.Reason, "migrating") {
 		t.Errorf("stop while migrating: %s %q, want rejected as migrating", ev.Type, ev.Reason)
 	}
 	// vmctl hosts shows it leaving h1 for h2 (once the bucket has the
 	// migrating record: a transitional one is written within 500 ms).
-	if rec := record(t, env, "m1"); rec.State != vm.StateMigrating {
+	if rec := record(t, env, "m1"); rec.State != api.StateMigrating {
 		t.Fatalf("record during the copy: %s", rec.State)
 	}
 	out, err := exec.Command(filepath.Join(c.bin, "vmctl"), "--server", c.url, "--creds", c.creds(auth.Identity{Role: auth.RoleAdmin}),
@@ -164,21 +162,21 @@ func TestMigrateNoop(t *testing.T) {
 	if err != nil || !regexp.MustCompile(`h1 .* 1 \(1 leaving\)`).Match(out) || !regexp.MustCompile(`h2 .* 0 \(1 arriving\)`).Match(out) {
 		t.Errorf("vmctl hosts during a migration: %v\n%s", err, out)
 	}
-	env.SendCmd("m1", "migrate", "c1", events.Command{Cancel: true})
-	if d := env.Decision("m1", "c1", 30*time.Second); d.Type != events.TypeAccepted || !d.Cancel || d.State != vm.StateRunning {
+	env.SendCmd("m1", "migrate", "c1", api.Command{Cancel: true})
+	if d := env.Decision("m1", "c1", 30*time.Second); d.Type != api.TypeAccepted || !d.Cancel || d.State != api.StateRunning {
 		t.Fatalf("cancel: %+v", d)
 	}
 	res := env.Result("m1", "mg5", 30*time.Second)
-	if res.Type != events.TypeFailed || res.Migration == nil || res.Migration.CancelledBy != "c1" {
+	if res.Type != api.TypeFailed || res.Migration == nil || res.Migration.CancelledBy != "c1" {
 		t.Fatalf("the cancelled migrate's result: %+v", res)
 	}
-	onlyOn("m1", "h1", vm.StateRunning)
+	onlyOn("m1", "h1", api.StateRunning)
 	// A migrate's timeout_s bounds its send (the copy takes 3 s here).
-	if ev := do(t, env, "m1", "migrate", "mg6", events.Command{Host: "h2", TimeoutS: 1}); ev.Type != events.TypeFailed || !strings.Contains(ev.Error, "timeout_s") {
+	if ev := do(t, env, "m1", "migrate", "mg6", api.Command{Host: "h2", TimeoutS: 1}); ev.Type != api.TypeFailed || !strings.Contains(ev.Error, "timeout_s") {
 		t.Fatalf("a migrate over its timeout_s: %s %q", ev.Type, ev.Error)
 	}
-	onlyOn("m1", "h1", vm.StateRunning)
-	want(do(t, env, "m1", "destroy", "d1", events.Command{}), events.TypeDestroyed)
+	onlyOn("m1", "h1", api.StateRunning)
+	want(do(t, env, "m1", "destroy", "d1", api.Command{}), api.TypeDestroyed)
 	env.WaitFor("m1 gone", 20*time.Second, func() bool { return len(c.noopCopies("m1")) == 0 })
 	counts := env.CheckStreams()
 	if counts.Duplicates != 0 || counts.Lost != 0 || counts.Cancels != 1 {
@@ -205,7 +203,7 @@ func TestMigrateFaults(t *testing.T) {
 	names := make([]string, vms)
 	for i := range names {
 		names[i] = fmt.Sprintf("mf%02d", i)
-		env.SendCmd(names[i], "prepare", names[i]+"-p", events.Command{Host: []string{"h1", "h2"}[i%2], Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+		env.SendCmd(names[i], "prepare", names[i]+"-p", api.Command{Host: []string{"h1", "h2"}[i%2], Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -220,13 +218,13 @@ func TestMigrateFaults(t *testing.T) {
 		}
 	})
 	for _, n := range names {
-		if ev := env.Result(n, n+"-p", time.Minute); ev.Type != events.TypePrepared {
+		if ev := env.Result(n, n+"-p", time.Minute); ev.Type != api.TypePrepared {
 			t.Fatalf("prepare %s: %+v", n, ev)
 		}
-		env.SendCmd(n, "start", n+"-s", events.Command{})
+		env.SendCmd(n, "start", n+"-s", api.Command{})
 	}
 	for _, n := range names {
-		if ev := env.Result(n, n+"-s", time.Minute); ev.Type != events.TypeStarted {
+		if ev := env.Result(n, n+"-s", time.Minute); ev.Type != api.TypeStarted {
 			t.Fatalf("start %s: %+v", n, ev)
 		}
 	}
@@ -260,12 +258,12 @@ func TestMigrateFaults(t *testing.T) {
 			defer wg.Done()
 			for r := range rounds {
 				id := fmt.Sprintf("%s-mg%d", n, r)
-				env.SendCmd(n, "migrate", id, events.Command{})
+				env.SendCmd(n, "migrate", id, api.Command{})
 				ev := env.Result(n, id, 3*time.Minute)
 				switch ev.Type {
-				case events.TypeMigrated:
+				case api.TypeMigrated:
 					migrated.Add(1)
-				case events.TypeFailed:
+				case api.TypeFailed:
 					failed.Add(1)
 				default:
 					t.Errorf("migrate %s %s: %s %q", n, id, ev.Type, ev.Reason)
@@ -279,14 +277,14 @@ func TestMigrateFaults(t *testing.T) {
 	// Once the last processes are up again, each vm is where its record says.
 	for _, n := range names {
 		rec := record(t, env, n)
-		if rec.State != vm.StateRunning || rec.Migration != nil {
+		if rec.State != api.StateRunning || rec.Migration != nil {
 			t.Errorf("%s: record state %s migration %+v, want running", n, rec.State, rec.Migration)
 			continue
 		}
 		deadline := time.Now().Add(30 * time.Second)
 		for {
 			cp := c.noopCopies(n)
-			if len(cp) == 1 && cp[rec.Host] == string(vm.StateRunning) {
+			if len(cp) == 1 && cp[rec.Host] == string(api.StateRunning) {
 				break
 			}
 			if time.Now().After(deadline) {

@@ -13,9 +13,9 @@ import (
 	"regexp"
 	"strings"
 
-	"github.com/kdomanski/iso9660"
+	"github.com/vmherd/vmherd/api"
 
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/kdomanski/iso9660"
 )
 
 // VolumeLabel is the label cloud-init's NoCloud datasource looks for.
@@ -27,8 +27,8 @@ type File struct{ Name, Data string }
 // Files returns the seed's files for a spec, in ISO order. meta-data has
 // instance-id and local-hostname (both default to the VM name); user-data is
 // the spec's, else a #cloud-config creating the spec's SSH user with its key.
-func Files(spec vm.VmSpec) []File {
-	var ci vm.CloudInitConfig
+func Files(spec api.VmSpec) []File {
+	var ci api.CloudInitConfig
 	if spec.CloudInit != nil {
 		ci = *spec.CloudInit
 	}
@@ -54,7 +54,7 @@ func Files(spec vm.VmSpec) []File {
 
 // sshUserData creates the SSH user with the public key, or is an empty
 // cloud-config when the spec has no SSH user.
-func sshUserData(s *vm.SshConfig) string {
+func sshUserData(s *api.SshConfig) string {
 	if s == nil || s.User == "" {
 		return "#cloud-config\n{}\n"
 	}
@@ -91,7 +91,7 @@ func yamlKeyword(s string) bool {
 }
 
 // Write writes the seed ISO for spec to w.
-func Write(w io.Writer, spec vm.VmSpec) error {
+func Write(w io.Writer, spec api.VmSpec) error {
 	iw, err := iso9660.NewWriter()
 	if err != nil {
 		return fmt.Errorf("building the cloud-init seed: %w", err)
@@ -109,7 +109,7 @@ func Write(w io.Writer, spec vm.VmSpec) error {
 }
 
 // ISO returns the seed image for spec.
-func ISO(spec vm.VmSpec) ([]byte, error) {
+func ISO(spec api.VmSpec) ([]byte, error) {
 	var buf bytes.Buffer
 	if err := Write(&buf, spec); err != nil {
 		return nil, err
@@ -118,7 +118,7 @@ func ISO(spec vm.VmSpec) ([]byte, error) {
 }
 
 // WriteFile writes the seed image for spec to path.
-func WriteFile(path string, spec vm.VmSpec) error {
+func WriteFile(path string, spec api.VmSpec) error {
 	out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return fmt.Errorf("writing the cloud-init seed: %w", err)

@@ -6,26 +6,26 @@ import (
 	"reflect"
 	"testing"
 
-	"github.com/kdomanski/iso9660"
+	"github.com/vmherd/vmherd/api"
 
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/kdomanski/iso9660"
 )
 
 func TestFiles(t *testing.T) {
 	cases := []struct {
-		spec vm.VmSpec
+		spec api.VmSpec
 		want map[string]string
 	}{
-		{vm.VmSpec{Name: "web1"}, map[string]string{
+		{api.VmSpec{Name: "web1"}, map[string]string{
 			"meta-data": "instance-id: web1\nlocal-hostname: web1\n",
 			"user-data": "#cloud-config\n{}\n",
 		}},
-		{vm.VmSpec{Name: "web1", CloudInit: &vm.CloudInitConfig{InstanceID: "iid: 1", Hostname: "yes", UserData: "#!/bin/sh\n", NetworkConfig: "version: 2\n"}}, map[string]string{
+		{api.VmSpec{Name: "web1", CloudInit: &api.CloudInitConfig{InstanceID: "iid: 1", Hostname: "yes", UserData: "#!/bin/sh\n", NetworkConfig: "version: 2\n"}}, map[string]string{
 			"meta-data":      "instance-id: \"iid: 1\"\nlocal-hostname: \"yes\"\n",
 			"user-data":      "#!/bin/sh\n",
 			"network-config": "version: 2\n",
 		}},
-		{vm.VmSpec{Name: "w", SSH: &vm.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAA k@h"}}, map[string]string{
+		{api.VmSpec{Name: "w", SSH: &api.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAA k@h"}}, map[string]string{
 			"meta-data": "instance-id: w\nlocal-hostname: w\n",
 			"user-data": "#cloud-config\nusers:\n  - name: vm\n    ssh_authorized_keys:\n      - \"ssh-ed25519 AAAA k@h\"\n    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    shell: /bin/bash\n",
 		}},
@@ -48,7 +48,7 @@ func TestFiles(t *testing.T) {
 
 // The ISO is labelled cidata and holds the files.
 func TestISO(t *testing.T) {
-	b, err := ISO(vm.VmSpec{Name: "web1"})
+	b, err := ISO(api.VmSpec{Name: "web1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,7 +81,7 @@ func TestISO(t *testing.T) {
 // Labels are metadata for people: the seed the guest reads has the same
 // files with them or without them, and no label in its image.
 func TestLabelsNotInSeed(t *testing.T) {
-	base := vm.VmSpec{Name: "web1", SSH: &vm.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAA x"}}
+	base := api.VmSpec{Name: "web1", SSH: &api.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAA x"}}
 	labelled := base
 	labelled.Labels = map[string]string{"team": "secret-team-name", "ci.example.com/job": "1234"}
 	if a, b := Files(base), Files(labelled); !reflect.DeepEqual(a, b) {

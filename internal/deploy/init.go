@@ -16,12 +16,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/auth"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/join"
 	"github.com/vmherd/vmherd/internal/natsserver"
 	"github.com/vmherd/vmherd/internal/safefile"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // The paths on each machine that the generated files name.
@@ -49,7 +48,7 @@ func ParseNodes(specs []string) ([]Node, error) {
 			if !ok {
 				addr = name
 			}
-			if err := vm.ValidateHost(name); err != nil || addr == "" {
+			if err := api.ValidateHost(name); err != nil || addr == "" {
 				return nil, fmt.Errorf("--nodes %q: want NAME[=ADDRESS] with NAME like a host name (%v)", p, err)
 			}
 			if seen[name] {
@@ -117,7 +116,7 @@ func Init(o InitOptions) (string, error) {
 		return "", errors.New("--engines: name the machines that run an engine (the first is this one, which keeps the authority)")
 	}
 	for _, h := range append(append([]string{}, o.Engines...), o.Hosts...) {
-		if err := vm.ValidateHost(h); err != nil {
+		if err := api.ValidateHost(h); err != nil {
 			return "", fmt.Errorf("%q: %w", h, err)
 		}
 	}
@@ -125,7 +124,7 @@ func Init(o InitOptions) (string, error) {
 		o.Replicas = min(3, len(o.Nodes))
 	}
 	if o.Prefix == "" {
-		o.Prefix = events.DefaultPrefix
+		o.Prefix = api.DefaultPrefix
 	}
 	if o.Sync == "" {
 		o.Sync = natsserver.DefaultSync
@@ -178,7 +177,7 @@ func Init(o InitOptions) (string, error) {
 		return "", err
 	}
 	w.file(filepath.Join(o.Out, "ca.pem"), c.PEM, 0o644)
-	admin, err := a.IdentityCreds(auth.Identity{Role: auth.RoleAdmin, Names: events.Names{Prefix: o.Prefix}})
+	admin, err := a.IdentityCreds(auth.Identity{Role: auth.RoleAdmin, Names: api.Names{Prefix: o.Prefix}})
 	if err != nil {
 		return "", err
 	}
@@ -216,7 +215,7 @@ func Init(o InitOptions) (string, error) {
 			if e != m {
 				continue
 			}
-			creds, err := a.IdentityCreds(auth.Identity{Role: auth.RoleEngine, User: "engine-" + m, Names: events.Names{Prefix: o.Prefix}})
+			creds, err := a.IdentityCreds(auth.Identity{Role: auth.RoleEngine, User: "engine-" + m, Names: api.Names{Prefix: o.Prefix}})
 			if err != nil {
 				return "", err
 			}

@@ -8,8 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/api"
 )
 
 type badCase struct {
@@ -43,11 +42,11 @@ func TestBadInputCorpus(t *testing.T) {
 	}
 	env, _, _ := setup(t)
 	// A VM that existed and was destroyed, and one that is running.
-	env.SendCmd("gone1", "prepare", "g1", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.SendCmd("gone1", "prepare", "g1", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	env.Result("gone1", "g1", wait)
-	env.SendCmd("gone1", "destroy", "g2", events.Command{})
+	env.SendCmd("gone1", "destroy", "g2", api.Command{})
 	env.Result("gone1", "g2", wait)
-	env.SendCmd("bad1", "prepare", "b1", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.SendCmd("bad1", "prepare", "b1", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	env.Result("bad1", "b1", wait)
 	before := listFiles(t, env.Dir)
 
@@ -63,7 +62,7 @@ func TestBadInputCorpus(t *testing.T) {
 			subj = "_invalid"
 		}
 		ev := env.Decision(subj, id, wait)
-		if ev.Type != events.TypeRejected {
+		if ev.Type != api.TypeRejected {
 			t.Errorf("%s: %s, want rejected", c.Case, ev.Type)
 			continue
 		}
@@ -83,8 +82,8 @@ func TestBadInputCorpus(t *testing.T) {
 		}
 	}
 	// Still serving.
-	env.SendCmd("bad1", "start", "alive", events.Command{})
-	if ev := env.Result("bad1", "alive", wait); ev.Type != events.TypeStarted {
+	env.SendCmd("bad1", "start", "alive", api.Command{})
+	if ev := env.Result("bad1", "alive", wait); ev.Type != api.TypeStarted {
 		t.Fatalf("engine stopped serving after the corpus: %+v", ev)
 	}
 	// Nothing was written but the streams' own files.

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/testenv"
 )
 
@@ -71,7 +71,7 @@ func TestBinariesAndNatsCLI(t *testing.T) {
 		t.Fatalf("vmctl status: exit %d\n%s", code, out)
 	}
 	out, _, code = vmctl("--json", "list")
-	var list []projection.VmRecord
+	var list []api.VmRecord
 	if code != 0 || json.Unmarshal([]byte(out), &list) != nil || len(list) != 1 || list[0].State != "suspended" {
 		t.Fatalf("vmctl --json list: exit %d\n%s", code, out)
 	}

@@ -12,13 +12,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/imagechain/corpus"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
-	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/vmctl"
 )
 
@@ -68,20 +67,20 @@ func TestHostileImageCorpus(t *testing.T) {
 	// The worker's own pull policy: the defaults (no private addresses).
 	env := testenv.New(t)
 	eng := env.StartEngine(testenv.EngineConfig{})
-	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU,
+	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[api.BackendTag]backends.Hypervisor{api.BackendQEMU: q}, Default: api.BackendQEMU,
 		ImageStore: store, ImageRoots: roots, VMDirs: []string{filepath.Join(dataDir, "vms")}})
 	env.WaitHost(eng, "h1")
 	beforeOutside, beforeRoot := treeState(t, outside), treeState(t, root)
 
 	for i, c := range cases {
 		name := "hostile" + strconv.Itoa(i)
-		env.SendCmd(name, "prepare", "p"+strconv.Itoa(i), events.Command{Host: "h1", Spec: &vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: c.Path, MemoryMB: 128}})
+		env.SendCmd(name, "prepare", "p"+strconv.Itoa(i), api.Command{Host: "h1", Spec: &api.VmSpec{Backend: api.BackendQEMU, ImagePath: c.Path, MemoryMB: 128}})
 		ev := env.Result(name, "p"+strconv.Itoa(i), time.Minute)
-		if ev.Type != events.TypeFailed || !strings.Contains(ev.Error, c.Want) {
+		if ev.Type != api.TypeFailed || !strings.Contains(ev.Error, c.Want) {
 			t.Errorf("%s: prepare ended %s: %q %q\nwant failed with %q", c.Name, ev.Type, ev.Error, ev.Reason, c.Want)
 		}
 		// A failed VM holds its capacity until destroyed (issue #22, item 8).
-		env.SendCmd(name, "destroy", "d"+strconv.Itoa(i), events.Command{})
+		env.SendCmd(name, "destroy", "d"+strconv.Itoa(i), api.Command{})
 		env.Result(name, "d"+strconv.Itoa(i), time.Minute)
 	}
 
@@ -114,11 +113,11 @@ func TestHostileImageCorpus(t *testing.T) {
 
 	// The daemons are up: the worker still prepares a VM from a good image.
 	good := filepath.Join(root, "inside.raw")
-	env.SendCmd("good1", "prepare", "g1", events.Command{Host: "h1", Spec: &vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: good, MemoryMB: 128}})
-	if ev := env.Result("good1", "g1", time.Minute); ev.Type != events.TypePrepared {
+	env.SendCmd("good1", "prepare", "g1", api.Command{Host: "h1", Spec: &api.VmSpec{Backend: api.BackendQEMU, ImagePath: good, MemoryMB: 128}})
+	if ev := env.Result("good1", "g1", time.Minute); ev.Type != api.TypePrepared {
 		t.Fatalf("a good prepare after the corpus: %s %q", ev.Type, ev.Error)
 	}
-	env.SendCmd("good1", "destroy", "g2", events.Command{})
+	env.SendCmd("good1", "destroy", "g2", api.Command{})
 	env.Result("good1", "g2", time.Minute)
 	if !eng.Engine.Hosts().Alive("h1") {
 		t.Error("h1 is not alive after the corpus")

@@ -9,12 +9,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
-	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/vmctl"
 )
 
@@ -65,7 +65,7 @@ func imageStoreEnv(t *testing.T) (*testenv.Env, string, *httptest.Server) {
 	env := testenv.New(t)
 	eng := env.StartEngine(testenv.EngineConfig{})
 	store := filepath.Join(dataDir, "images")
-	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU,
+	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[api.BackendTag]backends.Hypervisor{api.BackendQEMU: q}, Default: api.BackendQEMU,
 		ImageStore: store, ImageRoots: []string{store}, VMDirs: []string{filepath.Join(dataDir, "vms")},
 		ImagePolicy: images.Policy{AllowPrivate: true}}) // the image server is on loopback
 	env.WaitHost(eng, "h1")

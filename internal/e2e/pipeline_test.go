@@ -10,12 +10,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 const wait = 20 * time.Second
@@ -45,17 +45,17 @@ func TestLifecycle(t *testing.T) {
 	env, _, _ := setup(t)
 	steps := []struct {
 		action, result string
-		state          vm.VmState
-		transitional   vm.VmState
+		state          api.VmState
+		transitional   api.VmState
 	}{
-		{"prepare", "prepared", vm.StatePrepared, vm.StatePreparing},
-		{"start", "started", vm.StateRunning, vm.StateStarting},
-		{"suspend", "suspended", vm.StateSuspended, vm.StateSuspending},
-		{"resume", "resumed", vm.StateRunning, vm.StateResuming},
-		{"stop", "stopped", vm.StateStopped, vm.StateStopping},
-		{"start", "started", vm.StateRunning, vm.StateStarting},
-		{"stop", "stopped", vm.StateStopped, vm.StateStopping},
-		{"destroy", "destroyed", vm.StateDestroyed, vm.StateDestroying},
+		{"prepare", "prepared", api.StatePrepared, api.StatePreparing},
+		{"start", "started", api.StateRunning, api.StateStarting},
+		{"suspend", "suspended", api.StateSuspended, api.StateSuspending},
+		{"resume", "resumed", api.StateRunning, api.StateResuming},
+		{"stop", "stopped", api.StateStopped, api.StateStopping},
+		{"start", "started", api.StateRunning, api.StateStarting},
+		{"stop", "stopped", api.StateStopped, api.StateStopping},
+		{"destroy", "destroyed", api.StateDestroyed, api.StateDestroying},
 	}
 	for round := 0; round < 2; round++ {
 		base := len(env.Events("web1"))
@@ -79,7 +79,7 @@ func TestLifecycle(t *testing.T) {
 		for i, s := range steps {
 			acc, res := evs[2*i].Event, evs[2*i+1].Event
 			id := fmt.Sprintf("r%d-c%d-%s", round, i, s.action)
-			if acc.Type != events.TypeAccepted || acc.CommandID != id || string(acc.Action) != s.action || acc.State != s.transitional || acc.Host != "h1" {
+			if acc.Type != api.TypeAccepted || acc.CommandID != id || string(acc.Action) != s.action || acc.State != s.transitional || acc.Host != "h1" {
 				t.Errorf("round %d step %d: got %+v, want accepted %s (%s) for %s", round, i, acc, s.action, s.transitional, id)
 			}
 			if string(res.Type) != s.result || res.CommandID != id || res.State != s.state || res.Host != "h1" {
@@ -95,17 +95,17 @@ func TestLifecycle(t *testing.T) {
 		}
 		env.WaitFor("record destroyed", wait, func() bool {
 			r := record(t, env, "web1")
-			return r != nil && r.State == vm.StateDestroyed && r.Generation == round+1
+			return r != nil && r.State == api.StateDestroyed && r.Generation == round+1
 		})
 		r := record(t, env, "web1")
-		if len(r.InFlight) != 0 || r.Host != "h1" || r.Backend != vm.BackendNoop || r.LastEvent != events.TypeDestroyed {
+		if len(r.InFlight) != 0 || r.Host != "h1" || r.Backend != api.BackendNoop || r.LastEvent != api.TypeDestroyed {
 			t.Fatalf("final record %+v", r)
 		}
 	}
 	env.CheckProjection(wait)
 }
 
-func record(t *testing.T, env *testenv.Env, name string) *projection.VmRecord {
+func record(t *testing.T, env *testenv.Env, name string) *api.VmRecord {
 	t.Helper()
 	recs, err := projection.Load(context.Background(), env.JS, env.Names)
 	if err != nil {
@@ -118,11 +118,11 @@ func record(t *testing.T, env *testenv.Env, name string) *projection.VmRecord {
 // the current state and the allowed ones; bad input likewise.
 func TestRejections(t *testing.T) {
 	env, _, nb := setup(t)
-	env.SendCmd("r1", "prepare", "p1", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.SendCmd("r1", "prepare", "p1", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	env.Result("r1", "p1", wait)
-	env.SendCmd("r2", "prepare", "p2", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.SendCmd("r2", "prepare", "p2", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	env.Result("r2", "p2", wait)
-	env.SendCmd("r2", "start", "s2", events.Command{})
+	env.SendCmd("r2", "start", "s2", api.Command{})
 	env.Result("r2", "s2", wait)
 
 	cases := []struct {
@@ -152,7 +152,7 @@ func TestRejections(t *testing.T) {
 		id := fmt.Sprintf("bad-%d", i)
 		env.Send(c.vm, c.action, c.body, id)
 		ev := env.Decision(c.vm, id, wait)
-		if ev.Type != events.TypeRejected {
+		if ev.Type != api.TypeRejected {
 			t.Errorf("case %d (%s %s %s): %s, want rejected", i, c.vm, c.action, c.body, ev.Type)
 			continue
 		}
@@ -164,33 +164,33 @@ func TestRejections(t *testing.T) {
 	}
 	// While a command is in flight only destroy is accepted.
 	nb.SetLatency(noop.CallStop, 500*time.Millisecond)
-	env.SendCmd("r2", "stop", "slowstop", events.Command{})
+	env.SendCmd("r2", "stop", "slowstop", api.Command{})
 	env.Decision("r2", "slowstop", wait)
-	env.SendCmd("r2", "suspend", "during", events.Command{})
-	if ev := env.Decision("r2", "during", wait); ev.Type != events.TypeRejected || !strings.Contains(ev.Reason, "stopping") || !strings.Contains(ev.Reason, "only destroy") {
+	env.SendCmd("r2", "suspend", "during", api.Command{})
+	if ev := env.Decision("r2", "during", wait); ev.Type != api.TypeRejected || !strings.Contains(ev.Reason, "stopping") || !strings.Contains(ev.Reason, "only destroy") {
 		t.Errorf("suspend while stopping: %+v", ev)
 	}
-	env.SendCmd("r2", "destroy", "wins", events.Command{})
-	if ev := env.Result("r2", "wins", wait); ev.Type != events.TypeDestroyed {
+	env.SendCmd("r2", "destroy", "wins", api.Command{})
+	if ev := env.Result("r2", "wins", wait); ev.Type != api.TypeDestroyed {
 		t.Errorf("destroy during stop: %+v", ev)
 	}
-	if ev := env.Result("r2", "slowstop", wait); ev.Type != events.TypeStopped && ev.Type != events.TypeFailed {
+	if ev := env.Result("r2", "slowstop", wait); ev.Type != api.TypeStopped && ev.Type != api.TypeFailed {
 		t.Errorf("slow stop: %+v", ev)
 	}
-	env.WaitFor("r2 destroyed", wait, func() bool { r := record(t, env, "r2"); return r != nil && r.State == vm.StateDestroyed })
+	env.WaitFor("r2 destroyed", wait, func() bool { r := record(t, env, "r2"); return r != nil && r.State == api.StateDestroyed })
 
 	// Bad VM names in the subject are rejected on the _invalid subject.
 	for i, name := range []string{"Web1", "a_", "x" + strings.Repeat("y", 70), "wéb"} {
 		id := fmt.Sprintf("badname-%d", i)
 		env.Send(name, "start", "", id)
 		ev := env.Decision("_invalid", id, wait)
-		if ev.Type != events.TypeRejected || ev.VM != name || !strings.Contains(ev.Reason, "name") {
+		if ev.Type != api.TypeRejected || ev.VM != name || !strings.Contains(ev.Reason, "name") {
 			t.Errorf("name %q: %+v", name, ev)
 		}
 	}
 	// The engine still serves.
-	env.SendCmd("r1", "start", "after", events.Command{})
-	if ev := env.Result("r1", "after", wait); ev.Type != events.TypeStarted {
+	env.SendCmd("r1", "start", "after", api.Command{})
+	if ev := env.Result("r1", "after", wait); ev.Type != api.TypeStarted {
 		t.Fatalf("engine stopped serving: %+v", ev)
 	}
 	env.CheckProjection(wait)
@@ -199,13 +199,13 @@ func TestRejections(t *testing.T) {
 // The same Nats-Msg-Id twice has one effect and one result.
 func TestDuplicatePublish(t *testing.T) {
 	env, _, nb := setup(t)
-	env.SendCmd("d1", "prepare", "p", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.SendCmd("d1", "prepare", "p", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	env.Result("d1", "p", wait)
 	for i := 0; i < 3; i++ {
 		env.Send("d1", "start", `{"command_id":"once"}`, "once")
 	}
 	env.Result("d1", "once", wait)
-	env.SendCmd("d1", "stop", "barrier", events.Command{})
+	env.SendCmd("d1", "stop", "barrier", api.Command{})
 	env.Result("d1", "barrier", wait)
 	n := 0
 	for _, s := range env.Events("d1") {
@@ -229,19 +229,19 @@ func TestWorkerKilledMidCall(t *testing.T) {
 	nb := noop.New(noop.Options{})
 	w1 := env.StartWorker(testenv.WorkerConfig{Host: "h1", Noop: nb, AckWait: time.Second})
 	env.WaitHost(eng, "h1")
-	env.SendCmd("k1", "prepare", "p", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.SendCmd("k1", "prepare", "p", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	env.Result("k1", "p", wait)
 	nb.SetLatency(noop.CallStart, 3*time.Second)
-	env.SendCmd("k1", "start", "slow", events.Command{})
+	env.SendCmd("k1", "start", "slow", api.Command{})
 	env.Decision("k1", "slow", wait)
 	env.WaitFor("the slow start to reach the backend", wait, func() bool { return nb.Calls(noop.CallStart) == 1 })
 	w1.Kill()
 	nb.SetLatency(noop.CallStart, 100*time.Millisecond)
 	env.StartWorker(testenv.WorkerConfig{Host: "h1", Noop: nb, AckWait: time.Second})
-	if ev := env.Result("k1", "slow", wait); ev.Type != events.TypeStarted {
+	if ev := env.Result("k1", "slow", wait); ev.Type != api.TypeStarted {
 		t.Fatalf("result %+v", ev)
 	}
-	env.SendCmd("k1", "stop", "barrier", events.Command{})
+	env.SendCmd("k1", "stop", "barrier", api.Command{})
 	env.Result("k1", "barrier", wait)
 	results := 0
 	for _, s := range env.Events("k1") {
@@ -268,13 +268,13 @@ func TestSlowCallLongerThanAckWait(t *testing.T) {
 	nb := noop.New(noop.Options{})
 	env.StartWorker(testenv.WorkerConfig{Host: "h1", Noop: nb, AckWait: 600 * time.Millisecond})
 	env.WaitHost(eng, "h1")
-	env.SendCmd("s1", "prepare", "p", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.SendCmd("s1", "prepare", "p", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	env.Result("s1", "p", wait)
-	env.SendCmd("s1", "start", "st", events.Command{})
+	env.SendCmd("s1", "start", "st", api.Command{})
 	env.Result("s1", "st", wait)
 	nb.SetLatency(noop.CallStop, 2500*time.Millisecond)
-	env.SendCmd("s1", "stop", "longstop", events.Command{})
-	if ev := env.Result("s1", "longstop", wait); ev.Type != events.TypeStopped {
+	env.SendCmd("s1", "stop", "longstop", api.Command{})
+	if ev := env.Result("s1", "longstop", wait); ev.Type != api.TypeStopped {
 		t.Fatalf("result %+v", ev)
 	}
 	if got := nb.Effects(noop.CallStop); got != 1 {
@@ -322,7 +322,7 @@ func TestTwoEnginesRace(t *testing.T) {
 		}
 		decided := 0
 		for _, s := range env.AllEvents() {
-			if s.Event.Type == events.TypeAccepted || s.Event.Type == events.TypeRejected {
+			if s.Event.Type == api.TypeAccepted || s.Event.Type == api.TypeRejected {
 				decided++
 			}
 		}
@@ -346,13 +346,13 @@ func TestRebuildEqualsLive(t *testing.T) {
 	env, _, _ := setup(t)
 	for i := 0; i < 10; i++ {
 		name := fmt.Sprintf("rb%d", i)
-		env.SendCmd(name, "prepare", name+"p", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
-		env.SendCmd(name, "start", name+"s", events.Command{})
+		env.SendCmd(name, "prepare", name+"p", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
+		env.SendCmd(name, "start", name+"s", api.Command{})
 		if i%2 == 0 {
-			env.SendCmd(name, "suspend", name+"u", events.Command{})
+			env.SendCmd(name, "suspend", name+"u", api.Command{})
 		}
 		if i%3 == 0 {
-			env.SendCmd(name, "destroy", name+"d", events.Command{})
+			env.SendCmd(name, "destroy", name+"d", api.Command{})
 		}
 	}
 	env.WaitFor("all settled", wait, func() bool {
@@ -392,7 +392,7 @@ func TestRebuildEqualsLive(t *testing.T) {
 		}
 	}
 	// The engine keeps projecting after a rebuild.
-	env.SendCmd("rb1", "stop", "after", events.Command{})
+	env.SendCmd("rb1", "stop", "after", api.Command{})
 	env.Result("rb1", "after", wait)
 	env.CheckProjection(wait)
 }
@@ -405,10 +405,10 @@ func TestWorkerDrainsOnStop(t *testing.T) {
 	nb := noop.New(noop.Options{})
 	w := env.StartWorker(testenv.WorkerConfig{Host: "h1", Noop: nb})
 	env.WaitHost(eng, "h1")
-	env.SendCmd("dr", "prepare", "p", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.SendCmd("dr", "prepare", "p", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	env.Result("dr", "p", wait)
 	nb.SetLatency(noop.CallStart, time.Second)
-	env.SendCmd("dr", "start", "slow", events.Command{})
+	env.SendCmd("dr", "start", "slow", api.Command{})
 	env.WaitFor("the start call to reach the backend", wait, func() bool { return nb.Calls(noop.CallStart) == 1 })
 	if err := w.Stop(); err != nil {
 		t.Fatal(err)
@@ -416,7 +416,7 @@ func TestWorkerDrainsOnStop(t *testing.T) {
 	// The result was stored before Stop returned: no worker runs now.
 	found := false
 	for _, s := range env.Events("dr") {
-		if s.Event.CommandID == "slow" && s.Event.Type == events.TypeStarted {
+		if s.Event.CommandID == "slow" && s.Event.Type == api.TypeStarted {
 			found = true
 		}
 	}
@@ -432,12 +432,12 @@ func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
 func TestDestroyAfterFailedPrepare(t *testing.T) {
 	env, _, nb := setup(t)
 	nb.FailNext(noop.CallPrepare, 1)
-	env.SendCmd("fp", "prepare", "p", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
-	if ev := env.Result("fp", "p", wait); ev.Type != events.TypeFailed || !strings.Contains(ev.Error, "injected") {
+	env.SendCmd("fp", "prepare", "p", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
+	if ev := env.Result("fp", "p", wait); ev.Type != api.TypeFailed || !strings.Contains(ev.Error, "injected") {
 		t.Fatalf("prepare: %+v", ev)
 	}
-	env.SendCmd("fp", "destroy", "d", events.Command{})
-	if ev := env.Result("fp", "d", wait); ev.Type != events.TypeDestroyed {
+	env.SendCmd("fp", "destroy", "d", api.Command{})
+	if ev := env.Result("fp", "d", wait); ev.Type != api.TypeDestroyed {
 		t.Fatalf("destroy: %+v", ev)
 	}
 	env.AllEvents() // fails the test on any event outside its schema

@@ -11,15 +11,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/propolis"
-	"github.com/vmherd/vmherd/internal/backends/propolis/api"
+	papi "github.com/vmherd/vmherd/internal/backends/propolis/api"
 	"github.com/vmherd/vmherd/internal/backends/propolis/fake"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
-	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/vmctl"
 )
 
@@ -33,16 +32,16 @@ func propolisWorker(t *testing.T, env *testenv.Env, host, addr string) {
 	}
 	env.StartWorker(testenv.WorkerConfig{
 		Host:    host,
-		Extra:   map[vm.BackendTag]backends.Hypervisor{vm.BackendPropolis: b},
-		Default: vm.BackendPropolis,
+		Extra:   map[api.BackendTag]backends.Hypervisor{api.BackendPropolis: b},
+		Default: api.BackendPropolis,
 	})
 }
 
-func propolisSpec() *vm.VmSpec {
-	return &vm.VmSpec{
+func propolisSpec() *api.VmSpec {
+	return &api.VmSpec{
 		ImagePath: "/var/lib/vmherd/images/base.raw", Vcpus: 2, MemoryMB: 512,
-		Network:   &vm.NetworkConfig{Type: vm.NetworkVnic, Name: "vnic0"},
-		CloudInit: &vm.CloudInitConfig{UserData: "#cloud-config\nhostname: web1\n"},
+		Network:   &api.NetworkConfig{Type: api.NetworkVnic, Name: "vnic0"},
+		CloudInit: &api.CloudInitConfig{UserData: "#cloud-config\nhostname: web1\n"},
 	}
 }
 
@@ -80,7 +79,7 @@ func TestPropolisLifecycle(t *testing.T) {
 	env.WaitHost(eng, "h1")
 	checkStreams(t, env)
 
-	do := func(action, id string, cmd events.Command, want events.Type) *events.Event {
+	do := func(action, id string, cmd api.Command, want api.EventType) *api.Event {
 		t.Helper()
 		env.SendCmd("web1", action, id, cmd)
 		ev := env.Result("web1", id, wait)
@@ -89,7 +88,7 @@ func TestPropolisLifecycle(t *testing.T) {
 		}
 		return ev
 	}
-	recordIs := func(st vm.VmState) {
+	recordIs := func(st api.VmState) {
 		t.Helper()
 		env.WaitFor("record "+string(st), wait, func() bool {
 			r := record(t, env, "web1")
@@ -98,8 +97,8 @@ func TestPropolisLifecycle(t *testing.T) {
 	}
 
 	// create: the spec names no backend; the host's default is propolis.
-	ev := do("prepare", "p1", events.Command{Spec: propolisSpec()}, events.TypePrepared)
-	if h := ev.Handle; h == nil || h.Backend != vm.BackendPropolis || h.Endpoint != srv.Addr() || h.InstanceID == "" {
+	ev := do("prepare", "p1", api.Command{Spec: propolisSpec()}, api.TypePrepared)
+	if h := ev.Handle; h == nil || h.Backend != api.BackendPropolis || h.Endpoint != srv.Addr() || h.InstanceID == "" {
 		t.Fatalf("prepared handle %+v", ev.Handle)
 	}
 	if _, _, ok := srv.Instance(); ok {
@@ -107,22 +106,22 @@ func TestPropolisLifecycle(t *testing.T) {
 	}
 
 	// start: ensure (201) and Run.
-	do("start", "s1", events.Command{}, events.TypeStarted)
-	recordIs(vm.StateRunning)
-	if props, st, _ := srv.Instance(); st != api.StateRunning || props.Name != "web1" {
+	do("start", "s1", api.Command{}, api.TypeStarted)
+	recordIs(api.StateRunning)
+	if props, st, _ := srv.Instance(); st != papi.StateRunning || props.Name != "web1" {
 		t.Fatalf("server instance %+v %s", props, st)
 	}
 
 	// stop: Stop, then the instance runs down to Destroyed.
-	do("stop", "t1", events.Command{TimeoutS: 10}, events.TypeStopped)
-	recordIs(vm.StateStopped)
-	if _, st, _ := srv.Instance(); st != api.StateDestroyed {
+	do("stop", "t1", api.Command{TimeoutS: 10}, api.TypeStopped)
+	recordIs(api.StateStopped)
+	if _, st, _ := srv.Instance(); st != papi.StateDestroyed {
 		t.Fatalf("after stop the instance is %s, want Destroyed", st)
 	}
 
 	// start again: a second ensure.
-	do("start", "s2", events.Command{}, events.TypeStarted)
-	recordIs(vm.StateRunning)
+	do("start", "s2", api.Command{}, api.TypeStarted)
+	recordIs(api.StateRunning)
 	if n := len(srv.Ensures()); n != 2 {
 		t.Fatalf("%d ensures, want 2", n)
 	}
@@ -130,7 +129,7 @@ func TestPropolisLifecycle(t *testing.T) {
 	// console: the endpoint the worker reports, and the console attached
 	// as vmctl does, through the worker's relay.
 	ep := consoleEndpoint(t, env, "h1", "web1")
-	if ep.Kind != vm.ConsoleWebSocket || !strings.HasPrefix(ep.URL, "ws://"+srv.Addr()+"/instance/serial") || ep.Headers[api.VersionHeader] != api.Version {
+	if ep.Kind != api.ConsoleWebSocket || !strings.HasPrefix(ep.URL, "ws://"+srv.Addr()+"/instance/serial") || ep.Headers[papi.VersionHeader] != papi.Version {
 		t.Fatalf("console endpoint %+v", ep)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
@@ -174,24 +173,24 @@ func TestPropolisLifecycle(t *testing.T) {
 	// suspend: rejected by the engine from the published capabilities; the
 	// worker, and so the server, never sees it.
 	before := len(srv.Requests())
-	env.SendCmd("web1", "suspend", "sus1", events.Command{})
+	env.SendCmd("web1", "suspend", "sus1", api.Command{})
 	dec := env.Decision("web1", "sus1", wait)
-	if dec.Type != events.TypeRejected || !strings.Contains(dec.Reason, "cannot suspend") {
+	if dec.Type != api.TypeRejected || !strings.Contains(dec.Reason, "cannot suspend") {
 		t.Fatalf("suspend: %s %q, want rejected: cannot suspend", dec.Type, dec.Reason)
 	}
 	// destroy, which also orders after anything the suspend could have caused.
-	do("destroy", "d1", events.Command{}, events.TypeDestroyed)
+	do("destroy", "d1", api.Command{}, api.TypeDestroyed)
 	for _, r := range srv.Requests()[before:] {
 		if r.Method == http.MethodPut && !strings.Contains(string(r.Body), "Stop") {
 			t.Fatalf("the server got %s after the suspend", r)
 		}
 	}
 	for _, s := range env.Events("web1") {
-		if s.Event.CommandID == "sus1" && s.Event.Type != events.TypeRejected {
+		if s.Event.CommandID == "sus1" && s.Event.Type != api.TypeRejected {
 			t.Fatalf("suspend reached %s", s.Event.Type)
 		}
 	}
-	if _, st, _ := srv.Instance(); st != api.StateDestroyed {
+	if _, st, _ := srv.Instance(); st != papi.StateDestroyed {
 		t.Fatalf("after destroy the instance is %s", st)
 	}
 	want := []string{"/instance ensure", `/instance/state "Run"`, `/instance/state "Stop"`, "/instance ensure", `/instance/state "Run"`, `/instance/state "Stop"`}
@@ -261,17 +260,17 @@ func TestPropolisFailures(t *testing.T) {
 			}
 			// Command ids double as Nats-Msg-Id: unique across VMs.
 			id := func(a string) string { return a + "-" + c.host }
-			env.SendCmd(name, "prepare", id("p"), events.Command{Spec: propolisSpec(), Host: c.host})
+			env.SendCmd(name, "prepare", id("p"), api.Command{Spec: propolisSpec(), Host: c.host})
 			ev := env.Result(name, id("p"), wait)
 			if c.fails == "start" {
-				if ev.Type != events.TypePrepared {
+				if ev.Type != api.TypePrepared {
 					t.Fatalf("%s: prepare: %s %s", c.host, ev.Type, ev.Error)
 				}
 				srv.Inject(*c.fault)
-				env.SendCmd(name, "start", id("s"), events.Command{})
+				env.SendCmd(name, "start", id("s"), api.Command{})
 				ev = env.Result(name, id("s"), wait)
 			}
-			if ev.Type != events.TypeFailed {
+			if ev.Type != api.TypeFailed {
 				t.Fatalf("%s: %s: %s, want failed", c.host, c.fails, ev.Type)
 			}
 			for _, w := range want {
@@ -283,8 +282,8 @@ func TestPropolisFailures(t *testing.T) {
 				return
 			}
 			// The VM can be destroyed afterwards, even on a dead server.
-			env.SendCmd(name, "destroy", id("d"), events.Command{})
-			if ev := env.Result(name, id("d"), wait); ev.Type != events.TypeDestroyed {
+			env.SendCmd(name, "destroy", id("d"), api.Command{})
+			if ev := env.Result(name, id("d"), wait); ev.Type != api.TypeDestroyed {
 				t.Fatalf("%s: destroy after the failure: %s %s", c.host, ev.Type, ev.Error)
 			}
 		}()
@@ -292,9 +291,9 @@ func TestPropolisFailures(t *testing.T) {
 }
 
 // consoleEndpoint asks the VM's worker over NATS, as vmctl does.
-func consoleEndpoint(t *testing.T, env *testenv.Env, host, name string) vm.ConsoleEndpoint {
+func consoleEndpoint(t *testing.T, env *testenv.Env, host, name string) api.ConsoleEndpoint {
 	t.Helper()
-	req, _ := json.Marshal(events.QueryRequest{VM: name})
+	req, _ := json.Marshal(api.QueryRequest{VM: name})
 	m, err := env.NC.Request(env.Names.Query(host)+".console_endpoint", req, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -302,7 +301,7 @@ func consoleEndpoint(t *testing.T, env *testenv.Env, host, name string) vm.Conso
 	if code := m.Header.Get("Nats-Service-Error-Code"); code != "" {
 		t.Fatalf("console_endpoint: %s %s", code, m.Header.Get("Nats-Service-Error"))
 	}
-	var ep vm.ConsoleEndpoint
+	var ep api.ConsoleEndpoint
 	if err := json.Unmarshal(m.Data, &ep); err != nil {
 		t.Fatal(err)
 	}

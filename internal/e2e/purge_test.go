@@ -1,6 +1,7 @@
 package e2e_test
 
 import (
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -8,18 +9,18 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/vmctl"
 )
 
-// completions asks vmctl's shell completion for VM names (what a shell
-// offers after `vmctl status `).
-func completions(t *testing.T, run func(args ...string) (string, string, int)) []string {
+// completions asks vmctl's shell completion for VM names: what a shell
+// offers after `vmctl <command> ` (status: the VMs not destroyed; purge:
+// the destroyed ones).
+func completions(t *testing.T, run func(args ...string) (string, string, int), command string) []string {
 	t.Helper()
-	out, errOut, code := run("__complete", "status", "")
+	out, errOut, code := run("__complete", command, "")
 	if code != 0 {
 		t.Fatalf("completion: exit %d\n%s%s", code, out, errOut)
 	}
@@ -76,8 +77,11 @@ func TestPurge(t *testing.T) {
 	if got := listAll(); !slices.Equal(got, []string{"gone", "keep"}) {
 		t.Fatalf("list --all before the purge: %v", got)
 	}
-	if got := completions(t, run); !slices.Equal(got, []string{"gone", "keep"}) {
-		t.Fatalf("completion before the purge: %v", got)
+	if got := completions(t, run, "status"); !slices.Equal(got, []string{"keep"}) {
+		t.Fatalf("status completion before the purge: %v", got)
+	}
+	if got := completions(t, run, "purge"); !slices.Equal(got, []string{"gone"}) {
+		t.Fatalf("purge completion before the purge: %v", got)
 	}
 
 	// A running VM: rejected, with the reason, exit 1; nothing changes.
@@ -85,8 +89,24 @@ func TestPurge(t *testing.T) {
 	if code != vmctl.ExitFailed || !strings.Contains(errOut, "purge keep rejected: cannot purge: vm is running; purge is allowed from destroyed") {
 		t.Fatalf("purge of a running VM: exit %d\n%s%s", code, out, errOut)
 	}
-	if r := record(t, env, "keep"); r == nil || r.State != vm.StateRunning {
+	if r := record(t, env, "keep"); r == nil || r.State != api.StateRunning {
 		t.Fatalf("keep after a rejected purge: %+v", r)
+	}
+	// --json: one document, the rejection in it.
+	out, _, code = run("--json", "purge", "keep")
+	var doc struct {
+		VMs []struct {
+			VM    string `json:"vm"`
+			Error *struct {
+				Kind   string `json:"kind"`
+				Reason string `json:"reason"`
+			} `json:"error"`
+		} `json:"vms"`
+	}
+	dec := json.NewDecoder(strings.NewReader(out))
+	if err := dec.Decode(&doc); err != nil || dec.More() || code != vmctl.ExitFailed || len(doc.VMs) != 1 || doc.VMs[0].Error == nil ||
+		doc.VMs[0].Error.Kind != "rejected" || !strings.Contains(doc.VMs[0].Error.Reason, "purge is allowed from destroyed") {
+		t.Fatalf("--json purge of a running VM: exit %d, %v\n%s", code, err, out)
 	}
 	// A name with no VM: rejected too.
 	if out, errOut, code := run("purge", "never"); code != vmctl.ExitFailed || !strings.Contains(errOut, "no VM named never") {
@@ -104,14 +124,17 @@ func TestPurge(t *testing.T) {
 	if got := listAll(); !slices.Equal(got, []string{"keep"}) {
 		t.Fatalf("list --all after the purge: %v", got)
 	}
-	if got := completions(t, run); !slices.Equal(got, []string{"keep"}) {
-		t.Fatalf("completion after the purge: %v", got)
+	if got := completions(t, run, "status"); !slices.Equal(got, []string{"keep"}) {
+		t.Fatalf("status completion after the purge: %v", got)
+	}
+	if got := completions(t, run, "purge"); len(got) != 0 {
+		t.Fatalf("purge completion after the purge: %v", got)
 	}
 	if got := vmEventTypes(env, "gone"); !slices.Equal(got, []string{"accepted/purge"}) {
 		t.Fatalf("gone's events after the purge: %v (want only the purge's decision)", got)
 	}
-	if n := len(env.Events("keep")); n != keepEvents+1 { // + the rejected purge
-		t.Fatalf("keep's events: %d, want %d", n, keepEvents+1)
+	if n := len(env.Events("keep")); n != keepEvents+2 { // + the two rejected purges
+		t.Fatalf("keep's events: %d, want %d", n, keepEvents+2)
 	}
 	// A second purge: the name has no VM now.
 	if _, errOut, code := run("purge", "gone"); code != vmctl.ExitFailed || !strings.Contains(errOut, "no VM named gone") {
@@ -121,7 +144,7 @@ func TestPurge(t *testing.T) {
 	// The name again: a new VM, generation 1, that works.
 	must("create", "gone", "--backend", "noop", "--memory", "128", "--start")
 	r := record(t, env, "gone")
-	if r == nil || r.State != vm.StateRunning || r.Generation != 1 || r.Labels != nil {
+	if r == nil || r.State != api.StateRunning || r.Generation != 1 || r.Labels != nil {
 		t.Fatalf("gone created again: %+v", r)
 	}
 	must("stop", "gone")
@@ -157,12 +180,12 @@ func TestRetainDestroyed(t *testing.T) {
 	env.WaitHost(eng, "h1")
 	for _, name := range []string{"old", "alive"} {
 		env.Send(name, "prepare", prepareBody(name), name+"-p")
-		if res := env.Result(name, name+"-p", wait); res.Type != events.TypePrepared {
+		if res := env.Result(name, name+"-p", wait); res.Type != api.TypePrepared {
 			t.Fatalf("prepare %s: %s %s", name, res.Type, res.Reason)
 		}
 	}
 	env.Send("old", "destroy", "", "old-d")
-	if res := env.Result("old", "old-d", wait); res.Type != events.TypeDestroyed {
+	if res := env.Result("old", "old-d", wait); res.Type != api.TypeDestroyed {
 		t.Fatalf("destroy old: %s", res.Type)
 	}
 	destroyedAt := time.Now()
@@ -177,12 +200,12 @@ func TestRetainDestroyed(t *testing.T) {
 	}
 	// Prepared VMs stay, however old.
 	time.Sleep(3 * time.Second)
-	if r := record(t, env, "alive"); r == nil || r.State != vm.StatePrepared {
+	if r := record(t, env, "alive"); r == nil || r.State != api.StatePrepared {
 		t.Fatalf("alive after the retention ran: %+v", r)
 	}
 	// The name is free: a new VM of it is not purged while it lives.
 	env.Send("old", "prepare", prepareBody("old"), "old-p2")
-	if res := env.Result("old", "old-p2", wait); res.Type != events.TypePrepared {
+	if res := env.Result("old", "old-p2", wait); res.Type != api.TypePrepared {
 		t.Fatalf("prepare old again: %s %s", res.Type, res.Reason)
 	}
 	if r := record(t, env, "old"); r == nil || r.Generation != 1 {
@@ -213,20 +236,20 @@ func TestPurgeRacesCreate(t *testing.T) {
 	}
 	for i := range vms {
 		name := fmt.Sprintf("race%d", i)
-		if res := env.Result(name, name+"-p1", wait); res.Type != events.TypePrepared {
+		if res := env.Result(name, name+"-p1", wait); res.Type != api.TypePrepared {
 			t.Fatalf("prepare %s: %s %s", name, res.Type, res.Reason)
 		}
 		env.Send(name, "destroy", "", name+"-d1")
 	}
 	for i := range vms {
 		name := fmt.Sprintf("race%d", i)
-		if res := env.Result(name, name+"-d1", wait); res.Type != events.TypeDestroyed {
+		if res := env.Result(name, name+"-d1", wait); res.Type != api.TypeDestroyed {
 			t.Fatalf("destroy %s: %s %s", name, res.Type, res.Reason)
 		}
 	}
 	env.WaitFor("the destroyed records", wait, func() bool {
 		for i := range vms {
-			if r := record(t, env, fmt.Sprintf("race%d", i)); r == nil || r.State != vm.StateDestroyed {
+			if r := record(t, env, fmt.Sprintf("race%d", i)); r == nil || r.State != api.StateDestroyed {
 				return false
 			}
 		}
@@ -257,13 +280,13 @@ func TestPurgeRacesCreate(t *testing.T) {
 	purged, rejected := 0, 0
 	for i := range vms {
 		name := fmt.Sprintf("race%d", i)
-		if res := env.Result(name, name+"-p2", wait); res.Type != events.TypePrepared {
+		if res := env.Result(name, name+"-p2", wait); res.Type != api.TypePrepared {
 			t.Fatalf("%s: the create racing a purge ended %s %s%s", name, res.Type, res.Reason, res.Error)
 		}
 		switch d := env.Decision(name, name+"-purge", wait); d.Type {
-		case events.TypeAccepted:
+		case api.TypeAccepted:
 			purged++
-		case events.TypeRejected:
+		case api.TypeRejected:
 			rejected++
 			if !strings.Contains(d.Reason, "cannot purge: vm is prepar") {
 				t.Errorf("%s: purge rejected for %q", name, d.Reason)
@@ -274,7 +297,7 @@ func TestPurgeRacesCreate(t *testing.T) {
 	env.WaitFor("every record prepared", wait, func() bool {
 		for i := range vms {
 			r := record(t, env, fmt.Sprintf("race%d", i))
-			if r == nil || r.State != vm.StatePrepared {
+			if r == nil || r.State != api.StatePrepared {
 				return false
 			}
 		}
@@ -289,7 +312,7 @@ func TestPurgeRacesCreate(t *testing.T) {
 	for i := range vms {
 		name := fmt.Sprintf("race%d", i)
 		env.Send(name, "start", "", name+"-s")
-		if res := env.Result(name, name+"-s", wait); res.Type != events.TypeStarted {
+		if res := env.Result(name, name+"-s", wait); res.Type != api.TypeStarted {
 			t.Fatalf("start %s after the race: %s %s", name, res.Type, res.Reason)
 		}
 	}

@@ -13,14 +13,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 const bootWait = 3 * time.Minute
@@ -63,7 +63,7 @@ type queryError struct{ msg string }
 func (e *queryError) Error() string { return e.msg }
 
 func consoleLog(t *testing.T, env *testenv.Env, name string) string {
-	var ep vm.ConsoleEndpoint
+	var ep api.ConsoleEndpoint
 	if err := query(t, env, name, "console_endpoint", &ep); err != nil {
 		t.Fatal(err)
 	}
@@ -71,15 +71,15 @@ func consoleLog(t *testing.T, env *testenv.Env, name string) string {
 	return string(b)
 }
 
-func liveState(t *testing.T, env *testenv.Env, name string) vm.VmState {
-	var st events.StateReply
+func liveState(t *testing.T, env *testenv.Env, name string) api.VmState {
+	var st api.StateReply
 	if err := query(t, env, name, "state", &st); err != nil {
 		t.Fatalf("state query for %s: %v", name, err)
 	}
 	return st.State
 }
 
-func do(t *testing.T, env *testenv.Env, name, action, id string, cmd events.Command, want events.Type) *events.Event {
+func do(t *testing.T, env *testenv.Env, name, action, id string, cmd api.Command, want api.EventType) *api.Event {
 	t.Helper()
 	env.SendCmd(name, action, id, cmd)
 	ev := env.Result(name, id, bootWait)
@@ -100,32 +100,32 @@ func TestQEMUEndToEnd(t *testing.T) {
 	env := testenv.New(t)
 	eng := env.StartEngine(testenv.EngineConfig{})
 	q := newQEMU(t, dataDir)
-	w := env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU, Reconcile: time.Second,
+	w := env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[api.BackendTag]backends.Hypervisor{api.BackendQEMU: q}, Default: api.BackendQEMU, Reconcile: time.Second,
 		ImageRoots: []string{filepath.Dir(image)}, VMDirs: []string{filepath.Join(dataDir, "vms")}})
 	env.WaitHost(eng, "h1")
 	t.Cleanup(func() {
 		for _, n := range []string{"q1", "q2"} {
-			_ = q.Destroy(context.Background(), vm.VmHandle{Name: n, Backend: vm.BackendQEMU})
+			_ = q.Destroy(context.Background(), api.VmHandle{Name: n, Backend: api.BackendQEMU})
 		}
 	})
 
-	spec := func(name string, userData string) *vm.VmSpec {
-		return &vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: image, MemoryMB: 192, Accel: "auto",
-			CloudInit: &vm.CloudInitConfig{InstanceID: "iid-" + name, Hostname: "host-" + name, UserData: userData}}
+	spec := func(name string, userData string) *api.VmSpec {
+		return &api.VmSpec{Backend: api.BackendQEMU, ImagePath: image, MemoryMB: 192, Accel: "auto",
+			CloudInit: &api.CloudInitConfig{InstanceID: "iid-" + name, Hostname: "host-" + name, UserData: userData}}
 	}
-	do(t, env, "q1", "prepare", "q1-p", events.Command{Spec: spec("q1", "#cloud-config\n")}, events.TypePrepared)
-	do(t, env, "q2", "prepare", "q2-p", events.Command{Spec: spec("q2", "#cloud-config\nvmherd-ignore-acpi: true\n")}, events.TypePrepared)
-	started := do(t, env, "q1", "start", "q1-s", events.Command{}, events.TypeStarted)
+	do(t, env, "q1", "prepare", "q1-p", api.Command{Spec: spec("q1", "#cloud-config\n")}, api.TypePrepared)
+	do(t, env, "q2", "prepare", "q2-p", api.Command{Spec: spec("q2", "#cloud-config\nvmherd-ignore-acpi: true\n")}, api.TypePrepared)
+	started := do(t, env, "q1", "start", "q1-s", api.Command{}, api.TypeStarted)
 	if started.Handle.PID == 0 || started.Handle.Accel == "" {
 		t.Fatalf("started handle %+v", started.Handle)
 	}
-	do(t, env, "q2", "start", "q2-s", events.Command{}, events.TypeStarted)
+	do(t, env, "q2", "start", "q2-s", api.Command{}, api.TypeStarted)
 
 	env.WaitFor("q1 to boot and read its seed", bootWait, func() bool {
 		l := consoleLog(t, env, "q1")
 		return strings.Contains(l, "VMHERD-GUEST-READY") && strings.Contains(l, "instance-id: iid-q1") && strings.Contains(l, "local-hostname: host-q1")
 	})
-	var ip events.GuestIPReply
+	var ip api.GuestIPReply
 	if err := query(t, env, "q1", "guest_ip", &ip); err != nil || ip.IP != "127.0.0.1" || ip.Port == 0 {
 		t.Fatalf("guest_ip = %+v, %v", ip, err)
 	}
@@ -133,23 +133,23 @@ func TestQEMUEndToEnd(t *testing.T) {
 		t.Fatalf("forwarded port answered %q, want an SSH banner", banner)
 	}
 
-	do(t, env, "q1", "suspend", "q1-u", events.Command{}, events.TypeSuspended)
-	if st := liveState(t, env, "q1"); st != vm.StateSuspended {
+	do(t, env, "q1", "suspend", "q1-u", api.Command{}, api.TypeSuspended)
+	if st := liveState(t, env, "q1"); st != api.StateSuspended {
 		t.Fatalf("live state after suspend = %s (QMP should say paused)", st)
 	}
-	do(t, env, "q1", "resume", "q1-r", events.Command{}, events.TypeResumed)
-	if st := liveState(t, env, "q1"); st != vm.StateRunning {
+	do(t, env, "q1", "resume", "q1-r", api.Command{}, api.TypeResumed)
+	if st := liveState(t, env, "q1"); st != api.StateRunning {
 		t.Fatalf("live state after resume = %s", st)
 	}
-	stopped := do(t, env, "q1", "stop", "q1-t", events.Command{TimeoutS: 60}, events.TypeStopped)
+	stopped := do(t, env, "q1", "stop", "q1-t", api.Command{TimeoutS: 60}, api.TypeStopped)
 	if path := stopped.Handle.Extra[qemu.ExtraStopPath]; path != qemu.StopPathACPI {
 		t.Fatalf("q1 stopped by %q, want ACPI power-off", path)
 	}
-	do(t, env, "q1", "start", "q1-s2", events.Command{}, events.TypeStarted)
+	do(t, env, "q1", "start", "q1-s2", api.Command{}, api.TypeStarted)
 
 	// q2 ignores the power button: killed after the timeout, reported stopped.
 	env.WaitFor("q2 to boot", bootWait, func() bool { return strings.Contains(consoleLog(t, env, "q2"), "VMHERD-GUEST-READY") })
-	forced := do(t, env, "q2", "stop", "q2-t", events.Command{TimeoutS: 4}, events.TypeStopped)
+	forced := do(t, env, "q2", "stop", "q2-t", api.Command{TimeoutS: 4}, api.TypeStopped)
 	if path := forced.Handle.Extra[qemu.ExtraStopPath]; path != qemu.StopPathTerm && path != qemu.StopPathKill {
 		t.Fatalf("q2 stopped by %q, want a signal after the timeout", path)
 	}
@@ -161,33 +161,33 @@ func TestQEMUEndToEnd(t *testing.T) {
 	}
 	env.WaitFor("q1 exited and stopped", bootWait, func() bool {
 		r := record(t, env, "q1")
-		return r != nil && r.State == vm.StateStopped
+		return r != nil && r.State == api.StateStopped
 	})
-	if n := env.CountType("q1", events.TypeExited); n != 1 {
+	if n := env.CountType("q1", api.TypeExited); n != 1 {
 		t.Fatalf("%d exited events for q1, want 1", n)
 	}
 
 	// Re-adoption: restart the worker (a new backend on the same data dir)
 	// while q1 runs.
-	do(t, env, "q1", "start", "q1-s3", events.Command{}, events.TypeStarted)
+	do(t, env, "q1", "start", "q1-s3", api.Command{}, api.TypeStarted)
 	pid := record(t, env, "q1").Handle.PID
 	if err := w.Stop(); err != nil {
 		t.Fatal(err)
 	}
 	q2b := newQEMU(t, dataDir)
-	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q2b}, Default: vm.BackendQEMU, Reconcile: time.Second,
+	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[api.BackendTag]backends.Hypervisor{api.BackendQEMU: q2b}, Default: api.BackendQEMU, Reconcile: time.Second,
 		ImageRoots: []string{filepath.Dir(image)}, VMDirs: []string{filepath.Join(dataDir, "vms")}})
-	if st := liveState(t, env, "q1"); st != vm.StateRunning {
+	if st := liveState(t, env, "q1"); st != api.StateRunning {
 		t.Fatalf("after the worker restart q1 reads %s, want running", st)
 	}
-	if r := record(t, env, "q1"); r.State != vm.StateRunning || r.Handle.PID != pid {
+	if r := record(t, env, "q1"); r.State != api.StateRunning || r.Handle.PID != pid {
 		t.Fatalf("record after re-adoption: %+v", r)
 	}
-	do(t, env, "q1", "stop", "q1-t2", events.Command{TimeoutS: 60}, events.TypeStopped)
+	do(t, env, "q1", "stop", "q1-t2", api.Command{TimeoutS: 60}, api.TypeStopped)
 
 	// Destroy leaves no work dir and no QEMU process.
-	do(t, env, "q1", "destroy", "q1-d", events.Command{}, events.TypeDestroyed)
-	do(t, env, "q2", "destroy", "q2-d", events.Command{}, events.TypeDestroyed)
+	do(t, env, "q1", "destroy", "q1-d", api.Command{}, api.TypeDestroyed)
+	do(t, env, "q2", "destroy", "q2-d", api.Command{}, api.TypeDestroyed)
 	for _, n := range []string{"q1", "q2"} {
 		if _, err := os.Stat(dataDir + "/vms/" + n); !os.IsNotExist(err) {
 			t.Errorf("work dir of %s still there after destroy: %v", n, err)
@@ -198,7 +198,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 			t.Errorf("QEMU pid %d still alive after destroy", pid)
 		}
 	}
-	if n := env.CountType("q1", events.TypeExited); n != 1 {
+	if n := env.CountType("q1", api.TypeExited); n != 1 {
 		t.Fatalf("%d exited events for q1 at the end, want 1", n)
 	}
 	c := env.CheckStreams()
@@ -240,7 +240,7 @@ func TestQEMUBadInputEvents(t *testing.T) {
 	eng := env.StartEngine(testenv.EngineConfig{})
 	// Image roots: the guest cache and the data dir (for notes.txt), but
 	// never the VMs' directories under it.
-	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU,
+	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[api.BackendTag]backends.Hypervisor{api.BackendQEMU: q}, Default: api.BackendQEMU,
 		ImageRoots: []string{filepath.Dir(image), dataDir}, VMDirs: []string{filepath.Join(dataDir, "vms")}})
 	env.WaitHost(eng, "h1")
 	notImage := dataDir + "/notes.txt"
@@ -262,21 +262,21 @@ func TestQEMUBadInputEvents(t *testing.T) {
 	dotdot := filepath.Dir(image) + "/../../../../../../../../etc/shadow"
 	cases := []struct {
 		name string
-		spec vm.VmSpec
+		spec api.VmSpec
 		want []string
 	}{
-		{"missing", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/nonexistent/base.qcow2"}, []string{"/nonexistent/base.qcow2", "does not exist"}},
-		{"notimage", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: notImage}, []string{notImage}},
-		{"nouefi", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: image, UEFI: true}, []string{"OVMF", "ovmf"}},
+		{"missing", api.VmSpec{Backend: api.BackendQEMU, ImagePath: "/nonexistent/base.qcow2"}, []string{"/nonexistent/base.qcow2", "does not exist"}},
+		{"notimage", api.VmSpec{Backend: api.BackendQEMU, ImagePath: notImage}, []string{notImage}},
+		{"nouefi", api.VmSpec{Backend: api.BackendQEMU, ImagePath: image, UEFI: true}, []string{"OVMF", "ovmf"}},
 		// Trust: every path outside the roots is refused, naming the rule.
-		{"shadow", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "/etc/shadow"}, []string{`"/etc/shadow" is outside every image root (this worker's image roots: `}},
-		{"dotdot", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: dotdot}, []string{"resolves to /etc/shadow, which is outside every image root"}},
-		{"symlink", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: escape}, []string{"resolves to /etc/shadow, which is outside every image root"}},
-		{"overlay", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: overlay}, []string{"is inside the VMs' work directory"}},
-		{"relative", vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: "images/base.qcow2"}, []string{"is not an absolute path"}},
+		{"shadow", api.VmSpec{Backend: api.BackendQEMU, ImagePath: "/etc/shadow"}, []string{`"/etc/shadow" is outside every image root (this worker's image roots: `}},
+		{"dotdot", api.VmSpec{Backend: api.BackendQEMU, ImagePath: dotdot}, []string{"resolves to /etc/shadow, which is outside every image root"}},
+		{"symlink", api.VmSpec{Backend: api.BackendQEMU, ImagePath: escape}, []string{"resolves to /etc/shadow, which is outside every image root"}},
+		{"overlay", api.VmSpec{Backend: api.BackendQEMU, ImagePath: overlay}, []string{"is inside the VMs' work directory"}},
+		{"relative", api.VmSpec{Backend: api.BackendQEMU, ImagePath: "images/base.qcow2"}, []string{"is not an absolute path"}},
 	}
 	for _, c := range cases {
-		ev := do(t, env, c.name, "prepare", c.name+"-p", events.Command{Spec: &c.spec}, events.TypeFailed)
+		ev := do(t, env, c.name, "prepare", c.name+"-p", api.Command{Spec: &c.spec}, api.TypeFailed)
 		hit := false
 		for _, w := range c.want {
 			hit = hit || strings.Contains(ev.Error, w)
@@ -284,7 +284,7 @@ func TestQEMUBadInputEvents(t *testing.T) {
 		if !hit {
 			t.Errorf("%s: error %q mentions none of %q", c.name, ev.Error, c.want)
 		}
-		do(t, env, c.name, "destroy", c.name+"-d", events.Command{}, events.TypeDestroyed)
+		do(t, env, c.name, "destroy", c.name+"-d", api.Command{}, api.TypeDestroyed)
 		if _, err := os.Stat(dataDir + "/vms/" + c.name); !os.IsNotExist(err) {
 			t.Errorf("%s: work dir left behind: %v", c.name, err)
 		}

@@ -19,15 +19,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 
 	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/datadir"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // usage is what the engine process holds: RSS (MiB), open fds,
@@ -143,9 +143,9 @@ func (l *latencies) String() string {
 
 // openOnly opens a tunnel to port 22 of vmName and closes it at once
 // (the worker is told), returning the open's round trip.
-func openOnly(nc *nats.Conn, names events.Names, vmName string) (time.Duration, error) {
+func openOnly(nc *nats.Conn, names api.Names, vmName string) (time.Duration, error) {
 	id := relay.NewTunnelID()
-	req := nats.NewMsg(names.Tunnel("h1", vmName, id, events.TunnelOpen))
+	req := nats.NewMsg(names.Tunnel("h1", vmName, id, api.TunnelOpen))
 	req.Header.Set(relay.HdrPort, "22")
 	t0 := time.Now()
 	rep, err := nc.RequestMsg(req, 20*time.Second)
@@ -156,7 +156,7 @@ func openOnly(nc *nats.Conn, names events.Names, vmName string) (time.Duration, 
 	if code := rep.Header.Get("Nats-Service-Error-Code"); code != "" {
 		return took, &relay.ReplyError{Code: code, Message: rep.Header.Get("Nats-Service-Error")}
 	}
-	bye := nats.NewMsg(names.Tunnel("h1", vmName, id, events.TunnelUp))
+	bye := nats.NewMsg(names.Tunnel("h1", vmName, id, api.TunnelUp))
 	bye.Header.Set(relay.HdrClosed, "bye")
 	bye.Header.Set(relay.HdrKey, rep.Header.Get(relay.HdrKey))
 	return took, nc.PublishMsg(bye)
@@ -256,9 +256,9 @@ func TestRelayResources(t *testing.T) {
 	defer cancel()
 
 	const name = "res1"
-	spec := &vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: image, MemoryMB: 192, Accel: "auto"}
-	do(t, env, name, "prepare", "res1-p", events.Command{Spec: spec}, events.TypePrepared)
-	started := do(t, env, name, "start", "res1-s", events.Command{}, events.TypeStarted)
+	spec := &api.VmSpec{Backend: api.BackendQEMU, ImagePath: image, MemoryMB: 192, Accel: "auto"}
+	do(t, env, name, "prepare", "res1-p", api.Command{Spec: spec}, api.TypePrepared)
+	started := do(t, env, name, "start", "res1-s", api.Command{}, api.TypeStarted)
 	t.Cleanup(func() {
 		if p, err := os.FindProcess(started.Handle.PID); err == nil {
 			_ = p.Signal(syscall.SIGKILL)
@@ -326,7 +326,7 @@ func TestRelayResources(t *testing.T) {
 				default:
 				}
 				id := relay.NewTunnelID()
-				req := nats.NewMsg(env.Names.Tunnel("h1", name, id, events.TunnelOpen))
+				req := nats.NewMsg(env.Names.Tunnel("h1", name, id, api.TunnelOpen))
 				req.Header.Set(relay.HdrPort, "22")
 				rep, err := alice.RequestMsg(req, 20*time.Second)
 				if err != nil || rep.Header.Get("Nats-Service-Error-Code") != "" {
@@ -336,7 +336,7 @@ func TestRelayResources(t *testing.T) {
 				}
 				opened++
 				for seq := range 10 {
-					m := nats.NewMsg(env.Names.Tunnel("h1", name, id, events.TunnelUp))
+					m := nats.NewMsg(env.Names.Tunnel("h1", name, id, api.TunnelUp))
 					m.Header.Set(relay.HdrSeq, strconv.Itoa(seq))
 					m.Header.Set(relay.HdrKey, rep.Header.Get(relay.HdrKey))
 					m.Data = big

@@ -12,10 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // vmctl at a CI system's rate (issue #27): thousands of vmctl processes
@@ -53,7 +53,7 @@ func TestVmctlAtCIRate(t *testing.T) {
 	}, "--with-worker")
 	eng.WaitLog("engine serving", 60*time.Second)
 	env := testenv.AttachCreds(t, url, filepath.Join(data, "auth", "admin.creds"))
-	bound := env.Names.ConsumerBound(1, 1)
+	bound := events.ConsumerBound(env.Names, 1, 1)
 	env.WaitFor("the worker's task consumer", 30*time.Second, func() bool {
 		return env.ConsumerCounts()[env.Names.TasksStream()] == 1
 	})
@@ -122,7 +122,7 @@ func TestVmctlAtCIRate(t *testing.T) {
 	}
 	// Between phases, the --no-wait half's commands must have ended (a
 	// start on a VM still preparing is rejected by the state machine).
-	settled := func(want vm.VmState) bool {
+	settled := func(want api.VmState) bool {
 		deadline := time.Now().Add(time.Minute)
 		for time.Now().Before(deadline) {
 			recs, err := projection.Load(context.Background(), env.JS, env.Names)
@@ -151,13 +151,13 @@ func TestVmctlAtCIRate(t *testing.T) {
 	phases := []struct {
 		what string
 		args func(i int) []string
-		then vm.VmState // what every VM is once the phase's commands ended
+		then api.VmState // what every VM is once the phase's commands ended
 	}{
-		{"create", func(i int) []string { return noWait(i, "create", name(i), "--backend", "noop") }, vm.StatePrepared},
-		{"start", func(i int) []string { return noWait(i, "start", name(i)) }, vm.StateRunning},
+		{"create", func(i int) []string { return noWait(i, "create", name(i), "--backend", "noop") }, api.StatePrepared},
+		{"start", func(i int) []string { return noWait(i, "start", name(i)) }, api.StateRunning},
 		{"status|history", read("status", "history"), ""},
 		{"history|status", read("history", "status"), ""},
-		{"destroy", func(i int) []string { return noWait(i, "destroy", name(i)) }, vm.StateDestroyed},
+		{"destroy", func(i int) []string { return noWait(i, "destroy", name(i)) }, api.StateDestroyed},
 	}
 	began := time.Now()
 	for _, p := range phases {
@@ -266,12 +266,12 @@ func TestPlacementSpreadsEqualHosts(t *testing.T) {
 	}
 	const n = 100
 	for i := range n {
-		env.SendCmd(fmt.Sprintf("s%03d", i), "prepare", fmt.Sprintf("p%03d", i), events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+		env.SendCmd(fmt.Sprintf("s%03d", i), "prepare", fmt.Sprintf("p%03d", i), api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	}
 	per := map[string]int{}
 	for i := range n {
 		ev := env.Result(fmt.Sprintf("s%03d", i), fmt.Sprintf("p%03d", i), 60*time.Second)
-		if ev.Type != events.TypePrepared {
+		if ev.Type != api.TypePrepared {
 			t.Fatalf("s%03d: %s %s", i, ev.Type, ev.Reason+ev.Error)
 		}
 		per[ev.Host]++

@@ -11,13 +11,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/datadir"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // engineProc is an engine process (embedded server, local Noop worker h1)
@@ -130,17 +130,17 @@ func TestPoisonedNamesAfterRestart(t *testing.T) {
 	// rejected-only: a start of a VM that does not exist (twice, the
 	// second published as a user would, with an empty body).
 	env.Send("poisonr", "start", `{"command_id":"r1"}`, "r1")
-	if ev := env.Decision("poisonr", "r1", 30*time.Second); ev.Type != events.TypeRejected {
+	if ev := env.Decision("poisonr", "r1", 30*time.Second); ev.Type != api.TypeRejected {
 		t.Fatalf("start of a missing vm: %+v", ev)
 	}
 	if _, err := env.JS.Publish(ctx, env.Names.Command("poisonr", "start"), nil); err != nil {
 		t.Fatal(err)
 	}
-	env.WaitFor("the second rejection", 30*time.Second, func() bool { return env.CountType("poisonr", events.TypeRejected) == 2 })
+	env.WaitFor("the second rejection", 30*time.Second, func() bool { return env.CountType("poisonr", api.TypeRejected) == 2 })
 	// observation-only: h1's worker says a VM it never had exited.
-	obs := &events.Event{Type: events.TypeExited, VM: "poisono", Time: time.Now().UTC(), Host: "h1",
-		Handle: &vm.VmHandle{ID: "x", Name: "poisono", Backend: vm.BackendNoop, Host: "h1", PID: 7}, Reason: "forged"}
-	if _, err := wjs.Publish(ctx, env.Names.Event("poisono", events.TypeExited, "h1"), obs.Encode()); err != nil {
+	obs := &api.Event{Type: api.TypeExited, VM: "poisono", Time: time.Now().UTC(), Host: "h1",
+		Handle: &api.VmHandle{ID: "x", Name: "poisono", Backend: api.BackendNoop, Host: "h1", PID: 7}, Reason: "forged"}
+	if _, err := wjs.Publish(ctx, env.Names.Event("poisono", api.TypeExited, "h1"), obs.Encode()); err != nil {
 		t.Fatal(err)
 	}
 
@@ -165,10 +165,10 @@ func TestPoisonedNamesAfterRestart(t *testing.T) {
 		env.Send(name, "prepare", fmt.Sprintf(`{"command_id":%q,"spec":{"backend":"noop"}}`, id), id)
 		ev := env.Decision(name, id, 30*time.Second)
 		took := time.Since(t0)
-		if ev.Type != events.TypeAccepted {
+		if ev.Type != api.TypeAccepted {
 			t.Fatalf("%s: prepare after the restart: %+v", name, ev)
 		}
-		if res := env.Result(name, id, 30*time.Second); res.Type != events.TypePrepared {
+		if res := env.Result(name, id, 30*time.Second); res.Type != api.TypePrepared {
 			t.Fatalf("%s: result %+v", name, res)
 		}
 		t.Logf("%s: prepare decided %v after it was sent", name, took.Round(time.Millisecond))
@@ -263,7 +263,7 @@ func TestFloodBoundedMemory(t *testing.T) {
 	// Every flood command decided (the last name's rejection stored).
 	env.WaitFor("the flood's last rejection", 3*time.Minute, func() bool {
 		sample()
-		return env.CountType(fmt.Sprintf("f%05d", flood-1), events.TypeRejected) == 1
+		return env.CountType(fmt.Sprintf("f%05d", flood-1), api.TypeRejected) == 1
 	})
 	sample()
 	during := peak

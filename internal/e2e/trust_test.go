@@ -14,16 +14,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/datadir"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // violations collects the server's asynchronous permission errors.
@@ -134,9 +134,9 @@ func TestTrustRoles(t *testing.T) {
 		t.Fatalf("unauthenticated connect: %v", err)
 	}
 
-	env.SendCmd("web1", "prepare", "p1", events.Command{Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
+	env.SendCmd("web1", "prepare", "p1", api.Command{Spec: &api.VmSpec{Backend: api.BackendNoop}})
 	env.Result("web1", "p1", 30*time.Second)
-	env.SendCmd("web1", "start", "s1", events.Command{})
+	env.SendCmd("web1", "start", "s1", api.Command{})
 	env.Result("web1", "s1", 30*time.Second)
 	commands := func() uint64 {
 		st, err := env.JS.Stream(context.Background(), env.Names.CommandsStream())
@@ -172,7 +172,7 @@ func TestTrustRoles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := akv.Put(ctx, events.SSHKey("web1", 1, events.SSHPrivateKey), []byte("secret")); err != nil {
+	if _, err := akv.Put(ctx, api.SSHKey("web1", 1, api.SSHPrivateKey), []byte("secret")); err != nil {
 		t.Fatal(err)
 	}
 	readSSH := func(js jetstream.JetStream) error {
@@ -182,7 +182,7 @@ func TestTrustRoles(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		_, err = kv.Get(c, events.SSHKey("web1", 1, events.SSHPrivateKey))
+		_, err = kv.Get(c, api.SSHKey("web1", 1, api.SSHPrivateKey))
 		return err
 	}
 	if readSSH(vjs) == nil {
@@ -193,16 +193,16 @@ func TestTrustRoles(t *testing.T) {
 	if err := relay.PrintLog(ctx, vnc, env.Names, "h1", "web1", io.Discard, -1, false); err == nil || !strings.Contains(err.Error(), "keeps no console log") {
 		t.Errorf("a viewer's log request (noop VM: no log) got %v", err)
 	}
-	if err := vnc.Publish(env.Names.Console("h1", "web1", events.ConsoleAttach), nil); err != nil {
+	if err := vnc.Publish(env.Names.Console("h1", "web1", api.ConsoleAttach), nil); err != nil {
 		t.Fatal(err)
 	}
-	if !vv.saw(env.Names.Console("h1", "web1", events.ConsoleAttach)) {
+	if !vv.saw(env.Names.Console("h1", "web1", api.ConsoleAttach)) {
 		t.Error("a viewer could ask to attach to a console")
 	}
-	if _, err := vnc.SubscribeSync(env.Names.Console("h1", "web1", events.ConsoleOut)); err != nil {
+	if _, err := vnc.SubscribeSync(env.Names.Console("h1", "web1", api.ConsoleOut)); err != nil {
 		t.Fatal(err)
 	}
-	if !vv.saw(env.Names.Console("h1", "web1", events.ConsoleOut)) {
+	if !vv.saw(env.Names.Console("h1", "web1", api.ConsoleOut)) {
 		t.Error("a viewer could watch a console")
 	}
 
@@ -233,32 +233,32 @@ func TestTrustRoles(t *testing.T) {
 	if err == nil {
 		t.Error("h2's worker could heartbeat as h1")
 	}
-	if err := wnc.Publish(env.Names.Event("web1", events.TypeStopped, "h1"), []byte(`{}`)); err != nil {
+	if err := wnc.Publish(env.Names.Event("web1", api.TypeStopped, "h1"), []byte(`{}`)); err != nil {
 		t.Fatal(err)
 	}
-	if !wv.saw(env.Names.Event("web1", events.TypeStopped, "h1")) {
+	if !wv.saw(env.Names.Event("web1", api.TypeStopped, "h1")) {
 		t.Error("h2's worker could publish an event as h1")
 	}
 	if readSSH(wjs) == nil {
 		t.Error("a worker could read a VM's generated private key")
 	}
 	// h2's worker cannot relay h1's consoles or tunnels.
-	if _, err := wnc.SubscribeSync(env.Names.Console("h1", "*", events.ConsoleAttach)); err != nil {
+	if _, err := wnc.SubscribeSync(env.Names.Console("h1", "*", api.ConsoleAttach)); err != nil {
 		t.Fatal(err)
 	}
-	if !wv.saw(env.Names.Console("h1", "*", events.ConsoleAttach)) {
+	if !wv.saw(env.Names.Console("h1", "*", api.ConsoleAttach)) {
 		t.Error("h2's worker could take h1's console attach requests")
 	}
-	if err := wnc.Publish(env.Names.Console("h1", "web1", events.ConsoleOut), []byte("forged output")); err != nil {
+	if err := wnc.Publish(env.Names.Console("h1", "web1", api.ConsoleOut), []byte("forged output")); err != nil {
 		t.Fatal(err)
 	}
-	if !wv.saw(env.Names.Console("h1", "web1", events.ConsoleOut)) {
+	if !wv.saw(env.Names.Console("h1", "web1", api.ConsoleOut)) {
 		t.Error("h2's worker could publish console output for h1's VM")
 	}
-	if _, err := wnc.SubscribeSync(env.Names.Tunnel("h1", "*", "*", events.TunnelOpen)); err != nil {
+	if _, err := wnc.SubscribeSync(env.Names.Tunnel("h1", "*", "*", api.TunnelOpen)); err != nil {
 		t.Fatal(err)
 	}
-	if !wv.saw(env.Names.Tunnel("h1", "*", "*", events.TunnelOpen)) {
+	if !wv.saw(env.Names.Tunnel("h1", "*", "*", api.TunnelOpen)) {
 		t.Error("h2's worker could take h1's tunnel requests")
 	}
 	if _, err := wnc.SubscribeSync("_INBOX.>"); err != nil {
@@ -269,15 +269,15 @@ func TestTrustRoles(t *testing.T) {
 	}
 	// A forged result about h1's VM, on h2's own writer token: stored,
 	// and changes nothing.
-	forged := events.Event{Type: events.TypeStopped, VM: "web1", CommandID: "s1", Action: "start", Time: time.Now().UTC(),
-		Host: "h1", State: vm.StateStopped, Handle: &vm.VmHandle{ID: "forged", Name: "web1"}}
+	forged := api.Event{Type: api.TypeStopped, VM: "web1", CommandID: "s1", Action: "start", Time: time.Now().UTC(),
+		Host: "h1", State: api.StateStopped, Handle: &api.VmHandle{ID: "forged", Name: "web1"}}
 	c4, cc4 := short()
-	if _, err := wjs.Publish(c4, env.Names.Event("web1", events.TypeStopped, "h2"), forged.Encode()); err != nil {
+	if _, err := wjs.Publish(c4, env.Names.Event("web1", api.TypeStopped, "h2"), forged.Encode()); err != nil {
 		t.Fatalf("h2's worker cannot write on its own writer token: %v", err)
 	}
 	cc4()
-	env.SendCmd("web1", "suspend", "after-forgery", events.Command{})
-	if ev := env.Result("web1", "after-forgery", 30*time.Second); ev.Type != events.TypeSuspended {
+	env.SendCmd("web1", "suspend", "after-forgery", api.Command{})
+	if ev := env.Result("web1", "after-forgery", 30*time.Second); ev.Type != api.TypeSuspended {
 		t.Fatalf("after the forged result web1 could not be suspended: %+v", ev)
 	}
 	env.CheckProjection(30 * time.Second)
@@ -303,13 +303,13 @@ func TestTrustRoles(t *testing.T) {
 		t.Fatalf("an operator cannot command: %v", err)
 	}
 	cc5()
-	if ev := env.Result("web1", "by-alice", 30*time.Second); ev.Type != events.TypeResumed {
+	if ev := env.Result("web1", "by-alice", 30*time.Second); ev.Type != api.TypeResumed {
 		t.Fatalf("the operator's resume: %+v", ev)
 	}
 	if ev := env.Decision("web1", "by-alice", time.Second); ev.Issuer != "alice" {
 		t.Errorf("the decision of alice's command names issuer %q", ev.Issuer)
 	}
-	if n := env.CountType("web1", events.TypeRejected); n != 0 {
+	if n := env.CountType("web1", api.TypeRejected); n != 0 {
 		t.Errorf("web1 has %d rejections; the refused publishes reached the engine", n)
 	}
 	_, ojs2, _ := connectAs(t, url, dir, auth.Identity{Role: auth.RoleOperator, User: "carol"})
@@ -378,7 +378,7 @@ func TestTrustFloodFairness(t *testing.T) {
 		limited, bad = 0, 0
 		seen := map[string]int{}
 		for _, s := range env.Events("victim") {
-			if s.Event == nil || s.Event.Type != events.TypeRejected || s.Event.Issuer != "flood" {
+			if s.Event == nil || s.Event.Type != api.TypeRejected || s.Event.Issuer != "flood" {
 				continue
 			}
 			seen[s.Event.CommandID]++
@@ -412,7 +412,7 @@ func TestTrustFloodFairness(t *testing.T) {
 	if bound := 3*storeFlood + 2*time.Second; worst > bound {
 		t.Errorf("alice's slowest decision during the flood took %v (want < %v: 3 x %v to store %d messages, + 2s)", worst, bound, storeFlood, flood)
 	}
-	if n := env.CountType("a1", events.TypeRejected); n != 0 {
+	if n := env.CountType("a1", api.TypeRejected); n != 0 {
 		t.Errorf("alice had %d commands rejected", n)
 	}
 }
@@ -442,7 +442,7 @@ func aliceLifecycle(ctx context.Context, t *testing.T, env *testenv.Env, ajs jet
 		}
 		ev := env.Decision("a1", id, timeout)
 		worst = max(worst, time.Since(t0))
-		if ev.Type != events.TypeAccepted {
+		if ev.Type != api.TypeAccepted {
 			t.Fatalf("alice's %s during the flood: %+v", action, ev)
 		}
 		env.Result("a1", id, timeout)
@@ -491,7 +491,7 @@ func TestTrustRelayedRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	url, _, env := authEngineIn(t, dir)
-	key := events.ImageKey("h1", "tiny")
+	key := api.ImageKey("h1", "tiny")
 	env.WaitFor("h1 reports its image", 30*time.Second, func() bool {
 		kv, err := env.JS.KeyValue(ctx, env.Names.ImagesBucket())
 		if err != nil {
@@ -501,7 +501,7 @@ func TestTrustRelayedRequests(t *testing.T) {
 		return err == nil
 	})
 	vnc, _, _ := connectAs(t, url, dir, auth.Identity{Role: auth.RoleViewer, User: "dash"})
-	rm := env.Names.Image("h1", events.ImageRemove)
+	rm := env.Names.Image("h1", api.ImageRemove)
 	body := fmt.Sprintf(`{"stream_name":"KV_%s","config":{"name":"rm","deliver_subject":%q,"deliver_group":"q","filter_subject":"$KV.%s.%s","ack_policy":"none"}}`,
 		env.Names.ImagesBucket(), rm, env.Names.ImagesBucket(), key)
 	if err := vnc.PublishRequest("$JS.API.CONSUMER.CREATE.KV_"+env.Names.ImagesBucket()+".rm.$KV."+env.Names.ImagesBucket()+"."+key, vnc.NewInbox(), []byte(body)); err != nil {

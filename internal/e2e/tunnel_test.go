@@ -11,12 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // A tunnel reaches a VM's guest only while the VM runs (issue #22 item
@@ -30,10 +29,10 @@ func TestTunnelOnlyToRunningGuest(t *testing.T) {
 	env := testenv.New(t)
 	eng := env.StartEngine(testenv.EngineConfig{})
 	q := newQEMU(t, dataDir)
-	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[vm.BackendTag]backends.Hypervisor{vm.BackendQEMU: q}, Default: vm.BackendQEMU,
+	env.StartWorker(testenv.WorkerConfig{Host: "h1", Extra: map[api.BackendTag]backends.Hypervisor{api.BackendQEMU: q}, Default: api.BackendQEMU,
 		ImageRoots: []string{filepath.Dir(image)}, VMDirs: []string{filepath.Join(dataDir, "vms")}})
 	env.WaitHost(eng, "h1")
-	t.Cleanup(func() { _ = q.Destroy(context.Background(), vm.VmHandle{Name: "tun1", Backend: vm.BackendQEMU}) })
+	t.Cleanup(func() { _ = q.Destroy(context.Background(), api.VmHandle{Name: "tun1", Backend: api.BackendQEMU}) })
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 
@@ -78,8 +77,8 @@ func TestTunnelOnlyToRunningGuest(t *testing.T) {
 		}
 	}
 
-	spec := &vm.VmSpec{Backend: vm.BackendQEMU, ImagePath: image, MemoryMB: 192, Accel: "auto"}
-	prepared := do(t, env, "tun1", "prepare", "tun1-p", events.Command{Spec: spec}, events.TypePrepared)
+	spec := &api.VmSpec{Backend: api.BackendQEMU, ImagePath: image, MemoryMB: 192, Accel: "auto"}
+	prepared := do(t, env, "tun1", "prepare", "tun1-p", api.Command{Spec: spec}, api.TypePrepared)
 	port := prepared.Handle.SSHPort
 	if port == 0 {
 		t.Fatal("the prepared VM has no forwarded port")
@@ -91,10 +90,10 @@ func TestTunnelOnlyToRunningGuest(t *testing.T) {
 		t.Fatalf("a tunnel to the prepared VM reached the impostor on its port %d times", n)
 	}
 
-	do(t, env, "tun1", "start", "tun1-s", events.Command{}, events.TypeStarted)
-	do(t, env, "tun1", "suspend", "tun1-u", events.Command{}, events.TypeSuspended)
+	do(t, env, "tun1", "start", "tun1-s", api.Command{}, api.TypeStarted)
+	do(t, env, "tun1", "suspend", "tun1-u", api.Command{}, api.TypeSuspended)
 	refused("suspended", func() int { return 0 })
-	do(t, env, "tun1", "resume", "tun1-r", events.Command{}, events.TypeResumed)
+	do(t, env, "tun1", "resume", "tun1-r", api.Command{}, api.TypeResumed)
 	// Running: the worker connects (QEMU's forward answers, booted or not).
 	tctx, tcancel := context.WithCancel(ctx)
 	a, b := net.Pipe()
@@ -109,7 +108,7 @@ func TestTunnelOnlyToRunningGuest(t *testing.T) {
 	tcancel()
 	<-tunErr
 
-	stopped := do(t, env, "tun1", "stop", "tun1-t", events.Command{TimeoutS: 2}, events.TypeStopped)
+	stopped := do(t, env, "tun1", "stop", "tun1-t", api.Command{TimeoutS: 2}, api.TypeStopped)
 	reached, stop = impostor(stopped.Handle.SSHPort)
 	defer stop()
 	refused("stopped", reached)

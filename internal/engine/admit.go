@@ -4,29 +4,27 @@ import (
 	"strings"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/hosts"
-	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // hostView is what admission needs to know of the hosts: the engine's
 // hosts.Registry (fed by the VM_HOSTS bucket), or a table in tests.
 type hostView interface {
-	Get(host string) *hosts.Host
-	List() []*hosts.Host
+	Get(host string) *api.Host
+	List() []*api.Host
 }
 
 // admission is the decision proper, apart from NATS: given a VM's record
-// and the hosts, it accepts or rejects a command. It does no I/O of its
-// own (the registry may re-read a host it believes lost).
+// and the hosts, it accepts or rejects a command. It does no I/O: the
+// registry answers from memory (hosts.Registry.Get).
 type admission struct {
 	hosts     hostView
 	lostAfter time.Duration
 	// placed is what the VMs placed on a host take (the engine's count
 	// from the records); nil counts nothing.
-	placed func(host string) hosts.Resources
+	placed func(host string) api.Resources
 	// quotas and count: how many VMs a host or a name prefix may have,
 	// and how many it has (nil: no quotas).
 	quotas Quotas
@@ -48,7 +46,7 @@ type admission struct {
 type booking interface {
 	lockPlacing()
 	unlockPlacing()
-	reserve(name, host string, b vm.BackendTag, res hosts.Resources, after uint64)
+	reserve(name, host string, b api.BackendTag, res api.Resources, after uint64)
 }
 
 // DefaultMaxCommandTimeout is the largest timeout_s the engines accept
@@ -63,7 +61,7 @@ const DefaultMaxCommandTimeout = 15 * time.Minute
 func (e *Engine) SetMaxCommandTimeout(d time.Duration) { e.adm.maxTimeout = d }
 
 // checkTimeout rejects a timeout_s over the engine's limit.
-func (a admission) checkTimeout(cmd *events.Command) error {
+func (a admission) checkTimeout(cmd *api.Command) error {
 	max := a.maxTimeout
 	if max <= 0 {
 		max = DefaultMaxCommandTimeout
@@ -109,19 +107,19 @@ func (a admission) checkQuota(name, host string) error {
 // admit decides a parsed command on the VM's record: the state machine,
 // placement (prepare), the host's liveness and its backend's
 // capabilities. On accept it fills ev; else it returns the reason.
-func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.Command, ev *events.Event) error {
+func (a admission) admit(rec *api.VmRecord, act fsm.Action, cmd *api.Command, ev *api.Event) error {
 	if err := a.checkTimeout(cmd); err != nil {
 		return err
 	}
 	cur := rec.CurrentState()
 	host, backend := rec.Host, rec.Backend
-	decide := func(cur vm.VmState) (vm.VmState, error) { return fsm.Decide(cur, act) }
+	decide := func(cur api.VmState) (api.VmState, error) { return fsm.Decide(cur, act) }
 	switch {
 	case cmd.Forget:
 		if !rec.Exists() {
 			return reject("forget: there is no vm %s to forget", ev.VM)
 		}
-		if cur == vm.StateDestroyed {
+		if cur == api.StateDestroyed {
 			return reject("forget: vm %s is already destroyed", ev.VM)
 		}
 		if h := a.hosts.Get(host); h != nil && h.Alive {
@@ -130,7 +128,7 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 		decide = fsm.Forget
 		ev.Forget = true
 		for _, f := range rec.InFlight {
-			ev.Abandoned = append(ev.Abandoned, events.Abandoned{CommandID: f.CommandID, Action: f.Action, Seq: f.Seq})
+			ev.Abandoned = append(ev.Abandoned, api.Abandoned{CommandID: f.CommandID, Action: f.Action, Seq: f.Seq})
 		}
 	case act == fsm.ActMigrate && cmd.Cancel:
 		return a.admitCancel(rec, ev)
@@ -140,7 +138,7 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 		if err := a.admitMigrate(rec, cmd, ev); err != nil {
 			return err
 		}
-		decide = func(vm.VmState) (vm.VmState, error) { return vm.StateMigrating, nil }
+		decide = func(api.VmState) (api.VmState, error) { return api.StateMigrating, nil }
 	case act == fsm.ActPrepare:
 		spec := cmd.Spec.WithDefaults()
 		if spec.Name == "" {
@@ -173,9 +171,9 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 		host, backend = h.Host, spec.Backend
 		ev.Spec = &spec
 		if a.book != nil {
-			a.book.reserve(ev.VM, host, backend, hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB}, rec.LastSeq)
+			a.book.reserve(ev.VM, host, backend, api.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB}, rec.LastSeq)
 		}
-	case rec.Exists() && cur != vm.StateDestroyed:
+	case rec.Live():
 		if _, err := fsm.Decide(cur, act); err != nil {
 			return err
 		}
@@ -195,7 +193,7 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 	if err != nil {
 		return err
 	}
-	ev.Type = events.TypeAccepted
+	ev.Type = api.TypeAccepted
 	ev.State = next
 	ev.Host = host
 	ev.Backend = backend
@@ -212,7 +210,7 @@ func (a admission) admit(rec *projection.VmRecord, act fsm.Action, cmd *events.C
 // the engines' retention) may purge any. The accepted event keeps the
 // VM's last host and backend and says destroyed, the state it is purged
 // from; its fold leaves the name absent (fsm.Decide).
-func admitPurge(rec *projection.VmRecord, ev *events.Event) error {
+func admitPurge(rec *api.VmRecord, ev *api.Event) error {
 	cur := rec.CurrentState()
 	if _, err := fsm.Decide(cur, fsm.ActPurge); err != nil {
 		return err
@@ -227,8 +225,8 @@ func admitPurge(rec *projection.VmRecord, ev *events.Event) error {
 		}
 		return reject("cannot purge: vm %s was created by %s; an operator may purge only the VMs it created (an admin may purge any)", ev.VM, by)
 	}
-	ev.Type = events.TypeAccepted
-	ev.State = vm.StateDestroyed
+	ev.Type = api.TypeAccepted
+	ev.State = api.StateDestroyed
 	ev.Host = rec.Host
 	ev.Backend = rec.Backend
 	return nil
@@ -238,9 +236,9 @@ func admitPurge(rec *projection.VmRecord, ev *events.Event) error {
 // alive and its backend able to migrate, and a destination (the one
 // asked for, or placed by prepare's rules among the others) that can
 // take it. On accept it fills ev.Migration.
-func (a admission) admitMigrate(rec *projection.VmRecord, cmd *events.Command, ev *events.Event) error {
+func (a admission) admitMigrate(rec *api.VmRecord, cmd *api.Command, ev *api.Event) error {
 	cur := rec.CurrentState()
-	if !rec.Exists() || cur == vm.StateDestroyed {
+	if !rec.Live() {
 		_, err := fsm.Decide(fsm.StateAbsent, fsm.ActMigrate)
 		return err
 	}
@@ -280,11 +278,11 @@ func (a admission) admitMigrate(rec *projection.VmRecord, cmd *events.Command, e
 	if !dst.Can(rec.Backend, fsm.ActMigrate) {
 		return reject("host: %s cannot take it: backend %s there cannot migrate", dst.Host, rec.Backend)
 	}
-	mode := events.MigrateCold
+	mode := api.MigrateCold
 	if fsm.Live(cur) {
-		mode = events.MigrateLive
+		mode = api.MigrateLive
 	}
-	ev.Migration = &events.Migration{From: rec.Host, To: dst.Host, Mode: mode, Before: cur}
+	ev.Migration = &api.Migration{From: rec.Host, To: dst.Host, Mode: mode, Before: cur}
 	ev.Spec = &spec // what the destination's copy is made from
 	return nil
 }
@@ -292,28 +290,28 @@ func (a admission) admitMigrate(rec *projection.VmRecord, cmd *events.Command, e
 // admitCancel decides the cancel of a migration in flight: the VM stays
 // where it is, in the state it had; the migrate is abandoned (the engine
 // stores its failed result) and both hosts' workers undo their part.
-func (a admission) admitCancel(rec *projection.VmRecord, ev *events.Event) error {
-	if rec.CurrentState() != vm.StateMigrating || rec.Migration == nil || len(rec.InFlight) == 0 {
+func (a admission) admitCancel(rec *api.VmRecord, ev *api.Event) error {
+	if rec.CurrentState() != api.StateMigrating || rec.Migration == nil || len(rec.InFlight) == 0 {
 		return reject("cancel: vm %s has no migration in flight (it is %s)", ev.VM, rec.CurrentState())
 	}
 	m := rec.InFlight[len(rec.InFlight)-1]
-	ev.Type = events.TypeAccepted
+	ev.Type = api.TypeAccepted
 	ev.Cancel = true
 	ev.State = rec.Migration.Before
 	ev.Host = rec.Host
 	ev.Backend = rec.Backend
 	ev.Migration = rec.Migration.Clone()
-	ev.Abandoned = []events.Abandoned{{CommandID: m.CommandID, Action: m.Action, Seq: m.Seq}}
+	ev.Abandoned = []api.Abandoned{{CommandID: m.CommandID, Action: m.Action, Seq: m.Seq}}
 	return nil
 }
 
 // placeAway places a migrating VM on a host other than from: pin if
 // given, else the best of the others.
-func (a admission) placeAway(from, pin string, spec vm.VmSpec) (*hosts.Host, error) {
+func (a admission) placeAway(from, pin string, spec api.VmSpec) (*api.Host, error) {
 	if pin != "" {
 		return a.place(pin, spec)
 	}
-	var others []*hosts.Host
+	var others []*api.Host
 	for _, h := range a.hosts.List() {
 		// Only hosts whose backend takes a migration are candidates.
 		if h.Host != from && (!h.Has(spec.Backend) || h.Can(spec.Backend, fsm.ActMigrate)) {
@@ -321,7 +319,7 @@ func (a admission) placeAway(from, pin string, spec vm.VmSpec) (*hosts.Host, err
 		}
 	}
 	p := hosts.Placement{
-		Backend: spec.Backend, Need: hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
+		Backend: spec.Backend, Need: api.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
 		Placed: a.placed, Image: spec.Image, HasImage: a.hasImage,
 	}
 	if a.count != nil {
@@ -338,10 +336,10 @@ func (a admission) placeAway(from, pin string, spec vm.VmSpec) (*hosts.Host, err
 // place picks the host of a new VM: the pinned one if it can take it, else
 // the best that can (hosts.Best: the most free memory, then the fewest
 // VMs, then the first by name).
-func (a admission) place(pin string, spec vm.VmSpec) (*hosts.Host, error) {
+func (a admission) place(pin string, spec api.VmSpec) (*api.Host, error) {
 	p := hosts.Placement{
 		Backend:  spec.Backend,
-		Need:     hosts.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
+		Need:     api.Resources{Vcpus: spec.Vcpus, MemoryMB: spec.MemoryMB},
 		Placed:   a.placed,
 		Image:    spec.Image,
 		HasImage: a.hasImage,

@@ -17,6 +17,8 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sync/errgroup"
 
@@ -26,7 +28,6 @@ import (
 	"github.com/vmherd/vmherd/internal/keyed"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/schemas"
 )
 
@@ -45,7 +46,7 @@ type JetStream interface {
 // Config of an engine.
 type Config struct {
 	JS       JetStream
-	Names    events.Names
+	Names    api.Names
 	Settings events.Settings
 	Log      *slog.Logger
 	// ID names this engine's own consumers (the projection); unique per engine.
@@ -107,7 +108,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.ID == "" {
 		return nil, errors.New("engine: an engine id is required")
 	}
-	st, err := events.NewStore(ctx, cfg.JS, cfg.Names, events.EngineWriter)
+	st, err := events.NewStore(ctx, cfg.JS, cfg.Names, api.EngineWriter)
 	if err != nil {
 		return nil, err
 	}
@@ -148,7 +149,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	e.cfg.Metrics.Register(hostCollector{e.hosts})
 	// What the VMs already placed take, before the first placement; the
 	// projector's folds keep the count from here on.
-	var recs map[string]*projection.VmRecord
+	var recs map[string]*api.VmRecord
 	if err := events.RetryStartup(ctx, e.log, "the records, to count what is placed", func(sctx context.Context) (err error) {
 		recs, err = projection.Load(sctx, e.cfg.JS, e.cfg.Names)
 		return err
@@ -268,11 +269,11 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		perr = reject("not a published command: the server stored it as the answer of a request whose reply subject was %s", msg.Subject())
 	}
 	cmdID := commandID(cmd, msg, md.Sequence.Stream)
-	base := events.Event{VM: name, CommandID: cmdID, Action: fsm.Action(action), Issuer: issuer}
+	base := api.Event{VM: name, CommandID: cmdID, Action: fsm.Action(action), Issuer: issuer}
 
 	// The subject must name a valid VM; else the rejection goes to a
 	// subject that cannot collide with a real VM.
-	if err := vm.ValidateName(name); err != nil || !shapeOK {
+	if err := api.ValidateName(name); err != nil || !shapeOK {
 		if err == nil {
 			err = fmt.Errorf("subject %q must be %s or %s", msg.Subject(), e.cfg.Names.Command("<vm>", "<action>"), e.cfg.Names.IssuedCommand("<vm>", "<action>", "<issuer>"))
 		}
@@ -294,7 +295,7 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		}
 	}
 	if perr == nil && issuer != "" {
-		if err := vm.ValidateIdentity(issuer); err != nil {
+		if err := api.ValidateIdentity(issuer); err != nil {
 			perr = reject("issuer in subject: %v", err)
 		}
 	}
@@ -311,7 +312,7 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 			derr = e.adm.admit(rec, act, cmd, &ev)
 		}
 		if derr != nil {
-			ev.Type = events.TypeRejected
+			ev.Type = api.TypeRejected
 			ev.State = rec.CurrentState()
 			if ev.State == fsm.StateAbsent {
 				ev.State = ""
@@ -319,7 +320,7 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 			ev.Reason = derr.Error()
 			ev.Spec, ev.Backend, ev.TimeoutS = nil, "", 0
 		}
-		seq, dup, err := e.store.Append(ctx, &ev, rec.LastSeq, events.DecisionMsgID(name, ev.CommandID))
+		seq, dup, err := e.store.Append(ctx, &ev, rec.LastSeq, api.DecisionMsgID(name, ev.CommandID))
 		if errors.Is(err, events.ErrConflict) && attempt < maxConflicts {
 			// Someone else appended since the record's last event: decide
 			// again on a record that includes the VM's newest event.
@@ -368,19 +369,19 @@ func (e *Engine) dupWindow() time.Duration {
 }
 
 // storedDecision reads the decision of cmdID stored at seq.
-func (e *Engine) storedDecision(ctx context.Context, name, cmdID string, seq uint64) (*events.Event, error) {
+func (e *Engine) storedDecision(ctx context.Context, name, cmdID string, seq uint64) (*api.Event, error) {
 	m, err := e.store.Stream().GetMsg(ctx, seq)
 	if err != nil {
 		return nil, fmt.Errorf("reading the stored decision of command %s (vm %s, seq %d): %w", cmdID, name, seq, err)
 	}
-	ev, err := e.cfg.Names.DecodeStored(m.Subject, m.Data)
+	ev, err := events.DecodeStored(e.cfg.Names, m.Subject, m.Data)
 	if err == nil && events.RelayedCopy(m) {
 		err = errors.New("stored by the server on a client's behalf, not by an engine")
 	}
 	if err != nil {
 		return nil, fmt.Errorf("reading the stored decision of command %s (vm %s, seq %d): %w", cmdID, name, seq, err)
 	}
-	if ev.VM != name || ev.CommandID != cmdID || (ev.Type != events.TypeAccepted && ev.Type != events.TypeRejected) {
+	if ev.VM != name || ev.CommandID != cmdID || (ev.Type != api.TypeAccepted && ev.Type != api.TypeRejected) {
 		return nil, fmt.Errorf("the event at seq %d is not the decision of command %s of vm %s", seq, cmdID, name)
 	}
 	return ev, nil
@@ -388,7 +389,7 @@ func (e *Engine) storedDecision(ctx context.Context, name, cmdID string, seq uin
 
 // commandID is the body's command_id, else the Nats-Msg-Id, else
 // cmd-<seq>. cmd is the parsed body, nil if it did not parse.
-func commandID(cmd *events.Command, msg jetstream.Msg, seq uint64) string {
+func commandID(cmd *api.Command, msg jetstream.Msg, seq uint64) string {
 	if cmd != nil && cmd.CommandID != "" {
 		return cmd.CommandID // the schema checked it
 	}
@@ -420,8 +421,8 @@ func validCommandID(id string) bool {
 
 // parse validates the body against the action's schema and decodes it,
 // in one parse (schemas.DecodeCommand).
-func parse(action string, data []byte) (*events.Command, fsm.Action, error) {
-	act, err := fsm.ParseAction(action)
+func parse(action string, data []byte) (*api.Command, fsm.Action, error) {
+	act, err := api.ParseAction(action)
 	if err != nil {
 		return nil, "", reject("%v", err)
 	}
@@ -431,7 +432,7 @@ func parse(action string, data []byte) (*events.Command, fsm.Action, error) {
 	if len(bytes.TrimSpace(data)) == 0 {
 		data = []byte("{}") // `nats pub vm.cmd.web1.start ""` means no options
 	}
-	var cmd events.Command
+	var cmd api.Command
 	if err := schemas.DecodeCommand(action, data, &cmd); err != nil {
 		return nil, act, reject("%v", err)
 	}
@@ -440,16 +441,16 @@ func parse(action string, data []byte) (*events.Command, fsm.Action, error) {
 
 // appendInvalid records the rejection of a command whose subject names no
 // valid VM.
-func (e *Engine) appendInvalid(ctx context.Context, ev events.Event, reason string) error {
+func (e *Engine) appendInvalid(ctx context.Context, ev api.Event, reason string) error {
 	raw := ev.VM
-	ev.VM = events.InvalidVM
-	ev.Type = events.TypeRejected
+	ev.VM = api.InvalidVM
+	ev.Type = api.TypeRejected
 	ev.Reason = reason
 	ev.Time = time.Now().UTC()
 	body := ev
 	body.VM = raw
-	_, err := e.cfg.JS.Publish(ctx, e.cfg.Names.Event(events.InvalidVM, events.TypeRejected, events.EngineWriter), body.Encode(),
-		jetstream.WithMsgID(events.DecisionMsgID(events.InvalidVM, raw+"/"+string(ev.Action)+"/"+ev.CommandID)))
+	_, err := e.cfg.JS.Publish(ctx, e.cfg.Names.Event(api.InvalidVM, api.TypeRejected, api.EngineWriter), body.Encode(),
+		jetstream.WithMsgID(api.DecisionMsgID(api.InvalidVM, raw+"/"+string(ev.Action)+"/"+ev.CommandID)))
 	return err
 }
 
@@ -460,13 +461,13 @@ func (e *Engine) appendInvalid(ctx context.Context, ev events.Event, reason stri
 // backstop), and reads exactly as many decisions as the consumer had
 // pending when it was created, so a slow first fetch cannot end the look
 // early.
-func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, published time.Time) (*events.Event, uint64, error) {
+func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, published time.Time) (*api.Event, uint64, error) {
 	st := e.store.Stream()
 	cons, err := st.CreateConsumer(ctx, jetstream.ConsumerConfig{
 		Description: "vmherd engine: earlier decision of one command",
 		FilterSubjects: []string{
-			e.cfg.Names.Event(name, events.TypeAccepted, events.EngineWriter),
-			e.cfg.Names.Event(name, events.TypeRejected, events.EngineWriter),
+			e.cfg.Names.Event(name, api.TypeAccepted, api.EngineWriter),
+			e.cfg.Names.Event(name, api.TypeRejected, api.EngineWriter),
 		},
 		DeliverPolicy:     jetstream.DeliverByStartTimePolicy,
 		OptStartTime:      ptr(published.Add(-time.Minute)),
@@ -495,7 +496,7 @@ func (e *Engine) alreadyDecided(ctx context.Context, name, cmdID string, publish
 			if err != nil {
 				return nil, 0, err
 			}
-			if ev, err := e.cfg.Names.DecodeStored(m.Subject(), m.Data()); err == nil && ev.CommandID == cmdID && !events.StoredByServer(m.Headers()) {
+			if ev, err := events.DecodeStored(e.cfg.Names, m.Subject(), m.Data()); err == nil && ev.CommandID == cmdID && !events.StoredByServer(m.Headers()) {
 				return ev, md.Sequence.Stream, nil
 			}
 		}
@@ -526,7 +527,7 @@ func ptr[T any](v T) *T { return &v }
 // observations has no record in the bucket, so after a restart the
 // projector has none either), the VM's events are read from the stream
 // itself and folded onto it.
-func (e *Engine) state(ctx context.Context, name string, atLeast uint64) (*projection.VmRecord, error) {
+func (e *Engine) state(ctx context.Context, name string, atLeast uint64) (*api.VmRecord, error) {
 	if atLeast > 0 {
 		wctx, cancel := context.WithTimeout(ctx, catchUpWait)
 		e.proj.WaitFolded(wctx, atLeast)
@@ -537,7 +538,7 @@ func (e *Engine) state(ctx context.Context, name string, atLeast uint64) (*proje
 		return nil, err
 	}
 	if rec == nil {
-		rec = &projection.VmRecord{Name: name, State: fsm.StateAbsent}
+		rec = &api.VmRecord{Name: name, State: fsm.StateAbsent}
 	}
 	if rec.LastSeq < atLeast {
 		from := rec.LastSeq

@@ -4,9 +4,12 @@ import (
 	"context"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/events"
+
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/hosts"
 )
 
@@ -31,20 +34,20 @@ func (e *Engine) runHostEvents(ctx context.Context) error {
 func (e *Engine) hostEvent(ctx context.Context, c hosts.Change) {
 	subj := e.cfg.Names.HostEvent(c.Host, c.Kind)
 	if m, err := e.store.Stream().GetLastMsgForSubject(ctx, subj); err == nil {
-		if prev, err := events.DecodeHostEvent(m.Data); err == nil && prev.Rev == c.Rev {
+		if prev, err := api.DecodeHostEvent(m.Data); err == nil && prev.Rev == c.Rev {
 			return
 		}
 	}
-	ev := events.HostEvent{
+	ev := api.HostEvent{
 		Type: c.Kind, Host: c.Host, Time: time.Now().UTC(), Rev: c.Rev,
 		Reason: c.Reason, LastHeartbeat: c.Last.UTC(),
 	}
-	if c.Kind == events.HostLost {
+	if c.Kind == api.HostLost {
 		ev.VMs = e.placed.vmsOn(c.Host)
 	}
 	for attempt := 0; attempt < 10 && ctx.Err() == nil; attempt++ {
 		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		_, err := e.cfg.JS.Publish(pctx, subj, ev.Encode(), jetstream.WithMsgID(events.HostEventMsgID(c.Host, c.Kind, c.Rev)))
+		_, err := e.cfg.JS.Publish(pctx, subj, ev.Encode(), jetstream.WithMsgID(api.HostEventMsgID(c.Host, c.Kind, c.Rev)))
 		cancel()
 		if err == nil {
 			e.log.Info("host event", "host", c.Host, "type", c.Kind, "reason", c.Reason, "vms", len(ev.VMs))
@@ -60,7 +63,7 @@ func (e *Engine) hostEvent(ctx context.Context, c hosts.Change) {
 // only pull from their host's consumer: one that could create consumers
 // could read any host's tasks.
 func (e *Engine) runHostConsumers(ctx context.Context) error {
-	made := map[string]hosts.TaskSettings{}
+	made := map[string]api.TaskSettings{}
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
 	for {
@@ -68,7 +71,7 @@ func (e *Engine) runHostConsumers(ctx context.Context) error {
 			if s, ok := made[h.Host]; ok && s == h.Tasks {
 				continue
 			}
-			cfg := e.cfg.Names.HostTaskConsumerConfig(h.Host, h.Tasks.AckWait(), h.Tasks.Pending())
+			cfg := events.HostTaskConsumerConfig(e.cfg.Names, h.Host, h.Tasks.AckWait(), h.Tasks.Pending())
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			_, err := e.cfg.JS.CreateOrUpdateConsumer(cctx, e.cfg.Names.TasksStream(), cfg)
 			cancel()

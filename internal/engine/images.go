@@ -5,17 +5,16 @@ import (
 	"encoding/json"
 	"sync"
 
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/vmherd/vmherd/api"
 
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/images"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // imageIndex is the engine's view of VM_IMAGES: which images are ready on
 // which host, for placing a spec that names its image.
 type imageIndex struct {
 	mu     sync.RWMutex
-	ready  map[string]bool // events.ImageKey(host, name)
+	ready  map[string]bool // api.ImageKey(host, name)
 	synced chan struct{}
 	once   sync.Once
 }
@@ -28,7 +27,7 @@ func newImageIndex() *imageIndex {
 func (x *imageIndex) has(host, name string) bool {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	return x.ready[events.ImageKey(host, name)]
+	return x.ready[api.ImageKey(host, name)]
 }
 
 // Ready is closed once the bucket has been read to its end.
@@ -53,8 +52,8 @@ func (x *imageIndex) run(ctx context.Context, kv jetstream.KeyValue) error {
 				x.once.Do(func() { close(x.synced) })
 				continue
 			}
-			var st images.Status
-			ready := e.Operation() == jetstream.KeyValuePut && json.Unmarshal(e.Value(), &st) == nil && st.State == images.StateReady
+			var st api.ImageStatus
+			ready := e.Operation() == jetstream.KeyValuePut && json.Unmarshal(e.Value(), &st) == nil && st.State == api.ImageReady
 			x.mu.Lock()
 			if ready {
 				x.ready[e.Key()] = true

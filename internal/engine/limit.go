@@ -6,12 +6,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/time/rate"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // RateLimit bounds the commands one issuer (the last token of
@@ -79,19 +79,19 @@ func (e *Engine) rejectOverRate(ctx context.Context, msg jetstream.Msg, name, ac
 		done()
 		return
 	}
-	ev := events.Event{
+	ev := api.Event{
 		VM: name, CommandID: commandID(nil, msg, md.Sequence.Stream), Action: fsm.Action(action), Issuer: issuer,
-		Type: events.TypeRejected, Reason: e.limits.reason(issuer), Time: time.Now().UTC(),
+		Type: api.TypeRejected, Reason: e.limits.reason(issuer), Time: time.Now().UTC(),
 	}
-	if vm.ValidateName(name) != nil {
+	if api.ValidateName(name) != nil {
 		go func() {
 			defer done()
 			e.settle(ctx, msg, func(dctx context.Context) error { return e.appendInvalid(dctx, ev, ev.Reason) })
 		}()
 		return
 	}
-	f, err := e.cfg.JS.PublishAsync(e.cfg.Names.Event(name, ev.Type, events.EngineWriter), ev.Encode(),
-		jetstream.WithMsgID(events.DecisionMsgID(name, ev.CommandID)))
+	f, err := e.cfg.JS.PublishAsync(e.cfg.Names.Event(name, ev.Type, api.EngineWriter), ev.Encode(),
+		jetstream.WithMsgID(api.DecisionMsgID(name, ev.CommandID)))
 	if err != nil {
 		e.log.Warn("storing a rate-limit rejection failed; the command will be redelivered", "subject", msg.Subject(), "err", err)
 		_ = msg.NakWithDelay(time.Second)

@@ -5,12 +5,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // TestAdmitMigrate: a migrate is placed away from the VM's host by
@@ -18,10 +16,10 @@ import (
 // and carries where it goes and the state it returns to; a cancel needs
 // a migration in flight and abandons it.
 func TestAdmitMigrate(t *testing.T) {
-	hb := func(name string, alive, migrate bool, free int) *hosts.Host {
-		return &hosts.Host{Alive: alive, Heartbeat: hosts.Heartbeat{Host: name, Backends: []vm.BackendTag{vm.BackendQEMU},
-			DefaultBackend: vm.BackendQEMU, Capacity: hosts.Resources{Vcpus: 8, MemoryMB: free},
-			Capabilities: map[vm.BackendTag]backends.Capabilities{vm.BackendQEMU: {Suspend: true, Resume: true, Migrate: migrate}}}}
+	hb := func(name string, alive, migrate bool, free int) *api.Host {
+		return &api.Host{Alive: alive, Heartbeat: api.Heartbeat{Host: name, Backends: []api.BackendTag{api.BackendQEMU},
+			DefaultBackend: api.BackendQEMU, Capacity: api.Resources{Vcpus: 8, MemoryMB: free},
+			Capabilities: map[api.BackendTag]api.Capabilities{api.BackendQEMU: {Suspend: true, Resume: true, Migrate: migrate}}}}
 	}
 	table := hostTable{
 		"h1":   hb("h1", true, true, 8000),
@@ -31,46 +29,46 @@ func TestAdmitMigrate(t *testing.T) {
 		"gone": hb("gone", false, true, 9000),
 		"tiny": hb("tiny", true, true, 100),
 	}
-	table["h3"].Cordon = &hosts.Cordon{Reason: "maintenance"}
+	table["h3"].Cordon = &api.Cordon{Reason: "maintenance"}
 	adm := admission{hosts: table, lostAfter: 10 * time.Second}
-	rec := func(state vm.VmState, host string) *projection.VmRecord {
-		spec := vm.VmSpec{Name: "web1", Backend: vm.BackendQEMU, ImagePath: "/i.qcow2", Vcpus: 1, MemoryMB: 512}
-		return &projection.VmRecord{Name: "web1", State: state, Host: host, Backend: vm.BackendQEMU, Generation: 1, LastSeq: 7,
-			Handle: &vm.VmHandle{ID: "x", Name: "web1", Backend: vm.BackendQEMU, Host: host, Spec: &spec}}
+	rec := func(state api.VmState, host string) *api.VmRecord {
+		spec := api.VmSpec{Name: "web1", Backend: api.BackendQEMU, ImagePath: "/i.qcow2", Vcpus: 1, MemoryMB: 512}
+		return &api.VmRecord{Name: "web1", State: state, Host: host, Backend: api.BackendQEMU, Generation: 1, LastSeq: 7,
+			Handle: &api.VmHandle{ID: "x", Name: "web1", Backend: api.BackendQEMU, Host: host, Spec: &spec}}
 	}
-	migrating := rec(vm.StateMigrating, "h1")
-	migrating.Migration = &events.Migration{From: "h1", To: "h2", Mode: events.MigrateLive, Before: vm.StateSuspended}
-	migrating.InFlight = []projection.InFlight{{CommandID: "m1", Action: fsm.ActMigrate, Seq: 7}}
-	uefi := rec(vm.StateRunning, "h1")
+	migrating := rec(api.StateMigrating, "h1")
+	migrating.Migration = &api.Migration{From: "h1", To: "h2", Mode: api.MigrateLive, Before: api.StateSuspended}
+	migrating.InFlight = []api.InFlight{{CommandID: "m1", Action: fsm.ActMigrate, Seq: 7}}
+	uefi := rec(api.StateRunning, "h1")
 	uefi.Handle.Spec.UEFI = true
 	for _, c := range []struct {
 		name   string
-		rec    *projection.VmRecord
-		cmd    events.Command
+		rec    *api.VmRecord
+		cmd    api.Command
 		to     string // accepted to this host, or
 		reject string
 		mode   string
 	}{
-		{"running: placed on the other host with the most room, not cordoned, not the source", rec(vm.StateRunning, "h1"), events.Command{}, "h2", "", events.MigrateLive},
-		{"suspended moves live", rec(vm.StateSuspended, "h1"), events.Command{Host: "h2"}, "h2", "", events.MigrateLive},
-		{"stopped moves cold", rec(vm.StateStopped, "h1"), events.Command{Host: "h2"}, "h2", "", events.MigrateCold},
-		{"prepared moves cold", rec(vm.StatePrepared, "h1"), events.Command{Host: "h2"}, "h2", "", events.MigrateCold},
-		{"to its own host", rec(vm.StateRunning, "h1"), events.Command{Host: "h1"}, "", "already on host h1", ""},
-		{"to a cordoned host", rec(vm.StateRunning, "h1"), events.Command{Host: "h3"}, "", "cordoned", ""},
-		{"to a lost host", rec(vm.StateRunning, "h1"), events.Command{Host: "gone"}, "", "not alive", ""},
-		{"to a host without room", rec(vm.StateRunning, "h1"), events.Command{Host: "tiny"}, "", "tiny", ""},
-		{"to a host whose backend cannot migrate", rec(vm.StateRunning, "h1"), events.Command{Host: "old"}, "", "cannot migrate", ""},
-		{"from a host whose backend cannot migrate", rec(vm.StateRunning, "old"), events.Command{}, "", "cannot migrate", ""},
-		{"from a lost host", rec(vm.StateRunning, "gone"), events.Command{}, "", "is lost", ""},
-		{"a failed vm", rec(vm.StateFailed, "h1"), events.Command{}, "", "cannot migrate: vm is failed", ""},
-		{"a vm in flight", rec(vm.StateStarting, "h1"), events.Command{}, "", "in flight", ""},
-		{"a uefi vm", uefi, events.Command{}, "", "UEFI", ""},
-		{"no vm", &projection.VmRecord{Name: "web1", State: fsm.StateAbsent}, events.Command{}, "", "does not exist", ""},
-		{"a migrating vm", migrating, events.Command{}, "", "only its cancel is accepted", ""},
-		{"cancel without a migration", rec(vm.StateRunning, "h1"), events.Command{Cancel: true}, "", "no migration in flight", ""},
+		{"running: placed on the other host with the most room, not cordoned, not the source", rec(api.StateRunning, "h1"), api.Command{}, "h2", "", api.MigrateLive},
+		{"suspended moves live", rec(api.StateSuspended, "h1"), api.Command{Host: "h2"}, "h2", "", api.MigrateLive},
+		{"stopped moves cold", rec(api.StateStopped, "h1"), api.Command{Host: "h2"}, "h2", "", api.MigrateCold},
+		{"prepared moves cold", rec(api.StatePrepared, "h1"), api.Command{Host: "h2"}, "h2", "", api.MigrateCold},
+		{"to its own host", rec(api.StateRunning, "h1"), api.Command{Host: "h1"}, "", "already on host h1", ""},
+		{"to a cordoned host", rec(api.StateRunning, "h1"), api.Command{Host: "h3"}, "", "cordoned", ""},
+		{"to a lost host", rec(api.StateRunning, "h1"), api.Command{Host: "gone"}, "", "not alive", ""},
+		{"to a host without room", rec(api.StateRunning, "h1"), api.Command{Host: "tiny"}, "", "tiny", ""},
+		{"to a host whose backend cannot migrate", rec(api.StateRunning, "h1"), api.Command{Host: "old"}, "", "cannot migrate", ""},
+		{"from a host whose backend cannot migrate", rec(api.StateRunning, "old"), api.Command{}, "", "cannot migrate", ""},
+		{"from a lost host", rec(api.StateRunning, "gone"), api.Command{}, "", "is lost", ""},
+		{"a failed vm", rec(api.StateFailed, "h1"), api.Command{}, "", "cannot migrate: vm is failed", ""},
+		{"a vm in flight", rec(api.StateStarting, "h1"), api.Command{}, "", "in flight", ""},
+		{"a uefi vm", uefi, api.Command{}, "", "UEFI", ""},
+		{"no vm", &api.VmRecord{Name: "web1", State: fsm.StateAbsent}, api.Command{}, "", "does not exist", ""},
+		{"a migrating vm", migrating, api.Command{}, "", "only its cancel is accepted", ""},
+		{"cancel without a migration", rec(api.StateRunning, "h1"), api.Command{Cancel: true}, "", "no migration in flight", ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			ev := events.Event{VM: "web1", CommandID: "c9", Action: fsm.ActMigrate}
+			ev := api.Event{VM: "web1", CommandID: "c9", Action: fsm.ActMigrate}
 			err := adm.admit(c.rec, fsm.ActMigrate, &c.cmd, &ev)
 			if c.reject != "" {
 				if err == nil || !strings.Contains(err.Error(), c.reject) {
@@ -82,22 +80,22 @@ func TestAdmitMigrate(t *testing.T) {
 				t.Fatalf("admit: %v", err)
 			}
 			m := ev.Migration
-			if ev.Type != events.TypeAccepted || ev.State != vm.StateMigrating || ev.Host != c.rec.Host || m == nil ||
+			if ev.Type != api.TypeAccepted || ev.State != api.StateMigrating || ev.Host != c.rec.Host || m == nil ||
 				m.From != c.rec.Host || m.To != c.to || m.Mode != c.mode || m.Before != c.rec.State || ev.Spec == nil {
 				t.Fatalf("accepted %+v migration %+v; want to %s, mode %s, before %s", ev, m, c.to, c.mode, c.rec.State)
 			}
 			if qs := events.TasksOf(&ev, 9); len(qs) != 2 || qs[0].Task.Host != c.rec.Host || qs[1].Task.Host != c.to ||
-				qs[0].Task.Migration.Role != events.RoleSource || qs[1].Task.Migration.Role != events.RoleTarget || qs[0].MsgID == qs[1].MsgID {
+				qs[0].Task.Migration.Role != api.RoleSource || qs[1].Task.Migration.Role != api.RoleTarget || qs[0].MsgID == qs[1].MsgID {
 				t.Fatalf("tasks of a migrate: %+v", qs)
 			}
 		})
 	}
 	t.Run("cancel", func(t *testing.T) {
-		ev := events.Event{VM: "web1", CommandID: "c9", Action: fsm.ActMigrate}
-		if err := adm.admit(migrating, fsm.ActMigrate, &events.Command{Cancel: true}, &ev); err != nil {
+		ev := api.Event{VM: "web1", CommandID: "c9", Action: fsm.ActMigrate}
+		if err := adm.admit(migrating, fsm.ActMigrate, &api.Command{Cancel: true}, &ev); err != nil {
 			t.Fatal(err)
 		}
-		if !ev.Cancel || ev.State != vm.StateSuspended || len(ev.Abandoned) != 1 || ev.Abandoned[0].CommandID != "m1" || ev.Host != "h1" {
+		if !ev.Cancel || ev.State != api.StateSuspended || len(ev.Abandoned) != 1 || ev.Abandoned[0].CommandID != "m1" || ev.Host != "h1" {
 			t.Fatalf("cancel: %+v", ev)
 		}
 		if qs := events.TasksOf(&ev, 9); len(qs) != 0 {
@@ -105,7 +103,7 @@ func TestAdmitMigrate(t *testing.T) {
 		}
 		// Folded, the vm is back where and as it was, nothing in flight.
 		r := projection.Fold(migrating, &ev, 8)
-		if r.State != vm.StateSuspended || r.Host != "h1" || r.Migration != nil || len(r.InFlight) != 0 {
+		if r.State != api.StateSuspended || r.Host != "h1" || r.Migration != nil || len(r.InFlight) != 0 {
 			t.Fatalf("after the cancel: %+v", r)
 		}
 	})

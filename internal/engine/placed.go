@@ -6,10 +6,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/hosts"
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/metrics"
-	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // placedCount is what the VMs placed on each host take, counted from the
@@ -28,7 +26,7 @@ type placedCount struct {
 	metrics *metrics.Set // VMs by state
 	mu      sync.Mutex
 	vms     map[string]placedVM
-	byHost  map[string]hosts.Resources
+	byHost  map[string]api.Resources
 	nOn     map[string]int // VMs by host
 	pending map[string]pendingVM
 
@@ -40,15 +38,15 @@ type placedCount struct {
 type placedVM struct {
 	seq   uint64
 	host  string
-	res   hosts.Resources
-	state vm.VmState
+	res   api.Resources
+	state api.VmState
 }
 
 // pendingVM is a placement decided on the VM's record at seq after, not
 // yet folded.
 type pendingVM struct {
 	host  string
-	res   hosts.Resources
+	res   api.Resources
 	after uint64
 	at    time.Time
 }
@@ -59,12 +57,12 @@ type pendingVM struct {
 const pendingFor = 10 * time.Second
 
 func newPlacedCount(m *metrics.Set) *placedCount {
-	return &placedCount{metrics: m, vms: map[string]placedVM{}, byHost: map[string]hosts.Resources{},
+	return &placedCount{metrics: m, vms: map[string]placedVM{}, byHost: map[string]api.Resources{},
 		nOn: map[string]int{}, pending: map[string]pendingVM{}}
 }
 
 // observe counts the newest record of a VM.
-func (c *placedCount) observe(r *projection.VmRecord) {
+func (c *placedCount) observe(r *api.VmRecord) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if p, ok := c.pending[r.Name]; ok && r.LastSeq > p.after {
@@ -80,14 +78,14 @@ func (c *placedCount) observe(r *projection.VmRecord) {
 		now.state = r.State
 	}
 	c.metrics.VMState(string(old.state), string(now.state))
-	if r.Exists() && r.State != vm.StateDestroyed && r.Host != "" {
+	if r.Live() && r.Host != "" {
 		now.host = r.Host
-		if r.Backend != vm.BackendNoop && !prepareFailed(r) {
-			now.res = hosts.Resources{Vcpus: r.Vcpus, MemoryMB: r.MemoryMB}
+		if r.Backend != api.BackendNoop && !prepareFailed(r) {
+			now.res = api.Resources{Vcpus: r.Vcpus, MemoryMB: r.MemoryMB}
 		}
 	}
 	if had && old.host != "" {
-		c.byHost[old.host] = c.byHost[old.host].Add(hosts.Resources{Vcpus: -old.res.Vcpus, MemoryMB: -old.res.MemoryMB})
+		c.byHost[old.host] = c.byHost[old.host].Add(api.Resources{Vcpus: -old.res.Vcpus, MemoryMB: -old.res.MemoryMB})
 		c.nOn[old.host]--
 	}
 	if now.host != "" {
@@ -107,11 +105,11 @@ func (c *placedCount) unlockPlacing() { c.placing.Unlock() }
 // reserve counts a placement of name on host, decided on the VM's record
 // at seq after, until a record of the VM past after is observed (or
 // pendingFor passes). Callers hold placing.
-func (c *placedCount) reserve(name, host string, b vm.BackendTag, res hosts.Resources, after uint64) {
+func (c *placedCount) reserve(name, host string, b api.BackendTag, res api.Resources, after uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if b == vm.BackendNoop {
-		res = hosts.Resources{}
+	if b == api.BackendNoop {
+		res = api.Resources{}
 	}
 	c.pending[name] = pendingVM{host: host, res: res, after: after, at: time.Now()}
 }
@@ -132,8 +130,8 @@ func (c *placedCount) eachPending(f func(name string, p pendingVM)) {
 // and has no handle (a prepare that succeeded leaves one, and so does
 // every later call). Nothing on its host can start; it still counts as
 // a VM (quotas, vmsOn) until it is destroyed, but takes no room.
-func prepareFailed(r *projection.VmRecord) bool {
-	return r.State == vm.StateFailed && (r.Handle == nil || r.Handle.ID == "")
+func prepareFailed(r *api.VmRecord) bool {
+	return r.State == api.StateFailed && (r.Handle == nil || r.Handle.ID == "")
 }
 
 // vmsOn lists the VMs (not destroyed) the records place on host.
@@ -185,7 +183,7 @@ func (c *placedCount) withPrefix(p string) int {
 
 // on returns what the VMs placed on host take, the unfolded placements
 // included.
-func (c *placedCount) on(host string) hosts.Resources {
+func (c *placedCount) on(host string) api.Resources {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	r := c.byHost[host]

@@ -6,10 +6,11 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/projection"
 )
 
 // requeueInFlight is the safety net under the command redelivery that
@@ -75,12 +76,12 @@ func (e *Engine) requeueInFlight(ctx context.Context, names []string) error {
 
 // requeue queues the task of in-flight command f of rec unless the tasks
 // stream holds it; it returns 1 if it queued it.
-func (e *Engine) requeue(ctx context.Context, tasks jetstream.Stream, rec *projection.VmRecord, f projection.InFlight) (int, error) {
+func (e *Engine) requeue(ctx context.Context, tasks jetstream.Stream, rec *api.VmRecord, f api.InFlight) (int, error) {
 	ev, err := e.storedDecision(ctx, rec.Name, f.CommandID, f.Seq)
 	if err != nil {
 		return 0, err
 	}
-	if ev.Type != events.TypeAccepted {
+	if ev.Type != api.TypeAccepted {
 		return 0, fmt.Errorf("in flight at seq %d, which holds a %s", f.Seq, ev.Type)
 	}
 	queued := 0

@@ -8,10 +8,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // DefaultRetainDestroyed is how long a destroyed VM's record and events
@@ -47,7 +47,7 @@ func (e *Engine) runRetention(ctx context.Context) error {
 			continue
 		}
 		now := time.Now()
-		var due []*projection.VmRecord
+		var due []*api.VmRecord
 		for _, r := range recs {
 			if retired(r, now, keep) {
 				due = append(due, r)
@@ -57,7 +57,7 @@ func (e *Engine) runRetention(ctx context.Context) error {
 		// comes once this batch is decided, so a backlog (the first run
 		// over a bucket of old records) never piles up behind the
 		// commands on the executor.
-		slices.SortFunc(due, func(a, b *projection.VmRecord) int { return a.UpdatedAt.Compare(b.UpdatedAt) })
+		slices.SortFunc(due, func(a, b *api.VmRecord) int { return a.UpdatedAt.Compare(b.UpdatedAt) })
 		var batch sync.WaitGroup
 		for _, r := range due[:min(len(due), retainBatch)] {
 			if ctx.Err() != nil {
@@ -80,8 +80,8 @@ const retainBatch = 1024
 
 // retired reports whether a record is of a VM destroyed longer ago than
 // keep (by its last event), with nothing in flight.
-func retired(r *projection.VmRecord, now time.Time, keep time.Duration) bool {
-	return r != nil && r.State == vm.StateDestroyed && len(r.InFlight) == 0 && !r.UpdatedAt.IsZero() && now.Sub(r.UpdatedAt) >= keep
+func retired(r *api.VmRecord, now time.Time, keep time.Duration) bool {
+	return r != nil && r.State == api.StateDestroyed && len(r.InFlight) == 0 && !r.UpdatedAt.IsZero() && now.Sub(r.UpdatedAt) >= keep
 }
 
 // retire decides the purge of a VM the retention found destroyed, on the
@@ -98,14 +98,14 @@ func (e *Engine) retire(ctx context.Context, name string, now time.Time) error {
 		if !retired(rec, now, e.cfg.RetainDestroyed) {
 			return nil // prepared again, or purged, meanwhile
 		}
-		ev := events.Event{
+		ev := api.Event{
 			VM: name, CommandID: fmt.Sprintf("retain-%d", rec.LastSeq), Action: fsm.ActPurge, Time: time.Now().UTC(),
 			Reason: fmt.Sprintf("retention: destroyed at %s, longer ago than --retain-destroyed %s", rec.UpdatedAt.UTC().Format(time.RFC3339), e.cfg.RetainDestroyed),
 		}
 		if err := admitPurge(rec, &ev); err != nil {
 			return nil
 		}
-		seq, dup, err := e.store.Append(ctx, &ev, rec.LastSeq, events.DecisionMsgID(name, ev.CommandID))
+		seq, dup, err := e.store.Append(ctx, &ev, rec.LastSeq, api.DecisionMsgID(name, ev.CommandID))
 		if errors.Is(err, events.ErrConflict) {
 			if atLeast, err = e.store.LastSeq(ctx, name); err != nil {
 				return err

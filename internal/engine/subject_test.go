@@ -6,9 +6,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/testenv"
 )
 
@@ -30,7 +31,7 @@ func TestUnknownActionBlamesTheAction(t *testing.T) {
 		t.Fatal(err)
 	}
 	ev := env.Decision("web1", "rb1", 10*time.Second)
-	if ev.Type != events.TypeRejected || !strings.Contains(ev.Reason, `unknown action "reboot"`) || strings.Contains(ev.Reason, "name") || ev.Issuer != "alice" {
+	if ev.Type != api.TypeRejected || !strings.Contains(ev.Reason, `unknown action "reboot"`) || strings.Contains(ev.Reason, "name") || ev.Issuer != "alice" {
 		t.Fatalf("rejection: %+v", ev)
 	}
 }

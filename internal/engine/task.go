@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // follow does what a stored decision (seq) asks for before its command is
@@ -23,8 +23,8 @@ import (
 // redelivery, which finds the stored decision, calls follow again. A
 // repeat inside the tasks stream's duplicate window stores nothing; beyond
 // it, the worker finds the result stored and does not call again.
-func (e *Engine) follow(ctx context.Context, ev *events.Event, seq uint64) error {
-	if ev.Type != events.TypeAccepted {
+func (e *Engine) follow(ctx context.Context, ev *api.Event, seq uint64) error {
+	if ev.Type != api.TypeAccepted {
 		return nil
 	}
 	if ev.Forget {
@@ -35,7 +35,7 @@ func (e *Engine) follow(ctx context.Context, ev *events.Event, seq uint64) error
 	if ev.Cancel {
 		return e.cancelled(ctx, ev)
 	}
-	if ev.Action == fsm.ActPurge {
+	if ev.Action == api.ActPurge {
 		return e.purged(ctx, ev, seq)
 	}
 	for _, q := range events.TasksOf(ev, seq) {
@@ -55,17 +55,17 @@ func (e *Engine) follow(ctx context.Context, ev *events.Event, seq uint64) error
 // message id its source's worker would have used (the cancel is the
 // rival of the switch: stored first, it made the source's append of the
 // switch fail). Both workers see the result and undo their part.
-func (e *Engine) cancelled(ctx context.Context, ev *events.Event) error {
+func (e *Engine) cancelled(ctx context.Context, ev *api.Event) error {
 	for _, a := range ev.Abandoned {
-		res := events.Event{
-			Type: events.TypeFailed, VM: ev.VM, CommandID: a.CommandID, Action: a.Action, Time: time.Now().UTC(),
+		res := api.Event{
+			Type: api.TypeFailed, VM: ev.VM, CommandID: a.CommandID, Action: a.Action, Time: time.Now().UTC(),
 			Host: ev.Host, State: ev.State, AcceptedSeq: a.Seq, Migration: ev.Migration.Clone(),
 			Error: fmt.Sprintf("migrate vm %s from host %s: cancelled by command %s; the vm stays on host %s", ev.VM, ev.Host, ev.CommandID, ev.Host),
 		}
 		if res.Migration != nil {
 			res.Migration.CancelledBy = ev.CommandID
 		}
-		if _, _, err := e.store.Append(ctx, &res, events.NoExpect, events.ResultMsgID(ev.VM, a.CommandID)); err != nil {
+		if _, _, err := e.store.Append(ctx, &res, events.NoExpect, api.ResultMsgID(ev.VM, a.CommandID)); err != nil {
 			return fmt.Errorf("cancel: storing the failure of migrate %s: %w", a.CommandID, err)
 		}
 	}
@@ -81,7 +81,7 @@ func (e *Engine) cancelled(ctx context.Context, ev *events.Event) error {
 // rebuild make of the name: absent, with no record in VM_RECORDS. The
 // purge is idempotent: a repeat (the command redelivered after a crash,
 // or another engine's) removes nothing more.
-func (e *Engine) purged(ctx context.Context, ev *events.Event, seq uint64) error {
+func (e *Engine) purged(ctx context.Context, ev *api.Event, seq uint64) error {
 	if err := e.store.Stream().Purge(ctx, jetstream.WithPurgeSubject(e.cfg.Names.VMEvents(ev.VM)), jetstream.WithPurgeSequence(seq)); err != nil {
 		return fmt.Errorf("purge: removing the events of vm %s before seq %d: %w", ev.VM, seq, err)
 	}
@@ -96,24 +96,24 @@ func (e *Engine) purged(ctx context.Context, ev *events.Event, seq uint64) error
 // worker would have used, so a repeat stores nothing twice. Its task (a
 // fencing task) waits in the host's queue: if the host ever comes back,
 // its worker removes the VM.
-func (e *Engine) forget(ctx context.Context, ev *events.Event, seq uint64) error {
+func (e *Engine) forget(ctx context.Context, ev *api.Event, seq uint64) error {
 	now := time.Now().UTC()
 	for _, a := range ev.Abandoned {
-		res := events.Event{
-			Type: events.TypeFailed, VM: ev.VM, CommandID: a.CommandID, Action: a.Action, Time: now,
-			Host: ev.Host, State: vm.StateFailed, AcceptedSeq: a.Seq,
+		res := api.Event{
+			Type: api.TypeFailed, VM: ev.VM, CommandID: a.CommandID, Action: a.Action, Time: now,
+			Host: ev.Host, State: api.StateFailed, AcceptedSeq: a.Seq,
 			Error: fmt.Sprintf("%s vm %s on host %s: abandoned: the host is lost and the vm was forgotten (command %s)", a.Action, ev.VM, ev.Host, ev.CommandID),
 		}
-		if _, _, err := e.store.Append(ctx, &res, events.NoExpect, events.ResultMsgID(ev.VM, a.CommandID)); err != nil {
+		if _, _, err := e.store.Append(ctx, &res, events.NoExpect, api.ResultMsgID(ev.VM, a.CommandID)); err != nil {
 			return fmt.Errorf("forget: storing the failure of abandoned command %s: %w", a.CommandID, err)
 		}
 	}
-	res := events.Event{
-		Type: events.TypeDestroyed, VM: ev.VM, CommandID: ev.CommandID, Action: ev.Action, Time: now,
-		Host: ev.Host, State: vm.StateDestroyed, AcceptedSeq: seq,
+	res := api.Event{
+		Type: api.TypeDestroyed, VM: ev.VM, CommandID: ev.CommandID, Action: ev.Action, Time: now,
+		Host: ev.Host, State: api.StateDestroyed, AcceptedSeq: seq,
 		Reason: fmt.Sprintf("forgotten: host %s is lost; if it comes back, its worker removes the vm (fencing)", ev.Host),
 	}
-	if _, _, err := e.store.Append(ctx, &res, events.NoExpect, events.ResultMsgID(ev.VM, ev.CommandID)); err != nil {
+	if _, _, err := e.store.Append(ctx, &res, events.NoExpect, api.ResultMsgID(ev.VM, ev.CommandID)); err != nil {
 		return fmt.Errorf("forget: storing the destroyed result: %w", err)
 	}
 	return nil

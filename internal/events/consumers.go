@@ -4,6 +4,8 @@ import (
 	"context"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -57,7 +59,7 @@ var MaxConsumers = struct{ Commands, Events, Tasks int }{
 // pulls on KV_VM_IMAGES), and an engine's look-up of the earlier
 // decision of a command older than half the duplicate window adds one on
 // VM_EVENTS while it runs (deleted when done, 30 s inactive threshold).
-func (n Names) ConsumerBound(engines, hosts int) map[string]int {
+func ConsumerBound(n api.Names, engines, hosts int) map[string]int {
 	return map[string]int{
 		n.CommandsStream():        1,       // engine, shared by the engines
 		n.EventsStream():          engines, // each engine's projector

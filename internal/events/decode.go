@@ -6,8 +6,8 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // stdlibOnly makes Decode use encoding/json alone (UseStdlibDecoder).
@@ -20,15 +20,15 @@ var stdlibOnly atomic.Bool
 func UseStdlibDecoder(on bool) { stdlibOnly.Store(on) }
 
 // decodeFast decodes an event body the way encoding/json.Unmarshal into an
-// Event would, for the bodies vmherd itself writes: an object of known
+// api.Event would, for the bodies vmherd itself writes: an object of known
 // keys, each at most once, exactly as the struct tags spell them; strings
 // with only simple escapes; integers; no nulls. On anything else it
 // reports false and the caller uses encoding/json, so the two always agree
 // (FuzzDecodeFast checks it). The projection decodes every event it folds;
 // this is several times faster than reflection.
-func decodeFast(data []byte) (*Event, bool) {
+func decodeFast(data []byte) (*api.Event, bool) {
 	s := scanner{b: data}
-	ev := &Event{}
+	ev := &api.Event{}
 	if !s.event(ev) || !s.end() {
 		return nil, false
 	}
@@ -38,7 +38,7 @@ func decodeFast(data []byte) (*Event, bool) {
 // Each decoder below reads one object. A key it does not know, or a key
 // given twice (encoding/json merges repeated objects), makes it fail.
 
-func (s *scanner) event(ev *Event) bool {
+func (s *scanner) event(ev *api.Event) bool {
 	var seen uint32
 	more, ok := s.open()
 	for ; ok && more; more, ok = s.after() {
@@ -63,7 +63,7 @@ func (s *scanner) event(ev *Event) bool {
 		case "state":
 			bit, ok = 1<<6, s.enumInto((*string)(&ev.State))
 		case "handle":
-			ev.Handle = &vm.VmHandle{}
+			ev.Handle = &api.VmHandle{}
 			bit, ok = 1<<7, s.handle(ev.Handle)
 		case "reason":
 			bit, ok = 1<<8, s.strInto(&ev.Reason)
@@ -72,7 +72,7 @@ func (s *scanner) event(ev *Event) bool {
 		case "backend":
 			bit, ok = 1<<10, s.enumInto((*string)(&ev.Backend))
 		case "spec":
-			ev.Spec = &vm.VmSpec{}
+			ev.Spec = &api.VmSpec{}
 			bit, ok = 1<<11, s.spec(ev.Spec)
 		case "timeout_s":
 			bit, ok = 1<<12, s.intInto(&ev.TimeoutS)
@@ -91,7 +91,7 @@ func (s *scanner) event(ev *Event) bool {
 	return ok
 }
 
-func (s *scanner) handle(h *vm.VmHandle) bool {
+func (s *scanner) handle(h *api.VmHandle) bool {
 	var seen uint32
 	more, ok := s.open()
 	for ; ok && more; more, ok = s.after() {
@@ -134,7 +134,7 @@ func (s *scanner) handle(h *vm.VmHandle) bool {
 		case "instance_id":
 			bit, ok = 1<<15, s.strInto(&h.InstanceID)
 		case "spec":
-			h.Spec = &vm.VmSpec{}
+			h.Spec = &api.VmSpec{}
 			bit, ok = 1<<16, s.spec(h.Spec)
 		case "started_at":
 			bit, ok = 1<<17, s.time(&h.StartedAt)
@@ -148,7 +148,7 @@ func (s *scanner) handle(h *vm.VmHandle) bool {
 	return ok
 }
 
-func (s *scanner) spec(sp *vm.VmSpec) bool {
+func (s *scanner) spec(sp *api.VmSpec) bool {
 	var seen uint32
 	more, ok := s.open()
 	for ; ok && more; more, ok = s.after() {
@@ -173,13 +173,13 @@ func (s *scanner) spec(sp *vm.VmSpec) bool {
 		case "uefi":
 			bit, ok = 1<<6, s.boolInto(&sp.UEFI)
 		case "network":
-			sp.Network = &vm.NetworkConfig{}
+			sp.Network = &api.NetworkConfig{}
 			bit, ok = 1<<7, s.network(sp.Network)
 		case "cloud_init":
-			sp.CloudInit = &vm.CloudInitConfig{}
+			sp.CloudInit = &api.CloudInitConfig{}
 			bit, ok = 1<<8, s.cloudInit(sp.CloudInit)
 		case "ssh":
-			sp.SSH = &vm.SshConfig{}
+			sp.SSH = &api.SshConfig{}
 			bit, ok = 1<<9, s.ssh(sp.SSH)
 		case "accel":
 			bit, ok = 1<<10, s.enumInto(&sp.Accel)
@@ -195,7 +195,7 @@ func (s *scanner) spec(sp *vm.VmSpec) bool {
 	return ok
 }
 
-func (s *scanner) network(n *vm.NetworkConfig) bool {
+func (s *scanner) network(n *api.NetworkConfig) bool {
 	return s.strFields(func(key []byte) (uint32, *string) {
 		switch string(key) {
 		case "type":
@@ -211,7 +211,7 @@ func (s *scanner) network(n *vm.NetworkConfig) bool {
 	})
 }
 
-func (s *scanner) cloudInit(c *vm.CloudInitConfig) bool {
+func (s *scanner) cloudInit(c *api.CloudInitConfig) bool {
 	return s.strFields(func(key []byte) (uint32, *string) {
 		switch string(key) {
 		case "user_data":
@@ -227,7 +227,7 @@ func (s *scanner) cloudInit(c *vm.CloudInitConfig) bool {
 	})
 }
 
-func (s *scanner) ssh(c *vm.SshConfig) bool {
+func (s *scanner) ssh(c *api.SshConfig) bool {
 	return s.strFields(func(key []byte) (uint32, *string) {
 		switch string(key) {
 		case "user":
@@ -403,7 +403,7 @@ func (s *scanner) strBytes() (raw []byte, escaped, ok bool) {
 // actions, backends): decoding them takes no allocation.
 var common = func() map[string]string {
 	m := map[string]string{}
-	for _, t := range Types {
+	for _, t := range api.EventTypes {
 		m[string(t)] = string(t)
 	}
 	for _, a := range fsm.Actions {
@@ -412,7 +412,7 @@ var common = func() map[string]string {
 	for _, st := range fsm.States() {
 		m[string(st)] = string(st)
 	}
-	for _, b := range vm.Backends {
+	for _, b := range api.Backends {
 		m[string(b)] = string(b)
 	}
 	for _, v := range []string{string(fsm.StateAbsent), "user", "tap", "vnic", "none", "kvm", "tcg"} {

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/api"
 )
 
 // fill sets every field of the struct v points to (recursively) to a
@@ -15,7 +15,7 @@ func fill(t *testing.T, v reflect.Value, depth int) {
 	t.Helper()
 	for i := range v.NumField() {
 		f := v.Field(i)
-		if v.Type() == reflect.TypeOf(Event{}) && (v.Type().Field(i).Name == "Migration" || v.Type().Field(i).Name == "Cancel") {
+		if v.Type() == reflect.TypeOf(api.Event{}) && (v.Type().Field(i).Name == "Migration" || v.Type().Field(i).Name == "Cancel") {
 			// Only a migrate's events carry them, and decodeFast leaves
 			// those to encoding/json (TestDecodeMigration).
 			continue
@@ -30,7 +30,7 @@ func fill(t *testing.T, v reflect.Value, depth int) {
 		case reflect.Bool:
 			f.SetBool(true)
 		case reflect.Slice:
-			// Event.Abandoned: only a forget carries it, and decodeFast
+			// api.Event.Abandoned: only a forget carries it, and decodeFast
 			// leaves such events to encoding/json (TestDecodeAbandoned).
 			continue
 		case reflect.Map:
@@ -54,19 +54,19 @@ func fill(t *testing.T, v reflect.Value, depth int) {
 	}
 }
 
-func viaJSON(t testing.TB, data []byte) (*Event, error) {
+func viaJSON(t testing.TB, data []byte) (*api.Event, error) {
 	t.Helper()
-	var ev Event
+	var ev api.Event
 	err := json.Unmarshal(data, &ev)
 	return &ev, err
 }
 
 // The fast decoder takes every field vmherd writes: an event with all of
 // them set decodes on the fast path, to what encoding/json decodes. A new
-// field on Event, VmHandle or VmSpec fails this test until decodeFast
+// field on api.Event, VmHandle or VmSpec fails this test until decodeFast
 // knows it (until then such events fall back to encoding/json).
 func TestDecodeFastKnowsEveryField(t *testing.T) {
-	var ev Event
+	var ev api.Event
 	fill(t, reflect.ValueOf(&ev).Elem(), 0)
 	data := ev.Encode()
 	fast, ok := decodeFast(data)
@@ -85,8 +85,8 @@ func TestDecodeFastKnowsEveryField(t *testing.T) {
 // An event with abandoned commands (a forget) takes the encoding/json path
 // and decodes whole.
 func TestDecodeAbandoned(t *testing.T) {
-	ev := Event{Type: TypeAccepted, VM: "web1", CommandID: "f1", Action: "destroy", Forget: true,
-		Abandoned: []Abandoned{{CommandID: "c1", Action: "start", Seq: 9}}}
+	ev := api.Event{Type: api.TypeAccepted, VM: "web1", CommandID: "f1", Action: "destroy", Forget: true,
+		Abandoned: []api.Abandoned{{CommandID: "c1", Action: "start", Seq: 9}}}
 	data := ev.Encode()
 	if _, ok := decodeFast(data); ok {
 		t.Fatal("decodeFast took an event with abandoned commands")
@@ -103,11 +103,11 @@ func TestDecodeAbandoned(t *testing.T) {
 // A migrate's events (migration, cancel) take the encoding/json path and
 // decode whole.
 func TestDecodeMigration(t *testing.T) {
-	for _, ev := range []Event{
-		{Type: TypeMigrated, VM: "web1", CommandID: "m1", Action: "migrate", Host: "h2", State: vm.StateRunning,
-			Migration: &Migration{From: "h1", To: "h2", Mode: MigrateLive, Before: vm.StateRunning, Bytes: 1 << 33, Total: 1 << 33, DowntimeMS: 12}},
-		{Type: TypeAccepted, VM: "web1", CommandID: "c1", Action: "migrate", Cancel: true, State: vm.StateRunning,
-			Abandoned: []Abandoned{{CommandID: "m1", Action: "migrate", Seq: 9}}, Migration: &Migration{From: "h1", To: "h2", Mode: MigrateLive, Before: vm.StateRunning}},
+	for _, ev := range []api.Event{
+		{Type: api.TypeMigrated, VM: "web1", CommandID: "m1", Action: "migrate", Host: "h2", State: api.StateRunning,
+			Migration: &api.Migration{From: "h1", To: "h2", Mode: api.MigrateLive, Before: api.StateRunning, Bytes: 1 << 33, Total: 1 << 33, DowntimeMS: 12}},
+		{Type: api.TypeAccepted, VM: "web1", CommandID: "c1", Action: "migrate", Cancel: true, State: api.StateRunning,
+			Abandoned: []api.Abandoned{{CommandID: "m1", Action: "migrate", Seq: 9}}, Migration: &api.Migration{From: "h1", To: "h2", Mode: api.MigrateLive, Before: api.StateRunning}},
 	} {
 		data := ev.Encode()
 		if _, ok := decodeFast(data); ok {
@@ -124,17 +124,17 @@ func TestDecodeMigration(t *testing.T) {
 }
 
 func seeds() [][]byte {
-	spec := vm.VmSpec{Name: "web1", Backend: vm.BackendQEMU, ImagePath: "/img/base.qcow2", Vcpus: 2, MemoryMB: 2048,
-		CloudInit: &vm.CloudInitConfig{UserData: "#cloud-config\nhostname: web1\n"}}.WithDefaults()
-	h := &vm.VmHandle{ID: "0123456789abcdef", Name: "web1", Backend: vm.BackendQEMU, Host: "h1", PID: 4242,
+	spec := api.VmSpec{Name: "web1", Backend: api.BackendQEMU, ImagePath: "/img/base.qcow2", Vcpus: 2, MemoryMB: 2048,
+		CloudInit: &api.CloudInitConfig{UserData: "#cloud-config\nhostname: web1\n"}}.WithDefaults()
+	h := &api.VmHandle{ID: "0123456789abcdef", Name: "web1", Backend: api.BackendQEMU, Host: "h1", PID: 4242,
 		Spec: &spec, StartedAt: time.Now().UTC(), Extra: map[string]string{"stop_path": "acpi"}}
 	now := time.Now().UTC()
-	evs := []Event{
-		{Type: TypeAccepted, VM: "web1", CommandID: "c1", Action: "prepare", Time: now, Host: "h1", State: vm.StatePreparing, Backend: vm.BackendQEMU, Spec: &spec, TimeoutS: 30},
-		{Type: TypePrepared, VM: "web1", CommandID: "c1", Action: "prepare", Time: now, Host: "h1", State: vm.StatePrepared, Handle: h, AcceptedSeq: 17},
-		{Type: TypeRejected, VM: "web1", CommandID: "c2", Action: "suspend", Time: now, State: vm.StatePrepared, Reason: "cannot suspend: vm is \"prepared\""},
-		{Type: TypeFailed, VM: "web1", CommandID: "c3", Action: "start", Time: now, Host: "h1", State: vm.StateFailed, Handle: h, Error: "start vm web1 on host h1: boom"},
-		{Type: TypeExited, VM: "web1", Time: now, Host: "h1", State: vm.StateStopped, Handle: h, Reason: "found not running by reconciliation"},
+	evs := []api.Event{
+		{Type: api.TypeAccepted, VM: "web1", CommandID: "c1", Action: "prepare", Time: now, Host: "h1", State: api.StatePreparing, Backend: api.BackendQEMU, Spec: &spec, TimeoutS: 30},
+		{Type: api.TypePrepared, VM: "web1", CommandID: "c1", Action: "prepare", Time: now, Host: "h1", State: api.StatePrepared, Handle: h, AcceptedSeq: 17},
+		{Type: api.TypeRejected, VM: "web1", CommandID: "c2", Action: "suspend", Time: now, State: api.StatePrepared, Reason: "cannot suspend: vm is \"prepared\""},
+		{Type: api.TypeFailed, VM: "web1", CommandID: "c3", Action: "start", Time: now, Host: "h1", State: api.StateFailed, Handle: h, Error: "start vm web1 on host h1: boom"},
+		{Type: api.TypeExited, VM: "web1", Time: now, Host: "h1", State: api.StateStopped, Handle: h, Reason: "found not running by reconciliation"},
 	}
 	var out [][]byte
 	for _, ev := range evs {

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -30,17 +32,17 @@ func TestFollowVM(t *testing.T) {
 	defer nc.Close()
 	js, _ := jetstream.New(nc)
 	ctx := context.Background()
-	n := events.DefaultNames
+	n := api.DefaultNames
 	if err := events.Ensure(ctx, js, n, events.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
-	st, err := events.NewStore(ctx, js, n, events.EngineWriter)
+	st, err := events.NewStore(ctx, js, n, api.EngineWriter)
 	if err != nil {
 		t.Fatal(err)
 	}
 	appendEv := func(vmName, id string) uint64 {
 		t.Helper()
-		seq, _, err := st.Append(ctx, &events.Event{VM: vmName, Type: events.TypeAccepted, Action: fsm.ActPrepare, CommandID: id, Time: time.Now()}, events.NoExpect, "")
+		seq, _, err := st.Append(ctx, &api.Event{VM: vmName, Type: api.TypeAccepted, Action: fsm.ActPrepare, CommandID: id, Time: time.Now()}, events.NoExpect, "")
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -25,7 +25,7 @@ func Transient(err error) bool {
 		// 10023 insufficient resources and 10005 no suitable peers for
 		// placement: the cluster does not know all its peers yet (or has
 		// fewer than --replicas: then the log says so until it does).
-		return apiErr.Code == 503 || apiErr.Code == 408 || apiErr.ErrorCode == 10023 || apiErr.ErrorCode == 10005 ||
+		return apiErr.Code == 503 || apiErr.Code == 408 || apiErr.ErrorCode == ErrCodeInsufficientResources || apiErr.ErrorCode == ErrCodeNoSuitablePeers ||
 			apiErr.ErrorCode == jetstream.JSErrCodeJetStreamNotEnabled
 	}
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
@@ -33,6 +33,13 @@ func Transient(err error) bool {
 		errors.Is(err, nats.ErrConnectionClosed) || errors.Is(err, nats.ErrDisconnected) ||
 		errors.Is(err, jetstream.ErrJetStreamNotEnabled)
 }
+
+// JetStream API error codes the start-up waits out (the server's
+// JSInsufficientResourcesErr and JSClusterNoPeersErrF).
+const (
+	ErrCodeInsufficientResources jetstream.ErrorCode = 10023
+	ErrCodeNoSuitablePeers       jetstream.ErrorCode = 10005
+)
 
 // startupBackoff bounds the wait between start-up attempts, and each
 // attempt's own time: it starts short and doubles, because a request sent

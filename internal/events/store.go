@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -27,7 +29,7 @@ type StoreJS interface {
 // Store appends to and reads from the event stream.
 type Store struct {
 	JS    StoreJS
-	Names Names
+	Names api.Names
 	// Writer is the last token of the subjects Append writes.
 	Writer string
 	stream jetstream.Stream
@@ -40,13 +42,13 @@ type Store struct {
 //
 // It is safe to call from every
 // process at start-up.
-func Ensure(ctx context.Context, js jetstream.JetStream, n Names, s Settings) error {
-	for _, cfg := range n.StreamConfigs(s) {
+func Ensure(ctx context.Context, js jetstream.JetStream, n api.Names, s Settings) error {
+	for _, cfg := range StreamConfigs(n, s) {
 		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
 			return fmt.Errorf("creating stream %s: %w", cfg.Name, err)
 		}
 	}
-	for _, cfg := range n.BucketConfigs(s) {
+	for _, cfg := range BucketConfigs(n, s) {
 		if err := EnsureBucket(ctx, js, cfg); err != nil {
 			return err
 		}
@@ -102,8 +104,8 @@ func EnsureBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.Key
 }
 
 // NewStore binds to the event stream, which must exist. writer is the
-// last token of every event it appends: EngineWriter, or a worker's host.
-func NewStore(ctx context.Context, js StoreJS, n Names, writer string) (*Store, error) {
+// last token of every event it appends: api.EngineWriter, or a worker's host.
+func NewStore(ctx context.Context, js StoreJS, n api.Names, writer string) (*Store, error) {
 	st, err := js.Stream(ctx, n.EventsStream())
 	if err != nil {
 		return nil, fmt.Errorf("opening stream %s: %w", n.EventsStream(), err)
@@ -121,7 +123,7 @@ const NoExpect = ^uint64(0)
 // expect is not NoExpect, the append succeeds only if the VM's last event is
 // at stream sequence expect (0: the VM has no events); otherwise it returns
 // ErrConflict. dup reports that msgID was already stored.
-func (s *Store) Append(ctx context.Context, ev *Event, expect uint64, msgID string) (seq uint64, dup bool, err error) {
+func (s *Store) Append(ctx context.Context, ev *api.Event, expect uint64, msgID string) (seq uint64, dup bool, err error) {
 	opts := []jetstream.PublishOpt{}
 	if msgID != "" {
 		opts = append(opts, jetstream.WithMsgID(msgID))
@@ -152,13 +154,13 @@ func IsConflict(err error) bool {
 // Stored is an event with its stream sequence.
 type Stored struct {
 	Seq   uint64
-	Event *Event
+	Event *api.Event
 }
 
 // ReadVM returns the VM's events with stream sequence >= from, in order, by
 // direct gets (cheap for the few events that follow a cached position), as
 // of the VM's last event when the read starts. Undecodable events are
-// returned with a nil Event so callers can skip them knowingly.
+// returned with a nil api.Event so callers can skip them knowingly.
 //
 // It asks for the VM's last event first: the server finds it in its
 // per-subject index, while "the next event of vm.evt.<vm>.> from seq" can
@@ -173,7 +175,7 @@ func (s *Store) ReadVM(ctx context.Context, vmName string, from uint64) ([]Store
 	subj := s.Names.VMEvents(vmName)
 	stored := func(m *jetstream.RawStreamMsg) Stored {
 		seq, relayed := storedAs(m)
-		ev, err := s.Names.DecodeStored(m.Subject, m.Data)
+		ev, err := DecodeStored(s.Names, m.Subject, m.Data)
 		if err != nil || relayed {
 			ev = nil
 		}
@@ -325,9 +327,9 @@ func (e *NotReadyError) Error() string {
 // Replicas and limits are the engine's business and are only reported by
 // the engine. A *NotReadyError lists each problem; other errors are the
 // server's (unreachable, no JetStream, no leader yet).
-func Check(ctx context.Context, js jetstream.JetStream, n Names) error {
+func Check(ctx context.Context, js jetstream.JetStream, n api.Names) error {
 	var problems []string
-	for _, want := range n.StreamConfigs(DefaultSettings) {
+	for _, want := range StreamConfigs(n, DefaultSettings) {
 		st, err := js.Stream(ctx, want.Name)
 		if errors.Is(err, jetstream.ErrStreamNotFound) {
 			problems = append(problems, fmt.Sprintf("stream %s does not exist (the engine creates it: start an engine with --prefix %s)", want.Name, n.Prefix))
@@ -344,7 +346,7 @@ func Check(ctx context.Context, js jetstream.JetStream, n Names) error {
 			problems = append(problems, fmt.Sprintf("stream %s has no duplicate window, vmherd needs one", want.Name))
 		}
 	}
-	for _, want := range n.BucketConfigs(DefaultSettings) {
+	for _, want := range BucketConfigs(n, DefaultSettings) {
 		if _, err := js.KeyValue(ctx, want.Bucket); err != nil {
 			if errors.Is(err, jetstream.ErrBucketNotFound) {
 				problems = append(problems, fmt.Sprintf("bucket %s does not exist (the engine creates it)", want.Bucket))

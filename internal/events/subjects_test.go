@@ -1,9 +1,13 @@
 package events
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/vmherd/vmherd/api"
+)
 
 func TestParseCommandSubject(t *testing.T) {
-	n := DefaultNames
+	n := api.DefaultNames
 	for _, c := range []struct {
 		subj, vm, action, issuer string
 		ok                       bool

@@ -21,11 +21,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/auth"
-	"github.com/vmherd/vmherd/internal/events"
 )
 
 // HostConfig is one host: its worker's id and backends.
@@ -472,7 +473,7 @@ func (f *Fleet) waitReady(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	names := events.DefaultNames
+	names := api.DefaultNames
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		why := f.notReady(ctx, js, names)
@@ -490,7 +491,7 @@ func (f *Fleet) waitReady(ctx context.Context) error {
 	}
 }
 
-func (f *Fleet) notReady(ctx context.Context, js jetstream.JetStream, names events.Names) string {
+func (f *Fleet) notReady(ctx context.Context, js jetstream.JetStream, names api.Names) string {
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	c, err := js.Consumer(cctx, names.CommandsStream(), names.CommandConsumer())

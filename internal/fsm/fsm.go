@@ -16,8 +16,6 @@ import (
 	"strings"
 
 	"github.com/qmuntal/stateless"
-
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Action is a command a user can ask of a VM.
@@ -36,23 +34,12 @@ const (
 	// ActPurge removes a destroyed VM's record and its events: the name
 	// is absent again. Unlike every other action it has no task and no
 	// result: its decision is its outcome (the engine then removes the
-	// VM's earlier events; see docs/contract.md, "Purge").
+	// VM's earlier events; see docs/contract.md, "Purging a destroyed VM").
 	ActPurge Action = "purge"
 )
 
 // Actions lists every action, in a stable order.
 var Actions = []Action{ActPrepare, ActStart, ActStop, ActSuspend, ActResume, ActDestroy, ActMigrate, ActPurge}
-
-// ParseAction turns a user string into an Action.
-func ParseAction(s string) (Action, error) {
-	if a := Action(s); actionIndex(a) >= 0 {
-		return a, nil
-	}
-	return "", &vm.FieldError{
-		Field: "action",
-		Rule:  fmt.Sprintf("unknown action %q (valid: %s)", s, joinActions(Actions)),
-	}
-}
 
 // Result is the type of an event that reports what happened to a VM: the
 // outcome of a command, or an observation (`exited`).
@@ -74,42 +61,50 @@ const (
 // Results lists every result, in a stable order.
 var Results = []Result{ResPrepared, ResStarted, ResStopped, ResSuspended, ResResumed, ResDestroyed, ResFailed, ResExited, ResMigrated}
 
-// ParseResult turns an event type into a Result.
-func ParseResult(s string) (Result, error) {
-	if r := Result(s); resultIndex(r) >= 0 {
-		return r, nil
-	}
-	names := make([]string, len(Results))
-	for i, r := range Results {
-		names[i] = string(r)
-	}
-	return "", &vm.FieldError{
-		Field: "result",
-		Rule:  fmt.Sprintf("unknown result %q (valid: %s)", s, strings.Join(names, ", ")),
-	}
-}
+// State is what a VM is doing, as the state machine and the projection see
+// it (api.VmState to clients).
+type State string
+
+// The states of docs/contract.md "The per-VM state machine".
+const (
+	StatePreparing  State = "preparing"
+	StatePrepared   State = "prepared"
+	StateStarting   State = "starting"
+	StateRunning    State = "running"
+	StateStopping   State = "stopping"
+	StateStopped    State = "stopped"
+	StateSuspending State = "suspending"
+	StateSuspended  State = "suspended"
+	StateResuming   State = "resuming"
+	StateDestroying State = "destroying"
+	StateDestroyed  State = "destroyed"
+	StateFailed     State = "failed"
+	// StateMigrating: a migrate is moving the VM to another host; its
+	// result returns the VM to the state it had (see Settle).
+	StateMigrating State = "migrating"
+)
 
 // StateAbsent is the pseudo-state of a name no VM has (never prepared).
 // Only prepare is accepted from it. It is never stored in a record.
-const StateAbsent vm.VmState = "absent"
+const StateAbsent State = "absent"
 
 // states lists every state Decide and Apply know, StateAbsent first, in the
 // order docs/contract.md lists them. Allowed and rejection messages use this order.
-var states = [...]vm.VmState{
+var states = [...]State{
 	StateAbsent,
-	vm.StatePreparing,
-	vm.StatePrepared,
-	vm.StateStarting,
-	vm.StateRunning,
-	vm.StateStopping,
-	vm.StateStopped,
-	vm.StateSuspending,
-	vm.StateSuspended,
-	vm.StateResuming,
-	vm.StateDestroying,
-	vm.StateDestroyed,
-	vm.StateFailed,
-	vm.StateMigrating,
+	StatePreparing,
+	StatePrepared,
+	StateStarting,
+	StateRunning,
+	StateStopping,
+	StateStopped,
+	StateSuspending,
+	StateSuspended,
+	StateResuming,
+	StateDestroying,
+	StateDestroyed,
+	StateFailed,
+	StateMigrating,
 }
 
 // define writes the rules of docs/contract.md "The per-VM state machine" into sm.
@@ -119,69 +114,69 @@ func define(sm *stateless.StateMachine) {
 	// Commands. Each goes to its in-flight state; from an in-flight state
 	// only destroy is accepted (it is queued behind the task and wins).
 	sm.Configure(StateAbsent).
-		Permit(ActPrepare, vm.StatePreparing)
-	sm.Configure(vm.StatePreparing).
-		Permit(ActDestroy, vm.StateDestroying).
-		Permit(ResPrepared, vm.StatePrepared).
-		Permit(ResFailed, vm.StateFailed)
-	sm.Configure(vm.StatePrepared).
-		Permit(ActStart, vm.StateStarting).
-		Permit(ActDestroy, vm.StateDestroying).
-		Permit(ActMigrate, vm.StateMigrating)
-	sm.Configure(vm.StateStarting).
-		Permit(ActDestroy, vm.StateDestroying).
-		Permit(ResStarted, vm.StateRunning).
-		Permit(ResFailed, vm.StateFailed)
-	sm.Configure(vm.StateRunning).
-		Permit(ActStop, vm.StateStopping).
-		Permit(ActSuspend, vm.StateSuspending).
-		Permit(ActDestroy, vm.StateDestroying).
-		Permit(ActMigrate, vm.StateMigrating).
-		Permit(ResExited, vm.StateStopped)
-	sm.Configure(vm.StateStopping).
-		Permit(ActDestroy, vm.StateDestroying).
-		Permit(ResStopped, vm.StateStopped).
-		Permit(ResFailed, vm.StateFailed).
+		Permit(ActPrepare, StatePreparing)
+	sm.Configure(StatePreparing).
+		Permit(ActDestroy, StateDestroying).
+		Permit(ResPrepared, StatePrepared).
+		Permit(ResFailed, StateFailed)
+	sm.Configure(StatePrepared).
+		Permit(ActStart, StateStarting).
+		Permit(ActDestroy, StateDestroying).
+		Permit(ActMigrate, StateMigrating)
+	sm.Configure(StateStarting).
+		Permit(ActDestroy, StateDestroying).
+		Permit(ResStarted, StateRunning).
+		Permit(ResFailed, StateFailed)
+	sm.Configure(StateRunning).
+		Permit(ActStop, StateStopping).
+		Permit(ActSuspend, StateSuspending).
+		Permit(ActDestroy, StateDestroying).
+		Permit(ActMigrate, StateMigrating).
+		Permit(ResExited, StateStopped)
+	sm.Configure(StateStopping).
+		Permit(ActDestroy, StateDestroying).
+		Permit(ResStopped, StateStopped).
+		Permit(ResFailed, StateFailed).
 		// The guest exiting is how a stop ends; the stop's own result
 		// settles the state.
 		Ignore(ResExited)
-	sm.Configure(vm.StateStopped).
-		Permit(ActStart, vm.StateStarting).
-		Permit(ActDestroy, vm.StateDestroying).
-		Permit(ActMigrate, vm.StateMigrating)
-	sm.Configure(vm.StateSuspending).
-		Permit(ActDestroy, vm.StateDestroying).
-		Permit(ResSuspended, vm.StateSuspended).
-		Permit(ResFailed, vm.StateFailed)
-	sm.Configure(vm.StateSuspended).
-		Permit(ActStop, vm.StateStopping).
-		Permit(ActResume, vm.StateResuming).
-		Permit(ActDestroy, vm.StateDestroying).
-		Permit(ActMigrate, vm.StateMigrating).
-		Permit(ResExited, vm.StateStopped)
-	sm.Configure(vm.StateResuming).
-		Permit(ActDestroy, vm.StateDestroying).
-		Permit(ResResumed, vm.StateRunning).
-		Permit(ResFailed, vm.StateFailed)
-	sm.Configure(vm.StateDestroying).
-		Permit(ResDestroyed, vm.StateDestroyed).
-		Permit(ResFailed, vm.StateFailed).
+	sm.Configure(StateStopped).
+		Permit(ActStart, StateStarting).
+		Permit(ActDestroy, StateDestroying).
+		Permit(ActMigrate, StateMigrating)
+	sm.Configure(StateSuspending).
+		Permit(ActDestroy, StateDestroying).
+		Permit(ResSuspended, StateSuspended).
+		Permit(ResFailed, StateFailed)
+	sm.Configure(StateSuspended).
+		Permit(ActStop, StateStopping).
+		Permit(ActResume, StateResuming).
+		Permit(ActDestroy, StateDestroying).
+		Permit(ActMigrate, StateMigrating).
+		Permit(ResExited, StateStopped)
+	sm.Configure(StateResuming).
+		Permit(ActDestroy, StateDestroying).
+		Permit(ResResumed, StateRunning).
+		Permit(ResFailed, StateFailed)
+	sm.Configure(StateDestroying).
+		Permit(ResDestroyed, StateDestroyed).
+		Permit(ResFailed, StateFailed).
 		// As for stopping: destroy kills the guest, and the destroy's
 		// result settles the state.
 		Ignore(ResExited)
-	sm.Configure(vm.StateDestroyed).
-		Permit(ActPrepare, vm.StatePreparing).
+	sm.Configure(StateDestroyed).
+		Permit(ActPrepare, StatePreparing).
 		// Purge is done when it is decided: the VM is absent again.
 		Permit(ActPurge, StateAbsent)
-	sm.Configure(vm.StateFailed).
-		Permit(ActStart, vm.StateStarting).
-		Permit(ActDestroy, vm.StateDestroying)
+	sm.Configure(StateFailed).
+		Permit(ActStart, StateStarting).
+		Permit(ActDestroy, StateDestroying)
 	// A migration ends where it began, in the state the VM had, on its
 	// new host (migrated) or its old one (failed): Settle, not this
 	// table, moves it out. Nothing else is accepted meanwhile, not even
 	// destroy (cancel the migration first); the source's QEMU exiting
 	// fails the migration, whose result settles the state.
-	sm.Configure(vm.StateMigrating).
+	sm.Configure(StateMigrating).
 		Ignore(ResExited)
 }
 
@@ -198,7 +193,7 @@ const (
 var table [numStates][numTriggers]int8
 
 // allowed holds Allowed(a) for each action, in states order.
-var allowed [numActions][]vm.VmState
+var allowed [numActions][]State
 
 // graph is the DOT rendering of the machine.
 var graph string
@@ -217,10 +212,10 @@ func init() {
 
 	// Probe a machine whose state lives in probe: set the state, ask, fire,
 	// read the state back.
-	var probe vm.VmState
+	var probe State
 	sm := stateless.NewStateMachineWithExternalStorage(
 		func(context.Context) (stateless.State, error) { return probe, nil },
-		func(_ context.Context, s stateless.State) error { probe = s.(vm.VmState); return nil },
+		func(_ context.Context, s stateless.State) error { probe = s.(State); return nil },
 		stateless.FiringImmediate,
 	)
 	define(sm)
@@ -267,7 +262,7 @@ func init() {
 // returns the in-flight state the VM moves to (for ActPurge, which has no
 // result, StateAbsent: the state its decision leaves); if not, the error is a
 // *Rejection naming cur and the states a is allowed from.
-func Decide(cur vm.VmState, a Action) (vm.VmState, error) {
+func Decide(cur State, a Action) (State, error) {
 	si, ai := stateIndex(cur), actionIndex(a)
 	if si >= 0 && ai >= 0 {
 		if n := table[si][ai]; n != noMove && int(n) != si {
@@ -281,19 +276,19 @@ func Decide(cur vm.VmState, a Action) (vm.VmState, error) {
 // it is accepted from every state of an existing VM but destroyed (a
 // destroy already in flight included, since its host will never answer),
 // and moves the VM to destroying like any destroy.
-func Forget(cur vm.VmState) (vm.VmState, error) {
+func Forget(cur State) (State, error) {
 	switch cur {
-	case StateAbsent, vm.StateDestroyed, "":
+	case StateAbsent, StateDestroyed, "":
 		return Decide(cur, ActDestroy)
 	}
-	return vm.StateDestroying, nil
+	return StateDestroying, nil
 }
 
 // Apply folds result r into state cur and reports whether the state changed.
 // The caller feeds it only results that answer the command the current
 // in-flight state waits for, and `exited` observations about the current
 // incarnation. A result that does not fit the state leaves it unchanged.
-func Apply(cur vm.VmState, r Result) (vm.VmState, bool) {
+func Apply(cur State, r Result) (State, bool) {
 	si, ri := stateIndex(cur), resultIndex(r)
 	if si < 0 || ri < 0 {
 		return cur, false
@@ -309,8 +304,8 @@ func Apply(cur vm.VmState, r Result) (vm.VmState, bool) {
 // (the VM now runs on its new host) and failed (it stayed on its old
 // one) both return it to before, the state it had when the migrate was
 // accepted. Any other state or result is Apply's.
-func Settle(cur, before vm.VmState, r Result) (vm.VmState, bool) {
-	if cur != vm.StateMigrating {
+func Settle(cur, before State, r Result) (State, bool) {
+	if cur != StateMigrating {
 		return Apply(cur, r)
 	}
 	if (r == ResMigrated || r == ResFailed) && Migratable(before) {
@@ -322,35 +317,35 @@ func Settle(cur, before vm.VmState, r Result) (vm.VmState, bool) {
 // Migratable reports whether a VM in state s may be migrated, and Live
 // whether it moves live (its guest keeps running or stays suspended,
 // memory and all) rather than cold (its disk only).
-func Migratable(s vm.VmState) bool {
+func Migratable(s State) bool {
 	switch s {
-	case vm.StateRunning, vm.StateSuspended, vm.StatePrepared, vm.StateStopped:
+	case StateRunning, StateSuspended, StatePrepared, StateStopped:
 		return true
 	}
 	return false
 }
 
 // Live reports whether a migrate from state s moves the guest live.
-func Live(s vm.VmState) bool { return s == vm.StateRunning || s == vm.StateSuspended }
+func Live(s State) bool { return s == StateRunning || s == StateSuspended }
 
 // Allowed returns the states action a is accepted from, in a stable order.
 // The slice is the caller's to keep. An unknown action is allowed nowhere.
-func Allowed(a Action) []vm.VmState {
+func Allowed(a Action) []State {
 	ai := actionIndex(a)
 	if ai < 0 {
 		return nil
 	}
-	return append([]vm.VmState(nil), allowed[ai]...)
+	return append([]State(nil), allowed[ai]...)
 }
 
 // Transitional reports whether s is an in-flight state: one a command has
 // moved the VM to and its result will move it out of.
-func Transitional(s vm.VmState) bool { return isTransitional(s) }
+func Transitional(s State) bool { return isTransitional(s) }
 
-func isTransitional(s vm.VmState) bool {
+func isTransitional(s State) bool {
 	switch s {
-	case vm.StatePreparing, vm.StateStarting, vm.StateStopping,
-		vm.StateSuspending, vm.StateResuming, vm.StateDestroying, vm.StateMigrating:
+	case StatePreparing, StateStarting, StateStopping,
+		StateSuspending, StateResuming, StateDestroying, StateMigrating:
 		return true
 	}
 	return false
@@ -362,10 +357,10 @@ func Graph() string { return graph }
 // Rejection is why Decide refused an action. It carries what a `rejected`
 // event needs.
 type Rejection struct {
-	State    vm.VmState   // the VM's state when the action arrived
-	Action   Action       // the action refused
-	Allowed  []vm.VmState // the states Action is accepted from
-	InFlight bool         // State is in flight: only destroy is accepted until it ends
+	State    State   // the VM's state when the action arrived
+	Action   Action  // the action refused
+	Allowed  []State // the states Action is accepted from
+	InFlight bool    // State is in flight: only destroy is accepted until it ends
 }
 
 func (r *Rejection) Error() string {
@@ -381,7 +376,7 @@ func (r *Rejection) Error() string {
 		b.WriteString("vm does not exist")
 	case stateIndex(r.State) < 0:
 		fmt.Fprintf(&b, "vm is in unknown state %q", r.State)
-	case r.State == vm.StateMigrating:
+	case r.State == StateMigrating:
 		b.WriteString("vm is migrating (a command is in flight); until the migration ends only its cancel is accepted (vmctl migrate --cancel)")
 		return b.String()
 	case r.InFlight && r.Action == ActDestroy:
@@ -437,56 +432,56 @@ func (r Result) IsOutcome() bool { return resultIndex(r) >= 0 && r != ResExited 
 
 // States lists every state a VM can be in (not StateAbsent), in the order
 // docs/contract.md lists them.
-func States() []vm.VmState { return append([]vm.VmState(nil), states[1:]...) }
+func States() []State { return append([]State(nil), states[1:]...) }
 
 // outcome is the state action a leads to when it succeeds, used to word a
 // rejection as "already".
-func outcome(a Action) vm.VmState {
+func outcome(a Action) State {
 	switch a {
 	case ActPrepare:
-		return vm.StatePrepared
+		return StatePrepared
 	case ActStart, ActResume:
-		return vm.StateRunning
+		return StateRunning
 	case ActStop:
-		return vm.StateStopped
+		return StateStopped
 	case ActSuspend:
-		return vm.StateSuspended
+		return StateSuspended
 	case ActDestroy:
-		return vm.StateDestroyed
+		return StateDestroyed
 	}
 	return ""
 }
 
 // stateIndex is the index of s in states, or -1.
-func stateIndex(s vm.VmState) int {
+func stateIndex(s State) int {
 	switch s {
 	case StateAbsent:
 		return 0
-	case vm.StatePreparing:
+	case StatePreparing:
 		return 1
-	case vm.StatePrepared:
+	case StatePrepared:
 		return 2
-	case vm.StateStarting:
+	case StateStarting:
 		return 3
-	case vm.StateRunning:
+	case StateRunning:
 		return 4
-	case vm.StateStopping:
+	case StateStopping:
 		return 5
-	case vm.StateStopped:
+	case StateStopped:
 		return 6
-	case vm.StateSuspending:
+	case StateSuspending:
 		return 7
-	case vm.StateSuspended:
+	case StateSuspended:
 		return 8
-	case vm.StateResuming:
+	case StateResuming:
 		return 9
-	case vm.StateDestroying:
+	case StateDestroying:
 		return 10
-	case vm.StateDestroyed:
+	case StateDestroyed:
 		return 11
-	case vm.StateFailed:
+	case StateFailed:
 		return 12
-	case vm.StateMigrating:
+	case StateMigrating:
 		return 13
 	}
 	return -1

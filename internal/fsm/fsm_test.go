@@ -9,69 +9,67 @@ import (
 	"strings"
 	"sync"
 	"testing"
-
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 var update = flag.Bool("update", false, "rewrite docs/fsm.dot from Graph()")
 
 // allStates is every state Decide and Apply know, written out here rather
 // than taken from the package so the tests do not trust what they test.
-var allStates = []vm.VmState{
+var allStates = []State{
 	StateAbsent,
-	vm.StatePreparing, vm.StatePrepared,
-	vm.StateStarting, vm.StateRunning,
-	vm.StateStopping, vm.StateStopped,
-	vm.StateSuspending, vm.StateSuspended,
-	vm.StateResuming,
-	vm.StateDestroying, vm.StateDestroyed,
-	vm.StateFailed,
-	vm.StateMigrating,
+	StatePreparing, StatePrepared,
+	StateStarting, StateRunning,
+	StateStopping, StateStopped,
+	StateSuspending, StateSuspended,
+	StateResuming,
+	StateDestroying, StateDestroyed,
+	StateFailed,
+	StateMigrating,
 }
 
 // accepts is the docs/contract.md table: for each state, the actions it accepts and
 // the in-flight state each leads to. Anything missing is rejected.
-var accepts = map[vm.VmState]map[Action]vm.VmState{
-	StateAbsent:        {ActPrepare: vm.StatePreparing},
-	vm.StatePreparing:  {ActDestroy: vm.StateDestroying},
-	vm.StatePrepared:   {ActStart: vm.StateStarting, ActDestroy: vm.StateDestroying, ActMigrate: vm.StateMigrating},
-	vm.StateStarting:   {ActDestroy: vm.StateDestroying},
-	vm.StateRunning:    {ActStop: vm.StateStopping, ActSuspend: vm.StateSuspending, ActDestroy: vm.StateDestroying, ActMigrate: vm.StateMigrating},
-	vm.StateStopping:   {ActDestroy: vm.StateDestroying},
-	vm.StateStopped:    {ActStart: vm.StateStarting, ActDestroy: vm.StateDestroying, ActMigrate: vm.StateMigrating},
-	vm.StateSuspending: {ActDestroy: vm.StateDestroying},
-	vm.StateSuspended:  {ActStop: vm.StateStopping, ActResume: vm.StateResuming, ActDestroy: vm.StateDestroying, ActMigrate: vm.StateMigrating},
-	vm.StateResuming:   {ActDestroy: vm.StateDestroying},
-	vm.StateDestroying: {},
-	vm.StateDestroyed:  {ActPrepare: vm.StatePreparing, ActPurge: StateAbsent},
-	vm.StateFailed:     {ActStart: vm.StateStarting, ActDestroy: vm.StateDestroying},
-	vm.StateMigrating:  {},
+var accepts = map[State]map[Action]State{
+	StateAbsent:     {ActPrepare: StatePreparing},
+	StatePreparing:  {ActDestroy: StateDestroying},
+	StatePrepared:   {ActStart: StateStarting, ActDestroy: StateDestroying, ActMigrate: StateMigrating},
+	StateStarting:   {ActDestroy: StateDestroying},
+	StateRunning:    {ActStop: StateStopping, ActSuspend: StateSuspending, ActDestroy: StateDestroying, ActMigrate: StateMigrating},
+	StateStopping:   {ActDestroy: StateDestroying},
+	StateStopped:    {ActStart: StateStarting, ActDestroy: StateDestroying, ActMigrate: StateMigrating},
+	StateSuspending: {ActDestroy: StateDestroying},
+	StateSuspended:  {ActStop: StateStopping, ActResume: StateResuming, ActDestroy: StateDestroying, ActMigrate: StateMigrating},
+	StateResuming:   {ActDestroy: StateDestroying},
+	StateDestroying: {},
+	StateDestroyed:  {ActPrepare: StatePreparing, ActPurge: StateAbsent},
+	StateFailed:     {ActStart: StateStarting, ActDestroy: StateDestroying},
+	StateMigrating:  {},
 }
 
 // moves is how results change each state. Anything missing leaves the state
 // as it is.
-var moves = map[vm.VmState]map[Result]vm.VmState{
-	StateAbsent:        {},
-	vm.StatePreparing:  {ResPrepared: vm.StatePrepared, ResFailed: vm.StateFailed},
-	vm.StatePrepared:   {},
-	vm.StateStarting:   {ResStarted: vm.StateRunning, ResFailed: vm.StateFailed},
-	vm.StateRunning:    {ResExited: vm.StateStopped},
-	vm.StateStopping:   {ResStopped: vm.StateStopped, ResFailed: vm.StateFailed},
-	vm.StateStopped:    {},
-	vm.StateSuspending: {ResSuspended: vm.StateSuspended, ResFailed: vm.StateFailed},
-	vm.StateSuspended:  {ResExited: vm.StateStopped},
-	vm.StateResuming:   {ResResumed: vm.StateRunning, ResFailed: vm.StateFailed},
-	vm.StateDestroying: {ResDestroyed: vm.StateDestroyed, ResFailed: vm.StateFailed},
-	vm.StateDestroyed:  {},
-	vm.StateFailed:     {},
+var moves = map[State]map[Result]State{
+	StateAbsent:     {},
+	StatePreparing:  {ResPrepared: StatePrepared, ResFailed: StateFailed},
+	StatePrepared:   {},
+	StateStarting:   {ResStarted: StateRunning, ResFailed: StateFailed},
+	StateRunning:    {ResExited: StateStopped},
+	StateStopping:   {ResStopped: StateStopped, ResFailed: StateFailed},
+	StateStopped:    {},
+	StateSuspending: {ResSuspended: StateSuspended, ResFailed: StateFailed},
+	StateSuspended:  {ResExited: StateStopped},
+	StateResuming:   {ResResumed: StateRunning, ResFailed: StateFailed},
+	StateDestroying: {ResDestroyed: StateDestroyed, ResFailed: StateFailed},
+	StateDestroyed:  {},
+	StateFailed:     {},
 	// Settle, not Apply, moves a migrating VM (TestSettle).
-	vm.StateMigrating: {},
+	StateMigrating: {},
 }
 
-var transitional = map[vm.VmState]bool{
-	vm.StatePreparing: true, vm.StateStarting: true, vm.StateStopping: true,
-	vm.StateSuspending: true, vm.StateResuming: true, vm.StateDestroying: true,
-	vm.StateMigrating: true,
+var transitional = map[State]bool{
+	StatePreparing: true, StateStarting: true, StateStopping: true,
+	StateSuspending: true, StateResuming: true, StateDestroying: true,
+	StateMigrating: true,
 }
 
 func TestDecideEveryPair(t *testing.T) {
@@ -149,28 +147,28 @@ func checkMessage(t *testing.T, rej *Rejection) {
 
 func TestRejectionMessages(t *testing.T) {
 	for _, tc := range []struct {
-		state  vm.VmState
+		state  State
 		action Action
 		want   string
 	}{
-		{vm.StateStopped, ActSuspend, "cannot suspend: vm is stopped; suspend is allowed from running"},
-		{vm.StateStarting, ActStart, "cannot start: vm is starting (a command is in flight); only destroy is accepted until it finishes"},
-		{vm.StateResuming, ActStop, "cannot stop: vm is resuming (a command is in flight); only destroy is accepted until it finishes"},
+		{StateStopped, ActSuspend, "cannot suspend: vm is stopped; suspend is allowed from running"},
+		{StateStarting, ActStart, "cannot start: vm is starting (a command is in flight); only destroy is accepted until it finishes"},
+		{StateResuming, ActStop, "cannot stop: vm is resuming (a command is in flight); only destroy is accepted until it finishes"},
 		{StateAbsent, ActStart, "cannot start: vm does not exist; start is allowed from prepared, stopped, failed"},
 		{StateAbsent, ActDestroy, "cannot destroy: vm does not exist; destroy is allowed from preparing, prepared, starting, running, stopping, stopped, suspending, suspended, resuming, failed"},
-		{vm.StateDestroyed, ActDestroy, "cannot destroy: vm is already destroyed; destroy is allowed from preparing, prepared, starting, running, stopping, stopped, suspending, suspended, resuming, failed"},
-		{vm.StateDestroying, ActDestroy, "cannot destroy: vm is already destroying; wait for the destroy in flight to finish"},
-		{vm.StateRunning, ActStart, "cannot start: vm is already running; start is allowed from prepared, stopped, failed"},
-		{vm.StateRunning, ActPrepare, "cannot prepare: vm is running; prepare is allowed from absent, destroyed"},
-		{vm.StateSuspended, ActSuspend, "cannot suspend: vm is already suspended; suspend is allowed from running"},
+		{StateDestroyed, ActDestroy, "cannot destroy: vm is already destroyed; destroy is allowed from preparing, prepared, starting, running, stopping, stopped, suspending, suspended, resuming, failed"},
+		{StateDestroying, ActDestroy, "cannot destroy: vm is already destroying; wait for the destroy in flight to finish"},
+		{StateRunning, ActStart, "cannot start: vm is already running; start is allowed from prepared, stopped, failed"},
+		{StateRunning, ActPrepare, "cannot prepare: vm is running; prepare is allowed from absent, destroyed"},
+		{StateSuspended, ActSuspend, "cannot suspend: vm is already suspended; suspend is allowed from running"},
 		{"bogus", ActStart, `cannot start: vm is in unknown state "bogus"; start is allowed from prepared, stopped, failed`},
-		{vm.StateRunning, "reboot", "cannot reboot: unknown action (valid: prepare, start, stop, suspend, resume, destroy, migrate, purge)"},
-		{vm.StateRunning, ActPurge, "cannot purge: vm is running; purge is allowed from destroyed"},
-		{vm.StateDestroying, ActPurge, "cannot purge: vm is destroying (a command is in flight); only destroy is accepted until it finishes"},
+		{StateRunning, "reboot", "cannot reboot: unknown action (valid: prepare, start, stop, suspend, resume, destroy, migrate, purge)"},
+		{StateRunning, ActPurge, "cannot purge: vm is running; purge is allowed from destroyed"},
+		{StateDestroying, ActPurge, "cannot purge: vm is destroying (a command is in flight); only destroy is accepted until it finishes"},
 		{StateAbsent, ActPurge, "cannot purge: vm does not exist; purge is allowed from destroyed"},
-		{vm.StateMigrating, ActDestroy, "cannot destroy: vm is migrating (a command is in flight); until the migration ends only its cancel is accepted (vmctl migrate --cancel)"},
-		{vm.StateStarting, ActMigrate, "cannot migrate: vm is starting (a command is in flight); only destroy is accepted until it finishes"},
-		{vm.StateFailed, ActMigrate, "cannot migrate: vm is failed; migrate is allowed from prepared, running, stopped, suspended"},
+		{StateMigrating, ActDestroy, "cannot destroy: vm is migrating (a command is in flight); until the migration ends only its cancel is accepted (vmctl migrate --cancel)"},
+		{StateStarting, ActMigrate, "cannot migrate: vm is starting (a command is in flight); only destroy is accepted until it finishes"},
+		{StateFailed, ActMigrate, "cannot migrate: vm is failed; migrate is allowed from prepared, running, stopped, suspended"},
 	} {
 		_, err := Decide(tc.state, tc.action)
 		if err == nil {
@@ -200,13 +198,13 @@ func TestApplyEveryPair(t *testing.T) {
 
 func TestApplyUnknown(t *testing.T) {
 	for _, tc := range []struct {
-		state  vm.VmState
+		state  State
 		result Result
 	}{
 		{"", ResStarted},
 		{"bogus", ResFailed},
-		{vm.StateStarting, ""},
-		{vm.StateStarting, "rejected"},
+		{StateStarting, ""},
+		{StateStarting, "rejected"},
 	} {
 		if got, changed := Apply(tc.state, tc.result); got != tc.state || changed {
 			t.Errorf("Apply(%q, %q) = (%q, %v), want unchanged", tc.state, tc.result, got, changed)
@@ -220,32 +218,32 @@ func TestApplyUnknown(t *testing.T) {
 func TestDestroyWinsInFlight(t *testing.T) {
 	for s := range transitional {
 		got, err := Decide(s, ActDestroy)
-		if s == vm.StateDestroying || s == vm.StateMigrating {
+		if s == StateDestroying || s == StateMigrating {
 			if err == nil {
 				t.Errorf("Decide(destroying, destroy) accepted")
 			}
 			continue
 		}
-		if err != nil || got != vm.StateDestroying {
+		if err != nil || got != StateDestroying {
 			t.Errorf("Decide(%s, destroy) = (%s, %v), want destroying", s, got, err)
 		}
 	}
 }
 
 func TestAllowed(t *testing.T) {
-	want := map[Action][]vm.VmState{
-		ActPrepare: {StateAbsent, vm.StateDestroyed},
-		ActStart:   {vm.StatePrepared, vm.StateStopped, vm.StateFailed},
-		ActStop:    {vm.StateRunning, vm.StateSuspended},
-		ActSuspend: {vm.StateRunning},
-		ActResume:  {vm.StateSuspended},
+	want := map[Action][]State{
+		ActPrepare: {StateAbsent, StateDestroyed},
+		ActStart:   {StatePrepared, StateStopped, StateFailed},
+		ActStop:    {StateRunning, StateSuspended},
+		ActSuspend: {StateRunning},
+		ActResume:  {StateSuspended},
 		ActDestroy: {
-			vm.StatePreparing, vm.StatePrepared, vm.StateStarting, vm.StateRunning,
-			vm.StateStopping, vm.StateStopped, vm.StateSuspending, vm.StateSuspended,
-			vm.StateResuming, vm.StateFailed,
+			StatePreparing, StatePrepared, StateStarting, StateRunning,
+			StateStopping, StateStopped, StateSuspending, StateSuspended,
+			StateResuming, StateFailed,
 		},
-		ActMigrate: {vm.StatePrepared, vm.StateRunning, vm.StateStopped, vm.StateSuspended},
-		ActPurge:   {vm.StateDestroyed},
+		ActMigrate: {StatePrepared, StateRunning, StateStopped, StateSuspended},
+		ActPurge:   {StateDestroyed},
 	}
 	for _, a := range Actions {
 		if got := Allowed(a); !slices.Equal(got, want[a]) {
@@ -258,7 +256,7 @@ func TestAllowed(t *testing.T) {
 	// The slice is the caller's: changing it changes nothing here.
 	a := Allowed(ActStart)
 	a[0] = "mangled"
-	if Allowed(ActStart)[0] != vm.StatePrepared {
+	if Allowed(ActStart)[0] != StatePrepared {
 		t.Errorf("Allowed returned shared storage")
 	}
 }
@@ -268,42 +266,6 @@ func TestTransitional(t *testing.T) {
 		if got := Transitional(s); got != transitional[s] {
 			t.Errorf("Transitional(%q) = %v, want %v", s, got, transitional[s])
 		}
-	}
-}
-
-func TestParseAction(t *testing.T) {
-	for _, a := range Actions {
-		got, err := ParseAction(string(a))
-		if err != nil || got != a {
-			t.Errorf("ParseAction(%q) = (%q, %v)", a, got, err)
-		}
-	}
-	for _, s := range []string{"", "Start", "reboot", " stop"} {
-		_, err := ParseAction(s)
-		if !errors.Is(err, vm.ErrInvalid) {
-			t.Fatalf("ParseAction(%q) error %v, want vm.ErrInvalid", s, err)
-		}
-		msg := err.Error()
-		if !strings.HasPrefix(msg, "action: ") {
-			t.Errorf("ParseAction(%q) error %q does not name the field", s, msg)
-		}
-		for _, a := range Actions {
-			if !strings.Contains(msg, string(a)) {
-				t.Errorf("ParseAction(%q) error %q does not list %s", s, msg, a)
-			}
-		}
-	}
-}
-
-func TestParseResult(t *testing.T) {
-	for _, r := range Results {
-		got, err := ParseResult(string(r))
-		if err != nil || got != r {
-			t.Errorf("ParseResult(%q) = (%q, %v)", r, got, err)
-		}
-	}
-	if _, err := ParseResult("rejected"); !errors.Is(err, vm.ErrInvalid) {
-		t.Errorf("ParseResult(rejected) error %v, want vm.ErrInvalid", err)
 	}
 }
 
@@ -351,21 +313,21 @@ func TestGraphGolden(t *testing.T) {
 
 func TestNoAllocs(t *testing.T) {
 	if n := testing.AllocsPerRun(1000, func() {
-		if _, err := Decide(vm.StateRunning, ActStop); err != nil {
+		if _, err := Decide(StateRunning, ActStop); err != nil {
 			t.Fatal(err)
 		}
 	}); n != 0 {
 		t.Errorf("Decide accept path: %v allocs, want 0", n)
 	}
 	if n := testing.AllocsPerRun(1000, func() {
-		if _, ok := Apply(vm.StateStarting, ResStarted); !ok {
+		if _, ok := Apply(StateStarting, ResStarted); !ok {
 			t.Fatal("Apply(starting, started) did not move")
 		}
 	}); n != 0 {
 		t.Errorf("Apply move path: %v allocs, want 0", n)
 	}
 	if n := testing.AllocsPerRun(1000, func() {
-		if _, ok := Apply(vm.StateStopping, ResExited); ok {
+		if _, ok := Apply(StateStopping, ResExited); ok {
 			t.Fatal("Apply(stopping, exited) moved")
 		}
 	}); n != 0 {
@@ -381,15 +343,15 @@ func TestConcurrentUse(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for range 1000 {
-				if got, err := Decide(vm.StateSuspended, ActResume); err != nil || got != vm.StateResuming {
+				if got, err := Decide(StateSuspended, ActResume); err != nil || got != StateResuming {
 					errs <- "Decide(suspended, resume) wrong"
 					return
 				}
-				if got, _ := Apply(vm.StateResuming, ResResumed); got != vm.StateRunning {
+				if got, _ := Apply(StateResuming, ResResumed); got != StateRunning {
 					errs <- "Apply(resuming, resumed) wrong"
 					return
 				}
-				if _, err := Decide(vm.StateStopped, ActSuspend); err == nil {
+				if _, err := Decide(StateStopped, ActSuspend); err == nil {
 					errs <- "Decide(stopped, suspend) accepted"
 					return
 				}
@@ -407,7 +369,7 @@ func TestConcurrentUse(t *testing.T) {
 func BenchmarkDecide(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := Decide(vm.StateRunning, ActSuspend); err != nil {
+		if _, err := Decide(StateRunning, ActSuspend); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -416,7 +378,7 @@ func BenchmarkDecide(b *testing.B) {
 func BenchmarkApply(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, ok := Apply(vm.StateSuspending, ResSuspended); !ok {
+		if _, ok := Apply(StateSuspending, ResSuspended); !ok {
 			b.Fatal("no move")
 		}
 	}
@@ -446,7 +408,7 @@ func BenchmarkLifecycle(b *testing.B) {
 			}
 			s, _ = Apply(s, st.r)
 		}
-		if s != vm.StateDestroyed {
+		if s != StateDestroyed {
 			b.Fatalf("ended in %s", s)
 		}
 	}
@@ -455,9 +417,9 @@ func BenchmarkLifecycle(b *testing.B) {
 // TestSettle: a migrate's result returns the VM to the state it had, on
 // its new host or its old one; nothing else moves a migrating VM.
 func TestSettle(t *testing.T) {
-	for _, before := range []vm.VmState{vm.StateRunning, vm.StateSuspended, vm.StatePrepared, vm.StateStopped} {
+	for _, before := range []State{StateRunning, StateSuspended, StatePrepared, StateStopped} {
 		for _, r := range []Result{ResMigrated, ResFailed} {
-			if got, ok := Settle(vm.StateMigrating, before, r); !ok || got != before {
+			if got, ok := Settle(StateMigrating, before, r); !ok || got != before {
 				t.Errorf("Settle(migrating, %s, %s) = %s, %v; want %s", before, r, got, ok, before)
 			}
 		}
@@ -465,26 +427,26 @@ func TestSettle(t *testing.T) {
 			if r == ResMigrated || r == ResFailed {
 				continue
 			}
-			if got, ok := Settle(vm.StateMigrating, before, r); ok || got != vm.StateMigrating {
+			if got, ok := Settle(StateMigrating, before, r); ok || got != StateMigrating {
 				t.Errorf("Settle(migrating, %s, %s) = %s, %v; want unchanged", before, r, got, ok)
 			}
 		}
 	}
 	// A before that cannot have been migrated moves nothing.
-	if got, ok := Settle(vm.StateMigrating, vm.StateFailed, ResMigrated); ok {
+	if got, ok := Settle(StateMigrating, StateFailed, ResMigrated); ok {
 		t.Errorf("Settle(migrating, failed, migrated) = %s, want unchanged", got)
 	}
 	// Outside migrating, Settle is Apply.
 	for _, s := range allStates {
 		for _, r := range Results {
-			g1, ok1 := Settle(s, vm.StateRunning, r)
+			g1, ok1 := Settle(s, StateRunning, r)
 			g2, ok2 := Apply(s, r)
-			if s != vm.StateMigrating && (g1 != g2 || ok1 != ok2) {
+			if s != StateMigrating && (g1 != g2 || ok1 != ok2) {
 				t.Errorf("Settle(%s, running, %s) = %s, %v; Apply = %s, %v", s, r, g1, ok1, g2, ok2)
 			}
 		}
 	}
-	if !Live(vm.StateRunning) || !Live(vm.StateSuspended) || Live(vm.StateStopped) || Live(vm.StatePrepared) {
+	if !Live(StateRunning) || !Live(StateSuspended) || Live(StateStopped) || Live(StatePrepared) {
 		t.Error("Live: running and suspended move live, prepared and stopped cold")
 	}
 }

@@ -12,7 +12,7 @@
 //     "vmherd-guest: eth0 bound A.B.C.D/N");
 //   - runs an SSH server (Debian's dropbear) on TCP 22, whose banner starts
 //     with SSHBanner, with a host key made at boot and printed on the
-//     console between HostKeysBegin and HostKeysEnd (as cloud-init does);
+//     console between provision.HostKeysBegin and HostKeysEnd (as cloud-init does);
 //     the public keys in the seed's user-data may log in as root and as
 //     each user the user-data names;
 //   - runs acpid, whose power-button handler does "poweroff -f", unless told
@@ -49,10 +49,6 @@ const (
 	ReadyMarker = "VMHERD-GUEST-READY"
 	// SSHBanner starts the line the guest's SSH server sends.
 	SSHBanner = "SSH-2.0-dropbear"
-	// HostKeysBegin and HostKeysEnd enclose the guest's SSH host public
-	// keys on the console, one per line, as cloud-init prints them.
-	HostKeysBegin = "-----BEGIN SSH HOST KEY KEYS-----"
-	HostKeysEnd   = "-----END SSH HOST KEY KEYS-----"
 	// IgnoreACPIKey makes the guest ignore the ACPI power button, so the
 	// forced stop path can be tested: a top-level line
 	// "vmherd-ignore-acpi: true" in the seed's meta-data or user-data

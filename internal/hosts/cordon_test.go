@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/testenv"
 )
@@ -31,7 +33,7 @@ func TestCordonOnlyForHostIDs(t *testing.T) {
 	}
 	body := []byte(`{"time":"2025-01-01T00:00:00Z","reason":"x"}`)
 	for _, k := range []string{"_engine", strings.Repeat("a", 3000), "Bad-Case", "h1"} {
-		if _, err := kv.Put(ctx, hosts.CordonKey(k), body); err != nil {
+		if _, err := kv.Put(ctx, api.CordonKey(k), body); err != nil {
 			t.Fatalf("put %.20s…: %v", k, err)
 		}
 	}

@@ -13,137 +13,16 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/vm"
 )
-
-// Heartbeat is a worker's entry in VM_HOSTS.
-type Heartbeat struct {
-	Host           string                                  `json:"host"`
-	Version        string                                  `json:"version"`
-	Time           time.Time                               `json:"time"`
-	Backends       []vm.BackendTag                         `json:"backends"`
-	DefaultBackend vm.BackendTag                           `json:"default_backend"`
-	Capabilities   map[vm.BackendTag]backends.Capabilities `json:"capabilities"`
-	Capacity       Resources                               `json:"capacity"`
-	Usage          Usage                                   `json:"usage"`
-	// Tasks is how the worker wants its task consumer, which the engines
-	// create for it.
-	Tasks TaskSettings `json:"tasks"`
-}
-
-// TaskSettings are a worker's wishes for its host's task consumer.
-type TaskSettings struct {
-	AckWaitMS     int64 `json:"ack_wait_ms"`
-	MaxAckPending int   `json:"max_ack_pending"`
-}
-
-// AckWait is the ack wait asked for (default 30 s).
-func (t TaskSettings) AckWait() time.Duration {
-	if t.AckWaitMS <= 0 {
-		return 30 * time.Second
-	}
-	return time.Duration(t.AckWaitMS) * time.Millisecond
-}
-
-// Pending is the max ack pending asked for (default 256).
-func (t TaskSettings) Pending() int {
-	if t.MaxAckPending <= 0 {
-		return 256
-	}
-	return t.MaxAckPending
-}
-
-// Resources a host offers, or a VM takes.
-type Resources struct {
-	Vcpus    int `json:"vcpus"`
-	MemoryMB int `json:"memory_mb"`
-}
-
-// Add returns r + o.
-func (r Resources) Add(o Resources) Resources {
-	return Resources{Vcpus: r.Vcpus + o.Vcpus, MemoryMB: r.MemoryMB + o.MemoryMB}
-}
-
-// Usage is what the host's VMs take, as the worker counts them.
-type Usage struct {
-	VMs      int `json:"vms"`
-	Vcpus    int `json:"vcpus"`
-	MemoryMB int `json:"memory_mb"`
-}
-
-// Has reports whether the host runs backend b.
-func (h *Heartbeat) Has(b vm.BackendTag) bool {
-	for _, x := range h.Backends {
-		if x == b {
-			return true
-		}
-	}
-	return false
-}
-
-// Can reports whether backend b on this host supports action.
-func (h *Heartbeat) Can(b vm.BackendTag, action fsm.Action) bool {
-	c, ok := h.Capabilities[b]
-	if !ok {
-		return true
-	}
-	switch action {
-	case fsm.ActSuspend:
-		return c.Suspend
-	case fsm.ActResume:
-		return c.Resume
-	case fsm.ActMigrate:
-		return c.Migrate
-	}
-	return true
-}
-
-// Cordon is the value of key <host>.cordon in VM_HOSTS: while it exists,
-// no new VM is placed on the host.
-type Cordon struct {
-	Time   time.Time `json:"time"`
-	Reason string    `json:"reason,omitempty"`
-}
-
-// CordonKey is the VM_HOSTS key of a host's cordon. Host ids have no dots,
-// so it never collides with a heartbeat key.
-func CordonKey(host string) string { return host + cordonSuffix }
-
-const cordonSuffix = ".cordon"
-
-// Host is what the registry knows of one host.
-type Host struct {
-	Heartbeat
-	// Rev is the bucket revision of the heartbeat (0: none seen).
-	Rev uint64 `json:"rev"`
-	// Alive: the heartbeat is younger than the registry's LostAfter. Time
-	// is when the server stored it, not the worker's clock.
-	Alive  bool    `json:"alive"`
-	Cordon *Cordon `json:"cordon,omitempty"`
-	// CordonRev is the bucket revision of the cordon key (put or delete).
-	CordonRev uint64 `json:"-"`
-}
-
-// Status is alive or lost, with ",cordoned" when cordoned.
-func (h *Host) Status() string {
-	s := "lost"
-	if h.Alive {
-		s = "alive"
-	}
-	if h.Cordon != nil {
-		s += ",cordoned"
-	}
-	return s
-}
 
 // Change is a change of a host's state the registry saw, for host events.
 type Change struct {
-	Kind events.HostEventType
+	Kind api.HostEventType
 	Host string
 	// Rev identifies the change: the heartbeat's revision for lost and
 	// back (the last beat before the loss, the first one after), the
@@ -159,7 +38,7 @@ type Change struct {
 type Registry struct {
 	LostAfter time.Duration
 	mu        sync.RWMutex
-	hosts     map[string]*Host
+	hosts     map[string]*api.Host
 	lostSeen  map[string]bool // hosts whose loss was reported on changes
 	ready     chan struct{}
 	loaded    bool
@@ -170,7 +49,7 @@ type Registry struct {
 // NewRegistry returns a registry; call Run to fill it.
 func NewRegistry(lostAfter time.Duration) *Registry {
 	return &Registry{
-		LostAfter: lostAfter, hosts: map[string]*Host{}, lostSeen: map[string]bool{},
+		LostAfter: lostAfter, hosts: map[string]*api.Host{}, lostSeen: map[string]bool{},
 		ready: make(chan struct{}), changes: make(chan Change, 256),
 	}
 }
@@ -211,25 +90,46 @@ func (r *Registry) checkLost(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
-		r.mu.Lock()
-		var lost []Change
-		for name, h := range r.hosts {
-			if h.Rev == 0 || r.lostSeen[name] || time.Since(h.Time) < r.LostAfter {
-				continue
-			}
-			r.lostSeen[name] = true
-			lost = append(lost, Change{Kind: events.HostLost, Host: name, Rev: h.Rev, Last: h.Time,
-				Reason: fmt.Sprintf("no heartbeat for over %s", r.LostAfter)})
-		}
-		r.mu.Unlock()
-		for _, c := range lost {
-			r.emit(c)
-		}
+		r.checkLostOnce(ctx)
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+	}
+}
+
+// checkLostOnce reads every host that looks lost directly from the bucket
+// (a watch can lag or stall, as on a server restart, and every host would
+// then look lost), and reports those still lost whose loss is not yet
+// reported. The reads happen here, on the registry's own goroutine, so
+// Get and List never do I/O.
+func (r *Registry) checkLostOnce(ctx context.Context) {
+	r.mu.RLock()
+	var stale []string
+	for name, h := range r.hosts {
+		if h.Rev != 0 && time.Since(h.Time) >= r.LostAfter {
+			stale = append(stale, name)
+		}
+	}
+	r.mu.RUnlock()
+	for _, name := range stale {
+		r.refresh(ctx, name)
+	}
+	r.mu.Lock()
+	var lost []Change
+	for _, name := range stale {
+		h, ok := r.hosts[name]
+		if !ok || h.Rev == 0 || r.lostSeen[name] || time.Since(h.Time) < r.LostAfter {
+			continue
+		}
+		r.lostSeen[name] = true
+		lost = append(lost, Change{Kind: api.HostLost, Host: name, Rev: h.Rev, Last: h.Time,
+			Reason: fmt.Sprintf("no heartbeat for over %s", r.LostAfter)})
+	}
+	r.mu.Unlock()
+	for _, c := range lost {
+		r.emit(c)
 	}
 }
 
@@ -278,10 +178,10 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	// *.cordon key (a permission cannot say "a host id"), so one whose
 	// host part is not a host id (`_engine`, 3,000 characters) is refused
 	// here: it names no host, makes no host event and is never listed.
-	if vm.ValidateHost(strings.TrimSuffix(key, cordonSuffix)) != nil {
+	if api.ValidateHost(strings.TrimSuffix(key, api.CordonSuffix)) != nil {
 		return
 	}
-	if name, ok := strings.CutSuffix(key, cordonSuffix); ok {
+	if name, ok := strings.CutSuffix(key, api.CordonSuffix); ok {
 		h := r.entry(name)
 		if e.Revision() <= h.CordonRev {
 			return
@@ -290,15 +190,15 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 		was := h.Cordon != nil
 		h.Cordon = nil
 		if put {
-			var c Cordon
+			var c api.Cordon
 			if json.Unmarshal(e.Value(), &c) == nil {
 				h.Cordon = &c
 			}
 		}
 		if r.loaded && was != (h.Cordon != nil) {
-			ch := Change{Kind: events.HostUncordoned, Host: name, Rev: e.Revision()}
+			ch := Change{Kind: api.HostUncordoned, Host: name, Rev: e.Revision()}
 			if h.Cordon != nil {
-				ch.Kind, ch.Reason = events.HostCordoned, h.Cordon.Reason
+				ch.Kind, ch.Reason = api.HostCordoned, h.Cordon.Reason
 			}
 			out = append(out, ch)
 		}
@@ -308,7 +208,7 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	// key is what the server's permissions pin (a worker may put only
 	// $KV.VM_HOSTS.<its host>); the body is whatever the writer chose. A
 	// key that is no host id (no worker can have written it) is ignored.
-	if vm.ValidateHost(key) != nil {
+	if api.ValidateHost(key) != nil {
 		return
 	}
 	h := r.entry(key)
@@ -317,17 +217,17 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	}
 	if !put {
 		if r.loaded && h.Rev != 0 {
-			out = append(out, Change{Kind: events.HostForgotten, Host: key, Rev: e.Revision(), Last: h.Time})
+			out = append(out, Change{Kind: api.HostForgotten, Host: key, Rev: e.Revision(), Last: h.Time})
 		}
 		if h.Cordon == nil {
 			delete(r.hosts, key)
 		} else {
-			h.Heartbeat, h.Rev = Heartbeat{}, 0
+			h.Heartbeat, h.Rev = api.Heartbeat{}, 0
 		}
 		delete(r.lostSeen, key)
 		return
 	}
-	var hb Heartbeat
+	var hb api.Heartbeat
 	if json.Unmarshal(e.Value(), &hb) != nil {
 		return
 	}
@@ -344,30 +244,30 @@ func (r *Registry) apply(e jetstream.KeyValueEntry) {
 	h.Heartbeat, h.Rev = hb, e.Revision()
 	if time.Since(hb.Time) < r.LostAfter && r.lostSeen[key] {
 		delete(r.lostSeen, key)
-		out = append(out, Change{Kind: events.HostBack, Host: key, Rev: e.Revision(), Last: hb.Time})
+		out = append(out, Change{Kind: api.HostBack, Host: key, Rev: e.Revision(), Last: hb.Time})
 	}
 }
 
 // entry returns the host's entry, making it. Callers hold r.mu.
-func (r *Registry) entry(name string) *Host {
+func (r *Registry) entry(name string) *api.Host {
 	h := r.hosts[name]
 	if h == nil {
-		h = &Host{}
+		h = &api.Host{}
 		h.Host = name
 		r.hosts[name] = h
 	}
 	return h
 }
 
-// refresh reads one host's entries directly, for when the watch may lag.
-func (r *Registry) refresh(host string) {
+// refresh reads one host's heartbeat directly, for when the watch may lag.
+func (r *Registry) refresh(ctx context.Context, host string) {
 	r.mu.RLock()
 	kv := r.kv
 	r.mu.RUnlock()
 	if kv == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	if e, err := kv.Get(ctx, host); err == nil {
 		r.apply(e)
@@ -378,17 +278,12 @@ func (r *Registry) refresh(host string) {
 func (r *Registry) Ready() <-chan struct{} { return r.ready }
 
 // Get returns a copy of what is known of a host (nil: never heartbeated,
-// or forgotten). A host that looks lost is read again directly first.
-func (r *Registry) Get(host string) *Host {
-	h := r.get(host)
-	if h == nil || !h.Alive {
-		r.refresh(host)
-		h = r.get(host)
-	}
-	return h
-}
+// or forgotten). It reads the registry's memory only, kept by its watch
+// (and by the direct reads of hosts that look lost, checkLostOnce), so
+// callers that must not block, as the engine's admission, may call it.
+func (r *Registry) Get(host string) *api.Host { return r.get(host) }
 
-func (r *Registry) get(host string) *Host {
+func (r *Registry) get(host string) *api.Host {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
 	h, ok := r.hosts[host]
@@ -399,17 +294,17 @@ func (r *Registry) get(host string) *Host {
 }
 
 // view copies h with Alive computed now. Callers hold r.mu.
-func (r *Registry) view(h *Host) *Host {
+func (r *Registry) view(h *api.Host) *api.Host {
 	c := *h
 	c.Alive = time.Since(h.Time) < r.LostAfter
 	return &c
 }
 
 // List returns every known host (alive or lost), sorted by name.
-func (r *Registry) List() []*Host {
+func (r *Registry) List() []*api.Host {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	out := make([]*Host, 0, len(r.hosts))
+	out := make([]*api.Host, 0, len(r.hosts))
 	for _, h := range r.hosts {
 		if h.Rev != 0 {
 			out = append(out, r.view(h))
@@ -419,7 +314,7 @@ func (r *Registry) List() []*Host {
 	return out
 }
 
-// Alive reports whether a host is alive (read again directly if it looks lost).
+// Alive reports whether a host is alive (from memory, as Get).
 func (r *Registry) Alive(host string) bool {
 	h := r.Get(host)
 	return h != nil && h.Alive
@@ -428,11 +323,11 @@ func (r *Registry) Alive(host string) bool {
 // Placement is a request for a host: the backend asked for ("" for any,
 // the host's default then applies) and what the VM takes.
 type Placement struct {
-	Backend vm.BackendTag
-	Need    Resources
+	Backend api.BackendTag
+	Need    api.Resources
 	// Placed tells what the VMs already placed on a host take (the
 	// engine's count from the records).
-	Placed func(host string) Resources
+	Placed func(host string) api.Resources
 	// MaxVMs (if > 0) is the most VMs a host may have; VMsOn counts them.
 	MaxVMs int
 	VMsOn  func(host string) int
@@ -444,10 +339,10 @@ type Placement struct {
 
 // takes reports whether a VM of backend b takes capacity: a Noop VM runs
 // nothing, so it takes none.
-func takes(b vm.BackendTag) bool { return b != vm.BackendNoop }
+func takes(b api.BackendTag) bool { return b != api.BackendNoop }
 
 // Fits reports why host h cannot take the placement ("" if it can).
-func (p Placement) Fits(h *Host) string {
+func (p Placement) Fits(h *api.Host) string {
 	switch {
 	case !h.Alive:
 		return "lost"
@@ -491,10 +386,10 @@ func (p Placement) Fits(h *Host) string {
 // for tests, and a Noop-only host must not take a VM that a QEMU or
 // Propolis host could run. When no host fits, the error says why each
 // host was passed over.
-func Best(hs []*Host, p Placement) (*Host, error) {
-	var best *Host
+func Best(hs []*api.Host, p Placement) (*api.Host, error) {
+	var best *api.Host
 	var bestFree, bestVMs int
-	vms := func(h *Host) int {
+	vms := func(h *api.Host) int {
 		if p.VMsOn == nil {
 			return 0
 		}
@@ -541,7 +436,7 @@ const DefaultLostAfter = 10 * time.Second
 // Snapshot reads the bucket once and returns every known host, judged
 // alive or lost by lostAfter. It reads with direct gets (events.KVEntries),
 // so a client that may only read the bucket can call it.
-func Snapshot(ctx context.Context, js events.KVReader, bucket string, lostAfter time.Duration) ([]*Host, error) {
+func Snapshot(ctx context.Context, js events.KVReader, bucket string, lostAfter time.Duration) ([]*api.Host, error) {
 	es, err := events.KVEntries(ctx, js, bucket, "")
 	if err != nil {
 		return nil, fmt.Errorf("reading hosts: %w", err)
@@ -556,9 +451,9 @@ func Snapshot(ctx context.Context, js events.KVReader, bucket string, lostAfter 
 // Read returns what the bucket says of one host (nil: it never
 // heartbeated, or was forgotten), judged alive or lost by lostAfter: two
 // direct gets, its heartbeat and its cordon.
-func Read(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration, host string) (*Host, error) {
+func Read(ctx context.Context, kv jetstream.KeyValue, lostAfter time.Duration, host string) (*api.Host, error) {
 	r := NewRegistry(lostAfter)
-	for _, k := range []string{host, CordonKey(host)} {
+	for _, k := range []string{host, api.CordonKey(host)} {
 		e, err := kv.Get(ctx, k)
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
 			continue

@@ -6,12 +6,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/natsserver"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 func bucket(t *testing.T) (jetstream.JetStream, jetstream.KeyValue) {
@@ -34,7 +35,7 @@ func bucket(t *testing.T) (jetstream.JetStream, jetstream.KeyValue) {
 	return js, kv
 }
 
-func beat(t *testing.T, kv jetstream.KeyValue, key string, hb hosts.Heartbeat) {
+func beat(t *testing.T, kv jetstream.KeyValue, key string, hb api.Heartbeat) {
 	t.Helper()
 	b, _ := json.Marshal(hb)
 	if _, err := kv.Put(context.Background(), key, b); err != nil {
@@ -48,23 +49,23 @@ func beat(t *testing.T, kv jetstream.KeyValue, key string, hb hosts.Heartbeat) {
 // get a 200-vCPU VM placed on h1 (trust-holes issue, item 4).
 func TestHeartbeatIdentityIsTheKey(t *testing.T) {
 	js, kv := bucket(t)
-	beat(t, kv, "h1", hosts.Heartbeat{Host: "h1", Backends: []vm.BackendTag{vm.BackendQEMU}, DefaultBackend: vm.BackendQEMU,
-		Capacity: hosts.Resources{Vcpus: 8, MemoryMB: 16384}})
-	beat(t, kv, "h2", hosts.Heartbeat{Host: "h1", Backends: []vm.BackendTag{vm.BackendQEMU}, DefaultBackend: vm.BackendQEMU,
-		Capacity: hosts.Resources{Vcpus: 400, MemoryMB: 1 << 20}})
+	beat(t, kv, "h1", api.Heartbeat{Host: "h1", Backends: []api.BackendTag{api.BackendQEMU}, DefaultBackend: api.BackendQEMU,
+		Capacity: api.Resources{Vcpus: 8, MemoryMB: 16384}})
+	beat(t, kv, "h2", api.Heartbeat{Host: "h1", Backends: []api.BackendTag{api.BackendQEMU}, DefaultBackend: api.BackendQEMU,
+		Capacity: api.Resources{Vcpus: 400, MemoryMB: 1 << 20}})
 	// A body naming no host: not a worker's heartbeat (e.g. a JetStream
 	// API answer the server was made to publish on the key).
 	if _, err := kv.Put(context.Background(), "h3", []byte(`{"type":"io.nats.jetstream.api.v1.account_info_response","memory":0}`)); err != nil {
 		t.Fatal(err)
 	}
 	// A key that is no host id: no worker could have written it.
-	beat(t, kv, "no.host", hosts.Heartbeat{Host: "no.host", Capacity: hosts.Resources{Vcpus: 400, MemoryMB: 1 << 20}})
+	beat(t, kv, "no.host", api.Heartbeat{Host: "no.host", Capacity: api.Resources{Vcpus: 400, MemoryMB: 1 << 20}})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	for _, list := range []func() ([]*hosts.Host, error){
-		func() ([]*hosts.Host, error) { return hosts.Snapshot(ctx, js, "VM_HOSTS", time.Minute) },
-		func() ([]*hosts.Host, error) {
+	for _, list := range []func() ([]*api.Host, error){
+		func() ([]*api.Host, error) { return hosts.Snapshot(ctx, js, "VM_HOSTS", time.Minute) },
+		func() ([]*api.Host, error) {
 			r := hosts.NewRegistry(time.Minute)
 			go func() { _ = r.Run(ctx, kv) }()
 			<-r.Ready()
@@ -86,7 +87,7 @@ func TestHeartbeatIdentityIsTheKey(t *testing.T) {
 				t.Errorf("key %s: a heartbeat that is not its own host's was taken: %+v", h.Host, h.Heartbeat)
 			}
 		}
-		got, err := hosts.Best(hs, hosts.Placement{Need: hosts.Resources{Vcpus: 200, MemoryMB: 61440}})
+		got, err := hosts.Best(hs, hosts.Placement{Need: api.Resources{Vcpus: 200, MemoryMB: 61440}})
 		if err == nil {
 			t.Errorf("a 200-vCPU VM was placed on %s (h1 has 8 vCPUs, h2 lied about being h1)", got.Host)
 		}

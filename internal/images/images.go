@@ -27,15 +27,13 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
-	"path"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/imagechain"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Image is one named image in a store.
@@ -89,9 +87,9 @@ func (s *Store) partial() string { return filepath.Join(s.Root, ".partial") }
 func (s *Store) Pull(ctx context.Context, source string, o PullOptions) (Image, error) {
 	name := o.Name
 	if name == "" {
-		name = NameFrom(source)
+		name = api.ImageNameFrom(source)
 	}
-	if err := vm.ValidateName(name); err != nil {
+	if err := api.ValidateName(name); err != nil {
 		return Image{}, fmt.Errorf("image name: %w (give one with --name)", err)
 	}
 	if o.SHA256 != "" {
@@ -220,7 +218,7 @@ func (s *Store) writeRef(img Image) error {
 
 // Get returns the image named name.
 func (s *Store) Get(name string) (Image, error) {
-	if vm.ValidateName(name) != nil {
+	if api.ValidateName(name) != nil {
 		return Image{}, fmt.Errorf("image %q: %w", name, ErrNotFound)
 	}
 	b, err := os.ReadFile(filepath.Join(s.refs(), name+".json"))
@@ -296,38 +294,6 @@ func (s *Store) bySourceDigest(d string) (Image, bool) {
 		}
 	}
 	return Image{}, false
-}
-
-var nameJunk = regexp.MustCompile(`[^a-z0-9_-]+`)
-
-// NameFrom derives an image name from a source: the file name without
-// its extensions (…/debian-12-generic.qcow2.zst → debian-12-generic), or
-// an OCI reference's last path element and tag (repo:12 → repo-12).
-func NameFrom(source string) string {
-	s := source
-	if rest, ok := strings.CutPrefix(s, "oci://"); ok {
-		s = rest
-		s, _, _ = strings.Cut(s, "@")
-		repo, tag := s, ""
-		if i := strings.LastIndexByte(s, ':'); i > strings.LastIndexByte(s, '/') {
-			repo, tag = s[:i], s[i+1:]
-		}
-		s = path.Base(repo)
-		if tag != "" && tag != "latest" {
-			s += "-" + tag
-		}
-	} else {
-		s, _, _ = strings.Cut(s, "?")
-		s = path.Base(s)
-		for _, ext := range []string{".zst", ".xz", ".gz", ".qcow2", ".img", ".raw", ".iso"} {
-			s = strings.TrimSuffix(s, ext)
-		}
-	}
-	s = strings.Trim(nameJunk.ReplaceAllString(strings.ToLower(s), "-"), "-_")
-	if len(s) > vm.MaxNameLen {
-		s = s[:vm.MaxNameLen]
-	}
-	return s
 }
 
 // progress wraps a writer, reporting bytes written.

@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -220,7 +222,7 @@ func TestNameFrom(t *testing.T) {
 		"oci://localhost:5000/debian:latest":                            "debian",
 		"oci://localhost:5000/debian@sha256:" + strings.Repeat("a", 64): "debian",
 	} {
-		if got := images.NameFrom(src); got != want {
+		if got := api.ImageNameFrom(src); got != want {
 			t.Errorf("NameFrom(%q) = %q, want %q", src, got, want)
 		}
 	}

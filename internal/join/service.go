@@ -13,13 +13,13 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
 
 	"github.com/vmherd/vmherd/internal/auth"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/safefile"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // usedFile lists the tokens used (their bootstrap public keys), in the
@@ -77,7 +77,7 @@ func (s *Service) answer(host string, data []byte) Reply {
 	case vr.IsBlocking(true) || uc.Expires == 0 || time.Unix(uc.Expires, 0).Before(time.Now()):
 		return Reply{Error: "the token has expired: issue a new one with engine token --host " + host}
 	}
-	if err := vm.ValidateHost(host); err != nil {
+	if err := api.ValidateHost(host); err != nil {
 		return Reply{Error: "host: " + err.Error()}
 	}
 	s.mu.Lock()
@@ -97,7 +97,7 @@ func (s *Service) answer(host string, data []byte) Reply {
 		s.Log.Error("join: recording the used token", "err", err)
 		return Reply{Error: "the join service cannot write its records; see the engine's log"}
 	}
-	tok, err := s.Authority.UserJWT(auth.Identity{Role: auth.RoleWorker, Host: host, Names: events.Names{Prefix: s.Prefix}}, req.Pub, time.Time{})
+	tok, err := s.Authority.UserJWT(auth.Identity{Role: auth.RoleWorker, Host: host, Names: api.Names{Prefix: s.Prefix}}, req.Pub, time.Time{})
 	if err != nil {
 		return Reply{Error: err.Error()}
 	}
@@ -124,7 +124,7 @@ func (s *Service) markUsed(used []string) error {
 
 // Issue makes a join token for host, valid for ttl.
 func Issue(a *auth.Authority, host, urls, prefix, caPEM string, ttl time.Duration) (Token, error) {
-	if err := vm.ValidateHost(host); err != nil {
+	if err := api.ValidateHost(host); err != nil {
 		return Token{}, fmt.Errorf("host %q: %w", host, err)
 	}
 	if ttl <= 0 {

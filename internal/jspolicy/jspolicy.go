@@ -36,10 +36,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/origin"
 )
 
@@ -55,7 +56,7 @@ const SweepEvery = time.Minute
 const Audit = "$JS.EVENT.ADVISORY.API"
 
 // Violation says why a consumer breaks the policy ("" if it does not).
-func Violation(n events.Names, stream string, cfg jetstream.ConsumerConfig) string {
+func Violation(n api.Names, stream string, cfg jetstream.ConsumerConfig) string {
 	if cfg.DeliverSubject != "" && !origin.Inbox(cfg.DeliverSubject) {
 		return fmt.Sprintf("it delivers to %q, which is no inbox", cfg.DeliverSubject)
 	}
@@ -73,7 +74,7 @@ func Violation(n events.Names, stream string, cfg jetstream.ConsumerConfig) stri
 
 // readable reports whether people read the stream: the events stream and
 // the buckets.
-func readable(n events.Names, stream string) bool {
+func readable(n api.Names, stream string) bool {
 	if stream == n.EventsStream() {
 		return true
 	}
@@ -86,7 +87,7 @@ func readable(n events.Names, stream string) bool {
 }
 
 // streams are the installation's streams and buckets.
-func streams(n events.Names) []string {
+func streams(n api.Names) []string {
 	return []string{n.CommandsStream(), n.EventsStream(), n.TasksStream(),
 		"KV_" + n.RecordsBucket(), "KV_" + n.HostsBucket(), "KV_" + n.ImagesBucket(), "KV_" + n.SSHBucket()}
 }
@@ -94,7 +95,7 @@ func streams(n events.Names) []string {
 // Enforcer deletes the consumers that break the policy.
 type Enforcer struct {
 	JS    jetstream.JetStream
-	Names events.Names
+	Names api.Names
 	Log   *slog.Logger
 }
 

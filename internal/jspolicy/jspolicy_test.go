@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -16,7 +18,7 @@ import (
 )
 
 func TestViolation(t *testing.T) {
-	n := events.DefaultNames
+	n := api.DefaultNames
 	for _, tc := range []struct {
 		stream string
 		cfg    jetstream.ConsumerConfig
@@ -56,7 +58,7 @@ func TestEnforcer(t *testing.T) {
 	js, _ := jetstream.New(nc)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	n := events.DefaultNames
+	n := api.DefaultNames
 	if err := events.Ensure(ctx, js, n, events.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}

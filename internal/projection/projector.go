@@ -11,11 +11,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // JetStream is what a Projector needs of a JetStream context (a
@@ -48,7 +49,7 @@ type JetStream interface {
 // sequence whose records, and every earlier one's, are acknowledged.
 type Projector struct {
 	JS    JetStream
-	Names events.Names
+	Names api.Names
 	// Checkpoint is the file holding the last folded stream sequence ("":
 	// start from the beginning each time, which is correct, only slower).
 	Checkpoint string
@@ -57,7 +58,7 @@ type Projector struct {
 	MaxInFlight int
 	// Observe, if set, is called with every new fold of a record, in
 	// stream order (never concurrently). It must not block.
-	Observe func(*VmRecord)
+	Observe func(*api.VmRecord)
 	// MaxCached bounds the VMs whose newest fold the projector keeps
 	// (default DefaultMaxCached). Past it, idle ones are forgotten (names
 	// that never had a record first): their records are in the bucket,
@@ -96,8 +97,8 @@ type waiter struct {
 }
 
 type cached struct {
-	rec *VmRecord // the newest fold; never modified once here
-	rev uint64    // KV revision of the last record written, 0 if none
+	rec *api.VmRecord // the newest fold; never modified once here
+	rev uint64        // KV revision of the last record written, 0 if none
 	// writing: a write is in flight; dirty: rec is newer than it;
 	// lingering: a transitional rec waits (Linger) to be written.
 	writing, dirty, lingering bool
@@ -262,11 +263,11 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 	p.mu.Lock()
 	known := ok && p.cache[name] != nil // only valid names are cached
 	p.mu.Unlock()
-	if !ok || !known && vm.ValidateName(name) != nil {
+	if !ok || !known && api.ValidateName(name) != nil {
 		p.done(nil, seq)
 		return nil
 	}
-	ev, err := p.Names.DecodeStored(subj, data)
+	ev, err := events.DecodeStored(p.Names, subj, data)
 	if err != nil {
 		// Not an event vmherd wrote; it still moves the VM's sequence on.
 		ev = nil
@@ -278,7 +279,7 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 		// Not seen since this projector started: the bucket has it.
 		nc := &cached{}
 		if e, err := p.kv.Get(ctx, name); err == nil {
-			if r, err := Unmarshal(e.Value()); err == nil {
+			if r, err := api.UnmarshalRecord(e.Value()); err == nil {
 				nc.rec, nc.rev = r, e.Revision()
 			}
 		} else if !errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -293,7 +294,7 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 		p.mu.Unlock()
 	}
 	p.mu.Lock()
-	var next *VmRecord
+	var next *api.VmRecord
 	if ev == nil {
 		next = c.rec
 		if next != nil && seq > next.LastSeq {
@@ -447,7 +448,7 @@ var errAckTimeout = errors.New("no ack for the record write")
 // publish sends r as key name's next revision, expecting rev as its last.
 // A record of a name that no longer exists (a purge's fold) is sent as
 // the key's delete marker: the name leaves the bucket.
-func (p *Projector) publish(name string, r *VmRecord, rev uint64) (jetstream.PubAckFuture, error) {
+func (p *Projector) publish(name string, r *api.VmRecord, rev uint64) (jetstream.PubAckFuture, error) {
 	m := nats.NewMsg(events.KVPutSubject(p.JS, p.Names.RecordsBucket(), name))
 	if r.Exists() {
 		m.Data = r.Marshal()
@@ -555,7 +556,7 @@ func (p *Projector) resolve(ctx context.Context, name string, c *cached) (uint64
 	case err != nil:
 		return 0, 0, err
 	}
-	theirs, uerr := Unmarshal(e.Value())
+	theirs, uerr := api.UnmarshalRecord(e.Value())
 	if uerr == nil && theirs.LastSeq >= mine.LastSeq {
 		p.mu.Lock()
 		if theirs.LastSeq >= c.rec.LastSeq {
@@ -570,7 +571,7 @@ func (p *Projector) resolve(ctx context.Context, name string, c *cached) (uint64
 	return rev, covered, err
 }
 
-func (p *Projector) write(ctx context.Context, name string, r *VmRecord, rev uint64) (uint64, error) {
+func (p *Projector) write(ctx context.Context, name string, r *api.VmRecord, rev uint64) (uint64, error) {
 	switch {
 	case !r.Exists() && rev == 0:
 		return 0, nil // no record to delete
@@ -685,9 +686,9 @@ func (p *Projector) Applied() uint64 {
 // projector), else nil. It is the engine's decision state: a fold of a
 // prefix of the VM's events, checked by the append that follows a decision
 // (which expects the VM's last event to be the record's LastSeq).
-func (p *Projector) Get(ctx context.Context, name string) (*VmRecord, error) {
+func (p *Projector) Get(ctx context.Context, name string) (*api.VmRecord, error) {
 	p.mu.Lock()
-	var rec *VmRecord
+	var rec *api.VmRecord
 	if c := p.cache[name]; c != nil {
 		rec = c.rec
 	}
@@ -709,7 +710,7 @@ func (p *Projector) Get(ctx context.Context, name string) (*VmRecord, error) {
 	if err != nil {
 		return nil, fmt.Errorf("projection: reading the record of vm %s: %w", name, err)
 	}
-	return Unmarshal(e.Value())
+	return api.UnmarshalRecord(e.Value())
 }
 
 // Seed gives the projector a record folded elsewhere from the stream (the
@@ -718,7 +719,7 @@ func (p *Projector) Get(ctx context.Context, name string) (*VmRecord, error) {
 // the projector has not folded: later folds of the name go on from it.
 // A record seeded for a name without a record in the bucket writes
 // nothing; one for a name that has a record is written like a fold.
-func (p *Projector) Seed(name string, rec *VmRecord) {
+func (p *Projector) Seed(name string, rec *api.VmRecord) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.cache == nil || rec.LastSeq > p.folded {
@@ -753,7 +754,7 @@ func (p *Projector) VMs() []string {
 // Current returns the projector's newest fold of a VM (possibly not yet
 // written to the bucket), nil if it has none cached. The record is shared:
 // callers must not modify it (Fold never does; it returns a new record).
-func (p *Projector) Current(name string) *VmRecord {
+func (p *Projector) Current(name string) *api.VmRecord {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if c := p.cache[name]; c != nil {

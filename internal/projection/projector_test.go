@@ -11,11 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // appendLifecycles appends, for each of vms VMs, the events of a prepare,
@@ -25,25 +24,25 @@ func appendLifecycles(t *testing.T, env *testenv.Env, vms int, gen string) {
 	ctx := context.Background()
 	steps := []struct {
 		action string
-		result events.Type
-		state  vm.VmState
+		result api.EventType
+		state  api.VmState
 	}{
-		{"prepare", events.TypePrepared, vm.StatePrepared},
-		{"start", events.TypeStarted, vm.StateRunning},
-		{"stop", events.TypeStopped, vm.StateStopped},
+		{"prepare", api.TypePrepared, api.StatePrepared},
+		{"start", api.TypeStarted, api.StateRunning},
+		{"stop", api.TypeStopped, api.StateStopped},
 	}
 	for si, s := range steps {
-		for _, typ := range []events.Type{events.TypeAccepted, s.result} {
+		for _, typ := range []api.EventType{api.TypeAccepted, s.result} {
 			for i := range vms {
 				name := fmt.Sprintf("v%03d", i)
-				ev := &events.Event{Type: typ, VM: name, CommandID: gen + "-" + strconv.Itoa(si), Action: fsm.Action(s.action),
-					Time: time.Now().UTC(), Host: "h1", Backend: vm.BackendNoop}
-				if typ != events.TypeAccepted {
+				ev := &api.Event{Type: typ, VM: name, CommandID: gen + "-" + strconv.Itoa(si), Action: fsm.Action(s.action),
+					Time: time.Now().UTC(), Host: "h1", Backend: api.BackendNoop}
+				if typ != api.TypeAccepted {
 					ev.State = s.state
-					ev.Handle = &vm.VmHandle{ID: gen, Name: name, Backend: vm.BackendNoop, Host: "h1", PID: 100 + si}
+					ev.Handle = &api.VmHandle{ID: gen, Name: name, Backend: api.BackendNoop, Host: "h1", PID: 100 + si}
 				}
-				writer := events.EngineWriter
-				if typ != events.TypeAccepted {
+				writer := api.EngineWriter
+				if typ != api.TypeAccepted {
 					writer = "h1"
 				}
 				if _, err := env.JS.PublishAsync(env.Names.Event(name, typ, writer), ev.Encode()); err != nil {
@@ -106,7 +105,7 @@ func TestProjectorsConvergeOnReplay(t *testing.T) {
 			t.Fatalf("record %s:\nreplay %s\nbucket %v", name, w.Marshal(), g)
 		}
 		for _, p := range ps {
-			if c := p.Current(name); c == nil || c.LastSeq != w.LastSeq || c.State != vm.StateStopped {
+			if c := p.Current(name); c == nil || c.LastSeq != w.LastSeq || c.State != api.StateStopped {
 				t.Fatalf("projector's record of %s: %+v", name, c)
 			}
 		}
@@ -155,8 +154,8 @@ func TestProjectorResumes(t *testing.T) {
 	}
 }
 
-func norm(r *projection.VmRecord) *projection.VmRecord {
-	out, _ := projection.Unmarshal(r.Marshal())
+func norm(r *api.VmRecord) *api.VmRecord {
+	out, _ := api.UnmarshalRecord(r.Marshal())
 	return out
 }
 
@@ -174,9 +173,9 @@ func TestProjectorCacheBounded(t *testing.T) {
 	go func() { _ = p.Run(ctx); close(done) }()
 	defer func() { cancel(); <-done }()
 	for i := range 1000 {
-		ev := &events.Event{Type: events.TypeRejected, VM: fmt.Sprintf("junk%04d", i), CommandID: "c1", Action: fsm.ActStart,
+		ev := &api.Event{Type: api.TypeRejected, VM: fmt.Sprintf("junk%04d", i), CommandID: "c1", Action: fsm.ActStart,
 			Time: time.Now().UTC(), Reason: "vm does not exist"}
-		if _, err := env.JS.PublishAsync(env.Names.Event(ev.VM, ev.Type, events.EngineWriter), ev.Encode()); err != nil {
+		if _, err := env.JS.PublishAsync(env.Names.Event(ev.VM, ev.Type, api.EngineWriter), ev.Encode()); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -11,10 +11,10 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/natsserver"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // A projector's record writes meet a purge (another projector, further
@@ -40,11 +40,11 @@ func TestResolveAfterPurge(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	n := events.DefaultNames
+	n := api.DefaultNames
 	if err := events.Ensure(ctx, js, n, events.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
-	store, err := events.NewStore(ctx, js, n, events.EngineWriter)
+	store, err := events.NewStore(ctx, js, n, api.EngineWriter)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,9 +56,9 @@ func TestResolveAfterPurge(t *testing.T) {
 
 	// v's events: prepared, destroyed, then its purge (the last).
 	var seqs []uint64
-	for _, ev := range []events.Event{
-		{Type: events.TypeAccepted, VM: "v", CommandID: "c1", Action: fsm.ActPrepare, Host: "h1", State: vm.StatePreparing},
-		{Type: events.TypeAccepted, VM: "v", CommandID: "c2", Action: fsm.ActPurge, Host: "h1", State: vm.StateDestroyed},
+	for _, ev := range []api.Event{
+		{Type: api.TypeAccepted, VM: "v", CommandID: "c1", Action: fsm.ActPrepare, Host: "h1", State: api.StatePreparing},
+		{Type: api.TypeAccepted, VM: "v", CommandID: "c2", Action: fsm.ActPurge, Host: "h1", State: api.StateDestroyed},
 	} {
 		seq, _, err := store.Append(ctx, &ev, events.NoExpect, "")
 		if err != nil {
@@ -67,7 +67,7 @@ func TestResolveAfterPurge(t *testing.T) {
 		seqs = append(seqs, seq)
 	}
 	// The key, written and then deleted (the further projector's work).
-	rev, err := kv.Create(ctx, "v", (&VmRecord{Name: "v", State: vm.StatePreparing, LastSeq: seqs[0]}).Marshal())
+	rev, err := kv.Create(ctx, "v", (&api.VmRecord{Name: "v", State: api.StatePreparing, LastSeq: seqs[0]}).Marshal())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +75,7 @@ func TestResolveAfterPurge(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	stale := &cached{rec: &VmRecord{Name: "v", State: vm.StatePreparing, LastSeq: seqs[0]}, rev: rev, pending: []uint64{seqs[0]}}
+	stale := &cached{rec: &api.VmRecord{Name: "v", State: api.StatePreparing, LastSeq: seqs[0]}, rev: rev, pending: []uint64{seqs[0]}}
 	got, covered, err := p.resolve(ctx, "v", stale)
 	if err != nil || got != 0 || covered != 1 {
 		t.Fatalf("resolve of a record behind the purge = %d, %d, %v", got, covered, err)
@@ -84,18 +84,18 @@ func TestResolveAfterPurge(t *testing.T) {
 		t.Fatalf("a record behind the purge was written back: %v", err)
 	}
 
-	gone := &cached{rec: Fold(nil, &events.Event{Type: events.TypeAccepted, VM: "v", CommandID: "c2", Action: fsm.ActPurge}, seqs[1]), rev: rev, pending: []uint64{seqs[1]}}
+	gone := &cached{rec: Fold(nil, &api.Event{Type: api.TypeAccepted, VM: "v", CommandID: "c2", Action: fsm.ActPurge}, seqs[1]), rev: rev, pending: []uint64{seqs[1]}}
 	if got, covered, err := p.resolve(ctx, "v", gone); err != nil || got != 0 || covered != 1 {
 		t.Fatalf("resolve of the purge's fold on a deleted key = %d, %d, %v", got, covered, err)
 	}
 
 	// A record that has folded the VM's last event (a new incarnation's
 	// prepare after the purge) is written.
-	seq3, _, err := store.Append(ctx, &events.Event{Type: events.TypeAccepted, VM: "v", CommandID: "c3", Action: fsm.ActPrepare, Host: "h1", State: vm.StatePreparing}, events.NoExpect, "")
+	seq3, _, err := store.Append(ctx, &api.Event{Type: api.TypeAccepted, VM: "v", CommandID: "c3", Action: fsm.ActPrepare, Host: "h1", State: api.StatePreparing}, events.NoExpect, "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	fresh := &cached{rec: &VmRecord{Name: "v", State: vm.StatePreparing, Generation: 1, LastSeq: seq3}, pending: []uint64{seq3}}
+	fresh := &cached{rec: &api.VmRecord{Name: "v", State: api.StatePreparing, Generation: 1, LastSeq: seq3}, pending: []uint64{seq3}}
 	got, _, err = p.resolve(ctx, "v", fresh)
 	if err != nil || got == 0 {
 		t.Fatalf("resolve of the new incarnation = %d, %v", got, err)
@@ -104,13 +104,13 @@ func TestResolveAfterPurge(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r, _ := Unmarshal(e.Value()); r.LastSeq != seq3 {
+	if r, _ := api.UnmarshalRecord(e.Value()); r.LastSeq != seq3 {
 		t.Fatalf("the new incarnation's record: %s", e.Value())
 	}
 
 	// And the purge of it, through write: a delete at its revision,
 	// whose marker's revision comes back for the next write.
-	del, err := p.write(ctx, "v", Fold(nil, &events.Event{Type: events.TypeAccepted, VM: "v", CommandID: "c4", Action: fsm.ActPurge}, seq3+1), e.Revision())
+	del, err := p.write(ctx, "v", Fold(nil, &api.Event{Type: api.TypeAccepted, VM: "v", CommandID: "c4", Action: fsm.ActPurge}, seq3+1), e.Revision())
 	if err != nil || del <= e.Revision() {
 		t.Fatalf("write of a purge's fold = %d, %v", del, err)
 	}

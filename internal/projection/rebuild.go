@@ -7,11 +7,12 @@ import (
 	"runtime"
 	"sync"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Replay folds the whole event stream, as it is when Replay starts, into
@@ -22,7 +23,7 @@ import (
 // order: batches of events are decoded on as many goroutines as there are
 // CPUs, then folded one by one, in stream order, into records that Replay
 // owns (so it folds in place instead of copying each record per event).
-func Replay(ctx context.Context, js jetstream.JetStream, n events.Names) (map[string]*VmRecord, int, error) {
+func Replay(ctx context.Context, js jetstream.JetStream, n api.Names) (map[string]*api.VmRecord, int, error) {
 	st, err := js.Stream(ctx, n.EventsStream())
 	if err != nil {
 		return nil, 0, fmt.Errorf("replay: %w", err)
@@ -31,7 +32,7 @@ func Replay(ctx context.Context, js jetstream.JetStream, n events.Names) (map[st
 	if err != nil {
 		return nil, 0, fmt.Errorf("replay: %w", err)
 	}
-	recs := map[string]*VmRecord{}
+	recs := map[string]*api.VmRecord{}
 	last := info.State.LastSeq
 	if info.State.Msgs == 0 {
 		return recs, 0, nil
@@ -112,7 +113,7 @@ type replayMsg struct {
 	// Filled by decode: the VM (empty if the subject names none) and the
 	// event (nil if it is not one vmherd wrote).
 	vm string
-	ev *events.Event
+	ev *api.Event
 }
 
 const replayBatchSize = 512
@@ -150,7 +151,7 @@ func readBatches(ctx context.Context, it jetstream.MessagesContext, last uint64,
 }
 
 // decode decodes the batch's events (on any goroutine).
-func (b *replayBatch) decode(n events.Names) {
+func (b *replayBatch) decode(n api.Names) {
 	for i := range b.msgs {
 		m := &b.msgs[i]
 		name, _, _, ok := n.ParseEventSubject(m.subj)
@@ -158,7 +159,7 @@ func (b *replayBatch) decode(n events.Names) {
 			continue
 		}
 		m.vm = name // validated by fold, once per VM
-		if ev, err := n.DecodeStored(m.subj, m.data); err == nil {
+		if ev, err := events.DecodeStored(n, m.subj, m.data); err == nil {
 			m.ev = ev
 		}
 		m.data = nil
@@ -167,14 +168,14 @@ func (b *replayBatch) decode(n events.Names) {
 
 // fold folds the batch, in order, into recs and returns how many events
 // it folded.
-func (b *replayBatch) fold(recs map[string]*VmRecord) int {
+func (b *replayBatch) fold(recs map[string]*api.VmRecord) int {
 	n := 0
 	for _, m := range b.msgs {
 		if m.vm == "" {
 			continue
 		}
 		r := recs[m.vm]
-		if r == nil && vm.ValidateName(m.vm) != nil {
+		if r == nil && api.ValidateName(m.vm) != nil {
 			continue
 		}
 		n++
@@ -182,7 +183,7 @@ func (b *replayBatch) fold(recs map[string]*VmRecord) int {
 			if m.ev == nil {
 				continue
 			}
-			r = &VmRecord{Name: m.ev.VM, State: fsm.StateAbsent}
+			r = &api.VmRecord{Name: m.ev.VM, State: fsm.StateAbsent}
 			recs[m.vm] = r
 		}
 		if m.seq > r.LastSeq {
@@ -194,14 +195,14 @@ func (b *replayBatch) fold(recs map[string]*VmRecord) int {
 
 // Load reads every record in the bucket, with direct gets
 // (events.KVEntries): workers and vmctl may read the bucket, not watch it.
-func Load(ctx context.Context, js events.KVReader, n events.Names) (map[string]*VmRecord, error) {
+func Load(ctx context.Context, js events.KVReader, n api.Names) (map[string]*api.VmRecord, error) {
 	es, err := events.KVEntries(ctx, js, n.RecordsBucket(), "")
 	if err != nil {
 		return nil, err
 	}
-	out := map[string]*VmRecord{}
+	out := map[string]*api.VmRecord{}
 	for _, e := range es {
-		r, err := Unmarshal(e.Value())
+		r, err := api.UnmarshalRecord(e.Value())
 		if err != nil {
 			return nil, fmt.Errorf("record %s: %w", e.Key(), err)
 		}
@@ -212,7 +213,7 @@ func Load(ctx context.Context, js events.KVReader, n events.Names) (map[string]*
 
 // Rebuild drops the records bucket and writes it again from the event
 // stream. Running projectors notice the new revisions and carry on.
-func Rebuild(ctx context.Context, js jetstream.JetStream, n events.Names, s events.Settings) (int, int, error) {
+func Rebuild(ctx context.Context, js jetstream.JetStream, n api.Names, s events.Settings) (int, int, error) {
 	recs, count, err := Replay(ctx, js, n)
 	if err != nil {
 		return 0, 0, err
@@ -221,7 +222,7 @@ func Rebuild(ctx context.Context, js jetstream.JetStream, n events.Names, s even
 		return 0, 0, fmt.Errorf("rebuild: dropping %s: %w", n.RecordsBucket(), err)
 	}
 	var cfg jetstream.KeyValueConfig
-	for _, c := range n.BucketConfigs(s) {
+	for _, c := range events.BucketConfigs(n, s) {
 		if c.Bucket == n.RecordsBucket() {
 			cfg = c
 		}
@@ -239,7 +240,7 @@ func Rebuild(ctx context.Context, js jetstream.JetStream, n events.Names, s even
 // asynchronous publishes, keeping up to a window of them unacknowledged,
 // where kv.Put would wait a round trip for each. Records are encoded on
 // other goroutines meanwhile.
-func putAll(ctx context.Context, js jetstream.JetStream, bucket string, recs map[string]*VmRecord) error {
+func putAll(ctx context.Context, js jetstream.JetStream, bucket string, recs map[string]*api.VmRecord) error {
 	type put struct {
 		name string
 		data []byte

@@ -1,123 +1,31 @@
-// Package projection folds the event stream into one VmRecord per VM. The
+// Package projection folds the event stream into one api.VmRecord per VM. The
 // fold is pure: the same events give the same records, so dropping the
 // VM_RECORDS bucket and rebuilding it from VM_EVENTS gives what was there.
 package projection
 
 import (
-	"encoding/json"
 	"maps"
 	"slices"
-	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/vm"
 )
-
-// InFlight is a command accepted and not yet answered by a result.
-type InFlight struct {
-	CommandID string     `json:"command_id"`
-	Action    fsm.Action `json:"action"`
-	Seq       uint64     `json:"seq"` // stream sequence of its accepted event
-}
-
-// VmRecord is the projection of one VM's events.
-type VmRecord struct {
-	Name  string     `json:"name"`
-	State vm.VmState `json:"state"`
-	// InFlight lists accepted commands without a result, oldest first; the
-	// last one is the one the (transitional) state waits for.
-	InFlight []InFlight    `json:"in_flight,omitempty"`
-	Host     string        `json:"host,omitempty"`
-	Backend  vm.BackendTag `json:"backend,omitempty"`
-	Handle   *vm.VmHandle  `json:"handle,omitempty"`
-	// Vcpus and MemoryMB are what the VM takes on its host (from the
-	// accepted prepare's spec); placement counts them.
-	Vcpus    int `json:"vcpus,omitempty"`
-	MemoryMB int `json:"memory_mb,omitempty"`
-	// Image is the image store name the VM was prepared from (spec.image),
-	// if it was: a migrate's destination needs it ready.
-	Image string `json:"image,omitempty"`
-	// Labels are the accepted prepare's spec.labels: the user's metadata,
-	// for listing and filtering (never shared, never modified in place).
-	Labels map[string]string `json:"labels,omitempty"`
-	// CreatedBy is the issuer of the accepted prepare of this incarnation
-	// (its command subject's issuer token; "" for a command without one,
-	// an admin's or a service's): an operator may purge only the VMs it
-	// created.
-	CreatedBy string `json:"created_by,omitempty"`
-	// Generation counts incarnations: it grows with every accepted prepare.
-	Generation    int         `json:"generation"`
-	LastSeq       uint64      `json:"last_seq"`
-	LastEvent     events.Type `json:"last_event"`
-	LastCommandID string      `json:"last_command_id,omitempty"`
-	LastError     string      `json:"last_error,omitempty"`
-	// Exit is set when the VM's process ended without a command (an
-	// `exited` event moved it to stopped) and cleared by its next start or
-	// prepare: it tells a crash or an outside kill from a clean stop.
-	Exit *Exit `json:"exit,omitempty"`
-	// Migration is the migrate in flight (state migrating): where the VM
-	// goes, the state it returns to, its last phase.
-	Migration *events.Migration `json:"migration,omitempty"`
-	CreatedAt time.Time         `json:"created_at,omitzero"`
-	UpdatedAt time.Time         `json:"updated_at,omitzero"`
-}
-
-// Exit is what an `exited` event said about an incarnation's end.
-type Exit struct {
-	Time   time.Time `json:"time"`
-	Reason string    `json:"reason,omitempty"`
-}
-
-// Crashed reports whether the VM is stopped because its process ended
-// without a command.
-func (r *VmRecord) Crashed() bool { return r != nil && r.Exit != nil && r.State == vm.StateStopped }
-
-// Exists reports whether the VM was ever prepared (a name that only ever
-// had rejected commands has no record).
-func (r *VmRecord) Exists() bool { return r != nil && r.State != fsm.StateAbsent && r.State != "" }
-
-// CurrentState is the state the FSM decides on.
-func (r *VmRecord) CurrentState() vm.VmState {
-	if !r.Exists() {
-		return fsm.StateAbsent
-	}
-	return r.State
-}
-
-// Clone copies r deeply enough to hand to another goroutine.
-func (r *VmRecord) Clone() *VmRecord {
-	if r == nil {
-		return nil
-	}
-	c := *r
-	c.InFlight = slices.Clone(r.InFlight)
-	if r.Exit != nil {
-		x := *r.Exit
-		c.Exit = &x
-	}
-	c.Migration = r.Migration.Clone()
-	if r.Handle != nil {
-		h := r.Handle.Clone()
-		c.Handle = &h
-	}
-	return &c
-}
 
 // Fold applies the event at stream sequence seq to rec (nil: no record yet)
 // and returns the new record. rec is not modified. Events at or below
 // rec.LastSeq were already applied and return rec unchanged, so folding is
 // idempotent under redelivery.
-func Fold(rec *VmRecord, ev *events.Event, seq uint64) *VmRecord {
+func Fold(rec *api.VmRecord, ev *api.Event, seq uint64) *api.VmRecord {
 	if rec != nil && seq <= rec.LastSeq {
 		return rec
 	}
 	if rec == nil && ev == nil {
 		return nil
 	}
-	var r *VmRecord
+	var r *api.VmRecord
 	if rec == nil {
-		r = &VmRecord{Name: ev.VM, State: fsm.StateAbsent}
+		r = &api.VmRecord{Name: ev.VM, State: fsm.StateAbsent}
 	} else {
 		r = rec.Clone()
 	}
@@ -128,7 +36,7 @@ func Fold(rec *VmRecord, ev *events.Event, seq uint64) *VmRecord {
 // FoldStored folds stored events (in stream order; a nil Event is one
 // vmherd did not write, which only moves the sequence on) onto rec, which
 // must not be nil (a VM without a record: State absent).
-func FoldStored(rec *VmRecord, evs []events.Stored) *VmRecord {
+func FoldStored(rec *api.VmRecord, evs []events.Stored) *api.VmRecord {
 	for _, s := range evs {
 		if s.Seq <= rec.LastSeq {
 			continue
@@ -146,11 +54,11 @@ func FoldStored(rec *VmRecord, evs []events.Stored) *VmRecord {
 // foldInto applies the event at seq (nil: one vmherd did not write) to r in
 // place; Fold is foldInto on a copy. With owned, the caller gives ev up,
 // and r may keep parts of it (its handle) instead of copies. An event its
-// writer may not write about this VM (trusted) moves only last_seq, not
+// writer may not write about this VM (VmRecord.Trusts) moves only last_seq, not
 // last_event or updated_at: a worker of another host cannot make a VM
 // look touched.
-func foldInto(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
-	if ev != nil && trusted(r, ev) {
+func foldInto(r *api.VmRecord, ev *api.Event, seq uint64, owned bool) {
+	if ev != nil && r.Trusts(ev) {
 		apply(r, ev, seq, owned)
 		r.LastEvent = ev.Type
 		r.UpdatedAt = ev.Time
@@ -158,14 +66,14 @@ func foldInto(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 	r.LastSeq = seq
 }
 
-func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
+func apply(r *api.VmRecord, ev *api.Event, seq uint64, owned bool) {
 	switch ev.Type {
-	case events.TypeAccepted:
+	case api.TypeAccepted:
 		if ev.Cancel {
 			cancelMigration(r, ev)
 			return
 		}
-		a, err := fsm.ParseAction(string(ev.Action))
+		a, err := api.ParseAction(string(ev.Action))
 		if err != nil {
 			return
 		}
@@ -174,10 +82,10 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			// again. The record is what a fold of the purge alone gives
 			// (the engine removes the VM's earlier events next), so every
 			// projector, and a rebuild, folds the same record from here.
-			*r = VmRecord{Name: r.Name, State: fsm.StateAbsent}
+			*r = api.VmRecord{Name: r.Name, State: fsm.StateAbsent}
 			return
 		}
-		decide := func(cur vm.VmState) (vm.VmState, error) { return fsm.Decide(cur, a) }
+		decide := func(cur api.VmState) (api.VmState, error) { return fsm.Decide(cur, a) }
 		if ev.Forget && a == fsm.ActDestroy {
 			decide = fsm.Forget
 		}
@@ -221,18 +129,18 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			r.Migration = m
 		}
 		r.State = next
-		r.InFlight = append(r.InFlight, InFlight{CommandID: ev.CommandID, Action: ev.Action, Seq: seq})
+		r.InFlight = append(r.InFlight, api.InFlight{CommandID: ev.CommandID, Action: ev.Action, Seq: seq})
 		r.LastCommandID = ev.CommandID
-	case events.TypeRejected:
+	case api.TypeRejected:
 		// State unchanged.
-	case events.TypeMigration:
+	case api.TypeMigration:
 		m := r.Migration
 		if m == nil || ev.Migration == nil || len(r.InFlight) == 0 || r.InFlight[len(r.InFlight)-1].CommandID != ev.CommandID {
 			return // news of a migrate no longer in flight
 		}
 		m.Phase = ev.Migration.Phase
 		m.Bytes, m.Total = ev.Migration.Bytes, ev.Migration.Total
-	case events.TypeExited:
+	case api.TypeExited:
 		if r.Handle == nil || ev.Handle == nil || ev.Handle.ID != r.Handle.ID || ev.Handle.PID != r.Handle.PID {
 			return // a stale observation of another incarnation
 		}
@@ -242,13 +150,13 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			h.PID = 0
 			r.Handle = &h
 			r.LastError = "exited: " + ev.Reason
-			r.Exit = &Exit{Time: ev.Time, Reason: ev.Reason}
+			r.Exit = &api.Exit{Time: ev.Time, Reason: ev.Reason}
 		}
 	default:
 		if !ev.Type.IsResult() {
 			return
 		}
-		i := slices.IndexFunc(r.InFlight, func(f InFlight) bool { return f.CommandID == ev.CommandID })
+		i := slices.IndexFunc(r.InFlight, func(f api.InFlight) bool { return f.CommandID == ev.CommandID })
 		if i < 0 {
 			return // answers nothing in flight (an older incarnation's command)
 		}
@@ -265,24 +173,24 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 			h := ev.Handle.Clone()
 			r.Handle = &h
 		}
-		if ev.Type == events.TypeFailed {
+		if ev.Type == api.TypeFailed {
 			r.LastError = ev.Error
 		}
 		if current {
-			before := vm.VmState("")
+			before := api.VmState("")
 			if r.Migration != nil {
 				before = r.Migration.Before
 			}
 			if next, ok := fsm.Settle(r.CurrentState(), before, fsm.Result(ev.Type)); ok {
-				if ev.Type == events.TypeMigrated && ev.Migration != nil {
+				if ev.Type == api.TypeMigrated && ev.Migration != nil {
 					// The switch: the VM is its destination's now.
 					r.Host = ev.Migration.To
 				}
-				if r.State == vm.StateMigrating {
+				if r.State == api.StateMigrating {
 					r.Migration = nil
 				}
 				r.State = next
-				if ev.Type != events.TypeFailed {
+				if ev.Type != api.TypeFailed {
 					r.LastError = ev.Reason // set when a forgotten VM's destroyed says why
 				}
 			}
@@ -293,12 +201,12 @@ func apply(r *VmRecord, ev *events.Event, seq uint64, owned bool) {
 // cancelMigration folds an accepted cancel: the migrate it abandons
 // ends (its failed result, stored next by the engine, answers nothing
 // more) and the VM is back in the state it had, on its host.
-func cancelMigration(r *VmRecord, ev *events.Event) {
-	if r.State != vm.StateMigrating || r.Migration == nil {
+func cancelMigration(r *api.VmRecord, ev *api.Event) {
+	if r.State != api.StateMigrating || r.Migration == nil {
 		return
 	}
 	for _, a := range ev.Abandoned {
-		r.InFlight = slices.DeleteFunc(r.InFlight, func(f InFlight) bool { return f.CommandID == a.CommandID })
+		r.InFlight = slices.DeleteFunc(r.InFlight, func(f api.InFlight) bool { return f.CommandID == a.CommandID })
 	}
 	if len(r.InFlight) == 0 {
 		r.InFlight = nil
@@ -306,42 +214,4 @@ func cancelMigration(r *VmRecord, ev *events.Event) {
 	r.State = r.Migration.Before
 	r.Migration = nil
 	r.LastCommandID = ev.CommandID
-}
-
-// trusted reports whether the event's writer (the last token of its
-// subject, authenticated by NATS permissions) may move the VM: decisions
-// only from an engine; results and observations from an engine or the
-// worker of the VM's host. A worker of another host may publish on its own
-// writer token for any VM name, and such an event is stored but changes
-// nothing. An event without a writer (folded by a caller that had no
-// subject, as unit tests do) is trusted.
-func trusted(r *VmRecord, ev *events.Event) bool {
-	if ev.Writer == "" || ev.FromEngine() {
-		return true
-	}
-	if ev.Type == events.TypeAccepted || ev.Type == events.TypeRejected {
-		return false
-	}
-	if ev.Type == events.TypeMigration && r.Migration != nil && ev.Writer == r.Migration.To {
-		return true // the target's phases
-	}
-	return ev.Writer == r.Host
-}
-
-// Marshal renders a record for the KV bucket.
-func (r *VmRecord) Marshal() []byte {
-	b, err := json.Marshal(r)
-	if err != nil {
-		panic(err) // plain data
-	}
-	return b
-}
-
-// Unmarshal parses a record from the KV bucket.
-func Unmarshal(b []byte) (*VmRecord, error) {
-	var r VmRecord
-	if err := json.Unmarshal(b, &r); err != nil {
-		return nil, err
-	}
-	return &r, nil
 }

@@ -17,8 +17,6 @@ import (
 	"time"
 
 	"golang.org/x/crypto/ssh"
-
-	"github.com/vmherd/vmherd/internal/guestimage"
 )
 
 // NewKey makes an ed25519 key pair: the private key in OpenSSH PEM form
@@ -56,9 +54,9 @@ func HostKeys(console []byte) ([]ssh.PublicKey, error) {
 	for sc.Scan() {
 		line := strings.TrimSpace(strings.TrimRight(sc.Text(), "\r"))
 		switch {
-		case strings.HasSuffix(line, guestimage.HostKeysBegin):
+		case strings.HasSuffix(line, HostKeysBegin):
 			in, cur = true, nil
-		case strings.HasSuffix(line, guestimage.HostKeysEnd):
+		case strings.HasSuffix(line, HostKeysEnd):
 			if in && len(cur) > 0 {
 				keys = cur
 			}
@@ -70,7 +68,7 @@ func HostKeys(console []byte) ([]ssh.PublicKey, error) {
 		}
 	}
 	if len(keys) == 0 {
-		return nil, errors.New("the console shows no SSH host keys yet (cloud-init prints them between " + guestimage.HostKeysBegin + " and " + guestimage.HostKeysEnd + ")")
+		return nil, errors.New("the console shows no SSH host keys yet (cloud-init prints them between " + HostKeysBegin + " and " + HostKeysEnd + ")")
 	}
 	return keys, nil
 }
@@ -105,3 +103,11 @@ func ClientConfig(user string, signer ssh.Signer, hostKeys []ssh.PublicKey) *ssh
 		HostKeyCallback: KnownKeys(hostKeys), HostKeyAlgorithms: algos, Timeout: 30 * time.Second,
 	}
 }
+
+// HostKeysBegin and HostKeysEnd enclose a guest's SSH host public keys on
+// its console, one per line, as cloud-init prints them (and the repo's
+// test guest: internal/guestimage/files/init).
+const (
+	HostKeysBegin = "-----BEGIN SSH HOST KEY KEYS-----"
+	HostKeysEnd   = "-----END SSH HOST KEY KEYS-----"
+)

@@ -11,9 +11,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/origin"
 )
 
@@ -73,12 +74,12 @@ const (
 // StartHub relays conn, the console of vmName on host, until it ends or
 // Close. seed is output from before (the console log's end), replayed to
 // the first viewers. onEnd runs once when it has ended.
-func StartHub(nc *nats.Conn, names events.Names, host, vmName string, conn io.ReadWriteCloser, seed []byte, log *slog.Logger, onEnd func()) (*Hub, error) {
+func StartHub(nc *nats.Conn, names api.Names, host, vmName string, conn io.ReadWriteCloser, seed []byte, log *slog.Logger, onEnd func()) (*Hub, error) {
 	if len(seed) > ReplaySize {
 		seed = seed[len(seed)-ReplaySize:]
 	}
 	h := &Hub{
-		nc: nc, out: names.Console(host, vmName, events.ConsoleOut), conn: conn,
+		nc: nc, out: names.Console(host, vmName, api.ConsoleOut), conn: conn,
 		log: log.With("vm", vmName, "part", "console"), done: make(chan struct{}),
 		ring: append([]byte(nil), seed...), offset: uint64(len(seed)),
 	}
@@ -89,7 +90,7 @@ func StartHub(nc *nats.Conn, names events.Names, host, vmName string, conn io.Re
 	if wb, ok := conn.(interface{ SetWriteBuffer(int) error }); ok {
 		_ = wb.SetWriteBuffer(consoleSendBuffer)
 	}
-	in, err := nc.Subscribe(names.Console(host, vmName, events.ConsoleIn), func(m *nats.Msg) {
+	in, err := nc.Subscribe(names.Console(host, vmName, api.ConsoleIn), func(m *nats.Msg) {
 		if origin.Relayed(m.Reply, m.Header) {
 			// A stored message the server delivered here on someone's
 			// behalf (a consumer's deliver subject), not keystrokes.
@@ -342,20 +343,20 @@ type Console struct {
 }
 
 // AttachConsole attaches to the console of vmName on host.
-func AttachConsole(ctx context.Context, nc *nats.Conn, names events.Names, host, vmName string) (*Console, error) {
-	c := &Console{nc: nc, ch: make(chan *nats.Msg, ViewerBuffer), in: names.Console(host, vmName, events.ConsoleIn),
+func AttachConsole(ctx context.Context, nc *nats.Conn, names api.Names, host, vmName string) (*Console, error) {
+	c := &Console{nc: nc, ch: make(chan *nats.Msg, ViewerBuffer), in: names.Console(host, vmName, api.ConsoleIn),
 		inbox: nc.NewRespInbox(), done: make(chan struct{})}
 	// Subscribe first, so no output falls between the replay and the
 	// first live message.
 	// The channel bounds what waits for this viewer (a channel
 	// subscription has no pending limits of its own: the client drops
 	// what does not fit).
-	sub, err := nc.ChanSubscribe(names.Console(host, vmName, events.ConsoleOut), c.ch)
+	sub, err := nc.ChanSubscribe(names.Console(host, vmName, api.ConsoleOut), c.ch)
 	if err != nil {
 		return nil, err
 	}
 	c.sub = sub
-	rep, err := nc.RequestMsgWithContext(ctx, nats.NewMsg(names.Console(host, vmName, events.ConsoleAttach)))
+	rep, err := nc.RequestMsgWithContext(ctx, nats.NewMsg(names.Console(host, vmName, api.ConsoleAttach)))
 	if err == nil {
 		err = replyErr(rep)
 	}

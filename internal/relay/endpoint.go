@@ -11,10 +11,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/coder/websocket"
 
-	"github.com/vmherd/vmherd/internal/backends/propolis/api"
-	"github.com/vmherd/vmherd/internal/vm"
+	papi "github.com/vmherd/vmherd/internal/backends/propolis/api"
 )
 
 // consoleReplay is how much recent output a new console session shows.
@@ -22,16 +23,16 @@ const consoleReplay = 4096
 
 // Dial opens a VM's console endpoint on its host: the backend's unix
 // socket (QEMU) or WebSocket (Propolis).
-func Dial(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWriteCloser, error) {
+func Dial(ctx context.Context, ep api.ConsoleEndpoint) (io.ReadWriteCloser, error) {
 	switch ep.Kind {
-	case vm.ConsoleUnixSocket:
+	case api.ConsoleUnixSocket:
 		var d net.Dialer
 		c, err := d.DialContext(ctx, "unix", ep.Path)
 		if err != nil {
 			return nil, fmt.Errorf("connecting to the console socket %s: %w", ep.Path, err)
 		}
 		return c, nil
-	case vm.ConsoleWebSocket:
+	case api.ConsoleWebSocket:
 		return dialWebSocketConsole(ctx, ep)
 	default:
 		return nil, fmt.Errorf("this VM has no console (backend console kind %q)", ep.Kind)
@@ -41,7 +42,7 @@ func Dial(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWriteCloser, error
 // dialWebSocketConsole attaches to a serial console served over a
 // WebSocket (Propolis): binary frames carry the UART's bytes both ways,
 // text frames carry JSON control messages, which are not console output.
-func dialWebSocketConsole(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWriteCloser, error) {
+func dialWebSocketConsole(ctx context.Context, ep api.ConsoleEndpoint) (io.ReadWriteCloser, error) {
 	u, err := url.Parse(ep.URL)
 	if err != nil {
 		return nil, fmt.Errorf("console endpoint %q: %w", ep.URL, err)
@@ -55,7 +56,7 @@ func dialWebSocketConsole(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWr
 	conn, resp, err := websocket.Dial(dctx, u.String(), &websocket.DialOptions{HTTPHeader: consoleHeaders(ep)})
 	if err != nil {
 		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
-			aerr := api.DecodeError(u.Host, http.MethodGet, u.Path, resp)
+			aerr := papi.DecodeError(u.Host, http.MethodGet, u.Path, resp)
 			if resp.StatusCode == http.StatusFailedDependency {
 				return nil, fmt.Errorf("attaching to the serial console: the VM's propolis instance is not running (start the VM first): %w", aerr)
 			}
@@ -69,13 +70,13 @@ func dialWebSocketConsole(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWr
 
 // consoleHeaders are the endpoint's headers, with the API version the
 // server requires on the upgrade request.
-func consoleHeaders(ep vm.ConsoleEndpoint) http.Header {
+func consoleHeaders(ep api.ConsoleEndpoint) http.Header {
 	h := http.Header{}
 	for k, v := range ep.Headers {
 		h.Set(k, v)
 	}
-	if h.Get(api.VersionHeader) == "" {
-		h.Set(api.VersionHeader, api.Version)
+	if h.Get(papi.VersionHeader) == "" {
+		h.Set(papi.VersionHeader, papi.Version)
 	}
 	return h
 }
@@ -158,21 +159,21 @@ func (c *wsConsole) Close() error {
 // readWebSocketHistory reads the console output propolis-server keeps
 // for the VM's instance (GET /instance/serial/history): from req.From, or
 // all of it (its last req.Tail lines), at most LogChunk bytes.
-func readWebSocketHistory(ctx context.Context, ep vm.ConsoleEndpoint, req LogRequest) (LogPart, error) {
+func readWebSocketHistory(ctx context.Context, ep api.ConsoleEndpoint, req LogRequest) (LogPart, error) {
 	u, err := url.Parse(ep.URL)
 	if err != nil {
 		return LogPart{}, fmt.Errorf("console endpoint %q: %w", ep.URL, err)
 	}
-	c := api.New(u.Host)
+	c := papi.New(u.Host)
 	all := uint64(1 << 30)
-	q := api.HistoryQuery{MostRecent: &all}
+	q := papi.HistoryQuery{MostRecent: &all}
 	if req.HasFrom {
 		from := req.From
-		q = api.HistoryQuery{FromStart: &from}
+		q = papi.HistoryQuery{FromStart: &from}
 	}
 	h, err := c.SerialHistory(ctx, q)
 	if err != nil {
-		if api.StatusOf(err) == http.StatusFailedDependency {
+		if papi.StatusOf(err) == http.StatusFailedDependency {
 			return LogPart{}, fmt.Errorf("no console log: the VM's propolis instance is not running, and propolis-server keeps the log only while it runs: %w", err)
 		}
 		return LogPart{}, fmt.Errorf("reading the console log: %w", err)

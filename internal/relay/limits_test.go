@@ -15,13 +15,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // What an attacker (or a broken client) does to the worker's far end of
@@ -91,13 +91,13 @@ type rawTunnel struct {
 	down chan *nats.Msg
 }
 
-func openRaw(nc *nats.Conn, names events.Names, vmName string, port int) (*rawTunnel, error) {
+func openRaw(nc *nats.Conn, names api.Names, vmName string, port int) (*rawTunnel, error) {
 	id := relay.NewTunnelID()
-	r := &rawTunnel{nc: nc, up: names.Tunnel("h1", vmName, id, events.TunnelUp), down: make(chan *nats.Msg, 4096)}
-	if _, err := nc.ChanSubscribe(names.Tunnel("h1", vmName, id, events.TunnelDown), r.down); err != nil {
+	r := &rawTunnel{nc: nc, up: names.Tunnel("h1", vmName, id, api.TunnelUp), down: make(chan *nats.Msg, 4096)}
+	if _, err := nc.ChanSubscribe(names.Tunnel("h1", vmName, id, api.TunnelDown), r.down); err != nil {
 		return nil, err
 	}
-	req := nats.NewMsg(names.Tunnel("h1", vmName, id, events.TunnelOpen))
+	req := nats.NewMsg(names.Tunnel("h1", vmName, id, api.TunnelOpen))
 	req.Header.Set(relay.HdrPort, strconv.Itoa(port))
 	rep, err := nc.RequestMsg(req, 20*time.Second)
 	if err != nil {
@@ -307,8 +307,8 @@ type slowTarget struct {
 	inSlow, maxInSlow atomic.Int32
 }
 
-func (s *slowTarget) ConsoleEndpoint(context.Context, string) (vm.ConsoleEndpoint, error) {
-	return vm.ConsoleEndpoint{}, &relay.StatusError{Code: "409", Err: errors.New("no console")}
+func (s *slowTarget) ConsoleEndpoint(context.Context, string) (api.ConsoleEndpoint, error) {
+	return api.ConsoleEndpoint{}, &relay.StatusError{Code: "409", Err: errors.New("no console")}
 }
 
 func (s *slowTarget) GuestAddr(ctx context.Context, name string, _ int) (string, error) {
@@ -496,7 +496,7 @@ func slowConsole(t *testing.T) string {
 func TestConsoleInputFair(t *testing.T) {
 	env := testenv.New(t)
 	sock := slowConsole(t)
-	serveLimits(t, env, &target{ep: vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, Path: sock}}, relay.Limits{})
+	serveLimits(t, env, &target{ep: api.ConsoleEndpoint{Kind: api.ConsoleUnixSocket, Path: sock}}, relay.Limits{})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	anc, _ := env.Connect()

@@ -10,10 +10,9 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/nats-io/nats.go"
+	"github.com/vmherd/vmherd/api"
 
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/nats-io/nats.go"
 )
 
 // LogChunk bounds one log reply (a NATS message must stay under the
@@ -36,11 +35,11 @@ type LogPart struct {
 
 // ReadLog reads a piece of the console log behind ep, on the VM's host:
 // the log file (QEMU), or the history propolis-server keeps.
-func ReadLog(ctx context.Context, ep vm.ConsoleEndpoint, req LogRequest) (LogPart, error) {
+func ReadLog(ctx context.Context, ep api.ConsoleEndpoint, req LogRequest) (LogPart, error) {
 	switch {
 	case ep.LogPath != "":
 		return readLogFile(ep.LogPath, req)
-	case ep.Kind == vm.ConsoleWebSocket:
+	case ep.Kind == api.ConsoleWebSocket:
 		return readWebSocketHistory(ctx, ep, req)
 	}
 	return LogPart{}, fmt.Errorf("this VM keeps no console log (console kind %q)", ep.Kind)
@@ -211,9 +210,18 @@ const FollowEvery = 200 * time.Millisecond
 // PrintLog prints vmName's console log through the worker of its host
 // (the last tail lines first, -1: all) and, with follow, what the guest
 // writes after, until ctx ends.
-func PrintLog(ctx context.Context, nc *nats.Conn, names events.Names, host, vmName string, out io.Writer, tail int, follow bool) error {
+func PrintLog(ctx context.Context, nc *nats.Conn, names api.Names, host, vmName string, out io.Writer, tail int, follow bool) error {
+	return FollowLog(ctx, nc, names, host, vmName, out, tail, follow, nil)
+}
+
+// FollowLog is PrintLog that, when following, rides out a worker or a
+// connection that goes away for a while (a restart, a NATS election): it
+// asks again from where it was, and tells trouble (nil: quiet) when the
+// reads start failing (with the error) and when they work again (nil).
+func FollowLog(ctx context.Context, nc *nats.Conn, names api.Names, host, vmName string, out io.Writer, tail int, follow bool, trouble func(error)) error {
 	subj := names.Log(host, vmName)
 	req := LogRequest{Tail: tail}
+	failing := false
 	for {
 		rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 		rep, err := nc.RequestMsgWithContext(rctx, EncodeLogRequest(subj, req))
@@ -221,10 +229,29 @@ func PrintLog(ctx context.Context, nc *nats.Conn, names events.Names, host, vmNa
 		if err == nil {
 			err = replyErr(rep)
 		}
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
+		var re *ReplyError
+		switch {
+		case err == nil:
+			if failing && trouble != nil {
+				trouble(nil)
 			}
+			failing = false
+		case ctx.Err() != nil:
+			return nil
+		case follow && !errors.As(err, &re) && !errors.Is(err, nats.ErrConnectionClosed):
+			// No answer (timeout, no responders): the worker or the
+			// connection is away; the log is still there.
+			if !failing && trouble != nil {
+				trouble(requestErr("reading the console log", err))
+			}
+			failing = true
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(time.Second):
+			}
+			continue
+		default:
 			return requestErr("reading the console log", err)
 		}
 		next, ok, herr := headerUint(rep.Header, HdrNext)

@@ -16,25 +16,26 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/vmherd/vmherd/internal/relay"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // target is a host with one VM, "web1", whose console, log and guest
 // ports are what the test sets up.
 type target struct {
-	ep   vm.ConsoleEndpoint
+	ep   api.ConsoleEndpoint
 	addr func(port int) (string, error)
 }
 
-func (t *target) ConsoleEndpoint(_ context.Context, name string) (vm.ConsoleEndpoint, error) {
+func (t *target) ConsoleEndpoint(_ context.Context, name string) (api.ConsoleEndpoint, error) {
 	if name != "web1" {
-		return vm.ConsoleEndpoint{}, &relay.StatusError{Code: "404", Err: fmt.Errorf("no VM %s on this host", name)}
+		return api.ConsoleEndpoint{}, &relay.StatusError{Code: "404", Err: fmt.Errorf("no VM %s on this host", name)}
 	}
 	return t.ep, nil
 }
@@ -92,7 +93,7 @@ func TestLogTailFollow(t *testing.T) {
 	if err := os.WriteFile(p, []byte("one\ntwo\nthree\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	serve(t, env, &target{ep: vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, LogPath: p}})
+	serve(t, env, &target{ep: api.ConsoleEndpoint{Kind: api.ConsoleUnixSocket, LogPath: p}})
 	ctx, cancel := context.WithCancel(context.Background())
 	var out syncbuf.Buffer
 	done := make(chan error, 1)
@@ -149,7 +150,7 @@ func TestLogFollowAcrossRotation(t *testing.T) {
 	if err := os.WriteFile(p, []byte("a\nb\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	serve(t, env, &target{ep: vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, LogPath: p}})
+	serve(t, env, &target{ep: api.ConsoleEndpoint{Kind: api.ConsoleUnixSocket, LogPath: p}})
 	ctx, cancel := context.WithCancel(context.Background())
 	var out syncbuf.Buffer
 	done := make(chan error, 1)
@@ -337,7 +338,7 @@ func TestConsoleRelay(t *testing.T) {
 	if err := os.WriteFile(logPath, []byte("[boot] before anyone attached\r\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	serve(t, env, &target{ep: vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, Path: g.ln.Addr().String(), LogPath: logPath}})
+	serve(t, env, &target{ep: api.ConsoleEndpoint{Kind: api.ConsoleUnixSocket, Path: g.ln.Addr().String(), LogPath: logPath}})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	nc1, _ := env.Connect()
@@ -533,7 +534,7 @@ func TestTunnel(t *testing.T) {
 func TestConsoleWorkerGone(t *testing.T) {
 	env := testenv.New(t)
 	g := newGuest(t)
-	_, wnc := serveConn(t, env, &target{ep: vm.ConsoleEndpoint{Kind: vm.ConsoleUnixSocket, Path: g.ln.Addr().String()}})
+	_, wnc := serveConn(t, env, &target{ep: api.ConsoleEndpoint{Kind: api.ConsoleUnixSocket, Path: g.ln.Addr().String()}})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	c, err := relay.AttachConsole(ctx, env.NC, env.Names, "h1", "web1")

@@ -12,19 +12,19 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/origin"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Target is what the far end needs from its worker, about the VMs on its
 // host.
 type Target interface {
 	// ConsoleEndpoint is the backend's console of a VM on this host.
-	ConsoleEndpoint(ctx context.Context, vmName string) (vm.ConsoleEndpoint, error)
+	ConsoleEndpoint(ctx context.Context, vmName string) (api.ConsoleEndpoint, error)
 	// GuestAddr is the address (host:port) at which this host reaches the
 	// guest's TCP port.
 	GuestAddr(ctx context.Context, vmName string, port int) (string, error)
@@ -100,12 +100,12 @@ func Requester(reply string) string {
 // worker's micro service.
 type Server struct {
 	NC     *nats.Conn
-	Names  events.Names
+	Names  api.Names
 	Host   string
 	Log    *slog.Logger
 	Target Target
 	// Dial opens a console endpoint (Dial in this package, or a test's).
-	Dial func(ctx context.Context, ep vm.ConsoleEndpoint) (io.ReadWriteCloser, error)
+	Dial func(ctx context.Context, ep api.ConsoleEndpoint) (io.ReadWriteCloser, error)
 	// Limits bound the tunnels (zero fields: the defaults).
 	Limits Limits
 
@@ -139,7 +139,7 @@ func (s *Server) AddEndpoints(svc micro.Service) error {
 	// the client's default 64 MB.
 	return errors.Join(
 		svc.AddEndpoint("console_attach", origin.Guard(s.Log, micro.HandlerFunc(s.attach)),
-			micro.WithEndpointSubject(s.Names.Console(s.Host, "*", events.ConsoleAttach)),
+			micro.WithEndpointSubject(s.Names.Console(s.Host, "*", api.ConsoleAttach)),
 			micro.WithEndpointPendingLimits(1024, 1<<20)),
 		svc.AddEndpoint("console_log", origin.Guard(s.Log, micro.HandlerFunc(s.log)),
 			micro.WithEndpointSubject(s.Names.Log(s.Host, "*")),
@@ -148,7 +148,7 @@ func (s *Server) AddEndpoints(svc micro.Service) error {
 		// of their own): a small buffer is plenty, and a flood of big
 		// messages is dropped by the client instead of held.
 		svc.AddEndpoint("tunnel_open", origin.Guard(s.Log, micro.HandlerFunc(s.open)),
-			micro.WithEndpointSubject(s.Names.Tunnel(s.Host, "*", "*", events.TunnelOpen)),
+			micro.WithEndpointSubject(s.Names.Tunnel(s.Host, "*", "*", api.TunnelOpen)),
 			micro.WithEndpointPendingLimits(4096, 4<<20)),
 	)
 }
@@ -226,7 +226,7 @@ func (s *Server) vmOf(subject string) (string, error) {
 	if len(tok) < 3 {
 		return "", &StatusError{"400", fmt.Errorf("subject %q names no VM", subject)}
 	}
-	if err := vm.ValidateName(tok[2]); err != nil {
+	if err := api.ValidateName(tok[2]); err != nil {
 		return "", &StatusError{"400", err}
 	}
 	return tok[2], nil
@@ -398,7 +398,7 @@ func (s *Server) serveTunnel(req detached, name, id string, port int) {
 		return
 	}
 	key := newTunnelKey()
-	t, err := subscribeTunnel(s.NC, s.Names.Tunnel(s.Host, name, id, events.TunnelUp), s.Names.Tunnel(s.Host, name, id, events.TunnelDown), "", key, s.Limits.WriteTimeout)
+	t, err := subscribeTunnel(s.NC, s.Names.Tunnel(s.Host, name, id, api.TunnelUp), s.Names.Tunnel(s.Host, name, id, api.TunnelDown), "", key, s.Limits.WriteTimeout)
 	if err != nil {
 		_ = conn.Close()
 		respondErr(req, err)

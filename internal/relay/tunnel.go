@@ -13,14 +13,15 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/origin"
 )
 
 // A tunnel carries one TCP connection over two subjects, one per
-// direction (events.TunnelUp: vmctl to the worker; TunnelDown: back).
+// direction (api.TunnelUp: vmctl to the worker; TunnelDown: back).
 // NATS delivers one publisher's messages to a subscriber in order, and
 // drops them only for a subscriber that falls behind, so each side sends
 // at most tunnelWindow bytes and tunnelFrames frames that the other has
@@ -516,14 +517,24 @@ func (t *tunnel) inbound(rw io.Writer, localDone chan struct{}) error {
 
 // DialTunnel opens a tunnel to TCP port on vmName's guest, through the
 // worker of its host, and splices it to rw until either side ends.
-func DialTunnel(ctx context.Context, nc *nats.Conn, names events.Names, host, vmName string, port int, rw io.ReadWriteCloser) error {
-	id := NewTunnelID()
-	t, err := subscribeTunnel(nc, names.Tunnel(host, vmName, id, events.TunnelDown), names.Tunnel(host, vmName, id, events.TunnelUp), "", "", 0)
+func DialTunnel(ctx context.Context, nc *nats.Conn, names api.Names, host, vmName string, port int, rw io.ReadWriteCloser) error {
+	t, err := OpenTunnel(ctx, nc, names, host, vmName, port)
 	if err != nil {
 		_ = rw.Close()
 		return err
 	}
-	req := nats.NewMsg(names.Tunnel(host, vmName, id, events.TunnelOpen))
+	return t.Splice(ctx, rw)
+}
+
+// OpenTunnel opens a tunnel to TCP port on vmName's guest through the
+// worker of its host; Splice then carries it.
+func OpenTunnel(ctx context.Context, nc *nats.Conn, names api.Names, host, vmName string, port int) (*OpenedTunnel, error) {
+	id := NewTunnelID()
+	t, err := subscribeTunnel(nc, names.Tunnel(host, vmName, id, api.TunnelDown), names.Tunnel(host, vmName, id, api.TunnelUp), "", "", 0)
+	if err != nil {
+		return nil, err
+	}
+	req := nats.NewMsg(names.Tunnel(host, vmName, id, api.TunnelOpen))
 	req.Header.Set(HdrPort, strconv.Itoa(port))
 	octx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	rep, err := nc.RequestMsgWithContext(octx, req)
@@ -533,9 +544,17 @@ func DialTunnel(ctx context.Context, nc *nats.Conn, names events.Names, host, vm
 	}
 	if err != nil {
 		t.unsubscribe()
-		_ = rw.Close()
-		return requestErr(fmt.Sprintf("opening a tunnel to %s port %d", vmName, port), err)
+		return nil, requestErr(fmt.Sprintf("opening a tunnel to %s port %d", vmName, port), err)
 	}
 	t.sendKey = rep.Header.Get(HdrKey)
-	return t.run(ctx, rw)
+	return &OpenedTunnel{t: t}, nil
+}
+
+// OpenedTunnel is a tunnel the worker accepted.
+type OpenedTunnel struct{ t *tunnel }
+
+// Splice carries the tunnel to and from rw until either side ends (or
+// ctx), and closes rw.
+func (o *OpenedTunnel) Splice(ctx context.Context, rw io.ReadWriteCloser) error {
+	return o.t.run(ctx, rw)
 }

@@ -17,20 +17,18 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/vmherd/vmherd/api"
 
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // Whats are the entries VM_SSH keeps per incarnation.
-var Whats = []string{events.SSHPrivateKey, events.SSHHostKeys, events.SSHProvisionLog}
+var Whats = []string{api.SSHPrivateKey, api.SSHHostKeys, api.SSHProvisionLog}
 
 // Sweeper deletes a destroyed incarnation's VM_SSH entries.
 type Sweeper struct {
 	JS    jetstream.JetStream
-	Names events.Names
+	Names api.Names
 	Log   *slog.Logger
 }
 
@@ -82,8 +80,8 @@ func (s *Sweeper) run(ctx context.Context) error {
 			if e == nil {
 				continue
 			}
-			r, err := projection.Unmarshal(e.Value())
-			if err != nil || r.State != vm.StateDestroyed {
+			r, err := api.UnmarshalRecord(e.Value())
+			if err != nil || !r.Destroyed() {
 				continue
 			}
 			if err := s.sweep(ctx, keys, r.Name, r.Generation); err != nil {
@@ -109,9 +107,9 @@ func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) er
 	for k := range lister.Keys() {
 		all = append(all, k)
 	}
-	recs := map[string]*projection.VmRecord{}
+	recs := map[string]*api.VmRecord{}
 	for _, k := range all {
-		name, gen, _, ok := events.ParseSSHKey(k)
+		name, gen, _, ok := api.ParseSSHKey(k)
 		if !ok {
 			continue
 		}
@@ -123,7 +121,7 @@ func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) er
 			case err != nil:
 				return err
 			default:
-				if r, err = projection.Unmarshal(e.Value()); err != nil {
+				if r, err = api.UnmarshalRecord(e.Value()); err != nil {
 					r = nil
 				}
 			}
@@ -132,9 +130,9 @@ func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) er
 		if r == nil {
 			continue
 		}
-		stale := gen < r.Generation || (gen == r.Generation && r.State == vm.StateDestroyed)
+		stale := gen < r.Generation || (gen == r.Generation && r.State == api.StateDestroyed)
 		if gen == 0 { // before entries were per incarnation: gone with the VM
-			stale = r.State == vm.StateDestroyed
+			stale = r.State == api.StateDestroyed
 		}
 		if stale {
 			if err := s.purge(ctx, keys, k); err != nil {
@@ -149,7 +147,7 @@ func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) er
 // before entries were per incarnation).
 func (s *Sweeper) sweep(ctx context.Context, keys jetstream.KeyValue, name string, gen int) error {
 	for _, what := range Whats {
-		for _, k := range []string{events.SSHKey(name, gen, what), name + "." + what} {
+		for _, k := range []string{api.SSHKey(name, gen, what), name + "." + what} {
 			if err := s.purge(ctx, keys, k); err != nil {
 				return err
 			}

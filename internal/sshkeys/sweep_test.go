@@ -6,11 +6,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // What was destroyed while no engine ran is swept when one starts; a
@@ -22,12 +22,12 @@ func TestSweepAtStartAndForgedDestroy(t *testing.T) {
 	eng := env.StartEngine(testenv.EngineConfig{})
 	env.StartWorker(testenv.WorkerConfig{Host: "h1"})
 	env.WaitHost(eng, "h1")
-	noop := &vm.VmSpec{Backend: vm.BackendNoop}
-	env.SendCmd("old", "prepare", "p-old", events.Command{Spec: noop})
+	noop := &api.VmSpec{Backend: api.BackendNoop}
+	env.SendCmd("old", "prepare", "p-old", api.Command{Spec: noop})
 	env.Result("old", "p-old", 10*time.Second)
-	env.SendCmd("live", "prepare", "p-live", events.Command{Spec: noop})
+	env.SendCmd("live", "prepare", "p-live", api.Command{Spec: noop})
 	env.Result("live", "p-live", 10*time.Second)
-	env.SendCmd("old", "destroy", "d-old", events.Command{})
+	env.SendCmd("old", "destroy", "d-old", api.Command{})
 	env.Result("old", "d-old", 10*time.Second)
 	env.CheckProjection(10 * time.Second)
 	if err := eng.Stop(); err != nil {
@@ -63,18 +63,18 @@ func TestSweepAtStartAndForgedDestroy(t *testing.T) {
 	})
 	// A destroyed about h1's VM on h2's own writer token: stored, and the
 	// record (and so VM_SSH) does not move.
-	forged := events.Event{Type: events.TypeDestroyed, VM: "live", CommandID: "forged", Action: "destroy",
-		Time: time.Now().UTC(), Host: "h1", State: vm.StateDestroyed}
-	if _, err := env.JS.Publish(ctx, env.Names.Event("live", events.TypeDestroyed, "h2"), forged.Encode()); err != nil {
+	forged := api.Event{Type: api.TypeDestroyed, VM: "live", CommandID: "forged", Action: "destroy",
+		Time: time.Now().UTC(), Host: "h1", State: api.StateDestroyed}
+	if _, err := env.JS.Publish(ctx, env.Names.Event("live", api.TypeDestroyed, "h2"), forged.Encode()); err != nil {
 		t.Fatal(err)
 	}
 	// A real destroy of another VM after it, so the sweeper has caught up.
-	env.SendCmd("other", "prepare", "p-other", events.Command{Spec: noop})
+	env.SendCmd("other", "prepare", "p-other", api.Command{Spec: noop})
 	env.Result("other", "p-other", 10*time.Second)
 	if _, err := kv.Put(ctx, "other.1.key", []byte("secret")); err != nil {
 		t.Fatal(err)
 	}
-	env.SendCmd("other", "destroy", "d-other", events.Command{})
+	env.SendCmd("other", "destroy", "d-other", api.Command{})
 	env.Result("other", "d-other", 10*time.Second)
 	env.WaitFor("other's key swept", 10*time.Second, func() bool { return !has("other.1.key") })
 	for _, k := range kept {

@@ -6,10 +6,9 @@ import (
 	"reflect"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Counts summarise what the streams hold.
@@ -42,7 +41,7 @@ func (e *Env) CheckStreams() Counts {
 	c.Events = len(all)
 	type cmdState struct{ decisions, results int }
 	perVM := map[string]map[string]*cmdState{}
-	recs := map[string]*projection.VmRecord{}
+	recs := map[string]*api.VmRecord{}
 	for _, s := range all {
 		ev := s.Event
 		if ev == nil {
@@ -61,22 +60,22 @@ func (e *Env) CheckStreams() Counts {
 		}
 		rec := recs[ev.VM]
 		switch {
-		case ev.Type == events.TypeAccepted && ev.Cancel:
+		case ev.Type == api.TypeAccepted && ev.Cancel:
 			// A cancel of a migration: decided once, answered by the
 			// failed result of the migrate it abandons.
 			c.Accepted++
 			c.Cancels++
 			cs.decisions++
 			cs.results++
-			if rec.CurrentState() != vm.StateMigrating || rec.Migration == nil {
+			if rec.CurrentState() != api.StateMigrating || rec.Migration == nil {
 				e.T.Errorf("seq %d: vm %s: accepted a cancel in state %s, with no migration in flight", s.Seq, ev.VM, rec.CurrentState())
 			} else if ev.State != rec.Migration.Before {
 				e.T.Errorf("seq %d: vm %s: a cancel says state %s, the migrate began in %s", s.Seq, ev.VM, ev.State, rec.Migration.Before)
 			}
-		case ev.Type == events.TypeAccepted:
+		case ev.Type == api.TypeAccepted:
 			c.Accepted++
 			cs.decisions++
-			a, err := fsm.ParseAction(string(ev.Action))
+			a, err := api.ParseAction(string(ev.Action))
 			if err != nil {
 				e.T.Errorf("seq %d: accepted unknown action %q", s.Seq, ev.Action)
 				break
@@ -85,7 +84,7 @@ func (e *Env) CheckStreams() Counts {
 				// A purge is the first event left of its VM (the engine
 				// removed the ones before it), or follows a destroyed
 				// record; it says destroyed, the state it was purged from.
-				if (rec != nil && rec.CurrentState() != vm.StateDestroyed) || ev.State != vm.StateDestroyed {
+				if (rec != nil && rec.CurrentState() != api.StateDestroyed) || ev.State != api.StateDestroyed {
 					e.T.Errorf("seq %d: vm %s: accepted purge (state %s) from %s", s.Seq, ev.VM, ev.State, rec.CurrentState())
 				}
 				break
@@ -96,12 +95,12 @@ func (e *Env) CheckStreams() Counts {
 			} else if ev.State != want {
 				e.T.Errorf("seq %d: vm %s: accepted %s says state %s, FSM says %s", s.Seq, ev.VM, ev.Action, ev.State, want)
 			}
-		case ev.Type == events.TypeRejected:
+		case ev.Type == api.TypeRejected:
 			c.Rejected++
 			if cs != nil {
 				cs.decisions++
 			}
-		case ev.Type == events.TypeExited:
+		case ev.Type == api.TypeExited:
 			c.Exited++
 		case ev.Type.IsResult():
 			c.Results++
@@ -157,7 +156,7 @@ func (e *Env) CheckProjection(timeout time.Duration) {
 	}
 }
 
-func recordsDiff(want, got map[string]*projection.VmRecord) string {
+func recordsDiff(want, got map[string]*api.VmRecord) string {
 	for k, w := range want {
 		g, ok := got[k]
 		if !ok {
@@ -176,8 +175,8 @@ func recordsDiff(want, got map[string]*projection.VmRecord) string {
 }
 
 // normalize round-trips through JSON so time zones and nil/empty compare equal.
-func normalize(r *projection.VmRecord) *projection.VmRecord {
-	out, _ := projection.Unmarshal(r.Marshal())
+func normalize(r *api.VmRecord) *api.VmRecord {
+	out, _ := api.UnmarshalRecord(r.Marshal())
 	return out
 }
 

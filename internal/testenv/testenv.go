@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sync/errgroup"
@@ -22,11 +24,9 @@ import (
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/engine"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/natsserver"
 	"github.com/vmherd/vmherd/internal/sshkeys"
-	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/worker"
 	"github.com/vmherd/vmherd/schemas"
 )
@@ -41,7 +41,7 @@ type Env struct {
 	Server    *natsserver.Server
 	NC        *nats.Conn
 	JS        jetstream.JetStream
-	Names     events.Names
+	Names     api.Names
 	Store     *events.Store
 	Log       *slog.Logger
 	Dir       string
@@ -106,13 +106,13 @@ func New(t testing.TB) *Env {
 		t.Fatal(err)
 	}
 	t.Cleanup(ns.Stop)
-	e := &Env{T: t, URL: ns.ClientURL(), Server: ns, Names: events.DefaultNames, Log: Logger(), Dir: dir}
+	e := &Env{T: t, URL: ns.ClientURL(), Server: ns, Names: api.DefaultNames, Log: Logger(), Dir: dir}
 	e.NC, e.JS = e.Connect()
 	ctx := context.Background()
 	if err := events.Ensure(ctx, e.JS, e.Names, events.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
-	if e.Store, err = events.NewStore(ctx, e.JS, e.Names, events.EngineWriter); err != nil {
+	if e.Store, err = events.NewStore(ctx, e.JS, e.Names, api.EngineWriter); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.stopAll)
@@ -199,8 +199,8 @@ func (e *Env) StartEngine(c EngineConfig) *Part {
 type WorkerConfig struct {
 	Host    string
 	Noop    *noop.Backend // shared across worker incarnations
-	Extra   map[vm.BackendTag]backends.Hypervisor
-	Default vm.BackendTag
+	Extra   map[api.BackendTag]backends.Hypervisor
+	Default api.BackendTag
 	AckWait time.Duration
 	// Capacity in MiB offered to placement.
 	MemoryMB  int
@@ -221,16 +221,16 @@ func (e *Env) StartWorker(c WorkerConfig) *Part {
 	if c.Host == "" {
 		c.Host = "h1"
 	}
-	bs := map[vm.BackendTag]backends.Hypervisor{}
+	bs := map[api.BackendTag]backends.Hypervisor{}
 	if c.Noop == nil {
 		c.Noop = noop.New(noop.Options{})
 	}
-	bs[vm.BackendNoop] = c.Noop
+	bs[api.BackendNoop] = c.Noop
 	for k, v := range c.Extra {
 		bs[k] = v
 	}
 	if c.Default == "" {
-		c.Default = vm.BackendNoop
+		c.Default = api.BackendNoop
 	}
 	r, err := backends.NewRouter(c.Default, bs)
 	if err != nil {
@@ -243,7 +243,7 @@ func (e *Env) StartWorker(c WorkerConfig) *Part {
 	w, err := worker.New(context.Background(), worker.Config{
 		NC: nc, JS: js, Names: e.Names, Host: c.Host, Router: r, Log: e.Log,
 		AckWait: c.AckWait, HeartbeatEvery: 200 * time.Millisecond, ReconcileEvery: c.Reconcile,
-		Capacity: hosts.Resources{MemoryMB: c.MemoryMB}, ImageRoots: c.ImageRoots, VMDirs: c.VMDirs, ImageStore: c.ImageStore,
+		Capacity: api.Resources{MemoryMB: c.MemoryMB}, ImageRoots: c.ImageRoots, VMDirs: c.VMDirs, ImageStore: c.ImageStore,
 		ImagePolicy: c.ImagePolicy,
 	})
 	if err != nil {
@@ -271,7 +271,7 @@ func (e *Env) Send(vmName, action, body, msgID string) {
 }
 
 // SendCmd publishes a command with the given id.
-func (e *Env) SendCmd(vmName, action, cmdID string, cmd events.Command) {
+func (e *Env) SendCmd(vmName, action, cmdID string, cmd api.Command) {
 	e.T.Helper()
 	cmd.CommandID = cmdID
 	b, _ := json.Marshal(cmd)
@@ -291,7 +291,7 @@ func (e *Env) Events(vmName string) []events.Stored {
 }
 
 // CountType counts the VM's events of type t.
-func (e *Env) CountType(vmName string, t events.Type) int {
+func (e *Env) CountType(vmName string, t api.EventType) int {
 	e.T.Helper()
 	n := 0
 	for _, s := range e.Events(vmName) {
@@ -315,12 +315,12 @@ func (e *Env) WaitFor(what string, timeout time.Duration, cond func() bool) {
 }
 
 // Result waits for the result event of a command and returns it.
-func (e *Env) Result(vmName, cmdID string, timeout time.Duration) *events.Event {
+func (e *Env) Result(vmName, cmdID string, timeout time.Duration) *api.Event {
 	e.T.Helper()
-	var found *events.Event
+	var found *api.Event
 	e.WaitFor(fmt.Sprintf("result of %s on %s", cmdID, vmName), timeout, func() bool {
 		for _, s := range e.Events(vmName) {
-			if s.Event != nil && s.Event.CommandID == cmdID && (s.Event.Type.IsResult() || s.Event.Type == events.TypeRejected) {
+			if s.Event != nil && s.Event.CommandID == cmdID && (s.Event.Type.IsResult() || s.Event.Type == api.TypeRejected) {
 				found = s.Event
 				return true
 			}
@@ -331,12 +331,12 @@ func (e *Env) Result(vmName, cmdID string, timeout time.Duration) *events.Event 
 }
 
 // Decision waits for the accepted/rejected event of a command.
-func (e *Env) Decision(vmName, cmdID string, timeout time.Duration) *events.Event {
+func (e *Env) Decision(vmName, cmdID string, timeout time.Duration) *api.Event {
 	e.T.Helper()
-	var found *events.Event
+	var found *api.Event
 	e.WaitFor(fmt.Sprintf("decision on %s for %s", cmdID, vmName), timeout, func() bool {
 		for _, s := range e.Events(vmName) {
-			if s.Event != nil && s.Event.CommandID == cmdID && (s.Event.Type == events.TypeAccepted || s.Event.Type == events.TypeRejected) {
+			if s.Event != nil && s.Event.CommandID == cmdID && (s.Event.Type == api.TypeAccepted || s.Event.Type == api.TypeRejected) {
 				found = s.Event
 				return true
 			}
@@ -432,7 +432,7 @@ func AttachCreds(t testing.TB, url, creds string) *Env { return AttachTLS(t, url
 // AttachTLS is AttachCreds to a server with TLS, verified with ca.
 func AttachTLS(t testing.TB, url, creds, ca string) *Env {
 	t.Helper()
-	e := &Env{T: t, URL: url, Creds: creds, CA: ca, Names: events.DefaultNames, Log: Logger(), Dir: t.TempDir()}
+	e := &Env{T: t, URL: url, Creds: creds, CA: ca, Names: api.DefaultNames, Log: Logger(), Dir: t.TempDir()}
 	e.NC, e.JS = e.Connect()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -442,7 +442,7 @@ func AttachTLS(t testing.TB, url, creds, ca string) *Env {
 		t.Fatal(err)
 	}
 	var err error
-	if e.Store, err = events.NewStore(ctx, e.JS, e.Names, events.EngineWriter); err != nil {
+	if e.Store, err = events.NewStore(ctx, e.JS, e.Names, api.EngineWriter); err != nil {
 		t.Fatal(err)
 	}
 	return e

@@ -7,30 +7,29 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"text/tabwriter"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/client"
+
 	"github.com/spf13/cobra"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/hosts"
-	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 func (g *globals) createCmd() *cobra.Command {
 	var (
-		spec                      vm.VmSpec
+		spec                      api.VmSpec
 		network, bridge           string
 		cloudInit, sshKey, netCfg string
 		host, backend             string
-		start                     bool
+		start, ifNotExists        bool
 		sshUser                   string
 		labels                    []string
 	)
@@ -44,18 +43,18 @@ func (g *globals) createCmd() *cobra.Command {
 				return usageError("--start with --no-wait: start is sent only once prepare has succeeded, so vmctl must wait for it.\nhelp: drop --no-wait, or run `vmctl create %s --no-wait` and later `vmctl start %s`", args[0], args[0])
 			}
 			spec.Name = args[0]
-			spec.Backend = vm.BackendTag(backend)
+			spec.Backend = api.BackendTag(backend)
 			if spec.ImagePath != "" && !strings.Contains(spec.ImagePath, "/") {
 				// A name in the hosts' image stores, not a path.
 				spec.Image, spec.ImagePath = spec.ImagePath, ""
 			}
-			n := &vm.NetworkConfig{Type: vm.NetworkType(network)}
+			n := &api.NetworkConfig{Type: api.NetworkType(network)}
 			if t, arg, ok := strings.Cut(network, ":"); ok {
-				n.Type = vm.NetworkType(t)
+				n.Type = api.NetworkType(t)
 				switch n.Type {
-				case vm.NetworkTap:
+				case api.NetworkTap:
 					n.Bridge = arg
-				case vm.NetworkVnic:
+				case api.NetworkVnic:
 					n.Name = arg
 				}
 			}
@@ -64,7 +63,7 @@ func (g *globals) createCmd() *cobra.Command {
 			}
 			spec.Network = n
 			if cloudInit != "" || netCfg != "" {
-				spec.CloudInit = &vm.CloudInitConfig{}
+				spec.CloudInit = &api.CloudInitConfig{}
 				if cloudInit != "" {
 					b, err := os.ReadFile(cloudInit)
 					if err != nil {
@@ -85,7 +84,7 @@ func (g *globals) createCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				spec.SSH = &vm.SshConfig{User: sshUser, PublicKey: key}
+				spec.SSH = &api.SshConfig{User: sshUser, PublicKey: key}
 			}
 			var err error
 			if spec.Labels, err = parseLabels(labels); err != nil {
@@ -95,12 +94,28 @@ func (g *globals) createCmd() *cobra.Command {
 				return usageError("%s", flagWords(err.Error()))
 			}
 			ctx := cmd.Context()
-			ev, err := g.send(ctx, spec.Name, fsm.ActPrepare, events.Command{Spec: &spec, Host: host})
-			if err != nil || !start || ev == nil {
-				return err
+			l := g.newLifecycle(spec.Name)
+			if ifNotExists {
+				if err := g.conn(); err != nil {
+					return err
+				}
+				r, err := g.c.Record(ctx, spec.Name)
+				switch {
+				case err == nil && r.Live():
+					l.skip(api.ActPrepare, fmt.Sprintf("already exists (state %s); --if-not-exists", r.State))
+					l.doc.Record = r
+					return l.done(ctx, nil)
+				case err != nil && !errors.Is(err, client.ErrNotFound):
+					return g.commandErr(err)
+				}
 			}
-			_, err = g.send(ctx, spec.Name, fsm.ActStart, events.Command{})
-			return err
+			ev, err := l.send(ctx, api.ActPrepare, api.Command{Spec: &spec, Host: host})
+			if err == nil && start && ev != nil {
+				_, err = l.send(ctx, api.ActStart, api.Command{})
+			} else if err != nil {
+				err = g.explainExists(ctx, spec.Name, err)
+			}
+			return l.done(ctx, err)
 		},
 	}
 	f := c.Flags()
@@ -120,7 +135,20 @@ func (g *globals) createCmd() *cobra.Command {
 	f.StringVar(&host, "host", "", "pin the VM to this host (default: an alive host with the backend, real hypervisors before Noop, most free memory first)")
 	f.BoolVar(&start, "start", false, "start the VM once prepared (waits for prepare; not with --no-wait)")
 	f.StringArrayVar(&labels, "label", nil, "a label KEY=VALUE to set on the VM (repeatable; metadata only, `vmctl list --label` filters by it; the guest never sees it)")
+	f.BoolVar(&ifNotExists, "if-not-exists", false, "succeed without doing anything when a VM of that name exists (in any state but destroyed)")
 	return c
+}
+
+// explainExists words a rejected prepare of a name in use as what it is.
+func (g *globals) explainExists(ctx context.Context, name string, err error) error {
+	var rej *client.RejectedError
+	if !errors.As(err, &rej) {
+		return err
+	}
+	if r, rerr := g.c.Record(ctx, name); rerr == nil && r.Live() {
+		return &exitError{code: ExitFailed, kind: "exists", err: err, msg: fmt.Sprintf("a VM named %s already exists (state %s): the engine rejected prepare: %s\nhelp: --if-not-exists makes that a success; `vmctl destroy %s` frees the name", name, r.State, flagWords(rej.Reason), name)}
+	}
+	return err
 }
 
 // readPublicKey reads --ssh-key: a file holding one SSH public key.
@@ -146,17 +174,107 @@ func readPublicKey(path string) (string, error) {
 	return key, nil
 }
 
-func (g *globals) lifecycleCmd(action fsm.Action, short string) *cobra.Command {
-	return &cobra.Command{
+func (g *globals) lifecycleCmd(action api.Action, short string) *cobra.Command {
+	c := &cobra.Command{
 		Use:               string(action) + " NAME",
 		Short:             short,
 		Args:              nameArg,
 		ValidArgsFunction: g.completeNames,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			_, err := g.send(cmd.Context(), args[0], action, events.Command{})
-			return err
-		},
 	}
+	ifNeeded := ifNeededFlag(c, action)
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		return g.runOne(cmd.Context(), args[0], action, api.Command{}, *ifNeeded)
+	}
+	return c
+}
+
+// ifNeededFlag adds --if-needed to a command whose action ends in a state.
+func ifNeededFlag(c *cobra.Command, action api.Action) *bool {
+	var b bool
+	c.Flags().BoolVar(&b, "if-needed", false, fmt.Sprintf("succeed without doing anything when the VM already is %s", doneState(action)))
+	return &b
+}
+
+// doneState is the state an action ends in.
+func doneState(a api.Action) api.VmState {
+	switch a {
+	case api.ActStart, api.ActResume:
+		return api.StateRunning
+	case api.ActStop:
+		return api.StateStopped
+	case api.ActSuspend:
+		return api.StateSuspended
+	case api.ActDestroy:
+		return api.StateDestroyed
+	}
+	return ""
+}
+
+// runOne sends one command and prints its outcome; with ifNeeded, a VM
+// already in the state the action ends in is a success without a command
+// (the record says so; a command in flight makes it send anyway, and the
+// engine decides).
+func (g *globals) runOne(ctx context.Context, name string, action api.Action, cmd api.Command, ifNeeded bool) error {
+	l := g.newLifecycle(name)
+	if ifNeeded {
+		if err := g.conn(); err != nil {
+			return err
+		}
+		r, err := g.c.Record(ctx, name)
+		switch {
+		case err == nil && r.State == doneState(action) && len(r.InFlight) == 0:
+			l.skip(action, fmt.Sprintf("already %s; --if-needed", r.State))
+			l.doc.Record = r
+			return l.done(ctx, nil)
+		case errors.Is(err, client.ErrNotFound) && action == api.ActDestroy:
+			l.skip(action, "no such VM; --if-exists")
+			return l.done(ctx, nil)
+		case err != nil && !errors.Is(err, client.ErrNotFound):
+			return g.commandErr(err)
+		}
+	}
+	_, err := l.send(ctx, action, cmd)
+	return l.done(ctx, err)
+}
+
+func (g *globals) restartCmd() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "restart NAME",
+		Short: "stop a running VM (as stop does) and start it again; a stopped or prepared one is just started",
+		Long: `restart is stop, then start, each waited for: the guest gets an ACPI
+power-off (forced after --stop-timeout) and boots again on the same host
+with the same disk. A suspended VM is not restarted (resume or stop it
+first). Under --json one document lists both commands.`,
+		Args:              nameArg,
+		ValidArgsFunction: g.completeNames,
+	}
+	timeout := stopTimeoutFlag(c, "how long the guest has to power off before it is killed")
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		t, err := timeout()
+		if err != nil {
+			return err
+		}
+		if g.noWait {
+			return usageError("restart with --no-wait: start is sent only once stop has succeeded, so vmctl must wait for it")
+		}
+		if err := g.conn(); err != nil {
+			return err
+		}
+		ctx, name := cmd.Context(), args[0]
+		l := g.newLifecycle(name)
+		r, err := g.c.Record(ctx, name)
+		if err != nil {
+			return g.commandErr(err)
+		}
+		if r.State == api.StateRunning {
+			if _, err := l.send(ctx, api.ActStop, api.Command{TimeoutS: t}); err != nil {
+				return l.done(ctx, err)
+			}
+		}
+		_, err = l.send(ctx, api.ActStart, api.Command{})
+		return l.done(ctx, err)
+	}
+	return c
 }
 
 // stopTimeoutFlag adds --stop-timeout (a duration) and returns a function
@@ -185,13 +303,13 @@ func (g *globals) stopCmd() *cobra.Command {
 		ValidArgsFunction: g.completeNames,
 	}
 	timeout := stopTimeoutFlag(c, "how long the guest has to power off before it is killed")
+	ifNeeded := ifNeededFlag(c, api.ActStop)
 	c.RunE = func(cmd *cobra.Command, args []string) error {
 		t, err := timeout()
 		if err != nil {
 			return err
 		}
-		_, err = g.send(cmd.Context(), args[0], fsm.ActStop, events.Command{TimeoutS: t})
-		return err
+		return g.runOne(cmd.Context(), args[0], api.ActStop, api.Command{TimeoutS: t}, *ifNeeded)
 	}
 	return c
 }
@@ -204,8 +322,9 @@ func (g *globals) destroyCmd() *cobra.Command {
 		ValidArgsFunction: g.completeNames,
 	}
 	timeout := stopTimeoutFlag(c, "how long a running guest has to power off before it is killed")
-	var forget bool
+	var forget, ifExists bool
 	c.Flags().BoolVar(&forget, "forget", false, "the VM's host is lost for good: end the VM's record without its worker (the name is free again); if the host comes back, its worker removes the VM")
+	c.Flags().BoolVar(&ifExists, "if-exists", false, "succeed without doing anything when there is no such VM or it is already destroyed")
 	c.RunE = func(cmd *cobra.Command, args []string) error {
 		t, err := timeout()
 		if err != nil {
@@ -214,8 +333,7 @@ func (g *globals) destroyCmd() *cobra.Command {
 		if forget && t != 0 {
 			return usageError("--forget and --stop-timeout do not go together: a forgotten VM is not stopped, its host is gone")
 		}
-		_, err = g.send(cmd.Context(), args[0], fsm.ActDestroy, events.Command{TimeoutS: t, Forget: forget})
-		return err
+		return g.runOne(cmd.Context(), args[0], api.ActDestroy, api.Command{TimeoutS: t, Forget: forget}, ifExists)
 	}
 	return c
 }
@@ -247,14 +365,25 @@ migration that fails or is cancelled leaves it there.`,
 		if timeout < 0 || (timeout > 0 && timeout < time.Second) {
 			return usageError("--migration-timeout %s: at least 1s", timeout)
 		}
-		_, err := g.send(cmd.Context(), args[0], fsm.ActMigrate, events.Command{Host: to, Cancel: cancel, TimeoutS: int(timeout / time.Second)})
-		return err
+		return g.runOne(cmd.Context(), args[0], api.ActMigrate, api.Command{Host: to, Cancel: cancel, TimeoutS: int(timeout / time.Second)}, false)
 	}
 	return c
 }
 
 // completeNames completes VM names from the records bucket.
 func (g *globals) completeNames(cmd *cobra.Command, args []string, prefix string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	// Destroyed VMs are no names to act on (their records stay until
+	// purged).
+	return g.completeRecords(cmd, args, prefix, (*api.VmRecord).Live)
+}
+
+// completeDestroyed completes the names of destroyed VMs (purge's).
+func (g *globals) completeDestroyed(cmd *cobra.Command, args []string, prefix string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	return g.completeRecords(cmd, nil, prefix, (*api.VmRecord).Destroyed)
+}
+
+// completeRecords completes the names of the records that keep accepts.
+func (g *globals) completeRecords(cmd *cobra.Command, args []string, prefix string, keep func(*api.VmRecord) bool) ([]cobra.Completion, cobra.ShellCompDirective) {
 	if len(args) > 0 {
 		return nil, cobra.ShellCompDirectiveNoFileComp
 	}
@@ -263,158 +392,241 @@ func (g *globals) completeNames(cmd *cobra.Command, args []string, prefix string
 	}
 	ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Second)
 	defer cancel()
-	kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
-	if err != nil {
-		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
-	}
-	es, err := events.KVEntries(ctx, g.js, kv.Bucket(), "")
+	recs, err := g.c.Records(ctx)
 	if err != nil {
 		return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
 	}
 	var names []cobra.Completion
-	for _, e := range es {
-		if k := e.Key(); strings.HasPrefix(k, prefix) {
-			names = append(names, k)
+	for _, r := range recs {
+		if keep(r) && strings.HasPrefix(r.Name, prefix) {
+			names = append(names, r.Name)
 		}
 	}
-	sort.Strings(names)
 	return names, cobra.ShellCompDirectiveNoFileComp
 }
 
-// recordsKV opens VM_RECORDS once per run: awaitRecord reads a record
-// again and again, and drain's stops wait in parallel.
-func (g *globals) recordsKV(ctx context.Context) (jetstream.KeyValue, error) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.records == nil {
-		kv, err := g.js.KeyValue(ctx, g.names.RecordsBucket())
-		if err != nil {
-			return nil, fmt.Errorf("opening %s: %w (has the engine ever run on this server?)", g.names.RecordsBucket(), err)
-		}
-		g.records = kv
-	}
-	return g.records, nil
-}
-
-func (g *globals) record(ctx context.Context, name string) (*projection.VmRecord, error) {
-	if err := vm.ValidateName(name); err != nil {
+func (g *globals) record(ctx context.Context, name string) (*api.VmRecord, error) {
+	if err := api.ValidateName(name); err != nil {
 		return nil, usageError("NAME %q: %s", name, ruleOf(err))
 	}
 	if err := g.conn(); err != nil {
 		return nil, err
 	}
-	kv, err := g.recordsKV(ctx)
-	if err != nil {
-		return nil, err
+	r, err := g.c.Record(ctx, name)
+	if errors.Is(err, client.ErrNotFound) {
+		return nil, &exitError{code: ExitFailed, kind: "not_found", msg: fmt.Sprintf("no VM named %s (`vmctl list` shows the VMs)", name), err: err}
 	}
-	e, err := kv.Get(ctx, name)
-	if err != nil {
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			return nil, &exitError{code: ExitFailed, msg: fmt.Sprintf("no VM named %s (`vmctl list` shows the VMs)", name)}
-		}
-		return nil, err
-	}
-	return projection.Unmarshal(e.Value())
+	return r, g.commandErr(err)
 }
 
 // listed is a record as `vmctl list --json` prints it: with whether its
-// host is lost now (the record is then the last state known).
+// host is lost now (the record is then the last state known) and the
+// guest's address when the worker gave one.
 type listed struct {
-	*projection.VmRecord
-	HostLost bool `json:"host_lost,omitempty"`
+	*api.VmRecord
+	HostLost bool   `json:"host_lost,omitempty"`
+	IP       string `json:"ip,omitempty"`
 }
 
 // stateText is the state as people read it: a VM whose process ended
 // without a command is "stopped (exited)", not a clean stop; on a lost
 // host the state is the last one known: "unknown (host lost; last running)".
-func stateText(r *projection.VmRecord, hostLost bool) string {
+func stateText(r *api.VmRecord, hostLost bool) string {
 	s := string(r.State)
 	if r.Crashed() {
 		s += " (exited)"
 	}
-	if hostLost && r.State != vm.StateDestroyed {
+	if hostLost && r.Live() {
 		return "unknown (host lost; last " + s + ")"
 	}
 	return s
 }
 
 // running reports whether the record says the VM's process runs.
-func running(r *projection.VmRecord) bool {
-	return r.State == vm.StateRunning || r.State == vm.StateSuspended
-}
+func running(r *api.VmRecord) bool { return fsm.Live(r.State) }
 
 // notRunning is the error for a query that needs a running VM.
-func notRunning(r *projection.VmRecord) error {
+func notRunning(r *api.VmRecord) error {
 	msg := fmt.Sprintf("vm %s is not running (state %s)", r.Name, r.State)
 	if r.Crashed() {
 		msg = fmt.Sprintf("vm %s is not running: its process exited at %s without a command (%s)", r.Name,
 			r.Exit.Time.Local().Format(time.DateTime), r.Exit.Reason)
 	}
 	switch r.State {
-	case vm.StatePrepared, vm.StateStopped, vm.StateFailed:
+	case api.StatePrepared, api.StateStopped, api.StateFailed:
 		msg += fmt.Sprintf("; start it with `vmctl start %s`", r.Name)
 	}
-	return &exitError{code: ExitFailed, msg: msg}
+	return &exitError{code: ExitFailed, kind: "not_running", msg: msg}
 }
+
+// listColumns are the columns list can print, in their default order.
+var listColumns = []string{"name", "state", "host", "backend", "vcpus", "memory", "ip", "in-flight", "updated", "labels"}
 
 func (g *globals) listCmd() *cobra.Command {
 	var (
-		all    bool
-		labels []string
+		all            bool
+		states, hostsF []string
+		format         string
+		columns        []string
+		labels         []string
 	)
 	c := &cobra.Command{
 		Use:   "list",
 		Short: "list VMs from the VM_RECORDS projection, with their guest address",
-		Args:  noArgs,
+		Long: `list prints the VMs' records (destroyed ones only with --all), filtered by
+--state and --host (each repeatable or comma-separated; a VM must match one
+value of every filter given) and --label (KEY=VALUE, or KEY for any value;
+repeatable: a VM must have every label given).
+
+--format table (default) prints the --columns chosen; json one document, an
+array of records each with host_lost and ip; jsonl one record per line; name
+only the names, one per line (for xargs). --json is --format json.`,
+		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if g.json && !cmd.Flags().Changed("format") {
+				format = "json"
+			}
 			sel, err := parseSelector(labels)
 			if err != nil {
 				return err
 			}
+			switch format {
+			case "table", "json", "jsonl", "name":
+			default:
+				return usageError("--format %q: want table, json, jsonl or name", format)
+			}
+			for _, col := range columns {
+				if !slices.Contains(listColumns, col) {
+					return usageError("--columns: %q is not one of %s", col, strings.Join(listColumns, ","))
+				}
+			}
+			for _, st := range states {
+				if !slices.Contains(fsm.States(), api.VmState(st)) {
+					return usageError("--state %q is not a state (%s)", st, joinStates(fsm.States()))
+				}
+			}
 			if err := g.conn(); err != nil {
 				return err
 			}
-			recs, err := projection.Load(cmd.Context(), g.js, g.names)
+			ctx := cmd.Context()
+			recs, err := g.c.Records(ctx)
 			if err != nil {
-				return err
+				return g.commandErr(err)
 			}
-			var list []*projection.VmRecord
+			var list []*api.VmRecord
 			for _, r := range recs {
-				if (all || r.State != vm.StateDestroyed) && sel.matches(r) {
+				switch {
+				case !all && !r.Live() && !slices.Contains(states, string(api.StateDestroyed)):
+				case len(states) > 0 && !slices.Contains(states, string(r.State)):
+				case len(hostsF) > 0 && !slices.Contains(hostsF, r.Host):
+				case !sel.matches(r):
+				default:
 					list = append(list, r)
 				}
 			}
-			sort.Slice(list, func(i, j int) bool { return list[i].Name < list[j].Name })
-			lost := g.lostHosts(cmd.Context())
-			if g.json {
+			if format == "name" {
+				for _, r := range list {
+					fmt.Fprintln(g.out, r.Name)
+				}
+				return nil
+			}
+			lost := g.lostHosts(ctx)
+			ips := g.guestAddrs(ctx, list, lost)
+			if format == "json" || format == "jsonl" {
 				out := make([]listed, len(list))
 				for i, r := range list {
-					out[i] = listed{VmRecord: r, HostLost: lost[r.Host] && r.State != vm.StateDestroyed}
+					out[i] = listed{VmRecord: r, HostLost: lost[r.Host] && r.Live()}
+					if ip := ips[i]; ip != "-" && ip != "?" {
+						out[i].IP = ip
+					}
 				}
-				return g.printJSON(out)
+				if format == "json" {
+					return g.printJSON(out)
+				}
+				for _, l := range out {
+					b, _ := json.Marshal(l)
+					fmt.Fprintln(g.out, string(b))
+				}
+				return nil
 			}
-			ips := g.guestAddrs(cmd.Context(), list, lost)
+			if len(columns) == 0 {
+				columns = listColumns
+			}
 			tw := tabwriter.NewWriter(g.out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tSTATE\tHOST\tBACKEND\tVCPUS\tMEMORY\tIP\tIN FLIGHT\tUPDATED\tLABELS")
+			head := make([]string, len(columns))
+			for i, col := range columns {
+				head[i] = strings.ToUpper(strings.ReplaceAll(col, "-", " "))
+			}
+			fmt.Fprintln(tw, strings.Join(head, "\t"))
 			for i, r := range list {
-				var inflight []string
-				for _, f := range r.InFlight {
-					inflight = append(inflight, string(f.Action))
+				row := make([]string, len(columns))
+				for j, col := range columns {
+					row[j] = listCell(r, col, ips[i], lost[r.Host])
 				}
-				vcpus, mem := "-", "-"
-				if r.Handle != nil && r.Handle.Spec != nil {
-					vcpus = strconv.Itoa(r.Handle.Spec.Vcpus)
-					mem = strconv.Itoa(r.Handle.Spec.MemoryMB) + "M"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, stateText(r, lost[r.Host]), r.Host, r.Backend,
-					vcpus, mem, ips[i], orDash(strings.Join(inflight, ",")), r.UpdatedAt.Local().Format(time.DateTime), formatLabels(r.Labels))
+				fmt.Fprintln(tw, strings.Join(row, "\t"))
 			}
 			return tw.Flush()
 		},
 	}
-	c.Flags().BoolVar(&all, "all", false, "include destroyed VMs")
-	c.Flags().StringArrayVar(&labels, "label", nil, "only VMs with this label: KEY=VALUE, or KEY for any value (repeatable: all must match)")
+	f := c.Flags()
+	f.BoolVar(&all, "all", false, "include destroyed VMs")
+	f.StringSliceVar(&states, "state", nil, "only VMs in these states (e.g. running,stopped)")
+	f.StringSliceVar(&hostsF, "host", nil, "only VMs on these hosts")
+	f.StringArrayVar(&labels, "label", nil, "only VMs with this label: KEY=VALUE, or KEY for any value (repeatable: all must match)")
+	f.StringVar(&format, "format", "table", "table, json, jsonl or name")
+	f.StringSliceVar(&columns, "columns", nil, "table columns, from "+strings.Join(listColumns, ","))
+	_ = c.RegisterFlagCompletionFunc("state", func(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
+		var out []cobra.Completion
+		for _, s := range fsm.States() {
+			out = append(out, string(s))
+		}
+		return out, cobra.ShellCompDirectiveNoFileComp
+	})
+	_ = c.RegisterFlagCompletionFunc("host", g.completeHosts)
 	return c
+}
+
+// listCell is one cell of list's table.
+func listCell(r *api.VmRecord, col, ip string, hostLost bool) string {
+	switch col {
+	case "name":
+		return r.Name
+	case "state":
+		return stateText(r, hostLost)
+	case "host":
+		return orDash(r.Host)
+	case "backend":
+		return orDash(string(r.Backend))
+	case "vcpus":
+		if r.Handle != nil && r.Handle.Spec != nil {
+			return strconv.Itoa(r.Handle.Spec.Vcpus)
+		}
+	case "memory":
+		if r.Handle != nil && r.Handle.Spec != nil {
+			return strconv.Itoa(r.Handle.Spec.MemoryMB) + "M"
+		}
+	case "ip":
+		return ip
+	case "in-flight":
+		var inflight []string
+		for _, f := range r.InFlight {
+			inflight = append(inflight, string(f.Action))
+		}
+		return orDash(strings.Join(inflight, ","))
+	case "updated":
+		return r.UpdatedAt.Local().Format(time.DateTime)
+	case "labels":
+		return formatLabels(r.Labels)
+	}
+	return "-"
+}
+
+func joinStates(ss []api.VmState) string {
+	out := make([]string, len(ss))
+	for i, s := range ss {
+		out[i] = string(s)
+	}
+	return strings.Join(out, ", ")
 }
 
 func orDash(s string) string {
@@ -426,7 +638,7 @@ func orDash(s string) string {
 
 // guestAddrs asks the workers for the address of each running VM, at once
 // and briefly: a list must not hang on one slow host.
-func (g *globals) guestAddrs(ctx context.Context, list []*projection.VmRecord, lost map[string]bool) []string {
+func (g *globals) guestAddrs(ctx context.Context, list []*api.VmRecord, lost map[string]bool) []string {
 	out := make([]string, len(list))
 	var wg sync.WaitGroup
 	for i, r := range list {
@@ -443,9 +655,9 @@ func (g *globals) guestAddrs(ctx context.Context, list []*projection.VmRecord, l
 			defer wg.Done()
 			qctx, cancel := context.WithTimeout(ctx, time.Second)
 			defer cancel()
-			var ip events.GuestIPReply
-			var qe *queryError
-			if err := g.query(qctx, r, "guest_ip", &ip); errors.As(err, &qe) && qe.code == "409" {
+			var ip api.GuestIPReply
+			var we *client.WorkerError
+			if err := g.query(qctx, r, "guest_ip", &ip); errors.As(err, &we) && we.Code == "409" {
 				return // the VM has no address (no network, or not known yet)
 			} else if err != nil || ip.IP == "" {
 				out[i] = "?" // the worker did not answer
@@ -461,25 +673,9 @@ func (g *globals) guestAddrs(ctx context.Context, list []*projection.VmRecord, l
 	return out
 }
 
-// queryError is a worker's answer that it cannot answer: code 404 (no such
-// VM), 409 (no address, unsupported) or 500, as the micro service sends it.
-type queryError struct{ code, msg string }
-
-func (e *queryError) Error() string { return e.msg }
-
 // query asks the worker on the VM's host.
-func (g *globals) query(ctx context.Context, r *projection.VmRecord, endpoint string, out any) error {
-	req, _ := json.Marshal(events.QueryRequest{VM: r.Name})
-	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	m, err := g.nc.RequestWithContext(qctx, g.names.Query(r.Host)+"."+endpoint, req)
-	if err != nil {
-		return fmt.Errorf("asking the worker on host %s: %w (is it running?)", r.Host, err)
-	}
-	if code := m.Header.Get("Nats-Service-Error-Code"); code != "" {
-		return &queryError{code: code, msg: fmt.Sprintf("worker on host %s: %s", r.Host, m.Header.Get("Nats-Service-Error"))}
-	}
-	return json.Unmarshal(m.Data, out)
+func (g *globals) query(ctx context.Context, r *api.VmRecord, endpoint string, out any) error {
+	return g.c.QueryHost(ctx, r.Host, r.Name, endpoint, out)
 }
 
 func (g *globals) statusCmd() *cobra.Command {
@@ -493,13 +689,13 @@ func (g *globals) statusCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var live events.StateReply
+			var live api.StateReply
 			liveErr := error(nil)
-			hostLost := r.State != vm.StateDestroyed && g.hostLost(cmd.Context(), r.Host)
+			hostLost := r.Live() && g.hostLost(cmd.Context(), r.Host)
 			switch {
 			case hostLost:
 				liveErr = fmt.Errorf("host %s is lost (no heartbeat for over %s)", r.Host, hosts.DefaultLostAfter)
-			case r.State != vm.StateDestroyed:
+			case r.Live():
 				liveErr = g.query(cmd.Context(), r, "state", &live)
 			}
 			if g.json {
@@ -583,7 +779,7 @@ func (g *globals) ipCmd() *cobra.Command {
 			if !running(r) {
 				return notRunning(r)
 			}
-			var ip events.GuestIPReply
+			var ip api.GuestIPReply
 			if err := g.query(cmd.Context(), r, "guest_ip", &ip); err != nil {
 				return err
 			}
@@ -603,9 +799,18 @@ func (g *globals) ipCmd() *cobra.Command {
 func (g *globals) eventsCmd() *cobra.Command {
 	var follow bool
 	var last int
+	var host string
 	c := &cobra.Command{
-		Use:               "events [NAME]",
-		Short:             "print events (of one VM, or all), and with --follow keep printing new ones",
+		Use:   "events [NAME]",
+		Short: "print events (of one VM, one host, or all), and with --follow keep printing new ones",
+		Long: `events prints the events the stream keeps, oldest first: one VM's (NAME),
+those about one host (--host: its host events and the VMs' events it wrote
+or that place a VM on it), or all. --follow keeps printing new ones; it
+reads without a consumer, and keeps its place when the connection or the
+server goes away for a while (it says so on stderr).
+
+--json prints one array of events, each with its stream sequence (seq);
+with --follow one event per line (JSON lines), as they come.`,
 		ValidArgsFunction: g.completeNames,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) == 0 {
@@ -614,162 +819,155 @@ func (g *globals) eventsCmd() *cobra.Command {
 			return nameArg(cmd, args)
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(args) == 1 {
-				return g.vmEvents(cmd.Context(), args[0], follow, last, false)
+			if last < 0 {
+				return usageError("--last %d: give a number of events", last)
 			}
-			return g.allEvents(cmd.Context(), follow, last)
+			o := client.WatchOptions{Host: host}
+			if len(args) == 1 {
+				if host != "" {
+					return usageError("give NAME or --host, not both")
+				}
+				o.VM = args[0]
+			}
+			return g.printEvents(cmd.Context(), o, follow, last, true)
 		},
 	}
 	c.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new events")
 	c.Flags().IntVar(&last, "last", 0, "start with the last N events (0: all)")
+	c.Flags().StringVar(&host, "host", "", "only events about this host")
+	_ = c.RegisterFlagCompletionFunc("host", g.completeHosts)
 	return c
 }
 
 func (g *globals) historyCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:               "history NAME",
-		Short:             "print every event of one VM, oldest first",
+		Short:             "print every event of one VM, oldest first, with its stream sequence",
 		Args:              nameArg,
 		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.vmEvents(cmd.Context(), args[0], false, 0, true)
+			return g.printEvents(cmd.Context(), client.WatchOptions{VM: args[0]}, false, 0, true)
 		},
 	}
 }
 
-// eventPrinter prints events as text lines, or JSON: one document per
-// event when following, else one list at the end.
-type eventPrinter struct {
-	g      *globals
-	follow bool
-	list   []any
+// storedJSON is an event as --json prints it: its fields and its stream
+// sequence (a host event's fields, for those).
+type storedJSON struct {
+	Seq uint64 `json:"seq"`
+	*api.Event
+	*api.HostEvent
 }
 
-func (g *globals) newEventPrinter(follow bool) *eventPrinter {
-	return &eventPrinter{g: g, follow: follow, list: []any{}}
-}
-
-func (p *eventPrinter) add(ev any, text string) {
-	switch {
-	case !p.g.json:
-		fmt.Fprintln(p.g.out, text)
-	case p.follow:
-		b, _ := json.Marshal(ev)
-		fmt.Fprintln(p.g.out, string(b))
-	default:
-		p.list = append(p.list, ev)
+func (st storedJSON) MarshalJSON() ([]byte, error) {
+	var body []byte
+	var err error
+	if st.Event != nil {
+		body, err = json.Marshal(st.Event)
+	} else {
+		body, err = json.Marshal(st.HostEvent)
 	}
-}
-
-func (p *eventPrinter) done() error {
-	if p.g.json && !p.follow {
-		return p.g.printJSON(p.list)
+	if err != nil || len(body) < 2 || body[0] != '{' {
+		return body, err
 	}
-	return nil
+	sep := ","
+	if len(body) == 2 {
+		sep = ""
+	}
+	return []byte(fmt.Sprintf(`{"seq":%d%s%s`, st.Seq, sep, body[1:])), nil
 }
 
-// vmEvents prints one VM's events (the last N if last > 0, with their
-// stream sequences if withSeq) and, when following, those stored after
-// them until ctx ends. It reads by direct gets and leaves no consumer on
-// the server.
-func (g *globals) vmEvents(ctx context.Context, name string, follow bool, last int, withSeq bool) error {
+// printEvents prints the events o selects: the last N (0: all) of those
+// stored now, then, following, the new ones until ctx ends. Under --json:
+// one array, or one line per event when following.
+func (g *globals) printEvents(ctx context.Context, o client.WatchOptions, follow bool, last int, withSeq bool) error {
+	if o.VM != "" {
+		if err := api.ValidateName(o.VM); err != nil {
+			return usageError("NAME %q: %s", o.VM, ruleOf(err))
+		}
+	}
 	if err := g.conn(); err != nil {
 		return err
 	}
-	store, err := events.NewStore(ctx, g.js, g.names, "")
+	end, err := g.c.LastSeq(ctx)
 	if err != nil {
-		return err
+		return g.commandErr(err)
 	}
-	p := g.newEventPrinter(follow)
-	show := func(s events.Stored) bool {
-		if s.Event == nil {
-			return true // undecodable: skipped, as the fold skips it
+	var list []client.Stored
+	if end > 0 {
+		ro := o
+		ro.History, ro.Until = true, end
+		for st, err := range g.c.Watch(ctx, ro) {
+			if err != nil {
+				return g.commandErr(err)
+			}
+			list = append(list, st)
 		}
+	}
+	if last > 0 && len(list) > last {
+		list = list[len(list)-last:]
+	}
+	show := func(st client.Stored) {
 		seq := uint64(0)
 		if withSeq {
-			seq = s.Seq
+			seq = st.Seq
 		}
-		p.add(s.Event, formatEvent(seq, s.Event))
-		return true
+		switch {
+		case !g.json && st.HostEvent != nil:
+			fmt.Fprintln(g.out, formatHostEvent(seq, st.HostEvent))
+		case !g.json:
+			fmt.Fprintln(g.out, formatEvent(seq, st.Event))
+		default:
+			b, _ := json.Marshal(storedJSON{Seq: st.Seq, Event: st.Event, HostEvent: st.HostEvent})
+			fmt.Fprintln(g.out, string(b))
+		}
 	}
-	evs, err := store.ReadVM(ctx, name, 1)
-	if err != nil {
-		return fmt.Errorf("reading %s's events: %w", name, err)
+	if g.json && !follow {
+		out := make([]storedJSON, len(list))
+		for i, st := range list {
+			out[i] = storedJSON{Seq: st.Seq, Event: st.Event, HostEvent: st.HostEvent}
+		}
+		return g.printJSON(out)
 	}
-	from := uint64(1)
-	if len(evs) > 0 {
-		from = evs[len(evs)-1].Seq + 1
-	}
-	if last > 0 && len(evs) > last {
-		evs = evs[len(evs)-last:]
-	}
-	for _, s := range evs {
-		show(s)
+	for _, st := range list {
+		show(st)
 	}
 	if !follow {
-		return p.done()
+		return nil
 	}
-	if err := store.FollowVM(ctx, name, from, show); err != nil && ctx.Err() == nil {
-		return fmt.Errorf("reading %s's events: %w", name, err)
+	// Following: say on stderr when the connection is down, and when it
+	// is back (the watch itself keeps its place).
+	p := g.newProgress("events")
+	p.waitingFor("new events")
+	var mu sync.Mutex
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-wctx.Done():
+				return
+			case <-t.C:
+			}
+			why := ""
+			if down := g.c.DownSince(); !down.IsZero() {
+				why = fmt.Sprintf("the connection to NATS is down since %s; reconnecting", down.Format("15:04:05"))
+			}
+			mu.Lock()
+			p.trouble(why)
+			mu.Unlock()
+		}
+	}()
+	o.From = end + 1
+	for st, err := range g.c.Watch(wctx, o) {
+		if err != nil {
+			return g.commandErr(err)
+		}
+		mu.Lock()
+		show(st)
+		mu.Unlock()
 	}
 	return nil
-}
-
-// allEvents prints every event in the stream, the VMs' and the hosts'
-// (the last N if last > 0), and when following the new ones until ctx
-// ends. A whole-stream read is what a consumer is for, so it uses an
-// ordered one, and deletes it when it ends; if vmctl dies first, the
-// server drops it after events.ReaderIdle.
-func (g *globals) allEvents(ctx context.Context, follow bool, last int) error {
-	if err := g.conn(); err != nil {
-		return err
-	}
-	st, err := g.js.Stream(ctx, g.names.EventsStream())
-	if err != nil {
-		return fmt.Errorf("opening %s: %w", g.names.EventsStream(), err)
-	}
-	pending := st.CachedInfo().State.Msgs
-	skip := uint64(0)
-	if last > 0 && pending > uint64(last) {
-		skip = pending - uint64(last)
-	}
-	p := g.newEventPrinter(follow)
-	if pending == 0 && !follow {
-		return p.done()
-	}
-	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects:    []string{g.names.Events(), g.names.HostEvents()},
-		InactiveThreshold: events.ReaderIdle,
-	})
-	if err != nil {
-		return err
-	}
-	defer events.DropConsumer(st, cons)
-	it, err := cons.Messages()
-	if err != nil {
-		return err
-	}
-	defer it.Stop()
-	stop := context.AfterFunc(ctx, it.Stop)
-	defer stop()
-	for seen := uint64(0); follow || seen < pending; {
-		m, err := it.Next()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return err
-		}
-		if seen++; seen <= skip {
-			continue
-		}
-		if _, _, isHost := g.names.ParseHostEventSubject(m.Subject()); isHost {
-			if hev, err := events.DecodeHostEvent(m.Data()); err == nil {
-				p.add(hev, formatHostEvent(0, hev))
-			}
-		} else if ev, err := events.Decode(m.Data()); err == nil {
-			p.add(ev, formatEvent(0, ev))
-		}
-	}
-	return p.done()
 }

@@ -8,10 +8,12 @@ import (
 	"io"
 	"os"
 
+	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/client"
+
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/relay"
 )
 
@@ -42,9 +44,9 @@ func (g *globals) consoleCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			conn, err := relay.AttachConsole(cmd.Context(), g.nc, g.names, host, args[0])
+			conn, err := g.c.Console(cmd.Context(), args[0])
 			if err != nil {
-				return relayErr(host, err)
+				return g.commandErr(err)
 			}
 			defer conn.Close()
 			fmt.Fprintf(g.errOut, "connected to %s's console (host %s); detach with Ctrl-]\r\n", args[0], host)
@@ -55,7 +57,7 @@ func (g *globals) consoleCmd() *cobra.Command {
 				}
 			}
 			err = attach(conn, os.Stdin, g.out)
-			var closed *relay.ClosedError
+			var closed *client.ConsoleClosedError
 			if errors.As(err, &closed) {
 				fmt.Fprintf(g.errOut, "\r\nvmctl: %s\r\n", closed.Reason)
 				return nil
@@ -63,18 +65,6 @@ func (g *globals) consoleCmd() *cobra.Command {
 			return err
 		},
 	}
-}
-
-// relayErr words a relay failure for the user.
-func relayErr(host string, err error) error {
-	var re *relay.ReplyError
-	if errors.As(err, &re) {
-		return &queryError{code: re.Code, msg: fmt.Sprintf("worker on host %s: %s", host, re.Message)}
-	}
-	if errors.Is(err, relay.ErrNoResponders) {
-		return fmt.Errorf("%w (host %s)", err, host)
-	}
-	return err
 }
 
 // attach copies the console to out and in to the console until the detach
@@ -127,11 +117,18 @@ func (g *globals) logCmd() *cobra.Command {
 			if prov {
 				return g.printProvisionLog(cmd.Context(), args[0], tail)
 			}
-			host, err := g.relayHost(cmd.Context(), args[0])
-			if err != nil {
+			if _, err := g.relayHost(cmd.Context(), args[0]); err != nil {
 				return err
 			}
-			return relayErr(host, relay.PrintLog(cmd.Context(), g.nc, g.names, host, args[0], g.out, tail, follow))
+			p := g.newProgress("log " + args[0])
+			p.waitingFor("the console log")
+			return g.commandErr(g.c.Log(cmd.Context(), args[0], g.out, tail, follow, func(err error) {
+				if err != nil {
+					p.trouble(err.Error())
+				} else {
+					p.trouble("")
+				}
+			}))
 		},
 	}
 	c.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output until interrupted")
@@ -153,7 +150,7 @@ func (g *globals) printProvisionLog(ctx context.Context, name string, tail int) 
 	if r == nil {
 		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s does not exist; a destroyed VM's provisioning log is deleted with it", name)}
 	}
-	e, err := kv.Get(ctx, events.SSHKey(name, r.Generation, events.SSHProvisionLog))
+	e, err := kv.Get(ctx, api.SSHKey(name, r.Generation, api.SSHProvisionLog))
 	if err != nil {
 		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s has no provisioning log (vmctl up or vmctl provision writes one)", name)}
 	}

@@ -2,7 +2,6 @@ package vmctl
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
@@ -12,25 +11,23 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/client"
+
 	"github.com/spf13/cobra"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/hosts"
-	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // hostRow is a host as `vmctl hosts` shows it: its heartbeat and cordon,
 // and what the records place on it.
 type hostRow struct {
-	*hosts.Host
+	*api.Host
 	Status string `json:"status"`
 	// VMs counts the VMs (not destroyed) the records place on the host;
 	// Placed is what the non-Noop ones take (what placement counts).
-	VMs    int             `json:"vms"`
-	Placed hosts.Resources `json:"placed"`
+	VMs    int           `json:"vms"`
+	Placed api.Resources `json:"placed"`
 	// Leaving and Arriving count the VMs migrating off and onto the
 	// host now (a drain's progress).
 	Leaving  int `json:"leaving"`
@@ -38,30 +35,30 @@ type hostRow struct {
 }
 
 // fleet reads the hosts and the records once.
-func (g *globals) fleet(ctx context.Context) ([]*hosts.Host, map[string]*projection.VmRecord, error) {
+func (g *globals) fleet(ctx context.Context) ([]*api.Host, map[string]*api.VmRecord, error) {
 	if err := g.conn(); err != nil {
 		return nil, nil, err
 	}
-	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
+	hs, err := g.c.Hosts(ctx)
 	if err != nil {
-		return nil, nil, fmt.Errorf("opening %s: %w (has the engine ever run on this server?)", g.names.HostsBucket(), err)
+		return nil, nil, g.commandErr(err)
 	}
-	hs, err := g.hostSnapshot(ctx, kv)
+	list, err := g.c.Records(ctx)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, g.commandErr(err)
 	}
-	recs, err := projection.Load(ctx, g.js, g.names)
-	if err != nil {
-		return nil, nil, err
+	recs := make(map[string]*api.VmRecord, len(list))
+	for _, r := range list {
+		recs[r.Name] = r
 	}
 	return hs, recs, nil
 }
 
 // onHost lists the VMs (not destroyed) the records place on host, by name.
-func onHost(recs map[string]*projection.VmRecord, host string) []*projection.VmRecord {
-	var out []*projection.VmRecord
+func onHost(recs map[string]*api.VmRecord, host string) []*api.VmRecord {
+	var out []*api.VmRecord
 	for _, r := range recs {
-		if r.Host == host && r.Exists() && r.State != vm.StateDestroyed {
+		if r.Host == host && r.Live() {
 			out = append(out, r)
 		}
 	}
@@ -87,7 +84,7 @@ func (g *globals) listHosts(cmd *cobra.Command, _ []string) error {
 	for _, h := range hs {
 		row := hostRow{Host: h, Status: h.Status()}
 		for _, r := range recs {
-			if m := r.Migration; m != nil && r.State == vm.StateMigrating {
+			if m := r.Migration; m != nil && r.State == api.StateMigrating {
 				if m.From == h.Host {
 					row.Leaving++
 				}
@@ -98,8 +95,8 @@ func (g *globals) listHosts(cmd *cobra.Command, _ []string) error {
 		}
 		for _, r := range onHost(recs, h.Host) {
 			row.VMs++
-			if r.Backend != vm.BackendNoop {
-				row.Placed = row.Placed.Add(hosts.Resources{Vcpus: r.Vcpus, MemoryMB: r.MemoryMB})
+			if r.Backend != api.BackendNoop {
+				row.Placed = row.Placed.Add(api.Resources{Vcpus: r.Vcpus, MemoryMB: r.MemoryMB})
 			}
 		}
 		rows = append(rows, row)
@@ -223,11 +220,7 @@ func (g *globals) completeHosts(cmd *cobra.Command, args []string, prefix string
 	}
 	ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Second)
 	defer cancel()
-	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
-	if err != nil {
-		return nil, none | cobra.ShellCompDirectiveError
-	}
-	hs, err := hosts.Snapshot(ctx, g.js, kv.Bucket(), hosts.DefaultLostAfter)
+	hs, err := g.c.Hosts(ctx)
 	if err != nil {
 		return nil, none | cobra.ShellCompDirectiveError
 	}
@@ -244,14 +237,14 @@ func hostArg(cmd *cobra.Command, args []string) error {
 	if len(args) != 1 {
 		return usageError("%s takes one HOST (see `vmctl hosts`)", cmd.CommandPath())
 	}
-	if err := vm.ValidateHost(args[0]); err != nil {
+	if err := api.ValidateHost(args[0]); err != nil {
 		return usageError("HOST %q: %s", args[0], ruleOf(err))
 	}
 	return nil
 }
 
 // knownHost returns the host's entry, or an error naming the known hosts.
-func (g *globals) knownHost(ctx context.Context, name string) (*hosts.Host, map[string]*projection.VmRecord, error) {
+func (g *globals) knownHost(ctx context.Context, name string) (*api.Host, map[string]*api.VmRecord, error) {
 	hs, recs, err := g.fleet(ctx)
 	if err != nil {
 		return nil, nil, err
@@ -270,41 +263,52 @@ func (g *globals) knownHost(ctx context.Context, name string) (*hosts.Host, map[
 }
 
 func (g *globals) setCordon(ctx context.Context, name string, on bool, reason string) error {
-	h, _, err := g.knownHost(ctx, name)
-	if err != nil {
-		return err
-	}
-	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
-	if err != nil {
+	if err := g.conn(); err != nil {
 		return err
 	}
 	if !on {
-		if h.Cordon == nil {
+		changed, err := g.c.Uncordon(ctx, name)
+		switch {
+		case err != nil:
+			return g.hostErr(err)
+		case !changed:
 			fmt.Fprintf(g.out, "host %s is not cordoned\n", name)
-			return nil
+		default:
+			fmt.Fprintf(g.out, "host %s uncordoned: new VMs may be placed on it\n", name)
 		}
-		if err := kv.Delete(ctx, hosts.CordonKey(name)); err != nil {
-			return fmt.Errorf("uncordoning %s: %w", name, err)
-		}
-		fmt.Fprintf(g.out, "host %s uncordoned: new VMs may be placed on it\n", name)
 		return nil
 	}
-	if h.Cordon != nil {
-		fmt.Fprintf(g.out, "host %s is already cordoned (since %s)\n", name, h.Cordon.Time.Local().Format(time.DateTime))
-		return nil
+	changed, err := g.c.Cordon(ctx, name, reason)
+	switch {
+	case err != nil:
+		return g.hostErr(err)
+	case !changed:
+		fmt.Fprintf(g.out, "host %s is already cordoned\n", name)
+	default:
+		fmt.Fprintf(g.out, "host %s cordoned: no new VM is placed on it; its VMs keep running\n", name)
 	}
-	b, _ := json.Marshal(hosts.Cordon{Time: time.Now().UTC(), Reason: reason})
-	if _, err := kv.Put(ctx, hosts.CordonKey(name), b); err != nil {
-		return fmt.Errorf("cordoning %s: %w", name, err)
-	}
-	fmt.Fprintf(g.out, "host %s cordoned: no new VM is placed on it; its VMs keep running\n", name)
 	return nil
+}
+
+// hostErr words the client's host errors.
+func (g *globals) hostErr(err error) error {
+	var uh *client.UnknownHostError
+	var iu *client.HostInUseError
+	switch {
+	case errors.As(err, &uh):
+		return &exitError{code: ExitFailed, kind: "not_found", msg: err.Error(), err: err}
+	case errors.As(err, &iu) && !iu.Alive:
+		return &exitError{code: ExitFailed, kind: "in_use", msg: strings.Replace(err.Error(), "(destroy with forget)", "(vmctl destroy --forget NAME)", 1), err: err}
+	case errors.As(err, &iu):
+		return &exitError{code: ExitFailed, kind: "in_use", msg: err.Error(), err: err}
+	}
+	return g.commandErr(err)
 }
 
 // startDrain cordons the host and returns its VMs; a lost host's VMs
 // cannot be stopped or moved (done says which), and it says what to do
 // instead.
-func (g *globals) startDrain(ctx context.Context, name, done string) ([]*projection.VmRecord, error) {
+func (g *globals) startDrain(ctx context.Context, name, done string) ([]*api.VmRecord, error) {
 	if err := g.setCordon(ctx, name, true, "drain"); err != nil {
 		return nil, err
 	}
@@ -337,7 +341,7 @@ func (g *globals) drain(ctx context.Context, name string, stopTimeout int) error
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, err := g.send(ctx, r.Name, fsm.ActStop, events.Command{TimeoutS: stopTimeout})
+			_, err := g.send(ctx, r.Name, fsm.ActStop, api.Command{TimeoutS: stopTimeout})
 			if err != nil {
 				mu.Lock()
 				failed = append(failed, fmt.Sprintf("%s: %v", r.Name, err))
@@ -380,10 +384,10 @@ func (g *globals) drainMove(ctx context.Context, name string, parallel int) erro
 			defer wg.Done()
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			ev, err := g.send(ctx, r.Name, fsm.ActMigrate, events.Command{})
+			ev, err := g.send(ctx, r.Name, fsm.ActMigrate, api.Command{})
 			mu.Lock()
 			defer mu.Unlock()
-			if err == nil && ev != nil && ev.Type == events.TypeMigrated {
+			if err == nil && ev != nil && ev.Type == api.TypeMigrated {
 				moved++
 				fmt.Fprintf(g.errOut, "drain %s: %d of %d moved (%s to %s)\n", name, moved, len(vms), r.Name, ev.Migration.To)
 				return
@@ -410,95 +414,24 @@ func (g *globals) drainMove(ctx context.Context, name string, parallel int) erro
 	return &exitError{code: ExitFailed, msg: fmt.Sprintf("%d VMs could not move off %s", len(stuck), name)}
 }
 
-// forgetHost removes a lost host's entries from VM_HOSTS. Its queued
-// tasks stay: if the host comes back after all, its worker still fences
-// the VMs that were forgotten.
+// forgetHost removes a lost host's entries from VM_HOSTS.
 func (g *globals) forgetHost(ctx context.Context, name string) error {
-	h, recs, err := g.knownHost(ctx, name)
-	if err != nil {
+	if err := g.conn(); err != nil {
 		return err
 	}
-	if h.Alive {
-		return &exitError{code: ExitFailed, msg: fmt.Sprintf("host %s is alive (last heartbeat %s ago): stop its worker first; only a lost host can be forgotten", name, time.Since(h.Time).Round(time.Second))}
-	}
-	if vms := onHost(recs, name); len(vms) > 0 {
-		var names []string
-		for _, r := range vms {
-			names = append(names, r.Name)
-		}
-		return &exitError{code: ExitFailed, msg: fmt.Sprintf("host %s still has VMs in the records: %s; forget each first (vmctl destroy --forget NAME)", name, strings.Join(names, ", "))}
-	}
-	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
-	if err != nil {
-		return err
-	}
-	if err := kv.Delete(ctx, hosts.CordonKey(name)); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
-		return err
-	}
-	if err := kv.Delete(ctx, name); err != nil {
-		return fmt.Errorf("forgetting host %s: %w", name, err)
+	if err := g.c.ForgetHost(ctx, name); err != nil {
+		return g.hostErr(err)
 	}
 	fmt.Fprintf(g.out, "host %s forgotten\n", name)
 	return nil
 }
 
-// hostSnapshot reads the hosts, judged lost as the engines judge them: a
-// host is lost if an engine wrote host_lost about its latest heartbeat
-// (the engines' --host-timeout may be shorter than vmctl's default), or if
-// that heartbeat is older than the default --host-timeout.
-func (g *globals) hostSnapshot(ctx context.Context, kv jetstream.KeyValue) ([]*hosts.Host, error) {
-	hs, err := hosts.Snapshot(ctx, g.js, kv.Bucket(), hosts.DefaultLostAfter)
-	if err != nil {
-		return nil, err
-	}
-	g.judgeLost(ctx, hs)
-	return hs, nil
-}
-
-// judgeLost marks lost the hosts an engine wrote host_lost about, at
-// their latest heartbeat.
-func (g *globals) judgeLost(ctx context.Context, hs []*hosts.Host) {
-	st, err := g.js.Stream(ctx, g.names.EventsStream())
-	if err != nil {
-		return
-	}
-	for _, h := range hs {
-		if !h.Alive {
-			continue
-		}
-		m, err := st.GetLastMsgForSubject(ctx, g.names.HostEvent(h.Host, events.HostLost))
-		if err != nil {
-			continue
-		}
-		if ev, err := events.DecodeHostEvent(m.Data); err == nil && ev.Rev == h.Rev {
-			h.Alive = false
-		}
-	}
-}
-
-// hostLost tells whether one host is lost now (for status), judged as
-// hostSnapshot judges it, from its own entries only. A host the bucket
-// does not know is not lost.
-func (g *globals) hostLost(ctx context.Context, host string) bool {
-	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
-	if err != nil {
-		return false
-	}
-	h, err := hosts.Read(ctx, kv, hosts.DefaultLostAfter, host)
-	if err != nil || h == nil {
-		return false
-	}
-	g.judgeLost(ctx, []*hosts.Host{h})
-	return !h.Alive
-}
+// hostLost tells whether one host is lost now (for status).
+func (g *globals) hostLost(ctx context.Context, host string) bool { return g.c.HostLost(ctx, host) }
 
 // lostHosts returns the set of hosts that are lost now (for list).
 func (g *globals) lostHosts(ctx context.Context) map[string]bool {
-	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
-	if err != nil {
-		return nil
-	}
-	hs, err := g.hostSnapshot(ctx, kv)
+	hs, err := g.c.Hosts(ctx)
 	if err != nil {
 		return nil
 	}

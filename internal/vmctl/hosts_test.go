@@ -7,15 +7,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends/noop"
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // hostEvents returns the host events stored for host, oldest first.
-func hostEvents(t *testing.T, env *testenv.Env, host string) []*events.HostEvent {
+func hostEvents(t *testing.T, env *testenv.Env, host string) []*api.HostEvent {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
 	defer cancel()
@@ -23,14 +21,14 @@ func hostEvents(t *testing.T, env *testenv.Env, host string) []*events.HostEvent
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out []*events.HostEvent
-	for _, ty := range events.HostEventTypes {
+	var out []*api.HostEvent
+	for _, ty := range api.HostEventTypes {
 		subj := env.Names.HostEvent(host, ty)
 		m, err := st.GetLastMsgForSubject(ctx, subj)
 		if err != nil {
 			continue
 		}
-		ev, err := events.DecodeHostEvent(m.Data)
+		ev, err := api.DecodeHostEvent(m.Data)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -42,7 +40,7 @@ func hostEvents(t *testing.T, env *testenv.Env, host string) []*events.HostEvent
 const wait = 20 * time.Second
 
 // recordOf reads a VM's record from the bucket.
-func recordOf(t *testing.T, env *testenv.Env, name string) *projection.VmRecord {
+func recordOf(t *testing.T, env *testenv.Env, name string) *api.VmRecord {
 	t.Helper()
 	kv, err := env.JS.KeyValue(t.Context(), env.Names.RecordsBucket())
 	if err != nil {
@@ -52,14 +50,14 @@ func recordOf(t *testing.T, env *testenv.Env, name string) *projection.VmRecord 
 	if err != nil {
 		t.Fatalf("record of %s: %v", name, err)
 	}
-	r, err := projection.Unmarshal(e.Value())
+	r, err := api.UnmarshalRecord(e.Value())
 	if err != nil {
 		t.Fatal(err)
 	}
 	return r
 }
 
-func hasHostEvent(t *testing.T, env *testenv.Env, host string, ty events.HostEventType) *events.HostEvent {
+func hasHostEvent(t *testing.T, env *testenv.Env, host string, ty api.HostEventType) *api.HostEvent {
 	for _, ev := range hostEvents(t, env, host) {
 		if ev.Type == ty {
 			return ev
@@ -92,8 +90,8 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 	if r := vmctl(t, ctx, url, "host", "cordon", "h2", "--reason", "kernel update"); r.code != 0 {
 		t.Fatalf("cordon:\n%s", r)
 	}
-	env.WaitFor("host_cordoned event", wait, func() bool { return hasHostEvent(t, env, "h2", events.HostCordoned) != nil })
-	if ev := hasHostEvent(t, env, "h2", events.HostCordoned); ev.Reason != "kernel update" {
+	env.WaitFor("host_cordoned event", wait, func() bool { return hasHostEvent(t, env, "h2", api.HostCordoned) != nil })
+	if ev := hasHostEvent(t, env, "h2", api.HostCordoned); ev.Reason != "kernel update" {
 		t.Fatalf("host_cordoned: %+v", ev)
 	}
 	r = vmctl(t, ctx, url, "create", "pinned", "--backend", "noop", "--host", "h2")
@@ -104,7 +102,7 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 		if r := vmctl(t, ctx, url, "create", n, "--backend", "noop", "--start"); r.code != 0 {
 			t.Fatalf("create %s:\n%s", n, r)
 		}
-		env.WaitFor(n+" running in the records", wait, func() bool { return recordOf(t, env, n).State == vm.StateRunning })
+		env.WaitFor(n+" running in the records", wait, func() bool { return recordOf(t, env, n).State == api.StateRunning })
 		if rec := recordOf(t, env, n); rec.Host != "h1" {
 			t.Fatalf("%s placed on %s while h2 is cordoned", n, rec.Host)
 		}
@@ -120,14 +118,14 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 	if r := vmctl(t, ctx, url, "host", "uncordon", "h2"); r.code != 0 {
 		t.Fatalf("uncordon:\n%s", r)
 	}
-	env.WaitFor("host_uncordoned event", wait, func() bool { return hasHostEvent(t, env, "h2", events.HostUncordoned) != nil })
+	env.WaitFor("host_uncordoned event", wait, func() bool { return hasHostEvent(t, env, "h2", api.HostUncordoned) != nil })
 
 	// h1's worker goes away: h1 is lost, its VMs read unknown.
 	if err := w1.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	env.WaitFor("host_lost event", wait, func() bool { return hasHostEvent(t, env, "h1", events.HostLost) != nil })
-	if ev := hasHostEvent(t, env, "h1", events.HostLost); strings.Join(ev.VMs, ",") != "a,b" {
+	env.WaitFor("host_lost event", wait, func() bool { return hasHostEvent(t, env, "h1", api.HostLost) != nil })
+	if ev := hasHostEvent(t, env, "h1", api.HostLost); strings.Join(ev.VMs, ",") != "a,b" {
 		t.Fatalf("host_lost lists %v, want a,b", ev.VMs)
 	}
 	r = vmctl(t, ctx, url, "list")
@@ -145,7 +143,7 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 	if r := vmctl(t, ctx, url, "destroy", "--forget", "a"); r.code != 0 {
 		t.Fatalf("destroy --forget:\n%s", r)
 	}
-	env.WaitFor("a destroyed in the records", wait, func() bool { return recordOf(t, env, "a").State == vm.StateDestroyed })
+	env.WaitFor("a destroyed in the records", wait, func() bool { return recordOf(t, env, "a").State == api.StateDestroyed })
 	if rec := recordOf(t, env, "a"); !strings.Contains(rec.LastError, "forgotten") {
 		t.Fatalf("forgotten record: %+v", rec)
 	}
@@ -155,7 +153,7 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 	}
 	env.WaitFor("a running on h2 in the records", wait, func() bool {
 		rec := recordOf(t, env, "a")
-		return rec.Host == "h2" && rec.State == vm.StateRunning
+		return rec.Host == "h2" && rec.State == api.StateRunning
 	})
 
 	// h1 comes back (same backend state: its VMs still run there). Its
@@ -165,15 +163,15 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 	}
 	w1 = env.StartWorker(testenv.WorkerConfig{Host: "h1", Noop: nb1})
 	env.WaitHost(eng, "h1")
-	env.WaitFor("host_back event", wait, func() bool { return hasHostEvent(t, env, "h1", events.HostBack) != nil })
-	env.WaitFor("a fenced on h1", wait, func() bool { return env.CountType("a", events.TypeFenced) == 1 })
+	env.WaitFor("host_back event", wait, func() bool { return hasHostEvent(t, env, "h1", api.HostBack) != nil })
+	env.WaitFor("a fenced on h1", wait, func() bool { return env.CountType("a", api.TypeFenced) == 1 })
 	if got := nb1.Effects("destroy"); got != 1 {
 		t.Fatalf("h1 destroyed %d VMs on return, want 1 (a)", got)
 	}
-	if rec := recordOf(t, env, "a"); rec.Host != "h2" || rec.State != vm.StateRunning {
+	if rec := recordOf(t, env, "a"); rec.Host != "h2" || rec.State != api.StateRunning {
 		t.Fatalf("the fence touched the new a: %+v", rec)
 	}
-	if rec := recordOf(t, env, "b"); rec.State != vm.StateRunning {
+	if rec := recordOf(t, env, "b"); rec.State != api.StateRunning {
 		t.Fatalf("b after h1 came back: %+v", rec)
 	}
 
@@ -192,7 +190,7 @@ func TestHostsCordonLostForgetFence(t *testing.T) {
 	if r := vmctl(t, ctx, url, "host", "forget", "h1"); r.code != 0 {
 		t.Fatalf("host forget:\n%s", r)
 	}
-	env.WaitFor("host_forgotten event", wait, func() bool { return hasHostEvent(t, env, "h1", events.HostForgotten) != nil })
+	env.WaitFor("host_forgotten event", wait, func() bool { return hasHostEvent(t, env, "h1", api.HostForgotten) != nil })
 	if r := vmctl(t, ctx, url, "hosts"); strings.Contains(r.out, "h1") {
 		t.Fatalf("hosts after forgetting h1:\n%s", r)
 	}
@@ -226,7 +224,7 @@ func TestHostDrain(t *testing.T) {
 		!strings.Contains(r.out, "prep1, run1, sus1") {
 		t.Fatalf("drain:\n%s", r)
 	}
-	for n, want := range map[string]vm.VmState{"run1": vm.StateStopped, "sus1": vm.StateStopped, "prep1": vm.StatePrepared} {
+	for n, want := range map[string]api.VmState{"run1": api.StateStopped, "sus1": api.StateStopped, "prep1": api.StatePrepared} {
 		env.WaitFor(n+" "+string(want)+" after drain", wait, func() bool { return recordOf(t, env, n).State == want })
 	}
 	r = vmctl(t, ctx, url, "create", "new1", "--backend", "noop")
@@ -274,7 +272,7 @@ func TestHostDrainMoves(t *testing.T) {
 		!strings.Contains(r.err, "3 of 4 moved") || !strings.Contains(r.err, "1 VMs could not move off h1") {
 		t.Fatalf("drain:\n%s", r)
 	}
-	for n, want := range map[string]vm.VmState{"run1": vm.StateRunning, "sus1": vm.StateSuspended, "prep1": vm.StatePrepared} {
+	for n, want := range map[string]api.VmState{"run1": api.StateRunning, "sus1": api.StateSuspended, "prep1": api.StatePrepared} {
 		env.WaitFor(n+" "+string(want)+" on h2 after drain", wait, func() bool {
 			rec := recordOf(t, env, n)
 			return rec.State == want && rec.Host == "h2"

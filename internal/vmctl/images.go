@@ -2,7 +2,6 @@ package vmctl
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -10,12 +9,10 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-	"github.com/spf13/cobra"
+	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/client"
 
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/images"
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/spf13/cobra"
 )
 
 func (g *globals) imageCmd() *cobra.Command {
@@ -27,18 +24,6 @@ func (g *globals) imageCmd() *cobra.Command {
 	return c
 }
 
-// imagesKV opens VM_IMAGES.
-func (g *globals) imagesKV(ctx context.Context) (jetstream.KeyValue, error) {
-	if err := g.conn(); err != nil {
-		return nil, err
-	}
-	kv, err := g.js.KeyValue(ctx, g.names.ImagesBucket())
-	if err != nil {
-		return nil, fmt.Errorf("opening %s: %w (is the engine new enough to create it?)", g.names.ImagesBucket(), err)
-	}
-	return kv, nil
-}
-
 // imageHosts picks the hosts an image command goes to: --host, every
 // alive host (--all-hosts), or the only alive host.
 func (g *globals) imageHosts(ctx context.Context, host string, all bool) ([]string, error) {
@@ -48,13 +33,9 @@ func (g *globals) imageHosts(ctx context.Context, host string, all bool) ([]stri
 	if err := g.conn(); err != nil {
 		return nil, err
 	}
-	kv, err := g.js.KeyValue(ctx, g.names.HostsBucket())
+	hs, err := g.c.Hosts(ctx)
 	if err != nil {
-		return nil, err
-	}
-	hs, err := g.hostSnapshot(ctx, kv)
-	if err != nil {
-		return nil, err
+		return nil, g.commandErr(err)
 	}
 	var alive []string
 	for _, h := range hs {
@@ -78,21 +59,6 @@ func (g *globals) imageHosts(ctx context.Context, host string, all bool) ([]stri
 	return nil, usageError("%d hosts are alive (%s): give --host HOST or --all-hosts", len(alive), strings.Join(alive, ", "))
 }
 
-// imageRequest asks host's worker and decodes its reply.
-func (g *globals) imageRequest(ctx context.Context, host string, op events.ImageOp, body any) error {
-	b, _ := json.Marshal(body)
-	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	m, err := g.nc.RequestWithContext(rctx, g.names.Image(host, op), b)
-	if err != nil {
-		return fmt.Errorf("asking the worker on host %s: %w (is it running?)", host, err)
-	}
-	if code := m.Header.Get("Nats-Service-Error-Code"); code != "" {
-		return &queryError{code: code, msg: fmt.Sprintf("worker on host %s: %s", host, m.Header.Get("Nats-Service-Error"))}
-	}
-	return nil
-}
-
 func (g *globals) imagePullCmd() *cobra.Command {
 	var name, sha, host string
 	var all bool
@@ -113,33 +79,13 @@ whole. The same content is stored once; pulling it again only names it.`,
 			if err != nil {
 				return err
 			}
-			kv, err := g.imagesKV(ctx)
-			if err != nil {
-				return err
-			}
 			if name == "" {
-				name = images.NameFrom(args[0])
+				name = api.ImageNameFrom(args[0])
 			}
-			if err := vm.ValidateName(name); err != nil {
+			if err := api.ValidateName(name); err != nil {
 				return usageError("image name %q: %s (give one with --name)", name, ruleOf(err))
 			}
-			// Watch before asking, so no status is missed.
-			keys := make([]string, len(hs))
-			for i, h := range hs {
-				keys[i] = events.ImageKey(h, name)
-			}
-			w, err := events.KVPoll(ctx, g.js, kv.Bucket(), "*."+name, kvPollEvery)
-			if err != nil {
-				return err
-			}
-			defer func() { _ = w.Stop() }()
-			started := time.Now()
-			for _, h := range hs {
-				if err := g.imageRequest(ctx, h, events.ImagePull, images.PullRequest{Source: args[0], Name: name, SHA256: sha}); err != nil {
-					return err
-				}
-			}
-			return g.watchPulls(ctx, w, keys, started)
+			return g.pull(ctx, hs, api.ImagePullRequest{Source: args[0], Name: name, SHA256: sha})
 		},
 	}
 	c.Flags().StringVar(&name, "name", "", "name of the image (default: from SOURCE, e.g. debian-12 for …/debian-12.qcow2.zst)")
@@ -153,42 +99,58 @@ whole. The same content is stored once; pulling it again only names it.`,
 // KV watch is a consumer, which vmctl's credentials may not delete).
 const kvPollEvery = 250 * time.Millisecond
 
-// watchPulls shows the pulls' progress until each is ready or failed.
-func (g *globals) watchPulls(ctx context.Context, w jetstream.KeyWatcher, keys []string, started time.Time) error {
-	done := map[string]images.Status{}
-	var failed []string
-	for len(done) < len(keys) {
-		var e jetstream.KeyValueEntry
-		select {
-		case <-ctx.Done():
+// pull asks each host's worker to pull, then shows the pulls' progress
+// until each is ready or failed.
+func (g *globals) pull(ctx context.Context, hosts []string, req api.ImagePullRequest) error {
+	started := time.Now()
+	// Watch before asking, so no status is missed.
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	updates, err := g.c.ImageUpdates(wctx, req.Name, kvPollEvery)
+	if err != nil {
+		return g.commandErr(err)
+	}
+	for _, h := range hosts {
+		if err := g.c.PullImage(ctx, h, req); err != nil {
+			return g.commandErr(err)
+		}
+	}
+	pending := map[string]bool{}
+	for _, h := range hosts {
+		pending[h] = true
+	}
+	failures := map[string]string{}
+	for len(pending) > 0 {
+		st, ok := <-updates
+		if !ok {
 			return fmt.Errorf("stopped waiting; the pulls go on (vmctl image list shows them): %w", ctx.Err())
-		case e = <-w.Updates():
 		}
-		if e == nil || !slices.Contains(keys, e.Key()) || e.Operation() != jetstream.KeyValuePut {
-			continue
-		}
-		var st images.Status
-		if json.Unmarshal(e.Value(), &st) != nil || st.Time.Before(started.Add(-time.Second)) {
+		if !pending[st.Host] || st.Time.Before(started.Add(-time.Second)) {
 			continue
 		}
 		switch st.State {
-		case images.StatePulling:
+		case api.ImagePulling:
 			if st.TotalBytes > 0 {
 				fmt.Fprintf(g.errOut, "%s %s: %s / %s (%.0f%%)\n", st.Host, st.Name, mib(st.DoneBytes), mib(st.TotalBytes), 100*float64(st.DoneBytes)/float64(st.TotalBytes))
 			} else {
 				fmt.Fprintf(g.errOut, "%s %s: %s\n", st.Host, st.Name, mib(st.DoneBytes))
 			}
-		case images.StateReady:
-			done[e.Key()] = st
+		case api.ImageReady:
+			delete(pending, st.Host)
 			g.printf("%s %s: ready, %s, %s\n", st.Host, st.Name, mib(st.Size), st.Digest)
-		case images.StateFailed:
-			done[e.Key()] = st
-			failed = append(failed, st.Host)
+		case api.ImageFailed:
+			delete(pending, st.Host)
+			failures[st.Host] = st.Error
 			fmt.Fprintf(g.errOut, "%s %s: failed: %s\n", st.Host, st.Name, st.Error)
 		}
 	}
-	if len(failed) > 0 {
-		return &exitError{code: ExitFailed, msg: fmt.Sprintf("the pull failed on %s", strings.Join(failed, ", "))}
+	if len(failures) > 0 {
+		var on []string
+		for h := range failures {
+			on = append(on, h)
+		}
+		slices.Sort(on)
+		return &exitError{code: ExitFailed, kind: "failed", msg: fmt.Sprintf("the pull failed on %s", strings.Join(on, ", ")), err: &client.PullFailedError{Name: req.Name, Failures: failures}}
 	}
 	return nil
 }
@@ -200,30 +162,13 @@ func mib(n int64) string {
 	return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
 }
 
-// imageStatuses reads VM_IMAGES (keys matching filter), by host and name.
-func (g *globals) imageStatuses(ctx context.Context, filter string) ([]images.Status, error) {
-	kv, err := g.imagesKV(ctx)
-	if err != nil {
+// imageStatuses reads VM_IMAGES (one host's or all; one image or all).
+func (g *globals) imageStatuses(ctx context.Context, host, name string) ([]api.ImageStatus, error) {
+	if err := g.conn(); err != nil {
 		return nil, err
 	}
-	es, err := events.KVEntries(ctx, g.js, kv.Bucket(), filter)
-	if err != nil {
-		return nil, err
-	}
-	var out []images.Status
-	for _, e := range es {
-		var st images.Status
-		if json.Unmarshal(e.Value(), &st) == nil {
-			out = append(out, st)
-		}
-	}
-	slices.SortFunc(out, func(a, b images.Status) int {
-		if c := strings.Compare(a.Name, b.Name); c != 0 {
-			return c
-		}
-		return strings.Compare(a.Host, b.Host)
-	})
-	return out, nil
+	sts, err := g.c.Images(ctx, host, name)
+	return sts, g.commandErr(err)
 }
 
 func (g *globals) imageListCmd() *cobra.Command {
@@ -233,11 +178,7 @@ func (g *globals) imageListCmd() *cobra.Command {
 		Short: "list the images on every host (or one)",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			filter := ">"
-			if host != "" {
-				filter = host + ".*"
-			}
-			sts, err := g.imageStatuses(cmd.Context(), filter)
+			sts, err := g.imageStatuses(cmd.Context(), host, "")
 			if err != nil {
 				return err
 			}
@@ -248,9 +189,9 @@ func (g *globals) imageListCmd() *cobra.Command {
 			fmt.Fprintln(tw, "NAME\tHOST\tSTATE\tSIZE\tDIGEST\tSOURCE")
 			for _, st := range sts {
 				size, digest := "-", "-"
-				if st.State == images.StateReady {
+				if st.State == api.ImageReady {
 					size, digest = mib(st.Size), shortDigest(st.Digest)
-				} else if st.State == images.StatePulling {
+				} else if st.State == api.ImagePulling {
 					size = mib(st.DoneBytes) + " so far"
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", st.Name, st.Host, st.State, size, digest, st.Source)
@@ -275,7 +216,7 @@ func (g *globals) imageInspectCmd() *cobra.Command {
 		Short: "show an image's status on every host that has it (JSON)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			sts, err := g.imageStatuses(cmd.Context(), "*."+args[0])
+			sts, err := g.imageStatuses(cmd.Context(), "", args[0])
 			if err != nil {
 				return err
 			}
@@ -296,7 +237,7 @@ func (g *globals) imageRmCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			sts, err := g.imageStatuses(ctx, "*."+args[0])
+			sts, err := g.imageStatuses(ctx, "", args[0])
 			if err != nil {
 				return err
 			}
@@ -314,8 +255,8 @@ func (g *globals) imageRmCmd() *cobra.Command {
 			}
 			var errs []error
 			for _, h := range on {
-				if err := g.imageRequest(ctx, h, events.ImageRemove, images.RemoveRequest{Name: args[0]}); err != nil {
-					errs = append(errs, err)
+				if err := g.c.RemoveImage(ctx, h, args[0]); err != nil {
+					errs = append(errs, g.commandErr(err))
 					continue
 				}
 				g.printf("%s %s: removed\n", h, args[0])

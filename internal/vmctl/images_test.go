@@ -13,11 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends/noop"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/testenv"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // vmctl image pull, list, inspect and rm through two workers' stores.
@@ -69,14 +68,14 @@ func TestImageCommands(t *testing.T) {
 		t.Fatalf("image list: %s", r)
 	}
 	r = vmctl(t, ctx, env.URL, "image", "inspect", "debian-12")
-	var sts []images.Status
+	var sts []api.ImageStatus
 	if r.code != 0 || json.Unmarshal([]byte(r.out), &sts) != nil || len(sts) != 2 || sts[0].Digest != "sha256:"+hex.EncodeToString(sum[:]) {
 		t.Fatalf("image inspect: %s", r)
 	}
 
 	// A VM on h1 uses the image: h1 refuses to remove it; h2 removes it.
-	env.SendCmd("web1", "prepare", "p1", events.Command{Host: "h1", Spec: &vm.VmSpec{Backend: vm.BackendNoop, ImagePath: sts[0].Path}})
-	if ev := env.Result("web1", "p1", 30*time.Second); ev.Type != events.TypePrepared {
+	env.SendCmd("web1", "prepare", "p1", api.Command{Host: "h1", Spec: &api.VmSpec{Backend: api.BackendNoop, ImagePath: sts[0].Path}})
+	if ev := env.Result("web1", "p1", 30*time.Second); ev.Type != api.TypePrepared {
 		t.Fatalf("prepare with the pulled image: %+v", ev)
 	}
 	if r = vmctl(t, ctx, env.URL, "image", "rm", "debian-12", "--host", "h1"); r.code == 0 || !strings.Contains(r.err, "in use") {

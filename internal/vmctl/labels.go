@@ -5,13 +5,12 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/api"
 )
 
 // parseLabels reads `create --label KEY=VALUE` flags (repeatable) into a
 // spec's labels: each must have '=' (the value may be empty), a key may
-// be given once, and each label is checked against vm.ValidateLabel.
+// be given once, and each label is checked against api.ValidateLabel.
 func parseLabels(flags []string) (map[string]string, error) {
 	if len(flags) == 0 {
 		return nil, nil
@@ -25,12 +24,12 @@ func parseLabels(flags []string) (map[string]string, error) {
 		if _, dup := out[k]; dup {
 			return nil, usageError("--label %q: label %s is given twice", f, k)
 		}
-		if err := vm.ValidateLabel(k, v); err != nil {
+		if err := api.ValidateLabel(k, v); err != nil {
 			return nil, usageError("--label %q: %s", f, ruleOf(err))
 		}
 		out[k] = v
 	}
-	if err := vm.ValidateLabels(out); err != nil {
+	if err := api.ValidateLabels(out); err != nil {
 		return nil, usageError("%s", flagWords(err.Error()))
 	}
 	return out, nil
@@ -50,7 +49,7 @@ func parseSelector(flags []string) (labelSelector, error) {
 	var sel labelSelector
 	for _, f := range flags {
 		k, v, hasValue := strings.Cut(f, "=")
-		if err := vm.ValidateLabel(k, v); err != nil {
+		if err := api.ValidateLabel(k, v); err != nil {
 			return nil, usageError("--label %q: %s", f, ruleOf(err))
 		}
 		sel = append(sel, labelTerm{key: k, value: v, anyValue: !hasValue})
@@ -59,7 +58,7 @@ func parseSelector(flags []string) (labelSelector, error) {
 }
 
 // matches reports whether a record has every label the selector asks for.
-func (sel labelSelector) matches(r *projection.VmRecord) bool {
+func (sel labelSelector) matches(r *api.VmRecord) bool {
 	for _, t := range sel {
 		v, ok := r.Labels[t.key]
 		if !ok || !t.anyValue && v != t.value {

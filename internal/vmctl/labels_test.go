@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vmherd/vmherd/internal/projection"
+	"github.com/vmherd/vmherd/api"
 )
 
 func TestParseLabels(t *testing.T) {
@@ -31,8 +31,8 @@ func TestParseLabels(t *testing.T) {
 }
 
 func TestLabelSelector(t *testing.T) {
-	r := &projection.VmRecord{Name: "a", Labels: map[string]string{"team": "ci", "job": "17", "empty": ""}}
-	bare := &projection.VmRecord{Name: "b"}
+	r := &api.VmRecord{Name: "a", Labels: map[string]string{"team": "ci", "job": "17", "empty": ""}}
+	bare := &api.VmRecord{Name: "b"}
 	for _, c := range []struct {
 		flags     []string
 		rec, bare bool

@@ -7,14 +7,16 @@ import (
 	"sort"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/projection"
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/api"
 )
+
+// purgeDoc is what `purge --json` prints: one document for the
+// invocation, a lifecycle document per VM (with its error, if any).
+type purgeDoc struct {
+	VMs []commandsDoc `json:"vms"`
+}
 
 // purgeCmd is `vmctl purge NAME...` and `vmctl purge --all-destroyed
 // [--older-than D]`: a purge command for each VM, one after the other.
@@ -30,10 +32,11 @@ func (g *globals) purgeCmd() *cobra.Command {
 		Long: `purge removes destroyed VMs from VM_RECORDS (list --all, completion) and
 their events from VM_EVENTS; a VM created later with the same name starts
 afresh. Only a destroyed VM with no command in flight is purged; anything
-else is rejected with the reason (exit 1). An operator may purge only the
-VMs it created; an admin any. The engines also purge destroyed VMs by
-themselves after --retain-destroyed (7 days by default).`,
-		ValidArgsFunction: g.completeNames,
+else is rejected with the reason (exit 1, after trying the others). An
+operator may purge only the VMs it created; an admin any. The engines also
+purge destroyed VMs by themselves after --retain-destroyed (7 days by
+default).`,
+		ValidArgsFunction: g.completeDestroyed, // any number of names
 		RunE: func(cmd *cobra.Command, args []string) error {
 			switch {
 			case allDestroyed && len(args) > 0:
@@ -46,7 +49,7 @@ themselves after --retain-destroyed (7 days by default).`,
 				return usageError("--older-than %s: want a duration >= 0", olderThan)
 			}
 			for _, name := range args {
-				if err := vm.ValidateName(name); err != nil {
+				if err := api.ValidateName(name); err != nil {
 					return usageError("NAME %q: %s", name, ruleOf(err))
 				}
 			}
@@ -57,19 +60,34 @@ themselves after --retain-destroyed (7 days by default).`,
 				if names, err = g.destroyedBefore(ctx, time.Now().Add(-olderThan)); err != nil {
 					return err
 				}
-				if len(names) == 0 && !g.json {
+				if len(names) == 0 {
 					g.printf("no destroyed VMs to purge\n")
 				}
 			}
+			doc := purgeDoc{VMs: []commandsDoc{}}
 			var worst error
 			for _, name := range names {
-				if _, err := g.send(ctx, name, fsm.ActPurge, events.Command{}); err != nil {
-					var ee *exitError
-					if !errors.As(err, &ee) || ee.code != ExitFailed {
-						return err // an outage or an interrupt ends it: the rest would fare no better
+				l := g.newLifecycle(name)
+				_, err := l.send(ctx, api.ActPurge, api.Command{})
+				var ee *exitError
+				switch {
+				case err == nil:
+					g.printf("purge %s: purged: its record and events are gone, the name is free\n", name)
+				case errors.As(err, &ee) && ee.code == ExitFailed:
+					// Rejected: say why and go on with the others.
+					l.doc.Error = errorDoc(ee)
+					if !g.json {
+						fmt.Fprintln(g.errOut, "vmctl:", ee.msg)
 					}
-					fmt.Fprintln(g.errOut, "vmctl:", ee.msg)
-					worst = &exitError{code: ExitFailed}
+					worst = &exitError{code: ExitFailed, kind: ee.kind}
+				default:
+					return err // an outage or an interrupt: the rest would fare no better
+				}
+				doc.VMs = append(doc.VMs, l.doc)
+			}
+			if g.json {
+				if err := g.printJSON(doc); err != nil {
+					return err
 				}
 			}
 			return worst
@@ -85,37 +103,16 @@ func (g *globals) destroyedBefore(ctx context.Context, t time.Time) ([]string, e
 	if err := g.conn(); err != nil {
 		return nil, err
 	}
-	recs, err := projection.Load(ctx, g.js, g.names)
+	recs, err := g.c.Records(ctx)
 	if err != nil {
-		return nil, err
+		return nil, g.commandErr(err)
 	}
 	var out []string
-	for name, r := range recs {
-		if r.State == vm.StateDestroyed && len(r.InFlight) == 0 && r.UpdatedAt.Before(t) {
-			out = append(out, name)
+	for _, r := range recs {
+		if r.Destroyed() && len(r.InFlight) == 0 && r.UpdatedAt.Before(t) {
+			out = append(out, r.Name)
 		}
 	}
 	sort.Strings(out)
 	return out, nil
-}
-
-// awaitGone waits, briefly, until the VM's record has left VM_RECORDS
-// (a purge's fold), so that list and completion no longer show it when
-// vmctl returns.
-func (g *globals) awaitGone(ctx context.Context, name string) {
-	ctx, cancel := context.WithTimeout(ctx, recordLag)
-	defer cancel()
-	for {
-		kv, err := g.recordsKV(ctx)
-		if err == nil {
-			if _, err = kv.Get(ctx, name); errors.Is(err, jetstream.ErrKeyNotFound) {
-				return
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
 }

@@ -12,10 +12,9 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/spf13/cobra"
+	"github.com/vmherd/vmherd/api"
 
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/relay"
+	"github.com/spf13/cobra"
 )
 
 // parseForward reads [LOCAL:]GUESTPORT.
@@ -81,8 +80,8 @@ func (g *globals) forward(ctx context.Context, ln net.Listener, host, name strin
 			return err
 		}
 		go func() {
-			if err := relay.DialTunnel(ctx, g.nc, g.names, host, name, guest, conn); err != nil && ctx.Err() == nil {
-				fmt.Fprintf(g.errOut, "vmctl: %s: %v\n", conn.RemoteAddr(), relayErr(host, err))
+			if err := g.c.Tunnel(ctx, name, guest, conn); err != nil && ctx.Err() == nil {
+				fmt.Fprintf(g.errOut, "vmctl: %s: %v\n", conn.RemoteAddr(), g.commandErr(err))
 			}
 		}()
 	}
@@ -112,11 +111,10 @@ func (g *globals) proxyCmd() *cobra.Command {
 			if err != nil || strings.Contains(args[1], ":") {
 				return usageError("GUESTPORT %q: want a port, 1..65535", args[1])
 			}
-			host, err := g.relayHost(cmd.Context(), args[0])
-			if err != nil {
+			if _, err := g.relayHost(cmd.Context(), args[0]); err != nil {
 				return err
 			}
-			return relayErr(host, relay.DialTunnel(cmd.Context(), g.nc, g.names, host, args[0], guest, stdio{}))
+			return g.commandErr(g.c.Tunnel(cmd.Context(), args[0], guest, stdio{}))
 		},
 	}
 }
@@ -273,7 +271,7 @@ func (g *globals) sshFiles(ctx context.Context, name string) (known, key string,
 	if err != nil || r == nil {
 		return "", "", cleanup, err
 	}
-	if e, err := kv.Get(ctx, events.SSHKey(name, r.Generation, events.SSHHostKeys)); err == nil {
+	if e, err := kv.Get(ctx, api.SSHKey(name, r.Generation, api.SSHHostKeys)); err == nil {
 		var k knownHostKeys
 		if json.Unmarshal(e.Value(), &k) == nil && len(k.Keys) > 0 {
 			var b strings.Builder
@@ -286,7 +284,7 @@ func (g *globals) sshFiles(ctx context.Context, name string) (known, key string,
 			}
 		}
 	}
-	if e, err := kv.Get(ctx, events.SSHKey(name, r.Generation, events.SSHPrivateKey)); err == nil {
+	if e, err := kv.Get(ctx, api.SSHKey(name, r.Generation, api.SSHPrivateKey)); err == nil {
 		key = filepath.Join(dir, "id_ed25519")
 		if err := os.WriteFile(key, e.Value(), 0o600); err != nil {
 			return "", "", cleanup, err

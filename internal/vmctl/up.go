@@ -12,17 +12,15 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 	"golang.org/x/crypto/ssh"
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/images"
-	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/provision"
-	"github.com/vmherd/vmherd/internal/relay"
-	"github.com/vmherd/vmherd/internal/vm"
 	"github.com/vmherd/vmherd/internal/vmfile"
 )
 
@@ -130,11 +128,11 @@ func (g *globals) downCmd() *cobra.Command {
 				case r == nil:
 					g.printf("%s: does not exist\n", d.Name)
 				case destroy:
-					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, events.Command{}); err != nil {
+					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, api.Command{}); err != nil {
 						return err
 					}
-				case r.State == vm.StateRunning || r.State == vm.StateSuspended:
-					if _, err := g.send(cmd.Context(), d.Name, fsm.ActStop, events.Command{}); err != nil {
+				case r.State == api.StateRunning || r.State == api.StateSuspended:
+					if _, err := g.send(cmd.Context(), d.Name, fsm.ActStop, api.Command{}); err != nil {
 						return err
 					}
 				default:
@@ -165,7 +163,7 @@ func (g *globals) reloadCmd() *cobra.Command {
 				if r, err := g.existing(cmd.Context(), d.Name); err != nil {
 					return err
 				} else if r != nil {
-					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, events.Command{}); err != nil {
+					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, api.Command{}); err != nil {
 						return err
 					}
 				}
@@ -206,7 +204,7 @@ func (g *globals) provisionCmd() *cobra.Command {
 
 // existing is the VM's record, nil when it does not exist (or was
 // destroyed).
-func (g *globals) existing(ctx context.Context, name string) (*projection.VmRecord, error) {
+func (g *globals) existing(ctx context.Context, name string) (*api.VmRecord, error) {
 	r, _, err := g.incarnation(ctx, name)
 	return r, err
 }
@@ -214,7 +212,7 @@ func (g *globals) existing(ctx context.Context, name string) (*projection.VmReco
 // incarnation is the VM's record (nil when it does not exist or was
 // destroyed) and the generation its VM_SSH entries go under: the
 // record's, or for a VM up is about to prepare, the next one.
-func (g *globals) incarnation(ctx context.Context, name string) (*projection.VmRecord, int, error) {
+func (g *globals) incarnation(ctx context.Context, name string) (*api.VmRecord, int, error) {
 	r, err := g.record(ctx, name)
 	var ee *exitError
 	if errors.As(err, &ee) && ee.code == ExitFailed {
@@ -223,7 +221,7 @@ func (g *globals) incarnation(ctx context.Context, name string) (*projection.VmR
 	if err != nil {
 		return nil, 0, err
 	}
-	if !r.Exists() || r.State == vm.StateDestroyed {
+	if !r.Exists() || r.State == api.StateDestroyed {
 		return nil, r.Generation + 1, nil
 	}
 	return r, r.Generation, nil
@@ -253,19 +251,19 @@ func (g *globals) up(ctx context.Context, d vmfile.Def, provisionNew bool) (chan
 			return true, nil
 		}
 		switch r.State {
-		case vm.StateRunning:
+		case api.StateRunning:
 			g.printf("%s: up to date and running\n", d.Name)
-		case vm.StateSuspended:
-			_, err = g.send(ctx, d.Name, fsm.ActResume, events.Command{})
+		case api.StateSuspended:
+			_, err = g.send(ctx, d.Name, fsm.ActResume, api.Command{})
 		default:
-			_, err = g.send(ctx, d.Name, fsm.ActStart, events.Command{})
+			_, err = g.send(ctx, d.Name, fsm.ActStart, api.Command{})
 		}
 		return false, err
 	}
-	if _, err := g.send(ctx, d.Name, fsm.ActPrepare, events.Command{Spec: &spec, Host: d.Host}); err != nil {
+	if _, err := g.send(ctx, d.Name, fsm.ActPrepare, api.Command{Spec: &spec, Host: d.Host}); err != nil {
 		return false, err
 	}
-	if _, err := g.send(ctx, d.Name, fsm.ActStart, events.Command{}); err != nil {
+	if _, err := g.send(ctx, d.Name, fsm.ActStart, api.Command{}); err != nil {
 		return false, err
 	}
 	if provisionNew && len(d.Provision) > 0 {
@@ -277,9 +275,9 @@ func (g *globals) up(ctx context.Context, d vmfile.Def, provisionNew bool) (chan
 // desired is the spec a definition asks for (pulling its image-url
 // first; making the key of the VM's incarnation gen when it needs a
 // generated one).
-func (g *globals) desired(ctx context.Context, d vmfile.Def, gen int) (vm.VmSpec, error) {
-	spec := vm.VmSpec{
-		Name: d.Name, Backend: vm.BackendTag(d.Backend), Vcpus: d.Vcpus, MemoryMB: d.MemoryMB, DiskGB: d.DiskGB, UEFI: d.UEFI,
+func (g *globals) desired(ctx context.Context, d vmfile.Def, gen int) (api.VmSpec, error) {
+	spec := api.VmSpec{
+		Name: d.Name, Backend: api.BackendTag(d.Backend), Vcpus: d.Vcpus, MemoryMB: d.MemoryMB, DiskGB: d.DiskGB, UEFI: d.UEFI,
 		Labels: d.Labels,
 	}
 	n := d.Network
@@ -297,7 +295,7 @@ func (g *globals) desired(ctx context.Context, d vmfile.Def, gen int) (vm.VmSpec
 		spec.Image = d.Image
 	}
 	if ci := d.CloudInit; ci != nil {
-		spec.CloudInit = &vm.CloudInitConfig{Hostname: ci.Hostname}
+		spec.CloudInit = &api.CloudInitConfig{Hostname: ci.Hostname}
 		if ci.UserData != "" {
 			b, err := os.ReadFile(ci.UserData)
 			if err != nil {
@@ -328,7 +326,7 @@ func (g *globals) desired(ctx context.Context, d vmfile.Def, gen int) (vm.VmSpec
 		}
 	}
 	if pub != "" {
-		spec.SSH = &vm.SshConfig{User: user, PublicKey: pub}
+		spec.SSH = &api.SshConfig{User: user, PublicKey: pub}
 	}
 	if err := spec.Validate(); err != nil {
 		return spec, usageError("vm %s: %s", d.Name, err)
@@ -368,7 +366,7 @@ func (g *globals) signer(ctx context.Context, d vmfile.Def, gen int) (ssh.Signer
 	if err != nil {
 		return nil, err
 	}
-	key := events.SSHKey(d.Name, gen, events.SSHPrivateKey)
+	key := api.SSHKey(d.Name, gen, api.SSHPrivateKey)
 	if e, err := kv.Get(ctx, key); err == nil {
 		return ssh.ParsePrivateKey(e.Value())
 	}
@@ -389,19 +387,19 @@ func (g *globals) signer(ctx context.Context, d vmfile.Def, gen int) (ssh.Signer
 // ensureImage pulls an image-url onto the VM's host (or every alive
 // host), unless it is there already from the same source.
 func (g *globals) ensureImage(ctx context.Context, d vmfile.Def) (string, error) {
-	name := images.NameFrom(d.ImageURL)
+	name := api.ImageNameFrom(d.ImageURL)
 	hs, err := g.imageHosts(ctx, d.Host, d.Host == "")
 	if err != nil {
 		return "", err
 	}
-	sts, err := g.imageStatuses(ctx, "*."+name)
+	sts, err := g.imageStatuses(ctx, "", name)
 	if err != nil {
 		return "", err
 	}
 	var need []string
 	for _, h := range hs {
-		if !slices.ContainsFunc(sts, func(s images.Status) bool {
-			return s.Host == h && s.State == images.StateReady && s.Source == d.ImageURL
+		if !slices.ContainsFunc(sts, func(s api.ImageStatus) bool {
+			return s.Host == h && s.State == api.ImageReady && s.Source == d.ImageURL
 		}) {
 			need = append(need, h)
 		}
@@ -409,36 +407,19 @@ func (g *globals) ensureImage(ctx context.Context, d vmfile.Def) (string, error)
 	if len(need) == 0 {
 		return name, nil
 	}
-	kv, err := g.imagesKV(ctx)
-	if err != nil {
-		return "", err
-	}
-	w, err := events.KVPoll(ctx, g.js, kv.Bucket(), "*."+name, kvPollEvery)
-	if err != nil {
-		return "", err
-	}
-	defer func() { _ = w.Stop() }()
-	started := time.Now()
-	keys := make([]string, len(need))
-	for i, h := range need {
-		keys[i] = events.ImageKey(h, name)
-		if err := g.imageRequest(ctx, h, events.ImagePull, images.PullRequest{Source: d.ImageURL, Name: name}); err != nil {
-			return "", err
-		}
-	}
-	return name, g.watchPulls(ctx, w, keys, started)
+	return name, g.pull(ctx, need, api.ImagePullRequest{Source: d.ImageURL, Name: name})
 }
 
 // acceptedSpec is the spec of the VM's latest accepted prepare. It reads
 // the VM's accepted events by direct gets, one after the other, and
 // leaves no consumer on the server.
-func (g *globals) acceptedSpec(ctx context.Context, name string) (*vm.VmSpec, error) {
+func (g *globals) acceptedSpec(ctx context.Context, name string) (*api.VmSpec, error) {
 	st, err := g.js.Stream(ctx, g.names.EventsStream())
 	if err != nil {
 		return nil, err
 	}
-	subj := g.names.Event(name, events.TypeAccepted, events.EngineWriter)
-	var spec *vm.VmSpec
+	subj := g.names.Event(name, api.TypeAccepted, api.EngineWriter)
+	var spec *api.VmSpec
 	for seq := uint64(1); ; {
 		m, err := st.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subj))
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
@@ -455,7 +436,7 @@ func (g *globals) acceptedSpec(ctx context.Context, name string) (*vm.VmSpec, er
 }
 
 // specDrift lists what differs between the VM's spec and the wanted one.
-func specDrift(have *vm.VmSpec, want vm.VmSpec, haveHost, wantHost string) []string {
+func specDrift(have *api.VmSpec, want api.VmSpec, haveHost, wantHost string) []string {
 	if have == nil {
 		return []string{"the VM's spec is unknown (no accepted prepare in its events)"}
 	}
@@ -477,7 +458,7 @@ func specDrift(have *vm.VmSpec, want vm.VmSpec, haveHost, wantHost string) []str
 	diff("disk", h.DiskGB, w.DiskGB)
 	diff("uefi", h.UEFI, w.UEFI)
 	diff("labels", formatLabels(h.Labels), formatLabels(w.Labels))
-	nh, nw := vm.NetworkConfig{}, vm.NetworkConfig{}
+	nh, nw := api.NetworkConfig{}, api.NetworkConfig{}
 	if h.Network != nil {
 		nh = *h.Network
 	}
@@ -485,7 +466,7 @@ func specDrift(have *vm.VmSpec, want vm.VmSpec, haveHost, wantHost string) []str
 		nw = *w.Network
 	}
 	diff("network", nh, nw)
-	var ch, cw vm.CloudInitConfig
+	var ch, cw api.CloudInitConfig
 	if h.CloudInit != nil {
 		ch = *h.CloudInit
 	}
@@ -496,7 +477,7 @@ func specDrift(have *vm.VmSpec, want vm.VmSpec, haveHost, wantHost string) []str
 	if ch.UserData != cw.UserData {
 		out = append(out, "cloud-init user-data: changed")
 	}
-	var sh, sw vm.SshConfig
+	var sh, sw api.SshConfig
 	if h.SSH != nil {
 		sh = *h.SSH
 	}
@@ -532,7 +513,7 @@ func (g *globals) provision(ctx context.Context, d vmfile.Def) error {
 	if err != nil {
 		return err
 	}
-	if r == nil || r.State != vm.StateRunning {
+	if r == nil || r.State != api.StateRunning {
 		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s is not running; vmctl up first", d.Name)}
 	}
 	signer, err := g.signer(ctx, d, r.Generation)
@@ -558,7 +539,7 @@ func (g *globals) provision(ctx context.Context, d vmfile.Def) error {
 		if len(b) > 512<<10 {
 			b = append([]byte("[…]\n"), b[len(b)-512<<10:]...)
 		}
-		_, _ = kv.Put(ctx, events.SSHKey(d.Name, r.Generation, events.SSHProvisionLog), b)
+		_, _ = kv.Put(ctx, api.SSHKey(d.Name, r.Generation, api.SSHProvisionLog), b)
 	}
 	if perr != nil {
 		return &exitError{code: ExitFailed, msg: fmt.Sprintf("%s: %v", d.Name, perr)}
@@ -576,7 +557,7 @@ type knownHostKeys struct {
 // hostKeys returns the guest's host keys: as first seen for this
 // incarnation (VM_SSH), else as its console shows them now (waiting for
 // the boot to print them), kept for next time.
-func (g *globals) hostKeys(ctx context.Context, r *projection.VmRecord) ([]ssh.PublicKey, error) {
+func (g *globals) hostKeys(ctx context.Context, r *api.VmRecord) ([]ssh.PublicKey, error) {
 	kv, err := g.sshKV(ctx)
 	if err != nil {
 		return nil, err
@@ -585,7 +566,7 @@ func (g *globals) hostKeys(ctx context.Context, r *projection.VmRecord) ([]ssh.P
 	if r.Handle != nil {
 		handle = r.Handle.ID
 	}
-	key := events.SSHKey(r.Name, r.Generation, events.SSHHostKeys)
+	key := api.SSHKey(r.Name, r.Generation, api.SSHHostKeys)
 	if e, err := kv.Get(ctx, key); err == nil {
 		var k knownHostKeys
 		if json.Unmarshal(e.Value(), &k) == nil && k.HandleID == handle {
@@ -604,8 +585,8 @@ func (g *globals) hostKeys(ctx context.Context, r *projection.VmRecord) ([]ssh.P
 	deadline := time.Now().Add(provisionWait)
 	for {
 		var log bytes.Buffer
-		if err := relay.PrintLog(ctx, g.nc, g.names, r.Host, r.Name, &log, -1, false); err != nil {
-			return nil, relayErr(r.Host, err)
+		if err := g.c.Log(ctx, r.Name, &log, -1, false, nil); err != nil {
+			return nil, g.commandErr(err)
 		}
 		if keys, err = provision.HostKeys(log.Bytes()); err == nil {
 			break
@@ -629,28 +610,26 @@ func (g *globals) hostKeys(ctx context.Context, r *projection.VmRecord) ([]ssh.P
 func (g *globals) sshDial(ctx context.Context, host, name string, cfg *ssh.ClientConfig) (*ssh.Client, func(), error) {
 	deadline := time.Now().Add(provisionWait)
 	for {
-		near, far := net.Pipe()
-		tctx, cancel := context.WithCancel(ctx)
-		tunErr := make(chan error, 1)
-		go func() { tunErr <- relay.DialTunnel(tctx, g.nc, g.names, host, name, 22, far) }()
-		conn, chans, reqs, err := ssh.NewClientConn(near, name+":22", cfg)
+		var conn net.Conn
+		c, chans, reqs, err := func() (ssh.Conn, <-chan ssh.NewChannel, <-chan *ssh.Request, error) {
+			dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			var err error
+			if conn, err = g.c.DialGuest(dctx, name, 22); err != nil {
+				return nil, nil, nil, fmt.Errorf("tunnel through host %s: %w", host, g.commandErr(err))
+			}
+			return ssh.NewClientConn(conn, name+":22", cfg)
+		}()
 		if err == nil {
-			return ssh.NewClient(conn, chans, reqs), func() { cancel(); near.Close() }, nil
+			return ssh.NewClient(c, chans, reqs), func() { conn.Close() }, nil
 		}
-		cancel()
-		near.Close()
-		var terr error
-		select {
-		case terr = <-tunErr:
-		case <-time.After(5 * time.Second):
+		if conn != nil {
+			conn.Close()
 		}
 		if strings.Contains(err.Error(), "host key mismatch") {
 			return nil, nil, fmt.Errorf("%s: %w", name, err)
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
-			if terr != nil {
-				err = fmt.Errorf("%w (tunnel: %v)", err, relayErr(host, terr))
-			}
 			return nil, nil, fmt.Errorf("%s: logging in over SSH: %w", name, err)
 		}
 		time.Sleep(2 * time.Second)

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/client"
 )
 
 // vmctl up with a VMFile from someone else's repository: a user-data file
@@ -140,10 +140,14 @@ func TestCommandIDsArePerVM(t *testing.T) {
 	env, _ := pipeline(t, nil)
 	ctx := context.Background()
 	var out, errOut strings.Builder
-	g := &globals{nc: env.NC, js: env.JS, names: env.Names, out: &out, errOut: &errOut, timeout: 20 * time.Second}
+	c, err := client.New(env.NC, env.Names.Prefix, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &globals{c: c, nc: env.NC, js: env.JS, names: env.Names, out: &out, errOut: &errOut, timeout: 20 * time.Second}
 	for _, name := range []string{"d1", "d2"} {
-		ev, err := g.send(ctx, name, "prepare", events.Command{CommandID: "deploy-42", Spec: &vm.VmSpec{Backend: vm.BackendNoop}})
-		if err != nil || ev == nil || ev.Type != events.TypePrepared {
+		ev, err := g.send(ctx, name, "prepare", api.Command{CommandID: "deploy-42", Spec: &api.VmSpec{Backend: api.BackendNoop}})
+		if err != nil || ev == nil || ev.Type != api.TypePrepared {
 			t.Fatalf("prepare %s with command id deploy-42: %+v, %v\n%s%s", name, ev, err, out.String(), errOut.String())
 		}
 	}

@@ -11,12 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends/noop"
-	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // result is one vmctl run.
@@ -69,7 +67,7 @@ func TestUsageErrorsExitTwo(t *testing.T) {
 		{[]string{"start", "a", "b"}, []string{"exactly one VM name"}, nil},
 		{[]string{"frobnicate"}, []string{`unknown command "frobnicate"`}, nil},
 		{[]string{"start", "Web1"}, []string{`NAME "Web1"`, "lowercase"}, nil},
-		{[]string{"create", "web1", "--memory", "lots"}, []string{`"--memory"`}, nil},
+		{[]string{"create", "web1", "--memory", "lots"}, []string{`--memory "lots": want a whole number`}, []string{"strconv", "ParseInt"}},
 		{[]string{"create", "web1", "--memory", "10"}, []string{"--memory: 10 is out of range"}, []string{"memory_mb"}},
 		{[]string{"create", "web1", "--vcpus", "0"}, []string{"--vcpus: 0 is out of range"}, []string{"spec."}},
 		{[]string{"create", "web1", "--backend", "qemu"}, []string{"--image: is required for the qemu backend"}, []string{"image_path"}},
@@ -78,9 +76,9 @@ func TestUsageErrorsExitTwo(t *testing.T) {
 		{[]string{"create", "web1", "--ssh-key", "ssh-ed25519 AAAAC3 me@x"}, []string{"--ssh-key", "public key file"}, nil},
 		{[]string{"create", "web1", "--ssh-key", notFile}, []string{"is not a regular file"}, nil},
 		{[]string{"create", "web1", "--ssh-key", priv}, []string{"is a private key", priv + ".pub"}, nil},
-		{[]string{"stop", "web1", "--stop-timeout", "30"}, []string{`"--stop-timeout"`, "missing unit"}, nil},
+		{[]string{"stop", "web1", "--stop-timeout", "30"}, []string{`--stop-timeout "30"`, "with its unit"}, []string{"time: "}},
 		{[]string{"destroy", "web1", "--stop-timeout", "500ms"}, []string{"--stop-timeout 500ms"}, nil},
-		{[]string{"log", "web1", "--tail", "x"}, []string{`--tail" flag`}, nil},
+		{[]string{"log", "web1", "--tail", "x"}, []string{`--tail "x": want a whole number`}, nil},
 	} {
 		r := vmctl(t, context.Background(), "", c.args...)
 		if r.code != ExitUsage {
@@ -167,13 +165,13 @@ func TestNoEngineAnsweredAtOnce(t *testing.T) {
 		return err == nil
 	})
 	env.StartEngine(testenv.EngineConfig{ID: "e2"})
-	if ev := env.Decision("web1", id[1], 30*time.Second); ev.Type != events.TypeAccepted {
+	if ev := env.Decision("web1", id[1], 30*time.Second); ev.Type != api.TypeAccepted {
 		t.Fatalf("stored command after the engine came back: %+v", ev)
 	}
 
 	// No NATS at all: a quick, clear failure.
 	r = vmctl(t, ctx, "", "list")
-	if r.code != ExitFailed || !strings.Contains(r.err, "is the engine running?") || r.took > 3*time.Second {
+	if r.code != ExitNoResult || !strings.Contains(r.err, "is the engine running?") || r.took > 3*time.Second {
 		t.Fatalf("no server: %s in %v", r, r.took)
 	}
 }
@@ -219,7 +217,7 @@ func TestInterruptAndTimeoutAfterStore(t *testing.T) {
 		!strings.Contains(msg, "will still be carried out") || !strings.Contains(msg, "vmctl events web1 --follow") || id == nil {
 		t.Fatalf("Ctrl-C after store: exit %d\n%s", code, msg)
 	}
-	if ev := env.Result("web1", id[1], 30*time.Second); ev.Type != events.TypeStarted {
+	if ev := env.Result("web1", id[1], 30*time.Second); ev.Type != api.TypeStarted {
 		t.Fatalf("the interrupted command's result: %+v", ev)
 	}
 
@@ -232,7 +230,7 @@ func TestInterruptAndTimeoutAfterStore(t *testing.T) {
 	if r.code != ExitNoResult || !strings.Contains(r.err, "no result within --timeout 1s") || !strings.Contains(r.err, "will still be") || id == nil {
 		t.Fatalf("--timeout: %v", r)
 	}
-	if ev := env.Result("web1", id[1], 30*time.Second); ev.Type != events.TypeStarted {
+	if ev := env.Result("web1", id[1], 30*time.Second); ev.Type != api.TypeStarted {
 		t.Fatalf("the timed-out command's result: %+v", ev)
 	}
 }
@@ -325,18 +323,18 @@ func TestCrashedAndNotRunning(t *testing.T) {
 	if r := vmctl(t, ctx, env.URL, "destroy", "c1", "--stop-timeout", "45s"); r.code != 0 {
 		t.Fatalf("destroy: %v", r)
 	}
-	var acc *events.Event
+	var acc *api.Event
 	for _, s := range env.Events("c1") {
-		if s.Event.Type == events.TypeAccepted && s.Event.Action == "destroy" {
+		if s.Event.Type == api.TypeAccepted && s.Event.Action == "destroy" {
 			acc = s.Event
 		}
 	}
 	if acc == nil || acc.TimeoutS != 45 {
 		t.Fatalf("destroy accepted with %+v", acc)
 	}
-	// Completion lists VM names.
+	// Completion lists the VMs' names, not destroyed ones.
 	r = vmctl(t, ctx, env.URL, "__complete", "start", "c")
-	if r.code != 0 || !strings.Contains(r.out, "c1\n") || !strings.Contains(r.out, "c2\n") {
+	if r.code != 0 || strings.Contains(r.out, "c1\n") || !strings.Contains(r.out, "c2\n") {
 		t.Fatalf("completion: %v", r)
 	}
 }
@@ -352,7 +350,7 @@ func TestResultIsInTheRecordOnReturn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]vm.VmState{"start": vm.StateRunning, "stop": vm.StateStopped}
+	want := map[string]api.VmState{"start": api.StateRunning, "stop": api.StateStopped}
 	if r := vmctl(t, ctx, env.URL, "create", "r1", "--backend", "noop"); r.code != 0 {
 		t.Fatalf("create: %v", r)
 	}
@@ -365,7 +363,7 @@ func TestResultIsInTheRecordOnReturn(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		rec, err := projection.Unmarshal(e.Value())
+		rec, err := api.UnmarshalRecord(e.Value())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -37,10 +37,10 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/sblinch/kdl-go"
 	"github.com/sblinch/kdl-go/document"
-
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // File is a parsed VMFile.
@@ -60,10 +60,10 @@ type Def struct {
 	UEFI      bool
 	Host      string
 	Backend   string
-	Network   vm.NetworkConfig
+	Network   api.NetworkConfig
 	CloudInit *CloudInit
 	SSH       *SSH
-	// Labels are the VM's labels (vm.ValidateLabels): metadata for
+	// Labels are the VM's labels (api.ValidateLabels): metadata for
 	// `vmctl list --label`, never given to the guest.
 	Labels    map[string]string
 	Provision []Step
@@ -181,12 +181,12 @@ func unknown(where string, n *document.Node, known []string) error {
 var vmNodes = []string{"image", "image-url", "vcpus", "memory", "disk", "uefi", "host", "backend", "network", "cloud-init", "ssh", "labels", "provision"}
 
 func (f *File) parseVM(n *document.Node) (Def, error) {
-	d := Def{Vcpus: DefaultVcpus, MemoryMB: DefaultMemoryMB, Network: vm.NetworkConfig{Type: vm.NetworkUser}}
+	d := Def{Vcpus: DefaultVcpus, MemoryMB: DefaultMemoryMB, Network: api.NetworkConfig{Type: api.NetworkUser}}
 	nm, err := stringArg(n, "vm")
 	if err != nil {
 		return d, fmt.Errorf(`%w (hint: vm "my-server" { … })`, err)
 	}
-	if err := vm.ValidateName(nm); err != nil {
+	if err := api.ValidateName(nm); err != nil {
 		return d, fmt.Errorf("vm %q: %w", nm, err)
 	}
 	d.Name = nm
@@ -241,7 +241,7 @@ func (f *File) parseVM(n *document.Node) (Def, error) {
 		}
 	}
 	switch {
-	case d.Image == "" && d.ImageURL == "" && d.Backend != string(vm.BackendNoop):
+	case d.Image == "" && d.ImageURL == "" && d.Backend != string(api.BackendNoop):
 		return bad(errors.New(`no image (hint: image "debian-12", image "/path/to/disk.qcow2" or image-url "https://…")`))
 	case d.Image != "" && d.ImageURL != "":
 		return bad(errors.New("both image and image-url (hint: give one)"))
@@ -255,13 +255,13 @@ func (f *File) parseVM(n *document.Node) (Def, error) {
 // isPath tells a path from a store name: a path has a / or starts with ~.
 func isPath(s string) bool { return strings.ContainsRune(s, '/') || strings.HasPrefix(s, "~") }
 
-func parseNetwork(n *document.Node, net *vm.NetworkConfig) error {
+func parseNetwork(n *document.Node, net *api.NetworkConfig) error {
 	t, err := stringArg(n, "network")
 	if err != nil {
 		return err
 	}
-	net.Type = vm.NetworkType(t)
-	allowed := map[vm.NetworkType][]string{vm.NetworkUser: nil, vm.NetworkTap: {"bridge"}, vm.NetworkVnic: {"name", "link"}, vm.NetworkNone: nil}
+	net.Type = api.NetworkType(t)
+	allowed := map[api.NetworkType][]string{api.NetworkUser: nil, api.NetworkTap: {"bridge"}, api.NetworkVnic: {"name", "link"}, api.NetworkNone: nil}
 	props, ok := allowed[net.Type]
 	if !ok {
 		return fmt.Errorf(`network %q: unknown type (hint: "user", "tap" bridge="br0", "vnic" name="vnic0" or "none")`, t)
@@ -302,12 +302,12 @@ func parseLabels(n *document.Node) (map[string]string, error) {
 		if err != nil {
 			return nil, fmt.Errorf(`labels: %w (hint: labels { team "ci" })`, err)
 		}
-		if err := vm.ValidateLabel(k, v); err != nil {
+		if err := api.ValidateLabel(k, v); err != nil {
 			return nil, fmt.Errorf("labels: %w", err)
 		}
 		out[k] = v
 	}
-	if err := vm.ValidateLabels(out); err != nil {
+	if err := api.ValidateLabels(out); err != nil {
 		return nil, fmt.Errorf("labels: %w", err)
 	}
 	return out, nil

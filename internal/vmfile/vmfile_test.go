@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/vmfile"
 )
 
@@ -24,7 +24,7 @@ func TestParseExample(t *testing.T) {
 	if web.Name != "web" || web.ImageURL != "https://example.com/images/debian-12-generic-amd64.qcow2" || web.Vcpus != 2 || web.MemoryMB != 2048 || web.DiskGB != 20 {
 		t.Errorf("web: %+v", web)
 	}
-	if web.Network != (vm.NetworkConfig{Type: vm.NetworkTap, Bridge: "br0"}) {
+	if web.Network != (api.NetworkConfig{Type: api.NetworkTap, Bridge: "br0"}) {
 		t.Errorf("web network: %+v", web.Network)
 	}
 	if web.CloudInit == nil || web.CloudInit.Hostname != "web" || web.CloudInit.SSHKey != filepath.Join(dir, "keys/id_ed25519.pub") {
@@ -51,7 +51,7 @@ func TestParseExample(t *testing.T) {
 	}
 	db := f.VMs[1]
 	if db.Image != "debian-12" || !db.UEFI || db.Host != "h1" || db.Backend != "qemu" || db.Vcpus != 1 || db.MemoryMB != 1024 ||
-		db.SSH.User != "root" || db.SSH.PrivateKey != filepath.Join(home, ".ssh/id_ed25519") || db.Network.Type != vm.NetworkUser {
+		db.SSH.User != "root" || db.SSH.PrivateKey != filepath.Join(home, ".ssh/id_ed25519") || db.Network.Type != api.NetworkUser {
 		t.Errorf("db: %+v %+v", db, db.SSH)
 	}
 }

@@ -10,13 +10,14 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/origin"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // imageService runs this host's image store for `vmctl image`: pulls on
@@ -53,8 +54,8 @@ func (w *Worker) startImages(ctx context.Context, svc micro.Service) (*imageServ
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	err := errors.Join(
-		svc.AddEndpoint("image_pull", origin.Guard(w.log, micro.HandlerFunc(s.pull)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImagePull))),
-		svc.AddEndpoint("image_rm", origin.Guard(w.log, micro.HandlerFunc(s.remove)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, events.ImageRemove))),
+		svc.AddEndpoint("image_pull", origin.Guard(w.log, micro.HandlerFunc(s.pull)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, api.ImagePull))),
+		svc.AddEndpoint("image_rm", origin.Guard(w.log, micro.HandlerFunc(s.remove)), micro.WithEndpointSubject(w.cfg.Names.Image(w.cfg.Host, api.ImageRemove))),
 	)
 	if err != nil {
 		s.cancel()
@@ -72,12 +73,12 @@ func (s *imageService) stop() {
 	s.wg.Wait()
 }
 
-func (s *imageService) put(ctx context.Context, st images.Status) {
+func (s *imageService) put(ctx context.Context, st api.ImageStatus) {
 	st.Host, st.Time = s.w.cfg.Host, time.Now().UTC()
 	b, _ := json.Marshal(st)
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if _, err := s.kv.Put(pctx, events.ImageKey(s.w.cfg.Host, st.Name), b); err != nil {
+	if _, err := s.kv.Put(pctx, api.ImageKey(s.w.cfg.Host, st.Name), b); err != nil {
 		s.w.log.Warn("writing an image's status failed", "image", st.Name, "state", st.State, "err", err)
 	}
 }
@@ -106,11 +107,11 @@ func (s *imageService) sync(ctx context.Context) error {
 		if byName[name] {
 			continue
 		}
-		var st images.Status
-		if json.Unmarshal(e.Value(), &st) == nil && st.State == images.StatePulling {
-			st.State, st.Error = images.StateFailed, "the worker stopped during the pull; pull again"
+		var st api.ImageStatus
+		if json.Unmarshal(e.Value(), &st) == nil && st.State == api.ImagePulling {
+			st.State, st.Error = api.ImageFailed, "the worker stopped during the pull; pull again"
 			s.put(ctx, st)
-		} else if st.State == images.StateReady {
+		} else if st.State == api.ImageReady {
 			_ = s.kv.Delete(ctx, key)
 		}
 	}
@@ -118,7 +119,7 @@ func (s *imageService) sync(ctx context.Context) error {
 }
 
 func (s *imageService) pull(req micro.Request) {
-	var pr images.PullRequest
+	var pr api.ImagePullRequest
 	dec := json.NewDecoder(strings.NewReader(string(req.Data())))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&pr); err != nil || pr.Source == "" {
@@ -126,9 +127,9 @@ func (s *imageService) pull(req micro.Request) {
 		return
 	}
 	if pr.Name == "" {
-		pr.Name = images.NameFrom(pr.Source)
+		pr.Name = api.ImageNameFrom(pr.Source)
 	}
-	if err := vm.ValidateName(pr.Name); err != nil {
+	if err := api.ValidateName(pr.Name); err != nil {
 		_ = req.Error("400", fmt.Sprintf("image name: %v (give one with --name)", err), nil)
 		return
 	}
@@ -140,7 +141,7 @@ func (s *imageService) pull(req micro.Request) {
 	}
 	s.pulling[pr.Name] = true
 	s.mu.Unlock()
-	s.put(s.ctx, images.Status{Name: pr.Name, State: images.StatePulling, Source: pr.Source, TotalBytes: -1})
+	s.put(s.ctx, api.ImageStatus{Name: pr.Name, State: api.ImagePulling, Source: pr.Source, TotalBytes: -1})
 	_ = req.RespondJSON(map[string]string{"host": s.w.cfg.Host, "name": pr.Name})
 	s.wg.Add(1)
 	go func() {
@@ -156,14 +157,14 @@ func (s *imageService) pull(req micro.Request) {
 				return
 			}
 			last = time.Now()
-			s.put(s.ctx, images.Status{Name: pr.Name, State: images.StatePulling, Source: pr.Source, DoneBytes: done, TotalBytes: total})
+			s.put(s.ctx, api.ImageStatus{Name: pr.Name, State: api.ImagePulling, Source: pr.Source, DoneBytes: done, TotalBytes: total})
 		}})
 		// The final status is written even when the worker is stopping.
 		fctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if err != nil {
 			s.w.log.Warn("image pull failed", "image", pr.Name, "source", pr.Source, "err", err)
-			s.put(fctx, images.Status{Name: pr.Name, State: images.StateFailed, Source: pr.Source, Error: err.Error()})
+			s.put(fctx, api.ImageStatus{Name: pr.Name, State: api.ImageFailed, Source: pr.Source, Error: err.Error()})
 			return
 		}
 		s.w.log.Info("image pulled", "image", img.Name, "digest", img.Digest, "size", img.Size)
@@ -172,14 +173,32 @@ func (s *imageService) pull(req micro.Request) {
 }
 
 func (s *imageService) remove(req micro.Request) {
-	var rr images.RemoveRequest
-	if err := json.Unmarshal(req.Data(), &rr); err != nil || vm.ValidateName(rr.Name) != nil {
+	var rr api.ImageRemoveRequest
+	if err := json.Unmarshal(req.Data(), &rr); err != nil || api.ValidateName(rr.Name) != nil {
 		_ = req.Error("400", `request must be {"name":"<image name>"}`, nil)
 		return
 	}
 	err := s.store.Remove(rr.Name, s.w.imageInUse)
 	switch {
 	case errors.Is(err, images.ErrNotFound):
+		// Not in the store: a failed pull leaves only its status in
+		// VM_IMAGES, and removing the image removes that.
+		ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+		defer cancel()
+		key := api.ImageKey(s.w.cfg.Host, rr.Name)
+		var st api.ImageStatus
+		if e, gerr := s.kv.Get(ctx, key); gerr == nil && json.Unmarshal(e.Value(), &st) == nil {
+			switch st.State {
+			case api.ImageFailed:
+				if derr := s.kv.Delete(ctx, key, jetstream.LastRevision(e.Revision())); derr == nil {
+					_ = req.RespondJSON(map[string]string{"host": s.w.cfg.Host, "name": rr.Name})
+					return
+				}
+			case api.ImagePulling:
+				_ = req.Error("409", fmt.Sprintf("host %s is pulling %s: wait for the pull to end", s.w.cfg.Host, rr.Name), nil)
+				return
+			}
+		}
 		_ = req.Error("404", fmt.Sprintf("host %s has no image named %s", s.w.cfg.Host, rr.Name), nil)
 		return
 	case err != nil:
@@ -188,7 +207,7 @@ func (s *imageService) remove(req micro.Request) {
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
 	defer cancel()
-	_ = s.kv.Delete(ctx, events.ImageKey(s.w.cfg.Host, rr.Name))
+	_ = s.kv.Delete(ctx, api.ImageKey(s.w.cfg.Host, rr.Name))
 	_ = req.RespondJSON(map[string]string{"host": s.w.cfg.Host, "name": rr.Name})
 }
 
@@ -212,7 +231,7 @@ func (w *Worker) imageInUse(path string) bool {
 }
 
 // namedImage resolves spec.image to its file in this host's store.
-func (w *Worker) namedImage(spec vm.VmSpec) (string, error) {
+func (w *Worker) namedImage(spec api.VmSpec) (string, error) {
 	if w.cfg.ImageStore == "" || !w.cfg.Router.LocalImages(spec.Backend) {
 		return "", fmt.Errorf("%w: spec.image %q needs this worker's image store, which backend %s does not read from; give spec.image_path", ErrImagePath, spec.Image, spec.Backend)
 	}

@@ -14,11 +14,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // A migrate is run by two tasks, one on each host, that never talk to
@@ -84,12 +85,12 @@ const phaseTargetFailed = "target_failed"
 
 // news is what a VM's events since a sequence say about one migrate.
 type news struct {
-	last     uint64        // the VM's last event read
-	result   *events.Event // the migrate's result, from its source or an engine
-	rival    *events.Event // an engine's cancel or forget that abandons it
-	ready    *events.Event // the target's copy waits
-	exported *events.Event // cold: the source's export
-	refused  *events.Event // the target could not make its copy
+	last     uint64     // the VM's last event read
+	result   *api.Event // the migrate's result, from its source or an engine
+	rival    *api.Event // an engine's cancel or forget that abandons it
+	ready    *api.Event // the target's copy waits
+	exported *api.Event // cold: the source's export
+	refused  *api.Event // the target could not make its copy
 	// switching: the source reported the switchover (its guest paused),
 	// or a copy 90% done: the switch may come any moment.
 	switching bool
@@ -100,7 +101,7 @@ func (n *news) over() bool { return n.result != nil || n.rival != nil }
 
 // switched reports whether the switch is stored.
 func (n *news) switched() bool {
-	return n.result != nil && n.result.Type == events.TypeMigrated
+	return n.result != nil && n.result.Type == api.TypeMigrated
 }
 
 // read folds the VM's events after n.last into n, trusting each kind of
@@ -118,8 +119,8 @@ func (w *Worker) read(ctx context.Context, t *events.Task, n *news) error {
 		if ev == nil {
 			continue
 		}
-		if ev.Type == events.TypeAccepted && ev.FromEngine() &&
-			slices.ContainsFunc(ev.Abandoned, func(a events.Abandoned) bool { return a.CommandID == t.CommandID }) {
+		if ev.Type == api.TypeAccepted && ev.FromEngine() &&
+			slices.ContainsFunc(ev.Abandoned, func(a api.Abandoned) bool { return a.CommandID == t.CommandID }) {
 			n.rival = ev
 			continue
 		}
@@ -129,17 +130,17 @@ func (w *Worker) read(ctx context.Context, t *events.Task, n *news) error {
 		switch {
 		case ev.Type.IsResult() && (ev.FromEngine() || ev.Writer == m.From):
 			n.result = ev
-		case ev.Type == events.TypeMigration && ev.Migration != nil:
+		case ev.Type == api.TypeMigration && ev.Migration != nil:
 			switch {
-			case ev.Migration.Phase == events.PhaseTargetReady && ev.Writer == m.To:
+			case ev.Migration.Phase == api.PhaseTargetReady && ev.Writer == m.To:
 				n.ready = ev
 			case ev.Migration.Phase == phaseTargetFailed && ev.Writer == m.To:
 				n.refused = ev
-			case ev.Migration.Phase == events.PhaseSourceReady && ev.Writer == m.From:
+			case ev.Migration.Phase == api.PhaseSourceReady && ev.Writer == m.From:
 				n.exported = ev
-			case ev.Migration.Phase == events.PhaseSwitchover && ev.Writer == m.From:
+			case ev.Migration.Phase == api.PhaseSwitchover && ev.Writer == m.From:
 				n.switching = true
-			case ev.Migration.Phase == events.PhaseCopying && ev.Writer == m.From && ev.Migration.Total > 0:
+			case ev.Migration.Phase == api.PhaseCopying && ev.Writer == m.From && ev.Migration.Total > 0:
 				// Near the end of the copy the switch may come any moment.
 				if ev.Migration.Bytes*10 >= ev.Migration.Total*9 {
 					n.switching = true
@@ -167,9 +168,9 @@ func (w *Worker) migrate(msg jetstream.Msg, t *events.Task, log *slog.Logger) {
 	switch {
 	case !ok:
 		err = w.refuse(t, mig, fmt.Errorf("backend %s on host %s cannot migrate", t.Backend, w.cfg.Host), log)
-	case t.Migration.Role == events.RoleSource:
+	case t.Migration.Role == api.RoleSource:
 		err = w.migrateOut(t, mig, log)
-	case t.Migration.Role == events.RoleTarget:
+	case t.Migration.Role == api.RoleTarget:
 		err = w.migrateIn(t, mig, log)
 	default:
 		log.Error("migrate task with an unknown role; dropping it")
@@ -190,19 +191,19 @@ func (w *Worker) migrate(msg jetstream.Msg, t *events.Task, log *slog.Logger) {
 // refuse ends a side that cannot take part: the source fails the
 // migrate, the target reports it cannot make its copy.
 func (w *Worker) refuse(t *events.Task, mig backends.Migrator, why error, log *slog.Logger) error {
-	if t.Migration.Role == events.RoleSource {
+	if t.Migration.Role == api.RoleSource {
 		n := &news{last: t.AcceptedSeq}
 		if err := w.read(w.killCtx, t, n); err != nil {
 			return err
 		}
 		return w.fail(t, mig, n, why, log)
 	}
-	return w.report(t, phaseTargetFailed, &events.Event{Error: why.Error()}, "0")
+	return w.report(t, phaseTargetFailed, &api.Event{Error: why.Error()}, "0")
 }
 
 // report appends a migration event of phase for t; extra's handle,
 // error and migration fields are copied in.
-func (w *Worker) report(t *events.Task, phase string, extra *events.Event, attempt string) error {
+func (w *Worker) report(t *events.Task, phase string, extra *api.Event, attempt string) error {
 	m := t.Migration.Clone()
 	m.Role = ""
 	if extra.Migration != nil {
@@ -210,13 +211,13 @@ func (w *Worker) report(t *events.Task, phase string, extra *events.Event, attem
 		m.Endpoint, m.Digest, m.DiskDigest, m.Bytes, m.Total = x.Endpoint, x.Digest, x.DiskDigest, x.Bytes, x.Total
 	}
 	m.Phase = phase
-	ev := &events.Event{
-		Type: events.TypeMigration, VM: t.VM, CommandID: t.CommandID, Action: t.Action, Time: time.Now().UTC(),
+	ev := &api.Event{
+		Type: api.TypeMigration, VM: t.VM, CommandID: t.CommandID, Action: t.Action, Time: time.Now().UTC(),
 		Host: w.cfg.Host, Handle: extra.Handle, Error: extra.Error, AcceptedSeq: t.AcceptedSeq, Migration: m,
 	}
 	ctx, cancel := context.WithTimeout(w.killCtx, 10*time.Second)
 	defer cancel()
-	_, _, err := w.store.Append(ctx, ev, events.NoExpect, events.MigrationMsgID(t.VM, t.CommandID, phase, attempt))
+	_, _, err := w.store.Append(ctx, ev, events.NoExpect, api.MigrationMsgID(t.VM, t.CommandID, phase, attempt))
 	return err
 }
 
@@ -261,12 +262,12 @@ func (w *Worker) migrateOut(t *events.Task, mig backends.Migrator, log *slog.Log
 	if err != nil {
 		return w.fail(t, mig, n, fmt.Errorf("reading the base image %s: %w", h.Spec.ImagePath, err), log)
 	}
-	if t.Migration.Mode == events.MigrateCold {
+	if t.Migration.Mode == api.MigrateCold {
 		ep, size, digest, err := mig.Export(ctx, h, backends.Receiving{Listen: mc.Listen, PortLo: mc.PortLo, PortHi: mc.PortHi})
 		if err != nil {
 			return w.fail(t, mig, n, fmt.Errorf("exporting the disk: %w", err), log)
 		}
-		if err := w.report(t, events.PhaseSourceReady, &events.Event{Migration: &events.Migration{Endpoint: ep, Total: size, Digest: mine, DiskDigest: digest}}, h.ID); err != nil {
+		if err := w.report(t, api.PhaseSourceReady, &api.Event{Migration: &api.Migration{Endpoint: ep, Total: size, Digest: mine, DiskDigest: digest}}, h.ID); err != nil {
 			return err
 		}
 	}
@@ -284,11 +285,11 @@ func (w *Worker) migrateOut(t *events.Task, mig backends.Migrator, log *slog.Log
 	case n.ready.Handle == nil:
 		return w.fail(t, mig, n, fmt.Errorf("host %s reported its copy without a handle", t.Migration.To), log)
 	}
-	if t.Migration.Mode == events.MigrateCold {
+	if t.Migration.Mode == api.MigrateCold {
 		_ = mig.Unexport(ctx, h)
 	}
 	var sent backends.MigrationProgress
-	if t.Migration.Mode == events.MigrateLive {
+	if t.Migration.Mode == api.MigrateLive {
 		if d := n.ready.Migration.Digest; d != mine {
 			return w.fail(t, mig, n, fmt.Errorf("the base image differs on host %s (sha256 %s there, %s here)", t.Migration.To, short(d), short(mine)), log)
 		}
@@ -300,23 +301,23 @@ func (w *Worker) migrateOut(t *events.Task, mig backends.Migrator, log *slog.Log
 			return w.fail(t, mig, n, err, log)
 		}
 	}
-	if t.Migration.Mode == events.MigrateLive {
+	if t.Migration.Mode == api.MigrateLive {
 		// The guest is paused here and wholly there: the switch is next.
 		// The report goes alongside the switch, adding nothing to the
 		// guest's pause (a fault test's SwitchDelay holds the switch
 		// after it instead).
-		sw := &events.Event{Migration: &events.Migration{Bytes: sent.Bytes, Total: sent.Total}}
+		sw := &api.Event{Migration: &api.Migration{Bytes: sent.Bytes, Total: sent.Total}}
 		if mc.SwitchDelay > 0 {
-			_ = w.report(t, events.PhaseSwitchover, sw, h.ID)
+			_ = w.report(t, api.PhaseSwitchover, sw, h.ID)
 			time.Sleep(mc.SwitchDelay)
 		} else {
-			go func() { _ = w.report(t, events.PhaseSwitchover, sw, h.ID) }()
+			go func() { _ = w.report(t, api.PhaseSwitchover, sw, h.ID) }()
 		}
 	}
 	m := t.Migration.Clone()
 	m.Role, m.Bytes, m.Total, m.DowntimeMS = "", sent.Bytes, sent.Total, sent.DowntimeMS
-	sw := &events.Event{
-		Type: events.TypeMigrated, VM: t.VM, CommandID: t.CommandID, Action: t.Action, Time: time.Now().UTC(),
+	sw := &api.Event{
+		Type: api.TypeMigrated, VM: t.VM, CommandID: t.CommandID, Action: t.Action, Time: time.Now().UTC(),
 		Host: t.Migration.To, State: t.Migration.Before, Handle: n.ready.Handle, AcceptedSeq: t.AcceptedSeq, Migration: m,
 	}
 	stored, err := w.appendOutcome(t, sw, n)
@@ -331,7 +332,7 @@ func (w *Worker) migrateOut(t *events.Task, mig backends.Migrator, log *slog.Log
 
 // send runs the live send, ending it if the migrate is over meanwhile (a
 // cancel), and reports progress at most once a second.
-func (w *Worker) send(t *events.Task, mig backends.Migrator, h vm.VmHandle, n *news, log *slog.Logger) (backends.MigrationProgress, error) {
+func (w *Worker) send(t *events.Task, mig backends.Migrator, h api.VmHandle, n *news, log *slog.Logger) (backends.MigrationProgress, error) {
 	mc := w.cfg.Migration
 	sctx, cancel := context.WithCancel(w.killCtx)
 	defer cancel()
@@ -371,7 +372,7 @@ func (w *Worker) send(t *events.Task, mig backends.Migrator, h vm.VmHandle, n *n
 		}
 		reported = time.Now()
 		count++
-		_ = w.report(t, events.PhaseCopying, &events.Event{Migration: &events.Migration{Bytes: p.Bytes, Total: p.Total}}, h.ID+"-"+strconv.Itoa(count))
+		_ = w.report(t, api.PhaseCopying, &api.Event{Migration: &api.Migration{Bytes: p.Bytes, Total: p.Total}}, h.ID+"-"+strconv.Itoa(count))
 	})
 	timedOut := errors.Is(sctx.Err(), context.DeadlineExceeded)
 	cancel()
@@ -394,8 +395,8 @@ func (w *Worker) fail(t *events.Task, mig backends.Migrator, n *news, why error,
 	m := t.Migration.Clone()
 	m.Role = ""
 	h := w.handleFor(t)
-	ev := &events.Event{
-		Type: events.TypeFailed, VM: t.VM, CommandID: t.CommandID, Action: t.Action, Time: time.Now().UTC(),
+	ev := &api.Event{
+		Type: api.TypeFailed, VM: t.VM, CommandID: t.CommandID, Action: t.Action, Time: time.Now().UTC(),
 		Host: w.cfg.Host, State: t.Migration.Before, Handle: &h, AcceptedSeq: t.AcceptedSeq, Migration: m,
 		Error: fmt.Sprintf("migrate vm %s from host %s to %s: %v; the vm stays on host %s", t.VM, t.Migration.From, t.Migration.To, why, t.Migration.From),
 	}
@@ -411,7 +412,7 @@ func (w *Worker) fail(t *events.Task, mig backends.Migrator, n *news, why error,
 // conflict it reads what was appended and tries again unless the migrate
 // is over. It reports whether ev is what is stored; n then holds the
 // outcome either way.
-func (w *Worker) appendOutcome(t *events.Task, ev *events.Event, n *news) (bool, error) {
+func (w *Worker) appendOutcome(t *events.Task, ev *api.Event, n *news) (bool, error) {
 	ctx := w.killCtx
 	for attempt := 0; ; attempt++ {
 		if err := w.read(ctx, t, n); err != nil {
@@ -421,7 +422,7 @@ func (w *Worker) appendOutcome(t *events.Task, ev *events.Event, n *news) (bool,
 			return n.result != nil && n.result.Type == ev.Type && n.result.Writer == w.cfg.Host, nil
 		}
 		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		seq, dup, err := w.store.Append(actx, ev, n.last, events.ResultMsgID(t.VM, t.CommandID))
+		seq, dup, err := w.store.Append(actx, ev, n.last, api.ResultMsgID(t.VM, t.CommandID))
 		cancel()
 		switch {
 		case err == nil && !dup:
@@ -446,7 +447,7 @@ func (w *Worker) appendOutcome(t *events.Task, ev *events.Event, n *news) (bool,
 // finishOut carries out on the source what is stored: after the switch,
 // its copy is removed; after a failure or a cancel, the guest is
 // recovered (resumed if it was running).
-func (w *Worker) finishOut(t *events.Task, mig backends.Migrator, h vm.VmHandle, n *news, log *slog.Logger) error {
+func (w *Worker) finishOut(t *events.Task, mig backends.Migrator, h api.VmHandle, n *news, log *slog.Logger) error {
 	ctx, cancel := context.WithTimeout(w.killCtx, w.cfg.DefaultStopTimeout+2*time.Minute)
 	defer cancel()
 	if n.switched() {
@@ -459,14 +460,14 @@ func (w *Worker) finishOut(t *events.Task, mig backends.Migrator, h vm.VmHandle,
 		log.Info("migrated; the source's copy is removed")
 		return nil
 	}
-	if t.Migration.Mode == events.MigrateCold {
+	if t.Migration.Mode == api.MigrateCold {
 		_ = mig.Unexport(ctx, h)
 	}
 	h2, err := mig.Recover(ctx, h, t.Migration.Before)
 	if err != nil {
 		return fmt.Errorf("recovering the vm on the source: %w", err)
 	}
-	w.note(&events.Event{Type: events.TypeMigration, VM: t.VM, Handle: &h2, State: t.Migration.Before})
+	w.note(&api.Event{Type: api.TypeMigration, VM: t.VM, Handle: &h2, State: t.Migration.Before})
 	log.Info("migration over without a switch; the vm stays here")
 	return nil
 }
@@ -479,7 +480,7 @@ func (w *Worker) migrateIn(t *events.Task, mig backends.Migrator, log *slog.Logg
 		return err
 	}
 	if !n.over() && n.ready == nil && n.refused == nil {
-		if t.Migration.Mode == events.MigrateCold {
+		if t.Migration.Mode == api.MigrateCold {
 			if _, err := w.wait(ctx, t, n, 0, 200*time.Millisecond, func() bool { return n.exported != nil }); err != nil {
 				return err
 			}
@@ -514,7 +515,7 @@ func (w *Worker) migrateIn(t *events.Task, mig backends.Migrator, log *slog.Logg
 			w.emitExit(ctx, backends.Exit{Handle: *n.result.Handle, Reason: "the migrated copy did not resume: " + err.Error()})
 			return nil
 		}
-		w.note(&events.Event{Type: events.TypeMigration, VM: t.VM, Handle: &h, State: t.Migration.Before})
+		w.note(&api.Event{Type: api.TypeMigration, VM: t.VM, Handle: &h, State: t.Migration.Before})
 		log.Info("migrated here; the vm runs on this host now", "handle_id", h.ID)
 		return nil
 	}
@@ -546,17 +547,17 @@ func (w *Worker) receive(t *events.Task, mig backends.Migrator, n *news, log *sl
 		base, err = w.checkImage(spec.ImagePath)
 	}
 	if err != nil {
-		return w.report(t, phaseTargetFailed, &events.Event{Error: err.Error()}, "base")
+		return w.report(t, phaseTargetFailed, &api.Event{Error: err.Error()}, "base")
 	}
 	digest, err := w.baseDigest(base)
 	if err != nil {
-		return w.report(t, phaseTargetFailed, &events.Event{Error: fmt.Sprintf("reading the base image %s: %v", base, err)}, "base")
+		return w.report(t, phaseTargetFailed, &api.Event{Error: fmt.Sprintf("reading the base image %s: %v", base, err)}, "base")
 	}
 	r := backends.Receiving{Mode: t.Migration.Mode, Listen: mc.Listen, PortLo: mc.PortLo, PortHi: mc.PortHi}
-	if t.Migration.Mode == events.MigrateCold {
+	if t.Migration.Mode == api.MigrateCold {
 		x := n.exported.Migration
 		if x.Digest != digest {
-			return w.report(t, phaseTargetFailed, &events.Event{Error: fmt.Sprintf("the base image differs on host %s (sha256 %s here, %s there)", w.cfg.Host, short(digest), short(x.Digest))}, "base")
+			return w.report(t, phaseTargetFailed, &api.Event{Error: fmt.Sprintf("the base image differs on host %s (sha256 %s here, %s there)", w.cfg.Host, short(digest), short(x.Digest))}, "base")
 		}
 		r.From, r.FromSize, r.FromDigest = x.Endpoint, x.Total, x.DiskDigest
 	}
@@ -568,11 +569,11 @@ func (w *Worker) receive(t *events.Task, mig backends.Migrator, n *news, log *sl
 	cancel()
 	if err != nil {
 		log.Warn("cannot make the copy", "err", err)
-		return w.report(t, phaseTargetFailed, &events.Event{Error: fmt.Sprintf("making the copy on host %s: %v", w.cfg.Host, err)}, "receive")
+		return w.report(t, phaseTargetFailed, &api.Event{Error: fmt.Sprintf("making the copy on host %s: %v", w.cfg.Host, err)}, "receive")
 	}
 	h.Host = w.cfg.Host
 	log.Info("the copy waits", "endpoint", ep, "handle_id", h.ID)
-	return w.report(t, events.PhaseTargetReady, &events.Event{Handle: &h, Migration: &events.Migration{Endpoint: ep, Digest: digest}}, h.ID)
+	return w.report(t, api.PhaseTargetReady, &api.Event{Handle: &h, Migration: &api.Migration{Endpoint: ep, Digest: digest}}, h.ID)
 }
 
 // baseDigest is the sha256 of a base image file, remembered by path,

@@ -9,30 +9,29 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/events"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/origin"
-	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/relay"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Heartbeat returns what the worker publishes in VM_HOSTS.
-func (w *Worker) Heartbeat() hosts.Heartbeat {
+func (w *Worker) Heartbeat() api.Heartbeat {
 	r := w.cfg.Router
-	hb := hosts.Heartbeat{
+	hb := api.Heartbeat{
 		Host:           w.cfg.Host,
 		Version:        Version,
 		Time:           time.Now().UTC(),
 		Backends:       r.Tags(),
 		DefaultBackend: r.Default(),
-		Capabilities:   map[vm.BackendTag]backends.Capabilities{},
+		Capabilities:   map[api.BackendTag]api.Capabilities{},
 		Capacity:       w.cfg.Capacity,
-		Tasks:          hosts.TaskSettings{AckWaitMS: w.cfg.AckWait.Milliseconds(), MaxAckPending: 4 * w.cfg.Concurrency},
+		Tasks:          api.TaskSettings{AckWaitMS: w.cfg.AckWait.Milliseconds(), MaxAckPending: 4 * w.cfg.Concurrency},
 	}
 	for _, t := range r.Tags() {
 		hb.Capabilities[t] = r.Capabilities(t)
@@ -103,10 +102,10 @@ func (w *Worker) startQueries() (micro.Service, error) {
 		return nil, fmt.Errorf("worker: starting query service: %w", err)
 	}
 	g := svc.AddGroup(w.cfg.Names.Query(w.cfg.Host))
-	add := func(name string, fn func(ctx context.Context, h vm.VmHandle) (any, error)) error {
+	add := func(name string, fn func(ctx context.Context, h api.VmHandle) (any, error)) error {
 		return g.AddEndpoint(name, origin.Guard(w.log, micro.HandlerFunc(func(req micro.Request) {
-			var q events.QueryRequest
-			if err := json.Unmarshal(req.Data(), &q); err != nil || vm.ValidateName(q.VM) != nil {
+			var q api.QueryRequest
+			if err := json.Unmarshal(req.Data(), &q); err != nil || api.ValidateName(q.VM) != nil {
 				_ = req.Error("400", `request must be {"vm":"<valid vm name>"}`, nil)
 				return
 			}
@@ -132,25 +131,25 @@ func (w *Worker) startQueries() (micro.Service, error) {
 		})), micro.WithEndpointMetadata(map[string]string{"request": `{"vm":"<name>"}`}))
 	}
 	errs := errors.Join(
-		add("state", func(ctx context.Context, h vm.VmHandle) (any, error) {
+		add("state", func(ctx context.Context, h api.VmHandle) (any, error) {
 			st, err := w.cfg.Router.State(ctx, h)
 			if err != nil {
 				return nil, err
 			}
-			return events.StateReply{VM: h.Name, Host: w.cfg.Host, State: st, Handle: h}, nil
+			return api.StateReply{VM: h.Name, Host: w.cfg.Host, State: st, Handle: h}, nil
 		}),
-		add("guest_ip", func(ctx context.Context, h vm.VmHandle) (any, error) {
+		add("guest_ip", func(ctx context.Context, h api.VmHandle) (any, error) {
 			ip, err := w.cfg.Router.GuestIP(ctx, h)
 			if err != nil {
 				return nil, err
 			}
-			r := events.GuestIPReply{VM: h.Name, IP: ip}
-			if h.Spec == nil || h.Spec.Network == nil || h.Spec.Network.Type == vm.NetworkUser {
+			r := api.GuestIPReply{VM: h.Name, IP: ip}
+			if h.Spec == nil || h.Spec.Network == nil || h.Spec.Network.Type == api.NetworkUser {
 				r.Port = h.SSHPort
 			}
 			return r, nil
 		}),
-		add("console_endpoint", func(ctx context.Context, h vm.VmHandle) (any, error) {
+		add("console_endpoint", func(ctx context.Context, h api.VmHandle) (any, error) {
 			return w.cfg.Router.ConsoleEndpoint(h)
 		}),
 	)
@@ -165,9 +164,9 @@ func (w *Worker) startQueries() (micro.Service, error) {
 }
 
 // lookup finds the handle of one of this host's VMs.
-func (w *Worker) lookup(ctx context.Context, name string) (vm.VmHandle, error) {
+func (w *Worker) lookup(ctx context.Context, name string) (api.VmHandle, error) {
 	w.mu.Lock()
-	var h vm.VmHandle
+	var h api.VmHandle
 	l, ok := w.vms[name]
 	if ok {
 		h = l.handle.Clone() // under the lock: note replaces it
@@ -178,24 +177,24 @@ func (w *Worker) lookup(ctx context.Context, name string) (vm.VmHandle, error) {
 	}
 	kv, err := w.cfg.JS.KeyValue(ctx, w.cfg.Names.RecordsBucket())
 	if err != nil {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	e, err := kv.Get(ctx, name)
 	if err != nil {
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			return vm.VmHandle{}, fmt.Errorf("vm %s: no such vm", name)
+			return api.VmHandle{}, fmt.Errorf("vm %s: no such vm", name)
 		}
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
-	r, err := projection.Unmarshal(e.Value())
+	r, err := api.UnmarshalRecord(e.Value())
 	if err != nil {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	if r.Host != w.cfg.Host {
-		return vm.VmHandle{}, fmt.Errorf("vm %s is on host %s, not %s", name, r.Host, w.cfg.Host)
+		return api.VmHandle{}, fmt.Errorf("vm %s is on host %s, not %s", name, r.Host, w.cfg.Host)
 	}
 	if r.Handle == nil {
-		return vm.VmHandle{}, fmt.Errorf("vm %s has no handle yet (state %s)", name, r.State)
+		return api.VmHandle{}, fmt.Errorf("vm %s has no handle yet (state %s)", name, r.State)
 	}
 	return *r.Handle, nil
 }
@@ -204,7 +203,7 @@ func (w *Worker) lookup(ctx context.Context, name string) (vm.VmHandle, error) {
 // host: the VMs the worker knows.
 type relayTarget struct{ w *Worker }
 
-func (t relayTarget) handle(ctx context.Context, name string) (vm.VmHandle, error) {
+func (t relayTarget) handle(ctx context.Context, name string) (api.VmHandle, error) {
 	h, err := t.w.lookup(ctx, name)
 	if err != nil {
 		return h, &relay.StatusError{Code: "404", Err: err}
@@ -212,10 +211,10 @@ func (t relayTarget) handle(ctx context.Context, name string) (vm.VmHandle, erro
 	return h, nil
 }
 
-func (t relayTarget) ConsoleEndpoint(ctx context.Context, name string) (vm.ConsoleEndpoint, error) {
+func (t relayTarget) ConsoleEndpoint(ctx context.Context, name string) (api.ConsoleEndpoint, error) {
 	h, err := t.handle(ctx, name)
 	if err != nil {
-		return vm.ConsoleEndpoint{}, err
+		return api.ConsoleEndpoint{}, err
 	}
 	ep, err := t.w.cfg.Router.ConsoleEndpoint(h)
 	if err != nil {
@@ -242,10 +241,10 @@ func (t relayTarget) GuestAddr(ctx context.Context, name string, port int) (stri
 		}
 		return "", &relay.StatusError{Code: code, Err: fmt.Errorf("vm %s: %w", name, err)}
 	}
-	if st != vm.StateRunning {
+	if st != api.StateRunning {
 		return "", &relay.StatusError{Code: "409", Err: fmt.Errorf("vm %s is %s, not running: a tunnel reaches only a running VM's guest (start or resume it first)", name, st)}
 	}
-	if h.Spec == nil || h.Spec.Network == nil || h.Spec.Network.Type == vm.NetworkUser {
+	if h.Spec == nil || h.Spec.Network == nil || h.Spec.Network.Type == api.NetworkUser {
 		if h.SSHPort == 0 {
 			return "", &relay.StatusError{Code: "409", Err: fmt.Errorf("vm %s has no forwarded port (user-mode networking on a backend without one)", name)}
 		}

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sync/errgroup"
@@ -22,13 +24,11 @@ import (
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
-	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/keyed"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/relay"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Version is reported in heartbeats and the micro service.
@@ -49,12 +49,12 @@ type JetStream interface {
 type Config struct {
 	NC     *nats.Conn
 	JS     JetStream
-	Names  events.Names
+	Names  api.Names
 	Host   string
 	Router *backends.Router
 	Log    *slog.Logger
 	// Capacity offered to placement (default: this machine's CPUs and memory).
-	Capacity hosts.Resources
+	Capacity api.Resources
 	// HeartbeatEvery: how often the worker writes VM_HOSTS (default 2s).
 	HeartbeatEvery time.Duration
 	// AckWait of the task consumer; long calls signal progress every third of it.
@@ -86,18 +86,30 @@ type Config struct {
 	Migration MigrationConfig
 }
 
+// eventLog is what a worker needs of the event store (an *events.Store
+// has it): append its results and observations, read a VM's events after
+// a sequence, and the stream for a VM's last event. Tests put a fake in
+// front of the store here.
+type eventLog interface {
+	Append(ctx context.Context, ev *api.Event, expect uint64, msgID string) (seq uint64, dup bool, err error)
+	ReadVM(ctx context.Context, vmName string, from uint64) ([]events.Stored, error)
+	Stream() jetstream.Stream
+}
+
+var _ eventLog = (*events.Store)(nil)
+
 // local is what the worker knows of one of its VMs.
 type local struct {
-	handle vm.VmHandle
-	state  vm.VmState
-	spec   *vm.VmSpec
+	handle api.VmHandle
+	state  api.VmState
+	spec   *api.VmSpec
 }
 
 // Worker runs one host's tasks.
 type Worker struct {
 	cfg   Config
 	log   *slog.Logger
-	store *events.Store
+	store eventLog
 	exec  *keyed.Serial
 	// relay serves the consoles, logs and tunnels of this host's VMs.
 	relay *relay.Server
@@ -117,7 +129,7 @@ type Worker struct {
 
 // New builds a worker. Streams and buckets must exist (events.Ensure).
 func New(ctx context.Context, cfg Config) (*Worker, error) {
-	if err := vm.ValidateHost(cfg.Host); err != nil {
+	if err := api.ValidateHost(cfg.Host); err != nil {
 		return nil, fmt.Errorf("worker: --host: %w", err)
 	}
 	if cfg.Log == nil {
@@ -326,7 +338,7 @@ func (w *Worker) runTask(msg jetstream.Msg, t *events.Task) {
 	if w.killCtx.Err() != nil {
 		return
 	}
-	if !w.appendUntilStored(ev, events.ResultMsgID(t.VM, t.CommandID), log) {
+	if !w.appendUntilStored(ev, api.ResultMsgID(t.VM, t.CommandID), log) {
 		return
 	}
 	if md != nil {
@@ -358,15 +370,15 @@ func (w *Worker) fence(msg jetstream.Msg, t *events.Task, log *slog.Logger) {
 			return
 		}
 	}
-	ev := &events.Event{
-		Type: events.TypeFenced, VM: t.VM, CommandID: t.CommandID, Action: t.Action, Time: time.Now().UTC(),
+	ev := &api.Event{
+		Type: api.TypeFenced, VM: t.VM, CommandID: t.CommandID, Action: t.Action, Time: time.Now().UTC(),
 		Host: w.cfg.Host, Handle: t.Handle, AcceptedSeq: t.AcceptedSeq,
 		Reason: "the vm was forgotten while this host was lost; its worker removed it on return",
 	}
 	if err != nil {
 		ev.Error = fmt.Sprintf("destroy vm %s on host %s: %v", t.VM, w.cfg.Host, err)
 	}
-	if !w.appendUntilStored(ev, events.FencedMsgID(t.VM, t.CommandID), log) {
+	if !w.appendUntilStored(ev, api.FencedMsgID(t.VM, t.CommandID), log) {
 		return
 	}
 	w.mu.Lock()
@@ -378,7 +390,7 @@ func (w *Worker) fence(msg jetstream.Msg, t *events.Task, log *slog.Logger) {
 
 // appendUntilStored appends ev without a concurrency check, retrying until
 // it is stored; false if the worker was killed first.
-func (w *Worker) appendUntilStored(ev *events.Event, msgID string, log *slog.Logger) bool {
+func (w *Worker) appendUntilStored(ev *api.Event, msgID string, log *slog.Logger) bool {
 	for attempt := 0; ; attempt++ {
 		actx, cancel := context.WithTimeout(w.killCtx, 10*time.Second)
 		_, _, err := w.store.Append(actx, ev, events.NoExpect, msgID)
@@ -394,10 +406,13 @@ func (w *Worker) appendUntilStored(ev *events.Event, msgID string, log *slog.Log
 	}
 }
 
-// progress signals InProgress every third of the ack wait until stopped.
+// progress signals InProgress every third of the ack wait until stopped;
+// once stop returns, no more is signalled (the task is acked next).
 func (w *Worker) progress(msg jetstream.Msg) func() {
 	done := make(chan struct{})
+	exited := make(chan struct{})
 	go func() {
+		defer close(exited)
 		t := time.NewTicker(w.cfg.AckWait / 3)
 		defer t.Stop()
 		for {
@@ -409,12 +424,15 @@ func (w *Worker) progress(msg jetstream.Msg) func() {
 			}
 		}
 	}()
-	return sync.OnceFunc(func() { close(done) })
+	return sync.OnceFunc(func() {
+		close(done)
+		<-exited
+	})
 }
 
 // call runs the backend call of a task and returns its result event.
-func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
-	ev := &events.Event{
+func (w *Worker) call(ctx context.Context, t *events.Task) *api.Event {
+	ev := &api.Event{
 		VM: t.VM, CommandID: t.CommandID, Action: t.Action, Host: w.cfg.Host,
 		AcceptedSeq: t.AcceptedSeq,
 	}
@@ -446,7 +464,7 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 	case fsm.ActPrepare:
 		// A new incarnation: its handle is what Prepare returns, never
 		// the previous one's the task carries.
-		h = vm.VmHandle{}
+		h = api.VmHandle{}
 		if t.Spec == nil {
 			err = errors.New("prepare task without a spec")
 			break
@@ -468,22 +486,22 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 			}
 		}
 		h, err = r.Prepare(cctx, spec)
-		ev.State = vm.StatePrepared
+		ev.State = api.StatePrepared
 	case fsm.ActStart:
 		h, err = r.Start(cctx, h)
-		ev.State = vm.StateRunning
+		ev.State = api.StateRunning
 	case fsm.ActStop:
 		h, err = r.Stop(cctx, h, stopTimeout)
-		ev.State = vm.StateStopped
+		ev.State = api.StateStopped
 	case fsm.ActSuspend:
 		h, err = r.Suspend(cctx, h)
-		ev.State = vm.StateSuspended
+		ev.State = api.StateSuspended
 	case fsm.ActResume:
 		h, err = r.Resume(cctx, h)
-		ev.State = vm.StateRunning
+		ev.State = api.StateRunning
 	case fsm.ActDestroy:
 		err = r.Destroy(cctx, h)
-		ev.State = vm.StateDestroyed
+		ev.State = api.StateDestroyed
 	default:
 		err = fmt.Errorf("unknown action %q", t.Action)
 	}
@@ -500,8 +518,8 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 		if errors.As(context.Cause(ctx), &cut) {
 			err = cut
 		}
-		ev.Type = events.TypeFailed
-		ev.State = vm.StateFailed
+		ev.Type = api.TypeFailed
+		ev.State = api.StateFailed
 		ev.Error = fmt.Sprintf("%s vm %s on host %s: %v", t.Action, t.VM, w.cfg.Host, err)
 		// A failed call keeps the incarnation's handle; a failed prepare
 		// has none yet (the task's is the previous incarnation's).
@@ -510,7 +528,7 @@ func (w *Worker) call(ctx context.Context, t *events.Task) *events.Event {
 		}
 		return ev
 	}
-	ev.Type = events.ResultOf(t.Action)
+	ev.Type = api.ResultOf(t.Action)
 	return ev
 }
 
@@ -570,9 +588,9 @@ func (w *Worker) cutShort(t *events.Task) {
 // handle as of the decision, which already holds the result of every
 // earlier command, except when destroy overtook a command still in flight:
 // then the worker's own handle (from that command's result) is newer.
-func (w *Worker) handleFor(t *events.Task) vm.VmHandle {
+func (w *Worker) handleFor(t *events.Task) api.VmHandle {
 	w.mu.Lock()
-	var mine vm.VmHandle
+	var mine api.VmHandle
 	if l, ok := w.vms[t.VM]; ok {
 		mine = l.handle.Clone()
 	}
@@ -584,15 +602,15 @@ func (w *Worker) handleFor(t *events.Task) vm.VmHandle {
 	if t.Handle != nil && t.Handle.Name != "" {
 		return t.Handle.Clone()
 	}
-	return vm.VmHandle{Name: t.VM, Backend: t.Backend, Host: w.cfg.Host}
+	return api.VmHandle{Name: t.VM, Backend: t.Backend, Host: w.cfg.Host}
 }
 
 // note updates the worker's view of a VM from a result it stored or found.
-func (w *Worker) note(ev *events.Event) {
+func (w *Worker) note(ev *api.Event) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	switch {
-	case ev.Type == events.TypeDestroyed:
+	case ev.Type == api.TypeDestroyed:
 		delete(w.vms, ev.VM)
 	case ev.Handle != nil:
 		l := w.vms[ev.VM]
@@ -604,14 +622,14 @@ func (w *Worker) note(ev *events.Event) {
 		if l.handle.Spec != nil {
 			l.spec = l.handle.Spec
 		}
-		if ev.Type != events.TypeFailed {
+		if ev.Type != api.TypeFailed {
 			l.state = ev.State
 		}
 	}
 }
 
 // findResult returns the result already stored for the task's command, if any.
-func (w *Worker) findResult(ctx context.Context, t *events.Task) (*events.Event, error) {
+func (w *Worker) findResult(ctx context.Context, t *events.Task) (*api.Event, error) {
 	evs, err := w.store.ReadVM(ctx, t.VM, t.AcceptedSeq+1)
 	if err != nil {
 		return nil, err
@@ -632,7 +650,7 @@ func (w *Worker) findResult(ctx context.Context, t *events.Task) (*events.Event,
 func (w *Worker) adopt(ctx context.Context) error {
 	// Reading the records waits out a cluster still electing leaders;
 	// adopting them has no deadline (a host may have many VMs).
-	var recs map[string]*projection.VmRecord
+	var recs map[string]*api.VmRecord
 	if err := events.RetryStartup(ctx, w.log, "the records, to re-adopt this host's VMs", func(sctx context.Context) (err error) {
 		recs, err = projection.Load(sctx, w.cfg.JS, w.cfg.Names)
 		return err
@@ -652,7 +670,7 @@ func (w *Worker) adopt(ctx context.Context) error {
 			return fmt.Errorf("worker: reading the events of vm %s after its record: %w", name, err)
 		}
 		r = projection.FoldStored(r, evs)
-		if r.Host != w.cfg.Host || r.Handle == nil || r.State == vm.StateDestroyed {
+		if r.Host != w.cfg.Host || r.Handle == nil || !r.Live() {
 			continue
 		}
 		recorded := r.State
@@ -665,7 +683,7 @@ func (w *Worker) adopt(ctx context.Context) error {
 		w.vms[name] = &local{handle: h, state: st, spec: h.Spec}
 		w.mu.Unlock()
 		w.log.Info("adopted vm", "vm", name, "recorded", recorded, "actual", st)
-		if (recorded == vm.StateRunning || recorded == vm.StateSuspended) && st == vm.StateStopped {
+		if (recorded == api.StateRunning || recorded == api.StateSuspended) && st == api.StateStopped {
 			w.emitExit(ctx, backends.Exit{Handle: *r.Handle, Reason: "not running when the worker restarted"})
 		}
 	}
@@ -691,13 +709,13 @@ func (w *Worker) emitExit(ctx context.Context, ex backends.Exit) {
 	}
 	h := ex.Handle.Clone()
 	h.Host = w.cfg.Host
-	ev := &events.Event{
-		Type: events.TypeExited, VM: h.Name, Time: time.Now().UTC(), Host: w.cfg.Host,
-		State: vm.StateStopped, Handle: &h, Reason: ex.Reason,
+	ev := &api.Event{
+		Type: api.TypeExited, VM: h.Name, Time: time.Now().UTC(), Host: w.cfg.Host,
+		State: api.StateStopped, Handle: &h, Reason: ex.Reason,
 	}
 	for attempt := 0; attempt < 50 && ctx.Err() == nil; attempt++ {
 		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		_, _, err := w.store.Append(actx, ev, events.NoExpect, events.ExitMsgID(h.Name, h.ID, h.PID))
+		_, _, err := w.store.Append(actx, ev, events.NoExpect, api.ExitMsgID(h.Name, h.ID, h.PID))
 		cancel()
 		if err == nil {
 			break
@@ -707,7 +725,7 @@ func (w *Worker) emitExit(ctx context.Context, ex backends.Exit) {
 	}
 	w.mu.Lock()
 	if l, ok := w.vms[h.Name]; ok && l.handle.ID == h.ID && l.handle.PID == h.PID {
-		l.state = vm.StateStopped
+		l.state = api.StateStopped
 		l.handle.PID = 0
 	}
 	w.mu.Unlock()
@@ -719,7 +737,7 @@ func (w *Worker) emitExit(ctx context.Context, ex backends.Exit) {
 // exit observed on h is news. A worker's own view can be older than the
 // stream (another worker of this host ran the last command, or the records
 // it adopted from lagged).
-func (w *Worker) stillCurrent(ctx context.Context, h vm.VmHandle) bool {
+func (w *Worker) stillCurrent(ctx context.Context, h api.VmHandle) bool {
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	m, err := w.store.Stream().GetLastMsgForSubject(cctx, w.cfg.Names.VMEvents(h.Name))
@@ -733,12 +751,12 @@ func (w *Worker) stillCurrent(ctx context.Context, h vm.VmHandle) bool {
 	if err != nil {
 		return true
 	}
-	running := func(st vm.VmState) bool { return st == vm.StateRunning || st == vm.StateSuspended }
-	same := func(o *vm.VmHandle) bool { return o != nil && o.ID == h.ID && o.PID == h.PID }
+	running := func(st api.VmState) bool { return st == api.StateRunning || st == api.StateSuspended }
+	same := func(o *api.VmHandle) bool { return o != nil && o.ID == h.ID && o.PID == h.PID }
 	switch {
-	case ev.Type == events.TypeAccepted:
+	case ev.Type == api.TypeAccepted:
 		return false // a command is in flight; its result will say what happened
-	case ev.Type == events.TypeRejected || ev.Handle == nil:
+	case ev.Type == api.TypeRejected || ev.Handle == nil:
 		rec, err := w.record(cctx, h.Name)
 		if err != nil || rec == nil {
 			return false
@@ -749,7 +767,7 @@ func (w *Worker) stillCurrent(ctx context.Context, h vm.VmHandle) bool {
 	}
 }
 
-func (w *Worker) record(ctx context.Context, name string) (*projection.VmRecord, error) {
+func (w *Worker) record(ctx context.Context, name string) (*api.VmRecord, error) {
 	kv, err := w.cfg.JS.KeyValue(ctx, w.cfg.Names.RecordsBucket())
 	if err != nil {
 		return nil, err
@@ -758,7 +776,7 @@ func (w *Worker) record(ctx context.Context, name string) (*projection.VmRecord,
 	if err != nil {
 		return nil, err
 	}
-	return projection.Unmarshal(e.Value())
+	return api.UnmarshalRecord(e.Value())
 }
 
 // reconcileLoop checks, on a timer, that VMs believed running still are.
@@ -782,7 +800,7 @@ func (w *Worker) Reconcile(ctx context.Context) {
 	w.mu.Lock()
 	var names []string
 	for n, l := range w.vms {
-		if l.state == vm.StateRunning || l.state == vm.StateSuspended {
+		if l.state == api.StateRunning || l.state == api.StateSuspended {
 			names = append(names, n)
 		}
 	}
@@ -791,7 +809,7 @@ func (w *Worker) Reconcile(ctx context.Context) {
 		w.exec.Do(n, func() {
 			w.mu.Lock()
 			l, ok := w.vms[n]
-			if !ok || (l.state != vm.StateRunning && l.state != vm.StateSuspended) {
+			if !ok || (l.state != api.StateRunning && l.state != api.StateSuspended) {
 				w.mu.Unlock()
 				return
 			}
@@ -800,7 +818,7 @@ func (w *Worker) Reconcile(ctx context.Context) {
 			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			st, err := w.cfg.Router.State(cctx, h)
 			cancel()
-			if err == nil && st != vm.StateStopped {
+			if err == nil && st != api.StateStopped {
 				return
 			}
 			if err != nil && !errors.Is(err, backends.ErrNotFound) {

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Config describes the backend under test.
@@ -19,7 +19,7 @@ type Config struct {
 	// New returns the backend, ready to use.
 	New func(t *testing.T) backends.Hypervisor
 	// Spec returns a spec for a VM with the given name that the backend can run.
-	Spec func(t *testing.T, name string) vm.VmSpec
+	Spec func(t *testing.T, name string) api.VmSpec
 	// NoSuspend: the backend cannot suspend/resume and must say so with
 	// backends.ErrUnsupported.
 	NoSuspend bool
@@ -28,7 +28,7 @@ type Config struct {
 	// CallTimeout bounds each call (default 2 minutes).
 	CallTimeout time.Duration
 	// ConsoleKind is the console kind the backend returns.
-	ConsoleKind vm.ConsoleKind
+	ConsoleKind api.ConsoleKind
 	// Serial runs the sub-tests one after another (slow real backends).
 	Serial bool
 }
@@ -55,7 +55,7 @@ func Run(t *testing.T, c Config) {
 			t.Parallel()
 		}
 	}
-	wantState := func(t *testing.T, hd vm.VmHandle, want vm.VmState) {
+	wantState := func(t *testing.T, hd api.VmHandle, want api.VmState) {
 		t.Helper()
 		got, err := h.State(ctx(t), hd)
 		if err != nil {
@@ -77,34 +77,34 @@ func Run(t *testing.T, c Config) {
 		if hd.ID == "" || hd.Name != n || hd.Backend == "" {
 			t.Fatalf("Prepare returned an incomplete handle %+v", hd)
 		}
-		wantState(t, hd, vm.StatePrepared)
+		wantState(t, hd, api.StatePrepared)
 		hd, err = h.Start(ctx(t), hd)
 		if err != nil {
 			t.Fatalf("Start: %v", err)
 		}
-		wantState(t, hd, vm.StateRunning)
+		wantState(t, hd, api.StateRunning)
 		if !c.NoSuspend {
 			if hd, err = h.Suspend(ctx(t), hd); err != nil {
 				t.Fatalf("Suspend: %v", err)
 			}
-			wantState(t, hd, vm.StateSuspended)
+			wantState(t, hd, api.StateSuspended)
 			if hd, err = h.Resume(ctx(t), hd); err != nil {
 				t.Fatalf("Resume: %v", err)
 			}
-			wantState(t, hd, vm.StateRunning)
+			wantState(t, hd, api.StateRunning)
 		}
 		if hd, err = h.Stop(ctx(t), hd, c.StopTimeout); err != nil {
 			t.Fatalf("Stop: %v", err)
 		}
-		wantState(t, hd, vm.StateStopped)
+		wantState(t, hd, api.StateStopped)
 		if hd, err = h.Start(ctx(t), hd); err != nil {
 			t.Fatalf("second Start: %v", err)
 		}
-		wantState(t, hd, vm.StateRunning)
+		wantState(t, hd, api.StateRunning)
 		if err := h.Destroy(ctx(t), hd); err != nil {
 			t.Fatalf("Destroy: %v", err)
 		}
-		if st, err := h.State(ctx(t), hd); err == nil && st != vm.StateDestroyed {
+		if st, err := h.State(ctx(t), hd); err == nil && st != api.StateDestroyed {
 			t.Fatalf("State after Destroy = %s, want an error or destroyed", st)
 		}
 	})
@@ -136,7 +136,7 @@ func Run(t *testing.T, c Config) {
 		if s1.PID != s2.PID || s1.ID != s2.ID {
 			t.Fatalf("second Start made a new VM: pid %d -> %d, id %s -> %s", s1.PID, s2.PID, s1.ID, s2.ID)
 		}
-		wantState(t, s2, vm.StateRunning)
+		wantState(t, s2, api.StateRunning)
 		if !c.NoSuspend {
 			p1, err := h.Suspend(ctx(t), s2)
 			if err != nil {
@@ -145,7 +145,7 @@ func Run(t *testing.T, c Config) {
 			if _, err := h.Suspend(ctx(t), p1); err != nil {
 				t.Fatalf("second Suspend: %v", err)
 			}
-			wantState(t, p1, vm.StateSuspended)
+			wantState(t, p1, api.StateSuspended)
 			r1, err := h.Resume(ctx(t), p1)
 			if err != nil {
 				t.Fatalf("Resume: %v", err)
@@ -153,7 +153,7 @@ func Run(t *testing.T, c Config) {
 			if _, err := h.Resume(ctx(t), r1); err != nil {
 				t.Fatalf("second Resume: %v", err)
 			}
-			wantState(t, r1, vm.StateRunning)
+			wantState(t, r1, api.StateRunning)
 		}
 		st1, err := h.Stop(ctx(t), s2, c.StopTimeout)
 		if err != nil {
@@ -162,7 +162,7 @@ func Run(t *testing.T, c Config) {
 		if _, err := h.Stop(ctx(t), st1, c.StopTimeout); err != nil {
 			t.Fatalf("second Stop: %v", err)
 		}
-		wantState(t, st1, vm.StateStopped)
+		wantState(t, st1, api.StateStopped)
 		if err := h.Destroy(ctx(t), st1); err != nil {
 			t.Fatalf("Destroy: %v", err)
 		}
@@ -184,7 +184,7 @@ func Run(t *testing.T, c Config) {
 		if err := h.Destroy(ctx(t), hd); err != nil {
 			t.Fatalf("Destroy of a running VM: %v", err)
 		}
-		if st, err := h.State(ctx(t), hd); err == nil && st != vm.StateDestroyed {
+		if st, err := h.State(ctx(t), hd); err == nil && st != api.StateDestroyed {
 			t.Fatalf("State after Destroy = %s, want an error or destroyed", st)
 		}
 		// The name can be used again, for a new incarnation.
@@ -196,7 +196,7 @@ func Run(t *testing.T, c Config) {
 		if h2.ID == hd.ID {
 			t.Fatalf("re-created VM kept the old handle id %s", h2.ID)
 		}
-		wantState(t, h2, vm.StatePrepared)
+		wantState(t, h2, api.StatePrepared)
 	})
 
 	t.Run("Unsupported", func(t *testing.T) {
@@ -235,17 +235,17 @@ func Run(t *testing.T, c Config) {
 		}
 		want := c.ConsoleKind
 		if want == "" {
-			want = vm.ConsoleNone
+			want = api.ConsoleNone
 		}
 		if ep.Kind != want {
 			t.Fatalf("ConsoleEndpoint kind = %s, want %s", ep.Kind, want)
 		}
 		switch ep.Kind {
-		case vm.ConsoleUnixSocket:
+		case api.ConsoleUnixSocket:
 			if ep.Path == "" {
 				t.Fatal("unix-socket console without a path")
 			}
-		case vm.ConsoleWebSocket:
+		case api.ConsoleWebSocket:
 			if ep.URL == "" {
 				t.Fatal("websocket console without a URL")
 			}
@@ -254,7 +254,7 @@ func Run(t *testing.T, c Config) {
 
 	t.Run("UnknownHandle", func(t *testing.T) {
 		par(t)
-		ghost := vm.VmHandle{ID: "does-not-exist", Name: name("ghost"), Backend: c.Spec(t, "x").Backend}
+		ghost := api.VmHandle{ID: "does-not-exist", Name: name("ghost"), Backend: c.Spec(t, "x").Backend}
 		if _, err := h.Start(ctx(t), ghost); err == nil {
 			t.Fatal("Start of a VM that was never prepared succeeded")
 		}

@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // CallMigrate is a live send or a cold copy (its latency is the copy's).
@@ -14,19 +14,19 @@ const CallMigrate = "migrate"
 
 // stateIncoming marks a copy received from another host that waits for
 // the switch.
-const stateIncoming vm.VmState = "incoming"
+const stateIncoming api.VmState = "incoming"
 
 var _ backends.Migrator = (*Backend)(nil)
 
 // Receive makes a paused copy of src here, under a handle of its own.
-func (b *Backend) Receive(_ context.Context, src vm.VmHandle, _ string, r backends.Receiving) (vm.VmHandle, string, error) {
+func (b *Backend) Receive(_ context.Context, src api.VmHandle, _ string, r backends.Receiving) (api.VmHandle, string, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if e, ok := b.get(src.Name); ok {
 		if e.State == stateIncoming {
 			return e.H.Clone(), "noop:" + e.H.ID, nil
 		}
-		return vm.VmHandle{}, "", fmt.Errorf("noop: this host already has a vm %s (%s); it cannot take another", src.Name, e.State)
+		return api.VmHandle{}, "", fmt.Errorf("noop: this host already has a vm %s (%s); it cannot take another", src.Name, e.State)
 	}
 	h := src.Clone()
 	h.ID = newID()
@@ -36,7 +36,7 @@ func (b *Backend) Receive(_ context.Context, src vm.VmHandle, _ string, r backen
 }
 
 // Send waits the migrate latency, reporting progress.
-func (b *Backend) Send(ctx context.Context, h vm.VmHandle, _ string, _ backends.SendOptions, progress func(backends.MigrationProgress)) (backends.MigrationProgress, error) {
+func (b *Backend) Send(ctx context.Context, h api.VmHandle, _ string, _ backends.SendOptions, progress func(backends.MigrationProgress)) (backends.MigrationProgress, error) {
 	b.mu.Lock()
 	_, err := b.lookup(h)
 	b.mu.Unlock()
@@ -51,17 +51,17 @@ func (b *Backend) Send(ctx context.Context, h vm.VmHandle, _ string, _ backends.
 }
 
 // Export and Unexport serve nothing: the copy is simulated.
-func (b *Backend) Export(ctx context.Context, h vm.VmHandle, _ backends.Receiving) (string, int64, string, error) {
+func (b *Backend) Export(ctx context.Context, h api.VmHandle, _ backends.Receiving) (string, int64, string, error) {
 	b.mu.Lock()
 	_, err := b.lookup(h)
 	b.mu.Unlock()
 	return "noop:" + h.ID, 0, "", err
 }
 
-func (b *Backend) Unexport(context.Context, vm.VmHandle) error { return nil }
+func (b *Backend) Unexport(context.Context, api.VmHandle) error { return nil }
 
 // Activate makes the copy the VM, in state before.
-func (b *Backend) Activate(_ context.Context, h vm.VmHandle, before vm.VmState) (vm.VmHandle, error) {
+func (b *Backend) Activate(_ context.Context, h api.VmHandle, before api.VmState) (api.VmHandle, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	e, err := b.lookup(h)
@@ -70,7 +70,7 @@ func (b *Backend) Activate(_ context.Context, h vm.VmHandle, before vm.VmState) 
 	}
 	if e.State == stateIncoming {
 		e.State = before
-		if before == vm.StateRunning || before == vm.StateSuspended {
+		if before == api.StateRunning || before == api.StateSuspended {
 			b.nextPID++
 			e.H.PID = 1000 + b.nextPID%(1<<22)
 			e.H.StartedAt = time.Now().UTC()
@@ -82,7 +82,7 @@ func (b *Backend) Activate(_ context.Context, h vm.VmHandle, before vm.VmState) 
 }
 
 // Abandon removes a copy that waits (never a VM that is not one).
-func (b *Backend) Abandon(_ context.Context, h vm.VmHandle) error {
+func (b *Backend) Abandon(_ context.Context, h api.VmHandle) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if e, ok := b.get(h.Name); ok && e.State == stateIncoming {
@@ -92,7 +92,7 @@ func (b *Backend) Abandon(_ context.Context, h vm.VmHandle) error {
 }
 
 // Recover leaves the source's VM as it is: a Noop send changes nothing.
-func (b *Backend) Recover(_ context.Context, h vm.VmHandle, _ vm.VmState) (vm.VmHandle, error) {
+func (b *Backend) Recover(_ context.Context, h api.VmHandle, _ api.VmState) (api.VmHandle, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	e, err := b.lookup(h)

@@ -17,8 +17,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Calls that can be slowed down or failed.
@@ -46,8 +46,8 @@ type Options struct {
 }
 
 type entry struct {
-	H     vm.VmHandle `json:"handle"`
-	State vm.VmState  `json:"state"`
+	H     api.VmHandle `json:"handle"`
+	State api.VmState  `json:"state"`
 	// Effects counts the calls that changed this VM's state, across its
 	// incarnations; in StateDir mode it is written in the same atomic file
 	// write as the change itself, so a crash cannot split the two.
@@ -91,8 +91,8 @@ func New(opts Options) *Backend {
 
 // Capabilities: the Noop backend can do everything (a migration is
 // simulated: the copy moves between the hosts' Noop backends, no bytes).
-func (b *Backend) Capabilities() backends.Capabilities {
-	return backends.Capabilities{Suspend: true, Resume: true, Migrate: true}
+func (b *Backend) Capabilities() api.Capabilities {
+	return api.Capabilities{Suspend: true, Resume: true, Migrate: true}
 }
 
 // SetLatency changes the latency of one call (all calls if call is "").
@@ -137,12 +137,12 @@ func (b *Backend) Calls(call string) int {
 func (b *Backend) Crash(name, reason string) bool {
 	b.mu.Lock()
 	e, ok := b.get(name)
-	if !ok || (e.State != vm.StateRunning && e.State != vm.StateSuspended) {
+	if !ok || (e.State != api.StateRunning && e.State != api.StateSuspended) {
 		b.mu.Unlock()
 		return false
 	}
 	dead := e.H.Clone()
-	e.State = vm.StateStopped
+	e.State = api.StateStopped
 	e.H.PID = 0
 	b.put(name, e)
 	b.mu.Unlock()
@@ -208,28 +208,28 @@ func newID() string {
 	return hex.EncodeToString(b[:])
 }
 
-func (b *Backend) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, error) {
-	if err := vm.ValidateName(spec.Name); err != nil {
-		return vm.VmHandle{}, fmt.Errorf("preparing vm: %w", err)
+func (b *Backend) Prepare(ctx context.Context, spec api.VmSpec) (api.VmHandle, error) {
+	if err := api.ValidateName(spec.Name); err != nil {
+		return api.VmHandle{}, fmt.Errorf("preparing vm: %w", err)
 	}
 	if err := b.delay(ctx, CallPrepare); err != nil {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if e, ok := b.get(spec.Name); ok {
 		return e.H.Clone(), nil
 	}
-	spec.Backend = vm.BackendNoop
+	spec.Backend = api.BackendNoop
 	s := spec
-	h := vm.VmHandle{ID: newID(), Name: spec.Name, Backend: vm.BackendNoop, Spec: &s}
-	e := &entry{H: h, State: vm.StatePrepared, Effects: b.tombstoneEffects(spec.Name)}
+	h := api.VmHandle{ID: newID(), Name: spec.Name, Backend: api.BackendNoop, Spec: &s}
+	e := &entry{H: h, State: api.StatePrepared, Effects: b.tombstoneEffects(spec.Name)}
 	b.effect(e, CallPrepare)
 	b.put(spec.Name, e)
 	return h.Clone(), nil
 }
 
-func (b *Backend) lookup(h vm.VmHandle) (*entry, error) {
+func (b *Backend) lookup(h api.VmHandle) (*entry, error) {
 	e, ok := b.get(h.Name)
 	if !ok || (h.ID != "" && e.H.ID != h.ID) {
 		return nil, fmt.Errorf("noop vm %s (handle %s): %w; prepare it first", h.Name, h.ID, backends.ErrNotFound)
@@ -239,7 +239,7 @@ func (b *Backend) lookup(h vm.VmHandle) (*entry, error) {
 
 // transition applies call to the VM if it is in one of from, returns the
 // current handle if it already is in to, and fails otherwise.
-func (b *Backend) transition(ctx context.Context, call string, h vm.VmHandle, to vm.VmState, from ...vm.VmState) (vm.VmHandle, error) {
+func (b *Backend) transition(ctx context.Context, call string, h api.VmHandle, to api.VmState, from ...api.VmState) (api.VmHandle, error) {
 	if err := b.delay(ctx, call); err != nil {
 		return h, err
 	}
@@ -256,7 +256,7 @@ func (b *Backend) transition(ctx context.Context, call string, h vm.VmHandle, to
 		if e.State == f {
 			e.State = to
 			switch to {
-			case vm.StateRunning:
+			case api.StateRunning:
 				if call == CallStart {
 					b.nextPID++
 					e.H.PID = b.nextPID
@@ -266,7 +266,7 @@ func (b *Backend) transition(ctx context.Context, call string, h vm.VmHandle, to
 					}
 					e.H.StartedAt = time.Now().UTC()
 				}
-			case vm.StateStopped:
+			case api.StateStopped:
 				e.H.PID = 0
 			}
 			b.effect(e, call)
@@ -277,23 +277,23 @@ func (b *Backend) transition(ctx context.Context, call string, h vm.VmHandle, to
 	return e.H.Clone(), fmt.Errorf("noop vm %s: cannot %s while %s: %w", h.Name, call, e.State, backends.ErrNotRunning)
 }
 
-func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
-	return b.transition(ctx, CallStart, h, vm.StateRunning, vm.StatePrepared, vm.StateStopped, vm.StateFailed)
+func (b *Backend) Start(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
+	return b.transition(ctx, CallStart, h, api.StateRunning, api.StatePrepared, api.StateStopped, api.StateFailed)
 }
 
-func (b *Backend) Stop(ctx context.Context, h vm.VmHandle, _ time.Duration) (vm.VmHandle, error) {
-	return b.transition(ctx, CallStop, h, vm.StateStopped, vm.StateRunning, vm.StateSuspended)
+func (b *Backend) Stop(ctx context.Context, h api.VmHandle, _ time.Duration) (api.VmHandle, error) {
+	return b.transition(ctx, CallStop, h, api.StateStopped, api.StateRunning, api.StateSuspended)
 }
 
-func (b *Backend) Suspend(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
-	return b.transition(ctx, CallSuspend, h, vm.StateSuspended, vm.StateRunning)
+func (b *Backend) Suspend(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
+	return b.transition(ctx, CallSuspend, h, api.StateSuspended, api.StateRunning)
 }
 
-func (b *Backend) Resume(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
-	return b.transition(ctx, CallResume, h, vm.StateRunning, vm.StateSuspended)
+func (b *Backend) Resume(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
+	return b.transition(ctx, CallResume, h, api.StateRunning, api.StateSuspended)
 }
 
-func (b *Backend) Destroy(ctx context.Context, h vm.VmHandle) error {
+func (b *Backend) Destroy(ctx context.Context, h api.VmHandle) error {
 	if err := b.delay(ctx, CallDestroy); err != nil {
 		return err
 	}
@@ -308,7 +308,7 @@ func (b *Backend) Destroy(ctx context.Context, h vm.VmHandle) error {
 	return nil
 }
 
-func (b *Backend) State(_ context.Context, h vm.VmHandle) (vm.VmState, error) {
+func (b *Backend) State(_ context.Context, h api.VmHandle) (api.VmState, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	e, ok := b.get(h.Name)
@@ -322,7 +322,7 @@ func (b *Backend) State(_ context.Context, h vm.VmHandle) (vm.VmState, error) {
 // after a worker restart it knows nothing of h; it then models a hypervisor
 // whose VMs outlived the worker (as daemonized QEMU processes do) and takes
 // the recorded state as the truth.
-func (b *Backend) Adopt(_ context.Context, h vm.VmHandle, recorded vm.VmState) (vm.VmHandle, vm.VmState, error) {
+func (b *Backend) Adopt(_ context.Context, h api.VmHandle, recorded api.VmState) (api.VmHandle, api.VmState, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if e, ok := b.get(h.Name); ok && (h.ID == "" || e.H.ID == h.ID) {
@@ -334,7 +334,7 @@ func (b *Backend) Adopt(_ context.Context, h vm.VmHandle, recorded vm.VmState) (
 		return h, "", fmt.Errorf("noop vm %s (handle %s) was destroyed: %w", h.Name, h.ID, backends.ErrNotFound)
 	}
 	switch recorded {
-	case vm.StatePrepared, vm.StateRunning, vm.StateStopped, vm.StateSuspended, vm.StateFailed:
+	case api.StatePrepared, api.StateRunning, api.StateStopped, api.StateSuspended, api.StateFailed:
 	default:
 		return h, "", fmt.Errorf("noop vm %s: nothing to adopt in state %s: %w", h.Name, recorded, backends.ErrNotFound)
 	}
@@ -343,7 +343,7 @@ func (b *Backend) Adopt(_ context.Context, h vm.VmHandle, recorded vm.VmState) (
 	return h.Clone(), recorded, nil
 }
 
-func (b *Backend) GuestIP(_ context.Context, h vm.VmHandle) (string, error) {
+func (b *Backend) GuestIP(_ context.Context, h api.VmHandle) (string, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if _, err := b.lookup(h); err != nil {
@@ -352,8 +352,8 @@ func (b *Backend) GuestIP(_ context.Context, h vm.VmHandle) (string, error) {
 	return "", fmt.Errorf("noop vm %s has no network: %w", h.Name, backends.ErrNoAddress)
 }
 
-func (b *Backend) ConsoleEndpoint(h vm.VmHandle) (vm.ConsoleEndpoint, error) {
-	return vm.ConsoleEndpoint{Kind: vm.ConsoleNone}, nil
+func (b *Backend) ConsoleEndpoint(h api.VmHandle) (api.ConsoleEndpoint, error) {
+	return api.ConsoleEndpoint{Kind: api.ConsoleNone}, nil
 }
 
 // get, put and del keep entries in memory, or in StateDir. Callers hold b.mu.
@@ -367,7 +367,7 @@ func (b *Backend) get(name string) (*entry, bool) {
 		return nil, false
 	}
 	var e entry
-	if json.Unmarshal(data, &e) != nil || e.State == vm.StateDestroyed {
+	if json.Unmarshal(data, &e) != nil || e.State == api.StateDestroyed {
 		return nil, false // missing, or the tombstone of a destroyed VM
 	}
 	return &e, true
@@ -384,7 +384,7 @@ func (b *Backend) tombstone(name string) (*entry, bool) {
 		return nil, false
 	}
 	var e entry
-	if json.Unmarshal(data, &e) != nil || e.State != vm.StateDestroyed {
+	if json.Unmarshal(data, &e) != nil || e.State != api.StateDestroyed {
 		return nil, false
 	}
 	return &e, true
@@ -427,7 +427,7 @@ func (b *Backend) del(name string, e *entry) {
 		delete(b.vms, name)
 		return
 	}
-	t := &entry{H: vm.VmHandle{ID: e.H.ID, Name: name, Backend: vm.BackendNoop}, State: vm.StateDestroyed, Effects: e.Effects}
+	t := &entry{H: api.VmHandle{ID: e.H.ID, Name: name, Backend: api.BackendNoop}, State: api.StateDestroyed, Effects: e.Effects}
 	b.put(name, t)
 }
 

@@ -6,17 +6,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/conformance"
 	"github.com/vmherd/vmherd/internal/backends/noop"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 func TestConformance(t *testing.T) {
 	conformance.Run(t, conformance.Config{
 		New: func(t *testing.T) backends.Hypervisor { return noop.New(noop.Options{}) },
-		Spec: func(t *testing.T, name string) vm.VmSpec {
-			return vm.VmSpec{Name: name, Backend: vm.BackendNoop}.WithDefaults()
+		Spec: func(t *testing.T, name string) api.VmSpec {
+			return api.VmSpec{Name: name, Backend: api.BackendNoop}.WithDefaults()
 		},
 	})
 }
@@ -24,7 +24,7 @@ func TestConformance(t *testing.T) {
 func TestInjectedFailureHasNoEffect(t *testing.T) {
 	b := noop.New(noop.Options{})
 	ctx := context.Background()
-	h, err := b.Prepare(ctx, vm.VmSpec{Name: "f1"})
+	h, err := b.Prepare(ctx, api.VmSpec{Name: "f1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -32,7 +32,7 @@ func TestInjectedFailureHasNoEffect(t *testing.T) {
 	if _, err := b.Start(ctx, h); !errors.Is(err, backends.ErrInjected) {
 		t.Fatalf("Start = %v, want ErrInjected", err)
 	}
-	if st, _ := b.State(ctx, h); st != vm.StatePrepared {
+	if st, _ := b.State(ctx, h); st != api.StatePrepared {
 		t.Fatalf("state after failed start = %s, want prepared", st)
 	}
 	if _, err := b.Start(ctx, h); err != nil {
@@ -45,7 +45,7 @@ func TestInjectedFailureHasNoEffect(t *testing.T) {
 
 func TestLatencyRespectsContext(t *testing.T) {
 	b := noop.New(noop.Options{CallLatency: map[string]time.Duration{noop.CallStart: time.Hour}})
-	h, err := b.Prepare(context.Background(), vm.VmSpec{Name: "slow"})
+	h, err := b.Prepare(context.Background(), api.VmSpec{Name: "slow"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,7 +54,7 @@ func TestLatencyRespectsContext(t *testing.T) {
 	if _, err := b.Start(ctx, h); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Start = %v, want deadline exceeded", err)
 	}
-	if st, _ := b.State(context.Background(), h); st != vm.StatePrepared {
+	if st, _ := b.State(context.Background(), h); st != api.StatePrepared {
 		t.Fatalf("state = %s, want prepared", st)
 	}
 }
@@ -64,7 +64,7 @@ func TestCrashIsWatched(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	w := b.Watch(ctx)
-	h, _ := b.Prepare(ctx, vm.VmSpec{Name: "c1"})
+	h, _ := b.Prepare(ctx, api.VmSpec{Name: "c1"})
 	h, _ = b.Start(ctx, h)
 	if !b.Crash("c1", "test crash") {
 		t.Fatal("Crash returned false for a running VM")
@@ -77,7 +77,7 @@ func TestCrashIsWatched(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no exit observed")
 	}
-	if st, _ := b.State(ctx, h); st != vm.StateStopped {
+	if st, _ := b.State(ctx, h); st != api.StateStopped {
 		t.Fatalf("state after crash = %s", st)
 	}
 }
@@ -86,8 +86,8 @@ func TestConformanceStateDir(t *testing.T) {
 	dir := t.TempDir()
 	conformance.Run(t, conformance.Config{
 		New: func(t *testing.T) backends.Hypervisor { return noop.New(noop.Options{StateDir: dir}) },
-		Spec: func(t *testing.T, name string) vm.VmSpec {
-			return vm.VmSpec{Name: name, Backend: vm.BackendNoop}.WithDefaults()
+		Spec: func(t *testing.T, name string) api.VmSpec {
+			return api.VmSpec{Name: name, Backend: api.BackendNoop}.WithDefaults()
 		},
 	})
 }
@@ -98,18 +98,18 @@ func TestStateDirShared(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
 	a, b := noop.New(noop.Options{StateDir: dir}), noop.New(noop.Options{StateDir: dir})
-	h, err := a.Prepare(ctx, vm.VmSpec{Name: "shared"})
+	h, err := a.Prepare(ctx, api.VmSpec{Name: "shared"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if h, err = b.Start(ctx, h); err != nil {
 		t.Fatal(err)
 	}
-	if st, _ := a.State(ctx, h); st != vm.StateRunning {
+	if st, _ := a.State(ctx, h); st != api.StateRunning {
 		t.Fatalf("state seen by the other backend = %s", st)
 	}
 	c := noop.New(noop.Options{StateDir: dir})
-	if st, _ := c.State(ctx, h); st != vm.StateRunning {
+	if st, _ := c.State(ctx, h); st != api.StateRunning {
 		t.Fatalf("state after restart = %s", st)
 	}
 }

@@ -11,26 +11,27 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/google/uuid"
 	"github.com/kdomanski/iso9660"
 
-	"github.com/vmherd/vmherd/internal/backends/propolis/api"
+	papi "github.com/vmherd/vmherd/internal/backends/propolis/api"
 	"github.com/vmherd/vmherd/internal/backends/propolis/fake"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 func testInput() ensureInput {
 	return ensureInput{
 		ID: "0b7d5c1e-8f7a-4f0e-9c43-5a1f2b3c4d5e", Host: "h1",
 		DiskPath: "/dev/zvol/rdsk/rpool/vmherd/web1", VNIC: "vnic0",
-		Spec: vm.VmSpec{
+		Spec: api.VmSpec{
 			Name: "web1", Vcpus: 4, MemoryMB: 2048, ImagePath: "/images/base.raw",
-			CloudInit: &vm.CloudInitConfig{UserData: "#cloud-config\npackages: [htop]\n", Hostname: "web-one"},
+			CloudInit: &api.CloudInitConfig{UserData: "#cloud-config\npackages: [htop]\n", Hostname: "web-one"},
 		},
 	}
 }
 
-func component[T any](t *testing.T, spec api.InstanceSpec, name, typ string) T {
+func component[T any](t *testing.T, spec papi.InstanceSpec, name, typ string) T {
 	t.Helper()
 	c, ok := spec.Components[name]
 	if !ok {
@@ -63,7 +64,7 @@ func TestEnsureBody(t *testing.T) {
 	if req.Init.Method != "Spec" {
 		t.Fatalf("init method %q", req.Init.Method)
 	}
-	var si api.SpecInit
+	var si papi.SpecInit
 	if err := json.Unmarshal(req.Init.Value, &si); err != nil {
 		t.Fatal(err)
 	}
@@ -79,33 +80,33 @@ func TestEnsureBody(t *testing.T) {
 	if got := strings.Join(names, " "); got != "boot-disk boot-disk-backend boot-settings cloud-init cloud-init-backend com1 net0 net0-backend" {
 		t.Fatalf("components %s", got)
 	}
-	if sp := component[api.SerialPort](t, s, "com1", "serial_port"); sp.Num != "com1" {
+	if sp := component[papi.SerialPort](t, s, "com1", "serial_port"); sp.Num != "com1" {
 		t.Fatalf("serial %+v", sp)
 	}
-	disk := component[api.VirtioDisk](t, s, "boot-disk", "virtio_disk")
-	file := component[api.FileStorageBackend](t, s, disk.BackendID, "file_storage_backend")
+	disk := component[papi.VirtioDisk](t, s, "boot-disk", "virtio_disk")
+	file := component[papi.FileStorageBackend](t, s, disk.BackendID, "file_storage_backend")
 	if file.Path != "/dev/zvol/rdsk/rpool/vmherd/web1" || file.Readonly || file.BlockSize != 512 {
 		t.Fatalf("boot disk backend %+v", file)
 	}
-	nic := component[api.VirtioNic](t, s, "net0", "virtio_nic")
-	if nb := component[api.VirtioNetworkBackend](t, s, nic.BackendID, "virtio_network_backend"); nb.VnicName != "vnic0" {
+	nic := component[papi.VirtioNic](t, s, "net0", "virtio_nic")
+	if nb := component[papi.VirtioNetworkBackend](t, s, nic.BackendID, "virtio_network_backend"); nb.VnicName != "vnic0" {
 		t.Fatalf("nic backend %+v", nb)
 	}
 	if _, err := uuid.Parse(nic.InterfaceID); err != nil {
 		t.Fatalf("interface id %q", nic.InterfaceID)
 	}
-	seed := component[api.VirtioDisk](t, s, "cloud-init", "virtio_disk")
-	blob := component[api.BlobStorageBackend](t, s, seed.BackendID, "blob_storage_backend")
+	seed := component[papi.VirtioDisk](t, s, "cloud-init", "virtio_disk")
+	blob := component[papi.BlobStorageBackend](t, s, seed.BackendID, "blob_storage_backend")
 	if !blob.Readonly {
 		t.Fatal("seed disk is writable")
 	}
-	boot := component[api.BootSettings](t, s, "boot-settings", "boot_settings")
+	boot := component[papi.BootSettings](t, s, "boot-settings", "boot_settings")
 	if len(boot.Order) != 1 || boot.Order[0].ID != "boot-disk" {
 		t.Fatalf("boot order %+v", boot)
 	}
 	// PCI paths: unique, and clear of the chipset's devices 0 and 1.
-	seen := map[api.PCIPath]bool{}
-	for _, p := range []api.PCIPath{disk.PCIPath, nic.PCIPath, seed.PCIPath} {
+	seen := map[papi.PCIPath]bool{}
+	for _, p := range []papi.PCIPath{disk.PCIPath, nic.PCIPath, seed.PCIPath} {
 		if seen[p] || p.Device < 2 {
 			t.Fatalf("PCI path %s reused or reserved", p)
 		}
@@ -167,17 +168,17 @@ func TestEnsureWithoutNIC(t *testing.T) {
 	in := testInput()
 	in.VNIC = ""
 	in.Spec.CloudInit = nil
-	in.Spec.SSH = &vm.SshConfig{User: "ops", PublicKey: "ssh-ed25519 AAAA ops@x"}
+	in.Spec.SSH = &api.SshConfig{User: "ops", PublicKey: "ssh-ed25519 AAAA ops@x"}
 	req, _, err := buildEnsure(in)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var si api.SpecInit
+	var si papi.SpecInit
 	_ = json.Unmarshal(req.Init.Value, &si)
 	if _, ok := si.Spec.Components["net0"]; ok {
 		t.Fatal("a NIC without a VNIC")
 	}
-	blob := component[api.BlobStorageBackend](t, si.Spec, "cloud-init-backend", "blob_storage_backend")
+	blob := component[papi.BlobStorageBackend](t, si.Spec, "cloud-init-backend", "blob_storage_backend")
 	iso, _ := base64.StdEncoding.DecodeString(blob.Base64)
 	if ud := readISO(t, iso)["user-data"]; !strings.Contains(ud, `- name: ops`) || !strings.Contains(ud, "ssh-ed25519 AAAA ops@x") {
 		t.Fatalf("user-data %q", ud)
@@ -200,7 +201,7 @@ func TestEnsureLimits(t *testing.T) {
 	// Just under the limit still fits.
 	in := testInput()
 	in.Spec.CloudInit.UserData = strings.Repeat("#", 600<<10)
-	if _, body, err := buildEnsure(in); err != nil || len(body) > api.MaxRequestBody {
+	if _, body, err := buildEnsure(in); err != nil || len(body) > papi.MaxRequestBody {
 		t.Fatalf("600 KiB of user-data: %d bytes, %v", len(body), err)
 	}
 }

@@ -19,10 +19,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/backends/propolis/api"
+	papi "github.com/vmherd/vmherd/internal/backends/propolis/api"
 	"github.com/vmherd/vmherd/internal/imagechain"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Runner runs host commands. The illumos implementation uses os/exec; tests
@@ -194,7 +194,7 @@ func (h *host) save(name string, p Placement) error {
 // Provision makes the VM's zvol (from its image) and VNIC, and starts its
 // propolis-server. A second call for the same VM returns what the first
 // made. On failure, whatever this call made is removed again.
-func (h *host) Provision(ctx context.Context, name string, spec vm.VmSpec) (p Placement, err error) {
+func (h *host) Provision(ctx context.Context, name string, spec api.VmSpec) (p Placement, err error) {
 	prev, err := h.load(name)
 	if err != nil {
 		return Placement{}, err
@@ -256,9 +256,9 @@ func (h *host) Provision(ctx context.Context, name string, spec vm.VmSpec) (p Pl
 
 // makeZvol creates the VM's zvol and writes the image into it, unless a
 // zvol already holds that image. It reports whether it created the zvol.
-func (h *host) makeZvol(ctx context.Context, ds string, spec vm.VmSpec) (bool, error) {
+func (h *host) makeZvol(ctx context.Context, ds string, spec api.VmSpec) (bool, error) {
 	if spec.ImagePath == "" {
-		return false, fmt.Errorf("%w: spec.image_path: the propolis backend needs a boot disk image", vm.ErrInvalid)
+		return false, fmt.Errorf("%w: spec.image_path: the propolis backend needs a boot disk image", api.ErrInvalid)
 	}
 	exists, err := h.datasetExists(ctx, ds)
 	if err != nil {
@@ -325,7 +325,7 @@ func (h *host) datasetExists(ctx context.Context, ds string) (bool, error) {
 func (h *host) imageInfo(ctx context.Context, path string) (string, int64, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return "", 0, fmt.Errorf("%w: spec.image_path: %v", vm.ErrInvalid, err)
+		return "", 0, fmt.Errorf("%w: spec.image_path: %v", api.ErrInvalid, err)
 	}
 	defer f.Close()
 	magic := make([]byte, 4)
@@ -334,7 +334,7 @@ func (h *host) imageInfo(ctx context.Context, path string) (string, int64, error
 		// external data file into the guest's disk: the image must name
 		// no other file, and its format is pinned.
 		if _, err := (imagechain.Policy{HeaderOnly: true, SelfContained: true}).Inspect(ctx, path, "qcow2"); err != nil {
-			return "", 0, fmt.Errorf("%w: spec.image_path: %w", vm.ErrInvalid, err)
+			return "", 0, fmt.Errorf("%w: spec.image_path: %w", api.ErrInvalid, err)
 		}
 		out, err := h.run.Run(ctx, "qemu-img", "info", "--output=json", "-f", "qcow2", path)
 		if err != nil {
@@ -371,21 +371,21 @@ func macFor(name string) string {
 }
 
 // makeVNIC returns the VM's VNIC and MAC, creating the VNIC when needed.
-func (h *host) makeVNIC(ctx context.Context, name string, spec vm.VmSpec) (vnic, mac string, created bool, err error) {
+func (h *host) makeVNIC(ctx context.Context, name string, spec api.VmSpec) (vnic, mac string, created bool, err error) {
 	n := spec.Network
-	if n == nil || n.Type == vm.NetworkNone {
+	if n == nil || n.Type == api.NetworkNone {
 		return "", "", false, nil
 	}
 	link := h.o.Link
 	switch n.Type {
-	case vm.NetworkVnic:
+	case api.NetworkVnic:
 		vnic = n.Name
 		if n.Link != "" {
 			link = n.Link
 		}
-	case vm.NetworkUser:
+	case api.NetworkUser:
 	default:
-		return "", "", false, fmt.Errorf("%w: spec.network.type: %q networking does not exist on propolis; use vnic or none", vm.ErrInvalid, n.Type)
+		return "", "", false, fmt.Errorf("%w: spec.network.type: %q networking does not exist on propolis; use vnic or none", api.ErrInvalid, n.Type)
 	}
 	// A VNIC vmherd names is vmherd's own, even if an earlier attempt made it.
 	ours := vnic == ""
@@ -393,7 +393,7 @@ func (h *host) makeVNIC(ctx context.Context, name string, spec vm.VmSpec) (vnic,
 		vnic = vnicFor(name)
 	}
 	if !vnicNameRE.MatchString(vnic) {
-		return "", "", false, fmt.Errorf("%w: spec.network.name: %q is not a valid VNIC name (letters, digits, '_', ending in a digit, at most 31)", vm.ErrInvalid, vnic)
+		return "", "", false, fmt.Errorf("%w: spec.network.name: %q is not a valid VNIC name (letters, digits, '_', ending in a digit, at most 31)", api.ErrInvalid, vnic)
 	}
 	out, err := h.run.Run(ctx, "dladm", "show-vnic", "-p", "-o", "link,macaddress")
 	if err != nil {
@@ -406,7 +406,7 @@ func (h *host) makeVNIC(ctx context.Context, name string, spec vm.VmSpec) (vnic,
 		}
 	}
 	if link == "" {
-		return "", "", false, fmt.Errorf("%w: spec.network: VNIC %s does not exist and no link is configured to create it over; create it (dladm create-vnic -l <link> %s), or set spec.network.link or --propolis-link", vm.ErrInvalid, vnic, vnic)
+		return "", "", false, fmt.Errorf("%w: spec.network: VNIC %s does not exist and no link is configured to create it over; create it (dladm create-vnic -l <link> %s), or set spec.network.link or --propolis-link", api.ErrInvalid, vnic, vnic)
 	}
 	mac = macFor(name)
 	if _, err := h.run.Run(ctx, "dladm", "create-vnic", "-t", "-l", link, "-m", mac, vnic); err != nil {
@@ -465,10 +465,10 @@ func (h *host) startServer(ctx context.Context, name string, p Placement) (Place
 // waitReady polls GET /instance until the server answers it (200, or 424
 // before the first ensure) or its process is gone.
 func (h *host) waitReady(ctx context.Context, addr string, pid int) error {
-	c := api.New(addr, api.WithTimeout(2*time.Second))
+	c := papi.New(addr, papi.WithTimeout(2*time.Second))
 	for {
 		_, err := c.Get(ctx)
-		if err == nil || errors.Is(err, api.ErrNoInstance) {
+		if err == nil || errors.Is(err, papi.ErrNoInstance) {
 			return nil
 		}
 		if !h.pidAlive(ctx, pid, addr) {

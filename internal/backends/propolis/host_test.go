@@ -16,9 +16,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends/propolis/fake"
 	"github.com/vmherd/vmherd/internal/imagechain"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // recRunner records every command and models the bits of zfs, dladm and ps
@@ -211,7 +211,7 @@ func TestHostProvisionAndRelease(t *testing.T) {
 	h, o := testHost(t, r)
 	ctx := context.Background()
 	img := rawImage(t, 3<<20+1)
-	spec := vm.VmSpec{Name: "web1", ImagePath: img, Network: &vm.NetworkConfig{Type: vm.NetworkVnic, Name: "vnic0"}}
+	spec := api.VmSpec{Name: "web1", ImagePath: img, Network: &api.NetworkConfig{Type: api.NetworkVnic, Name: "vnic0"}}
 	p, err := h.Provision(ctx, "web1", spec)
 	if err != nil {
 		t.Fatal(err)
@@ -273,8 +273,8 @@ func TestHostQcow2ExistingVNIC(t *testing.T) {
 	h, o := testHost(t, r)
 	img := filepath.Join(t.TempDir(), "base.qcow2")
 	_ = os.WriteFile(img, qcow2Header(""), 0o644)
-	p, err := h.Provision(context.Background(), "db", vm.VmSpec{Name: "db", ImagePath: img, DiskGB: 20,
-		Network: &vm.NetworkConfig{Type: vm.NetworkVnic, Name: "net7"}})
+	p, err := h.Provision(context.Background(), "db", api.VmSpec{Name: "db", ImagePath: img, DiskGB: 20,
+		Network: &api.NetworkConfig{Type: api.NetworkVnic, Name: "net7"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -306,7 +306,7 @@ func TestHostRollback(t *testing.T) {
 	h, _ := testHost(t, r)
 	h.ready = func(context.Context, string, int) error { return errors.New("no answer") }
 	img := rawImage(t, 1<<20)
-	_, err := h.Provision(context.Background(), "bad", vm.VmSpec{Name: "bad", ImagePath: img, Network: &vm.NetworkConfig{Type: vm.NetworkUser}})
+	_, err := h.Provision(context.Background(), "bad", api.VmSpec{Name: "bad", ImagePath: img, Network: &api.NetworkConfig{Type: api.NetworkUser}})
 	if err == nil || !strings.Contains(err.Error(), "did not come up") || !strings.Contains(err.Error(), "listening on") {
 		t.Fatalf("Provision = %v", err)
 	}
@@ -316,13 +316,13 @@ func TestHostRollback(t *testing.T) {
 	// A VNIC that cannot be made, and no link: a clear error, nothing left.
 	h.o.Link = ""
 	h.ready = func(context.Context, string, int) error { return nil }
-	_, err = h.Provision(context.Background(), "bad", vm.VmSpec{Name: "bad", ImagePath: img, Network: &vm.NetworkConfig{Type: vm.NetworkVnic, Name: "nope0"}})
-	if !errors.Is(err, vm.ErrInvalid) || !strings.Contains(err.Error(), "nope0") || len(r.datasets) != 0 {
+	_, err = h.Provision(context.Background(), "bad", api.VmSpec{Name: "bad", ImagePath: img, Network: &api.NetworkConfig{Type: api.NetworkVnic, Name: "nope0"}})
+	if !errors.Is(err, api.ErrInvalid) || !strings.Contains(err.Error(), "nope0") || len(r.datasets) != 0 {
 		t.Fatalf("Provision without a link = %v (datasets %v)", err, r.datasets)
 	}
 	// A failing import destroys the new zvol.
 	r.fail["dd "] = errors.New("dd: write error: No space left on device")
-	_, err = h.Provision(context.Background(), "bad", vm.VmSpec{Name: "bad", ImagePath: img})
+	_, err = h.Provision(context.Background(), "bad", api.VmSpec{Name: "bad", ImagePath: img})
 	if err == nil || !strings.Contains(err.Error(), "No space left") || len(r.datasets) != 0 {
 		t.Fatalf("Provision with a failing import = %v (datasets %v)", err, r.datasets)
 	}
@@ -336,7 +336,7 @@ func TestHostPorts(t *testing.T) {
 	img := rawImage(t, 1<<20)
 	var ports []int
 	for _, n := range []string{"a", "b", "c"} {
-		p, err := h.Provision(context.Background(), n, vm.VmSpec{Name: n, ImagePath: img})
+		p, err := h.Provision(context.Background(), n, api.VmSpec{Name: n, ImagePath: img})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -361,7 +361,7 @@ func TestBackendOnHost(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	img := rawImage(t, 1<<20)
-	hd, err := b.Prepare(ctx, vm.VmSpec{Name: "web1", ImagePath: img, Vcpus: 2, MemoryMB: 256, Network: &vm.NetworkConfig{Type: vm.NetworkUser}})
+	hd, err := b.Prepare(ctx, api.VmSpec{Name: "web1", ImagePath: img, Vcpus: 2, MemoryMB: 256, Network: &api.NetworkConfig{Type: api.NetworkUser}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -371,13 +371,13 @@ func TestBackendOnHost(t *testing.T) {
 	if hd, err = b.Start(ctx, hd); err != nil {
 		t.Fatal(err)
 	}
-	if st, _ := b.State(ctx, hd); st != vm.StateRunning {
+	if st, _ := b.State(ctx, hd); st != api.StateRunning {
 		t.Fatalf("state %s", st)
 	}
 	// The server crashes: the VM reads as stopped, and start brings a new
 	// server up on the same address.
 	r.crash(hd.PID)
-	if st, err := b.State(ctx, hd); err != nil || st != vm.StateStopped {
+	if st, err := b.State(ctx, hd); err != nil || st != api.StateStopped {
 		t.Fatalf("state after crash %s %v", st, err)
 	}
 	old := hd.PID
@@ -421,7 +421,7 @@ func TestHostReusesImportedZvol(t *testing.T) {
 	h, _ := testHost(t, r)
 	img := rawImage(t, 1<<20)
 	r.datasets["rpool/vmherd/web1"] = img
-	if _, err := h.Provision(context.Background(), "web1", vm.VmSpec{Name: "web1", ImagePath: img}); err != nil {
+	if _, err := h.Provision(context.Background(), "web1", api.VmSpec{Name: "web1", ImagePath: img}); err != nil {
 		t.Fatal(err)
 	}
 	for _, c := range r.take() {
@@ -453,8 +453,8 @@ func TestHostQcow2WithBackingFile(t *testing.T) {
 	h, _ := testHost(t, r)
 	img := filepath.Join(t.TempDir(), "evil.qcow2")
 	_ = os.WriteFile(img, qcow2Header("/etc/shadow"), 0o644)
-	_, err := h.Provision(context.Background(), "evil", vm.VmSpec{Name: "evil", ImagePath: img,
-		Network: &vm.NetworkConfig{Type: vm.NetworkVnic, Name: "net7"}})
+	_, err := h.Provision(context.Background(), "evil", api.VmSpec{Name: "evil", ImagePath: img,
+		Network: &api.NetworkConfig{Type: api.NetworkVnic, Name: "net7"}})
 	if !errors.Is(err, imagechain.ErrRefused) || !strings.Contains(err.Error(), `backing file "/etc/shadow"`) {
 		t.Fatalf("Provision over a qcow2 with a backing file: %v", err)
 	}

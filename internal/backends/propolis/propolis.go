@@ -34,11 +34,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/google/uuid"
 
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/backends/propolis/api"
-	"github.com/vmherd/vmherd/internal/vm"
+	papi "github.com/vmherd/vmherd/internal/backends/propolis/api"
 )
 
 // Options configure the backend. Exactly one of Servers and Provisioner
@@ -71,7 +72,7 @@ type Backend struct {
 	hc   *http.Client
 
 	mu  sync.Mutex
-	vms map[string]vm.VmHandle // by name: the current incarnation
+	vms map[string]api.VmHandle // by name: the current incarnation
 }
 
 var (
@@ -100,7 +101,7 @@ func New(opts Options) (*Backend, error) {
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
-	b := &Backend{opts: opts, hc: opts.HTTPClient, vms: map[string]vm.VmHandle{}}
+	b := &Backend{opts: opts, hc: opts.HTTPClient, vms: map[string]api.VmHandle{}}
 	b.prov = opts.Provisioner
 	if b.prov == nil {
 		for _, a := range opts.Servers {
@@ -113,8 +114,8 @@ func New(opts Options) (*Backend, error) {
 	return b, nil
 }
 
-func (b *Backend) client(addr string) *api.Client {
-	return api.New(addr, api.WithHTTPClient(b.hc), api.WithTimeout(b.opts.RequestTimeout))
+func (b *Backend) client(addr string) *papi.Client {
+	return papi.New(addr, papi.WithHTTPClient(b.hc), papi.WithTimeout(b.opts.RequestTimeout))
 }
 
 // Capabilities: propolis-server cannot pause or resume an instance.
@@ -122,12 +123,12 @@ func (b *Backend) client(addr string) *api.Client {
 // path names a file on the server's machine, not the worker's.
 func (b *Backend) RemoteImages() bool { return len(b.opts.Servers) > 0 }
 
-func (b *Backend) Capabilities() backends.Capabilities {
-	return backends.Capabilities{Suspend: false, Resume: false}
+func (b *Backend) Capabilities() api.Capabilities {
+	return api.Capabilities{Suspend: false, Resume: false}
 }
 
 // lookup returns the current handle of h's VM, checking the incarnation.
-func (b *Backend) lookup(h vm.VmHandle) (vm.VmHandle, error) {
+func (b *Backend) lookup(h api.VmHandle) (api.VmHandle, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	cur, ok := b.vms[h.Name]
@@ -137,14 +138,14 @@ func (b *Backend) lookup(h vm.VmHandle) (vm.VmHandle, error) {
 	return cur.Clone(), nil
 }
 
-func (b *Backend) store(h vm.VmHandle) vm.VmHandle {
+func (b *Backend) store(h api.VmHandle) api.VmHandle {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.vms[h.Name] = h.Clone()
 	return h
 }
 
-func (b *Backend) ensureInput(h vm.VmHandle) ensureInput {
+func (b *Backend) ensureInput(h api.VmHandle) ensureInput {
 	p := placementOf(h)
 	in := ensureInput{ID: h.InstanceID, Host: b.opts.Host, DiskPath: p.DiskPath, VNIC: p.VNIC}
 	if h.Spec != nil {
@@ -157,9 +158,9 @@ func (b *Backend) ensureInput(h vm.VmHandle) ensureInput {
 // and VNIC). Nothing is created on the server yet: that is Start's ensure.
 // A spec the server would refuse (too many vCPUs, user-data too large for
 // the 1 MiB request limit) fails here, before anything is made.
-func (b *Backend) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, error) {
-	if err := vm.ValidateName(spec.Name); err != nil {
-		return vm.VmHandle{}, fmt.Errorf("preparing propolis vm: %w", err)
+func (b *Backend) Prepare(ctx context.Context, spec api.VmSpec) (api.VmHandle, error) {
+	if err := api.ValidateName(spec.Name); err != nil {
+		return api.VmHandle{}, fmt.Errorf("preparing propolis vm: %w", err)
 	}
 	b.mu.Lock()
 	cur, ok := b.vms[spec.Name]
@@ -167,28 +168,28 @@ func (b *Backend) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 	if ok {
 		return cur.Clone(), nil
 	}
-	spec.Backend = vm.BackendPropolis
+	spec.Backend = api.BackendPropolis
 	if spec.Vcpus == 0 {
-		spec.Vcpus = vm.DefaultVcpus
+		spec.Vcpus = api.DefaultVcpus
 	}
 	if spec.MemoryMB == 0 {
-		spec.MemoryMB = vm.DefaultMemoryMB
+		spec.MemoryMB = api.DefaultMemoryMB
 	}
 	id := uuid.NewString()
 	// Check the request the server will get, with the image standing in for
 	// the disk, before provisioning anything.
 	if _, _, err := buildEnsure(ensureInput{ID: id, Spec: spec, Host: b.opts.Host, DiskPath: spec.ImagePath, VNIC: "vnic"}); err != nil {
-		return vm.VmHandle{}, fmt.Errorf("preparing propolis vm %s: %w", spec.Name, err)
+		return api.VmHandle{}, fmt.Errorf("preparing propolis vm %s: %w", spec.Name, err)
 	}
 	p, err := b.prov.Provision(ctx, spec.Name, spec)
 	if err != nil {
-		return vm.VmHandle{}, fmt.Errorf("preparing propolis vm %s: %w", spec.Name, err)
+		return api.VmHandle{}, fmt.Errorf("preparing propolis vm %s: %w", spec.Name, err)
 	}
 	s := spec
-	h := withPlacement(vm.VmHandle{ID: id, InstanceID: id, Name: spec.Name, Backend: vm.BackendPropolis, Spec: &s}, p)
+	h := withPlacement(api.VmHandle{ID: id, InstanceID: id, Name: spec.Name, Backend: api.BackendPropolis, Spec: &s}, p)
 	if _, _, err := buildEnsure(b.ensureInput(h)); err != nil {
 		_ = b.prov.Release(context.WithoutCancel(ctx), spec.Name, p)
-		return vm.VmHandle{}, fmt.Errorf("preparing propolis vm %s: %w", spec.Name, err)
+		return api.VmHandle{}, fmt.Errorf("preparing propolis vm %s: %w", spec.Name, err)
 	}
 	b.opts.Log.Info("propolis vm prepared", "vm", spec.Name, "instance", id, "server", p.Endpoint)
 	return b.store(h).Clone(), nil
@@ -198,17 +199,17 @@ func (b *Backend) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 type observation struct {
 	none  bool // no instance was ever created on the server (424 NoInstance)
 	ours  bool // the instance is this incarnation's
-	inst  api.Instance
-	state api.InstanceState
+	inst  papi.Instance
+	state papi.InstanceState
 	err   error // the server did not answer GET /instance
 	gone  bool  // with err: the server is known not to run
 }
 
 // observe reads the server's instance and says whether it is this VM's.
-func (b *Backend) observe(ctx context.Context, h vm.VmHandle) observation {
+func (b *Backend) observe(ctx context.Context, h api.VmHandle) observation {
 	inst, err := b.client(h.Endpoint).Get(ctx)
 	switch {
-	case errors.Is(err, api.ErrNoInstance):
+	case errors.Is(err, papi.ErrNoInstance):
 		return observation{none: true}
 	case err != nil:
 		return observation{err: err, gone: b.prov.Gone(ctx, h.Name, placementOf(h))}
@@ -218,7 +219,7 @@ func (b *Backend) observe(ctx context.Context, h vm.VmHandle) observation {
 
 // Start creates the instance on the VM's server and runs it. After a stop
 // the old instance is Destroyed, so a new one is created.
-func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (b *Backend) Start(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	cur, err := b.lookup(h)
 	if err != nil {
 		return h, err
@@ -242,10 +243,10 @@ func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 				cur.Name, cur.Endpoint, o.inst.Properties.ID, o.inst.Properties.Name, o.state, cur.InstanceID)
 		}
 		needEnsure = true
-	case o.state == api.StateCreating:
+	case o.state == papi.StateCreating:
 		needRun = true // ensured earlier, never run (a start cut short)
-	case o.state == api.StateStopping || o.state == api.StateStopped:
-		if _, err := c.WaitFor(ctx, api.StateDestroyed, api.StateFailed); err != nil && !errors.Is(err, api.ErrInstanceEnded) {
+	case o.state == papi.StateStopping || o.state == papi.StateStopped:
+		if _, err := c.WaitFor(ctx, papi.StateDestroyed, papi.StateFailed); err != nil && !errors.Is(err, papi.ErrInstanceEnded) {
 			return cur, fmt.Errorf("starting propolis vm %s: waiting for its previous run to end: %w", cur.Name, err)
 		}
 		needEnsure = true
@@ -265,11 +266,11 @@ func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 		needRun = true
 	}
 	if needRun {
-		if err := c.PutState(ctx, api.RequestRun); err != nil {
+		if err := c.PutState(ctx, papi.RequestRun); err != nil {
 			return cur, fmt.Errorf("starting propolis vm %s: asking its instance to run: %w", cur.Name, err)
 		}
 	}
-	if _, err := c.WaitFor(ctx, api.StateRunning); err != nil {
+	if _, err := c.WaitFor(ctx, papi.StateRunning); err != nil {
 		return cur, fmt.Errorf("starting propolis vm %s: %w", cur.Name, err)
 	}
 	if needRun || cur.StartedAt.IsZero() {
@@ -281,7 +282,7 @@ func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 
 // Stop halts the instance (propolis has no graceful stop in its API) and
 // waits until it has run down to Destroyed.
-func (b *Backend) Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration) (vm.VmHandle, error) {
+func (b *Backend) Stop(ctx context.Context, h api.VmHandle, timeout time.Duration) (api.VmHandle, error) {
 	cur, err := b.lookup(h)
 	if err != nil {
 		return h, err
@@ -295,7 +296,7 @@ func (b *Backend) Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration
 // halt stops this incarnation's instance if it is live and waits for
 // Destroyed. A server without an instance, or with another one, or known
 // gone, has nothing of this VM running.
-func (b *Backend) halt(ctx context.Context, cur vm.VmHandle, timeout time.Duration) error {
+func (b *Backend) halt(ctx context.Context, cur api.VmHandle, timeout time.Duration) error {
 	o := b.observe(ctx, cur)
 	switch {
 	case o.err != nil && o.gone:
@@ -306,12 +307,12 @@ func (b *Backend) halt(ctx context.Context, cur vm.VmHandle, timeout time.Durati
 		return nil
 	}
 	c := b.client(cur.Endpoint)
-	if err := c.PutState(ctx, api.RequestStop); err != nil && api.StatusOf(err) != http.StatusFailedDependency {
+	if err := c.PutState(ctx, papi.RequestStop); err != nil && papi.StatusOf(err) != http.StatusFailedDependency {
 		return fmt.Errorf("asking its instance to stop: %w", err)
 	}
 	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	if _, err := c.WaitFor(wctx, api.StateDestroyed, api.StateFailed); err != nil {
+	if _, err := c.WaitFor(wctx, papi.StateDestroyed, papi.StateFailed); err != nil {
 		return fmt.Errorf("the instance did not halt within %s: %w", timeout, err)
 	}
 	return nil
@@ -319,7 +320,7 @@ func (b *Backend) halt(ctx context.Context, cur vm.VmHandle, timeout time.Durati
 
 // Destroy halts the VM if it runs, then releases its server and host
 // resources. Destroying an unknown VM does nothing.
-func (b *Backend) Destroy(ctx context.Context, h vm.VmHandle) error {
+func (b *Backend) Destroy(ctx context.Context, h api.VmHandle) error {
 	cur, err := b.lookup(h)
 	if errors.Is(err, backends.ErrNotFound) {
 		return nil
@@ -344,43 +345,43 @@ func (b *Backend) Destroy(ctx context.Context, h vm.VmHandle) error {
 }
 
 // Suspend is not supported: propolis-server has no pause.
-func (b *Backend) Suspend(_ context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (b *Backend) Suspend(_ context.Context, h api.VmHandle) (api.VmHandle, error) {
 	return h, fmt.Errorf("propolis vm %s: suspend: %w (propolis-server cannot pause an instance; stop and start it instead)", h.Name, backends.ErrUnsupported)
 }
 
 // Resume is not supported: propolis-server has no pause.
-func (b *Backend) Resume(_ context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (b *Backend) Resume(_ context.Context, h api.VmHandle) (api.VmHandle, error) {
 	return h, fmt.Errorf("propolis vm %s: resume: %w (propolis-server cannot pause an instance; stop and start it instead)", h.Name, backends.ErrUnsupported)
 }
 
 // stateOf maps a propolis instance state to a VM state.
-func stateOf(s api.InstanceState) vm.VmState {
+func stateOf(s papi.InstanceState) api.VmState {
 	switch s {
-	case api.StateCreating:
-		return vm.StatePrepared // created, never run
-	case api.StateStarting:
-		return vm.StateStarting
-	case api.StateStopping:
-		return vm.StateStopping
-	case api.StateStopped, api.StateDestroyed:
-		return vm.StateStopped
-	case api.StateFailed:
-		return vm.StateFailed
+	case papi.StateCreating:
+		return api.StatePrepared // created, never run
+	case papi.StateStarting:
+		return api.StateStarting
+	case papi.StateStopping:
+		return api.StateStopping
+	case papi.StateStopped, papi.StateDestroyed:
+		return api.StateStopped
+	case papi.StateFailed:
+		return api.StateFailed
 	default: // Running, Rebooting, Migrating, Repairing
-		return vm.StateRunning
+		return api.StateRunning
 	}
 }
 
 // State asks the VM's server. A VM whose instance is not (or no longer)
 // on its server is prepared if it never ran, else stopped.
-func (b *Backend) State(ctx context.Context, h vm.VmHandle) (vm.VmState, error) {
+func (b *Backend) State(ctx context.Context, h api.VmHandle) (api.VmState, error) {
 	cur, err := b.lookup(h)
 	if err != nil {
 		return "", err
 	}
-	idle := vm.StateStopped
+	idle := api.StateStopped
 	if cur.StartedAt.IsZero() {
-		idle = vm.StatePrepared
+		idle = api.StatePrepared
 	}
 	o := b.observe(ctx, cur)
 	switch {
@@ -395,7 +396,7 @@ func (b *Backend) State(ctx context.Context, h vm.VmHandle) (vm.VmState, error) 
 }
 
 // Adopt takes a VM back after a worker restart.
-func (b *Backend) Adopt(ctx context.Context, h vm.VmHandle, recorded vm.VmState) (vm.VmHandle, vm.VmState, error) {
+func (b *Backend) Adopt(ctx context.Context, h api.VmHandle, recorded api.VmState) (api.VmHandle, api.VmState, error) {
 	if h.Name == "" || h.InstanceID == "" || h.Endpoint == "" {
 		return h, "", fmt.Errorf("propolis vm %s: the handle has no instance or server to adopt: %w", h.Name, backends.ErrNotFound)
 	}
@@ -418,7 +419,7 @@ type guestIPer interface {
 
 // GuestIP asks the provisioner (the host's ARP table, with host
 // provisioning); propolis-server itself does not know guest addresses.
-func (b *Backend) GuestIP(ctx context.Context, h vm.VmHandle) (string, error) {
+func (b *Backend) GuestIP(ctx context.Context, h api.VmHandle) (string, error) {
 	cur, err := b.lookup(h)
 	if err != nil {
 		return "", err
@@ -431,18 +432,18 @@ func (b *Backend) GuestIP(ctx context.Context, h vm.VmHandle) (string, error) {
 
 // ConsoleEndpoint is the serial console WebSocket of the VM's server; the
 // client must send the api-version header with the upgrade.
-func (b *Backend) ConsoleEndpoint(h vm.VmHandle) (vm.ConsoleEndpoint, error) {
+func (b *Backend) ConsoleEndpoint(h api.VmHandle) (api.ConsoleEndpoint, error) {
 	endpoint := h.Endpoint
 	if endpoint == "" {
 		cur, err := b.lookup(h)
 		if err != nil {
-			return vm.ConsoleEndpoint{}, err
+			return api.ConsoleEndpoint{}, err
 		}
 		endpoint = cur.Endpoint
 	}
-	return vm.ConsoleEndpoint{
-		Kind:    vm.ConsoleWebSocket,
-		URL:     b.client(endpoint).SerialURL(api.HistoryQuery{}),
-		Headers: map[string]string{api.VersionHeader: api.Version},
+	return api.ConsoleEndpoint{
+		Kind:    api.ConsoleWebSocket,
+		URL:     b.client(endpoint).SerialURL(papi.HistoryQuery{}),
+		Headers: map[string]string{papi.VersionHeader: papi.Version},
 	}, nil
 }

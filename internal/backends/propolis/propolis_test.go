@@ -9,12 +9,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/conformance"
 	"github.com/vmherd/vmherd/internal/backends/propolis"
-	"github.com/vmherd/vmherd/internal/backends/propolis/api"
+	papi "github.com/vmherd/vmherd/internal/backends/propolis/api"
 	"github.com/vmherd/vmherd/internal/backends/propolis/fake"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // servers starts n fake propolis-servers and checks, when the test ends,
@@ -45,12 +45,12 @@ func newBackend(t *testing.T, addrs ...string) *propolis.Backend {
 	return b
 }
 
-func spec(name string) vm.VmSpec {
-	return vm.VmSpec{
-		Name: name, Backend: vm.BackendPropolis, ImagePath: "/var/lib/vmherd/images/base.raw",
+func spec(name string) api.VmSpec {
+	return api.VmSpec{
+		Name: name, Backend: api.BackendPropolis, ImagePath: "/var/lib/vmherd/images/base.raw",
 		Vcpus: 2, MemoryMB: 512,
-		Network:   &vm.NetworkConfig{Type: vm.NetworkVnic, Name: "vnic0"},
-		CloudInit: &vm.CloudInitConfig{UserData: "#cloud-config\nhostname: " + name + "\n"},
+		Network:   &api.NetworkConfig{Type: api.NetworkVnic, Name: "vnic0"},
+		CloudInit: &api.CloudInitConfig{UserData: "#cloud-config\nhostname: " + name + "\n"},
 	}
 }
 
@@ -65,9 +65,9 @@ func TestConformance(t *testing.T) {
 	_, addrs := servers(t, 8, fake.Options{})
 	conformance.Run(t, conformance.Config{
 		New:         func(t *testing.T) backends.Hypervisor { return newBackend(t, addrs...) },
-		Spec:        func(t *testing.T, name string) vm.VmSpec { return spec(name) },
+		Spec:        func(t *testing.T, name string) api.VmSpec { return spec(name) },
 		NoSuspend:   true,
-		ConsoleKind: vm.ConsoleWebSocket,
+		ConsoleKind: api.ConsoleWebSocket,
 		StopTimeout: 5 * time.Second,
 		CallTimeout: 20 * time.Second,
 	})
@@ -94,16 +94,16 @@ func TestLifecycleRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	props, st, _ := f.Instance()
-	if st != api.StateRunning || props.ID != h.InstanceID || props.Name != "web1" {
+	if st != papi.StateRunning || props.ID != h.InstanceID || props.Name != "web1" {
 		t.Fatalf("after start the server has %+v in %s", props, st)
 	}
 	if h, err = b.Stop(ctx, h, time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if _, st, _ := f.Instance(); st != api.StateDestroyed {
+	if _, st, _ := f.Instance(); st != papi.StateDestroyed {
 		t.Fatalf("after stop the instance is %s, want Destroyed", st)
 	}
-	if got, _ := b.State(ctx, h); got != vm.StateStopped {
+	if got, _ := b.State(ctx, h); got != api.StateStopped {
 		t.Fatalf("State after stop = %s", got)
 	}
 	if h, err = b.Start(ctx, h); err != nil {
@@ -125,7 +125,7 @@ func TestLifecycleRequests(t *testing.T) {
 	if err := b.Destroy(ctx, h); err != nil {
 		t.Fatal(err)
 	}
-	if _, st, _ := f.Instance(); st != api.StateDestroyed {
+	if _, st, _ := f.Instance(); st != papi.StateDestroyed {
 		t.Fatalf("after destroy the instance is %s", st)
 	}
 	// The server is free for the next VM.
@@ -235,7 +235,7 @@ func TestUserDataTooLarge(t *testing.T) {
 	s := spec("big")
 	s.CloudInit.UserData = "#cloud-config\n" + strings.Repeat("# padding\n", 90_000)
 	_, err := b.Prepare(ctxT(t), s)
-	if !errors.Is(err, vm.ErrInvalid) || !strings.Contains(err.Error(), "1048576") || !strings.Contains(err.Error(), "user_data") {
+	if !errors.Is(err, api.ErrInvalid) || !strings.Contains(err.Error(), "1048576") || !strings.Contains(err.Error(), "user_data") {
 		t.Fatalf("Prepare = %v, want a clear size error", err)
 	}
 	if n := len(fs[0].Requests()); n != 0 {
@@ -243,7 +243,7 @@ func TestUserDataTooLarge(t *testing.T) {
 	}
 	s = spec("wide")
 	s.Vcpus = 256
-	if _, err := b.Prepare(ctxT(t), s); !errors.Is(err, vm.ErrInvalid) || !strings.Contains(err.Error(), "255") {
+	if _, err := b.Prepare(ctxT(t), s); !errors.Is(err, api.ErrInvalid) || !strings.Contains(err.Error(), "255") {
 		t.Fatalf("Prepare with 256 vCPUs = %v", err)
 	}
 }
@@ -259,10 +259,10 @@ func TestGuestHalt(t *testing.T) {
 		t.Fatal(err)
 	}
 	fs[0].GuestHalt()
-	if err := fs[0].WaitState(ctx, api.StateDestroyed); err != nil {
+	if err := fs[0].WaitState(ctx, papi.StateDestroyed); err != nil {
 		t.Fatal(err)
 	}
-	if st, err := b.State(ctx, h); err != nil || st != vm.StateStopped {
+	if st, err := b.State(ctx, h); err != nil || st != api.StateStopped {
 		t.Fatalf("State after guest halt = %s, %v", st, err)
 	}
 	if _, err := b.Start(ctx, h); err != nil {
@@ -281,8 +281,8 @@ func TestAdopt(t *testing.T) {
 		t.Fatal(err)
 	}
 	b2 := newBackend(t, addrs...)
-	h2, st, err := b2.Adopt(ctx, h, vm.StateRunning)
-	if err != nil || st != vm.StateRunning || h2.ID != h.ID {
+	h2, st, err := b2.Adopt(ctx, h, api.StateRunning)
+	if err != nil || st != api.StateRunning || h2.ID != h.ID {
 		t.Fatalf("Adopt = %+v %s %v", h2, st, err)
 	}
 	// The adopted VM keeps its server: a new VM gets the other one.
@@ -306,7 +306,7 @@ func TestConsoleEndpoint(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ep.Kind != vm.ConsoleWebSocket || ep.URL != "ws://"+addrs[0]+"/instance/serial" || ep.Headers["api-version"] != "5.0.0" {
+	if ep.Kind != api.ConsoleWebSocket || ep.URL != "ws://"+addrs[0]+"/instance/serial" || ep.Headers["api-version"] != "5.0.0" {
 		t.Fatalf("endpoint %+v", ep)
 	}
 }
@@ -314,15 +314,15 @@ func TestConsoleEndpoint(t *testing.T) {
 func TestNetworkRules(t *testing.T) {
 	_, addrs := servers(t, 1, fake.Options{})
 	b := newBackend(t, addrs...)
-	for _, n := range []*vm.NetworkConfig{{Type: vm.NetworkUser}, {Type: vm.NetworkTap, Bridge: "br0"}, {Type: vm.NetworkVnic}} {
+	for _, n := range []*api.NetworkConfig{{Type: api.NetworkUser}, {Type: api.NetworkTap, Bridge: "br0"}, {Type: api.NetworkVnic}} {
 		s := spec("n1")
 		s.Network = n
-		if _, err := b.Prepare(ctxT(t), s); !errors.Is(err, vm.ErrInvalid) {
+		if _, err := b.Prepare(ctxT(t), s); !errors.Is(err, api.ErrInvalid) {
 			t.Errorf("network %+v: Prepare = %v, want ErrInvalid", n, err)
 		}
 	}
 	s := spec("n2")
-	s.Network = &vm.NetworkConfig{Type: vm.NetworkNone}
+	s.Network = &api.NetworkConfig{Type: api.NetworkNone}
 	if _, err := b.Prepare(ctxT(t), s); err != nil {
 		t.Fatalf("no network: %v", err)
 	}

@@ -8,8 +8,9 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/vmherd/vmherd/internal/backends/propolis/api"
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/api"
+
+	papi "github.com/vmherd/vmherd/internal/backends/propolis/api"
 )
 
 // Placement is where a VM's own propolis-server listens and the host
@@ -28,7 +29,7 @@ type Placement struct {
 // its spec needs. Every method is idempotent.
 type Provisioner interface {
 	// Provision makes what the VM needs and returns where its server is.
-	Provision(ctx context.Context, name string, spec vm.VmSpec) (Placement, error)
+	Provision(ctx context.Context, name string, spec api.VmSpec) (Placement, error)
 	// Ensure makes sure the VM's server runs (restarting it if it died) and
 	// returns the possibly updated placement.
 	Ensure(ctx context.Context, name string, p Placement) (Placement, error)
@@ -50,7 +51,7 @@ const (
 )
 
 // placementOf reads a placement back from a handle.
-func placementOf(h vm.VmHandle) Placement {
+func placementOf(h api.VmHandle) Placement {
 	p := Placement{Endpoint: h.Endpoint, PID: h.PID, MAC: h.MAC, Extra: map[string]string{}}
 	for k, v := range h.Extra {
 		switch {
@@ -66,7 +67,7 @@ func placementOf(h vm.VmHandle) Placement {
 }
 
 // withPlacement records a placement in a handle.
-func withPlacement(h vm.VmHandle, p Placement) vm.VmHandle {
+func withPlacement(h api.VmHandle, p Placement) api.VmHandle {
 	h = h.Clone()
 	h.Endpoint, h.PID, h.MAC = p.Endpoint, p.PID, p.MAC
 	extra := map[string]string{}
@@ -96,36 +97,36 @@ func withPlacement(h vm.VmHandle, p Placement) vm.VmHandle {
 // NIC is an existing VNIC named in the spec: nothing is created on the host.
 type staticServers struct {
 	addrs  []string
-	client func(addr string) *api.Client
+	client func(addr string) *papi.Client
 
 	mu    sync.Mutex
 	owner map[string]string // address -> vm name
 }
 
-func newStaticServers(addrs []string, client func(string) *api.Client) *staticServers {
+func newStaticServers(addrs []string, client func(string) *papi.Client) *staticServers {
 	return &staticServers{addrs: addrs, client: client, owner: map[string]string{}}
 }
 
 // staticNIC is the VNIC of a spec on an already-running server.
-func staticNIC(spec vm.VmSpec) (string, error) {
+func staticNIC(spec api.VmSpec) (string, error) {
 	n := spec.Network
 	if n == nil {
 		return "", nil
 	}
 	switch n.Type {
-	case vm.NetworkNone:
+	case api.NetworkNone:
 		return "", nil
-	case vm.NetworkVnic:
+	case api.NetworkVnic:
 		if n.Name == "" {
-			return "", fmt.Errorf("%w: spec.network.name: name the existing VNIC to attach (with an already-running propolis-server vmherd creates none)", vm.ErrInvalid)
+			return "", fmt.Errorf("%w: spec.network.name: name the existing VNIC to attach (with an already-running propolis-server vmherd creates none)", api.ErrInvalid)
 		}
 		return n.Name, nil
 	default:
-		return "", fmt.Errorf("%w: spec.network.type: %q networking does not exist on propolis; use {\"type\":\"vnic\",\"name\":\"<vnic>\"} or {\"type\":\"none\"}", vm.ErrInvalid, n.Type)
+		return "", fmt.Errorf("%w: spec.network.type: %q networking does not exist on propolis; use {\"type\":\"vnic\",\"name\":\"<vnic>\"} or {\"type\":\"none\"}", api.ErrInvalid, n.Type)
 	}
 }
 
-func (s *staticServers) Provision(ctx context.Context, name string, spec vm.VmSpec) (Placement, error) {
+func (s *staticServers) Provision(ctx context.Context, name string, spec api.VmSpec) (Placement, error) {
 	vnic, err := staticNIC(spec)
 	if err != nil {
 		return Placement{}, err
@@ -139,7 +140,7 @@ func (s *staticServers) Provision(ctx context.Context, name string, spec vm.VmSp
 		}
 		inst, err := s.client(addr).Get(ctx)
 		switch {
-		case errors.Is(err, api.ErrNoInstance):
+		case errors.Is(err, papi.ErrNoInstance):
 		case err != nil:
 			errs = append(errs, err)
 			continue

@@ -10,10 +10,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/testenv/require"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // wantErr fails unless err is non-nil and its message has every part.
@@ -92,10 +92,10 @@ func TestBadInput(t *testing.T) {
 	t.Run("BadName", func(t *testing.T) {
 		for _, name := range []string{"../escape", "Upper", "", "a/b"} {
 			_, err := b.Prepare(ctx, testSpec(raw, name))
-			if !errors.Is(err, vm.ErrInvalid) {
+			if !errors.Is(err, api.ErrInvalid) {
 				t.Fatalf("Prepare(%q) = %v, want ErrInvalid", name, err)
 			}
-			if _, err := b.State(ctx, vm.VmHandle{Name: name}); err == nil {
+			if _, err := b.State(ctx, api.VmHandle{Name: name}); err == nil {
 				t.Fatalf("State(%q) succeeded", name)
 			}
 		}
@@ -116,24 +116,24 @@ func TestBadInput(t *testing.T) {
 	})
 	t.Run("Network", func(t *testing.T) {
 		spec := testSpec(raw, "bad-tap")
-		spec.Network = &vm.NetworkConfig{Type: vm.NetworkTap}
+		spec.Network = &api.NetworkConfig{Type: api.NetworkTap}
 		_, err := b.Prepare(ctx, spec)
 		wantErr(t, err, "bridge")
-		spec.Network = &vm.NetworkConfig{Type: vm.NetworkVnic, Name: "vnic0"}
+		spec.Network = &api.NetworkConfig{Type: api.NetworkVnic, Name: "vnic0"}
 		if _, err := b.Prepare(ctx, spec); !errors.Is(err, backends.ErrUnsupported) {
 			t.Fatalf("vnic Prepare = %v, want ErrUnsupported", err)
 		}
 		noWorkDir(t, dataDir, "bad-tap")
 	})
 	t.Run("UnknownVM", func(t *testing.T) {
-		ghost := vm.VmHandle{ID: "x", Name: "ghost", Backend: vm.BackendQEMU}
+		ghost := api.VmHandle{ID: "x", Name: "ghost", Backend: api.BackendQEMU}
 		if _, err := b.State(ctx, ghost); !errors.Is(err, backends.ErrNotFound) {
 			t.Fatalf("State = %v, want ErrNotFound", err)
 		}
 		if _, err := b.Start(ctx, ghost); !errors.Is(err, backends.ErrNotFound) {
 			t.Fatalf("Start = %v, want ErrNotFound", err)
 		}
-		if _, _, err := b.Adopt(ctx, ghost, vm.StateRunning); !errors.Is(err, backends.ErrNotFound) {
+		if _, _, err := b.Adopt(ctx, ghost, api.StateRunning); !errors.Is(err, backends.ErrNotFound) {
 			t.Fatalf("Adopt = %v, want ErrNotFound", err)
 		}
 		if err := b.Destroy(ctx, ghost); err != nil {
@@ -142,7 +142,7 @@ func TestBadInput(t *testing.T) {
 	})
 	t.Run("NotRunning", func(t *testing.T) {
 		spec := testSpec(raw, "idle")
-		spec.Network = &vm.NetworkConfig{Type: vm.NetworkNone}
+		spec.Network = &api.NetworkConfig{Type: api.NetworkNone}
 		h, err := b.Prepare(ctx, spec)
 		if err != nil {
 			t.Fatal(err)
@@ -166,7 +166,7 @@ func TestBadInput(t *testing.T) {
 		if err := b.Destroy(ctx, old); err != nil {
 			t.Fatal(err)
 		}
-		if st, err := b.State(ctx, h); err != nil || st != vm.StatePrepared {
+		if st, err := b.State(ctx, h); err != nil || st != api.StatePrepared {
 			t.Fatalf("Destroy of an older incarnation touched the current one: %s, %v", st, err)
 		}
 	})
@@ -182,7 +182,7 @@ func TestBadInput(t *testing.T) {
 		_, err = b.Start(ctx, h)
 		wantErr(t, err, "starting vm corrupt", "qemu stderr", "disk.qcow2")
 		t.Logf("start error: %v", err)
-		if st, err := b.State(ctx, h); err != nil || st != vm.StatePrepared {
+		if st, err := b.State(ctx, h); err != nil || st != api.StatePrepared {
 			t.Fatalf("State after a failed start = %s, %v; want prepared", st, err)
 		}
 		for _, f := range []string{"qemu.pid", "qmp.sock", "serial.sock"} {
@@ -259,7 +259,7 @@ func TestDiskResizeAndUEFI(t *testing.T) {
 	if h, err = b.Start(ctx, h); err != nil {
 		t.Fatal(err)
 	}
-	if st, err := b.State(ctx, h); err != nil || st != vm.StateRunning {
+	if st, err := b.State(ctx, h); err != nil || st != api.StateRunning {
 		t.Fatalf("State = %s, %v", st, err)
 	}
 	if err := b.Destroy(ctx, h); err != nil {

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // A running VM's console log stays bounded however much the guest writes:
@@ -34,7 +34,7 @@ func TestConsoleLogRotated(t *testing.T) {
 		}
 	}()
 	spec := testSpec(img, "chatty")
-	spec.Network = &vm.NetworkConfig{Type: vm.NetworkNone}
+	spec.Network = &api.NetworkConfig{Type: api.NetworkNone}
 	h, err := b.Prepare(ctx, spec)
 	if err != nil {
 		t.Fatal(err)

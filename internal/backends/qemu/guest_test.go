@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"golang.org/x/crypto/ssh"
 
 	"github.com/vmherd/vmherd/internal/backends"
@@ -17,7 +19,6 @@ import (
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/provision"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 func TestConformance(t *testing.T) {
@@ -27,8 +28,8 @@ func TestConformance(t *testing.T) {
 		New: func(t *testing.T) backends.Hypervisor {
 			return &readyWaiter{Backend: newBackend(t, qemu.Options{}), offset: map[string]int64{}}
 		},
-		Spec:        func(t *testing.T, name string) vm.VmSpec { return testSpec(img, name) },
-		ConsoleKind: vm.ConsoleUnixSocket,
+		Spec:        func(t *testing.T, name string) api.VmSpec { return testSpec(img, name) },
+		ConsoleKind: api.ConsoleUnixSocket,
 		StopTimeout: 20 * time.Second,
 		CallTimeout: bootTimeout + time.Minute,
 	})
@@ -43,12 +44,12 @@ func TestGuest(t *testing.T) {
 	dataDir := shortTempDir(t)
 	b := newBackend(t, qemu.Options{DataDir: dataDir})
 	spec := testSpec(img, "guest1")
-	spec.CloudInit = &vm.CloudInitConfig{InstanceID: "iid-guest1-42", Hostname: "web-one"}
+	spec.CloudInit = &api.CloudInitConfig{InstanceID: "iid-guest1-42", Hostname: "web-one"}
 	priv, pub, err := provision.NewKey("test@vmherd")
 	if err != nil {
 		t.Fatal(err)
 	}
-	spec.SSH = &vm.SshConfig{User: "vm", PublicKey: pub}
+	spec.SSH = &api.SshConfig{User: "vm", PublicKey: pub}
 	ctx := ctxT(t, bootTimeout+2*time.Minute)
 	h, err := b.Prepare(ctx, spec)
 	if err != nil {
@@ -103,7 +104,7 @@ func TestGuest(t *testing.T) {
 		t.Fatalf("ssh id -un; hostname: %q, %v", out, err)
 	}
 	ep, err := b.ConsoleEndpoint(h)
-	if err != nil || ep.Kind != vm.ConsoleUnixSocket || ep.Path != h.SerialSock || ep.LogPath != h.SerialLog {
+	if err != nil || ep.Kind != api.ConsoleUnixSocket || ep.Path != h.SerialSock || ep.LogPath != h.SerialLog {
 		t.Fatalf("ConsoleEndpoint = %+v, %v", ep, err)
 	}
 	if _, err := os.Stat(ep.Path); err != nil {
@@ -112,11 +113,11 @@ func TestGuest(t *testing.T) {
 
 	// A worker restart: a new Backend on the same data dir adopts it.
 	b2 := newBackend(t, qemu.Options{DataDir: dataDir})
-	ah, st, err := b2.Adopt(ctx, h, vm.StateRunning)
+	ah, st, err := b2.Adopt(ctx, h, api.StateRunning)
 	if err != nil {
 		t.Fatalf("Adopt: %v", err)
 	}
-	if st != vm.StateRunning || ah.PID != h.PID || ah.ID != h.ID {
+	if st != api.StateRunning || ah.PID != h.PID || ah.ID != h.ID {
 		t.Fatalf("Adopt = pid %d id %s state %s; want pid %d id %s running", ah.PID, ah.ID, st, h.PID, h.ID)
 	}
 	// Start through the new Backend is a no-op on the running VM.
@@ -135,7 +136,7 @@ func TestGuest(t *testing.T) {
 	}
 	t.Logf("ACPI stop took %v", time.Since(start))
 	for _, bk := range []*qemu.Backend{b, b2} {
-		if st, err := bk.State(ctx, h); err != nil || st != vm.StateStopped {
+		if st, err := bk.State(ctx, h); err != nil || st != api.StateStopped {
 			t.Fatalf("State after Stop = %s, %v", st, err)
 		}
 	}
@@ -157,7 +158,7 @@ func TestStopIgnoredACPI(t *testing.T) {
 	img := guestImage(t)
 	b := newBackend(t, qemu.Options{})
 	spec := testSpec(img, "deaf")
-	spec.CloudInit = &vm.CloudInitConfig{UserData: guestimage.IgnoreACPIUserData}
+	spec.CloudInit = &api.CloudInitConfig{UserData: guestimage.IgnoreACPIUserData}
 	ctx := ctxT(t, bootTimeout+time.Minute)
 	h, err := b.Prepare(ctx, spec)
 	if err != nil {
@@ -182,7 +183,7 @@ func TestStopIgnoredACPI(t *testing.T) {
 	if took < timeout {
 		t.Fatalf("Stop returned after %v, before the %v timeout", took, timeout)
 	}
-	if st, err := b.State(ctx, h); err != nil || st != vm.StateStopped {
+	if st, err := b.State(ctx, h); err != nil || st != api.StateStopped {
 		t.Fatalf("State = %s, %v; want stopped", st, err)
 	}
 	if syscall.Kill(h.PID, 0) == nil && procAlive(h.PID) {
@@ -224,7 +225,7 @@ func TestWatchKill(t *testing.T) {
 		t.Fatalf("second exit reported: %+v", e)
 	case <-time.After(time.Second):
 	}
-	if st, err := b.State(ctx, h); err != nil || st != vm.StateStopped {
+	if st, err := b.State(ctx, h); err != nil || st != api.StateStopped {
 		t.Fatalf("State after kill = %s, %v; want stopped", st, err)
 	}
 	// A stop is not an exit: restart, stop, nothing reported.
@@ -263,7 +264,7 @@ func TestReusedPID(t *testing.T) {
 			t.Fatal(err)
 		}
 		h.PID = pid
-		if st, err := b.State(ctx, h); err != nil || st != vm.StatePrepared {
+		if st, err := b.State(ctx, h); err != nil || st != api.StatePrepared {
 			t.Fatalf("State with a foreign pid %d = %s, %v; want prepared", pid, st, err)
 		}
 		if _, err := b.Suspend(ctx, h); err == nil {

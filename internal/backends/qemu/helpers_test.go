@@ -14,11 +14,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/testenv/require"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // bootTimeout bounds a guest boot: about 12s alone under TCG, several times
@@ -83,9 +83,9 @@ func shortTempDir(t *testing.T) string {
 	return d
 }
 
-func testSpec(img, name string) vm.VmSpec {
-	return vm.VmSpec{Name: name, Backend: vm.BackendQEMU, ImagePath: img, Vcpus: 1, MemoryMB: 128,
-		Network: &vm.NetworkConfig{Type: vm.NetworkUser}}
+func testSpec(img, name string) api.VmSpec {
+	return api.VmSpec{Name: name, Backend: api.BackendQEMU, ImagePath: img, Vcpus: 1, MemoryMB: 128,
+		Network: &api.NetworkConfig{Type: api.NetworkUser}}
 }
 
 func ctxT(t *testing.T, d time.Duration) context.Context {
@@ -177,12 +177,12 @@ type readyWaiter struct {
 	offset map[string]int64
 }
 
-func (w *readyWaiter) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (w *readyWaiter) Start(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	st, _ := w.Backend.State(ctx, h)
 	ep, _ := w.Backend.ConsoleEndpoint(h)
 	off := logSize(ep.LogPath)
 	out, err := w.Backend.Start(ctx, h)
-	if err == nil && st != vm.StateRunning && st != vm.StateSuspended {
+	if err == nil && st != api.StateRunning && st != api.StateSuspended {
 		w.mu.Lock()
 		w.offset[h.Name] = off
 		w.mu.Unlock()
@@ -190,7 +190,7 @@ func (w *readyWaiter) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, er
 	return out, err
 }
 
-func (w *readyWaiter) Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration) (vm.VmHandle, error) {
+func (w *readyWaiter) Stop(ctx context.Context, h api.VmHandle, timeout time.Duration) (api.VmHandle, error) {
 	w.mu.Lock()
 	off, ok := w.offset[h.Name]
 	w.mu.Unlock()

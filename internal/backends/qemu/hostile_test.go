@@ -12,10 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/imagechain"
 	"github.com/vmherd/vmherd/internal/imagechain/corpus"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // snapshot lists a tree's files with their sizes and times, to show
@@ -118,7 +118,7 @@ func TestChainCheckedAtStart(t *testing.T) {
 	b := newBackend(t, qemu.Options{DataDir: dataDir, ImageRoots: []string{root}, Accel: qemu.AccelTCG})
 	ctx := ctxT(t, 2*time.Minute)
 	spec := testSpec(in("base.qcow2"), "chain1")
-	spec.Network = &vm.NetworkConfig{Type: vm.NetworkNone}
+	spec.Network = &api.NetworkConfig{Type: api.NetworkNone}
 	h, err := b.Prepare(ctx, spec)
 	if err != nil {
 		t.Fatal(err)
@@ -147,7 +147,7 @@ func TestChainCheckedAtStart(t *testing.T) {
 	if !errors.Is(err, imagechain.ErrRefused) || !strings.Contains(err.Error(), secret+" is outside every image root") {
 		t.Fatalf("Start over a swapped base = %v, want a refusal naming %s", err, secret)
 	}
-	if st, err := b.State(ctx, h); err != nil || st != vm.StatePrepared {
+	if st, err := b.State(ctx, h); err != nil || st != api.StatePrepared {
 		t.Fatalf("State after a refused start = %s, %v", st, err)
 	}
 

@@ -17,8 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Migration, the QEMU way without shared storage (as libvirt, Incus and
@@ -72,36 +72,36 @@ const (
 )
 
 // Receive makes the waiting copy of src (see backends.Migrator).
-func (b *Backend) Receive(ctx context.Context, src vm.VmHandle, base string, r backends.Receiving) (vm.VmHandle, string, error) {
+func (b *Backend) Receive(ctx context.Context, src api.VmHandle, base string, r backends.Receiving) (api.VmHandle, string, error) {
 	h, ep, err := b.receive(ctx, src, base, r)
 	if err != nil {
-		return vm.VmHandle{}, "", fmt.Errorf("receiving vm %s: %w", src.Name, err)
+		return api.VmHandle{}, "", fmt.Errorf("receiving vm %s: %w", src.Name, err)
 	}
 	return h, ep, nil
 }
 
-func (b *Backend) receive(ctx context.Context, src vm.VmHandle, base string, rc backends.Receiving) (vm.VmHandle, string, error) {
+func (b *Backend) receive(ctx context.Context, src api.VmHandle, base string, rc backends.Receiving) (api.VmHandle, string, error) {
 	if src.Spec == nil {
-		return vm.VmHandle{}, "", errors.New("the source handle has no spec")
+		return api.VmHandle{}, "", errors.New("the source handle has no spec")
 	}
 	spec := *src.Spec
 	if spec.UEFI {
-		return vm.VmHandle{}, "", fmt.Errorf("a UEFI vm's variable store is not migrated: %w", backends.ErrUnsupported)
+		return api.VmHandle{}, "", fmt.Errorf("a UEFI vm's variable store is not migrated: %w", backends.ErrUnsupported)
 	}
 	wd, err := b.workDir(src.Name)
 	if err != nil {
-		return vm.VmHandle{}, "", err
+		return api.VmHandle{}, "", err
 	}
 	unlock, err := b.lockCtx(ctx, src.Name)
 	if err != nil {
-		return vm.VmHandle{}, "", err
+		return api.VmHandle{}, "", err
 	}
 	defer unlock()
 	if old, err := readRecord(wd); err == nil {
 		old.Handle.WorkDir = wd
 		switch {
 		case old.Handle.Extra[extraIncomingOf] == "":
-			return vm.VmHandle{}, "", fmt.Errorf("host %s already has a vm %s (being removed after an earlier migration?); try again", b.opts.Host, src.Name)
+			return api.VmHandle{}, "", fmt.Errorf("host %s already has a vm %s (being removed after an earlier migration?); try again", b.opts.Host, src.Name)
 		case old.Handle.Extra[extraIncomingOf] == src.ID && (rc.Mode != "live" || b.livePID(old) != 0):
 			return old.Handle.Clone(), old.Handle.Extra[extraIncomingEP], nil // made before: the same copy
 		}
@@ -109,14 +109,14 @@ func (b *Backend) receive(ctx context.Context, src vm.VmHandle, base string, rc 
 	}
 	chain, err := b.inspectChain(ctx, base, "")
 	if err != nil {
-		return vm.VmHandle{}, "", err
+		return api.VmHandle{}, "", err
 	}
 	info := chain[0]
 	if err := os.RemoveAll(wd); err != nil {
-		return vm.VmHandle{}, "", err
+		return api.VmHandle{}, "", err
 	}
 	if err := os.Mkdir(wd, 0o700); err != nil {
-		return vm.VmHandle{}, "", fmt.Errorf("creating work dir: %w", err)
+		return api.VmHandle{}, "", fmt.Errorf("creating work dir: %w", err)
 	}
 	ok := false
 	defer func() {
@@ -127,32 +127,32 @@ func (b *Backend) receive(ctx context.Context, src vm.VmHandle, base string, rc 
 	disk := filepath.Join(wd, diskFile)
 	if rc.Mode == "cold" {
 		if err := b.copyFrom(ctx, rc, disk); err != nil {
-			return vm.VmHandle{}, "", err
+			return api.VmHandle{}, "", err
 		}
 		// The copy names the source's file of the base; point it at ours.
 		if err := b.qemuImg(ctx, "rebase", "-u", "-f", "qcow2", "-F", info.Format, "-b", info.Path, disk); err != nil {
-			return vm.VmHandle{}, "", err
+			return api.VmHandle{}, "", err
 		}
 	} else {
 		size := max(info.VirtualSize, int64(spec.DiskGB)<<30)
 		if err := b.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-u", "-F", info.Format, "-b", info.Path, disk, strconv.FormatInt(size, 10)); err != nil {
-			return vm.VmHandle{}, "", err
+			return api.VmHandle{}, "", err
 		}
 	}
 	if err := writeSeedISO(filepath.Join(wd, seedFile), spec); err != nil {
-		return vm.VmHandle{}, "", err
+		return api.VmHandle{}, "", err
 	}
 	for _, f := range []string{disk, filepath.Join(wd, seedFile)} {
 		if err := os.Chmod(f, 0o600); err != nil {
-			return vm.VmHandle{}, "", err
+			return api.VmHandle{}, "", err
 		}
 	}
 	if err := touch(filepath.Join(wd, consoleLog)); err != nil {
-		return vm.VmHandle{}, "", err
+		return api.VmHandle{}, "", err
 	}
 	s := spec
-	h := vm.VmHandle{
-		ID: newID(), Name: src.Name, Backend: vm.BackendQEMU, Host: b.opts.Host, WorkDir: wd,
+	h := api.VmHandle{
+		ID: newID(), Name: src.Name, Backend: api.BackendQEMU, Host: b.opts.Host, WorkDir: wd,
 		QMPSocket: filepath.Join(wd, qmpSock), SerialSock: filepath.Join(wd, serialSock), SerialLog: filepath.Join(wd, consoleLog),
 		Spec: &s, StartedAt: src.StartedAt,
 		Extra: map[string]string{ExtraBaseFmt: info.Format, extraIncomingOf: src.ID},
@@ -166,7 +166,7 @@ func (b *Backend) receive(ctx context.Context, src vm.VmHandle, base string, rc 
 	}
 	b.allocMu.Unlock()
 	if err != nil {
-		return vm.VmHandle{}, "", err
+		return api.VmHandle{}, "", err
 	}
 	if rc.Mode == "cold" {
 		rec.Handle.StartedAt = time.Time{}
@@ -176,7 +176,7 @@ func (b *Backend) receive(ctx context.Context, src vm.VmHandle, base string, rc 
 	ep, err := b.listenIncoming(ctx, rec, src.Accel, rc)
 	if err != nil {
 		b.kill(ctx, rec)
-		return vm.VmHandle{}, "", err
+		return api.VmHandle{}, "", err
 	}
 	ok = true
 	b.log.Info("waiting for an incoming migration", "vm", h.Name, "id", rec.Handle.ID, "endpoint", ep)
@@ -194,7 +194,7 @@ func (b *Backend) listenIncoming(ctx context.Context, r *record, accel string, r
 			return "", fmt.Errorf("the vm runs with KVM on its host and this host has no usable KVM")
 		}
 	}
-	if r.Handle.Spec.Network.Type == vm.NetworkTap {
+	if r.Handle.Spec.Network.Type == api.NetworkTap {
 		if _, err := b.ensureTap(ctx, r.Handle.TapDevice, r.Handle.Spec.Network.Bridge); err != nil {
 			return "", err
 		}
@@ -343,7 +343,7 @@ func (b *Backend) kill(ctx context.Context, r *record) {
 }
 
 // Send mirrors the disk's top layer and migrates the guest to endpoint.
-func (b *Backend) Send(ctx context.Context, h vm.VmHandle, endpoint string, o backends.SendOptions, progress func(backends.MigrationProgress)) (backends.MigrationProgress, error) {
+func (b *Backend) Send(ctx context.Context, h api.VmHandle, endpoint string, o backends.SendOptions, progress func(backends.MigrationProgress)) (backends.MigrationProgress, error) {
 	p, err := b.send(ctx, h, endpoint, o, progress)
 	if err != nil {
 		return p, fmt.Errorf("migrating vm %s: %w", h.Name, err)
@@ -370,7 +370,7 @@ type migrateInfo struct {
 	} `json:"ram"`
 }
 
-func (b *Backend) send(ctx context.Context, h vm.VmHandle, endpoint string, o backends.SendOptions, progress func(backends.MigrationProgress)) (backends.MigrationProgress, error) {
+func (b *Backend) send(ctx context.Context, h api.VmHandle, endpoint string, o backends.SendOptions, progress func(backends.MigrationProgress)) (backends.MigrationProgress, error) {
 	var out backends.MigrationProgress
 	endpoint, tls, err := b.tlsEndpoint(endpoint)
 	if err != nil {
@@ -563,7 +563,7 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 
 // Recover undoes a send on the source: the migration and the mirror end,
 // and the guest runs again if it ran before.
-func (b *Backend) Recover(ctx context.Context, h vm.VmHandle, before vm.VmState) (vm.VmHandle, error) {
+func (b *Backend) Recover(ctx context.Context, h api.VmHandle, before api.VmState) (api.VmHandle, error) {
 	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
 		return h, fmt.Errorf("recovering vm %s: %w", h.Name, err)
@@ -601,7 +601,7 @@ func (b *Backend) Recover(ctx context.Context, h vm.VmHandle, before vm.VmState)
 		if err != nil {
 			return err
 		}
-		if before == vm.StateRunning && st.Status != "running" {
+		if before == api.StateRunning && st.Status != "running" {
 			if err := m.run(qctx, "cont", nil, nil); err != nil {
 				return fmt.Errorf("resuming the guest: %w", err)
 			}
@@ -620,7 +620,7 @@ func (b *Backend) Recover(ctx context.Context, h vm.VmHandle, before vm.VmState)
 }
 
 // Activate makes the waiting copy the VM once its switch is stored.
-func (b *Backend) Activate(ctx context.Context, h vm.VmHandle, before vm.VmState) (vm.VmHandle, error) {
+func (b *Backend) Activate(ctx context.Context, h api.VmHandle, before api.VmState) (api.VmHandle, error) {
 	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
 		return h, fmt.Errorf("activating vm %s: %w", h.Name, err)
@@ -651,7 +651,7 @@ func (b *Backend) Activate(ctx context.Context, h vm.VmHandle, before vm.VmState
 			}
 			_ = m.run(qctx, "block-export-del", map[string]any{"id": exportID}, nil)
 			_ = m.run(qctx, "nbd-server-stop", nil, nil)
-			if before == vm.StateRunning {
+			if before == api.StateRunning {
 				if err := m.run(qctx, "cont", nil, nil); err != nil {
 					return fmt.Errorf("resuming the guest: %w", err)
 				}
@@ -676,7 +676,7 @@ func (b *Backend) Activate(ctx context.Context, h vm.VmHandle, before vm.VmState
 }
 
 // Abandon removes a waiting copy; a VM that is not one is never touched.
-func (b *Backend) Abandon(ctx context.Context, h vm.VmHandle) error {
+func (b *Backend) Abandon(ctx context.Context, h api.VmHandle) error {
 	wd, err := b.workDir(h.Name)
 	if err != nil {
 		return err
@@ -703,7 +703,7 @@ func (b *Backend) Abandon(ctx context.Context, h vm.VmHandle) error {
 }
 
 // Export serves the VM's overlay file, read-only, for a cold move.
-func (b *Backend) Export(ctx context.Context, h vm.VmHandle, l backends.Receiving) (string, int64, string, error) {
+func (b *Backend) Export(ctx context.Context, h api.VmHandle, l backends.Receiving) (string, int64, string, error) {
 	listen := l.Listen
 	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
@@ -753,7 +753,7 @@ func (b *Backend) Export(ctx context.Context, h vm.VmHandle, l backends.Receivin
 }
 
 // Unexport ends a cold move's export.
-func (b *Backend) Unexport(ctx context.Context, h vm.VmHandle) error {
+func (b *Backend) Unexport(ctx context.Context, h api.VmHandle) error {
 	r, err := b.load(h)
 	if err != nil {
 		return nil

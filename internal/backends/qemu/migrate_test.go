@@ -11,21 +11,23 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/crypto/ssh"
+	"github.com/vmherd/vmherd/api"
+
 	"os/exec"
+
+	"golang.org/x/crypto/ssh"
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/fleet"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/provision"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // guestRun runs a shell command in the guest over SSH (its forwarded
 // port), checking the host keys it printed on its first console, which
 // hostKeys remembers (a migrated copy's console log starts at the move).
-func guestRun(t *testing.T, hostKeys map[string][]ssh.PublicKey, h vm.VmHandle, signer ssh.Signer, cmd string) string {
+func guestRun(t *testing.T, hostKeys map[string][]ssh.PublicKey, h api.VmHandle, signer ssh.Signer, cmd string) string {
 	t.Helper()
 	keys, ok := hostKeys[h.Name]
 	if !ok {
@@ -122,7 +124,7 @@ func liveMigration(t *testing.T, tlsDir string) {
 		t.Fatal(err)
 	}
 	spec := testSpec(bases[0], "mig1")
-	spec.SSH = &vm.SshConfig{User: "root", PublicKey: pub}
+	spec.SSH = &api.SshConfig{User: "root", PublicKey: pub}
 	h, err := hostsB[0].Prepare(ctx, spec)
 	if err != nil {
 		t.Fatal(err)
@@ -132,7 +134,7 @@ func liveMigration(t *testing.T, tlsDir string) {
 	}
 	t.Cleanup(func() {
 		for _, b := range hostsB {
-			_ = b.Destroy(context.Background(), vm.VmHandle{Name: "mig1"})
+			_ = b.Destroy(context.Background(), api.VmHandle{Name: "mig1"})
 		}
 	})
 	waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
@@ -171,7 +173,7 @@ func liveMigration(t *testing.T, tlsDir string) {
 			before = lastTick(h.SerialLog)
 		}
 		srcH := h
-		srcH.Spec = &vm.VmSpec{}
+		srcH.Spec = &api.VmSpec{}
 		*srcH.Spec = *h.Spec
 		srcH.Spec.ImagePath = bases[(move+1)%2]
 		copyH, ep, err := dst.Receive(ctx, srcH, bases[(move+1)%2], backends.Receiving{Mode: "live", Listen: "127.0.0.1", PortLo: 49152, PortHi: 49215})
@@ -202,7 +204,7 @@ func liveMigration(t *testing.T, tlsDir string) {
 			t.Fatalf("move %d: Send: %v", move, err)
 		}
 		took := time.Since(began)
-		nh, err := dst.Activate(ctx, copyH, vm.StateRunning)
+		nh, err := dst.Activate(ctx, copyH, api.StateRunning)
 		if err != nil {
 			t.Fatalf("move %d: Activate: %v", move, err)
 		}
@@ -217,7 +219,7 @@ func liveMigration(t *testing.T, tlsDir string) {
 			t.Errorf("move %d: the copy's handle %+v (the source's MAC %s, id %s)", move, nh, h.MAC, h.ID)
 		}
 		h = nh
-		if st, err := dst.State(ctx, h); err != nil || st != vm.StateRunning {
+		if st, err := dst.State(ctx, h); err != nil || st != api.StateRunning {
 			t.Fatalf("move %d: state on the destination %s, %v", move, st, err)
 		}
 		if got := strings.TrimSpace(guestRun(t, hostKeys, h, signer, "cat /proc/sys/kernel/random/boot_id")); got != bootID {
@@ -247,14 +249,14 @@ func liveMigration(t *testing.T, tlsDir string) {
 		t.Fatalf("Export: %v", err)
 	}
 	srcH := h
-	srcH.Spec = &vm.VmSpec{}
+	srcH.Spec = &api.VmSpec{}
 	*srcH.Spec = *h.Spec
 	copyH, _, err := hostsB[1].Receive(ctx, srcH, bases[1], backends.Receiving{Mode: "cold", From: ep, FromSize: size, FromDigest: digest})
 	if err != nil {
 		t.Fatalf("cold Receive: %v", err)
 	}
 	_ = hostsB[0].Unexport(ctx, h)
-	if _, err := hostsB[1].Activate(ctx, copyH, vm.StateStopped); err != nil {
+	if _, err := hostsB[1].Activate(ctx, copyH, api.StateStopped); err != nil {
 		t.Fatal(err)
 	}
 	if err := hostsB[0].Destroy(ctx, h); err != nil {
@@ -283,13 +285,13 @@ func TestMigrationEndpointsChecked(t *testing.T) {
 		"a,b:49152|10.0.0.1:49153",
 		"10.0.0.1:049152|10.0.0.1:49153",
 	} {
-		_, err := b.Send(context.Background(), vm.VmHandle{Name: "x"}, ep, backends.SendOptions{}, func(backends.MigrationProgress) {})
+		_, err := b.Send(context.Background(), api.VmHandle{Name: "x"}, ep, backends.SendOptions{}, func(backends.MigrationProgress) {})
 		if err == nil || !strings.Contains(err.Error(), "migration endpoint") {
 			t.Errorf("Send to %q: %v, want the endpoint refused", ep, err)
 		}
 	}
 	cold := backends.Receiving{Mode: "cold", From: "nbd://10.0.0.1:1,file.driver=file/disk", Listen: "127.0.0.1", PortLo: 49152, PortHi: 49153}
-	if _, _, err := b.Receive(context.Background(), vm.VmHandle{Name: "x", Spec: &vm.VmSpec{Name: "x"}}, "/nonexistent", cold); err == nil {
+	if _, _, err := b.Receive(context.Background(), api.VmHandle{Name: "x", Spec: &api.VmSpec{Name: "x"}}, "/nonexistent", cold); err == nil {
 		t.Error("a cold receive from an endpoint with options was not refused")
 	}
 }

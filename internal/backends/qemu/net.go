@@ -12,8 +12,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // ip runs iproute2's ip (through the wrapper) and returns its stdout.
@@ -91,15 +91,15 @@ func (b *Backend) deleteTap(ctx context.Context, name string) error {
 // GuestIP: user networking → 127.0.0.1 (the SSH forward is handle.SSHPort);
 // tap → the neighbour whose link-layer address is this VM's MAC, else the
 // newest dnsmasq lease for that MAC; none → ErrNoAddress.
-func (b *Backend) GuestIP(ctx context.Context, h vm.VmHandle) (string, error) {
+func (b *Backend) GuestIP(ctx context.Context, h api.VmHandle) (string, error) {
 	r, err := b.load(h)
 	if err != nil {
 		return "", fmt.Errorf("guest address of vm %s: %w", h.Name, err)
 	}
 	switch r.Handle.Spec.Network.Type {
-	case vm.NetworkUser:
+	case api.NetworkUser:
 		return "127.0.0.1", nil
-	case vm.NetworkTap:
+	case api.NetworkTap:
 		mac := strings.ToLower(r.Handle.MAC)
 		if out, err := b.ip(ctx, "neigh", "show"); err == nil {
 			if ip := neighIP(out, mac); ip != "" {
@@ -175,13 +175,13 @@ func leaseIP(data []byte, mac string) string {
 }
 
 // ConsoleEndpoint is the serial console's unix socket and its log file.
-func (b *Backend) ConsoleEndpoint(h vm.VmHandle) (vm.ConsoleEndpoint, error) {
+func (b *Backend) ConsoleEndpoint(h api.VmHandle) (api.ConsoleEndpoint, error) {
 	wd, err := b.workDir(h.Name)
 	if err != nil {
-		return vm.ConsoleEndpoint{}, fmt.Errorf("console of vm %s: %w", h.Name, err)
+		return api.ConsoleEndpoint{}, fmt.Errorf("console of vm %s: %w", h.Name, err)
 	}
-	return vm.ConsoleEndpoint{
-		Kind:    vm.ConsoleUnixSocket,
+	return api.ConsoleEndpoint{
+		Kind:    api.ConsoleUnixSocket,
 		Path:    filepath.Join(wd, serialSock),
 		LogPath: filepath.Join(wd, consoleLog),
 	}, nil

@@ -17,90 +17,90 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/imagechain"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Prepare creates the VM's work dir: overlay disk, seed ISO, firmware vars,
 // MAC, forwarded SSH port or tap name, and vm.json. Preparing a name that
 // is already prepared returns the existing handle. A failed Prepare leaves
 // nothing behind.
-func (b *Backend) Prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, error) {
+func (b *Backend) Prepare(ctx context.Context, spec api.VmSpec) (api.VmHandle, error) {
 	h, err := b.prepare(ctx, spec)
 	if err != nil {
-		return vm.VmHandle{}, fmt.Errorf("preparing vm %s: %w", spec.Name, err)
+		return api.VmHandle{}, fmt.Errorf("preparing vm %s: %w", spec.Name, err)
 	}
 	return h, nil
 }
 
-func (b *Backend) prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, error) {
+func (b *Backend) prepare(ctx context.Context, spec api.VmSpec) (api.VmHandle, error) {
 	if spec.Backend == "" {
-		spec.Backend = vm.BackendQEMU
+		spec.Backend = api.BackendQEMU
 	}
 	spec = spec.WithDefaults()
-	if spec.Backend != vm.BackendQEMU {
-		return vm.VmHandle{}, fmt.Errorf("%w: spec.backend is %q, this is the qemu backend", vm.ErrInvalid, spec.Backend)
+	if spec.Backend != api.BackendQEMU {
+		return api.VmHandle{}, fmt.Errorf("%w: spec.backend is %q, this is the qemu backend", api.ErrInvalid, spec.Backend)
 	}
 	if err := spec.Validate(); err != nil {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	nc := *spec.Network
 	switch nc.Type {
-	case vm.NetworkUser, vm.NetworkNone:
-	case vm.NetworkTap:
+	case api.NetworkUser, api.NetworkNone:
+	case api.NetworkTap:
 		if nc.Bridge == "" {
 			nc.Bridge = b.opts.DefaultBridge
 		}
 		if nc.Bridge == "" {
-			return vm.VmHandle{}, fmt.Errorf("%w: spec.network.bridge: tap networking needs a bridge; name one in the spec or configure a default bridge", vm.ErrInvalid)
+			return api.VmHandle{}, fmt.Errorf("%w: spec.network.bridge: tap networking needs a bridge; name one in the spec or configure a default bridge", api.ErrInvalid)
 		}
-	case vm.NetworkVnic:
-		return vm.VmHandle{}, fmt.Errorf("vnic networking is for the propolis backend; use user, tap or none: %w", backends.ErrUnsupported)
+	case api.NetworkVnic:
+		return api.VmHandle{}, fmt.Errorf("vnic networking is for the propolis backend; use user, tap or none: %w", backends.ErrUnsupported)
 	}
 	spec.Network = &nc
 
 	wd, err := b.workDir(spec.Name)
 	if err != nil {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	unlock, err := b.lockCtx(ctx, spec.Name)
 	if err != nil {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	defer unlock()
 
 	if r, err := readRecord(wd); err == nil {
 		return r.Handle.Clone(), nil // already prepared: idempotent
 	} else if !errors.Is(err, fs.ErrNotExist) {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	if len(filepath.Join(wd, serialSock)) > maxSockPath {
-		return vm.VmHandle{}, fmt.Errorf("socket path %s is longer than the %d bytes a unix socket allows; use a shorter data dir or VM name", filepath.Join(wd, serialSock), maxSockPath)
+		return api.VmHandle{}, fmt.Errorf("socket path %s is longer than the %d bytes a unix socket allows; use a shorter data dir or VM name", filepath.Join(wd, serialSock), maxSockPath)
 	}
 
 	chain, err := b.inspectChain(ctx, spec.ImagePath, "")
 	if err != nil {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	base, info := chain[0].Path, chain[0]
 	var fw FirmwarePair
 	if spec.UEFI {
 		if fw, err = b.findFirmware(); err != nil {
-			return vm.VmHandle{}, err
+			return api.VmHandle{}, err
 		}
 	}
 	if spec.DiskGB > 0 && int64(spec.DiskGB)<<30 < info.VirtualSize {
-		return vm.VmHandle{}, fmt.Errorf("%w: spec.disk_gb: %d GiB is smaller than the base image %s (%d bytes); ask for at least %d GiB or leave it out",
-			vm.ErrInvalid, spec.DiskGB, base, info.VirtualSize, (info.VirtualSize+(1<<30)-1)>>30)
+		return api.VmHandle{}, fmt.Errorf("%w: spec.disk_gb: %d GiB is smaller than the base image %s (%d bytes); ask for at least %d GiB or leave it out",
+			api.ErrInvalid, spec.DiskGB, base, info.VirtualSize, (info.VirtualSize+(1<<30)-1)>>30)
 	}
 
 	// A work dir without vm.json is a Prepare that died half way.
 	if err := os.RemoveAll(wd); err != nil {
-		return vm.VmHandle{}, fmt.Errorf("removing the leftovers of an earlier prepare in %s: %w", wd, err)
+		return api.VmHandle{}, fmt.Errorf("removing the leftovers of an earlier prepare in %s: %w", wd, err)
 	}
 	if err := os.Mkdir(wd, 0o700); err != nil {
-		return vm.VmHandle{}, fmt.Errorf("creating work dir: %w; the data dir must be writable by the worker", err)
+		return api.VmHandle{}, fmt.Errorf("creating work dir: %w; the data dir must be writable by the worker", err)
 	}
 	ok := false
 	defer func() {
@@ -114,26 +114,26 @@ func (b *Backend) prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 	disk := filepath.Join(wd, diskFile)
 	size := max(info.VirtualSize, int64(spec.DiskGB)<<30)
 	if err := b.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-u", "-F", info.Format, "-b", base, disk, strconv.FormatInt(size, 10)); err != nil {
-		return vm.VmHandle{}, fmt.Errorf("creating overlay over %s: %w", base, err)
+		return api.VmHandle{}, fmt.Errorf("creating overlay over %s: %w", base, err)
 	}
 	if err := writeSeedISO(filepath.Join(wd, seedFile), spec); err != nil {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	// Only the worker's user (root, which runs QEMU) reads a VM's disk,
 	// seed (its user data) and console.
 	for _, f := range []string{disk, filepath.Join(wd, seedFile)} {
 		if err := os.Chmod(f, 0o600); err != nil {
-			return vm.VmHandle{}, err
+			return api.VmHandle{}, err
 		}
 	}
 	if err := touch(filepath.Join(wd, consoleLog)); err != nil {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	s := spec
-	h := vm.VmHandle{
+	h := api.VmHandle{
 		ID:         newID(),
 		Name:       spec.Name,
-		Backend:    vm.BackendQEMU,
+		Backend:    api.BackendQEMU,
 		Host:       b.opts.Host,
 		WorkDir:    wd,
 		QMPSocket:  filepath.Join(wd, qmpSock),
@@ -145,7 +145,7 @@ func (b *Backend) prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 	if spec.UEFI {
 		vars := filepath.Join(wd, varsFile)
 		if err := copyFile(fw.Vars, vars); err != nil {
-			return vm.VmHandle{}, fmt.Errorf("copying UEFI vars %s: %w", fw.Vars, err)
+			return api.VmHandle{}, fmt.Errorf("copying UEFI vars %s: %w", fw.Vars, err)
 		}
 		h.Extra[ExtraOVMFCode] = fw.Code
 		h.Extra[ExtraOVMFVars] = vars
@@ -158,7 +158,7 @@ func (b *Backend) prepare(ctx context.Context, spec vm.VmSpec) (vm.VmHandle, err
 	}
 	b.allocMu.Unlock()
 	if err != nil {
-		return vm.VmHandle{}, err
+		return api.VmHandle{}, err
 	}
 	ok = true
 	b.log.Info("prepared vm", "vm", h.Name, "id", h.ID, "base", base, "format", info.Format, "layers", len(chain), "network", nc.Type, "mac", h.MAC)
@@ -213,7 +213,7 @@ func (b *Backend) findFirmware() (FirmwarePair, error) {
 
 // allocate picks a MAC unique among this host's VMs, and the forwarded SSH
 // port (user) or tap device name (tap). Called with allocMu held.
-func (b *Backend) allocate(h *vm.VmHandle) error {
+func (b *Backend) allocate(h *api.VmHandle) error {
 	others := b.allRecords(h.Name)
 	macs, taps, ports := map[string]bool{}, map[string]bool{}, map[int]bool{}
 	for _, r := range others {
@@ -232,13 +232,13 @@ func (b *Backend) allocate(h *vm.VmHandle) error {
 		}
 	}
 	switch h.Spec.Network.Type {
-	case vm.NetworkUser:
+	case api.NetworkUser:
 		p, err := freePort(ports)
 		if err != nil {
 			return fmt.Errorf("picking the SSH forward port: %w", err)
 		}
 		h.SSHPort = p
-	case vm.NetworkTap:
+	case api.NetworkTap:
 		for i := 0; ; i++ {
 			if i == 100 {
 				return errors.New("could not find a free tap device name")

@@ -28,8 +28,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 var (
@@ -158,8 +158,8 @@ type Backend struct {
 
 // owned is what Watch needs to know about one VM.
 type owned struct {
-	h        vm.VmHandle // ID, PID of the incarnation
-	stopping bool        // a Stop or Destroy is in progress
+	h        api.VmHandle // ID, PID of the incarnation
+	stopping bool         // a Stop or Destroy is in progress
 }
 
 // New checks the options and returns a Backend.
@@ -257,8 +257,8 @@ func lookBinary(configured, def, hint string) (string, error) {
 }
 
 // Capabilities: QEMU can suspend (pause) and resume.
-func (b *Backend) Capabilities() backends.Capabilities {
-	return backends.Capabilities{Suspend: true, Resume: true, Migrate: true}
+func (b *Backend) Capabilities() api.Capabilities {
+	return api.Capabilities{Suspend: true, Resume: true, Migrate: true}
 }
 
 // lockCtx serialises mutating calls on one VM, waiting at most as long as
@@ -284,7 +284,7 @@ func (b *Backend) lockCtx(ctx context.Context, name string) (func(), error) {
 }
 
 // setOwned records that this Backend is responsible for h's QEMU process.
-func (b *Backend) setOwned(h vm.VmHandle) {
+func (b *Backend) setOwned(h api.VmHandle) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.owned[h.Name] = &owned{h: h.Clone()}
@@ -307,7 +307,7 @@ func (b *Backend) disown(name string) {
 	delete(b.owned, name)
 }
 
-func (b *Backend) accelFor(spec *vm.VmSpec) string {
+func (b *Backend) accelFor(spec *api.VmSpec) string {
 	if spec != nil && spec.Accel != "" && spec.Accel != AccelAuto {
 		return spec.Accel
 	}

@@ -10,11 +10,15 @@ import (
 )
 
 // monitor is a QMP connection whose every step is bounded by a context.
-// go-qemu's SocketMonitor has no deadlines of its own: a Connect or Run
-// that outlives its context is abandoned and the connection closed.
+// go-qemu's monitors have no deadlines of their own: a Connect or Run
+// that outlives its context is abandoned and the connection closed. It
+// speaks through go-qemu's qmp.Monitor interface: a *qmp.SocketMonitor
+// to a real QEMU, a qmptest monitor in unit tests.
 type monitor struct {
-	mon *qmp.SocketMonitor
+	mon qmp.Monitor
 }
+
+var _ qmp.Monitor = (*qmp.SocketMonitor)(nil)
 
 // dialQMP connects to a QMP socket and completes the qmp_capabilities
 // handshake, retrying while the socket is not there yet, until ctx ends.
@@ -46,7 +50,8 @@ func dialQMP(ctx context.Context, path string) (*monitor, error) {
 	}
 }
 
-func connect(ctx context.Context, mon *qmp.SocketMonitor) (*monitor, error) {
+// connect completes the qmp_capabilities handshake on mon, bounded by ctx.
+func connect(ctx context.Context, mon qmp.Monitor) (*monitor, error) {
 	done := make(chan error, 1)
 	go func() { done <- mon.Connect() }()
 	select {

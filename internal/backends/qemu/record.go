@@ -10,9 +10,9 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/imagechain"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Files in a work dir.
@@ -32,8 +32,8 @@ const (
 
 // record is what vm.json holds.
 type record struct {
-	Version int         `json:"version"`
-	Handle  vm.VmHandle `json:"handle"`
+	Version int          `json:"version"`
+	Handle  api.VmHandle `json:"handle"`
 	// Chain is the base image's chain as last checked (Prepare, Start):
 	// QEMU is given these layers with these formats (-blockdev).
 	Chain imagechain.Chain `json:"chain,omitempty"`
@@ -42,13 +42,13 @@ type record struct {
 // workDir returns <data_dir>/vms/<name>, after checking the name and that
 // the path stays under the data dir.
 func (b *Backend) workDir(name string) (string, error) {
-	if err := vm.ValidateName(name); err != nil {
+	if err := api.ValidateName(name); err != nil {
 		return "", err
 	}
 	wd := filepath.Join(b.vmsDir, name)
 	rel, err := filepath.Rel(b.vmsDir, wd)
 	if err != nil || rel != name || strings.HasPrefix(rel, "..") {
-		return "", fmt.Errorf("%w: vm name %q leaves the data dir", vm.ErrInvalid, name)
+		return "", fmt.Errorf("%w: vm name %q leaves the data dir", api.ErrInvalid, name)
 	}
 	return wd, nil
 }
@@ -58,7 +58,7 @@ func (b *Backend) workDir(name string) (string, error) {
 // lockLoad checks the name, takes the VM's lock (bounded by ctx) and loads
 // its record: the start of every call that acts on a prepared VM. The
 // caller runs unlock when done; on an error nothing is held.
-func (b *Backend) lockLoad(ctx context.Context, h vm.VmHandle) (*record, func(), error) {
+func (b *Backend) lockLoad(ctx context.Context, h api.VmHandle) (*record, func(), error) {
 	if _, err := b.workDir(h.Name); err != nil {
 		return nil, nil, err
 	}
@@ -74,7 +74,7 @@ func (b *Backend) lockLoad(ctx context.Context, h vm.VmHandle) (*record, func(),
 	return r, unlock, nil
 }
 
-func (b *Backend) load(h vm.VmHandle) (*record, error) {
+func (b *Backend) load(h api.VmHandle) (*record, error) {
 	wd, err := b.workDir(h.Name)
 	if err != nil {
 		return nil, err

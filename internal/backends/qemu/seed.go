@@ -1,9 +1,9 @@
 package qemu
 
 import (
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/cloudinit"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // writeSeedISO writes the NoCloud seed image the VM boots with.
-func writeSeedISO(path string, spec vm.VmSpec) error { return cloudinit.WriteFile(path, spec) }
+func writeSeedISO(path string, spec api.VmSpec) error { return cloudinit.WriteFile(path, spec) }

@@ -13,14 +13,14 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/vm"
+	"github.com/vmherd/vmherd/api"
 )
 
 // errForwardBusy: QEMU could not bind the SSH forward port.
 var errForwardBusy = errors.New("the SSH forward port is in use")
 
 // Start launches the VM's QEMU, or returns the current handle if it runs.
-func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (b *Backend) Start(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	out, err := b.start(ctx, h)
 	if err != nil {
 		return h, fmt.Errorf("starting vm %s: %w", h.Name, err)
@@ -28,7 +28,7 @@ func (b *Backend) Start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 	return out, nil
 }
 
-func (b *Backend) start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (b *Backend) start(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
 		return h, err
@@ -58,12 +58,12 @@ func (b *Backend) start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 	b.log.Info("starting vm", "vm", r.Handle.Name, "id", r.Handle.ID, "accel", accel, "accel_reason", why)
 
 	createdTap := false
-	if spec.Network.Type == vm.NetworkTap {
+	if spec.Network.Type == api.NetworkTap {
 		if createdTap, err = b.ensureTap(ctx, r.Handle.TapDevice, spec.Network.Bridge); err != nil {
 			return h, err
 		}
 	}
-	fail := func(err error) (vm.VmHandle, error) {
+	fail := func(err error) (api.VmHandle, error) {
 		if pid := readPidfile(r.path(pidFile)); pid != 0 && b.ifOurs(r, pid) != 0 {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 			wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
@@ -78,7 +78,7 @@ func (b *Backend) start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 	}
 
 	for attempt := 0; ; attempt++ {
-		if spec.Network.Type == vm.NetworkUser && (r.Handle.SSHPort == 0 || !b.portFree(r.Handle.SSHPort)) {
+		if spec.Network.Type == api.NetworkUser && (r.Handle.SSHPort == 0 || !b.portFree(r.Handle.SSHPort)) {
 			if err := b.newPort(r); err != nil {
 				return fail(err)
 			}
@@ -105,27 +105,8 @@ func (b *Backend) start(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error)
 	var vnc string
 	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	err = withQMP(qctx, r.Handle.QMPSocket, func(m *monitor) error {
-		st, err := m.status(qctx)
-		if err != nil {
-			return err
-		}
-		// A KVM that cannot run the guest shows internal-error once the
-		// vCPUs have run for a moment.
-		for i := 0; accel == AccelKVM && i < 5 && st.Status == "running"; i++ {
-			time.Sleep(200 * time.Millisecond)
-			if st, err = m.status(qctx); err != nil {
-				return err
-			}
-		}
-		if st.Status != "running" {
-			hint := ""
-			if accel == AccelKVM {
-				hint = "; KVM cannot run this guest on this host: set accel tcg"
-			}
-			return fmt.Errorf("QEMU reports status %q instead of running (accel %s)%s", st.Status, accel, hint)
-		}
-		vnc, err = m.vnc(qctx)
+	err = withQMP(qctx, r.Handle.QMPSocket, func(m *monitor) (err error) {
+		vnc, err = m.started(qctx, accel, 200*time.Millisecond)
 		return err
 	})
 	if err != nil {
@@ -261,11 +242,11 @@ func qemuArgs(r *record, accel string) []string {
 			"-drive", "if=pflash,format=raw,unit=1,file="+qopt(h.Extra[ExtraOVMFVars]))
 	}
 	switch spec.Network.Type {
-	case vm.NetworkUser:
+	case api.NetworkUser:
 		a = append(a,
 			"-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:"+strconv.Itoa(h.SSHPort)+"-:22",
 			"-device", "virtio-net-pci,netdev=n0,mac="+h.MAC)
-	case vm.NetworkTap:
+	case api.NetworkTap:
 		a = append(a,
 			"-netdev", "tap,id=n0,ifname="+h.TapDevice+",script=no,downscript=no",
 			"-device", "virtio-net-pci,netdev=n0,mac="+h.MAC)
@@ -330,4 +311,31 @@ func diskArgs(r *record) []string {
 	node(map[string]any{"node-name": "disk", "driver": "qcow2", "backing": below, "discard": "unmap",
 		"file": map[string]any{"driver": "file", "filename": r.path(diskFile), "discard": "unmap"}})
 	return append(a, "-device", "virtio-blk-pci,drive=disk")
+}
+
+// started checks a QEMU just launched: it must report running (under KVM
+// it is asked again a few times, every settle: a KVM that cannot run the
+// guest shows internal-error once the vCPUs have run for a moment), and
+// returns where its VNC server listens.
+func (m *monitor) started(ctx context.Context, accel string, settle time.Duration) (string, error) {
+	st, err := m.status(ctx)
+	if err != nil {
+		return "", err
+	}
+	for i := 0; accel == AccelKVM && i < 5 && st.Status == "running"; i++ {
+		if err := sleepCtx(ctx, settle); err != nil {
+			return "", err
+		}
+		if st, err = m.status(ctx); err != nil {
+			return "", err
+		}
+	}
+	if st.Status != "running" {
+		hint := ""
+		if accel == AccelKVM {
+			hint = "; KVM cannot run this guest on this host: set accel tcg"
+		}
+		return "", fmt.Errorf("QEMU reports status %q instead of running (accel %s)%s", st.Status, accel, hint)
+	}
+	return m.vnc(ctx)
 }

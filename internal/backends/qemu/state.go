@@ -6,32 +6,32 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // mapStatus turns a QMP run state into a VmState.
-func mapStatus(s string) vm.VmState {
+func mapStatus(s string) api.VmState {
 	switch s {
 	case "running":
-		return vm.StateRunning
+		return api.StateRunning
 	case "paused", "suspended", "prelaunch":
-		return vm.StateSuspended
+		return api.StateSuspended
 	case "shutdown":
-		return vm.StateStopped
+		return api.StateStopped
 	case "guest-panicked", "internal-error", "io-error":
-		return vm.StateFailed
+		return api.StateFailed
 	default:
 		// debug, inmigrate, postmigrate, finish-migrate, restore-vm,
 		// save-vm, watchdog, colo: transient; the VM exists and runs.
-		return vm.StateRunning
+		return api.StateRunning
 	}
 }
 
 // State: prepared (never started), running/suspended/stopped/failed as
 // QEMU reports it, stopped when its process is gone. ErrNotFound without a
 // work dir.
-func (b *Backend) State(ctx context.Context, h vm.VmHandle) (vm.VmState, error) {
+func (b *Backend) State(ctx context.Context, h api.VmHandle) (api.VmState, error) {
 	r, err := b.load(h)
 	if err != nil {
 		return "", fmt.Errorf("state of vm %s: %w", h.Name, err)
@@ -44,13 +44,13 @@ func (b *Backend) State(ctx context.Context, h vm.VmHandle) (vm.VmState, error) 
 }
 
 // state returns r's state and the PID of its live QEMU (0 if none).
-func (b *Backend) state(ctx context.Context, r *record) (vm.VmState, int, error) {
+func (b *Backend) state(ctx context.Context, r *record) (api.VmState, int, error) {
 	pid := b.livePID(r)
 	if pid == 0 {
 		if r.Handle.StartedAt.IsZero() {
-			return vm.StatePrepared, 0, nil
+			return api.StatePrepared, 0, nil
 		}
-		return vm.StateStopped, 0, nil
+		return api.StateStopped, 0, nil
 	}
 	var st qmpStatus
 	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -62,7 +62,7 @@ func (b *Backend) state(ctx context.Context, r *record) (vm.VmState, int, error)
 	})
 	if err != nil {
 		if b.ifOurs(r, pid) == 0 { // it ended while we asked
-			return vm.StateStopped, 0, nil
+			return api.StateStopped, 0, nil
 		}
 		return "", pid, err
 	}
@@ -70,7 +70,7 @@ func (b *Backend) state(ctx context.Context, r *record) (vm.VmState, int, error)
 }
 
 // Suspend pauses the vCPUs (QMP stop) and confirms QEMU reports paused.
-func (b *Backend) Suspend(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (b *Backend) Suspend(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	out, err := b.pauseResume(ctx, h, "stop", "paused")
 	if err != nil {
 		return h, fmt.Errorf("suspending vm %s: %w", h.Name, err)
@@ -79,7 +79,7 @@ func (b *Backend) Suspend(ctx context.Context, h vm.VmHandle) (vm.VmHandle, erro
 }
 
 // Resume continues the vCPUs (QMP cont) and confirms QEMU reports running.
-func (b *Backend) Resume(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error) {
+func (b *Backend) Resume(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
 	out, err := b.pauseResume(ctx, h, "cont", "running")
 	if err != nil {
 		return h, fmt.Errorf("resuming vm %s: %w", h.Name, err)
@@ -87,7 +87,7 @@ func (b *Backend) Resume(ctx context.Context, h vm.VmHandle) (vm.VmHandle, error
 	return out, nil
 }
 
-func (b *Backend) pauseResume(ctx context.Context, h vm.VmHandle, cmd, want string) (vm.VmHandle, error) {
+func (b *Backend) pauseResume(ctx context.Context, h api.VmHandle, cmd, want string) (api.VmHandle, error) {
 	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
 		return h, err
@@ -97,36 +97,40 @@ func (b *Backend) pauseResume(ctx context.Context, h vm.VmHandle, cmd, want stri
 	if pid == 0 {
 		return h, fmt.Errorf("its QEMU is not running; start it first: %w", backends.ErrNotRunning)
 	}
-	err = withQMP(ctx, r.Handle.QMPSocket, func(m *monitor) error {
-		st, err := m.status(ctx)
-		if err != nil {
-			return err
-		}
-		if st.Status == want {
-			return nil // already there: idempotent
-		}
-		if err := m.run(ctx, cmd, nil, nil); err != nil {
-			return err
-		}
-		for {
-			if st, err = m.status(ctx); err != nil {
-				return err
-			}
-			if st.Status == want {
-				return nil
-			}
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("QEMU reports %q, not %q: %w", st.Status, want, ctx.Err())
-			case <-time.After(50 * time.Millisecond):
-			}
-		}
-	})
+	err = withQMP(ctx, r.Handle.QMPSocket, func(m *monitor) error { return m.toStatus(ctx, cmd, want) })
 	if err != nil {
 		return h, err
 	}
 	r.Handle.PID = pid
 	return r.Handle.Clone(), nil
+}
+
+// toStatus runs cmd (stop or cont) unless QEMU already reports status
+// want, then polls query-status until it does (or ctx ends).
+func (m *monitor) toStatus(ctx context.Context, cmd, want string) error {
+	st, err := m.status(ctx)
+	if err != nil {
+		return err
+	}
+	if st.Status == want {
+		return nil // already there: idempotent
+	}
+	if err := m.run(ctx, cmd, nil, nil); err != nil {
+		return err
+	}
+	for {
+		if st, err = m.status(ctx); err != nil {
+			return err
+		}
+		if st.Status == want {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("QEMU reports %q, not %q: %w", st.Status, want, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // Watch reports QEMU processes this Backend started or adopted that end
@@ -162,7 +166,7 @@ func (b *Backend) Watch(ctx context.Context) <-chan backends.Exit {
 // exited returns the owned VMs whose QEMU ended since the last poll.
 func (b *Backend) exited(reported map[string]bool) []backends.Exit {
 	b.mu.Lock()
-	var cands []vm.VmHandle
+	var cands []api.VmHandle
 	for _, o := range b.owned {
 		if o.stopping || o.h.PID == 0 || reported[o.h.ID+"/"+fmt.Sprint(o.h.PID)] {
 			continue
@@ -200,7 +204,7 @@ func (b *Backend) exited(reported map[string]bool) []backends.Exit {
 // record, checks the pidfile's process is this VM's QEMU, reconnects QMP
 // and returns the handle with the real state. A VM whose QEMU is gone
 // reads stopped (or prepared, if it never ran).
-func (b *Backend) Adopt(ctx context.Context, h vm.VmHandle, recorded vm.VmState) (vm.VmHandle, vm.VmState, error) {
+func (b *Backend) Adopt(ctx context.Context, h api.VmHandle, recorded api.VmState) (api.VmHandle, api.VmState, error) {
 	if _, err := b.workDir(h.Name); err != nil {
 		return h, "", fmt.Errorf("adopting vm %s: %w", h.Name, err)
 	}

@@ -8,8 +8,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // Stop asks the guest to power off (ACPI), re-asks half way through the
@@ -17,7 +17,7 @@ import (
 // returns once the process is gone, with PID 0 and Extra["stop_path"] set to
 // how it ended (acpi, sigterm, sigkill, none). Stopping a stopped VM is a
 // no-op.
-func (b *Backend) Stop(ctx context.Context, h vm.VmHandle, timeout time.Duration) (vm.VmHandle, error) {
+func (b *Backend) Stop(ctx context.Context, h api.VmHandle, timeout time.Duration) (api.VmHandle, error) {
 	r, unlock, err := b.lockLoad(ctx, h)
 	if err != nil {
 		return h, fmt.Errorf("stopping vm %s: %w", h.Name, err)
@@ -67,6 +67,17 @@ func (b *Backend) stop(ctx context.Context, r *record, timeout time.Duration) (s
 	return path, nil
 }
 
+// powerdown presses the ACPI power button (system_powerdown), letting a
+// paused guest run first: a paused guest cannot see the button.
+func (m *monitor) powerdown(ctx context.Context) error {
+	if st, err := m.status(ctx); err == nil && st.Status == "paused" {
+		if err := m.run(ctx, "cont", nil, nil); err != nil {
+			return err
+		}
+	}
+	return m.run(ctx, "system_powerdown", nil, nil)
+}
+
 // terminate: ACPI power button, then SIGTERM, then SIGKILL. The graceful
 // part gets timeout, shortened so the forced part still fits in ctx.
 func (b *Backend) terminate(ctx context.Context, r *record, pid int, timeout time.Duration) (string, error) {
@@ -81,15 +92,7 @@ func (b *Backend) terminate(ctx context.Context, r *record, pid int, timeout tim
 		powerdown := func() {
 			qctx, cancel := context.WithTimeout(ctx, min(2*time.Second, time.Until(graceEnd)))
 			defer cancel()
-			err := withQMP(qctx, r.Handle.QMPSocket, func(m *monitor) error {
-				// A paused guest cannot see the button: let it run first.
-				if st, err := m.status(qctx); err == nil && st.Status == "paused" {
-					if err := m.run(qctx, "cont", nil, nil); err != nil {
-						return err
-					}
-				}
-				return m.run(qctx, "system_powerdown", nil, nil)
-			})
+			err := withQMP(qctx, r.Handle.QMPSocket, func(m *monitor) error { return m.powerdown(qctx) })
 			if err != nil && b.ifOurs(r, pid) != 0 {
 				b.log.Warn("ACPI powerdown request failed", "vm", name, "err", err)
 			}
@@ -139,7 +142,7 @@ func (b *Backend) terminate(ctx context.Context, r *record, pid int, timeout tim
 
 // Destroy stops the VM with a short timeout and removes its work dir and
 // tap device. Destroying an unknown VM (or an older incarnation) is a no-op.
-func (b *Backend) Destroy(ctx context.Context, h vm.VmHandle) error {
+func (b *Backend) Destroy(ctx context.Context, h api.VmHandle) error {
 	wd, err := b.workDir(h.Name)
 	if err != nil {
 		return fmt.Errorf("destroying vm %s: %w", h.Name, err)

@@ -12,11 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
 	"github.com/vmherd/vmherd/internal/guestimage"
 	"github.com/vmherd/vmherd/internal/testenv/require"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // needRootTools skips unless running as root with the named tools
@@ -98,10 +98,10 @@ func TestTapNetworking(t *testing.T) {
 		LeaseFiles: []string{leases},
 	})
 	ctx := ctxT(t, bootTimeout+time.Minute)
-	var hs []vm.VmHandle
+	var hs []api.VmHandle
 	for _, name := range []string{"tap-a", "tap-b"} {
 		spec := testSpec(img, name)
-		spec.Network = &vm.NetworkConfig{Type: vm.NetworkTap, Bridge: "br0"}
+		spec.Network = &api.NetworkConfig{Type: api.NetworkTap, Bridge: "br0"}
 		h, err := b.Prepare(ctx, spec)
 		if err != nil {
 			t.Fatal(err)

@@ -16,11 +16,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
+
 	"github.com/kdomanski/iso9660"
 
 	"github.com/vmherd/vmherd/internal/imagechain"
 	"github.com/vmherd/vmherd/internal/testenv/require"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")
@@ -65,10 +66,10 @@ func TestDetectAccel(t *testing.T) {
 
 func TestMapStatus(t *testing.T) {
 	t.Parallel()
-	for in, want := range map[string]vm.VmState{
-		"running": vm.StateRunning, "paused": vm.StateSuspended, "suspended": vm.StateSuspended,
-		"prelaunch": vm.StateSuspended, "shutdown": vm.StateStopped, "guest-panicked": vm.StateFailed,
-		"internal-error": vm.StateFailed, "io-error": vm.StateFailed, "inmigrate": vm.StateRunning,
+	for in, want := range map[string]api.VmState{
+		"running": api.StateRunning, "paused": api.StateSuspended, "suspended": api.StateSuspended,
+		"prelaunch": api.StateSuspended, "shutdown": api.StateStopped, "guest-panicked": api.StateFailed,
+		"internal-error": api.StateFailed, "io-error": api.StateFailed, "inmigrate": api.StateRunning,
 	} {
 		if got := mapStatus(in); got != want {
 			t.Errorf("mapStatus(%s) = %s, want %s", in, got, want)
@@ -146,8 +147,8 @@ func TestTapNameAndMAC(t *testing.T) {
 
 func TestQEMUArgs(t *testing.T) {
 	t.Parallel()
-	spec := vm.VmSpec{Name: "web1", MemoryMB: 256, Vcpus: 2, Network: &vm.NetworkConfig{Type: vm.NetworkUser}}
-	r := &record{Handle: vm.VmHandle{Name: "web1", WorkDir: "/d/vms/web1", QMPSocket: "/d/vms/web1/qmp.sock",
+	spec := api.VmSpec{Name: "web1", MemoryMB: 256, Vcpus: 2, Network: &api.NetworkConfig{Type: api.NetworkUser}}
+	r := &record{Handle: api.VmHandle{Name: "web1", WorkDir: "/d/vms/web1", QMPSocket: "/d/vms/web1/qmp.sock",
 		SerialSock: "/d/vms/web1/serial.sock", SerialLog: "/d/vms/web1/console.log", MAC: "02:01:02:03:04:05", SSHPort: 2222, Spec: &spec},
 		Chain: imagechain.Chain{{Path: "/img/top.qcow2", Format: "qcow2"}, {Path: "/img/base.raw", Format: "raw"}}}
 	args := strings.Join(qemuArgs(r, AccelTCG), " ")
@@ -166,7 +167,7 @@ func TestQEMUArgs(t *testing.T) {
 			t.Errorf("qemu args lack %q:\n%s", want, args)
 		}
 	}
-	spec.Network = &vm.NetworkConfig{Type: vm.NetworkTap, Bridge: "br0"}
+	spec.Network = &api.NetworkConfig{Type: api.NetworkTap, Bridge: "br0"}
 	spec.UEFI = true
 	r.Handle.TapDevice = "vhweb1-abc"
 	r.Handle.Extra = map[string]string{ExtraOVMFCode: "/fw/CODE.fd", ExtraOVMFVars: "/d/vms/web1/OVMF_VARS.fd"}
@@ -177,7 +178,7 @@ func TestQEMUArgs(t *testing.T) {
 			t.Errorf("qemu args lack %q:\n%s", want, args)
 		}
 	}
-	spec.Network = &vm.NetworkConfig{Type: vm.NetworkNone}
+	spec.Network = &api.NetworkConfig{Type: api.NetworkNone}
 	if args := qemuArgs(r, AccelTCG); !slices.Contains(args, "none") || slices.Contains(args, "-netdev") {
 		t.Errorf("network none: %v", args)
 	}
@@ -190,9 +191,9 @@ func TestQEMUArgs(t *testing.T) {
 // golden listing (go test -run TestSeedISO -update rewrites it).
 func TestSeedISO(t *testing.T) {
 	t.Parallel()
-	specs := []vm.VmSpec{
-		{Name: "web1", SSH: &vm.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample vm@host"}},
-		{Name: "web2", CloudInit: &vm.CloudInitConfig{InstanceID: "iid: odd #1", Hostname: "h2",
+	specs := []api.VmSpec{
+		{Name: "web1", SSH: &api.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample vm@host"}},
+		{Name: "web2", CloudInit: &api.CloudInitConfig{InstanceID: "iid: odd #1", Hostname: "h2",
 			UserData: "#cloud-config\nvmherd-ignore-acpi: true\n", NetworkConfig: "version: 2\nethernets: {}\n"}},
 		{Name: "web3"},
 	}
@@ -373,7 +374,7 @@ func TestStartRetriesBusyForward(t *testing.T) {
 	b.portFree = func(int) bool { return true } // let QEMU find out
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	h, err := b.Prepare(ctx, vm.VmSpec{Name: "busy", ImagePath: base, MemoryMB: 64})
+	h, err := b.Prepare(ctx, api.VmSpec{Name: "busy", ImagePath: base, MemoryMB: 64})
 	must(t, err)
 	defer b.Destroy(context.Background(), h)
 	l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(h.SSHPort))
@@ -384,7 +385,7 @@ func TestStartRetriesBusyForward(t *testing.T) {
 	if sh.SSHPort == h.SSHPort || sh.SSHPort == 0 {
 		t.Fatalf("Start kept the busy port %d", h.SSHPort)
 	}
-	if st, err := b.State(ctx, sh); err != nil || st != vm.StateRunning {
+	if st, err := b.State(ctx, sh); err != nil || st != api.StateRunning {
 		t.Fatalf("State = %s, %v", st, err)
 	}
 	// A second Start is a no-op: same PID, sockets untouched.

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends/qemu"
-	"github.com/vmherd/vmherd/internal/vm"
 )
 
 // QEMU's display is a unix socket only root reads, in the VM's 0700 work
@@ -29,7 +29,7 @@ func TestVNCOffTheNetwork(t *testing.T) {
 	b := newBackend(t, qemu.Options{ImageRoots: []string{root}, Accel: qemu.AccelTCG})
 	ctx := ctxT(t, 2*time.Minute)
 	spec := testSpec(img, "vnc1")
-	spec.Network = &vm.NetworkConfig{Type: vm.NetworkNone}
+	spec.Network = &api.NetworkConfig{Type: api.NetworkNone}
 	h, err := b.Prepare(ctx, spec)
 	if err != nil {
 		t.Fatal(err)

@@ -48,13 +48,13 @@ import (
 	"github.com/coder/websocket"
 	"github.com/google/uuid"
 
-	"github.com/vmherd/vmherd/internal/backends/propolis/api"
+	papi "github.com/vmherd/vmherd/internal/backends/propolis/api"
 )
 
 // Options configure a fake server.
 type Options struct {
 	// Version is the newest API version the server speaks (default
-	// api.Version). A request naming a newer version is refused with 400,
+	// papi.Version). A request naming a newer version is refused with 400,
 	// as an older real server refuses a newer client.
 	Version string
 	// Step is the time each automatic state transition takes (default 2ms).
@@ -145,7 +145,7 @@ type Server struct {
 
 	mu       sync.Mutex
 	inst     *instance // nil before the first ensure
-	ensures  []api.EnsureRequest
+	ensures  []papi.EnsureRequest
 	requests []Request
 	faults   []*Fault
 	input    []byte // serial input received, across instances
@@ -157,9 +157,9 @@ type Server struct {
 
 // instance is one incarnation: created by an ensure, ended by rundown.
 type instance struct {
-	props   api.InstanceProperties
-	spec    api.InstanceSpec
-	state   api.InstanceState
+	props   papi.InstanceProperties
+	spec    papi.InstanceSpec
+	state   papi.InstanceState
 	gen     uint64
 	final   bool          // rundown complete: the state never changes again
 	changed chan struct{} // closed and replaced on every change
@@ -183,7 +183,7 @@ func Start(tb testing.TB, opts Options) *Server {
 // New starts a fake server.
 func New(opts Options) (*Server, error) {
 	if opts.Version == "" {
-		opts.Version = api.Version
+		opts.Version = papi.Version
 	}
 	if _, err := parseVersion(opts.Version); err != nil {
 		return nil, fmt.Errorf("fake propolis-server: version %q: %w", opts.Version, err)
@@ -282,15 +282,15 @@ func (s *Server) Requests() []Request {
 }
 
 // Ensures returns the bodies of every accepted PUT /instance.
-func (s *Server) Ensures() []api.EnsureRequest {
+func (s *Server) Ensures() []papi.EnsureRequest {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return append([]api.EnsureRequest(nil), s.ensures...)
+	return append([]papi.EnsureRequest(nil), s.ensures...)
 }
 
 // Instance returns the current instance's properties and state; ok is
 // false before the first ensure.
-func (s *Server) Instance() (props api.InstanceProperties, state api.InstanceState, ok bool) {
+func (s *Server) Instance() (props papi.InstanceProperties, state papi.InstanceState, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.inst == nil {
@@ -318,8 +318,8 @@ func (s *Server) CheckRequests(tb testing.TB) {
 		case r.ResponseInvalid != "":
 			tb.Errorf("fake propolis-server %s: answer to %s does not match the OpenAPI document: %s", s.Addr(), r, r.ResponseInvalid)
 		}
-		if r.APIVersion != api.Version {
-			tb.Errorf("fake propolis-server %s: request %s carried api-version %q, want %q", s.Addr(), r, r.APIVersion, api.Version)
+		if r.APIVersion != papi.Version {
+			tb.Errorf("fake propolis-server %s: request %s carried api-version %q, want %q", s.Addr(), r, r.APIVersion, papi.Version)
 		}
 	}
 }
@@ -334,7 +334,7 @@ func (s *Server) GuestHalt() bool {
 		return false
 	}
 	in.halting = true
-	if in.state != api.StateStarting && in.state != api.StateRebooting {
+	if in.state != papi.StateStarting && in.state != papi.StateRebooting {
 		s.haltLocked(in)
 	}
 	return true
@@ -393,7 +393,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	body, tooLarge := readBody(r)
 	rec := Request{
 		Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery,
-		APIVersion: r.Header.Get(api.VersionHeader), Body: body,
+		APIVersion: r.Header.Get(papi.VersionHeader), Body: body,
 	}
 	if s.spec != nil {
 		op, err := s.spec.ValidateRequest(r.Context(), r, body)
@@ -427,7 +427,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if tooLarge {
-		writeError(rw, http.StatusBadRequest, "", fmt.Sprintf("request body exceeded maximum size of %d bytes", api.MaxRequestBody))
+		writeError(rw, http.StatusBadRequest, "", fmt.Sprintf("request body exceeded maximum size of %d bytes", papi.MaxRequestBody))
 		return
 	}
 	if fault != nil && fault.Status != 0 {
@@ -456,8 +456,8 @@ func readBody(r *http.Request) ([]byte, bool) {
 	if r.Body == nil {
 		return nil, false
 	}
-	b, _ := io.ReadAll(io.LimitReader(r.Body, api.MaxRequestBody+1))
-	if len(b) > api.MaxRequestBody {
+	b, _ := io.ReadAll(io.LimitReader(r.Body, papi.MaxRequestBody+1))
+	if len(b) > papi.MaxRequestBody {
 		return nil, true
 	}
 	return b, false
@@ -494,13 +494,13 @@ func (s *Server) route(w http.ResponseWriter, r *http.Request, body []byte) {
 
 // checkVersion enforces the api-version header.
 func (s *Server) checkVersion(r *http.Request) error {
-	v := r.Header.Get(api.VersionHeader)
+	v := r.Header.Get(papi.VersionHeader)
 	if v == "" {
-		return fmt.Errorf("missing expected header %q", api.VersionHeader)
+		return fmt.Errorf("missing expected header %q", papi.VersionHeader)
 	}
 	got, err := parseVersion(v)
 	if err != nil {
-		return fmt.Errorf("bad value for header %q: %v", api.VersionHeader, err)
+		return fmt.Errorf("bad value for header %q: %v", papi.VersionHeader, err)
 	}
 	have, _ := parseVersion(s.opts.Version)
 	if compareVersions(got, have) > 0 {
@@ -545,11 +545,11 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 func writeError(w http.ResponseWriter, status int, code, msg string) {
-	writeJSON(w, status, api.Error{ErrorCode: code, Message: msg, RequestID: uuid.NewString()})
+	writeJSON(w, status, papi.Error{ErrorCode: code, Message: msg, RequestID: uuid.NewString()})
 }
 
 func noInstance(w http.ResponseWriter) {
-	writeError(w, http.StatusFailedDependency, api.CodeNoInstance, "Server not initialized (no instance)")
+	writeError(w, http.StatusFailedDependency, papi.CodeNoInstance, "Server not initialized (no instance)")
 }
 
 // forbidden answers a refused state change the way the real server does:
@@ -568,22 +568,22 @@ func (s *Server) getInstance(w http.ResponseWriter) {
 		noInstance(w)
 		return
 	}
-	resp := api.GetResponse{Instance: api.Instance{Properties: in.props, State: in.state}}
+	resp := papi.GetResponse{Instance: papi.Instance{Properties: in.props, State: in.state}}
 	s.mu.Unlock()
 	writeJSON(w, http.StatusOK, resp)
 }
 
 func (s *Server) ensure(w http.ResponseWriter, body []byte) {
-	var req api.EnsureRequest
+	var req papi.EnsureRequest
 	if err := json.Unmarshal(body, &req); err != nil {
 		writeError(w, http.StatusBadRequest, "", "unable to parse JSON body: "+err.Error())
 		return
 	}
-	if req.Init.Method != api.InitMethodSpec {
+	if req.Init.Method != papi.InitMethodSpec {
 		writeError(w, http.StatusBadRequest, "", fmt.Sprintf("initialization method %q is not supported by this fake", req.Init.Method))
 		return
 	}
-	var si api.SpecInit
+	var si papi.SpecInit
 	if err := json.Unmarshal(req.Init.Value, &si); err != nil {
 		writeError(w, http.StatusBadRequest, "", "unable to parse JSON body: init.value: "+err.Error())
 		return
@@ -595,11 +595,11 @@ func (s *Server) ensure(w http.ResponseWriter, body []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.inst != nil && !s.inst.final {
-		writeError(w, http.StatusConflict, api.CodeAlreadyInitialized, "instance already initialized")
+		writeError(w, http.StatusConflict, papi.CodeAlreadyInitialized, "instance already initialized")
 		return
 	}
 	s.inst = &instance{
-		props: req.Properties, spec: si.Spec, state: api.StateCreating, gen: 1,
+		props: req.Properties, spec: si.Spec, state: papi.StateCreating, gen: 1,
 		changed: make(chan struct{}), clients: map[*serialClient]struct{}{},
 	}
 	s.ensures = append(s.ensures, req)
@@ -611,14 +611,14 @@ func (s *Server) ensure(w http.ResponseWriter, body []byte) {
 // right kind, each backend is used once, PCI paths are valid and unique
 // (device 0 and 1 on bus 0 belong to the chipset), the boot order names
 // disks, the board has CPUs and memory, blobs are base64.
-func CheckSpec(spec api.InstanceSpec) error {
-	if spec.Board.Cpus < 1 || spec.Board.Cpus > api.MaxCpus {
-		return fmt.Errorf("board: %d vCPUs is out of range (1..%d)", spec.Board.Cpus, api.MaxCpus)
+func CheckSpec(spec papi.InstanceSpec) error {
+	if spec.Board.Cpus < 1 || spec.Board.Cpus > papi.MaxCpus {
+		return fmt.Errorf("board: %d vCPUs is out of range (1..%d)", spec.Board.Cpus, papi.MaxCpus)
 	}
 	if spec.Board.MemoryMB == 0 {
 		return errors.New("board: memory_mb must be positive")
 	}
-	if spec.Board.Chipset.Type != api.ChipsetI440Fx {
+	if spec.Board.Chipset.Type != papi.ChipsetI440Fx {
 		return fmt.Errorf("board: unknown chipset %q", spec.Board.Chipset.Type)
 	}
 	type dev struct {
@@ -626,10 +626,10 @@ func CheckSpec(spec api.InstanceSpec) error {
 		kinds   []string
 	}
 	devices := map[string]dev{}
-	pci := map[api.PCIPath]string{}
+	pci := map[papi.PCIPath]string{}
 	disks := map[string]bool{}
 	usedBackends := map[string]string{}
-	addPCI := func(name string, p api.PCIPath) error {
+	addPCI := func(name string, p papi.PCIPath) error {
 		if p.Device > 31 || p.Function > 7 {
 			return fmt.Errorf("component %s: PCI path %s is out of range", name, p)
 		}
@@ -644,35 +644,35 @@ func CheckSpec(spec api.InstanceSpec) error {
 	}
 	for name, c := range spec.Components {
 		switch c.Type {
-		case api.TypeVirtioDisk:
-			var d api.VirtioDisk
+		case papi.TypeVirtioDisk:
+			var d papi.VirtioDisk
 			if err := json.Unmarshal(c.Component, &d); err != nil {
 				return fmt.Errorf("component %s: %v", name, err)
 			}
 			if err := addPCI(name, d.PCIPath); err != nil {
 				return err
 			}
-			devices[name] = dev{d.BackendID, []string{api.TypeFileStorageBackend, api.TypeBlobStorageBackend, "crucible_storage_backend"}}
+			devices[name] = dev{d.BackendID, []string{papi.TypeFileStorageBackend, papi.TypeBlobStorageBackend, "crucible_storage_backend"}}
 			disks[name] = true
-		case api.TypeVirtioNic:
-			var n api.VirtioNic
+		case papi.TypeVirtioNic:
+			var n papi.VirtioNic
 			if err := json.Unmarshal(c.Component, &n); err != nil {
 				return fmt.Errorf("component %s: %v", name, err)
 			}
 			if err := addPCI(name, n.PCIPath); err != nil {
 				return err
 			}
-			devices[name] = dev{n.BackendID, []string{api.TypeVirtioNetworkBackend, "dlpi_network_backend"}}
-		case api.TypeBlobStorageBackend:
-			var b api.BlobStorageBackend
+			devices[name] = dev{n.BackendID, []string{papi.TypeVirtioNetworkBackend, "dlpi_network_backend"}}
+		case papi.TypeBlobStorageBackend:
+			var b papi.BlobStorageBackend
 			if err := json.Unmarshal(c.Component, &b); err != nil {
 				return fmt.Errorf("component %s: %v", name, err)
 			}
 			if _, err := base64.StdEncoding.DecodeString(b.Base64); err != nil {
 				return fmt.Errorf("component %s: blob is not base64: %v", name, err)
 			}
-		case api.TypeFileStorageBackend:
-			var f api.FileStorageBackend
+		case papi.TypeFileStorageBackend:
+			var f papi.FileStorageBackend
 			if err := json.Unmarshal(c.Component, &f); err != nil {
 				return fmt.Errorf("component %s: %v", name, err)
 			}
@@ -699,10 +699,10 @@ func CheckSpec(spec api.InstanceSpec) error {
 		usedBackends[d.backend] = name
 	}
 	for name, c := range spec.Components {
-		if c.Type != api.TypeBootSettings {
+		if c.Type != papi.TypeBootSettings {
 			continue
 		}
-		var bs api.BootSettings
+		var bs papi.BootSettings
 		if err := json.Unmarshal(c.Component, &bs); err != nil {
 			return fmt.Errorf("component %s: %v", name, err)
 		}
@@ -716,7 +716,7 @@ func CheckSpec(spec api.InstanceSpec) error {
 }
 
 func (s *Server) putState(w http.ResponseWriter, body []byte) {
-	var req api.StateRequest
+	var req papi.StateRequest
 	if err := json.Unmarshal(body, &req); err != nil {
 		writeError(w, http.StatusBadRequest, "", "unable to parse JSON body: "+err.Error())
 		return
@@ -729,12 +729,12 @@ func (s *Server) putState(w http.ResponseWriter, body []byte) {
 		return
 	}
 	switch req {
-	case api.RequestRun:
+	case papi.RequestRun:
 		switch {
-		case in.state == api.StateFailed:
+		case in.state == papi.StateFailed:
 			forbidden(w, "Instance failed to start or halted due to a failure")
 			return
-		case in.state == api.StateStopped || in.state == api.StateDestroyed:
+		case in.state == papi.StateStopped || in.state == papi.StateDestroyed:
 			forbidden(w, "Instance has already halted")
 			return
 		case in.halting:
@@ -742,43 +742,43 @@ func (s *Server) putState(w http.ResponseWriter, body []byte) {
 			return
 		case !in.started:
 			in.started = true
-			s.setLocked(in, api.StateStarting)
+			s.setLocked(in, papi.StateStarting)
 			s.afterLocked(func() {
-				if in.state != api.StateStarting {
+				if in.state != papi.StateStarting {
 					return
 				}
 				if in.halting {
 					s.haltLocked(in)
 					return
 				}
-				s.setLocked(in, api.StateRunning)
+				s.setLocked(in, papi.StateRunning)
 			})
 		}
-	case api.RequestStop:
-		if in.halting || in.state == api.StateStopped || in.state == api.StateFailed {
+	case papi.RequestStop:
+		if in.halting || in.state == papi.StateStopped || in.state == papi.StateFailed {
 			break // already stopping or halted: ignored, as the real server does
 		}
 		in.halting = true
-		if in.state != api.StateStarting && in.state != api.StateRebooting {
+		if in.state != papi.StateStarting && in.state != papi.StateRebooting {
 			s.haltLocked(in) // a transition in progress halts when it ends
 		}
-	case api.RequestReboot:
+	case papi.RequestReboot:
 		switch {
-		case in.halting || in.state == api.StateStopped:
+		case in.halting || in.state == papi.StateStopped:
 			forbidden(w, "Instance is preparing to stop")
 			return
-		case in.state != api.StateRunning:
+		case in.state != papi.StateRunning:
 			forbidden(w, "Operation requires an active instance")
 			return
 		}
-		s.setLocked(in, api.StateRebooting)
+		s.setLocked(in, papi.StateRebooting)
 		s.afterLocked(func() {
 			switch {
-			case in.state != api.StateRebooting:
+			case in.state != papi.StateRebooting:
 			case in.halting:
 				s.haltLocked(in)
 			default:
-				s.setLocked(in, api.StateRunning)
+				s.setLocked(in, papi.StateRunning)
 			}
 		})
 	default:
@@ -791,11 +791,11 @@ func (s *Server) putState(w http.ResponseWriter, body []byte) {
 // haltLocked runs the hard halt: Stopping, Stopped, then Destroyed once
 // the instance has run down.
 func (s *Server) haltLocked(in *instance) {
-	s.setLocked(in, api.StateStopping)
+	s.setLocked(in, papi.StateStopping)
 	s.afterLocked(func() {
-		s.setLocked(in, api.StateStopped)
+		s.setLocked(in, papi.StateStopped)
 		s.afterLocked(func() {
-			s.setLocked(in, api.StateDestroyed)
+			s.setLocked(in, papi.StateDestroyed)
 			in.final = true
 			for c := range in.clients {
 				c.close(websocket.StatusNormalClosure, "instance destroyed")
@@ -804,7 +804,7 @@ func (s *Server) haltLocked(in *instance) {
 	})
 }
 
-func (s *Server) setLocked(in *instance, st api.InstanceState) {
+func (s *Server) setLocked(in *instance, st papi.InstanceState) {
 	in.state = st
 	in.gen++
 	close(in.changed)
@@ -830,7 +830,7 @@ func (s *Server) afterLocked(fn func()) {
 }
 
 func (s *Server) stateMonitor(w http.ResponseWriter, r *http.Request, body []byte) {
-	var req api.StateMonitorRequest
+	var req papi.StateMonitorRequest
 	if err := json.Unmarshal(body, &req); err != nil {
 		writeError(w, http.StatusBadRequest, "", "unable to parse JSON body: "+err.Error())
 		return
@@ -844,15 +844,15 @@ func (s *Server) stateMonitor(w http.ResponseWriter, r *http.Request, body []byt
 	}
 	for {
 		if req.Gen <= in.gen {
-			resp := api.StateMonitorResponse{Gen: in.gen, State: in.state,
-				Migration: api.MigrationStatus{MigrationIn: json.RawMessage("null"), MigrationOut: json.RawMessage("null")}}
+			resp := papi.StateMonitorResponse{Gen: in.gen, State: in.state,
+				Migration: papi.MigrationStatus{MigrationIn: json.RawMessage("null"), MigrationOut: json.RawMessage("null")}}
 			s.mu.Unlock()
 			writeJSON(w, http.StatusOK, resp)
 			return
 		}
 		if in.final {
 			s.mu.Unlock()
-			writeError(w, http.StatusGone, api.CodeNoInstance, fmt.Sprintf("No instance present; will never reach generation %d", req.Gen))
+			writeError(w, http.StatusGone, papi.CodeNoInstance, fmt.Sprintf("No instance present; will never reach generation %d", req.Gen))
 			return
 		}
 		ch := in.changed
@@ -871,7 +871,7 @@ func (s *Server) stateMonitor(w http.ResponseWriter, r *http.Request, body []byt
 // ---- context helpers for tests ----
 
 // WaitState waits until the current instance is in state st.
-func (s *Server) WaitState(ctx context.Context, st api.InstanceState) error {
+func (s *Server) WaitState(ctx context.Context, st papi.InstanceState) error {
 	for {
 		s.mu.Lock()
 		in := s.inst

@@ -14,7 +14,7 @@ import (
 	"github.com/coder/websocket"
 	"github.com/google/uuid"
 
-	"github.com/vmherd/vmherd/internal/backends/propolis/api"
+	papi "github.com/vmherd/vmherd/internal/backends/propolis/api"
 	"github.com/vmherd/vmherd/internal/backends/propolis/fake"
 )
 
@@ -24,30 +24,30 @@ func ctxT(t *testing.T) context.Context {
 	return ctx
 }
 
-func ensureReq(cpus int) api.EnsureRequest {
+func ensureReq(cpus int) papi.EnsureRequest {
 	id := uuid.New()
-	return api.EnsureRequest{
-		Properties: api.InstanceProperties{
+	return papi.EnsureRequest{
+		Properties: papi.InstanceProperties{
 			ID: id.String(), Name: "t1", Description: "test",
-			Metadata: api.InstanceMetadata{ProjectID: uuid.NewString(), SiloID: uuid.NewString(), SledID: uuid.NewString(), SledModel: "m", SledSerial: "s"},
+			Metadata: papi.InstanceMetadata{ProjectID: uuid.NewString(), SiloID: uuid.NewString(), SledID: uuid.NewString(), SledModel: "m", SledSerial: "s"},
 		},
-		Init: api.NewSpecInit(api.InstanceSpec{
-			Board: api.Board{Cpus: cpus, MemoryMB: 256, Chipset: api.Chipset{Type: api.ChipsetI440Fx}},
-			Components: map[string]api.Component{
-				"com1":    api.NewComponent(api.TypeSerialPort, api.SerialPort{Num: "com1"}),
-				"disk":    api.NewComponent(api.TypeVirtioDisk, api.VirtioDisk{BackendID: "disk-be", PCIPath: api.PCIPath{Device: 4}}),
-				"disk-be": api.NewComponent(api.TypeFileStorageBackend, api.FileStorageBackend{Path: "/dev/zvol/rdsk/p/t1", BlockSize: 512}),
-				"boot":    api.NewComponent(api.TypeBootSettings, api.BootSettings{Order: []api.BootOrderEntry{{ID: "disk"}}}),
+		Init: papi.NewSpecInit(papi.InstanceSpec{
+			Board: papi.Board{Cpus: cpus, MemoryMB: 256, Chipset: papi.Chipset{Type: papi.ChipsetI440Fx}},
+			Components: map[string]papi.Component{
+				"com1":    papi.NewComponent(papi.TypeSerialPort, papi.SerialPort{Num: "com1"}),
+				"disk":    papi.NewComponent(papi.TypeVirtioDisk, papi.VirtioDisk{BackendID: "disk-be", PCIPath: papi.PCIPath{Device: 4}}),
+				"disk-be": papi.NewComponent(papi.TypeFileStorageBackend, papi.FileStorageBackend{Path: "/dev/zvol/rdsk/p/t1", BlockSize: 512}),
+				"boot":    papi.NewComponent(papi.TypeBootSettings, papi.BootSettings{Order: []papi.BootOrderEntry{{ID: "disk"}}}),
 			},
 		}),
 	}
 }
 
-func raw(t *testing.T, method, url, version string, body string) (int, api.Error) {
+func raw(t *testing.T, method, url, version string, body string) (int, papi.Error) {
 	t.Helper()
 	req, _ := http.NewRequest(method, url, strings.NewReader(body))
 	if version != "" {
-		req.Header.Set(api.VersionHeader, version)
+		req.Header.Set(papi.VersionHeader, version)
 	}
 	if body != "" {
 		req.Header.Set("Content-Type", "application/json")
@@ -57,7 +57,7 @@ func raw(t *testing.T, method, url, version string, body string) (int, api.Error
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	var e api.Error
+	var e papi.Error
 	b, _ := io.ReadAll(resp.Body)
 	_ = json.Unmarshal(b, &e)
 	return resp.StatusCode, e
@@ -94,22 +94,22 @@ func TestVersionHeader(t *testing.T) {
 		t.Fatalf("serial console without api-version: %v", err)
 	}
 	old := fake.Start(t, fake.Options{Version: "4.0.0"})
-	if st, e := raw(t, http.MethodGet, "http://"+old.Addr()+"/instance", api.Version, ""); st != 400 || !strings.Contains(e.Message, "5.0.0") {
+	if st, e := raw(t, http.MethodGet, "http://"+old.Addr()+"/instance", papi.Version, ""); st != 400 || !strings.Contains(e.Message, "5.0.0") {
 		t.Errorf("old server: %d %+v", st, e)
 	}
 }
 
 func TestInstanceLifecycle(t *testing.T) {
 	f := fake.Start(t, fake.Options{})
-	c := api.New(f.Addr())
+	c := papi.New(f.Addr())
 	ctx := ctxT(t)
-	if _, err := c.Get(ctx); !errors.Is(err, api.ErrNoInstance) || api.StatusOf(err) != 424 {
+	if _, err := c.Get(ctx); !errors.Is(err, papi.ErrNoInstance) || papi.StatusOf(err) != 424 {
 		t.Fatalf("Get before ensure = %v", err)
 	}
-	if _, err := c.StateMonitor(ctx, 0); api.StatusOf(err) != 424 {
+	if _, err := c.StateMonitor(ctx, 0); papi.StatusOf(err) != 424 {
 		t.Fatalf("state-monitor before ensure = %v", err)
 	}
-	if err := c.PutState(ctx, api.RequestRun); api.StatusOf(err) != 424 {
+	if err := c.PutState(ctx, papi.RequestRun); papi.StatusOf(err) != 424 {
 		t.Fatalf("Run before ensure = %v", err)
 	}
 	req := ensureReq(2)
@@ -117,50 +117,50 @@ func TestInstanceLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	inst, err := c.Get(ctx)
-	if err != nil || inst.State != api.StateCreating || inst.Properties.ID != req.Properties.ID {
+	if err != nil || inst.State != papi.StateCreating || inst.Properties.ID != req.Properties.ID {
 		t.Fatalf("after ensure: %+v %v", inst, err)
 	}
-	if err := c.Ensure(ctx, ensureReq(2)); !errors.Is(err, api.ErrAlreadyInitialized) || api.StatusOf(err) != 409 {
+	if err := c.Ensure(ctx, ensureReq(2)); !errors.Is(err, papi.ErrAlreadyInitialized) || papi.StatusOf(err) != 409 {
 		t.Fatalf("second ensure = %v", err)
 	}
 	m, err := c.StateMonitor(ctx, 0)
-	if err != nil || m.Gen != 1 || m.State != api.StateCreating {
+	if err != nil || m.Gen != 1 || m.State != papi.StateCreating {
 		t.Fatalf("monitor gen 0 = %+v %v", m, err)
 	}
-	if err := c.PutState(ctx, api.RequestReboot); api.StatusOf(err) != 403 {
+	if err := c.PutState(ctx, papi.RequestReboot); papi.StatusOf(err) != 403 {
 		t.Fatalf("Reboot before Run = %v", err)
 	}
-	if err := c.PutState(ctx, api.RequestRun); err != nil {
+	if err := c.PutState(ctx, papi.RequestRun); err != nil {
 		t.Fatal(err)
 	}
 	// Generations grow with each state: Starting (2), Running (3).
 	m, err = c.StateMonitor(ctx, 3)
-	if err != nil || m.Gen != 3 || m.State != api.StateRunning {
+	if err != nil || m.Gen != 3 || m.State != papi.StateRunning {
 		t.Fatalf("monitor gen 3 = %+v %v", m, err)
 	}
-	if err := c.PutState(ctx, api.RequestRun); err != nil {
+	if err := c.PutState(ctx, papi.RequestRun); err != nil {
 		t.Fatalf("Run while running (ignored) = %v", err)
 	}
-	if err := c.PutState(ctx, api.RequestStop); err != nil {
+	if err := c.PutState(ctx, papi.RequestStop); err != nil {
 		t.Fatal(err)
 	}
-	err = c.PutState(ctx, api.RequestRun)
-	var ae *api.APIError
-	if api.StatusOf(err) != 403 && api.StatusOf(err) != 424 {
+	err = c.PutState(ctx, papi.RequestRun)
+	var ae *papi.APIError
+	if papi.StatusOf(err) != 403 && papi.StatusOf(err) != 424 {
 		t.Fatalf("Run while halting = %v", err)
 	}
 	if errors.As(err, &ae) && ae.Status == 403 && !strings.Contains(ae.Body.ErrorCode, "instance state change not allowed") {
 		t.Fatalf("403 body %+v", ae.Body)
 	}
-	if _, err := c.WaitFor(ctx, api.StateDestroyed); err != nil {
+	if _, err := c.WaitFor(ctx, papi.StateDestroyed); err != nil {
 		t.Fatal(err)
 	}
 	// Destroyed is final: a later generation is never reached.
 	m, _ = c.StateMonitor(ctx, 0)
-	if _, err := c.StateMonitor(ctx, m.Gen+1); api.StatusOf(err) != http.StatusGone {
+	if _, err := c.StateMonitor(ctx, m.Gen+1); papi.StatusOf(err) != http.StatusGone {
 		t.Fatalf("monitor past the final generation = %v", err)
 	}
-	if err := c.PutState(ctx, api.RequestStop); api.StatusOf(err) != 424 {
+	if err := c.PutState(ctx, papi.RequestStop); papi.StatusOf(err) != 424 {
 		t.Fatalf("Stop after rundown = %v", err)
 	}
 	// A destroyed instance can be replaced; its generations start again.
@@ -179,15 +179,15 @@ func TestInstanceLifecycle(t *testing.T) {
 // A long poll waiting on an instance that is replaced ends with 410.
 func TestMonitorGone(t *testing.T) {
 	f := fake.Start(t, fake.Options{Step: 20 * time.Millisecond})
-	c := api.New(f.Addr())
+	c := papi.New(f.Addr())
 	ctx := ctxT(t)
 	if err := c.Ensure(ctx, ensureReq(1)); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.PutState(ctx, api.RequestStop); err != nil {
+	if err := c.PutState(ctx, papi.RequestStop); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.StateMonitor(ctx, 100); api.StatusOf(err) != http.StatusGone {
+	if _, err := c.StateMonitor(ctx, 100); papi.StatusOf(err) != http.StatusGone {
 		t.Fatalf("monitor = %v, want 410 once the instance ran down", err)
 	}
 	f.CheckRequests(t)
@@ -198,14 +198,14 @@ func TestValidation(t *testing.T) {
 	if !f.Validating() {
 		t.Skip("no OpenAPI document")
 	}
-	c := api.New(f.Addr())
+	c := papi.New(f.Addr())
 	ctx := ctxT(t)
 	// 300 vCPUs do not fit the board's uint8; the spec check refuses it too.
-	if err := c.Ensure(ctx, ensureReq(300)); api.StatusOf(err) != 400 {
+	if err := c.Ensure(ctx, ensureReq(300)); papi.StatusOf(err) != 400 {
 		t.Fatalf("ensure with 300 cpus = %v", err)
 	}
 	// state-monitor without its body.
-	if st, _ := raw(t, http.MethodGet, "http://"+f.Addr()+"/instance/state-monitor", api.Version, ""); st == 200 {
+	if st, _ := raw(t, http.MethodGet, "http://"+f.Addr()+"/instance/state-monitor", papi.Version, ""); st == 200 {
 		t.Fatal("state-monitor without a body answered 200")
 	}
 	reqs := f.Requests()
@@ -213,41 +213,41 @@ func TestValidation(t *testing.T) {
 		t.Fatalf("requests not flagged invalid: %+v", reqs)
 	}
 	// A body over 1 MiB is refused.
-	big := strings.Repeat("x", api.MaxRequestBody+1)
-	if st, e := raw(t, http.MethodPut, "http://"+f.Addr()+"/instance", api.Version, `"`+big+`"`); st != 400 || !strings.Contains(e.Message, "maximum size") {
+	big := strings.Repeat("x", papi.MaxRequestBody+1)
+	if st, e := raw(t, http.MethodPut, "http://"+f.Addr()+"/instance", papi.Version, `"`+big+`"`); st != 400 || !strings.Contains(e.Message, "maximum size") {
 		t.Fatalf("big body: %d %+v", st, e)
 	}
 }
 
 func TestSpecChecks(t *testing.T) {
 	good := ensureReq(2)
-	var si api.SpecInit
+	var si papi.SpecInit
 	_ = json.Unmarshal(good.Init.Value, &si)
 	if err := fake.CheckSpec(si.Spec); err != nil {
 		t.Fatal(err)
 	}
-	bad := func(mut func(c map[string]api.Component)) error {
-		s := api.InstanceSpec{Board: si.Spec.Board, Components: map[string]api.Component{}}
+	bad := func(mut func(c map[string]papi.Component)) error {
+		s := papi.InstanceSpec{Board: si.Spec.Board, Components: map[string]papi.Component{}}
 		for k, v := range si.Spec.Components {
 			s.Components[k] = v
 		}
 		mut(s.Components)
 		return fake.CheckSpec(s)
 	}
-	cases := map[string]func(c map[string]api.Component){
-		"duplicate pci": func(c map[string]api.Component) {
-			c["disk2"] = api.NewComponent(api.TypeVirtioDisk, api.VirtioDisk{BackendID: "be2", PCIPath: api.PCIPath{Device: 4}})
-			c["be2"] = api.NewComponent(api.TypeFileStorageBackend, api.FileStorageBackend{Path: "/x", BlockSize: 512})
+	cases := map[string]func(c map[string]papi.Component){
+		"duplicate pci": func(c map[string]papi.Component) {
+			c["disk2"] = papi.NewComponent(papi.TypeVirtioDisk, papi.VirtioDisk{BackendID: "be2", PCIPath: papi.PCIPath{Device: 4}})
+			c["be2"] = papi.NewComponent(papi.TypeFileStorageBackend, papi.FileStorageBackend{Path: "/x", BlockSize: 512})
 		},
-		"reserved pci": func(c map[string]api.Component) {
-			c["disk"] = api.NewComponent(api.TypeVirtioDisk, api.VirtioDisk{BackendID: "disk-be", PCIPath: api.PCIPath{Device: 1}})
+		"reserved pci": func(c map[string]papi.Component) {
+			c["disk"] = papi.NewComponent(papi.TypeVirtioDisk, papi.VirtioDisk{BackendID: "disk-be", PCIPath: papi.PCIPath{Device: 1}})
 		},
-		"missing backend": func(c map[string]api.Component) { delete(c, "disk-be") },
-		"boot non-disk": func(c map[string]api.Component) {
-			c["boot"] = api.NewComponent(api.TypeBootSettings, api.BootSettings{Order: []api.BootOrderEntry{{ID: "com1"}}})
+		"missing backend": func(c map[string]papi.Component) { delete(c, "disk-be") },
+		"boot non-disk": func(c map[string]papi.Component) {
+			c["boot"] = papi.NewComponent(papi.TypeBootSettings, papi.BootSettings{Order: []papi.BootOrderEntry{{ID: "com1"}}})
 		},
-		"wrong backend kind": func(c map[string]api.Component) {
-			c["disk-be"] = api.NewComponent(api.TypeVirtioNetworkBackend, api.VirtioNetworkBackend{VnicName: "v0"})
+		"wrong backend kind": func(c map[string]papi.Component) {
+			c["disk-be"] = papi.NewComponent(papi.TypeVirtioNetworkBackend, papi.VirtioNetworkBackend{VnicName: "v0"})
 		},
 	}
 	for name, mut := range cases {
@@ -259,20 +259,20 @@ func TestSpecChecks(t *testing.T) {
 
 func TestFaults(t *testing.T) {
 	f := fake.Start(t, fake.Options{})
-	c := api.New(f.Addr())
+	c := papi.New(f.Addr())
 	ctx := ctxT(t)
 	f.Inject(fake.Fault{Method: "GET", Path: "/instance", Status: 500, Message: "boom"})
 	_, err := c.Get(ctx)
-	var ae *api.APIError
+	var ae *papi.APIError
 	if !errors.As(err, &ae) || ae.Status != 500 || ae.Body.Message != "boom" || !strings.Contains(err.Error(), "boom") {
 		t.Fatalf("fault = %v", err)
 	}
-	if _, err := c.Get(ctx); !errors.Is(err, api.ErrNoInstance) {
+	if _, err := c.Get(ctx); !errors.Is(err, papi.ErrNoInstance) {
 		t.Fatalf("fault applied twice: %v", err)
 	}
 	// 503s are retried by GETs.
 	f.Inject(fake.Fault{Method: "GET", Path: "/instance", Status: 503, Message: "busy", Times: 2})
-	if _, err := c.Get(ctx); !errors.Is(err, api.ErrNoInstance) {
+	if _, err := c.Get(ctx); !errors.Is(err, papi.ErrNoInstance) {
 		t.Fatalf("GET after two 503s = %v", err)
 	}
 	f.Inject(fake.Fault{Method: "GET", Path: "/instance", Die: true})
@@ -281,14 +281,14 @@ func TestFaults(t *testing.T) {
 	for !f.Dead() && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
-	if _, err := c.Get(ctx); !errors.Is(err, api.ErrUnreachable) {
+	if _, err := c.Get(ctx); !errors.Is(err, papi.ErrUnreachable) {
 		t.Fatalf("Get from a dead server = %v", err)
 	}
 }
 
 func TestSerial(t *testing.T) {
 	f := fake.Start(t, fake.Options{Echo: true})
-	c := api.New(f.Addr())
+	c := papi.New(f.Addr())
 	ctx := ctxT(t)
 	if err := c.Ensure(ctx, ensureReq(1)); err != nil {
 		t.Fatal(err)
@@ -297,7 +297,7 @@ func TestSerial(t *testing.T) {
 		t.Fatal(err)
 	}
 	zero := uint64(0)
-	conn, _, err := websocket.Dial(ctx, c.SerialURL(api.HistoryQuery{FromStart: &zero}), &websocket.DialOptions{HTTPHeader: api.Headers()})
+	conn, _, err := websocket.Dial(ctx, c.SerialURL(papi.HistoryQuery{FromStart: &zero}), &websocket.DialOptions{HTTPHeader: papi.Headers()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -321,19 +321,19 @@ func TestSerial(t *testing.T) {
 	if got := string(f.SerialInput()); got != "ls\r" {
 		t.Fatalf("input %q", got)
 	}
-	h, err := c.SerialHistory(ctx, api.HistoryQuery{FromStart: &zero})
+	h, err := c.SerialHistory(ctx, papi.HistoryQuery{FromStart: &zero})
 	if err != nil || string(h.Data) != "boot\r\nls\r" || h.LastByteOffset != 9 {
 		t.Fatalf("history %q %d %v", h.Data, h.LastByteOffset, err)
 	}
 	two := uint64(2)
-	if h, err := c.SerialHistory(ctx, api.HistoryQuery{MostRecent: &two}); err != nil || string(h.Data) != "s\r" {
+	if h, err := c.SerialHistory(ctx, papi.HistoryQuery{MostRecent: &two}); err != nil || string(h.Data) != "s\r" {
 		t.Fatalf("most_recent history %q %v", h.Data, err)
 	}
-	if _, err := c.SerialHistory(ctx, api.HistoryQuery{}); api.StatusOf(err) != 400 {
+	if _, err := c.SerialHistory(ctx, papi.HistoryQuery{}); papi.StatusOf(err) != 400 {
 		t.Fatalf("history without offsets = %v", err)
 	}
 	// The console closes when the instance runs down.
-	if err := c.PutState(ctx, api.RequestStop); err != nil {
+	if err := c.PutState(ctx, papi.RequestStop); err != nil {
 		t.Fatal(err)
 	}
 	for {
@@ -345,7 +345,7 @@ func TestSerial(t *testing.T) {
 			break
 		}
 	}
-	if _, err := c.SerialHistory(ctx, api.HistoryQuery{FromStart: &zero}); !errors.Is(err, api.ErrNoInstance) {
+	if _, err := c.SerialHistory(ctx, papi.HistoryQuery{FromStart: &zero}); !errors.Is(err, papi.ErrNoInstance) {
 		t.Fatalf("history after rundown = %v", err)
 	}
 	f.CheckRequests(t)

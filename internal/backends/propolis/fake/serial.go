@@ -11,7 +11,7 @@ import (
 
 	"github.com/coder/websocket"
 
-	"github.com/vmherd/vmherd/internal/backends/propolis/api"
+	papi "github.com/vmherd/vmherd/internal/backends/propolis/api"
 )
 
 // serialClient is one WebSocket attached to the serial console.
@@ -129,7 +129,7 @@ func (s *Server) serialHistory(w http.ResponseWriter, r *http.Request) {
 	}
 	data, start := historyFrom(in.serial, fromStart, mostRecent, maxBytes)
 	s.mu.Unlock()
-	writeJSON(w, http.StatusOK, api.SerialHistory{Data: data, LastByteOffset: start + uint64(len(data))})
+	writeJSON(w, http.StatusOK, papi.SerialHistory{Data: data, LastByteOffset: start + uint64(len(data))})
 }
 
 func (s *Server) serial(w http.ResponseWriter, r *http.Request) {

@@ -1,14 +1,9 @@
-package events
+package api
 
 import (
 	"fmt"
 	"strconv"
 	"strings"
-	"time"
-
-	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/vmherd/vmherd/internal/fsm"
 )
 
 // DefaultPrefix is the first token of every subject.
@@ -119,12 +114,12 @@ const EngineWriter = "_engine"
 // host id of the worker that wrote it. NATS permissions let a worker
 // publish only with its own host as writer, so the token is authenticated:
 // the fold takes a worker's result or observation only from the VM's host.
-func (n Names) Event(vmName string, t Type, writer string) string {
+func (n Names) Event(vmName string, t EventType, writer string) string {
 	return n.Prefix + ".evt." + vmName + "." + string(t) + "." + writer
 }
-func (n Names) VMEvents(vmName string) string { return n.Prefix + ".evt." + vmName + ".>" }
-func (n Names) Events() string                { return n.Prefix + ".evt.>" }
-func (n Names) EventsOfType(t Type) string    { return n.Prefix + ".evt.*." + string(t) + ".*" }
+func (n Names) VMEvents(vmName string) string   { return n.Prefix + ".evt." + vmName + ".>" }
+func (n Names) Events() string                  { return n.Prefix + ".evt.>" }
+func (n Names) EventsOfType(t EventType) string { return n.Prefix + ".evt.*." + string(t) + ".*" }
 
 // WriterEvents is every event one writer may publish: vm.evt.*.*.<writer>
 // (the worker of a host's publish permission).
@@ -160,28 +155,8 @@ func (n Names) Tasks() string                   { return n.Prefix + ".task.>" }
 // host's tasks.
 func (n Names) HostTaskConsumer(host string) string { return "worker-" + host }
 
-// HostTaskConsumerConfig is the configuration of HostTaskConsumer(host):
-// the ack wait and max ack pending the host's worker asked for in its
-// heartbeat.
-func (n Names) HostTaskConsumerConfig(host string, ackWait time.Duration, maxAckPending int) jetstream.ConsumerConfig {
-	return jetstream.ConsumerConfig{
-		Durable:       n.HostTaskConsumer(host),
-		Description:   "vmherd worker tasks for host " + host,
-		FilterSubject: n.HostTasks(host),
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       ackWait,
-		MaxAckPending: maxAckPending,
-		DeliverPolicy: jetstream.DeliverAllPolicy,
-	}
-}
-
 // Query is the micro-service group a worker answers on: vm.query.<host>.
 func (n Names) Query(host string) string { return n.Prefix + ".query." + host }
-
-func validAction(s string) bool {
-	_, err := fsm.ParseAction(s)
-	return err == nil
-}
 
 // Console is vm.console.<host>.<vm>.<op>: a VM's serial console, relayed
 // by the worker of its host (package relay). op is ConsoleAttach (a
@@ -247,7 +222,7 @@ func (n Names) ParseCommandSubject(subj string) (vmName, action, issuer string, 
 }
 
 // ParseEventSubject splits vm.evt.<vm>.<type>.<writer>.
-func (n Names) ParseEventSubject(subj string) (vmName string, t Type, writer string, ok bool) {
+func (n Names) ParseEventSubject(subj string) (vmName string, t EventType, writer string, ok bool) {
 	rest, found := strings.CutPrefix(subj, n.Prefix+".evt.")
 	if !found {
 		return "", "", "", false
@@ -256,104 +231,10 @@ func (n Names) ParseEventSubject(subj string) (vmName string, t Type, writer str
 	if len(parts) != 3 || parts[0] == "" || parts[1] == "" || parts[2] == "" {
 		return "", "", "", false
 	}
-	return parts[0], Type(parts[1]), parts[2], true
+	return parts[0], EventType(parts[1]), parts[2], true
 }
 
-// Settings are the stream and bucket settings chosen at start-up.
-type Settings struct {
-	Replicas int
-	// CommandsMaxAge is how long commands are kept for audit (0: forever).
-	CommandsMaxAge time.Duration
-	// DuplicateWindow of the event and task streams: longer than the
-	// longest retry path (a worker or engine restart plus a redelivery).
-	DuplicateWindow time.Duration
-}
-
-// DefaultSettings are used when the operator sets nothing.
-var DefaultSettings = Settings{
-	Replicas:        1,
-	CommandsMaxAge:  30 * 24 * time.Hour,
-	DuplicateWindow: 15 * time.Minute,
-}
-
-// StreamConfigs returns the three streams.
-func (n Names) StreamConfigs(s Settings) []jetstream.StreamConfig {
-	if s.Replicas == 0 {
-		s.Replicas = 1
-	}
-	return []jetstream.StreamConfig{
-		{
-			Name:         n.CommandsStream(),
-			Description:  "vmherd lifecycle commands, as published by users (audit log)",
-			Subjects:     []string{n.Commands()},
-			Storage:      jetstream.FileStorage,
-			Retention:    jetstream.LimitsPolicy,
-			MaxAge:       s.CommandsMaxAge,
-			Duplicates:   2 * time.Minute,
-			Replicas:     s.Replicas,
-			AllowDirect:  true,
-			MaxConsumers: MaxConsumers.Commands,
-		},
-		{
-			Name:         n.EventsStream(),
-			Description:  "vmherd event store: every VM's events, the source of truth",
-			Subjects:     []string{n.Events(), n.HostEvents()},
-			Storage:      jetstream.FileStorage,
-			Retention:    jetstream.LimitsPolicy,
-			Discard:      jetstream.DiscardNew, // never drop old events to make room
-			MaxMsgs:      -1,
-			MaxBytes:     -1,
-			Duplicates:   s.DuplicateWindow,
-			Replicas:     s.Replicas,
-			AllowDirect:  true,
-			MaxConsumers: MaxConsumers.Events,
-		},
-		{
-			Name:         n.TasksStream(),
-			Description:  "vmherd tasks: backend calls for each host's worker",
-			Subjects:     []string{n.Tasks()},
-			Storage:      jetstream.FileStorage,
-			Retention:    jetstream.WorkQueuePolicy,
-			Duplicates:   s.DuplicateWindow,
-			Replicas:     s.Replicas,
-			MaxConsumers: MaxConsumers.Tasks,
-		},
-	}
-}
-
-// BucketConfigs returns the two KV buckets.
-func (n Names) BucketConfigs(s Settings) []jetstream.KeyValueConfig {
-	if s.Replicas == 0 {
-		s.Replicas = 1
-	}
-	return []jetstream.KeyValueConfig{
-		{
-			Bucket:      n.RecordsBucket(),
-			Description: "vmherd projection: one VmRecord per VM, rebuilt from the event stream",
-			History:     1,
-			Storage:     jetstream.FileStorage,
-			Replicas:    s.Replicas,
-		},
-		{
-			Bucket:      n.HostsBucket(),
-			Description: "vmherd hosts: worker heartbeats (backends, capacity, usage) and cordons; a host stays until forgotten",
-			History:     1,
-			Storage:     jetstream.FileStorage,
-			Replicas:    s.Replicas,
-		},
-		{
-			Bucket:      n.SSHBucket(),
-			Description: "vmherd ssh: per VM, the generated private key, the guest's host keys as first seen, the last provisioning log (operators and admins only)",
-			History:     1,
-			Storage:     jetstream.FileStorage,
-			Replicas:    s.Replicas,
-		},
-		{
-			Bucket:      n.ImagesBucket(),
-			Description: "vmherd images: what each worker's image store holds or is pulling (<host>.<name>)",
-			History:     1,
-			Storage:     jetstream.FileStorage,
-			Replicas:    s.Replicas,
-		},
-	}
+func validAction(s string) bool {
+	_, err := ParseAction(s)
+	return err == nil
 }

@@ -1,6 +1,4 @@
-package events
-
-import "github.com/vmherd/vmherd/internal/vm"
+package api
 
 // The bodies of the worker's query service (vm.query.<host>.<endpoint>):
 // shared by the worker that answers and the clients that ask.
@@ -12,10 +10,10 @@ type QueryRequest struct {
 
 // StateReply answers the state query.
 type StateReply struct {
-	VM     string      `json:"vm"`
-	Host   string      `json:"host"`
-	State  vm.VmState  `json:"state"`
-	Handle vm.VmHandle `json:"handle"`
+	VM     string   `json:"vm"`
+	Host   string   `json:"host"`
+	State  VmState  `json:"state"`
+	Handle VmHandle `json:"handle"`
 }
 
 // GuestIPReply answers the guest_ip query. Port is set for user networking,

@@ -1,9 +1,4 @@
-// Package vm holds vmherd's domain types: what a user asks for (VmSpec),
-// what a backend hands back (VmHandle) and what a VM is doing (VmState).
-// Their JSON forms are the wire contract described in schemas/ and docs/contract.md:
-// snake_case fields, lowercase enum strings, optional fields omitted.
-// Decoding ignores fields it does not know so old and new records mix.
-package vm
+package api
 
 import (
 	"fmt"
@@ -32,27 +27,6 @@ func ParseBackend(s string) (BackendTag, error) {
 	}
 	return "", fmt.Errorf("%w: unknown backend %q (known: noop, qemu, propolis)", ErrInvalid, s)
 }
-
-// VmState is what a VM is doing, as the FSM and the projection see it.
-type VmState string
-
-const (
-	StatePreparing  VmState = "preparing"
-	StatePrepared   VmState = "prepared"
-	StateStarting   VmState = "starting"
-	StateRunning    VmState = "running"
-	StateStopping   VmState = "stopping"
-	StateStopped    VmState = "stopped"
-	StateSuspending VmState = "suspending"
-	StateSuspended  VmState = "suspended"
-	StateResuming   VmState = "resuming"
-	StateDestroying VmState = "destroying"
-	StateDestroyed  VmState = "destroyed"
-	StateFailed     VmState = "failed"
-	// StateMigrating: a migrate is moving the VM to another host; its
-	// result returns the VM to the state it had (see fsm.Settle).
-	StateMigrating VmState = "migrating"
-)
 
 // NetworkType is the tag of a NetworkConfig.
 type NetworkType string

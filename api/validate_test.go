@@ -1,4 +1,4 @@
-package vm
+package api
 
 import (
 	"encoding/json"
