@@ -35,11 +35,6 @@ type VmRecord struct {
 	// Labels are the accepted prepare's spec.labels: the user's metadata,
 	// for listing and filtering (never shared, never modified in place).
 	Labels map[string]string `json:"labels,omitempty"`
-	// CreatedBy is the issuer of the accepted prepare of this incarnation
-	// (its command subject's issuer token; "" for a command without one,
-	// an admin's or a service's): an operator may purge only the VMs it
-	// created.
-	CreatedBy string `json:"created_by,omitempty"`
 	// Generation counts incarnations: it grows with every accepted prepare
 	// (a purge starts it again: the name is new).
 	Generation    int       `json:"generation"`

@@ -456,6 +456,15 @@ func (c *Client) Destroy(ctx context.Context, name string, opts ...WaitOption) (
 	return c.Do(ctx, name, api.ActDestroy, api.Command{}, opts...)
 }
 
+// Purge removes a destroyed VM (nothing in flight) from VM_RECORDS and
+// its events from VM_EVENTS, so the name is new; it returns once the
+// record has left the bucket. Anything else is a *RejectedError with the
+// reason. Result.Final is
+// the purge's decision (it has no result event) and Result.Record nil.
+func (c *Client) Purge(ctx context.Context, name string, opts ...WaitOption) (*Result, error) {
+	return c.Do(ctx, name, api.ActPurge, api.Command{}, opts...)
+}
+
 // Migrate moves a VM to host to ("": the engine places it), live if it
 // runs, cold if not, and waits until it has moved.
 func (c *Client) Migrate(ctx context.Context, name, to string, opts ...WaitOption) (*Result, error) {

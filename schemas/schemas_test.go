@@ -154,7 +154,6 @@ func fullRecord() *api.VmRecord {
 		Exit:          &api.Exit{Time: t0, Reason: "guest powered off"},
 		Image:         "debian-12",
 		Labels:        map[string]string{"team": "web"},
-		CreatedBy:     "alice",
 		Migration:     &api.Migration{From: "h1", To: "h2", Mode: api.MigrateCold, Before: api.StateStopped, Phase: api.PhaseCopying, Bytes: 1 << 20, Total: 1 << 21},
 		CreatedAt:     t0,
 		UpdatedAt:     t0.Add(time.Minute),

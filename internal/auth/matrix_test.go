@@ -105,8 +105,7 @@ func cells(f *fixture) []cell {
 		pubCell("publish a command without issuer", "vm.cmd.web1.start", adm),
 		pubCell("publish a command as alice", "vm.cmd.web1.start.alice", plus(alice)),
 		pubCell("publish a command as bob", "vm.cmd.web1.start.bob", adm),
-		// purge: a command like the others (the engines decide who may
-		// purge which VM: an operator only those it created).
+		// purge: a command like the others.
 		pubCell("publish a purge without issuer", "vm.cmd.web1.purge", adm),
 		pubCell("publish a purge as alice", "vm.cmd.web1.purge.alice", plus(alice)),
 		pubCell("publish a purge as bob", "vm.cmd.web1.purge.bob", adm),

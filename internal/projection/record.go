@@ -105,7 +105,6 @@ func apply(r *api.VmRecord, ev *api.Event, seq uint64, owned bool) {
 			r.InFlight = nil
 			r.Generation++
 			r.CreatedAt = ev.Time
-			r.CreatedBy = ev.Issuer
 			r.LastError = ""
 			r.Backend = ev.Backend
 			r.Vcpus, r.MemoryMB, r.Image, r.Labels = 0, 0, "", nil

@@ -32,10 +32,9 @@ func (g *globals) purgeCmd() *cobra.Command {
 		Long: `purge removes destroyed VMs from VM_RECORDS (list --all, completion) and
 their events from VM_EVENTS; a VM created later with the same name starts
 afresh. Only a destroyed VM with no command in flight is purged; anything
-else is rejected with the reason (exit 1, after trying the others). An
-operator may purge only the VMs it created; an admin any. The engines also
-purge destroyed VMs by themselves after --retain-destroyed (7 days by
-default).`,
+else is rejected with the reason (exit 1, after trying the others). The
+engines also purge destroyed VMs by themselves after --retain-destroyed
+(7 days by default).`,
 		ValidArgsFunction: g.completeDestroyed, // any number of names
 		RunE: func(cmd *cobra.Command, args []string) error {
 			switch {
