@@ -198,9 +198,14 @@ func (ev *Event) Encode() []byte {
 // it: <vm>/<command id>.
 func CommandMsgID(vmName, commandID string) string { return vmName + "/" + commandID }
 
+// DecisionMsgID is an engine's decision (accepted or rejected) of a command.
 func DecisionMsgID(vmName, commandID string) string { return vmName + "/" + commandID + "/decision" }
-func TaskMsgID(vmName, commandID string) string     { return vmName + "/" + commandID + "/task" }
-func ResultMsgID(vmName, commandID string) string   { return vmName + "/" + commandID + "/result" }
+
+// TaskMsgID is the task an accepted command queues.
+func TaskMsgID(vmName, commandID string) string { return vmName + "/" + commandID + "/task" }
+
+// ResultMsgID is the result that ends an accepted command.
+func ResultMsgID(vmName, commandID string) string { return vmName + "/" + commandID + "/result" }
 
 // FencedMsgID names the fencing report of a forget command.
 func FencedMsgID(vmName, commandID string) string { return vmName + "/" + commandID + "/fenced" }

@@ -20,13 +20,26 @@ var DefaultNames = Names{Prefix: DefaultPrefix}
 
 func (n Names) upper() string { return strings.ToUpper(strings.ReplaceAll(n.Prefix, "-", "_")) }
 
+// CommandsStream keeps the commands users publish (audit log).
 func (n Names) CommandsStream() string { return n.upper() + "_COMMANDS" }
-func (n Names) EventsStream() string   { return n.upper() + "_EVENTS" }
-func (n Names) TasksStream() string    { return n.upper() + "_TASKS" }
-func (n Names) RecordsBucket() string  { return n.upper() + "_RECORDS" }
-func (n Names) HostsBucket() string    { return n.upper() + "_HOSTS" }
-func (n Names) ImagesBucket() string   { return n.upper() + "_IMAGES" }
-func (n Names) SSHBucket() string      { return n.upper() + "_SSH" }
+
+// EventsStream is the event store: every VM's events and the host events.
+func (n Names) EventsStream() string { return n.upper() + "_EVENTS" }
+
+// TasksStream is each host's work queue of backend calls.
+func (n Names) TasksStream() string { return n.upper() + "_TASKS" }
+
+// RecordsBucket holds one VmRecord per VM (key: the VM name).
+func (n Names) RecordsBucket() string { return n.upper() + "_RECORDS" }
+
+// HostsBucket holds the workers' heartbeats and the hosts' cordons.
+func (n Names) HostsBucket() string { return n.upper() + "_HOSTS" }
+
+// ImagesBucket holds the image stores' statuses (key: <host>.<name>).
+func (n Names) ImagesBucket() string { return n.upper() + "_IMAGES" }
+
+// SSHBucket holds per incarnation the generated SSH key, host keys and provisioning log.
+func (n Names) SSHBucket() string { return n.upper() + "_SSH" }
 
 // SSHKey is the key in VM_SSH of what (SSHPrivateKey, SSHHostKeys or
 // SSHProvisionLog) for one incarnation of a VM:
@@ -103,7 +116,9 @@ func (n Names) IssuedCommand(vmName, action, issuer string) string {
 
 // IssuerCommands is every command an issuer may publish: vm.cmd.*.*.<issuer>.
 func (n Names) IssuerCommands(issuer string) string { return n.Prefix + ".cmd.*.*." + issuer }
-func (n Names) Commands() string                    { return n.Prefix + ".cmd.>" }
+
+// Commands is every command subject: vm.cmd.>.
+func (n Names) Commands() string { return n.Prefix + ".cmd.>" }
 
 // EngineWriter is the writer token of the events the engines write
 // (decisions, and the results of a forget). It starts with '_', so it is
@@ -117,8 +132,14 @@ const EngineWriter = "_engine"
 func (n Names) Event(vmName string, t EventType, writer string) string {
 	return n.Prefix + ".evt." + vmName + "." + string(t) + "." + writer
 }
-func (n Names) VMEvents(vmName string) string   { return n.Prefix + ".evt." + vmName + ".>" }
-func (n Names) Events() string                  { return n.Prefix + ".evt.>" }
+
+// VMEvents is every event of one VM: vm.evt.<vm>.>.
+func (n Names) VMEvents(vmName string) string { return n.Prefix + ".evt." + vmName + ".>" }
+
+// Events is every VM's events: vm.evt.>.
+func (n Names) Events() string { return n.Prefix + ".evt.>" }
+
+// EventsOfType is every VM's events of one type: vm.evt.*.<type>.*.
 func (n Names) EventsOfType(t EventType) string { return n.Prefix + ".evt.*." + string(t) + ".*" }
 
 // WriterEvents is every event one writer may publish: vm.evt.*.*.<writer>
@@ -130,6 +151,8 @@ func (n Names) WriterEvents(writer string) string { return n.Prefix + ".evt.*.*.
 func (n Names) HostEvent(host string, t HostEventType) string {
 	return n.Prefix + ".host." + host + "." + string(t)
 }
+
+// HostEvents is every host event: vm.host.>.
 func (n Names) HostEvents() string { return n.Prefix + ".host.>" }
 
 // ParseHostEventSubject splits vm.host.<host>.<type>.
@@ -144,8 +167,12 @@ func (n Names) ParseHostEventSubject(subj string) (host string, t HostEventType,
 
 // Task is vm.task.<host>.<vm>.
 func (n Names) Task(host, vmName string) string { return n.Prefix + ".task." + host + "." + vmName }
-func (n Names) HostTasks(host string) string    { return n.Prefix + ".task." + host + ".>" }
-func (n Names) Tasks() string                   { return n.Prefix + ".task.>" }
+
+// HostTasks is one host's tasks: vm.task.<host>.>.
+func (n Names) HostTasks(host string) string { return n.Prefix + ".task." + host + ".>" }
+
+// Tasks is every host's tasks: vm.task.>.
+func (n Names) Tasks() string { return n.Prefix + ".task.>" }
 
 // HostTaskConsumer is the durable consumer of one host's tasks, which
 // the engines create (and update) from the host's heartbeat; the host's

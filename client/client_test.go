@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -206,7 +208,7 @@ func TestWatchAcrossServerRestart(t *testing.T) {
 		t.Cleanup(nc.Close)
 		js, _ := jetstreamNew(t, nc)
 		ctx := ctxT(t, 30*time.Second)
-		if err := events.Ensure(ctx, js, api.DefaultNames, events.DefaultSettings); err != nil {
+		if err := jsetup.Ensure(ctx, js, api.DefaultNames, jsetup.DefaultSettings); err != nil {
 			t.Fatal(err)
 		}
 		st, err := events.NewStore(ctx, js, api.DefaultNames, api.EngineWriter)

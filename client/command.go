@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -124,7 +126,7 @@ func (c *Client) publish(ctx context.Context, subj string, body []byte, msgID st
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("%w (the command may or may not be stored: sending it again with its id is safe)", ctx.Err())
 		}
-		if !events.Transient(err) && !errors.Is(err, context.DeadlineExceeded) {
+		if !jsetup.Transient(err) && !errors.Is(err, context.DeadlineExceeded) {
 			return nil, notAllowed(fmt.Errorf("%w (nothing was stored)", err))
 		}
 		select {
@@ -322,6 +324,10 @@ func (c *Client) Wait(ctx context.Context, s *Sent, opts ...WaitOption) (*Result
 				} else {
 					idleSince = time.Time{}
 				}
+			} else if res.Final == nil && c.HostLost(ctx, res.Decision.Host) {
+				// Accepted: the result comes from the host's worker, and
+				// the host has stopped heartbeating.
+				p.Trouble = fmt.Sprintf("host %s is lost (its worker stopped heartbeating); the result comes when it is back, or the VM is forgotten", res.Decision.Host)
 			}
 			report()
 		}

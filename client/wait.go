@@ -26,7 +26,7 @@ func (c *Client) WaitCommand(ctx context.Context, name, commandID string, opts .
 
 // ErrNeverState: the state waited for cannot come any more (the VM was
 // destroyed, or has no record and the wait is not for destroyed).
-var ErrNeverState = errors.New("the state cannot come")
+var ErrNeverState = errors.New("it cannot happen any more")
 
 // WaitState waits until the VM's record is in state with no command in
 // flight, and returns it. Waiting for destroyed also ends when the VM has
@@ -82,7 +82,10 @@ func (c *Client) WaitBanner(ctx context.Context, name string, port int, prefix s
 			err = fmt.Errorf("port %d said %q", port, line)
 		}
 		last = err
-		if r, rerr := c.Record(ctx, name); rerr == nil && r.Destroyed() || errors.Is(rerr, ErrNotFound) {
+		switch r, rerr := c.Record(ctx, name); {
+		case rerr == nil && r.Destroyed():
+			return "", fmt.Errorf("vm %s was destroyed: %w", name, ErrNeverState)
+		case errors.Is(rerr, ErrNotFound):
 			return "", fmt.Errorf("vm %s does not exist: %w", name, ErrNeverState)
 		}
 		select {

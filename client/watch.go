@@ -6,6 +6,8 @@ import (
 	"iter"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/nats-io/nats.go"
 
 	"github.com/vmherd/vmherd/api"
@@ -61,7 +63,7 @@ func (c *Client) Watch(ctx context.Context, o WatchOptions) iter.Seq2[Stored, er
 			case ctx.Err() != nil:
 				return
 			case err == nil:
-			case errors.Is(err, nats.ErrConnectionClosed) || !events.Transient(err) && !errors.Is(err, nats.ErrTimeout):
+			case errors.Is(err, nats.ErrConnectionClosed) || !jsetup.Transient(err) && !errors.Is(err, nats.ErrTimeout):
 				yield(Stored{}, notAllowed(err))
 				return
 			}

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/pflag"
 	"golang.org/x/sync/errgroup"
@@ -20,7 +22,6 @@ import (
 	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/datadir"
 	"github.com/vmherd/vmherd/internal/engine"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/hosts"
 	"github.com/vmherd/vmherd/internal/jspolicy"
 	"github.com/vmherd/vmherd/internal/metrics"
@@ -209,7 +210,7 @@ func runEngine(ctx context.Context, o EngineOptions, fail func(error)) error {
 		return fmt.Errorf("--retain-destroyed %s: want a duration >= 0 (0 keeps destroyed VMs for ever)", o.RetainDestroyed)
 	}
 	var eng *engine.Engine
-	err = events.RetryStartup(ctx, log, "the engine's consumers and buckets", func(sctx context.Context) (err error) {
+	err = jsetup.RetryStartup(ctx, log, "the engine's consumers and buckets", func(sctx context.Context) (err error) {
 		eng, err = engine.New(sctx, engine.Config{
 			Metrics: ms,
 			JS:      js, Names: o.Streams.Names(), Settings: o.Streams.Settings(), Log: log, ID: o.ID,
@@ -323,8 +324,8 @@ func issueLocalCreds(o EngineOptions) (*auth.Authority, localCreds, error) {
 // ensureStreams creates or updates the streams and buckets: the engine is
 // their only owner.
 func ensureStreams(ctx context.Context, js jetstream.JetStream, so StreamOptions, log *slog.Logger) error {
-	return events.RetryStartup(ctx, log, "creating streams and buckets", func(ctx context.Context) error {
-		return events.Ensure(ctx, js, so.Names(), so.Settings())
+	return jsetup.RetryStartup(ctx, log, "creating streams and buckets", func(ctx context.Context) error {
+		return jsetup.Ensure(ctx, js, so.Names(), so.Settings())
 	})
 }
 

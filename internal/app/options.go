@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go"
@@ -18,7 +20,6 @@ import (
 
 	"github.com/vmherd/vmherd/internal/auth"
 	"github.com/vmherd/vmherd/internal/datadir"
-	"github.com/vmherd/vmherd/internal/events"
 )
 
 // ConnOptions say how to reach NATS.
@@ -147,7 +148,7 @@ type StreamOptions struct {
 
 // AddFlags registers the stream settings.
 func (o *StreamOptions) AddFlags(fs *pflag.FlagSet) {
-	d := events.DefaultSettings
+	d := jsetup.DefaultSettings
 	fs.StringVar(&o.Prefix, "prefix", api.DefaultPrefix, "first token of every subject; streams and buckets are named <PREFIX>_*")
 	fs.IntVar(&o.Replicas, "replicas", d.Replicas, "stream and bucket replicas (clustered NATS)")
 	fs.DurationVar(&o.CommandsMaxAge, "commands-max-age", d.CommandsMaxAge, "how long VM_COMMANDS keeps commands for audit (0: forever)")
@@ -156,6 +157,6 @@ func (o *StreamOptions) AddFlags(fs *pflag.FlagSet) {
 
 // Names and Settings derived from the options.
 func (o *StreamOptions) Names() api.Names { return api.Names{Prefix: o.Prefix} }
-func (o *StreamOptions) Settings() events.Settings {
-	return events.Settings{Replicas: o.Replicas, CommandsMaxAge: o.CommandsMaxAge, DuplicateWindow: o.DuplicateWindow}
+func (o *StreamOptions) Settings() jsetup.Settings {
+	return jsetup.Settings{Replicas: o.Replicas, CommandsMaxAge: o.CommandsMaxAge, DuplicateWindow: o.DuplicateWindow}
 }

@@ -5,18 +5,18 @@ import (
 	"fmt"
 	"log/slog"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/vmherd/vmherd/internal/events"
 )
 
 // waitStreams is the worker's start-up check: the streams and buckets the
 // engine owns exist and have what the worker relies on.
 func waitStreams(ctx context.Context, js jetstream.JetStream, n api.Names, log *slog.Logger) error {
-	return events.RetryStartup(ctx, log, "the engine's streams and buckets", func(ctx context.Context) error {
-		if err := events.Check(ctx, js, n); err != nil {
+	return jsetup.RetryStartup(ctx, log, "the engine's streams and buckets", func(ctx context.Context) error {
+		if err := jsetup.Check(ctx, js, n); err != nil {
 			return fmt.Errorf("checking streams and buckets: %w", err)
 		}
 		return nil

@@ -9,12 +9,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/natsserver"
 	"github.com/vmherd/vmherd/internal/testenv/syncbuf"
 )
@@ -67,8 +68,8 @@ func TestWorkerWaitsForAndNeverChangesStreams(t *testing.T) {
 		}
 	}
 	// The engine creates them with settings of its own.
-	engineSettings := events.Settings{Replicas: 1, CommandsMaxAge: time.Hour, DuplicateWindow: 7 * time.Minute}
-	if err := events.Ensure(ctx, js, api.DefaultNames, engineSettings); err != nil {
+	engineSettings := jsetup.Settings{Replicas: 1, CommandsMaxAge: time.Hour, DuplicateWindow: 7 * time.Minute}
+	if err := jsetup.Ensure(ctx, js, api.DefaultNames, engineSettings); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -100,21 +101,21 @@ func TestWorkerWaitsForAndNeverChangesStreams(t *testing.T) {
 func TestCheckNamesEachProblem(t *testing.T) {
 	_, js := bareServer(t)
 	ctx := context.Background()
-	err := events.Check(ctx, js, api.DefaultNames)
-	var nr *events.NotReadyError
-	want := len(events.StreamConfigs(api.DefaultNames, events.DefaultSettings)) + len(events.BucketConfigs(api.DefaultNames, events.DefaultSettings))
+	err := jsetup.Check(ctx, js, api.DefaultNames)
+	var nr *jsetup.NotReadyError
+	want := len(jsetup.StreamConfigs(api.DefaultNames, jsetup.DefaultSettings)) + len(jsetup.BucketConfigs(api.DefaultNames, jsetup.DefaultSettings))
 	if !errors.As(err, &nr) || len(nr.Problems) != want {
 		t.Fatalf("Check on an empty server: %v", err)
 	}
-	if err := events.Ensure(ctx, js, api.DefaultNames, events.DefaultSettings); err != nil {
+	if err := jsetup.Ensure(ctx, js, api.DefaultNames, jsetup.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
-	if err := events.Check(ctx, js, api.DefaultNames); err != nil {
+	if err := jsetup.Check(ctx, js, api.DefaultNames); err != nil {
 		t.Fatalf("Check after Ensure: %v", err)
 	}
 	// A tasks stream that is not a work queue is named as such.
 	other := api.Names{Prefix: "x"}
-	for _, cfg := range events.StreamConfigs(other, events.DefaultSettings) {
+	for _, cfg := range jsetup.StreamConfigs(other, jsetup.DefaultSettings) {
 		if cfg.Name == other.TasksStream() {
 			cfg.Retention = jetstream.LimitsPolicy
 		}
@@ -122,12 +123,12 @@ func TestCheckNamesEachProblem(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, cfg := range events.BucketConfigs(other, events.DefaultSettings) {
+	for _, cfg := range jsetup.BucketConfigs(other, jsetup.DefaultSettings) {
 		if _, err := js.CreateKeyValue(ctx, cfg); err != nil {
 			t.Fatal(err)
 		}
 	}
-	err = events.Check(ctx, js, other)
+	err = jsetup.Check(ctx, js, other)
 	if !errors.As(err, &nr) || len(nr.Problems) != 1 || !strings.Contains(err.Error(), "X_TASKS has retention Limits, vmherd needs WorkQueue") {
 		t.Fatalf("Check with a limits tasks stream: %v", err)
 	}
@@ -143,11 +144,11 @@ func TestTransient(t *testing.T) {
 		{&jetstream.APIError{Code: 400, ErrorCode: 10005, Description: "no suitable peers for placement"}, true},
 		{fmt.Errorf("creating: %w", context.DeadlineExceeded), true},
 		{nats.ErrNoResponders, true},
-		{&events.NotReadyError{Problems: []string{"x"}}, true},
+		{&jsetup.NotReadyError{Problems: []string{"x"}}, true},
 		{&jetstream.APIError{Code: 400, ErrorCode: jetstream.JSErrCodeStreamNameInUse, Description: "stream name already in use"}, false},
 		{errors.New("bad config"), false},
 	} {
-		if got := events.Transient(c.err); got != c.want {
+		if got := jsetup.Transient(c.err); got != c.want {
 			t.Errorf("Transient(%v) = %v, want %v", c.err, got, c.want)
 		}
 	}

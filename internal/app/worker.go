@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go"
@@ -19,7 +21,6 @@ import (
 
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/noop"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/images"
 	"github.com/vmherd/vmherd/internal/metrics"
 	"github.com/vmherd/vmherd/internal/relay"
@@ -268,7 +269,7 @@ func (o *WorkerOptions) NewWorker(ctx context.Context, c Connected, names api.Na
 		return nil, err
 	}
 	var w *worker.Worker
-	err = events.RetryStartup(ctx, log, "the worker's task consumer", func(sctx context.Context) (err error) {
+	err = jsetup.RetryStartup(ctx, log, "the worker's task consumer", func(sctx context.Context) (err error) {
 		w, err = worker.New(sctx, worker.Config{
 			NC: c.NC, JS: c.JS, Names: names, Host: o.Host, Router: r, Log: log,
 			Capacity:       api.Resources{Vcpus: o.CapacityVcpus, MemoryMB: o.CapacityMemMB},

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/jwt/v2"
@@ -18,7 +20,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/auth"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/jspolicy"
 	"github.com/vmherd/vmherd/internal/natsserver"
 )
@@ -72,7 +73,7 @@ func newFixture(t *testing.T, policy bool) *fixture {
 	f.admin = f.connect(auth.Identity{Role: auth.RoleAdmin, User: "setup"})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := events.Ensure(ctx, f.admin.js, f.names, events.DefaultSettings); err != nil {
+	if err := jsetup.Ensure(ctx, f.admin.js, f.names, jsetup.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
 	if policy {

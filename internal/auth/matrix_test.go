@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/jsetup"
 
 	"github.com/vmherd/vmherd/api"
 
@@ -384,7 +384,7 @@ func TestPermissionMatrix(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	for _, h := range []string{"h1", "h2"} {
-		cfg := events.HostTaskConsumerConfig(f.names, h, 30*time.Second, 16)
+		cfg := jsetup.HostTaskConsumerConfig(f.names, h, 30*time.Second, 16)
 		if _, err := f.admin.js.CreateOrUpdateConsumer(ctx, f.names.TasksStream(), cfg); err != nil {
 			t.Fatal(err)
 		}

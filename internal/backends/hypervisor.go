@@ -6,6 +6,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"time"
 
 	"github.com/vmherd/vmherd/api"
@@ -187,6 +189,55 @@ func (r *Router) GuestIP(ctx context.Context, h api.VmHandle) (string, error) {
 		return "", err
 	}
 	return b.GuestIP(ctx, h)
+}
+
+// ConsoleDialer is a backend whose console is not a unix socket (and so
+// not a file of the host either): it opens the console, and reads what
+// it printed, itself. The worker's relay asks the Router, which asks the
+// backend that serves the endpoint's kind.
+type ConsoleDialer interface {
+	// ConsoleKind is the kind of endpoint the backend opens.
+	ConsoleKind() api.ConsoleKind
+	DialConsole(ctx context.Context, ep api.ConsoleEndpoint) (io.ReadWriteCloser, error)
+	// ConsoleHistory returns what the console printed from byte offset
+	// from (hasFrom), or all of it, and the offset after it.
+	ConsoleHistory(ctx context.Context, ep api.ConsoleEndpoint, from uint64, hasFrom bool) (data []byte, next uint64, err error)
+}
+
+// consoleDialer is the enabled backend that opens consoles of kind k.
+func (r *Router) consoleDialer(k api.ConsoleKind) ConsoleDialer {
+	for _, b := range r.backends {
+		if d, ok := b.(ConsoleDialer); ok && d.ConsoleKind() == k {
+			return d
+		}
+	}
+	return nil
+}
+
+// DialConsole opens a console endpoint: a unix socket here, or through
+// the backend that serves its kind.
+func (r *Router) DialConsole(ctx context.Context, ep api.ConsoleEndpoint) (io.ReadWriteCloser, error) {
+	if d := r.consoleDialer(ep.Kind); d != nil {
+		return d.DialConsole(ctx, ep)
+	}
+	if ep.Kind != api.ConsoleUnixSocket {
+		return nil, fmt.Errorf("this VM has no console this host can open (console kind %q)", ep.Kind)
+	}
+	var dl net.Dialer
+	c, err := dl.DialContext(ctx, "unix", ep.Path)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to the console socket %s: %w", ep.Path, err)
+	}
+	return c, nil
+}
+
+// ConsoleHistory reads a console's output through the backend that serves
+// its kind (one without a log file).
+func (r *Router) ConsoleHistory(ctx context.Context, ep api.ConsoleEndpoint, from uint64, hasFrom bool) ([]byte, uint64, error) {
+	if d := r.consoleDialer(ep.Kind); d != nil {
+		return d.ConsoleHistory(ctx, ep, from, hasFrom)
+	}
+	return nil, 0, fmt.Errorf("this VM keeps no console log (console kind %q)", ep.Kind)
 }
 
 func (r *Router) ConsoleEndpoint(h api.VmHandle) (api.ConsoleEndpoint, error) {

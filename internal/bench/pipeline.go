@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go"
@@ -17,7 +19,6 @@ import (
 	"github.com/vmherd/vmherd/internal/backends"
 	"github.com/vmherd/vmherd/internal/backends/noop"
 	"github.com/vmherd/vmherd/internal/engine"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/natsserver"
 	"github.com/vmherd/vmherd/internal/worker"
 )
@@ -116,11 +117,11 @@ func startPipeline(ctx context.Context, c pipelineConfig) (*pipeline, error) {
 		return fail(err)
 	}
 	p.conns = append(p.conns, enc)
-	if err := events.Ensure(ctx, ejs, api.DefaultNames, events.DefaultSettings); err != nil {
+	if err := jsetup.Ensure(ctx, ejs, api.DefaultNames, jsetup.DefaultSettings); err != nil {
 		return fail(err)
 	}
 	eng, err := engine.New(ctx, engine.Config{
-		JS: ejs, Names: api.DefaultNames, Settings: events.DefaultSettings, Log: quietLogger(),
+		JS: ejs, Names: api.DefaultNames, Settings: jsetup.DefaultSettings, Log: quietLogger(),
 		ID: "bench", StateDir: c.StateDir,
 	})
 	if err != nil {

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -186,7 +188,7 @@ func rebuild(ctx context.Context, srv *server, vms int) (Rebuild, error) {
 		return Rebuild{}, err
 	}
 	defer nc.Close()
-	if err := events.Ensure(ctx, js, api.DefaultNames, events.DefaultSettings); err != nil {
+	if err := jsetup.Ensure(ctx, js, api.DefaultNames, jsetup.DefaultSettings); err != nil {
 		return Rebuild{}, err
 	}
 	r := Rebuild{VMs: vms}
@@ -291,7 +293,7 @@ func replayAndRebuild(ctx context.Context, js jetstream.JetStream, vms int) (rep
 	runtime.GC() // the rebuild should not pay for the replay's records
 
 	t0 = time.Now()
-	records, n, err = projection.Rebuild(ctx, js, api.DefaultNames, events.DefaultSettings)
+	records, n, err = projection.Rebuild(ctx, js, api.DefaultNames, jsetup.DefaultSettings)
 	if err != nil {
 		return 0, 0, 0, 0, 0, err
 	}

@@ -10,9 +10,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/backends/noop"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
@@ -372,7 +373,7 @@ func TestRebuildEqualsLive(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n, count, err := projection.Rebuild(context.Background(), env.JS, env.Names, events.DefaultSettings)
+	n, count, err := projection.Rebuild(context.Background(), env.JS, env.Names, jsetup.DefaultSettings)
 	if err != nil {
 		t.Fatal(err)
 	}

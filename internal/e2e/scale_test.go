@@ -12,8 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/projection"
 	"github.com/vmherd/vmherd/internal/testenv"
 )
@@ -22,7 +23,7 @@ import (
 // against one engine (embedded NATS, its credentials, a Noop worker),
 // create, start, status, history and destroy, with and without --no-wait,
 // in parallel. Every one must succeed within two minutes, and the
-// consumers on every stream stay within events.ConsumerBound, during the
+// consumers on every stream stay within jsetup.ConsumerBound, during the
 // run, at its end and 10 s later: vmctl leaves nothing on the server.
 // Before, each vmctl that waited or read events left an ordered consumer
 // on VM_EVENTS for 5 minutes, and at 1,000 of them the server refused
@@ -53,7 +54,7 @@ func TestVmctlAtCIRate(t *testing.T) {
 	}, "--with-worker")
 	eng.WaitLog("engine serving", 60*time.Second)
 	env := testenv.AttachCreds(t, url, filepath.Join(data, "auth", "admin.creds"))
-	bound := events.ConsumerBound(env.Names, 1, 1)
+	bound := jsetup.ConsumerBound(env.Names, 1, 1)
 	env.WaitFor("the worker's task consumer", 30*time.Second, func() bool {
 		return env.ConsumerCounts()[env.Names.TasksStream()] == 1
 	})
@@ -207,9 +208,9 @@ func checkLimits(t *testing.T, env *testenv.Env) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	want := map[string]int{
-		env.Names.CommandsStream(): events.MaxConsumers.Commands,
-		env.Names.EventsStream():   events.MaxConsumers.Events,
-		env.Names.TasksStream():    events.MaxConsumers.Tasks,
+		env.Names.CommandsStream(): jsetup.MaxConsumers.Commands,
+		env.Names.EventsStream():   jsetup.MaxConsumers.Events,
+		env.Names.TasksStream():    jsetup.MaxConsumers.Tasks,
 	}
 	for name, n := range want {
 		st, err := env.JS.Stream(ctx, name)

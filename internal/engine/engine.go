@@ -17,6 +17,8 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -39,7 +41,7 @@ type JetStream interface {
 	events.StoreJS
 	events.KVReader
 	projection.JetStream
-	events.ConsumerCreator
+	jsetup.ConsumerCreator
 	PublishAsync(subject string, data []byte, opts ...jetstream.PublishOpt) (jetstream.PubAckFuture, error)
 }
 
@@ -47,7 +49,7 @@ type JetStream interface {
 type Config struct {
 	JS       JetStream
 	Names    api.Names
-	Settings events.Settings
+	Settings jsetup.Settings
 	Log      *slog.Logger
 	// ID names this engine's own consumers (the projection); unique per engine.
 	ID string
@@ -91,7 +93,7 @@ type Engine struct {
 	placed *placedCount
 }
 
-// New builds an engine. Streams and buckets must exist (events.Ensure).
+// New builds an engine. Streams and buckets must exist (jsetup.Ensure).
 func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
@@ -140,7 +142,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	// Against a cluster still electing leaders these reads time out: they
 	// are retried (and logged) like every start-up step.
 	var hostsKV jetstream.KeyValue
-	if err := events.RetryStartup(ctx, e.log, "the hosts bucket", func(sctx context.Context) (err error) {
+	if err := jsetup.RetryStartup(ctx, e.log, "the hosts bucket", func(sctx context.Context) (err error) {
 		hostsKV, err = e.cfg.JS.KeyValue(sctx, e.cfg.Names.HostsBucket())
 		return err
 	}); err != nil {
@@ -150,7 +152,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	// What the VMs already placed take, before the first placement; the
 	// projector's folds keep the count from here on.
 	var recs map[string]*api.VmRecord
-	if err := events.RetryStartup(ctx, e.log, "the records, to count what is placed", func(sctx context.Context) (err error) {
+	if err := jsetup.RetryStartup(ctx, e.log, "the records, to count what is placed", func(sctx context.Context) (err error) {
 		recs, err = projection.Load(sctx, e.cfg.JS, e.cfg.Names)
 		return err
 	}); err != nil {
@@ -162,7 +164,7 @@ func (e *Engine) Run(ctx context.Context) error {
 		names = append(names, name)
 	}
 	var imagesKV jetstream.KeyValue
-	if err := events.RetryStartup(ctx, e.log, "the images bucket", func(sctx context.Context) (err error) {
+	if err := jsetup.RetryStartup(ctx, e.log, "the images bucket", func(sctx context.Context) (err error) {
 		imagesKV, err = e.cfg.JS.KeyValue(sctx, e.cfg.Names.ImagesBucket())
 		return err
 	}); err != nil {
@@ -190,7 +192,7 @@ func (e *Engine) Run(ctx context.Context) error {
 }
 
 func (e *Engine) runCommands(ctx context.Context) error {
-	cons, err := events.CreateConsumer(ctx, e.cfg.JS, e.log, e.cfg.Names.CommandsStream(), jetstream.ConsumerConfig{
+	cons, err := jsetup.CreateConsumer(ctx, e.cfg.JS, e.log, e.cfg.Names.CommandsStream(), jetstream.ConsumerConfig{
 		Durable:       e.cfg.Names.CommandConsumer(),
 		Description:   "vmherd engines: decide each command once",
 		AckPolicy:     jetstream.AckExplicitPolicy,
@@ -214,7 +216,7 @@ func (e *Engine) runCommands(ctx context.Context) error {
 			return
 		}
 		e.exec.Do(name, func() { e.handle(ctx, msg) })
-	}, events.PullOpts(2*e.cfg.Concurrency)...)
+	}, jsetup.PullOpts(2*e.cfg.Concurrency)...)
 	if err != nil {
 		return fmt.Errorf("engine: consuming commands: %w", err)
 	}
@@ -365,7 +367,7 @@ func (e *Engine) dupWindow() time.Duration {
 	if w := e.cfg.Settings.DuplicateWindow; w > 0 {
 		return w
 	}
-	return events.DefaultSettings.DuplicateWindow
+	return jsetup.DefaultSettings.DuplicateWindow
 }
 
 // storedDecision reads the decision of cmdID stored at seq.
@@ -449,9 +451,7 @@ func (e *Engine) appendInvalid(ctx context.Context, ev api.Event, reason string)
 	ev.Time = time.Now().UTC()
 	body := ev
 	body.VM = raw
-	_, err := e.cfg.JS.Publish(ctx, e.cfg.Names.Event(api.InvalidVM, api.TypeRejected, api.EngineWriter), body.Encode(),
-		jetstream.WithMsgID(api.DecisionMsgID(api.InvalidVM, raw+"/"+string(ev.Action)+"/"+ev.CommandID)))
-	return err
+	return e.store.AppendInvalid(ctx, &body, api.DecisionMsgID(api.InvalidVM, raw+"/"+string(ev.Action)+"/"+ev.CommandID))
 }
 
 // alreadyDecided looks for a decision of this command among the VM's

@@ -4,11 +4,9 @@ import (
 	"context"
 	"time"
 
-	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/jsetup"
 
 	"github.com/vmherd/vmherd/api"
-
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/internal/hosts"
 )
@@ -47,7 +45,7 @@ func (e *Engine) hostEvent(ctx context.Context, c hosts.Change) {
 	}
 	for attempt := 0; attempt < 10 && ctx.Err() == nil; attempt++ {
 		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		_, err := e.cfg.JS.Publish(pctx, subj, ev.Encode(), jetstream.WithMsgID(api.HostEventMsgID(c.Host, c.Kind, c.Rev)))
+		_, _, err := e.store.AppendHost(pctx, &ev, api.HostEventMsgID(c.Host, c.Kind, c.Rev))
 		cancel()
 		if err == nil {
 			e.log.Info("host event", "host", c.Host, "type", c.Kind, "reason", c.Reason, "vms", len(ev.VMs))
@@ -71,7 +69,7 @@ func (e *Engine) runHostConsumers(ctx context.Context) error {
 			if s, ok := made[h.Host]; ok && s == h.Tasks {
 				continue
 			}
-			cfg := events.HostTaskConsumerConfig(e.cfg.Names, h.Host, h.Tasks.AckWait(), h.Tasks.Pending())
+			cfg := jsetup.HostTaskConsumerConfig(e.cfg.Names, h.Host, h.Tasks.AckWait(), h.Tasks.Pending())
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			_, err := e.cfg.JS.CreateOrUpdateConsumer(cctx, e.cfg.Names.TasksStream(), cfg)
 			cancel()

@@ -90,8 +90,7 @@ func (e *Engine) rejectOverRate(ctx context.Context, msg jetstream.Msg, name, ac
 		}()
 		return
 	}
-	f, err := e.cfg.JS.PublishAsync(e.cfg.Names.Event(name, ev.Type, api.EngineWriter), ev.Encode(),
-		jetstream.WithMsgID(api.DecisionMsgID(name, ev.CommandID)))
+	f, err := e.store.AppendAsync(&ev, api.DecisionMsgID(name, ev.CommandID))
 	if err != nil {
 		e.log.Warn("storing a rate-limit rejection failed; the command will be redelivered", "subject", msg.Subject(), "err", err)
 		_ = msg.NakWithDelay(time.Second)

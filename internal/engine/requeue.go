@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -24,7 +26,7 @@ import (
 // worker finds the result stored and does not call again.
 func (e *Engine) requeueInFlight(ctx context.Context, names []string) error {
 	var last uint64
-	if err := events.RetryStartup(ctx, e.log, "the event stream's last sequence", func(sctx context.Context) error {
+	if err := jsetup.RetryStartup(ctx, e.log, "the event stream's last sequence", func(sctx context.Context) error {
 		info, err := e.store.Stream().Info(sctx)
 		if err != nil {
 			return err

@@ -1,6 +1,12 @@
-// Package events holds vmherd's wire contract: command and event envelopes,
-// subjects, the streams and buckets with their settings, and the append
-// with per-VM optimistic concurrency.
+// Package events is vmherd's event store: the only writer of the
+// VM_EVENTS stream (Store.Append with per-VM optimistic concurrency, and
+// AppendAsync, AppendInvalid, AppendHost for what moves no record), its
+// readers by direct gets (ReadVM, FollowVM, ReadStream, and KVEntries and
+// KVPoll for the buckets: no consumer is left behind), decoding with the
+// writer taken from the subject (Decode, DecodeStored), and the task
+// envelope the engines queue on VM_TASKS (Task, TasksOf). The wire types
+// are package api's; the streams, buckets and their set-up are package
+// jsetup's.
 package events
 
 import (

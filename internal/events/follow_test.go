@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go"
@@ -33,7 +35,7 @@ func TestFollowVM(t *testing.T) {
 	js, _ := jetstream.New(nc)
 	ctx := context.Background()
 	n := api.DefaultNames
-	if err := events.Ensure(ctx, js, n, events.DefaultSettings); err != nil {
+	if err := jsetup.Ensure(ctx, js, n, jsetup.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
 	st, err := events.NewStore(ctx, js, n, api.EngineWriter)

@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"reflect"
 	"strconv"
-	"strings"
 	"time"
+
+	"github.com/vmherd/vmherd/internal/jsetup"
 
 	"github.com/vmherd/vmherd/api"
 
@@ -33,74 +33,6 @@ type Store struct {
 	// Writer is the last token of the subjects Append writes.
 	Writer string
 	stream jetstream.Stream
-}
-
-// Ensure creates or updates every stream and bucket. Only the engine (and
-// `engine rebuild`) call it: stream and bucket settings have one owner, so a
-// worker or client started with other defaults can never scale an R3
-// stream down or change its limits. Everyone else calls Check.
-//
-// It is safe to call from every
-// process at start-up.
-func Ensure(ctx context.Context, js jetstream.JetStream, n api.Names, s Settings) error {
-	for _, cfg := range StreamConfigs(n, s) {
-		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
-			return fmt.Errorf("creating stream %s: %w", cfg.Name, err)
-		}
-	}
-	for _, cfg := range BucketConfigs(n, s) {
-		if err := EnsureBucket(ctx, js, cfg); err != nil {
-			return err
-		}
-	}
-	// Earlier versions queued tasks through a durable consumer of the
-	// accepted events; the deciding engine does that now.
-	if err := js.DeleteConsumer(ctx, n.EventsStream(), "dispatch"); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
-		return fmt.Errorf("removing the old dispatch consumer: %w", err)
-	}
-	return nil
-}
-
-// EnsureBucket creates a bucket, or updates an existing one to cfg, and
-// makes its stream refuse rollups (the Nats-Rollup header): NATS checks
-// who may publish on a key's subject, not the headers, and a rollup put on
-// one's own key ("Nats-Rollup: all") would purge every other key of the
-// bucket (every heartbeat and cordon, every image status). vmherd never
-// purges a key (kv.Purge is a rollup); an admin who must can purge the
-// stream by subject ($JS.API.STREAM.PURGE). A new bucket is created
-// allowing rollups, as jetstream creates every bucket, and changed at once;
-// an existing one is updated in place from its own stream configuration,
-// so it never allows them again: only the settings in cfg that vmherd
-// sets (description, history, replicas) are carried over.
-func EnsureBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) error {
-	st, err := js.Stream(ctx, "KV_"+cfg.Bucket)
-	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		if _, err := js.CreateKeyValue(ctx, cfg); err != nil && !errors.Is(err, jetstream.ErrBucketExists) {
-			return fmt.Errorf("creating bucket %s: %w", cfg.Bucket, err)
-		}
-		if st, err = js.Stream(ctx, "KV_"+cfg.Bucket); err != nil {
-			return fmt.Errorf("creating bucket %s: %w", cfg.Bucket, err)
-		}
-	} else if err != nil {
-		return fmt.Errorf("looking up bucket %s: %w", cfg.Bucket, err)
-	}
-	sc := st.CachedInfo().Config
-	want := sc
-	want.Description = cfg.Description
-	if cfg.History > 0 {
-		want.MaxMsgsPerSubject = int64(cfg.History)
-	}
-	if cfg.Replicas > 0 {
-		want.Replicas = cfg.Replicas
-	}
-	want.AllowRollup = false
-	if reflect.DeepEqual(want, sc) {
-		return nil
-	}
-	if _, err := js.UpdateStream(ctx, want); err != nil {
-		return fmt.Errorf("updating bucket %s: %w", cfg.Bucket, err)
-	}
-	return nil
 }
 
 // NewStore binds to the event stream, which must exist. writer is the
@@ -137,6 +69,38 @@ func (s *Store) Append(ctx context.Context, ev *api.Event, expect uint64, msgID 
 			return 0, false, fmt.Errorf("appending %s for vm %s: %w", ev.Type, ev.VM, ErrConflict)
 		}
 		return 0, false, fmt.Errorf("appending %s for vm %s: %w", ev.Type, ev.VM, err)
+	}
+	return ack.Sequence, ack.Duplicate, nil
+}
+
+// AppendAsync stores an event without waiting for its ack, expecting
+// nothing of the VM's events: for a rejection, which moves no record (the
+// engine's rate limit stores them so, at the rate of the flood). The JS
+// must publish asynchronously (jetstream.JetStream does).
+func (s *Store) AppendAsync(ev *api.Event, msgID string) (jetstream.PubAckFuture, error) {
+	aj, ok := s.JS.(interface {
+		PublishAsync(subject string, data []byte, opts ...jetstream.PublishOpt) (jetstream.PubAckFuture, error)
+	})
+	if !ok {
+		return nil, errors.New("appending asynchronously: this JetStream cannot publish asynchronously")
+	}
+	return aj.PublishAsync(s.Names.Event(ev.VM, ev.Type, s.Writer), ev.Encode(), jetstream.WithMsgID(msgID))
+}
+
+// AppendInvalid stores the rejection of a command whose VM name breaks
+// the name rule, under api.InvalidVM (the name cannot be a subject token);
+// the body keeps the raw name.
+func (s *Store) AppendInvalid(ctx context.Context, ev *api.Event, msgID string) error {
+	_, err := s.JS.Publish(ctx, s.Names.Event(api.InvalidVM, api.TypeRejected, s.Writer), ev.Encode(), jetstream.WithMsgID(msgID))
+	return err
+}
+
+// AppendHost stores a host event (vm.host.<host>.<type>), deduplicated by
+// its message id: every engine sees the same change and stores it once.
+func (s *Store) AppendHost(ctx context.Context, ev *api.HostEvent, msgID string) (seq uint64, dup bool, err error) {
+	ack, err := s.JS.Publish(ctx, s.Names.HostEvent(ev.Host, ev.Type), ev.Encode(), jetstream.WithMsgID(msgID))
+	if err != nil {
+		return 0, false, fmt.Errorf("appending %s for host %s: %w", ev.Type, ev.Host, err)
 	}
 	return ack.Sequence, ack.Duplicate, nil
 }
@@ -229,7 +193,7 @@ func (s *Store) FollowVM(ctx context.Context, vmName string, from uint64, fn fun
 		case err == nil:
 		case ctx.Err() != nil:
 			return ctx.Err()
-		case errors.Is(err, nats.ErrConnectionClosed) || !Transient(err):
+		case errors.Is(err, nats.ErrConnectionClosed) || !jsetup.Transient(err):
 			return err // a closed connection does not come back
 		}
 		for _, st := range evs {
@@ -308,55 +272,4 @@ func (s *Store) LastSeq(ctx context.Context, vmName string) (uint64, error) {
 	}
 	seq, _ := storedAs(m)
 	return seq, nil
-}
-
-// NotReadyError says what is missing or set differently from what a
-// non-owner (worker, client) relies on.
-type NotReadyError struct {
-	Problems []string
-}
-
-func (e *NotReadyError) Error() string {
-	return strings.Join(e.Problems, "; ")
-}
-
-// Check verifies, without changing anything, that every stream and bucket
-// exists and has the settings the worker and clients rely on: the tasks
-// stream is a work queue (one delivery per task), and the events stream
-// keeps a duplicate window (result writes are deduplicated by message id).
-// Replicas and limits are the engine's business and are only reported by
-// the engine. A *NotReadyError lists each problem; other errors are the
-// server's (unreachable, no JetStream, no leader yet).
-func Check(ctx context.Context, js jetstream.JetStream, n api.Names) error {
-	var problems []string
-	for _, want := range StreamConfigs(n, DefaultSettings) {
-		st, err := js.Stream(ctx, want.Name)
-		if errors.Is(err, jetstream.ErrStreamNotFound) {
-			problems = append(problems, fmt.Sprintf("stream %s does not exist (the engine creates it: start an engine with --prefix %s)", want.Name, n.Prefix))
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("looking up stream %s: %w", want.Name, err)
-		}
-		got := st.CachedInfo().Config
-		if got.Retention != want.Retention {
-			problems = append(problems, fmt.Sprintf("stream %s has retention %s, vmherd needs %s", want.Name, got.Retention, want.Retention))
-		}
-		if want.Name != n.CommandsStream() && got.Duplicates <= 0 {
-			problems = append(problems, fmt.Sprintf("stream %s has no duplicate window, vmherd needs one", want.Name))
-		}
-	}
-	for _, want := range BucketConfigs(n, DefaultSettings) {
-		if _, err := js.KeyValue(ctx, want.Bucket); err != nil {
-			if errors.Is(err, jetstream.ErrBucketNotFound) {
-				problems = append(problems, fmt.Sprintf("bucket %s does not exist (the engine creates it)", want.Bucket))
-				continue
-			}
-			return fmt.Errorf("looking up bucket %s: %w", want.Bucket, err)
-		}
-	}
-	if len(problems) > 0 {
-		return &NotReadyError{Problems: problems}
-	}
-	return nil
 }

@@ -436,6 +436,22 @@ func States() []State { return append([]State(nil), states[1:]...) }
 
 // outcome is the state action a leads to when it succeeds, used to word a
 // rejection as "already".
+// Outcome is the state a successful a leaves the VM in ("" for migrate,
+// whose success returns the VM to the state it had: Settle; absent for
+// purge, whose decision is its outcome).
+func (a Action) Outcome() State { return outcome(a) }
+
+// Pending is the in-flight state an accepted a puts the VM in, as Decide
+// gives it ("" for purge, which is done when decided).
+func (a Action) Pending() State {
+	for _, s := range states {
+		if next, err := Decide(s, a); err == nil && isTransitional(next) {
+			return next
+		}
+	}
+	return ""
+}
+
 func outcome(a Action) State {
 	switch a {
 	case ActPrepare:
@@ -448,6 +464,8 @@ func outcome(a Action) State {
 		return StateSuspended
 	case ActDestroy:
 		return StateDestroyed
+	case ActPurge:
+		return StateAbsent
 	}
 	return ""
 }

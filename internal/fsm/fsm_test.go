@@ -450,3 +450,28 @@ func TestSettle(t *testing.T) {
 		t.Error("Live: running and suspended move live, prepared and stopped cold")
 	}
 }
+
+// Pending and Outcome agree with the machine: an accepted action moves to
+// Pending, and its success result moves Pending to Outcome.
+func TestPendingOutcome(t *testing.T) {
+	for _, a := range Actions {
+		p := a.Pending()
+		if a == ActPurge {
+			// Done when decided: no in-flight state, its decision's state
+			// is its outcome.
+			if got, err := Decide(StateDestroyed, a); p != "" || err != nil || got != a.Outcome() {
+				t.Errorf("purge: Pending() = %q, Decide(destroyed) = %s, %v; Outcome() = %s", p, got, err, a.Outcome())
+			}
+			continue
+		}
+		if p == "" || !Transitional(p) {
+			t.Errorf("%s.Pending() = %q, want a transitional state", a, p)
+		}
+		if a == ActMigrate {
+			continue // Settle: back to the state it had
+		}
+		if got, ok := Apply(p, a.Success()); !ok || got != a.Outcome() {
+			t.Errorf("%s: Apply(%s, %s) = %s, %v; Outcome() = %s", a, p, a.Success(), got, ok, a.Outcome())
+		}
+	}
+}

@@ -7,12 +7,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/jspolicy"
 	"github.com/vmherd/vmherd/internal/natsserver"
 )
@@ -59,7 +60,7 @@ func TestEnforcer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	n := api.DefaultNames
-	if err := events.Ensure(ctx, js, n, events.DefaultSettings); err != nil {
+	if err := jsetup.Ensure(ctx, js, n, jsetup.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
 	// Made before the enforcer runs: the sweep at start finds it.

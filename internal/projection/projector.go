@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go"
@@ -124,7 +126,7 @@ func (p *Projector) Run(ctx context.Context) error {
 	}
 	p.slots = make(chan struct{}, p.MaxInFlight)
 	var kv jetstream.KeyValue
-	if err := events.RetryStartup(ctx, p.Log, "the records bucket", func(sctx context.Context) (err error) {
+	if err := jsetup.RetryStartup(ctx, p.Log, "the records bucket", func(sctx context.Context) (err error) {
 		kv, err = p.JS.KeyValue(sctx, p.Names.RecordsBucket())
 		return err
 	}); err != nil {
@@ -178,7 +180,7 @@ func (p *Projector) consume(ctx context.Context, from uint64) error {
 	if err != nil {
 		return err
 	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(1000), jetstream.PullExpiry(events.PullExpiry), jetstream.PullHeartbeat(events.PullHeartbeat))
+	it, err := cons.Messages(jetstream.PullMaxMessages(1000), jetstream.PullExpiry(jsetup.PullExpiry), jetstream.PullHeartbeat(jsetup.PullHeartbeat))
 	if err != nil {
 		return err
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
+	"github.com/vmherd/vmherd/internal/jsetup"
 	"github.com/vmherd/vmherd/internal/natsserver"
 )
 
@@ -41,7 +42,7 @@ func TestResolveAfterPurge(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	n := api.DefaultNames
-	if err := events.Ensure(ctx, js, n, events.DefaultSettings); err != nil {
+	if err := jsetup.Ensure(ctx, js, n, jsetup.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
 	store, err := events.NewStore(ctx, js, n, api.EngineWriter)

@@ -7,6 +7,8 @@ import (
 	"runtime"
 	"sync"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -37,11 +39,11 @@ func Replay(ctx context.Context, js jetstream.JetStream, n api.Names) (map[strin
 	if info.State.Msgs == 0 {
 		return recs, 0, nil
 	}
-	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{InactiveThreshold: events.ReaderIdle})
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{InactiveThreshold: jsetup.ReaderIdle})
 	if err != nil {
 		return nil, 0, fmt.Errorf("replay: %w", err)
 	}
-	defer events.DropConsumer(st, cons)
+	defer jsetup.DropConsumer(st, cons)
 	it, err := cons.Messages(jetstream.PullMaxMessages(4096))
 	if err != nil {
 		return nil, 0, fmt.Errorf("replay: %w", err)
@@ -213,7 +215,7 @@ func Load(ctx context.Context, js events.KVReader, n api.Names) (map[string]*api
 
 // Rebuild drops the records bucket and writes it again from the event
 // stream. Running projectors notice the new revisions and carry on.
-func Rebuild(ctx context.Context, js jetstream.JetStream, n api.Names, s events.Settings) (int, int, error) {
+func Rebuild(ctx context.Context, js jetstream.JetStream, n api.Names, s jsetup.Settings) (int, int, error) {
 	recs, count, err := Replay(ctx, js, n)
 	if err != nil {
 		return 0, 0, err
@@ -222,12 +224,12 @@ func Rebuild(ctx context.Context, js jetstream.JetStream, n api.Names, s events.
 		return 0, 0, fmt.Errorf("rebuild: dropping %s: %w", n.RecordsBucket(), err)
 	}
 	var cfg jetstream.KeyValueConfig
-	for _, c := range events.BucketConfigs(n, s) {
+	for _, c := range jsetup.BucketConfigs(n, s) {
 		if c.Bucket == n.RecordsBucket() {
 			cfg = c
 		}
 	}
-	if err := events.EnsureBucket(ctx, js, cfg); err != nil {
+	if err := jsetup.EnsureBucket(ctx, js, cfg); err != nil {
 		return 0, 0, fmt.Errorf("rebuild: %w", err)
 	}
 	if err := putAll(ctx, js, n.RecordsBucket(), recs); err != nil {

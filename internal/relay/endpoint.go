@@ -2,195 +2,23 @@ package relay
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
-	"net/url"
-	"sync"
-	"time"
 
 	"github.com/vmherd/vmherd/api"
-
-	"github.com/coder/websocket"
-
-	papi "github.com/vmherd/vmherd/internal/backends/propolis/api"
 )
 
-// consoleReplay is how much recent output a new console session shows.
-const consoleReplay = 4096
-
-// Dial opens a VM's console endpoint on its host: the backend's unix
-// socket (QEMU) or WebSocket (Propolis).
-func Dial(ctx context.Context, ep api.ConsoleEndpoint) (io.ReadWriteCloser, error) {
-	switch ep.Kind {
-	case api.ConsoleUnixSocket:
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "unix", ep.Path)
-		if err != nil {
-			return nil, fmt.Errorf("connecting to the console socket %s: %w", ep.Path, err)
-		}
-		return c, nil
-	case api.ConsoleWebSocket:
-		return dialWebSocketConsole(ctx, ep)
-	default:
-		return nil, fmt.Errorf("this VM has no console (backend console kind %q)", ep.Kind)
+// DialUnix opens a console endpoint that is a unix socket (QEMU's serial);
+// the backend of any other kind supplies its own dialer (Server.Dial).
+func DialUnix(ctx context.Context, ep api.ConsoleEndpoint) (io.ReadWriteCloser, error) {
+	if ep.Kind != api.ConsoleUnixSocket {
+		return nil, fmt.Errorf("this VM has no console this host can open (backend console kind %q)", ep.Kind)
 	}
-}
-
-// dialWebSocketConsole attaches to a serial console served over a
-// WebSocket (Propolis): binary frames carry the UART's bytes both ways,
-// text frames carry JSON control messages, which are not console output.
-func dialWebSocketConsole(ctx context.Context, ep api.ConsoleEndpoint) (io.ReadWriteCloser, error) {
-	u, err := url.Parse(ep.URL)
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", ep.Path)
 	if err != nil {
-		return nil, fmt.Errorf("console endpoint %q: %w", ep.URL, err)
+		return nil, fmt.Errorf("connecting to the console socket %s: %w", ep.Path, err)
 	}
-	if u.RawQuery == "" {
-		// Show what the guest printed just before we attached.
-		u.RawQuery = url.Values{"most_recent": {fmt.Sprint(consoleReplay)}}.Encode()
-	}
-	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	conn, resp, err := websocket.Dial(dctx, u.String(), &websocket.DialOptions{HTTPHeader: consoleHeaders(ep)})
-	if err != nil {
-		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
-			aerr := papi.DecodeError(u.Host, http.MethodGet, u.Path, resp)
-			if resp.StatusCode == http.StatusFailedDependency {
-				return nil, fmt.Errorf("attaching to the serial console: the VM's propolis instance is not running (start the VM first): %w", aerr)
-			}
-			return nil, fmt.Errorf("attaching to the serial console: %w", aerr)
-		}
-		return nil, fmt.Errorf("connecting to the serial console at %s: %w (the worker must reach the VM's propolis-server)", u.Redacted(), err)
-	}
-	conn.SetReadLimit(4 << 20)
-	return newWSConsole(conn), nil
-}
-
-// consoleHeaders are the endpoint's headers, with the API version the
-// server requires on the upgrade request.
-func consoleHeaders(ep api.ConsoleEndpoint) http.Header {
-	h := http.Header{}
-	for k, v := range ep.Headers {
-		h.Set(k, v)
-	}
-	if h.Get(papi.VersionHeader) == "" {
-		h.Set(papi.VersionHeader, papi.Version)
-	}
-	return h
-}
-
-// wsConsole is a serial console WebSocket as a byte stream.
-type wsConsole struct {
-	conn *websocket.Conn
-
-	rmu  sync.Mutex
-	rbuf []byte // the unread rest of the last binary frame
-
-	closeOnce sync.Once
-	closed    chan struct{}
-	closeErr  error
-}
-
-func newWSConsole(conn *websocket.Conn) *wsConsole {
-	return &wsConsole{conn: conn, closed: make(chan struct{})}
-}
-
-func (c *wsConsole) isClosed() bool {
-	select {
-	case <-c.closed:
-		return true
-	default:
-		return false
-	}
-}
-
-// Read returns console output. Text frames are control messages (such as
-// a migration notice), not output, and are skipped.
-func (c *wsConsole) Read(p []byte) (int, error) {
-	c.rmu.Lock()
-	defer c.rmu.Unlock()
-	for len(c.rbuf) == 0 {
-		typ, data, err := c.conn.Read(context.Background())
-		if err != nil {
-			switch {
-			case websocket.CloseStatus(err) == websocket.StatusNormalClosure,
-				websocket.CloseStatus(err) == websocket.StatusGoingAway,
-				c.isClosed():
-				return 0, io.EOF
-			}
-			return 0, fmt.Errorf("reading the serial console: %w", err)
-		}
-		if typ == websocket.MessageBinary {
-			c.rbuf = data
-		}
-	}
-	n := copy(p, c.rbuf)
-	c.rbuf = c.rbuf[n:]
-	return n, nil
-}
-
-// Write sends keystrokes to the guest in one binary frame.
-func (c *wsConsole) Write(p []byte) (int, error) {
-	if c.isClosed() {
-		return 0, io.ErrClosedPipe
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := c.conn.Write(ctx, websocket.MessageBinary, p); err != nil {
-		return 0, fmt.Errorf("writing to the serial console: %w", err)
-	}
-	return len(p), nil
-}
-
-// Close ends the session with a close handshake.
-func (c *wsConsole) Close() error {
-	c.closeOnce.Do(func() {
-		close(c.closed)
-		err := c.conn.Close(websocket.StatusNormalClosure, "detached")
-		if err != nil && websocket.CloseStatus(err) != websocket.StatusNormalClosure && !errors.Is(err, net.ErrClosed) {
-			c.closeErr = err
-		}
-	})
-	return c.closeErr
-}
-
-// readWebSocketHistory reads the console output propolis-server keeps
-// for the VM's instance (GET /instance/serial/history): from req.From, or
-// all of it (its last req.Tail lines), at most LogChunk bytes.
-func readWebSocketHistory(ctx context.Context, ep api.ConsoleEndpoint, req LogRequest) (LogPart, error) {
-	u, err := url.Parse(ep.URL)
-	if err != nil {
-		return LogPart{}, fmt.Errorf("console endpoint %q: %w", ep.URL, err)
-	}
-	c := papi.New(u.Host)
-	all := uint64(1 << 30)
-	q := papi.HistoryQuery{MostRecent: &all}
-	if req.HasFrom {
-		from := req.From
-		q = papi.HistoryQuery{FromStart: &from}
-	}
-	h, err := c.SerialHistory(ctx, q)
-	if err != nil {
-		if papi.StatusOf(err) == http.StatusFailedDependency {
-			return LogPart{}, fmt.Errorf("no console log: the VM's propolis instance is not running, and propolis-server keeps the log only while it runs: %w", err)
-		}
-		return LogPart{}, fmt.Errorf("reading the console log: %w", err)
-	}
-	next := h.LastByteOffset
-	if req.HasFrom && next < req.From {
-		next = req.From
-	}
-	data := h.Data
-	if !req.HasFrom {
-		data = LastLines(data, req.Tail)
-		if len(data) > LogChunk {
-			data = data[len(data)-LogChunk:]
-		}
-	} else if len(data) > LogChunk {
-		data = data[:LogChunk]
-		next = req.From + LogChunk
-	}
-	return LogPart{Data: data, Offset: next - uint64(len(data)), Next: next}, nil
+	return c, nil
 }

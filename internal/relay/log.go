@@ -33,16 +33,37 @@ type LogPart struct {
 	Next   uint64 // where to continue
 }
 
+// History reads what a console printed from byte offset from (hasFrom),
+// or all of it, for a backend that keeps its console's output itself
+// (propolis-server) rather than in a file; next is the offset after it.
+type History func(ctx context.Context, ep api.ConsoleEndpoint, from uint64, hasFrom bool) (data []byte, next uint64, err error)
+
 // ReadLog reads a piece of the console log behind ep, on the VM's host:
-// the log file (QEMU), or the history propolis-server keeps.
-func ReadLog(ctx context.Context, ep api.ConsoleEndpoint, req LogRequest) (LogPart, error) {
-	switch {
-	case ep.LogPath != "":
+// the log file (QEMU), or what history returns (nil: no log).
+func ReadLog(ctx context.Context, ep api.ConsoleEndpoint, req LogRequest, history History) (LogPart, error) {
+	if ep.LogPath != "" {
 		return readLogFile(ep.LogPath, req)
-	case ep.Kind == api.ConsoleWebSocket:
-		return readWebSocketHistory(ctx, ep, req)
 	}
-	return LogPart{}, fmt.Errorf("this VM keeps no console log (console kind %q)", ep.Kind)
+	if history == nil {
+		return LogPart{}, fmt.Errorf("this VM keeps no console log (console kind %q)", ep.Kind)
+	}
+	data, next, err := history(ctx, ep, req.From, req.HasFrom)
+	if err != nil {
+		return LogPart{}, err
+	}
+	if req.HasFrom && next < req.From {
+		next = req.From
+	}
+	if !req.HasFrom {
+		data = LastLines(data, req.Tail)
+		if len(data) > LogChunk {
+			data = data[len(data)-LogChunk:]
+		}
+	} else if len(data) > LogChunk {
+		data = data[:LogChunk]
+		next = req.From + LogChunk
+	}
+	return LogPart{Data: data, Offset: next - uint64(len(data)), Next: next}, nil
 }
 
 func readLogFile(path string, req LogRequest) (LogPart, error) {

@@ -104,8 +104,11 @@ type Server struct {
 	Host   string
 	Log    *slog.Logger
 	Target Target
-	// Dial opens a console endpoint (Dial in this package, or a test's).
-	Dial func(ctx context.Context, ep api.ConsoleEndpoint) (io.ReadWriteCloser, error)
+	// Dial opens a console endpoint: the backend's dialer (default
+	// DialUnix, QEMU's socket). History reads a console's output for an
+	// endpoint without a log file (nil: none).
+	Dial    func(ctx context.Context, ep api.ConsoleEndpoint) (io.ReadWriteCloser, error)
+	History History
 	// Limits bound the tunnels (zero fields: the defaults).
 	Limits Limits
 
@@ -126,7 +129,7 @@ var errStopping = errors.New("the worker is stopping")
 // AddEndpoints adds console_attach, console_log and tunnel_open to svc.
 func (s *Server) AddEndpoints(svc micro.Service) error {
 	if s.Dial == nil {
-		s.Dial = Dial
+		s.Dial = DialUnix
 	}
 	s.Limits = s.Limits.withDefaults()
 	s.hubs = map[string]*Hub{}
@@ -309,7 +312,7 @@ func (s *Server) log(req micro.Request) {
 		respondErr(req, err)
 		return
 	}
-	part, err := ReadLog(ctx, ep, lr)
+	part, err := ReadLog(ctx, ep, lr, s.History)
 	if err != nil {
 		respondErr(req, &StatusError{"409", err})
 		return

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go"
@@ -109,7 +111,7 @@ func New(t testing.TB) *Env {
 	e := &Env{T: t, URL: ns.ClientURL(), Server: ns, Names: api.DefaultNames, Log: Logger(), Dir: dir}
 	e.NC, e.JS = e.Connect()
 	ctx := context.Background()
-	if err := events.Ensure(ctx, e.JS, e.Names, events.DefaultSettings); err != nil {
+	if err := jsetup.Ensure(ctx, e.JS, e.Names, jsetup.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
 	if e.Store, err = events.NewStore(ctx, e.JS, e.Names, api.EngineWriter); err != nil {
@@ -177,7 +179,7 @@ func (e *Env) StartEngine(c EngineConfig) *Part {
 	}
 	nc, js := e.Connect()
 	eng, err := engine.New(context.Background(), engine.Config{
-		JS: js, Names: e.Names, Settings: events.DefaultSettings, Log: e.Log, ID: c.ID,
+		JS: js, Names: e.Names, Settings: jsetup.DefaultSettings, Log: e.Log, ID: c.ID,
 		HostLostAfter: c.HostLostAfter, AckWait: c.AckWait, RetainDestroyed: c.RetainDestroyed,
 	})
 	if err != nil {
@@ -362,11 +364,11 @@ func (e *Env) AllEvents() []events.Stored {
 	if info.State.Msgs == 0 {
 		return out
 	}
-	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{InactiveThreshold: events.ReaderIdle})
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{InactiveThreshold: jsetup.ReaderIdle})
 	if err != nil {
 		e.T.Fatal(err)
 	}
-	defer events.DropConsumer(st, cons)
+	defer jsetup.DropConsumer(st, cons)
 	for seen, empty := 0, 0; seen < int(info.State.Msgs); {
 		batch, err := cons.Fetch(min(1000, int(info.State.Msgs)-seen), jetstream.FetchMaxWait(5*time.Second))
 		if err != nil {
@@ -436,8 +438,8 @@ func AttachTLS(t testing.TB, url, creds, ca string) *Env {
 	e.NC, e.JS = e.Connect()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	if err := events.RetryStartup(ctx, e.Log, "the engine's streams", func(ctx context.Context) error {
-		return events.Check(ctx, e.JS, e.Names)
+	if err := jsetup.RetryStartup(ctx, e.Log, "the engine's streams", func(ctx context.Context) error {
+		return jsetup.Check(ctx, e.JS, e.Names)
 	}); err != nil {
 		t.Fatal(err)
 	}

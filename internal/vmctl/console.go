@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/client"
@@ -27,10 +28,22 @@ func (g *globals) relayHost(ctx context.Context, name string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if r.Host == "" {
+	switch {
+	case r.Destroyed():
+		return "", &exitError{code: ExitFailed, kind: "not_found", msg: fmt.Sprintf("%s was destroyed; its console, log and guest went with it", name)}
+	case r.Host == "":
 		return "", &exitError{code: ExitFailed, msg: fmt.Sprintf("%s is not placed on a host yet", name)}
 	}
 	return r.Host, nil
+}
+
+// noJSON refuses --json for a command whose output is the guest's own
+// (a terminal session, a byte stream): there is no document to print.
+func (g *globals) noJSON(cmd *cobra.Command) error {
+	if g.json {
+		return usageError("%s prints what the guest sends, not a document: drop --json", cmd.CommandPath())
+	}
+	return nil
 }
 
 func (g *globals) consoleCmd() *cobra.Command {
@@ -40,6 +53,9 @@ func (g *globals) consoleCmd() *cobra.Command {
 		Args:              nameArg,
 		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.noJSON(cmd); err != nil {
+				return err
+			}
 			host, err := g.relayHost(cmd.Context(), args[0])
 			if err != nil {
 				return err
@@ -117,8 +133,20 @@ func (g *globals) logCmd() *cobra.Command {
 			if prov {
 				return g.printProvisionLog(cmd.Context(), args[0], tail)
 			}
-			if _, err := g.relayHost(cmd.Context(), args[0]); err != nil {
+			host, err := g.relayHost(cmd.Context(), args[0])
+			if err != nil {
 				return err
+			}
+			if g.json {
+				// One document: the log's text.
+				if follow {
+					return usageError("log --follow prints the guest's output as it comes: drop --json (or --follow)")
+				}
+				var b strings.Builder
+				if err := g.c.Log(cmd.Context(), args[0], &b, tail, false, nil); err != nil {
+					return g.commandErr(err)
+				}
+				return g.printJSON(map[string]any{"vm": args[0], "host": host, "log": b.String()})
 			}
 			p := g.newProgress("log " + args[0])
 			p.waitingFor("the console log")

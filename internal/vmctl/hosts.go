@@ -24,9 +24,11 @@ import (
 type hostRow struct {
 	*api.Host
 	Status string `json:"status"`
-	// VMs counts the VMs (not destroyed) the records place on the host;
-	// Placed is what the non-Noop ones take (what placement counts).
-	VMs    int           `json:"vms"`
+	// VMs counts the VMs (not destroyed) the records place on the host
+	// (placed_vms: the heartbeat's usage.vms is what the worker itself
+	// counts, which can differ while commands are in flight); Placed is
+	// what the non-Noop ones take (what placement counts).
+	VMs    int           `json:"placed_vms"`
 	Placed api.Resources `json:"placed"`
 	// Leaving and Arriving count the VMs migrating off and onto the
 	// host now (a drain's progress).

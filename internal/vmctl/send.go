@@ -14,7 +14,7 @@ import (
 // sent is one command's outcome as `--json` prints it.
 type sent struct {
 	Action    api.Action `json:"action"`
-	CommandID string     `json:"command_id"`
+	CommandID string     `json:"command_id,omitempty"`
 	// CommandSeq is the command's sequence in VM_COMMANDS.
 	CommandSeq uint64 `json:"command_seq,omitempty"`
 	// Result is the type of the event that ended it ("" with --no-wait:
@@ -117,7 +117,7 @@ func (l *lifecycle) send(ctx context.Context, action api.Action, cmd api.Command
 			if !decided {
 				decided = true
 				p.clear()
-				g.printf("%s %s: accepted on host %s (%s)\n", action, name, pr.Host, pendingState(action))
+				g.printf("%s %s: accepted on host %s (%s)\n", action, name, pr.Host, action.Pending())
 			}
 			p.waitingFor(fmt.Sprintf("the result from the worker on host %s", pr.Host))
 		case "copy":
@@ -164,27 +164,6 @@ func stillCarriedOut(te *client.TimeoutError) string {
 		return fmt.Sprintf("%s %s was accepted (command %s) and will still be carried out; %s", te.Action, te.VM, te.CommandID, watchHint(te.VM))
 	}
 	return fmt.Sprintf("%s %s is stored as command %s and will still be decided; %s", te.Action, te.VM, te.CommandID, watchHint(te.VM))
-}
-
-// pendingState is the state an accepted action moves the VM to.
-func pendingState(a api.Action) api.VmState {
-	switch a {
-	case api.ActPrepare:
-		return api.StatePreparing
-	case api.ActStart:
-		return api.StateStarting
-	case api.ActStop:
-		return api.StateStopping
-	case api.ActSuspend:
-		return api.StateSuspending
-	case api.ActResume:
-		return api.StateResuming
-	case api.ActDestroy:
-		return api.StateDestroying
-	case api.ActMigrate:
-		return api.StateMigrating
-	}
-	return ""
 }
 
 // commandErr turns the client's typed errors into vmctl's exit codes and

@@ -44,6 +44,9 @@ reachable from its host; with tap or other networks, any port.`,
 		Args:              cobra.ExactArgs(2),
 		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.noJSON(cmd); err != nil {
+				return err
+			}
 			name := args[0]
 			local, guest, err := parseForward(args[1])
 			if err != nil {
@@ -107,6 +110,9 @@ func (g *globals) proxyCmd() *cobra.Command {
 		Args:              cobra.ExactArgs(2),
 		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.noJSON(cmd); err != nil {
+				return err
+			}
 			_, guest, err := parseForward(args[1])
 			if err != nil || strings.Contains(args[1], ":") {
 				return usageError("GUESTPORT %q: want a port, 1..65535", args[1])
@@ -136,6 +142,9 @@ VM created again under the same name is a new host, not a changed one.`,
 		Args:              cobra.MinimumNArgs(1),
 		ValidArgsFunction: g.completeNames,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.noJSON(cmd); err != nil {
+				return err
+			}
 			name := args[0]
 			if _, err := g.relayHost(cmd.Context(), name); err != nil {
 				return err
@@ -176,7 +185,8 @@ VM created again under the same name is a new host, not a changed one.`,
 			if identity != "" {
 				sargs = append(sargs, "-i", identity)
 			}
-			if !cmd.Flags().Changed("user") {
+			if user == "" {
+				user = "root"
 				if r, err := g.record(cmd.Context(), name); err == nil && r.Handle != nil && r.Handle.Spec != nil && r.Handle.Spec.SSH != nil && r.Handle.Spec.SSH.User != "" {
 					user = r.Handle.Spec.SSH.User
 				}
@@ -193,7 +203,7 @@ VM created again under the same name is a new host, not a changed one.`,
 			return err
 		},
 	}
-	c.Flags().StringVarP(&user, "user", "l", "root", "user to log in as")
+	c.Flags().StringVarP(&user, "user", "l", "", "user to log in as (default: the user the VM was created with, --ssh-user, else root)")
 	c.Flags().StringVarP(&identity, "identity", "i", "", "private key file (default: ssh's own)")
 	c.Flags().IntVar(&port, "port", 22, "the guest's SSH port")
 	return c

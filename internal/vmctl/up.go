@@ -131,7 +131,7 @@ func (g *globals) downCmd() *cobra.Command {
 					if _, err := g.send(cmd.Context(), d.Name, fsm.ActDestroy, api.Command{}); err != nil {
 						return err
 					}
-				case r.State == api.StateRunning || r.State == api.StateSuspended:
+				case fsm.Live(r.State):
 					if _, err := g.send(cmd.Context(), d.Name, fsm.ActStop, api.Command{}); err != nil {
 						return err
 					}
@@ -221,7 +221,7 @@ func (g *globals) incarnation(ctx context.Context, name string) (*api.VmRecord, 
 	if err != nil {
 		return nil, 0, err
 	}
-	if !r.Exists() || r.State == api.StateDestroyed {
+	if !r.Live() {
 		return nil, r.Generation + 1, nil
 	}
 	return r, r.Generation, nil

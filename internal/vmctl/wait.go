@@ -70,7 +70,7 @@ condition cannot hold any more (the VM was destroyed, does not exist).`,
 				case errors.As(err, &te) || errors.Is(err, context.DeadlineExceeded):
 					err = &exitError{code: ExitNoResult, kind: "timeout", msg: fmt.Sprintf("%s: not %s within --timeout %s (%v)", args[0], what, g.timeout, err), err: err}
 				case errors.Is(err, client.ErrNeverState):
-					err = &exitError{code: ExitFailed, kind: "never", msg: fmt.Sprintf("%s: %v; it will never be %s", args[0], err, what), err: err}
+					err = &exitError{code: ExitFailed, kind: "never", msg: fmt.Sprintf("%s: waiting for %s: %v", args[0], what, err), err: err}
 				default:
 					err = g.commandErr(err)
 				}

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -43,7 +45,7 @@ func (w *Worker) startImages(ctx context.Context, svc micro.Service) (*imageServ
 		return nil, nil
 	}
 	s := &imageService{w: w, store: &images.Store{Root: w.cfg.ImageStore, Policy: w.cfg.ImagePolicy}, pulling: map[string]bool{}}
-	if err := events.RetryStartup(ctx, w.log, "the images bucket", func(sctx context.Context) (err error) {
+	if err := jsetup.RetryStartup(ctx, w.log, "the images bucket", func(sctx context.Context) (err error) {
 		s.kv, err = w.cfg.JS.KeyValue(sctx, w.cfg.Names.ImagesBucket())
 		return err
 	}); err != nil {

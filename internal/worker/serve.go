@@ -9,13 +9,14 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/vmherd/vmherd/internal/backends"
-	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/origin"
 	"github.com/vmherd/vmherd/internal/relay"
 )
@@ -51,7 +52,7 @@ func (w *Worker) Heartbeat() api.Heartbeat {
 func (w *Worker) heartbeat(ctx context.Context) error {
 	// A cluster still electing the bucket's leader times out: wait it out.
 	var kv jetstream.KeyValue
-	if err := events.RetryStartup(ctx, w.log, "the hosts bucket", func(sctx context.Context) (err error) {
+	if err := jsetup.RetryStartup(ctx, w.log, "the hosts bucket", func(sctx context.Context) (err error) {
 		kv, err = w.cfg.JS.KeyValue(sctx, w.cfg.Names.HostsBucket())
 		return err
 	}); err != nil {
@@ -154,7 +155,9 @@ func (w *Worker) startQueries() (micro.Service, error) {
 		}),
 	)
 	// Consoles, logs and tunnels of this host's VMs, for vmctl anywhere.
-	w.relay = &relay.Server{NC: w.cfg.NC, Names: w.cfg.Names, Host: w.cfg.Host, Log: w.log, Target: relayTarget{w}, Limits: w.cfg.RelayLimits}
+	w.relay = &relay.Server{NC: w.cfg.NC, Names: w.cfg.Names, Host: w.cfg.Host, Log: w.log, Target: relayTarget{w}, Limits: w.cfg.RelayLimits,
+		// The backends open their consoles and keep their history.
+		Dial: w.cfg.Router.DialConsole, History: w.cfg.Router.ConsoleHistory}
 	errs = errors.Join(errs, w.relay.AddEndpoints(svc))
 	if errs != nil {
 		_ = svc.Stop()

@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -192,7 +194,7 @@ func newRig(t *testing.T, ackWait time.Duration) *rig {
 	}
 	ctx := context.Background()
 	r := &rig{t: t, js: js, names: api.DefaultNames}
-	if err := events.Ensure(ctx, js, r.names, events.DefaultSettings); err != nil {
+	if err := jsetup.Ensure(ctx, js, r.names, jsetup.DefaultSettings); err != nil {
 		t.Fatal(err)
 	}
 	if r.eng, err = events.NewStore(ctx, js, r.names, api.EngineWriter); err != nil {

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmherd/vmherd/internal/jsetup"
+
 	"github.com/vmherd/vmherd/api"
 
 	"github.com/nats-io/nats.go"
@@ -127,7 +129,7 @@ type Worker struct {
 	kill    context.CancelFunc
 }
 
-// New builds a worker. Streams and buckets must exist (events.Ensure).
+// New builds a worker. Streams and buckets must exist (jsetup.Ensure).
 func New(ctx context.Context, cfg Config) (*Worker, error) {
 	if err := api.ValidateHost(cfg.Host); err != nil {
 		return nil, fmt.Errorf("worker: --host: %w", err)
@@ -242,7 +244,7 @@ func (w *Worker) consumeTasks(ctx context.Context) error {
 			w.cutShort(&t)
 		}
 		w.exec.Do(t.VM, func() { w.runTask(msg, &t) })
-	}, events.PullOpts(2*w.cfg.Concurrency)...)
+	}, jsetup.PullOpts(2*w.cfg.Concurrency)...)
 	if err != nil {
 		return fmt.Errorf("worker: consuming tasks: %w", err)
 	}
@@ -273,7 +275,7 @@ func (w *Worker) taskConsumer(ctx context.Context) (jetstream.Consumer, error) {
 			return cons, nil
 		case err == nil:
 			err = fmt.Errorf("it has ack wait %s, this worker asked for %s", cons.CachedInfo().Config.AckWait, w.cfg.AckWait)
-		case !errors.Is(err, jetstream.ErrConsumerNotFound) && !events.Transient(err):
+		case !errors.Is(err, jetstream.ErrConsumerNotFound) && !jsetup.Transient(err):
 			return nil, err
 		}
 		if !logged {
@@ -651,7 +653,7 @@ func (w *Worker) adopt(ctx context.Context) error {
 	// Reading the records waits out a cluster still electing leaders;
 	// adopting them has no deadline (a host may have many VMs).
 	var recs map[string]*api.VmRecord
-	if err := events.RetryStartup(ctx, w.log, "the records, to re-adopt this host's VMs", func(sctx context.Context) (err error) {
+	if err := jsetup.RetryStartup(ctx, w.log, "the records, to re-adopt this host's VMs", func(sctx context.Context) (err error) {
 		recs, err = projection.Load(sctx, w.cfg.JS, w.cfg.Names)
 		return err
 	}); err != nil {
