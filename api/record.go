@@ -32,7 +32,11 @@ type VmRecord struct {
 	// Image is the image store name the VM was prepared from (spec.image),
 	// if it was: a migrate's destination needs it ready.
 	Image string `json:"image,omitempty"`
-	// Generation counts incarnations: it grows with every accepted prepare.
+	// Labels are the accepted prepare's spec.labels: the user's metadata,
+	// for listing and filtering (never shared, never modified in place).
+	Labels map[string]string `json:"labels,omitempty"`
+	// Generation counts incarnations: it grows with every accepted prepare
+	// (a purge starts it again: the name is new).
 	Generation    int       `json:"generation"`
 	LastSeq       uint64    `json:"last_seq"`
 	LastEvent     EventType `json:"last_event"`

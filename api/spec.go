@@ -2,6 +2,7 @@ package api
 
 import (
 	"fmt"
+	"maps"
 	"time"
 )
 
@@ -77,6 +78,10 @@ type VmSpec struct {
 	SSH       *SshConfig       `json:"ssh,omitempty"`
 	// Accel picks the QEMU accelerator: auto (default), kvm or tcg.
 	Accel string `json:"accel,omitempty"`
+	// Labels are the user's metadata about the VM (team=ci, job=1234):
+	// folded into its record for listing and filtering, never given to
+	// the guest or the hypervisor. See ValidateLabels for the rules.
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 // Defaults applied when a spec leaves a field out.
@@ -160,6 +165,7 @@ type VmHandle struct {
 func (h VmHandle) Clone() VmHandle {
 	if h.Spec != nil {
 		s := *h.Spec
+		s.Labels = maps.Clone(s.Labels)
 		h.Spec = &s
 	}
 	if h.Extra != nil {

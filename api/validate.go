@@ -3,8 +3,11 @@ package api
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"regexp"
+	"slices"
 	"strings"
+	"unicode/utf8"
 )
 
 // ErrInvalid is the category of every validation error: the message names
@@ -19,7 +22,20 @@ const (
 	MaxMemoryMB     = 4 << 20 // 4 TiB
 	MaxDiskGB       = 64 << 10
 	MaxUserDataSize = 64 << 10 // 64 KiB: NoCloud and Propolis' 1 MiB body both fit
+	// MaxLabels, MaxLabelKeyLen and MaxLabelValueLen bound a spec's labels
+	// (Kubernetes' sizes: a name part and a value of at most 63).
+	MaxLabels        = 32
+	MaxLabelKeyLen   = 63
+	MaxLabelValueLen = 63
 )
+
+// LabelKeyPattern is the rule for a label key: letters, digits, '.', '_',
+// '-' and at most one '/' (a prefix such as ci.example/job); the whole key
+// and each part around the '/' start and end with a letter or digit, so a
+// key never looks like an option, a path or a flag value (--label=-x).
+const LabelKeyPattern = `^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?(/[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?$`
+
+var labelKeyRE = regexp.MustCompile(LabelKeyPattern)
 
 // NamePattern is the VM name rule of docs/contract.md: a subject token and a safe
 // directory name.
@@ -146,6 +162,9 @@ func (s VmSpec) Validate() error {
 			return fieldErr("spec.cloud_init.hostname", "must be one word of at most 63 bytes, without spaces or control characters (NUL, line breaks, tabs, escapes)")
 		}
 	}
+	if err := ValidateLabels(s.Labels); err != nil {
+		return err
+	}
 	if k := s.SSH; k != nil {
 		if strings.ContainsAny(k.User, "\n\r :") || len(k.User) > 32 {
 			return fieldErr("spec.ssh.user", "%q is not a valid user name", k.User)
@@ -153,6 +172,45 @@ func (s VmSpec) Validate() error {
 		if strings.ContainsAny(k.PublicKey, "\n\r") || len(k.PublicKey) > 16<<10 {
 			return fieldErr("spec.ssh.public_key", "must be one line of at most 16 KiB")
 		}
+	}
+	return nil
+}
+
+// ValidateLabels checks a spec's labels: at most MaxLabels; each key
+// matches LabelKeyPattern in at most MaxLabelKeyLen characters; each value
+// is valid UTF-8 of at most MaxLabelValueLen characters without control
+// characters (it may be empty). Keys are checked in sorted order, so the
+// error names the same label every time; it names the label and the rule.
+func ValidateLabels(labels map[string]string) error {
+	if len(labels) > MaxLabels {
+		return fieldErr("spec.labels", "%d labels are too many (at most %d)", len(labels), MaxLabels)
+	}
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		if err := ValidateLabel(k, labels[k]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ValidateLabel checks one label (see ValidateLabels).
+func ValidateLabel(key, value string) error {
+	switch {
+	case key == "":
+		return fieldErr("spec.labels", "a label key must not be empty")
+	case len(key) > MaxLabelKeyLen:
+		return fieldErr("spec.labels", "key %q: %d characters is too long (at most %d)", key, len(key), MaxLabelKeyLen)
+	case !labelKeyRE.MatchString(key):
+		return fieldErr("spec.labels", "key %q must match %s (letters, digits, '.', '_', '-' and at most one '/'; start and end with a letter or digit, on both sides of the '/')", key, LabelKeyPattern)
+	}
+	field := "spec.labels." + key
+	switch {
+	case !utf8.ValidString(value):
+		return fieldErr(field, "value must be valid UTF-8")
+	case utf8.RuneCountInString(value) > MaxLabelValueLen:
+		return fieldErr(field, "value: %d characters is too long (at most %d)", utf8.RuneCountInString(value), MaxLabelValueLen)
+	case strings.ContainsFunc(value, isControl):
+		return fieldErr(field, "value %q must not contain control characters (NUL, line breaks, tabs, escapes)", value)
 	}
 	return nil
 }

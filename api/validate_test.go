@@ -84,3 +84,76 @@ func TestHandleJSONCompat(t *testing.T) {
 		t.Fatalf("marshal = %s, want %s", got, want)
 	}
 }
+
+func TestValidateLabels(t *testing.T) {
+	many := map[string]string{}
+	for i := range MaxLabels + 1 {
+		many[strings.Repeat("k", i+1)] = "v"
+	}
+	atMost := map[string]string{}
+	for i := range MaxLabels {
+		atMost[strings.Repeat("k", i+1)] = "v"
+	}
+	cases := []struct {
+		name   string
+		labels map[string]string
+		// field and rule: the start of the error and a part of its rule
+		// ("" for a valid set).
+		field, rule string
+	}{
+		{"none", nil, "", ""},
+		{"simple", map[string]string{"team": "ci", "job": "1234"}, "", ""},
+		{"empty value", map[string]string{"team": ""}, "", ""},
+		{"prefixed key", map[string]string{"ci.example.com/job": "a.b_c-d"}, "", ""},
+		{"mixed case and dots", map[string]string{"App.Kind_2": "Web Server"}, "", ""},
+		{"unicode value", map[string]string{"owner": "zoë"}, "", ""},
+		{"longest", map[string]string{strings.Repeat("k", 63): strings.Repeat("v", 63)}, "", ""},
+		{"longest unicode value", map[string]string{"k": strings.Repeat("é", 63)}, "", ""},
+		{"at most", atMost, "", ""},
+		{"too many", many, "spec.labels:", "33 labels are too many (at most 32)"},
+		{"empty key", map[string]string{"": "v"}, "spec.labels:", "must not be empty"},
+		{"long key", map[string]string{strings.Repeat("k", 64): "v"}, "spec.labels:", "64 characters is too long"},
+		{"key starts with dash", map[string]string{"-x": "v"}, "spec.labels:", `key "-x" must match`},
+		{"key ends with dot", map[string]string{"x.": "v"}, "spec.labels:", `key "x." must match`},
+		{"key with space", map[string]string{"a b": "v"}, "spec.labels:", `key "a b" must match`},
+		{"key with equals", map[string]string{"a=b": "v"}, "spec.labels:", `key "a=b" must match`},
+		{"key with comma", map[string]string{"a,b": "v"}, "spec.labels:", `key "a,b" must match`},
+		{"two slashes", map[string]string{"a/b/c": "v"}, "spec.labels:", `key "a/b/c" must match`},
+		{"leading slash", map[string]string{"/b": "v"}, "spec.labels:", `key "/b" must match`},
+		{"trailing slash", map[string]string{"a/": "v"}, "spec.labels:", `key "a/" must match`},
+		{"dot around slash", map[string]string{"a./b": "v"}, "spec.labels:", `key "a./b" must match`},
+		{"non-ASCII key", map[string]string{"wéb": "v"}, "spec.labels:", `key "wéb" must match`},
+		{"control in key", map[string]string{"a\x00": "v"}, "spec.labels:", `must match`},
+		{"long value", map[string]string{"team": strings.Repeat("v", 64)}, "spec.labels.team:", "64 characters is too long (at most 63)"},
+		{"newline in value", map[string]string{"team": "a\nb"}, "spec.labels.team:", "must not contain control characters"},
+		{"escape in value", map[string]string{"team": "\x1b[2J"}, "spec.labels.team:", "must not contain control characters"},
+		{"C1 in value", map[string]string{"team": "a\u0085"}, "spec.labels.team:", "must not contain control characters"},
+		{"tab in value", map[string]string{"team": "a\tb"}, "spec.labels.team:", "must not contain control characters"},
+		{"invalid UTF-8", map[string]string{"team": "\xff"}, "spec.labels.team:", "valid UTF-8"},
+		// The first broken label in key order is the one named.
+		{"first in order", map[string]string{"b": "\n", "a": "\n"}, "spec.labels.a:", "control"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			err := ValidateLabels(c.labels)
+			if c.field == "" {
+				if err != nil {
+					t.Fatalf("ValidateLabels = %v, want nil", err)
+				}
+				return
+			}
+			var fe *FieldError
+			if err == nil || !errors.As(err, &fe) || !errors.Is(err, ErrInvalid) {
+				t.Fatalf("ValidateLabels = %v, want a FieldError", err)
+			}
+			if !strings.HasPrefix(err.Error(), c.field) || !strings.Contains(err.Error(), c.rule) {
+				t.Fatalf("ValidateLabels = %q, want %q ... %q", err, c.field, c.rule)
+			}
+			// Validate checks them as part of the spec.
+			s := VmSpec{Name: "web1", Labels: c.labels}.WithDefaults()
+			if err := s.Validate(); err == nil || !strings.HasPrefix(err.Error(), c.field) {
+				t.Fatalf("Validate = %v, want the labels' error", err)
+			}
+		})
+	}
+}

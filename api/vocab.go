@@ -44,6 +44,9 @@ const (
 	ActResume  = fsm.ActResume
 	ActDestroy = fsm.ActDestroy
 	ActMigrate = fsm.ActMigrate
+	// ActPurge removes a destroyed VM's record and events; its decision
+	// is its outcome (no task, no result).
+	ActPurge = fsm.ActPurge
 )
 
 // Actions lists every lifecycle command, in a stable order.

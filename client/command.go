@@ -266,6 +266,12 @@ func (c *Client) Wait(ctx context.Context, s *Sent, opts ...WaitOption) (*Result
 					s.Action = ev.Action
 				}
 				return nil, c.rejection(ctx, s, ev)
+			case ev.Type == api.TypeAccepted && ev.Action == api.ActPurge:
+				// A purge's decision is its outcome; the record is gone
+				// once the projection has folded it (Record stays nil).
+				res.Decision, res.Final, res.Seq = ev, ev, st.Seq
+				c.awaitGone(ctx, s.VM, o.recordLag)
+				return res, nil
 			case ev.Type == api.TypeAccepted && ev.Cancel:
 				// A cancel ends the migration at once: its decision is the
 				// outcome (the engines store the migrate's failure).
@@ -366,6 +372,24 @@ func (c *Client) awaitRecord(ctx context.Context, name string, seq uint64, lag t
 	}
 }
 
+// awaitGone waits, at most lag, until the VM's record has left VM_RECORDS
+// (a purge's fold), so that a list or a completion after it no longer
+// shows the VM.
+func (c *Client) awaitGone(ctx context.Context, name string, lag time.Duration) {
+	ctx, cancel := context.WithTimeout(ctx, lag)
+	defer cancel()
+	for {
+		if _, err := c.Record(ctx, name); errors.Is(err, ErrNotFound) {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
 // EngineServing tells whether an engine is deciding commands: every
 // running engine keeps pull requests open on the shared command consumer,
 // and they vanish with its connection. It samples for up to within (a busy
@@ -436,6 +460,15 @@ func (c *Client) Resume(ctx context.Context, name string, opts ...WaitOption) (*
 // Destroy removes a VM and its disk, in any state.
 func (c *Client) Destroy(ctx context.Context, name string, opts ...WaitOption) (*Result, error) {
 	return c.Do(ctx, name, api.ActDestroy, api.Command{}, opts...)
+}
+
+// Purge removes a destroyed VM (nothing in flight) from VM_RECORDS and
+// its events from VM_EVENTS, so the name is new; it returns once the
+// record has left the bucket. Anything else is a *RejectedError with the
+// reason. Result.Final is
+// the purge's decision (it has no result event) and Result.Record nil.
+func (c *Client) Purge(ctx context.Context, name string, opts ...WaitOption) (*Result, error) {
+	return c.Do(ctx, name, api.ActPurge, api.Command{}, opts...)
 }
 
 // Migrate moves a VM to host to ("": the engine places it), live if it

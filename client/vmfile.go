@@ -273,6 +273,7 @@ func (c *Client) up(ctx context.Context, d vmfile.Def, o VMFileOptions, provisio
 func (c *Client) desired(ctx context.Context, d vmfile.Def, gen int, o VMFileOptions) (api.VmSpec, error) {
 	spec := api.VmSpec{
 		Name: d.Name, Backend: api.BackendTag(d.Backend), Vcpus: d.Vcpus, MemoryMB: d.MemoryMB, DiskGB: d.DiskGB, UEFI: d.UEFI,
+		Labels: d.Labels,
 	}
 	n := d.Network
 	spec.Network = &n
@@ -513,6 +514,7 @@ func specDrift(have *api.VmSpec, want api.VmSpec, haveHost, wantHost string) []s
 	diff("memory", h.MemoryMB, w.MemoryMB)
 	diff("disk", h.DiskGB, w.DiskGB)
 	diff("uefi", h.UEFI, w.UEFI)
+	diff("labels", h.Labels, w.Labels) // fmt prints a map's keys in order
 	nh, nw := api.NetworkConfig{}, api.NetworkConfig{}
 	if h.Network != nil {
 		nh = *h.Network

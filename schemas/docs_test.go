@@ -724,6 +724,17 @@ func checkFSMRow(add func(string, ...any), t *mdTable, r mdRow, action string) {
 		add("%s: fsm.Decide(%s, %s): %v", r.where(t), allowed[0], a, err)
 		return
 	}
+	if !fsm.Transitional(inflight) {
+		// An action done when decided (purge): no in-flight state, no
+		// result; the result column names the state its decision leaves.
+		if c := t.col("in flight"); c >= 0 && len(codeSpans(r.cell(c))) > 0 {
+			add("%s: `%s` has no in-flight state (fsm.Decide says `%s`), the doc says %v", r.where(t), action, inflight, codeSpans(r.cell(c)))
+		}
+		if c := t.col("result"); c >= 0 && !slices.Equal(codeSpans(r.cell(c)), []string{string(inflight)}) {
+			add("%s: `%s` leaves the vm `%s` when decided (fsm.Decide), the doc says %v", r.where(t), action, inflight, codeSpans(r.cell(c)))
+		}
+		return
+	}
 	if c := t.col("in flight"); c >= 0 {
 		if got := codeSpans(r.cell(c)); !slices.Equal(got, []string{string(inflight)}) {
 			add("%s: in-flight state of `%s`: the doc says %v, fsm.Decide says `%s`", r.where(t), action, got, inflight)

@@ -56,6 +56,22 @@ func fill(dst reflect.Value, v any) error {
 			}
 		}
 		dst.Set(s)
+	case reflect.Map:
+		// Maps with string keys (spec.labels): each value is filled like
+		// a field.
+		obj, ok := v.(map[string]any)
+		if !ok || dst.Type().Key().Kind() != reflect.String {
+			return fmt.Errorf("%s from %T", dst.Type(), v)
+		}
+		m := reflect.MakeMapWithSize(dst.Type(), len(obj))
+		for k, ev := range obj {
+			e := reflect.New(dst.Type().Elem()).Elem()
+			if err := fill(e, ev); err != nil {
+				return fmt.Errorf("%s: %w", k, err)
+			}
+			m.SetMapIndex(reflect.ValueOf(k).Convert(dst.Type().Key()), e)
+		}
+		dst.Set(m)
 	case reflect.String:
 		s, ok := v.(string)
 		if !ok {

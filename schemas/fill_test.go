@@ -12,18 +12,19 @@ func TestFill(t *testing.T) {
 		N int8 `json:"n"`
 	}
 	type outer struct {
-		S    string   `json:"s,omitempty"`
-		B    bool     `json:"b"`
-		L    []string `json:"l"`
-		P    *inner   `json:"p"`
-		Skip string   `json:"-"`
+		S    string            `json:"s,omitempty"`
+		B    bool              `json:"b"`
+		L    []string          `json:"l"`
+		P    *inner            `json:"p"`
+		M    map[string]string `json:"m"`
+		Skip string            `json:"-"`
 	}
 	var got outer
-	doc := map[string]any{"s": "x", "b": true, "l": []any{"a", "b"}, "p": map[string]any{"n": json.Number("7")}}
+	doc := map[string]any{"s": "x", "b": true, "l": []any{"a", "b"}, "p": map[string]any{"n": json.Number("7")}, "m": map[string]any{"k": "v", "e": ""}}
 	if err := fill(reflect.ValueOf(&got).Elem(), doc); err != nil {
 		t.Fatal(err)
 	}
-	want := outer{S: "x", B: true, L: []string{"a", "b"}, P: &inner{N: 7}}
+	want := outer{S: "x", B: true, L: []string{"a", "b"}, P: &inner{N: 7}, M: map[string]string{"k": "v", "e": ""}}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("filled %+v, want %+v", got, want)
 	}
@@ -37,6 +38,8 @@ func TestFill(t *testing.T) {
 		{map[string]any{"-": "x"}, `unknown field "-"`},
 		{map[string]any{"s": json.Number("1")}, "string from json.Number"},
 		{map[string]any{"l": "a"}, "[]string from string"},
+		{map[string]any{"m": "a"}, "map[string]string from string"},
+		{map[string]any{"m": map[string]any{"k": json.Number("1")}}, "m: k: string from json.Number"},
 	} {
 		var o outer
 		err := fill(reflect.ValueOf(&o).Elem(), c.doc)

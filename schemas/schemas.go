@@ -450,23 +450,39 @@ func (p *parser) value(path []string, depth int) (any, error) {
 
 // flatten turns the library's tree of errors into its most specific leaves.
 func flatten(name string, doc any, ve *jsonschema.ValidationError) *Error {
+	// A leaf under propertyNames (spec.labels' keys) is located at the
+	// key as a value of its own, not at the object: keyOf names the
+	// object's location for each such leaf.
 	var leaves []*jsonschema.ValidationError
-	var walk func(e *jsonschema.ValidationError)
-	walk = func(e *jsonschema.ValidationError) {
+	keyOf := map[*jsonschema.ValidationError][]string{}
+	var walk func(e *jsonschema.ValidationError, under []string)
+	walk = func(e *jsonschema.ValidationError, under []string) {
+		if _, ok := e.ErrorKind.(*kind.PropertyNames); ok {
+			under = e.InstanceLocation
+		}
 		if len(e.Causes) == 0 {
 			leaves = append(leaves, e)
+			if under != nil {
+				keyOf[e] = under
+			}
 			return
 		}
 		for _, c := range e.Causes {
-			walk(c)
+			walk(c, under)
 		}
 	}
-	walk(ve)
+	walk(ve, nil)
 
 	var causes []Cause
 	seen := map[Cause]bool{}
 	for _, l := range leaves {
-		for _, c := range describe(name, doc, l) {
+		described := describe(name, doc, l)
+		if obj, ok := keyOf[l]; ok {
+			for i := range described {
+				described[i] = Cause{Field: fieldPath(obj), Rule: "key " + described[i].Rule}
+			}
+		}
+		for _, c := range described {
 			if !seen[c] {
 				seen[c] = true
 				causes = append(causes, c)

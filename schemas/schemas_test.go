@@ -39,8 +39,9 @@ func fullSpec() *api.VmSpec {
 			InstanceID:    "iid-web1",
 			Hostname:      "web1",
 		},
-		SSH:   &api.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl vm@host"},
-		Accel: "kvm",
+		SSH:    &api.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl vm@host"},
+		Accel:  "kvm",
+		Labels: map[string]string{"team": "web", "ci.example.com/job": "1234", "note": ""},
 	}
 }
 
@@ -95,6 +96,11 @@ func eventOf(t api.EventType, a string) api.Event {
 		if a == "migrate" {
 			ev.Migration = &api.Migration{From: "h1", To: "h2", Mode: api.MigrateLive, Before: api.StateRunning}
 		}
+		if a == "purge" {
+			// Its outcome: the state it was purged from; no handle, no
+			// timeout (admitPurge).
+			ev.State, ev.Handle, ev.TimeoutS = api.StateDestroyed, nil, 0
+		}
 	case api.TypeMigrated:
 		ev.Handle, ev.AcceptedSeq, ev.Host, ev.State = fullHandle(), 7, "h2", api.StateRunning
 		ev.Migration = &api.Migration{From: "h1", To: "h2", Mode: api.MigrateLive, Before: api.StateRunning, Bytes: 1 << 30, Total: 1 << 30, DowntimeMS: 42}
@@ -147,6 +153,7 @@ func fullRecord() *api.VmRecord {
 		LastError:     "exited: guest powered off",
 		Exit:          &api.Exit{Time: t0, Reason: "guest powered off"},
 		Image:         "debian-12",
+		Labels:        map[string]string{"team": "web"},
 		Migration:     &api.Migration{From: "h1", To: "h2", Mode: api.MigrateCold, Before: api.StateStopped, Phase: api.PhaseCopying, Bytes: 1 << 20, Total: 1 << 21},
 		CreatedAt:     t0,
 		UpdatedAt:     t0.Add(time.Minute),
@@ -298,9 +305,11 @@ func TestValidCommands(t *testing.T) {
 	for _, a := range fsm.Actions[1:] {
 		cases = append(cases,
 			tc{string(a), api.Command{}},
-			tc{string(a), api.Command{CommandID: "7c9e6679-7425-40de-944b-e07fc1f90ae7", TimeoutS: 30}},
 			tc{string(a), api.Command{CommandID: "vmctl/ünïcode:ok#1"}},
 		)
+		if a != fsm.ActPurge { // purge has no backend call to bound
+			cases = append(cases, tc{string(a), api.Command{CommandID: "7c9e6679-7425-40de-944b-e07fc1f90ae7", TimeoutS: 30}})
+		}
 	}
 	// U+FFFD the sender wrote, and surrogate pairs, are fine.
 	cases = append(cases,
@@ -357,6 +366,10 @@ func TestDecodeCommandRejects(t *testing.T) {
 func TestValidEvents(t *testing.T) {
 	var evs []api.Event
 	for _, a := range fsm.Actions {
+		if a == fsm.ActPurge {
+			evs = append(evs, eventOf(api.TypeAccepted, string(a))) // no result
+			continue
+		}
 		evs = append(evs, eventOf(api.TypeAccepted, string(a)), eventOf(api.ResultOf(a), string(a)),
 			eventOf(api.TypeFailed, string(a)))
 	}
@@ -653,6 +666,19 @@ func TestEnumsAndLimitsMatchGo(t *testing.T) {
 	if p := def(t, "name")["pattern"]; p != api.NamePattern {
 		t.Errorf("name pattern %v, api.NamePattern %v", p, api.NamePattern)
 	}
+	labels := def(t, "labels")
+	if p := labels["propertyNames"].(map[string]any)["pattern"]; p != api.LabelKeyPattern {
+		t.Errorf("labels key pattern %v, api.LabelKeyPattern %v", p, api.LabelKeyPattern)
+	}
+	if n := labels["maxProperties"].(float64); int(n) != api.MaxLabels {
+		t.Errorf("labels maxProperties %v, api.MaxLabels %d", n, api.MaxLabels)
+	}
+	if n := labels["propertyNames"].(map[string]any)["maxLength"].(float64); int(n) != api.MaxLabelKeyLen {
+		t.Errorf("labels key maxLength %v, api.MaxLabelKeyLen %d", n, api.MaxLabelKeyLen)
+	}
+	if n := labels["additionalProperties"].(map[string]any)["maxLength"].(float64); int(n) != api.MaxLabelValueLen {
+		t.Errorf("labels value maxLength %v, api.MaxLabelValueLen %d", n, api.MaxLabelValueLen)
+	}
 	if p := def(t, "command-id")["pattern"]; p != commandIDPattern {
 		t.Errorf("command-id pattern %q, commandIDPattern %q", p, commandIDPattern)
 	}
@@ -696,6 +722,13 @@ func TestInvalidCommands(t *testing.T) {
 		action, body string
 		want         []string // substrings of the error
 	}{
+		// labels
+		{"prepare", spec(`"labels":{"-x":"v"}`), []string{"spec.labels"}},
+		{"prepare", spec(`"labels":{"a/b/c":"v"}`), []string{"spec.labels"}},
+		{"prepare", spec(`"labels":{"team":"a\nb"}`), []string{"spec.labels.team"}},
+		{"prepare", spec(`"labels":{"team":1}`), []string{"spec.labels.team"}},
+		{"prepare", spec(`"labels":{"team":"` + strings.Repeat("v", 64) + `"}`), []string{"spec.labels.team"}},
+		{"prepare", spec(`"labels":"team=ci"`), []string{"spec.labels"}},
 		// actions
 		{"reboot", `{}`, []string{"action", `unknown action "reboot"`}},
 		{"", `{}`, []string{"action"}},

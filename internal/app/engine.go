@@ -53,6 +53,8 @@ type EngineOptions struct {
 	CommandBurst int
 	// MaxCommandTimeout is the largest timeout_s a command may ask for.
 	MaxCommandTimeout time.Duration
+	// RetainDestroyed: destroyed VMs older than this are purged (0: never).
+	RetainDestroyed time.Duration
 	// AuthorityDir, if set, is the authority engine init made: the engine
 	// answers hosts joining with a token (package join).
 	AuthorityDir string
@@ -82,6 +84,7 @@ func (o *EngineOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.Float64Var(&o.CommandRate, "command-rate", 50, "commands per second each issuer (the identity in vm.cmd.<vm>.<action>.<issuer>) may have decided; more are rejected (0: no limit)")
 	fs.IntVar(&o.CommandBurst, "command-burst", 200, "commands an issuer may send at once before --command-rate applies")
 	fs.DurationVar(&o.MaxCommandTimeout, "max-command-timeout", engine.DefaultMaxCommandTimeout, "the largest timeout_s a command may ask for (a stop's grace holds the VM and a worker slot that long); more is rejected (at most 24h)")
+	fs.DurationVar(&o.RetainDestroyed, "retain-destroyed", engine.DefaultRetainDestroyed, "purge a VM destroyed longer ago than this: its record leaves VM_RECORDS and its events VM_EVENTS, and the name is free and new (0: keep destroyed VMs for ever; vmctl purge does it by hand)")
 	fs.BoolVar(&o.NoAuth, "no-auth", false, "run the embedded NATS server without authentication (refused unless --listen is a loopback address; for trying things only)")
 	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics, the local worker's included (e.g. 127.0.0.1:9100; default: off)")
 	fs.StringVar(&o.AuthorityDir, "authority-dir", "", "the authority engine init made: answer hosts that join with a token (one engine, on the machine that keeps it; docs/deploy.md)")
@@ -203,6 +206,9 @@ func runEngine(ctx context.Context, o EngineOptions, fail func(error)) error {
 	if o.MaxCommandTimeout != 0 && (o.MaxCommandTimeout < time.Second || o.MaxCommandTimeout > 24*time.Hour) {
 		return fmt.Errorf("--max-command-timeout %s: want 1s to 24h", o.MaxCommandTimeout)
 	}
+	if o.RetainDestroyed < 0 {
+		return fmt.Errorf("--retain-destroyed %s: want a duration >= 0 (0 keeps destroyed VMs for ever)", o.RetainDestroyed)
+	}
 	var eng *engine.Engine
 	err = jsetup.RetryStartup(ctx, log, "the engine's consumers and buckets", func(sctx context.Context) (err error) {
 		eng, err = engine.New(sctx, engine.Config{
@@ -210,6 +216,7 @@ func runEngine(ctx context.Context, o EngineOptions, fail func(error)) error {
 			JS:      js, Names: o.Streams.Names(), Settings: o.Streams.Settings(), Log: log, ID: o.ID,
 			HostLostAfter: o.HostTimeout, Concurrency: o.Concurrency, AckWait: o.AckWait, Quotas: quotas,
 			StateDir: o.DataDir, RateLimit: engine.RateLimit{PerSecond: o.CommandRate, Burst: o.CommandBurst},
+			RetainDestroyed: o.RetainDestroyed,
 		})
 		return err
 	})

@@ -105,6 +105,10 @@ func cells(f *fixture) []cell {
 		pubCell("publish a command without issuer", "vm.cmd.web1.start", adm),
 		pubCell("publish a command as alice", "vm.cmd.web1.start.alice", plus(alice)),
 		pubCell("publish a command as bob", "vm.cmd.web1.start.bob", adm),
+		// purge: a command like the others.
+		pubCell("publish a purge without issuer", "vm.cmd.web1.purge", adm),
+		pubCell("publish a purge as alice", "vm.cmd.web1.purge.alice", plus(alice)),
+		pubCell("publish a purge as bob", "vm.cmd.web1.purge.bob", adm),
 		pubCell("write an event as the engines", "vm.evt.web1.started._engine", adm),
 		pubCell("write an event as h1", "vm.evt.web1.started.h1", plus(w1)),
 		pubCell("write an event as h2", "vm.evt.web1.started.h2", plus(w2)),
@@ -114,6 +118,11 @@ func cells(f *fixture) []cell {
 		pubCell("heartbeat as h2", "$KV.VM_HOSTS.h2", plus(w2)),
 		pubCell("cordon h1", "$KV.VM_HOSTS.h1.cordon", plus(alice)),
 		pubCell("write a record", "$KV.VM_RECORDS.web1", adm),
+		cell{family: "delete a record (a purge's fold)", kind: "pub", subject: "$KV.VM_RECORDS.web1", allow: adm, run: func(c *client) bool {
+			m := nats.NewMsg("$KV.VM_RECORDS.web1")
+			m.Header.Set("KV-Operation", "DEL")
+			return c.pub(m)
+		}},
 		pubCell("write h1's image status", "$KV.VM_IMAGES.h1.img", plus(w1)),
 		pubCell("write h2's image status", "$KV.VM_IMAGES.h2.img", plus(w2)),
 		pubCell("write a VM's key", "$KV.VM_SSH.web1.key", plus(alice)),

@@ -3,6 +3,7 @@ package cloudinit
 import (
 	"bytes"
 	"io"
+	"reflect"
 	"testing"
 
 	"github.com/vmherd/vmherd/api"
@@ -74,5 +75,25 @@ func TestISO(t *testing.T) {
 	}
 	if found["meta-data"] != "instance-id: web1\nlocal-hostname: web1\n" || found["user-data"] == "" {
 		t.Fatalf("ISO files %q", found)
+	}
+}
+
+// Labels are metadata for people: the seed the guest reads has the same
+// files with them or without them, and no label in its image.
+func TestLabelsNotInSeed(t *testing.T) {
+	base := api.VmSpec{Name: "web1", SSH: &api.SshConfig{User: "vm", PublicKey: "ssh-ed25519 AAAA x"}}
+	labelled := base
+	labelled.Labels = map[string]string{"team": "secret-team-name", "ci.example.com/job": "1234"}
+	if a, b := Files(base), Files(labelled); !reflect.DeepEqual(a, b) {
+		t.Fatalf("the seed's files differ with labels:\n%v\n%v", a, b)
+	}
+	iso, err := ISO(labelled)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{"secret-team-name", "ci.example.com/job", "team"} {
+		if bytes.Contains(iso, []byte(s)) {
+			t.Fatalf("the seed image holds %q", s)
+		}
 	}
 }

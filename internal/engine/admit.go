@@ -132,6 +132,8 @@ func (a admission) admit(rec *api.VmRecord, act fsm.Action, cmd *api.Command, ev
 		}
 	case act == fsm.ActMigrate && cmd.Cancel:
 		return a.admitCancel(rec, ev)
+	case act == fsm.ActPurge:
+		return admitPurge(rec, ev)
 	case act == fsm.ActMigrate:
 		if err := a.admitMigrate(rec, cmd, ev); err != nil {
 			return err
@@ -199,6 +201,27 @@ func (a admission) admit(rec *api.VmRecord, act fsm.Action, cmd *api.Command, ev
 	if cmd.TimeoutS > 0 {
 		ev.TimeoutS = cmd.TimeoutS
 	}
+	return nil
+}
+
+// admitPurge decides a purge: only a destroyed VM with nothing in
+// flight. Who may ask is the issuer rules' business, as for every command
+// (an operator may command any VM; the decision records its issuer). The
+// accepted event keeps the VM's last host and backend and says destroyed,
+// the state it is purged from; its fold leaves the name absent
+// (fsm.Decide).
+func admitPurge(rec *api.VmRecord, ev *api.Event) error {
+	cur := rec.CurrentState()
+	if _, err := fsm.Decide(cur, fsm.ActPurge); err != nil {
+		return err
+	}
+	if len(rec.InFlight) > 0 {
+		return reject("cannot purge: vm %s has a command in flight (%s %s); purge it once that has ended", ev.VM, rec.InFlight[0].Action, rec.InFlight[0].CommandID)
+	}
+	ev.Type = api.TypeAccepted
+	ev.State = api.StateDestroyed
+	ev.Host = rec.Host
+	ev.Backend = rec.Backend
 	return nil
 }
 

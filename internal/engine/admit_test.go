@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/internal/events"
 	"github.com/vmherd/vmherd/internal/fsm"
 )
 
@@ -295,5 +296,42 @@ func TestAdmitConcurrentPreparesSpread(t *testing.T) {
 		if per[h] != 10 {
 			t.Fatalf("VMs per host: %v, want 10 on each", per)
 		}
+	}
+}
+
+// Purge: only a destroyed VM with nothing in flight, whoever asks.
+func TestAdmitPurge(t *testing.T) {
+	destroyed := &api.VmRecord{Name: "v", State: api.StateDestroyed, Host: "h1", Backend: api.BackendNoop, Generation: 2}
+	byAdmin := &api.VmRecord{Name: "v", State: api.StateDestroyed, Host: "h1"}
+	for _, c := range []struct {
+		name   string
+		rec    *api.VmRecord
+		issuer string
+		want   string // "" accepted, else part of the reason
+	}{
+		{"admin", destroyed, "", ""},
+		{"an operator", destroyed, "alice", ""},
+		{"without a backend", byAdmin, "bob", ""},
+		{"running", &api.VmRecord{Name: "v", State: api.StateRunning, Host: "h1"}, "", "cannot purge: vm is running; purge is allowed from destroyed"},
+		{"destroying", &api.VmRecord{Name: "v", State: api.StateDestroying, Host: "h1", InFlight: []api.InFlight{{CommandID: "d1", Action: fsm.ActDestroy}}}, "", "cannot purge: vm is destroying"},
+		{"absent", &api.VmRecord{Name: "v", State: fsm.StateAbsent}, "", "cannot purge: vm does not exist"},
+		{"in flight", &api.VmRecord{Name: "v", State: api.StateDestroyed, Host: "h1", InFlight: []api.InFlight{{CommandID: "x1", Action: fsm.ActPrepare}}}, "", "has a command in flight (prepare x1)"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ev := api.Event{VM: "v", CommandID: "p1", Action: fsm.ActPurge, Issuer: c.issuer}
+			err := admission{}.admit(c.rec, fsm.ActPurge, &api.Command{}, &ev)
+			if c.want != "" {
+				if err == nil || !strings.Contains(err.Error(), c.want) {
+					t.Fatalf("admit = %v, want a rejection with %q", err, c.want)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("admit = %v, want accepted", err)
+			}
+			if ev.Type != api.TypeAccepted || ev.State != api.StateDestroyed || ev.Host != c.rec.Host || ev.Handle != nil || len(events.TasksOf(&ev, 9)) != 0 {
+				t.Fatalf("accepted purge %+v", ev)
+			}
+		})
 	}
 }

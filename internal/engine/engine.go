@@ -65,6 +65,10 @@ type Config struct {
 	Metrics *metrics.Set
 	// RateLimit bounds each issuer's commands per second.
 	RateLimit RateLimit
+	// RetainDestroyed: a VM destroyed longer ago than this is purged
+	// (its record and events removed, see runRetention); 0 keeps
+	// destroyed VMs for ever.
+	RetainDestroyed time.Duration
 	// StateDir keeps the engine's own files (the projection checkpoint);
 	// "" keeps none (the projection then replays from the start on restart).
 	StateDir string
@@ -181,6 +185,9 @@ func (e *Engine) Run(ctx context.Context) error {
 	g.Go(func() error { return e.runHostConsumers(gctx) })
 	g.Go(func() error { return e.runCommands(gctx) })
 	g.Go(func() error { return e.requeueInFlight(gctx, names) })
+	if e.cfg.RetainDestroyed > 0 {
+		g.Go(func() error { return e.runRetention(gctx) })
+	}
 	return g.Wait()
 }
 

@@ -93,6 +93,9 @@ func (c *placedCount) observe(r *api.VmRecord) {
 		c.nOn[now.host]++
 	}
 	c.vms[r.Name] = now
+	if !r.Exists() {
+		delete(c.vms, r.Name) // purged (or never created): nothing to count
+	}
 }
 
 // lockPlacing and unlockPlacing hold placing (admission's booking).

@@ -35,6 +35,9 @@ func (e *Engine) follow(ctx context.Context, ev *api.Event, seq uint64) error {
 	if ev.Cancel {
 		return e.cancelled(ctx, ev)
 	}
+	if ev.Action == api.ActPurge {
+		return e.purged(ctx, ev, seq)
+	}
 	for _, q := range events.TasksOf(ev, seq) {
 		body, err := json.Marshal(q.Task)
 		if err != nil {
@@ -66,6 +69,23 @@ func (e *Engine) cancelled(ctx context.Context, ev *api.Event) error {
 			return fmt.Errorf("cancel: storing the failure of migrate %s: %w", a.CommandID, err)
 		}
 	}
+	return nil
+}
+
+// purged carries out an accepted purge stored at seq: it removes the
+// VM's events stored before it from the event stream (a filtered purge
+// of vm.evt.<vm>.> up to seq). The decision itself stays, as the VM's
+// only event: the per-VM concurrency check goes on from it (a later
+// decision expects it as the VM's last event, as every engine's record
+// says once it is folded), and its fold is what every projector and a
+// rebuild make of the name: absent, with no record in VM_RECORDS. The
+// purge is idempotent: a repeat (the command redelivered after a crash,
+// or another engine's) removes nothing more.
+func (e *Engine) purged(ctx context.Context, ev *api.Event, seq uint64) error {
+	if err := e.store.Stream().Purge(ctx, jetstream.WithPurgeSubject(e.cfg.Names.VMEvents(ev.VM)), jetstream.WithPurgeSequence(seq)); err != nil {
+		return fmt.Errorf("purge: removing the events of vm %s before seq %d: %w", ev.VM, seq, err)
+	}
+	e.log.Info("purged vm", "vm", ev.VM, "command_id", ev.CommandID, "issuer", ev.Issuer, "seq", seq)
 	return nil
 }
 

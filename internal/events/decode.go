@@ -185,6 +185,8 @@ func (s *scanner) spec(sp *api.VmSpec) bool {
 			bit, ok = 1<<10, s.enumInto(&sp.Accel)
 		case "image":
 			bit, ok = 1<<11, s.strInto(&sp.Image)
+		case "labels":
+			bit, ok = 1<<12, s.stringMap(&sp.Labels)
 		}
 		if !ok || !once(&seen, bit) {
 			return false

@@ -73,8 +73,8 @@ type QueuedTask struct {
 // host, and for a migrate one more for its destination (a cancel queues
 // none: its engine stores the outcome).
 func TasksOf(ev *api.Event, seq uint64) []QueuedTask {
-	if ev.Type != api.TypeAccepted || ev.Cancel {
-		return nil
+	if ev.Type != api.TypeAccepted || ev.Cancel || ev.Action == fsm.ActPurge {
+		return nil // a purge is done by the engines (no worker takes part)
 	}
 	t := TaskFromAccepted(ev, seq)
 	if ev.Action != fsm.ActMigrate || ev.Migration == nil {

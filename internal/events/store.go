@@ -231,6 +231,13 @@ func RelayedCopy(m *jetstream.RawStreamMsg) bool {
 	return relayed
 }
 
+// StoredSeq is the sequence a message read by a direct get is stored at
+// in the stream it was read from (see storedAs).
+func StoredSeq(m *jetstream.RawStreamMsg) uint64 {
+	seq, _ := storedAs(m)
+	return seq
+}
+
 // storedAs returns the sequence m is stored at in the stream it was read
 // from, and whether the server stored it on someone's behalf
 // (StoredByServer). A direct get answers with Nats-Stream, Nats-Subject

@@ -31,10 +31,15 @@ const (
 	// ActMigrate moves the VM to another host: live when it is running or
 	// suspended, cold (its disk) when it is prepared or stopped.
 	ActMigrate Action = "migrate"
+	// ActPurge removes a destroyed VM's record and its events: the name
+	// is absent again. Unlike every other action it has no task and no
+	// result: its decision is its outcome (the engine then removes the
+	// VM's earlier events; see docs/contract.md, "Purging a destroyed VM").
+	ActPurge Action = "purge"
 )
 
 // Actions lists every action, in a stable order.
-var Actions = []Action{ActPrepare, ActStart, ActStop, ActSuspend, ActResume, ActDestroy, ActMigrate}
+var Actions = []Action{ActPrepare, ActStart, ActStop, ActSuspend, ActResume, ActDestroy, ActMigrate, ActPurge}
 
 // Result is the type of an event that reports what happened to a VM: the
 // outcome of a command, or an observation (`exited`).
@@ -160,7 +165,9 @@ func define(sm *stateless.StateMachine) {
 		// result settles the state.
 		Ignore(ResExited)
 	sm.Configure(StateDestroyed).
-		Permit(ActPrepare, StatePreparing)
+		Permit(ActPrepare, StatePreparing).
+		// Purge is done when it is decided: the VM is absent again.
+		Permit(ActPurge, StateAbsent)
 	sm.Configure(StateFailed).
 		Permit(ActStart, StateStarting).
 		Permit(ActDestroy, StateDestroying)
@@ -175,7 +182,7 @@ func define(sm *stateless.StateMachine) {
 
 const (
 	numStates   = len(states)
-	numActions  = 7
+	numActions  = 8
 	numResults  = 9
 	numTriggers = numActions + numResults // actions, then results
 	noMove      = -1                      // the trigger is not handled in that state
@@ -230,7 +237,7 @@ func init() {
 			if ni < 0 {
 				panic(fmt.Sprintf("fsm: %s in %s leads to unknown state %q", t, s, probe))
 			}
-			if ti < numActions && !isTransitional(probe) {
+			if ti < numActions && !isTransitional(probe) && t != ActPurge {
 				panic(fmt.Sprintf("fsm: action %s in %s leads to %s, which is not in flight", t, s, probe))
 			}
 			table[si][ti] = int8(ni)
@@ -252,7 +259,8 @@ func init() {
 }
 
 // Decide says whether action a may be accepted in state cur. If it may, it
-// returns the in-flight state the VM moves to; if not, the error is a
+// returns the in-flight state the VM moves to (for ActPurge, which has no
+// result, StateAbsent: the state its decision leaves); if not, the error is a
 // *Rejection naming cur and the states a is allowed from.
 func Decide(cur State, a Action) (State, error) {
 	si, ai := stateIndex(cur), actionIndex(a)
@@ -429,14 +437,15 @@ func States() []State { return append([]State(nil), states[1:]...) }
 // outcome is the state action a leads to when it succeeds, used to word a
 // rejection as "already".
 // Outcome is the state a successful a leaves the VM in ("" for migrate,
-// whose success returns the VM to the state it had: Settle).
+// whose success returns the VM to the state it had: Settle; absent for
+// purge, whose decision is its outcome).
 func (a Action) Outcome() State { return outcome(a) }
 
 // Pending is the in-flight state an accepted a puts the VM in, as Decide
-// gives it.
+// gives it ("" for purge, which is done when decided).
 func (a Action) Pending() State {
 	for _, s := range states {
-		if next, err := Decide(s, a); err == nil {
+		if next, err := Decide(s, a); err == nil && isTransitional(next) {
 			return next
 		}
 	}
@@ -455,6 +464,8 @@ func outcome(a Action) State {
 		return StateSuspended
 	case ActDestroy:
 		return StateDestroyed
+	case ActPurge:
+		return StateAbsent
 	}
 	return ""
 }
@@ -511,6 +522,8 @@ func actionIndex(a Action) int {
 		return 5
 	case ActMigrate:
 		return 6
+	case ActPurge:
+		return 7
 	}
 	return -1
 }

@@ -41,7 +41,7 @@ var accepts = map[State]map[Action]State{
 	StateSuspended:  {ActStop: StateStopping, ActResume: StateResuming, ActDestroy: StateDestroying, ActMigrate: StateMigrating},
 	StateResuming:   {ActDestroy: StateDestroying},
 	StateDestroying: {},
-	StateDestroyed:  {ActPrepare: StatePreparing},
+	StateDestroyed:  {ActPrepare: StatePreparing, ActPurge: StateAbsent},
 	StateFailed:     {ActStart: StateStarting, ActDestroy: StateDestroying},
 	StateMigrating:  {},
 }
@@ -85,7 +85,8 @@ func TestDecideEveryPair(t *testing.T) {
 					if got != want {
 						t.Fatalf("Decide(%s, %s) = %s, want %s", s, a, got, want)
 					}
-					if !Transitional(got) {
+					if !Transitional(got) && a != ActPurge {
+						// Purge alone is done when decided (no result).
 						t.Errorf("Decide(%s, %s) = %s, which is not in flight", s, a, got)
 					}
 					return
@@ -161,7 +162,10 @@ func TestRejectionMessages(t *testing.T) {
 		{StateRunning, ActPrepare, "cannot prepare: vm is running; prepare is allowed from absent, destroyed"},
 		{StateSuspended, ActSuspend, "cannot suspend: vm is already suspended; suspend is allowed from running"},
 		{"bogus", ActStart, `cannot start: vm is in unknown state "bogus"; start is allowed from prepared, stopped, failed`},
-		{StateRunning, "reboot", "cannot reboot: unknown action (valid: prepare, start, stop, suspend, resume, destroy, migrate)"},
+		{StateRunning, "reboot", "cannot reboot: unknown action (valid: prepare, start, stop, suspend, resume, destroy, migrate, purge)"},
+		{StateRunning, ActPurge, "cannot purge: vm is running; purge is allowed from destroyed"},
+		{StateDestroying, ActPurge, "cannot purge: vm is destroying (a command is in flight); only destroy is accepted until it finishes"},
+		{StateAbsent, ActPurge, "cannot purge: vm does not exist; purge is allowed from destroyed"},
 		{StateMigrating, ActDestroy, "cannot destroy: vm is migrating (a command is in flight); until the migration ends only its cancel is accepted (vmctl migrate --cancel)"},
 		{StateStarting, ActMigrate, "cannot migrate: vm is starting (a command is in flight); only destroy is accepted until it finishes"},
 		{StateFailed, ActMigrate, "cannot migrate: vm is failed; migrate is allowed from prepared, running, stopped, suspended"},
@@ -239,6 +243,7 @@ func TestAllowed(t *testing.T) {
 			StateResuming, StateFailed,
 		},
 		ActMigrate: {StatePrepared, StateRunning, StateStopped, StateSuspended},
+		ActPurge:   {StateDestroyed},
 	}
 	for _, a := range Actions {
 		if got := Allowed(a); !slices.Equal(got, want[a]) {
@@ -451,6 +456,14 @@ func TestSettle(t *testing.T) {
 func TestPendingOutcome(t *testing.T) {
 	for _, a := range Actions {
 		p := a.Pending()
+		if a == ActPurge {
+			// Done when decided: no in-flight state, its decision's state
+			// is its outcome.
+			if got, err := Decide(StateDestroyed, a); p != "" || err != nil || got != a.Outcome() {
+				t.Errorf("purge: Pending() = %q, Decide(destroyed) = %s, %v; Outcome() = %s", p, got, err, a.Outcome())
+			}
+			continue
+		}
 		if p == "" || !Transitional(p) {
 			t.Errorf("%s.Pending() = %q, want a transitional state", a, p)
 		}

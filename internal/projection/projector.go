@@ -327,9 +327,9 @@ func (p *Projector) apply(ctx context.Context, subj string, data []byte, seq uin
 const DefaultMaxCached = 16384
 
 // evict forgets idle cached VMs (no write in flight or lingering, every
-// fold stored) until a quarter of MaxCached is free: names that never had
-// a record first (a flood of commands for names that do not exist), then
-// any. keep is not evicted. Callers hold p.mu.
+// fold stored) until a quarter of MaxCached is free: names without a
+// record first (a flood of commands for names that do not exist, VMs
+// purged), then any. keep is not evicted. Callers hold p.mu.
 func (p *Projector) evict(keep *cached) {
 	target := p.MaxCached * 3 / 4
 	for _, anyIdle := range []bool{false, true} {
@@ -340,7 +340,7 @@ func (p *Projector) evict(keep *cached) {
 			if c == keep || c.writing || c.lingering || len(c.pending) > 0 {
 				continue
 			}
-			if anyIdle || c.rev == 0 && !c.rec.Exists() {
+			if anyIdle || !c.rec.Exists() {
 				delete(p.cache, name)
 			}
 		}
@@ -448,11 +448,24 @@ const ackTimeout = 5 * time.Second
 var errAckTimeout = errors.New("no ack for the record write")
 
 // publish sends r as key name's next revision, expecting rev as its last.
+// A record of a name that no longer exists (a purge's fold) is sent as
+// the key's delete marker: the name leaves the bucket.
 func (p *Projector) publish(name string, r *api.VmRecord, rev uint64) (jetstream.PubAckFuture, error) {
 	m := nats.NewMsg(events.KVPutSubject(p.JS, p.Names.RecordsBucket(), name))
-	m.Data = r.Marshal()
+	if r.Exists() {
+		m.Data = r.Marshal()
+	} else {
+		m.Header.Set(kvOperation, kvDelete)
+	}
 	return p.JS.PublishMsgAsync(m, jetstream.WithExpectLastSequencePerSubject(rev))
 }
+
+// The header and value of a KV delete marker (what jetstream's
+// KeyValue.Delete publishes).
+const (
+	kvOperation = "KV-Operation"
+	kvDelete    = "DEL"
+)
 
 // finish handles the end of a write of c's record that covered the first
 // covered pending sequences of c: it retries a failed write (resolving a
@@ -526,7 +539,20 @@ func (p *Projector) resolve(ctx context.Context, name string, c *cached) (uint64
 	p.mu.Unlock()
 	e, err := p.kv.Get(wctx, name)
 	switch {
+	case errors.Is(err, jetstream.ErrKeyNotFound) && !mine.Exists():
+		return 0, covered, nil // deleted already (a purge): nothing to write
 	case errors.Is(err, jetstream.ErrKeyNotFound):
+		// Deleted by a projector further on (a purge's fold), or never
+		// written: write mine only if it folds the VM's last event, so a
+		// projector that is behind never brings back a purged record
+		// (its own fold of the purge, to come, deletes nothing then).
+		last, err := p.lastEvent(wctx, name)
+		if err != nil {
+			return 0, 0, err
+		}
+		if last > mine.LastSeq {
+			return 0, covered, nil
+		}
 		rev, err := p.write(wctx, name, mine, 0)
 		return rev, covered, err
 	case err != nil:
@@ -548,10 +574,52 @@ func (p *Projector) resolve(ctx context.Context, name string, c *cached) (uint64
 }
 
 func (p *Projector) write(ctx context.Context, name string, r *api.VmRecord, rev uint64) (uint64, error) {
-	if rev == 0 {
+	switch {
+	case !r.Exists() && rev == 0:
+		return 0, nil // no record to delete
+	case !r.Exists():
+		if err := p.kv.Delete(ctx, name, jetstream.LastRevision(rev)); err != nil {
+			return 0, err
+		}
+		// The delete marker's revision: read it back for the next write.
+		return p.deletedRev(ctx, name)
+	case rev == 0:
 		return p.kv.Create(ctx, name, r.Marshal())
 	}
 	return p.kv.Update(ctx, name, r.Marshal(), rev)
+}
+
+// deletedRev is the revision of a deleted key's delete marker (0 if the
+// key was written again since: the next write finds out by its conflict).
+func (p *Projector) deletedRev(ctx context.Context, name string) (uint64, error) {
+	st, err := p.JS.Stream(ctx, "KV_"+p.Names.RecordsBucket())
+	if err != nil {
+		return 0, err
+	}
+	m, err := st.GetLastMsgForSubject(ctx, "$KV."+p.Names.RecordsBucket()+"."+name)
+	if err != nil {
+		return 0, err
+	}
+	if m.Header.Get(kvOperation) != kvDelete {
+		return 0, nil
+	}
+	return m.Sequence, nil
+}
+
+// lastEvent is the stream sequence of the VM's last event (0: none).
+func (p *Projector) lastEvent(ctx context.Context, name string) (uint64, error) {
+	st, err := p.JS.Stream(ctx, p.Names.EventsStream())
+	if err != nil {
+		return 0, err
+	}
+	m, err := st.GetLastMsgForSubject(ctx, p.Names.VMEvents(name))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	return events.StoredSeq(m), nil
 }
 
 func isCASConflict(err error) bool {

@@ -4,6 +4,7 @@
 package projection
 
 import (
+	"maps"
 	"slices"
 
 	"github.com/vmherd/vmherd/api"
@@ -76,6 +77,14 @@ func apply(r *api.VmRecord, ev *api.Event, seq uint64, owned bool) {
 		if err != nil {
 			return
 		}
+		if a == fsm.ActPurge {
+			// A purge's decision is its outcome: the name is absent
+			// again. The record is what a fold of the purge alone gives
+			// (the engine removes the VM's earlier events next), so every
+			// projector, and a rebuild, folds the same record from here.
+			*r = api.VmRecord{Name: r.Name, State: fsm.StateAbsent}
+			return
+		}
 		decide := func(cur api.VmState) (api.VmState, error) { return fsm.Decide(cur, a) }
 		if ev.Forget && a == fsm.ActDestroy {
 			decide = fsm.Forget
@@ -98,9 +107,12 @@ func apply(r *api.VmRecord, ev *api.Event, seq uint64, owned bool) {
 			r.CreatedAt = ev.Time
 			r.LastError = ""
 			r.Backend = ev.Backend
-			r.Vcpus, r.MemoryMB, r.Image = 0, 0, ""
+			r.Vcpus, r.MemoryMB, r.Image, r.Labels = 0, 0, "", nil
 			if ev.Spec != nil {
 				r.Vcpus, r.MemoryMB, r.Image = ev.Spec.Vcpus, ev.Spec.MemoryMB, ev.Spec.Image
+				if len(ev.Spec.Labels) > 0 {
+					r.Labels = maps.Clone(ev.Spec.Labels)
+				}
 			}
 		}
 		if a == fsm.ActPrepare || a == fsm.ActStart || a == fsm.ActDestroy {

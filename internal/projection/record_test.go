@@ -224,3 +224,89 @@ func TestFoldTrustsOnlyTheVMsHost(t *testing.T) {
 		r = next
 	}
 }
+
+// The accepted prepare's labels are the record's, through the VM's life;
+// the next incarnation's prepare replaces them (or clears them); the
+// record does not share the event's map.
+func TestFoldLabels(t *testing.T) {
+	ev := func(typ api.EventType, action, cmd string, labels map[string]string) *api.Event {
+		e := &api.Event{Type: typ, VM: "v", Action: fsm.Action(action), CommandID: cmd, Host: "h1", Backend: api.BackendNoop, Time: time.Unix(1, 0).UTC()}
+		if typ == api.TypeAccepted && action == "prepare" {
+			e.Spec = &api.VmSpec{Name: "v", Vcpus: 1, MemoryMB: 512, Labels: labels}
+		}
+		return e
+	}
+	first := map[string]string{"team": "ci", "job": "17"}
+	var r *api.VmRecord
+	for i, e := range []*api.Event{
+		ev(api.TypeAccepted, "prepare", "c1", first),
+		ev(api.TypePrepared, "prepare", "c1", nil),
+		ev(api.TypeAccepted, "start", "c2", nil),
+		ev(api.TypeStarted, "start", "c2", nil),
+	} {
+		r = Fold(r, e, uint64(i+1))
+	}
+	if len(r.Labels) != 2 || r.Labels["team"] != "ci" || r.Labels["job"] != "17" {
+		t.Fatalf("labels after the first incarnation's start: %v", r.Labels)
+	}
+	first["team"] = "changed"
+	if r.Labels["team"] != "ci" {
+		t.Fatal("the record shares the event's labels map")
+	}
+	// Through the JSON of the bucket.
+	back, err := api.UnmarshalRecord(r.Marshal())
+	if err != nil || back.Labels["job"] != "17" {
+		t.Fatalf("labels through the bucket: %v, %v", back, err)
+	}
+	r = Fold(r, ev(api.TypeAccepted, "destroy", "c3", nil), 5)
+	r = Fold(r, ev(api.TypeDestroyed, "destroy", "c3", nil), 6)
+	if r.Labels["job"] != "17" {
+		t.Fatalf("a destroyed record keeps its labels (list --all shows them): %v", r.Labels)
+	}
+	r = Fold(r, ev(api.TypeAccepted, "prepare", "c4", map[string]string{"job": "18"}), 7)
+	if len(r.Labels) != 1 || r.Labels["job"] != "18" {
+		t.Fatalf("the next incarnation's labels: %v", r.Labels)
+	}
+	r = Fold(r, ev(api.TypeAccepted, "destroy", "c5", nil), 8)
+	r = Fold(r, ev(api.TypeDestroyed, "destroy", "c5", nil), 9)
+	r = Fold(r, ev(api.TypeAccepted, "prepare", "c6", nil), 10)
+	if r.Labels != nil {
+		t.Fatalf("a prepare without labels clears them: %v", r.Labels)
+	}
+}
+
+// A purge's fold is what the purge alone folds to: the name absent, no
+// generation, labels or handle left; a later prepare starts a new VM
+// (generation 1) from it, as a rebuild from the purged stream would.
+func TestFoldPurge(t *testing.T) {
+	r := fold(t, []step{
+		{api.TypeAccepted, "prepare", "c1", nil},
+		{api.TypePrepared, "prepare", "c1", &api.VmHandle{ID: "a", Name: "v"}},
+		{api.TypeAccepted, "destroy", "c2", nil},
+		{api.TypeDestroyed, "destroy", "c2", nil},
+	})
+	if r.State != api.StateDestroyed || r.Generation != 1 {
+		t.Fatalf("before the purge: %+v", r)
+	}
+	purge := &api.Event{Type: api.TypeAccepted, VM: "v", Action: fsm.ActPurge, CommandID: "p1", Time: time.Unix(9, 0).UTC(), Host: "h1", State: api.StateDestroyed}
+	after := Fold(r, purge, 10)
+	alone := Fold(nil, purge, 10)
+	if after.Exists() || after.CurrentState() != fsm.StateAbsent || after.LastSeq != 10 || after.Generation != 0 || after.Handle != nil || after.Host != "" {
+		t.Fatalf("after the purge: %+v", after)
+	}
+	if string(after.Marshal()) != string(alone.Marshal()) {
+		t.Fatalf("the purge's fold depends on what came before:\n%s\n%s", after.Marshal(), alone.Marshal())
+	}
+	again := Fold(after, &api.Event{Type: api.TypeAccepted, VM: "v", Action: fsm.ActPrepare, CommandID: "c3", Time: time.Unix(11, 0).UTC(), Host: "h2", Issuer: "alice",
+		Spec: &api.VmSpec{Name: "v", Vcpus: 1, MemoryMB: 128}}, 11)
+	if again.State != api.StatePreparing || again.Generation != 1 || again.Host != "h2" {
+		t.Fatalf("a prepare after the purge: %+v", again)
+	}
+	// A purge of a VM that is not destroyed cannot come from a correct
+	// engine; were it stored, the fold would still end the record the
+	// same way (every projector agrees), which is why admission alone
+	// guards it.
+	if r := Fold(again, purge, 12); r.Exists() {
+		t.Fatalf("a purge folds to absent from any state: %+v", r)
+	}
+}

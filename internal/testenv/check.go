@@ -80,6 +80,15 @@ func (e *Env) CheckStreams() Counts {
 				e.T.Errorf("seq %d: accepted unknown action %q", s.Seq, ev.Action)
 				break
 			}
+			if a == fsm.ActPurge {
+				// A purge is the first event left of its VM (the engine
+				// removed the ones before it), or follows a destroyed
+				// record; it says destroyed, the state it was purged from.
+				if (rec != nil && rec.CurrentState() != api.StateDestroyed) || ev.State != api.StateDestroyed {
+					e.T.Errorf("seq %d: vm %s: accepted purge (state %s) from %s", s.Seq, ev.VM, ev.State, rec.CurrentState())
+				}
+				break
+			}
 			want, err := fsm.Decide(rec.CurrentState(), a)
 			if err != nil {
 				e.T.Errorf("seq %d: vm %s: accepted %s from %s, which the FSM forbids: %v", s.Seq, ev.VM, ev.Action, rec.CurrentState(), err)

@@ -167,6 +167,8 @@ type EngineConfig struct {
 	ID            string
 	HostLostAfter time.Duration
 	AckWait       time.Duration
+	// RetainDestroyed: the engine's --retain-destroyed (0: keep for ever).
+	RetainDestroyed time.Duration
 }
 
 // StartEngine runs an engine on its own connection.
@@ -178,7 +180,7 @@ func (e *Env) StartEngine(c EngineConfig) *Part {
 	nc, js := e.Connect()
 	eng, err := engine.New(context.Background(), engine.Config{
 		JS: js, Names: e.Names, Settings: jsetup.DefaultSettings, Log: e.Log, ID: c.ID,
-		HostLostAfter: c.HostLostAfter, AckWait: c.AckWait,
+		HostLostAfter: c.HostLostAfter, AckWait: c.AckWait, RetainDestroyed: c.RetainDestroyed,
 	})
 	if err != nil {
 		e.T.Fatal(err)

@@ -23,6 +23,7 @@ func (g *globals) createCmd() *cobra.Command {
 		host, backend             string
 		start, ifNotExists        bool
 		sshUser                   string
+		labels                    []string
 	)
 	c := &cobra.Command{
 		Use:               "create NAME",
@@ -77,6 +78,10 @@ func (g *globals) createCmd() *cobra.Command {
 				}
 				spec.SSH = &api.SshConfig{User: sshUser, PublicKey: key}
 			}
+			var err error
+			if spec.Labels, err = parseLabels(labels); err != nil {
+				return err
+			}
 			if err := spec.Validate(); err != nil {
 				return usageError("%s", flagWords(err.Error()))
 			}
@@ -121,6 +126,7 @@ func (g *globals) createCmd() *cobra.Command {
 	f.StringVar(&backend, "backend", "", "noop, qemu or propolis (default: the host's default)")
 	f.StringVar(&host, "host", "", "pin the VM to this host (default: an alive host with the backend, real hypervisors before Noop, most free memory first)")
 	f.BoolVar(&start, "start", false, "start the VM once prepared (waits for prepare; not with --no-wait)")
+	f.StringArrayVar(&labels, "label", nil, "a label KEY=VALUE to set on the VM (repeatable; metadata only, `vmctl list --label` filters by it; the guest never sees it)")
 	f.BoolVar(&ifNotExists, "if-not-exists", false, "succeed without doing anything when a VM of that name exists (in any state but destroyed)")
 	return c
 }

@@ -77,7 +77,7 @@ func notRunning(r *api.VmRecord) error {
 }
 
 // listColumns are the columns list can print, in their default order.
-var listColumns = []string{"name", "state", "host", "backend", "vcpus", "memory", "ip", "in-flight", "updated"}
+var listColumns = []string{"name", "state", "host", "backend", "vcpus", "memory", "ip", "in-flight", "updated", "labels"}
 
 func (g *globals) listCmd() *cobra.Command {
 	var (
@@ -85,13 +85,15 @@ func (g *globals) listCmd() *cobra.Command {
 		states, hostsF []string
 		format         string
 		columns        []string
+		labels         []string
 	)
 	c := &cobra.Command{
 		Use:   "list",
 		Short: "list VMs from the VM_RECORDS projection, with their guest address",
 		Long: `list prints the VMs' records (destroyed ones only with --all), filtered by
 --state and --host (each repeatable or comma-separated; a VM must match one
-value of every filter given).
+value of every filter given) and --label (KEY=VALUE, or KEY for any value;
+repeatable: a VM must have every label given).
 
 --format table (default) prints the --columns chosen; json one document, an
 array of records each with host_lost and ip; jsonl one record per line; name
@@ -100,6 +102,10 @@ only the names, one per line (for xargs). --json is --format json.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if g.json && !cmd.Flags().Changed("format") {
 				format = "json"
+			}
+			sel, err := parseSelector(labels)
+			if err != nil {
+				return err
 			}
 			switch format {
 			case "table", "json", "jsonl", "name":
@@ -130,6 +136,7 @@ only the names, one per line (for xargs). --json is --format json.`,
 				case !all && !r.Live() && !slices.Contains(states, string(api.StateDestroyed)):
 				case len(states) > 0 && !slices.Contains(states, string(r.State)):
 				case len(hostsF) > 0 && !slices.Contains(hostsF, r.Host):
+				case !sel.matches(r):
 				default:
 					list = append(list, r)
 				}
@@ -182,6 +189,7 @@ only the names, one per line (for xargs). --json is --format json.`,
 	f.BoolVar(&all, "all", false, "include destroyed VMs")
 	f.StringSliceVar(&states, "state", nil, "only VMs in these states (e.g. running,stopped)")
 	f.StringSliceVar(&hostsF, "host", nil, "only VMs on these hosts")
+	f.StringArrayVar(&labels, "label", nil, "only VMs with this label: KEY=VALUE, or KEY for any value (repeatable: all must match)")
 	f.StringVar(&format, "format", "table", "table, json, jsonl or name")
 	f.StringSliceVar(&columns, "columns", nil, "table columns, from "+strings.Join(listColumns, ","))
 	_ = c.RegisterFlagCompletionFunc("state", func(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
@@ -224,6 +232,8 @@ func listCell(r *api.VmRecord, col, ip string, hostLost bool) string {
 		return orDash(strings.Join(inflight, ","))
 	case "updated":
 		return r.UpdatedAt.Local().Format(time.DateTime)
+	case "labels":
+		return formatLabels(r.Labels)
 	}
 	return "-"
 }
@@ -331,6 +341,9 @@ func (g *globals) statusCmd() *cobra.Command {
 			}
 			fmt.Fprintf(tw, "host:\t%s\n", r.Host)
 			fmt.Fprintf(tw, "backend:\t%s\n", r.Backend)
+			if len(r.Labels) > 0 {
+				fmt.Fprintf(tw, "labels:\t%s\n", formatLabels(r.Labels))
+			}
 			for _, f := range r.InFlight {
 				fmt.Fprintf(tw, "in flight:\t%s (%s)\n", f.Action, f.CommandID)
 			}

@@ -15,6 +15,7 @@
 //	    network "user" | "tap" bridge="br0" | "vnic" name="vnic0" | "none"
 //	    cloud-init { hostname "web"; ssh-key "~/.ssh/id_ed25519.pub"; user-data "./user-data.yaml" }
 //	    ssh { user "vm"; private-key "~/.ssh/id_ed25519" }
+//	    labels { team "ci"; "ci.example.com/job" "1234" }  // metadata only: vmctl list --label
 //	    provision "shell" { inline "apt-get install -y nginx" }
 //	    provision "shell" { script "./setup.sh" }
 //	    provision "file" { source "./nginx.conf"; destination "/etc/nginx/nginx.conf" }
@@ -62,6 +63,9 @@ type Def struct {
 	Network   api.NetworkConfig
 	CloudInit *CloudInit
 	SSH       *SSH
+	// Labels are the VM's labels (api.ValidateLabels): metadata for
+	// `vmctl list --label`, never given to the guest.
+	Labels    map[string]string
 	Provision []Step
 }
 
@@ -174,7 +178,7 @@ func unknown(where string, n *document.Node, known []string) error {
 	return fmt.Errorf("unknown node %q%s (hint: the nodes here are %s)", name(n), w, strings.Join(known, ", "))
 }
 
-var vmNodes = []string{"image", "image-url", "vcpus", "memory", "disk", "uefi", "host", "backend", "network", "cloud-init", "ssh", "provision"}
+var vmNodes = []string{"image", "image-url", "vcpus", "memory", "disk", "uefi", "host", "backend", "network", "cloud-init", "ssh", "labels", "provision"}
 
 func (f *File) parseVM(n *document.Node) (Def, error) {
 	d := Def{Vcpus: DefaultVcpus, MemoryMB: DefaultMemoryMB, Network: api.NetworkConfig{Type: api.NetworkUser}}
@@ -223,6 +227,8 @@ func (f *File) parseVM(n *document.Node) (Def, error) {
 			d.CloudInit, err = f.parseCloudInit(c)
 		case "ssh":
 			d.SSH, err = f.parseSSH(c)
+		case "labels":
+			d.Labels, err = parseLabels(c)
 		case "provision":
 			var s Step
 			s, err = f.parseStep(c)
@@ -278,6 +284,33 @@ func parseNetwork(n *document.Node, net *api.NetworkConfig) error {
 		}
 	}
 	return nil
+}
+
+// parseLabels reads a labels block: one child per label, its name the
+// key and its one string argument the value.
+func parseLabels(n *document.Node) (map[string]string, error) {
+	if len(n.Arguments) > 0 || len(n.Properties) > 0 {
+		return nil, errors.New(`labels takes a block, not values (hint: labels { team "ci" })`)
+	}
+	out := map[string]string{}
+	for _, c := range n.Children {
+		k := name(c)
+		if _, dup := out[k]; dup {
+			return nil, fmt.Errorf("labels: %s is given twice", k)
+		}
+		v, err := stringArg(c, k)
+		if err != nil {
+			return nil, fmt.Errorf(`labels: %w (hint: labels { team "ci" })`, err)
+		}
+		if err := api.ValidateLabel(k, v); err != nil {
+			return nil, fmt.Errorf("labels: %w", err)
+		}
+		out[k] = v
+	}
+	if err := api.ValidateLabels(out); err != nil {
+		return nil, fmt.Errorf("labels: %w", err)
+	}
+	return out, nil
 }
 
 func (f *File) parseCloudInit(n *document.Node) (*CloudInit, error) {

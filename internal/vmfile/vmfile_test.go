@@ -33,6 +33,9 @@ func TestParseExample(t *testing.T) {
 	if web.SSH == nil || web.SSH.User != "vm" || web.SSH.PrivateKey != "" {
 		t.Errorf("web ssh: %+v", web.SSH)
 	}
+	if len(web.Labels) != 2 || web.Labels["team"] != "web" || web.Labels["ci.example.com/job"] != "1234" {
+		t.Errorf("web labels: %v", web.Labels)
+	}
 	want := []vmfile.Step{
 		{Kind: "shell", Inline: "echo hello > /tmp/hello"},
 		{Kind: "file", Source: filepath.Join(dir, "files/motd"), Destination: "/etc/motd"},
@@ -67,6 +70,12 @@ func TestParseErrors(t *testing.T) {
 		{`vm "a" { image "x"; network "tap" name="x" }`, "has no property name"},
 		{`vm "a" { image "x"; memory "lots" }`, "want a whole number"},
 		{`vm "a" { image "x"; memory 1; memory 2 }`, "memory is given twice"},
+		{`vm "a" { image "x"; labels { "-x" "1" } }`, `labels: spec.labels: key "-x" must match`},
+		{`vm "a" { image "x"; labels { team "a"; team "b" } }`, "labels: team is given twice"},
+		{`vm "a" { image "x"; labels { team 1 } }`, "labels: team: want a string"},
+		{`vm "a" { image "x"; labels "team=ci" }`, "labels takes a block"},
+		{`vm "a" { image "x"; labels { team "a
+b" } }`, "spec.labels.team: value"},
 		{`vm "a" { image "x"; provision "shell" { } }`, "exactly one of inline or script"},
 		{`vm "a" { image "x"; provision "shell" { inline "a"; script "b" } }`, "exactly one of inline or script"},
 		{`vm "a" { image "x"; provision "file" { source "a" } }`, "needs source and destination"},

@@ -1,0 +1,134 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
+	"github.com/vmherd/vmherd/internal/projection"
+)
+
+// DefaultRetainDestroyed is how long a destroyed VM's record and events
+// are kept before the engines purge them (--retain-destroyed).
+const DefaultRetainDestroyed = 7 * 24 * time.Hour
+
+// runRetention purges, every little while, the VMs destroyed longer ago
+// than Config.RetainDestroyed. Each purge is decided like a command, on
+// the VM's executor (after the VM's commands in progress here) and
+// appended expecting the VM's last event (so it loses to any command
+// another engine decides meanwhile, which it then sees): a VM that is
+// prepared again in the meantime is not purged. Its command id is
+// derived from the destroyed record's last event, so engines that
+// retire the same VM at once store one decision (the message id) and
+// the others' appends fail. It has no issuer: the engines may purge any
+// VM.
+func (e *Engine) runRetention(ctx context.Context) error {
+	keep := e.cfg.RetainDestroyed
+	every := min(max(keep/4, 250*time.Millisecond), time.Minute)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		recs, err := projection.Load(ctx, e.cfg.JS, e.cfg.Names)
+		if err != nil {
+			if ctx.Err() == nil {
+				e.log.Warn("retention: reading the records failed; trying again later", "err", err)
+			}
+			continue
+		}
+		now := time.Now()
+		var due []*api.VmRecord
+		for _, r := range recs {
+			if retired(r, now, keep) {
+				due = append(due, r)
+			}
+		}
+		// The longest destroyed first, a batch at a time: the next look
+		// comes once this batch is decided, so a backlog (the first run
+		// over a bucket of old records) never piles up behind the
+		// commands on the executor.
+		slices.SortFunc(due, func(a, b *api.VmRecord) int { return a.UpdatedAt.Compare(b.UpdatedAt) })
+		var batch sync.WaitGroup
+		for _, r := range due[:min(len(due), retainBatch)] {
+			if ctx.Err() != nil {
+				break
+			}
+			batch.Add(1)
+			e.exec.Do(r.Name, func() {
+				defer batch.Done()
+				if err := e.retire(ctx, r.Name, now); err != nil && ctx.Err() == nil {
+					e.log.Warn("retention: purging a destroyed vm failed; trying again later", "vm", r.Name, "err", err)
+				}
+			})
+		}
+		batch.Wait()
+	}
+}
+
+// retainBatch bounds the purges one look of the retention decides.
+const retainBatch = 1024
+
+// retired reports whether a record is of a VM destroyed longer ago than
+// keep (by its last event), with nothing in flight.
+func retired(r *api.VmRecord, now time.Time, keep time.Duration) bool {
+	return r != nil && r.State == api.StateDestroyed && len(r.InFlight) == 0 && !r.UpdatedAt.IsZero() && now.Sub(r.UpdatedAt) >= keep
+}
+
+// retire decides the purge of a VM the retention found destroyed, on the
+// VM's own record (which may have moved on since it was listed).
+func (e *Engine) retire(ctx context.Context, name string, now time.Time) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	var atLeast uint64
+	for attempt := 0; attempt < maxConflicts; attempt++ {
+		rec, err := e.state(ctx, name, atLeast)
+		if err != nil {
+			return err
+		}
+		if !retired(rec, now, e.cfg.RetainDestroyed) {
+			return nil // prepared again, or purged, meanwhile
+		}
+		ev := api.Event{
+			VM: name, CommandID: fmt.Sprintf("retain-%d", rec.LastSeq), Action: fsm.ActPurge, Time: time.Now().UTC(),
+			Reason: fmt.Sprintf("retention: destroyed at %s, longer ago than --retain-destroyed %s", rec.UpdatedAt.UTC().Format(time.RFC3339), e.cfg.RetainDestroyed),
+		}
+		if err := admitPurge(rec, &ev); err != nil {
+			return nil
+		}
+		seq, dup, err := e.store.Append(ctx, &ev, rec.LastSeq, api.DecisionMsgID(name, ev.CommandID))
+		if errors.Is(err, events.ErrConflict) {
+			if atLeast, err = e.store.LastSeq(ctx, name); err != nil {
+				return err
+			}
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if dup {
+			// Another engine retired it first, with the same decision.
+			stored, err := e.storedDecision(ctx, name, ev.CommandID, seq)
+			if err != nil {
+				return err
+			}
+			return e.follow(ctx, stored, seq)
+		}
+		if err := e.follow(ctx, &ev, seq); err != nil {
+			return err
+		}
+		e.cfg.Metrics.Decided(string(fsm.ActPurge), string(ev.Type), ev.Time)
+		e.waitFolded(ctx, seq)
+		return nil
+	}
+	return fmt.Errorf("retention: vm %s: %d decisions in a row lost a race", name, maxConflicts)
+}

@@ -1,0 +1,124 @@
+package projection
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/internal/events"
+	"github.com/vmherd/vmherd/internal/fsm"
+	"github.com/vmherd/vmherd/internal/jsetup"
+	"github.com/vmherd/vmherd/internal/natsserver"
+)
+
+// A projector's record writes meet a purge (another projector, further
+// on, folded it and deleted the key): one that is behind the VM's
+// events does not write its older record back (it will fold the purge
+// itself); one that has folded the VM's last event writes its record; a
+// delete of a key already deleted writes nothing. Tested on resolve, the
+// conflict path every such write takes, against a real server.
+func TestResolveAfterPurge(t *testing.T) {
+	ns, err := natsserver.Start(natsserver.Options{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Stop)
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	n := api.DefaultNames
+	if err := jsetup.Ensure(ctx, js, n, jsetup.DefaultSettings); err != nil {
+		t.Fatal(err)
+	}
+	store, err := events.NewStore(ctx, js, n, api.EngineWriter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(ctx, n.RecordsBucket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Projector{JS: js, Names: n, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), kv: kv}
+
+	// v's events: prepared, destroyed, then its purge (the last).
+	var seqs []uint64
+	for _, ev := range []api.Event{
+		{Type: api.TypeAccepted, VM: "v", CommandID: "c1", Action: fsm.ActPrepare, Host: "h1", State: api.StatePreparing},
+		{Type: api.TypeAccepted, VM: "v", CommandID: "c2", Action: fsm.ActPurge, Host: "h1", State: api.StateDestroyed},
+	} {
+		seq, _, err := store.Append(ctx, &ev, events.NoExpect, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		seqs = append(seqs, seq)
+	}
+	// The key, written and then deleted (the further projector's work).
+	rev, err := kv.Create(ctx, "v", (&api.VmRecord{Name: "v", State: api.StatePreparing, LastSeq: seqs[0]}).Marshal())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Delete(ctx, "v", jetstream.LastRevision(rev)); err != nil {
+		t.Fatal(err)
+	}
+
+	stale := &cached{rec: &api.VmRecord{Name: "v", State: api.StatePreparing, LastSeq: seqs[0]}, rev: rev, pending: []uint64{seqs[0]}}
+	got, covered, err := p.resolve(ctx, "v", stale)
+	if err != nil || got != 0 || covered != 1 {
+		t.Fatalf("resolve of a record behind the purge = %d, %d, %v", got, covered, err)
+	}
+	if _, err := kv.Get(ctx, "v"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("a record behind the purge was written back: %v", err)
+	}
+
+	gone := &cached{rec: Fold(nil, &api.Event{Type: api.TypeAccepted, VM: "v", CommandID: "c2", Action: fsm.ActPurge}, seqs[1]), rev: rev, pending: []uint64{seqs[1]}}
+	if got, covered, err := p.resolve(ctx, "v", gone); err != nil || got != 0 || covered != 1 {
+		t.Fatalf("resolve of the purge's fold on a deleted key = %d, %d, %v", got, covered, err)
+	}
+
+	// A record that has folded the VM's last event (a new incarnation's
+	// prepare after the purge) is written.
+	seq3, _, err := store.Append(ctx, &api.Event{Type: api.TypeAccepted, VM: "v", CommandID: "c3", Action: fsm.ActPrepare, Host: "h1", State: api.StatePreparing}, events.NoExpect, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fresh := &cached{rec: &api.VmRecord{Name: "v", State: api.StatePreparing, Generation: 1, LastSeq: seq3}, pending: []uint64{seq3}}
+	got, _, err = p.resolve(ctx, "v", fresh)
+	if err != nil || got == 0 {
+		t.Fatalf("resolve of the new incarnation = %d, %v", got, err)
+	}
+	e, err := kv.Get(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := api.UnmarshalRecord(e.Value()); r.LastSeq != seq3 {
+		t.Fatalf("the new incarnation's record: %s", e.Value())
+	}
+
+	// And the purge of it, through write: a delete at its revision,
+	// whose marker's revision comes back for the next write.
+	del, err := p.write(ctx, "v", Fold(nil, &api.Event{Type: api.TypeAccepted, VM: "v", CommandID: "c4", Action: fsm.ActPurge}, seq3+1), e.Revision())
+	if err != nil || del <= e.Revision() {
+		t.Fatalf("write of a purge's fold = %d, %v", del, err)
+	}
+	if _, err := kv.Get(ctx, "v"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("the key after the purge's write: %v", err)
+	}
+	if _, err := kv.Update(ctx, "v", []byte(`{}`), del); err != nil {
+		t.Fatalf("the delete marker's revision does not take the next write: %v", err)
+	}
+}
