@@ -16,6 +16,9 @@ type StateReply struct {
 	Host   string   `json:"host"`
 	State  VmState  `json:"state"`
 	Handle VmHandle `json:"handle"`
+	// Details is what the backend shows of the handle's data, by name:
+	// "accel", "vnc", "ssh" (QEMU), "endpoint", "instance_id" (Propolis).
+	Details map[string]string `json:"details,omitempty"`
 }
 
 // GuestIPReply answers the guest_ip query. Port is set for user networking,

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"encoding/json"
 	"fmt"
 	"maps"
 	"time"
@@ -134,6 +135,13 @@ type ConsoleEndpoint struct {
 // VmHandle is what a backend knows about one incarnation of a VM. ID changes
 // each time the VM is prepared, so an observation about an older incarnation
 // can be told apart from one about the current one.
+//
+// It holds only what every backend has and the rest of vmherd reads. What
+// one backend alone needs (QEMU's sockets and forwarded port, Propolis's
+// server address) is in Data, which that backend writes and reads and
+// everything else carries unread, as Nomad's drivers keep their TaskState:
+// a new backend adds no field here. What is worth showing of it, the
+// backend says through the worker's state query (StateReply.Details).
 type VmHandle struct {
 	ID      string     `json:"id"`
 	Name    string     `json:"name"`
@@ -141,24 +149,60 @@ type VmHandle struct {
 	Host    string     `json:"host,omitempty"`
 	PID     int        `json:"pid,omitempty"`
 	WorkDir string     `json:"work_dir,omitempty"`
-	// Accel is the accelerator QEMU runs with (kvm or tcg).
-	Accel      string `json:"accel,omitempty"`
-	QMPSocket  string `json:"qmp_socket,omitempty"`
-	SerialSock string `json:"serial_socket,omitempty"`
-	SerialLog  string `json:"serial_log,omitempty"`
-	VNC        string `json:"vnc,omitempty"`
-	MAC        string `json:"mac,omitempty"`
-	SSHPort    int    `json:"ssh_port,omitempty"`
-	TapDevice  string `json:"tap_device,omitempty"`
-	// Endpoint is the Propolis server address (ip:port).
-	Endpoint string `json:"endpoint,omitempty"`
-	// InstanceID is the Propolis instance UUID.
-	InstanceID string `json:"instance_id,omitempty"`
 	// Spec is the spec this incarnation was prepared from.
 	Spec      *VmSpec   `json:"spec,omitempty"`
 	StartedAt time.Time `json:"started_at,omitzero"`
-	// Extra keeps backend data that has no field of its own.
-	Extra map[string]string `json:"extra,omitempty"`
+	// Data is the backend's own data about the incarnation, a JSON object
+	// only the backend named by Backend reads.
+	Data json.RawMessage `json:"data,omitempty"`
+}
+
+// legacyHandle holds the backend fields handles had at the top level before
+// Data (up to fe6422d's successors): events, tasks and records stored then
+// still carry them. The set is frozen; no field is ever added here.
+type legacyHandle struct {
+	Accel      string            `json:"accel,omitempty"`
+	QMPSocket  string            `json:"qmp_socket,omitempty"`
+	SerialSock string            `json:"serial_socket,omitempty"`
+	SerialLog  string            `json:"serial_log,omitempty"`
+	VNC        string            `json:"vnc,omitempty"`
+	MAC        string            `json:"mac,omitempty"`
+	SSHPort    int               `json:"ssh_port,omitempty"`
+	TapDevice  string            `json:"tap_device,omitempty"`
+	Endpoint   string            `json:"endpoint,omitempty"`
+	InstanceID string            `json:"instance_id,omitempty"`
+	Extra      map[string]string `json:"extra,omitempty"`
+}
+
+// UnmarshalJSON decodes a handle, and a handle stored before Data existed
+// the same way: its top-level backend fields (accel, qmp_socket, ...,
+// endpoint, instance_id, extra) become Data, an object with those keys,
+// which is what the QEMU and Propolis backends' data use. So no reader,
+// and no backend, knows the old form: it is turned into the new one here,
+// once. A handle with Data ignores any such field.
+func (h *VmHandle) UnmarshalJSON(b []byte) error {
+	type plain VmHandle // without this method
+	var w struct {
+		*plain
+		legacyHandle
+	}
+	w.plain = (*plain)(h)
+	if err := json.Unmarshal(b, &w); err != nil {
+		return err
+	}
+	if string(h.Data) == "null" {
+		h.Data = nil
+	}
+	if len(h.Data) == 0 {
+		d, err := json.Marshal(w.legacyHandle)
+		if err != nil {
+			return err
+		}
+		if string(d) != "{}" { // an old handle with backend fields
+			h.Data = d
+		}
+	}
+	return nil
 }
 
 // Clone returns a deep enough copy to hand to another goroutine.
@@ -168,12 +212,8 @@ func (h VmHandle) Clone() VmHandle {
 		s.Labels = maps.Clone(s.Labels)
 		h.Spec = &s
 	}
-	if h.Extra != nil {
-		m := make(map[string]string, len(h.Extra))
-		for k, v := range h.Extra {
-			m[k] = v
-		}
-		h.Extra = m
+	if h.Data != nil {
+		h.Data = append(json.RawMessage(nil), h.Data...)
 	}
 	return h
 }

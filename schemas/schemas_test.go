@@ -56,25 +56,15 @@ func namedImageSpec() *api.VmSpec {
 // fullHandle sets every VmHandle field.
 func fullHandle() *api.VmHandle {
 	return &api.VmHandle{
-		ID:         "01JQ3ZK5W8X9Y0A1B2C3D4E5F6",
-		Name:       "web1",
-		Backend:    api.BackendQEMU,
-		Host:       "h1",
-		PID:        4242,
-		WorkDir:    "/var/lib/vmherd/vms/web1",
-		Accel:      "kvm",
-		QMPSocket:  "/var/lib/vmherd/vms/web1/qmp.sock",
-		SerialSock: "/var/lib/vmherd/vms/web1/serial.sock",
-		SerialLog:  "/var/lib/vmherd/vms/web1/serial.log",
-		VNC:        "127.0.0.1:5901",
-		MAC:        "52:54:00:12:34:56",
-		SSHPort:    2222,
-		TapDevice:  "vmtap0",
-		Endpoint:   "10.0.0.5:12400",
-		InstanceID: "7c9e6679-7425-40de-944b-e07fc1f90ae7",
-		Spec:       fullSpec(),
-		StartedAt:  t0,
-		Extra:      map[string]string{"propolis_version": "16"},
+		ID:        "01JQ3ZK5W8X9Y0A1B2C3D4E5F6",
+		Name:      "web1",
+		Backend:   api.BackendQEMU,
+		Host:      "h1",
+		PID:       4242,
+		WorkDir:   "/var/lib/vmherd/vms/web1",
+		Data:      json.RawMessage(`{"accel":"kvm","qmp_socket":"/var/lib/vmherd/vms/web1/qmp.sock","ssh_port":2222,"extra":{"base_format":"qcow2"}}`),
+		Spec:      fullSpec(),
+		StartedAt: t0,
 	}
 }
 
@@ -935,7 +925,7 @@ func TestInvalidEvents(t *testing.T) {
 		{enc(func(e *api.Event) { e.Handle.ID = "" }, api.TypeStarted, "start"), []string{"handle.id"}},
 		{enc(func(e *api.Event) { e.Handle.Backend = "xen" }, api.TypeStarted, "start"), []string{"handle.backend"}},
 		{enc(func(e *api.Event) { e.Handle.Spec.Vcpus = 1000 }, api.TypeStarted, "start"), []string{"handle.spec.vcpus"}},
-		{enc(func(e *api.Event) { e.Handle.MAC = "52-54-00" }, api.TypeStarted, "start"), []string{"handle.mac"}},
+		{enc(func(e *api.Event) { e.Handle.Data = json.RawMessage(`"qmp.sock"`) }, api.TypeStarted, "start"), []string{"handle.data"}},
 		{enc(func(e *api.Event) { e.Error = "" }, api.TypeFailed, "start"), []string{"error: is required"}},
 		{enc(func(e *api.Event) { e.Handle.PID = 0 }, api.TypeExited, ""), []string{"handle.pid: is required"}},
 		{enc(func(e *api.Event) { e.Reason = "" }, api.TypeExited, ""), []string{"reason: is required"}},

@@ -57,6 +57,23 @@ func CapabilitiesOf(h Hypervisor) api.Capabilities {
 	return api.Capabilities{Suspend: true, Resume: true, Migrate: m}
 }
 
+// Describer is implemented by backends whose handle data (VmHandle.Data,
+// which only they read) has something worth showing: the worker's state
+// query returns it, vmctl status prints it.
+type Describer interface {
+	// Details names what is worth showing of h: "accel", "vnc", "ssh", ...
+	Details(h api.VmHandle) map[string]string
+}
+
+// SSHForwarder is implemented by backends with user-mode networking,
+// where the guest is reachable from its host only through a port
+// forwarded to its port 22.
+type SSHForwarder interface {
+	// ForwardedSSH returns the 127.0.0.1 port forwarded to h's guest port
+	// 22, or 0 when there is none.
+	ForwardedSSH(h api.VmHandle) int
+}
+
 // Exit is an observation that a VM's hypervisor process ended without a
 // command: a crash, a kill, a guest poweroff.
 type Exit struct {
@@ -189,6 +206,28 @@ func (r *Router) GuestIP(ctx context.Context, h api.VmHandle) (string, error) {
 		return "", err
 	}
 	return b.GuestIP(ctx, h)
+}
+
+// Details asks h's backend what is worth showing of its data (nil when
+// it says nothing).
+func (r *Router) Details(h api.VmHandle) map[string]string {
+	if b, err := r.Backend(h.Backend); err == nil {
+		if d, ok := b.(Describer); ok {
+			return d.Details(h)
+		}
+	}
+	return nil
+}
+
+// ForwardedSSH asks h's backend for the port forwarded to its guest's
+// port 22 (0: none, or a backend without forwarding).
+func (r *Router) ForwardedSSH(h api.VmHandle) int {
+	if b, err := r.Backend(h.Backend); err == nil {
+		if f, ok := b.(SSHForwarder); ok {
+			return f.ForwardedSSH(h)
+		}
+	}
+	return 0
 }
 
 // ConsoleDialer is a backend whose console is not a unix socket (and so

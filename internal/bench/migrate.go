@@ -217,10 +217,10 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 	if ev, _, err = do("start", ""); err != nil {
 		return res, err
 	}
-	if err := waitConsole(ctx, ev.Handle.SerialLog, guestimage.ReadyMarker, 5*time.Minute); err != nil {
+	if err := waitConsole(ctx, qemuData(*ev.Handle).SerialLog, guestimage.ReadyMarker, 5*time.Minute); err != nil {
 		return res, err
 	}
-	if err := typeInto(ev.Handle.SerialSock, counterLoop); err != nil {
+	if err := typeInto(qemuData(*ev.Handle).SerialSock, counterLoop); err != nil {
 		return res, err
 	}
 	h := *ev.Handle
@@ -247,10 +247,10 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 			_ = b.Destroy(context.WithoutCancel(ctx), api.VmHandle{Name: "dg"})
 		}
 	}()
-	if err := waitConsole(ctx, dh.SerialLog, guestimage.ReadyMarker, 5*time.Minute); err != nil {
+	if err := waitConsole(ctx, qemuData(dh).SerialLog, guestimage.ReadyMarker, 5*time.Minute); err != nil {
 		return res, err
 	}
-	if err := typeInto(dh.SerialSock, counterLoop); err != nil {
+	if err := typeInto(qemuData(dh).SerialSock, counterLoop); err != nil {
 		return res, err
 	}
 	dbs := []*qemu.Backend{d1, d2}
@@ -279,7 +279,7 @@ func migrateBench(ctx context.Context, url, dir string, rounds int, logf func(st
 		srcH := dh
 		srcH.Spec = &spec
 		time.Sleep(300 * time.Millisecond)
-		dlogSrc := dh.SerialLog
+		dlogSrc := qemuData(dh).SerialLog
 		dlogDst := filepath.Join(dir, []string{"dir1", "dir2"}[(i+1)%2], "vms", "dg", "console.log")
 		cw = watchConsoles(dlogSrc, dlogDst)
 		t0 := time.Now()

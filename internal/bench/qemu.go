@@ -213,9 +213,9 @@ func vmherdRound(ctx context.Context, cl *client, tb *timed, name, img, seedDir 
 	if err != nil {
 		return nil, nil, "", "", err
 	}
-	accel := ev.Handle.Accel
+	accel := qemuData(*ev.Handle).Accel
 	t0 := time.Now()
-	if err := waitConsole(ctx, ev.Handle.SerialLog, guestimage.ReadyMarker, 5*time.Minute); err != nil {
+	if err := waitConsole(ctx, qemuData(*ev.Handle).SerialLog, guestimage.ReadyMarker, 5*time.Minute); err != nil {
 		return nil, nil, "", "", err
 	}
 	t["boot"] = ms(time.Since(t0))
@@ -404,4 +404,11 @@ func libvirtNote() string {
 		return "not compared: virsh is not installed (libvirt is optional; the benchmark does not install it)"
 	}
 	return "not compared: virsh is installed but a libvirt comparison is not implemented"
+}
+
+// qemuData is the QEMU backend's data of h (none when it does not decode:
+// the paths it names are then empty, and waiting on them fails).
+func qemuData(h api.VmHandle) qemu.HandleData {
+	d, _ := qemu.DataOf(h)
+	return d
 }

@@ -127,8 +127,10 @@ func TestFleetMigrateQEMU(t *testing.T) {
 			State  string `json:"state"`
 			Host   string `json:"host"`
 			Handle struct {
-				PID     int `json:"pid"`
-				SSHPort int `json:"ssh_port"`
+				PID  int      `json:"pid"`
+				Data struct { // the QEMU backend's (qemu.HandleData)
+					SSHPort int `json:"ssh_port"`
+				} `json:"data"`
 			} `json:"handle"`
 		} `json:"record"`
 	}
@@ -170,12 +172,12 @@ func TestFleetMigrateQEMU(t *testing.T) {
 		s := statusOf(name)
 		for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
 			out, code := f.Exec(ctx, ns[s.Record.Host], "timeout", "5", "bash", "-c",
-				fmt.Sprintf("exec 3<>/dev/tcp/127.0.0.1/%d && head -n 1 <&3", s.Record.Handle.SSHPort))
+				fmt.Sprintf("exec 3<>/dev/tcp/127.0.0.1/%d && head -n 1 <&3", s.Record.Handle.Data.SSHPort))
 			if code == 0 && strings.HasPrefix(out, "SSH-") {
 				return
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("%s: no SSH banner on %s port %d: %q", name, s.Record.Host, s.Record.Handle.SSHPort, out)
+				t.Fatalf("%s: no SSH banner on %s port %d: %q", name, s.Record.Host, s.Record.Handle.Data.SSHPort, out)
 			}
 		}
 	}
@@ -233,8 +235,8 @@ func TestFleetMigrateQEMU(t *testing.T) {
 			}
 		}
 		sshBanner("q1")
-		if ip := vmctl("ip", "q1"); !strings.Contains(ip, strconv.Itoa(statusOf("q1").Record.Handle.SSHPort)) {
-			t.Fatalf("vmctl ip after the move to %s: %s (the record's port is %d)", to, ip, statusOf("q1").Record.Handle.SSHPort)
+		if ip := vmctl("ip", "q1"); !strings.Contains(ip, strconv.Itoa(statusOf("q1").Record.Handle.Data.SSHPort)) {
+			t.Fatalf("vmctl ip after the move to %s: %s (the record's port is %d)", to, ip, statusOf("q1").Record.Handle.Data.SSHPort)
 		}
 		// vmctl ssh reaches the guest's SSH server through the new host's
 		// worker (the login itself needs a key, which provisioning tests).

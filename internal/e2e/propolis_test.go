@@ -98,7 +98,10 @@ func TestPropolisLifecycle(t *testing.T) {
 
 	// create: the spec names no backend; the host's default is propolis.
 	ev := do("prepare", "p1", api.Command{Spec: propolisSpec()}, api.TypePrepared)
-	if h := ev.Handle; h == nil || h.Backend != api.BackendPropolis || h.Endpoint != srv.Addr() || h.InstanceID == "" {
+	if h := ev.Handle; h == nil || h.Backend != api.BackendPropolis {
+		t.Fatalf("prepared handle %+v", ev.Handle)
+	}
+	if d, err := propolis.DataOf(*ev.Handle); err != nil || d.Endpoint != srv.Addr() || d.InstanceID == "" {
 		t.Fatalf("prepared handle %+v", ev.Handle)
 	}
 	if _, _, ok := srv.Instance(); ok {

@@ -72,6 +72,19 @@ func consoleLog(t *testing.T, env *testenv.Env, name string) string {
 	return string(b)
 }
 
+// qemuData is the QEMU backend's data of h.
+func qemuData(t *testing.T, h *api.VmHandle) qemu.HandleData {
+	t.Helper()
+	if h == nil {
+		t.Fatal("no handle")
+	}
+	d, err := qemu.DataOf(*h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
 func liveState(t *testing.T, env *testenv.Env, name string) api.VmState {
 	var st api.StateReply
 	if err := query(t, env, name, "state", &st); err != nil {
@@ -117,7 +130,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 	do(t, env, "q1", "prepare", "q1-p", api.Command{Spec: spec("q1", "#cloud-config\n")}, api.TypePrepared)
 	do(t, env, "q2", "prepare", "q2-p", api.Command{Spec: spec("q2", "#cloud-config\nvmherd-ignore-acpi: true\n")}, api.TypePrepared)
 	started := do(t, env, "q1", "start", "q1-s", api.Command{}, api.TypeStarted)
-	if started.Handle.PID == 0 || started.Handle.Accel == "" {
+	if started.Handle.PID == 0 || qemuData(t, started.Handle).Accel == "" {
 		t.Fatalf("started handle %+v", started.Handle)
 	}
 	do(t, env, "q2", "start", "q2-s", api.Command{}, api.TypeStarted)
@@ -150,6 +163,17 @@ func TestQEMUEndToEnd(t *testing.T) {
 		st.MemoryBytes != 192<<20 || st.UptimeMS <= 0 || len(st.Vcpus) != 1 || len(st.Disks) == 0 || st.NetsUnavailable == "" || st.Simulated {
 		t.Fatalf("stats of q1: %+v", st)
 	}
+	// The state query shows what the backend shows of its data: the
+	// forwarded port, the accelerator, the display.
+	var sr api.StateReply
+	if err := query(t, env, "q1", "state", &sr); err != nil {
+		t.Fatal(err)
+	}
+	d := qemuData(t, &sr.Handle)
+	if sr.Details["ssh"] != "127.0.0.1:"+strconv.Itoa(ip.Port)+" (on host h1)" || d.SSHPort != ip.Port ||
+		sr.Details["accel"] != d.Accel || d.Accel == "" || sr.Details["vnc"] != d.VNC || !strings.HasPrefix(d.VNC, "unix:") {
+		t.Fatalf("state details %v with data %+v (guest_ip port %d)", sr.Details, d, ip.Port)
+	}
 
 	do(t, env, "q1", "suspend", "q1-u", api.Command{}, api.TypeSuspended)
 	if st := liveState(t, env, "q1"); st != api.StateSuspended {
@@ -160,7 +184,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 		t.Fatalf("live state after resume = %s", st)
 	}
 	stopped := do(t, env, "q1", "stop", "q1-t", api.Command{TimeoutS: 60}, api.TypeStopped)
-	if path := stopped.Handle.Extra[qemu.ExtraStopPath]; path != qemu.StopPathACPI {
+	if path := qemuData(t, stopped.Handle).Extra[qemu.ExtraStopPath]; path != qemu.StopPathACPI {
 		t.Fatalf("q1 stopped by %q, want ACPI power-off", path)
 	}
 	do(t, env, "q1", "start", "q1-s2", api.Command{}, api.TypeStarted)
@@ -168,7 +192,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 	// q2 ignores the power button: killed after the timeout, reported stopped.
 	env.WaitFor("q2 to boot", bootWait, func() bool { return strings.Contains(consoleLog(t, env, "q2"), "VMHERD-GUEST-READY") })
 	forced := do(t, env, "q2", "stop", "q2-t", api.Command{TimeoutS: 4}, api.TypeStopped)
-	if path := forced.Handle.Extra[qemu.ExtraStopPath]; path != qemu.StopPathTerm && path != qemu.StopPathKill {
+	if path := qemuData(t, forced.Handle).Extra[qemu.ExtraStopPath]; path != qemu.StopPathTerm && path != qemu.StopPathKill {
 		t.Fatalf("q2 stopped by %q, want a signal after the timeout", path)
 	}
 

@@ -79,7 +79,7 @@ func TestTunnelOnlyToRunningGuest(t *testing.T) {
 
 	spec := &api.VmSpec{Backend: api.BackendQEMU, ImagePath: image, MemoryMB: 192, Accel: "auto"}
 	prepared := do(t, env, "tun1", "prepare", "tun1-p", api.Command{Spec: spec}, api.TypePrepared)
-	port := prepared.Handle.SSHPort
+	port := qemuData(t, prepared.Handle).SSHPort
 	if port == 0 {
 		t.Fatal("the prepared VM has no forwarded port")
 	}
@@ -109,7 +109,7 @@ func TestTunnelOnlyToRunningGuest(t *testing.T) {
 	<-tunErr
 
 	stopped := do(t, env, "tun1", "stop", "tun1-t", api.Command{TimeoutS: 2}, api.TypeStopped)
-	reached, stop = impostor(stopped.Handle.SSHPort)
+	reached, stop = impostor(qemuData(t, stopped.Handle).SSHPort)
 	defer stop()
 	refused("stopped", reached)
 	if n := reached(); n != 0 {

@@ -3,6 +3,7 @@ package e2e_test
 import (
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -86,6 +87,12 @@ func TestVMFileUpProvision(t *testing.T) {
 	// the host key learned at first boot) reads what provisioning left.
 	if got := vmctl(0, "ssh", "prov1", "--", "cat /tmp/app/app.conf; stat -c %a /tmp/app/app.conf; cat /tmp/inline.txt; ls /tmp/script-done"); !strings.Contains(got, "listen 8080\n640\nhello-from-inline\n/tmp/script-done") {
 		t.Fatalf("vmctl ssh after provisioning:\n%s", got)
+	}
+	// status shows what the QEMU backend shows of its handle data (the
+	// worker's state query): the forwarded port, the accelerator, the display.
+	if got := vmctl(0, "status", "prov1"); !regexp.MustCompile(`(?m)^ssh: +127\.0\.0\.1:[0-9]+ \(on host h1\)$`).MatchString(got) ||
+		!regexp.MustCompile(`(?m)^accel: +(kvm|tcg)$`).MatchString(got) || !regexp.MustCompile(`(?m)^vnc: +unix:/.*/vnc\.sock$`).MatchString(got) {
+		t.Fatalf("vmctl status of the running VM lacks its backend's details:\n%s", got)
 	}
 	if got := vmctl(0, "log", "--provision", "prov1"); !strings.Contains(got, "==> step 3/3") || !strings.Contains(got, "3 steps done") {
 		t.Fatalf("vmctl log --provision:\n%s", got)

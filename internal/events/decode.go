@@ -1,6 +1,7 @@
 package events
 
 import (
+	"encoding/json"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -113,33 +114,16 @@ func (s *scanner) handle(h *api.VmHandle) bool {
 			bit, ok = 1<<4, s.intInto(&h.PID)
 		case "work_dir":
 			bit, ok = 1<<5, s.strInto(&h.WorkDir)
-		case "accel":
-			bit, ok = 1<<6, s.enumInto(&h.Accel)
-		case "qmp_socket":
-			bit, ok = 1<<7, s.strInto(&h.QMPSocket)
-		case "serial_socket":
-			bit, ok = 1<<8, s.strInto(&h.SerialSock)
-		case "serial_log":
-			bit, ok = 1<<9, s.strInto(&h.SerialLog)
-		case "vnc":
-			bit, ok = 1<<10, s.strInto(&h.VNC)
-		case "mac":
-			bit, ok = 1<<11, s.strInto(&h.MAC)
-		case "ssh_port":
-			bit, ok = 1<<12, s.intInto(&h.SSHPort)
-		case "tap_device":
-			bit, ok = 1<<13, s.strInto(&h.TapDevice)
-		case "endpoint":
-			bit, ok = 1<<14, s.strInto(&h.Endpoint)
-		case "instance_id":
-			bit, ok = 1<<15, s.strInto(&h.InstanceID)
 		case "spec":
 			h.Spec = &api.VmSpec{}
-			bit, ok = 1<<16, s.spec(h.Spec)
+			bit, ok = 1<<6, s.spec(h.Spec)
 		case "started_at":
-			bit, ok = 1<<17, s.time(&h.StartedAt)
-		case "extra":
-			bit, ok = 1<<18, s.stringMap(&h.Extra)
+			bit, ok = 1<<7, s.time(&h.StartedAt)
+		case "data":
+			bit, ok = 1<<8, s.rawObject(&h.Data)
+			// The backend fields of handles stored before Data (accel,
+			// qmp_socket, ...) are unknown keys: encoding/json decodes
+			// those handles, with VmHandle.UnmarshalJSON.
 		}
 		if !ok || !once(&seen, bit) {
 			return false
@@ -257,6 +241,7 @@ func (s *scanner) strFields(field func(key []byte) (uint32, *string)) bool {
 	return ok
 }
 
+// stringMap reads an object of strings (labels).
 func (s *scanner) stringMap(m *map[string]string) bool {
 	out := map[string]string{}
 	*m = out
@@ -273,6 +258,55 @@ func (s *scanner) stringMap(m *map[string]string) bool {
 		out[string(key)] = v // a repeated key: the last one wins, as in encoding/json
 	}
 	return ok
+}
+
+// maxRawDepth bounds the nesting rawObject accepts.
+const maxRawDepth = 8
+
+// rawObject reads an object of the values this scanner knows (strings,
+// integers, booleans, objects) and keeps it as written, as encoding/json
+// does for a json.RawMessage.
+func (s *scanner) rawObject(p *json.RawMessage) bool {
+	s.ws()
+	start := s.i
+	if !s.skipObject(0) {
+		return false
+	}
+	*p = append(json.RawMessage(nil), s.b[start:s.i]...)
+	return true
+}
+
+func (s *scanner) skipObject(depth int) bool {
+	if depth >= maxRawDepth {
+		return false
+	}
+	more, ok := s.open()
+	for ; ok && more; more, ok = s.after() {
+		if _, ok := s.key(); !ok || !s.skipValue(depth) {
+			return false
+		}
+	}
+	return ok
+}
+
+func (s *scanner) skipValue(depth int) bool {
+	s.ws()
+	if s.i >= len(s.b) {
+		return false
+	}
+	switch c := s.b[s.i]; {
+	case c == '{':
+		return s.skipObject(depth + 1)
+	case c == '"':
+		_, ok := s.str()
+		return ok
+	case c == 't' || c == 'f':
+		var b bool
+		return s.boolInto(&b)
+	default:
+		_, ok := s.number()
+		return ok
+	}
 }
 
 // once marks bit seen and reports whether it was not seen before (bit 0:

@@ -2,6 +2,7 @@ package events
 
 import (
 	"encoding/json"
+	"os"
 	"reflect"
 	"testing"
 	"time"
@@ -127,7 +128,8 @@ func seeds() [][]byte {
 	spec := api.VmSpec{Name: "web1", Backend: api.BackendQEMU, ImagePath: "/img/base.qcow2", Vcpus: 2, MemoryMB: 2048,
 		CloudInit: &api.CloudInitConfig{UserData: "#cloud-config\nhostname: web1\n"}}.WithDefaults()
 	h := &api.VmHandle{ID: "0123456789abcdef", Name: "web1", Backend: api.BackendQEMU, Host: "h1", PID: 4242,
-		Spec: &spec, StartedAt: time.Now().UTC(), Extra: map[string]string{"stop_path": "acpi"}}
+		Spec: &spec, StartedAt: time.Now().UTC(),
+		Data: json.RawMessage(`{"qmp_socket":"/v/web1/qmp.sock","ssh_port":2222,"extra":{"stop_path":"acpi"}}`)}
 	now := time.Now().UTC()
 	evs := []api.Event{
 		{Type: api.TypeAccepted, VM: "web1", CommandID: "c1", Action: "prepare", Time: now, Host: "h1", State: api.StatePreparing, Backend: api.BackendQEMU, Spec: &spec, TimeoutS: 30},
@@ -161,6 +163,14 @@ func seeds() [][]byte {
 		[]byte(`{"type":"started","vm":"a",}`),
 		[]byte(`{"type":"started","vm":"a","unknown":1}`),
 		[]byte("{\"type\":\"started\",\"vm\":\"a\",\"handle\":{\"extra\":{\"\xff\":\"v\",\"k\":\"1\",\"k\":\"2\"}}}"),
+		[]byte("{\"type\":\"started\",\"vm\":\"a\",\"handle\":{\"data\":{\"\xff\":\"v\",\"k\":\"1\",\"k\":\"2\"}}}"),
+		[]byte(`{"type":"started","vm":"a","handle":{"data":{ "k" : {"n":-1,"b":true,"s":"x\ty"} , "e":{}}}}`),
+		[]byte(`{"type":"started","vm":"a","handle":{"data":{"f":1.5}}}`),
+		[]byte(`{"type":"started","vm":"a","handle":{"data":{"a":[1]}}}`),
+		[]byte(`{"type":"started","vm":"a","handle":{"data":null}}`),
+		[]byte(`{"type":"started","vm":"a","handle":{"data":"x"}}`),
+		[]byte(`{"type":"started","vm":"a","handle":{"data":{"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":1}}}}}}}}}}}`),
+		[]byte(`{"type":"started","vm":"a","handle":{"id":"x","qmp_socket":"/q","ssh_port":22}}`),
 		[]byte(`{}`),
 		[]byte(`null`),
 	)
@@ -220,4 +230,32 @@ func BenchmarkDecode(b *testing.B) {
 			}
 		}
 	})
+}
+
+// An event stored before handles had Data (its handle's backend fields at
+// the top) takes the encoding/json path and decodes with them as Data.
+func TestDecodeLegacyHandle(t *testing.T) {
+	raw, err := os.ReadFile("../../api/testdata/handle-qemu-legacy.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := []byte(`{"type":"started","vm":"web1","command_id":"c1","action":"start","time":"2026-12-01T10:00:00Z","host":"h1","handle":` + string(raw) + `,"accepted_seq":7}`)
+	if _, ok := decodeFast(data); ok {
+		t.Fatal("decodeFast took a handle of the old form")
+	}
+	ev, err := Decode(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d struct {
+		QMPSocket string `json:"qmp_socket"`
+		SSHPort   int    `json:"ssh_port"`
+	}
+	if ev.Handle == nil || json.Unmarshal(ev.Handle.Data, &d) != nil || d.SSHPort != 40022 || d.QMPSocket == "" || ev.Handle.PID != 4242 {
+		t.Fatalf("decoded handle %+v", ev.Handle)
+	}
+	// Encoded again, it is in the new form, which decodeFast takes.
+	if again, ok := decodeFast(ev.Encode()); !ok || !reflect.DeepEqual(again, ev) {
+		t.Fatalf("re-encoded: fast %v\n%+v\n%+v", ok, again, ev)
+	}
 }

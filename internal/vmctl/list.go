@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"slices"
 	"strconv"
@@ -359,14 +360,10 @@ func (g *globals) statusCmd() *cobra.Command {
 					if h.PID != 0 {
 						fmt.Fprintf(tw, "pid:\t%d\n", h.PID)
 					}
-					if h.Accel != "" {
-						fmt.Fprintf(tw, "accel:\t%s\n", h.Accel)
-					}
-					if h.VNC != "" {
-						fmt.Fprintf(tw, "vnc:\t%s\n", h.VNC)
-					}
-					if h.SSHPort != 0 {
-						fmt.Fprintf(tw, "ssh:\t127.0.0.1:%d (on host %s)\n", h.SSHPort, r.Host)
+					// What the backend shows of its data (accel,
+					// vnc, ssh...), which only it reads.
+					for _, k := range slices.Sorted(maps.Keys(live.Details)) {
+						fmt.Fprintf(tw, "%s:\t%s\n", k, live.Details[k])
 					}
 				} else {
 					fmt.Fprintf(tw, "process:\tnot running\n")

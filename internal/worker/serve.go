@@ -137,7 +137,7 @@ func (w *Worker) startQueries() (micro.Service, error) {
 			if err != nil {
 				return nil, err
 			}
-			return api.StateReply{VM: h.Name, Host: w.cfg.Host, State: st, Handle: h}, nil
+			return api.StateReply{VM: h.Name, Host: w.cfg.Host, State: st, Handle: h, Details: w.cfg.Router.Details(h)}, nil
 		}),
 		add("guest_ip", func(ctx context.Context, h api.VmHandle) (any, error) {
 			ip, err := w.cfg.Router.GuestIP(ctx, h)
@@ -146,7 +146,7 @@ func (w *Worker) startQueries() (micro.Service, error) {
 			}
 			r := api.GuestIPReply{VM: h.Name, IP: ip}
 			if h.Spec == nil || h.Spec.Network == nil || h.Spec.Network.Type == api.NetworkUser {
-				r.Port = h.SSHPort
+				r.Port = w.cfg.Router.ForwardedSSH(h)
 			}
 			return r, nil
 		}),
@@ -279,13 +279,14 @@ func (t relayTarget) GuestAddr(ctx context.Context, name string, port int) (stri
 		return "", &relay.StatusError{Code: "409", Err: fmt.Errorf("vm %s is %s, not running: a tunnel reaches only a running VM's guest (start or resume it first)", name, st)}
 	}
 	if h.Spec == nil || h.Spec.Network == nil || h.Spec.Network.Type == api.NetworkUser {
-		if h.SSHPort == 0 {
+		fwd := t.w.cfg.Router.ForwardedSSH(h)
+		if fwd == 0 {
 			return "", &relay.StatusError{Code: "409", Err: fmt.Errorf("vm %s has no forwarded port (user-mode networking on a backend without one)", name)}
 		}
 		if port != 22 {
 			return "", &relay.StatusError{Code: "409", Err: fmt.Errorf("vm %s uses user-mode networking: only the guest's SSH port 22 is reachable from its host, not port %d", name, port)}
 		}
-		return net.JoinHostPort("127.0.0.1", strconv.Itoa(h.SSHPort)), nil
+		return net.JoinHostPort("127.0.0.1", strconv.Itoa(fwd)), nil
 	}
 	ip, err := t.w.cfg.Router.GuestIP(ctx, h)
 	if err != nil {

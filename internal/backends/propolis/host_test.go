@@ -365,7 +365,7 @@ func TestBackendOnHost(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if hd.Endpoint != "127.0.0.1:"+strconv.Itoa(o.PortBase) || hd.PID == 0 || hd.Extra[extraVNIC] != vnicFor("web1") {
+	if dataOf(hd).Endpoint != "127.0.0.1:"+strconv.Itoa(o.PortBase) || hd.PID == 0 || dataOf(hd).Extra[extraVNIC] != vnicFor("web1") {
 		t.Fatalf("handle %+v", hd)
 	}
 	if hd, err = b.Start(ctx, hd); err != nil {
@@ -384,7 +384,7 @@ func TestBackendOnHost(t *testing.T) {
 	if hd, err = b.Start(ctx, hd); err != nil {
 		t.Fatal(err)
 	}
-	if hd.PID == old || hd.Endpoint != "127.0.0.1:"+strconv.Itoa(o.PortBase) {
+	if hd.PID == old || dataOf(hd).Endpoint != "127.0.0.1:"+strconv.Itoa(o.PortBase) {
 		t.Fatalf("restarted handle %+v", hd)
 	}
 	if err := b.Destroy(ctx, hd); err != nil {

@@ -148,7 +148,7 @@ func (b *Backend) store(h api.VmHandle) api.VmHandle {
 
 func (b *Backend) ensureInput(h api.VmHandle) ensureInput {
 	p := placementOf(h)
-	in := ensureInput{ID: h.InstanceID, Host: b.opts.Host, DiskPath: p.DiskPath, VNIC: p.VNIC}
+	in := ensureInput{ID: dataOf(h).InstanceID, Host: b.opts.Host, DiskPath: p.DiskPath, VNIC: p.VNIC}
 	if h.Spec != nil {
 		in.Spec = *h.Spec
 	}
@@ -187,7 +187,7 @@ func (b *Backend) Prepare(ctx context.Context, spec api.VmSpec) (api.VmHandle, e
 		return api.VmHandle{}, fmt.Errorf("preparing propolis vm %s: %w", spec.Name, err)
 	}
 	s := spec
-	h := withPlacement(api.VmHandle{ID: id, InstanceID: id, Name: spec.Name, Backend: api.BackendPropolis, Spec: &s}, p)
+	h := withPlacement(withData(api.VmHandle{ID: id, Name: spec.Name, Backend: api.BackendPropolis, Spec: &s}, HandleData{InstanceID: id}), p)
 	if _, _, err := buildEnsure(b.ensureInput(h)); err != nil {
 		_ = b.prov.Release(context.WithoutCancel(ctx), spec.Name, p)
 		return api.VmHandle{}, fmt.Errorf("preparing propolis vm %s: %w", spec.Name, err)
@@ -208,14 +208,14 @@ type observation struct {
 
 // observe reads the server's instance and says whether it is this VM's.
 func (b *Backend) observe(ctx context.Context, h api.VmHandle) observation {
-	inst, err := b.client(h.Endpoint).Get(ctx)
+	inst, err := b.client(dataOf(h).Endpoint).Get(ctx)
 	switch {
 	case errors.Is(err, papi.ErrNoInstance):
 		return observation{none: true}
 	case err != nil:
 		return observation{err: err, gone: b.prov.Gone(ctx, h.Name, placementOf(h))}
 	}
-	return observation{ours: inst.Properties.ID == h.InstanceID, inst: inst, state: inst.State}
+	return observation{ours: inst.Properties.ID == dataOf(h).InstanceID, inst: inst, state: inst.State}
 }
 
 // Start creates the instance on the VM's server and runs it. After a stop
@@ -230,7 +230,7 @@ func (b *Backend) Start(ctx context.Context, h api.VmHandle) (api.VmHandle, erro
 		return cur, fmt.Errorf("starting propolis vm %s: %w", cur.Name, err)
 	}
 	cur = b.store(withPlacement(cur, p))
-	c := b.client(cur.Endpoint)
+	c := b.client(dataOf(cur).Endpoint)
 	o := b.observe(ctx, cur)
 	if o.err != nil {
 		return cur, fmt.Errorf("starting propolis vm %s: %w", cur.Name, o.err)
@@ -241,7 +241,7 @@ func (b *Backend) Start(ctx context.Context, h api.VmHandle) (api.VmHandle, erro
 	case !o.ours:
 		if !o.state.Terminal() {
 			return cur, fmt.Errorf("starting propolis vm %s: the propolis-server at %s runs instance %s (%q, %s), not this VM's %s; one server serves one instance",
-				cur.Name, cur.Endpoint, o.inst.Properties.ID, o.inst.Properties.Name, o.state, cur.InstanceID)
+				cur.Name, dataOf(cur).Endpoint, o.inst.Properties.ID, o.inst.Properties.Name, o.state, dataOf(cur).InstanceID)
 		}
 		needEnsure = true
 	case o.state == papi.StateCreating:
@@ -277,7 +277,7 @@ func (b *Backend) Start(ctx context.Context, h api.VmHandle) (api.VmHandle, erro
 	if needRun || cur.StartedAt.IsZero() {
 		cur.StartedAt = time.Now().UTC()
 	}
-	b.opts.Log.Info("propolis vm running", "vm", cur.Name, "server", cur.Endpoint, "ensured", needEnsure)
+	b.opts.Log.Info("propolis vm running", "vm", cur.Name, "server", dataOf(cur).Endpoint, "ensured", needEnsure)
 	return b.store(cur).Clone(), nil
 }
 
@@ -307,7 +307,7 @@ func (b *Backend) halt(ctx context.Context, cur api.VmHandle, timeout time.Durat
 	case o.none || !o.ours || o.state.Terminal():
 		return nil
 	}
-	c := b.client(cur.Endpoint)
+	c := b.client(dataOf(cur).Endpoint)
 	if err := c.PutState(ctx, papi.RequestStop); err != nil && papi.StatusOf(err) != http.StatusFailedDependency {
 		return fmt.Errorf("asking its instance to stop: %w", err)
 	}
@@ -341,7 +341,7 @@ func (b *Backend) Destroy(ctx context.Context, h api.VmHandle) error {
 		delete(b.vms, cur.Name)
 	}
 	b.mu.Unlock()
-	b.opts.Log.Info("propolis vm destroyed", "vm", cur.Name, "server", cur.Endpoint)
+	b.opts.Log.Info("propolis vm destroyed", "vm", cur.Name, "server", dataOf(cur).Endpoint)
 	return nil
 }
 
@@ -398,7 +398,7 @@ func (b *Backend) State(ctx context.Context, h api.VmHandle) (api.VmState, error
 
 // Adopt takes a VM back after a worker restart.
 func (b *Backend) Adopt(ctx context.Context, h api.VmHandle, recorded api.VmState) (api.VmHandle, api.VmState, error) {
-	if h.Name == "" || h.InstanceID == "" || h.Endpoint == "" {
+	if h.Name == "" || dataOf(h).InstanceID == "" || dataOf(h).Endpoint == "" {
 		return h, "", fmt.Errorf("propolis vm %s: the handle has no instance or server to adopt: %w", h.Name, backends.ErrNotFound)
 	}
 	p, err := b.prov.Adopt(ctx, h.Name, placementOf(h))
@@ -442,13 +442,13 @@ func (b *Backend) GuestIP(ctx context.Context, h api.VmHandle) (string, error) {
 // ConsoleEndpoint is the serial console WebSocket of the VM's server; the
 // client must send the api-version header with the upgrade.
 func (b *Backend) ConsoleEndpoint(h api.VmHandle) (api.ConsoleEndpoint, error) {
-	endpoint := h.Endpoint
+	endpoint := dataOf(h).Endpoint
 	if endpoint == "" {
 		cur, err := b.lookup(h)
 		if err != nil {
 			return api.ConsoleEndpoint{}, err
 		}
-		endpoint = cur.Endpoint
+		endpoint = dataOf(cur).Endpoint
 	}
 	return api.ConsoleEndpoint{
 		Kind:    api.ConsoleWebSocket,

@@ -85,7 +85,7 @@ func TestLifecycleRequests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if h.Endpoint != f.Addr() || h.InstanceID == "" || h.ID != h.InstanceID {
+	if propolisData(h).Endpoint != f.Addr() || propolisData(h).InstanceID == "" || h.ID != propolisData(h).InstanceID {
 		t.Fatalf("handle %+v", h)
 	}
 	if _, _, ok := f.Instance(); ok {
@@ -95,7 +95,7 @@ func TestLifecycleRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	props, st, _ := f.Instance()
-	if st != papi.StateRunning || props.ID != h.InstanceID || props.Name != "web1" {
+	if st != papi.StateRunning || props.ID != propolisData(h).InstanceID || props.Name != "web1" {
 		t.Fatalf("after start the server has %+v in %s", props, st)
 	}
 	if h, err = b.Stop(ctx, h, time.Second); err != nil {
@@ -131,7 +131,7 @@ func TestLifecycleRequests(t *testing.T) {
 	}
 	// The server is free for the next VM.
 	h2, err := b.Prepare(ctx, spec("web2"))
-	if err != nil || h2.Endpoint != f.Addr() {
+	if err != nil || propolisData(h2).Endpoint != f.Addr() {
 		t.Fatalf("prepare after destroy: %+v, %v", h2, err)
 	}
 }
@@ -288,7 +288,7 @@ func TestAdopt(t *testing.T) {
 	}
 	// The adopted VM keeps its server: a new VM gets the other one.
 	o, err := b2.Prepare(ctx, spec("a2"))
-	if err != nil || o.Endpoint == h.Endpoint {
+	if err != nil || propolisData(o).Endpoint == propolisData(h).Endpoint {
 		t.Fatalf("second VM %+v, %v", o, err)
 	}
 	if _, err := b2.Stop(ctx, h2, time.Second); err != nil {
@@ -336,4 +336,13 @@ func TestNewOptions(t *testing.T) {
 	if _, err := propolis.NewHostProvisioner(propolis.HostOptions{}); err == nil {
 		t.Fatal("NewHostProvisioner without options succeeded")
 	}
+}
+
+// propolisData reads the backend's data of h.
+func propolisData(h api.VmHandle) propolis.HandleData {
+	d, err := propolis.DataOf(h)
+	if err != nil {
+		panic(err)
+	}
+	return d
 }

@@ -42,7 +42,7 @@ type Provisioner interface {
 	Release(ctx context.Context, name string, p Placement) error
 }
 
-// Keys of the handle's Extra map.
+// Keys of the Extra map of the handle's data.
 const (
 	extraDisk = "disk_path"
 	extraVNIC = "vnic"
@@ -52,8 +52,9 @@ const (
 
 // placementOf reads a placement back from a handle.
 func placementOf(h api.VmHandle) Placement {
-	p := Placement{Endpoint: h.Endpoint, PID: h.PID, MAC: h.MAC, Extra: map[string]string{}}
-	for k, v := range h.Extra {
+	d := dataOf(h)
+	p := Placement{Endpoint: d.Endpoint, PID: h.PID, MAC: d.MAC, Extra: map[string]string{}}
+	for k, v := range d.Extra {
 		switch {
 		case k == extraDisk:
 			p.DiskPath = v
@@ -69,9 +70,11 @@ func placementOf(h api.VmHandle) Placement {
 // withPlacement records a placement in a handle.
 func withPlacement(h api.VmHandle, p Placement) api.VmHandle {
 	h = h.Clone()
-	h.Endpoint, h.PID, h.MAC = p.Endpoint, p.PID, p.MAC
+	d := dataOf(h)
+	h.PID = p.PID
+	d.Endpoint, d.MAC = p.Endpoint, p.MAC
 	extra := map[string]string{}
-	for k, v := range h.Extra {
+	for k, v := range d.Extra {
 		if k != extraDisk && k != extraVNIC && !strings.HasPrefix(k, extraPrefix) {
 			extra[k] = v
 		}
@@ -88,8 +91,8 @@ func withPlacement(h api.VmHandle, p Placement) api.VmHandle {
 	if len(extra) == 0 {
 		extra = nil
 	}
-	h.Extra = extra
-	return h
+	d.Extra = extra
+	return withData(h, d)
 }
 
 // staticServers hands out already-running propolis-servers, one VM each.

@@ -253,7 +253,7 @@ func TestDiskResizeAndUEFI(t *testing.T) {
 	}
 	// The same name again is the same VM.
 	h2, err := b.Prepare(ctx, spec)
-	if err != nil || h2.ID != h.ID || h2.MAC != h.MAC {
+	if err != nil || h2.ID != h.ID || qd(h2).MAC != qd(h).MAC {
 		t.Fatalf("second Prepare = %+v, %v; want the same VM", h2, err)
 	}
 	if h, err = b.Start(ctx, h); err != nil {

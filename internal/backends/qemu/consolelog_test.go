@@ -43,7 +43,7 @@ func TestConsoleLogRotated(t *testing.T) {
 	if h, err = b.Start(ctx, h); err != nil {
 		t.Fatal(err)
 	}
-	f, err := os.OpenFile(h.SerialLog, os.O_WRONLY|os.O_APPEND, 0)
+	f, err := os.OpenFile(qd(h).SerialLog, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,15 +67,15 @@ func TestConsoleLogRotated(t *testing.T) {
 		return st.Size()
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for size(h.SerialLog) > qemu.DefaultLogMaxBytes {
+	for size(qd(h).SerialLog) > qemu.DefaultLogMaxBytes {
 		if time.Now().After(deadline) {
-			t.Fatalf("console log still %d bytes after writing 10 MiB (bound %d)", size(h.SerialLog), qemu.DefaultLogMaxBytes)
+			t.Fatalf("console log still %d bytes after writing 10 MiB (bound %d)", size(qd(h).SerialLog), qemu.DefaultLogMaxBytes)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	total := size(h.SerialLog)
+	total := size(qd(h).SerialLog)
 	for i := 1; i <= qemu.DefaultLogKeep; i++ {
-		p := h.SerialLog + "." + strconv.Itoa(i)
+		p := qd(h).SerialLog + "." + strconv.Itoa(i)
 		st, err := os.Stat(p)
 		if err != nil {
 			if i > 2 { // 10 MiB makes three or four rotations
@@ -88,7 +88,7 @@ func TestConsoleLogRotated(t *testing.T) {
 		}
 		total += st.Size()
 	}
-	if _, err := os.Stat(h.SerialLog + "." + strconv.Itoa(qemu.DefaultLogKeep+1)); err == nil {
+	if _, err := os.Stat(qd(h).SerialLog + "." + strconv.Itoa(qemu.DefaultLogKeep+1)); err == nil {
 		t.Errorf("more than %d rotated logs kept", qemu.DefaultLogKeep)
 	}
 	if bound := int64(1+2*qemu.DefaultLogKeep) * qemu.DefaultLogMaxBytes; total > bound {
@@ -96,8 +96,8 @@ func TestConsoleLogRotated(t *testing.T) {
 	}
 	t.Logf("after 10 MiB of output: %d bytes of console log on disk", total)
 	// The newest output is where readers look.
-	live, _ := os.ReadFile(h.SerialLog)
-	prev, _ := os.ReadFile(h.SerialLog + ".1")
+	live, _ := os.ReadFile(qd(h).SerialLog)
+	prev, _ := os.ReadFile(qd(h).SerialLog + ".1")
 	if !strings.HasSuffix(string(prev)+string(live), "the last line\n") {
 		t.Errorf("the last line is neither in the live log nor in .1")
 	}

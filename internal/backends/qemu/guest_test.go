@@ -56,16 +56,16 @@ func TestGuest(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = b.Destroy(context.Background(), h) })
-	if h.SSHPort == 0 || !strings.HasPrefix(h.MAC, "02:") {
+	if qd(h).SSHPort == 0 || !strings.HasPrefix(qd(h).MAC, "02:") {
 		t.Fatalf("handle without SSH port or local MAC: %+v", h)
 	}
 	if h, err = b.Start(ctx, h); err != nil {
 		t.Fatal(err)
 	}
-	if h.PID == 0 || h.Accel == "" || h.VNC == "" || h.StartedAt.IsZero() {
+	if h.PID == 0 || qd(h).Accel == "" || qd(h).VNC == "" || h.StartedAt.IsZero() {
 		t.Fatalf("started handle is missing PID/Accel/VNC/StartedAt: %+v", h)
 	}
-	log := waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
+	log := waitConsole(t, qd(h).SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
 	for _, want := range []string{"instance-id: iid-guest1-42", "local-hostname: web-one"} {
 		if !strings.Contains(log, want) {
 			t.Errorf("console log lacks %q:\n%s", want, log)
@@ -75,7 +75,7 @@ func TestGuest(t *testing.T) {
 	if err != nil || ip != "127.0.0.1" {
 		t.Fatalf("GuestIP = %q, %v; want 127.0.0.1", ip, err)
 	}
-	banner, err := readBanner("127.0.0.1:"+strconv.Itoa(h.SSHPort), time.Minute)
+	banner, err := readBanner("127.0.0.1:"+strconv.Itoa(qd(h).SSHPort), time.Minute)
 	if err != nil || !strings.HasPrefix(banner, guestimage.SSHBanner) {
 		t.Fatalf("banner on the SSH forward = %q, %v; want %q", banner, err, guestimage.SSHBanner)
 	}
@@ -89,9 +89,9 @@ func TestGuest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cl, err := ssh.Dial("tcp", "127.0.0.1:"+strconv.Itoa(h.SSHPort), provision.ClientConfig("vm", signer, hostKeys))
+	cl, err := ssh.Dial("tcp", "127.0.0.1:"+strconv.Itoa(qd(h).SSHPort), provision.ClientConfig("vm", signer, hostKeys))
 	if err != nil {
-		b, _ := os.ReadFile(h.SerialLog)
+		b, _ := os.ReadFile(qd(h).SerialLog)
 		t.Fatalf("ssh login as vm: %v\nconsole:\n%s", err, b)
 	}
 	sess, err := cl.NewSession()
@@ -104,7 +104,7 @@ func TestGuest(t *testing.T) {
 		t.Fatalf("ssh id -un; hostname: %q, %v", out, err)
 	}
 	ep, err := b.ConsoleEndpoint(h)
-	if err != nil || ep.Kind != api.ConsoleUnixSocket || ep.Path != h.SerialSock || ep.LogPath != h.SerialLog {
+	if err != nil || ep.Kind != api.ConsoleUnixSocket || ep.Path != qd(h).SerialSock || ep.LogPath != qd(h).SerialLog {
 		t.Fatalf("ConsoleEndpoint = %+v, %v", ep, err)
 	}
 	if _, err := os.Stat(ep.Path); err != nil {
@@ -131,8 +131,8 @@ func TestGuest(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Stop: %v", err)
 	}
-	if sh.Extra[qemu.ExtraStopPath] != qemu.StopPathACPI || sh.PID != 0 {
-		t.Fatalf("Stop path %q pid %d, want %q pid 0", sh.Extra[qemu.ExtraStopPath], sh.PID, qemu.StopPathACPI)
+	if qd(sh).Extra[qemu.ExtraStopPath] != qemu.StopPathACPI || sh.PID != 0 {
+		t.Fatalf("Stop path %q pid %d, want %q pid 0", qd(sh).Extra[qemu.ExtraStopPath], sh.PID, qemu.StopPathACPI)
 	}
 	t.Logf("ACPI stop took %v", time.Since(start))
 	for _, bk := range []*qemu.Backend{b, b2} {
@@ -140,14 +140,14 @@ func TestGuest(t *testing.T) {
 			t.Fatalf("State after Stop = %s, %v", st, err)
 		}
 	}
-	for _, f := range []string{h.QMPSocket, h.SerialSock, h.WorkDir + "/qemu.pid"} {
+	for _, f := range []string{qd(h).QMPSocket, qd(h).SerialSock, h.WorkDir + "/qemu.pid"} {
 		if _, err := os.Stat(f); err == nil {
 			t.Errorf("%s left behind after Stop", f)
 		}
 	}
 	// Stopping a stopped VM is fine.
-	if sh, err := b2.Stop(ctx, sh, time.Second); err != nil || sh.Extra[qemu.ExtraStopPath] != qemu.StopPathNone {
-		t.Fatalf("second Stop = %v, path %q", err, sh.Extra[qemu.ExtraStopPath])
+	if sh, err := b2.Stop(ctx, sh, time.Second); err != nil || qd(sh).Extra[qemu.ExtraStopPath] != qemu.StopPathNone {
+		t.Fatalf("second Stop = %v, path %q", err, qd(sh).Extra[qemu.ExtraStopPath])
 	}
 }
 
@@ -168,8 +168,8 @@ func TestStopIgnoredACPI(t *testing.T) {
 	if h, err = b.Start(ctx, h); err != nil {
 		t.Fatal(err)
 	}
-	waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
-	waitConsole(t, h.SerialLog, 0, "ignoring the ACPI power button", time.Second)
+	waitConsole(t, qd(h).SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
+	waitConsole(t, qd(h).SerialLog, 0, "ignoring the ACPI power button", time.Second)
 	const timeout = 3 * time.Second
 	start := time.Now()
 	sh, err := b.Stop(ctx, h, timeout)
@@ -177,7 +177,7 @@ func TestStopIgnoredACPI(t *testing.T) {
 		t.Fatalf("Stop: %v", err)
 	}
 	took := time.Since(start)
-	if p := sh.Extra[qemu.ExtraStopPath]; p != qemu.StopPathTerm && p != qemu.StopPathKill {
+	if p := qd(sh).Extra[qemu.ExtraStopPath]; p != qemu.StopPathTerm && p != qemu.StopPathKill {
 		t.Fatalf("stop path = %q, want a signal", p)
 	}
 	if took < timeout {
@@ -270,8 +270,8 @@ func TestReusedPID(t *testing.T) {
 		if _, err := b.Suspend(ctx, h); err == nil {
 			t.Fatalf("Suspend of a VM whose pidfile names pid %d succeeded", pid)
 		}
-		if sh, err := b.Stop(ctx, h, time.Second); err != nil || sh.Extra[qemu.ExtraStopPath] != qemu.StopPathNone {
-			t.Fatalf("Stop = %v, path %q; want a no-op", err, sh.Extra[qemu.ExtraStopPath])
+		if sh, err := b.Stop(ctx, h, time.Second); err != nil || qd(sh).Extra[qemu.ExtraStopPath] != qemu.StopPathNone {
+			t.Fatalf("Stop = %v, path %q; want a no-op", err, qd(sh).Extra[qemu.ExtraStopPath])
 		}
 	}
 	if err := sleeper.Process.Signal(syscall.Signal(0)); err != nil {

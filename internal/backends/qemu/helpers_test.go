@@ -204,3 +204,12 @@ func (w *readyWaiter) Stop(ctx context.Context, h api.VmHandle, timeout time.Dur
 }
 
 var _ backends.Hypervisor = (*readyWaiter)(nil)
+
+// qd is the QEMU data of h.
+func qd(h api.VmHandle) qemu.HandleData {
+	d, err := qemu.DataOf(h)
+	if err != nil {
+		panic(err)
+	}
+	return d
+}

@@ -85,6 +85,10 @@ func (b *Backend) receive(ctx context.Context, src api.VmHandle, base string, rc
 		return api.VmHandle{}, "", errors.New("the source handle has no spec")
 	}
 	spec := *src.Spec
+	srcData, err := DataOf(src) // the source host's backend is this one
+	if err != nil {
+		return api.VmHandle{}, "", err
+	}
 	if spec.UEFI {
 		return api.VmHandle{}, "", fmt.Errorf("a UEFI vm's variable store is not migrated: %w", backends.ErrUnsupported)
 	}
@@ -151,16 +155,18 @@ func (b *Backend) receive(ctx context.Context, src api.VmHandle, base string, rc
 		return api.VmHandle{}, "", err
 	}
 	s := spec
-	h := api.VmHandle{
-		ID: newID(), Name: src.Name, Backend: api.BackendQEMU, Host: b.opts.Host, WorkDir: wd,
-		QMPSocket: filepath.Join(wd, qmpSock), SerialSock: filepath.Join(wd, serialSock), SerialLog: filepath.Join(wd, consoleLog),
-		Spec: &s, StartedAt: src.StartedAt,
-		Extra: map[string]string{ExtraBaseFmt: info.Format, extraIncomingOf: src.ID},
+	h := handle{
+		VmHandle: api.VmHandle{ID: newID(), Name: src.Name, Backend: api.BackendQEMU, Host: b.opts.Host, WorkDir: wd,
+			Spec: &s, StartedAt: src.StartedAt},
+		HandleData: HandleData{
+			QMPSocket: filepath.Join(wd, qmpSock), SerialSock: filepath.Join(wd, serialSock), SerialLog: filepath.Join(wd, consoleLog),
+			Extra: map[string]string{ExtraBaseFmt: info.Format, extraIncomingOf: src.ID},
+		},
 	}
 	rec := &record{Version: 1, Handle: h, Chain: chain}
 	b.allocMu.Lock()
 	err = b.allocate(&rec.Handle)
-	rec.Handle.MAC = src.MAC // the guest's NIC keeps its address
+	rec.Handle.MAC = srcData.MAC // the guest's NIC keeps its address
 	if err == nil {
 		err = rec.save()
 	}
@@ -173,7 +179,7 @@ func (b *Backend) receive(ctx context.Context, src api.VmHandle, base string, rc
 		ok = rec.save() == nil
 		return rec.Handle.Clone(), "", nil
 	}
-	ep, err := b.listenIncoming(ctx, rec, src.Accel, rc)
+	ep, err := b.listenIncoming(ctx, rec, srcData.Accel, rc)
 	if err != nil {
 		b.kill(ctx, rec)
 		return api.VmHandle{}, "", err

@@ -31,21 +31,21 @@ func guestRun(t *testing.T, hostKeys map[string][]ssh.PublicKey, h api.VmHandle,
 	t.Helper()
 	keys, ok := hostKeys[h.Name]
 	if !ok {
-		log, _ := os.ReadFile(h.SerialLog)
+		log, _ := os.ReadFile(qd(h).SerialLog)
 		var err error
 		if keys, err = provision.HostKeys(log); err != nil {
-			t.Fatalf("host keys from %s: %v", h.SerialLog, err)
+			t.Fatalf("host keys from %s: %v", qd(h).SerialLog, err)
 		}
 		hostKeys[h.Name] = keys
 	}
 	var cl *ssh.Client
 	var err error
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
-		if cl, err = ssh.Dial("tcp", "127.0.0.1:"+strconv.Itoa(h.SSHPort), provision.ClientConfig("root", signer, keys)); err == nil {
+		if cl, err = ssh.Dial("tcp", "127.0.0.1:"+strconv.Itoa(qd(h).SSHPort), provision.ClientConfig("root", signer, keys)); err == nil {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("ssh to the guest on port %d: %v", h.SSHPort, err)
+			t.Fatalf("ssh to the guest on port %d: %v", qd(h).SSHPort, err)
 		}
 	}
 	defer cl.Close()
@@ -137,7 +137,7 @@ func liveMigration(t *testing.T, tlsDir string) {
 			_ = b.Destroy(context.Background(), api.VmHandle{Name: "mig1"})
 		}
 	})
-	waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
+	waitConsole(t, qd(h).SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
 	bootID := strings.TrimSpace(guestRun(t, hostKeys, h, signer, "cat /proc/sys/kernel/random/boot_id"))
 	guestRun(t, hostKeys, h, signer, "setsid sh -c 'i=0; while :; do echo TICK $i >/dev/ttyS0; i=$((i+1)); sleep 0.2; done' </dev/null >/dev/null 2>&1 &")
 	ticks := regexp.MustCompile(`TICK (\d+)`)
@@ -167,10 +167,10 @@ func liveMigration(t *testing.T, tlsDir string) {
 		// A block near the end of the disk: in the overlay only, so the
 		// mirror must carry it.
 		guestRun(t, hostKeys, h, signer, fmt.Sprintf("s=$(cat /sys/block/vda/size); echo %s | dd of=/dev/vda bs=512 seek=$((s-16-%d)) conv=fsync 2>/dev/null", mark, move))
-		before := lastTick(h.SerialLog)
+		before := lastTick(qd(h).SerialLog)
 		if before < 0 {
-			waitConsole(t, h.SerialLog, 0, "TICK", 30*time.Second)
-			before = lastTick(h.SerialLog)
+			waitConsole(t, qd(h).SerialLog, 0, "TICK", 30*time.Second)
+			before = lastTick(qd(h).SerialLog)
 		}
 		srcH := h
 		srcH.Spec = &api.VmSpec{}
@@ -215,8 +215,8 @@ func liveMigration(t *testing.T, tlsDir string) {
 		if _, err := os.Stat(h.WorkDir); err == nil {
 			t.Errorf("move %d: the source keeps its work dir %s", move, h.WorkDir)
 		}
-		if nh.PID == 0 || nh.MAC != h.MAC || nh.ID == h.ID {
-			t.Errorf("move %d: the copy's handle %+v (the source's MAC %s, id %s)", move, nh, h.MAC, h.ID)
+		if nh.PID == 0 || qd(nh).MAC != qd(h).MAC || nh.ID == h.ID {
+			t.Errorf("move %d: the copy's handle %+v (the source's MAC %s, id %s)", move, nh, qd(h).MAC, h.ID)
 		}
 		h = nh
 		if st, err := dst.State(ctx, h); err != nil || st != api.StateRunning {
@@ -230,12 +230,12 @@ func liveMigration(t *testing.T, tlsDir string) {
 			t.Errorf("move %d: the disk block written before the move reads %q, want %q", move, got, mark)
 		}
 		// The counter carries on where it was (no reboot, no restart).
-		for deadline := time.Now().Add(30 * time.Second); lastTick(h.SerialLog) < before+3; time.Sleep(200 * time.Millisecond) {
+		for deadline := time.Now().Add(30 * time.Second); lastTick(qd(h).SerialLog) < before+3; time.Sleep(200 * time.Millisecond) {
 			if time.Now().After(deadline) {
-				t.Fatalf("move %d: the console counter was at %d before the move; on the new host it shows %d", move, before, lastTick(h.SerialLog))
+				t.Fatalf("move %d: the console counter was at %d before the move; on the new host it shows %d", move, before, lastTick(qd(h).SerialLog))
 			}
 		}
-		if first := firstTick(h.SerialLog); first < before || first > before+50 {
+		if first := firstTick(qd(h).SerialLog); first < before || first > before+50 {
 			t.Errorf("move %d: the counter on the new host starts at %d, was at %d before the move", move, first, before)
 		}
 	}
@@ -266,7 +266,7 @@ func liveMigration(t *testing.T, tlsDir string) {
 	if err != nil {
 		t.Fatalf("start after the cold move: %v", err)
 	}
-	waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
+	waitConsole(t, qd(h).SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
 	delete(hostKeys, h.Name) // the test guest makes new host keys at each boot
 	got := guestRun(t, hostKeys, h, signer, "s=$(cat /sys/block/vda/size); dd if=/dev/vda bs=512 skip=$((s-17)) count=1 2>/dev/null | head -c 11")
 	if got != "VMHERD-MARK" {

@@ -130,17 +130,21 @@ func (b *Backend) prepare(ctx context.Context, spec api.VmSpec) (api.VmHandle, e
 		return api.VmHandle{}, err
 	}
 	s := spec
-	h := api.VmHandle{
-		ID:         newID(),
-		Name:       spec.Name,
-		Backend:    api.BackendQEMU,
-		Host:       b.opts.Host,
-		WorkDir:    wd,
-		QMPSocket:  filepath.Join(wd, qmpSock),
-		SerialSock: filepath.Join(wd, serialSock),
-		SerialLog:  filepath.Join(wd, consoleLog),
-		Spec:       &s,
-		Extra:      map[string]string{ExtraBaseFmt: info.Format},
+	h := handle{
+		VmHandle: api.VmHandle{
+			ID:      newID(),
+			Name:    spec.Name,
+			Backend: api.BackendQEMU,
+			Host:    b.opts.Host,
+			WorkDir: wd,
+			Spec:    &s,
+		},
+		HandleData: HandleData{
+			QMPSocket:  filepath.Join(wd, qmpSock),
+			SerialSock: filepath.Join(wd, serialSock),
+			SerialLog:  filepath.Join(wd, consoleLog),
+			Extra:      map[string]string{ExtraBaseFmt: info.Format},
+		},
 	}
 	if spec.UEFI {
 		vars := filepath.Join(wd, varsFile)
@@ -213,7 +217,7 @@ func (b *Backend) findFirmware() (FirmwarePair, error) {
 
 // allocate picks a MAC unique among this host's VMs, and the forwarded SSH
 // port (user) or tap device name (tap). Called with allocMu held.
-func (b *Backend) allocate(h *api.VmHandle) error {
+func (b *Backend) allocate(h *handle) error {
 	others := b.allRecords(h.Name)
 	macs, taps, ports := map[string]bool{}, map[string]bool{}, map[int]bool{}
 	for _, r := range others {

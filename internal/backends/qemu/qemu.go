@@ -158,8 +158,8 @@ type Backend struct {
 
 // owned is what Watch needs to know about one VM.
 type owned struct {
-	h        api.VmHandle // ID, PID of the incarnation
-	stopping bool         // a Stop or Destroy is in progress
+	h        handle // ID, PID of the incarnation
+	stopping bool   // a Stop or Destroy is in progress
 }
 
 // New checks the options and returns a Backend.
@@ -284,10 +284,11 @@ func (b *Backend) lockCtx(ctx context.Context, name string) (func(), error) {
 }
 
 // setOwned records that this Backend is responsible for h's QEMU process.
-func (b *Backend) setOwned(h api.VmHandle) {
+func (b *Backend) setOwned(h handle) {
+	c, _ := full(h.Clone()) // a copy: the data as written decodes
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.owned[h.Name] = &owned{h: h.Clone()}
+	b.owned[h.Name] = &owned{h: c}
 }
 
 // setStopping marks a stop in progress so Watch does not report it.

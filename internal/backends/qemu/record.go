@@ -32,8 +32,8 @@ const (
 
 // record is what vm.json holds.
 type record struct {
-	Version int          `json:"version"`
-	Handle  api.VmHandle `json:"handle"`
+	Version int    `json:"version"`
+	Handle  handle `json:"handle"`
 	// Chain is the base image's chain as last checked (Prepare, Start):
 	// QEMU is given these layers with these formats (-blockdev).
 	Chain imagechain.Chain `json:"chain,omitempty"`

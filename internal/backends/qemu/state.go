@@ -166,12 +166,12 @@ func (b *Backend) Watch(ctx context.Context) <-chan backends.Exit {
 // exited returns the owned VMs whose QEMU ended since the last poll.
 func (b *Backend) exited(reported map[string]bool) []backends.Exit {
 	b.mu.Lock()
-	var cands []api.VmHandle
+	var cands []handle
 	for _, o := range b.owned {
 		if o.stopping || o.h.PID == 0 || reported[o.h.ID+"/"+fmt.Sprint(o.h.PID)] {
 			continue
 		}
-		cands = append(cands, o.h.Clone())
+		cands = append(cands, o.h)
 	}
 	b.mu.Unlock()
 	var out []backends.Exit
@@ -195,7 +195,7 @@ func (b *Backend) exited(reported map[string]bool) []backends.Exit {
 			reason += "; last console line: " + t
 		}
 		b.log.Warn("vm exited", "vm", h.Name, "id", h.ID, "pid", h.PID, "reason", reason)
-		out = append(out, backends.Exit{Handle: h, Reason: reason})
+		out = append(out, backends.Exit{Handle: h.Clone(), Reason: reason})
 	}
 	return out
 }

@@ -50,7 +50,7 @@ func TestStatsGuest(t *testing.T) {
 	if h, err = b.Start(ctx, h); err != nil {
 		t.Fatal(err)
 	}
-	waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
+	waitConsole(t, qd(h).SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
 
 	s1, err := b.Stats(ctx, h)
 	if err != nil {
@@ -107,7 +107,7 @@ func TestStatsGuest(t *testing.T) {
 	before := disk(s1)
 	guestRun(t, hostKeys, h, signer, "s=$(cat /sys/block/vda/size); dd if=/dev/urandom of=/dev/vda bs=512 count=2048 seek=$((s-4096)) conv=fsync 2>/dev/null")
 	guestRun(t, hostKeys, h, signer, "setsid sh -c 'i=0; while :; do echo TICK $i >/dev/ttyS0; i=$((i+1)); sleep 0.1; done' </dev/null >/dev/null 2>&1 &")
-	waitConsole(t, h.SerialLog, 0, "TICK 20", time.Minute)
+	waitConsole(t, qd(h).SerialLog, 0, "TICK 20", time.Minute)
 	s2, err := b.Stats(ctx, h)
 	if err != nil {
 		t.Fatal(err)
@@ -121,7 +121,7 @@ func TestStatsGuest(t *testing.T) {
 		t.Errorf("cpu %s then %s, vcpu %s then %s, start %s then %s", s1.CPUTime, s2.CPUTime, s1.Vcpus[0].CPUTime, s2.Vcpus[0].CPUTime, s1.StartedAt, s2.StartedAt)
 	}
 	ticks := regexp.MustCompile(`TICK \d+`)
-	if b, _ := os.ReadFile(h.SerialLog); len(ticks.FindAll(b, -1)) < 20 {
+	if b, _ := os.ReadFile(qd(h).SerialLog); len(ticks.FindAll(b, -1)) < 20 {
 		t.Errorf("the console counter printed %d ticks", len(ticks.FindAll(b, -1)))
 	}
 

@@ -27,12 +27,12 @@ func (b *Backend) Stop(ctx context.Context, h api.VmHandle, timeout time.Duratio
 	if err != nil {
 		return r.Handle.Clone(), fmt.Errorf("stopping vm %s: %w", h.Name, err)
 	}
-	out := r.Handle.Clone()
+	out, _ := full(r.Handle.Clone()) // a copy: the path goes in the returned handle only
 	if out.Extra == nil {
 		out.Extra = map[string]string{}
 	}
 	out.Extra[ExtraStopPath] = path
-	return out, nil
+	return out.Clone(), nil
 }
 
 // stop ends r's QEMU; called with the VM's lock held. On success r is

@@ -107,21 +107,21 @@ func TestTapNetworking(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _ = b.Destroy(context.Background(), h) })
-		if len(h.TapDevice) == 0 || len(h.TapDevice) > 15 {
-			t.Fatalf("tap device name %q", h.TapDevice)
+		if len(qd(h).TapDevice) == 0 || len(qd(h).TapDevice) > 15 {
+			t.Fatalf("tap device name %q", qd(h).TapDevice)
 		}
 		if h, err = b.Start(ctx, h); err != nil {
 			t.Fatal(err)
 		}
 		hs = append(hs, h)
 	}
-	if hs[0].MAC == hs[1].MAC || hs[0].TapDevice == hs[1].TapDevice {
-		t.Fatalf("two VMs share a MAC or tap: %s/%s %s/%s", hs[0].MAC, hs[0].TapDevice, hs[1].MAC, hs[1].TapDevice)
+	if qd(hs[0]).MAC == qd(hs[1]).MAC || qd(hs[0]).TapDevice == qd(hs[1]).TapDevice {
+		t.Fatalf("two VMs share a MAC or tap: %s/%s %s/%s", qd(hs[0]).MAC, qd(hs[0]).TapDevice, qd(hs[1]).MAC, qd(hs[1]).TapDevice)
 	}
 	ips := map[string]string{}
 	for _, h := range hs {
-		waitConsole(t, h.SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
-		log := waitConsole(t, h.SerialLog, 0, "eth0 bound", time.Minute)
+		waitConsole(t, qd(h).SerialLog, 0, guestimage.ReadyMarker, bootTimeout)
+		log := waitConsole(t, qd(h).SerialLog, 0, "eth0 bound", time.Minute)
 		m := boundRE.FindStringSubmatch(log)
 		if m == nil {
 			t.Fatalf("%s got no DHCP lease:\n%s", h.Name, log)
@@ -155,8 +155,8 @@ func TestTapNetworking(t *testing.T) {
 			t.Fatalf("%s: nets %+v, unavailable %q", h.Name, s.Nets, s.NetsUnavailable)
 		}
 		n := s.Nets[0]
-		out, _ := exec.Command(ipBin, "-n", ns, "-s", "link", "show", "dev", h.TapDevice).CombinedOutput()
-		if n.Name != h.TapDevice || n.RxPackets < 2 || n.TxPackets < 2 || n.RxBytes < 300*2 || n.TxBytes < 300*2 {
+		out, _ := exec.Command(ipBin, "-n", ns, "-s", "link", "show", "dev", qd(h).TapDevice).CombinedOutput()
+		if n.Name != qd(h).TapDevice || n.RxPackets < 2 || n.TxPackets < 2 || n.RxBytes < 300*2 || n.TxBytes < 300*2 {
 			t.Errorf("%s: counters %+v; ip -s link shows:\n%s", h.Name, n, out)
 		}
 		t.Logf("%s: %+v", h.Name, n)
@@ -170,8 +170,8 @@ func TestTapNetworking(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, h := range hs {
-		if out, err := exec.Command(ipBin, "-n", ns, "link", "show", "dev", h.TapDevice).CombinedOutput(); err == nil {
-			t.Errorf("tap %s still exists after stop/destroy: %s", h.TapDevice, out)
+		if out, err := exec.Command(ipBin, "-n", ns, "link", "show", "dev", qd(h).TapDevice).CombinedOutput(); err == nil {
+			t.Errorf("tap %s still exists after stop/destroy: %s", qd(h).TapDevice, out)
 		}
 	}
 }

@@ -148,8 +148,9 @@ func TestTapNameAndMAC(t *testing.T) {
 func TestQEMUArgs(t *testing.T) {
 	t.Parallel()
 	spec := api.VmSpec{Name: "web1", MemoryMB: 256, Vcpus: 2, Network: &api.NetworkConfig{Type: api.NetworkUser}}
-	r := &record{Handle: api.VmHandle{Name: "web1", WorkDir: "/d/vms/web1", QMPSocket: "/d/vms/web1/qmp.sock",
-		SerialSock: "/d/vms/web1/serial.sock", SerialLog: "/d/vms/web1/console.log", MAC: "02:01:02:03:04:05", SSHPort: 2222, Spec: &spec},
+	r := &record{Handle: handle{VmHandle: api.VmHandle{Name: "web1", WorkDir: "/d/vms/web1", Spec: &spec},
+		HandleData: HandleData{QMPSocket: "/d/vms/web1/qmp.sock", SerialSock: "/d/vms/web1/serial.sock", SerialLog: "/d/vms/web1/console.log",
+			MAC: "02:01:02:03:04:05", SSHPort: 2222}},
 		Chain: imagechain.Chain{{Path: "/img/top.qcow2", Format: "qcow2"}, {Path: "/img/base.raw", Format: "raw"}}}
 	args := strings.Join(qemuArgs(r, AccelTCG), " ")
 	for _, want := range []string{
@@ -377,13 +378,13 @@ func TestStartRetriesBusyForward(t *testing.T) {
 	h, err := b.Prepare(ctx, api.VmSpec{Name: "busy", ImagePath: base, MemoryMB: 64})
 	must(t, err)
 	defer b.Destroy(context.Background(), h)
-	l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(h.SSHPort))
+	l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(dataOf(h).SSHPort))
 	must(t, err)
 	defer l.Close()
 	sh, err := b.Start(ctx, h)
 	must(t, err)
-	if sh.SSHPort == h.SSHPort || sh.SSHPort == 0 {
-		t.Fatalf("Start kept the busy port %d", h.SSHPort)
+	if dataOf(sh).SSHPort == dataOf(h).SSHPort || dataOf(sh).SSHPort == 0 {
+		t.Fatalf("Start kept the busy port %d", dataOf(h).SSHPort)
 	}
 	if st, err := b.State(ctx, sh); err != nil || st != api.StateRunning {
 		t.Fatalf("State = %s, %v", st, err)

@@ -39,8 +39,8 @@ func TestVNCOffTheNetwork(t *testing.T) {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(h.WorkDir, "vnc.sock")
-	if h.VNC != "unix:"+sock {
-		t.Errorf("handle's vnc = %q, want unix:%s", h.VNC, sock)
+	if qd(h).VNC != "unix:"+sock {
+		t.Errorf("handle's vnc = %q, want unix:%s", qd(h).VNC, sock)
 	}
 	if st, err := os.Stat(sock); err != nil || st.Mode()&os.ModeSocket == 0 || st.Mode().Perm() != 0o600 {
 		t.Errorf("VNC socket %s: %v %v, want a socket with mode 0600", sock, st, err)
