@@ -12,13 +12,11 @@ import (
 // monitor is a QMP connection whose every step is bounded by a context.
 // go-qemu's monitors have no deadlines of their own: a Connect or Run
 // that outlives its context is abandoned and the connection closed. It
-// speaks through go-qemu's qmp.Monitor interface: a *qmp.SocketMonitor
-// to a real QEMU, a qmptest monitor in unit tests.
+// speaks through go-qemu's qmp.Monitor interface: a sockMonitor to a real
+// QEMU, a qmptest monitor in unit tests.
 type monitor struct {
 	mon qmp.Monitor
 }
-
-var _ qmp.Monitor = (*qmp.SocketMonitor)(nil)
 
 // dialQMP connects to a QMP socket and completes the qmp_capabilities
 // handshake, retrying while the socket is not there yet, until ctx ends.
@@ -37,7 +35,7 @@ func dialQMP(ctx context.Context, path string) (*monitor, error) {
 			}
 			return nil, fmt.Errorf("%w (last error: %v)", context.DeadlineExceeded, lastErr)
 		}
-		mon, err := qmp.NewSocketMonitor("unix", path, timeout)
+		mon, err := dialSocketMonitor(path, timeout)
 		if err == nil {
 			return connect(ctx, mon)
 		}

@@ -72,10 +72,8 @@ func (b *Backend) Stats(ctx context.Context, h api.VmHandle) (backends.Stats, er
 	)
 	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	// The largest reply comes last: go-qemu hands out each reply in its
-	// reader's buffer, which the reader reuses from the start once a
-	// large reply has filled half of it; a reply after that would be read
-	// into memory that already held one (the race detector flags that).
+	// Each reply is the caller's own copy (sockMonitor), so the order
+	// of the queries does not matter.
 	err = withQMP(qctx, r.Handle.QMPSocket, func(m *monitor) error {
 		var err error
 		if status, err = m.status(qctx); err != nil {
