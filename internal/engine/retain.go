@@ -81,7 +81,7 @@ const retainBatch = 1024
 // retired reports whether a record is of a VM destroyed longer ago than
 // keep (by its last event), with nothing in flight.
 func retired(r *api.VmRecord, now time.Time, keep time.Duration) bool {
-	return r != nil && r.State == api.StateDestroyed && len(r.InFlight) == 0 && !r.UpdatedAt.IsZero() && now.Sub(r.UpdatedAt) >= keep
+	return r.Destroyed() && len(r.InFlight) == 0 && !r.UpdatedAt.IsZero() && now.Sub(r.UpdatedAt) >= keep
 }
 
 // retire decides the purge of a VM the retention found destroyed, on the
