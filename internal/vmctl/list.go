@@ -97,8 +97,10 @@ value of every filter given) and --label (KEY=VALUE, or KEY for any value;
 repeatable: a VM must have every label given).
 
 --format table (default) prints the --columns chosen; json one document, an
-array of records each with host_lost and ip; jsonl one record per line; name
-only the names, one per line (for xargs). --json is --format json.`,
+array of records, each with host_lost (true when its host is lost) and ip
+(when known); jsonl one record per line; yaml
+the json document as YAML (the same field names); name only the names, one
+per line (for xargs). --json is --format json.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if g.json && !cmd.Flags().Changed("format") {
@@ -109,9 +111,9 @@ only the names, one per line (for xargs). --json is --format json.`,
 				return err
 			}
 			switch format {
-			case "table", "json", "jsonl", "name":
+			case "table", "json", "jsonl", "yaml", "name":
 			default:
-				return usageError("--format %q: want table, json, jsonl or name", format)
+				return usageError("--format %q: want table, json, jsonl, yaml or name", format)
 			}
 			for _, col := range columns {
 				if !slices.Contains(listColumns, col) {
@@ -150,7 +152,7 @@ only the names, one per line (for xargs). --json is --format json.`,
 			}
 			lost := g.lostHosts(ctx)
 			ips := g.guestAddrs(ctx, list, lost)
-			if format == "json" || format == "jsonl" {
+			if format == "json" || format == "jsonl" || format == "yaml" {
 				out := make([]listed, len(list))
 				for i, r := range list {
 					out[i] = listed{VmRecord: r, HostLost: lost[r.Host] && r.Live()}
@@ -158,8 +160,11 @@ only the names, one per line (for xargs). --json is --format json.`,
 						out[i].IP = ip
 					}
 				}
-				if format == "json" {
+				switch format {
+				case "json":
 					return g.printJSON(out)
+				case "yaml":
+					return printYAML(g.out, out)
 				}
 				for _, l := range out {
 					b, _ := json.Marshal(l)
@@ -191,7 +196,7 @@ only the names, one per line (for xargs). --json is --format json.`,
 	f.StringSliceVar(&states, "state", nil, "only VMs in these states (e.g. running,stopped)")
 	f.StringSliceVar(&hostsF, "host", nil, "only VMs on these hosts")
 	f.StringArrayVar(&labels, "label", nil, "only VMs with this label: KEY=VALUE, or KEY for any value (repeatable: all must match)")
-	f.StringVar(&format, "format", "table", "table, json, jsonl or name")
+	f.StringVar(&format, "format", "table", "table, json, jsonl, yaml or name")
 	f.StringSliceVar(&columns, "columns", nil, "table columns, from "+strings.Join(listColumns, ","))
 	_ = c.RegisterFlagCompletionFunc("state", func(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
 		var out []cobra.Completion
