@@ -89,6 +89,24 @@ func (b *Backend) receive(ctx context.Context, src api.VmHandle, base string, rc
 	if err != nil {
 		return api.VmHandle{}, "", err
 	}
+	// What the source host wrote reaches this host's QEMU command line:
+	// only a spec that passes admission's checks, a MAC that is one and
+	// an accelerator this backend names.
+	if err := spec.Validate(); err != nil {
+		return api.VmHandle{}, "", fmt.Errorf("the source handle's spec: %w", err)
+	}
+	if srcData.MAC != "" {
+		hw, err := net.ParseMAC(srcData.MAC)
+		if err != nil || len(hw) != 6 {
+			return api.VmHandle{}, "", fmt.Errorf("%w: the source handle's mac %.40q is not a MAC-48 address", api.ErrInvalid, srcData.MAC)
+		}
+		srcData.MAC = hw.String()
+	}
+	switch srcData.Accel {
+	case "", AccelKVM, AccelTCG:
+	default:
+		return api.VmHandle{}, "", fmt.Errorf("%w: the source handle's accel %.40q is not %s or %s", api.ErrInvalid, srcData.Accel, AccelKVM, AccelTCG)
+	}
 	if spec.UEFI {
 		return api.VmHandle{}, "", fmt.Errorf("a UEFI vm's variable store is not migrated: %w", backends.ErrUnsupported)
 	}

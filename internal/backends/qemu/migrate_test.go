@@ -2,6 +2,7 @@ package qemu_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -293,5 +294,28 @@ func TestMigrationEndpointsChecked(t *testing.T) {
 	cold := backends.Receiving{Mode: "cold", From: "nbd://10.0.0.1:1,file.driver=file/disk", Listen: "127.0.0.1", PortLo: 49152, PortHi: 49153}
 	if _, _, err := b.Receive(context.Background(), api.VmHandle{Name: "x", Spec: &api.VmSpec{Name: "x"}}, "/nonexistent", cold); err == nil {
 		t.Error("a cold receive from an endpoint with options was not refused")
+	}
+	// The source's handle data reaches this host's QEMU command line:
+	// its MAC, accelerator and spec are checked before anything is made.
+	live := backends.Receiving{Mode: "live", Listen: "127.0.0.1", PortLo: 49152, PortHi: 49153}
+	spec := &api.VmSpec{Name: "x", Backend: api.BackendQEMU, Vcpus: 1, MemoryMB: 128, DiskGB: 1, ImagePath: "/nonexistent/base.qcow2"}
+	for _, c := range []struct {
+		data, spec string
+		want       string
+	}{
+		{`{"mac":"52:54:00:aa:bb:cc,romfile=/etc/shadow"}`, "", "mac"},
+		{`{"mac":"52:54:00:aa:bb:cc:dd:ee"}`, "", "mac"},
+		{`{"accel":"kvm,kernel-irqchip=off"}`, "", "accel"},
+		{`{}`, "../../etc", "spec"},
+	} {
+		s := *spec
+		if c.spec != "" {
+			s.Name = c.spec
+		}
+		h := api.VmHandle{ID: "src", Name: "x", Backend: api.BackendQEMU, Spec: &s, Data: json.RawMessage(c.data)}
+		_, _, err := b.Receive(context.Background(), h, "/nonexistent", live)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("receive of data %s spec name %q: %v, want it refused naming the %s", c.data, s.Name, err, c.want)
+		}
 	}
 }

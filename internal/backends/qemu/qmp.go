@@ -60,13 +60,10 @@ func connect(ctx context.Context, mon qmp.Monitor) (*monitor, error) {
 		}
 		return &monitor{mon: mon}, nil
 	case <-ctx.Done():
-		// Closing the connection while Connect runs would race with it
-		// inside go-qemu; let it finish (QEMU answers or goes away) and
-		// close it then.
-		go func() {
-			<-done
-			_ = mon.Disconnect()
-		}()
+		// Closing the connection ends a Connect blocked on a QEMU that
+		// accepted but never greets (stopped, hung).
+		_ = mon.Disconnect()
+		<-done
 		return nil, fmt.Errorf("QMP handshake: %w", ctx.Err())
 	}
 }

@@ -80,6 +80,9 @@ func (m *sockMonitor) Run(command []byte) ([]byte, error) {
 	for {
 		line, err := m.line()
 		if err != nil {
+			// Out of step with QEMU (a line cut short or too long): the
+			// next reply read would not be this command's.
+			_ = m.c.Close()
 			return nil, err
 		}
 		var r struct {
@@ -90,6 +93,7 @@ func (m *sockMonitor) Run(command []byte) ([]byte, error) {
 			} `json:"error"`
 		}
 		if err := json.Unmarshal(line, &r); err != nil {
+			_ = m.c.Close()
 			return nil, fmt.Errorf("QMP sent a line that is not JSON: %.80q", line)
 		}
 		switch {

@@ -151,4 +151,68 @@ func TestSocketMonitorHandshake(t *testing.T) {
 	if _, err := dialQMP(short, path); err == nil || !strings.Contains(err.Error(), "deadline") {
 		t.Fatalf("a silent QMP: %v", err)
 	}
+	// A QEMU that accepts but never greets: the handshake gives up at its
+	// context's end and closes the connection (no goroutine or socket is
+	// left waiting on it).
+	path = filepath.Join(t.TempDir(), "mute.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	closed := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			closed <- err
+			return
+		}
+		defer c.Close()
+		_, err = c.Read(make([]byte, 1))
+		closed <- err
+	}()
+	short, cancel3 := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel3()
+	if _, err := dialQMP(short, path); err == nil {
+		t.Fatal("a QEMU that never greets: the handshake succeeded")
+	}
+	select {
+	case err := <-closed:
+		if err == nil {
+			t.Fatal("the monitor wrote to a QEMU that never greeted")
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("the connection to a QEMU that never greets was left open after the handshake gave up")
+	}
+}
+
+// TestSocketMonitorOutOfStep: after a line that is not JSON the monitor
+// closes the connection, so no later command reads a reply meant for an
+// earlier one.
+func TestSocketMonitorOutOfStep(t *testing.T) {
+	n := 0
+	path := scriptedQMP(t, testGreeting, func(cmd string) (string, string, string) {
+		if strings.Contains(cmd, "capabilities") {
+			return "", `{"return": {}}`, ""
+		}
+		n++
+		if n == 1 {
+			return "", `garbage`, `{"return": {"status": "running", "running": true}}` + "\n"
+		}
+		return "", `{"return": {"status": "paused", "running": false}}`, ""
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	m, err := dialQMP(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.close()
+	if err := m.run(ctx, "query-status", nil, nil); err == nil || !strings.Contains(err.Error(), "not JSON") {
+		t.Fatalf("a reply that is not JSON: %v", err)
+	}
+	var st qmpStatus
+	if err := m.run(ctx, "query-status", nil, &st); err == nil {
+		t.Fatalf("a command after the monitor lost step read %+v", st)
+	}
 }
