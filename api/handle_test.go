@@ -79,6 +79,16 @@ func TestHandleData(t *testing.T) {
 	if err := json.Unmarshal([]byte(`{"id":"a","ssh_port":"x"}`), &h); err == nil {
 		t.Fatal("a legacy field of the wrong type decoded")
 	}
+	// Beside Data the old names are not read at all: a newer writer may
+	// use them with other types.
+	h = VmHandle{}
+	if err := json.Unmarshal([]byte(`{"id":"a","data":{"x":1},"extra":{"k":1},"endpoint":{"host":"h"},"ssh_port":"x"}`), &h); err != nil || string(h.Data) != `{"x":1}` {
+		t.Fatalf("old names with new types beside data: data %s, %v", h.Data, err)
+	}
+	// A reused handle keeps no data of its last decode.
+	if err := json.Unmarshal([]byte(`{"id":"b","qmp_socket":"/q"}`), &h); err != nil || string(h.Data) != `{"qmp_socket":"/q"}` {
+		t.Fatalf("reused handle: data %s, %v", h.Data, err)
+	}
 	// Clone copies Data.
 	h = VmHandle{Data: json.RawMessage(`{"a":1}`)}
 	c := h.Clone()

@@ -182,25 +182,26 @@ type legacyHandle struct {
 // once. A handle with Data ignores any such field.
 func (h *VmHandle) UnmarshalJSON(b []byte) error {
 	type plain VmHandle // without this method
-	var w struct {
-		*plain
-		legacyHandle
-	}
-	w.plain = (*plain)(h)
-	if err := json.Unmarshal(b, &w); err != nil {
+	h.Data = nil        // a reused handle keeps no data of its last decode
+	if err := json.Unmarshal(b, (*plain)(h)); err != nil {
 		return err
 	}
 	if string(h.Data) == "null" {
 		h.Data = nil
 	}
-	if len(h.Data) == 0 {
-		d, err := json.Marshal(w.legacyHandle)
-		if err != nil {
-			return err
-		}
-		if string(d) != "{}" { // an old handle with backend fields
-			h.Data = d
-		}
+	if len(h.Data) > 0 {
+		return nil // the old names are not read beside Data: a new writer may reuse them
+	}
+	var old legacyHandle
+	if err := json.Unmarshal(b, &old); err != nil {
+		return err
+	}
+	d, err := json.Marshal(old)
+	if err != nil {
+		return err
+	}
+	if string(d) != "{}" { // an old handle with backend fields
+		h.Data = d
 	}
 	return nil
 }
