@@ -67,6 +67,15 @@ func TestResolveAfterPurge(t *testing.T) {
 		}
 		seqs = append(seqs, seq)
 	}
+	// The engine's work after storing the purge: the VM's events before it
+	// go, so the purge is its first event left.
+	st, err := js.Stream(ctx, n.EventsStream())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Purge(ctx, jetstream.WithPurgeSubject(n.VMEvents("v")), jetstream.WithPurgeSequence(seqs[1])); err != nil {
+		t.Fatal(err)
+	}
 	// The key, written and then deleted (the further projector's work).
 	rev, err := kv.Create(ctx, "v", (&api.VmRecord{Name: "v", State: api.StatePreparing, LastSeq: seqs[0]}).Marshal())
 	if err != nil {
@@ -90,10 +99,14 @@ func TestResolveAfterPurge(t *testing.T) {
 		t.Fatalf("resolve of the purge's fold on a deleted key = %d, %d, %v", got, covered, err)
 	}
 
-	// A record that has folded the VM's last event (a new incarnation's
-	// prepare after the purge) is written.
+	// A record of the new incarnation (a prepare after the purge) is
+	// written, even when a later event of the VM is stored already (its
+	// result): a projector that restarts past the prepare must find it.
 	seq3, _, err := store.Append(ctx, &api.Event{Type: api.TypeAccepted, VM: "v", CommandID: "c3", Action: fsm.ActPrepare, Host: "h1", State: api.StatePreparing}, events.NoExpect, "")
 	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := store.Append(ctx, &api.Event{Type: api.TypeRejected, VM: "v", CommandID: "c3b", Action: fsm.ActStart, State: api.StatePreparing, Reason: "in flight"}, events.NoExpect, ""); err != nil {
 		t.Fatal(err)
 	}
 	fresh := &cached{rec: &api.VmRecord{Name: "v", State: api.StatePreparing, Generation: 1, LastSeq: seq3}, pending: []uint64{seq3}}
@@ -111,7 +124,7 @@ func TestResolveAfterPurge(t *testing.T) {
 
 	// And the purge of it, through write: a delete at its revision,
 	// whose marker's revision comes back for the next write.
-	del, err := p.write(ctx, "v", Fold(nil, &api.Event{Type: api.TypeAccepted, VM: "v", CommandID: "c4", Action: fsm.ActPurge}, seq3+1), e.Revision())
+	del, err := p.write(ctx, "v", Fold(nil, &api.Event{Type: api.TypeAccepted, VM: "v", CommandID: "c4", Action: fsm.ActPurge}, seq3+2), e.Revision())
 	if err != nil || del <= e.Revision() {
 		t.Fatalf("write of a purge's fold = %d, %v", del, err)
 	}
