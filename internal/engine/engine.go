@@ -295,6 +295,17 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		if prev != nil {
 			return e.follow(ctx, prev, seq)
 		}
+		// A decision removed by the VM's purge is not found: a command
+		// sent before the purge was stored is refused (the name may be a
+		// new VM's), never applied to what now has the name.
+		at, err := e.purgedAt(ctx, name)
+		if err != nil {
+			return err
+		}
+		if perr == nil && !at.IsZero() && md.Timestamp.Before(at) {
+			perr = reject("sent at %s, before vm %s was purged (at %s): its name may be another VM's now; send the command again if it is still wanted",
+				md.Timestamp.UTC().Format(time.RFC3339), name, at.UTC().Format(time.RFC3339))
+		}
 	}
 	if perr == nil && issuer != "" {
 		if err := api.ValidateIdentity(issuer); err != nil {
@@ -340,6 +351,13 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 			// already folded it, and would be a rejection as in flight),
 			// and what it asks for may not have happened yet.
 			stored, err := e.storedDecision(ctx, name, cmdID, seq)
+			if errors.Is(err, jetstream.ErrMsgNotFound) {
+				// Stored, then removed by the VM's purge (which needs
+				// the VM destroyed with nothing in flight): decided and
+				// done, nothing to follow.
+				e.log.Info("a redelivered command's decision was purged with its vm", "vm", name, "command_id", cmdID, "seq", seq)
+				return nil
+			}
 			if err != nil {
 				return err
 			}
@@ -387,6 +405,24 @@ func (e *Engine) storedDecision(ctx context.Context, name, cmdID string, seq uin
 		return nil, fmt.Errorf("the event at seq %d is not the decision of command %s of vm %s", seq, cmdID, name)
 	}
 	return ev, nil
+}
+
+// purgedAt is when the VM's purge was stored, if its first event left is
+// a purge (an accepted purge removes the VM's events before it); zero
+// otherwise.
+func (e *Engine) purgedAt(ctx context.Context, name string) (time.Time, error) {
+	m, err := e.store.Stream().GetMsg(ctx, 1, jetstream.WithGetMsgSubject(e.cfg.Names.VMEvents(name)))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return time.Time{}, nil
+	}
+	if err != nil {
+		return time.Time{}, fmt.Errorf("reading the first event of vm %s: %w", name, err)
+	}
+	ev, err := events.DecodeStored(e.cfg.Names, m.Subject, m.Data)
+	if err != nil || events.RelayedCopy(m) || ev.Type != api.TypeAccepted || ev.Action != api.ActPurge {
+		return time.Time{}, nil
+	}
+	return m.Time, nil
 }
 
 // commandID is the body's command_id, else the Nats-Msg-Id, else

@@ -169,6 +169,9 @@ type EngineConfig struct {
 	AckWait       time.Duration
 	// RetainDestroyed: the engine's --retain-destroyed (0: keep for ever).
 	RetainDestroyed time.Duration
+	// DuplicateWindow is the event stream's duplicate window as the engine
+	// believes it (0: the default); the stream keeps its own.
+	DuplicateWindow time.Duration
 }
 
 // StartEngine runs an engine on its own connection.
@@ -178,8 +181,12 @@ func (e *Env) StartEngine(c EngineConfig) *Part {
 		c.ID = "e1"
 	}
 	nc, js := e.Connect()
+	settings := jsetup.DefaultSettings
+	if c.DuplicateWindow > 0 {
+		settings.DuplicateWindow = c.DuplicateWindow
+	}
 	eng, err := engine.New(context.Background(), engine.Config{
-		JS: js, Names: e.Names, Settings: jsetup.DefaultSettings, Log: e.Log, ID: c.ID,
+		JS: js, Names: e.Names, Settings: settings, Log: e.Log, ID: c.ID,
 		HostLostAfter: c.HostLostAfter, AckWait: c.AckWait, RetainDestroyed: c.RetainDestroyed,
 	})
 	if err != nil {
