@@ -28,7 +28,9 @@ func TestCommandsSentBeforeAPurge(t *testing.T) {
 	env.WaitHost(eng, "h1")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	spec := func(name string) api.Command { return api.Command{Spec: &api.VmSpec{Name: name, Backend: api.BackendNoop}} }
+	spec := func(name string) api.Command {
+		return api.Command{Spec: &api.VmSpec{Name: name, Backend: api.BackendNoop}}
+	}
 	result := func(vm, cmd string, want api.EventType) {
 		t.Helper()
 		if ev := env.Result(vm, cmd, 30*time.Second); ev == nil || ev.Type != want {
