@@ -33,6 +33,7 @@ func (e *Engine) runRetention(ctx context.Context) error {
 	every := min(max(keep/4, 250*time.Millisecond), time.Minute)
 	t := time.NewTicker(every)
 	defer t.Stop()
+	var unfinished unfinishedPurges
 	for {
 		select {
 		case <-ctx.Done():
@@ -45,6 +46,17 @@ func (e *Engine) runRetention(ctx context.Context) error {
 				e.log.Warn("retention: reading the records failed; trying again later", "err", err)
 			}
 			continue
+		}
+		// Purges decided by an earlier look whose removal of the VM's
+		// events failed: their records are gone, so no look would find
+		// them again.
+		for name, u := range unfinished.take() {
+			e.exec.Do(name, func() {
+				if err := e.follow(ctx, u.ev, u.seq); err != nil && ctx.Err() == nil {
+					e.log.Warn("retention: removing a purged vm's events failed; trying again later", "vm", name, "err", err)
+					unfinished.add(name, u)
+				}
+			})
 		}
 		now := time.Now()
 		var due []*api.VmRecord
@@ -66,7 +78,12 @@ func (e *Engine) runRetention(ctx context.Context) error {
 			batch.Add(1)
 			e.exec.Do(r.Name, func() {
 				defer batch.Done()
-				if err := e.retire(ctx, r.Name, now); err != nil && ctx.Err() == nil {
+				err := e.retire(ctx, r.Name, now)
+				var u *unfinishedPurge
+				if errors.As(err, &u) {
+					unfinished.add(r.Name, *u)
+				}
+				if err != nil && ctx.Err() == nil {
 					e.log.Warn("retention: purging a destroyed vm failed; trying again later", "vm", r.Name, "err", err)
 				}
 			})
@@ -121,14 +138,59 @@ func (e *Engine) retire(ctx context.Context, name string, now time.Time) error {
 			if err != nil {
 				return err
 			}
-			return e.follow(ctx, stored, seq)
+			if err := e.follow(ctx, stored, seq); err != nil {
+				return &unfinishedPurge{ev: stored, seq: seq, err: err}
+			}
+			return nil
 		}
 		if err := e.follow(ctx, &ev, seq); err != nil {
-			return err
+			return &unfinishedPurge{ev: &ev, seq: seq, err: err}
 		}
 		e.cfg.Metrics.Decided(string(fsm.ActPurge), string(ev.Type), ev.Time)
 		e.waitFolded(ctx, seq)
 		return nil
 	}
 	return fmt.Errorf("retention: vm %s: %d decisions in a row lost a race", name, maxConflicts)
+}
+
+// unfinishedPurge is a purge the retention stored whose removal of the
+// VM's earlier events failed (the stream was unavailable): following it
+// again repeats the removal, which is idempotent.
+type unfinishedPurge struct {
+	ev  *api.Event
+	seq uint64
+	err error
+}
+
+func (u *unfinishedPurge) Error() string {
+	return fmt.Sprintf("purge of vm %s stored at seq %d, its earlier events not yet removed: %v", u.ev.VM, u.seq, u.err)
+}
+
+func (u *unfinishedPurge) Unwrap() error { return u.err }
+
+// unfinishedPurges holds them, by VM, for the retention's next look; at
+// most retainBatch (a stream that refuses every purge for long loses the
+// oldest to the log: the decision stays, the earlier events with it).
+type unfinishedPurges struct {
+	mu sync.Mutex
+	m  map[string]unfinishedPurge
+}
+
+func (p *unfinishedPurges) add(name string, u unfinishedPurge) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.m == nil {
+		p.m = map[string]unfinishedPurge{}
+	}
+	if len(p.m) < retainBatch {
+		p.m[name] = u
+	}
+}
+
+func (p *unfinishedPurges) take() map[string]unfinishedPurge {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m := p.m
+	p.m = nil
+	return m
 }
