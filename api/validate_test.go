@@ -128,6 +128,9 @@ func TestValidateLabels(t *testing.T) {
 		{"newline in value", map[string]string{"team": "a\nb"}, "spec.labels.team:", "must not contain control characters"},
 		{"escape in value", map[string]string{"team": "\x1b[2J"}, "spec.labels.team:", "must not contain control characters"},
 		{"C1 in value", map[string]string{"team": "a\u0085"}, "spec.labels.team:", "must not contain control characters"},
+		{"right-to-left override in value", map[string]string{"team": "\u202egnp.exe"}, "spec.labels.team:", "direction-changing"},
+		{"zero-width space in value", map[string]string{"team": "c\u200bi"}, "spec.labels.team:", "invisible"},
+		{"byte order mark in value", map[string]string{"team": "\ufeffci"}, "spec.labels.team:", "invisible"},
 		{"tab in value", map[string]string{"team": "a\tb"}, "spec.labels.team:", "must not contain control characters"},
 		{"invalid UTF-8", map[string]string{"team": "\xff"}, "spec.labels.team:", "valid UTF-8"},
 		// The first broken label in key order is the one named.

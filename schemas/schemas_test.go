@@ -716,6 +716,8 @@ func TestInvalidCommands(t *testing.T) {
 		{"prepare", spec(`"labels":{"-x":"v"}`), []string{"spec.labels"}},
 		{"prepare", spec(`"labels":{"a/b/c":"v"}`), []string{"spec.labels"}},
 		{"prepare", spec(`"labels":{"team":"a\nb"}`), []string{"spec.labels.team"}},
+		{"prepare", spec(`"labels":{"team":"\u202egnp.exe"}`), []string{"spec.labels.team"}},
+		{"prepare", spec(`"labels":{"team":"a​b"}`), []string{"spec.labels.team"}},
 		{"prepare", spec(`"labels":{"team":1}`), []string{"spec.labels.team"}},
 		{"prepare", spec(`"labels":{"team":"` + strings.Repeat("v", 64) + `"}`), []string{"spec.labels.team"}},
 		{"prepare", spec(`"labels":"team=ci"`), []string{"spec.labels"}},

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/client"
@@ -368,7 +369,7 @@ func (g *globals) statusCmd() *cobra.Command {
 					// What the backend shows of its data (accel,
 					// vnc, ssh...), which only it reads.
 					for _, k := range slices.Sorted(maps.Keys(live.Details)) {
-						fmt.Fprintf(tw, "%s:\t%s\n", k, live.Details[k])
+						fmt.Fprintf(tw, "%s:\t%s\n", printable(k), printable(live.Details[k]))
 					}
 				} else {
 					fmt.Fprintf(tw, "process:\tnot running\n")
@@ -413,4 +414,13 @@ func (g *globals) ipCmd() *cobra.Command {
 			return nil
 		},
 	}
+}
+
+// printable is s, or s quoted when it holds characters that would act on
+// the terminal instead of showing (a worker's details reach it as sent).
+func printable(s string) string {
+	if strings.ContainsFunc(s, func(r rune) bool { return !unicode.IsGraphic(r) && r != ' ' }) {
+		return strconv.QuoteToGraphic(s)
+	}
+	return s
 }

@@ -128,3 +128,18 @@ func TestListFiltersAndFormats(t *testing.T) {
 		}
 	}
 }
+
+func TestPrintable(t *testing.T) {
+	for in, want := range map[string]string{
+		"127.0.0.1:40022 (on host h1)":  "127.0.0.1:40022 (on host h1)",
+		"unix:/var/lib/vmherd/vnc.sock": "unix:/var/lib/vmherd/vnc.sock",
+		"zoë":                           "zoë",
+		"\x1b[2Jcleared":                `"\x1b[2Jcleared"`,
+		"a\nb":                          `"a\nb"`,
+		"\u202egnp.exe":                 `"\u202egnp.exe"`,
+	} {
+		if got := printable(in); got != want {
+			t.Errorf("printable(%q) = %s, want %s", in, got, want)
+		}
+	}
+}
