@@ -184,7 +184,12 @@ func (e *Engine) Run(ctx context.Context) error {
 	g.Go(func() error { return e.runHostEvents(gctx) })
 	g.Go(func() error { return e.runHostConsumers(gctx) })
 	g.Go(func() error { return e.runCommands(gctx) })
-	g.Go(func() error { return e.requeueInFlight(gctx, names) })
+	g.Go(func() error {
+		if err := e.requeueInFlight(gctx, names); err != nil || gctx.Err() != nil {
+			return err
+		}
+		return e.finishPurges(gctx)
+	})
 	if e.cfg.RetainDestroyed > 0 {
 		g.Go(func() error { return e.runRetention(gctx) })
 	}
@@ -405,24 +410,6 @@ func (e *Engine) storedDecision(ctx context.Context, name, cmdID string, seq uin
 		return nil, fmt.Errorf("the event at seq %d is not the decision of command %s of vm %s", seq, cmdID, name)
 	}
 	return ev, nil
-}
-
-// purgedAt is when the VM's purge was stored, if its first event left is
-// a purge (an accepted purge removes the VM's events before it); zero
-// otherwise.
-func (e *Engine) purgedAt(ctx context.Context, name string) (time.Time, error) {
-	m, err := e.store.Stream().GetMsg(ctx, 1, jetstream.WithGetMsgSubject(e.cfg.Names.VMEvents(name)))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return time.Time{}, nil
-	}
-	if err != nil {
-		return time.Time{}, fmt.Errorf("reading the first event of vm %s: %w", name, err)
-	}
-	ev, err := events.DecodeStored(e.cfg.Names, m.Subject, m.Data)
-	if err != nil || events.RelayedCopy(m) || ev.Type != api.TypeAccepted || ev.Action != api.ActPurge {
-		return time.Time{}, nil
-	}
-	return m.Time, nil
 }
 
 // commandID is the body's command_id, else the Nats-Msg-Id, else

@@ -91,3 +91,44 @@ func TestCommandsSentBeforeAPurge(t *testing.T) {
 		t.Fatalf("a command sent before its VM's purge: %+v", ev)
 	}
 }
+
+// An engine that died between storing a purge and removing the VM's
+// earlier events left them: the next engine to start removes them once
+// its projection has folded the purge (the record is gone, so nothing
+// else would come back to it).
+func TestPurgeFinishedAtStartUp(t *testing.T) {
+	t.Parallel()
+	env := testenv.New(t)
+	eng := env.StartEngine(testenv.EngineConfig{})
+	env.StartWorker(testenv.WorkerConfig{Host: "h1"})
+	env.WaitHost(eng, "h1")
+	env.SendCmd("v", "prepare", "p1", api.Command{Spec: &api.VmSpec{Name: "v", Backend: api.BackendNoop}})
+	if ev := env.Result("v", "p1", 30*time.Second); ev == nil || ev.Type != api.TypePrepared {
+		t.Fatalf("prepare: %+v", ev)
+	}
+	env.SendCmd("v", "destroy", "d1", api.Command{})
+	if ev := env.Result("v", "d1", 30*time.Second); ev == nil || ev.Type != api.TypeDestroyed {
+		t.Fatalf("destroy: %+v", ev)
+	}
+	if err := eng.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	// The dead engine's last act: the purge's decision, stored as an
+	// engine stores it, and nothing after.
+	evs := env.Events("v")
+	before := len(evs)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ev := api.Event{Type: api.TypeAccepted, VM: "v", CommandID: "pg1", Action: fsm.ActPurge, State: api.StateDestroyed, Time: time.Now().UTC()}
+	if _, _, err := env.Store.Append(ctx, &ev, evs[len(evs)-1].Seq, api.DecisionMsgID("v", "pg1")); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(env.Events("v")); n != before+1 {
+		t.Fatalf("%d events before the restart, want %d", n, before+1)
+	}
+	env.StartEngine(testenv.EngineConfig{ID: "e2"})
+	env.WaitFor("the purged vm's earlier events to be removed", 30*time.Second, func() bool {
+		evs := env.Events("v")
+		return len(evs) == 1 && evs[0].Event != nil && evs[0].Event.CommandID == "pg1"
+	})
+}

@@ -24,6 +24,37 @@ import (
 // identities that only read a bucket may not delete consumers
 // (docs/trust.md).
 func KVEntries(ctx context.Context, js KVReader, bucket, filter string) ([]jetstream.KeyValueEntry, error) {
+	all, err := kvLatest(ctx, js, bucket, filter)
+	if err != nil {
+		return nil, err
+	}
+	live := all[:0]
+	for _, e := range all {
+		if e.Operation() == jetstream.KeyValuePut {
+			live = append(live, e)
+		}
+	}
+	return live, nil
+}
+
+// KVDeleted returns the keys of a bucket matching filter whose latest
+// entry is a delete or purge marker, read as KVEntries reads.
+func KVDeleted(ctx context.Context, js KVReader, bucket, filter string) ([]string, error) {
+	all, err := kvLatest(ctx, js, bucket, filter)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range all {
+		if e.Operation() != jetstream.KeyValuePut {
+			out = append(out, e.Key())
+		}
+	}
+	return out, nil
+}
+
+// kvLatest is each key's latest entry, markers included, in stream order.
+func kvLatest(ctx context.Context, js KVReader, bucket, filter string) ([]jetstream.KeyValueEntry, error) {
 	if filter == "" {
 		filter = ">"
 	}
@@ -89,13 +120,7 @@ pages:
 			break
 		}
 	}
-	live := out[:0]
-	for _, e := range out {
-		if e.Operation() == jetstream.KeyValuePut {
-			live = append(live, e)
-		}
-	}
-	return live, nil
+	return out, nil
 }
 
 // KVReader is what KVEntries needs of JetStream: the connection and the
