@@ -61,7 +61,7 @@ func (s *Sweeper) run(ctx context.Context) error {
 		return err
 	}
 	// Watch before the pass, so nothing destroyed in between is missed.
-	w, err := records.WatchAll(ctx, jetstream.UpdatesOnly(), jetstream.IgnoreDeletes())
+	w, err := records.WatchAll(ctx, jetstream.UpdatesOnly())
 	if err != nil {
 		return err
 	}
@@ -80,6 +80,14 @@ func (s *Sweeper) run(ctx context.Context) error {
 			if e == nil {
 				continue
 			}
+			if e.Operation() != jetstream.KeyValuePut {
+				// A purge: every incarnation of the name is gone (the next
+				// one starts at generation 1 again).
+				if err := s.sweepBefore(ctx, keys, e.Key(), e.Created()); err != nil {
+					return err
+				}
+				continue
+			}
 			r, err := api.UnmarshalRecord(e.Value())
 			if err != nil || !r.Destroyed() {
 				continue
@@ -92,9 +100,11 @@ func (s *Sweeper) run(ctx context.Context) error {
 }
 
 // pass deletes every entry of an incarnation older than the record's, or
-// of the record's own when it is destroyed. Entries of a name without a
-// record, or of a later generation, are kept: vmctl up makes the key of
-// the incarnation it is about to prepare.
+// of the record's own when it is destroyed, and of a purged name (its
+// record deleted) every entry written before the purge. Entries of a name
+// that never had a record, of a later generation, or written after the
+// purge are kept: vmctl up makes the key of the incarnation it is about
+// to prepare.
 func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) error {
 	lister, err := keys.ListKeys(ctx)
 	if err != nil {
@@ -128,6 +138,18 @@ func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) er
 			recs[name] = r
 		}
 		if r == nil {
+			// No record: a name about to be prepared (vmctl up makes its
+			// key first) keeps its entries; a purged name loses those
+			// written before its purge.
+			purgedAt, err := s.purgedAt(ctx, records, name)
+			if err != nil {
+				return err
+			}
+			if !purgedAt.IsZero() {
+				if err := s.purgeIfBefore(ctx, keys, k, purgedAt); err != nil {
+					return err
+				}
+			}
 			continue
 		}
 		stale := gen < r.Generation || (gen == r.Generation && r.Destroyed())
@@ -154,6 +176,68 @@ func (s *Sweeper) sweep(ctx context.Context, keys jetstream.KeyValue, name strin
 		}
 	}
 	return nil
+}
+
+// sweepBefore deletes the entries of every incarnation of name written
+// before t (its purge): vmctl up may have made the new incarnation's key
+// since.
+func (s *Sweeper) sweepBefore(ctx context.Context, keys jetstream.KeyValue, name string, t time.Time) error {
+	lister, err := keys.ListKeysFiltered(ctx, name+".>")
+	if err != nil {
+		if errors.Is(err, jetstream.ErrNoKeysFound) {
+			return nil
+		}
+		return err
+	}
+	var ks []string
+	for k := range lister.Keys() {
+		ks = append(ks, k)
+	}
+	for _, k := range ks {
+		if n, _, _, ok := api.ParseSSHKey(k); !ok || n != name {
+			continue
+		}
+		if err := s.purgeIfBefore(ctx, keys, k, t); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// purgeIfBefore purges k if it was written before t.
+func (s *Sweeper) purgeIfBefore(ctx context.Context, keys jetstream.KeyValue, k string, t time.Time) error {
+	e, err := keys.Get(ctx, k)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if !e.Created().Before(t) {
+		return nil
+	}
+	return s.purge(ctx, keys, k)
+}
+
+// purgedAt is when name's record was deleted (its purge's fold), zero if
+// its latest entry is not a delete marker or there is none.
+func (s *Sweeper) purgedAt(ctx context.Context, records jetstream.KeyValue, name string) (time.Time, error) {
+	st, err := s.JS.Stream(ctx, "KV_"+records.Bucket())
+	if err != nil {
+		return time.Time{}, err
+	}
+	m, err := st.GetLastMsgForSubject(ctx, "$KV."+records.Bucket()+"."+name)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return time.Time{}, nil
+	}
+	if err != nil {
+		return time.Time{}, err
+	}
+	switch m.Header.Get("KV-Operation") {
+	case "DEL", "PURGE":
+		return m.Time, nil
+	}
+	return time.Time{}, nil
 }
 
 // purge removes k and every revision of it, if it is there (a missing

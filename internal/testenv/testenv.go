@@ -172,6 +172,8 @@ type EngineConfig struct {
 	// DuplicateWindow is the event stream's duplicate window as the engine
 	// believes it (0: the default); the stream keeps its own.
 	DuplicateWindow time.Duration
+	// NoSweeper runs the engine without its VM_SSH sweeper.
+	NoSweeper bool
 }
 
 // StartEngine runs an engine on its own connection.
@@ -197,7 +199,9 @@ func (e *Env) StartEngine(c EngineConfig) *Part {
 		// As app.RunEngine: the engine and its VM_SSH sweeper.
 		g, gctx := errgroup.WithContext(ctx)
 		g.Go(func() error { return eng.Run(gctx) })
-		g.Go(func() error { return sweeper.Run(gctx) })
+		if !c.NoSweeper {
+			g.Go(func() error { return sweeper.Run(gctx) })
+		}
 		return g.Wait()
 	}, nc)
 	p.Engine = eng
