@@ -47,13 +47,6 @@ func DataOf(h api.VmHandle) (HandleData, error) {
 	return d, nil
 }
 
-// dataOf is DataOf for the calls that only show or use a field: data
-// that does not decode reads as none.
-func dataOf(h api.VmHandle) HandleData {
-	d, _ := DataOf(h)
-	return d
-}
-
 // handle is the backend's whole view of an incarnation: the handle and its
 // data decoded. In vm.json it is written as the api.VmHandle, data in Data.
 type handle struct {
@@ -100,9 +93,15 @@ func (h *handle) UnmarshalJSON(b []byte) error {
 }
 
 // Details shows the accelerator, the display socket and the forwarded SSH
-// port, while they are set.
+// port, while they are set, from this host's own record of h's VM (as every
+// call does), not from h: a handle may come from the VM's record, which
+// another host wrote before a migration.
 func (b *Backend) Details(h api.VmHandle) map[string]string {
-	d := dataOf(h)
+	r, err := b.load(h)
+	if err != nil {
+		return nil
+	}
+	d := r.Handle.HandleData
 	out := map[string]string{}
 	if d.Accel != "" {
 		out["accel"] = d.Accel
@@ -112,8 +111,8 @@ func (b *Backend) Details(h api.VmHandle) map[string]string {
 	}
 	if d.SSHPort != 0 {
 		out["ssh"] = "127.0.0.1:" + strconv.Itoa(d.SSHPort)
-		if h.Host != "" {
-			out["ssh"] += " (on host " + h.Host + ")"
+		if r.Handle.Host != "" {
+			out["ssh"] += " (on host " + r.Handle.Host + ")"
 		}
 	}
 	if d.TapDevice != "" {
@@ -128,7 +127,12 @@ func (b *Backend) Details(h api.VmHandle) map[string]string {
 	return out
 }
 
-// ForwardedSSH is the user networking port forward of h.
+// ForwardedSSH is the user networking port forward of h's VM, from this
+// host's own record of it (0 when there is none).
 func (b *Backend) ForwardedSSH(h api.VmHandle) int {
-	return dataOf(h).SSHPort
+	r, err := b.load(h)
+	if err != nil {
+		return 0
+	}
+	return r.Handle.SSHPort
 }

@@ -38,7 +38,24 @@ func TestLegacyHandleData(t *testing.T) {
 	if !reflect.DeepEqual(d, want) {
 		t.Fatalf("data %+v\nwant %+v", d, want)
 	}
-	var b Backend
+	// The details and the port come from this host's vm.json, not from
+	// the handle asked about (which may be the record's, another host's).
+	b := Backend{vmsDir: t.TempDir()}
+	raw, err := os.ReadFile("../../../api/testdata/handle-qemu-legacy.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(b.vmsDir, h.Name), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(b.vmsDir, h.Name, recordFile), []byte(`{"version":1,"handle":`+string(raw)+`}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	forged := h.Clone()
+	forged.Data = json.RawMessage(`{"ssh_port":22,"accel":"kvm"}`)
+	if p := b.ForwardedSSH(forged); p != 40022 {
+		t.Fatalf("ForwardedSSH of a handle claiming port 22 = %d, want vm.json's 40022", p)
+	}
 	if p := b.ForwardedSSH(h); p != 40022 {
 		t.Fatalf("ForwardedSSH = %d", p)
 	}
@@ -46,8 +63,11 @@ func TestLegacyHandleData(t *testing.T) {
 	if got := b.Details(h); !reflect.DeepEqual(got, wantDetails) {
 		t.Fatalf("Details = %v, want %v", got, wantDetails)
 	}
+	if got := b.Details(forged); !reflect.DeepEqual(got, wantDetails) {
+		t.Fatalf("Details of a handle with other data = %v, want vm.json's %v", got, wantDetails)
+	}
 	if b.Details(api.VmHandle{Name: "x"}) != nil || b.ForwardedSSH(api.VmHandle{Name: "x"}) != 0 {
-		t.Fatal("a handle without data has details or a port")
+		t.Fatal("a VM without a record here has details or a port")
 	}
 	if _, err := DataOf(api.VmHandle{Name: "x", Data: json.RawMessage(`{"ssh_port":"x"}`)}); err == nil {
 		t.Fatal("DataOf took data of the wrong shape")
@@ -103,5 +123,12 @@ func mustData(t *testing.T, h api.VmHandle) HandleData {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return d
+}
+
+// dataOf is DataOf for tests that only read a field: data
+// that does not decode reads as none.
+func dataOf(h api.VmHandle) HandleData {
+	d, _ := DataOf(h)
 	return d
 }
