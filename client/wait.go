@@ -70,7 +70,8 @@ func (c *Client) WaitSSH(ctx context.Context, name string) (string, error) {
 // WaitBanner waits until a server on the guest's port greets a new
 // connection with a line starting with prefix ("": any line), and
 // returns that line. Until then it tries again every second: the VM may
-// not run yet, its guest may be booting.
+// not run yet, its guest may be booting. It gives up at once (ErrNeverState)
+// when the VM is destroyed, does not exist or has no network.
 func (c *Client) WaitBanner(ctx context.Context, name string, port int, prefix string) (string, error) {
 	var last error
 	for {
@@ -85,6 +86,8 @@ func (c *Client) WaitBanner(ctx context.Context, name string, port int, prefix s
 		switch r, rerr := c.Record(ctx, name); {
 		case rerr == nil && r.Destroyed():
 			return "", fmt.Errorf("vm %s was destroyed: %w", name, ErrNeverState)
+		case rerr == nil && r.Handle != nil && r.Handle.Spec != nil && r.Handle.Spec.Network != nil && r.Handle.Spec.Network.Type == api.NetworkNone:
+			return "", fmt.Errorf("vm %s has no network (network none): nothing can reach its port %d: %w", name, port, ErrNeverState)
 		case errors.Is(rerr, ErrNotFound):
 			return "", fmt.Errorf("vm %s does not exist: %w", name, ErrNeverState)
 		}

@@ -137,6 +137,12 @@ func (g *globals) explainExists(ctx context.Context, name string, err error) err
 	if !errors.As(err, &rej) {
 		return err
 	}
+	if strings.HasPrefix(rej.Reason, "spec.") || strings.HasPrefix(rej.Reason, "spec:") {
+		// A spec that breaks a rule is a usage error (exit 2), whether
+		// vmctl finds it or the engine does with the host's defaults
+		// filled in (its default backend needs an image).
+		return &exitError{code: ExitUsage, kind: "usage", err: err, msg: fmt.Sprintf("the engine rejected prepare of %s: %s", name, flagWords(rej.Reason))}
+	}
 	if r, rerr := g.c.Record(ctx, name); rerr == nil && r.Live() {
 		return &exitError{code: ExitFailed, kind: "exists", err: err, msg: fmt.Sprintf("a VM named %s already exists (state %s): the engine rejected prepare: %s\nhelp: --if-not-exists makes that a success; `vmctl destroy %s` frees the name", name, r.State, flagWords(rej.Reason), name)}
 	}

@@ -296,6 +296,9 @@ func watchHint(name string) string {
 
 // wireToFlag names the user's flags instead of wire fields in messages.
 var wireToFlag = strings.NewReplacer(
+	// api's wording names both image fields; vmctl has one flag for both.
+	"spec.image_path: is required for the qemu backend (or spec.image, a name in the host's image store)",
+	"--image: is required for the qemu backend (a base image's path on the host, or the name of an image in the hosts' stores: vmctl image pull)",
 	"spec.cloud_init.network_config", "--network-config",
 	"spec.cloud_init.user_data", "--cloud-init",
 	"spec.network.bridge", "--bridge",

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -68,7 +69,7 @@ condition cannot hold any more (the VM was destroyed, does not exist).`,
 				case cmd.Context().Err() != nil:
 					err = &exitError{code: ExitInterrupted, kind: "interrupted", msg: "interrupted", err: err}
 				case errors.As(err, &te) || errors.Is(err, context.DeadlineExceeded):
-					err = &exitError{code: ExitNoResult, kind: "timeout", msg: fmt.Sprintf("%s: not %s within --timeout %s (%v)", args[0], what, g.timeout, err), err: err}
+					err = &exitError{code: ExitNoResult, kind: "timeout", msg: fmt.Sprintf("%s: not %s within --timeout %s%s", args[0], what, g.timeout, g.waitedFor(cmd.Context(), &doc, kind, te)), err: err}
 				case errors.Is(err, client.ErrNeverState):
 					err = &exitError{code: ExitFailed, kind: "never", msg: fmt.Sprintf("%s: waiting for %s: %v", args[0], what, err), err: err}
 				default:
@@ -94,10 +95,76 @@ condition cannot hold any more (the VM was destroyed, does not exist).`,
 	return c
 }
 
+// waitedFor says where a wait that timed out had got to.
+func (g *globals) waitedFor(ctx context.Context, doc *waitDoc, kind string, te *client.TimeoutError) string {
+	switch {
+	case kind == "command" && te != nil && te.Accepted:
+		return fmt.Sprintf(": accepted on host %s, no result yet", te.Host)
+	case kind == "command":
+		return ": no decision of that command is stored (was it sent under that id? does an engine run?)"
+	}
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	r, err := g.c.Record(rctx, doc.VM)
+	switch {
+	case err != nil:
+		return ""
+	case kind == "ssh" && !running(r):
+		doc.Record = r
+		return fmt.Sprintf(": it is %s, not running", r.State)
+	case kind == "ssh":
+		doc.Record = r
+		return ": it runs, and nothing greets on its port 22 (still booting? no SSH server? no network?)"
+	}
+	doc.Record = r
+	return fmt.Sprintf(": it is %s", r.State)
+}
+
+// watchTrouble says, until stop is closed, why a wait that polls (state,
+// ssh) may be long: the NATS connection is down, or no engine takes
+// commands (nothing changes a record then). It returns when it has
+// stopped writing.
+func (g *globals) watchTrouble(ctx context.Context, p *progress, stop <-chan struct{}) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			why := ""
+			if down := g.c.DownSince(); !down.IsZero() {
+				why = fmt.Sprintf("the connection to NATS is down since %s; reconnecting", down.Format("15:04:05"))
+			} else if ok, reason, err := g.c.EngineServing(ctx, 0); err == nil && !ok {
+				why = reason
+			}
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			p.trouble(why)
+			p.show()
+		}
+	}()
+	return done
+}
+
 func (g *globals) wait(ctx context.Context, doc *waitDoc, kind, arg string) error {
 	name := doc.VM
 	p := g.newProgress("wait " + name)
 	defer p.clear()
+	if kind != "command" {
+		stop := make(chan struct{})
+		done := g.watchTrouble(ctx, p, stop)
+		defer func() { close(stop); <-done }()
+	}
 	switch kind {
 	case "state":
 		p.waitingFor("state " + arg)
@@ -119,7 +186,18 @@ func (g *globals) wait(ctx context.Context, doc *waitDoc, kind, arg string) erro
 		return nil
 	}
 	p.waitingFor("command " + arg)
-	res, err := g.c.WaitCommand(ctx, name, arg)
+	res, err := g.c.WaitCommand(ctx, name, arg, client.WithProgress(func(pr client.Progress) {
+		switch pr.Waiting {
+		case "decision":
+			p.waitingFor("the engine's decision on command " + arg)
+		case "result":
+			p.waitingFor(fmt.Sprintf("the result of command %s from the worker on host %s", arg, pr.Host))
+		case "copy":
+			p.waitingFor(fmt.Sprintf("the copy to the destination (%d of %d MiB)", pr.Bytes>>20, pr.Total>>20))
+		}
+		p.trouble(pr.Trouble)
+		p.show()
+	}))
 	final := (*api.Event)(nil)
 	if res != nil {
 		final, doc.Record = res.Final, res.Record
