@@ -55,8 +55,9 @@ func NewRegistry(lostAfter time.Duration) *Registry {
 }
 
 // Changes delivers the host changes seen after the initial load, and the
-// losses of hosts found lost at any time (also at start: the receiver
-// keeps such reports idempotent, see engine host events).
+// losses of hosts found lost at any time from LostAfter after the start
+// on (also hosts lost before it: the receiver keeps such reports
+// idempotent, see engine host events).
 func (r *Registry) Changes() <-chan Change { return r.changes }
 
 // Run watches the bucket until ctx ends, watching again whenever a watch
@@ -86,6 +87,16 @@ func (r *Registry) checkLost(ctx context.Context) {
 	case <-ctx.Done():
 		return
 	case <-r.ready:
+	}
+	// A registry that has just started reports no host lost until it has
+	// watched for LostAfter: a host whose beats stopped while no engine
+	// ran (restarting a single host stops its worker with its engine) gets
+	// a whole LostAfter to beat again, so a restart adds no lost/back
+	// pair. Liveness itself (Alive, Get) is not delayed.
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(r.LostAfter):
 	}
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
