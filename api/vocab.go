@@ -32,7 +32,11 @@ const (
 )
 
 // Action is a lifecycle command: the token after the VM name in a
-// command's subject (vm.cmd.<vm>.<action>).
+// command's subject (vm.cmd.<vm>.<action>). It is the state machine's
+// type (an alias, so go doc lists its methods there): a.Pending() is the
+// in-flight state an accepted a puts the VM in, a.Outcome() the state its
+// success leaves (StateAbsent for a purge), a.Success() the result type
+// of its success.
 type Action = fsm.Action
 
 // The lifecycle commands.
