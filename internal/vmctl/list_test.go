@@ -5,11 +5,18 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/internal/backends"
+	"github.com/vmherd/vmherd/internal/backends/noop"
+	"github.com/vmherd/vmherd/internal/testenv"
 )
 
 // strictJSON decodes exactly one JSON document from s into v.
@@ -141,5 +148,58 @@ func TestPrintable(t *testing.T) {
 		if got := printable(in); got != want {
 			t.Errorf("printable(%q) = %s, want %s", in, got, want)
 		}
+	}
+}
+
+// addressed is a Noop backend under the qemu tag whose guests have an
+// address, as a QEMU guest with user networking has.
+type addressed struct{ *noop.Backend }
+
+func (a addressed) Prepare(ctx context.Context, spec api.VmSpec) (api.VmHandle, error) {
+	h, err := a.Backend.Prepare(ctx, spec)
+	h.Backend = api.BackendQEMU
+	return h, err
+}
+
+func (a addressed) Start(ctx context.Context, h api.VmHandle) (api.VmHandle, error) {
+	h, err := a.Backend.Start(ctx, h)
+	h.Backend = api.BackendQEMU
+	return h, err
+}
+
+func (addressed) GuestIP(context.Context, api.VmHandle) (string, error) {
+	return "127.0.0.1:40022", nil
+}
+
+// list asks the workers for running VMs' addresses: the table's IP
+// column and the json document's ip (none for a VM that does not run).
+func TestListShowsTheGuestAddress(t *testing.T) {
+	t.Parallel()
+	env := testenv.New(t)
+	eng := env.StartEngine(testenv.EngineConfig{})
+	images := t.TempDir()
+	base := filepath.Join(images, "base.img")
+	if err := os.WriteFile(base, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	env.StartWorker(testenv.WorkerConfig{Host: "h1", Default: api.BackendQEMU, ImageRoots: []string{images},
+		Extra: map[api.BackendTag]backends.Hypervisor{api.BackendQEMU: addressed{noop.New(noop.Options{})}}})
+	env.WaitHost(eng, "h1")
+	ctx := context.Background()
+	if r := vmctl(t, ctx, env.URL, "create", "q", "--image", base, "--start"); r.code != 0 {
+		t.Fatalf("create: %v", r)
+	}
+	if r := vmctl(t, ctx, env.URL, "create", "p", "--image", base); r.code != 0 {
+		t.Fatalf("create: %v", r)
+	}
+	r := vmctl(t, ctx, env.URL, "--json", "list")
+	var l []map[string]any
+	strictJSON(t, r.out, &l)
+	if r.code != 0 || len(l) != 2 || l[0]["name"] != "p" || l[0]["ip"] != nil || l[1]["name"] != "q" || l[1]["ip"] != "127.0.0.1:40022" {
+		t.Fatalf("list --json: %v", r)
+	}
+	r = vmctl(t, ctx, env.URL, "list", "--columns", "name,ip")
+	if !strings.Contains(r.out, "127.0.0.1:40022") {
+		t.Fatalf("list --columns name,ip: %v", r)
 	}
 }
