@@ -193,8 +193,8 @@ func (h *VmHandle) UnmarshalJSON(b []byte) error {
 		return nil // the old names are not read beside Data: a new writer may reuse them
 	}
 	var old legacyHandle
-	if err := json.Unmarshal(b, &old); err != nil {
-		return err
+	if json.Unmarshal(b, &old) != nil {
+		return nil // not an old handle's fields (vmherd wrote them with these types): a newer writer's
 	}
 	d, err := json.Marshal(old)
 	if err != nil {

@@ -212,7 +212,7 @@ func ValidateLabel(key, value string) error {
 	case strings.ContainsFunc(value, isControl):
 		return fieldErr(field, "value %q must not contain control characters (NUL, line breaks, tabs, escapes)", value)
 	case strings.ContainsFunc(value, isInvisible):
-		return fieldErr(field, "value %q must not contain invisible or direction-changing characters (U+200B-U+200F, U+202A-U+202E, U+2060-U+2069, U+FEFF), which make a listing read other than it is", value)
+		return fieldErr(field, "value %q must not contain invisible or direction-changing characters (U+200B, U+200E, U+200F, U+202A-U+202E, U+2060-U+2069, U+FEFF), which make a listing read other than it is", value)
 	}
 	return nil
 }
@@ -220,10 +220,13 @@ func ValidateLabel(key, value string) error {
 // isControl is a C0 or C1 control character or DEL.
 func isControl(r rune) bool { return r < 0x20 || (r >= 0x7f && r <= 0x9f) }
 
-// isInvisible is a zero-width or bidirectional formatting character: text
-// with them prints other than it reads (labels shown in a terminal).
+// isInvisible is a zero-width space or word joiner, a byte order mark, or
+// a bidirectional mark, embedding, override or isolate: text with them
+// prints other than it reads (labels shown in a terminal). The zero-width
+// non-joiner and joiner (U+200C, U+200D) are allowed: scripts and emoji
+// need them.
 func isInvisible(r rune) bool {
-	return (r >= 0x200b && r <= 0x200f) || (r >= 0x202a && r <= 0x202e) || (r >= 0x2060 && r <= 0x2069) || r == 0xfeff
+	return r == 0x200b || r == 0x200e || r == 0x200f || (r >= 0x202a && r <= 0x202e) || (r >= 0x2060 && r <= 0x2069) || r == 0xfeff
 }
 
 // Interface and datalink names: not starting with '-', which ip(8) and

@@ -131,6 +131,8 @@ func TestValidateLabels(t *testing.T) {
 		{"right-to-left override in value", map[string]string{"team": "\u202egnp.exe"}, "spec.labels.team:", "direction-changing"},
 		{"zero-width space in value", map[string]string{"team": "c\u200bi"}, "spec.labels.team:", "invisible"},
 		{"byte order mark in value", map[string]string{"team": "\ufeffci"}, "spec.labels.team:", "invisible"},
+		{"zero-width joiner in value (emoji)", map[string]string{"team": "\U0001F469\u200d\U0001F4BB"}, "", ""},
+		{"zero-width non-joiner in value (Persian)", map[string]string{"owner": "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"}, "", ""},
 		{"tab in value", map[string]string{"team": "a\tb"}, "spec.labels.team:", "must not contain control characters"},
 		{"invalid UTF-8", map[string]string{"team": "\xff"}, "spec.labels.team:", "valid UTF-8"},
 		// The first broken label in key order is the one named.

@@ -303,13 +303,13 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 		// A decision removed by the VM's purge is not found: a command
 		// sent before the purge was stored is refused (the name may be a
 		// new VM's), never applied to what now has the name.
-		at, err := e.purgedAt(ctx, name)
+		pg, purged, err := events.LastPurge(ctx, e.store.Stream(), e.cfg.Names, name)
 		if err != nil {
 			return err
 		}
-		if perr == nil && !at.IsZero() && md.Timestamp.Before(at) {
+		if perr == nil && purged && md.Timestamp.Before(pg.Time) {
 			perr = reject("sent at %s, before vm %s was purged (at %s): its name may be another VM's now; send the command again if it is still wanted",
-				md.Timestamp.UTC().Format(time.RFC3339), name, at.UTC().Format(time.RFC3339))
+				md.Timestamp.UTC().Format(time.RFC3339), name, pg.Time.UTC().Format(time.RFC3339))
 		}
 	}
 	if perr == nil && issuer != "" {
@@ -357,11 +357,19 @@ func (e *Engine) decide(ctx context.Context, msg jetstream.Msg) error {
 			// and what it asks for may not have happened yet.
 			stored, err := e.storedDecision(ctx, name, cmdID, seq)
 			if errors.Is(err, jetstream.ErrMsgNotFound) {
-				// Stored, then removed by the VM's purge (which needs
-				// the VM destroyed with nothing in flight): decided and
-				// done, nothing to follow.
-				e.log.Info("a redelivered command's decision was purged with its vm", "vm", name, "command_id", cmdID, "seq", seq)
-				return nil
+				// Stored, then removed by a purge of the VM after it
+				// (which needs the VM destroyed with nothing in flight):
+				// decided and done. Only when that purge is there: a
+				// server's copy that is behind may answer a direct get
+				// with not found for a message it has yet to receive.
+				pg, purged, perr := events.LastPurge(ctx, e.store.Stream(), e.cfg.Names, name)
+				if perr != nil {
+					return perr
+				}
+				if purged && pg.Seq > seq {
+					e.log.Info("a redelivered command's decision was purged with its vm", "vm", name, "command_id", cmdID, "seq", seq, "purge_seq", pg.Seq)
+					return nil
+				}
 			}
 			if err != nil {
 				return err

@@ -18,7 +18,7 @@ import (
 // timeout. A host that stops beating afterwards is still reported lost.
 func TestRestartAddsNoHostEvents(t *testing.T) {
 	t.Parallel()
-	const lostAfter = 2 * time.Second
+	const lostAfter = 3 * time.Second
 	env := testenv.New(t)
 	eng := env.StartEngine(testenv.EngineConfig{HostLostAfter: lostAfter})
 	w := env.StartWorker(testenv.WorkerConfig{Host: "h1"})
@@ -33,7 +33,7 @@ func TestRestartAddsNoHostEvents(t *testing.T) {
 	eng = env.StartEngine(testenv.EngineConfig{ID: "e2", HostLostAfter: lostAfter})
 	// The worker's first beat comes a while after the engine is up (the
 	// embedded server recovers its streams, the worker reconnects).
-	time.Sleep(lostAfter * 3 / 4)
+	time.Sleep(lostAfter / 2)
 	w = env.StartWorker(testenv.WorkerConfig{Host: "h1"})
 	env.WaitHost(eng, "h1")
 	time.Sleep(2*lostAfter + time.Second)

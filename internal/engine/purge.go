@@ -2,33 +2,13 @@ package engine
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vmherd/vmherd/api"
 	"github.com/vmherd/vmherd/internal/events"
 )
-
-// purgedAt is when the VM's purge was stored, if its first event left is
-// a purge (an accepted purge removes the VM's events before it); zero
-// otherwise.
-func (e *Engine) purgedAt(ctx context.Context, name string) (time.Time, error) {
-	m, err := e.store.Stream().GetMsg(ctx, 1, jetstream.WithGetMsgSubject(e.cfg.Names.VMEvents(name)))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return time.Time{}, nil
-	}
-	if err != nil {
-		return time.Time{}, fmt.Errorf("reading the first event of vm %s: %w", name, err)
-	}
-	ev, err := events.DecodeStored(e.cfg.Names, m.Subject, m.Data)
-	if err != nil || events.RelayedCopy(m) || ev.Type != api.TypeAccepted || ev.Action != api.ActPurge {
-		return time.Time{}, nil
-	}
-	return m.Time, nil
-}
 
 // finishPurges is the safety net under a purge's removal of its VM's
 // earlier events (purged), which an engine does after storing the
@@ -67,26 +47,23 @@ func (e *Engine) finishPurges(ctx context.Context) error {
 	return nil
 }
 
-// finishPurge removes the events of name stored before its purge, if its
-// first event left is not the purge; it reports whether it did. The last
-// decision accepted for a VM without a record is its purge.
+// finishPurge removes the events of name stored before its latest purge,
+// if some are left; it reports whether it did.
 func (e *Engine) finishPurge(ctx context.Context, name string) (bool, error) {
-	at, err := e.purgedAt(ctx, name)
-	if err != nil || !at.IsZero() {
+	st := e.store.Stream()
+	pg, ok, err := events.LastPurge(ctx, st, e.cfg.Names, name)
+	if err != nil || !ok {
 		return false, err
 	}
-	m, err := e.store.Stream().GetLastMsgForSubject(ctx, e.cfg.Names.Event(name, api.TypeAccepted, api.EngineWriter))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return false, nil
-	}
+	first, err := st.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(e.cfg.Names.VMEvents(name)))
 	if err != nil {
-		return false, fmt.Errorf("reading the last decision of vm %s: %w", name, err)
+		return false, fmt.Errorf("reading the first event of vm %s: %w", name, err)
 	}
-	ev, err := events.DecodeStored(e.cfg.Names, m.Subject, m.Data)
-	if err != nil || events.RelayedCopy(m) || ev.Action != api.ActPurge {
-		return false, nil
+	if events.StoredSeq(first) >= pg.Seq {
+		return false, nil // done
 	}
-	if err := e.purged(ctx, ev, events.StoredSeq(m)); err != nil {
+	ev := &api.Event{VM: name, CommandID: "(finished at start-up)"}
+	if err := e.purged(ctx, ev, pg.Seq); err != nil {
 		return false, err
 	}
 	return true, nil

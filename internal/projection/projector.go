@@ -543,19 +543,23 @@ func (p *Projector) resolve(ctx context.Context, name string, c *cached) (uint64
 		return 0, covered, nil // deleted already (a purge): nothing to write
 	case errors.Is(err, jetstream.ErrKeyNotFound):
 		// Deleted by a projector further on (a purge's fold), or never
-		// written. Mine is of a purged incarnation when it folds none of
-		// the VM's events left (a purge removes those before it, so its
-		// own event is the first left): a projector that is behind never
-		// brings back a purged record (its own fold of the purge, to
-		// come, deletes nothing then). Else it is of the name's new
+		// written. Mine is of a purged incarnation when the VM's latest
+		// purge comes after it: a projector that is behind never brings
+		// back a purged record (its own fold of the purge, to come,
+		// deletes nothing then), even while the purge's removal of the
+		// earlier events is pending. Else it is of the name's new
 		// incarnation and is written, even if a later event of the VM is
 		// stored already: that event's fold comes after it, and a
 		// projector that restarts past mine must find it in the bucket.
-		first, err := p.firstEvent(wctx, name)
+		st, err := p.JS.Stream(wctx, p.Names.EventsStream())
 		if err != nil {
 			return 0, 0, err
 		}
-		if first == 0 || first > mine.LastSeq {
+		pg, purged, err := events.LastPurge(wctx, st, p.Names, name)
+		if err != nil {
+			return 0, 0, err
+		}
+		if purged && pg.Seq > mine.LastSeq {
 			return 0, covered, nil
 		}
 		rev, err := p.write(wctx, name, mine, 0)
@@ -609,23 +613,6 @@ func (p *Projector) deletedRev(ctx context.Context, name string) (uint64, error)
 		return 0, nil
 	}
 	return m.Sequence, nil
-}
-
-// firstEvent is the stream sequence of the VM's first event left in the
-// event stream (0: none).
-func (p *Projector) firstEvent(ctx context.Context, name string) (uint64, error) {
-	st, err := p.JS.Stream(ctx, p.Names.EventsStream())
-	if err != nil {
-		return 0, err
-	}
-	m, err := st.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(p.Names.VMEvents(name)))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, err
-	}
-	return events.StoredSeq(m), nil
 }
 
 func isCASConflict(err error) bool {

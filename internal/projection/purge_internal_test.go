@@ -94,6 +94,34 @@ func TestResolveAfterPurge(t *testing.T) {
 		t.Fatalf("a record behind the purge was written back: %v", err)
 	}
 
+	// The same while the purge's removal of the earlier events is still
+	// pending (or its engine died before it): u's prepare is still there.
+	var useqs []uint64
+	for _, ev := range []api.Event{
+		{Type: api.TypeAccepted, VM: "u", CommandID: "u1", Action: fsm.ActPrepare, Host: "h1", State: api.StatePreparing},
+		{Type: api.TypeAccepted, VM: "u", CommandID: "u2", Action: fsm.ActPurge, Host: "h1", State: api.StateDestroyed},
+	} {
+		seq, _, err := store.Append(ctx, &ev, events.NoExpect, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		useqs = append(useqs, seq)
+	}
+	urev, err := kv.Create(ctx, "u", (&api.VmRecord{Name: "u", State: api.StatePreparing, LastSeq: useqs[0]}).Marshal())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Delete(ctx, "u", jetstream.LastRevision(urev)); err != nil {
+		t.Fatal(err)
+	}
+	ustale := &cached{rec: &api.VmRecord{Name: "u", State: api.StatePreparing, LastSeq: useqs[0]}, rev: urev, pending: []uint64{useqs[0]}}
+	if got, covered, err := p.resolve(ctx, "u", ustale); err != nil || got != 0 || covered != 1 {
+		t.Fatalf("resolve of a record behind a purge whose removal is pending = %d, %d, %v", got, covered, err)
+	}
+	if _, err := kv.Get(ctx, "u"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("a record behind a pending purge was written back: %v", err)
+	}
+
 	gone := &cached{rec: Fold(nil, &api.Event{Type: api.TypeAccepted, VM: "v", CommandID: "c2", Action: fsm.ActPurge}, seqs[1]), rev: rev, pending: []uint64{seqs[1]}}
 	if got, covered, err := p.resolve(ctx, "v", gone); err != nil || got != 0 || covered != 1 {
 		t.Fatalf("resolve of the purge's fold on a deleted key = %d, %d, %v", got, covered, err)

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/vmherd/vmherd/api"
+	"github.com/vmherd/vmherd/internal/events"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -83,8 +84,14 @@ func (s *Sweeper) run(ctx context.Context) error {
 			if e.Operation() != jetstream.KeyValuePut {
 				// A purge: every incarnation of the name is gone (the next
 				// one starts at generation 1 again).
-				if err := s.sweepBefore(ctx, keys, e.Key(), e.Created()); err != nil {
+				at, err := s.purgedAt(ctx, e.Key())
+				if err != nil {
 					return err
+				}
+				if !at.IsZero() {
+					if err := s.sweepBefore(ctx, keys, e.Key(), at); err != nil {
+						return err
+					}
 				}
 				continue
 			}
@@ -141,7 +148,7 @@ func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) er
 			// No record: a name about to be prepared (vmctl up makes its
 			// key first) keeps its entries; a purged name loses those
 			// written before its purge.
-			purgedAt, err := s.purgedAt(ctx, records, name)
+			purgedAt, err := s.purgedAt(ctx, name)
 			if err != nil {
 				return err
 			}
@@ -219,25 +226,20 @@ func (s *Sweeper) purgeIfBefore(ctx context.Context, keys jetstream.KeyValue, k 
 	return s.purge(ctx, keys, k)
 }
 
-// purgedAt is when name's record was deleted (its purge's fold), zero if
-// its latest entry is not a delete marker or there is none.
-func (s *Sweeper) purgedAt(ctx context.Context, records jetstream.KeyValue, name string) (time.Time, error) {
-	st, err := s.JS.Stream(ctx, "KV_"+records.Bucket())
+// purgedAt is when the server stored name's latest purge decision in the
+// event stream (zero: none). Entries written before it are the purged
+// incarnations'; vmctl up writes the new one's only once it has seen the
+// purge, so after it, even when the record's delete marker comes later.
+func (s *Sweeper) purgedAt(ctx context.Context, name string) (time.Time, error) {
+	st, err := s.JS.Stream(ctx, s.Names.EventsStream())
 	if err != nil {
 		return time.Time{}, err
 	}
-	m, err := st.GetLastMsgForSubject(ctx, "$KV."+records.Bucket()+"."+name)
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return time.Time{}, nil
-	}
-	if err != nil {
+	p, ok, err := events.LastPurge(ctx, st, s.Names, name)
+	if err != nil || !ok {
 		return time.Time{}, err
 	}
-	switch m.Header.Get("KV-Operation") {
-	case "DEL", "PURGE":
-		return m.Time, nil
-	}
-	return time.Time{}, nil
+	return p.Time, nil
 }
 
 // purge removes k and every revision of it, if it is there (a missing

@@ -160,14 +160,22 @@ func (g *globals) wait(ctx context.Context, doc *waitDoc, kind, arg string) erro
 	name := doc.VM
 	p := g.newProgress("wait " + name)
 	defer p.clear()
+	switch kind {
+	case "state":
+		p.waitingFor("state " + arg)
+	case "ssh":
+		p.waitingFor("its SSH server")
+	default:
+		p.waitingFor("command " + arg)
+	}
 	if kind != "command" {
+		// The watcher alone writes p from here until it is stopped.
 		stop := make(chan struct{})
 		done := g.watchTrouble(ctx, p, stop)
 		defer func() { close(stop); <-done }()
 	}
 	switch kind {
 	case "state":
-		p.waitingFor("state " + arg)
 		r, err := g.c.WaitState(ctx, name, api.VmState(arg))
 		doc.Record = r
 		if err == nil {
@@ -175,7 +183,6 @@ func (g *globals) wait(ctx context.Context, doc *waitDoc, kind, arg string) erro
 		}
 		return err
 	case "ssh":
-		p.waitingFor("its SSH server")
 		banner, err := g.c.WaitSSH(ctx, name)
 		if err != nil {
 			return err
@@ -185,7 +192,6 @@ func (g *globals) wait(ctx context.Context, doc *waitDoc, kind, arg string) erro
 		g.printf("%s: SSH answers (%s)\n", name, banner)
 		return nil
 	}
-	p.waitingFor("command " + arg)
 	res, err := g.c.WaitCommand(ctx, name, arg, client.WithProgress(func(pr client.Progress) {
 		switch pr.Waiting {
 		case "decision":

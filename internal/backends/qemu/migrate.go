@@ -92,7 +92,9 @@ func (b *Backend) receive(ctx context.Context, src api.VmHandle, base string, rc
 	// What the source host wrote reaches this host's QEMU command line:
 	// only a spec that passes admission's checks, a MAC that is one and
 	// an accelerator this backend names.
-	if err := spec.Validate(); err != nil {
+	check := spec
+	check.Labels = nil // metadata no backend reads; rules may have grown since the VM was made
+	if err := check.Validate(); err != nil {
 		return api.VmHandle{}, "", fmt.Errorf("the source handle's spec: %w", err)
 	}
 	if srcData.MAC != "" {
