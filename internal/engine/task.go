@@ -28,9 +28,13 @@ func (e *Engine) follow(ctx context.Context, ev *api.Event, seq uint64) error {
 		return nil
 	}
 	if ev.Forget {
-		if err := e.forget(ctx, ev, seq); err != nil {
+		// The fencing task first, then the results: once the results
+		// are stored the VM is destroyed and may be purged, and a
+		// redelivery after a purge finds nothing left to do.
+		if err := e.queueTasks(ctx, ev, seq); err != nil {
 			return err
 		}
+		return e.forget(ctx, ev, seq)
 	}
 	if ev.Cancel {
 		return e.cancelled(ctx, ev)
@@ -38,6 +42,12 @@ func (e *Engine) follow(ctx context.Context, ev *api.Event, seq uint64) error {
 	if ev.Action == api.ActPurge {
 		return e.purged(ctx, ev, seq)
 	}
+	return e.queueTasks(ctx, ev, seq)
+}
+
+// queueTasks publishes the tasks of the decision ev stored at seq, each
+// with its message id (a repeat inside the window stores nothing).
+func (e *Engine) queueTasks(ctx context.Context, ev *api.Event, seq uint64) error {
 	for _, q := range events.TasksOf(ev, seq) {
 		body, err := json.Marshal(q.Task)
 		if err != nil {
