@@ -41,6 +41,9 @@ func (e *Engine) requeueInFlight(ctx context.Context, names []string) error {
 	}
 	tasks, err := e.cfg.JS.Stream(ctx, e.cfg.Names.TasksStream())
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil // stopping
+		}
 		return fmt.Errorf("engine: opening %s: %w", e.cfg.Names.TasksStream(), err)
 	}
 	seen := map[string]bool{}
@@ -52,6 +55,9 @@ func (e *Engine) requeueInFlight(ctx context.Context, names []string) error {
 		seen[name] = true
 		rec, err := e.proj.Get(ctx, name)
 		if err != nil {
+			if ctx.Err() != nil {
+				return nil // stopping
+			}
 			return err
 		}
 		if rec == nil {
