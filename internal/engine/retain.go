@@ -169,8 +169,8 @@ func (u *unfinishedPurge) Error() string {
 func (u *unfinishedPurge) Unwrap() error { return u.err }
 
 // unfinishedPurges holds them, by VM, for the retention's next look; at
-// most retainBatch (a stream that refuses every purge for long loses the
-// oldest to the log: the decision stays, the earlier events with it).
+// most retainBatch (beyond that, a stream that refuses every purge for
+// long leaves the rest to the next engine's start-up, finishPurges).
 type unfinishedPurges struct {
 	mu sync.Mutex
 	m  map[string]unfinishedPurge
