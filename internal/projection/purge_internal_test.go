@@ -163,3 +163,57 @@ func TestResolveAfterPurge(t *testing.T) {
 		t.Fatalf("the delete marker's revision does not take the next write: %v", err)
 	}
 }
+
+// A rebuild gives a purged VM's key its delete marker back (what the
+// engines' start-up purge check and the key sweeper find purged names
+// by), and none to a name with only rejections.
+func TestRebuildKeepsPurgeMarkers(t *testing.T) {
+	ns, err := natsserver.Start(natsserver.Options{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Stop)
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	n := api.DefaultNames
+	if err := jsetup.Ensure(ctx, js, n, jsetup.DefaultSettings); err != nil {
+		t.Fatal(err)
+	}
+	store, err := events.NewStore(ctx, js, n, api.EngineWriter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ev := range []api.Event{
+		{Type: api.TypeAccepted, VM: "gone", CommandID: "g1", Action: fsm.ActPrepare, Host: "h1", State: api.StatePreparing},
+		{Type: api.TypeAccepted, VM: "gone", CommandID: "g2", Action: fsm.ActPurge, Host: "h1", State: api.StateDestroyed},
+		{Type: api.TypeRejected, VM: "never", CommandID: "n1", Action: fsm.ActStart, Reason: "no vm never"},
+		{Type: api.TypeAccepted, VM: "here", CommandID: "h1", Action: fsm.ActPrepare, Host: "h1", State: api.StatePreparing},
+	} {
+		if _, _, err := store.Append(ctx, &ev, events.NoExpect, ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := Rebuild(ctx, js, n, jsetup.DefaultSettings); err != nil {
+		t.Fatal(err)
+	}
+	deleted, err := events.KVDeleted(ctx, js, n.RecordsBucket(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(deleted) != 1 || deleted[0] != "gone" {
+		t.Fatalf("deleted keys after a rebuild: %v, want [gone]", deleted)
+	}
+	recs, err := Load(ctx, js, n)
+	if err != nil || len(recs) != 1 || recs["here"] == nil {
+		t.Fatalf("records after a rebuild: %v, %v", recs, err)
+	}
+}

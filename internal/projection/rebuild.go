@@ -26,27 +26,34 @@ import (
 // CPUs, then folded one by one, in stream order, into records that Replay
 // owns (so it folds in place instead of copying each record per event).
 func Replay(ctx context.Context, js jetstream.JetStream, n api.Names) (map[string]*api.VmRecord, int, error) {
+	recs, _, count, err := replay(ctx, js, n)
+	return recs, count, err
+}
+
+// replay is Replay that also returns the names whose fold ends absent:
+// purged VMs, whose records' keys hold a delete marker.
+func replay(ctx context.Context, js jetstream.JetStream, n api.Names) (map[string]*api.VmRecord, []string, int, error) {
 	st, err := js.Stream(ctx, n.EventsStream())
 	if err != nil {
-		return nil, 0, fmt.Errorf("replay: %w", err)
+		return nil, nil, 0, fmt.Errorf("replay: %w", err)
 	}
 	info, err := st.Info(ctx)
 	if err != nil {
-		return nil, 0, fmt.Errorf("replay: %w", err)
+		return nil, nil, 0, fmt.Errorf("replay: %w", err)
 	}
 	recs := map[string]*api.VmRecord{}
 	last := info.State.LastSeq
 	if info.State.Msgs == 0 {
-		return recs, 0, nil
+		return recs, nil, 0, nil
 	}
 	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{InactiveThreshold: jsetup.ReaderIdle})
 	if err != nil {
-		return nil, 0, fmt.Errorf("replay: %w", err)
+		return nil, nil, 0, fmt.Errorf("replay: %w", err)
 	}
 	defer jsetup.DropConsumer(st, cons)
 	it, err := cons.Messages(jetstream.PullMaxMessages(4096))
 	if err != nil {
-		return nil, 0, fmt.Errorf("replay: %w", err)
+		return nil, nil, 0, fmt.Errorf("replay: %w", err)
 	}
 	defer it.Stop()
 	rctx, cancel := context.WithCancel(ctx)
@@ -90,16 +97,18 @@ func Replay(ctx context.Context, js jetstream.JetStream, n api.Names) (map[strin
 	// done is closed: the reader has returned.
 	if readErr != nil {
 		if ctx.Err() != nil {
-			return nil, count, ctx.Err()
+			return nil, nil, count, ctx.Err()
 		}
-		return nil, count, fmt.Errorf("replay: %w", readErr)
+		return nil, nil, count, fmt.Errorf("replay: %w", readErr)
 	}
+	var absent []string
 	for k, r := range recs {
 		if !r.Exists() {
+			absent = append(absent, k)
 			delete(recs, k)
 		}
 	}
-	return recs, count, nil
+	return recs, absent, count, nil
 }
 
 // replayBatch is a run of consecutive events of the stream.
@@ -216,7 +225,7 @@ func Load(ctx context.Context, js events.KVReader, n api.Names) (map[string]*api
 // Rebuild drops the records bucket and writes it again from the event
 // stream. Running projectors notice the new revisions and carry on.
 func Rebuild(ctx context.Context, js jetstream.JetStream, n api.Names, s jsetup.Settings) (int, int, error) {
-	recs, count, err := Replay(ctx, js, n)
+	recs, absent, count, err := replay(ctx, js, n)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -234,6 +243,28 @@ func Rebuild(ctx context.Context, js jetstream.JetStream, n api.Names, s jsetup.
 	}
 	if err := putAll(ctx, js, n.RecordsBucket(), recs); err != nil {
 		return 0, 0, err
+	}
+	// A purged VM's key gets its delete marker back, as the live
+	// projection left it: the engines' start-up check of purges and the
+	// key sweeper find purged names by it.
+	kv, err := js.KeyValue(ctx, n.RecordsBucket())
+	if err != nil {
+		return 0, 0, fmt.Errorf("rebuild: %w", err)
+	}
+	st, err := js.Stream(ctx, n.EventsStream())
+	if err != nil {
+		return 0, 0, fmt.Errorf("rebuild: %w", err)
+	}
+	for _, name := range absent {
+		// Absent also folds from a name with only rejections: no marker.
+		if _, purged, err := events.LastPurge(ctx, st, n, name); err != nil {
+			return 0, 0, fmt.Errorf("rebuild: %w", err)
+		} else if !purged {
+			continue
+		}
+		if err := kv.Delete(ctx, name); err != nil {
+			return 0, 0, fmt.Errorf("rebuild: marking %s purged: %w", name, err)
+		}
 	}
 	return len(recs), count, nil
 }
