@@ -121,11 +121,11 @@ func TestFleetMigrateFaultsQEMU(t *testing.T) {
 			env.Decision("fq", id, time.Minute)
 		case 'b':
 			if !phaseSeen(id, api.PhaseCopying, 2*time.Minute) {
-				t.Fatalf("%s/%s: no copying phase", party, phase)
+				t.Fatalf("%s/%s: no copying phase\n%s", party, phase, stallReport(ctx, env, "fq", id))
 			}
 		case 'c':
 			if !phaseSeen(id, api.PhaseSwitchover, 3*time.Minute) {
-				t.Fatalf("%s/%s: no switchover phase", party, phase)
+				t.Fatalf("%s/%s: no switchover phase\n%s", party, phase, stallReport(ctx, env, "fq", id))
 			}
 		}
 		switch party {
@@ -217,4 +217,56 @@ func TestFleetMigrateFaultsQEMU(t *testing.T) {
 	}
 	fmt.Printf("FAULT-TEST TestFleetMigrateFaultsQEMU: cases=%d migrated=%d failed=%d exited=%d twice=%d lost=%d; after each, one copy (or none, reported exited) on the recorded host, its disk intact, nothing left on the other\n",
 		cases, tally.migrated, tally.failed, tally.exited, counts.Duplicates, counts.Lost)
+}
+
+// stallReport says where a command that did not move on had got to: the
+// VM's events from its decision on, and each consumer of the commands
+// and tasks streams (pending, waiting for an ack, redelivered, leader).
+func stallReport(ctx context.Context, env *testenv.Env, vm, cmd string) string {
+	var b strings.Builder
+	seen := false
+	for _, s := range env.Events(vm) {
+		ev := s.Event
+		if ev == nil {
+			continue
+		}
+		if ev.CommandID == cmd {
+			seen = true
+		}
+		if seen {
+			phase := ""
+			if ev.Migration != nil {
+				phase = ev.Migration.Phase
+			}
+			fmt.Fprintf(&b, "  event seq %d: %s %s %s host=%s %s %s%s\n", s.Seq, ev.Type, ev.Action, ev.CommandID, ev.Host, phase, ev.Reason, ev.Error)
+		}
+	}
+	if !seen {
+		fmt.Fprintf(&b, "  no event of command %s (not decided)\n", cmd)
+	}
+	for _, stream := range []string{env.Names.CommandsStream(), env.Names.TasksStream()} {
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		st, err := env.JS.Stream(sctx, stream)
+		if err != nil {
+			cancel()
+			fmt.Fprintf(&b, "  %s: %v\n", stream, err)
+			continue
+		}
+		for name := range st.ConsumerNames(sctx).Name() {
+			c, err := st.Consumer(sctx, name)
+			if err != nil {
+				fmt.Fprintf(&b, "  %s/%s: %v\n", stream, name, err)
+				continue
+			}
+			i := c.CachedInfo()
+			leader := ""
+			if i.Cluster != nil {
+				leader = i.Cluster.Leader
+			}
+			fmt.Fprintf(&b, "  %s/%s: pending %d, ack pending %d, redelivered %d, waiting pulls %d, leader %s\n",
+				stream, name, i.NumPending, i.NumAckPending, i.NumRedelivered, i.NumWaiting, leader)
+		}
+		cancel()
+	}
+	return b.String()
 }
