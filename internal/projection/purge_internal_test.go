@@ -25,30 +25,10 @@ import (
 // delete of a key already deleted writes nothing. Tested on resolve, the
 // conflict path every such write takes, against a real server.
 func TestResolveAfterPurge(t *testing.T) {
-	ns, err := natsserver.Start(natsserver.Options{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ns.Stop)
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js, store := purgeServer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	n := api.DefaultNames
-	if err := jsetup.Ensure(ctx, js, n, jsetup.DefaultSettings); err != nil {
-		t.Fatal(err)
-	}
-	store, err := events.NewStore(ctx, js, n, api.EngineWriter)
-	if err != nil {
-		t.Fatal(err)
-	}
 	kv, err := js.KeyValue(ctx, n.RecordsBucket())
 	if err != nil {
 		t.Fatal(err)
@@ -168,30 +148,10 @@ func TestResolveAfterPurge(t *testing.T) {
 // engines' start-up purge check and the key sweeper find purged names
 // by), and none to a name with only rejections.
 func TestRebuildKeepsPurgeMarkers(t *testing.T) {
-	ns, err := natsserver.Start(natsserver.Options{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ns.Stop)
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js, store := purgeServer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	n := api.DefaultNames
-	if err := jsetup.Ensure(ctx, js, n, jsetup.DefaultSettings); err != nil {
-		t.Fatal(err)
-	}
-	store, err := events.NewStore(ctx, js, n, api.EngineWriter)
-	if err != nil {
-		t.Fatal(err)
-	}
 	for _, ev := range []api.Event{
 		{Type: api.TypeAccepted, VM: "gone", CommandID: "g1", Action: fsm.ActPrepare, Host: "h1", State: api.StatePreparing},
 		{Type: api.TypeAccepted, VM: "gone", CommandID: "g2", Action: fsm.ActPurge, Host: "h1", State: api.StateDestroyed},
@@ -216,4 +176,34 @@ func TestRebuildKeepsPurgeMarkers(t *testing.T) {
 	if err != nil || len(recs) != 1 || recs["here"] == nil {
 		t.Fatalf("records after a rebuild: %v, %v", recs, err)
 	}
+}
+
+// purgeServer starts an embedded NATS server with vmherd's streams and
+// buckets and returns JetStream on it and an engine's event store.
+func purgeServer(t *testing.T) (jetstream.JetStream, *events.Store) {
+	t.Helper()
+	ns, err := natsserver.Start(natsserver.Options{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Stop)
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := jsetup.Ensure(ctx, js, api.DefaultNames, jsetup.DefaultSettings); err != nil {
+		t.Fatal(err)
+	}
+	store, err := events.NewStore(ctx, js, api.DefaultNames, api.EngineWriter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js, store
 }

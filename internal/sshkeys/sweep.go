@@ -67,7 +67,11 @@ func (s *Sweeper) run(ctx context.Context) error {
 		return err
 	}
 	defer func() { _ = w.Stop() }()
-	if err := s.pass(ctx, records, keys); err != nil {
+	evs, err := s.JS.Stream(ctx, s.Names.EventsStream())
+	if err != nil {
+		return err
+	}
+	if err := s.pass(ctx, records, keys, evs); err != nil {
 		return err
 	}
 	for {
@@ -84,7 +88,7 @@ func (s *Sweeper) run(ctx context.Context) error {
 			if e.Operation() != jetstream.KeyValuePut {
 				// A purge: every incarnation of the name is gone (the next
 				// one starts at generation 1 again).
-				at, err := s.purgedAt(ctx, e.Key())
+				at, err := s.purgedAt(ctx, evs, e.Key())
 				if err != nil {
 					return err
 				}
@@ -112,7 +116,7 @@ func (s *Sweeper) run(ctx context.Context) error {
 // that never had a record, of a later generation, or written after the
 // purge are kept: vmctl up makes the key of the incarnation it is about
 // to prepare.
-func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) error {
+func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue, evs jetstream.Stream) error {
 	lister, err := keys.ListKeys(ctx)
 	if err != nil {
 		if errors.Is(err, jetstream.ErrNoKeysFound) {
@@ -125,6 +129,7 @@ func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) er
 		all = append(all, k)
 	}
 	recs := map[string]*api.VmRecord{}
+	purges := map[string]time.Time{} // of names without a record, read once each
 	for _, k := range all {
 		name, gen, _, ok := api.ParseSSHKey(k)
 		if !ok {
@@ -148,9 +153,13 @@ func (s *Sweeper) pass(ctx context.Context, records, keys jetstream.KeyValue) er
 			// No record: a name about to be prepared (vmctl up makes its
 			// key first) keeps its entries; a purged name loses those
 			// written before its purge.
-			purgedAt, err := s.purgedAt(ctx, name)
-			if err != nil {
-				return err
+			purgedAt, seen := purges[name]
+			if !seen {
+				var err error
+				if purgedAt, err = s.purgedAt(ctx, evs, name); err != nil {
+					return err
+				}
+				purges[name] = purgedAt
 			}
 			if !purgedAt.IsZero() {
 				if err := s.purgeIfBefore(ctx, keys, k, purgedAt); err != nil {
@@ -230,12 +239,8 @@ func (s *Sweeper) purgeIfBefore(ctx context.Context, keys jetstream.KeyValue, k 
 // event stream (zero: none). Entries written before it are the purged
 // incarnations'; vmctl up writes the new one's only once it has seen the
 // purge, so after it, even when the record's delete marker comes later.
-func (s *Sweeper) purgedAt(ctx context.Context, name string) (time.Time, error) {
-	st, err := s.JS.Stream(ctx, s.Names.EventsStream())
-	if err != nil {
-		return time.Time{}, err
-	}
-	p, ok, err := events.LastPurge(ctx, st, s.Names, name)
+func (s *Sweeper) purgedAt(ctx context.Context, evs jetstream.Stream, name string) (time.Time, error) {
+	p, ok, err := events.LastPurge(ctx, evs, s.Names, name)
 	if err != nil || !ok {
 		return time.Time{}, err
 	}
