@@ -221,7 +221,22 @@ func TestFailures(t *testing.T) {
 				}
 			}
 			if c.call == "start" {
-				// The VM can still be destroyed, even on a dead server.
+				// The VM can still be destroyed, even on a dead server:
+				// once it is dead (a server that dies does so a moment
+				// after its last answer, and a request in that moment
+				// meets a closing connection, not a dead server).
+				if c.fault.Die {
+					for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+						conn, err := net.DialTimeout("tcp", addr, time.Second)
+						if err != nil {
+							break
+						}
+						conn.Close()
+						if time.Now().After(deadline) {
+							t.Fatalf("the server at %s still accepts connections after it died", addr)
+						}
+					}
+				}
 				if err := b.Destroy(ctx, h); err != nil {
 					t.Fatalf("destroy after a failed start: %v", err)
 				}
